@@ -1,0 +1,16 @@
+"""fastllm: PyTorch-native JIT acceleration for Hugging Face causal language models.
+
+    model = fastllm.optimize(AutoModelForCausalLM.from_pretrained(...))
+    model.generate(...)            # same call, same result
+    print(fastllm.explain(model))  # what was fused
+
+Importing fastllm does not initialise CUDA.
+"""
+
+from fastllm.config import ALL_PASSES, OptimizeConfig
+from fastllm.explain import Report, explain
+from fastllm.optimize import optimize
+
+__version__ = "0.1.0"
+
+__all__ = ["ALL_PASSES", "OptimizeConfig", "Report", "explain", "optimize", "__version__"]

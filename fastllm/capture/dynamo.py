@@ -1,0 +1,38 @@
+"""Capture a model's forward as one torch.fx graph per call signature through dynamo.
+
+`torch.compile(fn, backend=..., fullgraph=True)` hands our backend a `GraphModule` of torch-level calls
+(`linear`, `scaled_dot_product_attention`, pow/mean/rsqrt, ...) with the parameters as placeholders, and
+the real tensors dynamo would pass for them. The backend rewrites the graph and returns its forward: no
+inductor, the rewritten graph runs as Python calling our kernels. Dynamo keeps the guards: a call with a
+new signature (prefill vs. decode, a new batch size) is captured and rewritten again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+# What a failed capture raises: dynamo's own errors (unsupported Python, graph breaks under fullgraph,
+# errors in the backend) and the recompile limit.
+CAPTURE_ERRORS: tuple[type[BaseException], ...] = (
+    torch._dynamo.exc.TorchDynamoException,
+    getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.TorchDynamoException),
+)
+
+GraphTransform = Callable[[fx.GraphModule, dict[fx.Node, torch.Tensor]], fx.GraphModule]
+
+
+def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None) -> Callable:
+    """`fn` compiled so that every captured graph goes through `transform` first.
+
+    transform(gm, tensors) gets the graph and, for each placeholder, the real tensor behind it.
+    """
+
+    def backend(gm: fx.GraphModule, example_inputs: list, **_kwargs) -> Callable:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        tensors = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
+        return transform(gm, tensors).forward
+
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)

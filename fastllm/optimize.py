@@ -1,0 +1,132 @@
+"""`fastllm.optimize(model)`: capture, fuse, and install the fused forward on the model."""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from fastllm.capture import CAPTURE_ERRORS, capture
+from fastllm.config import OptimizeConfig
+from fastllm.explain import GraphReport, Report
+from fastllm.passes import op_histogram, run_passes
+from fastllm.passes._context import WeightMerger
+
+
+@dataclass
+class OptimizationState:
+    """Everything fastllm attaches to an optimized model (as `model._fastllm_state`)."""
+
+    config: OptimizeConfig
+    model_name: str
+    original_forward: Callable
+    merger: WeightMerger = field(default_factory=WeightMerger)
+    graphs: list[GraphReport] = field(default_factory=list)
+    fallback_reason: str | None = None
+    capture_seconds: float = 0.0
+
+    def transform(self, gm: fx.GraphModule, tensors: dict) -> fx.GraphModule:
+        start = time.perf_counter()
+        before = len(gm.graph.nodes)
+        matches = run_passes(gm, tensors, self.merger, self.config.passes)
+        fused, unfused = op_histogram(gm)
+        self.graphs.append(GraphReport(matches, dict(fused), dict(unfused), before, len(gm.graph.nodes)))
+        self.capture_seconds += time.perf_counter() - start
+        return gm
+
+    def fall_back(self, error: BaseException) -> None:
+        self.fallback_reason = f"{type(error).__name__}: {_first_line(error)}"
+        warnings.warn(f"fastllm could not capture {self.model_name} and runs it unoptimized (still correct): "
+                      f"{self.fallback_reason}", RuntimeWarning, stacklevel=3)
+
+    def report(self) -> Report:
+        if self.fallback_reason is not None:
+            status = "fallback"
+        else:
+            status = "optimized" if self.graphs else "not captured yet"
+        return Report(self.model_name, status, self.fallback_reason, list(self.graphs))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _check_model(model) -> None:
+    from transformers import PreTrainedModel
+
+    if getattr(model, "_fastllm_state", None) is not None:
+        raise ValueError(f"{type(model).__name__} is already optimized by fastllm; optimize() takes the original "
+                         "model (reload it to change options)")
+    if not isinstance(model, PreTrainedModel) or not callable(getattr(model, "generate", None)) \
+            or not model.can_generate():
+        raise TypeError(f"fastllm.optimize() takes a Hugging Face causal language model (a PreTrainedModel that "
+                        f"can generate, e.g. from AutoModelForCausalLM), got {type(model).__name__}")
+
+
+def optimize(model, config: OptimizeConfig | None = None, **overrides):
+    """Make a Hugging Face causal LM fast in place and return it.
+
+    The model's forward is captured as torch.fx graphs (dynamo, `fullgraph=True`), rewritten by the fusion
+    passes onto fastllm's kernels, and installed as `model.forward`; `model(...)` and `model.generate(...)`
+    keep their arguments and results. fastllm is for inference: the optimized forward runs under
+    `torch.no_grad()`.
+
+    Args:
+        model: a `PreTrainedModel` that can generate (e.g. from `AutoModelForCausalLM.from_pretrained`).
+        config: an `OptimizeConfig`; keyword overrides (`optimize(model, warmup=False)`) replace its fields.
+
+    Returns:
+        The same model object, optimized. If capture fails, a warning says why and the model keeps running
+        unoptimized (unless `on_capture_failure="raise"`).
+
+    Raises:
+        TypeError: `model` is not a generative HF model, or an unknown option was given.
+        ValueError: an option has an invalid value, or the model is already optimized.
+    """
+    config = OptimizeConfig.resolve(config, overrides)
+    _check_model(model)
+    model.eval()
+    state = OptimizationState(config=config, model_name=type(model).__name__, original_forward=model.forward)
+    compiled = capture(state.original_forward, state.transform, dynamic=config.dynamic)
+
+    @functools.wraps(state.original_forward)
+    def forward(*args, **kwargs):
+        if state.fallback_reason is not None:
+            return state.original_forward(*args, **kwargs)
+        with torch.no_grad():
+            try:
+                return compiled(*args, **kwargs)
+            except CAPTURE_ERRORS as error:
+                if config.on_capture_failure == "raise":
+                    raise
+                # A bad input also fails inside dynamo; only if eager succeeds was it the capture.
+                result = state.original_forward(*args, **kwargs)
+                state.fall_back(error)
+                return result
+
+    model.forward = forward
+    model._fastllm_state = state
+    if config.warmup:
+        _warmup(model)
+    return model
+
+
+def _warmup(model) -> None:
+    """A short greedy generation: captures the prefill and decode graphs and merges weights now."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    input_ids = torch.arange(3, device=device).remainder(vocab).unsqueeze(0)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        eos = model.generation_config.eos_token_id
+        pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*generation flags.*")
+        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=3, min_new_tokens=3,
+                       do_sample=False, pad_token_id=pad)

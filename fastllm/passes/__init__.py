@@ -1,0 +1,49 @@
+"""Fusion passes over a captured graph. Each pass lives in its own module with `pattern()` (what it
+matches, in plain PyTorch), `replacement()` (what it becomes) and `apply(ctx) -> number of matches`."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from torch import fx
+
+from fastllm import kernels
+from fastllm.passes import dropout, gated_mlp, layer_norm, qkv, rms_norm, rotary
+from fastllm.passes._context import PassContext, WeightMerger
+
+PASSES = {module.NAME: module for module in (dropout, rms_norm, layer_norm, rotary, gated_mlp, qkv)}
+
+FUSED_OPS = {
+    kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
+    kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul,
+}
+
+# Shape bookkeeping that moves no data worth fusing; left out of the "unfused" list so it shows work.
+_BOOKKEEPING = {
+    "getitem", "view", "reshape", "transpose", "permute", "contiguous", "unsqueeze", "squeeze", "size",
+    "expand", "flatten", "split", "chunk", "_log_api_usage_once", "arange", "tensor", "to", "float", "dim",
+}
+
+
+def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...]) -> dict[str, int]:
+    """Apply the passes `names` in order; returns matches per pass."""
+    ctx = PassContext(gm=gm, tensors=tensors, merger=merger)
+    counts = {name: PASSES[name].apply(ctx) for name in names}
+    gm.graph.lint()
+    gm.recompile()
+    return counts
+
+
+def op_histogram(gm: fx.GraphModule) -> tuple[Counter, Counter]:
+    """(fused op counts, unfused op counts) of the calls left in the graph."""
+    fused, unfused = Counter(), Counter()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        if node.target in FUSED_OPS:
+            fused[node.target.__name__] += 1
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        if name not in _BOOKKEEPING:
+            unfused[name] += 1
+    return fused, unfused

@@ -1,0 +1,62 @@
+"""What a pass needs besides the graph: the real tensors behind placeholders, and merged weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+
+@dataclass
+class WeightMerger:
+    """Concatenates weights once and keeps the parts as views into the merged tensor.
+
+    Merging Q/K/V (or gate/up) weights into one tensor must not double the model's memory: the merged
+    tensor is allocated one group at a time, and each original parameter is re-pointed (`param.data =`)
+    at its slice of it, which frees the old storage. The model's own modules, state_dict and any unfused
+    path keep working on the views. Dynamo recaptures (prefill, decode, new shapes) meet the same
+    parameters again; the cache, keyed by the parts' addresses, hands back the same merged tensor.
+    """
+
+    merged: dict[tuple, torch.Tensor] = field(default_factory=dict)
+
+    @staticmethod
+    def _key(parts: list[torch.Tensor]) -> tuple:
+        return tuple((p.data_ptr(), tuple(p.shape), p.dtype) for p in parts)
+
+    @torch.no_grad()
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """One tensor holding `parts` concatenated along dim 0; the parts become views of it."""
+        key = self._key(parts)
+        if key in self.merged:
+            return self.merged[key]
+        merged = torch.cat([p.detach() for p in parts], dim=0)
+        offset = 0
+        for p in parts:
+            p.data = merged[offset:offset + p.shape[0]]
+            offset += p.shape[0]
+        self.merged[self._key(parts)] = merged
+        return merged
+
+
+@dataclass
+class PassContext:
+    """Per-graph state handed to every pass."""
+
+    gm: fx.GraphModule
+    # placeholder node -> the real tensor dynamo passed for it (parameters and buffers among them)
+    tensors: dict[fx.Node, torch.Tensor]
+    merger: WeightMerger
+    _num_constants: int = 0
+
+    def tensor(self, node: object) -> torch.Tensor | None:
+        return self.tensors.get(node) if isinstance(node, fx.Node) else None
+
+    def constant(self, value: torch.Tensor, before: fx.Node) -> fx.Node:
+        """A get_attr node, inserted before `before`, that reads `value` from the GraphModule."""
+        name = f"_fastllm_const_{self._num_constants}"
+        self._num_constants += 1
+        self.gm.register_buffer(name, value, persistent=False)
+        with self.gm.graph.inserting_before(before):
+            return self.gm.graph.get_attr(name)
