@@ -1,0 +1,31 @@
+"""Triton kernels with pure-PyTorch references, registered as `torch.ops.fastllm.*` custom ops.
+
+CUDA tensors run the Triton kernels; CPU tensors run the references (or the kernels under the Triton
+interpreter inside `triton_on_cpu()`). Importing this package does not initialise CUDA.
+"""
+
+from fastllm.kernels._registry import triton_on_cpu, use_triton
+from fastllm.kernels.gelu_and_mul import gelu_and_mul, gelu_and_mul_ref
+from fastllm.kernels.layer_norm import fused_add_layer_norm, fused_add_layer_norm_ref, layer_norm, layer_norm_ref
+from fastllm.kernels.rms_norm import fused_add_rms_norm, fused_add_rms_norm_ref, rms_norm, rms_norm_ref
+from fastllm.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from fastllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+
+__all__ = [
+    "fused_add_layer_norm",
+    "fused_add_layer_norm_ref",
+    "fused_add_rms_norm",
+    "fused_add_rms_norm_ref",
+    "gelu_and_mul",
+    "gelu_and_mul_ref",
+    "layer_norm",
+    "layer_norm_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rotary_embedding",
+    "rotary_embedding_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
+    "triton_on_cpu",
+    "use_triton",
+]

@@ -1,0 +1,78 @@
+"""Shared kernel and launcher of the gated activations `silu_and_mul` and `gelu_and_mul`.
+
+For x = [gate | up] along the last dim (2I columns): y = act(gate) * up, with act one of
+
+    silu:       g / (1 + exp(-g))
+    gelu:       g/2 * (1 + erf(g / sqrt(2)))
+    gelu_tanh:  g/2 * (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) = g * sigmoid(2 sqrt(2/pi) (g + 0.044715 g^3))
+
+The sigmoid form of gelu_tanh is the same function and avoids `tanh`, whose Triton spelling moved between
+versions (libdevice imports); it also keeps digits for very negative g, where 1 + tanh(...) cancels.
+"""
+
+import torch
+
+from fastllm.kernels._registry import (
+    check_float,
+    check_out,
+    device_guard,
+    next_power_of_2,
+    rows_view,
+    tl,
+    triton,
+)
+
+
+@triton.jit
+def _act_and_mul_kernel(
+    X,  # [M, 2I], row stride stride_x
+    Y,  # [M, I], row stride stride_y
+    stride_x,
+    stride_y,
+    inter,  # I
+    ACTIVATION: tl.constexpr,  # "silu", "gelu" or "gelu_tanh"
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Program (row, block) computes y[row, block*BLOCK_SIZE : (block+1)*BLOCK_SIZE] in fp32."""
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 75K rows of 2 x 14336
+    cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < inter
+    g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    if ACTIVATION == "silu":
+        a = g / (1.0 + tl.exp(-g))
+    elif ACTIVATION == "gelu":
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))  # 1/sqrt(2)
+    else:
+        z = 1.5957691216057308 * (g + 0.044715 * g * g * g)  # 2*sqrt(2/pi) (...)
+        # sigmoid(z) from e = exp(-|z|) <= 1: no overflow for very negative z, where the cube makes |z| > 88.
+        e = tl.exp(-tl.abs(z))
+        a = g * (tl.where(z >= 0, 1.0, e) / (1.0 + e))
+    tl.store(Y + row * stride_y + cols, (a * u).to(Y.dtype.element_ty), mask=mask)
+
+
+def act_and_mul_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Check x ([..., 2I]) and return `out` ([..., I], x's dtype), allocated if None."""
+    check_float("x", x)
+    if x.shape[-1] == 0 or x.shape[-1] % 2:
+        raise ValueError(f"x's last dim must be even and positive ([..., 2 * intermediate]), got {x.shape[-1]}")
+    shape = (*x.shape[:-1], x.shape[-1] // 2)
+    if out is None:
+        return x.new_empty(shape)
+    check_out("out", out, shape, x.dtype, x.device)
+    return out
+
+
+def launch_act_and_mul(x: torch.Tensor, out: torch.Tensor, activation: str) -> None:
+    """Run the kernel on x [..., 2I] into out [..., I]."""
+    x, y = rows_view("x", x), rows_view("out", out, writable=True)
+    num_rows, inter = y.shape
+    if num_rows == 0:
+        return
+    # Decode has a handful of rows: 256-wide blocks spread a 14336-wide row over 56 programs instead of 14.
+    block = min(next_power_of_2(inter), 1024 if num_rows >= 64 else 256)
+    with device_guard(x):
+        _act_and_mul_kernel[(num_rows, triton.cdiv(inter, block))](
+            x, y, x.stride(0), y.stride(0), inter,
+            ACTIVATION=activation, BLOCK_SIZE=block, num_warps=max(1, block // 256),
+        )  # fmt: skip

@@ -1,0 +1,223 @@
+"""Shared plumbing for the kernel layer: dispatch, custom-op registration, launch settings, input checks.
+
+Dispatch rule: CUDA tensors run the Triton kernels; CPU tensors run the pure-PyTorch `<op>_ref`, except inside
+`triton_on_cpu()`, where they run the Triton kernels under the interpreter (how the kernels are tested without a
+GPU). Importing this module never initialises CUDA and works without triton installed.
+"""
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs: every op still works through its `_ref`.
+    HAS_TRITON = False
+
+    class _NoTriton:
+        """Stands in for `triton` and `triton.language` so the kernel modules still import.
+
+        `@triton.jit` leaves the function undecorated and `tl.constexpr` only has to exist as an annotation;
+        the kernels are never launched because `use_triton` is False for every CPU tensor and raises for CUDA.
+        """
+
+        constexpr = object
+
+        @staticmethod
+        def jit(fn: Callable) -> Callable:
+            return fn
+
+    triton = tl = _NoTriton()
+
+# Read once: `@triton.jit` looks at TRITON_INTERPRET when the kernel modules are imported, not at launch.
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+_triton_on_cpu = contextvars.ContextVar("fastllm_triton_on_cpu", default=False)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A norm keeps its whole row in registers; past 64K elements (256 KB of fp32) the kernel would spill.
+MAX_ROW_SIZE = 65536
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "HAS_TRITON",
+    "MAX_ROW_SIZE",
+    "check_float",
+    "check_out",
+    "check_row_param",
+    "check_same_device",
+    "device_guard",
+    "next_power_of_2",
+    "norm_outputs",
+    "register_out_op",
+    "row_launch_settings",
+    "rows_view",
+    "tl",
+    "triton",
+    "triton_on_cpu",
+    "use_triton",
+]
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when `t` should go through a Triton kernel: always on CUDA, on the CPU only inside `triton_on_cpu()`."""
+    if t.is_cuda:
+        if not HAS_TRITON:
+            raise RuntimeError("fastllm kernels on CUDA tensors need triton; install it with `pip install triton`")
+        return True
+    return HAS_TRITON and _triton_on_cpu.get()
+
+
+@contextlib.contextmanager
+def triton_on_cpu() -> Iterator[None]:
+    """Run the Triton kernels on CPU tensors (Triton interpreter) inside this block; used by the kernel tests."""
+    if not HAS_TRITON:
+        raise RuntimeError("triton_on_cpu() needs triton installed")
+    if os.environ.get("TRITON_INTERPRET") != "1" or not _INTERPRET_AT_IMPORT:
+        raise RuntimeError(
+            "triton_on_cpu() needs TRITON_INTERPRET=1 in the environment before fastllm.kernels is imported "
+            "(the kernels are compiled for the interpreter when they are decorated); set it at the top of "
+            "conftest.py or in the shell"
+        )
+    token = _triton_on_cpu.set(True)
+    try:
+        yield
+    finally:
+        _triton_on_cpu.reset(token)
+
+
+def _returns_nothing(*args, **kwargs) -> None:
+    # The registered ops write into their `out` arguments, so the fake (meta) kernel has nothing to compute.
+    return None
+
+
+def register_out_op(name: str, mutates_args: Sequence[str]) -> Callable:
+    """Decorator: register `fn` as the custom op `fastllm::<name>` that writes into `mutates_args`, returns None.
+
+    Custom ops may not return aliases of their inputs, so every op is registered in destination-passing form;
+    the public launcher allocates the outputs. All registration goes through here so that the mechanism
+    (today `torch.library.custom_op`) can change in one place if its dispatch overhead shows at decode.
+    """
+
+    def decorator(fn: Callable) -> Callable:
+        op = torch.library.custom_op(f"fastllm::{name}", fn, mutates_args=tuple(mutates_args))
+        op.register_fake(_returns_nothing)
+        return op
+
+    return decorator
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make `t`'s GPU the current device for a launch (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def row_launch_settings(n: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps) for a kernel that holds one row of `n` elements in registers.
+
+    Deterministic, after Liger's calculate_settings: enough warps that each thread holds 8-32 elements.
+    """
+    block = next_power_of_2(n)
+    if block > MAX_ROW_SIZE:
+        raise ValueError(f"rows of {n} elements are too long: at most {MAX_ROW_SIZE} are supported")
+    num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
+    return block, num_warps
+
+
+def check_float(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {tuple(t.stride())}")
+
+
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; both must be on one device")
+
+
+def check_row_param(name: str, p: object, x: torch.Tensor) -> None:
+    """A per-column parameter of a norm (weight, bias): [N] float on x's device, N = x.shape[-1]."""
+    check_float(name, p)
+    check_same_device(name, p, "x", x)
+    if p.shape != x.shape[-1:]:
+        raise ValueError(f"{name} must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(p.shape)}")
+
+
+def check_out(name: str, out: object, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+    """Validate a caller-provided output buffer against what the op would allocate."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {dtype}")
+    if out.device != device:
+        raise ValueError(f"{name} is on {out.device}, expected {device}")
+    if out.shape[-1] > 1 and out.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {tuple(out.stride())}")
+
+
+def rows_view(name: str, t: torch.Tensor, *, writable: bool = False) -> torch.Tensor:
+    """`t` as a [rows, n] matrix with unit column stride, for the row-wise kernels.
+
+    Inputs whose leading dims cannot be merged into one row stride are copied (rare: a permuted batch);
+    outputs must be viewable, since a copy would not write back to the caller's buffer.
+    """
+    if t.ndim == 2:
+        return t
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        if writable:
+            raise ValueError(
+                f"{name} with shape {tuple(t.shape)} and strides {tuple(t.stride())} cannot be viewed as rows of "
+                f"its last dimension; pass a tensor whose leading dimensions can be flattened"
+            ) from None
+        return t.reshape(-1, t.shape[-1])
+
+
+def norm_outputs(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None,
+    residual_out: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Checks shared by the (fused-add) norms; returns (out, residual_out), allocated where not given.
+
+    x: [..., N] (already checked by `check_float`); residual: None or like x; out: [..., N] of `out_dtype`;
+    residual_out: [..., N] of x's dtype, only with a residual.
+    """
+    n = x.shape[-1]
+    if not 0 < n <= MAX_ROW_SIZE:
+        raise ValueError(f"x's last dim must be between 1 and {MAX_ROW_SIZE}, got {n}")
+    if residual is not None:
+        check_float("residual", residual)
+        check_same_device("residual", residual, "x", x)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, expected x's shape {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual has dtype {residual.dtype}, expected x's dtype {x.dtype}")
+        if residual_out is None:
+            residual_out = x.new_empty(x.shape)
+        else:
+            check_out("residual_out", residual_out, x.shape, x.dtype, x.device)
+    if out is None:
+        out = x.new_empty(x.shape, dtype=out_dtype)
+    else:
+        check_out("out", out, x.shape, out_dtype, x.device)
+    return out, residual_out

@@ -1,0 +1,220 @@
+"""RMSNorm and residual-add + RMSNorm, the norms of Llama, Mistral, Qwen (cast, then weight) and Gemma (weight in fp32).
+
+    h = x * rsqrt(mean(x^2 over the last dim) + eps)            (in fp32)
+    Llama: y = (weight + offset) * h.to(x.dtype)                (dtype: promote(x, weight))
+    Gemma: y = (h * (offset + weight.float())).to(x.dtype)      (dtype: x.dtype; Gemma's offset is 1)
+
+The fused form first adds the residual, s = x + residual, rounds s to its storage dtype (as Hugging Face stores
+it before the norm), returns s as the new residual and normalises s.
+"""
+
+import torch
+
+from fastllm.kernels._registry import (
+    check_float,
+    check_row_param,
+    device_guard,
+    norm_outputs,
+    register_out_op,
+    row_launch_settings,
+    rows_view,
+    tl,
+    triton,
+    use_triton,
+)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    X,  # [M, N], row stride stride_x
+    R,  # [M, N] residual (read only if HAS_RESIDUAL)
+    W,  # [N]
+    Y,  # [M, N] normalised output
+    S,  # [M, N] x + residual, rounded to x's dtype (written only if HAS_RESIDUAL)
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    N,
+    eps,
+    weight_offset,
+    HAS_RESIDUAL: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per row; the row stays in registers between the sum of squares and the scaling."""
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16K rows of 128K
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        # Round the sum to the storage dtype before normalising it, as Hugging Face does (bf16 parity).
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(S + row * stride_s + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if CAST_BEFORE_WEIGHT:
+        # Llama: both factors are rounded to their storage dtypes before the product, as in eager PyTorch.
+        w = (w + weight_offset).to(W.dtype.element_ty).to(tl.float32)
+        y = w * h.to(X.dtype.element_ty).to(tl.float32)
+    else:
+        y = h * (weight_offset + w)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def rms_norm_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    weight_offset: float = 0.0,
+    cast_before_weight: bool = True,
+) -> torch.Tensor:
+    """Plain-PyTorch RMSNorm, operation for operation as Hugging Face writes it (the spec of `rms_norm`)."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if cast_before_weight:
+        return (weight + weight_offset if weight_offset else weight) * h.to(x.dtype)
+    return (h * (weight_offset + weight.float())).to(x.dtype)
+
+
+def fused_add_rms_norm_ref(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    weight_offset: float = 0.0,
+    cast_before_weight: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm_ref(x + residual), x + residual)."""
+    s = x + residual
+    return rms_norm_ref(s, weight, eps, weight_offset=weight_offset, cast_before_weight=cast_before_weight), s
+
+
+def _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_before_weight):
+    # x, residual, out, residual_out: [M, N] row views; residual/residual_out None for the plain norm.
+    num_rows, n = x.shape
+    if num_rows == 0:
+        return
+    block, num_warps = row_launch_settings(n)
+    has_residual = residual is not None
+    r = residual if has_residual else x
+    s = residual_out if has_residual else out
+    with device_guard(x):
+        _rms_norm_kernel[(num_rows,)](
+            x, r, weight, out, s,
+            x.stride(0), r.stride(0), out.stride(0), s.stride(0),
+            n, eps, weight_offset,
+            HAS_RESIDUAL=has_residual, CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_SIZE=block,
+            num_warps=num_warps,
+        )  # fmt: skip
+
+
+@register_out_op("rms_norm", mutates_args=("out",))
+def _rms_norm_op(
+    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float, cast_before_weight: bool
+) -> None:
+    if use_triton(x):
+        _launch(x, None, weight, out, None, eps, weight_offset, cast_before_weight)
+    else:
+        out.copy_(rms_norm_ref(x, weight, eps, weight_offset=weight_offset, cast_before_weight=cast_before_weight))
+
+
+@register_out_op("fused_add_rms_norm", mutates_args=("out", "residual_out"))
+def _fused_add_rms_norm_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    residual_out: torch.Tensor,
+    eps: float,
+    weight_offset: float,
+    cast_before_weight: bool,
+) -> None:
+    if use_triton(x):
+        _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_before_weight)
+    else:
+        y, s = fused_add_rms_norm_ref(
+            x, residual, weight, eps, weight_offset=weight_offset, cast_before_weight=cast_before_weight
+        )
+        residual_out.copy_(s)
+        out.copy_(y)
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: bool) -> torch.dtype:
+    return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight else x.dtype
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    weight_offset: float = 0.0,
+    cast_before_weight: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RMSNorm over the last dim of `x`; see the module docstring for the math.
+
+    Args:
+        x: [..., N], float32/float16/bfloat16, last dim contiguous, N <= 65536.
+        weight: [N], float32/float16/bfloat16, on x's device.
+        eps: added to the mean square.
+        weight_offset: added to the weight (1.0 for Gemma's zero-centred weight).
+        cast_before_weight: True for Llama (round the normalised x to x.dtype, then multiply by the weight),
+            False for Gemma (multiply in fp32, then round).
+        out: optional [..., N] buffer of the output dtype: promote(x, weight) if cast_before_weight else x.dtype.
+    Returns:
+        out, [..., N].
+    """
+    check_float("x", x)
+    check_row_param("weight", weight, x)
+    out, _ = norm_outputs(x, None, _out_dtype(x, weight, cast_before_weight), out, None)
+    _rms_norm_op(
+        rows_view("x", x),
+        weight,
+        rows_view("out", out, writable=True),
+        float(eps),
+        float(weight_offset),
+        bool(cast_before_weight),
+    )
+    return out
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    *,
+    weight_offset: float = 0.0,
+    cast_before_weight: bool = True,
+    out: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """s = x + residual (rounded to x.dtype), then `rms_norm(s, ...)`, in one pass over memory.
+
+    Args:
+        x, residual: [..., N], same shape and dtype.
+        weight, eps, weight_offset, cast_before_weight, out: as for `rms_norm`.
+        residual_out: optional [..., N] buffer of x's dtype for s.
+    Returns:
+        (out, residual_out): the normalised s and s itself (the next layer's residual).
+    """
+    check_float("x", x)
+    check_row_param("weight", weight, x)
+    out, residual_out = norm_outputs(x, residual, _out_dtype(x, weight, cast_before_weight), out, residual_out)
+    _fused_add_rms_norm_op(
+        rows_view("x", x),
+        rows_view("residual", residual),
+        weight,
+        rows_view("out", out, writable=True),
+        rows_view("residual_out", residual_out, writable=True),
+        float(eps),
+        float(weight_offset),
+        bool(cast_before_weight),
+    )
+    return out, residual_out
