@@ -9,6 +9,8 @@ new signature (prefill vs. decode, a new batch size) is captured and rewritten a
 
 from __future__ import annotations
 
+import itertools
+import types
 from collections.abc import Callable
 
 import torch
@@ -20,6 +22,11 @@ CAPTURE_ERRORS: tuple[type[BaseException], ...] = (
     torch._dynamo.exc.TorchDynamoException,
     getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", torch._dynamo.exc.TorchDynamoException),
 )
+
+# Dynamo keeps its compiled variants (and counts them against `recompile_limit`) per code object. HF
+# forwards are wrapped by shared decorators, so without a code object of our own every optimized model
+# in a process would add its variants to one list and the ninth would fail to compile.
+_entry_ids = itertools.count()
 
 GraphTransform = Callable[[fx.GraphModule, dict[fx.Node, torch.Tensor]], fx.GraphModule]
 
@@ -35,4 +42,9 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
         tensors = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
         return transform(gm, tensors).forward
 
-    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=dynamic)
+    def entry(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    code = entry.__code__.replace(co_name=f"fastllm_entry_{next(_entry_ids)}")
+    unique = types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
+    return torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)

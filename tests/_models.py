@@ -1,0 +1,40 @@
+"""Tiny random-weight models built from transformers config classes, saved and loaded back through
+`save_pretrained` / `from_pretrained` (the real loading path), for parity tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+VOCAB = 128
+
+# Odd sizes on purpose: head_dim 80 (Llama), 3:1 grouped-query attention (Llama, Qwen2, Mistral),
+# tied embeddings (Qwen2, Gemma), partial rotary (Phi-3, GPT-NeoX), gelu-tanh gating (Gemma).
+FAMILIES = {
+    "llama": lambda: T.LlamaConfig(hidden_size=480, intermediate_size=200, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=2, head_dim=80, vocab_size=VOCAB),
+    "mistral": lambda: T.MistralConfig(hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=6, num_key_value_heads=2, vocab_size=VOCAB),
+    "qwen2": lambda: T.Qwen2Config(hidden_size=96, intermediate_size=136, num_hidden_layers=2, num_attention_heads=6,
+                                   num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=True),
+    "gemma": lambda: T.GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16, vocab_size=VOCAB),
+    "phi3": lambda: T.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, partial_rotary_factor=0.5, vocab_size=VOCAB,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, rotary_pct=0.25, vocab_size=VOCAB),
+    "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2),
+    "gptj": lambda: T.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=VOCAB,
+                                 bos_token_id=1, eos_token_id=2),
+    "qwen3": lambda: T.Qwen3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=VOCAB),
+}
+
+
+def build(family: str, path, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random-weight model of `family`, saved to `path` and loaded back."""
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(FAMILIES[family]())
+    model.save_pretrained(path)
+    return T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()

@@ -1,0 +1,89 @@
+"""End-to-end: optimize(model).generate() gives HF eager's greedy tokens and logits, per family."""
+
+import pytest
+import torch
+
+import fastllm
+from tests._models import FAMILIES, VOCAB, build
+
+# Passes expected to fire per family, as (pass, matches per layer, extra matches). Norms: two per layer
+# plus the final one. GPT-2's fused c_attn (a Conv1D addmm) and its written-out GELU are left unfused.
+EXPECTED = {
+    "llama": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "mistral": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "qwen2": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "gemma": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "phi3": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0)},  # qkv_proj is already one GEMM
+    "gpt_neox": {"layer_norm": (2, 1), "rotary": (2, 0)},
+    "gpt2": {"layer_norm": (2, 1)},
+    "gptj": {"layer_norm": (1, 1), "rotary": (2, 0), "qkv": (1, 0)},
+    "qwen3": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+}
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # the second row is left-padded
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_and_logits_match_hf_eager(family, tmp_path):
+    model = build(family, tmp_path)
+    ids, mask = _prompts()
+    gen = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected_tokens = model.generate(ids, **gen)
+        expected_logits = model(ids, attention_mask=mask).logits
+
+    fastllm.optimize(model)
+    tokens = model.generate(ids, **gen)
+    logits = model(ids, attention_mask=mask).logits
+
+    assert torch.equal(tokens, expected_tokens)
+    # fp32 on the CPU: the fused path runs the reference ops, the same math in the same order.
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+
+    report = fastllm.explain(model)
+    assert report.status == "optimized"
+    layers = model.config.num_hidden_layers
+    expected = {name: per_layer * layers + extra for name, (per_layer, extra) in EXPECTED[family].items()}
+    assert {k: v for k, v in report.matches.items() if v and k != "dropout"} == expected
+
+
+def test_llama_report_shows_every_site_fused(tmp_path):
+    model = build("llama", tmp_path)
+    fastllm.optimize(model)
+    report = fastllm.explain(model)
+    layers = model.config.num_hidden_layers
+    assert report.matches["rms_norm"] == 2 * layers + 1
+    assert report.matches["rotary"] == 2 * layers
+    assert report.matches["gated_mlp"] == layers
+    assert report.matches["qkv"] == layers
+    # Nothing of the norm, rotary or gated-activation chains is left in the graph.
+    for op in ("rsqrt", "silu", "neg"):
+        assert op not in report.unfused_ops
+    text = str(report)
+    assert "rms_norm" in text and "still unfused" in text and "scaled_dot_product_attention" in text
+    assert report.to_dict()["matches"] == report.matches
+
+
+def test_weight_merge_does_not_copy_the_model(tmp_path):
+    model = build("llama", tmp_path)
+
+    def storage_bytes():
+        seen = {}
+        for p in model.parameters():
+            seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    before = storage_bytes()
+    fastllm.optimize(model)
+    assert storage_bytes() == before
+    attn = model.model.layers[0].self_attn
+    q, k = attn.q_proj.weight, attn.k_proj.weight
+    # q and k are now adjacent rows of one merged [q; k; v] weight.
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
