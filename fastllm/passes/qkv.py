@@ -36,7 +36,8 @@ def _groups(ctx: PassContext) -> list[list[fx.Node]]:
     # Keyed by (input, has bias): GPT-J feeds Q/K/V (no bias) and fc_in (bias) from one norm output.
     by_input: dict[tuple[fx.Node, bool], list[fx.Node]] = defaultdict(list)
     for node in ctx.gm.graph.nodes:
-        if is_op(node, "linear") and isinstance(node.args[0], fx.Node) and ctx.tensor(arg(node, 1, "weight")) is not None:
+        weight = ctx.tensor(arg(node, 1, "weight")) if is_op(node, "linear") else None
+        if weight is not None and isinstance(node.args[0], fx.Node):
             by_input[node.args[0], arg(node, 2, "bias") is not None].append(node)
     groups = []
     for nodes in by_input.values():

@@ -22,7 +22,16 @@ from torch import fx
 from fastllm import kernels
 from fastllm.passes._context import PassContext
 from fastllm.passes._graph import (
-    erase_dead, fake, is_cast, is_float32_upcast, is_last_dim, is_op, only_user, other_operand, scalar_operand,
+    arg,
+    erase_dead,
+    fake,
+    is_cast,
+    is_float32_upcast,
+    is_last_dim,
+    is_op,
+    only_user,
+    other_operand,
+    scalar_operand,
 )
 
 NAME = "rms_norm"
@@ -57,11 +66,11 @@ def match(rsqrt: fx.Node) -> _Match | None:
     if split is None or not is_op(split[0], "mean"):
         return None
     mean, eps = split
-    if not (mean.kwargs.get("keepdim", mean.args[2] if len(mean.args) > 2 else False) is True):
+    if arg(mean, 2, "keepdim", False) is not True:
         return None
     square = mean.args[0]
     h = square.args[0] if is_op(square, "pow") and square.args[1:] == (2,) else None
-    if h is None or not is_last_dim(mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim"), None):
+    if h is None or not is_last_dim(arg(mean, 1, "dim"), None):
         return None
     normed = only_user(rsqrt)
     if normed is None or not is_op(normed, "mul") or other_operand(normed, rsqrt) is not h:
