@@ -1,0 +1,129 @@
+"""The public API's contract: options, bad input, capture failure, lean import."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fastllm
+from tests._models import VOCAB, build
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    build("llama", path)
+    return path
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_import_does_not_initialise_cuda():
+    code = "import torch, fastllm, fastllm.kernels, fastllm.passes; assert not torch.cuda.is_initialized(); print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_config_validation():
+    assert fastllm.OptimizeConfig().passes == fastllm.ALL_PASSES
+    with pytest.raises(ValueError, match="allowed"):
+        fastllm.OptimizeConfig(passes=("rms_norm", "no_such_pass"))
+    with pytest.raises(ValueError, match="on_capture_failure"):
+        fastllm.OptimizeConfig(on_capture_failure="ignore")
+    with pytest.raises(ValueError, match="sequence"):
+        fastllm.OptimizeConfig(passes="rms_norm")
+
+
+def test_unknown_option_names_the_allowed_ones(llama_path):
+    model = _load(llama_path)
+    with pytest.raises(TypeError, match="unknown option.*colour.*allowed: passes"):
+        fastllm.optimize(model, colour="red")
+    with pytest.raises(ValueError, match="warmup"):
+        fastllm.optimize(model, warmup="yes")
+    assert not hasattr(model, "_fastllm_state")  # untouched, still usable
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, VOCAB)
+
+
+def test_not_a_causal_lm():
+    module = nn.Linear(4, 4)
+    with pytest.raises(TypeError, match="causal language model"):
+        fastllm.optimize(module)
+    assert module(torch.ones(1, 4)).shape == (1, 4)
+
+
+def test_explain_on_unoptimized_model(llama_path):
+    with pytest.raises(ValueError, match="not optimized"):
+        fastllm.explain(_load(llama_path))
+
+
+def test_already_optimized(llama_path):
+    model = fastllm.optimize(_load(llama_path))
+    with pytest.raises(ValueError, match="already optimized"):
+        fastllm.optimize(model)
+    ids = torch.tensor([[5, 6, 7]])
+    assert model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (1, 5)
+
+
+def test_config_object_and_pass_subset(llama_path):
+    model = _load(llama_path)
+    fastllm.optimize(model, fastllm.OptimizeConfig(passes=("rms_norm",)), warmup=True)
+    report = fastllm.explain(model)
+    assert report.matches == {"rms_norm": 2 * model.config.num_hidden_layers + 1}
+    assert "silu" in report.unfused_ops
+
+
+def test_without_warmup_captures_on_first_call(llama_path):
+    model = fastllm.optimize(_load(llama_path), warmup=False)
+    assert fastllm.explain(model).status == "not captured yet"
+    model(torch.tensor([[1, 2]]))
+    assert fastllm.explain(model).status == "optimized"
+
+
+def _break_capture(model):
+    """Make the first decoder layer do something dynamo cannot put in one graph."""
+    layer = model.model.layers[0]
+    inner = layer.forward
+
+    def forward(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return inner(*args, **kwargs)
+
+    layer.forward = forward
+
+
+def test_capture_failure_falls_back_with_one_warning(llama_path):
+    model = _load(llama_path)
+    _break_capture(model)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with pytest.warns(RuntimeWarning, match="runs it unoptimized"):
+        fastllm.optimize(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not again on each call
+        tokens = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens, expected)
+    report = fastllm.explain(model)
+    assert report.status == "fallback"
+    assert report.fallback_reason.startswith("Unsupported:")  # dynamo's error type, then its message
+
+
+def test_capture_failure_can_raise(llama_path):
+    model = _load(llama_path)
+    _break_capture(model)
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException):
+        fastllm.optimize(model, on_capture_failure="raise")
+
+
+def test_bad_input_raises_and_does_not_disable_optimization(llama_path):
+    model = fastllm.optimize(_load(llama_path))
+    with pytest.raises(Exception):
+        model(torch.tensor([[1.5, 2.5]]))  # float ids: the same error eager would give
+    assert fastllm.explain(model).status == "optimized"
