@@ -1,0 +1,244 @@
+"""The `fastllm` command line.
+
+    fastllm run [MODEL] --prompt TEXT [--max-new-tokens N] [--dtype ...] [--device ...]
+
+`run` generates greedily with Hugging Face eager, optimizes the model with `fastllm.optimize`, generates
+again, prints the optimized model's text and a side-by-side table (tokens/s, identical tokens or not).
+Subcommands are argparse sub-parsers, so `serve` and `bench` can be added beside `run`.
+
+Errors the user can fix (a missing model folder, a missing demo wheel, a bad argument) print one line on
+stderr and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+EXIT_USAGE = 2
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICES = ("auto", "cpu", "cuda")
+# A hub id is "name" or "org/name"; anything else that does not exist locally is a mistyped path, reported at
+# once instead of after a hub lookup that cannot succeed.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the whole usage block before the error; one line plus a pointer to --help reads better.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `fastllm` command, one sub-parser per subcommand."""
+    parser = _Parser(prog="fastllm", description="PyTorch-native JIT acceleration for Hugging Face causal LMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    run = sub.add_parser(
+        "run",
+        help="generate with HF eager and with fastllm.optimize(), and compare",
+        description="Load a model, generate greedily with Hugging Face eager, optimize it with fastllm, "
+        "generate again, and print the text with a side-by-side speed table.",
+    )
+    run.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="local Hugging Face model folder or hub id (default: the embedded demo model SmolLM2-135M-Instruct)",
+    )
+    run.add_argument("--prompt", required=True, help="text to complete")
+    run.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    run.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: bf16 on GPU, fp32 on CPU)")
+    run.add_argument("--device", choices=_DEVICES, default="auto", help="device (auto: cuda if available, else cpu)")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fastllm` console script and of `python -m fastllm`; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        # --help and argument errors exit inside argparse; return the code so in-process callers get it too.
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        return args.func(args)
+    except (UsageError, OSError, ValueError) as e:
+        # OSError covers FileNotFoundError and transformers' "not a valid model identifier / no config.json";
+        # the message itself is what the user needs, a traceback would bury it.
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"fastllm: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fastllm: interrupted", file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class GenerationResult:
+    """What one provider produced: token ids, the decoded completion and its timings."""
+
+    provider: str
+    token_ids: list[int]  # new tokens only, prompt excluded
+    text: str
+    first_call_s: float  # the warm-up generate (includes any lazy capture or compilation)
+    seconds: float  # the timed generate, after the warm-up
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was given, but no CUDA GPU is available (try --device cpu)")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Half precision on the CPU is slow and its greedy tokens drift from fp32; fp32 is the reference there.
+    return torch.float32
+
+
+def _load(model_arg: str | None, dtype, device):
+    """Load (model, tokenizer) for MODEL, or the demo model when MODEL is omitted."""
+    if model_arg is None:
+        from fastllm.models.demo import load_demo_model
+
+        return load_demo_model(dtype=dtype, device=device)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if os.path.exists(model_arg):
+        if not os.path.isdir(model_arg):
+            raise UsageError(f"MODEL must be a Hugging Face model folder, not a file: {model_arg}")
+        if not os.path.isfile(os.path.join(model_arg, "config.json")):
+            raise UsageError(f"no config.json in {model_arg}: not a Hugging Face model folder")
+    elif not _HUB_ID.match(model_arg):
+        raise UsageError(f"model folder not found: {model_arg}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_arg, dtype=dtype)
+    except OSError as e:
+        where = "local folder" if os.path.exists(model_arg) else "not a local folder; hub"
+        raise UsageError(f"could not load model {model_arg} ({where}): {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_arg)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load a tokenizer from {model_arg}: {e}") from e
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate(provider: str, model, tokenizer, inputs: dict, max_new_tokens: int, device) -> GenerationResult:
+    """One warm-up generate, then one timed generate of the same prompt, greedy."""
+    import torch
+
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    prompt_len = inputs["input_ids"].shape[1]
+    # no_grad rather than inference_mode: tensors that optimize() creates lazily during the first call
+    # would become inference tensors and could not be updated in place outside inference mode later.
+    with torch.no_grad():
+        _sync(device)
+        start = time.perf_counter()
+        model.generate(**inputs, **kwargs)
+        _sync(device)
+        first_call_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        out = model.generate(**inputs, **kwargs)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    new_ids = out[0, prompt_len:].tolist()
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    return GenerationResult(provider, new_ids, text, first_call_s, seconds)
+
+
+def format_table(results: Sequence[GenerationResult], reference: GenerationResult) -> str:
+    """Side-by-side table: provider, new tokens, first call, tokens/s, identical tokens to `reference`."""
+    header = ("provider", "new tokens", "first call s", "tokens/s", "identical tokens")
+    rows = [header]
+    for r in results:
+        same = "(reference)" if r is reference else ("yes" if r.token_ids == reference.token_ids else "NO")
+        rows.append((r.provider, str(len(r.token_ids)), f"{r.first_call_s:.2f}", f"{r.tokens_per_s:.1f}", same))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.prompt:
+        raise UsageError("--prompt must not be empty")
+
+    import torch
+
+    import fastllm
+
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    model, tokenizer = _load(args.model, dtype, device)
+    inputs = {k: v.to(device) for k, v in tokenizer(args.prompt, return_tensors="pt").items()}
+
+    # HF eager first: optimize() rewrites the model in place, so the baseline must be measured before it.
+    eager = _generate("hf_eager", model, tokenizer, inputs, args.max_new_tokens, device)
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        model = fastllm.optimize(model)
+    capture_s = time.perf_counter() - start
+
+    fast = _generate("fastllm", model, tokenizer, inputs, args.max_new_tokens, device)
+
+    name = args.model or "demo:SmolLM2-135M-Instruct"
+    print(f"{args.prompt}{fast.text}")
+    print()
+    print(f"model: {name}  device: {device.type}  dtype: {str(dtype).removeprefix('torch.')}  greedy")
+    print(format_table([eager, fast], reference=eager))
+    print(f"capture time (fastllm.optimize): {capture_s:.2f} s")
+    if fast.token_ids != eager.token_ids:
+        print(f"hf_eager text differs: {args.prompt}{eager.text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model-specific data (name maps, quirks) and the embedded demo model (`fastllm.models.demo`)."""
