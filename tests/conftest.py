@@ -1,17 +1,20 @@
 """Test configuration shared by every test module.
 
-TRITON_INTERPRET must be set before any `@triton.jit` decorator runs (i.e. before fastllm.kernels is
-imported), otherwise launching a kernel on the CPU fails with "0 active drivers". Setting it here, at the
-top of conftest.py, is early enough. It only matters where the kernel tests ask for Triton on the CPU
-(`fastllm.kernels.triton_on_cpu()`); the library itself runs the `_ref` path on CPU tensors.
+On a machine without a GPU, TRITON_INTERPRET=1 lets the kernel tests run the Triton kernels on the CPU
+(inside `fastllm.kernels.triton_on_cpu()`; the library itself runs the `_ref` ops on CPU tensors). It must
+be set before any `@triton.jit` decorator runs, i.e. before fastllm.kernels is imported: here, at the top
+of conftest.py, is early enough. With a GPU it must stay unset, or the GPU tests would exercise the
+interpreter instead of the compiled kernels.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
