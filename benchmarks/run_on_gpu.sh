@@ -12,7 +12,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-python3 -m pytest -m gpu -q -p no:cacheprovider -x --junitxml="$OUT/gpu-tests.xml" ${PYTEST_ARGS:-} \
+python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" ${PYTEST_ARGS:-} \
     > "$OUT/gpu-tests.log" 2>&1
 tests_rc=$?
 tail -n 25 "$OUT/gpu-tests.log"

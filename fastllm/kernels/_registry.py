@@ -96,18 +96,28 @@ def _returns_nothing(*args, **kwargs) -> None:
     return None
 
 
+# One fragment for every op of the namespace (FRAGMENT: other modules may define fastllm:: ops too).
+_LIBRARY = torch.library.Library("fastllm", "FRAGMENT")
+
+
 def register_out_op(name: str, mutates_args: Sequence[str]) -> Callable:
-    """Decorator: register `fn` as the custom op `fastllm::<name>` that writes into `mutates_args`, returns None.
+    """Decorator: register `fn` as the op `fastllm::<name>` that writes into `mutates_args` and returns None.
 
     Custom ops may not return aliases of their inputs, so every op is registered in destination-passing form;
-    the public launcher allocates the outputs. All registration goes through here so that the mechanism
-    (today `torch.library.custom_op`) can change in one place if its dispatch overhead shows at decode.
+    the public launcher allocates the outputs. Returns the op (`torch.ops.fastllm.<name>.default`).
+
+    Mechanism: `Library.define` + a CPU and a CUDA kernel + `register_fake`, with the schema inferred from
+    `fn`'s annotations as `torch.library.custom_op` does. Measured on an H100 (torch 2.11, rms_norm at 1 x 4096,
+    host time per call): the `custom_op` wrapper cost 66 us against 39 us for this, over 21 us for the bare
+    Triton launch; the wrapper adds autograd and version-counter kernels that inference does not use.
     """
 
     def decorator(fn: Callable) -> Callable:
-        op = torch.library.custom_op(f"fastllm::{name}", fn, mutates_args=tuple(mutates_args))
-        op.register_fake(_returns_nothing)
-        return op
+        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=tuple(mutates_args)))
+        for dispatch_key in ("CPU", "CUDA"):
+            _LIBRARY.impl(name, fn, dispatch_key)
+        torch.library.register_fake(f"fastllm::{name}", _returns_nothing, lib=_LIBRARY)
+        return getattr(torch.ops.fastllm, name).default
 
     return decorator
 
