@@ -14,9 +14,9 @@ import torch
 
 from fastllm.kernels._registry import (
     check_float,
-    check_out,
     device_guard,
     next_power_of_2,
+    out_or_new,
     rows_view,
     tl,
     triton,
@@ -56,11 +56,7 @@ def act_and_mul_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     check_float("x", x)
     if x.shape[-1] == 0 or x.shape[-1] % 2:
         raise ValueError(f"x's last dim must be even and positive ([..., 2 * intermediate]), got {x.shape[-1]}")
-    shape = (*x.shape[:-1], x.shape[-1] // 2)
-    if out is None:
-        return x.new_empty(shape)
-    check_out("out", out, shape, x.dtype, x.device)
-    return out
+    return out_or_new("out", out, (*x.shape[:-1], x.shape[-1] // 2), x.dtype, x.device)
 
 
 def launch_act_and_mul(x: torch.Tensor, out: torch.Tensor, activation: str) -> None:

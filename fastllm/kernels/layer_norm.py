@@ -3,8 +3,8 @@
     mean = sum(x) / N,   var = sum((x - mean)^2) / N             (in fp32, biased variance like torch)
     y = ((x - mean) * rsqrt(var + eps) * weight + bias).to(x.dtype)
 
-The fused form first adds the residual, s = x + residual, rounds s to its storage dtype (as Hugging Face stores
-it before the norm), returns s as the new residual and normalises s.
+`fused_add_layer_norm` normalises s = x + residual, rounded to x's dtype, and returns s too, by the rule of
+`fused_add_rms_norm` (one helper, `_registry.load_row_plus_residual`, holds it for both kernels).
 """
 
 from typing import Optional
@@ -15,6 +15,7 @@ from fastllm.kernels._registry import (
     check_float,
     check_row_param,
     device_guard,
+    load_row_plus_residual,
     norm_outputs,
     register_out_op,
     row_launch_settings,
@@ -49,12 +50,7 @@ def _layer_norm_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16K rows of 128K
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-        # Round the sum to the storage dtype before normalising it, as Hugging Face does (bf16 parity).
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(S + row * stride_s + cols, x, mask=mask)
+    x = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL)
     h = x.to(tl.float32)
     mean = tl.sum(h, axis=0) / N
     d = tl.where(mask, h - mean, 0.0)

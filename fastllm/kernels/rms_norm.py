@@ -14,6 +14,7 @@ from fastllm.kernels._registry import (
     check_float,
     check_row_param,
     device_guard,
+    load_row_plus_residual,
     norm_outputs,
     register_out_op,
     row_launch_settings,
@@ -46,12 +47,7 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16K rows of 128K
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-        # Round the sum to the storage dtype before normalising it, as Hugging Face does (bf16 parity).
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
-        tl.store(S + row * stride_s + cols, x, mask=mask)
+    x = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL)
     h = x.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)

@@ -15,10 +15,10 @@ import torch
 
 from fastllm.kernels._registry import (
     check_float,
-    check_out,
     check_same_device,
     device_guard,
     next_power_of_2,
+    out_or_new,
     register_out_op,
     tl,
     triton,
@@ -190,10 +190,6 @@ def rotary_embedding(
         fits = False
     if not fits:
         raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not broadcast to x's {lead + (r,)}")
-    out_dtype = torch.result_type(x, cos)
-    if out is None:
-        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    else:
-        check_out("out", out, x.shape, out_dtype, x.device)
+    out = out_or_new("out", out, x.shape, torch.result_type(x, cos), x.device)
     _rotary_embedding_op(x, cos, sin, out, bool(interleaved))
     return out
