@@ -31,17 +31,34 @@ def test_fp32_greedy_equal(family, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_half_precision_teacher_forced(family, dtype, tmp_path):
+    """In 16-bit, fastllm is at least as close to the fp32 model as HF eager is.
+
+    Two 16-bit runs of one model differ by rounding (our kernels keep fp32 where HF rounds to 16 bits, and
+    the merged GEMMs sum in another order), and on a random 2-layer model many positions have near-tied
+    top logits, so comparing the two 16-bit runs to each other measures noise. The fp32 model on the same
+    weights is the truth both are compared with.
+    """
+    from transformers import AutoModelForCausalLM
+
     model = build(family, tmp_path, dtype=dtype).cuda()
-    ids = _ids(batch=4, length=64)
+    truth_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
+    ids = _ids(batch=8, length=128)
     with torch.no_grad():
-        expected = model(ids).logits.float()
+        truth = truth_model(ids).logits
+        hf = model(ids).logits.float()
     fastllm.optimize(model)
-    logits = model(ids).logits.float()
-    # Kernels keep fp32 where HF rounds intermediates to 16 bits (and vice versa in the merged GEMMs), so
-    # logits differ by a few 16-bit ulps of their magnitude; the top-1 token must agree almost everywhere.
-    err = (logits - expected).norm() / expected.norm()
-    assert err < (2e-2 if dtype == torch.bfloat16 else 5e-3), err
-    agree = (logits.argmax(-1) == expected.argmax(-1)).float().mean().item()
-    assert agree >= 0.99, agree
+    ours = model(ids).logits.float()
+
+    def rel_err(x):
+        return ((x - truth).norm() / truth.norm()).item()
+
+    def top1(x):
+        return (x.argmax(-1) == truth.argmax(-1)).float().mean().item()
+
+    # 10% slack on the error: both are a sum of many roundings and their ratio varies from seed to seed.
+    assert rel_err(ours) <= 1.1 * rel_err(hf), (rel_err(ours), rel_err(hf))
+    # 1024 positions: one position is 0.1%; allow 0.5% below HF's agreement with the fp32 model.
+    assert top1(ours) >= top1(hf) - 0.005, (top1(ours), top1(hf))
+    assert top1(ours) >= 0.95
     report = fastllm.explain(model)
     assert report.matches["rms_norm"] == 2 * model.config.num_hidden_layers + 1
