@@ -25,14 +25,16 @@ class OptimizeConfig:
             "raise" re-raises the capture error (useful when adding support for a new architecture).
         warmup: capture at `optimize()` time with a short generation, so capture errors surface and the
             merged weights are built there, not on the user's first real call.
-        dynamic: forwarded to `torch.compile(dynamic=...)`. None lets dynamo mark sizes dynamic once
-            they change (one recompile), which suits generate()'s prefill/decode mix.
+        dynamic: forwarded to `torch.compile(dynamic=...)`. True (default) captures symbolic sizes from
+            the start, so prompt and cache lengths never trigger a recapture (dynamo still specializes
+            sizes of 1, which the warm-up covers by generating for a batch of 1 and of 2). None lets dynamo
+            recapture on the first change of a size instead.
     """
 
     passes: tuple[str, ...] = field(default=ALL_PASSES)
     on_capture_failure: str = "fallback"
     warmup: bool = True
-    dynamic: bool | None = None
+    dynamic: bool | None = True
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str):

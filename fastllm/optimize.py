@@ -118,15 +118,20 @@ def optimize(model, config: OptimizeConfig | None = None, **overrides):
 
 
 def _warmup(model) -> None:
-    """A short greedy generation: captures the prefill and decode graphs and merges weights now."""
+    """Short greedy generations that capture every graph generate() needs and merge weights now.
+
+    A batch of 1 and one of 2: dynamo specializes sizes equal to 1, so both are distinct captures; with
+    symbolic sizes (`dynamic=True`) no other prompt length, batch size or cache length needs one.
+    """
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().weight.shape[0]
-    input_ids = torch.arange(3, device=device).remainder(vocab).unsqueeze(0)
     pad = model.generation_config.pad_token_id
     if pad is None:
         eos = model.generation_config.eos_token_id
         pad = (eos[0] if isinstance(eos, list) else eos) if eos is not None else 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*generation flags.*")
-        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=3, min_new_tokens=3,
-                       do_sample=False, pad_token_id=pad)
+    for batch, length in ((1, 3), (2, 5)):
+        input_ids = torch.arange(batch * length, device=device).remainder(vocab).view(batch, length)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*generation flags.*")
+            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=3,
+                           min_new_tokens=3, do_sample=False, pad_token_id=pad)
