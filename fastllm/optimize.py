@@ -40,7 +40,7 @@ class OptimizationState:
         return gm
 
     def fall_back(self, error: BaseException) -> None:
-        self.fallback_reason = f"{type(error).__name__}: {_first_line(error)}"
+        self.fallback_reason = _first_line(error)
         warnings.warn(f"fastllm could not capture {self.model_name} and runs it unoptimized (still correct): "
                       f"{self.fallback_reason}", RuntimeWarning, stacklevel=3)
 
@@ -53,7 +53,9 @@ class OptimizationState:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    # dynamo wraps an error raised inside the backend (our passes); the inner one says what went wrong.
+    error = getattr(error, "inner_exception", None) or error
+    text = f"{type(error).__name__}: {error}".strip().splitlines()
     return text[0][:300] if text else ""
 
 

@@ -17,7 +17,16 @@ EXPECTED = {
     "gpt_neox": {"layer_norm": (2, 1), "rotary": (2, 0)},
     "gpt2": {"layer_norm": (2, 1)},
     "gptj": {"layer_norm": (1, 1), "rotary": (2, 0), "qkv": (1, 0)},
-    "qwen3": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "qwen3": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},  # + q_norm, k_norm
+    "bloom": {"layer_norm": (2, 2)},  # + the embedding LayerNorm; ALiBi attention stays unfused
+    "falcon": {"layer_norm": (2, 1), "rotary": (2, 0)},
+    "mpt": {"layer_norm": (2, 1)},
+    "gpt_bigcode": {"layer_norm": (2, 1)},
+    "mixtral": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "glm": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "glm4": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "gemma2": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "phi": {"layer_norm": (1, 1), "rotary": (2, 0), "qkv": (1, 0)},  # parallel attention and MLP
 }
 
 

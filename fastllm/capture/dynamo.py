@@ -47,4 +47,12 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
 
     code = entry.__code__.replace(co_name=f"fastllm_entry_{next(_entry_ids)}")
     unique = types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
-    return torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)
+    compiled = torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)
+
+    def call(*args, **kwargs):
+        # Symbolic sizes, but constant floats: under dynamic=True dynamo would otherwise turn module float
+        # attributes (norm eps, scaling) into graph inputs, and the passes match eps as a constant.
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    return call

@@ -37,7 +37,10 @@ def match(node: fx.Node) -> tuple[fx.Node, object, object, float] | None:
     t = fake(x)
     if t is None or not isinstance(shape, (tuple, list)) or len(shape) != 1 or shape[0] != t.shape[-1]:
         return None
-    return x, arg(node, 2, "weight"), arg(node, 3, "bias"), float(arg(node, 4, "eps", 1e-5))
+    eps = arg(node, 4, "eps", 1e-5)
+    if not isinstance(eps, (int, float)):
+        return None
+    return x, arg(node, 2, "weight"), arg(node, 3, "bias"), float(eps)
 
 
 def apply(ctx: PassContext) -> int:
