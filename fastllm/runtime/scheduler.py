@@ -1,0 +1,279 @@
+"""In-flight batching: which tokens of which requests the model computes each step. Pure Python, no torch.
+
+One step, `schedule()` then `update()`:
+1. Running requests, oldest first, each get their next tokens (the last sampled token when decoding, the
+   next piece of the prompt when a prefill was split), within `max_num_batched_tokens`. A request that needs
+   a new block when none is free preempts the newest running request (possibly itself): its blocks are
+   freed and it waits to be recomputed from its prompt and the tokens it generated so far.
+2. If nothing was preempted, waiting requests are admitted oldest first while `max_num_seqs`, the token
+   budget and free blocks for their whole known token list allow. A prompt longer than the budget left is
+   computed in pieces over several steps (chunked prefill).
+3. The runner computes the chunks and samples a token for each chunk that reaches its request's last known
+   token; `update()` appends them, advances the requests and finishes those that stop.
+
+Progress is guaranteed: the pool holds at least `max_model_len` tokens (checked when the scheduler is built),
+so the oldest running request, or the oldest waiting one when none runs, always fits.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from fastllm.runtime.kv_cache import BlockPool, BlockTable, OutOfBlocks
+
+FINISH_REASONS = ("length", "stop", "abort")
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()  # waiting to be recomputed; holds no blocks
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)  # identity comparison: requests live in queues and are removed by identity
+class Request:
+    request_id: str | int
+    prompt_token_ids: list[int]
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    eos_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    # State, owned by the scheduler.
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0  # positions whose K/V are in the cache
+    block_table: BlockTable | None = None
+    finish_reason: str | None = None
+    arrival_index: int = -1  # FCFS order, set by Scheduler.add
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """`all_token_ids[start:end]` without building the whole list (decode steps take one token)."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return self.prompt_token_ids[start:end] + self.output_token_ids[:max(end - n, 0)]
+
+
+@dataclass
+class ScheduledChunk:
+    """Positions [start, start + num_tokens) of one request, computed this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+    token_ids: list[int]
+    slots: list[int]  # cache slot of each position's K/V
+    samples: bool  # the chunk ends at the request's last known token: sample from its last position's logits
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Request]  # preempted this step (their blocks are already free)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+class Scheduler:
+    """FCFS in-flight batching over a `BlockPool`.
+
+    Args:
+        pool: the KV-cache blocks; must hold at least `max_model_len` tokens so any single request fits.
+        max_num_seqs: most requests running (holding blocks) at once.
+        max_num_batched_tokens: most positions computed in one step, over all requests.
+        max_model_len: most positions a request computes. A request finishes with "length" when it holds
+            `max_model_len` tokens (or, if its prompt is exactly that long, after its first new token).
+    """
+
+    def __init__(self, pool: BlockPool, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 max_model_len: int) -> None:
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_model_len", max_model_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        capacity = pool.num_blocks * pool.block_size
+        if capacity < max_model_len:
+            raise ValueError(f"the KV cache holds {capacity} tokens ({pool.num_blocks} blocks of {pool.block_size}), "
+                             f"fewer than max_model_len={max_model_len}: a long request could never run; lower "
+                             f"max_model_len or give the cache more memory")
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.requests: dict[str | int, Request] = {}  # unfinished, by id
+        # Every running request arrived before every waiting one (admission is strict FCFS and preemption
+        # takes the newest running request), so both stay in arrival order by appending at the ends.
+        self.waiting: deque[Request] = deque()  # WAITING and PREEMPTED
+        self.running: list[Request] = []
+        self._num_arrived = 0
+
+    def add(self, request: Request) -> None:
+        """Queue a new request. Raises ValueError (and adds nothing) if it is malformed or cannot run."""
+        r = request
+        if r.request_id in self.requests:
+            raise ValueError(f"request id {r.request_id!r} is already in the scheduler")
+        if r.status is not RequestStatus.WAITING or r.output_token_ids or r.block_table is not None:
+            raise ValueError(f"request {r.request_id!r} is not new (status {r.status.name})")
+        if len(r.prompt_token_ids) == 0:
+            raise ValueError(f"request {r.request_id!r} has an empty prompt")
+        if len(r.prompt_token_ids) > self.max_model_len:
+            raise ValueError(f"request {r.request_id!r}: prompt of {len(r.prompt_token_ids)} tokens is longer than "
+                             f"max_model_len={self.max_model_len}")
+        for name, value, minimum in (("max_new_tokens", r.max_new_tokens, 1), ("min_new_tokens", r.min_new_tokens, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"request {r.request_id!r}: {name} must be an integer >= {minimum}, got {value!r}")
+        r.prompt_token_ids = list(r.prompt_token_ids)
+        r.eos_token_ids = frozenset(r.eos_token_ids)
+        r.arrival_index = self._num_arrived
+        self._num_arrived += 1
+        self.requests[r.request_id] = r
+        self.waiting.append(r)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks. Non-empty whenever a request is unfinished (else RuntimeError says why)."""
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Request] = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted by an older request this step
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._reserve(req, req.num_computed_tokens + n, preempted):
+                break  # req was the newest left and preempted itself
+            chunks.append(self._chunk(req, n))
+            budget -= n
+        while not preempted and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            req = self.waiting[0]
+            table = BlockTable(self.pool)
+            try:
+                table.ensure_capacity(req.num_tokens)  # the whole known list, so a split prefill cannot stall
+            except OutOfBlocks:
+                break  # strict FCFS: later requests wait behind it
+            self.waiting.popleft()
+            req.block_table, req.status = table, RequestStatus.RUNNING
+            self.running.append(req)
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            chunks.append(self._chunk(req, n))
+            budget -= n
+        if not chunks and self.requests:
+            head = self.waiting[0] if self.waiting else None
+            raise RuntimeError(f"scheduler cannot make progress: {len(self.running)} running, {len(self.waiting)} "
+                               f"waiting, {self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
+                               + (f"; request {head.request_id!r} needs {head.num_tokens} token slots" if head else "")
+                               + " (is the pool shared with another owner?)")
+        return SchedulerOutput(chunks, preempted)
+
+    def update(self, output: SchedulerOutput, sampled: dict[str | int, int]) -> list[Request]:
+        """Record a computed step: `sampled` maps request id -> new token for each chunk that `samples`.
+
+        Returns the requests that finished (their blocks are already free). Chunks of requests finished or
+        aborted since `schedule()` are ignored. Raises, changing nothing, on a sampled token missing or an
+        output applied twice.
+        """
+        live = [c for c in output.chunks if c.request.status is RequestStatus.RUNNING]
+        for c in live:  # check everything before changing anything
+            req = c.request
+            if c.start != req.num_computed_tokens:
+                raise RuntimeError(f"request {req.request_id!r}: chunk starts at {c.start} but "
+                                   f"{req.num_computed_tokens} tokens are computed (was this output applied twice?)")
+            if c.samples and req.request_id not in sampled:
+                raise KeyError(f"no sampled token for request {req.request_id!r}, whose chunk samples")
+        finished = []
+        for c in live:
+            req = c.request
+            req.num_computed_tokens += c.num_tokens
+            if not c.samples:
+                continue
+            token = sampled[req.request_id]
+            req.output_token_ids.append(token)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self.finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Finish a request now (stop string, client gone, ...) and free its blocks. No-op if already finished."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish reason must be one of {FINISH_REASONS}, got {reason!r}")
+        if request.is_finished:
+            return
+        if self.requests.get(request.request_id) is not request:
+            raise ValueError(f"request {request.request_id!r} is not in this scheduler")
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status, request.finish_reason = RequestStatus.FINISHED, reason
+        del self.requests[request.request_id]
+
+    def abort(self, request_id: str | int) -> Request | None:
+        """Finish a request with reason "abort". Returns it, or None if no unfinished request has this id."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, "abort")
+        return request
+
+    def _stop_reason(self, req: Request, token: int) -> str | None:
+        num_new = len(req.output_token_ids)
+        if not req.ignore_eos and num_new > req.min_new_tokens and token in req.eos_token_ids:
+            return "stop"
+        if num_new >= req.max_new_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _reserve(self, req: Request, num_tokens: int, preempted: list[Request]) -> bool:
+        """Give `req` slots for [0, num_tokens), preempting the newest running requests until they fit.
+
+        Returns False if `req` itself had to be preempted.
+        """
+        while True:
+            try:
+                req.block_table.ensure_capacity(num_tokens)
+                return True
+            except OutOfBlocks:
+                victim = self.running.pop()
+                self._release(victim)
+                victim.status, victim.num_computed_tokens = RequestStatus.PREEMPTED, 0
+                self.waiting.appendleft(victim)  # victims come newest first, so the queue stays in arrival order
+                preempted.append(victim)
+                if victim is req:
+                    return False
+
+    def _release(self, req: Request) -> None:
+        if req.block_table is not None:
+            req.block_table.free()
+            req.block_table = None
+
+    @staticmethod
+    def _chunk(req: Request, n: int) -> ScheduledChunk:
+        start, end = req.num_computed_tokens, req.num_computed_tokens + n
+        return ScheduledChunk(req, start, n, req.token_ids(start, end), req.block_table.slots(start, end),
+                              samples=end == req.num_tokens)
