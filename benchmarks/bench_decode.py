@@ -1,0 +1,129 @@
+"""W1 (single-stream decode, TTFT) and W3 (start-up) on random-weight Llama shapes, beside HF baselines.
+
+    PYTHONPATH=. python benchmarks/bench_decode.py [--models llama2_7b llama31_8b] \
+        [--providers hf_eager hf_static_compile fastllm] [--new-tokens 256] [--out DIR]
+
+Per BENCHMARKS.md: seeded random prompt of 128 tokens, greedy, EOS ignored; decode tok/s =
+(new - 1) / (t(generate new) - t(generate 1)); TTFT = t(generate 1) at prompts of 128 and 2048 tokens (median
+of 3 after a warm-up); start-up = seconds from `fastllm.optimize()` to the first token in this process (cold
+for dynamo; Triton's disk cache may be warm). Writes DIR/W1-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import importlib.metadata
+import json
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+MODELS = {
+    "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama31_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+}
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm")
+
+
+def _build(name: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODELS[name], eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def _prompt(length: int, vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(length)
+    return torch.randint(1, vocab, (1, length), generator=g).cuda()
+
+
+def _timed_generate(model, ids, new, **kwargs) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                         do_sample=False, pad_token_id=0, **kwargs)
+    torch.cuda.synchronize()
+    assert out.shape[1] == ids.shape[1] + new, out.shape
+    return time.perf_counter() - start
+
+
+def measure(model, new_tokens: int, vocab: int, **kwargs) -> dict:
+    ids128, ids2048 = _prompt(128, vocab), _prompt(2048, vocab)
+    first = _timed_generate(model, ids128, 2, **kwargs)  # warm-up (compiles, for the compiled providers)
+    t1 = statistics.median(_timed_generate(model, ids128, 1, **kwargs) for _ in range(3))
+    tn = statistics.median(_timed_generate(model, ids128, new_tokens, **kwargs) for _ in range(2))
+    _timed_generate(model, ids2048, 1, **kwargs)
+    t2048 = statistics.median(_timed_generate(model, ids2048, 1, **kwargs) for _ in range(3))
+    return {"decode_tok_s": (new_tokens - 1) / (tn - t1), "ttft_ms_128": 1e3 * t1, "ttft_ms_2048": 1e3 * t2048,
+            "first_call_s": first}
+
+
+def run_provider(provider: str, name: str, new_tokens: int) -> dict:
+    model = _build(name)
+    vocab = model.config.vocab_size
+    if provider == "hf_eager":
+        return measure(model, new_tokens, vocab)
+    if provider == "hf_static_compile":
+        return measure(model, new_tokens, vocab, cache_implementation="static")
+    import fastllm
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fastllm.optimize(model, max_num_seqs=8)
+    _timed_generate(model, _prompt(128, vocab), 1)
+    startup = time.perf_counter() - start
+    result = measure(model, new_tokens, vocab)
+    report = fastllm.explain(model)
+    result.update(startup_s_cold=startup, matches=report.matches, unfused=report.unfused_ops)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}
+    for name in args.models:
+        for provider in args.providers:
+            results[provider][name] = run_provider(provider, name, args.new_tokens)
+            print(provider, name, {k: round(v, 2) for k, v in results[provider][name].items()
+                                   if isinstance(v, float)}, flush=True)
+            gc.collect()  # an optimized model holds itself through closures: free it before the next
+            torch.cuda.empty_cache()
+    gpu = torch.cuda.get_device_name()
+    date = datetime.datetime.now()
+    out = {"workload": "W1", "gpu": gpu, "torch": torch.__version__, "triton": importlib.metadata.version("triton"),
+           "transformers": importlib.metadata.version("transformers"), "date": date.isoformat(timespec="seconds"),
+           "config": {"prompt": 128, "new_tokens": args.new_tokens, "dtype": "bf16", "weights": "random, seed 0"},
+           "fastllm": results.pop("fastllm", {}), "baselines": results}
+    path = pathlib.Path(args.out) / f"W1-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}-{date:%Y%m%d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"{'provider':<18} {'model':<11} {'decode tok/s':>12} {'TTFT128 ms':>10} {'TTFT2048 ms':>11}")
+    for provider, per_model in [("fastllm", out["fastllm"]), *out["baselines"].items()]:
+        for name, r in per_model.items():
+            print(f"{provider:<18} {name:<11} {r['decode_tok_s']:>12.1f} {r['ttft_ms_128']:>10.1f} "
+                  f"{r['ttft_ms_2048']:>11.1f}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
