@@ -29,3 +29,21 @@ __all__ = [
     "triton_on_cpu",
     "use_triton",
 ]
+
+# Paged KV cache and attention (appended: kv_cache_write.py, paged_attention.py).
+from fastllm.kernels.kv_cache_write import (  # noqa: E402
+    rotary_and_write_kv,
+    rotary_and_write_kv_ref,
+    write_kv_cache,
+    write_kv_cache_ref,
+)
+from fastllm.kernels.paged_attention import paged_attention, paged_attention_ref  # noqa: E402
+
+__all__ += [
+    "paged_attention",
+    "paged_attention_ref",
+    "rotary_and_write_kv",
+    "rotary_and_write_kv_ref",
+    "write_kv_cache",
+    "write_kv_cache_ref",
+]

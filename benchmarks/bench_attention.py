@@ -1,0 +1,214 @@
+"""W5-attention: fastllm paged attention beside torch SDPA on a contiguous cache, on one CUDA GPU.
+
+Llama-3.1-8B attention (32 query heads, 8 kv heads, head dim 128), block size 16, blocks at shuffled ids:
+- decode: batch 1/32/128 x context 1k/4k/32k, one query token a sequence. GB/s = the K/V bytes every sequence's
+  context holds (read once) plus q and out, over the median time (`triton.testing.do_bench`, L2 flushed), and
+  the same inside a CUDA graph (`do_bench_cudagraph`), which removes the launch overhead that dominates at batch 1.
+- prefill: one causal 2048-token prompt. TFLOP/s = 2 * S^2 * D * Hq (QK^T and PV, the causal half) / time; GB/s
+  (q, k, v read and out written once) is recorded too.
+The baseline (`torch_ref`) is `scaled_dot_product_attention(..., enable_gqa=True)` on a contiguous
+[B, Hkv, S, D] copy of the same cache, timed the same way in the same run; the device-to-device copy bandwidth is
+measured as the ceiling. Every fastllm output is checked against `paged_attention_ref` (fp32) before timing.
+
+    PYTHONPATH=. python benchmarks/bench_attention.py [--dtype bf16] [--quick] [--out DIR]
+
+Writes DIR/W5-attention-<gpu>-<yyyymmdd>.json (BENCHMARKS.md, "Result files"); exits 2 without a GPU.
+"""
+
+import argparse
+import datetime
+import functools
+import importlib.metadata
+import json
+import pathlib
+import re
+import sys
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from fastllm.kernels import paged_attention, paged_attention_ref
+from fastllm.kernels.paged_attention import default_num_splits
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Correctness gate against the fp32 ref: tests/test_kernel_paged_attention.py says why.
+TOLERANCES = {torch.bfloat16: 2e-2, torch.float16: 2e-3}
+HQ, HKV, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16  # Llama-3.1-8B
+SCALE = HEAD_DIM**-0.5
+
+
+def _paged_cache(batch, ctx, dtype):
+    """Random K/V for `batch` sequences of `ctx` tokens in shuffled blocks, and a contiguous [B, Hkv, ctx, D] copy."""
+    num_blocks = batch * (ctx // BLOCK_SIZE)
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, HKV, HEAD_DIM, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    block_tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, -1)
+
+    def contiguous(cache):
+        return cache[block_tables.long()].view(batch, ctx, HKV, HEAD_DIM).transpose(1, 2).contiguous()
+
+    return k_cache, v_cache, block_tables, contiguous(k_cache), contiguous(v_cache)
+
+
+def _sdpa(q, k, v, causal):
+    # Fused backends only: the math fallback would repeat K/V for GQA (4x a 17 GB cache at batch 128 x 32k).
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    with sdpa_kernel(backends):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=SCALE,
+                                                                enable_gqa=True)  # fmt: skip
+
+
+def _time_baseline(name, fn, bench, bench_graph):
+    """(ms, graph ms or None) of the SDPA baseline, or None where no fused SDPA backend takes the shape."""
+    try:
+        fn()
+    except RuntimeError as err:
+        print(f"{name}: no fused SDPA backend ({str(err).splitlines()[0]}); baseline not timed", file=sys.stderr)
+        return None
+    return bench(fn), bench_graph(fn) if bench_graph else None
+
+
+def _check(name, actual, q, k_cache, v_cache, meta, dtype):
+    # The ref upcasts each sequence's gathered K/V itself: an fp32 q is enough (no fp32 copy of a 17 GB cache).
+    expected = paged_attention_ref(q.float(), k_cache, v_cache, *meta, scale=SCALE)
+    tol = TOLERANCES[dtype]
+    try:
+        torch.testing.assert_close(actual.float(), expected, rtol=tol, atol=tol)
+    except AssertionError as err:
+        sys.exit(f"{name}: fastllm output does not match paged_attention_ref, not timing it:\n{err}")
+
+
+def _decode(batch, ctx, dtype, bench, bench_graph):
+    k_cache, v_cache, block_tables, k, v = _paged_cache(batch, ctx, dtype)
+    q = torch.randn(batch, HQ, HEAD_DIM, device="cuda", dtype=dtype)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    meta = (block_tables, seq_lens, cu, 1)
+    out = torch.empty_like(q)
+    ours = functools.partial(paged_attention, q, k_cache, v_cache, *meta, scale=SCALE, out=out)
+    q4 = q.view(batch, HQ, 1, HEAD_DIM)
+    theirs = functools.partial(_sdpa, q4, k, v, False)
+    _check(f"decode b{batch} ctx{ctx}", ours(), q, k_cache, v_cache, meta, dtype)
+    nbytes = 2 * k_cache.numel() * k_cache.element_size() + 2 * q.numel() * q.element_size()
+    timings = {"ours": (bench(ours), bench_graph(ours)),
+               "theirs": _time_baseline(f"decode b{batch} ctx{ctx}", theirs, bench, bench_graph)}  # fmt: skip
+    splits = default_num_splits(batch, HKV, block_tables.shape[1] * BLOCK_SIZE, q.device)
+    return nbytes, timings, {"num_splits": splits}
+
+
+def _prefill(seq, dtype, bench, bench_graph):
+    k_cache, v_cache, block_tables, k, v = _paged_cache(1, seq, dtype)
+    q = torch.randn(seq, HQ, HEAD_DIM, device="cuda", dtype=dtype)
+    meta = (block_tables, torch.tensor([seq], dtype=torch.int32, device="cuda"),
+            torch.tensor([0, seq], dtype=torch.int32, device="cuda"), seq)  # fmt: skip
+    out = torch.empty_like(q)
+    ours = functools.partial(paged_attention, q, k_cache, v_cache, *meta, scale=SCALE, out=out)
+    theirs = functools.partial(_sdpa, q.transpose(0, 1).unsqueeze(0), k, v, True)
+    _check(f"prefill {seq}", ours(), q, k_cache, v_cache, meta, dtype)
+    nbytes = (2 * q.numel() + 2 * k.numel()) * q.element_size()
+    flops = 2 * seq * seq * HEAD_DIM * HQ
+    timings = {"ours": (bench(ours), None), "theirs": _time_baseline(f"prefill {seq}", theirs, bench, None)}
+    return nbytes, timings, {"flops": flops}
+
+
+def _entry(nbytes, ms, graph_ms, extra):
+    entry = {"gb_s": nbytes / (ms * 1e-3) / 1e9, "ms": ms, "bytes": nbytes}
+    if graph_ms is not None:
+        entry.update(gb_s_cudagraph=nbytes / (graph_ms * 1e-3) / 1e9, ms_cudagraph=graph_ms)
+    if "flops" in extra:
+        entry["tflop_s"] = extra["flops"] / (ms * 1e-3) / 1e12
+    return entry
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result file")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 32 at 1k and 4k only, shorter timing")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_attention.py measures GPU kernels and needs a CUDA GPU; none is available.", file=sys.stderr)
+        return 2
+
+    import triton
+    import triton.testing
+
+    torch.manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    batches, contexts = ([1, 32], [1024, 4096]) if args.quick else ([1, 32, 128], [1024, 4096, 32768])
+    timing = {"rep": 30} if args.quick else {}
+    bench = functools.partial(triton.testing.do_bench, return_mode="median", **timing)
+    bench_graph = functools.partial(triton.testing.do_bench_cudagraph, return_mode="median", **timing)
+
+    fastllm, baseline, rows = {}, {}, []
+    cases = [(f"decode_b{b}_ctx{c}", functools.partial(_decode, b, c)) for b in batches for c in contexts]
+    cases.append(("prefill_2048", functools.partial(_prefill, 2048)))
+    for key, case in cases:
+        nbytes, timings, extra = case(dtype, bench, bench_graph)
+        fastllm[key] = {**_entry(nbytes, *timings["ours"], extra), **extra}
+        baseline[key] = _entry(nbytes, *timings["theirs"], extra) if timings["theirs"] else None
+        rows.append((key, fastllm[key], baseline[key]))
+        torch.cuda.empty_cache()
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_gb_s = 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+    gpu = torch.cuda.get_device_name()
+    now = datetime.datetime.now()
+    workload = "W5-attention" if args.dtype == "bf16" else f"W5-attention-{args.dtype}"
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    result = {
+        "workload": workload,
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": _version("transformers"),
+        "date": now.isoformat(timespec="seconds"),
+        "config": {
+            "dtype": args.dtype,
+            "quick": args.quick,
+            "heads": HQ,
+            "kv_heads": HKV,
+            "head_dim": HEAD_DIM,
+            "block_size": BLOCK_SIZE,
+            "decode_batches": batches,
+            "decode_contexts": contexts,
+            "prefill_tokens": 2048,
+            "baseline": "torch_ref: F.scaled_dot_product_attention(enable_gqa=True) on a contiguous [B, Hkv, S, D] "
+            "copy of the cache (causal for prefill)",
+            "bytes": "decode: K/V of every context + q + out; prefill: q, k, v read and out written once",
+            "timing": "triton.testing.do_bench median; *_cudagraph: do_bench_cudagraph median",
+        },
+        "fastllm": fastllm,
+        "baselines": {"torch_ref": baseline, "copy": {"gb_s": copy_gb_s}},
+    }
+    out_dir = pathlib.Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{workload}-{slug}-{now:%Y%m%d}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+    print(f"{gpu}, {args.dtype}; device-to-device copy {copy_gb_s:.0f} GB/s; wrote {path}")
+    print(f"{'case':<22} {'splits':>6} {'fastllm GB/s':>12} {'(graph)':>8} {'sdpa GB/s':>10} {'(graph)':>8} "
+          f"{'fastllm ms':>10} {'sdpa ms':>8} {'TFLOP/s':>8} {'sdpa':>6}")  # fmt: skip
+    for key, ours, theirs in rows:
+        print(f"{key:<22} {ours.get('num_splits', ''):>6} {_fmt(ours, 'gb_s', 12)} {_fmt(ours, 'gb_s_cudagraph', 8)} "
+              f"{_fmt(theirs, 'gb_s', 10)} {_fmt(theirs, 'gb_s_cudagraph', 8)} {_fmt(ours, 'ms', 10, 4)} "
+              f"{_fmt(theirs, 'ms', 8, 4)} {_fmt(ours, 'tflop_s', 8)} {_fmt(theirs, 'tflop_s', 6)}")  # fmt: skip
+    return 0
+
+
+def _fmt(entry, key, width, digits=0):
+    value = (entry or {}).get(key)
+    return f"{value:>{width}.{digits}f}" if value is not None else " " * width
+
+
+def _version(package):
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,621 @@
+"""Attention over the paged KV cache for flattened ragged batches (prefill, decode and mixed).
+
+Sequence i owns queries q[cu_seqlens_q[i] : cu_seqlens_q[i+1]] (L_i tokens) and a context of n_i = seq_lens[i]
+keys, its new tokens included (already written to the cache). Query j sits at position p = n_i - L_i + j; key
+position k lives in block block_tables[i, k // block_size], row k % block_size. Query head h reads kv head
+h // (Hq / Hkv) (MHA, GQA, MQA). Per query row and key k < n_i:
+
+    s = scale * q . k_k
+    s = c * tanh(s / c)                         (softcap c, Gemma-2)
+    s = s + slope[h] * (k - p)                  (ALiBi: Bloom/MPT bias up to a per-row shift, which softmax drops)
+    keep k if  k <= p (causal)  and  p - k < W (sliding window W, Mistral)
+    out = softmax(s over kept k) @ v            (fp32 softmax, online as in flash-attention, in base 2)
+
+Two kernels behind one launcher:
+- `_prefill_kernel` (any batch, used when max_seqlen_q > 1): a varlen flash-attention. A program takes BLOCK_Q
+  query tokens of one sequence times the GROUP query heads of one kv head, packed as the BLOCK_M rows of one tile
+  (so K/V tiles are loaded once per kv head, and a decode row of a mixed batch still fills GROUP rows). It finds
+  its sequence by a binary search over cu_seqlens_q on the device: the launcher never reads device values, so
+  it can run inside CUDA-graph capture. Key tiles that every row sees in full skip the mask.
+- `_decode_kernel` + `_combine_kernel` (max_seqlen_q == 1): flash-decoding. Each sequence's keys are cut into
+  num_splits chunks handled by parallel programs (one per sequence, kv head and chunk, all GROUP query heads
+  together); each writes its partial (max, sum, acc) and the combine kernel merges them. With one split the
+  decode kernel writes the output directly.
+"""
+
+import torch
+
+from fastllm.kernels._registry import (
+    check_float,
+    check_same_device,
+    device_guard,
+    next_power_of_2,
+    out_or_new,
+    register_out_op,
+    tl,
+    triton,
+    use_triton,
+)
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+# Decode split heuristic (deterministic; a first choice, not tuned on a GPU yet): aim for _PROGRAMS_PER_SM programs
+# per SM (a 4-warp program with a 2-stage pipeline of 64-key bf16 K/V tiles holds 64 KB of shared memory, so 3
+# fit on an H100 SM, and more programs keep more loads in flight), no split shorter than two 64-key tiles, and at
+# most _MAX_SPLITS (the combine kernel holds every split's partial output of a head in registers).
+_PROGRAMS_PER_SM = 4
+_MIN_KEYS_PER_SPLIT = 128
+_MAX_SPLITS = 64
+_DEFAULT_SM_COUNT = 132  # H100 SXM; used for CPU tensors (interpreter) so the split count is deterministic
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from e = exp(-2|x|) <= 1: no overflow at large |x| (tl has no tanh in every Triton version we support).
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i,  # running output [M, BLOCK_D] fp32, row max [M] (base 2), row sum [M]
+    q,  # [M, BLOCK_D] in the cache dtype
+    K_CACHE, V_CACHE,
+    bt_row,  # pointer to this sequence's block-table row
+    head_off,  # kv head * stride_ch
+    k_start,  # first key position of the tile
+    k_end,  # keys >= k_end are not loaded
+    q_pos,  # [M] query positions
+    slopes,  # [M] ALiBi slopes times log2(e) (unused without USE_ALIBI)
+    qk_scale,  # scale * log2(e), or scale / softcap with USE_SOFTCAP
+    softcap_log2,  # softcap * log2(e)
+    window,
+    stride_cb, stride_cr,
+    d, d_mask,
+    MASKED: tl.constexpr,  # apply the causal / window masks (tiles some rows see only in part)
+    CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One BLOCK_N-key tile of online softmax: gather K/V rows through the block table, update (acc, m, l)."""
+    k_pos = k_start + tl.arange(0, BLOCK_N)
+    k_valid = k_pos < k_end
+    block = tl.load(bt_row + k_pos // PAGE_SIZE, mask=k_valid, other=0).to(tl.int64)
+    kv_off = (block * stride_cb + (k_pos % PAGE_SIZE) * stride_cr + head_off)[:, None] + d[None, :]
+    kv_mask = k_valid[:, None] & d_mask[None, :]
+    k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, BLOCK_N] fp32
+    if USE_SOFTCAP:
+        s = softcap_log2 * _tanh(s * qk_scale)
+    else:
+        s = s * qk_scale
+    if USE_ALIBI:
+        s += slopes[:, None] * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+    keep = k_valid[None, :]
+    if MASKED:
+        if CAUSAL:
+            keep = keep & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            keep = keep & (q_pos[:, None] - k_pos[None, :] < window)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    Q,  # [T, Hq, D], strides (stride_qt, stride_qh, 1)
+    K_CACHE,  # [num_blocks, PAGE_SIZE, Hkv, D], strides (stride_cb, stride_cr, stride_ch, 1)
+    V_CACHE,  # like K_CACHE (same strides)
+    BLOCK_TABLES,  # [N, max_blocks] int32, row stride stride_bt
+    SEQ_LENS,  # [N] int32
+    CU_SEQLENS_Q,  # [N + 1] int32
+    SLOPES,  # [Hq] fp32 (read only with USE_ALIBI)
+    OUT,  # [T, Hq, D], strides (stride_ot, stride_oh, 1)
+    stride_qt, stride_qh,
+    stride_ot, stride_oh,
+    stride_cb, stride_cr, stride_ch,
+    stride_bt,
+    num_seqs,
+    head_dim,
+    qk_scale,
+    softcap_log2,
+    window,
+    GROUP: tl.constexpr,  # query heads per kv head
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    BLOCK_M: tl.constexpr,  # tile rows >= BLOCK_Q * GROUP: row r is token r // GROUP, head r % GROUP
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (b, kv head): query block b of the batch, counted as sequence i's blocks starting at
+    cu_seqlens_q[i] // BLOCK_Q + i (an upper bound that needs no prefix sum); blocks past a sequence's queries exit.
+    Programs run last block first, so the longest causal rows start earliest."""
+    kvh = tl.program_id(1)
+    b = tl.num_programs(0) - 1 - tl.program_id(0)
+    # Binary search: the last sequence whose first block is <= b.
+    lo = b * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        right = tl.load(CU_SEQLENS_Q + mid) // BLOCK_Q + mid <= b
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid - 1)
+    seq = lo
+    q_start = tl.load(CU_SEQLENS_Q + seq)
+    q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_start
+    q_block = b - (q_start // BLOCK_Q + seq)
+    if (q_block < 0) | (q_block * BLOCK_Q >= q_len):
+        return
+    ctx = tl.load(SEQ_LENS + seq)
+
+    r = tl.arange(0, BLOCK_M)
+    tok = q_block * BLOCK_Q + r // GROUP
+    head = kvh * GROUP + r % GROUP
+    row_mask = (r < BLOCK_Q * GROUP) & (tok < q_len)
+    q_pos = ctx - q_len + tok
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    q_rows = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(Q + q_rows[:, None] + d[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    slopes = tl.zeros([BLOCK_M], tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(SLOPES + head, mask=row_mask, other=0.0) * 1.4426950408889634
+
+    # Key range of the block: [k_lo, k_hi); keys in [full_lo, full_hi) are kept for every row of it.
+    first_pos = ctx - q_len + q_block * BLOCK_Q
+    last_pos = ctx - q_len + tl.minimum((q_block + 1) * BLOCK_Q, q_len) - 1
+    k_lo = first_pos * 0
+    full_lo = k_lo
+    if USE_WINDOW:
+        k_lo = tl.maximum(first_pos - window + 1, 0)
+        full_lo = tl.maximum(last_pos - window + 1, 0)
+    k_hi = ctx
+    full_hi = ctx
+    if CAUSAL:
+        k_hi = last_pos + 1
+        full_hi = first_pos + 1
+    # Tiles are counted from k_lo: masked [0, t_a), whole [t_a, t_b), masked [t_b, num_tiles).
+    num_tiles = tl.cdiv(k_hi - k_lo, BLOCK_N)
+    t_a = tl.minimum(tl.cdiv(full_lo - k_lo, BLOCK_N), num_tiles)
+    t_b = tl.maximum(t_a, (full_hi - k_lo) // BLOCK_N)
+
+    bt_row = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
+    head_off = kvh * stride_ch
+    # Finite initial max: a row whose keys are all masked in a tile then gets exp2(-inf - m) = 0, not NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for t in range(0, t_a):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, K_CACHE, V_CACHE, bt_row, head_off, k_lo + t * BLOCK_N, k_hi, q_pos, slopes,
+            qk_scale, softcap_log2, window, stride_cb, stride_cr, d, d_mask,
+            True, CAUSAL, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, BLOCK_N, PAGE_SIZE, DOT_PRECISION,
+        )  # fmt: skip
+    for t in range(t_a, t_b):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, K_CACHE, V_CACHE, bt_row, head_off, k_lo + t * BLOCK_N, k_hi, q_pos, slopes,
+            qk_scale, softcap_log2, window, stride_cb, stride_cr, d, d_mask,
+            False, CAUSAL, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, BLOCK_N, PAGE_SIZE, DOT_PRECISION,
+        )  # fmt: skip
+    for t in range(t_b, num_tiles):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, K_CACHE, V_CACHE, bt_row, head_off, k_lo + t * BLOCK_N, k_hi, q_pos, slopes,
+            qk_scale, softcap_log2, window, stride_cb, stride_cr, d, d_mask,
+            True, CAUSAL, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, BLOCK_N, PAGE_SIZE, DOT_PRECISION,
+        )  # fmt: skip
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_mask[:, None] & d_mask[None, :])  # fmt: skip
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, SLOPES, OUT,  # as in _prefill_kernel
+    PART_ACC,  # [N, Hq, num_splits, D] fp32 (written with SPLIT)
+    PART_M,  # [N, Hq, num_splits] fp32, running max in base 2
+    PART_L,  # [N, Hq, num_splits] fp32, running sum
+    stride_qt, stride_qh,
+    stride_ot, stride_oh,
+    stride_cb, stride_cr, stride_ch,
+    stride_bt,
+    num_q_heads,
+    head_dim,
+    qk_scale,
+    softcap_log2,
+    window,
+    num_splits,  # a runtime value, so each split count does not compile a kernel of its own
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # GROUP padded to a power of 2 >= 16 (tl.dot's minimum)
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _combine_kernel, else the output
+    USE_WINDOW: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Program (seq, kv head, split): the GROUP query heads of the sequence's one query token against the split's
+    chunk of keys. The key range [max(0, p - W + 1), p + 1) of the query at p = n - 1 needs no mask but its end,
+    so the chunks cut exactly that range, in whole tiles."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(CU_SEQLENS_Q + seq)
+    if tl.load(CU_SEQLENS_Q + seq + 1) == q_start:  # no query for this sequence (padding of a graph batch)
+        return
+    ctx = tl.load(SEQ_LENS + seq)
+    k_lo = ctx * 0
+    if USE_WINDOW:
+        k_lo = tl.maximum(ctx - window, 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(ctx - k_lo, BLOCK_N), num_splits)
+    k_begin = k_lo + split * tiles_per_split * BLOCK_N
+    k_end = tl.minimum(k_begin + tiles_per_split * BLOCK_N, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < GROUP
+    head = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    q_rows = q_start.to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(Q + q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = tl.zeros([BLOCK_G], tl.int32) + ctx - 1
+    slopes = tl.zeros([BLOCK_G], tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(SLOPES + head, mask=g_mask, other=0.0) * 1.4426950408889634
+
+    bt_row = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
+    head_off = kvh * stride_ch
+    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for k_start in range(k_begin, k_end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, K_CACHE, V_CACHE, bt_row, head_off, k_start, k_end, q_pos, slopes,
+            qk_scale, softcap_log2, window, stride_cb, stride_cr, d, d_mask,
+            False, False, False, USE_ALIBI, USE_SOFTCAP, BLOCK_N, PAGE_SIZE, DOT_PRECISION,
+        )  # fmt: skip
+
+    mask = g_mask[:, None] & d_mask[None, :]
+    if SPLIT:
+        part = (seq.to(tl.int64) * num_q_heads + head) * num_splits + split  # [BLOCK_G]
+        tl.store(PART_ACC + part[:, None] * head_dim + d[None, :], acc, mask=mask)
+        tl.store(PART_M + part, m_i, mask=g_mask)
+        tl.store(PART_L + part, l_i, mask=g_mask)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
+        tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    CU_SEQLENS_Q, OUT, PART_ACC, PART_M, PART_L,
+    stride_ot, stride_oh,
+    num_q_heads,
+    head_dim,
+    num_splits,
+    BLOCK_S: tl.constexpr,  # num_splits padded to a power of 2
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program (seq, q head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(CU_SEQLENS_Q + seq)
+    if tl.load(CU_SEQLENS_Q + seq + 1) == q_start:
+        return
+    s = tl.arange(0, BLOCK_S)
+    s_mask = s < num_splits
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    part = (seq.to(tl.int64) * num_q_heads + head) * num_splits + s
+    m = tl.load(PART_M + part, mask=s_mask, other=-1.0e30)
+    l_s = tl.load(PART_L + part, mask=s_mask, other=0.0)
+    acc = tl.load(PART_ACC + part[:, None] * head_dim + d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))
+    denom = tl.sum(w * l_s, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)
+    o_off = q_start.to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(OUT + o_off + d, out.to(OUT.dtype.element_ty), mask=d_mask)
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    *,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch spec of `paged_attention` (and the CPU path): per sequence, gather its K/V through the block
+    table and attend in fp32 with explicit masks. Tokens outside cu_seqlens_q's ranges get zeros."""
+    _, num_q_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    slopes = None if alibi_slopes is None else alibi_slopes.float().view(num_kv_heads, group, 1, 1)
+    for i, ctx in enumerate(lens):
+        q_len = cu[i + 1] - cu[i]
+        if q_len == 0:
+            continue
+        blocks = block_tables[i, : -(-ctx // page_size)].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].float()  # [ctx, Hkv, D]
+        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].float()
+        qi = q[cu[i] : cu[i + 1]].float().view(q_len, num_kv_heads, group, head_dim)
+        s = torch.einsum("qhgd,khd->hgqk", qi, k) * scale  # [Hkv, G, L, ctx]
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        rel = torch.arange(ctx, device=q.device)[None, :] - torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+        if slopes is not None:
+            s = s + slopes * rel  # rel = k_pos - q_pos: [L, ctx]
+        keep = torch.ones_like(rel, dtype=torch.bool)
+        if causal:
+            keep &= rel <= 0
+        if sliding_window is not None:
+            keep &= -rel < sliding_window
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+        o = torch.einsum("hgqk,khd->qhgd", p, v).reshape(q_len, num_q_heads, head_dim)
+        out[cu[i] : cu[i + 1]] = o.to(q.dtype)
+    return out
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    # A plain dict, not functools.cache: dynamo traces through it without a warning (the launcher may be traced).
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Decode splits per sequence from shapes alone (graph capture forbids reading seq_lens): enough programs
+    (seqs x kv heads x splits) for _PROGRAMS_PER_SM per SM, no split under _MIN_KEYS_PER_SPLIT keys of the
+    longest context the block table can hold, at most _MAX_SPLITS."""
+    # Host arithmetic only (no triton.cdiv: this also runs on CPU-only installs without triton).
+    want = -(-_PROGRAMS_PER_SM * _sm_count(device) // max(1, num_seqs * num_kv_heads))
+    return max(1, min(want, -(-max_context // _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
+
+
+def _tile_sizes(head_dim: int, dtype: torch.dtype, group: int) -> dict:
+    """Deterministic launch settings (no autotuning: it would run inside graph capture).
+
+    Prefill: 128 x 64 tiles and 8 warps for half precision up to D=128 (the Triton flash-attention tutorial's H100
+    choice); D=256 and fp32 (whose ieee dot holds fp32 tiles) halve both tiles to stay within shared memory.
+    """
+    block_d = max(16, next_power_of_2(head_dim))
+    big = dtype == torch.float32 or block_d > 128
+    block_m = max(64 if big else 128, next_power_of_2(group))
+    return {
+        "block_d": block_d,
+        "prefill": {"BLOCK_M": block_m, "BLOCK_Q": block_m // group, "BLOCK_N": 32 if big else 64,
+                    "num_warps": 4 if big else 8, "num_stages": 2},
+        "decode": {"BLOCK_G": max(16, next_power_of_2(group)),
+                   "BLOCK_N": 16 if dtype == torch.float32 and block_d > 128 else 32 if big else 64,
+                   "num_warps": 4, "num_stages": 2},
+    }  # fmt: skip
+
+
+def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
+            max_seqlen_q, scale, causal, sliding_window, softcap, num_splits):  # fmt: skip
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_seqs = seq_lens.shape[0]
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    if num_tokens == 0 or num_seqs == 0:
+        return
+    cfg = _tile_sizes(head_dim, q.dtype, group)
+    use_softcap = softcap > 0
+    qk_scale = scale / softcap if use_softcap else scale * LOG2E
+    common = dict(
+        USE_WINDOW=sliding_window > 0, USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=use_softcap,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PAGE_SIZE=page_size, BLOCK_D=cfg["block_d"],
+    )  # fmt: skip
+    slopes = alibi_slopes if alibi_slopes is not None else q  # never read without USE_ALIBI
+    strides = (
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+    )  # fmt: skip
+    with device_guard(q):
+        if max_seqlen_q > 1:
+            p = cfg["prefill"]
+            grid = (triton.cdiv(num_tokens, p["BLOCK_Q"]) + num_seqs, num_kv_heads)
+            _prefill_kernel[grid](
+                q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, slopes, out, *strides,
+                num_seqs, head_dim, qk_scale, softcap * LOG2E, sliding_window,
+                GROUP=group, CAUSAL=causal, **common, **p,
+            )  # fmt: skip
+            return
+        d = cfg["decode"]
+        if num_splits > 1:
+            part_acc = torch.empty((num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+            part_m = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+            part_l = torch.empty_like(part_m)
+        else:
+            part_acc = part_m = part_l = out  # not touched with one split
+        _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, slopes, out, part_acc, part_m, part_l,
+            *strides, num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, num_splits,
+            GROUP=group, SPLIT=num_splits > 1, **common, **d,
+        )  # fmt: skip
+        if num_splits > 1:
+            _combine_kernel[(num_seqs, num_q_heads)](
+                cu_seqlens_q, out, part_acc, part_m, part_l, out.stride(0), out.stride(1), num_q_heads, head_dim,
+                num_splits, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=cfg["block_d"], num_warps=4,
+            )  # fmt: skip
+
+
+@register_out_op("paged_attention", mutates_args=("out",))
+def _paged_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    alibi_slopes: torch.Tensor | None,
+    out: torch.Tensor,
+    max_seqlen_q: int,
+    scale: float,
+    causal: bool,
+    sliding_window: int,
+    softcap: float,
+    num_splits: int,
+) -> None:
+    """Op form: sliding_window 0 and softcap 0.0 mean none; num_splits is resolved by the launcher."""
+    if use_triton(q):
+        _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
+                max_seqlen_q, scale, causal, sliding_window, softcap, num_splits)  # fmt: skip
+    else:
+        out.copy_(paged_attention_ref(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale, causal=causal,
+            sliding_window=sliding_window or None, alibi_slopes=alibi_slopes, softcap=softcap or None,
+        ))  # fmt: skip
+
+
+def _check_int_tensor(name: str, t: object, ndim: int, ref: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+    check_same_device(name, t, "q", ref)
+    if t.numel() > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension, got strides {tuple(t.stride())}")
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, sliding_window,
+                  alibi_slopes, softcap, num_splits) -> None:  # fmt: skip
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_float(name, t)
+        check_same_device(name, t, "q", q)
+    if q.ndim != 3:
+        raise ValueError(f"q must be [num_tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
+    if k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            f"k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache and v_cache must share strides, got {k_cache.stride()} and {v_cache.stride()}")
+    num_q_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"q's head_dim {head_dim} does not match the cache's head_dim {k_cache.shape[3]}")
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"q's {num_q_heads} heads are not a multiple of the cache's {num_kv_heads} kv heads")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+    _check_int_tensor("block_tables", block_tables, 2, q)
+    _check_int_tensor("seq_lens", seq_lens, 1, q)
+    _check_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, q)
+    num_seqs = seq_lens.shape[0]
+    if block_tables.shape[0] != num_seqs or cu_seqlens_q.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"block_tables {tuple(block_tables.shape)}, seq_lens {tuple(seq_lens.shape)} and cu_seqlens_q "
+            f"{tuple(cu_seqlens_q.shape)} must describe one batch: [N, max_blocks], [N] and [N + 1]"
+        )
+    # A SymInt passes too (a dynamo-traced caller with dynamic shapes); a tensor would need a host read.
+    if isinstance(max_seqlen_q, bool) or not isinstance(max_seqlen_q, (int, torch.SymInt)) or max_seqlen_q < 1:
+        raise ValueError(f"max_seqlen_q must be a positive Python int, got {max_seqlen_q!r}")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be None or a positive int, got {sliding_window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or positive, got {softcap!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32:
+            raise TypeError("alibi_slopes must be a float32 tensor")
+        check_same_device("alibi_slopes", alibi_slopes, "q", q)
+        if alibi_slopes.shape != (num_q_heads,) or (num_q_heads > 1 and alibi_slopes.stride(0) != 1):
+            raise ValueError(f"alibi_slopes must be contiguous of shape ({num_q_heads},), "
+                             f"got {tuple(alibi_slopes.shape)}")  # fmt: skip
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    *,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of a flattened ragged batch of queries over the paged KV cache; see the module docstring.
+
+    Never reads device values on the host, so it can be captured in a CUDA graph (shapes fix the launch).
+
+    Args:
+        q: [T, Hq, D], last dim contiguous; the queries of N sequences concatenated. D <= 256.
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D] of q's dtype, one layout; Hq % Hkv == 0.
+        block_tables: [N, max_blocks] int32; entries past a sequence's blocks are never read.
+        seq_lens: [N] int32, each sequence's context length including its new query tokens.
+        cu_seqlens_q: [N + 1] int32, query offsets of the sequences in q (cu_seqlens_q[0] == 0).
+        max_seqlen_q: Python int >= every query length; 1 selects the split-K decode kernels.
+        scale: factor on q . k (usually D ** -0.5).
+        causal: mask keys after each query's position.
+        sliding_window: None, or W: keep keys with q_pos - k_pos < W.
+        alibi_slopes: None, or [Hq] float32: add slope[h] * (k_pos - q_pos) to the scores.
+        softcap: None, or c: scores become c * tanh(scores / c) (after scale, before ALiBi and masks).
+        num_splits: decode splits per sequence; None picks `default_num_splits` from the shapes.
+        out: optional [T, Hq, D] buffer of q's dtype, last dim contiguous.
+    Returns:
+        out, [T, Hq, D] in q's dtype (rows of tokens outside cu_seqlens_q's ranges are left as they are).
+    """
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, sliding_window,
+                  alibi_slopes, softcap, num_splits)  # fmt: skip
+    out = out_or_new("out", out, q.shape, q.dtype, q.device)
+    if num_splits is None:
+        max_context = block_tables.shape[1] * k_cache.shape[1]
+        num_splits = default_num_splits(seq_lens.shape[0], k_cache.shape[2], max_context, q.device)
+    _paged_attention_op(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out, max_seqlen_q,
+        float(scale), bool(causal), int(sliding_window or 0), float(softcap or 0.0), int(num_splits),
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["default_num_splits", "paged_attention", "paged_attention_ref"]
