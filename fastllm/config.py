@@ -29,12 +29,29 @@ class OptimizeConfig:
             the start, so prompt and cache lengths never trigger a recapture (dynamo still specializes
             sizes of 1, which the warm-up covers by generating for a batch of 1 and of 2). None lets dynamo
             recapture on the first change of a size instead.
+        paged_generate: `model.generate()` runs on fastllm's runtime (paged KV cache, paged attention,
+            CUDA-graph decode). False keeps HF's generate loop over the fused forward.
+        kv_cache_memory_fraction: share of the GPU memory free after weights and a profiling forward that
+            the KV cache takes. num_kv_tokens: an explicit cache size in tokens instead (CPU default: 65536).
+        block_size: KV-cache tokens per block.
+        max_num_seqs: most sequences decoded in one step (also the largest CUDA-graph batch).
+        max_num_batched_tokens: most tokens computed in one step (longer prompts are prefilled in chunks).
+        max_model_len: longest sequence (prompt + new tokens); default: the model's max_position_embeddings.
+        cuda_graphs: replay decode steps from CUDA graphs (on CUDA only).
     """
 
     passes: tuple[str, ...] = field(default=ALL_PASSES)
     on_capture_failure: str = "fallback"
     warmup: bool = True
     dynamic: bool | None = True
+    paged_generate: bool = True
+    kv_cache_memory_fraction: float = 0.9
+    num_kv_tokens: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str):
@@ -51,6 +68,18 @@ class OptimizeConfig:
             raise ValueError(f"warmup must be True or False, got {self.warmup!r}")
         if self.dynamic not in (None, True, False):
             raise ValueError(f"dynamic must be None, True or False, got {self.dynamic!r}")
+        for name in ("paged_generate", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if value is None and name in ("num_kv_tokens", "max_model_len"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        fraction = self.kv_cache_memory_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
 
     @classmethod
     def resolve(cls, config: OptimizeConfig | None, overrides: dict[str, Any]) -> OptimizeConfig:

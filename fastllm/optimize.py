@@ -16,6 +16,11 @@ from fastllm.config import OptimizeConfig
 from fastllm.explain import GraphReport, Report
 from fastllm.passes import op_histogram, run_passes
 from fastllm.passes._context import WeightMerger
+from fastllm.runtime.generate import generate as runtime_generate
+from fastllm.runtime.generate import unsupported_arguments, warn_fallback
+from fastllm.runtime.kv_cache import KVCacheConfig
+from fastllm.runtime.model_runner import ModelRunner
+from fastllm.runtime.runtime import Runtime
 
 
 @dataclass
@@ -29,11 +34,16 @@ class OptimizationState:
     graphs: list[GraphReport] = field(default_factory=list)
     fallback_reason: str | None = None
     capture_seconds: float = 0.0
+    runtime: Runtime | None = None
+    runtime_error: str | None = None      # why generate() runs HF's loop instead of the runtime
+    warned_generate_args: set = field(default_factory=set)
 
-    def transform(self, gm: fx.GraphModule, tensors: dict) -> fx.GraphModule:
+    def transform(self, gm: fx.GraphModule, tensors: dict, passes: tuple[str, ...] | None = None,
+                  model_config: object | None = None) -> fx.GraphModule:
+        """Run the passes on a captured graph and record what they did (for explain())."""
         start = time.perf_counter()
         before = len(gm.graph.nodes)
-        matches = run_passes(gm, tensors, self.merger, self.config.passes)
+        matches = run_passes(gm, tensors, self.merger, passes or self.config.passes, model_config)
         fused, unfused = op_histogram(gm)
         self.graphs.append(GraphReport(matches, dict(fused), dict(unfused), before, len(gm.graph.nodes)))
         self.capture_seconds += time.perf_counter() - start
@@ -114,9 +124,62 @@ def optimize(model, config: OptimizeConfig | None = None, **overrides):
 
     model.forward = forward
     model._fastllm_state = state
-    if config.warmup:
+    if config.paged_generate:
+        _install_generate(model, state)
+        if config.warmup:
+            _build_runtime(model, state)
+    elif config.warmup:
         _warmup(model)
     return model
+
+
+def _build_runtime(model, state: OptimizationState) -> Runtime | None:
+    """The paged runtime for generate(), built once; None (with one warning) if this model cannot use it."""
+    if state.runtime is not None or state.runtime_error is not None:
+        return state.runtime
+    c = state.config
+    try:
+        runner = ModelRunner(model, kv_cache=KVCacheConfig(c.block_size, c.kv_cache_memory_fraction, c.num_kv_tokens),
+                             max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
+                             use_cuda_graph=c.cuda_graphs and next(model.parameters()).is_cuda,
+                             transform=lambda gm, tensors: state.transform(gm, tensors, (*c.passes, "attention"),
+                                                                           model.config),
+                             hf_forward=state.original_forward)
+    except CAPTURE_ERRORS as error:
+        if c.on_capture_failure == "raise":
+            raise
+        state.fall_back(error)  # what the runtime cannot capture, the drop-in forward cannot either
+        return None
+    except NotImplementedError as error:
+        if c.on_capture_failure == "raise":
+            raise
+        state.runtime_error = _first_line(error)
+        warnings.warn(f"fastllm's paged runtime does not support {state.model_name} yet, so generate() runs Hugging "
+                      f"Face's loop on the fused model: {state.runtime_error}", RuntimeWarning, stacklevel=3)
+        return None
+    state.runtime = Runtime(model, runner, c.max_num_batched_tokens)
+    return state.runtime
+
+
+def _install_generate(model, state: OptimizationState) -> None:
+    hf_generate = model.generate
+
+    @functools.wraps(hf_generate)
+    def generate(inputs=None, generation_config=None, **kwargs):
+        runtime = _build_runtime(model, state) if state.fallback_reason is None else None
+        if runtime is None:
+            return hf_generate(inputs, generation_config, **kwargs)
+        unsupported = unsupported_arguments(generation_config or model.generation_config, kwargs)
+        if unsupported:
+            if tuple(unsupported) not in state.warned_generate_args:
+                state.warned_generate_args.add(tuple(unsupported))
+                warn_fallback(unsupported)
+            return hf_generate(inputs, generation_config, **kwargs)
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        return runtime_generate(runtime, inputs, generation_config=generation_config, **kwargs)
+
+    model.generate = generate
 
 
 def _warmup(model) -> None:

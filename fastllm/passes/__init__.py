@@ -8,14 +8,18 @@ from collections import Counter
 from torch import fx
 
 from fastllm import kernels
-from fastllm.passes import dropout, gated_mlp, layer_norm, qkv, rms_norm, rotary
+from fastllm.passes import attention, dropout, gated_mlp, layer_norm, qkv, rms_norm, rotary
 from fastllm.passes._context import PassContext, WeightMerger
+from fastllm.passes._graph import eliminate_dead_code
+from fastllm.runtime.attention import attention as paged_attention_op
 
+# Passes a user can choose (OptimizeConfig.passes); the runtime adds "attention" for its paged-cache graph.
 PASSES = {module.NAME: module for module in (dropout, rms_norm, layer_norm, rotary, gated_mlp, qkv)}
+RUNTIME_PASSES = {**PASSES, attention.NAME: attention}
 
 FUSED_OPS = {
     kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
-    kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul,
+    kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul, paged_attention_op,
 }
 
 # Shape bookkeeping that moves no data worth fusing; left out of the "unfused" list so it shows work.
@@ -25,10 +29,15 @@ _BOOKKEEPING = {
 }
 
 
-def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...]) -> dict[str, int]:
+def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...],
+               model_config: object | None = None) -> dict[str, int]:
     """Apply the passes `names` in order; returns matches per pass."""
-    ctx = PassContext(gm=gm, tensors=tensors, merger=merger)
-    counts = {name: PASSES[name].apply(ctx) for name in names}
+    ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config)
+    counts = {name: RUNTIME_PASSES[name].apply(ctx) for name in names}
+    if "attention" in names:
+        # The model's mask construction now feeds nothing; the drop-in graph keeps HF's in-place cache
+        # updates, so only the runtime graph (which has none) is swept.
+        eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
     return counts

@@ -48,6 +48,7 @@ class PassContext:
     # placeholder node -> the real tensor dynamo passed for it (parameters and buffers among them)
     tensors: dict[fx.Node, torch.Tensor]
     merger: WeightMerger
+    model_config: object | None = None  # the HF config, for per-layer data a call does not show
     _num_constants: int = 0
 
     def tensor(self, node: object) -> torch.Tensor | None:

@@ -151,3 +151,21 @@ def erase_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
                 graph.erase_node(node)
                 pending.remove(node)
                 changed = True
+
+
+def eliminate_dead_code(graph: fx.Graph) -> int:
+    """Erase calls whose results nothing uses, except in-place methods (`x.add_(...)`) and impure functions.
+
+    `fx.Graph.eliminate_dead_code` treats every method call as pure, which would drop in-place updates.
+    """
+    erased = 0
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op not in ("call_function", "call_method"):
+            continue
+        if node.op == "call_method" and node.target.endswith("_"):
+            continue
+        if node.op == "call_function" and (node.is_impure() or getattr(node.target, "__name__", "").endswith("_")):
+            continue
+        graph.erase_node(node)
+        erased += 1
+    return erased

@@ -1,0 +1,35 @@
+"""The attention op the captured graph calls in place of the model's own attention.
+
+    attention(q, k, v, layer=i, scale=s)    q: [1, Hq, T, D], k/v: [1, Hkv, T, D] → [1, Hq, T, D]
+
+The batch is the runner's flattened ragged batch (all sequences' tokens in one row of T). This step's K/V
+are written into the paged cache at the metadata's slots, then each token attends over its sequence's cached
+context through the block table.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastllm import kernels
+from fastllm.runtime.context import get_forward_context
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, scale: float,
+              sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    ctx = get_forward_context()
+    if ctx.metadata is None:
+        # Profiling forward (one causal sequence, no cache): records each layer's KV shape for sizing the cache.
+        if ctx.shapes is not None:
+            ctx.shapes[layer] = (k.shape[1], k.shape[3])
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    md = ctx.metadata
+    k_cache, v_cache = ctx.kv_caches[layer]
+    q_tokens, k_tokens, v_tokens = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D] views
+    kernels.write_kv_cache(k_tokens, v_tokens, k_cache, v_cache, md.slot_mapping)
+    out = kernels.paged_attention(q_tokens, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q,
+                                  md.max_seqlen_q, scale=scale, causal=True, sliding_window=sliding_window,
+                                  softcap=softcap)
+    return out.transpose(0, 1).unsqueeze(0)
