@@ -5,8 +5,10 @@
 
 Per BENCHMARKS.md: seeded random prompt of 128 tokens, greedy, EOS ignored; decode tok/s =
 (new - 1) / (t(generate new) - t(generate 1)); TTFT = t(generate 1) at prompts of 128 and 2048 tokens (median
-of 3 after a warm-up); start-up = seconds from `fastllm.optimize()` to the first token in this process (cold
-for dynamo; Triton's disk cache may be warm). Writes DIR/W1-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
+of 3 after a warm-up). For the HF baselines "generate 1" is a `new`-token generate stopped after one token, so
+the static cache has one shape and compiles once. Start-up = seconds from `fastllm.optimize()` to the first
+token in this process (cold for dynamo; Triton's disk cache may be warm).
+Writes DIR/W1-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 """
 
 from __future__ import annotations
@@ -48,23 +50,43 @@ def _prompt(length: int, vocab: int) -> torch.Tensor:
     return torch.randint(1, vocab, (1, length), generator=g).cuda()
 
 
-def _timed_generate(model, ids, new, **kwargs) -> float:
+class _StopAfter:
+    """A stopping criterion: stop once `n` new tokens exist. HF's static cache is sized by max_new_tokens, so
+    t(generate 1) is measured with the same max_new_tokens as t(generate new) and stopped here instead;
+    otherwise every different length is a new cache shape and a recompilation inside the timing."""
+
+    def __init__(self, prompt_len: int, n: int):
+        self.end = prompt_len + n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.end, dtype=torch.bool,
+                          device=input_ids.device)
+
+
+def _timed_generate(model, ids, new, *, stop_after=None, **kwargs) -> float:
+    if stop_after is not None:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopAfter(ids.shape[1], stop_after)])
     torch.cuda.synchronize()
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                          do_sample=False, pad_token_id=0, **kwargs)
     torch.cuda.synchronize()
-    assert out.shape[1] == ids.shape[1] + new, out.shape
+    assert out.shape[1] == ids.shape[1] + (stop_after or new), out.shape
     return time.perf_counter() - start
 
 
-def measure(model, new_tokens: int, vocab: int, **kwargs) -> dict:
+def measure(model, new_tokens: int, vocab: int, same_cache_shape: bool = False, **kwargs) -> dict:
+    """W1 timings. same_cache_shape: time 1-token runs as `new_tokens` runs stopped after one token."""
     ids128, ids2048 = _prompt(128, vocab), _prompt(2048, vocab)
-    first = _timed_generate(model, ids128, 2, **kwargs)  # warm-up (compiles, for the compiled providers)
-    t1 = statistics.median(_timed_generate(model, ids128, 1, **kwargs) for _ in range(3))
+    one = dict(kwargs, stop_after=1) if same_cache_shape else kwargs
+    new_one = new_tokens if same_cache_shape else 1
+    first = _timed_generate(model, ids128, new_tokens, **kwargs)  # warm-up (compiles, for the compiled ones)
+    t1 = statistics.median(_timed_generate(model, ids128, new_one, **one) for _ in range(3))
     tn = statistics.median(_timed_generate(model, ids128, new_tokens, **kwargs) for _ in range(2))
-    _timed_generate(model, ids2048, 1, **kwargs)
-    t2048 = statistics.median(_timed_generate(model, ids2048, 1, **kwargs) for _ in range(3))
+    _timed_generate(model, ids2048, new_one, **one)
+    t2048 = statistics.median(_timed_generate(model, ids2048, new_one, **one) for _ in range(3))
     return {"decode_tok_s": (new_tokens - 1) / (tn - t1), "ttft_ms_128": 1e3 * t1, "ttft_ms_2048": 1e3 * t2048,
             "first_call_s": first}
 
@@ -73,9 +95,9 @@ def run_provider(provider: str, name: str, new_tokens: int) -> dict:
     model = _build(name)
     vocab = model.config.vocab_size
     if provider == "hf_eager":
-        return measure(model, new_tokens, vocab)
+        return measure(model, new_tokens, vocab, same_cache_shape=True)
     if provider == "hf_static_compile":
-        return measure(model, new_tokens, vocab, cache_implementation="static")
+        return measure(model, new_tokens, vocab, same_cache_shape=True, cache_implementation="static")
     import fastllm
 
     torch.cuda.synchronize()

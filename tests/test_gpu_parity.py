@@ -1,5 +1,7 @@
 """On a GPU the fused graph runs the Triton kernels: parity with HF eager on tiny random models."""
 
+import gc
+
 import pytest
 import torch
 
@@ -7,6 +9,16 @@ import fastllm
 from tests._models import VOCAB, build
 
 pytestmark = pytest.mark.gpu
+
+# The runtime's KV cache takes 90% of free GPU memory by default; tests build many models in one process.
+SMALL_CACHE = dict(num_kv_tokens=8192)
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    yield
+    gc.collect()  # optimized models hold themselves through closures
+    torch.cuda.empty_cache()
 
 
 def _ids(batch=2, length=24, seed=3):
@@ -22,7 +34,7 @@ def test_fp32_greedy_equal(family, tmp_path):
     expected = model.generate(ids, **gen)
     with torch.no_grad():
         expected_logits = model(ids).logits
-    fastllm.optimize(model)
+    fastllm.optimize(model, **SMALL_CACHE)
     assert torch.equal(model.generate(ids, **gen), expected)
     # fp32 kernels reduce in another order than torch: differences of a few ulps, amplified by 2 layers.
     torch.testing.assert_close(model(ids).logits, expected_logits, rtol=1e-4, atol=1e-4)
@@ -46,7 +58,7 @@ def test_half_precision_teacher_forced(family, dtype, tmp_path):
     with torch.no_grad():
         truth = truth_model(ids).logits
         hf = model(ids).logits.float()
-    fastllm.optimize(model)
+    fastllm.optimize(model, **SMALL_CACHE)
     ours = model(ids).logits.float()
 
     def rel_err(x):
@@ -78,7 +90,7 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
     kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
                   return_dict_in_generate=True, output_scores=True)
     expected = model.generate(ids, **kwargs)
-    fastllm.optimize(model)
+    fastllm.optimize(model, **SMALL_CACHE)
     runner = model._fastllm_state.runtime.runner
     assert runner.use_cuda_graph and runner._graphs
     ours = model.generate(ids, **kwargs)

@@ -120,7 +120,8 @@ class ModelRunner:
         positions = torch.arange(_PROFILE_TOKENS, device=self.device).unsqueeze(0)
         shapes: dict[int, tuple[int, int]] = {}
         with forward_context(ForwardContext(metadata=None, kv_caches=None, shapes=shapes)):
-            self._step(ids, positions, torch.tensor([_PROFILE_TOKENS - 1], device=self.device))
+            # Two sampled rows, not one: dynamo specializes sizes of 1, and decode steps sample several rows.
+            self._step(ids, positions, torch.tensor([_PROFILE_TOKENS - 2, _PROFILE_TOKENS - 1], device=self.device))
         if len({s for s in shapes.values()}) > 1:
             raise NotImplementedError("layers with different KV shapes are not supported yet")
         return [shapes[i] for i in sorted(shapes)]
