@@ -31,7 +31,33 @@ def _w5(result: dict) -> list[str]:
     return lines
 
 
-FORMATTERS = {"W5": _w5}
+def _w1(result: dict) -> list[str]:
+    """Decode tok/s and TTFT per model, fastllm beside each baseline, with the ratio."""
+    lines = ["| model | provider | decode tok/s | fastllm / provider | TTFT 128 ms | TTFT 2048 ms | start-up s |",
+             "|---|---|---|---|---|---|---|"]
+    for model, ours in result["fastllm"].items():
+        rows = [("fastllm", ours)] + [(name, per[model]) for name, per in result["baselines"].items() if model in per]
+        for name, r in rows:
+            ratio = ours["decode_tok_s"] / r["decode_tok_s"]
+            startup = f"{r['startup_s_cold']:.1f}" if "startup_s_cold" in r else ""
+            lines.append(f"| {model} | {name} | {r['decode_tok_s']:.1f} | {ratio:.2f}× | {r['ttft_ms_128']:.1f} | "
+                         f"{r['ttft_ms_2048']:.1f} | {startup} |")
+    return lines
+
+
+def _w5_attention(result: dict) -> list[str]:
+    """Decode: GB/s inside CUDA graphs (how the runtime runs it); prefill: TFLOP/s; beside torch SDPA."""
+    ref = result["baselines"]["torch_ref"]
+    lines = [f"Device-to-device copy: {result['baselines']['copy']['gb_s']:.0f} GB/s (same run). Baseline: SDPA on a "
+             "contiguous copy of the cache.", "", "| case | fastllm | SDPA | fastllm / SDPA |", "|---|---|---|---|"]
+    for key, ours in result["fastllm"].items():
+        unit, field = ("TFLOP/s", "tflop_s") if "tflop_s" in ours else ("GB/s", "gb_s_cudagraph")
+        ratio = ours[field] / ref[key][field]
+        lines.append(f"| {key} | {ours[field]:.0f} {unit} | {ref[key][field]:.0f} {unit} | {ratio:.2f}× |")
+    return lines
+
+
+FORMATTERS = {"W5": _w5, "W1": _w1, "W5-attention": _w5_attention}
 
 
 def summarize(results_dir: pathlib.Path = HERE / "results") -> str:
@@ -45,7 +71,7 @@ def summarize(results_dir: pathlib.Path = HERE / "results") -> str:
         out.append(f"torch {result.get('torch')}, triton {result.get('triton')}, "
                    f"transformers {result.get('transformers')}.")
         out.append("")
-        formatter = FORMATTERS.get(result["workload"].split("-")[0])
+        formatter = FORMATTERS.get(result["workload"])
         if formatter is not None:
             out += formatter(result)
         out.append("")
