@@ -30,6 +30,11 @@ EXPECTED = {
 }
 
 
+# Families whose attention the paged runtime cannot take yet (hard-coded ALiBi attention; Gemma-2's eager
+# attention with soft-capping): their generate() runs HF's loop on the fused forward.
+HF_GENERATE_LOOP = {"bloom", "mpt", "gemma2"}
+
+
 def _prompts():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, VOCAB, (2, 11), generator=g)
@@ -61,7 +66,8 @@ def test_greedy_and_logits_match_hf_eager(family, tmp_path):
     expected = {name: per_layer * layers + extra for name, (per_layer, extra) in EXPECTED[family].items()}
     matched = {k: v for k, v in report.matches.items() if v and k not in ("dropout", "attention")}
     assert matched == expected
-    if model._fastllm_state.runtime is not None:  # generate() ran on the paged runtime's graph
+    assert (model._fastllm_state.runtime is None) == (family in HF_GENERATE_LOOP)
+    if family not in HF_GENERATE_LOOP:  # generate() ran on the paged runtime's graph
         assert any(g.matches.get("attention") == layers for g in report.graphs)
 
 
