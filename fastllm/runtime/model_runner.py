@@ -25,10 +25,16 @@ from fastllm.runtime.kv_cache import BlockPool, KVCacheConfig, allocate_kv_cache
 _PROFILE_TOKENS = 256
 
 
+# Dynamo specializes sizes equal to 1; the runner never hands the graph one (a lone token or sampled row is
+# padded to 2), so a single capture with symbolic sizes serves every step and nothing recaptures later.
+MIN_BATCH = 2
+
+
 def decode_buckets(max_num_seqs: int) -> list[int]:
-    """CUDA-graph batch sizes: 1, 2, 4, 8, then every 8 up to max_num_seqs."""
-    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs + 8, 8))
-    return sorted({min(b, max_num_seqs) for b in sizes})
+    """CUDA-graph batch sizes: 2, 4, 8, then every 8 up to max_num_seqs."""
+    top = max(max_num_seqs, MIN_BATCH)
+    sizes = [b for b in (2, 4) if b < top] + list(range(8, top + 8, 8))
+    return sorted({min(b, top) for b in sizes})
 
 
 @dataclass
@@ -127,8 +133,12 @@ class ModelRunner:
         return [shapes[i] for i in sorted(shapes)]
 
     def _device_inputs(self, step: StepInput, num_tokens: int, num_seqs: int) -> tuple[dict, AttentionMetadata]:
-        """Host lists → device tensors, padded to `num_tokens` / `num_seqs` (padding writes no cache slot)."""
+        """Host lists → device tensors, padded with `num_tokens - T` one-token dummy sequences.
+
+        A dummy token writes no cache slot and attends to slot 0 of block 0; its output is never read.
+        """
         pad_t, pad_s = num_tokens - len(step.token_ids), num_seqs - len(step.seq_lens)
+        assert pad_t == pad_s >= 0, (pad_t, pad_s)
         tables = torch.zeros(num_seqs, self.max_blocks_per_seq if self.use_cuda_graph else
                              max(len(b) for b in step.block_tables), dtype=torch.int32)
         for i, blocks in enumerate(step.block_tables):
@@ -140,10 +150,11 @@ class ModelRunner:
         def dev(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
+        rows = step.sample_rows + step.sample_rows[-1:] * (MIN_BATCH - len(step.sample_rows))
         host = {
             "input_ids": dev(step.token_ids + [0] * pad_t, torch.long).unsqueeze(0),
             "positions": dev(step.positions + [0] * pad_t, torch.long).unsqueeze(0),
-            "logits_indices": dev(step.sample_rows, torch.long),
+            "logits_indices": dev(rows, torch.long),
         }
         metadata = AttentionMetadata(
             slot_mapping=dev(step.slots + [-1] * pad_t, torch.long),
@@ -161,10 +172,11 @@ class ModelRunner:
         n = len(step.seq_lens)
         if self.use_cuda_graph and step.is_decode and n <= self.buckets[-1]:
             return self._replay(step)
-        inputs, metadata = self._device_inputs(step, len(step.token_ids), n)
+        pad = max(0, MIN_BATCH - len(step.token_ids))
+        inputs, metadata = self._device_inputs(step, len(step.token_ids) + pad, n + pad)
         with forward_context(ForwardContext(metadata, self.kv_caches)):
             logits = self._step(inputs["input_ids"], inputs["positions"], inputs["logits_indices"])
-        return logits[0].float()
+        return logits[0, :len(step.sample_rows)].float()
 
     # CUDA graphs ---------------------------------------------------------------------------------------------
 
