@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from fastllm.runtime.sampler import SamplingOptions, sample
+from fastllm.runtime.sampler import SamplingOptions, needs_history, sample
 from fastllm.runtime.scheduler import Request, Scheduler
 
 # Generation-config fields this runtime implements; any other field set away from its default → HF fallback.
@@ -150,7 +150,8 @@ def generate(runtime, input_ids: torch.Tensor | None = None, attention_mask: tor
             out = scheduler.schedule()
             logits = runner.execute(out.chunks)
             sampled_reqs = [c.request for c in out.chunks if c.samples]
-            histories = [torch.tensor(r.all_token_ids, device=logits.device) for r in sampled_reqs]
+            histories = [torch.tensor(r.all_token_ids, device=logits.device) if needs_history(options) else None
+                         for r in sampled_reqs]
             tokens, processed = sample(logits, [options] * len(sampled_reqs), histories)
             token_list = tokens.tolist()
             for i, req in enumerate(sampled_reqs):

@@ -34,6 +34,11 @@ class SamplingOptions:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
+def needs_history(options: SamplingOptions) -> bool:
+    """Whether the tokens seen so far matter (building them costs a host-to-device copy per row and step)."""
+    return options.repetition_penalty not in (None, 1.0)
+
+
 def process_logits(logits: torch.Tensor, options: SamplingOptions, history: torch.Tensor) -> torch.Tensor:
     """One row's scores after the processors: logits [V] fp32, history [n] the tokens seen so far."""
     scores = logits
@@ -61,9 +66,11 @@ def process_logits(logits: torch.Tensor, options: SamplingOptions, history: torc
     return scores
 
 
-def sample(logits: torch.Tensor, options: list[SamplingOptions], histories: list[torch.Tensor],
+def sample(logits: torch.Tensor, options: list[SamplingOptions], histories: list[torch.Tensor | None],
            generators: list[torch.Generator | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next tokens [N], processed scores [N, V]) for logits [N, V]."""
+    """(next tokens [N], processed scores [N, V]) for logits [N, V]; histories only where `needs_history`."""
+    if not any(o.do_sample or needs_history(o) for o in options):
+        return logits.argmax(-1), logits  # plain greedy: one kernel for the whole batch
     scores = torch.stack([process_logits(logits[i], options[i], histories[i]) for i in range(len(options))])
     tokens = scores.argmax(-1)
     for i, opt in enumerate(options):
