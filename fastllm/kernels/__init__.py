@@ -47,3 +47,8 @@ __all__ += [
     "write_kv_cache",
     "write_kv_cache_ref",
 ]
+
+# Skinny GEMM for decode (appended: skinny_gemm.py).
+from fastllm.kernels.skinny_gemm import skinny_linear, skinny_linear_ref  # noqa: E402
+
+__all__ += ["skinny_linear", "skinny_linear_ref"]

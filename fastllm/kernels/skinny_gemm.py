@@ -1,0 +1,457 @@
+"""Skinny GEMM for decode: the linear layers of a batch-1..16 step, y = x @ weight^T + bias with M <= 16 rows.
+
+    y[m, n] = sum_k x[m, k] * weight[n, k] + bias[n]        (fp32 accumulation, one rounding to x.dtype)
+
+At decode a linear layer reads its whole weight once for a handful of rows of x: bytes of W are the whole cost
+(Llama-2-7B: ~7 such GEMVs a layer, 13 GB a token). The kernels stream W once, with 16-byte loads, and keep
+everything else small:
+- `_skinny_gemm_kernel`: program (n block, k split) computes y[:, n block] for all M rows over its K range, in
+  BLOCK_K chunks. W is read as [BLOCK_N, BLOCK_K] tiles contiguous along K; x (<= 16 x K) stays in L1/L2. For
+  M <= 4 the product is a broadcast multiply and a sum over K in fp32 (a GEMV); for M in 5..16 it is `tl.dot` with
+  x's rows padded to 16 (the MMA minimum), so a program can cover 64 rows of W without an M x N x K register tile.
+- split-K: when N / BLOCK_N gives too few programs to fill the GPU, num_splits programs share each n block; each
+  writes fp32 partials to a workspace [num_splits, M, N] and `_split_k_reduce_kernel` sums them in split order,
+  adds the bias and rounds. The sum is deterministic (atomics would change the order run to run).
+Rows past M and N are clamped to the last valid row on load and masked on store, so the W loads carry no mask
+(except along K when K % BLOCK_K != 0) and stay vectorised.
+
+CUDA-graph capture: the launch reads no device values and allocates nothing when `out` and `workspace` are given;
+without `workspace`, split launches use a per-(device, size) buffer cached on its first use outside capture.
+"""
+
+import math
+import os
+
+import torch
+
+from fastllm.kernels._registry import (
+    check_float,
+    check_out,
+    check_same_device,
+    device_guard,
+    next_power_of_2,
+    out_or_new,
+    register_out_op,
+    rows_view,
+    tl,
+    triton,
+    use_triton,
+)
+
+MAX_SKINNY_M = 16  # more rows go to cuBLAS (F.linear): past 16 a GEMM tile is no longer mostly padding
+
+# Launch heuristic: deterministic, from M, N, K and the SM count (no autotuning by default: it would run inside
+# graph capture). First choices, to be confirmed by the sweep of benchmarks/bench_gemv.py on an H100.
+# Rows: (largest M, USE_DOT, BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, NUM_STAGES). BLOCK_M is M itself in the
+# broadcast form and 16 in the dot form. Registers and shared memory: `ptxas -v`, sm_90, bf16, triton 3.9 (not 3.6).
+_TILES = (
+    # M = 1: the measured lead (H200: 3.35 TB/s vs cuBLAS 3.15 at 22016 x 4096) read 4 rows of W a program in
+    # 512-1024-column chunks. Here 8 KB of W a chunk (one 16-byte load a thread a row at 4 warps), 2 chunks in
+    # flight: 72 registers, 20 KB of shared memory, 7 programs an SM.
+    (1, False, 4, 1024, 4, 3),
+    # M = 2: 4 KB of W a chunk; x's two rows come through L1 (8-byte loads). 72 registers, 12 KB.
+    (2, False, 4, 512, 4, 3),
+    # M = 3..4: 8 rows of W so x's reloads are at most half the W bytes (and L1 hits); 4 fp32 accumulators of
+    # 16 values a thread: 116 registers, 12 KB, 4 programs an SM.
+    (4, False, 8, 256, 4, 3),
+    # M = 5..16: x padded to 16 rows for tl.dot (mma m16n8k16); [64, 128] W tiles (16 KB bf16), 3 in flight:
+    # 64 registers, 60 KB of shared memory, 3 programs an SM; x's reloads are a quarter of the W bytes.
+    (16, True, 64, 128, 4, 4),
+)
+# Split K when the n blocks give fewer than _PROGRAMS_PER_SM programs an SM (264 on a 132-SM H100): fewer leave SMs
+# idle. Each program keeps NUM_STAGES - 1 chunks of W in flight (16-48 KB), so 264 programs hold 4-12 MB, above the
+# ~3 MB that an H100's bandwidth x latency (3.35 TB/s x ~0.8 us) needs. num_splits = floor(target / programs), so the
+# grid stays within the target. Every split covers >= _MIN_SPLIT_COLUMNS of K, so its fp32 partials (written, then
+# read back by the reduce kernel, mostly from L2) add at most M * 8 bytes per 1024 bytes of W: M / 128.
+_PROGRAMS_PER_SM = 2
+_MIN_SPLIT_COLUMNS = 512
+_MAX_SPLIT_K = 16
+_DEFAULT_SM_COUNT = 132  # H100 SXM; used for CPU tensors (interpreter), so the heuristic is deterministic
+_REDUCE_BLOCK = 1024
+
+# Optional autotuning (FASTLLM_SKINNY_AUTOTUNE=1): the first eager CUDA call of a shape times every candidate below
+# and keeps the fastest for that (M, N, K, dtype, device). Never during graph capture or a torch.compile trace, which
+# use the tuned config if one exists, else the heuristic. (BLOCK_N, BLOCK_K, num_warps, NUM_STAGES) per form:
+AUTOTUNE = os.environ.get("FASTLLM_SKINNY_AUTOTUNE") == "1"
+AUTOTUNE_TILES = {
+    "broadcast": [(4, 1024, 4, 3), (4, 1024, 4, 2), (4, 512, 4, 3), (4, 512, 4, 4), (2, 1024, 4, 3), (8, 512, 4, 3),
+                  (8, 256, 4, 3), (4, 2048, 8, 3), (16, 256, 8, 3)],
+    "dot": [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 64, 4, 4),
+            (128, 128, 8, 3)],
+}  # fmt: skip
+AUTOTUNE_SPLITS = (1, 2, 4, 8)
+# Broadcast form: M accumulators of BLOCK_N x BLOCK_K fp32, at most this many values a thread (no spills).
+_MAX_ACC_PER_THREAD = 64
+
+_TUNED: dict[tuple, dict] = {}
+_HEURISTIC: dict[tuple, dict] = {}
+_WORKSPACES: dict[tuple, torch.Tensor] = {}
+_SM_COUNTS: dict[int, int] = {}
+
+
+@triton.jit
+def _load_k(ptrs, k0, k, k_end, EVEN_K: tl.constexpr):
+    """A tile whose last dim is K, at column k0 (masked past k_end unless EVEN_K)."""
+    if EVEN_K:
+        tile = tl.load(ptrs + k0)
+    else:
+        tile = tl.load(ptrs + k0, mask=k0 + k < k_end, other=0.0)
+    return tile
+
+
+@triton.jit
+def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+    """Store acc [R, BLOCK_N] (fp32) for output rows `rows` [R] and columns n: fp32 partials of split pid_k, or
+    y = acc + bias rounded once to Y's dtype."""
+    mask = (rows < M)[:, None] & (n < N)[None, :]
+    if SPLIT:
+        tl.store(P + (pid_k * M + rows)[:, None] * N + n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    X,  # [M, K], row stride stride_xm, unit column stride
+    W,  # [N, K], row stride stride_wn, unit column stride
+    B,  # [N] bias (read only with HAS_BIAS)
+    Y,  # [M, N], row stride stride_ym (written without SPLIT)
+    P,  # [num_splits, M, N] fp32 partials, contiguous (written with SPLIT)
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    k_per_split,  # a multiple of BLOCK_K
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # dot form: 16 (rows >= M clamped to M - 1); broadcast form: M itself, 1 to 4
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # K chunks in flight a program (tl.range pipelining through shared memory)
+):  # fmt: skip
+    """Program (n block, split): y[m, n] = sum over k in the split's K range of x[m, k] * w[n, k], in fp32.
+
+    Broadcast form: one [BLOCK_N, BLOCK_K] fp32 accumulator a row of x, summed over K once after the loop, so the
+    loop body is loads and FMAs (no cross-thread reduction) and every tile keeps the 2-D layout whose shared-memory
+    reads are 16 bytes wide (a [M, N, K] product tile would be read element by element)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    # Rows past N (M) re-read row N - 1 (M - 1) and are never stored: no mask along N or M on the loads.
+    w_ptrs = W + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn + k[None, :]  # [BLOCK_N, BLOCK_K]
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    if USE_DOT:
+        m = tl.arange(0, BLOCK_M)
+        x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, BLOCK_K]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K)
+            x = _load_k(x_ptrs, k0, k[None, :], k_end, EVEN_K)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        _epilogue(acc, m, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+    else:
+        x_ptrs = X + k  # row r at + r * stride_xm
+        acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # rows >= BLOCK_M stay unused (compiled away)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
+            w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(tl.float32)
+            acc0 += w * _load_k(x_ptrs, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
+            if BLOCK_M > 1:
+                acc1 += w * _load_k(x_ptrs + 1 * stride_xm, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
+            if BLOCK_M > 2:
+                acc2 += w * _load_k(x_ptrs + 2 * stride_xm, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
+            if BLOCK_M > 3:
+                acc3 += w * _load_k(x_ptrs + 3 * stride_xm, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
+        row = tl.zeros([1], dtype=tl.int32)
+        _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+        if BLOCK_M > 1:
+            _epilogue(tl.sum(acc1, axis=1)[None, :], row + 1, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+        if BLOCK_M > 2:
+            _epilogue(tl.sum(acc2, axis=1)[None, :], row + 2, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+        if BLOCK_M > 3:
+            _epilogue(tl.sum(acc3, axis=1)[None, :], row + 3, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    P, B, Y,  # as in _skinny_gemm_kernel
+    M, N, stride_ym,
+    num_splits,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Program (m, n block): y[m, n] = sum_s P[s, m, n] (s = 0, 1, ... in order) + bias[n], rounded once."""
+    m = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = n < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(0, num_splits):
+        acc += tl.load(P + (s * M + m) * N + n, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(B + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + m * stride_ym + n, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def skinny_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-PyTorch spec of `skinny_linear`: `torch.nn.functional.linear` (cuBLAS on CUDA)."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # host arithmetic without triton.cdiv: this also runs on CPU-only installs
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _tile(m: int, k: int, dtype: torch.dtype, block_n: int, block_k: int, num_warps: int, num_stages: int) -> dict:
+    use_dot = m > 4
+    if dtype == torch.float32:
+        block_k //= 2  # the same bytes a chunk (fp32 only runs in tests)
+    # Short rows: one chunk covers K; 16 is tl.dot's minimum.
+    block_k = max(16, min(block_k, next_power_of_2(k)))
+    return {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else max(m, 1), "BLOCK_N": block_n, "BLOCK_K": block_k,
+            "NUM_STAGES": num_stages, "num_warps": num_warps}  # fmt: skip
+
+
+def _heuristic(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
+    _, _, block_n, block_k, num_warps, num_stages = next(row for row in _TILES if m <= row[0])
+    cfg = _tile(m, k, dtype, block_n, block_k, num_warps, num_stages)
+    programs = max(1, _cdiv(n, block_n))
+    target = _PROGRAMS_PER_SM * _sm_count(device)
+    cfg["split_k"] = max(1, min(target // programs, k // _MIN_SPLIT_COLUMNS, _MAX_SPLIT_K))
+    return cfg
+
+
+def _tune_key(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    return m, n, k, dtype, device
+
+
+def _config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Launch settings: the autotuned ones for this shape if any, else the heuristic's (cached: eager decode calls
+    the launcher for every layer, and its host time is part of the step)."""
+    key = _tune_key(m, n, k, dtype, device)
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        cfg = _HEURISTIC.get(key)
+        if cfg is None:
+            cfg = _HEURISTIC[key] = _heuristic(m, n, k, dtype, device)
+    return dict(cfg)
+
+
+def _split(k: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(num_splits, k_per_split): K cut in split_k ranges of whole BLOCK_K chunks, none empty (so possibly fewer)."""
+    num_chunks = max(1, _cdiv(k, block_k))
+    chunks_per_split = _cdiv(num_chunks, split_k)
+    return _cdiv(num_chunks, chunks_per_split), chunks_per_split * block_k
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """A cached fp32 buffer for split-K partials, one per (device, size), shared by every call on the device (calls
+    on concurrent streams must pass their own `workspace=`). One first needed during graph capture is allocated from
+    the graph's pool and not cached."""
+    key = (device, numel)
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        buf = torch.empty(numel, dtype=torch.float32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _WORKSPACES[key] = buf
+    return buf
+
+
+def _launch(x, weight, bias, out, workspace, cfg):
+    # x: [M, K], weight: [N, K], bias: [N] or None, out: [M, N] row views; workspace: flat fp32 or None.
+    m, k = x.shape
+    n = weight.shape[0]
+    if m == 0 or n == 0:
+        return
+    if k == 0:  # nothing to read (and an empty x may have no device pointer to pass): y = bias or 0
+        out.copy_(skinny_linear_ref(x, weight, bias))
+        return
+    block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    num_splits, k_per_split = _split(k, block_k, cfg["split_k"])
+    split = num_splits > 1
+    if split and workspace is None:
+        workspace = _workspace(x.device, num_splits * m * n)
+    parts = workspace if split else out  # not touched without a split
+    b = bias if bias is not None else out  # never read without a bias
+    with device_guard(x):
+        _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
+            x, weight, b, out, parts, m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_per_split,
+            HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
+            num_warps=cfg["num_warps"],
+        )  # fmt: skip
+        if split:
+            _split_k_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
+                parts, b, out, m, n, out.stride(0), num_splits,
+                HAS_BIAS=bias is not None, BLOCK_N=_REDUCE_BLOCK, num_warps=4,
+            )  # fmt: skip
+
+
+@register_out_op("skinny_linear", mutates_args=("out", "workspace"))
+def _skinny_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    workspace: torch.Tensor | None,
+    split_k: int,
+) -> None:
+    """Op form on [M, K] rows: split_k is resolved by the launcher; workspace None uses the cached buffer."""
+    m, k = x.shape
+    if use_triton(x) and m <= MAX_SKINNY_M:
+        cfg = _config(m, weight.shape[0], k, x.dtype, x.device)
+        _launch(x, weight, bias, out, workspace, {**cfg, "split_k": split_k})
+    else:
+        out.copy_(skinny_linear_ref(x, weight, bias))
+
+
+def _check_inputs(x, weight, bias) -> None:
+    check_float("x", x)
+    check_float("weight", weight)
+    check_same_device("weight", weight, "x", x)
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}, but x's last dim is {x.shape[-1]}: expected [N, {x.shape[-1]}]"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype}, expected x's dtype {x.dtype}")
+    if bias is not None:
+        check_float("bias", bias)
+        check_same_device("bias", bias, "x", x)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias has dtype {bias.dtype}, expected x's dtype {x.dtype}")
+
+
+def _check_workspace(workspace: object, numel: int, device: torch.device) -> None:
+    if not isinstance(workspace, torch.Tensor):
+        raise TypeError(f"workspace must be a torch.Tensor, got {type(workspace).__name__}")
+    if workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.device != device:
+        raise ValueError(f"workspace must be a contiguous float32 tensor on {device}, got {workspace.dtype} on "
+                         f"{workspace.device}, contiguous={workspace.is_contiguous()}")  # fmt: skip
+    if workspace.numel() < numel:
+        raise ValueError(f"workspace has {workspace.numel()} elements; this call needs {numel} (splits x M x N)")
+
+
+def workspace_numel(
+    m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, split_k: int | None = None
+) -> int:
+    """fp32 elements of split-K workspace that `skinny_linear` needs for x [m, k] and weight [n, k] (0: no split)."""
+    if m > MAX_SKINNY_M or m == 0:
+        return 0
+    cfg = _config(m, n, k, dtype, device)
+    num_splits, _ = _split(k, cfg["BLOCK_K"], cfg["split_k"] if split_k is None else split_k)
+    return num_splits * m * n if num_splits > 1 else 0
+
+
+def skinny_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for decode: the Triton skinny GEMM for M <= MAX_SKINNY_M rows, else cuBLAS.
+
+    M = prod(x.shape[:-1]). With M > 16 or where the Triton kernels do not run (CPU tensors outside
+    `triton_on_cpu()`), this is `F.linear` itself (copied into `out` when given).
+
+    Args:
+        x: [..., K], float32/float16/bfloat16, last dim contiguous.
+        weight: [N, K] of x's dtype, last dim contiguous, on x's device.
+        bias: optional [N] of x's dtype.
+        out: optional [..., N] buffer of x's dtype, last dim contiguous.
+        workspace: optional contiguous fp32 buffer of at least `workspace_numel(M, N, K, ...)` elements for the
+            split-K partials; None uses a cached one per (device, size). Give one per stream for concurrent streams.
+        split_k: number of K splits (>= 1; fewer if K has fewer BLOCK_K chunks); None picks it from the shapes.
+    Returns:
+        out, [..., N] in x's dtype.
+    """
+    _check_inputs(x, weight, bias)
+    n, k = weight.shape
+    m = math.prod(x.shape[:-1])
+    shape = (*x.shape[:-1], n)
+    if m > MAX_SKINNY_M or not use_triton(x):
+        y = skinny_linear_ref(x, weight, bias)
+        if out is None:
+            return y
+        check_out("out", out, shape, x.dtype, x.device)
+        return out.copy_(y)
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be None or a positive int, got {split_k!r}")
+    out = out_or_new("out", out, shape, x.dtype, x.device)
+    if AUTOTUNE and x.is_cuda and m > 0 and n > 0:
+        _maybe_autotune(x, weight, bias, m, n, k)
+    cfg = _config(m, n, k, x.dtype, x.device)
+    split_k = cfg["split_k"] if split_k is None else split_k
+    if workspace is not None:
+        num_splits, _ = _split(k, cfg["BLOCK_K"], split_k)
+        _check_workspace(workspace, num_splits * m * n if num_splits > 1 else 0, x.device)
+    _skinny_linear_op(rows_view("x", x), weight, bias, rows_view("out", out, writable=True), workspace, split_k)
+    return out
+
+
+def _candidates(m: int, k: int, dtype: torch.dtype) -> list[dict]:
+    configs = []
+    for block_n, block_k, num_warps, num_stages in AUTOTUNE_TILES["dot" if m > 4 else "broadcast"]:
+        cfg = _tile(m, k, dtype, block_n, block_k, num_warps, num_stages)
+        per_thread = cfg["BLOCK_M"] * block_n * cfg["BLOCK_K"] // (32 * num_warps)
+        if not cfg["USE_DOT"] and per_thread > _MAX_ACC_PER_THREAD:
+            continue
+        for split_k in AUTOTUNE_SPLITS:
+            if split_k == 1 or k // split_k >= _MIN_SPLIT_COLUMNS // 2:
+                configs.append({**cfg, "split_k": split_k})
+    return configs
+
+
+def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[tuple[dict, float]]:
+    """Time every autotune candidate on these (CUDA) inputs, keep the fastest for their shape; returns
+    [(config, median ms)], fastest first. Must not be called during graph capture."""
+    import triton.testing
+
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("skinny_linear autotuning launches and times kernels; it cannot run during graph capture")
+    x2, out = rows_view("x", x), torch.empty(math.prod(x.shape[:-1]), weight.shape[0], dtype=x.dtype, device=x.device)
+    (m, k), n = x2.shape, weight.shape[0]
+    results = []
+    for cfg in _candidates(m, k, x.dtype):
+        num_splits, _ = _split(k, cfg["BLOCK_K"], cfg["split_k"])
+        workspace = torch.empty(num_splits * m * n, dtype=torch.float32, device=x.device)
+        ms = triton.testing.do_bench(lambda cfg=cfg, ws=workspace: _launch(x2, weight, bias, out, ws, cfg),
+                                     warmup=5, rep=20, return_mode="median")  # fmt: skip
+        results.append((cfg, ms))
+    results.sort(key=lambda item: item[1])
+    _TUNED[_tune_key(m, n, k, x.dtype, x.device)] = results[0][0]
+    return results
+
+
+def _maybe_autotune(x, weight, bias, m, n, k) -> None:
+    if _tune_key(m, n, k, x.dtype, x.device) in _TUNED:
+        return
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return  # the heuristic serves until an eager call tunes the shape
+    autotune(x, weight, bias)
+
+
+__all__ = ["MAX_SKINNY_M", "autotune", "skinny_linear", "skinny_linear_ref", "workspace_numel"]
