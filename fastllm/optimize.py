@@ -138,12 +138,12 @@ def _build_runtime(model, state: OptimizationState) -> Runtime | None:
     if state.runtime is not None or state.runtime_error is not None:
         return state.runtime
     c = state.config
+    runtime_passes = (*c.passes, "attention", "skinny_linear")
     try:
         runner = ModelRunner(model, kv_cache=KVCacheConfig(c.block_size, c.kv_cache_memory_fraction, c.num_kv_tokens),
                              max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
                              use_cuda_graph=c.cuda_graphs and next(model.parameters()).is_cuda,
-                             transform=lambda gm, tensors: state.transform(gm, tensors, (*c.passes, "attention"),
-                                                                           model.config),
+                             transform=lambda gm, tensors: state.transform(gm, tensors, runtime_passes, model.config),
                              hf_forward=state.original_forward)
     except CAPTURE_ERRORS as error:
         if c.on_capture_failure == "raise":

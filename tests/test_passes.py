@@ -232,3 +232,16 @@ def test_passes_call_the_public_kernels():
     # The rewritten graphs call the public launchers, which route CPU tensors to the `_ref` ops.
     for fn in (kernels.rms_norm, kernels.rotary_embedding, kernels.silu_and_mul):
         assert fn.__module__.startswith("fastllm.kernels")
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float16, 2), (torch.float32, 0)])
+def test_skinny_linear_takes_16_bit_linears(dtype, expected):
+    module = Attention(32, 32, 16, bias=True).to(dtype)
+    x = _rand(1, 3, 32).to(dtype)
+    reference = module(x).detach()
+    out, matches, before, after = run_pass(module, (x,), "skinny_linear")
+    assert matches == expected * 2  # q, k, v and o: four linears when 16-bit
+    if expected:
+        assert after["skinny_linear"] == 4 and not after["linear"]
+    # On the CPU skinny_linear runs F.linear itself: identical results.
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)

@@ -8,18 +8,19 @@ from collections import Counter
 from torch import fx
 
 from fastllm import kernels
-from fastllm.passes import attention, dropout, gated_mlp, layer_norm, qkv, rms_norm, rotary
+from fastllm.passes import attention, dropout, gated_mlp, layer_norm, qkv, rms_norm, rotary, skinny_linear
 from fastllm.passes._context import PassContext, WeightMerger
 from fastllm.passes._graph import eliminate_dead_code
 from fastllm.runtime.attention import attention as paged_attention_op
 
-# Passes a user can choose (OptimizeConfig.passes); the runtime adds "attention" for its paged-cache graph.
+# Passes a user can choose (OptimizeConfig.passes); the runtime adds "attention" for its paged-cache graph,
+# and "skinny_linear" (small-batch GEMMs), which pays off where decode buckets are CUDA graphs.
 PASSES = {module.NAME: module for module in (dropout, rms_norm, layer_norm, rotary, gated_mlp, qkv)}
-RUNTIME_PASSES = {**PASSES, attention.NAME: attention}
+RUNTIME_PASSES = {**PASSES, attention.NAME: attention, skinny_linear.NAME: skinny_linear}
 
 FUSED_OPS = {
     kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
-    kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul, paged_attention_op,
+    kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul, kernels.skinny_linear, paged_attention_op,
 }
 
 # Shape bookkeeping that moves no data worth fusing; left out of the "unfused" list so it shows work.
