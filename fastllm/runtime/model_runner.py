@@ -167,7 +167,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, chunks) -> torch.Tensor:
-        """Run one scheduled step; returns the logits of the sampled rows, [num sampled, vocab], fp32."""
+        """Run one scheduled step; returns the logits of the sampled rows, [num sampled, vocab], fp32 (owned)."""
         step = StepInput.from_chunks(chunks)
         n = len(step.seq_lens)
         if self.use_cuda_graph and step.is_decode and n <= self.buckets[-1]:
@@ -221,4 +221,6 @@ class ModelRunner:
         md.block_tables.copy_(fresh.block_tables)
         md.seq_lens.copy_(fresh.seq_lens)
         graph.replay()
-        return logits[0, :n].float()
+        # A copy: `logits` is the graph's static output, overwritten by the next replay (and `.float()` of an
+        # fp32 tensor is the tensor itself), while callers keep scores across steps.
+        return logits[0, :n].to(torch.float32, copy=True)
