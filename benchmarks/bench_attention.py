@@ -16,15 +16,11 @@ Writes DIR/W5-attention-<gpu>-<yyyymmdd>.json (BENCHMARKS.md, "Result files"); e
 """
 
 import argparse
-import datetime
 import functools
-import importlib.metadata
-import json
-import pathlib
-import re
 import sys
 
 import torch
+from _common import copy_bandwidth_gb_s, write_result
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastllm.kernels import paged_attention, paged_attention_ref
@@ -150,43 +146,26 @@ def main() -> int:
         rows.append((key, fastllm[key], baseline[key]))
         torch.cuda.empty_cache()
 
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_gb_s = 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
+    copy_gb_s = copy_bandwidth_gb_s(bench)
 
     gpu = torch.cuda.get_device_name()
-    now = datetime.datetime.now()
     workload = "W5-attention" if args.dtype == "bf16" else f"W5-attention-{args.dtype}"
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    result = {
-        "workload": workload,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": _version("transformers"),
-        "date": now.isoformat(timespec="seconds"),
-        "config": {
-            "dtype": args.dtype,
-            "quick": args.quick,
-            "heads": HQ,
-            "kv_heads": HKV,
-            "head_dim": HEAD_DIM,
-            "block_size": BLOCK_SIZE,
-            "decode_batches": batches,
-            "decode_contexts": contexts,
-            "prefill_tokens": 2048,
-            "baseline": "torch_ref: F.scaled_dot_product_attention(enable_gqa=True) on a contiguous [B, Hkv, S, D] "
-            "copy of the cache (causal for prefill)",
-            "bytes": "decode: K/V of every context + q + out; prefill: q, k, v read and out written once",
-            "timing": "triton.testing.do_bench median; *_cudagraph: do_bench_cudagraph median",
-        },
-        "fastllm": fastllm,
-        "baselines": {"torch_ref": baseline, "copy": {"gb_s": copy_gb_s}},
+    config = {
+        "dtype": args.dtype,
+        "quick": args.quick,
+        "heads": HQ,
+        "kv_heads": HKV,
+        "head_dim": HEAD_DIM,
+        "block_size": BLOCK_SIZE,
+        "decode_batches": batches,
+        "decode_contexts": contexts,
+        "prefill_tokens": 2048,
+        "baseline": "torch_ref: F.scaled_dot_product_attention(enable_gqa=True) on a contiguous [B, Hkv, S, D] "
+        "copy of the cache (causal for prefill)",
+        "bytes": "decode: K/V of every context + q + out; prefill: q, k, v read and out written once",
+        "timing": "triton.testing.do_bench median; *_cudagraph: do_bench_cudagraph median",
     }
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{workload}-{slug}-{now:%Y%m%d}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(workload, gpu, config, fastllm, {"torch_ref": baseline, "copy": {"gb_s": copy_gb_s}}, args.out)
 
     print(f"{gpu}, {args.dtype}; device-to-device copy {copy_gb_s:.0f} GB/s; wrote {path}")
     print(f"{'case':<22} {'splits':>6} {'fastllm GB/s':>12} {'(graph)':>8} {'sdpa GB/s':>10} {'(graph)':>8} "
@@ -201,13 +180,6 @@ def main() -> int:
 def _fmt(entry, key, width, digits=0):
     value = (entry or {}).get(key)
     return f"{value:>{width}.{digits}f}" if value is not None else " " * width
-
-
-def _version(package):
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -14,17 +14,14 @@ Writes DIR/W1-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import importlib.metadata
-import json
 import pathlib
-import re
 import statistics
 import sys
 import time
 
 import torch
+from _common import write_result
 
 MODELS = {
     "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -130,14 +127,9 @@ def main(argv=None) -> int:
             gc.collect()  # an optimized model holds itself through closures: free it before the next
             torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name()
-    date = datetime.datetime.now()
-    out = {"workload": "W1", "gpu": gpu, "torch": torch.__version__, "triton": importlib.metadata.version("triton"),
-           "transformers": importlib.metadata.version("transformers"), "date": date.isoformat(timespec="seconds"),
-           "config": {"prompt": 128, "new_tokens": args.new_tokens, "dtype": "bf16", "weights": "random, seed 0"},
-           "fastllm": results.pop("fastllm", {}), "baselines": results}
-    path = pathlib.Path(args.out) / f"W1-{re.sub(r'[^a-z0-9]+', '-', gpu.lower()).strip('-')}-{date:%Y%m%d}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    config = {"prompt": 128, "new_tokens": args.new_tokens, "dtype": "bf16", "weights": "random, seed 0"}
+    out = {"fastllm": results.pop("fastllm", {}), "baselines": results}
+    path = write_result("W1", gpu, config, out["fastllm"], out["baselines"], args.out)
     print(f"{'provider':<18} {'model':<11} {'decode tok/s':>12} {'TTFT128 ms':>10} {'TTFT2048 ms':>11}")
     for provider, per_model in [("fastllm", out["fastllm"]), *out["baselines"].items()]:
         for name, r in per_model.items():

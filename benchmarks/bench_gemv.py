@@ -16,16 +16,12 @@ to the heuristic's choice (the measured numbers stay the heuristic's). Writes DI
 """
 
 import argparse
-import datetime
 import functools
-import importlib.metadata
 import itertools
-import json
-import pathlib
-import re
 import sys
 
 import torch
+from _common import copy_bandwidth_gb_s, write_result
 
 from fastllm.kernels import skinny_gemm
 
@@ -103,12 +99,6 @@ def _case(name, n, k, m, dtype, bench, bench_graph, sweep):
     return key, timings
 
 
-def _copy_bandwidth(bench):
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result file")
@@ -138,39 +128,22 @@ def main() -> int:
             sweep[key] = timings["sweep"]
         rows.append((key, fastllm[key], cublas[key], sweep.get(key)))
 
-    copy_gb_s = _copy_bandwidth(bench)
+    copy_gb_s = copy_bandwidth_gb_s(bench)
 
     gpu = torch.cuda.get_device_name()
-    now = datetime.datetime.now()
     workload = "W5-gemv" if args.dtype == "bf16" else f"W5-gemv-{args.dtype}"
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    result = {
-        "workload": workload,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": _version("transformers"),
-        "date": now.isoformat(timespec="seconds"),
-        "config": {
-            "dtype": args.dtype,
-            "quick": args.quick,
-            "rows": ROWS,
-            "shapes": {name: [n, k] for name, n, k in shapes},
-            "bytes": "weight + x + out, each once",
-            "baseline": "cublas: torch.nn.functional.linear on the same inputs",
-            "timing": "triton.testing.do_bench median (L2 flushed); *_cudagraph: do_bench_cudagraph median; both "
-            f"cycle through weight copies of >= {WORKING_SET >> 20} MB in all",
-            "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-        },
-        "fastllm": fastllm,
-        "baselines": {"cublas": cublas, "copy": {"gb_s": copy_gb_s}},
+    config = {
+        "dtype": args.dtype,
+        "quick": args.quick,
+        "rows": ROWS,
+        "shapes": {name: [n, k] for name, n, k in shapes},
+        "bytes": "weight + x + out, each once",
+        "baseline": "cublas: torch.nn.functional.linear on the same inputs",
+        "timing": "triton.testing.do_bench median (L2 flushed); *_cudagraph: do_bench_cudagraph median; both "
+        f"cycle through weight copies of >= {WORKING_SET >> 20} MB in all",
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
     }
-    if sweep:
-        result["sweep"] = sweep
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{workload}-{slug}-{now:%Y%m%d}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(workload, gpu, config, fastllm, {"cublas": cublas, "copy": {"gb_s": copy_gb_s}}, args.out)
 
     print(f"{gpu}, {args.dtype}; device-to-device copy {copy_gb_s:.0f} GB/s; wrote {path}")
     print(f"{'case':<30} {'split':>5} {'fastllm GB/s':>12} {'(graph)':>8} {'cuBLAS GB/s':>11} {'(graph)':>8} "
@@ -184,13 +157,6 @@ def main() -> int:
             line += f" {swept['best']['gb_s']:>10.0f}"
         print(line)
     return 0
-
-
-def _version(package):
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

@@ -14,15 +14,11 @@ Writes DIR/W5-<gpu>-<yyyymmdd>.json (BENCHMARKS.md, "Result files"); exits 2 wit
 """
 
 import argparse
-import datetime
 import functools
-import importlib.metadata
-import json
-import pathlib
-import re
 import sys
 
 import torch
+from _common import copy_bandwidth_gb_s, write_result
 
 from fastllm import kernels
 
@@ -100,13 +96,6 @@ def _gb_s(nbytes, ms):
     return nbytes / (ms * 1e-3) / 1e9
 
 
-def _copy_bandwidth(triton_testing):
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton_testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return _gb_s(2 * src.numel(), ms)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result file")
@@ -138,35 +127,20 @@ def main() -> int:
         torch_ref[f"{name}_{key}"] = {"gb_s": _gb_s(nbytes, ref_ms), "ms": ref_ms}
         rows_out.append((name, key, _gb_s(nbytes, ms), _gb_s(nbytes, graph_ms), _gb_s(nbytes, ref_ms)))
         torch.cuda.empty_cache()
-    copy_gb_s = _copy_bandwidth(triton.testing)
+    copy_gb_s = copy_bandwidth_gb_s(functools.partial(triton.testing.do_bench, return_mode="median"))
 
     gpu = torch.cuda.get_device_name()
-    now = datetime.datetime.now()
     workload = "W5" if args.dtype == "bf16" else f"W5-{args.dtype}"
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    result = {
-        "workload": workload,
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "transformers": _version("transformers"),
-        "date": now.isoformat(timespec="seconds"),
-        "config": {
-            "dtype": args.dtype,
-            "quick": args.quick,
-            "rows": rows_list,
-            "hidden": HIDDEN,
-            "intermediate": INTERMEDIATE,
-            "rotary_x": f"[1, {HEADS}, rows, {HEAD_DIM}] (transposed view)",
-            "timing": "triton.testing.do_bench median; gb_s_cudagraph: do_bench_cudagraph median",
-        },
-        "fastllm": fastllm,
-        "baselines": {"torch_ref": torch_ref, "copy": {"gb_s": copy_gb_s}},
+    config = {
+        "dtype": args.dtype,
+        "quick": args.quick,
+        "rows": rows_list,
+        "hidden": HIDDEN,
+        "intermediate": INTERMEDIATE,
+        "rotary_x": f"[1, {HEADS}, rows, {HEAD_DIM}] (transposed view)",
+        "timing": "triton.testing.do_bench median; gb_s_cudagraph: do_bench_cudagraph median",
     }
-    out_dir = pathlib.Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{workload}-{slug}-{now:%Y%m%d}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = write_result(workload, gpu, config, fastllm, {"torch_ref": torch_ref, "copy": {"gb_s": copy_gb_s}}, args.out)
 
     print(f"{gpu}, {args.dtype}; device-to-device copy {copy_gb_s:.0f} GB/s; wrote {path}")
     print(f"{'op':<22} {'shape':<16} {'fastllm GB/s':>12} {'(graph)':>9} {'torch GB/s':>11} {'% of copy':>9}")
@@ -174,13 +148,6 @@ def main() -> int:
         share = 100 * gb_s / copy_gb_s
         print(f"{name:<22} {key:<16} {gb_s:>12.1f} {graph_gb_s:>9.1f} {ref_gb_s:>11.1f} {share:>8.1f}%")
     return 0
-
-
-def _version(package):
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

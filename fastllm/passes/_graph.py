@@ -136,6 +136,17 @@ def _ndim(node: fx.Node) -> int | None:
     return t.dim() if t is not None else None
 
 
+def live_nodes(graph: fx.Graph) -> Iterable[fx.Node]:
+    """The graph's nodes, in order, skipping those an earlier rewrite in the same walk has erased.
+
+    A pass walks a snapshot of the node list while it rewrites; fx marks erased nodes `_erased` and they must
+    not be matched again.
+    """
+    for node in list(graph.nodes):
+        if not getattr(node, "_erased", False):
+            yield node
+
+
 def erase_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
     """Erase the given nodes once nothing uses them, latest first.
 

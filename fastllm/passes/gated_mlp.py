@@ -17,7 +17,7 @@ from torch import fx
 
 from fastllm import kernels
 from fastllm.passes._context import PassContext
-from fastllm.passes._graph import arg, erase_dead, fake, is_last_dim, is_op, other_operand
+from fastllm.passes._graph import arg, erase_dead, fake, is_last_dim, is_op, live_nodes, other_operand
 
 NAME = "gated_mlp"
 
@@ -98,8 +98,8 @@ def _separate_projections(ctx: PassContext, gate: fx.Node, up: fx.Node):
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     count = 0
-    for node in list(graph.nodes):
-        m = match(node) if node.graph is graph else None
+    for node in live_nodes(graph):
+        m = match(node)
         if m is None:
             continue
         kernel, options = _activation(m.act)

@@ -29,6 +29,7 @@ from fastllm.passes._graph import (
     is_float32_upcast,
     is_last_dim,
     is_op,
+    live_nodes,
     only_user,
     other_operand,
     scalar_operand,
@@ -136,8 +137,8 @@ def _residual_operands(x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     count = 0
-    for node in list(graph.nodes):
-        m = match(node) if node.graph is graph else None
+    for node in live_nodes(graph):
+        m = match(node)
         if m is None:
             continue
         options = {"weight_offset": m.weight_offset, "cast_before_weight": m.cast_before_weight}

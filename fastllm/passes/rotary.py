@@ -16,7 +16,17 @@ from torch import fx
 
 from fastllm import kernels
 from fastllm.passes._context import PassContext
-from fastllm.passes._graph import arg, erase_dead, fake, is_last_dim, is_op, last_dim_slice, only_user, other_operand
+from fastllm.passes._graph import (
+    arg,
+    erase_dead,
+    fake,
+    is_last_dim,
+    is_op,
+    last_dim_slice,
+    live_nodes,
+    only_user,
+    other_operand,
+)
 
 NAME = "rotary"
 
@@ -125,8 +135,8 @@ def _absorb_partial(x: fx.Node, add: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     count = 0
-    for node in list(graph.nodes):
-        m = match(node) if node.graph is graph else None
+    for node in live_nodes(graph):
+        m = match(node)
         if m is None:
             continue
         x, cos, sin, interleaved, nodes = m

@@ -1,0 +1,41 @@
+"""What every benchmark script shares: the copy-bandwidth ceiling and the result file (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import pathlib
+import re
+
+
+def copy_bandwidth_gb_s(do_bench) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written, timed with `do_bench` (ms, median)."""
+    import torch
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (do_bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def write_result(workload: str, gpu: str, config: dict, fastllm: dict, baselines: dict, out_dir) -> pathlib.Path:
+    """Write `<out_dir>/<workload>-<gpu slug>-<yyyymmdd>.json` with the versions and date; returns its path."""
+    import torch
+
+    now = datetime.datetime.now()
+    result = {"workload": workload, "gpu": gpu, "torch": torch.__version__, "triton": _version("triton"),
+              "transformers": _version("transformers"), "date": now.isoformat(timespec="seconds"),
+              "config": config, "fastllm": fastllm, "baselines": baselines}
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{workload}-{slug}-{now:%Y%m%d}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
