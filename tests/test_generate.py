@@ -38,8 +38,13 @@ def test_runs_on_the_paged_runtime(llama):
     model, _ = llama
     state = model._fastllm_state
     assert state.runtime is not None and state.runtime_error is None
-    assert len(state.runtime.runner.kv_shapes) == model.config.num_hidden_layers
-    assert fastllm.explain(model).matches["attention"] == model.config.num_hidden_layers
+    config = model.config
+    assert len(state.runtime.runner.kv_shapes) == config.num_hidden_layers
+    # The cache holds the KV heads once (not repeated per query head), and rotary moved into the cache write.
+    assert state.runtime.runner.kv_shapes[0] == (config.num_key_value_heads, config.head_dim)
+    runtime_graph = [g for g in state.graphs if g.matches.get("attention")][-1]
+    assert runtime_graph.matches["attention"] == config.num_hidden_layers
+    assert "rotary_embedding" not in runtime_graph.fused_ops
 
 
 @pytest.mark.parametrize("kwargs", [
