@@ -45,8 +45,9 @@ class Report:
         lines.append(f"  graphs captured: {len(self.graphs)} (the latest is shown; "
                      f"{last.num_nodes_before} nodes before, {last.num_nodes_after} after)")
         lines.append("")
-        lines.append(f"  {'pass':<12} {'matches':>7}")
-        lines += [f"  {name:<12} {count:>7}" for name, count in last.matches.items()]
+        width = max([4, *map(len, last.matches)])
+        lines.append(f"  {'pass':<{width}} {'matches':>7}")
+        lines += [f"  {name:<{width}} {count:>7}" for name, count in last.matches.items()]
         lines.append("")
         lines.append("  fused kernels:   " + _counts(last.fused_ops))
         lines.append("  still unfused:   " + _counts(last.unfused_ops))
