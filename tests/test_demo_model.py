@@ -11,6 +11,7 @@ import torch
 
 import fastllm
 from fastllm.models import demo
+from tests._demo import skip_without_demo
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def demo_cache(tmp_path_factory):
     try:
         demo.demo_gguf_path()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
+        skip_without_demo(e)
     root = tmp_path_factory.mktemp("fastllm-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTLLM_CACHE_DIR", str(root))
@@ -108,7 +109,7 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     try:
         gguf = demo.demo_gguf_path()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
+        skip_without_demo(e)
     monkeypatch.setenv("FASTLLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(transformers, "AutoModelForCausalLM", _FailingSave)
     monkeypatch.setattr(transformers, "AutoTokenizer", _FailingSave)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._demo import skip_without_demo
+
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ def test_quickstart_notebook_runs(kernel_name, monkeypatch):
 
         demo_gguf_path()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
+        skip_without_demo(e)
     # The kernel is a child process: let it import this checkout's fastllm even when it is not installed.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH")] if p))
 
