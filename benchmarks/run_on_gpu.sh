@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# Everything one device call checks and measures, in one go (device time is scarce; a start costs minutes):
-# the GPU-marked tests, then the kernel benchmark (W5). Logs and JSON results go to $OUT.
-#   device run: bash benchmarks/run_on_gpu.sh        (carry .whl if the machine lacks pytest)
+# What one device call checks and measures (device time is scarce; a machine start costs minutes), in stages:
+#   STAGES="tests kernels attention gemv decode" bash benchmarks/run_on_gpu.sh    (default: tests decode)
+# tests: the gpu-marked tests; kernels/attention/gemv: W5 benchmarks; decode: W1/W3 (MODELS="llama2_7b ...").
+# Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
+# Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
 set -uo pipefail
 OUT=${OUT:-/tmp/fastllm-gpu-out}
+STAGES=${STAGES:-tests decode}
+MODELS=${MODELS:-llama2_7b llama31_8b}
 mkdir -p "$OUT"
-if ! python3 -c "import pytest" 2>/dev/null; then
+if ! python3 -c "import pytest" 2>/dev/null && [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-python3 -m pytest -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu-tests.xml" ${PYTEST_ARGS:-} \
-    > "$OUT/gpu-tests.log" 2>&1
-tests_rc=$?
-tail -n 25 "$OUT/gpu-tests.log"
-python3 benchmarks/bench_kernels.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
-echo "gpu tests rc=$tests_rc bench rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+rc=0
+for stage in $STAGES; do
+    case $stage in
+        tests) python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1 || rc=1
+               grep -E "passed|failed|^FAILED" "$OUT/gpu-tests.log" | tail -n 15 ;;
+        kernels) python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 || rc=1 ;;
+        attention) python3 benchmarks/bench_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1 || rc=1 ;;
+        gemv) python3 benchmarks/bench_gemv.py --out "$OUT" > "$OUT/gemv.log" 2>&1 || rc=1 ;;
+        decode) python3 benchmarks/bench_decode.py --models $MODELS --out "$OUT" > "$OUT/decode.log" 2>&1 || rc=1
+                grep -vE "capturing|warn" "$OUT/decode.log" | tail -n 8 ;;
+        *) echo "unknown stage $stage"; rc=1 ;;
+    esac
+    echo "stage $stage done (rc so far $rc)"
+done
+exit $rc
