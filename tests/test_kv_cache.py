@@ -13,6 +13,7 @@ from fastllm.runtime.kv_cache import (
     OutOfBlocks,
     allocate_kv_cache,
     blocks_needed,
+    hash_block,
     kv_cache_bytes_per_block,
     num_blocks_from_memory,
     plan_num_blocks,
@@ -117,6 +118,49 @@ def test_no_leak_after_random_sequences():
     for blocks in shared:
         pool.free(blocks)
     _assert_all_free(pool)
+
+
+def test_cached_blocks_are_evictable_lru_and_count_as_free():
+    pool = BlockPool(num_blocks=4, block_size=2)
+    b0, b1, b2, b3 = pool.allocate(4)
+    h = [hash_block(None, [i, i]) for i in range(3)]
+    assert [pool.cache(b, x) for b, x in zip((b0, b1, b2), h)] == [True] * 3
+    assert pool.cache(b0, h[0]) and not pool.cache(b3, h[0])  # re-registering is a no-op; a duplicate loses
+    with pytest.raises(ValueError, match="another hash"):
+        pool.cache(b0, h[1])
+    assert pool.num_cached_blocks == 3 and pool.block_hashes[b3] is None
+    pool.free([b1, b0, b2, b3])  # LRU order of the cached ones: b1, b0, b2; b3 goes to the free list
+    assert pool.num_free_blocks == 4 and pool.ref_counts == [0] * 4 and pool.lookup(h[1]) == b1
+    pool.incref([pool.lookup(h[1])])  # a hit revives an evictable block ...
+    assert pool.ref_counts[b1] == 1 and pool.num_free_blocks == 3
+    pool.free([b1])  # ... and freeing it again makes it the most recently used
+    with pytest.raises(ValueError, match="double free"):
+        pool.free([b1])  # evictable is not held
+    assert pool.allocate(1) == [b3]  # the free list first
+    assert pool.num_evictions == 0
+    assert pool.allocate(2) == [b0, b2]  # then evict, least recently used first
+    assert pool.lookup(h[0]) is None and pool.lookup(h[2]) is None and pool.lookup(h[1]) == b1
+    assert pool.num_evictions == 2 and pool.block_hashes[b0] is None
+    with pytest.raises(OutOfBlocks):
+        pool.allocate(2)
+    pool.free([b3, b0, b2])
+    with pytest.raises(ValueError, match="refcount is 0"):
+        pool.incref([b3])  # a block on the free list has no content to share
+    with pytest.raises(ValueError, match="not held"):
+        pool.cache(b3, h[0])
+    assert pool.num_free_blocks == 4 and pool.num_cached_blocks == 1
+
+
+def test_block_table_free_parks_cached_blocks_tail_first():
+    pool = BlockPool(num_blocks=3, block_size=2)
+    table = BlockTable(pool)
+    table.ensure_capacity(6)
+    for i, b in enumerate(table.blocks):
+        pool.cache(b, hash_block(None, [i]))
+    first, *_, last = table.blocks
+    table.free()
+    assert pool.allocate(1) == [last]  # a prefix's last block is evicted first, its first block last
+    assert pool.allocate(2)[-1] == first
 
 
 def test_block_table_slots_across_shuffled_blocks():

@@ -333,3 +333,89 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def _held(sched: Scheduler) -> set[int]:
+    return {b for b, c in enumerate(sched.pool.ref_counts) if c}
+
+
+@pytest.mark.parametrize("caching", [False, True])
+@pytest.mark.parametrize("state", ["waiting", "chunked_prefill", "decoding", "preempted", "between_steps"])
+def test_abort_in_every_state_frees_blocks_at_once(state, caching):
+    pool = BlockPool(8, 4)  # 32 slots
+    sched = Scheduler(pool, max_num_batched_tokens=8, max_model_len=32, enable_prefix_caching=caching)
+    model = FakeModel(pool)
+    old = req("old", range(40, 52), max_new_tokens=20)  # 3 blocks, grows to 8
+    sched.add(old)
+    if state == "waiting":
+        target = old
+    else:
+        target = req("t", range(10, 30), max_new_tokens=12)  # 20-token prompt: 3 chunks at 8 a step
+        sched.add(target)
+        out = sched.schedule()
+        sched.update(out, model.step(out))
+    if state == "chunked_prefill":
+        out = sched.schedule()
+        sched.update(out, model.step(out))
+        assert target.status is RequestStatus.RUNNING and 0 < target.num_computed_tokens < 20
+    elif state == "decoding":
+        while len(target.output_token_ids) < 2:
+            out = sched.schedule()
+            sched.update(out, model.step(out))
+    elif state == "preempted":
+        while target.status is not RequestStatus.PREEMPTED:  # old grows until target must give way
+            out = sched.schedule()
+            sched.update(out, model.step(out))
+        assert target.block_table is None and sched.stats()["num_preemptions"] >= 1
+    elif state == "between_steps":
+        out = sched.schedule()
+        sampled = model.step(out)
+        assert any(c.request is target for c in out.chunks)
+    others = {b for r in sched.running if r is not target for b in r.block_table.blocks}
+    assert sched.abort(target.request_id) is target
+    assert target.finish_reason == "abort" and target.is_finished and target.block_table is None
+    assert target not in sched.running and target not in sched.waiting and target.request_id not in sched.requests
+    assert _held(sched) == others  # the target's blocks were freed at once
+    if state == "between_steps":
+        sched.update(out, sampled)  # its chunk is ignored
+    assert sched.abort(target.request_id) is None
+    while sched.has_unfinished():
+        out = sched.schedule()
+        sched.update(out, model.step(out))
+    assert pool.num_free_blocks == 8 and not any(pool.ref_counts)
+    if target is not old:
+        assert old.output_token_ids == alone(old, 32)
+
+
+def test_stats():
+    pool = BlockPool(6, 4)
+    sched = Scheduler(pool, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=24)
+    assert sched.stats() == dict(num_running=0, num_waiting=0, num_preemptions=0, kv_blocks_used=0,
+                                 kv_blocks_free=6, prefix_cache_hit_rate=None, prefix_cache_queries=0,
+                                 prefix_cache_hits=0, tokens_scheduled=0)
+    for i in range(3):
+        sched.add(req(i, range(5), max_new_tokens=19))
+    model = FakeModel(pool)
+    out = sched.schedule()
+    s = sched.stats()
+    assert (s["num_running"], s["num_waiting"], s["kv_blocks_used"], s["kv_blocks_free"]) == (2, 1, 4, 2)
+    assert s["tokens_scheduled"] == 8 == out.num_tokens  # 5 + 3 of the second prompt
+    total = 8
+    while sched.has_unfinished():
+        sched.update(out, model.step(out))
+        out = sched.schedule() if sched.has_unfinished() else None
+        total += out.num_tokens if out else 0
+    s = sched.stats()
+    assert s["tokens_scheduled"] == total and s["num_preemptions"] > 0  # two requests of 24 tokens in 24 slots
+    assert (s["num_running"], s["num_waiting"], s["kv_blocks_used"], s["kv_blocks_free"]) == (0, 0, 0, 6)
+
+    sched = Scheduler(BlockPool(6, 4), max_model_len=24, enable_prefix_caching=True)
+    model = FakeModel(sched.pool)  # one model: the cache content outlives the requests
+    assert sched.stats()["prefix_cache_hit_rate"] == 0.0
+    a, b = req("a", range(9), max_new_tokens=1), req("b", range(9), max_new_tokens=1)
+    sched.add(a)
+    run(sched, model)
+    sched.add(b)
+    run(sched, model)
+    assert b.num_cached_tokens == 8
+    assert sched.stats()["prefix_cache_hit_rate"] == 8 / 18 and sched.stats()["prefix_cache_hits"] == 8

@@ -2,7 +2,8 @@
 
 The cache is `num_blocks` blocks of `block_size` token slots each. A sequence owns a list of blocks (its
 `BlockTable`); the K/V of its token at position `pos` live in slot `blocks[pos // block_size] * block_size +
-pos % block_size`. Blocks are ref-counted so sequences can share a prefix later.
+pos % block_size`. Blocks are ref-counted so that sequences can share a prefix: full, computed blocks can be
+registered under a hash of their content chained over the prefix, and outlive their sequence until evicted.
 
 The scheduler imports this module and must not need torch, so torch is imported only inside the tensor
 helpers at the bottom.
@@ -10,8 +11,8 @@ helpers at the bottom.
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,11 +43,15 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class BlockPool:
-    """`num_blocks` blocks of `block_size` slots: a free list and a reference count per block.
+    """`num_blocks` blocks of `block_size` slots: a free list, a reference count per block, and a prefix cache.
 
-    A block is either free (refcount 0, on the free list) or held (refcount >= 1). Prefix sharing will add a
-    third state, cached (refcount 0, content kept, found by hash, evicted LRU when the free list runs dry),
-    in a map beside the free list: `free()` then parks hashed blocks there and `allocate()` evicts from it.
+    A block is in one of three states:
+    - free: refcount 0, on the free list, content meaningless;
+    - held: refcount >= 1, owned by one or more block tables;
+    - cached: refcount 0 but registered under a content hash (`cache()`), so a later request with the same
+      prefix can take it back (`lookup()` + `incref()`) instead of recomputing it. Cached blocks sit in an LRU
+      set and are evicted, oldest first, when the free list is empty. They count as free in `num_free_blocks`.
+    A held block may be registered too (its hash stays with it while held, shared or not).
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
@@ -55,35 +60,58 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
-        # FIFO: a freed block is reused last, which will let a cached prefix survive longest.
+        # FIFO: a freed block is reused last, which lets a cached prefix survive longest.
         self._free_ids: deque[int] = deque(range(num_blocks))
+        self.block_hashes: list[int | None] = [None] * num_blocks
+        self._hash_to_block: dict[int, int] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, refcount 0; first = least recently used
+        self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_ids)
+        return len(self._free_ids) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache, held or evictable."""
+        return len(self._hash_to_block)
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free_ids)
+        return num_blocks <= self.num_free_blocks
 
     def allocate(self, num_blocks: int) -> list[int]:
-        """Take `num_blocks` free blocks (refcount 1 each); all or nothing: raises OutOfBlocks."""
+        """Take `num_blocks` blocks (refcount 1 each), free ones first, then evicting cached ones LRU.
+
+        All or nothing: raises OutOfBlocks.
+        """
         _check_int("num_blocks", num_blocks, 0)
-        if num_blocks > len(self._free_ids):
-            raise OutOfBlocks(f"need {num_blocks} KV-cache blocks, {len(self._free_ids)} of {self.num_blocks} free")
-        blocks = [self._free_ids.popleft() for _ in range(num_blocks)]
-        for b in blocks:
+        if num_blocks > self.num_free_blocks:
+            raise OutOfBlocks(f"need {num_blocks} KV-cache blocks, {self.num_free_blocks} of {self.num_blocks} free")
+        blocks = []
+        for _ in range(num_blocks):
+            if self._free_ids:
+                b = self._free_ids.popleft()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                del self._hash_to_block[self.block_hashes[b]]
+                self.block_hashes[b] = None
+                self.num_evictions += 1
             self.ref_counts[b] = 1
+            blocks.append(b)
         return blocks
 
     def incref(self, blocks: Iterable[int]) -> None:
-        """Add a holder to each of `blocks` (all must be held already)."""
+        """Add a holder to each of `blocks`: held ones, or cached ones (which leave the evictable set)."""
         blocks = list(blocks)
         self._check_held(dict.fromkeys(blocks, 1), "share")
         for b in blocks:
+            if self.ref_counts[b] == 0:
+                del self._evictable[b]
             self.ref_counts[b] += 1
 
     def free(self, blocks: Iterable[int]) -> None:
-        """Drop one holder from each of `blocks`; a block at refcount 0 goes back to the free list.
+        """Drop one holder from each of `blocks`. At refcount 0 a cached block becomes evictable (most recently
+        used), any other goes back to the free list.
 
         Raises ValueError, and changes nothing, if a block would be freed more often than it is held.
         """
@@ -92,15 +120,48 @@ class BlockPool:
         for b in blocks:
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:
-                self._free_ids.append(b)
+                if self.block_hashes[b] is None:
+                    self._free_ids.append(b)
+                else:
+                    self._evictable[b] = None
+
+    def lookup(self, block_hash: int) -> int | None:
+        """The cached block with this content hash, or None. Does not take it: `incref()` does."""
+        return self._hash_to_block.get(block_hash)
+
+    def cache(self, block: int, block_hash: int) -> bool:
+        """Register a held, full, computed block under `block_hash`. Returns whether it is now the cached block
+        for that hash: if another block already is (two requests computed the same prefix at once), the first
+        stays and this one is freed normally later. Re-registering a block under its own hash is a no-op.
+        """
+        if self.ref_counts[block] < 1:
+            raise ValueError(f"cannot cache block {block}: it is not held")
+        if self.block_hashes[block] is not None:
+            if self.block_hashes[block] != block_hash:
+                raise ValueError(f"block {block} is already cached under another hash (rewritten while cached?)")
+            return True
+        if block_hash in self._hash_to_block:
+            return False
+        self._hash_to_block[block_hash] = block
+        self.block_hashes[block] = block_hash
+        return True
 
     def _check_held(self, counts: dict[int, int], action: str) -> None:
         for b, n in counts.items():
             if not (isinstance(b, int) and 0 <= b < self.num_blocks):
                 raise ValueError(f"no block {b!r} in a pool of {self.num_blocks}")
+            if action == "share" and b in self._evictable:
+                continue
             if self.ref_counts[b] < n:
                 raise ValueError(f"cannot {action} block {b} {n} time(s): its refcount is {self.ref_counts[b]}"
                                  + (" (double free?)" if action == "free" else ""))
+
+
+def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """Content hash of a full block, chained over its prefix: equal hashes mean equal whole prefixes, up to
+    collisions of Python's 64-bit tuple hash (fine for one process's cache; not collision-resistant against
+    an adversary choosing prompts, where a cryptographic hash would be needed)."""
+    return hash((parent_hash, tuple(token_ids)))
 
 
 class BlockTable:
@@ -133,7 +194,9 @@ class BlockTable:
 
     def free(self) -> None:
         """Give every block back to the pool; the table is empty afterwards."""
-        self.pool.free(self.blocks)
+        # Tail first: cached blocks then become evictable tail first, so eviction takes a prefix's last blocks
+        # before its first ones (a later block is useless for a hit once an earlier one is gone).
+        self.pool.free(reversed(self.blocks))
         self.blocks = []
         self.num_tokens = 0
 

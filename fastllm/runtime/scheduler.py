@@ -11,6 +11,11 @@ One step, `schedule()` then `update()`:
 3. The runner computes the chunks and samples a token for each chunk that reaches its request's last known
    token; `update()` appends them, advances the requests and finishes those that stop.
 
+With `enable_prefix_caching`, a request admitted in step 2 first takes the longest run of its leading full
+blocks that are already in the pool's prefix cache (same chained content hash) and starts computing after
+them; `update()` registers each block that became full and computed. Shared blocks are never written: only
+full blocks are registered, and a request always computes at least its last known token itself.
+
 Progress is guaranteed: the pool holds at least `max_model_len` tokens (checked when the scheduler is built),
 so the oldest running request, or the oldest waiting one when none runs, always fits.
 """
@@ -21,7 +26,7 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from fastllm.runtime.kv_cache import BlockPool, BlockTable, OutOfBlocks
+from fastllm.runtime.kv_cache import BlockPool, BlockTable, OutOfBlocks, blocks_needed, hash_block
 
 FINISH_REASONS = ("length", "stop", "abort")
 
@@ -48,6 +53,8 @@ class Request:
     block_table: BlockTable | None = None
     finish_reason: str | None = None
     arrival_index: int = -1  # FCFS order, set by Scheduler.add
+    num_cached_tokens: int = 0  # prefix-cache hit at the last admission, in tokens
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks (prefix caching)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -104,10 +111,11 @@ class Scheduler:
         max_num_batched_tokens: most positions computed in one step, over all requests.
         max_model_len: most positions a request computes. A request finishes with "length" when it holds
             `max_model_len` tokens (or, if its prompt is exactly that long, after its first new token).
+        enable_prefix_caching: reuse the K/V of full blocks that earlier requests computed for the same prefix.
     """
 
     def __init__(self, pool: BlockPool, *, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 max_model_len: int) -> None:
+                 max_model_len: int, enable_prefix_caching: bool = False) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                             ("max_model_len", max_model_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -127,6 +135,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()  # WAITING and PREEMPTED
         self.running: list[Request] = []
         self._num_arrived = 0
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        # Cumulative counters for stats().
+        self.num_preemptions = 0
+        self.tokens_scheduled = 0
+        self.prefix_cache_queries = 0  # tokens looked up at admission
+        self.prefix_cache_hits = 0  # of which found cached
 
     def add(self, request: Request) -> None:
         """Queue a new request. Raises ValueError (and adds nothing) if it is malformed or cannot run."""
@@ -170,13 +184,9 @@ class Scheduler:
             budget -= n
         while not preempted and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
-            table = BlockTable(self.pool)
-            try:
-                table.ensure_capacity(req.num_tokens)  # the whole known list, so a split prefill cannot stall
-            except OutOfBlocks:
+            if not self._admit(req):
                 break  # strict FCFS: later requests wait behind it
             self.waiting.popleft()
-            req.block_table, req.status = table, RequestStatus.RUNNING
             self.running.append(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             chunks.append(self._chunk(req, n))
@@ -187,6 +197,8 @@ class Scheduler:
                                f"waiting, {self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
                                + (f"; request {head.request_id!r} needs {head.num_tokens} token slots" if head else "")
                                + " (is the pool shared with another owner?)")
+        self.num_preemptions += len(preempted)
+        self.tokens_scheduled += sum(c.num_tokens for c in chunks)
         return SchedulerOutput(chunks, preempted)
 
     def update(self, output: SchedulerOutput, sampled: dict[str | int, int]) -> list[Request]:
@@ -208,6 +220,8 @@ class Scheduler:
         for c in live:
             req = c.request
             req.num_computed_tokens += c.num_tokens
+            if self.enable_prefix_caching:
+                self._cache_blocks(req, c.start)
             if not c.samples:
                 continue
             token = sampled[req.request_id]
@@ -240,6 +254,63 @@ class Scheduler:
         if request is not None:
             self.finish(request, "abort")
         return request
+
+    def stats(self) -> dict:
+        """Plain-data metrics: queue sizes, cumulative counters, block usage, prefix-cache hit rate (in tokens;
+        None when prefix caching is off, 0.0 before the first admission)."""
+        rate = None
+        if self.enable_prefix_caching:
+            rate = self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        free = self.pool.num_free_blocks
+        return dict(num_running=len(self.running), num_waiting=len(self.waiting),
+                    num_preemptions=self.num_preemptions, kv_blocks_used=self.pool.num_blocks - free,
+                    kv_blocks_free=free, prefix_cache_hit_rate=rate, prefix_cache_queries=self.prefix_cache_queries,
+                    prefix_cache_hits=self.prefix_cache_hits, tokens_scheduled=self.tokens_scheduled)
+
+    def _admit(self, req: Request) -> bool:
+        """Give a waiting request a block table for its whole known token list (so a split prefill cannot stall),
+        starting with the cached blocks of its prefix. Returns False, changing nothing, if the blocks are short."""
+        pool, bs = self.pool, self.pool.block_size
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            # At most (num_tokens - 1) // bs blocks: the last token is always computed, for its logits, and
+            # so the block being written is never a shared one.
+            for h in self._hashes(req, (req.num_tokens - 1) // bs):
+                b = pool.lookup(h)
+                if b is None:
+                    break
+                hits.append(b)
+        # Evictable hits count as free blocks now but stop being free once taken.
+        missing = blocks_needed(req.num_tokens, bs) - len(hits) + sum(pool.ref_counts[b] == 0 for b in hits)
+        if not pool.can_allocate(missing):
+            return False
+        pool.incref(hits)
+        table = BlockTable(pool)
+        table.blocks, table.num_tokens = list(hits), len(hits) * bs
+        table.ensure_capacity(req.num_tokens)
+        req.block_table, req.status = table, RequestStatus.RUNNING
+        req.num_computed_tokens = req.num_cached_tokens = len(hits) * bs
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += req.num_cached_tokens
+        return True
+
+    def _hashes(self, req: Request, num_blocks: int) -> list[int]:
+        """Chained hashes of the request's first `num_blocks` full blocks (memoized on the request: content only,
+        so they survive preemption)."""
+        bs, hashes = self.pool.block_size, req.block_hashes
+        while len(hashes) < num_blocks:
+            i = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None, req.token_ids(i * bs, (i + 1) * bs)))
+        return hashes[:num_blocks]
+
+    def _cache_blocks(self, req: Request, start: int) -> None:
+        """Register the blocks that a chunk from `start` to `num_computed_tokens` completed."""
+        bs = self.pool.block_size
+        first, end = start // bs, req.num_computed_tokens // bs
+        if first < end:
+            for b, h in zip(req.block_table.blocks[first:end], self._hashes(req, end)[first:]):
+                self.pool.cache(b, h)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         num_new = len(req.output_token_ids)
