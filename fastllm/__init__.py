@@ -2,6 +2,7 @@
 
     model = fastllm.optimize(AutoModelForCausalLM.from_pretrained(...))
     model.generate(...)            # same call, same result
+    fastllm.LLM(model).generate(prompts, fastllm.SamplingParams(temperature=0))   # offline batches
     print(fastllm.explain(model))  # what was fused
 
 Importing fastllm does not initialise CUDA.
@@ -10,7 +11,9 @@ Importing fastllm does not initialise CUDA.
 from fastllm.config import ALL_PASSES, OptimizeConfig
 from fastllm.explain import Report, explain
 from fastllm.optimize import optimize
+from fastllm.runtime.engine import LLM
+from fastllm.runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["ALL_PASSES", "OptimizeConfig", "Report", "explain", "optimize", "__version__"]
+__all__ = ["ALL_PASSES", "LLM", "OptimizeConfig", "Report", "SamplingParams", "explain", "optimize", "__version__"]

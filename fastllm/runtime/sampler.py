@@ -1,15 +1,21 @@
-"""Turn a step's logits into next tokens, with Hugging Face's logits processing and order.
+"""Turn a step's logits into next tokens.
 
-Order (as transformers applies them): repetition penalty, then when sampling temperature, top-k, top-p and
-min-p; then argmax (greedy) or a multinomial draw from the softmax. Rows are sampled independently; each
-row carries its own parameters, so requests with different settings share one step.
+Two front ends over the same ideas:
+- `sample()` with `SamplingOptions`, for the HF-compatible generate(): Hugging Face's processors and order
+  (repetition penalty, then when sampling temperature, top-k, top-p and min-p; then argmax or a
+  multinomial draw from the softmax).
+- `sample_rows()` with one `SamplingParams` per row, for the `LLM` engine: vLLM's fields and order, per-row
+  values in one batch, presence/frequency penalties, bad words, min_tokens masking, per-request seeds and
+  logprobs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from fastllm.runtime.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -79,3 +85,144 @@ def sample(logits: torch.Tensor, options: list[SamplingOptions], histories: list
             generator = generators[i] if generators else None
             tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
     return tokens, scores
+
+
+# ---- LLM engine: per-request SamplingParams (vLLM semantics) ---------------------------------------------
+
+
+@dataclass
+class RowContext:
+    """What the sampler needs to know about one sampled row besides its logits.
+
+    Args:
+        params: the request's SamplingParams.
+        prompt_token_ids, output_token_ids: the request's tokens so far (not copied; read only).
+        generator: the request's own generator when it has a seed, else None (the global RNG).
+        bad_words_token_ids: token sequences of `params.bad_words`.
+        masked_token_ids: ids masked this step (EOS and stop ids while fewer than `min_tokens` are out).
+    """
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    masked_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class SampleOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]  # per row: token id -> logprob, or None if not asked
+
+
+def banned_token_ids(row: RowContext) -> list[int]:
+    """Token ids this row must not sample now: min_tokens stops, and bad words whose prefix just occurred."""
+    banned = list(row.masked_token_ids)
+    for word in row.bad_words_token_ids:
+        prefix = word[:-1]
+        if not prefix:
+            banned.append(word[-1])
+            continue
+        # The word's last token is banned when the sequence so far ends with the rest of the word; look at
+        # the prompt too, so a word split between prompt and output is caught.
+        history = row.output_token_ids
+        if len(history) < len(prefix):
+            history = row.prompt_token_ids[-(len(prefix) - len(history)):] + history
+        if history[-len(prefix):] == prefix:
+            banned.append(word[-1])
+    return banned
+
+
+def apply_penalties(scores: torch.Tensor, row: RowContext) -> torch.Tensor:
+    """One row's scores [V] after repetition (prompt + output), presence and frequency (output) penalties.
+
+    The OpenAI / vLLM definition: score -= presence * (count > 0) + frequency * count, counts over the
+    generated tokens; repetition divides positive scores and multiplies negative ones (HF, CTRL paper).
+    """
+    p = row.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(row.prompt_token_ids + row.output_token_ids, device=scores.device).unique()
+        values = scores[seen]
+        scores[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+        counts = torch.bincount(torch.tensor(row.output_token_ids, device=scores.device), minlength=scores.shape[-1])
+        scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return scores
+
+
+def _truncate(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+    """Top-k, then top-p, then min-p over already temperature-scaled scores [N, V], each row its own values."""
+    vocab = scores.shape[-1]
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=scores.device)
+    top_p = torch.tensor([float(r.params.top_p) for r in rows], device=scores.device)
+    min_p = torch.tensor([float(r.params.min_p) for r in rows], device=scores.device)
+    if (top_k < vocab).any() or (top_p < 1).any():
+        ordered, order = scores.sort(-1, descending=True)
+        rank = torch.arange(vocab, device=scores.device)
+        remove = rank >= top_k.clamp(max=vocab)[:, None]
+        ordered = ordered.masked_fill(remove, -float("inf"))
+        probs = ordered.softmax(-1)
+        # Drop a token once the tokens ranked above it already hold top_p of the mass (the top one never is).
+        remove |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+        remove[:, 0] = False
+        scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    if (min_p > 0).any():
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, -float("inf"))
+    return scores
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:
+    """Next token of each row of `logits` [N, V] fp32 under its own SamplingParams.
+
+    Order (vLLM's): masks (bad words, min_tokens), penalties, temperature, top-k, top-p, min-p, then argmax
+    for greedy rows (temperature 0) or a draw for the others. A draw is argmax(probs / E) with E ~ Exp(1)
+    per token (an exact sample of the categorical distribution); a seeded row draws its E from its own
+    generator, once per sampled token, so its tokens depend only on its seed and its logits, never on the
+    batch it shares. Unseeded rows draw theirs from the global RNG in one call.
+    """
+    scores = logits.clone()
+    for i, row in enumerate(rows):
+        banned = banned_token_ids(row)
+        if banned:
+            scores[i, banned] = -float("inf")
+        p = row.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            apply_penalties(scores[i], row)
+    greedy = [r.params.temperature == 0 for r in rows]
+    tokens = scores.argmax(-1)
+    drawn = [i for i, g in enumerate(greedy) if not g]
+    if drawn:
+        sub = scores[drawn]
+        temperature = torch.tensor([float(rows[i].params.temperature) for i in drawn], device=sub.device)
+        sub = _truncate(sub / temperature[:, None], [rows[i] for i in drawn])
+        noise = torch.empty_like(sub)
+        unseeded = [j for j, i in enumerate(drawn) if rows[i].generator is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), sub.shape[-1], device=sub.device).exponential_()
+        for j, i in enumerate(drawn):
+            if rows[i].generator is not None:
+                noise[j].exponential_(generator=rows[i].generator)
+        # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
+        tokens[drawn] = (sub.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+    token_ids = tokens.tolist()
+    return SampleOutput(token_ids, _logprobs(logits, rows, token_ids))
+
+
+def _logprobs(logits: torch.Tensor, rows: list[RowContext], token_ids: list[int]) -> list[dict[int, float] | None]:
+    """Raw-distribution logprobs (log_softmax of the model's logits) of the top-k tokens and the sampled one."""
+    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    out: list[dict[int, float] | None] = [None] * len(rows)
+    if not wanted:
+        return out
+    logp = logits[wanted].log_softmax(-1)
+    k = min(max(rows[i].params.logprobs for i in wanted), logp.shape[-1])
+    top_values, top_ids = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+    chosen = logp.gather(1, torch.tensor([token_ids[i] for i in wanted], device=logp.device)[:, None])[:, 0]
+    for j, i in enumerate(wanted):
+        n = rows[i].params.logprobs
+        entry = dict(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist()))
+        entry[token_ids[i]] = chosen[j].item()
+        out[i] = entry
+    return out

@@ -1,0 +1,414 @@
+"""`LLM`: the offline batch engine (vLLM's `LLM`) on fastllm's runtime.
+
+    llm = fastllm.LLM("path/to/model")        # or LLM(hf_model, tokenizer=tok), optimized or not
+    outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].outputs[0].text)
+
+All prompts of a call go into one scheduler at once (in-flight batching, chunked prefill, preemption when the
+KV cache runs out); the sampler applies each request's own SamplingParams in the same step. A request that
+cannot run (empty prompt, prompt longer than the context, invalid sampling values, ...) finishes alone with
+`finish_reason="abort"` and an `error` message; the others complete.
+
+Stop strings follow vLLM: a completion ends as soon as its detokenized text contains one, and the returned
+text is cut before the stop string (`token_ids` keep every generated token, including those that spelled
+it). EOS and `stop_token_ids` tokens stay in `token_ids`; the text is decoded with `skip_special_tokens`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from fastllm.runtime.sampler import RowContext, sample_rows
+from fastllm.runtime.sampling_params import SamplingParams
+from fastllm.runtime.scheduler import Request, Scheduler
+
+# Engine-level scheduling settings that an already-optimized model can still take (they do not touch the
+# runner's cache or graphs); every other option must go to optimize().
+_ENGINE_OPTIONS = ("max_num_batched_tokens", "max_num_seqs")
+# Upper bounds (seconds) of the latency histogram buckets in `LLM.metrics()`; the last bucket is open.
+HISTOGRAM_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class CompletionOutput:
+    """One completion of a prompt.
+
+    Args:
+        index: which of the request's `n` completions this is.
+        text: the generated text (cut before a stop string); "" without a tokenizer.
+        token_ids: the generated tokens.
+        finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens or the context) or
+            "abort" (the request failed: see `RequestOutput.error`).
+        logprobs: per generated token, {token id: logprob} for the top `SamplingParams.logprobs` tokens and
+            the sampled one (raw model distribution); None unless asked.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestMetrics:
+    """`time.perf_counter()` stamps of one request; `first_token_time` is None if it generated nothing."""
+
+    arrival_time: float
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_generated_tokens: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        """Mean time between output tokens after the first (None with fewer than two tokens)."""
+        if self.first_token_time is None or self.finish_time is None or self.num_generated_tokens < 2:
+            return None
+        return (self.finish_time - self.first_token_time) / (self.num_generated_tokens - 1)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    error: str | None = None  # why the request was aborted (None when it ran)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """Engine-side state of one completion (one scheduler request)."""
+
+    request: Request
+    params: SamplingParams
+    output: RequestOutput
+    index: int
+    generator: torch.Generator | None
+    bad_words_token_ids: list[list[int]]
+    stop_ids: frozenset[int]  # masked until min_tokens are out
+    logprobs: list[dict[int, float]] | None
+    first_token_time: float | None = None
+    text: str | None = None  # set when a stop string ended it
+
+    def row(self) -> RowContext:
+        r = self.request
+        masked = self.stop_ids if len(r.output_token_ids) < self.params.min_tokens else frozenset()
+        return RowContext(self.params, r.prompt_token_ids, r.output_token_ids, self.generator,
+                          self.bad_words_token_ids, masked)
+
+
+class LLM:
+    """An offline batch engine over a Hugging Face causal LM.
+
+    Args:
+        model_or_path: a `PreTrainedModel` (optimized by `fastllm.optimize` or not: if not, it is optimized
+            here with `**config`) or a local path / hub id loaded with `AutoModelForCausalLM`.
+        tokenizer: a tokenizer or its path; default: loaded from `model_or_path` when that is a path. Needed
+            for string prompts, text outputs, stop strings and bad words.
+        dtype: weights dtype (`torch.dtype` or "auto") when loading from a path, or to convert a model to.
+        device: device to load or move the model to.
+        **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...).
+            An already-optimized model takes only `max_num_batched_tokens` and `max_num_seqs`.
+
+    Raises:
+        RuntimeError: the model cannot run on fastllm's paged runtime (the message says why).
+    """
+
+    def __init__(self, model_or_path, *, tokenizer=None, dtype=None, device=None, **config) -> None:
+        import transformers
+
+        from fastllm.optimize import _build_runtime, optimize
+
+        if isinstance(model_or_path, (str, os.PathLike)):
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_or_path, **kwargs).eval()
+            if tokenizer is None:
+                try:
+                    tokenizer = transformers.AutoTokenizer.from_pretrained(model_or_path)
+                except (OSError, ValueError):
+                    tokenizer = None  # token-id prompts still work; string prompts say what is missing
+        else:
+            model = model_or_path
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+        state = getattr(model, "_fastllm_state", None)
+        engine_options = {}
+        if state is None:
+            if dtype is not None and not isinstance(model_or_path, (str, os.PathLike)):
+                model = model.to(dtype=dtype)
+            if device is not None:
+                model = model.to(device)
+            model = optimize(model, **config)
+            state = model._fastllm_state
+        else:
+            engine_options = {k: config.pop(k) for k in _ENGINE_OPTIONS if k in config}
+            if config or dtype is not None or device is not None:
+                given = sorted(config) + [k for k, v in (("dtype", dtype), ("device", device)) if v is not None]
+                raise ValueError(f"{type(model).__name__} is already optimized: {', '.join(given)} must be given to "
+                                 f"fastllm.optimize(); LLM() only takes {', '.join(_ENGINE_OPTIONS)} for it")
+        runtime = _build_runtime(model, state) if state.fallback_reason is None else None
+        if runtime is None:
+            raise RuntimeError(f"{type(model).__name__} cannot run on fastllm's paged runtime: "
+                               f"{state.runtime_error or state.fallback_reason}")
+        self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
+        self.runner = runtime.runner
+        self.scheduler = Scheduler(
+            self.runner.pool, max_num_seqs=engine_options.get("max_num_seqs", self.runner.max_num_seqs),
+            max_num_batched_tokens=engine_options.get("max_num_batched_tokens", runtime.max_num_batched_tokens),
+            max_model_len=self.runner.max_model_len)
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self._ids = itertools.count()
+        self._sequences: dict[str, _Sequence] = {}
+        self.num_preemptions = 0
+        self.num_generated_tokens = 0
+        self.num_finished_requests = 0
+        self.num_aborted_requests = 0
+        self._ttft: list[float] = []
+        self._tpot: list[float] = []
+
+    # ---- public API --------------------------------------------------------------------------------------
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete every prompt; returns one `RequestOutput` per prompt, in input order.
+
+        Args:
+            prompts: a string, a list of strings, a list of token-id lists, or one token-id list.
+            sampling_params: one `SamplingParams` for all prompts, or a list with one per prompt (a dict of
+                SamplingParams fields also works; an invalid one aborts that request alone). Default:
+                `SamplingParams()`.
+            use_tqdm: show a progress bar over requests.
+
+        Raises:
+            ValueError: `sampling_params` is a list whose length differs from the number of prompts.
+        """
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; pass one "
+                                 f"SamplingParams or one per prompt")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(prompts)
+        outputs = [self._add(prompt, params) for prompt, params in zip(prompts, params_list)]
+        pending = {id(o): sum(s.output is o for s in self._sequences.values()) for o in outputs}
+        bar = tqdm(total=len(outputs), desc="fastllm: generating", disable=not use_tqdm, leave=False)
+        bar.update(sum(1 for n in pending.values() if n == 0))
+        try:
+            while self.scheduler.has_unfinished():
+                for seq in self._step():
+                    pending[id(seq.output)] -= 1
+                    if pending[id(seq.output)] == 0:
+                        bar.update(1)
+        finally:
+            for rid in list(self._sequences):  # an exception or Ctrl-C: give every block back
+                self.scheduler.abort(rid)
+                self._complete(self._sequences[rid], time.perf_counter())
+            bar.close()
+        for out in outputs:
+            self._record_metrics(out)
+        return outputs
+
+    def metrics(self) -> dict:
+        """Engine counters: requests, KV blocks, tokens, preemptions, TTFT / TPOT samples and histograms.
+
+        Histograms are counts per bucket with upper bounds `HISTOGRAM_BOUNDS` seconds (plus one open bucket).
+        """
+        pool = self.runner.pool
+        return {
+            "num_running_requests": len(self.scheduler.running),
+            "num_waiting_requests": len(self.scheduler.waiting),
+            "kv_blocks_total": pool.num_blocks,
+            "kv_blocks_free": pool.num_free_blocks,
+            "kv_blocks_used": pool.num_blocks - pool.num_free_blocks,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_finished_requests": self.num_finished_requests,
+            "num_aborted_requests": self.num_aborted_requests,
+            "num_preemptions": self.num_preemptions,
+            "time_to_first_token_s": list(self._ttft),
+            "time_per_output_token_s": list(self._tpot),
+            "histogram_bounds_s": list(HISTOGRAM_BOUNDS),
+            "time_to_first_token_histogram": _histogram(self._ttft),
+            "time_per_output_token_histogram": _histogram(self._tpot),
+        }
+
+    # ---- admission ---------------------------------------------------------------------------------------
+
+    def _add(self, prompt, params) -> RequestOutput:
+        """A RequestOutput for `prompt`, its completions queued; or, if it cannot run, aborted with `error`."""
+        request_id = str(next(self._ids))
+        out = RequestOutput(request_id, prompt if isinstance(prompt, str) else None, None, [], True,
+                            RequestMetrics(arrival_time=time.perf_counter()))
+        added: list[str] = []
+        try:
+            if isinstance(params, dict):
+                params = SamplingParams(**params)
+            if not isinstance(params, SamplingParams):
+                raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+            params.validate()
+            out.prompt_token_ids = self._prompt_token_ids(prompt)
+            needs_text = [name for name in ("stop", "bad_words") if getattr(params, name)]
+            if needs_text and self.tokenizer is None:
+                raise ValueError(f"{' and '.join(needs_text)} need a tokenizer: pass LLM(..., tokenizer=...)")
+            bad_words = self._bad_words_token_ids(params.bad_words or [])
+            eos = frozenset() if params.ignore_eos else self.eos_token_ids
+            stop_ids = eos | frozenset(params.stop_token_ids or ())
+            for index in range(params.n):
+                rid = f"{request_id}:{index}"
+                req = Request(rid, out.prompt_token_ids, max_new_tokens=params.max_tokens,
+                              min_new_tokens=params.min_tokens, eos_token_ids=stop_ids)
+                self.scheduler.add(req)  # ValueError: empty prompt, longer than the context, ...
+                added.append(rid)
+                generator = None
+                if params.seed is not None:
+                    generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+                self._sequences[rid] = _Sequence(req, params, out, index, generator, bad_words, stop_ids,
+                                                 [] if params.logprobs is not None else None)
+                out.outputs.append(CompletionOutput(index, "", [], None))
+        except (ValueError, TypeError) as error:  # TypeError: SamplingParams(**dict) with an unknown field
+            for rid in added:
+                self.scheduler.abort(rid)
+                del self._sequences[rid]
+            n = params.n if isinstance(params, SamplingParams) and isinstance(params.n, int) else 1
+            out.outputs = [CompletionOutput(i, "", [], "abort") for i in range(max(1, min(n, 64)))]
+            out.error = f"{type(error).__name__}: {error}"
+            out.metrics.finish_time = time.perf_counter()
+            self.num_aborted_requests += 1
+        return out
+
+    def _prompt_token_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a string prompt needs a tokenizer: pass LLM(..., tokenizer=...) or token ids")
+            return list(self.tokenizer(prompt).input_ids)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            return list(prompt)
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        # Like vLLM: the word as given and with a leading space, since BPE vocabularies spell a word that
+        # follows a space as a different token.
+        sequences = []
+        for word in words:
+            for variant in (word, " " + word.lstrip()):
+                ids = list(self.tokenizer(variant, add_special_tokens=False).input_ids)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    def _step(self) -> list[_Sequence]:
+        """Schedule, run and sample one step; returns the sequences that finished in it."""
+        step = self.scheduler.schedule()
+        self.num_preemptions += len(step.preempted)
+        logits = self.runner.execute(step.chunks)
+        sampled = [self._sequences[c.request.request_id] for c in step.chunks if c.samples]
+        result = sample_rows(logits, [seq.row() for seq in sampled])
+        now = time.perf_counter()
+        self.scheduler.update(step, {seq.request.request_id: t for seq, t in zip(sampled, result.token_ids)})
+        self.num_generated_tokens += len(sampled)
+        done = []
+        for seq, logprobs in zip(sampled, result.logprobs):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.logprobs is not None:
+                seq.logprobs.append(logprobs)
+            if not seq.request.is_finished and seq.params.stop and self._hit_stop_string(seq):
+                self.scheduler.finish(seq.request, "stop")
+            if seq.request.is_finished:
+                self._complete(seq, now)
+                done.append(seq)
+        return done
+
+    def _hit_stop_string(self, seq: _Sequence) -> bool:
+        """Whether the text now holds a stop string; if so, keeps the text before the first one in `seq.text`."""
+        tokens = seq.request.output_token_ids
+        if len(tokens) < seq.params.min_tokens:
+            return False
+        # Only the tail can hold a new match (earlier ones stopped the request then): decode enough trailing
+        # tokens for the longest stop string (a token is >= 1 character; 2 spare for partial characters).
+        window = max(len(s) for s in seq.params.stop) + 2
+        tail = self.tokenizer.decode(tokens[-window:], skip_special_tokens=True)
+        if not any(s in tail for s in seq.params.stop):
+            return False
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        cuts = [text.find(s) for s in seq.params.stop if s in text]
+        if not cuts:
+            return False
+        seq.text = text[:min(cuts)]
+        return True
+
+    def _complete(self, seq: _Sequence, now: float) -> None:
+        """Fill the completion's output from its finished request and forget the sequence."""
+        req = seq.request
+        del self._sequences[req.request_id]
+        text = seq.text
+        if text is None:
+            text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True) if self.tokenizer else ""
+        seq.output.outputs[seq.index] = CompletionOutput(seq.index, text, list(req.output_token_ids),
+                                                         req.finish_reason, seq.logprobs)
+        m = seq.output.metrics
+        if seq.first_token_time is not None:
+            m.first_token_time = min(m.first_token_time or seq.first_token_time, seq.first_token_time)
+        m.finish_time = max(m.finish_time or now, now)
+        m.num_generated_tokens += len(req.output_token_ids)
+
+    def _record_metrics(self, out: RequestOutput) -> None:
+        if out.error is not None:
+            return
+        if any(c.finish_reason == "abort" for c in out.outputs):
+            self.num_aborted_requests += 1
+            return
+        self.num_finished_requests += 1
+        # Per completion for TPOT: n completions decode in parallel, so the request's total would overcount.
+        per_completion = out.metrics.num_generated_tokens / max(len(out.outputs), 1)
+        m = RequestMetrics(out.metrics.arrival_time, out.metrics.first_token_time, out.metrics.finish_time,
+                           round(per_completion))
+        if m.time_to_first_token is not None:
+            self._ttft.append(m.time_to_first_token)
+        if m.time_per_output_token is not None:
+            self._tpot.append(m.time_per_output_token)
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one tokenized prompt
+    return prompts
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    for eos in (model.generation_config.eos_token_id if model.generation_config is not None else None,
+                model.config.eos_token_id, tokenizer.eos_token_id if tokenizer is not None else None):
+        if eos is not None:
+            return frozenset([eos] if isinstance(eos, int) else eos)
+    return frozenset()
+
+
+def _histogram(values: list[float]) -> list[int]:
+    counts = [0] * (len(HISTOGRAM_BOUNDS) + 1)
+    for v in values:
+        counts[next((i for i, b in enumerate(HISTOGRAM_BOUNDS) if v <= b), len(HISTOGRAM_BOUNDS))] += 1
+    return counts
