@@ -101,6 +101,16 @@ def test_chunked_prefill_gives_the_same_tokens(llm, workload, alone):
     assert _no_leaks(chunked)
 
 
+def test_prefix_caching_gives_the_same_tokens(llm, workload, alone):
+    prompts, params = workload
+    cached = LLM(llm.model, enable_prefix_caching=True)
+    for _ in range(2):  # the second pass finds every full prompt block cached
+        outs = cached.generate(prompts, params, use_tqdm=False)
+        assert [_result(o) for o in outs] == alone
+    assert cached.metrics()["prefix_cache_hits"] > 0
+    assert _no_leaks(cached)
+
+
 def test_seeded_sampling_ignores_batch_composition(llm, workload):
     prompts, _ = workload
     seeded = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=7, max_tokens=12, ignore_eos=True)
@@ -158,7 +168,7 @@ def test_metrics(llm, workload):
     after = llm.metrics()
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     assert after["num_generated_tokens"] - before["num_generated_tokens"] == generated
-    assert after["num_running_requests"] == after["num_waiting_requests"] == after["kv_blocks_used"] == 0
+    assert after["num_running"] == after["num_waiting"] == after["kv_blocks_used"] == 0
     assert after["kv_blocks_free"] == after["kv_blocks_total"]
     assert len(after["time_to_first_token_s"]) == len(before["time_to_first_token_s"]) + 4
     assert sum(after["time_to_first_token_histogram"]) == len(after["time_to_first_token_s"])
@@ -335,3 +345,13 @@ def test_sampling_params_defaults():
 def test_already_optimized_model_rejects_optimize_options(llm):
     with pytest.raises(ValueError, match="num_kv_tokens must be given to fastllm.optimize"):
         LLM(llm.model, num_kv_tokens=64)
+
+
+def test_from_a_path(qwen_path, workload, alone):
+    prompts, params = workload
+    llm = LLM(str(qwen_path), num_kv_tokens=128)  # no tokenizer saved there: token ids in, no text out
+    llm.model.generation_config.eos_token_id = EOS
+    llm.eos_token_ids = frozenset(EOS)
+    assert llm.tokenizer is None and llm.runner.max_model_len == 128
+    outs = llm.generate(prompts[:5], params[:5], use_tqdm=False)
+    assert [_result(o) for o in outs] == alone[:5] and outs[0].outputs[0].text == ""

@@ -16,6 +16,7 @@ it). EOS and `stop_token_ids` tokens stay in `token_ids`; the text is decoded wi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -28,9 +29,9 @@ from fastllm.runtime.sampler import RowContext, sample_rows
 from fastllm.runtime.sampling_params import SamplingParams
 from fastllm.runtime.scheduler import Request, Scheduler
 
-# Engine-level scheduling settings that an already-optimized model can still take (they do not touch the
-# runner's cache or graphs); every other option must go to optimize().
-_ENGINE_OPTIONS = ("max_num_batched_tokens", "max_num_seqs")
+# Scheduling settings the engine takes even for an already-optimized model (they do not touch the runner's
+# cache or graphs); every other option must go to optimize().
+_ENGINE_OPTIONS = ("max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching")
 # Upper bounds (seconds) of the latency histogram buckets in `LLM.metrics()`; the last bucket is open.
 HISTOGRAM_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -120,8 +121,10 @@ class LLM:
             for string prompts, text outputs, stop strings and bad words.
         dtype: weights dtype (`torch.dtype` or "auto") when loading from a path, or to convert a model to.
         device: device to load or move the model to.
-        **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...).
-            An already-optimized model takes only `max_num_batched_tokens` and `max_num_seqs`.
+        **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...)
+            and `enable_prefix_caching` (the scheduler reuses the K/V of full prompt blocks computed before).
+            An already-optimized model takes only `max_num_batched_tokens`, `max_num_seqs` and
+            `enable_prefix_caching`.
 
     Raises:
         RuntimeError: the model cannot run on fastllm's paged runtime (the message says why).
@@ -130,6 +133,7 @@ class LLM:
     def __init__(self, model_or_path, *, tokenizer=None, dtype=None, device=None, **config) -> None:
         import transformers
 
+        from fastllm.config import OptimizeConfig
         from fastllm.optimize import _build_runtime, optimize
 
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -140,12 +144,19 @@ class LLM:
                     tokenizer = transformers.AutoTokenizer.from_pretrained(model_or_path)
                 except (OSError, ValueError):
                     tokenizer = None  # token-id prompts still work; string prompts say what is missing
+                # transformers 5 builds an empty tokenizer (one special token) for a folder without tokenizer
+                # files instead of raising; it would decode every output to "".
+                if tokenizer is not None and len(tokenizer) <= 1:
+                    tokenizer = None
         else:
             model = model_or_path
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
         state = getattr(model, "_fastllm_state", None)
-        engine_options = {}
+        known = {f.name for f in dataclasses.fields(OptimizeConfig)}
+        # Options optimize() knows go there (for a new model); the others are the engine's own.
+        engine_options = {k: config.pop(k) for k in _ENGINE_OPTIONS
+                          if k in config and (state is not None or k not in known)}
         if state is None:
             if dtype is not None and not isinstance(model_or_path, (str, os.PathLike)):
                 model = model.to(dtype=dtype)
@@ -153,12 +164,10 @@ class LLM:
                 model = model.to(device)
             model = optimize(model, **config)
             state = model._fastllm_state
-        else:
-            engine_options = {k: config.pop(k) for k in _ENGINE_OPTIONS if k in config}
-            if config or dtype is not None or device is not None:
-                given = sorted(config) + [k for k, v in (("dtype", dtype), ("device", device)) if v is not None]
-                raise ValueError(f"{type(model).__name__} is already optimized: {', '.join(given)} must be given to "
-                                 f"fastllm.optimize(); LLM() only takes {', '.join(_ENGINE_OPTIONS)} for it")
+        elif config or dtype is not None or device is not None:
+            given = sorted(config) + [k for k, v in (("dtype", dtype), ("device", device)) if v is not None]
+            raise ValueError(f"{type(model).__name__} is already optimized: {', '.join(given)} must be given to "
+                             f"fastllm.optimize(); LLM() only takes {', '.join(_ENGINE_OPTIONS)} for it")
         runtime = _build_runtime(model, state) if state.fallback_reason is None else None
         if runtime is None:
             raise RuntimeError(f"{type(model).__name__} cannot run on fastllm's paged runtime: "
@@ -168,17 +177,23 @@ class LLM:
         self.scheduler = Scheduler(
             self.runner.pool, max_num_seqs=engine_options.get("max_num_seqs", self.runner.max_num_seqs),
             max_num_batched_tokens=engine_options.get("max_num_batched_tokens", runtime.max_num_batched_tokens),
-            max_model_len=self.runner.max_model_len)
+            max_model_len=self.runner.max_model_len,
+            enable_prefix_caching=engine_options.get("enable_prefix_caching",
+                                                     getattr(state.config, "enable_prefix_caching", False)))
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._ids = itertools.count()
         self._sequences: dict[str, _Sequence] = {}
-        self.num_preemptions = 0
         self.num_generated_tokens = 0
         self.num_finished_requests = 0
         self.num_aborted_requests = 0
         self._ttft: list[float] = []
         self._tpot: list[float] = []
+
+    @property
+    def num_preemptions(self) -> int:
+        """Requests preempted (blocks freed, recomputed later) since the engine was built."""
+        return self.scheduler.num_preemptions
 
     # ---- public API --------------------------------------------------------------------------------------
 
@@ -226,21 +241,17 @@ class LLM:
         return outputs
 
     def metrics(self) -> dict:
-        """Engine counters: requests, KV blocks, tokens, preemptions, TTFT / TPOT samples and histograms.
-
-        Histograms are counts per bucket with upper bounds `HISTOGRAM_BOUNDS` seconds (plus one open bucket).
+        """Engine counters: the scheduler's `stats()` (running / waiting requests, KV blocks used / free,
+        preemptions, prefix-cache hits), plus generated tokens, finished / aborted requests, and TTFT / TPOT
+        samples (seconds, one per finished request) and histograms: counts per bucket with upper bounds
+        `HISTOGRAM_BOUNDS` seconds, plus one open bucket.
         """
-        pool = self.runner.pool
         return {
-            "num_running_requests": len(self.scheduler.running),
-            "num_waiting_requests": len(self.scheduler.waiting),
-            "kv_blocks_total": pool.num_blocks,
-            "kv_blocks_free": pool.num_free_blocks,
-            "kv_blocks_used": pool.num_blocks - pool.num_free_blocks,
+            **self.scheduler.stats(),
+            "kv_blocks_total": self.runner.pool.num_blocks,
             "num_generated_tokens": self.num_generated_tokens,
             "num_finished_requests": self.num_finished_requests,
             "num_aborted_requests": self.num_aborted_requests,
-            "num_preemptions": self.num_preemptions,
             "time_to_first_token_s": list(self._ttft),
             "time_per_output_token_s": list(self._tpot),
             "histogram_bounds_s": list(HISTOGRAM_BOUNDS),
@@ -286,7 +297,7 @@ class LLM:
                 self.scheduler.abort(rid)
                 del self._sequences[rid]
             n = params.n if isinstance(params, SamplingParams) and isinstance(params.n, int) else 1
-            out.outputs = [CompletionOutput(i, "", [], "abort") for i in range(max(1, min(n, 64)))]
+            out.outputs = [CompletionOutput(i, "", [], "abort") for i in range(max(n, 1))]  # one per completion
             out.error = f"{type(error).__name__}: {error}"
             out.metrics.finish_time = time.perf_counter()
             self.num_aborted_requests += 1
@@ -320,7 +331,6 @@ class LLM:
     def _step(self) -> list[_Sequence]:
         """Schedule, run and sample one step; returns the sequences that finished in it."""
         step = self.scheduler.schedule()
-        self.num_preemptions += len(step.preempted)
         logits = self.runner.execute(step.chunks)
         sampled = [self._sequences[c.request.request_id] for c in step.chunks if c.samples]
         result = sample_rows(logits, [seq.row() for seq in sampled])
