@@ -242,6 +242,13 @@ def test_stop_token_ids_eos_ignore_eos_min_tokens(text_llm):
     assert _no_leaks(text_llm)
 
 
+def test_stop_ids_outside_the_vocabulary_are_harmless(llm, workload, alone):
+    prompts, params = workload
+    p = SamplingParams(**{**vars(params[0]), "stop_token_ids": [VOCAB + 10], "min_tokens": 1})
+    assert alone[0][0][0] not in EOS  # so masking EOS for the first token changes nothing
+    assert _result(llm.generate([prompts[0]], p, use_tqdm=False)[0]) == alone[0]
+
+
 def test_n_completions(text_llm):
     out = text_llm.generate([PROMPT, "Hello"], SamplingParams(n=3, max_tokens=5, seed=1), use_tqdm=False)
     assert [len(o.outputs) for o in out] == [3, 3]

@@ -222,7 +222,8 @@ class LLM:
         else:
             params_list = [sampling_params] * len(prompts)
         outputs = [self._add(prompt, params) for prompt, params in zip(prompts, params_list)]
-        pending = {id(o): sum(s.output is o for s in self._sequences.values()) for o in outputs}
+        # Completions still running per request (an aborted request has none): the bar counts whole requests.
+        pending = {id(o): 0 if o.error is not None else len(o.outputs) for o in outputs}
         bar = tqdm(total=len(outputs), desc="fastllm: generating", disable=not use_tqdm, leave=False)
         bar.update(sum(1 for n in pending.values() if n == 0))
         try:

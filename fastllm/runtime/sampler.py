@@ -183,8 +183,10 @@ def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:
     batch it shares. Unseeded rows draw theirs from the global RNG in one call.
     """
     scores = logits.clone()
+    vocab = scores.shape[-1]
     for i, row in enumerate(rows):
-        banned = banned_token_ids(row)
+        # Ids past the model's vocabulary (a config's EOS, a larger tokenizer's word) can never be sampled.
+        banned = [t for t in banned_token_ids(row) if t < vocab]
         if banned:
             scores[i, banned] = -float("inf")
         p = row.params
