@@ -208,6 +208,8 @@ def test_string_prompts_and_text(text_llm):
     assert out.prompt == PROMPT and out.prompt_token_ids == text_llm.tokenizer(PROMPT).input_ids
     assert out.outputs[0].text == text_llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
     assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 12
+    with_bar = text_llm.generate([PROMPT], SamplingParams(**GREEDY), use_tqdm=True)[0]  # the default
+    assert with_bar.outputs[0].token_ids == out.outputs[0].token_ids
 
 
 def test_stop_strings_cut_the_text(text_llm):
@@ -356,7 +358,8 @@ def test_already_optimized_model_rejects_optimize_options(llm):
 
 def test_from_a_path(qwen_path, workload, alone):
     prompts, params = workload
-    llm = LLM(str(qwen_path), num_kv_tokens=128)  # no tokenizer saved there: token ids in, no text out
+    # No tokenizer saved there: token ids in, no text out.
+    llm = LLM(str(qwen_path), dtype=torch.float32, device="cpu", num_kv_tokens=128)
     llm.model.generation_config.eos_token_id = EOS
     llm.eos_token_ids = frozenset(EOS)
     assert llm.tokenizer is None and llm.runner.max_model_len == 128

@@ -80,13 +80,25 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
+    """The result of one prompt.
+
+    Args:
+        request_id: the engine's id for it (unique per `LLM`).
+        prompt: the prompt string, or None when token ids were given.
+        prompt_token_ids: the tokens the model saw (None if the prompt could not be tokenized).
+        outputs: `SamplingParams.n` completions, by index.
+        finished: always True from `LLM.generate` (every request ends, aborted ones included).
+        metrics: arrival, first-token and finish times; TTFT and time per output token.
+        error: why the request was aborted ("ValueError: ..."), or None when it ran.
+    """
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int] | None
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
-    error: str | None = None  # why the request was aborted (None when it ran)
+    error: str | None = None
 
 
 @dataclass(eq=False)
