@@ -179,6 +179,12 @@ def test_metrics(llm, workload):
         assert (m.time_per_output_token is None) == (len(o.outputs[0].token_ids) < 2)
 
 
+def test_max_tokens_none_runs_to_the_context(small_cache_llm):
+    out = small_cache_llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
+                                   use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 192 - 3
+
+
 # ---- sampling parameters, on a tiny Llama over the demo tokenizer -----------------------------------------
 
 

@@ -295,7 +295,9 @@ class LLM:
             stop_ids = eos | frozenset(params.stop_token_ids or ())
             for index in range(params.n):
                 rid = f"{request_id}:{index}"
-                req = Request(rid, out.prompt_token_ids, max_new_tokens=params.max_tokens,
+                # max_tokens=None: the scheduler ends the request with "length" when the context is full.
+                max_new = params.max_tokens if params.max_tokens is not None else self.runner.max_model_len
+                req = Request(rid, out.prompt_token_ids, max_new_tokens=max_new,
                               min_new_tokens=params.min_tokens, eos_token_ids=stop_ids)
                 self.scheduler.add(req)  # ValueError: empty prompt, longer than the context, ...
                 added.append(rid)

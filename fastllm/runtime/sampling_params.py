@@ -19,7 +19,7 @@ class SamplingParams:
 
     Args:
         n: completions per prompt, sampled independently (with a seed, completion i uses `seed + i`).
-        max_tokens: most new tokens per completion (>= 1).
+        max_tokens: most new tokens per completion (>= 1); None runs until the context is full.
         min_tokens: new tokens before EOS or a `stop_token_ids` token may end the completion; until then
             those tokens are masked out of the distribution.
         temperature: > 0 samples from softmax(logits / temperature); 0 is greedy (argmax).
@@ -43,7 +43,7 @@ class SamplingParams:
     """
 
     n: int = 1
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
@@ -70,9 +70,12 @@ class SamplingParams:
         """
         for name, minimum in (("n", 1), ("max_tokens", 1), ("min_tokens", 0)):
             value = getattr(self, name)
+            if name == "max_tokens" and value is None:
+                continue
             if not _is_int(value) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if self.min_tokens > self.max_tokens:
+                raise ValueError(f"{name} must be an integer >= {minimum}"
+                                 + (" or None" if name == "max_tokens" else "") + f", got {value!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
