@@ -56,3 +56,16 @@ def build(family: str, path, dtype: torch.dtype = torch.float32, seed: int = 0):
     model = T.AutoModelForCausalLM.from_config(FAMILIES[family]())
     model.save_pretrained(path)
     return T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def build_over_demo_tokenizer(path):
+    """(tokenizer, path): a tiny random Llama saved at `path` whose vocabulary is the demo model's real
+    tokenizer (SmolLM2), for tests that need text: stop strings, streamers, string prompts."""
+    from fastllm.models.demo import load_demo_tokenizer
+
+    tokenizer = load_demo_tokenizer()
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tokenizer))
+    T.LlamaForCausalLM(config).save_pretrained(path)
+    return tokenizer, path

@@ -9,7 +9,7 @@ import transformers as T
 
 from fastllm import LLM, SamplingParams
 from fastllm.runtime.sampler import RowContext, apply_penalties, banned_token_ids, sample_rows
-from tests._models import VOCAB, build
+from tests._models import VOCAB, build, build_over_demo_tokenizer
 
 NUM_REQUESTS = 50
 EOS = [5, 17]  # some greedy runs of the tiny model hit these, so batches mix "stop" and "length"
@@ -190,14 +190,7 @@ def test_max_tokens_none_runs_to_the_context(small_cache_llm):
 
 @pytest.fixture(scope="module")
 def text_llm(tmp_path_factory):
-    from fastllm.models.demo import load_demo_tokenizer
-
-    tokenizer = load_demo_tokenizer()
-    path = tmp_path_factory.mktemp("llama_tok")
-    torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=len(tokenizer))
-    T.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer, path = build_over_demo_tokenizer(tmp_path_factory.mktemp("llama_tok"))
     return LLM(T.AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer=tokenizer)
 
 

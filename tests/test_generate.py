@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 import fastllm
-from tests._models import VOCAB, build
+from tests._models import VOCAB, build, build_over_demo_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -136,14 +136,7 @@ def test_bad_input_is_a_clear_error_and_the_model_stays_usable(llama, make_input
 @pytest.fixture(scope="module")
 def with_tokenizer(tmp_path_factory):
     """A tiny Llama over the demo model's real tokenizer, for stop strings and streamers."""
-    from fastllm.models.demo import load_demo_tokenizer
-
-    tokenizer = load_demo_tokenizer()
-    path = tmp_path_factory.mktemp("llama_tok")
-    torch.manual_seed(0)
-    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=len(tokenizer))
-    T.LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer, path = build_over_demo_tokenizer(tmp_path_factory.mktemp("llama_tok"))
     reference = T.AutoModelForCausalLM.from_pretrained(path).eval()
     model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval())
     return model, reference, tokenizer
