@@ -11,9 +11,12 @@ Importing fastllm does not initialise CUDA.
 from fastllm.config import ALL_PASSES, OptimizeConfig
 from fastllm.explain import Report, explain
 from fastllm.optimize import optimize
+from fastllm.runtime.async_engine import AsyncLLM
 from fastllm.runtime.engine import LLM
 from fastllm.runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
 
-__all__ = ["ALL_PASSES", "LLM", "OptimizeConfig", "Report", "SamplingParams", "explain", "optimize", "__version__"]
+__all__ = [
+    "ALL_PASSES", "AsyncLLM", "LLM", "OptimizeConfig", "Report", "SamplingParams", "explain", "optimize", "__version__",
+]

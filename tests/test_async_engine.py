@@ -1,0 +1,78 @@
+"""AsyncLLM: concurrent streamed requests on one background step loop (CPU, tiny random Llama)."""
+
+import asyncio
+
+import pytest
+import transformers as T
+
+from fastllm import LLM, AsyncLLM, SamplingParams
+from tests._models import VOCAB, build
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    build("llama", path)
+    llm = LLM(T.AutoModelForCausalLM.from_pretrained(path).eval())
+    engine = AsyncLLM(llm)
+    yield engine
+    engine.shutdown()
+
+
+async def _collect(engine, prompt, params):
+    tokens, updates, last = [], 0, None
+    async for update in engine.generate(prompt, params):
+        tokens += update.new_token_ids.get(0, [])
+        updates += 1
+        last = update
+    return tokens, updates, last
+
+
+def _prompts(n):
+    return [[3 + (7 * i + j) % (VOCAB - 3) for j in range(4 + i % 9)] for i in range(n)]
+
+
+def test_concurrent_streams_match_each_request_alone(engine):
+    prompts = _prompts(6)
+    params = [SamplingParams(max_tokens=3 + i, **GREEDY) for i in range(6)]
+
+    async def run_all():
+        return await asyncio.gather(*(_collect(engine, p, sp) for p, sp in zip(prompts, params)))
+
+    results = asyncio.run(run_all())
+    for prompt, sp, (tokens, updates, last) in zip(prompts, params, results):
+        with engine._lock:  # the engine is idle now; run the request alone on the same LLM for the reference
+            alone = engine.llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+        assert tokens == alone == last.output.outputs[0].token_ids
+        assert updates > 1 and last.finished and last.output.outputs[0].finish_reason == "length"
+    pool = engine.llm.runner.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_abort_mid_flight_frees_blocks(engine):
+    async def run():
+        stream = engine.generate(_prompts(1)[0], SamplingParams(max_tokens=500, **GREEDY))
+        first = await stream.__anext__()
+        engine.abort(first.request_id)
+        rest = [u async for u in stream]
+        return first, rest
+
+    first, rest = asyncio.run(run())
+    final = (rest or [first])[-1]
+    assert final.finished and final.output.outputs[0].finish_reason == "abort"
+    assert len(final.output.outputs[0].token_ids) < 500
+    pool = engine.llm.runner.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_bad_request_fails_alone(engine):
+    async def run():
+        bad = _collect(engine, [], SamplingParams(max_tokens=4))
+        good = _collect(engine, _prompts(1)[0], SamplingParams(max_tokens=4, **GREEDY))
+        return await asyncio.gather(bad, good)
+
+    (_, _, bad), (good_tokens, _, good) = asyncio.run(run())
+    assert bad.finished and bad.output.error and "empty" in bad.output.error
+    assert good.output.error is None and len(good_tokens) == 4
