@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What one device call checks and measures (device time is scarce; a machine start costs minutes), in stages:
-#   STAGES="tests kernels attention gemv decode" bash benchmarks/run_on_gpu.sh    (default: tests decode)
-# tests: the gpu-marked tests; kernels/attention/gemv: W5 benchmarks; decode: W1/W3 (MODELS="llama2_7b ...").
+#   STAGES="tests kernels attention gemv decode throughput" bash benchmarks/run_on_gpu.sh    (default: tests decode)
+# tests: the gpu-marked tests; kernels/attention/gemv: W5 benchmarks; decode: W1/W3 (MODELS="llama2_7b ...");
+# throughput: W2/W4 (Llama-3.1-8B, 1000 requests fixed and mixed, beside HF continuous batching).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
 set -uo pipefail
@@ -23,6 +24,8 @@ for stage in $STAGES; do
         kernels) python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 || rc=1 ;;
         attention) python3 benchmarks/bench_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1 || rc=1 ;;
         gemv) python3 benchmarks/bench_gemv.py --out "$OUT" > "$OUT/gemv.log" 2>&1 || rc=1 ;;
+        throughput) python3 benchmarks/bench_throughput.py --out "$OUT" > "$OUT/throughput.log" 2>&1 || rc=1
+                    tail -n 6 "$OUT/throughput.log" ;;
         decode) python3 benchmarks/bench_decode.py --models $MODELS --out "$OUT" > "$OUT/decode.log" 2>&1 || rc=1
                 grep -vE "capturing|warn" "$OUT/decode.log" | tail -n 8 ;;
         *) echo "unknown stage $stage"; rc=1 ;;

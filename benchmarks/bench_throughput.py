@@ -1,0 +1,128 @@
+"""W2 (offline throughput) and W4 (KV-cache capacity, peak memory) beside HF continuous batching.
+
+    PYTHONPATH=. python benchmarks/bench_throughput.py [--model llama31_8b] [--workloads fixed mixed]
+        [--num-requests 1000] [--providers fastllm hf_continuous_batching] [--out DIR]
+
+Per BENCHMARKS.md: random-weight model (seed 0), random prompt ids, greedy, EOS ignored so every request produces
+exactly its requested tokens. "fixed": 1000 × 128 prompt / 128 new; "mixed": 1000 requests, prompt lengths uniform
+in [32, 1024], output lengths uniform in [32, 512], seed 2. Output tok/s = generated tokens / wall time of the
+whole batch; TTFT and time per output token per request (all arrive at t=0: an offline batch). W4: KV tokens the
+cache holds at kv_cache_memory_fraction 0.9, and the peak GPU memory of the run.
+Writes DIR/W2-<gpu>-<yyyymmdd>.json (W4's figures inside, under "w4"); exits 2 without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import sys
+import time
+
+import torch
+from _common import write_result
+from bench_decode import MODELS, _build
+
+
+def _requests(kind: str, n: int, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(0 if kind == "fixed" else 2)
+    out = []
+    for _ in range(n):
+        prompt_len, new = (128, 128) if kind == "fixed" else (rng.randint(32, 1024), rng.randint(32, 512))
+        out.append(([rng.randrange(1, vocab) for _ in range(prompt_len)], new))
+    return out
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    values = sorted(values)
+    return statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
+
+
+def run_fastllm(model, requests, max_num_seqs: int) -> tuple[dict, dict]:
+    import fastllm
+
+    llm = fastllm.LLM(model, kv_cache_memory_fraction=0.9, max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
+    prompts = [p for p, _ in requests]
+    params = [fastllm.SamplingParams(max_tokens=new, temperature=0, ignore_eos=True) for _, new in requests]
+    llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert generated == sum(new for _, new in requests), "every request must produce exactly its tokens"
+    ttft = [o.metrics.time_to_first_token for o in outputs]
+    tpot = [o.metrics.time_per_output_token for o in outputs if o.metrics.time_per_output_token is not None]
+    (t50, t99), (p50, p99) = _percentiles(ttft), _percentiles(tpot)
+    runner = llm.runner
+    w2 = {"output_tok_s": generated / wall, "requests_s": len(requests) / wall, "ttft_ms_p50": 1e3 * t50,
+          "ttft_ms_p99": 1e3 * t99, "tpot_ms_p50": 1e3 * p50, "tpot_ms_p99": 1e3 * p99, "wall_s": wall,
+          "num_preemptions": llm.num_preemptions}
+    w4 = {"kv_tokens": runner.pool.num_blocks * runner.block_size,
+          "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+    return w2, w4
+
+
+def run_hf_continuous_batching(model, requests) -> dict:
+    from transformers import GenerationConfig
+
+    groups: dict[int, list[list[int]]] = {}
+    for prompt, new in requests:  # generate_batch takes one generation config: one call per output length
+        groups.setdefault(new, []).append(prompt)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    generated = 0
+    for new, prompts in groups.items():
+        config = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)
+        results = model.generate_batch(prompts, generation_config=config, progress_bar=False)
+        generated += sum(len(r.generated_tokens) for r in results.values())
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return {"output_tok_s": generated / wall, "requests_s": len(requests) / wall, "wall_s": wall,
+            "num_calls": len(groups)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama31_8b", choices=list(MODELS))
+    parser.add_argument("--workloads", nargs="+", default=["fixed", "mixed"], choices=["fixed", "mixed"])
+    parser.add_argument("--providers", nargs="+", default=["fastllm", "hf_continuous_batching"],
+                        choices=["fastllm", "hf_continuous_batching"])
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_throughput.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    fastllm_results, baselines, w4 = {}, {"hf_continuous_batching": {}}, {}
+    for kind in args.workloads:
+        key = f"{args.model}_{kind}"
+        for provider in args.providers:
+            model = _build(args.model)
+            requests = _requests(kind, args.num_requests, model.config.vocab_size)
+            if provider == "fastllm":
+                fastllm_results[key], w4[key] = run_fastllm(model, requests, args.max_num_seqs)
+            else:
+                try:
+                    baselines["hf_continuous_batching"][key] = run_hf_continuous_batching(model, requests)
+                except Exception as error:  # recorded, not hidden: the baseline's failure is a result too
+                    baselines["hf_continuous_batching"][key] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            print(provider, key, fastllm_results.get(key) if provider == "fastllm" else
+                  baselines["hf_continuous_batching"][key], flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    config = {"model": args.model, "num_requests": args.num_requests, "max_num_seqs": args.max_num_seqs,
+              "max_num_batched_tokens": 8192, "dtype": "bf16", "weights": "random, seed 0", "w4": w4}
+    path = write_result("W2", torch.cuda.get_device_name(), config, fastllm_results, baselines, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
