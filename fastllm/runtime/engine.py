@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,8 @@ from fastllm.runtime.scheduler import Request, Scheduler
 _ENGINE_OPTIONS = ("max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching")
 # Upper bounds (seconds) of the latency histogram buckets in `LLM.metrics()`; the last bucket is open.
 HISTOGRAM_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# metrics() keeps the latest samples only, so a long-running engine (the server) does not grow without bound.
+MAX_METRIC_SAMPLES = 10_000
 
 
 @dataclass
@@ -199,8 +202,8 @@ class LLM:
         self.num_generated_tokens = 0
         self.num_finished_requests = 0
         self.num_aborted_requests = 0
-        self._ttft: list[float] = []
-        self._tpot: list[float] = []
+        self._ttft: deque[float] = deque(maxlen=MAX_METRIC_SAMPLES)
+        self._tpot: deque[float] = deque(maxlen=MAX_METRIC_SAMPLES)
 
     @property
     def num_preemptions(self) -> int:
@@ -256,8 +259,8 @@ class LLM:
     def metrics(self) -> dict:
         """Engine counters: the scheduler's `stats()` (running / waiting requests, KV blocks used / free,
         preemptions, prefix-cache hits), plus generated tokens, finished / aborted requests, and TTFT / TPOT
-        samples (seconds, one per finished request) and histograms: counts per bucket with upper bounds
-        `HISTOGRAM_BOUNDS` seconds, plus one open bucket.
+        samples (seconds, one per finished request; the latest MAX_METRIC_SAMPLES) and histograms over them:
+        counts per bucket with upper bounds `HISTOGRAM_BOUNDS` seconds, plus one open bucket.
         """
         return {
             **self.scheduler.stats(),
@@ -432,7 +435,7 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset()
 
 
-def _histogram(values: list[float]) -> list[int]:
+def _histogram(values) -> list[int]:
     counts = [0] * (len(HISTOGRAM_BOUNDS) + 1)
     for v in values:
         counts[next((i for i, b in enumerate(HISTOGRAM_BOUNDS) if v <= b), len(HISTOGRAM_BOUNDS))] += 1
