@@ -139,10 +139,10 @@ class ModelRunner:
         """
         pad_t, pad_s = num_tokens - len(step.token_ids), num_seqs - len(step.seq_lens)
         assert pad_t == pad_s >= 0, (pad_t, pad_s)
-        tables = torch.zeros(num_seqs, self.max_blocks_per_seq if self.use_cuda_graph else
-                             max(len(b) for b in step.block_tables), dtype=torch.int32)
-        for i, blocks in enumerate(step.block_tables):
-            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        width = self.max_blocks_per_seq if self.use_cuda_graph else max(len(b) for b in step.block_tables)
+        # One host tensor from padded lists: a per-row torch.tensor would cost a call per sequence per step.
+        rows = [blocks + [0] * (width - len(blocks)) for blocks in step.block_tables] + [[0] * width] * pad_s
+        tables = torch.tensor(rows, dtype=torch.int32)
         cu = [0]
         for n in step.query_lens + [1] * pad_s:
             cu.append(cu[-1] + n)
