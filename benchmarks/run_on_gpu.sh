@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one device call checks and measures (device time is scarce; a machine start costs minutes), in stages:
 #   STAGES="tests kernels attention gemv decode throughput" bash benchmarks/run_on_gpu.sh    (default: tests decode)
-# tests: the gpu-marked tests; kernels/attention/gemv: W5 benchmarks; decode: W1/W3 (MODELS="llama2_7b ...");
+# tests: the gpu-marked tests; profile: profile_step.py (host vs GPU per decode step, prefill); kernels/attention/gemv: W5 benchmarks; decode: W1/W3 (MODELS="llama2_7b ...");
 # throughput: W2/W4 (Llama-3.1-8B, 1000 requests fixed and mixed, beside HF continuous batching).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -26,6 +26,8 @@ for stage in $STAGES; do
         gemv) python3 benchmarks/bench_gemv.py --out "$OUT" > "$OUT/gemv.log" 2>&1 || rc=1 ;;
         throughput) python3 benchmarks/bench_throughput.py --out "$OUT" > "$OUT/throughput.log" 2>&1 || rc=1
                     tail -n 6 "$OUT/throughput.log" ;;
+        profile) python3 benchmarks/profile_step.py --model ${PROFILE_MODEL:-llama2_7b} --out "$OUT" > "$OUT/profile.log" 2>&1 || rc=1
+                 grep -v Warn "$OUT/profile.log" | tail -n 24 ;;
         decode) python3 benchmarks/bench_decode.py --models $MODELS --out "$OUT" > "$OUT/decode.log" 2>&1 || rc=1
                 grep -vE "capturing|warn" "$OUT/decode.log" | tail -n 8 ;;
         *) echo "unknown stage $stage"; rc=1 ;;

@@ -1,0 +1,82 @@
+"""W1's profile: where a decode step's and a prefill's time goes (host vs GPU, per kernel) on a random-weight model.
+
+    PYTHONPATH=. python benchmarks/profile_step.py [--model llama2_7b] [--out DIR]
+
+Decode: one step of `generate()` (tokens 2..N of a 128-token prompt, batch 1) against a bare replay of the
+step's CUDA graph: the difference is the host's share (scheduler, inputs, sampling, the per-step sync).
+Prefill: one 128-token prompt, wall time against GPU busy time. Writes DIR/profile-<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import torch
+from _profile import profile_gpu
+from bench_decode import _build, _prompt, _timed_generate
+
+
+def _replay_ms(graph, n: int = 50) -> float:
+    graph.replay()
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama2_7b")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import fastllm
+
+    model = _build(args.model)
+    vocab = model.config.vocab_size
+    fastllm.optimize(model, max_num_seqs=8)
+    ids = _prompt(128, vocab)
+    _timed_generate(model, ids, args.new_tokens)
+    t1 = min(_timed_generate(model, ids, 1) for _ in range(3))
+    tn = min(_timed_generate(model, ids, args.new_tokens) for _ in range(2))
+    step_ms = 1e3 * (tn - t1) / (args.new_tokens - 1)
+    runner = model._fastllm_state.runtime.runner
+    graph = runner._graphs[runner.buckets[0]][0]
+    replay_ms = _replay_ms(graph)
+    decode_profile = profile_gpu(lambda: [graph.replay() for _ in range(5)])
+    generate_profile = profile_gpu(lambda: _timed_generate(model, ids, 33))
+    prefill_profile = profile_gpu(lambda: _timed_generate(model, ids, 1))
+    result = {
+        "model": args.model, "gpu": torch.cuda.get_device_name(),
+        "decode": {"generate_step_ms": step_ms, "graph_replay_ms": replay_ms,
+                   "host_share_ms": step_ms - replay_ms, "tok_s": 1e3 / step_ms,
+                   "replay_x5": decode_profile, "generate_33_tokens": generate_profile},
+        "prefill_128": {"ttft_ms": 1e3 * t1, **prefill_profile},
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"decode: generate step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms "
+          f"(host share {step_ms - replay_ms:.3f} ms); generate busy {generate_profile['busy_fraction']:.2f}")
+    print(f"prefill 128: TTFT {1e3 * t1:.1f} ms, GPU busy {prefill_profile['gpu_busy_ms']:.1f} ms "
+          f"({prefill_profile['num_kernels']} kernels)")
+    for name, (ms, calls) in decode_profile["top_kernels"].items():
+        print(f"  decode x5 {ms:8.3f} ms {calls:5d}  {name}")
+    for name, (ms, calls) in list(prefill_profile["top_kernels"].items())[:8]:
+        print(f"  prefill   {ms:8.3f} ms {calls:5d}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
