@@ -8,6 +8,9 @@ exactly its requested tokens. "fixed": 1000 × 128 prompt / 128 new; "mixed": 10
 in [32, 1024], output lengths uniform in [32, 512], seed 2. Output tok/s = generated tokens / wall time of the
 whole batch; TTFT and time per output token per request (all arrive at t=0: an offline batch). W4: KV tokens the
 cache holds at kv_cache_memory_fraction 0.9, and the peak GPU memory of the run.
+The profile of each fastllm run: steps, host milliseconds per step in each phase of the engine's loop (schedule,
+prepare + launch, sample = wait for the GPU, bookkeeping), and the GPU busy fraction (kernel time over wall time,
+torch.profiler) of a second run of the workload's first 256 requests.
 Writes DIR/W2-<gpu>-<yyyymmdd>.json (W4's figures inside, under "w4"); exits 2 without a GPU.
 """
 
@@ -22,6 +25,7 @@ import time
 
 import torch
 from _common import write_result
+from _profile import profile_gpu
 from bench_decode import MODELS, _build
 
 
@@ -48,10 +52,12 @@ def run_fastllm(model, requests, max_num_seqs: int) -> tuple[dict, dict]:
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    before = llm.metrics()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    after = llm.metrics()
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     assert generated == sum(new for _, new in requests), "every request must produce exactly its tokens"
     ttft = [o.metrics.time_to_first_token for o in outputs]
@@ -61,6 +67,15 @@ def run_fastllm(model, requests, max_num_seqs: int) -> tuple[dict, dict]:
     w2 = {"output_tok_s": generated / wall, "requests_s": len(requests) / wall, "ttft_ms_p50": 1e3 * t50,
           "ttft_ms_p99": 1e3 * t99, "tpot_ms_p50": 1e3 * p50, "tpot_ms_p99": 1e3 * p99, "wall_s": wall,
           "num_preemptions": llm.num_preemptions}
+    steps = after["num_steps"] - before["num_steps"]
+    w2["profile"] = {
+        "steps": steps,
+        "host_ms_per_step": {k: 1e3 * (after["step_seconds"][k] - before["step_seconds"][k]) / steps
+                             for k in after["step_seconds"]},
+    }
+    gpu = profile_gpu(lambda: llm.generate(prompts[:256], params[:256], use_tqdm=False), top=8)
+    w2["profile"]["gpu_busy_fraction_256_requests"] = gpu["busy_fraction"]
+    w2["profile"]["top_kernels_256_requests"] = gpu["top_kernels"]
     w4 = {"kv_tokens": runner.pool.num_blocks * runner.block_size,
           "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
     return w2, w4
@@ -93,6 +108,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", default=["fastllm", "hf_continuous_batching"],
                         choices=["fastllm", "hf_continuous_batching"])
     parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--baseline-workloads", nargs="*", default=["fixed"], choices=["fixed", "mixed"],
+                        help="workloads the HF baseline runs on (its mixed run takes minutes of device time)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -103,6 +120,8 @@ def main(argv=None) -> int:
     for kind in args.workloads:
         key = f"{args.model}_{kind}"
         for provider in args.providers:
+            if provider != "fastllm" and kind not in args.baseline_workloads:
+                continue
             model = _build(args.model)
             requests = _requests(kind, args.num_requests, model.config.vocab_size)
             if provider == "fastllm":

@@ -37,7 +37,7 @@ class OptimizeConfig:
         max_num_seqs: most sequences decoded in one step (also the largest CUDA-graph batch).
         max_num_batched_tokens: most tokens computed in one step (longer prompts are prefilled in chunks).
         max_model_len: longest sequence (prompt + new tokens); default: the model's max_position_embeddings.
-        cuda_graphs: replay decode steps from CUDA graphs (on CUDA only).
+        cuda_graphs: replay decode steps, and prefill/mixed steps of up to 1024 tokens, from CUDA graphs (CUDA only).
     """
 
     passes: tuple[str, ...] = field(default=ALL_PASSES)

@@ -172,6 +172,11 @@ def test_metrics(llm, workload):
     assert after["kv_blocks_free"] == after["kv_blocks_total"]
     assert len(after["time_to_first_token_s"]) == len(before["time_to_first_token_s"]) + 4
     assert sum(after["time_to_first_token_histogram"]) == len(after["time_to_first_token_s"])
+    # Every request needs at least one step per generated token after its first: the step loop counted them.
+    longest = max(len(o.outputs[0].token_ids) for o in outs)
+    assert after["num_steps"] - before["num_steps"] >= longest
+    assert set(after["step_seconds"]) == {"schedule", "execute", "sample", "update"}
+    assert all(after["step_seconds"][k] > before["step_seconds"][k] for k in after["step_seconds"])
     for o in outs:
         m = o.metrics
         assert m.arrival_time <= m.first_token_time <= m.finish_time

@@ -202,6 +202,10 @@ class LLM:
         self.num_generated_tokens = 0
         self.num_finished_requests = 0
         self.num_aborted_requests = 0
+        self.num_steps = 0
+        # Host seconds per phase of the step loop (the profile of where a step's time goes): scheduling,
+        # preparing and launching the model step, sampling (which waits for the GPU), and the bookkeeping after.
+        self.step_seconds: dict[str, float] = dict.fromkeys(("schedule", "execute", "sample", "update"), 0.0)
         self._ttft: deque[float] = deque(maxlen=MAX_METRIC_SAMPLES)
         self._tpot: deque[float] = deque(maxlen=MAX_METRIC_SAMPLES)
 
@@ -260,7 +264,9 @@ class LLM:
         """Engine counters: the scheduler's `stats()` (running / waiting requests, KV blocks used / free,
         preemptions, prefix-cache hits), plus generated tokens, finished / aborted requests, and TTFT / TPOT
         samples (seconds, one per finished request; the latest MAX_METRIC_SAMPLES) and histograms over them:
-        counts per bucket with upper bounds `HISTOGRAM_BOUNDS` seconds, plus one open bucket.
+        counts per bucket with upper bounds `HISTOGRAM_BOUNDS` seconds, plus one open bucket; and the step
+        loop's profile: steps run and host seconds spent per phase (`step_seconds`: schedule, execute = prepare
+        and launch, sample = wait for the GPU and pick tokens, update = bookkeeping).
         """
         return {
             **self.scheduler.stats(),
@@ -273,6 +279,8 @@ class LLM:
             "histogram_bounds_s": list(HISTOGRAM_BOUNDS),
             "time_to_first_token_histogram": _histogram(self._ttft),
             "time_per_output_token_histogram": _histogram(self._tpot),
+            "num_steps": self.num_steps,
+            "step_seconds": dict(self.step_seconds),
         }
 
     # ---- admission ---------------------------------------------------------------------------------------
@@ -348,11 +356,18 @@ class LLM:
 
     def _step(self) -> list[_Sequence]:
         """Schedule, run and sample one step; returns the sequences that finished in it."""
+        start = time.perf_counter()
         step = self.scheduler.schedule()
-        logits = self.runner.execute(step.chunks)
+        scheduled = time.perf_counter()
+        logits = self.runner.execute(step.chunks)  # launches; replayed steps do not wait for the GPU
+        launched = time.perf_counter()
         sampled = [self._sequences[c.request.request_id] for c in step.chunks if c.samples]
-        result = sample_rows(logits, [seq.row() for seq in sampled])
+        result = sample_rows(logits, [seq.row() for seq in sampled])  # waits for the step's tokens
         now = time.perf_counter()
+        self.step_seconds["schedule"] += scheduled - start
+        self.step_seconds["execute"] += launched - scheduled
+        self.step_seconds["sample"] += now - launched
+        self.num_steps += 1
         self.scheduler.update(step, {seq.request.request_id: t for seq, t in zip(sampled, result.token_ids)})
         self.num_generated_tokens += len(sampled)
         done = []
@@ -366,6 +381,7 @@ class LLM:
             if seq.request.is_finished:
                 self._complete(seq, now)
                 done.append(seq)
+        self.step_seconds["update"] += time.perf_counter() - now
         return done
 
     def _hit_stop_string(self, seq: _Sequence) -> bool:

@@ -3,13 +3,13 @@
 The model is captured once more for the runtime, called as HF would be on a flattened ragged batch
 (`input_ids [1, T]`, `position_ids [1, T]`, no HF cache) with `logits_to_keep` = the rows to sample, and its
 attention replaced by paged attention (passes/attention.py). Everything but attention is token-wise, so one
-graph serves prefill, decode and mixed steps. On CUDA, decode-only steps replay a CUDA graph captured per
-batch-size bucket, padded to the bucket.
+graph serves prefill, decode and mixed steps. On CUDA, steps replay CUDA graphs, padded to the graph's shape
+(runtime/step_inputs.py): decode-only steps one per batch-size bucket, prefill and mixed steps one per token-count
+bucket up to MAX_PREFILL_GRAPH_TOKENS; larger steps run eagerly (their GPU time hides the launches).
 """
 
 from __future__ import annotations
 
-import bisect
 import time
 from dataclasses import dataclass
 
@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 from fastllm.capture import capture
 from fastllm.passes import RUNTIME_PASSES, run_passes
 from fastllm.passes._context import WeightMerger
-from fastllm.runtime.context import AttentionMetadata, ForwardContext, forward_context
+from fastllm.runtime.context import ForwardContext, forward_context
 from fastllm.runtime.kv_cache import BlockPool, KVCacheConfig, allocate_kv_cache, plan_num_blocks
+from fastllm.runtime.step_inputs import StepBuffers, StepInput
 
 _PROFILE_TOKENS = 256
 
@@ -30,53 +31,50 @@ _PROFILE_TOKENS = 256
 MIN_BATCH = 2
 
 
+# Prefill and mixed steps up to this many tokens replay CUDA graphs too: below it a step's GPU time is shorter
+# than launching its few hundred kernels from Python (a 128-token Llama-2-7B prefill: 6 ms of GPU, ~40 ms eager).
+MAX_PREFILL_GRAPH_TOKENS = 1024
+
+
 def decode_buckets(max_num_seqs: int) -> list[int]:
-    """CUDA-graph batch sizes: 2, 4, 8, then every 8 up to max_num_seqs."""
+    """CUDA-graph batch sizes of decode steps: 2, 4, 8, then every 8 up to max_num_seqs."""
     top = max(max_num_seqs, MIN_BATCH)
     sizes = [b for b in (2, 4) if b < top] + list(range(8, top + 8, 8))
     return sorted({min(b, top) for b in sizes})
 
 
+def prefill_buckets(max_num_batched_tokens: int) -> list[int]:
+    """CUDA-graph token counts of prefill and mixed steps: 16, 32, ... up to MAX_PREFILL_GRAPH_TOKENS (or the step
+    budget, if smaller)."""
+    top = min(MAX_PREFILL_GRAPH_TOKENS, max_num_batched_tokens)
+    sizes, size = [], 16
+    while size < top:
+        sizes.append(size)
+        size *= 2
+    return sizes + [top] if top >= 16 else []
+
+
 @dataclass
-class StepInput:
-    """One step's batch on the host, in the order of the scheduler's chunks."""
+class StepGraph:
+    """A CUDA graph of one step shape, its input buffers and its (static) logits output. `graph` is None when
+    the shapes are only emulated (CPU tests of the padding): such a step runs eagerly on the same buffers."""
 
-    token_ids: list[int]
-    positions: list[int]
-    slots: list[int]
-    seq_lens: list[int]
-    query_lens: list[int]
-    block_tables: list[list[int]]
-    sample_rows: list[int]   # index (in the batch's token order) of each token whose logits are sampled
-
-    @classmethod
-    def from_chunks(cls, chunks) -> StepInput:
-        step = cls([], [], [], [], [], [], [])
-        for chunk in chunks:
-            step.token_ids += chunk.token_ids
-            step.positions += range(chunk.start, chunk.start + chunk.num_tokens)
-            step.slots += chunk.slots
-            step.seq_lens.append(chunk.start + chunk.num_tokens)
-            step.query_lens.append(chunk.num_tokens)
-            step.block_tables.append(chunk.request.block_table.blocks)
-            if chunk.samples:
-                step.sample_rows.append(len(step.token_ids) - 1)
-        return step
-
-    @property
-    def is_decode(self) -> bool:
-        return all(n == 1 for n in self.query_lens)
+    buffers: StepBuffers
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
 
 
 class ModelRunner:
     def __init__(self, model, *, kv_cache: KVCacheConfig | None = None, max_num_seqs: int = 64,
                  max_model_len: int | None = None, use_cuda_graph: bool | None = None, transform=None,
-                 hf_forward=None):
+                 hf_forward=None, max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False):
         """
         Args:
             transform: `(gm, tensors) -> gm` run on each captured graph; default: every pass, attention
                 included. It must replace the attention (passes/attention.py) for the runtime to work.
             hf_forward: the model's own forward (default `model.forward`).
+            max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts).
+            emulate_graph_shapes: without CUDA graphs, still pad every step to a graph's shape (CPU tests).
         """
         self.model = model
         param = next(model.parameters())
@@ -114,10 +112,12 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(len(self.kv_shapes), num_blocks, self.block_size, num_kv_heads, head_dim,
                                            self.dtype, self.device)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self.buckets = decode_buckets(max_num_seqs)
-        if self.use_cuda_graph:
-            self._capture_decode_graphs()
+        self.token_buckets = prefill_buckets(max_num_batched_tokens)
+        self._decode_graphs: list[StepGraph] = []
+        self._prefill_graphs: list[StepGraph] = []
+        if self.use_cuda_graph or emulate_graph_shapes:
+            self._make_step_graphs(capture=self.use_cuda_graph)
 
     @torch.no_grad()
     def _profile(self) -> list[tuple[int, int]]:
@@ -132,95 +132,71 @@ class ModelRunner:
             raise NotImplementedError("layers with different KV shapes are not supported yet")
         return [shapes[i] for i in sorted(shapes)]
 
-    def _device_inputs(self, step: StepInput, num_tokens: int, num_seqs: int) -> tuple[dict, AttentionMetadata]:
-        """Host lists → device tensors, padded with `num_tokens - T` one-token dummy sequences.
-
-        A dummy token writes no cache slot and attends to slot 0 of block 0; its output is never read.
-        """
-        pad_t, pad_s = num_tokens - len(step.token_ids), num_seqs - len(step.seq_lens)
-        assert pad_t == pad_s >= 0, (pad_t, pad_s)
-        width = self.max_blocks_per_seq if self.use_cuda_graph else max(len(b) for b in step.block_tables)
-        # One host tensor from padded lists: a per-row torch.tensor would cost a call per sequence per step.
-        rows = [blocks + [0] * (width - len(blocks)) for blocks in step.block_tables] + [[0] * width] * pad_s
-        tables = torch.tensor(rows, dtype=torch.int32)
-        cu = [0]
-        for n in step.query_lens + [1] * pad_s:
-            cu.append(cu[-1] + n)
-
-        def dev(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        rows = step.sample_rows + step.sample_rows[-1:] * (MIN_BATCH - len(step.sample_rows))
-        host = {
-            "input_ids": dev(step.token_ids + [0] * pad_t, torch.long).unsqueeze(0),
-            "positions": dev(step.positions + [0] * pad_t, torch.long).unsqueeze(0),
-            "logits_indices": dev(rows, torch.long),
-        }
-        metadata = AttentionMetadata(
-            slot_mapping=dev(step.slots + [-1] * pad_t, torch.long),
-            block_tables=tables.to(self.device, non_blocking=True),
-            seq_lens=dev(step.seq_lens + [1] * pad_s, torch.int32),
-            cu_seqlens_q=dev(cu, torch.int32),
-            max_seqlen_q=max(step.query_lens),
-        )
-        return host, metadata
-
     @torch.no_grad()
     def execute(self, chunks) -> torch.Tensor:
         """Run one scheduled step; returns the logits of the sampled rows, [num sampled, vocab], fp32 (owned)."""
         step = StepInput.from_chunks(chunks)
-        n = len(step.seq_lens)
-        if self.use_cuda_graph and step.is_decode and n <= self.buckets[-1]:
-            return self._replay(step)
-        pad = max(0, MIN_BATCH - len(step.token_ids))
-        inputs, metadata = self._device_inputs(step, len(step.token_ids) + pad, n + pad)
-        with forward_context(ForwardContext(metadata, self.kv_caches)):
-            logits = self._step(inputs["input_ids"], inputs["positions"], inputs["logits_indices"])
-        return logits[0, :len(step.sample_rows)].float()
+        graph = self._graph_for(step)
+        if graph is None:
+            buffers = StepBuffers.for_step(step, self.device, MIN_BATCH)
+        else:
+            buffers = graph.buffers
+        buffers.fill(step)
+        num_rows = len(step.sample_rows)
+        if graph is not None and graph.graph is not None:
+            graph.graph.replay()
+            # A copy: the graph's static output is overwritten by the next replay, while callers keep scores
+            # across steps (and `.float()` of an fp32 tensor would be the tensor itself).
+            return graph.logits[0, :num_rows].to(torch.float32, copy=True)
+        with forward_context(ForwardContext(buffers.metadata, self.kv_caches)):
+            logits = self._step(buffers.input_ids, buffers.positions, buffers.logits_indices)
+        return logits[0, :num_rows].float()
 
     # CUDA graphs ---------------------------------------------------------------------------------------------
 
-    def _capture_decode_graphs(self) -> None:
+    def _graph_for(self, step: StepInput) -> StepGraph | None:
+        """The smallest step graph `step` fits in, or None (run eagerly)."""
+        candidates = self._decode_graphs if step.is_decode else ()
+        for graph in (*candidates, *self._prefill_graphs):
+            if graph.buffers.fits(step):
+                return graph
+        return None
+
+    def _make_step_graphs(self, capture: bool) -> None:
+        """Buffers for every bucket and, with `capture`, their CUDA graphs (largest first, one memory pool)."""
+        width = self.max_blocks_per_seq
+        self._decode_graphs = [
+            StepGraph(StepBuffers(n, n, n, width, self.device, one_token_dummies=True, max_seqlen_q=1))
+            for n in self.buckets
+        ]
+        self._prefill_graphs = []
+        for n in self.token_buckets:
+            seqs = min(n, self.max_num_seqs) + 1  # + 1: a dummy sequence holds the padding tokens
+            self._prefill_graphs.append(StepGraph(
+                StepBuffers(n, seqs, seqs, width, self.device, one_token_dummies=False, max_seqlen_q=n)))
+        if not capture:
+            return
         start = time.perf_counter()
         pool = None
-        for size in tqdm(sorted(self.buckets, reverse=True), desc="fastllm: capturing CUDA graphs", leave=False):
-            buffers = {
-                "input_ids": torch.zeros(1, size, dtype=torch.long, device=self.device),
-                "positions": torch.zeros(1, size, dtype=torch.long, device=self.device),
-                "logits_indices": torch.arange(size, device=self.device),
-            }
-            metadata = AttentionMetadata(
-                slot_mapping=torch.full((size,), -1, dtype=torch.long, device=self.device),
-                block_tables=torch.zeros(size, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
-                seq_lens=torch.ones(size, dtype=torch.int32, device=self.device),
-                cu_seqlens_q=torch.arange(size + 1, dtype=torch.int32, device=self.device),
-                max_seqlen_q=1,
-            )
-            ctx = ForwardContext(metadata, self.kv_caches)
-            with forward_context(ctx):
+        graphs = sorted(self._decode_graphs + self._prefill_graphs, key=lambda g: -g.buffers.num_tokens)
+        for step_graph in tqdm(graphs, desc="fastllm: capturing CUDA graphs", leave=False):
+            b = step_graph.buffers
+            b.fill(StepInput([], [], [], [], [], [], []))  # all dummies: valid metadata for the warm-up and capture
+            with forward_context(ForwardContext(b.metadata, self.kv_caches)):
                 # Warm-up outside the graph: dynamo captures this shape here, never during graph capture.
-                self._step(buffers["input_ids"], buffers["positions"], buffers["logits_indices"])
+                self._step(b.input_ids, b.positions, b.logits_indices)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self._step(buffers["input_ids"], buffers["positions"], buffers["logits_indices"])
+                    step_graph.logits = self._step(b.input_ids, b.positions, b.logits_indices)
+            step_graph.graph = graph
             pool = graph.pool()
-            self._graphs[size] = (graph, {**buffers, "metadata": metadata}, logits)
         torch.cuda.synchronize(self.device)
         self.cuda_graph_seconds = time.perf_counter() - start
 
-    def _replay(self, step: StepInput) -> torch.Tensor:
-        n = len(step.seq_lens)
-        size = self.buckets[bisect.bisect_left(self.buckets, n)]
-        graph, buffers, logits = self._graphs[size]
-        md: AttentionMetadata = buffers["metadata"]
-        inputs, fresh = self._device_inputs(step, size, size)
-        buffers["input_ids"].copy_(inputs["input_ids"])
-        buffers["positions"].copy_(inputs["positions"])
-        md.slot_mapping.copy_(fresh.slot_mapping)
-        md.block_tables.copy_(fresh.block_tables)
-        md.seq_lens.copy_(fresh.seq_lens)
-        graph.replay()
-        # A copy: `logits` is the graph's static output, overwritten by the next replay (and `.float()` of an
-        # fp32 tensor is the tensor itself), while callers keep scores across steps.
-        return logits[0, :n].to(torch.float32, copy=True)
+    @property
+    def _graphs(self) -> dict[tuple[str, int], StepGraph]:
+        """The captured graphs by (kind, num_tokens), for tests and benchmarks."""
+        return {(kind, g.buffers.num_tokens): g for kind, graphs in (("decode", self._decode_graphs),
+                                                                      ("prefill", self._prefill_graphs))
+                for g in graphs if g.graph is not None}

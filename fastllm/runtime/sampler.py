@@ -182,8 +182,10 @@ def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:
     generator, once per sampled token, so its tokens depend only on its seed and its logits, never on the
     batch it shares. Unseeded rows draw theirs from the global RNG in one call.
     """
-    scores = logits.clone()
-    vocab = scores.shape[-1]
+    vocab = logits.shape[-1]
+    edited = any(r.masked_token_ids or r.bad_words_token_ids or r.params.repetition_penalty != 1.0
+                 or r.params.presence_penalty or r.params.frequency_penalty for r in rows)
+    scores = logits.clone() if edited else logits  # logits stay raw for logprobs; a large batch's copy costs
     for i, row in enumerate(rows):
         # Ids past the model's vocabulary (a config's EOS, a larger tokenizer's word) can never be sampled.
         banned = [t for t in banned_token_ids(row) if t < vocab]

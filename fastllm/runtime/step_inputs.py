@@ -1,0 +1,131 @@
+"""One step's batch: host lists from the scheduler's chunks, padded and packed into device buffers.
+
+A step's device inputs live in three tensors so that the host→device transfer is three copies whatever the
+batch: one int64 buffer (token ids | positions | cache slots | sampled rows), one int32 buffer (sequence
+lengths | query offsets) and the block tables. The model's inputs and the attention metadata are views of them,
+so a CUDA graph captured on one `StepBuffers` is refilled in place before each replay.
+
+Padding (graphs have fixed shapes; dynamo specializes sizes of 0 and 1, so eager steps are padded too):
+- decode-shaped buffers (`num_tokens == num_seqs`, one query per sequence): each padding token is a one-token
+  dummy sequence;
+- prefill-shaped buffers (`num_seqs > num_tokens` is not required): the first dummy sequence takes every padding
+  token, the others are empty. The prefill kernel's grid depends on the token and sequence counts only, so an
+  empty sequence costs one program that exits.
+A dummy token writes no cache slot (slot -1) and attends to the cache's block 0; its outputs are never read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastllm.runtime.context import AttentionMetadata
+
+
+@dataclass
+class StepInput:
+    """One step's batch on the host, in the order of the scheduler's chunks."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    seq_lens: list[int]
+    query_lens: list[int]
+    block_tables: list[list[int]]
+    sample_rows: list[int]   # index (in the batch's token order) of each token whose logits are sampled
+
+    @classmethod
+    def from_chunks(cls, chunks) -> StepInput:
+        step = cls([], [], [], [], [], [], [])
+        for chunk in chunks:
+            step.token_ids += chunk.token_ids
+            step.positions += range(chunk.start, chunk.start + chunk.num_tokens)
+            step.slots += chunk.slots
+            step.seq_lens.append(chunk.start + chunk.num_tokens)
+            step.query_lens.append(chunk.num_tokens)
+            step.block_tables.append(chunk.request.block_table.blocks)
+            if chunk.samples:
+                step.sample_rows.append(len(step.token_ids) - 1)
+        return step
+
+    @property
+    def is_decode(self) -> bool:
+        return all(n == 1 for n in self.query_lens)
+
+    @property
+    def max_blocks(self) -> int:
+        return max(len(b) for b in self.block_tables)
+
+
+class StepBuffers:
+    """Device buffers for steps of up to `num_tokens` tokens, `num_seqs` sequences and `num_rows` sampled rows.
+
+    Args:
+        one_token_dummies: pad with one-token dummy sequences (then a step fits only if it leaves as many
+            padding tokens as padding sequences: decode steps into decode buffers); else the first dummy holds
+            every padding token and the rest are empty.
+        max_seqlen_q: fixed for a CUDA graph's buffers (1: the decode kernels; > 1: the prefill kernel);
+            None: each `fill` sets it from the step (eager steps).
+    """
+
+    def __init__(self, num_tokens: int, num_seqs: int, num_rows: int, max_blocks: int, device, *,
+                 one_token_dummies: bool, max_seqlen_q: int | None = None):
+        self.num_tokens, self.num_seqs, self.num_rows = num_tokens, num_seqs, num_rows
+        self.one_token_dummies, self.static_max_seqlen_q = one_token_dummies, max_seqlen_q
+        t, s = num_tokens, num_seqs
+        self.ints64 = torch.zeros(3 * t + num_rows, dtype=torch.long, device=device)
+        self.ints32 = torch.zeros(2 * s + 1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(s, max_blocks, dtype=torch.int32, device=device)
+        self._host_tables = np.zeros((s, max_blocks), dtype=np.int32)
+        self.input_ids = self.ints64[:t].view(1, t)
+        self.positions = self.ints64[t:2 * t].view(1, t)
+        self.logits_indices = self.ints64[3 * t:]
+        self.metadata = AttentionMetadata(
+            slot_mapping=self.ints64[2 * t:3 * t], block_tables=self.block_tables, seq_lens=self.ints32[:s],
+            cu_seqlens_q=self.ints32[s:], max_seqlen_q=max_seqlen_q or 1,
+        )
+
+    def fits(self, step: StepInput) -> bool:
+        t, s = len(step.token_ids), len(step.seq_lens)
+        pad_t, pad_s = self.num_tokens - t, self.num_seqs - s
+        if len(step.sample_rows) > self.num_rows or pad_t < 0 or pad_s < 0:
+            return False
+        if self.one_token_dummies:
+            return pad_t == pad_s
+        return pad_s > 0 or pad_t == 0  # padding tokens need a dummy sequence to hold them
+
+    def fill(self, step: StepInput) -> None:
+        """Copy `step` (which `fits`) into the buffers, padded: three host→device copies."""
+        t, s = len(step.token_ids), len(step.seq_lens)
+        pad_t, pad_s = self.num_tokens - t, self.num_seqs - s
+        if self.one_token_dummies:
+            dummy_lens = [1] * pad_s
+        else:
+            dummy_lens = ([pad_t] + [0] * (pad_s - 1)) if pad_s else []
+        cu = [0]
+        for n in step.query_lens + dummy_lens:
+            cu.append(cu[-1] + n)
+        rows = step.sample_rows or [0]
+        rows = rows + rows[-1:] * (self.num_rows - len(rows))
+        pad = [0] * pad_t
+        ints64 = step.token_ids + pad + step.positions + pad + step.slots + [-1] * pad_t + rows
+        self.ints64.copy_(torch.tensor(ints64, dtype=torch.long), non_blocking=True)
+        self.ints32.copy_(torch.tensor(step.seq_lens + dummy_lens + cu, dtype=torch.int32), non_blocking=True)
+        tables = self._host_tables
+        # Entries past a sequence's blocks keep stale values: valid block ids, never read. Dummy rows are
+        # zeroed so a dummy token reads block 0, which exists.
+        for i, blocks in enumerate(step.block_tables):
+            tables[i, :len(blocks)] = blocks
+        tables[s:] = 0
+        self.block_tables.copy_(torch.from_numpy(tables), non_blocking=True)
+        if self.static_max_seqlen_q is None:
+            self.metadata.max_seqlen_q = max(step.query_lens)
+
+    @classmethod
+    def for_step(cls, step: StepInput, device, min_batch: int) -> StepBuffers:
+        """Buffers sized to `step` alone (eager steps), padded with one-token dummies to `min_batch` tokens."""
+        pad = max(0, min_batch - len(step.token_ids))
+        return cls(len(step.token_ids) + pad, len(step.seq_lens) + pad, max(min_batch, len(step.sample_rows)),
+                   step.max_blocks, device, one_token_dummies=True)

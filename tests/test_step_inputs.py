@@ -1,0 +1,100 @@
+"""Step padding for CUDA graphs: StepBuffers' packing rules, and generate() parity when every step is padded to a
+graph's shape (emulated on the CPU: the same buffers, run eagerly)."""
+
+import pytest
+import torch
+import transformers as T
+
+import fastllm
+from fastllm.runtime.kv_cache import KVCacheConfig
+from fastllm.runtime.model_runner import ModelRunner, prefill_buckets
+from fastllm.runtime.runtime import Runtime
+from fastllm.runtime.step_inputs import StepBuffers, StepInput
+from tests._models import VOCAB, build
+
+
+def _step(query_lens, starts, sample=True):
+    """A StepInput of sequences with the given query lengths starting at the given positions (block size 4)."""
+    step = StepInput([], [], [], [], [], [], [])
+    for i, (n, start) in enumerate(zip(query_lens, starts)):
+        blocks = [10 * i + b for b in range(-(-(start + n) // 4))]
+        step.token_ids += [100 + i] * n
+        step.positions += range(start, start + n)
+        step.slots += [blocks[p // 4] * 4 + p % 4 for p in range(start, start + n)]
+        step.seq_lens.append(start + n)
+        step.query_lens.append(n)
+        step.block_tables.append(blocks)
+        if sample:
+            step.sample_rows.append(len(step.token_ids) - 1)
+    return step
+
+
+def test_decode_buffers_pad_with_one_token_dummies():
+    buffers = StepBuffers(4, 4, 4, 3, "cpu", one_token_dummies=True, max_seqlen_q=1)
+    step = _step([1, 1, 1], [5, 2, 8])
+    assert buffers.fits(step)
+    buffers.fill(step)
+    assert buffers.input_ids.tolist() == [[100, 101, 102, 0]]
+    assert buffers.positions.tolist() == [[5, 2, 8, 0]]
+    assert buffers.metadata.slot_mapping.tolist()[3] == -1  # the dummy token writes nothing
+    assert buffers.metadata.seq_lens.tolist() == [6, 3, 9, 1]
+    assert buffers.metadata.cu_seqlens_q.tolist() == [0, 1, 2, 3, 4]
+    assert buffers.logits_indices.tolist() == [0, 1, 2, 2]
+    assert buffers.block_tables.tolist() == [[0, 1, 0], [10, 0, 0], [20, 21, 22], [0, 0, 0]]
+    assert buffers.metadata.max_seqlen_q == 1
+    assert not buffers.fits(_step([2, 1], [0, 3]))          # not a decode step
+    assert not buffers.fits(_step([1] * 5, [0] * 5))        # too many sequences
+
+
+def test_prefill_buffers_put_padding_in_one_dummy_sequence():
+    buffers = StepBuffers(16, 5, 5, 4, "cpu", one_token_dummies=False, max_seqlen_q=16)
+    step = _step([5, 1], [0, 7])
+    assert buffers.fits(step)
+    buffers.fill(step)
+    md = buffers.metadata
+    assert md.cu_seqlens_q.tolist() == [0, 5, 6, 16, 16, 16]   # dummy of 10 tokens, then two empty ones
+    assert md.seq_lens.tolist() == [5, 8, 10, 0, 0]
+    assert md.slot_mapping.tolist()[6:] == [-1] * 10
+    assert buffers.logits_indices.tolist() == [4, 5, 5, 5, 5]
+    assert md.max_seqlen_q == 16  # fixed at capture: any value > 1 selects the prefill kernel
+    # Stale table entries of a previous, longer step stay past each row's blocks; dummy rows are zeroed.
+    buffers.fill(_step([2], [0], sample=False))
+    assert buffers.block_tables.tolist()[0] == [0, 1, 0, 0]
+    assert buffers.block_tables.tolist()[1:] == [[0] * 4] * 4
+    assert buffers.logits_indices.tolist() == [0] * 5  # nothing sampled: row 0 stands in, never read
+    assert not buffers.fits(_step([17], [0]))                 # too many tokens
+    assert not buffers.fits(_step([3] * 5, [0] * 5))          # padding tokens but no room for a dummy sequence
+    assert buffers.fits(_step([4, 4, 4, 4], [0] * 4))
+
+
+def test_prefill_buckets():
+    assert prefill_buckets(8192) == [16, 32, 64, 128, 256, 512, 1024]
+    assert prefill_buckets(100) == [16, 32, 64, 100]
+    assert prefill_buckets(8) == []
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_generate_parity_with_graph_shaped_steps(family, tmp_path):
+    """Every step padded to a graph's shape (decode buckets, prefill token buckets, chunked prefill) gives HF's
+    greedy tokens: the padding tokens and dummy sequences change nothing for the real ones."""
+    build(family, tmp_path)
+    reference = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval())
+    state = model._fastllm_state
+    runner = ModelRunner(model, kv_cache=KVCacheConfig(block_size=4, num_kv_tokens=512), max_num_seqs=4,
+                         hf_forward=state.original_forward, max_num_batched_tokens=40, emulate_graph_shapes=True)
+    state.runtime = Runtime(model, runner, max_num_batched_tokens=40)
+    used = []
+    pick = runner._graph_for
+    runner._graph_for = lambda step: used.append(pick(step)) or used[-1]
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (5, 23), generator=g)   # 5 rows > max_num_seqs 4: a later admission mixes
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0
+    ids[3, :20], mask[3, :20] = 0, 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    kinds = {(g.buffers.static_max_seqlen_q == 1) for g in used if g is not None}
+    assert kinds == {True, False}, "both decode and prefill graph shapes must have run"
+    assert None not in used  # the budget (40) is the largest bucket: every step fits a graph shape
+    assert runner.pool.num_free_blocks == runner.pool.num_blocks
