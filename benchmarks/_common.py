@@ -33,9 +33,13 @@ def write_result(workload: str, gpu: str, config: dict, fastllm: dict, baselines
     result = {"workload": workload, "gpu": gpu, "torch": torch.__version__, "triton": _version("triton"),
               "transformers": _version("transformers"), "date": now.isoformat(timespec="seconds"),
               "config": config, "fastllm": fastllm, "baselines": baselines}
-    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{workload}-{slug}-{now:%Y%m%d}.json"
+    path = result_path(workload, gpu, out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def result_path(workload: str, gpu: str, out_dir) -> pathlib.Path:
+    """`<out_dir>/<workload>-<gpu slug>-<yyyymmdd>.json` for today."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    return pathlib.Path(out_dir) / f"{workload}-{slug}-{datetime.datetime.now():%Y%m%d}.json"

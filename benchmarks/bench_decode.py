@@ -8,7 +8,7 @@ Per BENCHMARKS.md: seeded random prompt of 128 tokens, greedy, EOS ignored; deco
 of 3 after a warm-up). For the HF baselines "generate 1" is a `new`-token generate stopped after one token, so
 the static cache has one shape and compiles once. W3 start-up = seconds from `fastllm.optimize()` to the first
 token: cold in the benchmark's process (dynamo traces, Triton compiles unless its disk cache is warm), warm in
-a second process started afterwards (`--startup-only`: Triton's disk cache now holds every kernel).
+a second process started afterwards (`--warm-startup MODEL`: Triton's disk cache now holds every kernel).
 Writes DIR/W1-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 """
 
@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from _common import write_result
+from _common import result_path, write_result
 
 MODELS = {
     "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -99,14 +99,19 @@ def _startup_s(model) -> float:
     return time.perf_counter() - start
 
 
-def _warm_startup_s(name: str) -> float:
-    """W3 warm: optimize() to first token in a fresh process."""
+def _record_warm_startup(name: str, out_dir: str) -> None:
+    """W3 warm: optimize() to first token in this process, run after the benchmark's (so every Triton kernel is in
+    the disk cache), added to today's W1 result file as fastllm[name]["startup_s_warm"]."""
     import json
-    import subprocess
 
-    done = subprocess.run([sys.executable, __file__, "--startup-only", name], capture_output=True, text=True,
-                          check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["startup_s"]
+    startup = _startup_s(_build(name))
+    print(f"fastllm {name} startup warm {startup:.2f} s", flush=True)
+    path = result_path("W1", torch.cuda.get_device_name(), out_dir)
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run the benchmark (cold start) first, in another process")
+    result = json.loads(path.read_text())
+    result["fastllm"].setdefault(name, {})["startup_s_warm"] = startup
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def run_provider(provider: str, name: str, new_tokens: int) -> dict:
@@ -138,13 +143,11 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
-    parser.add_argument("--startup-only", metavar="MODEL", choices=list(MODELS),
-                        help="print {'startup_s': ...} for MODEL in this process and exit (W3 warm)")
+    parser.add_argument("--warm-startup", metavar="MODEL", choices=list(MODELS),
+                        help="measure W3 warm start of MODEL in this process, add it to today's result, exit")
     args = parser.parse_args(argv)
-    if args.startup_only:
-        import json
-
-        print(json.dumps({"startup_s": _startup_s(_build(args.startup_only))}))
+    if args.warm_startup:
+        _record_warm_startup(args.warm_startup, args.out)
         return 0
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
@@ -157,9 +160,6 @@ def main(argv=None) -> int:
                                    if isinstance(v, float)}, flush=True)
             gc.collect()  # an optimized model holds itself through closures: free it before the next
             torch.cuda.empty_cache()
-            if provider == "fastllm":
-                results[provider][name]["startup_s_warm"] = _warm_startup_s(name)
-                print("fastllm", name, "startup warm", round(results[provider][name]["startup_s_warm"], 2), flush=True)
             path = _write(results, args)  # after every run: a call cut short keeps what it measured
     out = {"fastllm": results.get("fastllm", {}), "baselines": {k: v for k, v in results.items() if k != "fastllm"}}
     print(f"{'provider':<18} {'model':<11} {'decode tok/s':>12} {'TTFT128 ms':>10} {'TTFT2048 ms':>11}")

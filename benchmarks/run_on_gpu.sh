@@ -29,7 +29,9 @@ for stage in $STAGES; do
         profile) python3 benchmarks/profile_step.py --model ${PROFILE_MODEL:-llama2_7b} --out "$OUT" > "$OUT/profile.log" 2>&1 || rc=1
                  grep -v Warn "$OUT/profile.log" | tail -n 24 ;;
         decode) python3 benchmarks/bench_decode.py --models $MODELS --out "$OUT" > "$OUT/decode.log" 2>&1 || rc=1
-                grep -vE "capturing|warn" "$OUT/decode.log" | tail -n 8 ;;
+                grep -vE "capturing|warn" "$OUT/decode.log" | tail -n 8
+                python3 benchmarks/bench_decode.py --warm-startup llama2_7b --out "$OUT" >> "$OUT/decode.log" 2>&1 || rc=1
+                grep "startup warm" "$OUT/decode.log" ;;
         *) echo "unknown stage $stage"; rc=1 ;;
     esac
     echo "stage $stage done (rc so far $rc)"
