@@ -158,7 +158,8 @@ def main(argv=None) -> int:
             results[provider][name] = run_provider(provider, name, args.new_tokens)
             print(provider, name, {k: round(v, 2) for k, v in results[provider][name].items()
                                    if isinstance(v, float)}, flush=True)
-            gc.collect()  # an optimized model holds itself through closures: free it before the next
+            torch._dynamo.reset()  # dynamo's caches hold compiled models (and fastllm's KV cache) otherwise
+            gc.collect()
             torch.cuda.empty_cache()
             path = _write(results, args)  # after every run: a call cut short keeps what it measured
     out = {"fastllm": results.get("fastllm", {}), "baselines": {k: v for k, v in results.items() if k != "fastllm"}}

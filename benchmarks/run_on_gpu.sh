@@ -28,7 +28,7 @@ for stage in $STAGES; do
                     tail -n 6 "$OUT/throughput.log" ;;
         profile) python3 benchmarks/profile_step.py --model ${PROFILE_MODEL:-llama2_7b} --out "$OUT" > "$OUT/profile.log" 2>&1 || rc=1
                  grep -v Warn "$OUT/profile.log" | tail -n 24 ;;
-        decode) python3 benchmarks/bench_decode.py --models $MODELS --out "$OUT" > "$OUT/decode.log" 2>&1 || rc=1
+        decode) python3 benchmarks/bench_decode.py --models $MODELS --providers ${PROVIDERS:-hf_eager hf_static_compile fastllm} --out "$OUT" > "$OUT/decode.log" 2>&1 || rc=1
                 grep -vE "capturing|warn" "$OUT/decode.log" | tail -n 8
                 python3 benchmarks/bench_decode.py --warm-startup llama2_7b --out "$OUT" >> "$OUT/decode.log" 2>&1 || rc=1
                 grep "startup warm" "$OUT/decode.log" ;;
