@@ -51,8 +51,9 @@ def run_fastllm(model, requests, max_num_seqs: int) -> tuple[dict, dict]:
     params = [fastllm.SamplingParams(max_tokens=new, temperature=0, ignore_eos=True) for _, new in requests]
     # Warm-up on the workload's first full batch, 2 tokens each: its prefill steps are the largest the timed run
     # has, so kernels that compile per shape class (Triton specializes on sizes) do it here, not in the timing.
-    warm = [fastllm.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)] * max_num_seqs
-    llm.generate(prompts[:max_num_seqs], warm[:len(prompts)], use_tqdm=False)
+    n = min(max_num_seqs, len(prompts))
+    llm.generate(prompts[:n], [fastllm.SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)] * n,
+                 use_tqdm=False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = llm.metrics()
