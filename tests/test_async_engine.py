@@ -43,8 +43,9 @@ def test_concurrent_streams_match_each_request_alone(engine):
 
     results = asyncio.run(run_all())
     for prompt, sp, (tokens, updates, last) in zip(prompts, params, results):
-        with engine._lock:  # the engine is idle now; run the request alone on the same LLM for the reference
-            alone = engine.llm.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids
+        # The engine is idle now: the reference runs the request alone on the same LLM, on the step thread.
+        alone = engine._submit(lambda: engine.llm.generate([prompt], sp, use_tqdm=False)).result(timeout=60)
+        alone = alone[0].outputs[0].token_ids
         assert tokens == alone == last.output.outputs[0].token_ids
         assert updates > 1 and last.finished and last.output.outputs[0].finish_reason == "length"
     pool = engine.llm.runner.pool
@@ -76,3 +77,16 @@ def test_bad_request_fails_alone(engine):
     (_, _, bad), (good_tokens, _, good) = asyncio.run(run())
     assert bad.finished and bad.output.error and "empty" in bad.output.error
     assert good.output.error is None and len(good_tokens) == 4
+
+
+def test_requests_after_shutdown_fail_clearly(engine):
+    stopped = AsyncLLM(engine.llm)
+    stopped.shutdown()
+
+    async def run():
+        return [u async for u in stopped.generate(_prompts(1)[0], SamplingParams(max_tokens=2, **GREEDY))]
+
+    with pytest.raises(RuntimeError, match="step loop is not running"):
+        asyncio.run(run())
+    with pytest.raises(RuntimeError, match="step loop is not running"):
+        stopped.abort("0").result(timeout=5)

@@ -6,6 +6,7 @@ import torch
 import transformers as T
 
 import fastllm
+from fastllm.passes import RUNTIME_PASSES
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner, prefill_buckets
 from fastllm.runtime.runtime import Runtime
@@ -34,6 +35,7 @@ def test_decode_buffers_pad_with_one_token_dummies():
     step = _step([1, 1, 1], [5, 2, 8])
     assert buffers.fits(step)
     buffers.fill(step)
+    buffers.scatter()
     assert buffers.input_ids.tolist() == [[100, 101, 102, 0]]
     assert buffers.positions.tolist() == [[5, 2, 8, 0]]
     assert buffers.metadata.slot_mapping.tolist()[3] == -1  # the dummy token writes nothing
@@ -51,6 +53,7 @@ def test_prefill_buffers_put_padding_in_one_dummy_sequence():
     step = _step([5, 1], [0, 7])
     assert buffers.fits(step)
     buffers.fill(step)
+    buffers.scatter()
     md = buffers.metadata
     assert md.cu_seqlens_q.tolist() == [0, 5, 6, 16, 16, 16]   # dummy of 10 tokens, then two empty ones
     assert md.seq_lens.tolist() == [5, 8, 10, 0, 0]
@@ -59,6 +62,7 @@ def test_prefill_buffers_put_padding_in_one_dummy_sequence():
     assert md.max_seqlen_q == 16  # fixed at capture: any value > 1 selects the prefill kernel
     # Stale table entries of a previous, longer step stay past each row's blocks; dummy rows are zeroed.
     buffers.fill(_step([2], [0], sample=False))
+    buffers.scatter()
     assert buffers.block_tables.tolist()[0] == [0, 1, 0, 0]
     assert buffers.block_tables.tolist()[1:] == [[0] * 4] * 4
     assert buffers.logits_indices.tolist() == [0] * 5  # nothing sampled: row 0 stands in, never read
@@ -81,8 +85,15 @@ def test_generate_parity_with_graph_shaped_steps(family, tmp_path):
     reference = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval())
     state = model._fastllm_state
+    traces = []
+
+    def transform(gm, tensors):  # the runtime's passes, counting how often dynamo hands over a trace
+        traces.append(len(gm.graph.nodes))
+        return state.transform(gm, tensors, (*RUNTIME_PASSES,), model.config)
+
     runner = ModelRunner(model, kv_cache=KVCacheConfig(block_size=4, num_kv_tokens=512), max_num_seqs=4,
-                         hf_forward=state.original_forward, max_num_batched_tokens=40, emulate_graph_shapes=True)
+                         hf_forward=state.original_forward, max_num_batched_tokens=40, emulate_graph_shapes=True,
+                         transform=transform)
     state.runtime = Runtime(model, runner, max_num_batched_tokens=40)
     used = []
     pick = runner._graph_for
@@ -97,4 +108,7 @@ def test_generate_parity_with_graph_shaped_steps(family, tmp_path):
     kinds = {(g.buffers.static_max_seqlen_q == 1) for g in used if g is not None}
     assert kinds == {True, False}, "both decode and prefill graph shapes must have run"
     assert None not in used  # the budget (40) is the largest bucket: every step fits a graph shape
+    # One trace serves every shape: no recompilation (each costs seconds on a 7B model, and dynamo stops
+    # after its recompile limit).
+    assert len(traces) == 1
     assert runner.pool.num_free_blocks == runner.pool.num_blocks

@@ -4,17 +4,20 @@
     async for out in engine.generate("Hello", SamplingParams(max_tokens=32)):
         print(out.new_token_ids, out.finished)
 
-The model steps run in one background thread (a step blocks on the GPU); requests are added and aborted
-from the event loop under a lock shared with that thread, and each step's new tokens are handed back to
-the loop with `call_soon_threadsafe`. Requests join and leave between steps: in-flight batching.
+The model steps run in one background thread (a step blocks on the GPU), which alone touches the engine:
+adding and aborting requests are commands it runs between two steps (a lock shared with a thread that takes it
+back after every step starves the other side), and each step's new tokens are handed back to the loop with
+`call_soon_threadsafe`. Requests join and leave between steps: in-flight batching.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastllm.runtime.engine import LLM, RequestOutput
@@ -39,7 +42,8 @@ class AsyncLLM:
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
-        self._lock = threading.Lock()
+        # (future, command) pairs from any thread, run by the step thread between steps.
+        self._commands: collections.deque[tuple[concurrent.futures.Future, Callable[[], object]]] = collections.deque()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, RequestOutput]] = {}
         self._sent: dict[str, int] = {}   # sequence id -> tokens already streamed
@@ -53,16 +57,10 @@ class AsyncLLM:
         finished update whose `output.error` says why."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            if self._error is not None:
-                raise RuntimeError("the engine's step loop failed") from self._error
-            out = self.llm._add(prompt, sampling_params or SamplingParams())
-            if out.error is None:
-                self._streams[out.request_id] = (loop, queue, out)
+        out = await asyncio.wrap_future(self._submit(lambda: self._add(prompt, sampling_params, loop, queue)))
         if out.error is not None:
             yield StreamOutput(out.request_id, {}, True, out)
             return
-        self._wake.set()
         while True:
             update = await queue.get()
             if isinstance(update, BaseException):
@@ -71,14 +69,10 @@ class AsyncLLM:
             if update.finished:
                 return
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request now: its blocks are freed at once and its stream ends with finish_reason "abort"."""
-        with self._lock:
-            prefix = f"{request_id}:"
-            for rid in [r for r in self.llm._sequences if r.startswith(prefix)]:
-                self.llm.scheduler.abort(rid)
-                self.llm._complete(self.llm._sequences[rid], time.perf_counter())
-            self._publish()
+    def abort(self, request_id: str) -> concurrent.futures.Future:
+        """Stop a request before the engine's next step: its blocks are freed and its stream ends with
+        finish_reason "abort". Returns a future done once that happened."""
+        return self._submit(lambda: self._abort(request_id))
 
     def shutdown(self) -> None:
         self._stopped = True
@@ -87,24 +81,64 @@ class AsyncLLM:
 
     # ---- the step thread ---------------------------------------------------------------------------------
 
+    def _submit(self, command: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `command` on the step thread between two steps; its result (or error) comes in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.append((future, command))
+        self._wake.set()
+        if not self._thread.is_alive():  # failed or shut down: nothing would run it
+            self._reject_commands()
+        return future
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            future, command = self._commands.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(command())
+                except Exception as error:  # the caller's error (a bad argument), not the loop's
+                    future.set_exception(error)
+
+    def _reject_commands(self) -> None:
+        while self._commands:
+            future, _ = self._commands.popleft()
+            if future.set_running_or_notify_cancel():
+                error = RuntimeError("the engine's step loop is not running" +
+                                     (" (it failed)" if self._error is not None else ""))
+                error.__cause__ = self._error
+                future.set_exception(error)
+
+    def _add(self, prompt, params, loop, queue) -> RequestOutput:
+        out = self.llm._add(prompt, params or SamplingParams())
+        if out.error is None:
+            self._streams[out.request_id] = (loop, queue, out)
+        return out
+
+    def _abort(self, request_id: str) -> None:
+        prefix = f"{request_id}:"
+        for rid in [r for r in self.llm._sequences if r.startswith(prefix)]:
+            self.llm.scheduler.abort(rid)
+            self.llm._complete(self.llm._sequences[rid], time.perf_counter())
+        self._publish()
+
     def _loop(self) -> None:
-        while not self._stopped:
-            with self._lock:
-                busy = self.llm.scheduler.has_unfinished()
-                if busy:
-                    try:
-                        self.llm._step()
-                    except BaseException as error:  # never leave streams waiting: fail them all, free blocks
-                        self._error = error
-                        self._fail_all(error)
-                        return
+        try:
+            while not self._stopped:
+                self._run_commands()
+                if self.llm.scheduler.has_unfinished():
+                    self.llm._step()
                     self._publish()
-            if not busy:
-                self._wake.wait(timeout=0.05)
-                self._wake.clear()
+                else:
+                    self._wake.wait(timeout=0.05)
+                    self._wake.clear()
+        except BaseException as error:  # never leave streams waiting: fail them all, free blocks
+            self._error = error
+            self._fail_all(error)
+        finally:
+            self._reject_commands()
 
     def _publish(self) -> None:
-        """Send each stream its new tokens (under the lock); close the finished ones."""
+        """Send each stream its new tokens (on the step thread); close the finished ones."""
         for request_id, (loop, queue, out) in list(self._streams.items()):
             new = {}
             for completion in range(len(out.outputs)):

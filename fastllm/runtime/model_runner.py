@@ -123,7 +123,8 @@ class ModelRunner:
     def _profile(self) -> list[tuple[int, int]]:
         """A plain causal forward: captures the graph and records each layer's (num_kv_heads, head_dim)."""
         ids = torch.zeros(1, _PROFILE_TOKENS, dtype=torch.long, device=self.device)
-        positions = torch.arange(_PROFILE_TOKENS, device=self.device).unsqueeze(0)
+        # Inputs laid out as every later step's (plain tensors, not views): dynamo guards on view bases too.
+        positions = torch.arange(_PROFILE_TOKENS, device=self.device).unsqueeze(0).clone()
         shapes: dict[int, tuple[int, int]] = {}
         with forward_context(ForwardContext(metadata=None, kv_caches=None, shapes=shapes)):
             # Two sampled rows, not one: dynamo specializes sizes of 1, and decode steps sample several rows.
@@ -144,10 +145,11 @@ class ModelRunner:
         buffers.fill(step)
         num_rows = len(step.sample_rows)
         if graph is not None and graph.graph is not None:
-            graph.graph.replay()
+            graph.graph.replay()  # scatter() is recorded in the graph
             # A copy: the graph's static output is overwritten by the next replay, while callers keep scores
             # across steps (and `.float()` of an fp32 tensor would be the tensor itself).
             return graph.logits[0, :num_rows].to(torch.float32, copy=True)
+        buffers.scatter()
         with forward_context(ForwardContext(buffers.metadata, self.kv_caches)):
             logits = self._step(buffers.input_ids, buffers.positions, buffers.logits_indices)
         return logits[0, :num_rows].float()
@@ -162,6 +164,7 @@ class ModelRunner:
                 return graph
         return None
 
+    @torch.no_grad()  # as execute(): a grad-mode change would make dynamo trace the step again
     def _make_step_graphs(self, capture: bool) -> None:
         """Buffers for every bucket and, with `capture`, their CUDA graphs (largest first, one memory pool)."""
         width = self.max_blocks_per_seq
@@ -183,11 +186,13 @@ class ModelRunner:
             b = step_graph.buffers
             b.fill(StepInput([], [], [], [], [], [], []))  # all dummies: valid metadata for the warm-up and capture
             with forward_context(ForwardContext(b.metadata, self.kv_caches)):
-                # Warm-up outside the graph: dynamo captures this shape here, never during graph capture.
+                # Warm-up outside the graph: anything still to compile or allocate does it here, not in capture.
+                b.scatter()
                 self._step(b.input_ids, b.positions, b.logits_indices)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
+                    b.scatter()
                     step_graph.logits = self._step(b.input_ids, b.positions, b.logits_indices)
             step_graph.graph = graph
             pool = graph.pool()

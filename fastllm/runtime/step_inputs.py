@@ -1,9 +1,11 @@
 """One step's batch: host lists from the scheduler's chunks, padded and packed into device buffers.
 
-A step's device inputs live in three tensors so that the host→device transfer is three copies whatever the
-batch: one int64 buffer (token ids | positions | cache slots | sampled rows), one int32 buffer (sequence
-lengths | query offsets) and the block tables. The model's inputs and the attention metadata are views of them,
-so a CUDA graph captured on one `StepBuffers` is refilled in place before each replay.
+A step's device inputs arrive in three tensors so that the host→device transfer is three copies whatever the
+batch: one int64 staging buffer (token ids | positions | cache slots | sampled rows), one int32 buffer (sequence
+lengths | query offsets) and the block tables. The attention metadata are views of them. The model's own inputs
+(token ids, positions, sampled rows) are separate tensors that `scatter()` fills from the staging buffer: views
+at storage offsets would make dynamo guard on the offsets (and recompile when a bucket's sizes relate
+differently). A CUDA graph records `scatter()` with the step, so a replay needs only the three copies.
 
 Padding (graphs have fixed shapes; dynamo specializes sizes of 0 and 1, so eager steps are padded too):
 - decode-shaped buffers (`num_tokens == num_seqs`, one query per sequence): each padding token is a one-token
@@ -79,9 +81,9 @@ class StepBuffers:
         self.ints32 = torch.zeros(2 * s + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(s, max_blocks, dtype=torch.int32, device=device)
         self._host_tables = np.zeros((s, max_blocks), dtype=np.int32)
-        self.input_ids = self.ints64[:t].view(1, t)
-        self.positions = self.ints64[t:2 * t].view(1, t)
-        self.logits_indices = self.ints64[3 * t:]
+        self.input_ids = torch.zeros(1, t, dtype=torch.long, device=device)
+        self.positions = torch.zeros(1, t, dtype=torch.long, device=device)
+        self.logits_indices = torch.zeros(num_rows, dtype=torch.long, device=device)
         self.metadata = AttentionMetadata(
             slot_mapping=self.ints64[2 * t:3 * t], block_tables=self.block_tables, seq_lens=self.ints32[:s],
             cu_seqlens_q=self.ints32[s:], max_seqlen_q=max_seqlen_q or 1,
@@ -96,8 +98,16 @@ class StepBuffers:
             return pad_t == pad_s
         return pad_s > 0 or pad_t == 0  # padding tokens need a dummy sequence to hold them
 
+    def scatter(self) -> None:
+        """Staging buffer → the model's input tensors (three device copies; inside a step's CUDA graph)."""
+        t = self.num_tokens
+        self.input_ids.view(-1).copy_(self.ints64[:t])
+        self.positions.view(-1).copy_(self.ints64[t:2 * t])
+        self.logits_indices.copy_(self.ints64[3 * t:])
+
     def fill(self, step: StepInput) -> None:
-        """Copy `step` (which `fits`) into the buffers, padded: three host→device copies."""
+        """Copy `step` (which `fits`) into the buffers, padded: three host→device copies. The model's inputs
+        change only at the next `scatter()` (or the replay of a graph that recorded it)."""
         t, s = len(step.token_ids), len(step.seq_lens)
         pad_t, pad_s = self.num_tokens - t, self.num_seqs - s
         if self.one_token_dummies:
