@@ -77,7 +77,7 @@ def test_prefill_buckets():
     assert prefill_buckets(8) == []
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mixtral", "bloom", "gemma2"])
 def test_generate_parity_with_graph_shaped_steps(family, tmp_path):
     """Every step padded to a graph's shape (decode buckets, prefill token buckets, chunked prefill) gives HF's
     greedy tokens: the padding tokens and dummy sequences change nothing for the real ones."""

@@ -1,9 +1,11 @@
 """Attention → fastllm's paged attention over the runtime's KV cache.
 
 Matches `F.scaled_dot_product_attention(q, k, v, ...)` as transformers' SDPA integration calls it for every
-model using the attention interface (q [B, Hq, S, D], k/v [B, Hkv, S, D], GQA through `enable_gqa`). The
-model's mask is dropped: the runtime's metadata says which cached positions each token sees (causal, plus a
-sliding window read from the config). Layers are numbered in graph order, which is the model's layer order.
+model using the attention interface (q [B, Hq, S, D], k/v [B, Hkv, S, D], GQA through `enable_gqa`), and
+attention written out as matmul → scale → soft-cap → bias/mask → softmax → matmul (eager_attention.py: Bloom,
+MPT, Gemma-2). The model's mask is dropped: the runtime's metadata says which cached positions each token sees
+(causal, plus a sliding window read from the config); an ALiBi bias becomes the kernel's ALiBi, with the slopes
+the config declares. Layers are numbered in graph order, which is the model's layer order.
 When q and k come straight from the rotary pass's kernel with the same cos/sin, the rotary embedding moves
 into the attention op, where one kernel rotates q and k and writes K/V to the cache.
 Only the runtime capture runs this pass; `optimize()`'s drop-in graph keeps HF's own cache and attention.
@@ -19,6 +21,7 @@ from torch import fx
 
 from fastllm import kernels
 from fastllm.models.attention import layer_attention
+from fastllm.passes import eager_attention
 from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg, erase_dead, fake
 from fastllm.runtime.attention import attention
@@ -77,34 +80,57 @@ def _shared_rotary(q: object, k: object) -> dict | None:
             "interleaved": q.kwargs.get("interleaved", False)}
 
 
+def _eager_kwargs(found: eager_attention.EagerAttention, features) -> dict | None:
+    """Keyword arguments of the paged attention for a matched eager attention, or None if one of its additive
+    terms is neither a mask nor the ALiBi bias its config declares."""
+    alibi = features.alibi_slopes if features is not None else None
+    biases = [t for t in found.additive if not eager_attention.looks_like_mask(t)]
+    if len(biases) != (1 if alibi is not None else 0):
+        return None
+    return {"scale": found.scale, "softcap": found.softcap, "alibi": alibi,
+            "sliding_window": features.sliding_window if features is not None else None}
+
+
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+        if getattr(node, "_erased", False) or node.op not in ("call_function", "call_method"):
             continue
-        q, k, v = node.args[0], _unrepeat(node.args[1]), _unrepeat(node.args[2])
-        if arg(node, 4, "dropout_p", 0.0) != 0.0:
+        is_sdpa = node.target is F.scaled_dot_product_attention
+        found = None if is_sdpa else eager_attention.match(node)
+        if (is_sdpa and arg(node, 4, "dropout_p", 0.0) != 0.0) or (not is_sdpa and found is None):
             continue
-        scale = arg(node, 6, "scale", None)
-        if scale is None:
-            scale = 1.0 / math.sqrt(fake(q).shape[-1])
         features = layer_attention(ctx.model_config, count) if ctx.model_config is not None else None
-        kwargs = {"layer": count, "scale": float(scale)}
-        if features is not None:
-            kwargs.update(sliding_window=features.sliding_window, softcap=features.softcap)
-        rotary = _shared_rotary(q, k)
+        if is_sdpa:
+            q, k, v, output = node.args[0], node.args[1], node.args[2], node
+            scale = arg(node, 6, "scale", None)
+            kwargs = {"scale": float(scale) if scale is not None else 1.0 / math.sqrt(fake(q).shape[-1])}
+            if features is not None:
+                kwargs.update(sliding_window=features.sliding_window, softcap=features.softcap,
+                              alibi=features.alibi_slopes)
+            replaced = [node]
+        else:
+            kwargs = _eager_kwargs(found, features)
+            if kwargs is None:
+                continue
+            q, k, v, output, replaced = found.q, found.k, found.v, found.output, [found.output, *found.replaced]
+        k_base, v_in = _unrepeat(k), _unrepeat(v)
+        kwargs = {"layer": count, **{name: value for name, value in kwargs.items() if value is not None}}
+        rotary = _shared_rotary(q, k_base)
+        q_in, k_in = (rotary["q"], rotary["k"]) if rotary is not None else (q, k_base)
         if rotary is not None:
             kwargs.update(cos=rotary["cos"], sin=rotary["sin"], interleaved=rotary["interleaved"])
-            q_in, k_in = rotary["q"], rotary["k"]
-        else:
-            q_in, k_in = q, k
-        with graph.inserting_before(node):
-            fused = graph.call_function(attention, (q_in, k_in, v), kwargs)
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        repeats = [n for original in node.args[1:3] for n in _chain(original)]
-        graph.erase_node(node)
-        erase_dead(graph, repeats + ([q, k] if rotary is not None else []))
+        with graph.inserting_before(output):
+            fused = graph.call_function(attention, (q_in, k_in, v_in), kwargs)
+            result = fused
+            if fake(output).dim() == 3:  # [B * H, S, D] (Bloom): the runtime's batch is one row, B = 1
+                result = graph.call_method("flatten", (fused, 0, 1))
+        result.meta.update(output.meta)
+        if result is not fused:
+            fused.meta.update({key: value for key, value in output.meta.items() if key != "example_value"})
+        output.replace_all_uses_with(result)
+        dead = replaced + _chain(k) + _chain(v) + ([q, k_base] if rotary is not None else [])
+        erase_dead(graph, list(dict.fromkeys(dead)))
         count += 1
     return count

@@ -9,6 +9,8 @@ context through the block table.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -16,11 +18,19 @@ from fastllm import kernels
 from fastllm.runtime.context import get_forward_context
 
 
+@functools.cache
+def _alibi_tensor(slopes: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # Made once per device, by the first (eager) step: graph capture then records a tensor that lives on.
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, scale: float,
               sliding_window: int | None = None, softcap: float | None = None, cos: torch.Tensor | None = None,
-              sin: torch.Tensor | None = None, interleaved: bool = False) -> torch.Tensor:
+              sin: torch.Tensor | None = None, interleaved: bool = False,
+              alibi: tuple[float, ...] | None = None) -> torch.Tensor:
     """Paged attention of one layer. With `cos`/`sin` ([1, 1, T, R]), q and k arrive before their rotary
-    embedding, which is applied in the same kernel that writes K/V to the cache."""
+    embedding, which is applied in the same kernel that writes K/V to the cache. `alibi`: per-query-head
+    slopes of an ALiBi bias."""
     ctx = get_forward_context()
     if ctx.metadata is None:
         # Profiling forward (one causal sequence, no cache): records each layer's KV shape for sizing the cache.
@@ -41,7 +51,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer: int, 
         q_tokens = kernels.rotary_and_write_kv(q_tokens, k_tokens, v_tokens, cos.reshape(-1, rot),
                                                sin.reshape(-1, rot), k_cache, v_cache, md.slot_mapping,
                                                interleaved=interleaved)
+    slopes = None if alibi is None else _alibi_tensor(alibi, q.device)
     out = kernels.paged_attention(q_tokens, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q,
                                   md.max_seqlen_q, scale=scale, causal=True, sliding_window=sliding_window,
-                                  softcap=softcap)
+                                  softcap=softcap, alibi_slopes=slopes)
     return out.transpose(0, 1).unsqueeze(0)
