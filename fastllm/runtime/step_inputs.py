@@ -18,6 +18,7 @@ A dummy token writes no cache slot (slot -1) and attends to the cache's block 0;
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,11 +126,17 @@ class StepBuffers:
         self.ints32.copy_(torch.tensor(step.seq_lens + dummy_lens + cu, dtype=torch.int32), non_blocking=True)
         tables = self._host_tables
         # Entries past a sequence's blocks keep stale values: valid block ids, never read. Dummy rows are
-        # zeroed so a dummy token reads block 0, which exists.
-        for i, blocks in enumerate(step.block_tables):
-            tables[i, :len(blocks)] = blocks
+        # zeroed so a dummy token reads block 0, which exists. One vectorised scatter: a numpy assignment per
+        # row costs ~3 µs, most of a 256-sequence decode step's host time.
+        lengths = np.fromiter(map(len, step.block_tables), dtype=np.int64, count=s)
+        flat = np.fromiter(itertools.chain.from_iterable(step.block_tables), dtype=np.int32, count=int(lengths.sum()))
+        rows = np.repeat(np.arange(s), lengths)
+        cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        tables[rows, cols] = flat
         tables[s:] = 0
-        self.block_tables.copy_(torch.from_numpy(tables), non_blocking=True)
+        # Only the columns some sequence uses now: the rest of the device table keeps (valid) stale ids.
+        width = max(1, int(lengths.max(initial=0)))
+        self.block_tables[:, :width].copy_(torch.from_numpy(tables[:, :width]), non_blocking=True)
         if self.static_max_seqlen_q is None:
             self.metadata.max_seqlen_q = max(step.query_lens)
 
