@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # What one device call checks and measures (device time is scarce; a machine start costs minutes), in stages:
 #   STAGES="tests kernels attention gemv decode throughput" bash benchmarks/run_on_gpu.sh    (default: tests decode)
-# tests: the gpu-marked tests; profile: profile_step.py (host vs GPU per decode step, prefill); kernels/attention/gemv: W5 benchmarks; decode: W1/W3 (MODELS="llama2_7b ...");
-# throughput: W2/W4 (Llama-3.1-8B, 1000 requests fixed and mixed, beside HF continuous batching).
+# tests: the gpu-marked tests (PYTEST_ARGS narrows them); profile: profile_step.py (host vs GPU per decode step,
+# prefill); kernels/attention/gemv: W5 benchmarks; decode: W1 (MODELS="llama2_7b ...", PROVIDERS="fastllm ...")
+# then W3 warm start of Llama-2-7B in a second process; throughput: W2/W4 (Llama-3.1-8B, 1000 requests fixed and
+# mixed, HF continuous batching beside the fixed set). Rough durations on an H100: tests 4.6 min, profile 1.5,
+# decode 4 per model with all providers, throughput 5.
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
 set -uo pipefail
