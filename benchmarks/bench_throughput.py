@@ -1,7 +1,7 @@
 """W2 (offline throughput) and W4 (KV-cache capacity, peak memory) beside HF continuous batching.
 
     PYTHONPATH=. python benchmarks/bench_throughput.py [--model llama31_8b] [--workloads fixed mixed]
-        [--num-requests 1000] [--providers fastllm hf_continuous_batching] [--out DIR]
+        [--num-requests 1000] [--providers fastllm fastllm_async hf_continuous_batching] [--out DIR]
 
 Per BENCHMARKS.md: random-weight model (seed 0), random prompt ids, greedy, EOS ignored so every request produces
 exactly its requested tokens. "fixed": 1000 × 128 prompt / 128 new; "mixed": 1000 requests, prompt lengths uniform
@@ -43,10 +43,11 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
 
 
-def run_fastllm(model, requests, max_num_seqs: int) -> tuple[dict, dict]:
+def run_fastllm(model, requests, max_num_seqs: int, async_scheduling: bool = False) -> tuple[dict, dict]:
     import fastllm
 
-    llm = fastllm.LLM(model, kv_cache_memory_fraction=0.9, max_num_seqs=max_num_seqs, max_num_batched_tokens=8192)
+    llm = fastllm.LLM(model, kv_cache_memory_fraction=0.9, max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
+                      async_scheduling=async_scheduling)
     prompts = [p for p, _ in requests]
     params = [fastllm.SamplingParams(max_tokens=new, temperature=0, ignore_eos=True) for _, new in requests]
     # Warm-up on the workload's first full batch, 2 tokens each: its prefill steps are the largest the timed run
@@ -110,7 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="llama31_8b", choices=list(MODELS))
     parser.add_argument("--workloads", nargs="+", default=["fixed", "mixed"], choices=["fixed", "mixed"])
     parser.add_argument("--providers", nargs="+", default=["fastllm", "hf_continuous_batching"],
-                        choices=["fastllm", "hf_continuous_batching"])
+                        choices=["fastllm", "fastllm_async", "hf_continuous_batching"],
+                        help="fastllm_async: the engine with async_scheduling=True (results keyed <workload>_async)")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--baseline-workloads", nargs="*", default=["fixed"], choices=["fixed", "mixed"],
                         help="workloads the HF baseline runs on (its mixed run takes minutes of device time)")
@@ -122,21 +124,23 @@ def main(argv=None) -> int:
         return 2
     fastllm_results, baselines, w4 = {}, {"hf_continuous_batching": {}}, {}
     for kind in args.workloads:
-        key = f"{args.model}_{kind}"
-        for provider in sorted(args.providers, key=lambda p: p == "fastllm"):  # baseline first: a clean GPU
-            if provider != "fastllm" and kind not in args.baseline_workloads:
+        for provider in sorted(args.providers, key=lambda p: p.startswith("fastllm")):  # baseline first
+            ours = provider.startswith("fastllm")
+            if not ours and kind not in args.baseline_workloads:
                 continue
+            key = f"{args.model}_{kind}" + ("_async" if provider == "fastllm_async" else "")
             model = _build(args.model)
             requests = _requests(kind, args.num_requests, model.config.vocab_size)
-            if provider == "fastllm":
-                fastllm_results[key], w4[key] = run_fastllm(model, requests, args.max_num_seqs)
+            if ours:
+                fastllm_results[key], w4[key] = run_fastllm(model, requests, args.max_num_seqs,
+                                                            async_scheduling=provider == "fastllm_async")
             else:
                 try:
                     baselines["hf_continuous_batching"][key] = run_hf_continuous_batching(model, requests)
                 except Exception as error:  # recorded, not hidden: the baseline's failure is a result too
                     baselines["hf_continuous_batching"][key] = {"error": f"{type(error).__name__}: {error}"[:300]}
-            print(provider, key, fastllm_results.get(key) if provider == "fastllm" else
-                  baselines["hf_continuous_batching"][key], flush=True)
+            print(provider, key, fastllm_results[key] if ours else baselines["hf_continuous_batching"][key],
+                  flush=True)
             del model
             torch._dynamo.reset()  # dynamo's caches hold the optimized model (and its KV cache) otherwise
             gc.collect()

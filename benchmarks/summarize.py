@@ -63,7 +63,7 @@ def _w2(result: dict) -> list[str]:
              "| GPU busy | host ms/step: schedule, launch, sample+wait, update | KV tokens | peak GB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in result["fastllm"].items():
-        hf = base.get(key, {}).get("output_tok_s")
+        hf = base.get(key.removesuffix("_async"), {}).get("output_tok_s")
         profile = r.get("profile", {})
         host = profile.get("host_ms_per_step", {})
         host_text = ", ".join(f"{host[k]:.1f}" for k in ("schedule", "execute", "sample", "update") if k in host)

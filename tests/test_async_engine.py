@@ -11,11 +11,11 @@ from tests._models import VOCAB, build
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync_steps", "async_scheduling"])
+def engine(tmp_path_factory, request):
     path = tmp_path_factory.mktemp("llama")
     build("llama", path)
-    llm = LLM(T.AutoModelForCausalLM.from_pretrained(path).eval())
+    llm = LLM(T.AutoModelForCausalLM.from_pretrained(path).eval(), async_scheduling=request.param)
     engine = AsyncLLM(llm)
     yield engine
     engine.shutdown()

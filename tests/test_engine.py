@@ -369,3 +369,49 @@ def test_from_a_path(qwen_path, workload, alone):
     assert llm.tokenizer is None and llm.runner.max_model_len == 128
     outs = llm.generate(prompts[:5], params[:5], use_tqdm=False)
     assert [_result(o) for o in outs] == alone[:5] and outs[0].outputs[0].text == ""
+
+
+# ---- asynchronous scheduling: the host schedules a step ahead, tokens reach the next step on the device -----
+
+
+@pytest.mark.parametrize("budget, kv_tokens", [(8192, None), (16, None), (8192, 192)])
+def test_async_scheduling_gives_the_same_tokens(qwen_path, llm, workload, alone, budget, kv_tokens):
+    """Plain, chunked-prefill and preempting batches: every request's tokens and finish reason equal running
+    it alone synchronously (greedy stops on EOS detected a step late, whose wasted step must not leak)."""
+    prompts, params = workload
+    engine = (LLM(llm.model, max_num_batched_tokens=budget, async_scheduling=True) if kv_tokens is None else
+              LLM(_load(qwen_path), num_kv_tokens=kv_tokens, async_scheduling=True))
+    assert engine.async_scheduling
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert [_result(o) for o in outs] == alone
+    if kv_tokens is not None:
+        assert engine.num_preemptions > 0
+    metrics = engine.metrics()
+    assert metrics["num_generated_tokens"] == sum(len(t) for t, _ in alone)
+    assert 0 < metrics["num_overlapped_steps"] <= metrics["num_steps"]
+    assert _no_leaks(engine) and engine._inflight is None
+
+
+def test_async_scheduling_mixed_sampling_parameters(llm, workload):
+    """Rows that need their history on the host (penalties, logprobs) make their step wait; seeded rows still
+    reproduce; stop strings and min_tokens hold."""
+    prompts, _ = workload
+    params = [SamplingParams(temperature=1.0, seed=3, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=9, repetition_penalty=1.5),
+              SamplingParams(temperature=0, max_tokens=7, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=12, min_tokens=6)]
+    sync = llm.generate(prompts[:4], params, use_tqdm=False)
+    engine = LLM(llm.model, async_scheduling=True)
+    outs = engine.generate(prompts[:4], params, use_tqdm=False)
+    for a, b in zip(outs, sync):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].finish_reason == b.outputs[0].finish_reason
+    assert [list(d) for d in outs[2].outputs[0].logprobs] == [list(d) for d in sync[2].outputs[0].logprobs]
+    metrics = engine.metrics()  # the penalty and logprob rows made some steps wait; the rest overlapped
+    assert 0 < metrics["num_overlapped_steps"] < metrics["num_steps"]
+    assert _no_leaks(engine)
+
+
+def test_async_scheduling_rejects_prefix_caching(llm):
+    with pytest.raises(ValueError, match="async_scheduling and enable_prefix_caching"):
+        LLM(llm.model, async_scheduling=True, enable_prefix_caching=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastllm.runtime.kv_cache import BlockPool
-from fastllm.runtime.scheduler import Request, RequestStatus, Scheduler, SchedulerOutput
+from fastllm.runtime.scheduler import PLACEHOLDER, Request, RequestStatus, Scheduler, SchedulerOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 97
@@ -419,3 +419,76 @@ def test_stats():
     run(sched, model)
     assert b.num_cached_tokens == 8
     assert sched.stats()["prefix_cache_hit_rate"] == 8 / 18 and sched.stats()["prefix_cache_hits"] == 8
+
+
+# ---- asynchronous scheduling: update_pending() now, resolve() a step later -----------------------------------
+
+
+class AsyncFakeModel(FakeModel):
+    """FakeModel whose pending tokens (PLACEHOLDER in a chunk) are read from the last step's samples, as the
+    runner reads them from its device feed buffer."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        super().__init__(pool)
+        self.feed: dict = {}
+
+    def step(self, out: SchedulerOutput) -> dict:
+        sampled = {}
+        for c in out.chunks:
+            tokens = [self.feed[c.request.request_id] if t == PLACEHOLDER else t for t in c.token_ids]
+            for slot, token in zip(c.slots, tokens):
+                self.cache[slot] = token
+        for c in out.chunks:
+            if c.samples:
+                context = [self.cache[s] for s in c.request.block_table.slots(0, c.start + c.num_tokens)]
+                sampled[c.request.request_id] = next_token(context)
+        self.feed = sampled
+        return sampled
+
+
+def run_async(sched: Scheduler, max_steps: int = 10_000) -> int:
+    """The engine's asynchronous loop: schedule and run a step, resolve the one before, record this one as
+    pending. Returns the steps whose chunks held a pending token."""
+    model, previous, fed = AsyncFakeModel(sched.pool), None, 0
+    for _ in range(max_steps):
+        if not sched.has_unfinished() and previous is None:
+            break
+        out = sched.schedule() if sched.has_unfinished() else SchedulerOutput([], [])
+        fed += any(PLACEHOLDER in c.token_ids for c in out.chunks)
+        sampled = model.step(out)
+        if previous is not None:
+            sched.resolve(*previous)
+        sched.update_pending(out)
+        previous = (out, sampled) if out.chunks else None
+    assert not sched.has_unfinished() and sched.pool.num_free_blocks == sched.pool.num_blocks
+    assert not any(r.num_pending for r in sched.requests.values())
+    return fed
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_async_scheduling_matches_running_alone(seed):
+    """Random tight workloads (preemption, chunked prefill, EOS found a step late, length limits): the same
+    outputs and finish reasons as each request alone, no block or pending token left."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4, 16])
+    max_model_len = rng.randint(8, 48)
+    pool = BlockPool(-(-max_model_len // block_size) + rng.randint(0, 3), block_size)
+    sched = Scheduler(pool, max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(1, 40),
+                      max_model_len=max_model_len)
+    requests = []
+    for i in range(rng.randint(1, 12)):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, max_model_len))]
+        r = req(i, prompt, rng.randint(1, 30), min_new_tokens=rng.randint(0, 3),
+                eos_token_ids=frozenset(rng.sample(range(VOCAB), 8)), ignore_eos=rng.random() < 0.3)
+        requests.append(r)
+        sched.add(r)
+    fed = run_async(sched)
+    assert fed > 0 or all(r.max_new_tokens == 1 or len(r.output_token_ids) <= 1 for r in requests)
+    for r in requests:
+        reference = req(r.request_id, r.prompt_token_ids, r.max_new_tokens, min_new_tokens=r.min_new_tokens,
+                        eos_token_ids=r.eos_token_ids, ignore_eos=r.ignore_eos)
+        ref_sched = Scheduler(BlockPool(256, 4), max_model_len=max_model_len)
+        ref_sched.add(reference)
+        run(ref_sched)
+        assert r.is_finished and r.output_token_ids == reference.output_token_ids
+        assert r.finish_reason == reference.finish_reason

@@ -26,13 +26,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fastllm.runtime.sampler import RowContext, sample_rows
+from fastllm.runtime.sampler import RowContext, needs_host_history, sample_rows, sample_tokens
 from fastllm.runtime.sampling_params import SamplingParams
-from fastllm.runtime.scheduler import Request, Scheduler
+from fastllm.runtime.scheduler import Request, Scheduler, SchedulerOutput
 
 # Scheduling settings the engine takes even for an already-optimized model (they do not touch the runner's
 # cache or graphs); every other option must go to optimize().
-_ENGINE_OPTIONS = ("max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching")
+_ENGINE_OPTIONS = ("max_num_batched_tokens", "max_num_seqs", "enable_prefix_caching", "async_scheduling")
 # Upper bounds (seconds) of the latency histogram buckets in `LLM.metrics()`; the last bucket is open.
 HISTOGRAM_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # metrics() keeps the latest samples only, so a long-running engine (the server) does not grow without bound.
@@ -104,6 +104,16 @@ class RequestOutput:
     error: str | None = None
 
 
+@dataclass
+class _InFlight:
+    """A step launched and sampled on the device whose tokens the host has not read yet (async scheduling)."""
+
+    output: SchedulerOutput
+    sampled: list  # of _Sequence
+    tokens: torch.Tensor             # [n] on the device, or already on the host (CPU runs)
+    ready: torch.cuda.Event | None   # recorded after the tokens' copy to host (pinned) memory
+
+
 @dataclass(eq=False)
 class _Sequence:
     """Engine-side state of one completion (one scheduler request)."""
@@ -136,10 +146,12 @@ class LLM:
             for string prompts, text outputs, stop strings and bad words.
         dtype: weights dtype (`torch.dtype` or "auto") when loading from a path, or to convert a model to.
         device: device to load or move the model to.
-        **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...)
-            and `enable_prefix_caching` (the scheduler reuses the K/V of full prompt blocks computed before).
-            An already-optimized model takes only `max_num_batched_tokens`, `max_num_seqs` and
-            `enable_prefix_caching`.
+        **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...),
+            `enable_prefix_caching` (the scheduler reuses the K/V of full prompt blocks computed before) and
+            `async_scheduling` (default False: schedule and launch each step while the GPU still samples the
+            one before; its sampled tokens reach the next step on the device. Steps whose rows need their
+            token history on the host — penalties, bad words, logprobs — wait for it. Not with prefix caching.)
+            An already-optimized model takes only these four.
 
     Raises:
         RuntimeError: the model cannot run on fastllm's paged runtime (the message says why).
@@ -195,6 +207,12 @@ class LLM:
             max_model_len=self.runner.max_model_len,
             enable_prefix_caching=engine_options.get("enable_prefix_caching",
                                                      getattr(state.config, "enable_prefix_caching", False)))
+        self.async_scheduling = bool(engine_options.get("async_scheduling", False))
+        if self.async_scheduling and self.scheduler.enable_prefix_caching:
+            raise ValueError("async_scheduling and enable_prefix_caching cannot be combined yet (a pending "
+                             "token's block cannot be hashed before the token is known)")
+        self._inflight: _InFlight | None = None
+        self._host_tokens: torch.Tensor | None = None  # pinned, for the in-flight step's tokens
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._ids = itertools.count()
@@ -203,6 +221,7 @@ class LLM:
         self.num_finished_requests = 0
         self.num_aborted_requests = 0
         self.num_steps = 0
+        self.num_overlapped_steps = 0  # async scheduling: steps whose tokens the host did not wait for
         # Host seconds per phase of the step loop (the profile of where a step's time goes): scheduling,
         # preparing and launching the model step, sampling (which waits for the GPU), and the bookkeeping after.
         self.step_seconds: dict[str, float] = dict.fromkeys(("schedule", "execute", "sample", "update"), 0.0)
@@ -246,12 +265,13 @@ class LLM:
         bar = tqdm(total=len(outputs), desc="fastllm: generating", disable=not use_tqdm, leave=False)
         bar.update(sum(1 for n in pending.values() if n == 0))
         try:
-            while self.scheduler.has_unfinished():
+            while self.scheduler.has_unfinished() or self._inflight is not None:
                 for seq in self._step():
                     pending[id(seq.output)] -= 1
                     if pending[id(seq.output)] == 0:
                         bar.update(1)
         finally:
+            self._inflight = None
             for rid in list(self._sequences):  # an exception or Ctrl-C: give every block back
                 self.scheduler.abort(rid)
                 self._complete(self._sequences[rid], time.perf_counter())
@@ -280,6 +300,7 @@ class LLM:
             "time_to_first_token_histogram": _histogram(self._ttft),
             "time_per_output_token_histogram": _histogram(self._tpot),
             "num_steps": self.num_steps,
+            "num_overlapped_steps": self.num_overlapped_steps,
             "step_seconds": dict(self.step_seconds),
         }
 
@@ -356,6 +377,8 @@ class LLM:
 
     def _step(self) -> list[_Sequence]:
         """Schedule, run and sample one step; returns the sequences that finished in it."""
+        if self.async_scheduling:
+            return self._step_async()
         start = time.perf_counter()
         step = self.scheduler.schedule()
         scheduled = time.perf_counter()
@@ -382,6 +405,87 @@ class LLM:
                 self._complete(seq, now)
                 done.append(seq)
         self.step_seconds["update"] += time.perf_counter() - now
+        return done
+
+    def _step_async(self) -> list[_Sequence]:
+        """One step with the host a step ahead of the GPU: schedule and launch this step (its pending tokens
+        read on the device from the step in flight), then read the in-flight step's tokens, then sample this
+        step without waiting for it. Returns the sequences that finished (by the in-flight step's tokens)."""
+        start = time.perf_counter()
+        previous, self._inflight = self._inflight, None
+        output = self.scheduler.schedule() if self.scheduler.has_unfinished() else SchedulerOutput([], [])
+        scheduled = time.perf_counter()
+        logits = None
+        if output.chunks:
+            feed_rows = {seq.request.request_id: i for i, seq in enumerate(previous.sampled)} if previous else None
+            logits = self.runner.execute(output.chunks, feed_rows)
+        launched = time.perf_counter()
+        done = self._resolve(previous) if previous is not None else []
+        resolved = time.perf_counter()
+        # Rows of requests that the in-flight step's tokens just ended are dropped (their step was wasted).
+        sampling = [c for c in output.chunks if c.samples]
+        keep = [i for i, c in enumerate(sampling) if c.request.request_id in self._sequences]
+        sampled = [self._sequences[sampling[i].request.request_id] for i in keep]
+        if logits is not None and len(keep) < len(sampling):
+            logits = logits[keep]
+        rows = [seq.row() for seq in sampled]
+        if logits is not None and sampled and not any(needs_host_history(r) for r in rows):
+            tokens = sample_tokens(logits, rows)
+            self.runner.set_feed(tokens)
+            self._inflight = _InFlight(output, sampled, *self._copy_to_host(tokens))
+            self.scheduler.update_pending(output)
+            self.num_overlapped_steps += 1
+        elif logits is not None:  # rows that need the host: sample and apply now, as the synchronous loop does
+            done += self._apply(output, sampled, sample_rows(logits, rows))
+        self.step_seconds["schedule"] += scheduled - start
+        self.step_seconds["execute"] += launched - scheduled
+        self.step_seconds["sample"] += resolved - launched
+        self.step_seconds["update"] += time.perf_counter() - resolved
+        self.num_steps += 1
+        return done
+
+    def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying a step's sampled tokens to pinned host memory; (host tensor, event when it is there)."""
+        if tokens.device.type != "cuda":
+            return tokens, None
+        if self._host_tokens is None:
+            self._host_tokens = torch.empty(self.runner.feed.shape[0], dtype=torch.long, pin_memory=True)
+        host = self._host_tokens[:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def _resolve(self, inflight: _InFlight) -> list[_Sequence]:
+        """The in-flight step's tokens, read on the host: append them and apply every stop rule."""
+        if inflight.ready is not None:
+            inflight.ready.synchronize()
+        token_ids = inflight.tokens.tolist()
+        self.scheduler.resolve(inflight.output, {seq.request.request_id: t
+                                                 for seq, t in zip(inflight.sampled, token_ids)})
+        return self._after_tokens(inflight.sampled, [None] * len(inflight.sampled), time.perf_counter())
+
+    def _apply(self, output: SchedulerOutput, sampled: list[_Sequence], result) -> list[_Sequence]:
+        self.scheduler.update(output, {seq.request.request_id: t for seq, t in zip(sampled, result.token_ids)})
+        return self._after_tokens(sampled, result.logprobs, time.perf_counter())
+
+    def _after_tokens(self, sampled: list[_Sequence], logprobs: list, now: float) -> list[_Sequence]:
+        """Bookkeeping once `sampled` got their new tokens: counts, TTFT, logprobs, stop strings, completion.
+        Sequences completed before (aborted, or ended by the step before) are skipped."""
+        done = []
+        for seq, entry in zip(sampled, logprobs):
+            if seq.request.request_id not in self._sequences:
+                continue
+            self.num_generated_tokens += 1
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.logprobs is not None and entry is not None:
+                seq.logprobs.append(entry)
+            if not seq.request.is_finished and seq.params.stop and self._hit_stop_string(seq):
+                self.scheduler.finish(seq.request, "stop")
+            if seq.request.is_finished:
+                self._complete(seq, now)
+                done.append(seq)
         return done
 
     def _hit_stop_string(self, seq: _Sequence) -> bool:

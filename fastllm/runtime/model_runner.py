@@ -114,6 +114,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.buckets = decode_buckets(max_num_seqs)
         self.token_buckets = prefill_buckets(max_num_batched_tokens)
+        # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
+        # from here inside the next step. One row per sampled token: a step samples at most one per token.
+        self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
         self._decode_graphs: list[StepGraph] = []
         self._prefill_graphs: list[StepGraph] = []
         if self.use_cuda_graph or emulate_graph_shapes:
@@ -134,12 +137,14 @@ class ModelRunner:
         return [shapes[i] for i in sorted(shapes)]
 
     @torch.no_grad()
-    def execute(self, chunks) -> torch.Tensor:
-        """Run one scheduled step; returns the logits of the sampled rows, [num sampled, vocab], fp32 (owned)."""
-        step = StepInput.from_chunks(chunks)
+    def execute(self, chunks, feed_rows: dict | None = None) -> torch.Tensor:
+        """Run one scheduled step; returns the logits of the sampled rows, [num sampled, vocab], fp32 (owned).
+
+        `feed_rows`: request id -> row of `self.feed` holding its pending token (see `set_feed`)."""
+        step = StepInput.from_chunks(chunks, feed_rows)
         graph = self._graph_for(step)
         if graph is None:
-            buffers = StepBuffers.for_step(step, self.device, MIN_BATCH)
+            buffers = StepBuffers.for_step(step, self.device, MIN_BATCH, feed=self.feed)
         else:
             buffers = graph.buffers
         buffers.fill(step)
@@ -153,6 +158,11 @@ class ModelRunner:
         with forward_context(ForwardContext(buffers.metadata, self.kv_caches)):
             logits = self._step(buffers.input_ids, buffers.positions, buffers.logits_indices)
         return logits[0, :num_rows].float()
+
+    def set_feed(self, token_ids: torch.Tensor) -> None:
+        """Make `token_ids` (a step's sampled tokens, on the device) the ids of the next step's pending tokens:
+        row i of the feed is token_ids[i]. Ordered on the stream after the sampling, before the next step."""
+        self.feed[:token_ids.shape[0]].copy_(token_ids)
 
     # CUDA graphs ---------------------------------------------------------------------------------------------
 
@@ -169,14 +179,16 @@ class ModelRunner:
         """Buffers for every bucket and, with `capture`, their CUDA graphs (largest first, one memory pool)."""
         width = self.max_blocks_per_seq
         self._decode_graphs = [
-            StepGraph(StepBuffers(n, n, n, width, self.device, one_token_dummies=True, max_seqlen_q=1))
+            StepGraph(StepBuffers(n, n, n, width, self.device, one_token_dummies=True, max_seqlen_q=1,
+                                  feed=self.feed))
             for n in self.buckets
         ]
         self._prefill_graphs = []
         for n in self.token_buckets:
             seqs = min(n, self.max_num_seqs) + 1  # + 1: a dummy sequence holds the padding tokens
             self._prefill_graphs.append(StepGraph(
-                StepBuffers(n, seqs, seqs, width, self.device, one_token_dummies=False, max_seqlen_q=n)))
+                StepBuffers(n, seqs, seqs, width, self.device, one_token_dummies=False, max_seqlen_q=n,
+                            feed=self.feed)))
         if not capture:
             return
         start = time.perf_counter()

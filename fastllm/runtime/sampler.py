@@ -173,7 +173,15 @@ def _truncate(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     return scores
 
 
-def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:
+def needs_host_history(row: RowContext) -> bool:
+    """Whether sampling this row reads its tokens so far or reports logprobs (asynchronous scheduling samples
+    only rows that do not, since their newest token is still on the device)."""
+    p = row.params
+    return bool(row.bad_words_token_ids or p.logprobs is not None or p.repetition_penalty != 1.0
+                or p.presence_penalty or p.frequency_penalty)
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     """Next token of each row of `logits` [N, V] fp32 under its own SamplingParams.
 
     Order (vLLM's): masks (bad words, min_tokens), penalties, temperature, top-k, top-p, min-p, then argmax
@@ -210,7 +218,12 @@ def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:
                 noise[j].exponential_(generator=rows[i].generator)
         # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
         tokens[drawn] = (sub.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
-    token_ids = tokens.tolist()
+    return tokens
+
+
+def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:
+    """`sample_tokens`, then the tokens on the host and their logprobs where asked."""
+    token_ids = sample_tokens(logits, rows).tolist()
     return SampleOutput(token_ids, _logprobs(logits, rows, token_ids))
 
 

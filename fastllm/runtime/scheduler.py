@@ -18,6 +18,12 @@ full blocks are registered, and a request always computes at least its last know
 
 Progress is guaranteed: the pool holds at least `max_model_len` tokens (checked when the scheduler is built),
 so the oldest running request, or the oldest waiting one when none runs, always fits.
+
+Asynchronous scheduling (the engine's `async_scheduling`): `update_pending()` records a computed step before its
+tokens are known. Each request that sampled gets a pending token (a `PLACEHOLDER` in its token list, which the
+runner replaces on the device with the sampled token), so the next step can be scheduled and launched while the
+GPU still samples this one; `resolve()` appends the real tokens later and applies the stop rules. A request
+whose pending token already reaches its length limit is not scheduled again (`stop_pending`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 from fastllm.runtime.kv_cache import BlockPool, BlockTable, OutOfBlocks, blocks_needed, hash_block
 
 FINISH_REASONS = ("length", "stop", "abort")
+PLACEHOLDER = -1  # a pending token's id in a chunk: the runner feeds the previous step's sampled token
 
 
 class RequestStatus(enum.Enum):
@@ -55,6 +62,8 @@ class Request:
     arrival_index: int = -1  # FCFS order, set by Scheduler.add
     num_cached_tokens: int = 0  # prefix-cache hit at the last admission, in tokens
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks (prefix caching)
+    num_pending: int = 0  # sampled tokens not known yet (asynchronous scheduling), after output_token_ids
+    stop_pending: bool = False  # its pending token ends it by length: not scheduled again
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -62,7 +71,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def is_finished(self) -> bool:
@@ -72,8 +81,10 @@ class Request:
         """`all_token_ids[start:end]` without building the whole list (decode steps take one token)."""
         n = len(self.prompt_token_ids)
         if start >= n:
-            return self.output_token_ids[start - n:end - n]
-        return self.prompt_token_ids[start:end] + self.output_token_ids[:max(end - n, 0)]
+            tokens = self.output_token_ids[start - n:end - n]
+        else:
+            tokens = self.prompt_token_ids[start:end] + self.output_token_ids[:max(end - n, 0)]
+        return tokens + [PLACEHOLDER] * (end - start - len(tokens))
 
 
 @dataclass
@@ -175,7 +186,7 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING:  # preempted by an older request this step
+            if req.status is not RequestStatus.RUNNING or req.stop_pending:  # preempted this step / ending
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._reserve(req, req.num_computed_tokens + n, preempted):
@@ -191,7 +202,7 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             chunks.append(self._chunk(req, n))
             budget -= n
-        if not chunks and self.requests:
+        if not chunks and self.requests and not any(r.stop_pending for r in self.running):
             head = self.waiting[0] if self.waiting else None
             raise RuntimeError(f"scheduler cannot make progress: {len(self.running)} running, {len(self.waiting)} "
                                f"waiting, {self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
@@ -225,6 +236,40 @@ class Scheduler:
             if not c.samples:
                 continue
             token = sampled[req.request_id]
+            req.output_token_ids.append(token)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self.finish(req, reason)
+                finished.append(req)
+        return finished
+
+    def update_pending(self, output: SchedulerOutput) -> None:
+        """Record a computed step whose sampled tokens are not known yet (asynchronous scheduling): each chunk
+        that samples leaves a pending token. `resolve()` with the same output supplies them."""
+        for c in output.chunks:
+            req = c.request
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            if c.start != req.num_computed_tokens:
+                raise RuntimeError(f"request {req.request_id!r}: chunk starts at {c.start} but "
+                                   f"{req.num_computed_tokens} tokens are computed (was this output applied twice?)")
+            req.num_computed_tokens += c.num_tokens
+            if c.samples:
+                req.num_pending += 1
+                if (len(req.output_token_ids) + req.num_pending >= req.max_new_tokens
+                        or req.num_tokens >= self.max_model_len):
+                    req.stop_pending = True
+
+    def resolve(self, output: SchedulerOutput, sampled: dict[str | int, int]) -> list[Request]:
+        """The tokens of a step recorded by `update_pending()`: append them (requests finished or aborted since
+        are skipped) and apply the stop rules. Returns the requests that finished."""
+        finished = []
+        for c in output.chunks:
+            req = c.request
+            if not c.samples or req.is_finished or req.num_pending == 0:
+                continue
+            token = sampled[req.request_id]
+            req.num_pending -= 1
             req.output_token_ids.append(token)
             reason = self._stop_reason(req, token)
             if reason is not None:

@@ -1,7 +1,8 @@
 """One step's batch: host lists from the scheduler's chunks, padded and packed into device buffers.
 
 A step's device inputs arrive in three tensors so that the host→device transfer is three copies whatever the
-batch: one int64 staging buffer (token ids | positions | cache slots | sampled rows), one int32 buffer (sequence
+batch: one int64 staging buffer (token ids | positions | cache slots | sampled rows | token sources: where a
+pending token's id is read from on the device, for asynchronous scheduling), one int32 buffer (sequence
 lengths | query offsets) and the block tables. The attention metadata are views of them. The model's own inputs
 (token ids, positions, sampled rows) are separate tensors that `scatter()` fills from the staging buffer: views
 at storage offsets would make dynamo guard on the offsets (and recompile when a bucket's sizes relate
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from fastllm.runtime.context import AttentionMetadata
+from fastllm.runtime.scheduler import PLACEHOLDER
 
 
 @dataclass
@@ -38,11 +40,22 @@ class StepInput:
     query_lens: list[int]
     block_tables: list[list[int]]
     sample_rows: list[int]   # index (in the batch's token order) of each token whose logits are sampled
+    # Per token: -1, or the row of the runner's feed buffer holding its id (a pending token, sampled on the
+    # device by the previous step: asynchronous scheduling). None: no token is pending.
+    token_sources: list[int] | None = None
 
     @classmethod
-    def from_chunks(cls, chunks) -> StepInput:
+    def from_chunks(cls, chunks, feed_rows: dict | None = None) -> StepInput:
+        """`feed_rows`: request id -> feed-buffer row of its pending token (the previous step's sampled rows)."""
         step = cls([], [], [], [], [], [], [])
         for chunk in chunks:
+            if PLACEHOLDER in chunk.token_ids:
+                if step.token_sources is None:
+                    step.token_sources = [-1] * len(step.token_ids)
+                row = feed_rows[chunk.request.request_id]
+                step.token_sources += [row if t == PLACEHOLDER else -1 for t in chunk.token_ids]
+            elif step.token_sources is not None:
+                step.token_sources += [-1] * chunk.num_tokens
             step.token_ids += chunk.token_ids
             step.positions += range(chunk.start, chunk.start + chunk.num_tokens)
             step.slots += chunk.slots
@@ -74,14 +87,24 @@ class StepBuffers:
     """
 
     def __init__(self, num_tokens: int, num_seqs: int, num_rows: int, max_blocks: int, device, *,
-                 one_token_dummies: bool, max_seqlen_q: int | None = None):
+                 one_token_dummies: bool, max_seqlen_q: int | None = None, feed: torch.Tensor | None = None):
         self.num_tokens, self.num_seqs, self.num_rows = num_tokens, num_seqs, num_rows
         self.one_token_dummies, self.static_max_seqlen_q = one_token_dummies, max_seqlen_q
+        self.feed = feed  # the runner's buffer of the previous step's sampled tokens (pending tokens read it)
         t, s = num_tokens, num_seqs
-        self.ints64 = torch.zeros(3 * t + num_rows, dtype=torch.long, device=device)
+        # token ids | positions | slots | sampled rows | token sources (-1, or a feed row for a pending token)
+        self.ints64 = torch.zeros(4 * t + num_rows, dtype=torch.long, device=device)
         self.ints32 = torch.zeros(2 * s + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(s, max_blocks, dtype=torch.int32, device=device)
-        self._host_tables = np.zeros((s, max_blocks), dtype=np.int32)
+        # Host staging. On CUDA it is pinned, so the copies do not wait for the GPU (a copy from pageable memory
+        # synchronizes the stream first), and doubled: a step may be filled while the previous step's copies
+        # from the other half are still queued behind the GPU's work.
+        pinned = torch.device(device).type == "cuda"
+        self._staging = [(torch.zeros(4 * t + num_rows, dtype=torch.long, pin_memory=pinned),
+                          torch.zeros(2 * s + 1, dtype=torch.int32, pin_memory=pinned),
+                          torch.zeros(s * max_blocks, dtype=torch.int32, pin_memory=pinned))
+                         for _ in range(2 if pinned else 1)]
+        self._fills = 0
         self.input_ids = torch.zeros(1, t, dtype=torch.long, device=device)
         self.positions = torch.zeros(1, t, dtype=torch.long, device=device)
         self.logits_indices = torch.zeros(num_rows, dtype=torch.long, device=device)
@@ -101,10 +124,14 @@ class StepBuffers:
 
     def scatter(self) -> None:
         """Staging buffer → the model's input tensors (three device copies; inside a step's CUDA graph)."""
-        t = self.num_tokens
-        self.input_ids.view(-1).copy_(self.ints64[:t])
+        t, rows = self.num_tokens, self.num_rows
+        ids = self.ints64[:t]
+        if self.feed is not None:  # pending tokens: their ids come from the previous step's sampling
+            sources = self.ints64[3 * t + rows:]
+            ids = torch.where(sources >= 0, self.feed[sources.clamp(min=0)], ids)
+        self.input_ids.view(-1).copy_(ids)
         self.positions.view(-1).copy_(self.ints64[t:2 * t])
-        self.logits_indices.copy_(self.ints64[3 * t:])
+        self.logits_indices.copy_(self.ints64[3 * t:3 * t + rows])
 
     def fill(self, step: StepInput) -> None:
         """Copy `step` (which `fits`) into the buffers, padded: three host→device copies. The model's inputs
@@ -120,29 +147,38 @@ class StepBuffers:
             cu.append(cu[-1] + n)
         rows = step.sample_rows or [0]
         rows = rows + rows[-1:] * (self.num_rows - len(rows))
-        pad = [0] * pad_t
-        ints64 = step.token_ids + pad + step.positions + pad + step.slots + [-1] * pad_t + rows
-        self.ints64.copy_(torch.tensor(ints64, dtype=torch.long), non_blocking=True)
-        self.ints32.copy_(torch.tensor(step.seq_lens + dummy_lens + cu, dtype=torch.int32), non_blocking=True)
-        tables = self._host_tables
-        # Entries past a sequence's blocks keep stale values: valid block ids, never read. Dummy rows are
-        # zeroed so a dummy token reads block 0, which exists. One vectorised scatter: a numpy assignment per
-        # row costs ~3 µs, most of a 256-sequence decode step's host time.
+        pad, no_source = [0] * pad_t, [-1] * pad_t
+        if step.token_sources is not None and self.feed is None:
+            raise ValueError("this step has pending tokens but its buffers have no feed buffer to read them from")
+        sources = (step.token_sources or [-1] * t) + no_source
+        ints64 = step.token_ids + pad + step.positions + pad + step.slots + no_source + rows + sources
+        host64, host32, host_tables = self._staging[self._fills % len(self._staging)]
+        self._fills += 1
+        host64.copy_(torch.tensor(ints64, dtype=torch.long))
+        host32.copy_(torch.tensor(step.seq_lens + dummy_lens + cu, dtype=torch.int32))
+        # Block tables: only the columns some sequence uses now go over, as one compact [num_seqs, width] block;
+        # the rest of the device table keeps stale entries, which (like stale entries past a row's blocks in the
+        # compact block) are block ids that exist and are never read. Dummy rows are zeroed: a dummy token reads
+        # block 0. One vectorised scatter: a numpy assignment per row costs ~3 µs, most of a 256-sequence decode
+        # step's host time.
         lengths = np.fromiter(map(len, step.block_tables), dtype=np.int64, count=s)
+        width = max(1, int(lengths.max(initial=0)))
+        compact = host_tables[:self.num_seqs * width].view(self.num_seqs, width)
+        tables = compact.numpy()
         flat = np.fromiter(itertools.chain.from_iterable(step.block_tables), dtype=np.int32, count=int(lengths.sum()))
         rows = np.repeat(np.arange(s), lengths)
         cols = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         tables[rows, cols] = flat
         tables[s:] = 0
-        # Only the columns some sequence uses now: the rest of the device table keeps (valid) stale ids.
-        width = max(1, int(lengths.max(initial=0)))
-        self.block_tables[:, :width].copy_(torch.from_numpy(tables[:, :width]), non_blocking=True)
+        self.ints64.copy_(host64, non_blocking=True)
+        self.ints32.copy_(host32, non_blocking=True)
+        self.block_tables[:, :width].copy_(compact, non_blocking=True)
         if self.static_max_seqlen_q is None:
             self.metadata.max_seqlen_q = max(step.query_lens)
 
     @classmethod
-    def for_step(cls, step: StepInput, device, min_batch: int) -> StepBuffers:
+    def for_step(cls, step: StepInput, device, min_batch: int, feed: torch.Tensor | None = None) -> StepBuffers:
         """Buffers sized to `step` alone (eager steps), padded with one-token dummies to `min_batch` tokens."""
         pad = max(0, min_batch - len(step.token_ids))
         return cls(len(step.token_ids) + pad, len(step.seq_lens) + pad, max(min_batch, len(step.sample_rows)),
-                   step.max_blocks, device, one_token_dummies=True)
+                   step.max_blocks, device, one_token_dummies=True, feed=feed)
