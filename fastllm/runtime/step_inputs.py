@@ -84,10 +84,13 @@ class StepBuffers:
             every padding token and the rest are empty.
         max_seqlen_q: fixed for a CUDA graph's buffers (1: the decode kernels; > 1: the prefill kernel);
             None: each `fill` sets it from the step (eager steps).
+        feed: the runner's device buffer of the previous step's sampled tokens, which pending tokens read.
+        reused: filled for many steps (a graph's buffers): on CUDA the pinned host staging is doubled.
     """
 
     def __init__(self, num_tokens: int, num_seqs: int, num_rows: int, max_blocks: int, device, *,
-                 one_token_dummies: bool, max_seqlen_q: int | None = None, feed: torch.Tensor | None = None):
+                 one_token_dummies: bool, max_seqlen_q: int | None = None, feed: torch.Tensor | None = None,
+                 reused: bool = True):
         self.num_tokens, self.num_seqs, self.num_rows = num_tokens, num_seqs, num_rows
         self.one_token_dummies, self.static_max_seqlen_q = one_token_dummies, max_seqlen_q
         self.feed = feed  # the runner's buffer of the previous step's sampled tokens (pending tokens read it)
@@ -103,7 +106,7 @@ class StepBuffers:
         self._staging = [(torch.zeros(4 * t + num_rows, dtype=torch.long, pin_memory=pinned),
                           torch.zeros(2 * s + 1, dtype=torch.int32, pin_memory=pinned),
                           torch.zeros(s * max_blocks, dtype=torch.int32, pin_memory=pinned))
-                         for _ in range(2 if pinned else 1)]
+                         for _ in range(2 if pinned and reused else 1)]
         self._fills = 0
         self.input_ids = torch.zeros(1, t, dtype=torch.long, device=device)
         self.positions = torch.zeros(1, t, dtype=torch.long, device=device)
@@ -181,4 +184,4 @@ class StepBuffers:
         """Buffers sized to `step` alone (eager steps), padded with one-token dummies to `min_batch` tokens."""
         pad = max(0, min_batch - len(step.token_ids))
         return cls(len(step.token_ids) + pad, len(step.seq_lens) + pad, max(min_batch, len(step.sample_rows)),
-                   step.max_blocks, device, one_token_dummies=True, feed=feed)
+                   step.max_blocks, device, one_token_dummies=True, feed=feed, reused=False)
