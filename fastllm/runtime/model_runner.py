@@ -99,8 +99,9 @@ class ModelRunner:
         self._step = capture(step, transform, dynamic=True)
         self.kv_shapes = self._profile()
         if not self.kv_shapes:
-            raise NotImplementedError(f"{type(model).__name__}'s attention is not an SDPA call that fastllm can page "
-                                      "(no attention call matched)")
+            raise NotImplementedError(f"{type(model).__name__}'s attention could not be paged: neither an SDPA call "
+                                      "nor hand-written attention that fastllm recognises (or a score bias that is "
+                                      "neither a mask nor ALiBi declared by the config)")
         num_kv_heads, head_dim = self.kv_shapes[0]
         config = kv_cache or KVCacheConfig()
         num_blocks = plan_num_blocks(config, device=self.device, num_layers=len(self.kv_shapes),
