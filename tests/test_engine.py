@@ -412,6 +412,12 @@ def test_async_scheduling_mixed_sampling_parameters(llm, workload):
     assert _no_leaks(engine)
 
 
-def test_async_scheduling_rejects_prefix_caching(llm):
-    with pytest.raises(ValueError, match="async_scheduling and enable_prefix_caching"):
-        LLM(llm.model, async_scheduling=True, enable_prefix_caching=True)
+def test_async_scheduling_with_prefix_caching(llm, workload, alone):
+    prompts, params = workload
+    cached = LLM(llm.model, enable_prefix_caching=True, async_scheduling=True)
+    for _ in range(2):  # the second pass finds every full prompt block cached
+        outs = cached.generate(prompts, params, use_tqdm=False)
+        assert [_result(o) for o in outs] == alone
+    metrics = cached.metrics()
+    assert metrics["prefix_cache_hits"] > 0 and metrics["num_overlapped_steps"] > 0
+    assert _no_leaks(cached)

@@ -465,8 +465,9 @@ def run_async(sched: Scheduler, max_steps: int = 10_000) -> int:
     return fed
 
 
+@pytest.mark.parametrize("caching", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_async_scheduling_matches_running_alone(seed):
+def test_async_scheduling_matches_running_alone(seed, caching):
     """Random tight workloads (preemption, chunked prefill, EOS found a step late, length limits): the same
     outputs and finish reasons as each request alone, no block or pending token left."""
     rng = random.Random(seed)
@@ -474,10 +475,13 @@ def test_async_scheduling_matches_running_alone(seed):
     max_model_len = rng.randint(8, 48)
     pool = BlockPool(-(-max_model_len // block_size) + rng.randint(0, 3), block_size)
     sched = Scheduler(pool, max_num_seqs=rng.randint(1, 6), max_num_batched_tokens=rng.randint(1, 40),
-                      max_model_len=max_model_len)
+                      max_model_len=max_model_len, enable_prefix_caching=caching)
     requests = []
+    shared = [rng.randrange(VOCAB) for _ in range(max_model_len // 2)]  # a common prefix: cache hits
     for i in range(rng.randint(1, 12)):
         prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, max_model_len))]
+        if caching and rng.random() < 0.5:
+            prompt = (shared + prompt)[:max_model_len]
         r = req(i, prompt, rng.randint(1, 30), min_new_tokens=rng.randint(0, 3),
                 eos_token_ids=frozenset(rng.sample(range(VOCAB), 8)), ignore_eos=rng.random() < 0.3)
         requests.append(r)

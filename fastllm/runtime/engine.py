@@ -150,7 +150,7 @@ class LLM:
             `enable_prefix_caching` (the scheduler reuses the K/V of full prompt blocks computed before) and
             `async_scheduling` (default False: schedule and launch each step while the GPU still samples the
             one before; its sampled tokens reach the next step on the device. Steps whose rows need their
-            token history on the host — penalties, bad words, logprobs — wait for it. Not with prefix caching.)
+            token history on the host — penalties, bad words, logprobs — wait for it.)
             An already-optimized model takes only these four.
 
     Raises:
@@ -208,9 +208,6 @@ class LLM:
             enable_prefix_caching=engine_options.get("enable_prefix_caching",
                                                      getattr(state.config, "enable_prefix_caching", False)))
         self.async_scheduling = bool(engine_options.get("async_scheduling", False))
-        if self.async_scheduling and self.scheduler.enable_prefix_caching:
-            raise ValueError("async_scheduling and enable_prefix_caching cannot be combined yet (a pending "
-                             "token's block cannot be hashed before the token is known)")
         self._inflight: _InFlight | None = None
         self._host_tokens: torch.Tensor | None = None  # pinned, for the in-flight step's tokens
         self.vocab_size = model.get_input_embeddings().weight.shape[0]

@@ -254,6 +254,10 @@ class Scheduler:
                 raise RuntimeError(f"request {req.request_id!r}: chunk starts at {c.start} but "
                                    f"{req.num_computed_tokens} tokens are computed (was this output applied twice?)")
             req.num_computed_tokens += c.num_tokens
+            if self.enable_prefix_caching:
+                # Every computed position's token is known: a pending token is computed only by the step after
+                # the one that sampled it, which the engine resolves before recording this one.
+                self._cache_blocks(req, c.start)
             if c.samples:
                 req.num_pending += 1
                 if (len(req.output_token_ids) + req.num_pending >= req.max_new_tokens
