@@ -72,3 +72,4 @@ def test_quickstart_notebook_runs(kernel_name, monkeypatch):
     text += "".join(str(out.get("data", {}).get("text/plain", "")) for out in outputs)
     assert "Paris" in text
     assert "fastllm" in text and "identical tokens" in text
+    assert "batched LLM outputs: 2" in text and text.count("Paris") >= 2  # the LLM section answers too
