@@ -30,7 +30,7 @@ MODELS = {
     "llama31_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
 }
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm")
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_async")  # fastllm_async: async_scheduling=True
 
 
 def _build(name: str):
@@ -89,12 +89,12 @@ def measure(model, new_tokens: int, vocab: int, same_cache_shape: bool = False, 
             "first_call_s": first}
 
 
-def _startup_s(model) -> float:
+def _startup_s(model, **options) -> float:
     import fastllm
 
     torch.cuda.synchronize()
     start = time.perf_counter()
-    fastllm.optimize(model, max_num_seqs=8)
+    fastllm.optimize(model, max_num_seqs=8, **options)
     _timed_generate(model, _prompt(128, model.config.vocab_size), 1)
     return time.perf_counter() - start
 
@@ -123,7 +123,7 @@ def run_provider(provider: str, name: str, new_tokens: int) -> dict:
         return measure(model, new_tokens, vocab, same_cache_shape=True, cache_implementation="static")
     import fastllm
 
-    startup = _startup_s(model)
+    startup = _startup_s(model, async_scheduling=provider == "fastllm_async")
     result = measure(model, new_tokens, vocab)
     report = fastllm.explain(model)
     result.update(startup_s_cold=startup, matches=report.matches, unfused=report.unfused_ops)
@@ -133,14 +133,19 @@ def run_provider(provider: str, name: str, new_tokens: int) -> dict:
 def _write(results: dict, args) -> pathlib.Path:
     config = {"prompt": 128, "new_tokens": args.new_tokens, "dtype": "bf16", "weights": "random, seed 0",
               "max_num_seqs": 8}
-    baselines = {k: v for k, v in results.items() if k != "fastllm"}
-    return write_result("W1", torch.cuda.get_device_name(), config, results.get("fastllm", {}), baselines, args.out)
+    return write_result("W1", torch.cuda.get_device_name(), config, *_split(results), args.out)
+
+
+def _split(results: dict) -> tuple[dict, dict]:
+    """(fastllm's results, the baselines'): fastllm_async's runs join fastllm's as <model>_async."""
+    ours = {**results.get("fastllm", {}), **{f"{m}_async": r for m, r in results.get("fastllm_async", {}).items()}}
+    return ours, {k: v for k, v in results.items() if not k.startswith("fastllm")}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS[:3]), choices=PROVIDERS)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     parser.add_argument("--warm-startup", metavar="MODEL", choices=list(MODELS),
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}
+    results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}  # fastllm_async lands in "fastllm"
     for name in args.models:
         for provider in args.providers:
             results[provider][name] = run_provider(provider, name, args.new_tokens)
@@ -162,7 +167,8 @@ def main(argv=None) -> int:
             gc.collect()
             torch.cuda.empty_cache()
             path = _write(results, args)  # after every run: a call cut short keeps what it measured
-    out = {"fastllm": results.get("fastllm", {}), "baselines": {k: v for k, v in results.items() if k != "fastllm"}}
+    ours, baselines = _split(results)
+    out = {"fastllm": ours, "baselines": baselines}
     print(f"{'provider':<18} {'model':<11} {'decode tok/s':>12} {'TTFT128 ms':>10} {'TTFT2048 ms':>11}")
     for provider, per_model in [("fastllm", out["fastllm"]), *out["baselines"].items()]:
         for name, r in per_model.items():

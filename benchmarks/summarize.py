@@ -39,7 +39,8 @@ def _w1(result: dict) -> list[str]:
     for model in models:
         ours = result["fastllm"].get(model)
         rows = [("fastllm", ours)] if ours else []
-        rows += [(name, per[model]) for name, per in result["baselines"].items() if model in per]
+        base_model = model.removesuffix("_async")  # fastllm with async scheduling, beside the same baselines
+        rows += [(name, per[base_model]) for name, per in result["baselines"].items() if base_model in per]
         for name, r in rows:
             if "decode_tok_s" not in r:  # a W3-only entry
                 continue

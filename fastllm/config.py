@@ -38,6 +38,9 @@ class OptimizeConfig:
         max_num_batched_tokens: most tokens computed in one step (longer prompts are prefilled in chunks).
         max_model_len: longest sequence (prompt + new tokens); default: the model's max_position_embeddings.
         cuda_graphs: replay decode steps, and prefill/mixed steps of up to 1024 tokens, from CUDA graphs (CUDA only).
+        async_scheduling: generate() and `fastllm.LLM` schedule and launch each step while the GPU still samples
+            the one before (the sampled tokens reach the next step on the device). Experimental: off by default
+            until measured on a GPU.
     """
 
     passes: tuple[str, ...] = field(default=ALL_PASSES)
@@ -52,6 +55,7 @@ class OptimizeConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     cuda_graphs: bool = True
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str):
@@ -68,7 +72,7 @@ class OptimizeConfig:
             raise ValueError(f"warmup must be True or False, got {self.warmup!r}")
         if self.dynamic not in (None, True, False):
             raise ValueError(f"dynamic must be None, True or False, got {self.dynamic!r}")
-        for name in ("paged_generate", "cuda_graphs"):
+        for name in ("paged_generate", "cuda_graphs", "async_scheduling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_tokens", "max_model_len"):

@@ -157,7 +157,7 @@ def _build_runtime(model, state: OptimizationState) -> Runtime | None:
         warnings.warn(f"fastllm's paged runtime does not support {state.model_name} yet, so generate() runs Hugging "
                       f"Face's loop on the fused model: {state.runtime_error}", RuntimeWarning, stacklevel=3)
         return None
-    state.runtime = Runtime(model, runner, c.max_num_batched_tokens)
+    state.runtime = Runtime(model, runner, c.max_num_batched_tokens, c.async_scheduling)
     return state.runtime
 
 

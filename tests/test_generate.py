@@ -10,13 +10,21 @@ import fastllm
 from tests._models import VOCAB, build, build_over_demo_tokenizer
 
 
+# Every test runs with the synchronous step loop and with async scheduling (tokens fed on the device, stop
+# rules applied a step late): HF's outputs either way.
+@pytest.fixture(scope="module", params=[False, True], ids=["sync_steps", "async_scheduling"])
+def async_scheduling(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
+def llama(tmp_path_factory, async_scheduling):
     """(optimized model, an identical unoptimized copy) sharing one saved checkpoint."""
     path = tmp_path_factory.mktemp("llama")
     build("llama", path)
     reference = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    optimized = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval())
+    optimized = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(),
+                                 async_scheduling=async_scheduling)
     return optimized, reference
 
 
@@ -134,11 +142,11 @@ def test_bad_input_is_a_clear_error_and_the_model_stays_usable(llama, make_input
 
 
 @pytest.fixture(scope="module")
-def with_tokenizer(tmp_path_factory):
+def with_tokenizer(tmp_path_factory, async_scheduling):
     """A tiny Llama over the demo model's real tokenizer, for stop strings and streamers."""
     tokenizer, path = build_over_demo_tokenizer(tmp_path_factory.mktemp("llama_tok"))
     reference = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval())
+    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), async_scheduling=async_scheduling)
     return model, reference, tokenizer
 
 
@@ -175,3 +183,18 @@ def test_streamers(with_tokenizer):
     text_streamer.on_finalized_text = lambda text, stream_end=False: printed.append(text)
     model.generate(ids, streamer=text_streamer, **kwargs)
     assert "".join(printed) == expected
+
+
+def test_async_scheduling_records_steps_before_their_tokens(llama, async_scheduling, monkeypatch):
+    """With async scheduling on, generate() launches steps before reading the last one's tokens."""
+    from fastllm.runtime.scheduler import Scheduler
+
+    model, reference = llama
+    pending = []
+    original = Scheduler.update_pending
+    monkeypatch.setattr(Scheduler, "update_pending", lambda self, out: pending.append(out) or original(self, out))
+    ids, mask = _batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    assert (len(pending) >= 6) == async_scheduling
+    assert _free_blocks_all_back(model)

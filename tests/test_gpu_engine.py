@@ -44,3 +44,22 @@ def test_async_scheduling_equals_synchronous_on_gpu(family, tmp_path):
     assert metrics["num_overlapped_steps"] > 0
     pool = overlapped.runner.pool
     assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_generate_with_async_scheduling_equals_hf_on_gpu(tmp_path):
+    """generate() with async scheduling (CUDA graphs, device feed, pinned token copies): HF eager's greedy
+    tokens, batched with left padding and an EOS list."""
+    import fastllm
+
+    build("llama", tmp_path)
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path).cuda().eval()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (3, 40), generator=g).cuda()
+    mask = torch.ones_like(ids)
+    ids[0, :17], mask[0, :17] = 0, 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=[11, 12])
+    expected = model.generate(ids, **kwargs)
+    fastllm.optimize(model, num_kv_tokens=8192, async_scheduling=True)
+    assert torch.equal(model.generate(ids, **kwargs), expected)
+    pool = model._fastllm_state.runtime.runner.pool
+    assert pool.num_free_blocks == pool.num_blocks

@@ -207,7 +207,8 @@ class LLM:
             max_model_len=self.runner.max_model_len,
             enable_prefix_caching=engine_options.get("enable_prefix_caching",
                                                      getattr(state.config, "enable_prefix_caching", False)))
-        self.async_scheduling = bool(engine_options.get("async_scheduling", False))
+        self.async_scheduling = bool(engine_options.get("async_scheduling",
+                                                        getattr(state.config, "async_scheduling", False)))
         self._inflight: _InFlight | None = None
         self._host_tokens: torch.Tensor | None = None  # pinned, for the in-flight step's tokens
         self.vocab_size = model.get_input_embeddings().weight.shape[0]

@@ -145,26 +145,37 @@ def generate(runtime, input_ids: torch.Tensor | None = None, attention_mask: tor
     raw_logits: dict[int, list[torch.Tensor]] = {r.request_id: [] for r in requests} if want_scores else {}
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    try:
-        while scheduler.has_unfinished():
-            out = scheduler.schedule()
-            logits = runner.execute(out.chunks)
-            sampled_reqs = [c.request for c in out.chunks if c.samples]
-            histories = [torch.tensor(r.all_token_ids, device=logits.device) if needs_history(options) else None
-                         for r in sampled_reqs]
-            tokens, processed = sample(logits, [options] * len(sampled_reqs), histories)
-            token_list = tokens.tolist()
+
+    def record(sampled_reqs, tokens):
+        """Per-step bookkeeping once a step's tokens are known on the host."""
+        if stop is not None:
+            for req in sampled_reqs:
+                if not req.is_finished and stop.hit(req.all_token_ids):
+                    scheduler.finish(req, "stop")
+        if streamer is not None and sampled_reqs:
+            streamer.put(torch.tensor(tokens[:1] if len(requests) == 1 else tokens))
+
+    def keep_scores(sampled_reqs, processed, logits):
+        if want_scores:
             for i, req in enumerate(sampled_reqs):
-                if want_scores:
-                    scores[req.request_id].append(processed[i])
-                    raw_logits[req.request_id].append(logits[i])
-            scheduler.update(out, {r.request_id: t for r, t in zip(sampled_reqs, token_list)})
-            if stop is not None:
-                for req in sampled_reqs:
-                    if not req.is_finished and stop.hit(req.all_token_ids):
-                        scheduler.finish(req, "stop")
-            if streamer is not None and sampled_reqs:
-                streamer.put(torch.tensor(token_list[:1] if len(requests) == 1 else token_list))
+                scores[req.request_id].append(processed[i])
+                raw_logits[req.request_id].append(logits[i])
+
+    try:
+        if runtime.async_scheduling and not needs_history(options):
+            _run_overlapped(scheduler, runner, options, keep_scores, record)
+        else:
+            while scheduler.has_unfinished():
+                out = scheduler.schedule()
+                logits = runner.execute(out.chunks)
+                sampled_reqs = [c.request for c in out.chunks if c.samples]
+                histories = [torch.tensor(r.all_token_ids, device=logits.device) if needs_history(options) else None
+                             for r in sampled_reqs]
+                tokens, processed = sample(logits, [options] * len(sampled_reqs), histories)
+                token_list = tokens.tolist()
+                keep_scores(sampled_reqs, processed, logits)
+                scheduler.update(out, {r.request_id: t for r, t in zip(sampled_reqs, token_list)})
+                record(sampled_reqs, token_list)
     finally:
         for req in requests:
             if not req.is_finished:
@@ -172,6 +183,49 @@ def generate(runtime, input_ids: torch.Tensor | None = None, attention_mask: tor
         if streamer is not None:
             streamer.end()
     return _outputs(input_ids, n_return, requests, pad, gc, scores, raw_logits)
+
+
+def _run_overlapped(scheduler, runner, options, keep_scores, record) -> None:
+    """The step loop with the host a step ahead (async scheduling): launch step N+1, whose pending tokens the
+    runner reads on the device, before reading step N's tokens; stop rules apply a step late, and the rows of
+    requests that step N ended are dropped from step N+1 (their computation was wasted, never their tokens)."""
+    from fastllm.runtime.scheduler import SchedulerOutput
+
+    previous = None  # (output, sampled requests, host tokens, ready event)
+    host = None
+    while scheduler.has_unfinished() or previous is not None:
+        out = scheduler.schedule() if scheduler.has_unfinished() else SchedulerOutput([], [])
+        logits = None
+        if out.chunks:
+            feed = {r.request_id: i for i, r in enumerate(previous[1])} if previous is not None else None
+            logits = runner.execute(out.chunks, feed)
+        if previous is not None:
+            prev_out, prev_reqs, prev_tokens, ready = previous
+            if ready is not None:
+                ready.synchronize()
+            token_list = prev_tokens.tolist()
+            scheduler.resolve(prev_out, {r.request_id: t for r, t in zip(prev_reqs, token_list)})
+            record(prev_reqs, token_list)
+            previous = None
+        if logits is None:
+            continue
+        sampling = [c.request for c in out.chunks if c.samples]
+        keep = [i for i, r in enumerate(sampling) if not r.is_finished]
+        if len(keep) < len(sampling):
+            logits = logits[keep]
+        sampled_reqs = [sampling[i] for i in keep]
+        tokens, processed = sample(logits, [options] * len(sampled_reqs), [None] * len(sampled_reqs))
+        keep_scores(sampled_reqs, processed, logits)
+        runner.set_feed(tokens)
+        ready = None
+        if tokens.is_cuda:
+            if host is None:
+                host = torch.empty(runner.feed.shape[0], dtype=torch.long, pin_memory=True)
+            tokens = host[:tokens.shape[0]].copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        scheduler.update_pending(out)
+        previous = (out, sampled_reqs, tokens, ready)
 
 
 def _outputs(input_ids, n_return, requests, pad, gc, scores, raw_logits):
