@@ -151,23 +151,36 @@ def apply_penalties(scores: torch.Tensor, row: RowContext) -> torch.Tensor:
     return scores
 
 
+def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without waiting for the GPU: on CUDA through pinned memory (a copy
+    from pageable memory would first wait for every queued kernel, which async scheduling must not)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _truncate(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
-    """Top-k, then top-p, then min-p over already temperature-scaled scores [N, V], each row its own values."""
+    """Top-k, then top-p, then min-p over already temperature-scaled scores [N, V], each row its own values.
+    Which filters run is decided on the host (a device-side `.any()` would wait for the GPU)."""
     vocab = scores.shape[-1]
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in rows], device=scores.device)
-    top_p = torch.tensor([float(r.params.top_p) for r in rows], device=scores.device)
-    min_p = torch.tensor([float(r.params.min_p) for r in rows], device=scores.device)
-    if (top_k < vocab).any() or (top_p < 1).any():
+    k_values = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+    p_values = [float(r.params.top_p) for r in rows]
+    min_values = [float(r.params.min_p) for r in rows]
+    if any(k < vocab for k in k_values) or any(p < 1 for p in p_values):
+        top_k = _on_device(k_values, torch.long, scores.device)
+        top_p = _on_device(p_values, scores.dtype, scores.device)
         ordered, order = scores.sort(-1, descending=True)
         rank = torch.arange(vocab, device=scores.device)
-        remove = rank >= top_k.clamp(max=vocab)[:, None]
+        remove = rank >= top_k[:, None]
         ordered = ordered.masked_fill(remove, -float("inf"))
         probs = ordered.softmax(-1)
         # Drop a token once the tokens ranked above it already hold top_p of the mass (the top one never is).
         remove |= (probs.cumsum(-1) - probs) >= top_p[:, None]
         remove[:, 0] = False
         scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    if (min_p > 0).any():
+    if any(m > 0 for m in min_values):
+        min_p = _on_device(min_values, scores.dtype, scores.device)
         probs = scores.softmax(-1)
         scores = scores.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, -float("inf"))
     return scores
@@ -198,7 +211,7 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
         # Ids past the model's vocabulary (a config's EOS, a larger tokenizer's word) can never be sampled.
         banned = [t for t in banned_token_ids(row) if t < vocab]
         if banned:
-            scores[i, banned] = -float("inf")
+            scores[i].index_fill_(0, _on_device(banned, torch.long, scores.device), -float("inf"))
         p = row.params
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             apply_penalties(scores[i], row)
@@ -206,18 +219,23 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     tokens = scores.argmax(-1)
     drawn = [i for i, g in enumerate(greedy) if not g]
     if drawn:
-        sub = scores[drawn]
-        temperature = torch.tensor([float(rows[i].params.temperature) for i in drawn], device=sub.device)
+        drawn_rows = _on_device(drawn, torch.long, scores.device)
+        sub = scores.index_select(0, drawn_rows)
+        temperature = _on_device([float(rows[i].params.temperature) for i in drawn], sub.dtype, sub.device)
         sub = _truncate(sub / temperature[:, None], [rows[i] for i in drawn])
         noise = torch.empty_like(sub)
         unseeded = [j for j, i in enumerate(drawn) if rows[i].generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), sub.shape[-1], device=sub.device).exponential_()
+        if len(unseeded) == len(drawn):
+            noise.exponential_()
+        elif unseeded:
+            noise.index_copy_(0, _on_device(unseeded, torch.long, sub.device),
+                              torch.empty(len(unseeded), sub.shape[-1], device=sub.device).exponential_())
         for j, i in enumerate(drawn):
             if rows[i].generator is not None:
                 noise[j].exponential_(generator=rows[i].generator)
         # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
-        tokens[drawn] = (sub.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+        picked = (sub.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+        tokens.index_copy_(0, drawn_rows, picked)
     return tokens
 
 
