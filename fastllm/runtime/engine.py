@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fastllm.runtime.sampler import RowContext, needs_host_history, sample_rows, sample_tokens
+from fastllm.runtime.sampler import RowContext, needs_host_history, on_device, sample_rows, sample_tokens
 from fastllm.runtime.sampling_params import SamplingParams
 from fastllm.runtime.scheduler import Request, Scheduler, SchedulerOutput
 
@@ -425,7 +425,7 @@ class LLM:
         keep = [i for i, c in enumerate(sampling) if c.request.request_id in self._sequences]
         sampled = [self._sequences[sampling[i].request.request_id] for i in keep]
         if logits is not None and len(keep) < len(sampling):
-            logits = logits[keep]
+            logits = logits.index_select(0, on_device(keep, torch.long, logits.device))
         rows = [seq.row() for seq in sampled]
         if logits is not None and sampled and not any(needs_host_history(r) for r in rows):
             tokens = sample_tokens(logits, rows)

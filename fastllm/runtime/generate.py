@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from fastllm.runtime.sampler import SamplingOptions, needs_history, sample
+from fastllm.runtime.sampler import SamplingOptions, needs_history, on_device, sample
 from fastllm.runtime.scheduler import Request, Scheduler
 
 # Generation-config fields this runtime implements; any other field set away from its default → HF fallback.
@@ -212,7 +212,7 @@ def _run_overlapped(scheduler, runner, options, keep_scores, record) -> None:
         sampling = [c.request for c in out.chunks if c.samples]
         keep = [i for i, r in enumerate(sampling) if not r.is_finished]
         if len(keep) < len(sampling):
-            logits = logits[keep]
+            logits = logits.index_select(0, on_device(keep, torch.long, logits.device))
         sampled_reqs = [sampling[i] for i in keep]
         tokens, processed = sample(logits, [options] * len(sampled_reqs), [None] * len(sampled_reqs))
         keep_scores(sampled_reqs, processed, logits)

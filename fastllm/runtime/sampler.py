@@ -151,7 +151,7 @@ def apply_penalties(scores: torch.Tensor, row: RowContext) -> torch.Tensor:
     return scores
 
 
-def _on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without waiting for the GPU: on CUDA through pinned memory (a copy
     from pageable memory would first wait for every queued kernel, which async scheduling must not)."""
     host = torch.tensor(values, dtype=dtype)
@@ -168,8 +168,8 @@ def _truncate(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     p_values = [float(r.params.top_p) for r in rows]
     min_values = [float(r.params.min_p) for r in rows]
     if any(k < vocab for k in k_values) or any(p < 1 for p in p_values):
-        top_k = _on_device(k_values, torch.long, scores.device)
-        top_p = _on_device(p_values, scores.dtype, scores.device)
+        top_k = on_device(k_values, torch.long, scores.device)
+        top_p = on_device(p_values, scores.dtype, scores.device)
         ordered, order = scores.sort(-1, descending=True)
         rank = torch.arange(vocab, device=scores.device)
         remove = rank >= top_k[:, None]
@@ -180,7 +180,7 @@ def _truncate(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
         remove[:, 0] = False
         scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
     if any(m > 0 for m in min_values):
-        min_p = _on_device(min_values, scores.dtype, scores.device)
+        min_p = on_device(min_values, scores.dtype, scores.device)
         probs = scores.softmax(-1)
         scores = scores.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, -float("inf"))
     return scores
@@ -211,7 +211,7 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
         # Ids past the model's vocabulary (a config's EOS, a larger tokenizer's word) can never be sampled.
         banned = [t for t in banned_token_ids(row) if t < vocab]
         if banned:
-            scores[i].index_fill_(0, _on_device(banned, torch.long, scores.device), -float("inf"))
+            scores[i].index_fill_(0, on_device(banned, torch.long, scores.device), -float("inf"))
         p = row.params
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             apply_penalties(scores[i], row)
@@ -219,16 +219,16 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     tokens = scores.argmax(-1)
     drawn = [i for i, g in enumerate(greedy) if not g]
     if drawn:
-        drawn_rows = _on_device(drawn, torch.long, scores.device)
+        drawn_rows = on_device(drawn, torch.long, scores.device)
         sub = scores.index_select(0, drawn_rows)
-        temperature = _on_device([float(rows[i].params.temperature) for i in drawn], sub.dtype, sub.device)
+        temperature = on_device([float(rows[i].params.temperature) for i in drawn], sub.dtype, sub.device)
         sub = _truncate(sub / temperature[:, None], [rows[i] for i in drawn])
         noise = torch.empty_like(sub)
         unseeded = [j for j, i in enumerate(drawn) if rows[i].generator is None]
         if len(unseeded) == len(drawn):
             noise.exponential_()
         elif unseeded:
-            noise.index_copy_(0, _on_device(unseeded, torch.long, sub.device),
+            noise.index_copy_(0, on_device(unseeded, torch.long, sub.device),
                               torch.empty(len(unseeded), sub.shape[-1], device=sub.device).exponential_())
         for j, i in enumerate(drawn):
             if rows[i].generator is not None:
