@@ -4,7 +4,8 @@
 # tests: the gpu-marked tests (PYTEST_ARGS narrows them); profile: profile_step.py (host vs GPU per decode step,
 # prefill); kernels/attention/gemv: W5 benchmarks; decode: W1 (MODELS="llama2_7b ...", PROVIDERS="fastllm ...")
 # then W3 warm start of Llama-2-7B in a second process; throughput: W2/W4 (Llama-3.1-8B, 1000 requests fixed and
-# mixed, HF continuous batching beside the fixed set). Rough durations on an H100: tests 4.6 min, profile 1.5,
+# mixed, HF continuous batching beside the fixed set; THROUGHPUT_ARGS adds options, e.g. "--providers fastllm
+# fastllm_async hf_continuous_batching"). Rough durations on an H100: tests 4.6 min, profile 1.5,
 # decode 4 per model with all providers, throughput 5.
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -27,7 +28,7 @@ for stage in $STAGES; do
         kernels) python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 || rc=1 ;;
         attention) python3 benchmarks/bench_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1 || rc=1 ;;
         gemv) python3 benchmarks/bench_gemv.py --out "$OUT" > "$OUT/gemv.log" 2>&1 || rc=1 ;;
-        throughput) python3 benchmarks/bench_throughput.py --out "$OUT" > "$OUT/throughput.log" 2>&1 || rc=1
+        throughput) python3 benchmarks/bench_throughput.py --out "$OUT" ${THROUGHPUT_ARGS:-} > "$OUT/throughput.log" 2>&1 || rc=1
                     tail -n 6 "$OUT/throughput.log" ;;
         profile) python3 benchmarks/profile_step.py --model ${PROFILE_MODEL:-llama2_7b} --out "$OUT" > "$OUT/profile.log" 2>&1 || rc=1
                  grep -v Warn "$OUT/profile.log" | tail -n 24 ;;
