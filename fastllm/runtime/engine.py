@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from fastllm.runtime.host_copy import HostTokens
 from fastllm.runtime.sampler import RowContext, needs_host_history, on_device, sample_rows, sample_tokens
 from fastllm.runtime.sampling_params import SamplingParams
 from fastllm.runtime.scheduler import Request, Scheduler, SchedulerOutput
@@ -210,7 +211,7 @@ class LLM:
         self.async_scheduling = bool(engine_options.get("async_scheduling",
                                                         getattr(state.config, "async_scheduling", False)))
         self._inflight: _InFlight | None = None
-        self._host_tokens: torch.Tensor | None = None  # pinned, for the in-flight step's tokens
+        self._host_tokens = HostTokens(self.runner.feed.shape[0])
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._ids = itertools.count()
@@ -430,7 +431,7 @@ class LLM:
         if logits is not None and sampled and not any(needs_host_history(r) for r in rows):
             tokens = sample_tokens(logits, rows)
             self.runner.set_feed(tokens)
-            self._inflight = _InFlight(output, sampled, *self._copy_to_host(tokens))
+            self._inflight = _InFlight(output, sampled, *self._host_tokens.start(tokens))
             self.scheduler.update_pending(output)
             self.num_overlapped_steps += 1
         elif logits is not None:  # rows that need the host: sample and apply now, as the synchronous loop does
@@ -442,23 +443,9 @@ class LLM:
         self.num_steps += 1
         return done
 
-    def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start copying a step's sampled tokens to pinned host memory; (host tensor, event when it is there)."""
-        if tokens.device.type != "cuda":
-            return tokens, None
-        if self._host_tokens is None:
-            self._host_tokens = torch.empty(self.runner.feed.shape[0], dtype=torch.long, pin_memory=True)
-        host = self._host_tokens[:tokens.shape[0]]
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-
     def _resolve(self, inflight: _InFlight) -> list[_Sequence]:
         """The in-flight step's tokens, read on the host: append them and apply every stop rule."""
-        if inflight.ready is not None:
-            inflight.ready.synchronize()
-        token_ids = inflight.tokens.tolist()
+        token_ids = HostTokens.read(inflight.tokens, inflight.ready)
         self.scheduler.resolve(inflight.output, {seq.request.request_id: t
                                                  for seq, t in zip(inflight.sampled, token_ids)})
         return self._after_tokens(inflight.sampled, [None] * len(inflight.sampled), time.perf_counter())

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from fastllm.runtime.host_copy import HostTokens
 from fastllm.runtime.sampler import SamplingOptions, needs_history, on_device, sample
 from fastllm.runtime.scheduler import Request, Scheduler
 
@@ -192,7 +193,7 @@ def _run_overlapped(scheduler, runner, options, keep_scores, record) -> None:
     from fastllm.runtime.scheduler import SchedulerOutput
 
     previous = None  # (output, sampled requests, host tokens, ready event)
-    host = None
+    host_tokens = HostTokens(runner.feed.shape[0])
     while scheduler.has_unfinished() or previous is not None:
         out = scheduler.schedule() if scheduler.has_unfinished() else SchedulerOutput([], [])
         logits = None
@@ -201,9 +202,7 @@ def _run_overlapped(scheduler, runner, options, keep_scores, record) -> None:
             logits = runner.execute(out.chunks, feed)
         if previous is not None:
             prev_out, prev_reqs, prev_tokens, ready = previous
-            if ready is not None:
-                ready.synchronize()
-            token_list = prev_tokens.tolist()
+            token_list = HostTokens.read(prev_tokens, ready)
             scheduler.resolve(prev_out, {r.request_id: t for r, t in zip(prev_reqs, token_list)})
             record(prev_reqs, token_list)
             previous = None
@@ -217,15 +216,8 @@ def _run_overlapped(scheduler, runner, options, keep_scores, record) -> None:
         tokens, processed = sample(logits, [options] * len(sampled_reqs), [None] * len(sampled_reqs))
         keep_scores(sampled_reqs, processed, logits)
         runner.set_feed(tokens)
-        ready = None
-        if tokens.is_cuda:
-            if host is None:
-                host = torch.empty(runner.feed.shape[0], dtype=torch.long, pin_memory=True)
-            tokens = host[:tokens.shape[0]].copy_(tokens, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
         scheduler.update_pending(out)
-        previous = (out, sampled_reqs, tokens, ready)
+        previous = (out, sampled_reqs, *host_tokens.start(tokens))
 
 
 def _outputs(input_ids, n_return, requests, pad, gc, scores, raw_logits):
