@@ -1,0 +1,48 @@
+"""The benchmark tooling that runs without a GPU: RESULTS.md is what summarize.py makes of the committed results,
+every result file appears in it, and each GPU script's command line parses (and says it needs a GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _summarize():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import summarize
+
+        return summarize.summarize(BENCHMARKS / "results")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_results_md_is_generated_from_the_result_files():
+    text = _summarize()
+    assert (BENCHMARKS / "RESULTS.md").read_text() == text, "run `python benchmarks/summarize.py` and commit"
+    for path in (BENCHMARKS / "results").iterdir():
+        assert f"`{path.name}`" in text, f"{path.name} is not summarized"
+    for path in (BENCHMARKS / "results").glob("*.json"):
+        result = json.loads(path.read_text())
+        if "workload" in result:  # a workload's file holds the versions and the baselines' section
+            assert {"gpu", "torch", "date", "config", "fastllm", "baselines"} <= set(result)
+
+
+@pytest.mark.parametrize("script", ["bench_decode.py", "bench_throughput.py", "bench_kernels.py",
+                                    "bench_attention.py", "bench_gemv.py", "profile_step.py",
+                                    "profile_startup.py"])
+def test_gpu_scripts_parse_their_arguments(script):
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    help_run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                              env=env, cwd=BENCHMARKS, timeout=120)
+    assert help_run.returncode == 0 and "usage" in help_run.stdout, help_run.stderr[-2000:]
+    if not torch.cuda.is_available():
+        run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--out", "/nonexistent-not-written"],
+                             capture_output=True, text=True, env=env, cwd=BENCHMARKS, timeout=120)
+        assert run.returncode == 2 and "GPU" in run.stderr, run.stderr[-2000:]
