@@ -9,6 +9,18 @@ import pathlib
 import re
 
 
+def missing_gpu(script: str) -> bool:
+    """True, after saying so on stderr, when there is no CUDA GPU to measure on (the script then exits 2)."""
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"{pathlib.Path(script).name} measures on a CUDA GPU and none is available", file=sys.stderr)
+    return True
+
+
 def copy_bandwidth_gb_s(do_bench) -> float:
     """Device-to-device copy of 1 GiB, bytes read + written, timed with `do_bench` (ms, median)."""
     import torch

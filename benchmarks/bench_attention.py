@@ -20,7 +20,7 @@ import functools
 import sys
 
 import torch
-from _common import copy_bandwidth_gb_s, write_result
+from _common import copy_bandwidth_gb_s, missing_gpu, write_result
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastllm.kernels import paged_attention, paged_attention_ref
@@ -122,8 +122,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--quick", action="store_true", help="batch 1 and 32 at 1k and 4k only, shorter timing")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_attention.py measures GPU kernels and needs a CUDA GPU; none is available.", file=sys.stderr)
+    if missing_gpu(__file__):
         return 2
 
     import triton

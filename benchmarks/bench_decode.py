@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from _common import result_path, write_result
+from _common import missing_gpu, result_path, write_result
 
 MODELS = {
     "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -154,8 +154,7 @@ def main(argv=None) -> int:
     if args.warm_startup:
         _record_warm_startup(args.warm_startup, args.out)
         return 0
-    if not torch.cuda.is_available():
-        print("bench_decode.py needs a CUDA GPU", file=sys.stderr)
+    if missing_gpu(__file__):
         return 2
     results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}  # fastllm_async lands in "fastllm"
     for name in args.models:

@@ -21,7 +21,7 @@ import itertools
 import sys
 
 import torch
-from _common import copy_bandwidth_gb_s, write_result
+from _common import copy_bandwidth_gb_s, missing_gpu, write_result
 
 from fastllm.kernels import skinny_gemm
 
@@ -106,8 +106,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_SHAPES)} only, shorter timing")
     parser.add_argument("--sweep", action="store_true", help="also time every autotune candidate per case")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_gemv.py measures GPU kernels and needs a CUDA GPU; none is available.", file=sys.stderr)
+    if missing_gpu(__file__):
         return 2
 
     import triton

@@ -18,7 +18,7 @@ import functools
 import sys
 
 import torch
-from _common import copy_bandwidth_gb_s, write_result
+from _common import copy_bandwidth_gb_s, missing_gpu, write_result
 
 from fastllm import kernels
 
@@ -102,8 +102,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--quick", action="store_true", help="one decode and one prefill shape, shorter timing")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_kernels.py measures GPU kernels and needs a CUDA GPU; none is available.", file=sys.stderr)
+    if missing_gpu(__file__):
         return 2
 
     import triton

@@ -24,7 +24,7 @@ import sys
 import time
 
 import torch
-from _common import write_result
+from _common import missing_gpu, write_result
 from _profile import profile_gpu
 from bench_decode import MODELS, _build
 
@@ -119,8 +119,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_throughput.py needs a CUDA GPU", file=sys.stderr)
+    if missing_gpu(__file__):
         return 2
     fastllm_results, baselines, w4 = {}, {"hf_continuous_batching": {}}, {}
     for kind in args.workloads:

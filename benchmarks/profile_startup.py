@@ -17,7 +17,7 @@ import pstats
 import sys
 import time
 
-import torch
+from _common import missing_gpu
 from bench_decode import _build, _startup_s
 
 
@@ -26,8 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="llama2_7b")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_startup.py needs a CUDA GPU", file=sys.stderr)
+    if missing_gpu(__file__):
         return 2
     model = _build(args.model)
     profiler = cProfile.Profile()

@@ -15,6 +15,7 @@ import pathlib
 import sys
 
 import torch
+from _common import missing_gpu
 from _profile import profile_gpu
 from bench_decode import _build, _prompt, _timed_generate
 
@@ -38,8 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("profile_step.py needs a CUDA GPU", file=sys.stderr)
+    if missing_gpu(__file__):
         return 2
     import fastllm
 

@@ -44,6 +44,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROW_SIZE = 65536
 
 __all__ = [
+    "DEFAULT_SM_COUNT",
     "FLOAT_DTYPES",
     "HAS_TRITON",
     "MAX_ROW_SIZE",
@@ -59,6 +60,7 @@ __all__ = [
     "register_out_op",
     "row_launch_settings",
     "rows_view",
+    "sm_count",
     "tl",
     "triton",
     "triton_on_cpu",
@@ -127,6 +129,23 @@ def register_out_op(name: str, mutates_args: Sequence[str]) -> Callable:
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make `t`'s GPU the current device for a launch (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# SMs of the card a launch heuristic sizes its grid for. A CPU tensor (the interpreter) gets an H100 SXM's count,
+# so the heuristics, and the tests that pin their choices, are deterministic off the GPU.
+DEFAULT_SM_COUNT = 132
+_SM_COUNTS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of `device` (cached; a plain dict, not functools.cache: dynamo traces through it without a
+    warning when it traces a launcher)."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def next_power_of_2(n: int) -> int:

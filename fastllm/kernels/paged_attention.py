@@ -32,6 +32,7 @@ from fastllm.kernels._registry import (
     next_power_of_2,
     out_or_new,
     register_out_op,
+    sm_count,
     tl,
     triton,
     use_triton,
@@ -46,7 +47,6 @@ MAX_HEAD_DIM = 256
 _PROGRAMS_PER_SM = 4
 _MIN_KEYS_PER_SPLIT = 128
 _MAX_SPLITS = 64
-_DEFAULT_SM_COUNT = 132  # H100 SXM; used for CPU tensors (interpreter) so the split count is deterministic
 
 
 @triton.jit
@@ -385,25 +385,12 @@ def paged_attention_ref(
     return out
 
 
-_SM_COUNTS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    # A plain dict, not functools.cache: dynamo traces through it without a warning (the launcher may be traced).
-    if device.type != "cuda":
-        return _DEFAULT_SM_COUNT
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
-
-
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
     """Decode splits per sequence from shapes alone (graph capture forbids reading seq_lens): enough programs
     (seqs x kv heads x splits) for _PROGRAMS_PER_SM per SM, no split under _MIN_KEYS_PER_SPLIT keys of the
     longest context the block table can hold, at most _MAX_SPLITS."""
     # Host arithmetic only (no triton.cdiv: this also runs on CPU-only installs without triton).
-    want = -(-_PROGRAMS_PER_SM * _sm_count(device) // max(1, num_seqs * num_kv_heads))
+    want = -(-_PROGRAMS_PER_SM * sm_count(device) // max(1, num_seqs * num_kv_heads))
     return max(1, min(want, -(-max_context // _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
 
 

@@ -33,6 +33,7 @@ from fastllm.kernels._registry import (
     out_or_new,
     register_out_op,
     rows_view,
+    sm_count,
     tl,
     triton,
     use_triton,
@@ -66,7 +67,6 @@ _TILES = (
 _PROGRAMS_PER_SM = 2
 _MIN_SPLIT_COLUMNS = 512
 _MAX_SPLIT_K = 16
-_DEFAULT_SM_COUNT = 132  # H100 SXM; used for CPU tensors (interpreter), so the heuristic is deterministic
 _REDUCE_BLOCK = 1024
 
 # Optional autotuning (FASTLLM_SKINNY_AUTOTUNE=1): the first eager CUDA call of a shape times every candidate below
@@ -86,7 +86,6 @@ _MAX_ACC_PER_THREAD = 64
 _TUNED: dict[tuple, dict] = {}
 _HEURISTIC: dict[tuple, dict] = {}
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
-_SM_COUNTS: dict[int, int] = {}
 
 
 @triton.jit
@@ -208,15 +207,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # host arithmetic without triton.cdiv: this also runs on CPU-only installs
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SM_COUNT
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
-
-
 def _tile(m: int, k: int, dtype: torch.dtype, block_n: int, block_k: int, num_warps: int, num_stages: int) -> dict:
     use_dot = m > 4
     if dtype == torch.float32:
@@ -231,7 +221,7 @@ def _heuristic(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device)
     _, _, block_n, block_k, num_warps, num_stages = next(row for row in _TILES if m <= row[0])
     cfg = _tile(m, k, dtype, block_n, block_k, num_warps, num_stages)
     programs = max(1, _cdiv(n, block_n))
-    target = _PROGRAMS_PER_SM * _sm_count(device)
+    target = _PROGRAMS_PER_SM * sm_count(device)
     cfg["split_k"] = max(1, min(target // programs, k // _MIN_SPLIT_COLUMNS, _MAX_SPLIT_K))
     return cfg
 

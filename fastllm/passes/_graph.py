@@ -28,8 +28,14 @@ _FUNCTIONS: dict[Any, str] = {
     F.silu: "silu", F.gelu: "gelu", torch._C._nn.gelu: "gelu",
     F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
     F.dropout: "dropout", torch.dropout: "dropout",
+    # Attention written out by hand (eager_attention.py).
+    torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "bmm", torch.baddbmm: "baddbmm",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.tanh: "tanh", operator.truediv: "div", torch.div: "div",
+    torch.where: "where", torch.masked_fill: "masked_fill",
 }
-_METHODS = {"add", "mul", "neg", "pow", "rsqrt", "mean", "chunk", "split", "flatten", "to", "float", "type_as"}
+_METHODS = {"add", "mul", "neg", "pow", "rsqrt", "mean", "chunk", "split", "flatten", "to", "float", "type_as",
+            "matmul", "bmm", "baddbmm", "softmax", "tanh", "div", "masked_fill", "transpose", "reshape", "view",
+            "type", "contiguous"}
 
 
 def op_name(node: Any) -> str | None:

@@ -19,38 +19,18 @@ declares (models/attention.py): one that is neither is left alone, and the atten
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from fastllm.passes._graph import fake
+from fastllm.passes._graph import fake, op_name
 
-_FUNCTIONS = {
-    torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "bmm", torch.baddbmm: "baddbmm",
-    F.softmax: "softmax", torch.softmax: "softmax", torch.tanh: "tanh", operator.add: "add", torch.add: "add",
-    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.where: "where",
-    torch.masked_fill: "masked_fill",
-}
-_METHODS = {"matmul", "bmm", "baddbmm", "softmax", "tanh", "add", "mul", "div", "masked_fill", "transpose",
-            "reshape", "view", "to", "float", "type", "contiguous"}
 _PASS_THROUGH = {"to", "float", "type", "view", "reshape", "contiguous"}  # between softmax and p @ v
 # Ops that build masks from positions or a padding mask: an additive term computed through one of them is a mask.
 _MASK_OPS = {"lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__",
              "where", "masked_fill", "logical_and", "logical_or", "and_", "or_", "__and__", "__or__", "bitwise_and",
              "bitwise_or", "logical_not", "invert"}
-
-
-def _name(node: object) -> str | None:
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "call_function":
-        return _FUNCTIONS.get(node.target)
-    if node.op == "call_method" and node.target in _METHODS:
-        return node.target
-    return None
 
 
 def _number(value: object) -> float | None:
@@ -91,7 +71,7 @@ def _heads(node: fx.Node) -> fx.Node | None:
         return None
     if value.dim() == 4:
         return node
-    if value.dim() == 3 and _name(node) in ("reshape", "view"):
+    if value.dim() == 3 and op_name(node) in ("reshape", "view"):
         source = node.args[0]
         inner = fake(source)
         if inner is not None and inner.dim() == 4 and inner.shape[0] * inner.shape[1] == value.shape[0]:
@@ -101,7 +81,7 @@ def _heads(node: fx.Node) -> fx.Node | None:
 
 def _key(k_transposed: object) -> fx.Node | None:
     """k for kᵀ = k.transpose(-1, -2) (or (2, 3) / (1, 2) on 4-D / 3-D tensors)."""
-    if _name(k_transposed) != "transpose":
+    if op_name(k_transposed) != "transpose":
         return None
     source = k_transposed.args[0]
     value = fake(source)
@@ -113,21 +93,21 @@ def _key(k_transposed: object) -> fx.Node | None:
 
 def _softcap(node: fx.Node) -> tuple[fx.Node, float, list[fx.Node]] | None:
     """(x, c, nodes) for `tanh(x / c) * c` (either operand order of the product)."""
-    if _name(node) != "mul":
+    if op_name(node) != "mul":
         return None
     a, b = node.args[0], node.args[1]
-    tanh, c = (a, _number(b)) if _name(a) == "tanh" else (b, _number(a))
-    if _name(tanh) != "tanh" or c is None:
+    tanh, c = (a, _number(b)) if op_name(a) == "tanh" else (b, _number(a))
+    if op_name(tanh) != "tanh" or c is None:
         return None
     inner = tanh.args[0]
-    if _name(inner) != "div" or _number(inner.args[1]) != c:
+    if op_name(inner) != "div" or _number(inner.args[1]) != c:
         return None
     return inner.args[0], c, [node, tanh, inner]
 
 
 def match(softmax: fx.Node) -> EagerAttention | None:
     """The attention around `softmax`, or None if it is not the chain above."""
-    if _name(softmax) != "softmax":
+    if op_name(softmax) != "softmax":
         return None
     dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
     if dim not in (-1, 3):
@@ -141,10 +121,10 @@ def match(softmax: fx.Node) -> EagerAttention | None:
         if len(users) != 1:
             return None
         user = users[0]
-        if _name(user) in ("matmul", "bmm") and user.args[0] is p:
+        if op_name(user) in ("matmul", "bmm") and user.args[0] is p:
             found.output, v = user, user.args[1]
             break
-        if _name(user) not in _PASS_THROUGH:
+        if op_name(user) not in _PASS_THROUGH:
             return None
         chain.append(user)
         p = user
@@ -152,7 +132,7 @@ def match(softmax: fx.Node) -> EagerAttention | None:
     s = softmax.args[0] if softmax.args else softmax.kwargs.get("input")
     stage = 0  # 0: masks/biases, 1: after the soft-cap, 2: factors
     while True:
-        name = _name(s)
+        name = op_name(s)
         if name in ("to", "float", "type", "view") and stage == 0:
             chain.append(s)
             s = s.args[0]
@@ -208,7 +188,7 @@ def match(softmax: fx.Node) -> EagerAttention | None:
 def _leads_to_scores(node: object, depth: int = 8) -> bool:
     """Whether `node` is (a few elementwise steps after) a q·kᵀ product: the score side of an addition."""
     for _ in range(depth):
-        name = _name(node)
+        name = op_name(node)
         if name in ("matmul", "bmm", "baddbmm"):
             return True
         if name in ("mul", "div", "tanh", "to", "float", "type", "view", "add", "masked_fill"):

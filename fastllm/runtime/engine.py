@@ -385,26 +385,17 @@ class LLM:
         launched = time.perf_counter()
         sampled = [self._sequences[c.request.request_id] for c in step.chunks if c.samples]
         result = sample_rows(logits, [seq.row() for seq in sampled])  # waits for the step's tokens
-        now = time.perf_counter()
-        self.step_seconds["schedule"] += scheduled - start
-        self.step_seconds["execute"] += launched - scheduled
-        self.step_seconds["sample"] += now - launched
-        self.num_steps += 1
-        self.scheduler.update(step, {seq.request.request_id: t for seq, t in zip(sampled, result.token_ids)})
-        self.num_generated_tokens += len(sampled)
-        done = []
-        for seq, logprobs in zip(sampled, result.logprobs):
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            if seq.logprobs is not None:
-                seq.logprobs.append(logprobs)
-            if not seq.request.is_finished and seq.params.stop and self._hit_stop_string(seq):
-                self.scheduler.finish(seq.request, "stop")
-            if seq.request.is_finished:
-                self._complete(seq, now)
-                done.append(seq)
-        self.step_seconds["update"] += time.perf_counter() - now
+        sampled_at = time.perf_counter()
+        done = self._apply(step, sampled, result)
+        self._account_step(start, scheduled, launched, sampled_at)
         return done
+
+    def _account_step(self, start: float, scheduled: float, launched: float, sampled: float) -> None:
+        """Add one step's host seconds per phase; the update phase runs from `sampled` to now."""
+        marks = (start, scheduled, launched, sampled, time.perf_counter())
+        for phase, begin, end in zip(("schedule", "execute", "sample", "update"), marks, marks[1:]):
+            self.step_seconds[phase] += end - begin
+        self.num_steps += 1
 
     def _step_async(self) -> list[_Sequence]:
         """One step with the host a step ahead of the GPU: schedule and launch this step (its pending tokens
@@ -436,11 +427,7 @@ class LLM:
             self.num_overlapped_steps += 1
         elif logits is not None:  # rows that need the host: sample and apply now, as the synchronous loop does
             done += self._apply(output, sampled, sample_rows(logits, rows))
-        self.step_seconds["schedule"] += scheduled - start
-        self.step_seconds["execute"] += launched - scheduled
-        self.step_seconds["sample"] += resolved - launched
-        self.step_seconds["update"] += time.perf_counter() - resolved
-        self.num_steps += 1
+        self._account_step(start, scheduled, launched, resolved)
         return done
 
     def _resolve(self, inflight: _InFlight) -> list[_Sequence]:

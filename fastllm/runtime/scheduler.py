@@ -219,45 +219,23 @@ class Scheduler:
         aborted since `schedule()` are ignored. Raises, changing nothing, on a sampled token missing or an
         output applied twice.
         """
-        live = [c for c in output.chunks if c.request.status is RequestStatus.RUNNING]
-        for c in live:  # check everything before changing anything
-            req = c.request
-            if c.start != req.num_computed_tokens:
-                raise RuntimeError(f"request {req.request_id!r}: chunk starts at {c.start} but "
-                                   f"{req.num_computed_tokens} tokens are computed (was this output applied twice?)")
-            if c.samples and req.request_id not in sampled:
-                raise KeyError(f"no sampled token for request {req.request_id!r}, whose chunk samples")
+        live = self._live_chunks(output)
+        for c in live:
+            if c.samples and c.request.request_id not in sampled:
+                raise KeyError(f"no sampled token for request {c.request.request_id!r}, whose chunk samples")
         finished = []
         for c in live:
-            req = c.request
-            req.num_computed_tokens += c.num_tokens
-            if self.enable_prefix_caching:
-                self._cache_blocks(req, c.start)
-            if not c.samples:
-                continue
-            token = sampled[req.request_id]
-            req.output_token_ids.append(token)
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                self.finish(req, reason)
-                finished.append(req)
+            self._advance(c)
+            if c.samples and self._append_token(c.request, sampled[c.request.request_id]):
+                finished.append(c.request)
         return finished
 
     def update_pending(self, output: SchedulerOutput) -> None:
         """Record a computed step whose sampled tokens are not known yet (asynchronous scheduling): each chunk
         that samples leaves a pending token. `resolve()` with the same output supplies them."""
-        for c in output.chunks:
+        for c in self._live_chunks(output):
+            self._advance(c)
             req = c.request
-            if req.status is not RequestStatus.RUNNING:
-                continue
-            if c.start != req.num_computed_tokens:
-                raise RuntimeError(f"request {req.request_id!r}: chunk starts at {c.start} but "
-                                   f"{req.num_computed_tokens} tokens are computed (was this output applied twice?)")
-            req.num_computed_tokens += c.num_tokens
-            if self.enable_prefix_caching:
-                # Every computed position's token is known: a pending token is computed only by the step after
-                # the one that sampled it, which the engine resolves before recording this one.
-                self._cache_blocks(req, c.start)
             if c.samples:
                 req.num_pending += 1
                 if (len(req.output_token_ids) + req.num_pending >= req.max_new_tokens
@@ -272,14 +250,37 @@ class Scheduler:
             req = c.request
             if not c.samples or req.is_finished or req.num_pending == 0:
                 continue
-            token = sampled[req.request_id]
             req.num_pending -= 1
-            req.output_token_ids.append(token)
-            reason = self._stop_reason(req, token)
-            if reason is not None:
-                self.finish(req, reason)
+            if self._append_token(req, sampled[req.request_id]):
                 finished.append(req)
         return finished
+
+    def _live_chunks(self, output: SchedulerOutput) -> list[ScheduledChunk]:
+        """The chunks of requests still running, each checked to start where its request's computed tokens end
+        (so an output applied twice raises before anything changes)."""
+        live = [c for c in output.chunks if c.request.status is RequestStatus.RUNNING]
+        for c in live:
+            req = c.request
+            if c.start != req.num_computed_tokens:
+                raise RuntimeError(f"request {req.request_id!r}: chunk starts at {c.start} but "
+                                   f"{req.num_computed_tokens} tokens are computed (was this output applied twice?)")
+        return live
+
+    def _advance(self, chunk: ScheduledChunk) -> None:
+        req = chunk.request
+        req.num_computed_tokens += chunk.num_tokens
+        if self.enable_prefix_caching:
+            # Every computed position's token is known, with async scheduling too: a pending token is computed
+            # only by the step after the one that sampled it, which is resolved before that step is recorded.
+            self._cache_blocks(req, chunk.start)
+
+    def _append_token(self, req: Request, token: int) -> bool:
+        """Append a sampled token and apply the stop rules; True if that finished the request."""
+        req.output_token_ids.append(token)
+        reason = self._stop_reason(req, token)
+        if reason is not None:
+            self.finish(req, reason)
+        return reason is not None
 
     def finish(self, request: Request, reason: str) -> None:
         """Finish a request now (stop string, client gone, ...) and free its blocks. No-op if already finished."""

@@ -49,11 +49,11 @@ class StepInput:
         """`feed_rows`: request id -> feed-buffer row of its pending token (the previous step's sampled rows)."""
         step = cls([], [], [], [], [], [], [])
         for chunk in chunks:
-            if PLACEHOLDER in chunk.token_ids:
+            # A request has at most one pending token, its last: only a chunk's last token can be one.
+            if chunk.token_ids[-1] == PLACEHOLDER:
                 if step.token_sources is None:
                     step.token_sources = [-1] * len(step.token_ids)
-                row = feed_rows[chunk.request.request_id]
-                step.token_sources += [row if t == PLACEHOLDER else -1 for t in chunk.token_ids]
+                step.token_sources += [-1] * (chunk.num_tokens - 1) + [feed_rows[chunk.request.request_id]]
             elif step.token_sources is not None:
                 step.token_sources += [-1] * chunk.num_tokens
             step.token_ids += chunk.token_ids
