@@ -176,6 +176,8 @@ def test_metrics(llm, workload):
     longest = max(len(o.outputs[0].token_ids) for o in outs)
     assert after["num_steps"] - before["num_steps"] >= longest
     assert set(after["step_seconds"]) == {"schedule", "execute", "sample", "update"}
+    busy = sum(after["step_seconds"].values())
+    assert after["tokens_per_s"] == pytest.approx(after["num_generated_tokens"] / busy) and after["tokens_per_s"] > 0
     assert all(after["step_seconds"][k] > before["step_seconds"][k] for k in after["step_seconds"])
     for o in outs:
         m = o.metrics

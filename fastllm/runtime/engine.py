@@ -283,7 +283,8 @@ class LLM:
         """Engine counters: the scheduler's `stats()` (running / waiting requests, KV blocks used / free,
         preemptions, prefix-cache hits), plus generated tokens, finished / aborted requests, and TTFT / TPOT
         samples (seconds, one per finished request; the latest MAX_METRIC_SAMPLES) and histograms over them:
-        counts per bucket with upper bounds `HISTOGRAM_BOUNDS` seconds, plus one open bucket; and the step
+        counts per bucket with upper bounds `HISTOGRAM_BOUNDS` seconds, plus one open bucket; output tokens per
+        second of the time spent stepping (`tokens_per_s`); and the step
         loop's profile: steps run and host seconds spent per phase (`step_seconds`: schedule, execute = prepare
         and launch, sample = wait for the GPU and pick tokens, update = bookkeeping).
         """
@@ -298,6 +299,8 @@ class LLM:
             "histogram_bounds_s": list(HISTOGRAM_BOUNDS),
             "time_to_first_token_histogram": _histogram(self._ttft),
             "time_per_output_token_histogram": _histogram(self._tpot),
+            # Output tokens per second of stepping (the engine's busy time; idle time between calls not counted).
+            "tokens_per_s": self.num_generated_tokens / busy if (busy := sum(self.step_seconds.values())) else 0.0,
             "num_steps": self.num_steps,
             "num_overlapped_steps": self.num_overlapped_steps,
             "step_seconds": dict(self.step_seconds),
