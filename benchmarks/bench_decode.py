@@ -30,7 +30,7 @@ MODELS = {
     "llama31_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
 }
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_async")  # fastllm_async: async_scheduling=True
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync")  # fastllm_sync: async_scheduling=False
 
 
 def _build(name: str):
@@ -123,10 +123,12 @@ def run_provider(provider: str, name: str, new_tokens: int) -> dict:
         return measure(model, new_tokens, vocab, same_cache_shape=True, cache_implementation="static")
     import fastllm
 
-    startup = _startup_s(model, async_scheduling=provider == "fastllm_async")
+    async_scheduling = provider != "fastllm_sync"
+    startup = _startup_s(model, async_scheduling=async_scheduling)
     result = measure(model, new_tokens, vocab)
     report = fastllm.explain(model)
-    result.update(startup_s_cold=startup, matches=report.matches, unfused=report.unfused_ops)
+    result.update(startup_s_cold=startup, async_scheduling=async_scheduling, matches=report.matches,
+                  unfused=report.unfused_ops)
     return result
 
 
@@ -137,8 +139,8 @@ def _write(results: dict, args) -> pathlib.Path:
 
 
 def _split(results: dict) -> tuple[dict, dict]:
-    """(fastllm's results, the baselines'): fastllm_async's runs join fastllm's as <model>_async."""
-    ours = {**results.get("fastllm", {}), **{f"{m}_async": r for m, r in results.get("fastllm_async", {}).items()}}
+    """(fastllm's results, the baselines'): fastllm_sync's runs join fastllm's as <model>_sync."""
+    ours = {**results.get("fastllm", {}), **{f"{m}_sync": r for m, r in results.get("fastllm_sync", {}).items()}}
     return ours, {k: v for k, v in results.items() if not k.startswith("fastllm")}
 
 
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
         return 0
     if missing_gpu(__file__):
         return 2
-    results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}  # fastllm_async lands in "fastllm"
+    results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}  # fastllm_sync lands in "fastllm"
     for name in args.models:
         for provider in args.providers:
             results[provider][name] = run_provider(provider, name, args.new_tokens)

@@ -1,7 +1,7 @@
 """W2 (offline throughput) and W4 (KV-cache capacity, peak memory) beside HF continuous batching.
 
     PYTHONPATH=. python benchmarks/bench_throughput.py [--model llama31_8b] [--workloads fixed mixed]
-        [--num-requests 1000] [--providers fastllm fastllm_async hf_continuous_batching] [--out DIR]
+        [--num-requests 1000] [--providers fastllm fastllm_sync hf_continuous_batching] [--out DIR]
 
 Per BENCHMARKS.md: random-weight model (seed 0), random prompt ids, greedy, EOS ignored so every request produces
 exactly its requested tokens. "fixed": 1000 × 128 prompt / 128 new; "mixed": 1000 requests, prompt lengths uniform
@@ -43,7 +43,7 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
 
 
-def run_fastllm(model, requests, max_num_seqs: int, async_scheduling: bool = False) -> tuple[dict, dict]:
+def run_fastllm(model, requests, max_num_seqs: int, async_scheduling: bool = True) -> tuple[dict, dict]:
     import fastllm
 
     llm = fastllm.LLM(model, kv_cache_memory_fraction=0.9, max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
@@ -71,7 +71,7 @@ def run_fastllm(model, requests, max_num_seqs: int, async_scheduling: bool = Fal
     runner = llm.runner
     w2 = {"output_tok_s": generated / wall, "requests_s": len(requests) / wall, "ttft_ms_p50": 1e3 * t50,
           "ttft_ms_p99": 1e3 * t99, "tpot_ms_p50": 1e3 * p50, "tpot_ms_p99": 1e3 * p99, "wall_s": wall,
-          "num_preemptions": llm.num_preemptions}
+          "num_preemptions": llm.num_preemptions, "async_scheduling": llm.async_scheduling}
     steps = after["num_steps"] - before["num_steps"]
     w2["profile"] = {
         "steps": steps,
@@ -111,8 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="llama31_8b", choices=list(MODELS))
     parser.add_argument("--workloads", nargs="+", default=["fixed", "mixed"], choices=["fixed", "mixed"])
     parser.add_argument("--providers", nargs="+", default=["fastllm", "hf_continuous_batching"],
-                        choices=["fastllm", "fastllm_async", "hf_continuous_batching"],
-                        help="fastllm_async: the engine with async_scheduling=True (results keyed <workload>_async)")
+                        choices=["fastllm", "fastllm_sync", "hf_continuous_batching"],
+                        help="fastllm_sync: the engine with async_scheduling=False (results keyed <workload>_sync)")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--baseline-workloads", nargs="*", default=["fixed"], choices=["fixed", "mixed"],
                         help="workloads the HF baseline runs on (its mixed run takes minutes of device time)")
@@ -127,12 +127,12 @@ def main(argv=None) -> int:
             ours = provider.startswith("fastllm")
             if not ours and kind not in args.baseline_workloads:
                 continue
-            key = f"{args.model}_{kind}" + ("_async" if provider == "fastllm_async" else "")
+            key = f"{args.model}_{kind}" + ("_sync" if provider == "fastllm_sync" else "")
             model = _build(args.model)
             requests = _requests(kind, args.num_requests, model.config.vocab_size)
             if ours:
                 fastllm_results[key], w4[key] = run_fastllm(model, requests, args.max_num_seqs,
-                                                            async_scheduling=provider == "fastllm_async")
+                                                            async_scheduling=provider != "fastllm_sync")
             else:
                 try:
                     baselines["hf_continuous_batching"][key] = run_hf_continuous_batching(model, requests)

@@ -5,7 +5,7 @@
 # prefill); kernels/attention/gemv: W5 benchmarks; decode: W1 (MODELS="llama2_7b ...", PROVIDERS="fastllm ...")
 # then W3 warm start of Llama-2-7B in a second process; throughput: W2/W4 (Llama-3.1-8B, 1000 requests fixed and
 # mixed, HF continuous batching beside the fixed set; THROUGHPUT_ARGS adds options, e.g. "--providers fastllm
-# fastllm_async hf_continuous_batching"). Rough durations on an H100: tests 4.6 min, profile 1.5,
+# fastllm_sync hf_continuous_batching"). Rough durations on an H100: tests 4.6 min, profile 1.5,
 # decode 4 per model with all providers, throughput 5.
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.

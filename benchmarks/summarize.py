@@ -31,6 +31,14 @@ def _w5(result: dict) -> list[str]:
     return lines
 
 
+def _scheduling(key: str, entry: dict) -> str:
+    """"async" or "sync": the step loop a fastllm entry ran. Entries record it since async scheduling became the
+    default; before that a plain key was the synchronous loop and `<key>_async` the opt-in one."""
+    if "async_scheduling" in entry:
+        return "async" if entry["async_scheduling"] else "sync"
+    return "async" if key.endswith("_async") else "sync"
+
+
 def _w1(result: dict) -> list[str]:
     """Decode tok/s and TTFT per model, fastllm beside each baseline of the same run (with the ratio), and W3."""
     lines = ["| model | provider | decode tok/s | fastllm / provider | TTFT 128 ms | TTFT 2048 ms | start-up cold s "
@@ -38,13 +46,14 @@ def _w1(result: dict) -> list[str]:
     models = list(dict.fromkeys([*result["fastllm"], *(m for per in result["baselines"].values() for m in per)]))
     for model in models:
         ours = result["fastllm"].get(model)
-        rows = [("fastllm", ours)] if ours else []
-        base_model = model.removesuffix("_async")  # fastllm with async scheduling, beside the same baselines
+        rows = [(f"fastllm ({_scheduling(model, ours)})", ours)] if ours else []
+        # fastllm with the other scheduling mode (<model>_sync; older files: <model>_async), beside the same baselines
+        base_model = model.removesuffix("_async").removesuffix("_sync")
         rows += [(name, per[base_model]) for name, per in result["baselines"].items() if base_model in per]
         for name, r in rows:
             if "decode_tok_s" not in r:  # a W3-only entry
                 continue
-            comparable = ours and "decode_tok_s" in ours and name != "fastllm"
+            comparable = ours and "decode_tok_s" in ours and not name.startswith("fastllm")
             ratio = f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}×" if comparable else "–"
             cold, warm = (f"{r[k]:.1f}" if k in r else "" for k in ("startup_s_cold", "startup_s_warm"))
             lines.append(f"| {model} | {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['ttft_ms_128']:.1f} | "
@@ -64,14 +73,14 @@ def _w2(result: dict) -> list[str]:
              "| GPU busy | host ms/step: schedule, launch, sample+wait, update | KV tokens | peak GB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in result["fastllm"].items():
-        hf = base.get(key.removesuffix("_async"), {}).get("output_tok_s")
+        hf = base.get(key.removesuffix("_async").removesuffix("_sync"), {}).get("output_tok_s")
         profile = r.get("profile", {})
         host = profile.get("host_ms_per_step", {})
         host_text = ", ".join(f"{host[k]:.1f}" for k in ("schedule", "execute", "sample", "update") if k in host)
         busy = profile.get("gpu_busy_fraction_256_requests")
         hf_text, ratio = (f"{hf:.0f}", f"{r['output_tok_s'] / hf:.2f}×") if hf else ("–", "–")
         lines.append(
-            f"| {key} | {r['output_tok_s']:.0f} | {hf_text} | {ratio} | "
+            f"| {key} ({_scheduling(key, r)}) | {r['output_tok_s']:.0f} | {hf_text} | {ratio} | "
             f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['tpot_ms_p50']:.1f} / {r['tpot_ms_p99']:.1f} | "
             f"{f'{busy:.2f}' if busy is not None else ''} | {host_text} | "
             f"{w4.get(key, {}).get('kv_tokens', '')} | {w4.get(key, {}).get('peak_mem_gb', 0):.1f} |")

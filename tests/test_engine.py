@@ -35,7 +35,8 @@ def _load(path):
 
 @pytest.fixture(scope="module")
 def llm(qwen_path):
-    return LLM(_load(qwen_path))
+    # The synchronous step loop: `alone` is the reference the asynchronous-scheduling tests compare against.
+    return LLM(_load(qwen_path), async_scheduling=False)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ def test_async_scheduling_equals_synchronous_on_gpu(family, tmp_path):
     build(family, tmp_path)
     model = T.AutoModelForCausalLM.from_pretrained(tmp_path).cuda().eval()
     model.generation_config.eos_token_id = [5, 17]
-    sync = LLM(model, num_kv_tokens=4096, max_num_seqs=16, max_num_batched_tokens=256)
+    sync = LLM(model, num_kv_tokens=4096, max_num_seqs=16, max_num_batched_tokens=256, async_scheduling=False)
     assert sync.runner.use_cuda_graph
     prompts, params = _workload()
     expected = [o.outputs[0].token_ids for o in sync.generate(prompts, params, use_tqdm=False)]

@@ -149,7 +149,7 @@ class LLM:
         device: device to load or move the model to.
         **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...),
             `enable_prefix_caching` (the scheduler reuses the K/V of full prompt blocks computed before) and
-            `async_scheduling` (default False: schedule and launch each step while the GPU still samples the
+            `async_scheduling` (default True: schedule and launch each step while the GPU still samples the
             one before; its sampled tokens reach the next step on the device. Steps whose rows need their
             token history on the host — penalties, bad words, logprobs — wait for it.)
             An already-optimized model takes only these four.
@@ -209,7 +209,7 @@ class LLM:
             enable_prefix_caching=engine_options.get("enable_prefix_caching",
                                                      getattr(state.config, "enable_prefix_caching", False)))
         self.async_scheduling = bool(engine_options.get("async_scheduling",
-                                                        getattr(state.config, "async_scheduling", False)))
+                                                        getattr(state.config, "async_scheduling", True)))
         self._inflight: _InFlight | None = None
         self._host_tokens = HostTokens(self.runner.feed.shape[0])
         self.vocab_size = model.get_input_embeddings().weight.shape[0]

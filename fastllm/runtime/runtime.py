@@ -12,4 +12,4 @@ class Runtime:
     model: object
     runner: ModelRunner
     max_num_batched_tokens: int
-    async_scheduling: bool = False
+    async_scheduling: bool = True
