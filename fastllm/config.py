@@ -41,6 +41,8 @@ class OptimizeConfig:
         async_scheduling: generate() and `fastllm.LLM` schedule and launch each step while the GPU still samples
             the one before (the sampled tokens reach the next step on the device). On by default: on an H100 it
             kept the GPU 96% busy in offline batching (75% without) and made batch-1 decode 10% faster.
+        graph_cache: keep the runtime's captured graph on disk (`$FASTLLM_CACHE_DIR/graphs`, default
+            `~/.cache/fastllm/graphs`), so a later process starting the same model skips dynamo's trace.
     """
 
     passes: tuple[str, ...] = field(default=ALL_PASSES)
@@ -56,6 +58,7 @@ class OptimizeConfig:
     max_model_len: int | None = None
     cuda_graphs: bool = True
     async_scheduling: bool = True
+    graph_cache: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str):
@@ -72,7 +75,7 @@ class OptimizeConfig:
             raise ValueError(f"warmup must be True or False, got {self.warmup!r}")
         if self.dynamic not in (None, True, False):
             raise ValueError(f"dynamic must be None, True or False, got {self.dynamic!r}")
-        for name in ("paged_generate", "cuda_graphs", "async_scheduling"):
+        for name in ("paged_generate", "cuda_graphs", "async_scheduling", "graph_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_tokens", "max_model_len"):

@@ -144,7 +144,8 @@ def _build_runtime(model, state: OptimizationState) -> Runtime | None:
                              max_num_seqs=c.max_num_seqs, max_model_len=c.max_model_len,
                              use_cuda_graph=c.cuda_graphs and next(model.parameters()).is_cuda,
                              transform=lambda gm, tensors: state.transform(gm, tensors, runtime_passes, model.config),
-                             hf_forward=state.original_forward, max_num_batched_tokens=c.max_num_batched_tokens)
+                             hf_forward=state.original_forward, max_num_batched_tokens=c.max_num_batched_tokens,
+                             graph_cache=c.graph_cache)
     except CAPTURE_ERRORS as error:
         if c.on_capture_failure == "raise":
             raise

@@ -14,6 +14,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Captured graphs go to a directory of this test session, not the user's cache: a graph saved by another
+# checkout's code must not serve these tests, and the tests must not leave files behind.
+if "FASTLLM_GRAPH_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FASTLLM_GRAPH_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastllm-graphs-")
+    atexit.register(shutil.rmtree, os.environ["FASTLLM_GRAPH_CACHE_DIR"], ignore_errors=True)
+
 import pytest  # noqa: E402
 
 

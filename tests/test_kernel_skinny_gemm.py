@@ -294,3 +294,39 @@ def test_autotune_gpu(monkeypatch):
     assert len(results) == 4 and [ms for _, ms in results] == sorted(ms for _, ms in results)
     assert sg._config(1, 4096, 4096, x.dtype, x.device) == results[0][0]
     _assert_gemm_close(skinny_linear(x, weight), _exact_gpu(x, weight, None), torch.float16)
+
+
+# ---- tuned settings on disk: a later process on the same GPU model starts with them --------------------------
+
+
+def test_tuning_cache_round_trip_per_gpu(tmp_path, monkeypatch):
+    from fastllm.kernels._tuning_cache import TuningCache
+
+    monkeypatch.setenv("FASTLLM_CACHE_DIR", str(tmp_path))
+    TuningCache("k").put("GPU A", "1,2,3,bfloat16", {"BLOCK_N": 4, "split_k": 2})
+    TuningCache("k").put("GPU A", "4,5,6,bfloat16", {"BLOCK_N": 8, "split_k": 1})  # merged, not overwritten
+    later = TuningCache("k")  # as in a new process
+    assert later.get("GPU A", "1,2,3,bfloat16") == {"BLOCK_N": 4, "split_k": 2}
+    assert later.get("GPU A", "4,5,6,bfloat16") == {"BLOCK_N": 8, "split_k": 1}
+    assert later.get("GPU B", "1,2,3,bfloat16") is None
+    later.path("GPU B").write_text("{broken")
+    with pytest.warns(RuntimeWarning, match="unreadable tuning file"):
+        assert TuningCache("k").get("GPU B", "1,2,3,bfloat16") is None
+
+
+def test_skinny_config_prefers_settings_tuned_by_an_earlier_process(tmp_path, monkeypatch):
+    from fastllm.kernels import skinny_gemm
+
+    monkeypatch.setenv("FASTLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(skinny_gemm, "_ON_DISK", skinny_gemm.TuningCache("skinny_gemm"))
+    monkeypatch.setattr(skinny_gemm, "_gpu_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(skinny_gemm, "sm_count", lambda device: 132)
+    monkeypatch.setattr(skinny_gemm, "_TUNED", {})
+    monkeypatch.setattr(skinny_gemm, "_HEURISTIC", {})
+    cuda = torch.device("cuda", 0)  # only a key here: nothing is launched
+    heuristic = skinny_gemm._heuristic(3, 96, 200, torch.bfloat16, cuda)
+    tuned = {**heuristic, "split_k": heuristic["split_k"] + 1}
+    skinny_gemm.TuningCache("skinny_gemm").put("Fake GPU", skinny_gemm._disk_key(3, 96, 200, torch.bfloat16), tuned)
+    assert skinny_gemm._config(3, 96, 200, torch.bfloat16, cuda) == tuned
+    assert skinny_gemm._config(3, 97, 200, torch.bfloat16, cuda) == skinny_gemm._heuristic(
+        3, 97, 200, torch.bfloat16, cuda)  # an untuned shape: the heuristic

@@ -95,7 +95,7 @@ def test_generate_parity_with_graph_shaped_steps(family, tmp_path):
 
     runner = ModelRunner(model, kv_cache=KVCacheConfig(block_size=4, num_kv_tokens=512), max_num_seqs=4,
                          hf_forward=state.original_forward, max_num_batched_tokens=40, emulate_graph_shapes=True,
-                         transform=transform)
+                         transform=transform, graph_cache=False)  # dynamo's own trace (a cached graph never recompiles)
     state.runtime = Runtime(model, runner, max_num_batched_tokens=40)
     used = []
     pick = runner._graph_for

@@ -9,12 +9,15 @@ new signature (prefill vs. decode, a new batch size) is captured and rewritten a
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import types
 from collections.abc import Callable
 
 import torch
 from torch import fx
+
+from fastllm.capture import graph_cache
 
 # What a failed capture raises: dynamo's own errors (unsupported Python, graph breaks under fullgraph,
 # errors in the backend) and the recompile limit.
@@ -31,22 +34,36 @@ _entry_ids = itertools.count()
 GraphTransform = Callable[[fx.GraphModule, dict[fx.Node, torch.Tensor]], fx.GraphModule]
 
 
-def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None) -> Callable:
+def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None,
+            cache_key: str | None = None) -> Callable:
     """`fn` compiled so that every captured graph goes through `transform` first.
 
     transform(gm, tensors) gets the graph and, for each placeholder, the real tensor behind it.
+    cache_key: keep the captured graph on disk under this key (capture/graph_cache.py), and use the graph
+    saved under it, if any, instead of tracing. Only for a function that is captured once (one graph with
+    symbolic sizes serves every call): a second capture removes the saved graph.
     """
-
-    def backend(gm: fx.GraphModule, example_inputs: list, **_kwargs) -> Callable:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        tensors = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
-        return transform(gm, tensors).forward
 
     def entry(*args, **kwargs):
         return fn(*args, **kwargs)
 
     code = entry.__code__.replace(co_name=f"fastllm_entry_{next(_entry_ids)}")
     unique = types.FunctionType(code, entry.__globals__, code.co_name, None, entry.__closure__)
+    cached = graph_cache.load(cache_key) if cache_key is not None else None
+    if cached is not None:
+        return _positional(fn, _from_cache(unique, transform, cached))
+    num_captures = itertools.count()
+
+    def backend(gm: fx.GraphModule, example_inputs: list, **_kwargs) -> Callable:
+        if cache_key is not None:
+            if next(num_captures) == 0:
+                graph_cache.save(cache_key, gm)  # pickled now: before the passes change the graph
+            else:
+                graph_cache.discard(cache_key)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        tensors = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
+        return transform(gm, tensors).forward
+
     compiled = torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)
 
     def call(*args, **kwargs):
@@ -55,4 +72,36 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
         with torch._dynamo.config.patch(specialize_float=True):
             return compiled(*args, **kwargs)
 
+    return call if cache_key is None else _positional(fn, call)
+
+
+def _positional(fn: Callable, call: Callable) -> Callable:
+    """`call` with `fn`'s arguments passed positionally where they can be: a saved graph reads its inputs at
+    the places the traced call had them (`L['args'][1]`), so every call must have one layout."""
+    bind = inspect.signature(fn).bind
+
+    def positional(*args, **kwargs):
+        bound = bind(*args, **kwargs)
+        return call(*bound.args, **bound.kwargs)
+
+    positional.from_graph_cache = getattr(call, "from_graph_cache", False)
+    return positional
+
+
+def _from_cache(entry: Callable, transform: GraphTransform, cached: graph_cache.CachedGraph) -> Callable:
+    """The call of a graph loaded from the cache: its placeholders bound from each call, the passes run on the
+    first (after one run of the graph has recorded the shapes they read)."""
+    gm, binder = cached.graph_module(), graph_cache.Binder(entry, cached.sources)
+    fused: list[Callable] = []
+
+    def call(*args, **kwargs):
+        inputs = binder(*args, **kwargs)
+        if not fused:
+            graph_cache.record_metadata(gm, inputs)
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            tensors = {n: t for n, t in zip(placeholders, inputs) if isinstance(t, torch.Tensor)}
+            fused.append(transform(gm, tensors).forward)
+        return fused[0](*inputs)[0]
+
+    call.from_graph_cache = True
     return call

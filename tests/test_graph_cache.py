@@ -1,0 +1,162 @@
+"""The on-disk graph cache (capture/graph_cache.py): a second start of the same model uses the saved graph
+instead of dynamo's trace, and gives exactly what the traced graph gives."""
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+import fastllm
+from fastllm.capture import capture, graph_cache
+from tests._models import VOCAB, build
+
+# Plain SDPA models, hand-written attention (bloom: ALiBi and [B*H, S, D] reshapes; gpt2: Conv1D), a soft-capped
+# sliding-window model (gemma2) and an MoE (mixtral).
+FAMILIES = ["llama", "qwen2", "bloom", "gpt2", "gemma2", "mixtral"]
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "graphs"
+    monkeypatch.setenv("FASTLLM_GRAPH_CACHE_DIR", str(directory))
+    return directory
+
+
+def _start(path, **options):
+    """optimize() as a new process would: a fresh model object from the saved weights."""
+    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), num_kv_tokens=1024, **options)
+    return model, model._fastllm_state.runtime.runner
+
+
+def _generate(model):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :4], mask[1, :4] = 0, 0  # left padding
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _dynamo_traces() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_second_start_uses_the_saved_graph_and_gives_the_same_output(family, tmp_path, cache_dir):
+    build(family, tmp_path / "model")
+    traced, traced_runner = _start(tmp_path / "model")
+    assert not traced_runner.graph_from_cache
+    assert len(list(cache_dir.glob("*.pkl"))) == 1
+    expected = _generate(traced)
+    traces = _dynamo_traces()
+    cached, runner = _start(tmp_path / "model")
+    assert runner.graph_from_cache
+    sequences, logits = _generate(cached)
+    assert _dynamo_traces() == traces, "the cached start must not trace"
+    assert torch.equal(sequences, expected[0])
+    assert torch.equal(logits, expected[1])  # the same graph and kernels: bit-identical, not just close
+    report, reference = fastllm.explain(cached), fastllm.explain(traced)
+    assert report.matches == reference.matches and report.matches["attention"] > 0
+
+
+def test_a_different_config_is_a_miss(tmp_path, cache_dir):
+    build("llama", tmp_path / "a")
+    _start(tmp_path / "a")
+    config = T.AutoConfig.from_pretrained(tmp_path / "a")
+    config.rms_norm_eps = 1e-3  # a constant the graph bakes in
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(tmp_path / "b")
+    _, runner = _start(tmp_path / "b")
+    assert not runner.graph_from_cache
+    assert len(list(cache_dir.glob("*.pkl"))) == 2
+
+
+def test_graph_cache_off_writes_nothing(tmp_path, cache_dir):
+    build("llama", tmp_path / "model")
+    _, runner = _start(tmp_path / "model", graph_cache=False)
+    assert not runner.graph_from_cache and not cache_dir.exists()
+
+
+@pytest.mark.parametrize("content", [b"not a pickle", pickle.dumps({"a": 1})])
+def test_an_unreadable_cache_file_is_ignored_with_a_warning(tmp_path, cache_dir, content):
+    build("llama", tmp_path / "model")
+    traced, _ = _start(tmp_path / "model")
+    expected = _generate(traced)
+    (file,) = cache_dir.glob("*.pkl")
+    file.write_bytes(content)
+    with pytest.warns(RuntimeWarning, match="unreadable graph cache file"):
+        model, runner = _start(tmp_path / "model")
+    assert not runner.graph_from_cache
+    assert torch.equal(_generate(model)[0], expected[0])
+    assert pickle.loads(file.read_bytes()).__class__ is graph_cache.CachedGraph  # the trace saved it again
+
+
+def test_a_function_captured_twice_is_not_cached(cache_dir):
+    """Static sizes make dynamo capture again for a new shape: no single saved graph serves every call."""
+    key = "twice"
+
+    def double(x):
+        return x * 2
+
+    compiled = capture(double, lambda gm, tensors: gm, dynamic=False, cache_key=key)
+    compiled(torch.ones(3))
+    assert (cache_dir / f"{key}.pkl").exists()
+    compiled(torch.ones(5))
+    assert not (cache_dir / f"{key}.pkl").exists()
+
+
+def test_loaded_graph_binds_inputs_on_every_call(cache_dir):
+    """Sizes and inputs are read per call; the function's own state (here a closed-over weight) once."""
+    weight = torch.randn(4, 4)
+
+    def project(x, y):
+        return (x @ weight + y).sum(-1)
+
+    key = "project"
+    first = capture(project, lambda gm, tensors: gm, dynamic=True, cache_key=key)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.equal(first(a, b), project(a, b))
+    loaded = capture(project, lambda gm, tensors: gm, dynamic=True, cache_key=key)
+    assert loaded.from_graph_cache
+    for rows in (2, 7):
+        x, y = torch.randn(rows, 4), torch.randn(rows, 4)
+        assert torch.equal(loaded(x, y), project(x, y))
+        assert torch.equal(loaded(x, y=y), project(x, y))
+
+
+def test_cache_writes_are_atomic(tmp_path):
+    from fastllm._cache import write_atomically
+
+    target = tmp_path / "sub" / "file.bin"
+    write_atomically(target, b"abc")
+    write_atomically(target, b"defg")
+    assert target.read_bytes() == b"defg"
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]  # no temporary file left behind
+
+
+def test_default_directory_follows_fastllm_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("FASTLLM_GRAPH_CACHE_DIR", raising=False)
+    monkeypatch.setenv("FASTLLM_CACHE_DIR", str(tmp_path))
+    assert graph_cache.graph_cache_dir() == Path(tmp_path) / "graphs"
+    assert os.environ["FASTLLM_CACHE_DIR"] == str(tmp_path)
+
+
+def test_a_model_patched_at_run_time_is_not_cached(tmp_path, cache_dir):
+    """A module forward replaced on the instance (or a hook) is invisible to the key: such a model is traced."""
+    build("llama", tmp_path / "model")
+    _start(tmp_path / "model")
+    patched = T.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    layer = patched.model.layers[0]
+    inner = layer.forward
+    layer.forward = lambda *args, **kwargs: inner(*args, **kwargs)
+    model = fastllm.optimize(patched, num_kv_tokens=1024)
+    assert not model._fastllm_state.runtime.runner.graph_from_cache
+    hooked = T.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    hooked.model.norm.register_forward_hook(lambda module, args, out: out)
+    model = fastllm.optimize(hooked, num_kv_tokens=1024)
+    assert not model._fastllm_state.runtime.runner.graph_from_cache
+    assert len(list(cache_dir.glob("*.pkl"))) == 1  # neither was saved either
