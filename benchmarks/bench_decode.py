@@ -7,8 +7,11 @@ Per BENCHMARKS.md: seeded random prompt of 128 tokens, greedy, EOS ignored; deco
 (new - 1) / (t(generate new) - t(generate 1)); TTFT = t(generate 1) at prompts of 128 and 2048 tokens (median
 of 3 after a warm-up). For the HF baselines "generate 1" is a `new`-token generate stopped after one token, so
 the static cache has one shape and compiles once. W3 start-up = seconds from `fastllm.optimize()` to the first
-token: cold in the benchmark's process (dynamo traces, Triton compiles unless its disk cache is warm), warm in
-a second process started afterwards (`--warm-startup MODEL`: Triton's disk cache now holds every kernel).
+token: cold in the benchmark's process (an emptied graph cache, so dynamo traces; Triton compiles unless its disk
+cache is warm), warm in a second process started afterwards (`--warm-startup MODEL`: the graph cache and Triton's
+disk cache now hold the model's graph and every kernel). Each start records its phases (`startup_phases_*`:
+capture = trace or cached graph + passes + first forward, kv_cache, cuda_graphs) and whether the graph came from
+the cache. Only the first fastllm provider of a model starts truly cold: later ones find its graph.
 Writes DIR/W1-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 """
 
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import pathlib
+import shutil
 import statistics
 import sys
 import time
@@ -89,14 +94,22 @@ def measure(model, new_tokens: int, vocab: int, same_cache_shape: bool = False, 
             "first_call_s": first}
 
 
-def _startup_s(model, **options) -> float:
+# The graph cache (fastllm/capture/graph_cache.py) of the benchmark's processes: emptied by the cold run, read by
+# the warm one.
+GRAPH_CACHE = pathlib.Path("/tmp/fastllm-bench-graph-cache")
+
+
+def _startup_s(model, **options) -> tuple[float, dict]:
+    """(seconds from optimize() to the first token, the runner's start-up phases and graph-cache use)."""
     import fastllm
 
     torch.cuda.synchronize()
     start = time.perf_counter()
     fastllm.optimize(model, max_num_seqs=8, **options)
     _timed_generate(model, _prompt(128, model.config.vocab_size), 1)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    runner = model._fastllm_state.runtime.runner
+    return seconds, {**runner.startup_seconds, "graph_from_cache": runner.graph_from_cache}
 
 
 def _record_warm_startup(name: str, out_dir: str) -> None:
@@ -104,13 +117,13 @@ def _record_warm_startup(name: str, out_dir: str) -> None:
     the disk cache), added to today's W1 result file as fastllm[name]["startup_s_warm"]."""
     import json
 
-    startup = _startup_s(_build(name))
-    print(f"fastllm {name} startup warm {startup:.2f} s", flush=True)
+    startup, phases = _startup_s(_build(name))
+    print(f"fastllm {name} startup warm {startup:.2f} s {phases}", flush=True)
     path = result_path("W1", torch.cuda.get_device_name(), out_dir)
     if not path.exists():
         raise SystemExit(f"{path} does not exist: run the benchmark (cold start) first, in another process")
     result = json.loads(path.read_text())
-    result["fastllm"].setdefault(name, {})["startup_s_warm"] = startup
+    result["fastllm"].setdefault(name, {}).update(startup_s_warm=startup, startup_phases_warm=phases)
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -124,11 +137,11 @@ def run_provider(provider: str, name: str, new_tokens: int) -> dict:
     import fastllm
 
     async_scheduling = provider != "fastllm_sync"
-    startup = _startup_s(model, async_scheduling=async_scheduling)
+    startup, phases = _startup_s(model, async_scheduling=async_scheduling)
     result = measure(model, new_tokens, vocab)
     report = fastllm.explain(model)
-    result.update(startup_s_cold=startup, async_scheduling=async_scheduling, matches=report.matches,
-                  unfused=report.unfused_ops)
+    result.update(startup_s_cold=startup, startup_phases_cold=phases, async_scheduling=async_scheduling,
+                  matches=report.matches, unfused=report.unfused_ops)
     return result
 
 
@@ -153,11 +166,13 @@ def main(argv=None) -> int:
     parser.add_argument("--warm-startup", metavar="MODEL", choices=list(MODELS),
                         help="measure W3 warm start of MODEL in this process, add it to today's result, exit")
     args = parser.parse_args(argv)
+    os.environ["FASTLLM_GRAPH_CACHE_DIR"] = str(GRAPH_CACHE)
     if args.warm_startup:
         _record_warm_startup(args.warm_startup, args.out)
         return 0
     if missing_gpu(__file__):
         return 2
+    shutil.rmtree(GRAPH_CACHE, ignore_errors=True)  # a cold start traces
     results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}  # fastllm_sync lands in "fastllm"
     for name in args.models:
         for provider in args.providers:

@@ -30,6 +30,10 @@ FAMILIES = {
     "bloom": lambda: T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB),  # ALiBi
     "falcon": lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
                                      new_decoder_architecture=True, num_kv_heads=2),
+    # Falcon-RW: ALiBi folded into the SDPA mask; 6 heads exercise the slopes past the largest power of two.
+    "falcon_rw": lambda: T.FalconConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, vocab_size=VOCAB,
+                                        alibi=True, new_decoder_architecture=False, multi_query=False,
+                                        parallel_attn=False, bias=True),
     "mpt": lambda: T.MptConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=VOCAB),  # ALiBi
     "gpt_bigcode": lambda: T.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, multi_query=True),
     "mixtral": lambda: T.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -117,3 +117,49 @@ def test_alibi_slopes_match_transformers(heads):
     # MPT's tensor holds slope * (k - (L - 1)); at L = 2, column 0 is -slope.
     mpt = build_mpt_alibi_tensor(heads, 2, alibi_bias_max=8)[:, 0, 0]
     torch.testing.assert_close(torch.tensor(mpt_alibi_slopes(heads, 8)), -mpt)
+
+
+class _Masks(nn.Module):
+    """Additive terms as models build them: (name, term) pairs, each from positions `pos` [S]."""
+
+    def forward(self, pos, slopes):
+        causal = pos[None, :] <= pos[:, None]                                    # bool: a mask
+        select = torch.where(causal, 0.0, torch.finfo(torch.float32).min)        # constants picked by a condition
+        filled = torch.zeros(pos.shape[0], pos.shape[0]).masked_fill(~causal, -1e9)
+        bias = slopes[:, None, None] * pos[None, None, :].float()                # ALiBi: positions times slopes
+        folded = (bias / 4.0).masked_fill(~causal, -1e9)                          # Falcon: bias folded into a mask
+        return causal, select, filled + select, bias, folded, select + bias
+
+
+def test_looks_like_mask_tells_masks_from_biases():
+    graphs = []
+
+    def keep(gm, tensors):
+        graphs.append(gm)
+        return gm
+
+    capture(_Masks(), keep)(torch.arange(6), torch.rand(4))
+    output = next(n for n in graphs[0].graph.nodes if n.op == "output").args[0]
+    verdicts = [eager_attention.looks_like_mask(term) for term in output]
+    assert verdicts == [True, True, True, False, False, False]
+
+
+def test_sdpa_mask_carrying_an_undeclared_bias_stays_with_the_model(tmp_path, monkeypatch):
+    """Falcon-RW folds ALiBi into its SDPA mask. Without the config's ALiBi declared, the attention pass must not
+    treat that mask as a plain mask (dropping the bias): the model keeps HF's generate loop, and its output."""
+    import transformers as T
+
+    import fastllm
+    from fastllm.models import attention as declared
+    from tests._models import VOCAB, build
+
+    reference = build("falcon_rw", tmp_path)
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = reference.generate(ids, **kwargs)
+    monkeypatch.setattr(declared, "ALIBI", {k: v for k, v in declared.ALIBI.items() if k != "falcon"})
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with pytest.warns(RuntimeWarning, match="paged runtime does not support"):
+        fastllm.optimize(model, graph_cache=False)
+    assert model._fastllm_state.runtime is None
+    assert torch.equal(model.generate(ids, **kwargs), expected)

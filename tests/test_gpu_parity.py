@@ -78,7 +78,7 @@ def test_half_precision_teacher_forced(family, dtype, tmp_path):
     assert report.matches["rms_norm"] == 2 * model.config.num_hidden_layers + 1
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "bloom", "mpt", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "bloom", "mpt", "gemma2", "falcon_rw"])
 def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
     """Batched, left-padded greedy generate on the GPU runtime (decode replayed from CUDA graphs)."""
     model = build(family, tmp_path).cuda()

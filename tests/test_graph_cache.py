@@ -160,3 +160,29 @@ def test_a_model_patched_at_run_time_is_not_cached(tmp_path, cache_dir):
     model = fastllm.optimize(hooked, num_kv_tokens=1024)
     assert not model._fastllm_state.runtime.runner.graph_from_cache
     assert len(list(cache_dir.glob("*.pkl"))) == 1  # neither was saved either
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_cached_graph_on_gpu_with_cuda_graphs(family, tmp_path, cache_dir):
+    """bf16 on CUDA, every step a CUDA graph or eager: the cached start equals the traced one bit for bit."""
+    build(family, tmp_path / "model", dtype=torch.bfloat16)
+
+    def start():
+        model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16).cuda().eval()
+        return fastllm.optimize(model, num_kv_tokens=4096, max_num_seqs=8)
+
+    def run(model):
+        g = torch.Generator().manual_seed(2)
+        ids = torch.randint(3, VOCAB, (3, 40), generator=g).cuda()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                             pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+        return out.sequences, torch.stack(out.logits)
+
+    traced = start()
+    assert traced._fastllm_state.runtime.runner.use_cuda_graph
+    expected = run(traced)
+    cached = start()
+    assert cached._fastllm_state.runtime.runner.graph_from_cache
+    sequences, logits = run(cached)
+    assert torch.equal(sequences, expected[0]) and torch.equal(logits, expected[1])

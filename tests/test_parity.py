@@ -20,6 +20,7 @@ EXPECTED = {
     "qwen3": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},  # + q_norm, k_norm
     "bloom": {"layer_norm": (2, 2)},  # + the embedding LayerNorm; ALiBi attention stays unfused
     "falcon": {"layer_norm": (2, 1), "rotary": (2, 0)},
+    "falcon_rw": {"layer_norm": (2, 1)},
     "mpt": {"layer_norm": (2, 1)},
     "gpt_bigcode": {"layer_norm": (2, 1)},
     "mixtral": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},

@@ -2,8 +2,9 @@
 
 The runtime replaces each attention call with paged attention; the scale comes from the call itself, but a
 sliding window (Mistral, Gemma-2/3, Qwen with `use_sliding_window`) reaches HF's SDPA only as a mask tensor,
-Gemma-2's logit soft-capping only through eager attention, and ALiBi (Bloom, MPT) as a bias tensor added to the
-scores. They are read here from the config, as data: the ALiBi slopes per model type, by each family's formula.
+Gemma-2's logit soft-capping only through eager attention, and ALiBi (Bloom, MPT, Falcon-RW) as a bias tensor
+added to the scores (Falcon folds it into its SDPA mask). They are read here from the config, as data: the ALiBi
+slopes per model type, by each family's formula.
 """
 
 from __future__ import annotations
@@ -45,10 +46,20 @@ def _mpt_slopes(config) -> tuple[float, ...] | None:
     return mpt_alibi_slopes(config.n_heads, getattr(attn, "alibi_bias_max", 8))
 
 
+def _falcon_slopes(config) -> tuple[float, ...] | None:
+    """Falcon (`alibi=True`, e.g. Falcon-RW) adds Bloom's bias to the scores before scaling them by
+    1/sqrt(head_dim) (its SDPA path folds alibi / sqrt(head_dim) into the mask): Bloom's slopes, scaled."""
+    if not getattr(config, "alibi", False):
+        return None
+    scale = 1.0 / math.sqrt(config.hidden_size // config.num_attention_heads)
+    return tuple(slope * scale for slope in geometric_alibi_slopes(config.num_attention_heads))
+
+
 # model_type -> the layer's ALiBi slopes from its config (None: the model does not use ALiBi).
 ALIBI = {
     "bloom": lambda config: geometric_alibi_slopes(config.n_head),
     "mpt": _mpt_slopes,
+    "falcon": _falcon_slopes,
 }
 
 

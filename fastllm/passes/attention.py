@@ -91,6 +91,15 @@ def _eager_kwargs(found: eager_attention.EagerAttention, features) -> dict | Non
             "sliding_window": features.sliding_window if features is not None else None}
 
 
+def _sdpa_bias_is_declared(mask: object, features) -> bool:
+    """An SDPA call's mask is left to the runtime's metadata when it only masks; one that carries a bias (Falcon
+    adds its ALiBi into the mask) is matched only when the config declares that ALiBi, which the kernel then
+    applies; and a declared ALiBi must arrive through the mask (else the call would apply none)."""
+    declared = features is not None and features.alibi_slopes is not None
+    carries_bias = mask is not None and not eager_attention.looks_like_mask(mask)
+    return carries_bias == declared
+
+
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     count = 0
@@ -103,6 +112,8 @@ def apply(ctx: PassContext) -> int:
             continue
         features = layer_attention(ctx.model_config, count) if ctx.model_config is not None else None
         if is_sdpa:
+            if not _sdpa_bias_is_declared(arg(node, 3, "attn_mask", None), features):
+                continue  # the mask carries a bias the config does not declare: left to the model, never dropped
             q, k, v, output = node.args[0], node.args[1], node.args[2], node
             scale = arg(node, 6, "scale", None)
             kwargs = {"scale": float(scale) if scale is not None else 1.0 / math.sqrt(fake(q).shape[-1])}

@@ -27,10 +27,16 @@ from torch import fx
 from fastllm.passes._graph import fake, op_name
 
 _PASS_THROUGH = {"to", "float", "type", "view", "reshape", "contiguous"}  # between softmax and p @ v
-# Ops that build masks from positions or a padding mask: an additive term computed through one of them is a mask.
-_MASK_OPS = {"lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__",
-             "where", "masked_fill", "logical_and", "logical_or", "and_", "or_", "__and__", "__or__", "bitwise_and",
-             "bitwise_or", "logical_not", "invert"}
+# What masks are built from (looks_like_mask): comparisons and logic on positions (bool results), constants, and
+# ops that only reshape or combine masks.
+_COMPARISONS = {"lt", "le", "gt", "ge", "eq", "ne", "__lt__", "__le__", "__gt__", "__ge__", "__eq__", "__ne__",
+                "logical_and", "logical_or", "and_", "or_", "__and__", "__or__", "bitwise_and", "bitwise_or",
+                "logical_not", "invert", "__invert__"}
+_CONSTANTS = {"full", "zeros", "ones", "empty", "full_like", "zeros_like", "ones_like", "new_full", "new_zeros",
+              "new_ones", "scalar_tensor", "tensor"}
+_MASK_COMBINERS = {"to", "float", "type", "type_as", "view", "reshape", "expand", "expand_as", "unsqueeze", "squeeze",
+                   "getitem", "contiguous", "clone", "add", "sub", "mul", "neg", "cat", "repeat", "triu", "tril",
+                   "clamp", "minimum", "maximum", "flatten", "permute", "transpose", "__getitem__"}
 
 
 def _number(value: object) -> float | None:
@@ -49,19 +55,38 @@ class EagerAttention:
     replaced: list[fx.Node] = field(default_factory=list)  # the chain's nodes, for erasing once unused
 
 
-def looks_like_mask(node: object, depth: int = 40) -> bool:
-    """Whether `node` is computed through a comparison or a select: how masks are built from positions."""
-    seen, frontier = set(), [node]
-    while frontier and len(seen) < depth * 8:
-        current = frontier.pop()
-        if not isinstance(current, fx.Node) or current in seen:
-            continue
-        seen.add(current)
-        target = current.target if current.op == "call_method" else getattr(current.target, "__name__", "")
-        if target in _MASK_OPS or (fake(current) is not None and fake(current).dtype == torch.bool):
-            return True
-        frontier.extend(a for a in current.all_input_nodes)
-    return False
+def looks_like_mask(node: object, limit: int = 4000) -> bool:
+    """Whether `node` only masks: its values are constants picked by conditions on positions. Bool tensors and
+    comparisons are masks; `where` / `masked_fill` are masks when what they select from is (a constant, or a mask);
+    reshapes, sums and products of masks are masks. A float that flows in from any other arithmetic (positions
+    times slopes: a bias) is not, even through a masked_fill: Falcon folds its ALiBi into the mask that way, and
+    dropping it as "just a mask" would change the model's output."""
+    memo: dict[fx.Node, bool] = {}
+
+    def visit(current: object) -> bool:
+        if not isinstance(current, fx.Node):
+            return True  # a Python scalar (a fill value, min(dtype))
+        if current in memo:
+            return memo[current]
+        if len(memo) > limit:
+            return False
+        memo[current] = False  # cycles cannot occur in a graph; this only bounds re-entry
+        value = fake(current)
+        name = current.target if current.op == "call_method" else getattr(current.target, "__name__", "")
+        if (value is not None and value.dtype == torch.bool) or name in _COMPARISONS or name in _CONSTANTS:
+            result = True
+        elif name in ("masked_fill", "masked_fill_"):
+            result = visit(current.args[0])  # the filled tensor; the condition is a mask by definition
+        elif name == "where":
+            result = all(visit(a) for a in current.args[1:3])
+        elif name in _MASK_COMBINERS:
+            result = all(visit(a) for a in current.all_input_nodes)
+        else:
+            result = False
+        memo[current] = result
+        return result
+
+    return visit(node)
 
 
 def _heads(node: fx.Node) -> fx.Node | None:
