@@ -44,6 +44,7 @@ def _w1(result: dict) -> list[str]:
     lines = ["| model | provider | decode tok/s | fastllm / provider | TTFT 128 ms | TTFT 2048 ms | start-up cold s "
              "| start-up warm s |", "|---|---|---|---|---|---|---|---|"]
     models = list(dict.fromkeys([*result["fastllm"], *(m for per in result["baselines"].values() for m in per)]))
+    footnote = False
     for model in models:
         ours = result["fastllm"].get(model)
         rows = [(f"fastllm ({_scheduling(model, ours)})", ours)] if ours else []
@@ -56,8 +57,14 @@ def _w1(result: dict) -> list[str]:
             comparable = ours and "decode_tok_s" in ours and not name.startswith("fastllm")
             ratio = f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}×" if comparable else "–"
             cold, warm = (f"{r[k]:.1f}" if k in r else "" for k in ("startup_s_cold", "startup_s_warm"))
+            if cold and r.get("startup_phases_cold", {}).get("graph_from_cache"):
+                cold += "†"
+                footnote = True
             lines.append(f"| {model} | {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['ttft_ms_128']:.1f} | "
                          f"{r['ttft_ms_2048']:.1f} | {cold} | {warm} |")
+    if footnote:
+        lines += ["", "† not a cold start: the graph came from the cache an earlier fastllm run of the same process "
+                  "wrote (and Triton's kernels were compiled)."]
     if not result["fastllm"]:
         lines += ["", "No fastllm entry in this file: the run stopped before writing it (a `.log` of the same name "
                   "holds what it printed)."]
