@@ -392,7 +392,7 @@ def test_async_scheduling_gives_the_same_tokens(qwen_path, llm, workload, alone,
     metrics = engine.metrics()
     assert metrics["num_generated_tokens"] == sum(len(t) for t, _ in alone)
     assert 0 < metrics["num_overlapped_steps"] <= metrics["num_steps"]
-    assert _no_leaks(engine) and engine._inflight is None
+    assert _no_leaks(engine) and not engine.has_work()
 
 
 def test_async_scheduling_mixed_sampling_parameters(llm, workload):

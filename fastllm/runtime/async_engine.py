@@ -125,7 +125,7 @@ class AsyncLLM:
         try:
             while not self._stopped:
                 self._run_commands()
-                if self.llm.scheduler.has_unfinished() or self.llm._inflight is not None:
+                if self.llm.has_work():
                     self.llm._step()
                     self._publish()
                 else:

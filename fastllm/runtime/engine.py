@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fastllm.runtime.host_copy import HostTokens
-from fastllm.runtime.sampler import RowContext, needs_host_history, on_device, sample_rows, sample_tokens
+from fastllm.runtime.overlap import OverlappedSteps
+from fastllm.runtime.sampler import RowContext, needs_host_history, sample_rows, sample_tokens
 from fastllm.runtime.sampling_params import SamplingParams
 from fastllm.runtime.scheduler import Request, Scheduler, SchedulerOutput
 
@@ -103,16 +103,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None
-
-
-@dataclass
-class _InFlight:
-    """A step launched and sampled on the device whose tokens the host has not read yet (async scheduling)."""
-
-    output: SchedulerOutput
-    sampled: list  # of _Sequence
-    tokens: torch.Tensor             # [n] on the device, or already on the host (CPU runs)
-    ready: torch.cuda.Event | None   # recorded after the tokens' copy to host (pinned) memory
 
 
 @dataclass(eq=False)
@@ -210,8 +200,7 @@ class LLM:
                                                      getattr(state.config, "enable_prefix_caching", False)))
         self.async_scheduling = bool(engine_options.get("async_scheduling",
                                                         getattr(state.config, "async_scheduling", True)))
-        self._inflight: _InFlight | None = None
-        self._host_tokens = HostTokens(self.runner.feed.shape[0])
+        self._overlap = OverlappedSteps(self.scheduler, self.runner, lambda seq: seq.request.request_id)
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self._ids = itertools.count()
@@ -264,13 +253,13 @@ class LLM:
         bar = tqdm(total=len(outputs), desc="fastllm: generating", disable=not use_tqdm, leave=False)
         bar.update(sum(1 for n in pending.values() if n == 0))
         try:
-            while self.scheduler.has_unfinished() or self._inflight is not None:
+            while self.has_work():
                 for seq in self._step():
                     pending[id(seq.output)] -= 1
                     if pending[id(seq.output)] == 0:
                         bar.update(1)
         finally:
-            self._inflight = None
+            self._overlap.drop()
             for rid in list(self._sequences):  # an exception or Ctrl-C: give every block back
                 self.scheduler.abort(rid)
                 self._complete(self._sequences[rid], time.perf_counter())
@@ -377,6 +366,10 @@ class LLM:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
+    def has_work(self) -> bool:
+        """Whether a step remains: requests to schedule, or a step in flight whose tokens are unread."""
+        return self.scheduler.has_unfinished() or self._overlap.inflight is not None
+
     def _step(self) -> list[_Sequence]:
         """Schedule, run and sample one step; returns the sequences that finished in it."""
         if self.async_scheduling:
@@ -401,44 +394,28 @@ class LLM:
         self.num_steps += 1
 
     def _step_async(self) -> list[_Sequence]:
-        """One step with the host a step ahead of the GPU: schedule and launch this step (its pending tokens
-        read on the device from the step in flight), then read the in-flight step's tokens, then sample this
-        step without waiting for it. Returns the sequences that finished (by the in-flight step's tokens)."""
+        """One step with the host a step ahead of the GPU (runtime/overlap.py): schedule and launch this step,
+        then read the in-flight step's tokens, then sample this step without waiting for it. Returns the
+        sequences that finished (by the in-flight step's tokens)."""
         start = time.perf_counter()
-        previous, self._inflight = self._inflight, None
         output = self.scheduler.schedule() if self.scheduler.has_unfinished() else SchedulerOutput([], [])
         scheduled = time.perf_counter()
-        logits = None
-        if output.chunks:
-            feed_rows = {seq.request.request_id: i for i, seq in enumerate(previous.sampled)} if previous else None
-            logits = self.runner.execute(output.chunks, feed_rows)
+        logits = self._overlap.launch(output)
         launched = time.perf_counter()
-        done = self._resolve(previous) if previous is not None else []
+        collected, token_ids = self._overlap.collect()
+        done = self._after_tokens(collected, [None] * len(collected), time.perf_counter())
         resolved = time.perf_counter()
-        # Rows of requests that the in-flight step's tokens just ended are dropped (their step was wasted).
-        sampling = [c for c in output.chunks if c.samples]
-        keep = [i for i, c in enumerate(sampling) if c.request.request_id in self._sequences]
-        sampled = [self._sequences[sampling[i].request.request_id] for i in keep]
-        if logits is not None and len(keep) < len(sampling):
-            logits = logits.index_select(0, on_device(keep, torch.long, logits.device))
-        rows = [seq.row() for seq in sampled]
-        if logits is not None and sampled and not any(needs_host_history(r) for r in rows):
-            tokens = sample_tokens(logits, rows)
-            self.runner.set_feed(tokens)
-            self._inflight = _InFlight(output, sampled, *self._host_tokens.start(tokens))
-            self.scheduler.update_pending(output)
-            self.num_overlapped_steps += 1
-        elif logits is not None:  # rows that need the host: sample and apply now, as the synchronous loop does
-            done += self._apply(output, sampled, sample_rows(logits, rows))
+        if logits is not None:
+            sampling = [self._sequences.get(c.request.request_id) for c in output.chunks if c.samples]
+            logits, sampled = self._overlap.live_rows(logits, sampling, lambda seq: seq is not None)
+            rows = [seq.row() for seq in sampled]
+            if sampled and not any(needs_host_history(r) for r in rows):
+                self._overlap.start(output, sampled, sample_tokens(logits, rows))
+                self.num_overlapped_steps += 1
+            else:  # rows that need the host: sample and apply now, as the synchronous loop does
+                done += self._apply(output, sampled, sample_rows(logits, rows))
         self._account_step(start, scheduled, launched, resolved)
         return done
-
-    def _resolve(self, inflight: _InFlight) -> list[_Sequence]:
-        """The in-flight step's tokens, read on the host: append them and apply every stop rule."""
-        token_ids = HostTokens.read(inflight.tokens, inflight.ready)
-        self.scheduler.resolve(inflight.output, {seq.request.request_id: t
-                                                 for seq, t in zip(inflight.sampled, token_ids)})
-        return self._after_tokens(inflight.sampled, [None] * len(inflight.sampled), time.perf_counter())
 
     def _apply(self, output: SchedulerOutput, sampled: list[_Sequence], result) -> list[_Sequence]:
         self.scheduler.update(output, {seq.request.request_id: t for seq, t in zip(sampled, result.token_ids)})

@@ -14,8 +14,8 @@ import warnings
 
 import torch
 
-from fastllm.runtime.host_copy import HostTokens
-from fastllm.runtime.sampler import SamplingOptions, needs_history, on_device, sample
+from fastllm.runtime.overlap import OverlappedSteps
+from fastllm.runtime.sampler import SamplingOptions, needs_history, sample
 from fastllm.runtime.scheduler import Request, Scheduler
 
 # Generation-config fields this runtime implements; any other field set away from its default → HF fallback.
@@ -187,37 +187,23 @@ def generate(runtime, input_ids: torch.Tensor | None = None, attention_mask: tor
 
 
 def _run_overlapped(scheduler, runner, options, keep_scores, record) -> None:
-    """The step loop with the host a step ahead (async scheduling): launch step N+1, whose pending tokens the
-    runner reads on the device, before reading step N's tokens; stop rules apply a step late, and the rows of
-    requests that step N ended are dropped from step N+1 (their computation was wasted, never their tokens)."""
+    """The step loop with the host a step ahead of the GPU (runtime/overlap.py), sampling as HF does."""
     from fastllm.runtime.scheduler import SchedulerOutput
 
-    previous = None  # (output, sampled requests, host tokens, ready event)
-    host_tokens = HostTokens(runner.feed.shape[0])
-    while scheduler.has_unfinished() or previous is not None:
+    overlap = OverlappedSteps(scheduler, runner, lambda req: req.request_id)
+    while scheduler.has_unfinished() or overlap.inflight is not None:
         out = scheduler.schedule() if scheduler.has_unfinished() else SchedulerOutput([], [])
-        logits = None
-        if out.chunks:
-            feed = {r.request_id: i for i, r in enumerate(previous[1])} if previous is not None else None
-            logits = runner.execute(out.chunks, feed)
-        if previous is not None:
-            prev_out, prev_reqs, prev_tokens, ready = previous
-            token_list = HostTokens.read(prev_tokens, ready)
-            scheduler.resolve(prev_out, {r.request_id: t for r, t in zip(prev_reqs, token_list)})
-            record(prev_reqs, token_list)
-            previous = None
+        logits = overlap.launch(out)
+        collected, token_list = overlap.collect()
+        if collected:
+            record(collected, token_list)
         if logits is None:
             continue
         sampling = [c.request for c in out.chunks if c.samples]
-        keep = [i for i, r in enumerate(sampling) if not r.is_finished]
-        if len(keep) < len(sampling):
-            logits = logits.index_select(0, on_device(keep, torch.long, logits.device))
-        sampled_reqs = [sampling[i] for i in keep]
+        logits, sampled_reqs = overlap.live_rows(logits, sampling, lambda req: not req.is_finished)
         tokens, processed = sample(logits, [options] * len(sampled_reqs), [None] * len(sampled_reqs))
         keep_scores(sampled_reqs, processed, logits)
-        runner.set_feed(tokens)
-        scheduler.update_pending(out)
-        previous = (out, sampled_reqs, *host_tokens.start(tokens))
+        overlap.start(out, sampled_reqs, tokens)
 
 
 def _outputs(input_ids, n_return, requests, pad, gc, scores, raw_logits):
