@@ -22,6 +22,8 @@ class Report:
     status: str                      # "optimized", "fallback" or "not captured yet"
     fallback_reason: str | None = None
     graphs: list[GraphReport] = field(default_factory=list)
+    # The paged runtime's start-up: seconds per phase (capture, kv_cache, cuda_graphs) and graph_from_cache.
+    startup: dict = field(default_factory=dict)
 
     @property
     def matches(self) -> dict[str, int]:
@@ -51,6 +53,11 @@ class Report:
         lines.append("")
         lines.append("  fused kernels:   " + _counts(last.fused_ops))
         lines.append("  still unfused:   " + _counts(last.unfused_ops))
+        if self.startup:
+            source = "loaded from the graph cache" if self.startup.get("graph_from_cache") else "traced"
+            phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.startup.items()
+                               if isinstance(seconds, float))
+            lines.append(f"  runtime start-up (graph {source}): {phases}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -59,7 +59,11 @@ class OptimizationState:
             status = "fallback"
         else:
             status = "optimized" if self.graphs else "not captured yet"
-        return Report(self.model_name, status, self.fallback_reason, list(self.graphs))
+        startup = {}
+        if self.runtime is not None:
+            runner = self.runtime.runner
+            startup = {**runner.startup_seconds, "graph_from_cache": runner.graph_from_cache}
+        return Report(self.model_name, status, self.fallback_reason, list(self.graphs), startup)
 
 
 def _first_line(error: BaseException) -> str:

@@ -61,6 +61,8 @@ def test_second_start_uses_the_saved_graph_and_gives_the_same_output(family, tmp
     assert torch.equal(logits, expected[1])  # the same graph and kernels: bit-identical, not just close
     report, reference = fastllm.explain(cached), fastllm.explain(traced)
     assert report.matches == reference.matches and report.matches["attention"] > 0
+    assert report.startup["graph_from_cache"] and not reference.startup["graph_from_cache"]
+    assert "graph loaded from the graph cache" in str(report) and "graph traced" in str(reference)
 
 
 def test_a_different_config_is_a_miss(tmp_path, cache_dir):
