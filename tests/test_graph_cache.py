@@ -188,3 +188,14 @@ def test_cached_graph_on_gpu_with_cuda_graphs(family, tmp_path, cache_dir):
     assert cached._fastllm_state.runtime.runner.graph_from_cache
     sequences, logits = run(cached)
     assert torch.equal(sequences, expected[0]) and torch.equal(logits, expected[1])
+
+
+def test_an_unwritable_cache_directory_only_warns(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTLLM_GRAPH_CACHE_DIR", str(blocker / "graphs"))
+    build("llama", tmp_path / "model")
+    with pytest.warns(RuntimeWarning, match="could not write its graph cache"):
+        model, runner = _start(tmp_path / "model")
+    assert not runner.graph_from_cache
+    assert _generate(model)[0].shape == (2, 17)
