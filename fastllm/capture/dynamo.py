@@ -60,9 +60,7 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
                 graph_cache.save(cache_key, gm)  # pickled now: before the passes change the graph
             else:
                 graph_cache.discard(cache_key)
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        tensors = {n: t for n, t in zip(placeholders, example_inputs) if isinstance(t, torch.Tensor)}
-        return transform(gm, tensors).forward
+        return transform(gm, graph_cache.placeholder_tensors(gm, example_inputs)).forward
 
     compiled = torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)
 
@@ -98,9 +96,7 @@ def _from_cache(entry: Callable, transform: GraphTransform, cached: graph_cache.
         inputs = binder(*args, **kwargs)
         if not fused:
             graph_cache.record_metadata(gm, inputs)
-            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            tensors = {n: t for n, t in zip(placeholders, inputs) if isinstance(t, torch.Tensor)}
-            fused.append(transform(gm, tensors).forward)
+            fused.append(transform(gm, graph_cache.placeholder_tensors(gm, inputs)).forward)
         return fused[0](*inputs)[0]
 
     call.from_graph_cache = True

@@ -126,7 +126,7 @@ def graph_cache_dir() -> Path:
     return Path(override).expanduser() if override else cache_dir() / "graphs"
 
 
-def cache_key(fn: Callable, model: torch.nn.Module, hf_forward: Callable, extra: str = "") -> str | None:
+def cache_key(fn: Callable, model: torch.nn.Module, hf_forward: Callable) -> str | None:
     """A hash of everything the captured graph of `fn` (which calls `hf_forward`, `model`'s forward) depends on;
     None for a model changed at run time in ways a key cannot see (traced every time, as without the cache): a
     module whose forward was replaced on the instance (patched layers, accelerate's device-map hooks), forward
@@ -151,7 +151,7 @@ def cache_key(fn: Callable, model: torch.nn.Module, hf_forward: Callable, extra:
         *sorted({_source_hash(c) for c in classes}), model.config.to_json_string(use_diff=False),
         str(getattr(model.config, "_attn_implementation", None)),
         repr([(name, tuple(t.shape), str(t.dtype), t.device.type) for name, t in model.state_dict().items()]),
-        code.co_code.hex(), repr(code.co_consts), repr(code.co_names), repr(code.co_varnames), extra,
+        code.co_code.hex(), repr(code.co_consts), repr(code.co_names), repr(code.co_varnames),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
@@ -213,34 +213,23 @@ def discard(key: str) -> None:
 
 
 class Binder:
-    """Evaluates a cached graph's placeholder expressions for a call of `fn`. Expressions that read only the
-    function's globals and closure (parameters, buffers) are evaluated once; the others (inputs, their sizes)
-    on every call, through one compiled function."""
+    """Evaluates a cached graph's placeholder expressions for a call of capture()'s `entry(*args, **kwargs)`.
+    Expressions that read only its closure and globals (parameters, buffers) are evaluated once; the others (the
+    call's arguments, their sizes) on every call, through one compiled function."""
 
-    def __init__(self, fn: Callable, sources: list[str]):
-        self.signature = inspect.signature(fn)
-        closure = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
-        self.globals = fn.__globals__
-        arguments = set(self.signature.parameters)
-        static = {"L": closure, "G": self.globals}
-        self.values: list[object] = []
-        per_call = []
-        for i, source in enumerate(sources):
-            if any(f"L['{name}']" in source for name in arguments):
-                per_call.append((i, source))
-                self.values.append(None)
-            else:
-                self.values.append(eval(source, static))  # noqa: S307 - dynamo's own source expressions
-        self.per_call = [i for i, _ in per_call]
-        body = ", ".join(source for _, source in per_call)
-        self._read = eval(f"lambda L, G: ({body},)", {})  # noqa: S307
-        self.closure = closure
+    def __init__(self, entry: Callable, sources: list[str]):
+        self.closure = dict(zip(entry.__code__.co_freevars, (c.cell_contents for c in entry.__closure__ or ())))
+        self.globals = entry.__globals__
+        per_call = [i for i, source in enumerate(sources) if "L['args']" in source or "L['kwargs']" in source]
+        self.values = [None if i in per_call else eval(source, {"L": self.closure, "G": self.globals})  # noqa: S307
+                       for i, source in enumerate(sources)]  # dynamo's own source expressions
+        self.per_call = per_call
+        self._read = eval(f"lambda L, G: ({', '.join(sources[i] for i in per_call)},)", {})  # noqa: S307
 
     def __call__(self, *args, **kwargs) -> list[object]:
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()  # binds *args / **kwargs even when empty
         values = list(self.values)
-        for i, value in zip(self.per_call, self._read({**self.closure, **bound.arguments}, self.globals)):
+        local = {**self.closure, "args": args, "kwargs": kwargs}
+        for i, value in zip(self.per_call, self._read(local, self.globals)):
             values[i] = value
         return values
 
@@ -265,3 +254,9 @@ def _shape_only(value: object) -> object:
     if isinstance(value, (tuple, list)):
         return type(value)(_shape_only(v) for v in value)
     return value
+
+
+def placeholder_tensors(gm: fx.GraphModule, values: list[object]) -> dict[fx.Node, torch.Tensor]:
+    """The tensors among a call's placeholder values, by placeholder node (what the passes get)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n: v for n, v in zip(placeholders, values) if isinstance(v, torch.Tensor)}

@@ -80,24 +80,24 @@ def _shared_rotary(q: object, k: object) -> dict | None:
             "interleaved": q.kwargs.get("interleaved", False)}
 
 
-def _eager_kwargs(found: eager_attention.EagerAttention, features) -> dict | None:
-    """Keyword arguments of the paged attention for a matched eager attention, or None if one of its additive
-    terms is neither a mask nor the ALiBi bias its config declares."""
-    alibi = features.alibi_slopes if features is not None else None
-    biases = [t for t in found.additive if not eager_attention.looks_like_mask(t)]
-    if len(biases) != (1 if alibi is not None else 0):
-        return None
-    return {"scale": found.scale, "softcap": found.softcap, "alibi": alibi,
-            "sliding_window": features.sliding_window if features is not None else None}
-
-
-def _sdpa_bias_is_declared(mask: object, features) -> bool:
-    """An SDPA call's mask is left to the runtime's metadata when it only masks; one that carries a bias (Falcon
-    adds its ALiBi into the mask) is matched only when the config declares that ALiBi, which the kernel then
-    applies; and a declared ALiBi must arrive through the mask (else the call would apply none)."""
+def _biases_are_declared(additive: list, features) -> bool:
+    """Whether the terms added to the scores (masks and biases; an SDPA call's mask is one such term) are masks,
+    which the runtime's metadata replace, plus the one ALiBi bias the config declares if it declares one, which
+    the kernel applies. A bias the config does not declare, or a declared ALiBi that no term carries, leaves the
+    attention to the model: a bias is never dropped as "just a mask" (Falcon folds its ALiBi into the mask)."""
     declared = features is not None and features.alibi_slopes is not None
-    carries_bias = mask is not None and not eager_attention.looks_like_mask(mask)
-    return carries_bias == declared
+    biases = [t for t in additive if not eager_attention.looks_like_mask(t)]
+    return len(biases) == (1 if declared else 0)
+
+
+def _eager_kwargs(found: eager_attention.EagerAttention, features) -> dict | None:
+    """Keyword arguments of the paged attention for a matched eager attention, or None if its additive terms
+    are not masks plus the declared ALiBi."""
+    if not _biases_are_declared(found.additive, features):
+        return None
+    return {"scale": found.scale, "softcap": found.softcap,
+            "alibi": features.alibi_slopes if features is not None else None,
+            "sliding_window": features.sliding_window if features is not None else None}
 
 
 def apply(ctx: PassContext) -> int:
@@ -112,8 +112,9 @@ def apply(ctx: PassContext) -> int:
             continue
         features = layer_attention(ctx.model_config, count) if ctx.model_config is not None else None
         if is_sdpa:
-            if not _sdpa_bias_is_declared(arg(node, 3, "attn_mask", None), features):
-                continue  # the mask carries a bias the config does not declare: left to the model, never dropped
+            mask = arg(node, 3, "attn_mask", None)
+            if not _biases_are_declared([] if mask is None else [mask], features):
+                continue
             q, k, v, output = node.args[0], node.args[1], node.args[2], node
             scale = arg(node, 6, "scale", None)
             kwargs = {"scale": float(scale) if scale is not None else 1.0 / math.sqrt(fake(q).shape[-1])}
