@@ -9,10 +9,10 @@ Importing fastllm does not initialise CUDA.
 """
 
 from fastllm.config import ALL_PASSES, OptimizeConfig
+from fastllm.entrypoints.async_llm import AsyncLLM
+from fastllm.entrypoints.llm import LLM
 from fastllm.explain import Report, explain
 from fastllm.optimize import optimize
-from fastllm.runtime.async_engine import AsyncLLM
-from fastllm.runtime.engine import LLM
 from fastllm.runtime.sampling_params import SamplingParams
 
 __version__ = "0.1.0"

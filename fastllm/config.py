@@ -23,14 +23,8 @@ class OptimizeConfig:
             still runs, unfused and correct.
         on_capture_failure: "fallback" warns once and keeps the model running unoptimized (correct);
             "raise" re-raises the capture error (useful when adding support for a new architecture).
-        warmup: capture at `optimize()` time with a short generation, so capture errors surface and the
-            merged weights are built there, not on the user's first real call.
-        dynamic: forwarded to `torch.compile(dynamic=...)`. True (default) captures symbolic sizes from
-            the start, so prompt and cache lengths never trigger a recapture (dynamo still specializes
-            sizes of 1, which the warm-up covers by generating for a batch of 1 and of 2). None lets dynamo
-            recapture on the first change of a size instead.
-        paged_generate: `model.generate()` runs on fastllm's runtime (paged KV cache, paged attention,
-            CUDA-graph decode). False keeps HF's generate loop over the fused forward.
+        warmup: capture, size the KV cache and record the CUDA graphs at `optimize()` time, so capture errors
+            surface there and the first real call runs at full speed. False does it at the first call.
         kv_cache_memory_fraction: share of the GPU memory free after weights and a profiling forward that
             the KV cache takes. num_kv_tokens: an explicit cache size in tokens instead (CPU default: 65536).
         block_size: KV-cache tokens per block.
@@ -41,6 +35,7 @@ class OptimizeConfig:
         async_scheduling: generate() and `fastllm.LLM` schedule and launch each step while the GPU still samples
             the one before (the sampled tokens reach the next step on the device). On by default: on an H100 it
             kept the GPU 96% busy in offline batching (75% without) and made batch-1 decode 10% faster.
+        enable_prefix_caching: the scheduler reuses the K/V of full prompt blocks computed before (same tokens).
         graph_cache: keep the runtime's captured graph on disk (`$FASTLLM_CACHE_DIR/graphs`, default
             `~/.cache/fastllm/graphs`), so a later process starting the same model skips dynamo's trace.
     """
@@ -48,8 +43,6 @@ class OptimizeConfig:
     passes: tuple[str, ...] = field(default=ALL_PASSES)
     on_capture_failure: str = "fallback"
     warmup: bool = True
-    dynamic: bool | None = True
-    paged_generate: bool = True
     kv_cache_memory_fraction: float = 0.9
     num_kv_tokens: int | None = None
     block_size: int = 16
@@ -59,6 +52,7 @@ class OptimizeConfig:
     cuda_graphs: bool = True
     async_scheduling: bool = True
     graph_cache: bool = True
+    enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str):
@@ -73,9 +67,7 @@ class OptimizeConfig:
                              f"got {self.on_capture_failure!r}")
         if not isinstance(self.warmup, bool):
             raise ValueError(f"warmup must be True or False, got {self.warmup!r}")
-        if self.dynamic not in (None, True, False):
-            raise ValueError(f"dynamic must be None, True or False, got {self.dynamic!r}")
-        for name in ("paged_generate", "cuda_graphs", "async_scheduling", "graph_cache"):
+        for name in ("cuda_graphs", "async_scheduling", "graph_cache", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_tokens", "max_model_len"):

@@ -1,19 +1,19 @@
-"""`fastllm.explain(model)`: what optimize() fused and what still runs unfused."""
+"""`fastllm.explain(model)`: what optimize() fused, what still runs unfused, and how the model's calls ran."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from fastllm.capture.step import GraphReport
 
-@dataclass
-class GraphReport:
-    """One captured graph (dynamo captures one per distinct call signature: prefill, decode, ...)."""
-
-    matches: dict[str, int]          # pass name -> subgraphs it replaced
-    fused_ops: dict[str, int]        # fastllm kernel -> calls in the rewritten graph
-    unfused_ops: dict[str, int]      # other compute ops left as they were captured
-    num_nodes_before: int
-    num_nodes_after: int
+# Passes whose work shows up in other ops' counts rather than as an op of their own.
+_WHERE_THEY_RUN = {
+    "qkv": "q/k/v projections merged into one linear per layer",
+    "gated_mlp": "gate/up merged into one linear, then silu_and_mul / gelu_and_mul",
+    "rotary": "rotary_embedding, or inside step_attention (one kernel rotates q/k and writes the KV cache)",
+    "dropout": "removed (inference)",
+    "skinny_linear": "skinny_linear (small-batch GEMMs; larger batches take cuBLAS)",
+}
 
 
 @dataclass
@@ -21,18 +21,21 @@ class Report:
     model: str
     status: str                      # "optimized", "fallback" or "not captured yet"
     fallback_reason: str | None = None
-    graphs: list[GraphReport] = field(default_factory=list)
-    # The paged runtime's start-up: seconds per phase (capture, kv_cache, cuda_graphs) and graph_from_cache.
+    graph: GraphReport | None = None  # the one captured graph (the compiled step)
+    # The runtime's start-up: seconds per phase (capture, kv_cache, cuda_graphs) and graph_from_cache.
     startup: dict = field(default_factory=dict)
+    # model(...) calls by route: "compiled" (the compiled step) and "eager" (Hugging Face's forward).
+    forward_calls: dict[str, int] = field(default_factory=dict)
+    eager_forward_reason: str | None = None
 
     @property
     def matches(self) -> dict[str, int]:
-        """Per pass, the subgraphs replaced in the most recently captured graph."""
-        return dict(self.graphs[-1].matches) if self.graphs else {}
+        """Per pass, the subgraphs it replaced in the compiled step."""
+        return dict(self.graph.matches) if self.graph else {}
 
     @property
     def unfused_ops(self) -> dict[str, int]:
-        return dict(self.graphs[-1].unfused_ops) if self.graphs else {}
+        return dict(self.graph.unfused_ops) if self.graph else {}
 
     def to_dict(self) -> dict:
         return asdict(self) | {"matches": self.matches, "unfused_ops": self.unfused_ops}
@@ -40,24 +43,29 @@ class Report:
     def __str__(self) -> str:
         lines = [f"fastllm report for {self.model}: {self.status}"]
         if self.fallback_reason:
-            lines.append(f"  running unoptimized because: {self.fallback_reason}")
-        if not self.graphs:
+            lines.append(f"  running unoptimized (Hugging Face's forward and generate) because: {self.fallback_reason}")
+        if self.graph is None:
             return "\n".join(lines)
-        last = self.graphs[-1]
-        lines.append(f"  graphs captured: {len(self.graphs)} (the latest is shown; "
-                     f"{last.num_nodes_before} nodes before, {last.num_nodes_after} after)")
+        g = self.graph
+        lines.append(f"  compiled step: one graph, {g.num_nodes_before} nodes before the passes, {g.num_nodes_after} "
+                     "after; generate(), LLM and model(...) run it")
         lines.append("")
-        width = max([4, *map(len, last.matches)])
-        lines.append(f"  {'pass':<{width}} {'matches':>7}")
-        lines += [f"  {name:<{width}} {count:>7}" for name, count in last.matches.items()]
+        width = max([4, *map(len, g.matches)])
+        lines.append(f"  {'pass':<{width}} {'matches':>7}  runs as")
+        lines += [f"  {name:<{width}} {count:>7}  {_WHERE_THEY_RUN.get(name, '')}".rstrip()
+                  for name, count in g.matches.items()]
         lines.append("")
-        lines.append("  fused kernels:   " + _counts(last.fused_ops))
-        lines.append("  still unfused:   " + _counts(last.unfused_ops))
+        lines.append("  fused kernels:   " + _counts(g.fused_ops))
+        lines.append("  still unfused:   " + _counts(g.unfused_ops))
+        if self.forward_calls:
+            calls = ", ".join(f"{route} {n}" for route, n in sorted(self.forward_calls.items()))
+            reason = f" (latest eager call: {self.eager_forward_reason})" if self.eager_forward_reason else ""
+            lines.append(f"  model(...) calls: {calls}{reason}")
         if self.startup:
             source = "loaded from the graph cache" if self.startup.get("graph_from_cache") else "traced"
             phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.startup.items()
                                if isinstance(seconds, float))
-            lines.append(f"  runtime start-up (graph {source}): {phases}")
+            lines.append(f"  start-up (graph {source}): {phases}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -79,4 +87,9 @@ def explain(model) -> Report:
     state = getattr(model, "_fastllm_state", None)
     if state is None:
         raise ValueError(f"{type(model).__name__} was not optimized by fastllm; call fastllm.optimize(model) first")
-    return state.report()
+    compiled = state.compiled
+    startup = dict(state.startup_seconds)
+    if compiled is not None:
+        startup["graph_from_cache"] = compiled.from_graph_cache
+    return Report(state.model_name, state.status, state.fallback_reason, compiled.report if compiled else None,
+                  startup, dict(state.forward_routes), state.eager_forward_reason)

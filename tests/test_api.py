@@ -106,7 +106,7 @@ def test_capture_failure_falls_back_with_one_warning(llama_path):
     _break_capture(model)
     ids = torch.tensor([[3, 4, 5, 6]])
     expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with pytest.warns(RuntimeWarning, match="runs it unoptimized"):
+    with pytest.warns(RuntimeWarning, match="runs unoptimized"):
         fastllm.optimize(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, not again on each call

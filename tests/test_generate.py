@@ -38,21 +38,21 @@ def _batch():
 
 
 def _free_blocks_all_back(model):
-    pool = model._fastllm_state.runtime.runner.pool
+    pool = model._fastllm_state.core.runner.pool
     return pool.num_free_blocks == pool.num_blocks
 
 
 def test_runs_on_the_paged_runtime(llama):
     model, _ = llama
     state = model._fastllm_state
-    assert state.runtime is not None and state.runtime_error is None
+    assert state.core is not None and state.fallback_reason is None
     config = model.config
-    assert len(state.runtime.runner.kv_shapes) == config.num_hidden_layers
+    assert len(state.core.runner.kv_shapes) == config.num_hidden_layers
     # The cache holds the KV heads once (not repeated per query head), and rotary moved into the cache write.
-    assert state.runtime.runner.kv_shapes[0] == (config.num_key_value_heads, config.head_dim)
-    runtime_graph = [g for g in state.graphs if g.matches.get("attention")][-1]
-    assert runtime_graph.matches["attention"] == config.num_hidden_layers
-    assert "rotary_embedding" not in runtime_graph.fused_ops
+    assert state.core.runner.kv_shapes[0] == (config.num_key_value_heads, config.head_dim)
+    graph = fastllm.explain(model).graph
+    assert graph.matches["attention"] == config.num_hidden_layers
+    assert "rotary_embedding" not in graph.fused_ops
 
 
 @pytest.mark.parametrize("kwargs", [

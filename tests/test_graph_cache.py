@@ -28,7 +28,7 @@ def cache_dir(tmp_path, monkeypatch):
 def _start(path, **options):
     """optimize() as a new process would: a fresh model object from the saved weights."""
     model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), num_kv_tokens=1024, **options)
-    return model, model._fastllm_state.runtime.runner
+    return model, model._fastllm_state.compiled
 
 
 def _generate(model):
@@ -48,13 +48,13 @@ def _dynamo_traces() -> int:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_second_start_uses_the_saved_graph_and_gives_the_same_output(family, tmp_path, cache_dir):
     build(family, tmp_path / "model")
-    traced, traced_runner = _start(tmp_path / "model")
-    assert not traced_runner.graph_from_cache
+    traced, traced_step = _start(tmp_path / "model")
+    assert not traced_step.from_graph_cache
     assert len(list(cache_dir.glob("*.pkl"))) == 1
     expected = _generate(traced)
     traces = _dynamo_traces()
-    cached, runner = _start(tmp_path / "model")
-    assert runner.graph_from_cache
+    cached, step = _start(tmp_path / "model")
+    assert step.from_graph_cache
     sequences, logits = _generate(cached)
     assert _dynamo_traces() == traces, "the cached start must not trace"
     assert torch.equal(sequences, expected[0])
@@ -73,14 +73,14 @@ def test_a_different_config_is_a_miss(tmp_path, cache_dir):
     model = T.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(tmp_path / "b")
     _, runner = _start(tmp_path / "b")
-    assert not runner.graph_from_cache
+    assert not runner.from_graph_cache
     assert len(list(cache_dir.glob("*.pkl"))) == 2
 
 
 def test_graph_cache_off_writes_nothing(tmp_path, cache_dir):
     build("llama", tmp_path / "model")
     _, runner = _start(tmp_path / "model", graph_cache=False)
-    assert not runner.graph_from_cache and not cache_dir.exists()
+    assert not runner.from_graph_cache and not cache_dir.exists()
 
 
 @pytest.mark.parametrize("content", [b"not a pickle", pickle.dumps({"a": 1})])
@@ -91,8 +91,8 @@ def test_an_unreadable_cache_file_is_ignored_with_a_warning(tmp_path, cache_dir,
     (file,) = cache_dir.glob("*.pkl")
     file.write_bytes(content)
     with pytest.warns(RuntimeWarning, match="unreadable graph cache file"):
-        model, runner = _start(tmp_path / "model")
-    assert not runner.graph_from_cache
+        model, step = _start(tmp_path / "model")
+    assert not step.from_graph_cache
     assert torch.equal(_generate(model)[0], expected[0])
     assert pickle.loads(file.read_bytes()).__class__ is graph_cache.CachedGraph  # the trace saved it again
 
@@ -156,11 +156,11 @@ def test_a_model_patched_at_run_time_is_not_cached(tmp_path, cache_dir):
     inner = layer.forward
     layer.forward = lambda *args, **kwargs: inner(*args, **kwargs)
     model = fastllm.optimize(patched, num_kv_tokens=1024)
-    assert not model._fastllm_state.runtime.runner.graph_from_cache
+    assert not model._fastllm_state.compiled.from_graph_cache
     hooked = T.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     hooked.model.norm.register_forward_hook(lambda module, args, out: out)
     model = fastllm.optimize(hooked, num_kv_tokens=1024)
-    assert not model._fastllm_state.runtime.runner.graph_from_cache
+    assert not model._fastllm_state.compiled.from_graph_cache
     assert len(list(cache_dir.glob("*.pkl"))) == 1  # neither was saved either
 
 
@@ -182,10 +182,10 @@ def test_cached_graph_on_gpu_with_cuda_graphs(family, tmp_path, cache_dir):
         return out.sequences, torch.stack(out.logits)
 
     traced = start()
-    assert traced._fastllm_state.runtime.runner.use_cuda_graph
+    assert traced._fastllm_state.core.runner.use_cuda_graph
     expected = run(traced)
     cached = start()
-    assert cached._fastllm_state.runtime.runner.graph_from_cache
+    assert cached._fastllm_state.compiled.from_graph_cache
     sequences, logits = run(cached)
     assert torch.equal(sequences, expected[0]) and torch.equal(logits, expected[1])
 
@@ -196,6 +196,6 @@ def test_an_unwritable_cache_directory_only_warns(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTLLM_GRAPH_CACHE_DIR", str(blocker / "graphs"))
     build("llama", tmp_path / "model")
     with pytest.warns(RuntimeWarning, match="could not write its graph cache"):
-        model, runner = _start(tmp_path / "model")
-    assert not runner.graph_from_cache
+        model, step = _start(tmp_path / "model")
+    assert not step.from_graph_cache
     assert _generate(model)[0].shape == (2, 17)

@@ -6,10 +6,10 @@ import torch
 import transformers as T
 
 import fastllm
-from fastllm.passes import RUNTIME_PASSES
+from fastllm.capture import step as compile_step_module
+from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner, prefill_buckets
-from fastllm.runtime.runtime import Runtime
 from fastllm.runtime.step_inputs import StepBuffers, StepInput
 from tests._models import VOCAB, build
 
@@ -80,23 +80,28 @@ def test_prefill_buckets():
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "bloom", "gemma2"])
-def test_generate_parity_with_graph_shaped_steps(family, tmp_path):
+def test_generate_parity_with_graph_shaped_steps(family, tmp_path, monkeypatch):
     """Every step padded to a graph's shape (decode buckets, prefill token buckets, chunked prefill) gives HF's
     greedy tokens: the padding tokens and dummy sequences change nothing for the real ones."""
     build(family, tmp_path)
     reference = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval())
+    # dynamo's own trace (a cached graph never recompiles), captured at the first call
+    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), warmup=False,
+                             graph_cache=False)
     state = model._fastllm_state
     traces = []
+    run_passes = compile_step_module.run_passes
 
-    def transform(gm, tensors):  # the runtime's passes, counting how often dynamo hands over a trace
+    def counting(gm, *args, **kwargs):  # the compile step's passes, counting how often dynamo hands over a trace
         traces.append(len(gm.graph.nodes))
-        return state.transform(gm, tensors, (*RUNTIME_PASSES,), model.config)
+        return run_passes(gm, *args, **kwargs)
 
-    runner = ModelRunner(model, kv_cache=KVCacheConfig(block_size=4, num_kv_tokens=512), max_num_seqs=4,
-                         hf_forward=state.original_forward, max_num_batched_tokens=40, emulate_graph_shapes=True,
-                         transform=transform, graph_cache=False)  # dynamo's own trace (a cached graph never recompiles)
-    state.runtime = Runtime(model, runner, max_num_batched_tokens=40)
+    monkeypatch.setattr(compile_step_module, "run_passes", counting)
+    compiled = state.compile()
+    runner = ModelRunner(compiled, torch.device("cpu"), torch.float32,
+                         kv_cache=KVCacheConfig(block_size=4, num_kv_tokens=512), max_num_seqs=4,
+                         max_num_batched_tokens=40, emulate_graph_shapes=True)
+    state.core = EngineCore(runner, vocab_size=VOCAB, max_num_seqs=4, max_num_batched_tokens=40)
     used = []
     pick = runner._graph_for
     runner._graph_for = lambda step: used.append(pick(step)) or used[-1]

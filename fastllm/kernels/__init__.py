@@ -52,3 +52,8 @@ __all__ += [
 from fastllm.kernels.skinny_gemm import skinny_linear, skinny_linear_ref  # noqa: E402
 
 __all__ += ["skinny_linear", "skinny_linear_ref"]
+
+# The runtime step's attention (appended: step_attention.py): the op the attention pass emits.
+from fastllm.kernels.step_attention import AttentionMetadata, StepContext, step_attention  # noqa: E402
+
+__all__ += ["AttentionMetadata", "StepContext", "step_attention"]

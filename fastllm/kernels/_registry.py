@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_SM_COUNT",
     "FLOAT_DTYPES",
     "HAS_TRITON",
+    "LIBRARY",
     "MAX_ROW_SIZE",
     "check_float",
     "check_out",
@@ -101,7 +102,7 @@ def _returns_nothing(*args, **kwargs) -> None:
 
 
 # One fragment for every op of the namespace (FRAGMENT: other modules may define fastllm:: ops too).
-_LIBRARY = torch.library.Library("fastllm", "FRAGMENT")
+LIBRARY = torch.library.Library("fastllm", "FRAGMENT")
 
 
 def register_out_op(name: str, mutates_args: Sequence[str]) -> Callable:
@@ -117,10 +118,10 @@ def register_out_op(name: str, mutates_args: Sequence[str]) -> Callable:
     """
 
     def decorator(fn: Callable) -> Callable:
-        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=tuple(mutates_args)))
+        LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=tuple(mutates_args)))
         for dispatch_key in ("CPU", "CUDA"):
-            _LIBRARY.impl(name, fn, dispatch_key)
-        torch.library.register_fake(f"fastllm::{name}", _returns_nothing, lib=_LIBRARY)
+            LIBRARY.impl(name, fn, dispatch_key)
+        torch.library.register_fake(f"fastllm::{name}", _returns_nothing, lib=LIBRARY)
         return getattr(torch.ops.fastllm, name).default
 
     return decorator

@@ -11,7 +11,6 @@ from fastllm import kernels
 from fastllm.passes import attention, dropout, gated_mlp, layer_norm, qkv, rms_norm, rotary, skinny_linear
 from fastllm.passes._context import PassContext, WeightMerger
 from fastllm.passes._graph import eliminate_dead_code
-from fastllm.runtime.attention import attention as paged_attention_op
 
 # Passes a user can choose (OptimizeConfig.passes); the runtime adds "attention" for its paged-cache graph,
 # and "skinny_linear" (small-batch GEMMs), which pays off where decode buckets are CUDA graphs.
@@ -20,7 +19,7 @@ RUNTIME_PASSES = {**PASSES, attention.NAME: attention, skinny_linear.NAME: skinn
 
 FUSED_OPS = {
     kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
-    kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul, kernels.skinny_linear, paged_attention_op,
+    kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul, kernels.skinny_linear, kernels.step_attention,
 }
 
 # Shape bookkeeping that moves no data worth fusing; left out of the "unfused" list so it shows work.
@@ -30,10 +29,16 @@ _BOOKKEEPING = {
 }
 
 
+def resolve_passes(selected: tuple[str, ...]) -> tuple[str, ...]:
+    """The passes to run for a user's selection, in order, with the ones the runtime requires."""
+    return (*selected, "attention", "skinny_linear")
+
+
 def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...],
-               model_config: object | None = None) -> dict[str, int]:
-    """Apply the passes `names` in order; returns matches per pass."""
-    ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config)
+               model_config: object | None = None, step_context: int | None = None) -> dict[str, int]:
+    """Apply the passes `names` in order; returns matches per pass. `step_context`: the id of the StepContext that
+    the attention ops emitted into this graph read (the compile step's)."""
+    ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config, step_context=step_context)
     counts = {name: RUNTIME_PASSES[name].apply(ctx) for name in names}
     if "attention" in names:
         # The model's mask construction now feeds nothing; the drop-in graph keeps HF's in-place cache

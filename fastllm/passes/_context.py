@@ -49,6 +49,7 @@ class PassContext:
     tensors: dict[fx.Node, torch.Tensor]
     merger: WeightMerger
     model_config: object | None = None  # the HF config, for per-layer data a call does not show
+    step_context: int | None = None     # id of the StepContext the attention ops of this graph read
     _num_constants: int = 0
 
     def tensor(self, node: object) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""Attention → fastllm's paged attention over the runtime's KV cache.
+"""Attention → fastllm's paged attention over the runtime's KV cache (the `fastllm::step_attention` op).
 
 Matches `F.scaled_dot_product_attention(q, k, v, ...)` as transformers' SDPA integration calls it for every
 model using the attention interface (q [B, Hq, S, D], k/v [B, Hkv, S, D], GQA through `enable_gqa`), and
@@ -8,7 +8,8 @@ MPT, Gemma-2). The model's mask is dropped: the runtime's metadata says which ca
 the config declares. Layers are numbered in graph order, which is the model's layer order.
 When q and k come straight from the rotary pass's kernel with the same cos/sin, the rotary embedding moves
 into the attention op, where one kernel rotates q and k and writes K/V to the cache.
-Only the runtime capture runs this pass; `optimize()`'s drop-in graph keeps HF's own cache and attention.
+The op is emitted by name with the id of the compile step's StepContext (kernels/step_attention.py), which the
+runtime fills around each step: this pass knows nothing of the runtime.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from fastllm.models.attention import layer_attention
 from fastllm.passes import eager_attention
 from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg, erase_dead, fake
-from fastllm.runtime.attention import attention
 
 NAME = "attention"
 
@@ -34,8 +34,9 @@ def pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-def replacement(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
-    return attention(q, k, v, layer=layer, scale=scale)
+def replacement(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int, layer: int,
+                scale: float) -> torch.Tensor:
+    return kernels.step_attention(q, k, v, context, layer, scale)
 
 
 def _unrepeat(node: object) -> object:
@@ -101,6 +102,8 @@ def _eager_kwargs(found: eager_attention.EagerAttention, features) -> dict | Non
 
 
 def apply(ctx: PassContext) -> int:
+    if ctx.step_context is None:
+        raise ValueError("the attention pass needs the id of the step context its ops read (PassContext.step_context)")
     graph = ctx.gm.graph
     count = 0
     for node in list(graph.nodes):
@@ -128,13 +131,16 @@ def apply(ctx: PassContext) -> int:
                 continue
             q, k, v, output, replaced = found.q, found.k, found.v, found.output, [found.output, *found.replaced]
         k_base, v_in = _unrepeat(k), _unrepeat(v)
-        kwargs = {"layer": count, **{name: value for name, value in kwargs.items() if value is not None}}
+        layer = count
+        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+        scale = kwargs.pop("scale")
         rotary = _shared_rotary(q, k_base)
         q_in, k_in = (rotary["q"], rotary["k"]) if rotary is not None else (q, k_base)
         if rotary is not None:
             kwargs.update(cos=rotary["cos"], sin=rotary["sin"], interleaved=rotary["interleaved"])
         with graph.inserting_before(output):
-            fused = graph.call_function(attention, (q_in, k_in, v_in), kwargs)
+            fused = graph.call_function(kernels.step_attention, (q_in, k_in, v_in, ctx.step_context, layer, scale),
+                                        kwargs)
             result = fused
             if fake(output).dim() == 3:  # [B * H, S, D] (Bloom): the runtime's batch is one row, B = 1
                 result = graph.call_method("flatten", (fused, 0, 1))

@@ -1,11 +1,11 @@
 """The model runner: owns the KV cache and the step buffers, runs one scheduled batch per call.
 
-The model is captured once more for the runtime, called as HF would be on a flattened ragged batch
-(`input_ids [1, T]`, `position_ids [1, T]`, no HF cache) with `logits_to_keep` = the rows to sample, and its
-attention replaced by paged attention (passes/attention.py). Everything but attention is token-wise, so one
-graph serves prefill, decode and mixed steps. On CUDA, steps replay CUDA graphs, padded to the graph's shape
-(runtime/step_inputs.py): decode-only steps one per batch-size bucket, prefill and mixed steps one per token-count
-bucket up to MAX_PREFILL_GRAPH_TOKENS; larger steps run eagerly (their GPU time hides the launches).
+It runs the model's compiled step (capture/step.py: the forward on a flattened ragged batch, attention replaced by
+`fastllm::step_attention`), setting the step's context (KV caches and attention metadata) around each forward. It
+captures nothing itself: it sizes and allocates the KV cache from the compiled step's KV shapes and records CUDA
+graphs of the step. On CUDA, steps replay CUDA graphs, padded to the graph's shape (runtime/step_inputs.py):
+decode-only steps one per batch-size bucket, prefill and mixed steps one per token-count bucket up to
+MAX_PREFILL_GRAPH_TOKENS; larger steps run eagerly (their GPU time hides the launches).
 """
 
 from __future__ import annotations
@@ -16,16 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from fastllm.capture import capture
-from fastllm.capture.graph_cache import cache_key
-from fastllm.passes import RUNTIME_PASSES, run_passes
-from fastllm.passes._context import WeightMerger
-from fastllm.runtime.context import ForwardContext, forward_context
 from fastllm.runtime.kv_cache import BlockPool, KVCacheConfig, allocate_kv_cache, plan_num_blocks
 from fastllm.runtime.step_inputs import StepBuffers, StepInput
-
-_PROFILE_TOKENS = 256
-
 
 # Dynamo specializes sizes equal to 1; the runner never hands the graph one (a lone token or sampled row is
 # padded to 2), so a single capture with symbolic sizes serves every step and nothing recaptures later.
@@ -66,52 +58,29 @@ class StepGraph:
 
 
 class ModelRunner:
-    def __init__(self, model, *, kv_cache: KVCacheConfig | None = None, max_num_seqs: int = 64,
-                 max_model_len: int | None = None, use_cuda_graph: bool | None = None, transform=None,
-                 hf_forward=None, max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False,
-                 graph_cache: bool = True):
-        """
-        Args:
-            transform: `(gm, tensors) -> gm` run on each captured graph; default: every pass, attention
-                included. It must replace the attention (passes/attention.py) for the runtime to work.
-            hf_forward: the model's own forward (default `model.forward`).
-            max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts).
-            emulate_graph_shapes: without CUDA graphs, still pad every step to a graph's shape (CPU tests).
-            graph_cache: keep the captured graph on disk and reuse it in later processes (capture/graph_cache.py).
-        """
-        self.model = model
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.config = model.config
+    """Runs steps of one model's compiled step over its paged KV cache.
+
+    Args:
+        compiled: the model's `CompiledStep` (capture/step.py).
+        device, dtype: where and in which dtype the model's weights (and so the cache) live.
+        kv_cache: how big the cache is (`KVCacheConfig`).
+        max_num_seqs: most sequences in one step (the largest decode CUDA graph).
+        max_model_len: longest sequence; capped at what the cache holds.
+        use_cuda_graph: replay steps from CUDA graphs (default: on CUDA).
+        max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts).
+        emulate_graph_shapes: without CUDA graphs, still pad every step to a graph's shape (CPU tests).
+    """
+
+    def __init__(self, compiled, device: torch.device, dtype: torch.dtype, *, kv_cache: KVCacheConfig | None = None,
+                 max_num_seqs: int = 64, max_model_len: int = 4096, use_cuda_graph: bool | None = None,
+                 max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False):
+        self.compiled = compiled
+        self.device, self.dtype = torch.device(device), dtype
         self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len or getattr(model.config, "max_position_embeddings", None) or 4096
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
-        hf_forward = hf_forward or model.forward
-        if transform is None:
-            merger = WeightMerger()
-
-            def transform(gm, tensors):
-                run_passes(gm, tensors, merger, tuple(RUNTIME_PASSES), model.config)
-                return gm
-
-        def step(input_ids, position_ids, logits_indices):
-            out = hf_forward(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                             logits_to_keep=logits_indices)
-            return out.logits
-
-        key = cache_key(step, model, hf_forward) if graph_cache else None
-        self._step = capture(step, transform, dynamic=True, cache_key=key)
-        self.graph_from_cache = getattr(self._step, "from_graph_cache", False)
-        # Seconds of each start-up phase (W3's profile): the first call traces the model with dynamo and runs the
-        # passes ("capture"), then the KV cache is sized and allocated, then the CUDA graphs are captured.
+        self.kv_shapes = compiled.kv_shapes
+        # Seconds of each start-up phase (W3's profile): the KV cache sized and allocated, the CUDA graphs captured.
         self.startup_seconds: dict[str, float] = {}
-        start = time.perf_counter()
-        self.kv_shapes = self._profile()
-        self.startup_seconds["capture"] = time.perf_counter() - start
-        if not self.kv_shapes:
-            raise NotImplementedError(f"{type(model).__name__}'s attention could not be paged: neither an SDPA call "
-                                      "nor hand-written attention that fastllm recognises (or a score bias that is "
-                                      "neither a mask nor ALiBi declared by the config)")
         start = time.perf_counter()
         num_kv_heads, head_dim = self.kv_shapes[0]
         config = kv_cache or KVCacheConfig()
@@ -120,7 +89,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.pool = BlockPool(num_blocks, self.block_size)
         # A sequence can never outgrow the cache: cap the context there (validation then names the limit).
-        self.max_model_len = min(self.max_model_len, num_blocks * self.block_size)
+        self.max_model_len = min(max_model_len, num_blocks * self.block_size)
         self.kv_caches = allocate_kv_cache(len(self.kv_shapes), num_blocks, self.block_size, num_kv_heads, head_dim,
                                            self.dtype, self.device)
         self.startup_seconds["kv_cache"] = time.perf_counter() - start
@@ -135,26 +104,19 @@ class ModelRunner:
         if self.use_cuda_graph or emulate_graph_shapes:
             self._make_step_graphs(capture=self.use_cuda_graph)
 
-    @torch.no_grad()
-    def _profile(self) -> list[tuple[int, int]]:
-        """A plain causal forward: captures the graph and records each layer's (num_kv_heads, head_dim)."""
-        ids = torch.zeros(1, _PROFILE_TOKENS, dtype=torch.long, device=self.device)
-        # Inputs laid out as every later step's (plain tensors, not views): dynamo guards on view bases too.
-        positions = torch.arange(_PROFILE_TOKENS, device=self.device).unsqueeze(0).clone()
-        shapes: dict[int, tuple[int, int]] = {}
-        with forward_context(ForwardContext(metadata=None, kv_caches=None, shapes=shapes)):
-            # Two sampled rows, not one: dynamo specializes sizes of 1, and decode steps sample several rows.
-            self._step(ids, positions, torch.tensor([_PROFILE_TOKENS - 2, _PROFILE_TOKENS - 1], device=self.device))
-        if len({s for s in shapes.values()}) > 1:
-            raise NotImplementedError("layers with different KV shapes are not supported yet")
-        return [shapes[i] for i in sorted(shapes)]
+    def _forward(self, buffers: StepBuffers) -> torch.Tensor:
+        with self.compiled.context.step(buffers.metadata, self.kv_caches):
+            return self.compiled(buffers.input_ids, buffers.positions, buffers.logits_indices)
 
-    @torch.no_grad()
     def execute(self, chunks, feed_rows: dict | None = None) -> torch.Tensor:
         """Run one scheduled step; returns the logits of the sampled rows, [num sampled, vocab], fp32 (owned).
 
         `feed_rows`: request id -> row of `self.feed` holding its pending token (see `set_feed`)."""
-        step = StepInput.from_chunks(chunks, feed_rows)
+        return self.execute_input(StepInput.from_chunks(chunks, feed_rows))
+
+    @torch.no_grad()
+    def execute_input(self, step: StepInput) -> torch.Tensor:
+        """`execute` of a step already laid out (`StepInput`): the logits of its `sample_rows`, fp32 (owned)."""
         graph = self._graph_for(step)
         if graph is None:
             buffers = StepBuffers.for_step(step, self.device, MIN_BATCH, feed=self.feed)
@@ -168,8 +130,7 @@ class ModelRunner:
             # across steps (and `.float()` of an fp32 tensor would be the tensor itself).
             return graph.logits[0, :num_rows].to(torch.float32, copy=True)
         buffers.scatter()
-        with forward_context(ForwardContext(buffers.metadata, self.kv_caches)):
-            logits = self._step(buffers.input_ids, buffers.positions, buffers.logits_indices)
+        logits = self._forward(buffers)
         return logits[0, :num_rows].float()
 
     def set_feed(self, token_ids: torch.Tensor) -> None:
@@ -210,15 +171,14 @@ class ModelRunner:
         for step_graph in tqdm(graphs, desc="fastllm: capturing CUDA graphs", leave=False):
             b = step_graph.buffers
             b.fill(StepInput([], [], [], [], [], [], []))  # all dummies: valid metadata for the warm-up and capture
-            with forward_context(ForwardContext(b.metadata, self.kv_caches)):
-                # Warm-up outside the graph: anything still to compile or allocate does it here, not in capture.
+            # Warm-up outside the graph: anything still to compile or allocate does it here, not in capture.
+            b.scatter()
+            self._forward(b)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
                 b.scatter()
-                self._step(b.input_ids, b.positions, b.logits_indices)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    b.scatter()
-                    step_graph.logits = self._step(b.input_ids, b.positions, b.logits_indices)
+                step_graph.logits = self._forward(b)
             step_graph.graph = graph
             pool = graph.pool()
         torch.cuda.synchronize(self.device)

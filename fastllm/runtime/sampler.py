@@ -194,7 +194,7 @@ def needs_host_history(row: RowContext) -> bool:
                 or p.presence_penalty or p.frequency_penalty)
 
 
-def sample_tokens(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *, return_scores: bool = False):
     """Next token of each row of `logits` [N, V] fp32 under its own SamplingParams.
 
     Order (vLLM's): masks (bad words, min_tokens), penalties, temperature, top-k, top-p, min-p, then argmax
@@ -218,11 +218,14 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     greedy = [r.params.temperature == 0 for r in rows]
     tokens = scores.argmax(-1)
     drawn = [i for i, g in enumerate(greedy) if not g]
+    processed = scores.clone() if return_scores else None
     if drawn:
         drawn_rows = on_device(drawn, torch.long, scores.device)
         sub = scores.index_select(0, drawn_rows)
         temperature = on_device([float(rows[i].params.temperature) for i in drawn], sub.dtype, sub.device)
         sub = _truncate(sub / temperature[:, None], [rows[i] for i in drawn])
+        if processed is not None:
+            processed.index_copy_(0, drawn_rows, sub)
         noise = torch.empty_like(sub)
         unseeded = [j for j, i in enumerate(drawn) if rows[i].generator is None]
         if len(unseeded) == len(drawn):
@@ -236,16 +239,16 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
         # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
         picked = (sub.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
         tokens.index_copy_(0, drawn_rows, picked)
-    return tokens
+    return (tokens, processed) if return_scores else tokens
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:
     """`sample_tokens`, then the tokens on the host and their logprobs where asked."""
     token_ids = sample_tokens(logits, rows).tolist()
-    return SampleOutput(token_ids, _logprobs(logits, rows, token_ids))
+    return SampleOutput(token_ids, token_logprobs(logits, rows, token_ids))
 
 
-def _logprobs(logits: torch.Tensor, rows: list[RowContext], token_ids: list[int]) -> list[dict[int, float] | None]:
+def token_logprobs(logits: torch.Tensor, rows: list[RowContext], token_ids: list[int]) -> list[dict[int, float] | None]:
     """Raw-distribution logprobs (log_softmax of the model's logits) of the top-k tokens and the sampled one."""
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     out: list[dict[int, float] | None] = [None] * len(rows)

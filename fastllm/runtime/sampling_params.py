@@ -114,6 +114,9 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
 
+    def completion_seed(self, index: int) -> int:
+        return (self.seed + index) % 2**64
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

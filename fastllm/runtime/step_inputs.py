@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fastllm.runtime.context import AttentionMetadata
+from fastllm.kernels.step_attention import AttentionMetadata
 from fastllm.runtime.scheduler import PLACEHOLDER
 
 

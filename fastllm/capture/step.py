@@ -1,0 +1,127 @@
+"""The compile step: a model's forward on the runtime's ragged batch, captured once, fused, and profiled.
+
+    compiled = compile_step(model, passes=resolve_passes(config.passes))
+    logits = compiled(input_ids, position_ids, logits_indices)   # inside compiled.context.step(metadata, kv_caches)
+
+The runtime calls the model as HF would on a flattened ragged batch (`input_ids [1, T]`, `position_ids [1, T]`, no
+HF cache) with `logits_to_keep` = the rows to sample. Everything but attention is token-wise, so one graph serves
+prefill, decode and mixed steps, and `model(...)` too. Dynamo captures it with symbolic sizes (one trace for every
+step shape), the passes rewrite it (the attention pass puts `fastllm::step_attention` in place of the model's
+attention, reading this step's `StepContext`), and a first profiling forward records each layer's KV shape, which
+the runtime sizes its cache from. This is the only capture of a model: the runtime and every entry point run this
+step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from fastllm.capture import graph_cache
+from fastllm.capture.dynamo import capture
+from fastllm.kernels.step_attention import StepContext
+from fastllm.passes import op_histogram, run_passes
+from fastllm.passes._context import WeightMerger
+
+# Tokens of the profiling forward: long enough to be a prefill (not a size dynamo specializes), short enough to
+# cost nothing.
+PROFILE_TOKENS = 256
+
+
+class UnpageableModel(NotImplementedError):
+    """The model's attention could not be replaced by paged attention: the runtime cannot run it."""
+
+
+@dataclass
+class GraphReport:
+    """What the passes did to the captured graph."""
+
+    matches: dict[str, int]          # pass name -> subgraphs it replaced
+    fused_ops: dict[str, int]        # fastllm kernel -> calls in the rewritten graph
+    unfused_ops: dict[str, int]      # other compute ops left as they were captured
+    num_nodes_before: int
+    num_nodes_after: int
+
+
+@dataclass
+class CompiledStep:
+    """A model's fused forward on the ragged batch.
+
+    Call it as `compiled(input_ids [1, T], position_ids [1, T], logits_indices [R]) -> logits [1, R, V]` inside
+    `compiled.context.step(metadata, kv_caches)`. `kv_shapes[i]` is layer i's (num_kv_heads, head_dim).
+    """
+
+    fn: Callable
+    context: StepContext
+    kv_shapes: list[tuple[int, int]]
+    report: GraphReport
+    from_graph_cache: bool
+    seconds: float                                   # capture, passes and the profiling forward
+    merger: WeightMerger = field(default_factory=WeightMerger)
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 logits_indices: torch.Tensor) -> torch.Tensor:
+        return self.fn(input_ids, position_ids, logits_indices)
+
+
+def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward: Callable | None = None,
+                 use_graph_cache: bool = True) -> CompiledStep:
+    """Capture `model`'s forward on the ragged batch, run `passes` (in this order) on it, and profile it once.
+
+    Args:
+        model: an HF causal LM (its parameters on the device the runtime will use).
+        passes: the pass names to run, in order (see `fastllm.passes`); must include "attention".
+        hf_forward: the model's own forward (default `model.forward`).
+        use_graph_cache: keep the captured graph on disk and reuse it in later processes (capture/graph_cache.py).
+
+    Raises:
+        CAPTURE_ERRORS (dynamo's): the model cannot be captured as one graph.
+        UnpageableModel: its attention is not something the attention pass recognises.
+    """
+    start = time.perf_counter()
+    hf_forward = hf_forward or model.forward
+    context = StepContext()
+    merger = WeightMerger()
+    reports: list[GraphReport] = []
+
+    def transform(gm: fx.GraphModule, tensors: dict) -> fx.GraphModule:
+        before = len(gm.graph.nodes)
+        matches = run_passes(gm, tensors, merger, passes, model.config, step_context=context.id)
+        fused, unfused = op_histogram(gm)
+        reports.append(GraphReport(matches, dict(fused), dict(unfused), before, len(gm.graph.nodes)))
+        return gm
+
+    def step(input_ids, position_ids, logits_indices):
+        out = hf_forward(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                         logits_to_keep=logits_indices)
+        return out.logits
+
+    key = graph_cache.cache_key(step, model, hf_forward) if use_graph_cache else None
+    fn = capture(step, transform, dynamic=True, cache_key=key)
+    kv_shapes = _profile(fn, context, next(model.parameters()).device)
+    if not kv_shapes:
+        raise UnpageableModel(f"{type(model).__name__}'s attention could not be paged: neither an SDPA call nor "
+                              "hand-written attention that fastllm recognises (or a score bias that is neither a mask "
+                              "nor ALiBi declared by the config)")
+    return CompiledStep(fn, context, kv_shapes, reports[-1], getattr(fn, "from_graph_cache", False),
+                        time.perf_counter() - start, merger)
+
+
+@torch.no_grad()
+def _profile(fn: Callable, context: StepContext, device: torch.device) -> list[tuple[int, int]]:
+    """A plain causal forward: captures the graph (first call) and records each layer's (num_kv_heads, head_dim)."""
+    ids = torch.zeros(1, PROFILE_TOKENS, dtype=torch.long, device=device)
+    # Inputs laid out as every later step's (plain tensors, not views): dynamo guards on view bases too.
+    positions = torch.arange(PROFILE_TOKENS, device=device).unsqueeze(0).clone()
+    # Two sampled rows, not one: dynamo specializes sizes of 1, and decode steps sample several rows.
+    rows = torch.tensor([PROFILE_TOKENS - 2, PROFILE_TOKENS - 1], device=device)
+    shapes: dict[int, tuple[int, int]] = {}
+    with context.step(None, None, shapes):
+        fn(ids, positions, rows)
+    if len(set(shapes.values())) > 1:
+        raise UnpageableModel("layers with different KV shapes are not supported yet")
+    return [shapes[i] for i in sorted(shapes)]

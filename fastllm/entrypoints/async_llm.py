@@ -1,0 +1,107 @@
+"""`AsyncLLM`: many concurrent requests, each streamed token by token, over a model's engine core.
+
+    engine = AsyncLLM(LLM(model, tokenizer=tokenizer))
+    async for out in engine.generate("Hello", SamplingParams(max_tokens=32)):
+        print(out.new_token_ids, out.new_text, out.finished)
+
+A background thread steps the engine core while it has work (a step blocks on the GPU); the core's lock lets other
+callers (`LLM.generate`, `model.generate`) add and step alongside it. Each request's listener hands its step
+updates to the event loop with `call_soon_threadsafe`. A stream whose consumer stops reading (cancelled, closed,
+or garbage-collected: a client that went away) aborts its request, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastllm.entrypoints.llm import LLM
+from fastllm.runtime.outputs import RequestOutput, RequestUpdate
+from fastllm.runtime.sampling_params import SamplingParams
+
+
+@dataclass
+class StreamOutput:
+    """One update of a streamed request: what each completion produced since the last update."""
+
+    request_id: str
+    new_token_ids: dict[int, list[int]]   # completion index -> new tokens
+    finished: bool
+    output: RequestOutput                 # the whole request so far (final when `finished`)
+    new_text: dict[int, str] = field(default_factory=dict)  # completion index -> new text (with a tokenizer)
+
+
+class AsyncLLM:
+    """Streams requests through an `LLM`'s engine core, stepped on a background thread."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.core = llm.core
+        self._wake = threading.Event()
+        self._aborts: collections.deque[str] = collections.deque()  # from streams that stopped being read
+        self._requests: set[str] = set()   # this engine's unfinished requests
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="fastllm-step-loop", daemon=True)
+        self._thread.start()
+
+    def _check_running(self) -> None:
+        if self._stopped or not self._thread.is_alive():
+            raise RuntimeError("the engine's step loop is not running (AsyncLLM was shut down)")
+
+    async def generate(self, prompt, sampling_params: SamplingParams | None = None, *,
+                       request_id: str | None = None) -> AsyncIterator[StreamOutput]:
+        """Add a request and yield its updates until it finishes (or is aborted). A bad request yields one finished
+        update whose `output.error` says why. Stopping to read the stream aborts the request.
+
+        Raises:
+            RuntimeError: the engine was shut down, or a model step failed (the request has ended).
+        """
+        self._check_running()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestUpdate] = asyncio.Queue()
+        listener = lambda update: loop.call_soon_threadsafe(queue.put_nowait, update)  # noqa: E731
+        request = self.llm.add_request(prompt, sampling_params or SamplingParams(), listener=listener,
+                                       request_id=request_id)
+        if isinstance(request, RequestOutput):  # refused
+            yield StreamOutput(request.request_id, {}, True, request)
+            return
+        self._requests.add(request.request_id)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                update = await queue.get()
+                finished = update.finished
+                if finished and request.fault is not None:
+                    raise RuntimeError(request.output.error) from request.fault
+                yield StreamOutput(update.request_id, update.new_token_ids, finished, update.output, update.new_text)
+        finally:
+            self._requests.discard(request.request_id)
+            if not finished:  # the consumer went away: the step thread aborts it (never block the event loop)
+                self._aborts.append(request.request_id)
+                self._wake.set()
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now: its blocks are freed and its stream ends with finish_reason "abort". Returns False if
+        no unfinished request has this id."""
+        self._check_running()
+        return self.core.abort(request_id)
+
+    def shutdown(self) -> None:
+        """Stop the step thread; this engine's unfinished requests end with "abort"."""
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        for request_id in list(self._requests):
+            self.core.abort(request_id)
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            while self._aborts:
+                self.core.abort(self._aborts.popleft())
+            if not self.core.step():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()

@@ -1,0 +1,221 @@
+"""`model.generate(...)` of an optimized model: Hugging Face's drop-in, on the model's engine core.
+
+Same arguments (keywords or a `generation_config`), same output: a `[batch * num_return_sequences, L + n]` tensor of
+the (padded) prompts followed by the new tokens, rows that stop early padded with `pad_token_id`; or a
+`GenerateDecoderOnlyOutput` with `sequences` (and `scores` / `logits` when asked). Each row becomes one engine
+request whose `SamplingParams` say what HF's logits processors would do (the sampler applies them in HF's order).
+Anything it does not implement (beam search, custom logits processors, ...) goes to HF's own generate with a
+one-time warning naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastllm.runtime.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from fastllm.entrypoints.model_state import ModelState
+
+# Generation-config fields this runtime implements; any other field set away from its default → HF fallback.
+_SUPPORTED_FIELDS = {
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p",
+    "min_p", "repetition_penalty", "eos_token_id", "pad_token_id", "bos_token_id", "stop_strings",
+    "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits", "use_cache",
+    "cache_implementation", "decoder_start_token_id", "transformers_version", "_from_model_config",
+    "_commit_hash", "_original_object_hash", "generation_kwargs", "compile_config", "is_assistant",
+}
+_UNSUPPORTED_KWARGS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
+                       "negative_prompt_ids", "synced_gpus", "inputs_embeds", "past_key_values", "custom_generate"}
+
+
+def install_generate(model, state: ModelState) -> None:
+    hf_generate = state.original_generate
+
+    @functools.wraps(hf_generate)
+    def generate(inputs=None, generation_config=None, **kwargs):
+        core = state.engine()
+        if core is None:
+            return hf_generate(inputs, generation_config, **kwargs)
+        unsupported = unsupported_arguments(generation_config or model.generation_config, kwargs)
+        if unsupported:
+            if tuple(unsupported) not in state.warned_generate_args:
+                state.warned_generate_args.add(tuple(unsupported))
+                warnings.warn(f"fastllm's generate() does not implement {', '.join(unsupported)}; this call runs "
+                              f"Hugging Face's generate (unfused) instead", RuntimeWarning, stacklevel=2)
+            return hf_generate(inputs, generation_config, **kwargs)
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        return run_generate(model, core, inputs, generation_config=generation_config, **kwargs)
+
+    model.generate = generate
+
+
+def unsupported_arguments(generation_config, kwargs: dict) -> list[str]:
+    """Names of the arguments this runtime does not implement (they make generate() fall back to HF's)."""
+    names = {k for k in kwargs if k in _UNSUPPORTED_KWARGS and kwargs[k] is not None}
+    gc = copy.deepcopy(generation_config)
+    gc.update(**{k: v for k, v in kwargs.items() if k not in _UNSUPPORTED_KWARGS})
+    default = type(gc)()
+    for key, value in gc.to_dict().items():
+        unset = value is None or value is False or value == {}
+        if key not in _SUPPORTED_FIELDS and not unset and value != getattr(default, key, value):
+            names.add(key)
+    return sorted(names)
+
+
+def _first(ids) -> int | None:
+    if ids is None:
+        return None
+    return ids[0] if isinstance(ids, (list, tuple)) else int(ids)
+
+
+def _eos_ids(gc) -> list[int]:
+    eos = gc.eos_token_id
+    if eos is None:
+        return []
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _prompts(input_ids, attention_mask, gc, max_context: int) -> list[list[int]]:
+    """The prompts without padding, or a ValueError saying what is wrong."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long,
+                                                                                                     torch.int):
+        raise ValueError("input_ids must be an integer tensor of shape [batch, length]")
+    if gc.max_new_tokens is None or gc.max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {gc.max_new_tokens}")
+    if attention_mask is None:
+        attention_mask = _inferred_mask(input_ids, gc)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    prompts = []
+    for row, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
+        tokens = [t for t, m in zip(ids, mask) if m]
+        if not tokens:
+            raise ValueError(f"row {row} of input_ids is empty (its attention_mask is all zeros)")
+        if len(tokens) + gc.max_new_tokens > max_context:
+            raise ValueError(f"row {row}: prompt of {len(tokens)} tokens + max_new_tokens={gc.max_new_tokens} exceeds "
+                             f"the model's context of {max_context} tokens")
+        prompts.append(tokens)
+    return prompts
+
+
+def _inferred_mask(input_ids: torch.Tensor, gc) -> torch.Tensor:
+    """HF's rule without an attention_mask: where the pad token appears in the ids (and differs from EOS, or the
+    batch has one row), it is padding; otherwise every token counts."""
+    pad = gc.pad_token_id
+    if pad is None or input_ids.shape[0] == 0:
+        return torch.ones_like(input_ids)
+    pad_in_ids = bool((input_ids == pad).any())
+    pad_is_eos = pad in _eos_ids(gc)
+    if pad_in_ids and not pad_is_eos:
+        return (input_ids != pad).long()
+    return torch.ones_like(input_ids)
+
+
+def sampling_params(gc, eos: list[int]) -> SamplingParams:
+    """One row's SamplingParams from HF's generation config: the processors HF would build, in HF's order."""
+    sampling = bool(gc.do_sample)
+    kwargs = dict(max_tokens=gc.max_new_tokens, min_tokens=gc.min_new_tokens or 0, temperature=0.0,
+                  repetition_penalty=gc.repetition_penalty if gc.repetition_penalty is not None else 1.0,
+                  ignore_eos=True, stop_token_ids=eos or None, n=gc.num_return_sequences or 1)
+    if sampling:
+        kwargs.update(temperature=gc.temperature if gc.temperature is not None else 1.0,
+                      top_k=gc.top_k or 0, top_p=gc.top_p if gc.top_p is not None else 1.0,
+                      min_p=gc.min_p or 0.0)
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as error:
+        raise ValueError(f"invalid generation argument: {error}") from None
+
+
+def run_generate(model, core, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                 generation_config=None, streamer=None, tokenizer=None, **kwargs):
+    """HF-compatible generate over the model's engine core."""
+    gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    model_kwargs = gc.update(**kwargs)
+    if input_ids is None:
+        input_ids = model_kwargs.pop("input_ids", None)
+    model_kwargs.pop("use_cache", None)
+    if attention_mask is None:
+        attention_mask = model_kwargs.pop("attention_mask", None)
+    if gc.max_new_tokens is None and gc.max_length is not None and input_ids is not None:
+        gc.max_new_tokens = gc.max_length - input_ids.shape[1]
+    if gc.min_new_tokens is None and gc.min_length:
+        gc.min_new_tokens = max(0, gc.min_length - input_ids.shape[1])
+    gc.validate()  # HF's own checks and messages (e.g. num_return_sequences > 1 needs sampling)
+    prompts = _prompts(input_ids, attention_mask, gc, core.max_model_len)
+    eos = _eos_ids(gc)
+    params = sampling_params(gc, eos)
+    if gc.stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: call generate(..., tokenizer=tokenizer)")
+        params.stop = [gc.stop_strings] if isinstance(gc.stop_strings, str) else list(gc.stop_strings)
+    want_scores = bool(gc.return_dict_in_generate and (gc.output_scores or gc.output_logits))
+    listener = _streamer_listener(streamer, input_ids) if streamer is not None else None
+    requests = []
+    try:
+        for prompt in prompts:
+            requests.append(core.add(prompt, params, tokenizer=tokenizer, return_scores=want_scores,
+                                     listener=listener if len(prompts) == 1 else None))
+        core.run_until(lambda: all(r.finished for r in requests))
+    finally:
+        for r in requests:
+            if not r.finished:
+                core.abort(r.request_id)
+        if streamer is not None:
+            streamer.end()
+    for r in requests:
+        if r.fault is not None:
+            raise RuntimeError(r.output.error) from r.fault
+        if r.output.error is not None:
+            raise RuntimeError(r.output.error)
+    pad = gc.pad_token_id if gc.pad_token_id is not None else _first(gc.eos_token_id)
+    return _outputs(input_ids, [c for r in requests for c in r.completions], 0 if pad is None else pad, gc)
+
+
+def _streamer_listener(streamer, input_ids):
+    """HF streamers take the prompt once, then each step's new token (batch of one only, as in HF)."""
+    streamer.put(input_ids.cpu())
+
+    def listen(update) -> None:
+        for tokens in update.new_token_ids.values():
+            for token in tokens:
+                streamer.put(torch.tensor([token]))
+
+    return listen
+
+
+def _outputs(input_ids, completions, pad: int, gc):
+    tokens = [c.request.output_token_ids for c in completions]
+    n_return = len(completions) // input_ids.shape[0]
+    new = max(len(t) for t in tokens)
+    prompt = input_ids.repeat_interleave(n_return, dim=0)
+    generated = torch.full((len(completions), new), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for i, t in enumerate(tokens):
+        generated[i, :len(t)] = torch.tensor(t, dtype=input_ids.dtype)
+    sequences = torch.cat([prompt, generated], dim=1)
+    if not gc.return_dict_in_generate:
+        return sequences
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    def per_step(per_completion: list[list[torch.Tensor]]):
+        vocab = per_completion[0][0].shape[-1]
+        steps = []
+        for t in range(new):
+            rows = [steps_of[t] if t < len(steps_of) else
+                    torch.full((vocab,), -float("inf")).to(per_completion[0][0]) for steps_of in per_completion]
+            steps.append(torch.stack(rows))
+        return tuple(steps)
+
+    scores = per_step([c.scores for c in completions]) if gc.output_scores else None
+    logits = per_step([c.raw_logits for c in completions]) if gc.output_logits else None
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)

@@ -1,0 +1,226 @@
+"""`LLM`: the offline batch engine (vLLM's `LLM`), an entry point over the model's engine core.
+
+    llm = fastllm.LLM("path/to/model")        # or LLM(hf_model, tokenizer=tok), optimized or not
+    outs = llm.generate(["Hello", "The sky is"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].outputs[0].text)
+
+All prompts of a call go into the model's engine core at once (in-flight batching, chunked prefill, preemption when
+the KV cache runs out); the sampler applies each request's own SamplingParams in the same step. A request that
+cannot run (empty prompt, prompt longer than the context, invalid sampling values, ...) finishes alone with
+`finish_reason="abort"` and an `error` message; the others complete. Several `LLM`s and `model.generate()` on one
+model share its engine core: calls from several threads are batched together.
+
+Stop strings follow vLLM: a completion ends as soon as its detokenized text contains one, and the returned text is
+cut before the stop string (`token_ids` keep every generated token, including those that spelled it). EOS and
+`stop_token_ids` tokens stay in `token_ids`; the text is decoded with `skip_special_tokens`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from tqdm.auto import tqdm
+
+from fastllm.config import OptimizeConfig
+from fastllm.entrypoints.model_state import model_eos_ids, optimize_in_place
+from fastllm.runtime.engine_core import SCHEDULING_OPTIONS, CoreRequest
+from fastllm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from fastllm.runtime.sampling_params import SamplingParams
+
+
+class LLM:
+    """An offline batch engine over a Hugging Face causal LM.
+
+    Args:
+        model_or_path: a `PreTrainedModel` (optimized by `fastllm.optimize` or not: if not, it is optimized
+            here with `**config`) or a local path / hub id loaded with `AutoModelForCausalLM`.
+        tokenizer: a tokenizer or its path; default: loaded from `model_or_path` when that is a path. Needed
+            for string prompts, text outputs, stop strings and bad words.
+        dtype: weights dtype (`torch.dtype` or "auto") when loading from a path, or to convert a model to.
+        device: device to load or move the model to.
+        **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...).
+            An already-optimized model takes only the scheduling ones (`max_num_seqs`, `max_num_batched_tokens`,
+            `enable_prefix_caching`, `async_scheduling`): this LLM's calls run with them (the model's engine core
+            takes them while no other request runs on it).
+
+    Raises:
+        RuntimeError: the model cannot run on fastllm's paged runtime (the message says why).
+    """
+
+    def __init__(self, model_or_path, *, tokenizer=None, dtype=None, device=None, **config) -> None:
+        import transformers
+
+        if isinstance(model_or_path, (str, os.PathLike)):
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_or_path, **kwargs).eval()
+            if tokenizer is None:
+                tokenizer = _tokenizer_of(model_or_path)
+        else:
+            model = model_or_path
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+        state = getattr(model, "_fastllm_state", None)
+        if state is None:
+            if dtype is not None and not isinstance(model_or_path, (str, os.PathLike)):
+                model = model.to(dtype=dtype)
+            if device is not None:
+                model = model.to(device)
+            state = optimize_in_place(model, OptimizeConfig.resolve(None, config))
+            options = {}
+        else:
+            options = {k: config.pop(k) for k in SCHEDULING_OPTIONS if k in config}
+            if config or dtype is not None or device is not None:
+                given = sorted(config) + [k for k, v in (("dtype", dtype), ("device", device)) if v is not None]
+                raise ValueError(f"{type(model).__name__} is already optimized: {', '.join(given)} must be given to "
+                                 f"fastllm.optimize(); LLM() only takes {', '.join(SCHEDULING_OPTIONS)} for it")
+        core = state.engine()
+        if core is None:
+            raise RuntimeError(f"{type(model).__name__} cannot run on fastllm's paged runtime: {state.fallback_reason}")
+        self.model, self.tokenizer, self.core = model, tokenizer, core
+        # This LLM's scheduling settings: the model's, with the ones given here on top (validated now).
+        defaults = {k: getattr(state.config, k) for k in SCHEDULING_OPTIONS}
+        self.engine_options = defaults | options
+        core.configure(**self.engine_options)
+        self.vocab_size = core.vocab_size
+        self.eos_token_ids = model_eos_ids(model) or _tokenizer_eos(tokenizer)
+
+    @property
+    def runner(self):
+        return self.core.runner
+
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.engine_options["async_scheduling"]
+
+    def has_work(self) -> bool:
+        """Whether the model's engine core has requests (of any caller) or a step in flight."""
+        return self.core.has_work()
+
+    @property
+    def num_preemptions(self) -> int:
+        """Requests preempted (blocks freed, recomputed later) on this model's engine since it was built."""
+        return self.core.scheduler.num_preemptions
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete every prompt; returns one `RequestOutput` per prompt, in input order.
+
+        Args:
+            prompts: a string, a list of strings, a list of token-id lists, or one token-id list.
+            sampling_params: one `SamplingParams` for all prompts, or a list with one per prompt (a dict of
+                SamplingParams fields also works; an invalid one aborts that request alone). Default:
+                `SamplingParams()`.
+            use_tqdm: show a progress bar over requests.
+
+        Raises:
+            ValueError: `sampling_params` is a list whose length differs from the number of prompts.
+            RuntimeError: a model step failed (the message says why; every request of the call has ended).
+        """
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {len(prompts)} prompts; pass one "
+                                 f"SamplingParams or one per prompt")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(prompts)
+        self.core.configure(**self.engine_options)
+        bar = tqdm(total=len(prompts), desc="fastllm: generating", disable=not use_tqdm, leave=False)
+
+        def listener(update) -> None:  # runs on whichever thread steps the core
+            if update.finished:
+                bar.update(1)
+
+        outputs: list[RequestOutput] = []
+        requests: list[CoreRequest] = []
+        try:
+            for index, (prompt, params) in enumerate(zip(prompts, params_list)):
+                request = self.add_request(prompt, params, listener=listener, index=index)
+                if isinstance(request, RequestOutput):  # refused: already final
+                    outputs.append(request)
+                    bar.update(1)
+                else:
+                    requests.append(request)
+                    outputs.append(request.output)
+            self.core.run_until(lambda: all(r.finished for r in requests))
+        finally:
+            for r in requests:  # an exception or Ctrl-C: give every block back
+                if not r.finished:
+                    self.core.abort(r.request_id)
+            bar.close()
+        faults = [r for r in requests if r.fault is not None]
+        if faults:
+            raise RuntimeError(faults[0].output.error) from faults[0].fault
+        return outputs
+
+    def metrics(self) -> dict:
+        """The counters of the model's engine core (see `EngineCore.metrics`): queues, KV blocks, tokens, latencies,
+        step profile. Cumulative over every entry point on the model (LLMs, generate()) since its core was built."""
+        return self.core.metrics()
+
+    def add_request(self, prompt, params: SamplingParams | dict, *, listener=None, request_id: str | None = None,
+                    index: int | None = None) -> CoreRequest | RequestOutput:
+        """Queue one prompt on the engine core without running it (AsyncLLM and the server step the core).
+
+        Returns the core's request (its `output` fills in as it runs), or, if it cannot run, a finished
+        RequestOutput with `finish_reason="abort"` and an `error` saying why (naming the prompt's `index` if given).
+        """
+        try:
+            if isinstance(params, dict):
+                params = SamplingParams(**params)
+            return self.core.add(self._prompt_token_ids(prompt), params,
+                                 prompt=prompt if isinstance(prompt, str) else None, tokenizer=self.tokenizer,
+                                 listener=listener, eos_token_ids=self.eos_token_ids, request_id=request_id)
+        except (ValueError, TypeError) as error:  # TypeError: SamplingParams(**dict) with an unknown field
+            n = params.n if isinstance(params, SamplingParams) and isinstance(params.n, int) else 1
+            n = min(max(n, 1), 128)
+            now = time.perf_counter()
+            self.core.count_aborted()
+            where = f"prompt {index}: " if index is not None else ""
+            return RequestOutput(request_id or self.core.new_request_id(),
+                                 prompt if isinstance(prompt, str) else None, None,
+                                 [CompletionOutput(i, "", [], "abort") for i in range(n)], True,
+                                 RequestMetrics(now, finish_time=now), error=f"{type(error).__name__}: {where}{error}")
+
+    def _prompt_token_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a string prompt needs a tokenizer: pass LLM(..., tokenizer=...) or token ids")
+            return list(self.tokenizer(prompt).input_ids)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def _tokenizer_of(path):
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None  # token-id prompts still work; string prompts say what is missing
+    # transformers 5 builds an empty tokenizer (one special token) for a folder without tokenizer files instead of
+    # raising; it would decode every output to "".
+    return tokenizer if len(tokenizer) > 1 else None
+
+
+def _tokenizer_eos(tokenizer) -> frozenset[int]:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return frozenset() if eos is None else frozenset([eos])
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one tokenized prompt
+    return prompts
+

@@ -1,0 +1,149 @@
+"""What fastllm attaches to an optimized model (`model._fastllm_state`): its options, its one compiled step, its one
+engine core, and which way its forward ran.
+
+    state = optimize_in_place(model, OptimizeConfig(...))   # what fastllm.optimize() and LLM(model) do
+    core = state.engine()        # the engine core (built on first use unless warmed up): None if the model falls back
+
+A model that cannot be captured, or whose attention cannot be paged, falls back: it runs Hugging Face's own forward
+and generate, correct and unfused, with one warning saying why (`explain()` shows it).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fastllm.capture import CAPTURE_ERRORS
+from fastllm.capture.step import CompiledStep, UnpageableModel, compile_step
+from fastllm.config import OptimizeConfig
+from fastllm.entrypoints.forward import install_forward
+from fastllm.entrypoints.hf_generate import install_generate
+from fastllm.passes import resolve_passes
+from fastllm.runtime.engine_core import EngineCore
+from fastllm.runtime.kv_cache import KVCacheConfig
+from fastllm.runtime.model_runner import ModelRunner
+
+
+@dataclass(eq=False)
+class ModelState:
+    """Everything fastllm attaches to an optimized model."""
+
+    model: torch.nn.Module
+    config: OptimizeConfig
+    original_forward: Callable
+    original_generate: Callable
+    compiled: CompiledStep | None = None
+    core: EngineCore | None = None
+    fallback_reason: str | None = None
+    # How model(...) calls ran: "compiled" (the compiled step) or "eager" (HF's forward), and the latest reason
+    # for an eager one.
+    forward_routes: Counter = field(default_factory=Counter)
+    eager_forward_reason: str | None = None
+    warned_generate_args: set = field(default_factory=set)
+    startup_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def status(self) -> str:
+        if self.fallback_reason is not None:
+            return "fallback"
+        return "optimized" if self.compiled is not None else "not captured yet"
+
+    def compile(self) -> CompiledStep | None:
+        """The compiled step, capturing it on first use; None (with one warning) if the model falls back."""
+        if self.compiled is not None or self.fallback_reason is not None:
+            return self.compiled
+        try:
+            self.compiled = compile_step(self.model, resolve_passes(self.config.passes),
+                                         hf_forward=self.original_forward, use_graph_cache=self.config.graph_cache)
+        except (*CAPTURE_ERRORS, UnpageableModel) as error:
+            if self.config.on_capture_failure == "raise":
+                raise
+            self.fall_back(error)
+            return None
+        self.startup_seconds["capture"] = self.compiled.seconds
+        return self.compiled
+
+    def engine(self) -> EngineCore | None:
+        """The engine core (runner, KV pool, scheduler), built on first use; None if the model falls back."""
+        if self.core is not None:
+            return self.core
+        compiled = self.compile()
+        if compiled is None:
+            return None
+        c, model = self.config, self.model
+        param = next(model.parameters())
+        runner = ModelRunner(compiled, param.device, param.dtype,
+                             kv_cache=KVCacheConfig(c.block_size, c.kv_cache_memory_fraction, c.num_kv_tokens),
+                             max_num_seqs=c.max_num_seqs, max_model_len=_max_model_len(model, c),
+                             use_cuda_graph=c.cuda_graphs and param.is_cuda,
+                             max_num_batched_tokens=c.max_num_batched_tokens)
+        self.startup_seconds.update(runner.startup_seconds)
+        self.core = EngineCore(runner, vocab_size=model.get_input_embeddings().weight.shape[0],
+                               eos_token_ids=model_eos_ids(model), max_num_seqs=c.max_num_seqs,
+                               max_num_batched_tokens=c.max_num_batched_tokens,
+                               enable_prefix_caching=c.enable_prefix_caching, async_scheduling=c.async_scheduling)
+        return self.core
+
+    def fall_back(self, error: BaseException) -> None:
+        self.fallback_reason = first_line(error)
+        what = ("cannot run on fastllm's paged runtime" if isinstance(error, UnpageableModel)
+                else "could not be captured")
+        warnings.warn(f"fastllm: {self.model_name} {what} and runs unoptimized (Hugging Face's forward and "
+                      f"generate, still correct): {self.fallback_reason}", RuntimeWarning, stacklevel=4)
+
+
+def first_line(error: BaseException) -> str:
+    # dynamo wraps an error raised inside the backend (our passes); the inner one says what went wrong.
+    error = getattr(error, "inner_exception", None) or error
+    text = f"{type(error).__name__}: {error}".strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def model_eos_ids(model) -> frozenset[int]:
+    """The model's own EOS ids: its generation config's, else its config's."""
+    gc = getattr(model, "generation_config", None)
+    for eos in (gc.eos_token_id if gc is not None else None, getattr(model.config, "eos_token_id", None)):
+        if eos is not None:
+            return frozenset([eos] if isinstance(eos, int) else eos)
+    return frozenset()
+
+
+def _max_model_len(model, config: OptimizeConfig) -> int:
+    return config.max_model_len or getattr(model.config, "max_position_embeddings", None) or 4096
+
+
+def check_model(model) -> None:
+    from transformers import PreTrainedModel
+
+    if getattr(model, "_fastllm_state", None) is not None:
+        raise ValueError(f"{type(model).__name__} is already optimized by fastllm; optimize() takes the original "
+                         "model (reload it to change options)")
+    if not isinstance(model, PreTrainedModel) or not callable(getattr(model, "generate", None)) \
+            or not model.can_generate():
+        raise TypeError(f"fastllm.optimize() takes a Hugging Face causal language model (a PreTrainedModel that "
+                        f"can generate, e.g. from AutoModelForCausalLM), got {type(model).__name__}")
+
+
+def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
+    """Attach fastllm to `model` (see `fastllm.optimize`): its forward and generate() now run on the compiled step
+    and the engine core. With `config.warmup`, capture and build the engine now."""
+    check_model(model)
+    model.eval()
+    state = ModelState(model, config, model.forward, model.generate)
+    install_forward(model, state)
+    install_generate(model, state)
+    model._fastllm_state = state
+    if config.warmup:
+        start = time.perf_counter()
+        state.engine()
+        state.startup_seconds["optimize"] = time.perf_counter() - start
+    return state
