@@ -123,15 +123,20 @@ def test_no_leak_after_random_sequences():
 def test_cached_blocks_are_evictable_lru_and_count_as_free():
     pool = BlockPool(num_blocks=4, block_size=2)
     b0, b1, b2, b3 = pool.allocate(4)
-    h = [hash_block(None, [i, i]) for i in range(3)]
-    assert [pool.cache(b, x) for b, x in zip((b0, b1, b2), h)] == [True] * 3
-    assert pool.cache(b0, h[0]) and not pool.cache(b3, h[0])  # re-registering is a no-op; a duplicate loses
+    tokens = [[i, i] for i in range(3)]
+    h = [hash_block(None, t) for t in tokens]
+    assert [pool.cache(b, x, None, t) for b, x, t in zip((b0, b1, b2), h, tokens)] == [True] * 3
+    assert pool.cache(b0, h[0], None, tokens[0])  # re-registering is a no-op
+    assert not pool.cache(b3, h[0], None, [9, 9])  # other content under a taken key (a collision) is refused
+    assert pool.num_hash_mismatches == 1
     with pytest.raises(ValueError, match="another hash"):
-        pool.cache(b0, h[1])
+        pool.cache(b0, h[1], None, tokens[1])
+    with pytest.raises(ValueError, match="another hash or content"):
+        pool.cache(b0, h[0], None, [7, 7])
     assert pool.num_cached_blocks == 3 and pool.block_hashes[b3] is None
     pool.free([b1, b0, b2, b3])  # LRU order of the cached ones: b1, b0, b2; b3 goes to the free list
-    assert pool.num_free_blocks == 4 and pool.ref_counts == [0] * 4 and pool.lookup(h[1]) == b1
-    pool.incref([pool.lookup(h[1])])  # a hit revives an evictable block ...
+    assert pool.num_free_blocks == 4 and pool.ref_counts == [0] * 4 and pool.lookup(h[1], None, tokens[1]) == b1
+    pool.incref([pool.lookup(h[1], None, tokens[1])])  # a hit revives an evictable block ...
     assert pool.ref_counts[b1] == 1 and pool.num_free_blocks == 3
     pool.free([b1])  # ... and freeing it again makes it the most recently used
     with pytest.raises(ValueError, match="double free"):
@@ -139,16 +144,48 @@ def test_cached_blocks_are_evictable_lru_and_count_as_free():
     assert pool.allocate(1) == [b3]  # the free list first
     assert pool.num_evictions == 0
     assert pool.allocate(2) == [b0, b2]  # then evict, least recently used first
-    assert pool.lookup(h[0]) is None and pool.lookup(h[2]) is None and pool.lookup(h[1]) == b1
-    assert pool.num_evictions == 2 and pool.block_hashes[b0] is None
+    assert [pool.lookup(x, None, t) for x, t in zip(h, tokens)] == [None, b1, None]
+    assert pool.num_evictions == 2 and pool.block_hashes[b0] is None and pool.num_hash_mismatches == 1
     with pytest.raises(OutOfBlocks):
         pool.allocate(2)
     pool.free([b3, b0, b2])
     with pytest.raises(ValueError, match="refcount is 0"):
         pool.incref([b3])  # a block on the free list has no content to share
     with pytest.raises(ValueError, match="not held"):
-        pool.cache(b3, h[0])
+        pool.cache(b3, h[0], None, tokens[0])
     assert pool.num_free_blocks == 4 and pool.num_cached_blocks == 1
+
+
+def test_lookup_serves_a_block_only_for_its_own_tokens_and_parent_key():
+    pool = BlockPool(num_blocks=2, block_size=2)
+    (b,) = pool.allocate(1)
+    parent = hash_block(None, [0, 0])
+    key = hash_block(parent, [1, 2])
+    assert pool.cache(b, key, parent, [1, 2])
+    assert pool.lookup(key, parent, [1, 2]) == b and pool.num_hash_mismatches == 0
+    # The same key asked for with other content: what a collision looks like. Each is a counted miss.
+    assert pool.lookup(key, parent, [2, 1]) is None
+    assert pool.lookup(key, None, [1, 2]) is None
+    assert pool.lookup(key, hash_block(None, [0, 1]), [1, 2]) is None
+    assert pool.num_hash_mismatches == 3
+    assert pool.lookup(hash_block(None, [5, 5]), None, [5, 5]) is None  # an unknown key: a plain miss
+    assert pool.num_hash_mismatches == 3
+    pool.free([b])
+    pool.allocate(2)  # evicts b: its key and stored content go with it
+    assert pool.lookup(key, parent, [1, 2]) is None and pool.num_cached_blocks == 0
+    assert pool._block_contents == [None, None] and not pool._key_to_blocks
+
+
+def test_blocks_of_one_content_share_a_key_and_the_key_outlives_each():
+    """Two requests that computed the same block at once both register it; evicting one keeps the key."""
+    pool = BlockPool(num_blocks=3, block_size=2)
+    first, second, other = pool.allocate(3)
+    key = hash_block(None, [1, 2])
+    assert pool.cache(first, key, None, [1, 2]) and pool.cache(second, key, None, [1, 2])
+    assert pool.num_cached_blocks == 2 and pool.lookup(key, None, [1, 2]) == first
+    pool.free([first, other])  # first: evictable; other: free list
+    assert pool.allocate(2) == [other, first] and pool.num_evictions == 1
+    assert pool.lookup(key, None, [1, 2]) == second and pool.num_cached_blocks == 1
 
 
 def test_block_table_free_parks_cached_blocks_tail_first():
@@ -156,7 +193,7 @@ def test_block_table_free_parks_cached_blocks_tail_first():
     table = BlockTable(pool)
     table.ensure_capacity(6)
     for i, b in enumerate(table.blocks):
-        pool.cache(b, hash_block(None, [i]))
+        pool.cache(b, hash_block(None, [i]), None, [i])
     first, *_, last = table.blocks
     table.free()
     assert pool.allocate(1) == [last]  # a prefix's last block is evicted first, its first block last

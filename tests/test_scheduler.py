@@ -392,7 +392,7 @@ def test_stats():
     sched = Scheduler(pool, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=24)
     assert sched.stats() == dict(num_running=0, num_waiting=0, num_preemptions=0, kv_blocks_used=0,
                                  kv_blocks_free=6, prefix_cache_hit_rate=None, prefix_cache_queries=0,
-                                 prefix_cache_hits=0, tokens_scheduled=0)
+                                 prefix_cache_hits=0, prefix_cache_hash_mismatches=0, tokens_scheduled=0)
     for i in range(3):
         sched.add(req(i, range(5), max_new_tokens=19))
     model = FakeModel(pool)

@@ -12,9 +12,10 @@ One step, `schedule()` then `update()`:
    token; `update()` appends them, advances the requests and finishes those that stop.
 
 With `enable_prefix_caching`, a request admitted in step 2 first takes the longest run of its leading full
-blocks that are already in the pool's prefix cache (same chained content hash) and starts computing after
-them; `update()` registers each block that became full and computed. Shared blocks are never written: only
-full blocks are registered, and a request always computes at least its last known token itself.
+blocks that are already in the pool's prefix cache (same chained SHA-256 key, and the pool checked that the
+block's token ids and parent key are the request's) and starts computing after them; `update()` registers
+each block that became full and computed, as long as the one before it is registered. Shared blocks are never
+written: only full blocks are registered, and a request always computes at least its last known token itself.
 
 Progress is guaranteed: the pool holds at least `max_model_len` tokens (checked when the scheduler is built),
 so the oldest running request, or the oldest waiting one when none runs, always fits.
@@ -61,7 +62,7 @@ class Request:
     finish_reason: str | None = None
     arrival_index: int = -1  # FCFS order, set by Scheduler.add
     num_cached_tokens: int = 0  # prefix-cache hit at the last admission, in tokens
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks (prefix caching)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained keys of its full blocks (prefix caching)
     num_pending: int = 0  # sampled tokens not known yet (asynchronous scheduling), after output_token_ids
     stop_pending: bool = False  # its pending token ends it by length: not scheduled again
 
@@ -307,7 +308,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Plain-data metrics: queue sizes, cumulative counters, block usage, prefix-cache hit rate (in tokens;
-        None when prefix caching is off, 0.0 before the first admission)."""
+        None when prefix caching is off, 0.0 before the first admission), and prefix-cache key mismatches (a
+        key found holding other tokens: should stay 0 with SHA-256 keys; otherwise a bug or an attack)."""
         rate = None
         if self.enable_prefix_caching:
             rate = self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
@@ -315,21 +317,14 @@ class Scheduler:
         return dict(num_running=len(self.running), num_waiting=len(self.waiting),
                     num_preemptions=self.num_preemptions, kv_blocks_used=self.pool.num_blocks - free,
                     kv_blocks_free=free, prefix_cache_hit_rate=rate, prefix_cache_queries=self.prefix_cache_queries,
-                    prefix_cache_hits=self.prefix_cache_hits, tokens_scheduled=self.tokens_scheduled)
+                    prefix_cache_hits=self.prefix_cache_hits,
+                    prefix_cache_hash_mismatches=self.pool.num_hash_mismatches, tokens_scheduled=self.tokens_scheduled)
 
     def _admit(self, req: Request) -> bool:
         """Give a waiting request a block table for its whole known token list (so a split prefill cannot stall),
         starting with the cached blocks of its prefix. Returns False, changing nothing, if the blocks are short."""
         pool, bs = self.pool, self.pool.block_size
-        hits: list[int] = []
-        if self.enable_prefix_caching:
-            # At most (num_tokens - 1) // bs blocks: the last token is always computed, for its logits, and
-            # so the block being written is never a shared one.
-            for h in self._hashes(req, (req.num_tokens - 1) // bs):
-                b = pool.lookup(h)
-                if b is None:
-                    break
-                hits.append(b)
+        hits = self._cached_prefix(req) if self.enable_prefix_caching else []
         # Evictable hits count as free blocks now but stop being free once taken.
         missing = blocks_needed(req.num_tokens, bs) - len(hits) + sum(pool.ref_counts[b] == 0 for b in hits)
         if not pool.can_allocate(missing):
@@ -345,8 +340,21 @@ class Scheduler:
             self.prefix_cache_hits += req.num_cached_tokens
         return True
 
-    def _hashes(self, req: Request, num_blocks: int) -> list[int]:
-        """Chained hashes of the request's first `num_blocks` full blocks (memoized on the request: content only,
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached blocks holding the request's leading full blocks, up to the first miss. The pool serves a
+        block only if its token ids and parent key are the request's, so a colliding key is a miss."""
+        bs, hits = self.pool.block_size, []
+        # At most (num_tokens - 1) // bs blocks: the last token is always computed, for its logits, and so the
+        # block being written is never a shared one.
+        for i, h in enumerate(self._hashes(req, (req.num_tokens - 1) // bs)):
+            b = self.pool.lookup(h, req.block_hashes[i - 1] if i else None, req.token_ids(i * bs, (i + 1) * bs))
+            if b is None:
+                break
+            hits.append(b)
+        return hits
+
+    def _hashes(self, req: Request, num_blocks: int) -> list[bytes]:
+        """Chained keys of the request's first `num_blocks` full blocks (memoized on the request: content only,
         so they survive preemption)."""
         bs, hashes = self.pool.block_size, req.block_hashes
         while len(hashes) < num_blocks:
@@ -355,12 +363,22 @@ class Scheduler:
         return hashes[:num_blocks]
 
     def _cache_blocks(self, req: Request, start: int) -> None:
-        """Register the blocks that a chunk from `start` to `num_computed_tokens` completed."""
-        bs = self.pool.block_size
+        """Register the blocks that a chunk from `start` to `num_computed_tokens` completed.
+
+        A block is registered only while the one before it in the table is registered under the request's
+        previous key: after a collision (the pool refused a block) the later blocks' K/V were computed after
+        content their parent key does not name, so they stay private (see `BlockPool`).
+        """
+        pool, bs, blocks = self.pool, self.pool.block_size, req.block_table.blocks
         first, end = start // bs, req.num_computed_tokens // bs
-        if first < end:
-            for b, h in zip(req.block_table.blocks[first:end], self._hashes(req, end)[first:]):
-                self.pool.cache(b, h)
+        if first == end:  # most decode steps: no block completed (and no copy of the key list)
+            return
+        hashes = self._hashes(req, end)
+        for i in range(first, end):
+            parent = hashes[i - 1] if i else None
+            if i and pool.block_hashes[blocks[i - 1]] != parent:
+                return
+            pool.cache(blocks[i], hashes[i], parent, req.token_ids(i * bs, (i + 1) * bs))
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         num_new = len(req.output_token_ids)
