@@ -1,5 +1,6 @@
 """Fusion passes over a captured graph. Each pass lives in its own module with `pattern()` (what it
-matches, in plain PyTorch), `replacement()` (what it becomes) and `apply(ctx) -> number of matches`."""
+matches, in plain PyTorch), `replacement()` (what it becomes), `apply(ctx) -> number of matches`, and its
+`NAME` and order constraints, from which `registry.py` derives the one order the passes run in."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ from collections import Counter
 from torch import fx
 
 from fastllm import kernels
-from fastllm.passes import attention, dropout, gated_mlp, layer_norm, qkv, rms_norm, rotary, skinny_linear
+from fastllm.passes import registry
 from fastllm.passes._context import PassContext, WeightMerger
 from fastllm.passes._graph import eliminate_dead_code
 from fastllm.runtime.attention import attention as paged_attention_op
 
-# Passes a user can choose (OptimizeConfig.passes); the runtime adds "attention" for its paged-cache graph,
-# and "skinny_linear" (small-batch GEMMs), which pays off where decode buckets are CUDA graphs.
-PASSES = {module.NAME: module for module in (dropout, rms_norm, layer_norm, rotary, gated_mlp, qkv)}
-RUNTIME_PASSES = {**PASSES, attention.NAME: attention, skinny_linear.NAME: skinny_linear}
+# Which passes run, and in what order, is registry.py's business; these are its answers, re-exported.
+ALL_PASSES = registry.ALL_PASSES              # user-selectable, in canonical order
+RUNTIME_REQUIRED = registry.RUNTIME_REQUIRED  # added to every selection on the runtime's graph
+resolve_passes = registry.resolve_passes      # selection -> every pass to run on the runtime's graph, in order
+# name -> module in canonical order: the user-selectable passes, and all the runtime's graph runs (what
+# optimize() and the model runner read before resolve_passes existed; kept for them).
+PASSES = {name: registry.REGISTRY.module(name) for name in ALL_PASSES}
+RUNTIME_PASSES = {name: registry.REGISTRY.module(name) for name in resolve_passes(ALL_PASSES)}
 
 FUSED_OPS = {
     kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
@@ -32,9 +37,13 @@ _BOOKKEEPING = {
 
 def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...],
                model_config: object | None = None) -> dict[str, int]:
-    """Apply the passes `names` in order; returns matches per pass."""
+    """Apply the passes `names` in their canonical order (the order given does not matter; see registry.py).
+
+    Runs exactly `names`, adding none: for the runtime's graph callers pass `resolve_passes(selection)`.
+    Returns the matches per pass, in the order the passes ran. Raises ValueError for an unknown name.
+    """
     ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config)
-    counts = {name: RUNTIME_PASSES[name].apply(ctx) for name in names}
+    counts = {name: registry.REGISTRY.module(name).apply(ctx) for name in registry.order_passes(names)}
     if "attention" in names:
         # The model's mask construction now feeds nothing; the drop-in graph keeps HF's in-place cache
         # updates, so only the runtime graph (which has none) is swept.
