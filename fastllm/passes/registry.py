@@ -104,7 +104,7 @@ def _stable_topological_sort(names: list[str], successors: dict[str, list[str]])
 
 
 def _find_cycle(successors: dict[str, list[str]], stuck: set[str]) -> list[str]:
-    """One cycle among the passes the sort could not place, as [a, b, ..., a] in 'runs before' direction.
+    """One cycle among the passes the sort could not place, as [a, b, ..., a]: a runs before b, ..., before a.
 
     Every stuck pass waits on another stuck pass, so walking back along 'waits on' from any of them must
     come round to a pass already visited.
@@ -117,6 +117,8 @@ def _find_cycle(successors: dict[str, list[str]], stuck: set[str]) -> list[str]:
         path.append(node)
         node = predecessors[node][0]
     cycle = path[seen[node]:][::-1]  # walked against the edges: reverse into run order
+    start = cycle.index(min(cycle))  # the same cycle always reads the same way
+    cycle = cycle[start:] + cycle[:start]
     return cycle + [cycle[0]]
 
 
