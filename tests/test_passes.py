@@ -525,14 +525,15 @@ def test_run_passes_runs_the_canonical_order():
     torch.testing.assert_close(out, expected, **GEMM_MERGE)
 
 
-def test_run_passes_refuses_an_unknown_name():
-    def transform(gm, tensors):
-        run_passes(gm, tensors, WeightMerger(), ("rms_norm", "fused_softmax"))
-        return gm
+def test_run_passes_refuses_an_unknown_name_before_running_any():
+    class EvalDropout(nn.Module):
+        def forward(self, x):
+            return dropout.pattern(x, 0.1)
 
-    with pytest.raises(Exception, match=r"unknown pass name\(s\) \['fused_softmax'\]"):
-        with torch.no_grad():
-            capture(Pattern(rms_norm.pattern, _rand(8), eps=1e-6).forward, transform)(_rand(2, 8))
+    gm = torch.fx.symbolic_trace(EvalDropout())
+    with pytest.raises(ValueError, match=r"unknown pass name\(s\) \['fused_softmax'\]; allowed: dropout"):
+        run_passes(gm, {}, WeightMerger(), ("dropout", "fused_softmax"))
+    assert op_histogram(gm)[1] == {"dropout": 1}  # the dropout pass did not run either
 
 
 def test_optimize_with_passes_in_the_wrong_order_still_fuses_the_mlp(tmp_path):
