@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Every fusion pass `optimize()` knows, in the order it runs them. The MLP pass runs before the QKV pass
-# because gate/up projections also share an input: they must become one gate_up GEMM with a fused
-# activation, not a plain merged linear.
-ALL_PASSES: tuple[str, ...] = ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv")
+# Every user-selectable fusion pass, in the order they run: each pass module declares what it must run
+# after or before (fastllm/passes/registry.py sorts them); e.g. gated_mlp runs before qkv, because gate/up
+# projections also share an input and must become one gate_up GEMM with a fused activation, not a plain
+# merged linear.
+from fastllm.passes.registry import ALL_PASSES, select_passes
 
 ON_CAPTURE_FAILURE = ("fallback", "raise")
 
@@ -19,8 +20,11 @@ class OptimizeConfig:
     """How `fastllm.optimize()` transforms a model.
 
     Args:
-        passes: names of the fusion passes to run (default: all of `ALL_PASSES`). What no pass matches
-            still runs, unfused and correct.
+        passes: names of the fusion passes to run (default: all of `ALL_PASSES`). The order they are given in
+            does not matter: they always run in `ALL_PASSES`' order, which the passes' declared dependencies
+            fix (gated_mlp before qkv, ...), and `passes` holds them in that order. The runtime's graph adds
+            the passes it requires ("attention", "skinny_linear"), which cannot be selected. What no pass
+            matches still runs, unfused and correct.
         on_capture_failure: "fallback" warns once and keeps the model running unoptimized (correct);
             "raise" re-raises the capture error (useful when adding support for a new architecture).
         warmup: capture, size the KV cache and record the CUDA graphs at `optimize()` time, so capture errors
@@ -55,13 +59,8 @@ class OptimizeConfig:
     enable_prefix_caching: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.passes, str):
-            raise ValueError(f"passes must be a sequence of pass names, got the string {self.passes!r}; "
-                             f"allowed names: {', '.join(ALL_PASSES)}")
-        self.passes = tuple(self.passes)
-        unknown = [p for p in self.passes if p not in ALL_PASSES]
-        if unknown:
-            raise ValueError(f"unknown pass name(s) {unknown}; allowed: {', '.join(ALL_PASSES)}")
+        # Into canonical order; a string, an unknown name or a runtime-only pass is refused, naming the allowed ones.
+        self.passes = select_passes(self.passes)
         if self.on_capture_failure not in ON_CAPTURE_FAILURE:
             raise ValueError(f"on_capture_failure must be one of {ON_CAPTURE_FAILURE}, "
                              f"got {self.on_capture_failure!r}")

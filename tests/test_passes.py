@@ -1,74 +1,151 @@
-"""Each fusion pass on a toy module: match count, ops before and after, and the numbers."""
+"""Each fusion pass on a toy module, and the registry that orders them.
+
+Per pass: a toy module whose forward is the pass's `pattern()` (or the Hugging Face spelling it matches) is
+captured as fastllm captures models and rewritten by that pass alone; the tests check the match count, the ops
+before and after (the pattern's ops gone, the fused kernel there) and the numbers (rewritten graph == eager
+module). Separately, `replacement()` is called on random inputs and compared with `pattern()`.
+
+Tolerances (fp32, CPU): on CPU tensors every kernel runs its `<op>_ref`, written operation for operation as
+the Hugging Face code the pattern is, so a norm, rotary or dropout rewrite must give the same bits (exact
+comparisons). Merging linears (gated_mlp, qkv) computes the same dot products inside one larger GEMM, which
+the BLAS may block and sum in another order: those differ by fp32 rounding only (~1e-7 relative), far below
+any mistake of the rewrite (a wrong slice, a swapped gate/up, a wrong activation are O(1) errors).
+"""
 
 from __future__ import annotations
 
+import types
 from collections import Counter
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastllm
+import fastllm.config
 from fastllm import kernels
 from fastllm.capture import capture
-from fastllm.passes import PASSES, layer_norm, rms_norm, rotary, run_passes
+from fastllm.passes import (
+    ALL_PASSES,
+    RUNTIME_REQUIRED,
+    dropout,
+    gated_mlp,
+    layer_norm,
+    op_histogram,
+    qkv,
+    registry,
+    resolve_passes,
+    rms_norm,
+    rotary,
+    run_passes,
+    skinny_linear,
+)
 from fastllm.passes._context import WeightMerger
+from tests._models import build
+
+# Merged GEMMs vs separate ones: fp32 rounding only (module docstring). rtol 1e-5 is ~80 fp32 ulps: room for
+# a K-term sum regrouped (K ≤ 40 here), while every real mistake is off by O(1).
+GEMM_MERGE = dict(rtol=1e-5, atol=1e-5)
+EXACT = dict(rtol=0, atol=0)
 
 
-def _ops(gm) -> Counter:
-    """Calls in the graph, by op name."""
-    names = Counter()
-    for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            names[node.target if isinstance(node.target, str) else node.target.__name__] += 1
-    return names
+@dataclass
+class Rewrite:
+    """A toy module captured and rewritten by one pass."""
+
+    out: object      # what the rewritten graph returned
+    matches: int     # the pass's match count
+    before: Counter  # unfused ops of the captured graph (op_histogram: shape bookkeeping left out)
+    after: Counter   # unfused ops left after the pass
+    fused: Counter   # fastllm kernel calls after the pass
 
 
-def run_pass(module: nn.Module, inputs: tuple, name: str):
-    """(output, matches, ops before, ops after) of `module` captured and rewritten by pass `name` alone."""
+def run_pass(module: nn.Module, inputs: tuple, name: str) -> Rewrite:
+    """Capture `module` as fastllm does (dynamo, one fx graph) and rewrite it with pass `name` alone."""
     seen = {}
 
     def transform(gm, tensors):
-        seen["before"] = _ops(gm)
+        seen["before"] = op_histogram(gm)[1]
         seen["matches"] = run_passes(gm, tensors, WeightMerger(), (name,))[name]
-        seen["after"] = _ops(gm)
+        seen["fused"], seen["after"] = op_histogram(gm)
         return gm
 
     with torch.no_grad():
         out = capture(module.forward, transform)(*inputs)
-    return out, seen["matches"], seen["before"], seen["after"]
+    return Rewrite(out, seen["matches"], seen["before"], seen["after"], seen["fused"])
 
 
 class Pattern(nn.Module):
-    """Calls a pass's `pattern()` with its own parameters, so the pass sees weights as parameters."""
+    """Calls a pattern function with its own parameters, so the pass sees weights as parameters (as in a model)."""
 
     def __init__(self, fn, *params, **consts):
         super().__init__()
         self.fn, self.consts = fn, consts
-        self.params = nn.ParameterList([nn.Parameter(p) for p in params])
+        self.params = nn.ParameterList([nn.Parameter(p, requires_grad=False) for p in params])
 
     def forward(self, *inputs):
         return self.fn(*inputs, *self.params, **self.consts)
 
 
-def _rand(*shape):
-    return torch.randn(*shape)
+def _rand(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
 
 
-def test_every_pass_has_pattern_and_replacement():
-    for module in PASSES.values():
-        assert callable(module.pattern) and callable(module.replacement) and callable(module.apply)
+def _eager(module, *inputs):
+    with torch.no_grad():
+        return module(*inputs)
+
+
+# --- dropout ---------------------------------------------------------------------------------------------
+
+class DropoutResidual(nn.Module):
+    """GPT-2's spelling: `residual + dropout(h)` through an `nn.Dropout` module."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, h, residual):
+        return residual + self.drop(h * 2.0)
+
+
+def test_dropout_pattern_is_removed():
+    x = _rand(3, 8)
+    r = run_pass(Pattern(dropout.pattern, p=0.1), (x,), "dropout")
+    assert r.matches == 1 and r.before == {"dropout": 1}
+    assert r.after == {} and r.fused == {}
+    torch.testing.assert_close(r.out, x, **EXACT)
+
+
+def test_dropout_module_in_eval_is_removed():
+    module = DropoutResidual().eval()
+    h, residual = _rand(2, 5, 8), _rand(2, 5, 8)
+    r = run_pass(module, (h, residual), "dropout")
+    assert r.matches == 1 and r.before["dropout"] == 1
+    assert r.after == {"mul": 1, "add": 1}  # the residual add is now plain, for the norm passes to fuse
+    torch.testing.assert_close(r.out, _eager(module, h, residual), **EXACT)
+
+
+def test_dropout_in_training_stays():
+    r = run_pass(DropoutResidual().train(), (_rand(4, 8), _rand(4, 8)), "dropout")
+    assert r.matches == 0 and r.after["dropout"] == 1
+
+
+# --- rms_norm --------------------------------------------------------------------------------------------
+
+RMS_OPS = {"pow", "mean", "add", "rsqrt", "mul"}
 
 
 @pytest.mark.parametrize("hidden", [8, 769])
 def test_rms_norm(hidden):
     module = Pattern(rms_norm.pattern, _rand(hidden), eps=1e-6)
     x = _rand(2, 3, hidden)
-    out, matches, before, after = run_pass(module, (x,), "rms_norm")
-    assert matches == 1
-    assert "rsqrt" in before and "rsqrt" not in after and "pow" not in after
-    assert "rms_norm" in after
-    torch.testing.assert_close(out, module(x), rtol=0, atol=0)
+    r = run_pass(module, (x,), "rms_norm")
+    assert r.matches == 1 and RMS_OPS <= set(r.before)
+    assert r.after == {} and r.fused == {"rms_norm": 1}
+    torch.testing.assert_close(r.out, _eager(module, x), **EXACT)
 
 
 def _gemma_rms(x, weight, eps):
@@ -77,27 +154,31 @@ def _gemma_rms(x, weight, eps):
     return (h * (1.0 + weight.float())).type_as(x)
 
 
+def test_rms_norm_gemma_one_plus_weight_form():
+    module = Pattern(_gemma_rms, _rand(64), eps=1e-6)
+    x = _rand(5, 64)
+    r = run_pass(module, (x,), "rms_norm")
+    assert r.matches == 1 and RMS_OPS | {"type_as"} <= set(r.before)
+    assert r.after == {} and r.fused == {"rms_norm": 1}
+    # (1 + w) must reach the kernel as weight_offset: without it the output is off by x_normed, O(1).
+    torch.testing.assert_close(r.out, _eager(module, x), **EXACT)
+
+
 def _residual_rms(a, b, weight, eps):
     s = a + b
     return rms_norm.pattern(s, weight, eps), s
 
 
-def test_rms_norm_gemma_form_uses_weight_offset():
-    module = Pattern(_gemma_rms, _rand(64), eps=1e-6)
-    x = _rand(5, 64)
-    out, matches, _, after = run_pass(module, (x,), "rms_norm")
-    assert matches == 1 and "rms_norm" in after and "type_as" not in after
-    torch.testing.assert_close(out, module(x), rtol=0, atol=0)
-
-
 def test_rms_norm_fuses_residual_add():
     module = Pattern(_residual_rms, _rand(32), eps=1e-5)
     a, b = _rand(4, 32), _rand(4, 32)
-    (out, summed), matches, before, after = run_pass(module, (a, b), "rms_norm")
-    assert matches == 1 and "fused_add_rms_norm" in after and "add" in before
-    expected_out, expected_sum = module(a, b)
-    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
-    torch.testing.assert_close(summed, expected_sum, rtol=0, atol=0)
+    r = run_pass(module, (a, b), "rms_norm")
+    assert r.matches == 1 and r.before["add"] == 2  # the residual add and the eps add
+    assert r.after == {} and r.fused == {"fused_add_rms_norm": 1}
+    out, summed = r.out
+    expected_out, expected_sum = _eager(module, a, b)
+    torch.testing.assert_close(out, expected_out, **EXACT)
+    torch.testing.assert_close(summed, expected_sum, **EXACT)  # the residual stream continues from the kernel
 
 
 def test_rms_norm_leaves_other_reductions_alone():
@@ -105,26 +186,47 @@ def test_rms_norm_leaves_other_reductions_alone():
     def not_a_norm(x, weight, eps):
         return weight * (x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + eps))
 
-    module = Pattern(not_a_norm, _rand(16), eps=1e-6)
-    _, matches, _, after = run_pass(module, (_rand(3, 16),), "rms_norm")
-    assert matches == 0 and "rsqrt" in after
+    r = run_pass(Pattern(not_a_norm, _rand(16), eps=1e-6), (_rand(3, 16),), "rms_norm")
+    assert r.matches == 0 and r.after == r.before and r.fused == {}
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_layer_norm(residual):
+# --- layer_norm ------------------------------------------------------------------------------------------
+
+def _residual_ln(a, b, weight, bias, eps):
+    s = a + b
+    return layer_norm.pattern(s, weight, bias, eps), s
+
+
+@pytest.mark.parametrize("spelling", ["pattern", "nn.LayerNorm"])
+def test_layer_norm(spelling):
     hidden = 769
-    w, b = _rand(hidden), _rand(hidden)
-    if residual:
-        module = Pattern(lambda x, y, w, b, eps: layer_norm.pattern(x + y, w, b, eps), w, b, eps=1e-5)
-        inputs = (_rand(3, hidden), _rand(3, hidden))
+    if spelling == "pattern":
+        module = Pattern(layer_norm.pattern, _rand(hidden), _rand(hidden), eps=1e-5)
     else:
-        module = Pattern(layer_norm.pattern, w, b, eps=1e-5)
-        inputs = (_rand(3, hidden),)
-    out, matches, before, after = run_pass(module, inputs, "layer_norm")
-    assert matches == 1 and "layer_norm" in before
-    assert ("fused_add_layer_norm" if residual else "layer_norm") in after
-    torch.testing.assert_close(out, module(*inputs), rtol=0, atol=0)
+        module = nn.LayerNorm(hidden, eps=1e-5)
+        with torch.no_grad():
+            module.weight.normal_(), module.bias.normal_()
+    x = _rand(3, hidden)
+    r = run_pass(module, (x,), "layer_norm")
+    assert r.matches == 1 and r.before == {"layer_norm": 1}
+    assert r.after == {} and r.fused == {"layer_norm": 1}
+    torch.testing.assert_close(r.out, _eager(module, x), **EXACT)
 
+
+def test_layer_norm_fuses_residual_add():
+    hidden = 769
+    module = Pattern(_residual_ln, _rand(hidden), _rand(hidden), eps=1e-5)
+    a, b = _rand(3, hidden), _rand(3, hidden)
+    r = run_pass(module, (a, b), "layer_norm")
+    assert r.matches == 1 and r.before == {"add": 1, "layer_norm": 1}
+    assert r.after == {} and r.fused == {"fused_add_layer_norm": 1}
+    out, summed = r.out
+    expected_out, expected_sum = _eager(module, a, b)
+    torch.testing.assert_close(out, expected_out, **EXACT)
+    torch.testing.assert_close(summed, expected_sum, **EXACT)
+
+
+# --- rotary ----------------------------------------------------------------------------------------------
 
 def _gptj_rotary(x, cos, sin):
     rotated = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
@@ -144,11 +246,14 @@ def test_rotary(form):
     q = _rand(2, 5, 3, head_dim).transpose(1, 2)  # [B, H, S, D] as a non-contiguous view, as HF makes it
     cos, sin = _rand(2, 1, 5, rot_dim), _rand(2, 1, 5, rot_dim)
     module = Pattern(fn)
-    out, matches, before, after = run_pass(module, (q, cos, sin), "rotary")
-    assert matches == 1 and "rotary_embedding" in after
-    assert "neg" in before and "neg" not in after and "cat" not in after
-    torch.testing.assert_close(out, module(q, cos, sin), rtol=0, atol=0)
+    r = run_pass(module, (q, cos, sin), "rotary")
+    assert r.matches == 1 and {"neg", "mul", "add"} <= set(r.before)
+    assert ("stack" if form == "gptj" else "cat") in r.before
+    assert r.after == {} and r.fused == {"rotary_embedding": 1}  # the partial form's re-joining cat too
+    torch.testing.assert_close(r.out, _eager(module, q, cos, sin), **EXACT)
 
+
+# --- gated_mlp -------------------------------------------------------------------------------------------
 
 class GatedMLP(nn.Module):
     def __init__(self, hidden, inter, act, merged=False):
@@ -167,31 +272,40 @@ class GatedMLP(nn.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
+def test_gated_mlp_pattern():
+    module = Pattern(gated_mlp.pattern, _rand(37, 24), _rand(37, 24))
+    x = _rand(2, 3, 24)
+    expected = _eager(module, x)
+    r = run_pass(module, (x,), "gated_mlp")
+    assert r.matches == 1 and r.before == {"linear": 2, "silu": 1, "mul": 1}
+    assert r.after == {"linear": 1} and r.fused == {"silu_and_mul": 1}  # one gate_up GEMM
+    torch.testing.assert_close(r.out, expected, **GEMM_MERGE)
+
+
 @pytest.mark.parametrize("act,kernel", [
     (F.silu, "silu_and_mul"),
-    (lambda x: F.gelu(x, approximate="tanh"), "gelu_and_mul"),
+    (lambda x: F.gelu(x, approximate="tanh"), "gelu_and_mul"),  # Gemma
     (F.gelu, "gelu_and_mul"),
 ])
 @pytest.mark.parametrize("merged", [False, True])
 def test_gated_mlp(act, kernel, merged):
     module = GatedMLP(24, 37, act, merged)
     x = _rand(2, 3, 24)
-    expected = module(x).detach()
-    out, matches, before, after = run_pass(module, (x,), "gated_mlp")
-    assert matches == 1 and kernel in after
-    assert after["linear"] == 2 and before["linear"] == (2 if merged else 3)  # gate_up GEMM + down
-    assert not after["silu"] and not after["gelu"]
-    # Separate projections become one GEMM on the merged weight: same sums, another order → fp32 rounding.
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
-    if not merged:
+    expected = _eager(module, x)
+    r = run_pass(module, (x,), "gated_mlp")
+    assert r.matches == 1 and r.before["linear"] == (2 if merged else 3) and r.before["mul"] == 1
+    assert r.after == {"linear": 2} and r.fused == {kernel: 1}  # gate_up GEMM + down
+    torch.testing.assert_close(r.out, expected, **GEMM_MERGE)  # also catches tanh vs exact GELU (~1e-3 apart)
+    if not merged:  # the merged weight is the parameters' storage, not a copy
         assert module.up.weight.data_ptr() == module.gate.weight.data_ptr() + module.gate.weight.nbytes
 
 
 def test_gated_mlp_ignores_other_activations():
-    module = GatedMLP(16, 8, torch.tanh)
-    _, matches, _, after = run_pass(module, (_rand(2, 16),), "gated_mlp")
-    assert matches == 0 and "tanh" in after
+    r = run_pass(GatedMLP(16, 8, torch.tanh), (_rand(2, 16),), "gated_mlp")
+    assert r.matches == 0 and r.after == r.before and r.fused == {}
 
+
+# --- qkv -------------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
     def __init__(self, hidden, q_out, kv_out, bias):
@@ -207,15 +321,27 @@ class Attention(nn.Module):
         return self.o((q * k.sum(-2, keepdim=True)).flatten(-2)) + self.v(x).sum(-1, keepdim=True)
 
 
+def test_qkv_pattern():
+    module = Pattern(qkv.pattern, _rand(48, 40), _rand(16, 40), _rand(16, 40))
+    x = _rand(2, 7, 40)
+    expected = _eager(module, x)
+    r = run_pass(module, (x,), "qkv")
+    assert r.matches == 1 and r.before == {"linear": 3}
+    assert r.after == {"linear": 1} and r.fused == {}  # one GEMM, sliced into q, k, v
+    for got, want in zip(r.out, expected, strict=True):
+        torch.testing.assert_close(got, want, **GEMM_MERGE)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_qkv(bias):
     module = Attention(40, 48, 16, bias)  # 3:1 grouped-query shapes
     x = _rand(2, 7, 40)
-    expected = module(x).detach()
-    out, matches, before, after = run_pass(module, (x,), "qkv")
-    assert matches == 1
-    assert before["linear"] == 4 and after["linear"] == 2  # q, k, v → one GEMM; o stays
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    expected = _eager(module, x)
+    r = run_pass(module, (x,), "qkv")
+    assert r.matches == 1
+    assert r.before["linear"] == 4 and r.after["linear"] == 2  # q, k, v → one GEMM; o stays
+    assert r.after - Counter(linear=2) == r.before - Counter(linear=4)  # nothing else touched
+    torch.testing.assert_close(r.out, expected, **GEMM_MERGE)
     assert module.k.weight.data_ptr() == module.q.weight.data_ptr() + module.q.weight.nbytes
     assert module.v.weight.data_ptr() == module.k.weight.data_ptr() + module.k.weight.nbytes
 
@@ -223,9 +349,34 @@ def test_qkv(bias):
 def test_qkv_leaves_mixed_bias_groups_apart():
     module = Attention(32, 32, 32, bias=False)
     module.k = nn.Linear(32, 32, bias=True)
-    _, matches, _, after = run_pass(module, (_rand(3, 32),), "qkv")
-    assert matches == 1 and after["linear"] == 3  # q and v merge; k (with bias) and o stay alone
+    r = run_pass(module, (_rand(3, 32),), "qkv")
+    assert r.matches == 1 and r.after["linear"] == 3  # q and v merge; k (with bias) and o stay alone
     assert module.v.weight.data_ptr() == module.q.weight.data_ptr() + module.q.weight.nbytes
+
+
+# --- skinny_linear ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_skinny_linear_pattern(dtype):
+    module = Pattern(skinny_linear.pattern, _rand(32, 64, dtype=dtype))
+    x = _rand(1, 3, 64, dtype=dtype)
+    r = run_pass(module, (x,), "skinny_linear")
+    assert r.matches == 1 and r.before == {"linear": 1}
+    assert r.after == {} and r.fused == {"skinny_linear": 1}
+    # On CPU tensors skinny_linear runs skinny_linear_ref, which is F.linear itself: the same bits.
+    torch.testing.assert_close(r.out, _eager(module, x), **EXACT)
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float16, 4), (torch.bfloat16, 4), (torch.float32, 0)])
+def test_skinny_linear_takes_16_bit_linears(dtype, expected):
+    module = Attention(32, 32, 16, bias=True).to(dtype)
+    x = _rand(1, 3, 32, dtype=dtype)
+    reference = _eager(module, x)
+    r = run_pass(module, (x,), "skinny_linear")
+    assert r.matches == expected  # q, k, v and o when 16-bit; fp32 models keep cuBLAS
+    assert r.fused == ({"skinny_linear": 4} if expected else {})
+    assert r.after["linear"] == 4 - expected
+    torch.testing.assert_close(r.out, reference, **EXACT)  # F.linear on the CPU (above)
 
 
 def test_passes_call_the_public_kernels():
@@ -234,14 +385,209 @@ def test_passes_call_the_public_kernels():
         assert fn.__module__.startswith("fastllm.kernels")
 
 
-@pytest.mark.parametrize("dtype,expected", [(torch.float16, 2), (torch.float32, 0)])
-def test_skinny_linear_takes_16_bit_linears(dtype, expected):
-    module = Attention(32, 32, 16, bias=True).to(dtype)
-    x = _rand(1, 3, 32).to(dtype)
-    reference = module(x).detach()
-    out, matches, before, after = run_pass(module, (x,), "skinny_linear")
-    assert matches == expected * 2  # q, k, v and o: four linears when 16-bit
-    if expected:
-        assert after["skinny_linear"] == 4 and not after["linear"]
-    # On the CPU skinny_linear runs F.linear itself: identical results.
-    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+# --- replacement() computes what pattern() does -----------------------------------------------------------
+# Each case: (pattern's output, replacement's output, tolerance) on random inputs. The attention pass is left
+# out here: the lead, who is moving it onto a registered custom op, adds its case with that op.
+
+def _dropout_case():
+    x = _rand(3, 8)
+    return dropout.pattern(x, 0.1), dropout.replacement(x, 0.1), EXACT
+
+
+def _rms_norm_case():
+    x, w = _rand(3, 5, 64), _rand(64)
+    return rms_norm.pattern(x, w, 1e-6), rms_norm.replacement(x, w, 1e-6), EXACT
+
+
+def _layer_norm_case():
+    x, w, b = _rand(3, 5, 769), _rand(769), _rand(769)
+    return layer_norm.pattern(x, w, b, 1e-5), layer_norm.replacement(x, w, b, 1e-5), EXACT
+
+
+def _rotary_case():
+    x = _rand(2, 5, 3, 80).transpose(1, 2)
+    cos, sin = _rand(2, 1, 5, 80), _rand(2, 1, 5, 80)
+    return rotary.pattern(x, cos, sin), rotary.replacement(x, cos, sin), EXACT
+
+
+def _gated_mlp_case():
+    x, w_gate, w_up = _rand(2, 3, 24), _rand(37, 24), _rand(37, 24)
+    merged = torch.cat([w_gate, w_up])  # the layout apply() builds: [Wg; Wu]
+    return gated_mlp.pattern(x, w_gate, w_up), gated_mlp.replacement(x, merged), GEMM_MERGE
+
+
+def _qkv_case():
+    x, w_q, w_k, w_v = _rand(2, 7, 40), _rand(48, 40), _rand(16, 40), _rand(16, 40)
+    merged, sizes = torch.cat([w_q, w_k, w_v]), [48, 16, 16]
+    return qkv.pattern(x, w_q, w_k, w_v), qkv.replacement(x, merged, sizes), GEMM_MERGE
+
+
+def _skinny_linear_case(dtype):
+    x, w = _rand(1, 3, 64, dtype=dtype), _rand(32, 64, dtype=dtype)
+    return skinny_linear.pattern(x, w), skinny_linear.replacement(x, w), EXACT  # F.linear on the CPU
+
+
+REPLACEMENT_CASES = {
+    "dropout": _dropout_case,
+    "rms_norm": _rms_norm_case,
+    "layer_norm": _layer_norm_case,
+    "rotary": _rotary_case,
+    "gated_mlp": _gated_mlp_case,
+    "qkv": _qkv_case,
+    "skinny_linear[fp16]": lambda: _skinny_linear_case(torch.float16),
+    "skinny_linear[bf16]": lambda: _skinny_linear_case(torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REPLACEMENT_CASES))
+def test_replacement_computes_pattern(case):
+    torch.manual_seed(0)
+    expected, got, tolerance = REPLACEMENT_CASES[case]()
+    if isinstance(expected, tuple):  # qkv: three projections
+        assert isinstance(got, tuple) and len(got) == len(expected)
+    else:
+        expected, got = (expected,), (got,)
+    for e, g in zip(expected, got, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        torch.testing.assert_close(g, e, **tolerance)
+
+
+def test_every_pass_but_attention_has_a_replacement_case():
+    covered = {case.split("[")[0] for case in REPLACEMENT_CASES}
+    assert covered == set(registry.REGISTRY.order) - {"attention"}  # attention: the lead adds it (above)
+
+
+# --- the registry: one list, one order --------------------------------------------------------------------
+
+def test_all_passes_is_one_list():
+    assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
+    assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv")
+    assert RUNTIME_REQUIRED == ("attention", "skinny_linear")
+    assert fastllm.OptimizeConfig().passes == ALL_PASSES
+
+
+def _pass_modules():
+    return [registry.REGISTRY.module(name) for name in registry.REGISTRY.order]
+
+
+@pytest.mark.parametrize("listing", ["as registered", "reversed"])
+def test_canonical_order_follows_the_declarations(listing):
+    modules = _pass_modules()
+    # Listed backwards, only the declared constraints can keep the order right (the listing breaks ties only).
+    order = registry.PassRegistry(modules[::-1] if listing == "reversed" else modules).order
+    rank = {name: i for i, name in enumerate(order)}
+    for module in modules:
+        assert all(rank[first] < rank[module.NAME] for first in module.RUNS_AFTER)
+        assert all(rank[module.NAME] < rank[then] for then in module.RUNS_BEFORE)
+    # The constraints themselves (why: see each module's declaration).
+    assert order[0] == "dropout"
+    assert rank["gated_mlp"] < rank["qkv"]
+    assert rank["rotary"] < rank["attention"]
+    assert rank["skinny_linear"] > max(rank["gated_mlp"], rank["qkv"])
+
+
+def test_resolve_passes_orders_and_adds_the_runtime_passes():
+    assert resolve_passes(("qkv", "gated_mlp")) == ("gated_mlp", "qkv", "attention", "skinny_linear")
+    assert resolve_passes(()) == ("attention", "skinny_linear")
+    assert resolve_passes(("rotary",)) == ("rotary", "attention", "skinny_linear")
+    full = resolve_passes(ALL_PASSES)
+    assert full == registry.REGISTRY.order and resolve_passes(full) == full  # idempotent
+    with pytest.raises(ValueError, match=r"unknown pass name\(s\) \['fused_softmax'\]; allowed: dropout"):
+        resolve_passes(("rms_norm", "fused_softmax"))
+
+
+def test_config_puts_passes_in_canonical_order():
+    # The order a user writes does not matter: gated_mlp must run before qkv or the MLP fusion is lost.
+    assert fastllm.OptimizeConfig(passes=("qkv", "gated_mlp")).passes == ("gated_mlp", "qkv")
+    assert fastllm.OptimizeConfig(passes=["rotary", "dropout", "rotary"]).passes == ("dropout", "rotary")
+    with pytest.raises(ValueError, match=r"\['attention'\] always run in the runtime's graph.*allowed: dropout"):
+        fastllm.OptimizeConfig(passes=("rms_norm", "attention"))
+    with pytest.raises(ValueError, match=r"unknown pass name\(s\) \['rmsnorm'\]; allowed: dropout, rms_norm"):
+        fastllm.OptimizeConfig(passes=("rmsnorm",))
+
+
+def test_run_passes_runs_the_canonical_order():
+    module = GatedMLP(24, 37, F.silu)
+    x = _rand(2, 3, 24)
+    expected = _eager(module, x)
+    seen = {}
+
+    def transform(gm, tensors):
+        seen["matches"] = run_passes(gm, tensors, WeightMerger(), ("qkv", "gated_mlp"))
+        seen["fused"] = op_histogram(gm)[0]
+        return gm
+
+    with torch.no_grad():
+        out = capture(module.forward, transform)(x)
+    # Run as given, qkv would merge gate/up into one plain linear and gated_mlp would find nothing.
+    assert list(seen["matches"].items()) == [("gated_mlp", 1), ("qkv", 0)]
+    assert seen["fused"] == {"silu_and_mul": 1}
+    torch.testing.assert_close(out, expected, **GEMM_MERGE)
+
+
+def test_run_passes_refuses_an_unknown_name_before_running_any():
+    class EvalDropout(nn.Module):
+        def forward(self, x):
+            return dropout.pattern(x, 0.1)
+
+    gm = torch.fx.symbolic_trace(EvalDropout())
+    with pytest.raises(ValueError, match=r"unknown pass name\(s\) \['fused_softmax'\]; allowed: dropout"):
+        run_passes(gm, {}, WeightMerger(), ("dropout", "fused_softmax"))
+    assert op_histogram(gm)[1] == {"dropout": 1}  # the dropout pass did not run either
+
+
+def test_optimize_with_passes_in_the_wrong_order_still_fuses_the_mlp(tmp_path):
+    model = build("llama", tmp_path)
+    layers = model.config.num_hidden_layers
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    fastllm.optimize(model, passes=("qkv", "gated_mlp"))  # warm-up captures the runtime's graph
+    runtime_graph = fastllm.explain(model).matches
+    assert runtime_graph == {"gated_mlp": layers, "qkv": layers, "attention": layers, "skinny_linear": 0}
+    logits = model(ids).logits  # captures optimize()'s drop-in graph
+    report = fastllm.explain(model)
+    assert report.matches == {"gated_mlp": layers, "qkv": layers}
+    assert "silu" not in report.unfused_ops
+    # fp32 on the CPU: the reference ops and merged GEMMs, as test_parity.py allows.
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _fake_pass(name, after=(), before=(), runtime=False):
+    return types.SimpleNamespace(NAME=name, RUNS_AFTER=after, RUNS_BEFORE=before, RUNTIME_REQUIRED=runtime)
+
+
+def test_a_declared_cycle_is_refused():
+    passes = [
+        _fake_pass("a", before=("b",)),
+        _fake_pass("b", after=("a",)),
+        _fake_pass("c", after=("b",), before=("a",)),  # a → b → c → a
+        _fake_pass("d", after=("c",)),  # stuck behind the cycle, but not on it
+        _fake_pass("e"),
+    ]
+    with pytest.raises(ValueError, match=r"form a cycle: a -> b -> c -> a$"):
+        registry.PassRegistry(passes)
+    with pytest.raises(ValueError, match=r"form a cycle: x -> x$"):
+        registry.PassRegistry([_fake_pass("x", after=("x",))])
+
+
+def test_bad_declarations_are_refused():
+    with pytest.raises(ValueError, match=r"pass 'a' declares RUNS_AFTER 'qvk', which is no registered pass"):
+        registry.PassRegistry([_fake_pass("a", after=("qvk",))])
+    with pytest.raises(ValueError, match="two pass modules declare NAME 'a'"):
+        registry.PassRegistry([_fake_pass("a"), _fake_pass("a")])
+    with pytest.raises(ValueError, match="RUNS_BEFORE must be a tuple of pass names"):
+        registry.PassRegistry([_fake_pass("a", before="b"), _fake_pass("b")])
+
+
+def test_a_registry_of_fake_passes_resolves_like_the_real_one():
+    fake = registry.PassRegistry([_fake_pass("late", after=("early",)), _fake_pass("early"),
+                                  _fake_pass("always", after=("late",), runtime=True)])
+    assert fake.order == ("early", "late", "always")
+    assert fake.selectable == ("early", "late") and fake.runtime_required == ("always",)
+    assert fake.resolve(("late",)) == ("late", "always")
+    assert fake.select(("late", "early")) == ("early", "late")
+    with pytest.raises(ValueError, match=r"\['always'\] always run in the runtime's graph"):
+        fake.select(("always",))
+    with pytest.raises(ValueError, match="sequence of pass names, got the string 'late'"):
+        fake.resolve("late")

@@ -1,5 +1,6 @@
 """Fusion passes over a captured graph. Each pass lives in its own module with `pattern()` (what it
-matches, in plain PyTorch), `replacement()` (what it becomes) and `apply(ctx) -> number of matches`."""
+matches, in plain PyTorch), `replacement()` (what it becomes), `apply(ctx) -> number of matches`, and its
+`NAME` and order constraints, from which `registry.py` derives the one order the passes run in."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from collections import Counter
 from torch import fx
 
 from fastllm import kernels
-from fastllm.passes import attention, dropout, gated_mlp, layer_norm, qkv, rms_norm, rotary, skinny_linear
+from fastllm.passes import registry
 from fastllm.passes._context import PassContext, WeightMerger
 from fastllm.passes._graph import eliminate_dead_code
 
-# Passes a user can choose (OptimizeConfig.passes); the runtime adds "attention" for its paged-cache graph,
-# and "skinny_linear" (small-batch GEMMs), which pays off where decode buckets are CUDA graphs.
-PASSES = {module.NAME: module for module in (dropout, rms_norm, layer_norm, rotary, gated_mlp, qkv)}
-RUNTIME_PASSES = {**PASSES, attention.NAME: attention, skinny_linear.NAME: skinny_linear}
+# Which passes run, and in what order, is registry.py's business; these are its answers, re-exported.
+ALL_PASSES = registry.ALL_PASSES              # user-selectable, in canonical order
+RUNTIME_REQUIRED = registry.RUNTIME_REQUIRED  # added to every selection on the runtime's graph
+resolve_passes = registry.resolve_passes      # selection -> every pass to run on the compiled step, in order
 
 FUSED_OPS = {
     kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
@@ -29,20 +30,19 @@ _BOOKKEEPING = {
 }
 
 
-def resolve_passes(selected: tuple[str, ...]) -> tuple[str, ...]:
-    """The passes to run for a user's selection, in order, with the ones the runtime requires."""
-    return (*selected, "attention", "skinny_linear")
-
-
 def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...],
                model_config: object | None = None, step_context: int | None = None) -> dict[str, int]:
-    """Apply the passes `names` in order; returns matches per pass. `step_context`: the id of the StepContext that
-    the attention ops emitted into this graph read (the compile step's)."""
+    """Apply the passes `names` in their canonical order (the order given does not matter; see registry.py).
+
+    Runs exactly `names`, adding none: for the compiled step callers pass `resolve_passes(selection)`.
+    `step_context`: the id of the StepContext that the attention ops emitted into this graph read.
+    Returns the matches per pass, in the order the passes ran. Raises ValueError for an unknown name.
+    """
     ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config, step_context=step_context)
-    counts = {name: RUNTIME_PASSES[name].apply(ctx) for name in names}
+    counts = {name: registry.REGISTRY.module(name).apply(ctx) for name in registry.order_passes(names)}
     if "attention" in names:
-        # The model's mask construction now feeds nothing; the drop-in graph keeps HF's in-place cache
-        # updates, so only the runtime graph (which has none) is swept.
+        # The model's mask construction now feeds nothing (the runtime's metadata replaced the masks). Only a graph
+        # whose attention was paged is swept: one that still calls HF's attention may hold in-place updates.
         eliminate_dead_code(gm.graph)
     gm.graph.lint()
     gm.recompile()
@@ -56,7 +56,8 @@ def op_histogram(gm: fx.GraphModule) -> tuple[Counter, Counter]:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
         if node.target in FUSED_OPS:
-            fused[node.target.__name__] += 1
+            # A registered op's overload (`step_attention.default`) is named by its op.
+            fused[getattr(node.target, "_opname", None) or node.target.__name__] += 1
             continue
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         if name not in _BOOKKEEPING:

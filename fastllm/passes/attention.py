@@ -27,6 +27,11 @@ from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg, erase_dead, fake
 
 NAME = "attention"
+# After rotary: when q and k come from its kernel, the rotation moves into the attention op.
+RUNS_AFTER: tuple[str, ...] = ("rotary",)
+RUNS_BEFORE: tuple[str, ...] = ()
+# The runtime's graph always runs it (the paged KV cache is written here); optimize()'s drop-in graph never.
+RUNTIME_REQUIRED = True
 
 
 def pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -14,6 +14,11 @@ from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg, is_op
 
 NAME = "dropout"
+# First: an eval-mode dropout is an identity that can sit inside any chain another pass matches (GPT-2's
+# residual add goes through one, eager attention's probabilities through another).
+RUNS_AFTER: tuple[str, ...] = ()
+RUNS_BEFORE: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "attention", "skinny_linear")
+RUNTIME_REQUIRED = False
 
 
 def pattern(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -20,6 +20,9 @@ from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg, erase_dead, fake, is_last_dim, is_op, live_nodes, other_operand
 
 NAME = "gated_mlp"
+RUNS_AFTER: tuple[str, ...] = ()
+RUNS_BEFORE: tuple[str, ...] = ()  # qkv and skinny_linear declare they run after this one
+RUNTIME_REQUIRED = False
 
 
 def pattern(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,9 @@ from fastllm.passes._graph import arg, erase_dead, fake, is_op
 from fastllm.passes.rms_norm import _residual_operands
 
 NAME = "layer_norm"
+RUNS_AFTER: tuple[str, ...] = ()
+RUNS_BEFORE: tuple[str, ...] = ()
+RUNTIME_REQUIRED = False
 
 
 def pattern(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,6 +21,11 @@ from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg, erase_dead, is_op
 
 NAME = "qkv"
+# After gated_mlp: this pass merges any linears sharing an input, so it would take gate/up first and leave
+# a plain merged linear that gated_mlp no longer matches. (skinny_linear declares it runs after this pass.)
+RUNS_AFTER: tuple[str, ...] = ("gated_mlp",)
+RUNS_BEFORE: tuple[str, ...] = ()
+RUNTIME_REQUIRED = False
 
 
 def pattern(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor, w_v: torch.Tensor):

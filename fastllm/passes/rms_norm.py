@@ -36,6 +36,9 @@ from fastllm.passes._graph import (
 )
 
 NAME = "rms_norm"
+RUNS_AFTER: tuple[str, ...] = ()
+RUNS_BEFORE: tuple[str, ...] = ()
+RUNTIME_REQUIRED = False
 
 
 def pattern(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

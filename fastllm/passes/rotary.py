@@ -29,6 +29,9 @@ from fastllm.passes._graph import (
 )
 
 NAME = "rotary"
+RUNS_AFTER: tuple[str, ...] = ()
+RUNS_BEFORE: tuple[str, ...] = ()  # attention declares it runs after this one
+RUNTIME_REQUIRED = False
 
 
 def pattern(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

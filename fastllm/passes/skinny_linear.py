@@ -17,6 +17,12 @@ from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg, fake, is_op
 
 NAME = "skinny_linear"
+# After every pass that merges or replaces linears: they match `linear` calls, which this pass turns into
+# skinny_linear calls, and this pass must see the merged GEMMs they leave.
+RUNS_AFTER: tuple[str, ...] = ("gated_mlp", "qkv")
+RUNS_BEFORE: tuple[str, ...] = ()
+# Always run on the runtime's graph (never on optimize()'s drop-in one), where decode steps are CUDA graphs.
+RUNTIME_REQUIRED = True
 
 
 def pattern(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
