@@ -196,6 +196,21 @@ def _presence_frequency(scores: torch.Tensor, counts: list[dict[int, int]], pres
     scores[index] = scores[index] - (count * per_row[0] + per_row[1])
 
 
+def _seen_ids(row: RowContext, vocab: int) -> list[int]:
+    """The distinct prompt and output ids the repetition penalty acts on; [] when it is off. Ids past the
+    logits' vocabulary are left out (HF drops them too)."""
+    if row.params.repetition_penalty == 1.0:
+        return []
+    return sorted({t for t in (*row.prompt_token_ids, *row.output_token_ids) if 0 <= t < vocab})
+
+
+def _output_counts(row: RowContext, vocab: int) -> dict[int, int]:
+    """How often each id was generated, for the presence/frequency penalties; {} when both are off."""
+    if not (row.params.presence_penalty or row.params.frequency_penalty):
+        return {}
+    return Counter(t for t in row.output_token_ids if 0 <= t < vocab)
+
+
 def _masked_and_penalized(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     """logits [N, V] after masks, repetition penalty, presence/frequency penalties: a copy when any row
     changes, else `logits` itself (never modified: logprobs are taken from the raw logits).
@@ -206,10 +221,8 @@ def _masked_and_penalized(logits: torch.Tensor, rows: list[RowContext]) -> torch
     vocab = logits.shape[-1]
     # Ids past the model's vocabulary (a config's EOS, a larger tokenizer's word) can never be sampled.
     banned = [sorted({t for t in banned_token_ids(r) if 0 <= t < vocab}) for r in rows]
-    seen = [sorted({t for t in (*r.prompt_token_ids, *r.output_token_ids) if 0 <= t < vocab})
-            if r.params.repetition_penalty != 1.0 else [] for r in rows]
-    counts = [Counter(t for t in r.output_token_ids if 0 <= t < vocab)
-              if r.params.presence_penalty or r.params.frequency_penalty else {} for r in rows]
+    seen = [_seen_ids(r, vocab) for r in rows]
+    counts = [_output_counts(r, vocab) for r in rows]
     if not (any(banned) or any(seen) or any(counts)):
         return logits
     scores = logits.clone(memory_format=torch.contiguous_format)
@@ -223,15 +236,11 @@ def _masked_and_penalized(logits: torch.Tensor, rows: list[RowContext]) -> torch
 def apply_penalties(scores: torch.Tensor, row: RowContext) -> torch.Tensor:
     """One row's scores [V], in place, after its repetition (prompt + output) and presence and frequency
     (output) penalties; returns `scores`. The same code as `sample_tokens` (the batch of one row)."""
-    vocab = scores.shape[-1]
-    p = row.params
+    vocab, p = scores.shape[-1], row.params
     batch = scores[None]  # a view: the edits land in `scores`
-    if p.repetition_penalty != 1.0:
-        seen = sorted({t for t in (*row.prompt_token_ids, *row.output_token_ids) if 0 <= t < vocab})
-        _repetition_penalty(batch, [seen], [float(p.repetition_penalty)])
-    if p.presence_penalty or p.frequency_penalty:
-        counts = Counter(t for t in row.output_token_ids if 0 <= t < vocab)
-        _presence_frequency(batch, [counts], [float(p.presence_penalty)], [float(p.frequency_penalty)])
+    _repetition_penalty(batch, [_seen_ids(row, vocab)], [float(p.repetition_penalty)])
+    _presence_frequency(batch, [_output_counts(row, vocab)], [float(p.presence_penalty)],
+                        [float(p.frequency_penalty)])
     return scores
 
 

@@ -137,7 +137,7 @@ class SamplingParams:
         ):
             value = getattr(self, name)
             if not _is_finite_number(value) or not ok(value):
-                raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
+                raise ValueError(f"{name} must be {allowed} and finite, got {value!r}")
 
     def _validate_lists(self) -> None:
         if isinstance(self.stop, str):
