@@ -1,93 +1,21 @@
-"""Turn a step's logits into next tokens.
+"""Turn a step's logits into next tokens: one batched sampler for every entry point.
 
-Two front ends over the same ideas:
-- `sample()` with `SamplingOptions`, for the HF-compatible generate(): Hugging Face's processors and order
-  (repetition penalty, then when sampling temperature, top-k, top-p and min-p; then argmax or a
-  multinomial draw from the softmax).
-- `sample_rows()` with one `SamplingParams` per row, for the `LLM` engine: vLLM's fields and order, per-row
-  values in one batch, presence/frequency penalties, bad words, min_tokens masking, per-request seeds and
-  logprobs.
+`sample_tokens()` / `sample_rows()` take one `SamplingParams` per row (vLLM's fields): Hugging Face's logits
+processing and order reproduced exactly (HF's generate() maps its generation config onto these rows), vectorized
+over the batch with per-row values, plus presence/frequency penalties, bad words, min_tokens masking, per-request
+seeds and logprobs.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from fastllm.runtime.sampling_params import SamplingParams
 
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature is not None and self.temperature <= 0 and self.do_sample:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-
-def needs_history(options: SamplingOptions) -> bool:
-    """Whether the tokens seen so far matter (building them costs a host-to-device copy per row and step)."""
-    return options.repetition_penalty not in (None, 1.0)
-
-
-def process_logits(logits: torch.Tensor, options: SamplingOptions, history: torch.Tensor) -> torch.Tensor:
-    """One row's scores after the processors: logits [V] fp32, history [n] the tokens seen so far."""
-    scores = logits
-    if options.repetition_penalty not in (None, 1.0):
-        seen = scores.gather(0, history)
-        seen = torch.where(seen < 0, seen * options.repetition_penalty, seen / options.repetition_penalty)
-        scores = scores.scatter(0, history, seen)
-    if not options.do_sample:
-        return scores
-    if options.temperature not in (None, 1.0):
-        scores = scores / options.temperature
-    if options.top_k:
-        k = min(options.top_k, scores.shape[-1])
-        threshold = torch.topk(scores, k).values[-1]
-        scores = scores.masked_fill(scores < threshold, -float("inf"))
-    if options.top_p is not None and options.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)
-        remove = cumulative <= 1 - options.top_p
-        remove[-1] = False  # keep at least one token
-        scores = scores.masked_fill(remove.scatter(0, order, remove), -float("inf"))
-    if options.min_p:
-        probs = scores.softmax(-1)
-        scores = scores.masked_fill(probs < options.min_p * probs.max(), -float("inf"))
-    return scores
-
-
-def sample(logits: torch.Tensor, options: list[SamplingOptions], histories: list[torch.Tensor | None],
-           generators: list[torch.Generator | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next tokens [N], processed scores [N, V]) for logits [N, V]; histories only where `needs_history`."""
-    if not any(o.do_sample or needs_history(o) for o in options):
-        return logits.argmax(-1), logits  # plain greedy: one kernel for the whole batch
-    scores = torch.stack([process_logits(logits[i], options[i], histories[i]) for i in range(len(options))])
-    tokens = scores.argmax(-1)
-    for i, opt in enumerate(options):
-        if opt.do_sample:
-            probs = scores[i].softmax(-1)
-            generator = generators[i] if generators else None
-            tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
-    return tokens, scores
-
-
-# ---- LLM engine: per-request SamplingParams (vLLM semantics) ---------------------------------------------
+# ---- Batched sampler: one SamplingParams per row (vLLM's fields, Hugging Face's processing) ---------------
 
 
 @dataclass
@@ -134,23 +62,6 @@ def banned_token_ids(row: RowContext) -> list[int]:
     return banned
 
 
-def apply_penalties(scores: torch.Tensor, row: RowContext) -> torch.Tensor:
-    """One row's scores [V] after repetition (prompt + output), presence and frequency (output) penalties.
-
-    The OpenAI / vLLM definition: score -= presence * (count > 0) + frequency * count, counts over the
-    generated tokens; repetition divides positive scores and multiplies negative ones (HF, CTRL paper).
-    """
-    p = row.params
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(row.prompt_token_ids + row.output_token_ids, device=scores.device).unique()
-        values = scores[seen]
-        scores[seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
-        counts = torch.bincount(torch.tensor(row.output_token_ids, device=scores.device), minlength=scores.shape[-1])
-        scores -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-    return scores
-
-
 def on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list as a device tensor without waiting for the GPU: on CUDA through pinned memory (a copy
     from pageable memory would first wait for every queued kernel, which async scheduling must not)."""
@@ -160,86 +71,215 @@ def on_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _truncate(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
-    """Top-k, then top-p, then min-p over already temperature-scaled scores [N, V], each row its own values.
-    Which filters run is decided on the host (a device-side `.any()` would wait for the GPU)."""
-    vocab = scores.shape[-1]
-    k_values = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
-    p_values = [float(r.params.top_p) for r in rows]
-    min_values = [float(r.params.min_p) for r in rows]
-    if any(k < vocab for k in k_values) or any(p < 1 for p in p_values):
-        top_k = on_device(k_values, torch.long, scores.device)
-        top_p = on_device(p_values, scores.dtype, scores.device)
-        ordered, order = scores.sort(-1, descending=True)
-        rank = torch.arange(vocab, device=scores.device)
-        remove = rank >= top_k[:, None]
-        ordered = ordered.masked_fill(remove, -float("inf"))
-        probs = ordered.softmax(-1)
-        # Drop a token once the tokens ranked above it already hold top_p of the mass (the top one never is).
-        remove |= (probs.cumsum(-1) - probs) >= top_p[:, None]
-        remove[:, 0] = False
-        scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    if any(m > 0 for m in min_values):
-        min_p = on_device(min_values, scores.dtype, scores.device)
-        probs = scores.softmax(-1)
-        scores = scores.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, -float("inf"))
-    return scores
+def _has_penalties(params: SamplingParams) -> bool:
+    return bool(params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty)
 
 
 def needs_host_history(row: RowContext) -> bool:
     """Whether sampling this row reads its tokens so far or reports logprobs (asynchronous scheduling samples
     only rows that do not, since their newest token is still on the device)."""
-    p = row.params
-    return bool(row.bad_words_token_ids or p.logprobs is not None or p.repetition_penalty != 1.0
-                or p.presence_penalty or p.frequency_penalty)
+    return bool(row.bad_words_token_ids or row.params.logprobs is not None or _has_penalties(row.params))
 
 
-def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *, return_scores: bool = False):
-    """Next token of each row of `logits` [N, V] fp32 under its own SamplingParams.
+# -- masks and penalties: sparse edits of the rows that have any, built on the host, one device op each --
 
-    Order (vLLM's): masks (bad words, min_tokens), penalties, temperature, top-k, top-p, min-p, then argmax
-    for greedy rows (temperature 0) or a draw for the others. A draw is argmax(probs / E) with E ~ Exp(1)
-    per token (an exact sample of the categorical distribution); a seeded row draws its E from its own
-    generator, once per sampled token, so its tokens depend only on its seed and its logits, never on the
-    batch it shares. Unseeded rows draw theirs from the global RNG in one call.
+
+def _entries(scores: torch.Tensor, rows: list[int], ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index [M], token id [M]) on the device, for advanced indexing of scores [N, V]."""
+    both = on_device([rows, ids], torch.long, scores.device)
+    return both[0], both[1]
+
+
+def _mask(scores: torch.Tensor, banned: list[list[int]]) -> None:
+    """scores [N, V] in place: -inf at each row's banned ids (HF's NoBadWords / MinNewTokensLength masks)."""
+    rows = [i for i, ids in enumerate(banned) for _ in ids]
+    if rows:
+        scores[_entries(scores, rows, [t for ids in banned for t in ids])] = -float("inf")
+
+
+def _repetition_penalty(scores: torch.Tensor, seen: list[list[int]], penalty: list[float]) -> None:
+    """scores [N, V] in place: HF's RepetitionPenaltyLogitsProcessor over each row's distinct `seen` ids:
+    a score s becomes s * p when s < 0, else s / p (each token once, however often it occurred)."""
+    rows = [i for i, ids in enumerate(seen) for _ in ids]
+    if not rows:
+        return
+    index = _entries(scores, rows, [t for ids in seen for t in ids])
+    p = on_device(penalty, scores.dtype, scores.device)[index[0]]  # fp32, as HF's python-float penalty
+    values = scores[index]
+    scores[index] = torch.where(values < 0, values * p, values / p)
+
+
+def _presence_frequency(scores: torch.Tensor, counts: list[dict[int, int]], presence: list[float],
+                        frequency: list[float]) -> None:
+    """scores [N, V] in place, the OpenAI definition over generated tokens: s -= count * frequency
+    + (count > 0) * presence. Only tokens with count > 0 change, so only those are touched."""
+    rows = [i for i, c in enumerate(counts) for _ in c]
+    if not rows:
+        return
+    index = _entries(scores, rows, [t for c in counts for t in c])
+    count = on_device([n for c in counts for n in c.values()], scores.dtype, scores.device)
+    per_row = on_device([frequency, presence], scores.dtype, scores.device)[:, index[0]]
+    scores[index] = scores[index] - (count * per_row[0] + per_row[1])
+
+
+def _seen_ids(row: RowContext, vocab: int) -> list[int]:
+    """The distinct prompt and output ids the repetition penalty acts on; [] when it is off. Ids past the
+    logits' vocabulary are left out (HF drops them too)."""
+    if row.params.repetition_penalty == 1.0:
+        return []
+    return sorted({t for t in (*row.prompt_token_ids, *row.output_token_ids) if 0 <= t < vocab})
+
+
+def _output_counts(row: RowContext, vocab: int) -> dict[int, int]:
+    """How often each id was generated, for the presence/frequency penalties; {} when both are off."""
+    if not (row.params.presence_penalty or row.params.frequency_penalty):
+        return {}
+    return Counter(t for t in row.output_token_ids if 0 <= t < vocab)
+
+
+def _masked_and_penalized(logits: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+    """logits [N, V] after masks, repetition penalty, presence/frequency penalties: a copy when any row
+    changes, else `logits` itself (never modified: logprobs are taken from the raw logits).
+
+    HF applies its repetition penalty before its masks; a mask sets -inf, which every penalty keeps at -inf
+    (-inf * p, -inf - a), so either order gives the same scores.
     """
     vocab = logits.shape[-1]
-    edited = any(r.masked_token_ids or r.bad_words_token_ids or r.params.repetition_penalty != 1.0
-                 or r.params.presence_penalty or r.params.frequency_penalty for r in rows)
-    scores = logits.clone() if edited else logits  # logits stay raw for logprobs; a large batch's copy costs
-    for i, row in enumerate(rows):
-        # Ids past the model's vocabulary (a config's EOS, a larger tokenizer's word) can never be sampled.
-        banned = [t for t in banned_token_ids(row) if t < vocab]
-        if banned:
-            scores[i].index_fill_(0, on_device(banned, torch.long, scores.device), -float("inf"))
-        p = row.params
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            apply_penalties(scores[i], row)
-    greedy = [r.params.temperature == 0 for r in rows]
-    tokens = scores.argmax(-1)
-    drawn = [i for i, g in enumerate(greedy) if not g]
-    processed = scores.clone() if return_scores else None
-    if drawn:
-        drawn_rows = on_device(drawn, torch.long, scores.device)
-        sub = scores.index_select(0, drawn_rows)
-        temperature = on_device([float(rows[i].params.temperature) for i in drawn], sub.dtype, sub.device)
-        sub = _truncate(sub / temperature[:, None], [rows[i] for i in drawn])
-        if processed is not None:
-            processed.index_copy_(0, drawn_rows, sub)
-        noise = torch.empty_like(sub)
-        unseeded = [j for j, i in enumerate(drawn) if rows[i].generator is None]
-        if len(unseeded) == len(drawn):
-            noise.exponential_()
-        elif unseeded:
-            noise.index_copy_(0, on_device(unseeded, torch.long, sub.device),
-                              torch.empty(len(unseeded), sub.shape[-1], device=sub.device).exponential_())
-        for j, i in enumerate(drawn):
-            if rows[i].generator is not None:
-                noise[j].exponential_(generator=rows[i].generator)
-        # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
-        picked = (sub.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
-        tokens.index_copy_(0, drawn_rows, picked)
-    return (tokens, processed) if return_scores else tokens
+    # Ids past the model's vocabulary (a config's EOS, a larger tokenizer's word) can never be sampled.
+    banned = [sorted({t for t in banned_token_ids(r) if 0 <= t < vocab}) for r in rows]
+    seen = [_seen_ids(r, vocab) for r in rows]
+    counts = [_output_counts(r, vocab) for r in rows]
+    if not (any(banned) or any(seen) or any(counts)):
+        return logits
+    scores = logits.clone(memory_format=torch.contiguous_format)
+    _mask(scores, banned)
+    _repetition_penalty(scores, seen, [float(r.params.repetition_penalty) for r in rows])
+    _presence_frequency(scores, counts, [float(r.params.presence_penalty) for r in rows],
+                        [float(r.params.frequency_penalty) for r in rows])
+    return scores
+
+
+def apply_penalties(scores: torch.Tensor, row: RowContext) -> torch.Tensor:
+    """One row's scores [V], in place, after its repetition (prompt + output) and presence and frequency
+    (output) penalties; returns `scores`. The same code as `sample_tokens` (the batch of one row)."""
+    vocab, p = scores.shape[-1], row.params
+    batch = scores[None]  # a view: the edits land in `scores`
+    _repetition_penalty(batch, [_seen_ids(row, vocab)], [float(p.repetition_penalty)])
+    _presence_frequency(batch, [_output_counts(row, vocab)], [float(p.presence_penalty)],
+                        [float(p.frequency_penalty)])
+    return scores
+
+
+# -- warpers (sampled rows only), HF's order and rules: temperature, top-k, top-p, min-p --------------------
+# Per-row values go to the device as fp32: HF's processors take python floats, which torch rounds to the
+# tensor's fp32 before the op, so the same fp32 values give the same results. Which filters run is decided
+# on the host (a device-side `.any()` would wait for the GPU); a row that has a filter off gets a value that
+# removes nothing.
+
+
+def _top_k(scores: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """HF's TopKLogitsWarper per row: remove scores below the k-th largest (ties with it stay).
+    scores [N, V]; top_k per row, 0 for off."""
+    largest = scores.topk(max(top_k), -1).values  # [N, max k], descending
+    # A column of -inf after them: the threshold of a row without top-k, which removes nothing.
+    largest = torch.cat([largest, largest.new_full((largest.shape[0], 1), -float("inf"))], dim=-1)
+    column = on_device([k - 1 if k else largest.shape[1] - 1 for k in top_k], torch.long, scores.device)
+    return scores.masked_fill(scores < largest.gather(1, column[:, None]), -float("inf"))
+
+
+def _top_p(scores: torch.Tensor, top_p: list[float]) -> torch.Tensor:
+    """HF's TopPLogitsWarper per row: sort ascending, remove tokens whose cumulative probability (their own
+    and every less likely token's) is <= 1 - top_p; the most likely token always stays. So a token that
+    brings the kept mass exactly to top_p is the last one kept. scores [N, V]; top_p per row, 1 for off."""
+    # 1 - p in double then fp32, as HF's `cumulative <= (1 - top_p)` does. Off (p = 1) gets -1, not 0: a
+    # finite score whose probability underflows to 0 must keep its value, as it does when HF skips top-p.
+    threshold = on_device([1 - p if p < 1 else -1.0 for p in top_p], scores.dtype, scores.device)
+    ordered, order = scores.sort(-1)
+    remove = ordered.softmax(-1).cumsum(-1) <= threshold[:, None]
+    remove[:, -1] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+def _min_p(scores: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """HF's MinPLogitsWarper per row: remove tokens with probability < min_p * the largest probability.
+    scores [N, V]; min_p per row, 0 for off."""
+    probs = scores.softmax(-1)
+    bound = on_device(min_p, scores.dtype, scores.device)[:, None] * probs.amax(-1, keepdim=True)
+    return scores.masked_fill(probs < bound, -float("inf"))
+
+
+def _warp(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+    """Sampled rows' scores [N, V] after temperature, top-k, top-p, min-p, each row its own values; filtered
+    entries -inf. A new tensor when any of them runs, else `scores` itself (never modified)."""
+    vocab = scores.shape[-1]
+    params = [r.params for r in rows]
+    if any(p.temperature != 1.0 for p in params):  # HF skips 1.0; dividing by 1.0 would change nothing
+        scores = scores / on_device([float(p.temperature) for p in params], scores.dtype, scores.device)[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]  # k >= V keeps all, as in HF
+    if any(top_k):
+        scores = _top_k(scores, top_k)
+    if any(p.top_p < 1 for p in params):
+        scores = _top_p(scores, [float(p.top_p) for p in params])
+    if any(p.min_p > 0 for p in params):
+        scores = _min_p(scores, [float(p.min_p) for p in params])
+    return scores
+
+
+def _exponential_noise(like: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+    """E ~ Exp(1) of the shape of `like` [N, V]: a seeded row's from its own generator (V draws per sampled
+    token, so its tokens depend only on its seed and its scores, never on the batch), the other rows' from
+    the global RNG in one call."""
+    noise = torch.empty_like(like)
+    unseeded = [j for j, r in enumerate(rows) if r.generator is None]
+    if len(unseeded) == len(rows):
+        noise.exponential_()
+    elif unseeded:
+        fresh = torch.empty(len(unseeded), like.shape[-1], dtype=like.dtype, device=like.device).exponential_()
+        noise.index_copy_(0, on_device(unseeded, torch.long, like.device), fresh)
+    for j, row in enumerate(rows):
+        if row.generator is not None:
+            noise[j].exponential_(generator=row.generator)
+    return noise
+
+
+def _draw(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
+    """One token per row [N] from softmax(scores [N, V]): argmax(probs / E) with E ~ Exp(1) per token, an
+    exact sample of the categorical distribution (token i wins with probability probs_i)."""
+    noise = _exponential_noise(scores, rows)
+    # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
+    return (scores.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+
+
+def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *,
+                  return_scores: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Next token [N] (int64, on the device) of each row of `logits` [N, V] fp32 under its own SamplingParams;
+    with `return_scores`, (tokens, scores [N, V]).
+
+    Hugging Face's processing, in HF's order (which is also vLLM's): masks (min_tokens stop ids, bad words),
+    repetition penalty (prompt + output), presence/frequency penalties (output); then greedy rows
+    (temperature 0) take the argmax, and sampled rows go through temperature, top-k, top-p, min-p and a
+    draw (`_draw`; seeded rows from their own generator). `scores` are what HF's
+    `generate(output_scores=True)` reports: the penalized logits for greedy rows, the warped ones (filtered
+    entries -inf) for sampled rows; `logits` itself when no row changes it. `logits` is never modified.
+    No host syncs: per-row values reach the device through `on_device`.
+    """
+    scores = _masked_and_penalized(logits, rows)
+    drawn = [i for i, r in enumerate(rows) if r.params.temperature != 0]
+    if not drawn:
+        tokens = scores.argmax(-1)
+        return (tokens, scores) if return_scores else tokens
+    drawn_rows = [rows[i] for i in drawn]
+    if len(drawn) == len(rows):
+        warped = _warp(scores, drawn_rows)
+        tokens = _draw(warped, drawn_rows)
+        return (tokens, warped) if return_scores else tokens
+    index = on_device(drawn, torch.long, scores.device)
+    warped = _warp(scores.index_select(0, index), drawn_rows)
+    tokens = scores.argmax(-1).index_copy_(0, index, _draw(warped, drawn_rows))
+    if not return_scores:
+        return tokens
+    processed = scores.clone() if scores is logits else scores  # `scores` is ours to edit unless it is logits
+    return tokens, processed.index_copy_(0, index, warped)
 
 
 def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+MAX_N = 128  # completions per prompt (OpenAI's bound)
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's bound, vLLM's default)
+MAX_STOP_STRINGS = 64
+MAX_STOP_TOKEN_IDS = 64
+MAX_BAD_WORDS = 64
+MAX_STRING_LENGTH = 1024  # characters of one stop string or bad word
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
 def _is_int(value: object) -> bool:
@@ -13,32 +22,56 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: object) -> bool:
+    """A number that is neither NaN nor infinite, nor an int too large to become a float."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_strings(name: str, strings: list[str], most: int) -> None:
+    if len(strings) > most:
+        raise ValueError(f"{name} must have at most {most} entries, got {len(strings)}")
+    longest = max(strings, key=len, default="")
+    if len(longest) > MAX_STRING_LENGTH:
+        raise ValueError(f"{name} entries must be at most {MAX_STRING_LENGTH} characters each, "
+                         f"got one of {len(longest)}")
+
+
 @dataclass
 class SamplingParams:
     """Sampling settings of one request (vLLM's names and semantics).
 
     Args:
-        n: completions per prompt, sampled independently (with a seed, completion i uses `seed + i`).
+        n: completions per prompt, in [1, MAX_N], sampled independently (with a seed, completion i uses
+            `completion_seed(i)`: `seed + i` modulo 2**64).
         max_tokens: most new tokens per completion (>= 1); None runs until the context is full.
         min_tokens: new tokens before EOS or a `stop_token_ids` token may end the completion; until then
             those tokens are masked out of the distribution.
         temperature: > 0 samples from softmax(logits / temperature); 0 is greedy (argmax).
         top_k: keep the k most likely tokens; 0 or -1 keeps all.
-        top_p: keep the smallest set of most likely tokens whose probability reaches top_p; in (0, 1].
+        top_p: keep the smallest set of most likely tokens whose probability reaches top_p; in (0, 1]
+            (Hugging Face's rule at the boundary: see `sampler._top_p`).
         min_p: drop tokens less likely than min_p times the most likely one; in [0, 1].
         repetition_penalty: > 0; scores of tokens in the prompt or the output are divided by it when
             positive and multiplied when negative (1 = off).
         presence_penalty: in [-2, 2]; subtracted once from the score of every token already generated.
         frequency_penalty: in [-2, 2]; subtracted from a token's score once per time it was generated.
-        seed: a per-request random seed: the request draws from its own generator, so its samples do not
-            depend on which other requests share its batches.
-        stop: string(s) that end the completion; the returned text stops before the stop string.
-        stop_token_ids: token ids that end the completion (kept in `token_ids`), even with `ignore_eos`.
-        bad_words: words never generated. A word of one token is masked always; for a longer word, its last
-            token is masked when the tokens before it end the sequence so far.
-        logprobs: return, for each sampled token, the log-probabilities of the `logprobs` most likely tokens
-            and of the sampled one, under the model's raw distribution (before penalties, temperature and
-            truncation: vLLM's default). None returns none.
+        seed: a per-request random seed in [0, 2**64 - 1]: the request draws from its own generator, so its
+            samples do not depend on which other requests share its batches.
+        stop: string(s) that end the completion; the returned text stops before the stop string. At most
+            MAX_STOP_STRINGS strings of at most MAX_STRING_LENGTH characters.
+        stop_token_ids: token ids that end the completion (kept in `token_ids`), even with `ignore_eos`; at most
+            MAX_STOP_TOKEN_IDS.
+        bad_words: words never generated (at most MAX_BAD_WORDS, each at most MAX_STRING_LENGTH characters).
+            A word of one token is masked always; for a longer word, its last token is masked when the tokens
+            before it end the sequence so far.
+        logprobs: in [0, MAX_LOGPROBS]: return, for each sampled token, the log-probabilities of the `logprobs`
+            most likely tokens and of the sampled one, under the model's raw distribution (before penalties,
+            temperature and truncation: vLLM's default). None returns none.
         ignore_eos: keep generating after the model's EOS token (until `max_tokens` or a stop condition).
     """
 
@@ -63,59 +96,80 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field; raises ValueError naming the field and its allowed range.
+        """Check every field; raises ValueError naming the field, what was wrong and what is allowed.
 
         `LLM.generate` calls it again per request, so a field changed after construction fails that
-        request alone.
+        request alone. The bounds on `n`, `logprobs`, `stop`, `stop_token_ids` and `bad_words` keep one request
+        from asking for unbounded work (this is also what the HTTP server validates against).
         """
-        for name, minimum in (("n", 1), ("max_tokens", 1), ("min_tokens", 0)):
-            value = getattr(self, name)
-            if name == "max_tokens" and value is None:
-                continue
-            if not _is_int(value) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}"
-                                 + (" or None" if name == "max_tokens" else "") + f", got {value!r}")
-        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        self._validate_counts()
+        self._validate_floats()
         if not _is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"top_k must be an integer >= 1, or 0 / -1 to disable, got {self.top_k!r}")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be None or an integer in [0, 2**64 - 1], got {self.seed!r}")
+        self._validate_lists()
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+    def _validate_counts(self) -> None:
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+
+    def _validate_floats(self) -> None:
+        """Every float field must be a finite number in its range: NaN compares False with everything, so a
+        plain range check lets it through (temperature=nan would sample from NaN scores)."""
+        for name, allowed, ok in (
+            ("temperature", ">= 0 (0 = greedy)", lambda v: v >= 0),
+            ("top_p", "in (0, 1]", lambda v: 0 < v <= 1),
+            ("min_p", "in [0, 1]", lambda v: 0 <= v <= 1),
+            ("repetition_penalty", "> 0 (1 = off)", lambda v: v > 0),
+            ("presence_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2),
+            ("frequency_penalty", "in [-2, 2]", lambda v: -2 <= v <= 2),
+        ):
             value = getattr(self, name)
-            if not _is_number(value) or not -2 <= value <= 2:
-                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+            if not _is_finite_number(value) or not ok(value):
+                raise ValueError(f"{name} must be {allowed} and finite, got {value!r}")
+
+    def _validate_lists(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
             self.stop = list(self.stop)
             if not all(isinstance(s, str) and s for s in self.stop):
                 raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+            _check_strings("stop", self.stop, MAX_STOP_STRINGS)
         if self.stop_token_ids is not None:
             self.stop_token_ids = list(self.stop_token_ids)
             if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
                 raise ValueError(f"stop_token_ids must be integers >= 0, got {self.stop_token_ids!r}")
+            if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+                raise ValueError(f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} entries, "
+                                 f"got {len(self.stop_token_ids)}")
         if self.bad_words is not None:
             if isinstance(self.bad_words, str):
                 raise ValueError(f"bad_words must be a list of strings, got the string {self.bad_words!r}")
             self.bad_words = list(self.bad_words)
             if not all(isinstance(w, str) and w for w in self.bad_words):
                 raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+            _check_strings("bad_words", self.bad_words, MAX_BAD_WORDS)
 
     def completion_seed(self, index: int) -> int:
-        return (self.seed + index) % 2**64
+        """The seed of completion `index` (0 <= index < n): `seed + index`, wrapped into [0, 2**64 - 1] so that
+        `torch.Generator.manual_seed` accepts it for every valid seed."""
+        if self.seed is None:
+            raise ValueError("completion_seed needs a seed; this SamplingParams has seed=None")
+        if not _is_int(index) or index < 0:
+            raise ValueError(f"index must be an integer >= 0, got {index!r}")
+        return (self.seed + index) % (MAX_SEED + 1)
 
     @property
     def greedy(self) -> bool:
