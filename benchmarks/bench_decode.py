@@ -108,8 +108,8 @@ def _startup_s(model, **options) -> tuple[float, dict]:
     fastllm.optimize(model, max_num_seqs=8, **options)
     _timed_generate(model, _prompt(128, model.config.vocab_size), 1)
     seconds = time.perf_counter() - start
-    runner = model._fastllm_state.runtime.runner
-    return seconds, {**runner.startup_seconds, "graph_from_cache": runner.graph_from_cache}
+    state = model._fastllm_state
+    return seconds, {**state.startup_seconds, "graph_from_cache": state.compiled.from_graph_cache}
 
 
 def _record_warm_startup(name: str, out_dir: str) -> None:

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     total = time.perf_counter() - start
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(30)
-    runner = model._fastllm_state.runtime.runner
+    runner = model._fastllm_state.core.runner
     head = f"startup under cProfile {total:.1f} s; CUDA graph capture {runner.cuda_graph_seconds:.1f} s\n"
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

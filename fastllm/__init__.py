@@ -8,14 +8,13 @@
 Importing fastllm does not initialise CUDA.
 """
 
+from fastllm._version import __version__
 from fastllm.config import ALL_PASSES, OptimizeConfig
 from fastllm.entrypoints.async_llm import AsyncLLM
 from fastllm.entrypoints.llm import LLM
 from fastllm.explain import Report, explain
 from fastllm.optimize import optimize
 from fastllm.runtime.sampling_params import SamplingParams
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ALL_PASSES", "AsyncLLM", "LLM", "OptimizeConfig", "Report", "SamplingParams", "explain", "optimize", "__version__",

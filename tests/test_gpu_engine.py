@@ -61,5 +61,5 @@ def test_generate_with_async_scheduling_equals_hf_on_gpu(tmp_path):
     expected = model.generate(ids, **kwargs)
     fastllm.optimize(model, num_kv_tokens=8192, async_scheduling=True)
     assert torch.equal(model.generate(ids, **kwargs), expected)
-    pool = model._fastllm_state.runtime.runner.pool
+    pool = model._fastllm_state.core.runner.pool
     assert pool.num_free_blocks == pool.num_blocks

@@ -91,7 +91,7 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
                   return_dict_in_generate=True, output_scores=True)
     expected = model.generate(ids, **kwargs)
     fastllm.optimize(model, **SMALL_CACHE)
-    runner = model._fastllm_state.runtime.runner
+    runner = model._fastllm_state.core.runner
     assert runner.use_cuda_graph and runner._graphs
     ours = model.generate(ids, **kwargs)
     assert torch.equal(ours.sequences, expected.sequences)

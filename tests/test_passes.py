@@ -30,6 +30,7 @@ from fastllm.capture import capture
 from fastllm.passes import (
     ALL_PASSES,
     RUNTIME_REQUIRED,
+    attention,
     dropout,
     gated_mlp,
     layer_norm,
@@ -386,8 +387,7 @@ def test_passes_call_the_public_kernels():
 
 
 # --- replacement() computes what pattern() does -----------------------------------------------------------
-# Each case: (pattern's output, replacement's output, tolerance) on random inputs. The attention pass is left
-# out here: the lead, who is moving it onto a registered custom op, adds its case with that op.
+# Each case: (pattern's output, replacement's output, tolerance) on random inputs.
 
 def _dropout_case():
     x = _rand(3, 8)
@@ -427,7 +427,29 @@ def _skinny_linear_case(dtype):
     return skinny_linear.pattern(x, w), skinny_linear.replacement(x, w), EXACT  # F.linear on the CPU
 
 
+def _attention_case():
+    """One causal sequence of 7 tokens through the paged op: its K/V written to a 4-slot-block cache, then attended
+    over through the block table (grouped-query: 4 query heads over 2 KV heads)."""
+    from fastllm.kernels.step_attention import AttentionMetadata, StepContext
+
+    tokens, q_heads, kv_heads, head_dim, block_size = 7, 4, 2, 16, 4
+    q, k, v = _rand(1, q_heads, tokens, head_dim), _rand(1, kv_heads, tokens, head_dim), _rand(1, kv_heads, tokens,
+                                                                                                head_dim)
+    caches = [(torch.full((3, block_size, kv_heads, head_dim), float("nan")),
+               torch.full((3, block_size, kv_heads, head_dim), float("nan")))]  # unwritten slots are never read
+    metadata = AttentionMetadata(slot_mapping=torch.tensor([4, 5, 6, 7, 0, 1, 2]),  # blocks 1 then 0
+                                 block_tables=torch.tensor([[1, 0]], dtype=torch.int32),
+                                 seq_lens=torch.tensor([tokens], dtype=torch.int32),
+                                 cu_seqlens_q=torch.tensor([0, tokens], dtype=torch.int32), max_seqlen_q=tokens)
+    context = StepContext()
+    with context.step(metadata, caches):
+        got = attention.replacement(q, k, v, context.id, 0, 0.25)
+    # fp32: the reference paged attention sums in another order than SDPA (softmax over gathered blocks).
+    return attention.pattern(q, k, v, 0.25), got, GEMM_MERGE
+
+
 REPLACEMENT_CASES = {
+    "attention": _attention_case,
     "dropout": _dropout_case,
     "rms_norm": _rms_norm_case,
     "layer_norm": _layer_norm_case,
@@ -452,9 +474,9 @@ def test_replacement_computes_pattern(case):
         torch.testing.assert_close(g, e, **tolerance)
 
 
-def test_every_pass_but_attention_has_a_replacement_case():
+def test_every_pass_has_a_replacement_case():
     covered = {case.split("[")[0] for case in REPLACEMENT_CASES}
-    assert covered == set(registry.REGISTRY.order) - {"attention"}  # attention: the lead adds it (above)
+    assert covered == set(registry.REGISTRY.order)
 
 
 # --- the registry: one list, one order --------------------------------------------------------------------
@@ -542,13 +564,12 @@ def test_optimize_with_passes_in_the_wrong_order_still_fuses_the_mlp(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = model(ids).logits
-    fastllm.optimize(model, passes=("qkv", "gated_mlp"))  # warm-up captures the runtime's graph
-    runtime_graph = fastllm.explain(model).matches
-    assert runtime_graph == {"gated_mlp": layers, "qkv": layers, "attention": layers, "skinny_linear": 0}
-    logits = model(ids).logits  # captures optimize()'s drop-in graph
+    fastllm.optimize(model, passes=("qkv", "gated_mlp"))  # warm-up captures the compiled step
     report = fastllm.explain(model)
-    assert report.matches == {"gated_mlp": layers, "qkv": layers}
+    assert report.matches == {"gated_mlp": layers, "qkv": layers, "attention": layers, "skinny_linear": 0}
     assert "silu" not in report.unfused_ops
+    logits = model(ids).logits  # the same compiled step: nothing captured again
+    assert fastllm.explain(model).graph is report.graph
     # fp32 on the CPU: the reference ops and merged GEMMs, as test_parity.py allows.
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 

@@ -133,7 +133,7 @@ def cache_key(fn: Callable, model: torch.nn.Module, hf_forward: Callable) -> str
     hooks, or a top-level forward that is not the model class's own."""
     import transformers
 
-    import fastllm
+    from fastllm._version import __version__
 
     if getattr(hf_forward, "__func__", None) is not type(model).forward:
         return None
@@ -146,7 +146,7 @@ def cache_key(fn: Callable, model: torch.nn.Module, hf_forward: Callable) -> str
     classes = sorted({type(m) for m in modules}, key=lambda c: f"{c.__module__}.{c.__qualname__}")
     code = fn.__code__
     parts = [
-        f"format {FORMAT}", fastllm.__version__, torch.__version__, transformers.__version__,
+        f"format {FORMAT}", __version__, torch.__version__, transformers.__version__,
         sys.version.split()[0], *(f"{c.__module__}.{c.__qualname__}" for c in classes),
         *sorted({_source_hash(c) for c in classes}), model.config.to_json_string(use_diff=False),
         str(getattr(model.config, "_attn_implementation", None)),

@@ -16,7 +16,7 @@ Rows past M and N are clamped to the last valid row on load and masked on store,
 (except along K when K % BLOCK_K != 0) and stay vectorised.
 
 CUDA-graph capture: the launch reads no device values and allocates nothing when `out` and `workspace` are given;
-without `workspace`, split launches use a per-(device, size) buffer cached on its first use outside capture.
+without `workspace`, split launches allocate theirs (the caching allocator's, or the graph pool's during capture).
 """
 
 import math
@@ -89,7 +89,6 @@ _MAX_ACC_PER_THREAD = 64
 _TUNED: dict[tuple, dict] = {}
 _HEURISTIC: dict[tuple, dict] = {}
 _ON_DISK = TuningCache("skinny_gemm")
-_WORKSPACES: dict[tuple, torch.Tensor] = {}
 
 
 @triton.jit
@@ -272,16 +271,10 @@ def _split(k: int, block_k: int, split_k: int) -> tuple[int, int]:
 
 
 def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """A cached fp32 buffer for split-K partials, one per (device, size), shared by every call on the device (calls
-    on concurrent streams must pass their own `workspace=`). One first needed during graph capture is allocated from
-    the graph's pool and not cached."""
-    key = (device, numel)
-    buf = _WORKSPACES.get(key)
-    if buf is None:
-        buf = torch.empty(numel, dtype=torch.float32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _WORKSPACES[key] = buf
-    return buf
+    """An fp32 buffer for split-K partials, allocated per call: from the caching allocator (no cudaMalloc once warm)
+    in eager calls, from the graph's pool during capture (the graph keeps it). Not cached in this module: a buffer
+    held here would outlive every model that used it."""
+    return torch.empty(numel, dtype=torch.float32, device=device)
 
 
 def _launch(x, weight, bias, out, workspace, cfg):
