@@ -34,6 +34,10 @@ FAMILIES = {
     "falcon_rw": lambda: T.FalconConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=6, vocab_size=VOCAB,
                                         alibi=True, new_decoder_architecture=False, multi_query=False,
                                         parallel_attn=False, bias=True),
+    # Falcon-7B's layout: one KV head split off a fused QKV by list indexing (`x[..., [-2], :]`), parallel attention.
+    "falcon_mq": lambda: T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+                                        multi_query=True, parallel_attn=True, new_decoder_architecture=False,
+                                        alibi=False),
     "mpt": lambda: T.MptConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=VOCAB),  # ALiBi
     "gpt_bigcode": lambda: T.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, multi_query=True),
     "mixtral": lambda: T.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -14,6 +14,7 @@ any mistake of the rewrite (a wrong slice, a swapped gate/up, a wrong activation
 
 from __future__ import annotations
 
+import operator
 import types
 from collections import Counter
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from fastllm.passes import (
     dropout,
     gated_mlp,
     layer_norm,
+    list_index,
     op_histogram,
     qkv,
     registry,
@@ -97,6 +99,40 @@ def _rand(*shape, dtype=torch.float32):
 def _eager(module, *inputs):
     with torch.no_grad():
         return module(*inputs)
+
+
+# --- list_index ------------------------------------------------------------------------------------------
+
+class ListIndexing(nn.Module):
+    """Falcon's multi-query split (`x[..., [-2], :]`), a two-element list, and a tuple index left alone."""
+
+    def forward(self, x):
+        pair = (x, x)
+        return x[..., [-2], :] + x[..., [0, -1], :].sum(-2, keepdim=True) + pair[1][:, :1]
+
+
+def _list_indices(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.getitem
+            and any(isinstance(p, list) for p in (n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)))]
+
+
+def test_list_indices_become_device_constants():
+    x = _rand(2, 3, 6, 16)
+    seen = {}
+
+    def transform(gm, tensors):
+        seen["lists_before"] = len(_list_indices(gm))
+        seen["matches"] = run_passes(gm, tensors, WeightMerger(), ("list_index",))["list_index"]
+        seen["lists_after"] = len(_list_indices(gm))
+        seen["constants"] = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+        return gm
+
+    with torch.no_grad():
+        out = capture(ListIndexing().forward, transform)(x)
+    assert seen["lists_before"] == 2 and seen["matches"] == 2 and seen["lists_after"] == 0
+    assert sorted(t.tolist() for t in seen["constants"]) == [[-2], [0, -1]]
+    assert all(t.dtype == torch.long and t.device == x.device for t in seen["constants"])
+    torch.testing.assert_close(out, _eager(ListIndexing(), x), **EXACT)  # the same indexing, a constant index
 
 
 # --- dropout ---------------------------------------------------------------------------------------------
@@ -448,8 +484,14 @@ def _attention_case():
     return attention.pattern(q, k, v, 0.25), got, GEMM_MERGE
 
 
+def _list_index_case():
+    x = _rand(2, 5, 6, 16)
+    return list_index.pattern(x), list_index.replacement(x, torch.tensor([-2])), EXACT
+
+
 REPLACEMENT_CASES = {
     "attention": _attention_case,
+    "list_index": _list_index_case,
     "dropout": _dropout_case,
     "rms_norm": _rms_norm_case,
     "layer_norm": _layer_norm_case,
@@ -484,7 +526,7 @@ def test_every_pass_has_a_replacement_case():
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv")
-    assert RUNTIME_REQUIRED == ("attention", "skinny_linear")
+    assert RUNTIME_REQUIRED == ("list_index", "attention", "skinny_linear")
     assert fastllm.OptimizeConfig().passes == ALL_PASSES
 
 
@@ -509,9 +551,9 @@ def test_canonical_order_follows_the_declarations(listing):
 
 
 def test_resolve_passes_orders_and_adds_the_runtime_passes():
-    assert resolve_passes(("qkv", "gated_mlp")) == ("gated_mlp", "qkv", "attention", "skinny_linear")
-    assert resolve_passes(()) == ("attention", "skinny_linear")
-    assert resolve_passes(("rotary",)) == ("rotary", "attention", "skinny_linear")
+    assert resolve_passes(("qkv", "gated_mlp")) == ("list_index", "gated_mlp", "qkv", "attention", "skinny_linear")
+    assert resolve_passes(()) == ("list_index", "attention", "skinny_linear")
+    assert resolve_passes(("rotary",)) == ("list_index", "rotary", "attention", "skinny_linear")
     full = resolve_passes(ALL_PASSES)
     assert full == registry.REGISTRY.order and resolve_passes(full) == full  # idempotent
     with pytest.raises(ValueError, match=r"unknown pass name\(s\) \['fused_softmax'\]; allowed: dropout"):
@@ -566,7 +608,8 @@ def test_optimize_with_passes_in_the_wrong_order_still_fuses_the_mlp(tmp_path):
         expected = model(ids).logits
     fastllm.optimize(model, passes=("qkv", "gated_mlp"))  # warm-up captures the compiled step
     report = fastllm.explain(model)
-    assert report.matches == {"gated_mlp": layers, "qkv": layers, "attention": layers, "skinny_linear": 0}
+    assert report.matches == {"list_index": 0, "gated_mlp": layers, "qkv": layers, "attention": layers,
+                              "skinny_linear": 0}
     assert "silu" not in report.unfused_ops
     logits = model(ids).logits  # the same compiled step: nothing captured again
     assert fastllm.explain(model).graph is report.graph

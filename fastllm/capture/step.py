@@ -24,6 +24,7 @@ from torch import fx
 from fastllm.capture import graph_cache
 from fastllm.capture.dynamo import capture
 from fastllm.kernels.step_attention import StepContext
+from fastllm.models.experts import graph_safe_experts
 from fastllm.passes import op_histogram, run_passes
 from fastllm.passes._context import WeightMerger
 
@@ -83,6 +84,9 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
         UnpageableModel: its attention is not something the attention pass recognises.
     """
     start = time.perf_counter()
+    experts = graph_safe_experts(model)
+    if experts is not None:  # MoE: an implementation whose trace a CUDA graph can replay (models/experts.py)
+        model.set_experts_implementation(experts)
     hf_forward = hf_forward or model.forward
     context = StepContext()
     merger = WeightMerger()

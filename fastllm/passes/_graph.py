@@ -170,18 +170,33 @@ def erase_dead(graph: fx.Graph, nodes: Iterable[fx.Node]) -> None:
                 changed = True
 
 
+# The operator module's in-place forms (`a += b` is `operator.iadd`) and its mutating item functions.
+_OPERATOR_MUTATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.setitem, operator.delitem}
+
+
+def mutates(node: fx.Node) -> bool:
+    """Whether a call may change its arguments or the world: in-place methods (`x.add_(...)`), torch functions with
+    a trailing underscore, the operator module's in-place forms, and what fx marks impure. `operator.and_` is `&`,
+    a pure function despite its underscore."""
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op != "call_function":
+        return False
+    if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        return node.target in _OPERATOR_MUTATORS
+    return node.is_impure() or getattr(node.target, "__name__", "").endswith("_")
+
+
 def eliminate_dead_code(graph: fx.Graph) -> int:
-    """Erase calls whose results nothing uses, except in-place methods (`x.add_(...)`) and impure functions.
+    """Erase calls whose results nothing uses, except those that may mutate (see `mutates`).
 
     `fx.Graph.eliminate_dead_code` treats every method call as pure, which would drop in-place updates.
     """
     erased = 0
     for node in reversed(list(graph.nodes)):
-        if node.users or node.op not in ("call_function", "call_method"):
-            continue
-        if node.op == "call_method" and node.target.endswith("_"):
-            continue
-        if node.op == "call_function" and (node.is_impure() or getattr(node.target, "__name__", "").endswith("_")):
+        if node.users or node.op not in ("call_function", "call_method") or mutates(node):
             continue
         graph.erase_node(node)
         erased += 1

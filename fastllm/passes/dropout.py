@@ -17,7 +17,8 @@ NAME = "dropout"
 # First: an eval-mode dropout is an identity that can sit inside any chain another pass matches (GPT-2's
 # residual add goes through one, eager attention's probabilities through another).
 RUNS_AFTER: tuple[str, ...] = ()
-RUNS_BEFORE: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "attention", "skinny_linear")
+RUNS_BEFORE: tuple[str, ...] = ("list_index", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "attention",
+                                 "skinny_linear")
 RUNTIME_REQUIRED = False
 
 
