@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(30)
     runner = model._fastllm_state.core.runner
-    head = f"startup under cProfile {total:.1f} s; CUDA graph capture {runner.cuda_graph_seconds:.1f} s\n"
+    head = f"startup under cProfile {total:.1f} s; CUDA graph capture {runner.startup_seconds['cuda_graphs']:.1f} s\n"
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"profile-startup-{args.model}.txt").write_text(head + stream.getvalue())

@@ -4,6 +4,7 @@
     model.generate(...)            # same call, same result
     fastllm.LLM(model).generate(prompts, fastllm.SamplingParams(temperature=0))   # offline batches
     print(fastllm.explain(model))  # what was fused
+    fastllm.release(model)         # back to plain HF, fastllm's memory freed
 
 Importing fastllm does not initialise CUDA.
 """
@@ -13,9 +14,10 @@ from fastllm.config import ALL_PASSES, OptimizeConfig
 from fastllm.entrypoints.async_llm import AsyncLLM
 from fastllm.entrypoints.llm import LLM
 from fastllm.explain import Report, explain
-from fastllm.optimize import optimize
+from fastllm.optimize import optimize, release
 from fastllm.runtime.sampling_params import SamplingParams
 
 __all__ = [
-    "ALL_PASSES", "AsyncLLM", "LLM", "OptimizeConfig", "Report", "SamplingParams", "explain", "optimize", "__version__",
+    "ALL_PASSES", "AsyncLLM", "LLM", "OptimizeConfig", "Report", "SamplingParams", "explain", "optimize", "release",
+    "__version__",
 ]

@@ -40,7 +40,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `fastllm` command, one sub-parser per subcommand."""
+    from fastllm._version import __version__
+
     parser = _Parser(prog="fastllm", description="PyTorch-native JIT acceleration for Hugging Face causal LMs.")
+    parser.add_argument("--version", action="version", version=f"fastllm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

@@ -27,6 +27,8 @@ class Report:
     # model(...) calls by route: "compiled" (the compiled step) and "eager" (Hugging Face's forward).
     forward_calls: dict[str, int] = field(default_factory=dict)
     eager_forward_reason: str | None = None
+    # The engine core's KV cache (ModelRunner.kv_cache_info): tokens and bytes now, the cap, growths so far.
+    kv_cache: dict = field(default_factory=dict)
 
     @property
     def matches(self) -> dict[str, int]:
@@ -61,6 +63,11 @@ class Report:
             calls = ", ".join(f"{route} {n}" for route, n in sorted(self.forward_calls.items()))
             reason = f" (latest eager call: {self.eager_forward_reason})" if self.eager_forward_reason else ""
             lines.append(f"  model(...) calls: {calls}{reason}")
+        if self.kv_cache:
+            kv = self.kv_cache
+            lines.append(f"  KV cache: {kv['tokens']:,} tokens ({kv['bytes'] / 2**20:,.0f} MiB) now, grows on demand "
+                         f"to {kv['max_tokens']:,} tokens ({kv['max_bytes'] / 2**20:,.0f} MiB); grown "
+                         f"{kv['growths']} time(s)")
         if self.startup:
             source = "loaded from the graph cache" if self.startup.get("graph_from_cache") else "traced"
             phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.startup.items()
@@ -91,5 +98,6 @@ def explain(model) -> Report:
     startup = dict(state.startup_seconds)
     if compiled is not None:
         startup["graph_from_cache"] = compiled.from_graph_cache
+    kv_cache = state.core.runner.kv_cache_info() if state.core is not None and not state.core.closed else {}
     return Report(state.model_name, state.status, state.fallback_reason, compiled.report if compiled else None,
-                  startup, dict(state.forward_routes), state.eager_forward_reason)
+                  startup, dict(state.forward_routes), state.eager_forward_reason, kv_cache)

@@ -30,3 +30,19 @@ def optimize(model, config: OptimizeConfig | None = None, **overrides):
     """
     optimize_in_place(model, OptimizeConfig.resolve(config, overrides))
     return model
+
+
+def release(model):
+    """Undo `fastllm.optimize(model)`: free everything fastllm allocated for it (KV cache, CUDA graphs and their
+    memory pool, step buffers, the captured graph) and restore Hugging Face's `forward` and `generate`. Returns the
+    model. Dropping the last reference to an optimized model frees the same memory; `release` does it now, keeping
+    the model.
+
+    Raises:
+        ValueError: the model was not optimized by fastllm.
+    """
+    state = getattr(model, "_fastllm_state", None)
+    if state is None:
+        raise ValueError(f"{type(model).__name__} was not optimized by fastllm; there is nothing to release")
+    state.release()
+    return model

@@ -13,10 +13,11 @@ PACKAGE = Path(fastllm.__file__).parent
 
 # Room -> the rooms it may import from (itself always allowed). "_cache" (paths on disk) and "_version" are leaves
 # every room may use.
-LEAVES = {"_cache", "_version"}
+LEAVES = {"_cache", "_version", "_log"}
 ALLOWED = {
     "_cache": set(),
     "_version": set(),
+    "_log": set(),
     "models": {"_cache"},
     "kernels": {"_cache"},
     "passes": {"kernels", "models"},

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastllm
 from fastllm.cli import main
 from tests._demo import skip_without_demo
 
@@ -123,3 +124,8 @@ def test_python_m_fastllm_run_help():
     assert proc.returncode == 0, proc.stderr
     for option in ("--prompt", "--max-new-tokens", "--dtype", "--device", "MODEL"):
         assert option in proc.stdout
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fastllm {fastllm.__version__}"

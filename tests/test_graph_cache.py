@@ -199,3 +199,31 @@ def test_an_unwritable_cache_directory_only_warns(tmp_path, monkeypatch):
         model, step = _start(tmp_path / "model")
     assert not step.from_graph_cache
     assert _generate(model)[0].shape == (2, 17)
+
+
+def test_a_cache_file_others_could_have_written_is_not_loaded(tmp_path, cache_dir):
+    """Loading a cache file runs code from it: a file (or folder) writable by other users is refused."""
+    build("llama", tmp_path / "model")
+    traced, _ = _start(tmp_path / "model")
+    (file,) = cache_dir.glob("*.pkl")
+    assert oct(cache_dir.stat().st_mode & 0o777) == "0o700" and oct(file.stat().st_mode & 0o777) == "0o600"
+    for target in (file, cache_dir):
+        mode = target.stat().st_mode
+        target.chmod(mode | 0o002)
+        with pytest.warns(RuntimeWarning, match="can be written by other users"):
+            _, step = _start(tmp_path / "model")
+        assert not step.from_graph_cache
+        target.chmod(mode)
+    _, step = _start(tmp_path / "model")
+    assert step.from_graph_cache
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_a_cache_file_of_another_user_is_not_loaded(tmp_path, cache_dir):
+    build("llama", tmp_path / "model")
+    _start(tmp_path / "model")
+    (file,) = cache_dir.glob("*.pkl")
+    os.chown(file, 12345, -1)
+    with pytest.warns(RuntimeWarning, match="belongs to user id 12345"):
+        _, step = _start(tmp_path / "model")
+    assert not step.from_graph_cache

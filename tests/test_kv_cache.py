@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from fastllm.runtime.kv_cache import (
-    CPU_DEFAULT_NUM_KV_TOKENS,
+    CPU_MAX_NUM_KV_TOKENS,
+    INITIAL_NUM_KV_TOKENS,
     BlockPool,
     BlockTable,
     KVCacheConfig,
     OutOfBlocks,
     allocate_kv_cache,
     blocks_needed,
+    cap_num_blocks,
     hash_block,
     kv_cache_bytes_per_block,
-    num_blocks_from_memory,
-    plan_num_blocks,
+    max_num_blocks,
 )
 
 
@@ -258,29 +259,90 @@ def test_allocate_kv_cache_shapes():
         allocate_kv_cache(1, 0, 4, 2, 8, torch.float32, "cpu")
 
 
-def test_bytes_per_block_and_blocks_from_memory():
+def test_bytes_per_block():
     assert kv_cache_bytes_per_block(2, 4, 64, 16, torch.float16) == 2 * 2 * 16 * 4 * 64 * 2
     assert kv_cache_bytes_per_block(1, 1, 1, 1, torch.float32) == 8
-    assert num_blocks_from_memory(1000, 0.5, 100) == 5
-    assert num_blocks_from_memory(1099, 1.0, 100) == 10
+
+
+def test_cap_counts_what_is_in_use_against_the_fraction_of_the_card():
+    gib = 2**30
+    # A 100 GiB card, 20 GiB in use (weights, another model, this cache's 1 GiB), 0.9 allowed, 5 GiB for
+    # activations: 90 - 20 - 5 = 65 GiB more, in 1 GiB blocks, on top of the 1 block held.
+    assert cap_num_blocks(total_bytes=100 * gib, free_bytes=80 * gib, fraction=0.9, reserved_bytes=5 * gib,
+                          held_blocks=1, bytes_per_block=gib) == 66
+    # Already over the budget (a second model filled the card): the cache keeps what it holds, no more.
+    assert cap_num_blocks(total_bytes=100 * gib, free_bytes=5 * gib, fraction=0.9, reserved_bytes=0,
+                          held_blocks=3, bytes_per_block=gib) == 3
     with pytest.raises(ValueError):
-        num_blocks_from_memory(1000, 0.0, 100)
+        cap_num_blocks(total_bytes=100, free_bytes=50, fraction=0.0, reserved_bytes=0, held_blocks=0,
+                       bytes_per_block=1)
 
 
-def test_plan_num_blocks(monkeypatch):
-    shape = dict(num_layers=2, num_kv_heads=4, head_dim=64, dtype=torch.float16)
-    assert plan_num_blocks(KVCacheConfig(block_size=16, num_kv_tokens=100), device="cpu", **shape) == 7
-    assert plan_num_blocks(KVCacheConfig(block_size=16), device="cpu", **shape) == CPU_DEFAULT_NUM_KV_TOKENS // 16
+def test_max_num_blocks(monkeypatch):
+    per_block = kv_cache_bytes_per_block(2, 4, 64, 16, torch.float16)
+    assert max_num_blocks(KVCacheConfig(block_size=16, num_kv_tokens=100), device="cpu", bytes_per_block=per_block,
+                          held_blocks=7) == 7  # a fixed size never grows
+    assert max_num_blocks(KVCacheConfig(block_size=16), device="cpu", bytes_per_block=per_block,
+                          held_blocks=4) == CPU_MAX_NUM_KV_TOKENS // 16
     with pytest.raises(ValueError, match="num_kv_tokens is required"):
-        plan_num_blocks(KVCacheConfig(), device="meta", **shape)
+        max_num_blocks(KVCacheConfig(), device="meta", bytes_per_block=per_block, held_blocks=1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (600 * per_block, 1000 * per_block))
+    # 0.5 of 1000 blocks' worth, 400 in use, 50 reserved: 50 more than the 10 held.
+    assert max_num_blocks(KVCacheConfig(kv_cache_memory_fraction=0.5), device="cuda", bytes_per_block=per_block,
+                          held_blocks=10, reserved_bytes=50 * per_block) == 60
 
-    per_block = kv_cache_bytes_per_block(block_size=16, **shape)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * per_block + 7, 10**12))
-    assert plan_num_blocks(KVCacheConfig(kv_cache_memory_fraction=0.5), device="cuda", **shape) == 50
-    assert plan_num_blocks(KVCacheConfig(num_kv_tokens=32), device="cuda", **shape) == 2  # explicit size wins
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (per_block - 1, 10**12))
-    with pytest.raises(RuntimeError, match="no room for the KV cache"):
-        plan_num_blocks(KVCacheConfig(kv_cache_memory_fraction=1.0), device="cuda", **shape)
+
+def test_initial_blocks():
+    assert KVCacheConfig(block_size=16).initial_blocks() == INITIAL_NUM_KV_TOKENS // 16
+    assert KVCacheConfig(block_size=16, num_kv_tokens=100).initial_blocks() == 7
+
+
+class _Tensors:
+    """Stands in for the runner: records the sizes the pool asked for and backs at most `limit` blocks."""
+
+    def __init__(self, limit: int):
+        self.limit, self.asked = limit, []
+
+    def __call__(self, target: int) -> int:
+        self.asked.append(target)
+        return min(target, self.limit)
+
+
+def test_a_growing_pool_doubles_up_to_its_cap_and_loses_no_block():
+    tensors = _Tensors(limit=1000)
+    pool = BlockPool(4, 16, max_num_blocks=20, grow=tensors)
+    tables = []
+    for _ in range(6):  # 6 x 3 blocks: grows 4 -> 8 -> 16 -> 20 (doubling, then the cap)
+        table = BlockTable(pool)
+        table.ensure_capacity(3 * 16)
+        tables.append(table)
+    assert tensors.asked == [8, 16, 20] and pool.num_blocks == 20 and pool.num_growths == 3
+    held = sorted(b for t in tables for b in t.blocks)
+    assert held == sorted(set(held)) and len(held) == 18 and max(held) < 20  # no block twice, none lost
+    with pytest.raises(OutOfBlocks):  # at the cap: out of blocks for real
+        BlockTable(pool).ensure_capacity(3 * 16)
+    assert pool.num_blocks == 20
+    for t in tables:
+        t.free()
+    _assert_all_free(pool)
+
+
+def test_growth_short_of_memory_grows_less_and_allocation_fails_cleanly():
+    tensors = _Tensors(limit=6)
+    pool = BlockPool(4, 16, max_num_blocks=64, grow=tensors)
+    assert pool.can_allocate(6)  # grew to what memory allowed
+    assert pool.num_blocks == 6
+    assert not pool.can_allocate(7)
+    with pytest.raises(OutOfBlocks):
+        pool.allocate(7)
+    assert pool.ref_counts == [0] * 6  # all or nothing
+
+
+def test_a_fixed_pool_never_grows():
+    pool = BlockPool(4, 16)
+    assert pool.max_num_blocks == 4 and not pool.can_allocate(5)
+    with pytest.raises(ValueError, match="max_num_blocks"):
+        BlockPool(4, 16, max_num_blocks=3)
 
 
 @pytest.mark.parametrize("kwargs, field", [

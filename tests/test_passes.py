@@ -38,6 +38,7 @@ from fastllm.passes import (
     list_index,
     op_histogram,
     qkv,
+    reference_ops,
     registry,
     resolve_passes,
     rms_norm,
@@ -133,6 +134,49 @@ def test_list_indices_become_device_constants():
     assert sorted(t.tolist() for t in seen["constants"]) == [[-2], [0, -1]]
     assert all(t.dtype == torch.long and t.device == x.device for t in seen["constants"])
     torch.testing.assert_close(out, _eager(ListIndexing(), x), **EXACT)  # the same indexing, a constant index
+
+
+# --- reference_ops ---------------------------------------------------------------------------------------
+
+def _norm_then_gate(x, w_norm, w_gate, w_up):
+    return gated_mlp.pattern(rms_norm.pattern(x, w_norm, 1e-6), w_gate, w_up)
+
+
+def test_cpu_graphs_call_the_references_directly():
+    """After the fusions, a CPU graph calls `<op>_ref` where it called the launcher (same numbers); the report still
+    names the launchers' ops."""
+    module = Pattern(_norm_then_gate, _rand(32), _rand(16, 32), _rand(16, 32))
+    x = _rand(2, 3, 32)
+    seen = {}
+
+    def transform(gm, tensors):
+        counts = run_passes(gm, tensors, WeightMerger(), ("rms_norm", "gated_mlp", "reference_ops"))
+        seen["counts"], (seen["fused"], _) = counts, op_histogram(gm)
+        seen["targets"] = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+        return gm
+
+    with torch.no_grad():
+        out = capture(module.forward, transform)(x)
+    assert seen["counts"] == {"rms_norm": 1, "gated_mlp": 1, "reference_ops": 2}
+    assert {kernels.rms_norm_ref, kernels.silu_and_mul_ref} <= seen["targets"]
+    assert not {kernels.rms_norm, kernels.silu_and_mul} & seen["targets"]
+    assert seen["fused"] == {"rms_norm": 1, "silu_and_mul": 1}
+    torch.testing.assert_close(out, _eager(module, x), **GEMM_MERGE)  # gate/up merged: fp32 rounding only
+
+
+def test_graphs_that_run_kernels_keep_their_launchers():
+    """Where the launchers run Triton (CUDA, or the CPU inside triton_on_cpu()), the pass changes nothing."""
+    module = Pattern(rms_norm.pattern, _rand(32), eps=1e-6)
+    seen = {}
+
+    def transform(gm, tensors):
+        with kernels.triton_on_cpu():
+            seen["counts"] = run_passes(gm, tensors, WeightMerger(), ("rms_norm", "reference_ops"))
+        return gm
+
+    with torch.no_grad():
+        capture(module.forward, transform)(_rand(2, 32))
+    assert seen["counts"] == {"rms_norm": 1, "reference_ops": 0}
 
 
 # --- dropout ---------------------------------------------------------------------------------------------
@@ -489,7 +533,13 @@ def _list_index_case():
     return list_index.pattern(x), list_index.replacement(x, torch.tensor([-2])), EXACT
 
 
+def _reference_ops_case():
+    x, w = _rand(3, 5, 64), _rand(64)
+    return reference_ops.pattern(x, w, 1e-6), reference_ops.replacement(x, w, 1e-6), EXACT
+
+
 REPLACEMENT_CASES = {
+    "reference_ops": _reference_ops_case,
     "attention": _attention_case,
     "list_index": _list_index_case,
     "dropout": _dropout_case,
@@ -526,7 +576,7 @@ def test_every_pass_has_a_replacement_case():
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv")
-    assert RUNTIME_REQUIRED == ("list_index", "attention", "skinny_linear")
+    assert RUNTIME_REQUIRED == ("list_index", "attention", "skinny_linear", "reference_ops")
     assert fastllm.OptimizeConfig().passes == ALL_PASSES
 
 
@@ -551,9 +601,10 @@ def test_canonical_order_follows_the_declarations(listing):
 
 
 def test_resolve_passes_orders_and_adds_the_runtime_passes():
-    assert resolve_passes(("qkv", "gated_mlp")) == ("list_index", "gated_mlp", "qkv", "attention", "skinny_linear")
-    assert resolve_passes(()) == ("list_index", "attention", "skinny_linear")
-    assert resolve_passes(("rotary",)) == ("list_index", "rotary", "attention", "skinny_linear")
+    assert resolve_passes(("qkv", "gated_mlp")) == ("list_index", "gated_mlp", "qkv", "attention", "skinny_linear",
+                                                    "reference_ops")
+    assert resolve_passes(()) == ("list_index", "attention", "skinny_linear", "reference_ops")
+    assert resolve_passes(("rotary",)) == ("list_index", "rotary", "attention", "skinny_linear", "reference_ops")
     full = resolve_passes(ALL_PASSES)
     assert full == registry.REGISTRY.order and resolve_passes(full) == full  # idempotent
     with pytest.raises(ValueError, match=r"unknown pass name\(s\) \['fused_softmax'\]; allowed: dropout"):
@@ -609,7 +660,7 @@ def test_optimize_with_passes_in_the_wrong_order_still_fuses_the_mlp(tmp_path):
     fastllm.optimize(model, passes=("qkv", "gated_mlp"))  # warm-up captures the compiled step
     report = fastllm.explain(model)
     assert report.matches == {"list_index": 0, "gated_mlp": layers, "qkv": layers, "attention": layers,
-                              "skinny_linear": 0}
+                              "skinny_linear": 0, "reference_ops": 2 * layers}  # silu_and_mul, attention
     assert "silu" not in report.unfused_ops
     logits = model(ids).logits  # the same compiled step: nothing captured again
     assert fastllm.explain(model).graph is report.graph

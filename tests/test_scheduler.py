@@ -280,7 +280,7 @@ def test_bad_requests_raise_and_leave_the_scheduler_usable(bad, match):
 
 
 def test_scheduler_arguments():
-    with pytest.raises(ValueError, match="holds 32 tokens .* fewer than max_model_len=33"):
+    with pytest.raises(ValueError, match="holds at most 32 tokens .* fewer than max_model_len=33"):
         Scheduler(BlockPool(8, 4), max_model_len=33)
     with pytest.raises(ValueError, match="max_num_seqs"):
         Scheduler(BlockPool(8, 4), max_num_seqs=0, max_model_len=8)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 from torch import fx
+from torch._dynamo import eval_frame
 
 from fastllm.capture import graph_cache
 
@@ -35,13 +36,19 @@ GraphTransform = Callable[[fx.GraphModule, dict[fx.Node, torch.Tensor]], fx.Grap
 
 
 def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None,
-            cache_key: str | None = None) -> Callable:
+            cache_key: str | None = None, direct: bool = False) -> Callable:
     """`fn` compiled so that every captured graph goes through `transform` first.
 
     transform(gm, tensors) gets the graph and, for each placeholder, the real tensor behind it.
     cache_key: keep the captured graph on disk under this key (capture/graph_cache.py), and use the graph
-    saved under it, if any, instead of tracing. Only for a function that is captured once (one graph with
-    symbolic sizes serves every call): a second capture removes the saved graph.
+        saved under it, if any, instead of tracing. Only for a function that is captured once (one graph with
+        symbolic sizes serves every call): a second capture removes the saved graph.
+    direct: after the first trace, call the fused graph directly (its inputs bound from dynamo's source
+        expressions, as a graph loaded from the cache is) and forget dynamo's compiled function: no guard
+        evaluation per call, and nothing of it left in dynamo's process-wide state, which would otherwise keep the
+        function's closure (a model) alive for the life of the process. Only for a caller whose calls all have
+        one structure (the runtime's step: same ranks and dtypes, sizes symbolic); falls back to dynamo's own
+        calls if the trace cannot be bound (a placeholder without a source, several outputs).
     """
 
     def entry(*args, **kwargs):
@@ -52,25 +59,54 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
     cached = graph_cache.load(cache_key) if cache_key is not None else None
     if cached is not None:
         return _positional(fn, _from_cache(unique, transform, cached))
-    num_captures = itertools.count()
+    traces: list[tuple[fx.GraphModule, list[str] | None]] = []  # (fused graph, placeholder sources) per trace
 
     def backend(gm: fx.GraphModule, example_inputs: list, **_kwargs) -> Callable:
+        sources = graph_cache.placeholder_sources(gm)  # read before the passes change the graph
         if cache_key is not None:
-            if next(num_captures) == 0:
-                graph_cache.save(cache_key, gm)  # pickled now: before the passes change the graph
+            if not traces:
+                graph_cache.save(cache_key, gm, sources)
             else:
                 graph_cache.discard(cache_key)
-        return transform(gm, graph_cache.placeholder_tensors(gm, example_inputs)).forward
+        fused = transform(gm, graph_cache.placeholder_tensors(gm, example_inputs))
+        traces.append((fused, sources))
+        return fused.forward
 
+    registered = set(eval_frame.cached_backends)
     compiled = torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)
+    ours = set(eval_frame.cached_backends) - registered  # dynamo keeps backends for its reset(); they hold `fn`
+    switched: list[Callable] = []
 
     def call(*args, **kwargs):
+        nonlocal compiled
+        if switched:
+            return switched[0](*args, **kwargs)
         # Symbolic sizes, but constant floats: under dynamic=True dynamo would otherwise turn module float
         # attributes (norm eps, scaling) into graph inputs, and the passes match eps as a constant.
         with torch._dynamo.config.patch(specialize_float=True):
-            return compiled(*args, **kwargs)
+            result = compiled(*args, **kwargs)
+        if direct and len(traces) == 1 and traces[0][1] is not None:
+            gm, sources = traces.pop()
+            switched.append(_bound_call(graph_cache.Binder(unique, sources), gm))
+            # Dynamo's cache entry on the entry's code object holds the guards and the compiled graph (and through
+            # them the model); the code object outlives this function in dynamo's trackers, so clear it here.
+            compiled = None
+            eval_frame.reset_code(code)
+            for key in ours:
+                eval_frame.cached_backends.pop(key, None)
+        return result
 
-    return call if cache_key is None else _positional(fn, call)
+    return _positional(fn, call) if cache_key is not None or direct else call
+
+
+def _bound_call(binder: graph_cache.Binder, gm: fx.GraphModule) -> Callable:
+    """Call `gm` (one output) with its placeholders bound from each call of the captured entry."""
+    forward = gm.forward
+
+    def call(*args, **kwargs):
+        return forward(*binder(*args, **kwargs))[0]
+
+    return call
 
 
 def _positional(fn: Callable, call: Callable) -> Callable:
@@ -93,11 +129,11 @@ def _from_cache(entry: Callable, transform: GraphTransform, cached: graph_cache.
     fused: list[Callable] = []
 
     def call(*args, **kwargs):
-        inputs = binder(*args, **kwargs)
         if not fused:
+            inputs = binder(*args, **kwargs)
             graph_cache.record_metadata(gm, inputs)
-            fused.append(transform(gm, graph_cache.placeholder_tensors(gm, inputs)).forward)
-        return fused[0](*inputs)[0]
+            fused.append(_bound_call(binder, transform(gm, graph_cache.placeholder_tensors(gm, inputs))))
+        return fused[0](*args, **kwargs)
 
     call.from_graph_cache = True
     return call

@@ -18,8 +18,9 @@ graph must also accept every call the runner makes, which holds because the runn
 symbolic sizes for every step shape (tests/test_step_inputs.py checks one trace); a function that dynamo
 captures a second time is not kept. A file that cannot be read is ignored with a warning and the model traced.
 
-The files are pickles written by fastllm in the user's own cache directory (`$FASTLLM_CACHE_DIR/graphs`);
-loading one runs code from it, like loading any pickle: do not point the cache at files from elsewhere.
+The files are pickles written by fastllm in the user's own cache directory (`$FASTLLM_CACHE_DIR/graphs`, created
+readable by its owner only); loading one runs code from it, like loading any pickle, so a file (or its folder) that
+another user owns or could write is refused with a warning and the model traced instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import hashlib
 import inspect
 import os
 import pickle
+import stat
 import sys
 import warnings
 from collections.abc import Callable
@@ -165,9 +167,29 @@ def _source_hash(cls: type) -> str:
         return f"no source for {cls.__module__}.{cls.__qualname__}"
 
 
+def untrusted(path: Path) -> str | None:
+    """Why the cache file `path` must not be loaded, or None: loading a pickle runs code from it, so only a file
+    that this user owns and only this user can write, in a folder likewise, is loaded (another user's file, or one
+    anybody could have planted or replaced, is not)."""
+    if not hasattr(os, "getuid"):  # no POSIX owners and modes to check (Windows): the cache folder is the user's
+        return None
+    for p in (path, path.parent):
+        info = p.stat()
+        if info.st_uid != os.getuid():
+            return f"{p} belongs to user id {info.st_uid}, not to this user ({os.getuid()})"
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{p} can be written by other users (mode {stat.filemode(info.st_mode)})"
+    return None
+
+
 def load(key: str) -> CachedGraph | None:
     path = graph_cache_dir() / f"{key}.pkl"
     if not path.exists():
+        return None
+    reason = untrusted(path)
+    if reason is not None:
+        warnings.warn(f"fastllm does not load the graph cache file {path}: {reason}; the model is traced instead "
+                      f"(loading a cache file runs code from it)", RuntimeWarning, stacklevel=2)
         return None
     try:
         with path.open("rb") as f:
@@ -181,26 +203,36 @@ def load(key: str) -> CachedGraph | None:
     return entry
 
 
-def save(key: str, gm: fx.GraphModule) -> bool:
-    """Save dynamo's graph `gm` (before any pass changed it) under `key`; False if it cannot be cached (a
-    placeholder without a source expression, more than one output, or a graph that does not pickle)."""
+def placeholder_sources(gm: fx.GraphModule) -> list[str] | None:
+    """Dynamo's source expression of each placeholder of its graph `gm` (`L['args'][0]`, ...), or None if one has
+    none or the graph has more than one output (then it cannot be bound from a call, nor cached)."""
     sources = []
     for node in gm.graph.nodes:
         if node.op != "placeholder":
             continue
         grapharg = node.meta.get("grapharg")
         if grapharg is None or getattr(grapharg, "source", None) is None:
-            return False
+            return None
         sources.append(grapharg.source.name)
     outputs = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
     if not isinstance(outputs, (tuple, list)) or len(outputs) != 1:
+        return None
+    return sources
+
+
+def save(key: str, gm: fx.GraphModule, sources: list[str] | None) -> bool:
+    """Save dynamo's graph `gm` (before any pass changed it) under `key`, with its `placeholder_sources`; False if
+    it cannot be cached (no sources, or a graph that does not pickle)."""
+    if sources is None:
         return False
     try:
         data = pickle.dumps(CachedGraph.of(gm, sources))
     except Exception:  # noqa: BLE001 - an unpicklable graph is traced every time, as without the cache
         return False
     try:
-        write_atomically(graph_cache_dir() / f"{key}.pkl", data)
+        directory = graph_cache_dir()
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # only its owner may plant files in it
+        write_atomically(directory / f"{key}.pkl", data)
     except OSError as error:
         warnings.warn(f"fastllm could not write its graph cache ({error}); later starts trace the model again",
                       RuntimeWarning, stacklevel=2)

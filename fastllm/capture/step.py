@@ -105,7 +105,7 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
         return out.logits
 
     key = graph_cache.cache_key(step, model, hf_forward) if use_graph_cache else None
-    fn = capture(step, transform, dynamic=True, cache_key=key)
+    fn = capture(step, transform, dynamic=True, cache_key=key, direct=True)
     kv_shapes = _profile(fn, context, next(model.parameters()).device)
     if not kv_shapes:
         raise UnpageableModel(f"{type(model).__name__}'s attention could not be paged: neither an SDPA call nor "

@@ -22,6 +22,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from fastllm._log import logger
 from fastllm.config import OptimizeConfig
 from fastllm.entrypoints.model_state import model_eos_ids, optimize_in_place
 from fastllm.runtime.engine_core import SCHEDULING_OPTIONS, CoreRequest
@@ -41,8 +42,12 @@ class LLM:
         device: device to load or move the model to.
         **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...).
             An already-optimized model takes only the scheduling ones (`max_num_seqs`, `max_num_batched_tokens`,
-            `enable_prefix_caching`, `async_scheduling`): this LLM's calls run with them (the model's engine core
-            takes them while no other request runs on it).
+            `enable_prefix_caching`, `async_scheduling`) and `kv_cache_memory_fraction`: this LLM's calls run with
+            them (the model's engine core takes them while no other request runs on it).
+
+    Like a server, an LLM reserves its KV cache when it is built: it grows the model's cache to its cap,
+    `kv_cache_memory_fraction` of the card's total memory less what is in use (vLLM's convention), and logs what it
+    took (`kv_cache_info` has the figures). `close()`, or leaving `with fastllm.LLM(...) as llm:`, gives it back.
 
     Raises:
         RuntimeError: the model cannot run on fastllm's paged runtime (the message says why).
@@ -61,6 +66,8 @@ class LLM:
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
         state = getattr(model, "_fastllm_state", None)
+        self._owns_model = isinstance(model_or_path, (str, os.PathLike))
+        fraction = None
         if state is None:
             if dtype is not None and not isinstance(model_or_path, (str, os.PathLike)):
                 model = model.to(dtype=dtype)
@@ -70,14 +77,22 @@ class LLM:
             options = {}
         else:
             options = {k: config.pop(k) for k in SCHEDULING_OPTIONS if k in config}
+            fraction = config.pop("kv_cache_memory_fraction", None)
+            if fraction is not None:
+                OptimizeConfig(kv_cache_memory_fraction=fraction)  # validated as optimize() would
             if config or dtype is not None or device is not None:
                 given = sorted(config) + [k for k, v in (("dtype", dtype), ("device", device)) if v is not None]
+                allowed = ", ".join((*SCHEDULING_OPTIONS, "kv_cache_memory_fraction"))
                 raise ValueError(f"{type(model).__name__} is already optimized: {', '.join(given)} must be given to "
-                                 f"fastllm.optimize(); LLM() only takes {', '.join(SCHEDULING_OPTIONS)} for it")
+                                 f"fastllm.optimize(); LLM() only takes {allowed} for it")
         core = state.engine()
         if core is None:
             raise RuntimeError(f"{type(model).__name__} cannot run on fastllm's paged runtime: {state.fallback_reason}")
-        self.model, self.tokenizer, self.core = model, tokenizer, core
+        self.model, self.tokenizer, self.core, self._state = model, tokenizer, core, state
+        self.kv_cache_info = core.reserve(fraction)
+        info = self.kv_cache_info
+        logger.info("fastllm.LLM: KV cache of %s tokens (%.2f GiB) for %s", f"{info['tokens']:,}",
+                    info["bytes"] / 2**30, type(model).__name__)
         # This LLM's scheduling settings: the model's, with the ones given here on top (validated now).
         defaults = {k: getattr(state.config, k) for k in SCHEDULING_OPTIONS}
         self.engine_options = defaults | options
@@ -85,9 +100,14 @@ class LLM:
         self.vocab_size = core.vocab_size
         self.eos_token_ids = model_eos_ids(model) or _tokenizer_eos(tokenizer)
 
+    def _open_core(self):
+        if self.core is None:
+            raise RuntimeError("this LLM was closed; build a new fastllm.LLM to generate again")
+        return self.core
+
     @property
     def runner(self):
-        return self.core.runner
+        return self._open_core().runner
 
     @property
     def scheduler(self):
@@ -131,7 +151,7 @@ class LLM:
             params_list = list(sampling_params)
         else:
             params_list = [sampling_params] * len(prompts)
-        self.core.configure(**self.engine_options)
+        self._open_core().configure(**self.engine_options)
         bar = tqdm(total=len(prompts), desc="fastllm: generating", disable=not use_tqdm, leave=False)
 
         def listener(update) -> None:  # runs on whichever thread steps the core
@@ -160,6 +180,24 @@ class LLM:
             raise RuntimeError(faults[0].output.error) from faults[0].fault
         return outputs
 
+    def close(self) -> None:
+        """Give back what this engine reserved: the model's engine core (KV cache, CUDA graphs, buffers) is freed,
+        and a model this LLM loaded itself is released altogether. A model passed in stays optimized: its next
+        generate() builds a small engine core again."""
+        if self.core is None:
+            return
+        if self._owns_model:
+            self._state.release()
+        elif self._state.core is self.core:
+            self._state.close_engine()
+        self.core = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def metrics(self) -> dict:
         """The counters of the model's engine core (see `EngineCore.metrics`): queues, KV blocks, tokens, latencies,
         step profile. Cumulative over every entry point on the model (LLMs, generate()) since its core was built."""
@@ -172,10 +210,11 @@ class LLM:
         Returns the core's request (its `output` fills in as it runs), or, if it cannot run, a finished
         RequestOutput with `finish_reason="abort"` and an `error` saying why (naming the prompt's `index` if given).
         """
+        core = self._open_core()
         try:
             if isinstance(params, dict):
                 params = SamplingParams(**params)
-            return self.core.add(self._prompt_token_ids(prompt), params,
+            return core.add(self._prompt_token_ids(prompt), params,
                                  prompt=prompt if isinstance(prompt, str) else None, tokenizer=self.tokenizer,
                                  listener=listener, eos_token_ids=self.eos_token_ids, request_id=request_id)
         except (ValueError, TypeError) as error:  # TypeError: SamplingParams(**dict) with an unknown field

@@ -93,6 +93,23 @@ class ModelState:
                                enable_prefix_caching=c.enable_prefix_caching, async_scheduling=c.async_scheduling)
         return self.core
 
+    def close_engine(self) -> None:
+        """Let go of the engine core (KV cache, CUDA graphs, step buffers); the next call builds a small one again
+        (the compiled step is kept: nothing is captured twice)."""
+        if self.core is not None:
+            self.core.close()
+            self.core = None
+
+    def release(self) -> None:
+        """Return the model to plain Hugging Face: the engine core and the compiled step let go, `forward` and
+        `generate` restored, `_fastllm_state` removed. Merged weights stay merged (the parameters are views of them:
+        the same memory as before optimize())."""
+        self.close_engine()
+        self.compiled = None
+        for name in ("forward", "generate"):
+            self.model.__dict__.pop(name, None)  # the instance attributes fastllm installed; the class's return
+        self.model.__dict__.pop("_fastllm_state", None)
+
     def fall_back(self, error: BaseException) -> None:
         self.fallback_reason = first_line(error)
         what = ("cannot run on fastllm's paged runtime" if isinstance(error, UnpageableModel)

@@ -51,11 +51,13 @@ def _act_and_mul_kernel(
     tl.store(Y + row * stride_y + cols, (a * u).to(Y.dtype.element_ty), mask=mask)
 
 
-def act_and_mul_out(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """Check x ([..., 2I]) and return `out` ([..., I], x's dtype), allocated if None."""
+def act_and_mul_out(x: torch.Tensor, out: torch.Tensor | None, allocate: bool = True) -> torch.Tensor | None:
+    """Check x ([..., 2I]) and return `out` ([..., I], x's dtype), allocated if None (unless not `allocate`)."""
     check_float("x", x)
     if x.shape[-1] == 0 or x.shape[-1] % 2:
         raise ValueError(f"x's last dim must be even and positive ([..., 2 * intermediate]), got {x.shape[-1]}")
+    if out is None and not allocate:
+        return None
     return out_or_new("out", out, (*x.shape[:-1], x.shape[-1] // 2), x.dtype, x.device)
 
 

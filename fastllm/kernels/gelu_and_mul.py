@@ -3,7 +3,7 @@
 import torch
 
 from fastllm.kernels._act_and_mul import act_and_mul_out, launch_act_and_mul
-from fastllm.kernels._registry import register_out_op, use_triton
+from fastllm.kernels._registry import ref_output, register_out_op, use_triton
 
 _KERNEL_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -34,6 +34,9 @@ def gelu_and_mul(x: torch.Tensor, *, approximate: str = "none", out: torch.Tenso
     """
     if approximate not in _KERNEL_ACTIVATION:
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if out is None and not use_triton(x):  # the CPU path: the reference itself, no buffer nor op dispatch
+        act_and_mul_out(x, None, allocate=False)  # the checks only
+        return ref_output(gelu_and_mul_ref(x, approximate=approximate), x.dtype, x)
     out = act_and_mul_out(x, out)
     _gelu_and_mul_op(x, out, approximate)
     return out

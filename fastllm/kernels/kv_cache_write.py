@@ -19,6 +19,7 @@ from fastllm.kernels._registry import (
     device_guard,
     next_power_of_2,
     out_or_new,
+    ref_output,
     register_out_op,
     tl,
     triton,
@@ -153,12 +154,12 @@ def _rotary_write_kv_kernel(
 def write_kv_cache_ref(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Plain-PyTorch spec of `write_kv_cache`: index_put of the tokens whose slot is >= 0."""
+    """Plain-PyTorch spec of `write_kv_cache`: the rows of the tokens whose slot is >= 0 copied to their slots."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+    rows = (slot_mapping >= 0).nonzero().squeeze(1)  # one mask pass, then index_select/index_copy (cheaper on the
+    slots = slot_mapping.index_select(0, rows).long()  # CPU than four boolean-mask indexings)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.index_select(0, rows).to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.index_select(0, rows).to(v_cache.dtype))
 
 
 def rotary_and_write_kv_ref(
@@ -256,6 +257,9 @@ def write_kv_cache(
         slot_mapping: [T] int32/int64, slot = block_id * block_size + row; negative = padding, not written.
     """
     _check_kv(k, v, k_cache, v_cache, slot_mapping)
+    if not use_triton(k):  # the CPU path: the reference itself, no op dispatch
+        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        return
     _write_kv_cache_op(k, v, k_cache, v_cache, slot_mapping)
 
 
@@ -340,6 +344,10 @@ def rotary_and_write_kv(
     r = cos.shape[1]
     if r % 2 or not 0 < r <= q.shape[2]:
         raise ValueError(f"the rotary dim cos.shape[-1] must be even and in [2, {q.shape[2]}] (the head dim), got {r}")
+    if q_out is None and not use_triton(q):  # the CPU path: the reference itself, no buffer nor op dispatch
+        return ref_output(rotary_and_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
+                                                  interleaved=interleaved),
+                          torch.promote_types(q.dtype, cos.dtype), q)
     # promote_types, not result_type: dynamo traces it (both are tensors of rank >= 1: the same dtype).
     q_out = out_or_new("q_out", q_out, q.shape, torch.promote_types(q.dtype, cos.dtype), q.device)
     _rotary_and_write_kv_op(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_out, bool(interleaved))

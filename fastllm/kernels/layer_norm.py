@@ -17,6 +17,7 @@ from fastllm.kernels._registry import (
     device_guard,
     load_row_plus_residual,
     norm_outputs,
+    ref_output,
     register_out_op,
     row_launch_settings,
     rows_view,
@@ -155,6 +156,9 @@ def layer_norm(
     """
     check_float("x", x)
     _check_params(x, weight, bias)
+    if out is None and not use_triton(x):  # the CPU path: the reference itself, no buffer nor op dispatch
+        norm_outputs(x, None, x.dtype, None, None, allocate=False)  # the checks only
+        return ref_output(layer_norm_ref(x, weight, bias, eps), x.dtype, x)
     out, _ = norm_outputs(x, None, x.dtype, out, None)
     _layer_norm_op(rows_view("x", x), weight, bias, rows_view("out", out, writable=True), float(eps))
     return out
@@ -181,6 +185,10 @@ def fused_add_layer_norm(
     """
     check_float("x", x)
     _check_params(x, weight, bias)
+    if out is None and residual_out is None and not use_triton(x):  # the CPU path (see layer_norm)
+        norm_outputs(x, residual, x.dtype, None, None, allocate=False)  # the checks only
+        y, s = fused_add_layer_norm_ref(x, residual, weight, bias, eps)
+        return ref_output(y, x.dtype, x), ref_output(s, x.dtype, x)
     out, residual_out = norm_outputs(x, residual, x.dtype, out, residual_out)
     _fused_add_layer_norm_op(
         rows_view("x", x),

@@ -16,6 +16,7 @@ from fastllm.kernels._registry import (
     device_guard,
     load_row_plus_residual,
     norm_outputs,
+    ref_output,
     register_out_op,
     row_launch_settings,
     rows_view,
@@ -168,6 +169,11 @@ def rms_norm(
     """
     check_float("x", x)
     check_row_param("weight", weight, x)
+    if out is None and not use_triton(x):  # the CPU path: the reference itself, no buffer nor op dispatch
+        norm_outputs(x, None, x.dtype, None, None, allocate=False)  # the checks only
+        return ref_output(rms_norm_ref(x, weight, eps, weight_offset=weight_offset,
+                                       cast_before_weight=cast_before_weight),
+                          _out_dtype(x, weight, cast_before_weight), x)
     out, _ = norm_outputs(x, None, _out_dtype(x, weight, cast_before_weight), out, None)
     _rms_norm_op(
         rows_view("x", x),
@@ -202,6 +208,11 @@ def fused_add_rms_norm(
     """
     check_float("x", x)
     check_row_param("weight", weight, x)
+    if out is None and residual_out is None and not use_triton(x):  # the CPU path (see rms_norm)
+        norm_outputs(x, residual, x.dtype, None, None, allocate=False)  # the checks only
+        y, s = fused_add_rms_norm_ref(x, residual, weight, eps, weight_offset=weight_offset,
+                                      cast_before_weight=cast_before_weight)
+        return ref_output(y, _out_dtype(x, weight, cast_before_weight), x), ref_output(s, x.dtype, x)
     out, residual_out = norm_outputs(x, residual, _out_dtype(x, weight, cast_before_weight), out, residual_out)
     _fused_add_rms_norm_op(
         rows_view("x", x),

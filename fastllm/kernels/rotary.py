@@ -19,6 +19,7 @@ from fastllm.kernels._registry import (
     device_guard,
     next_power_of_2,
     out_or_new,
+    ref_output,
     register_out_op,
     tl,
     triton,
@@ -190,6 +191,8 @@ def rotary_embedding(
         fits = False
     if not fits:
         raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not broadcast to x's {lead + (r,)}")
+    if out is None and not use_triton(x):  # the CPU path: the reference itself, no buffer nor op dispatch
+        return ref_output(rotary_embedding_ref(x, cos, sin, interleaved=interleaved), torch.result_type(x, cos), x)
     out = out_or_new("out", out, x.shape, torch.result_type(x, cos), x.device)
     _rotary_embedding_op(x, cos, sin, out, bool(interleaved))
     return out

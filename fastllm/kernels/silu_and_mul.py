@@ -3,7 +3,7 @@
 import torch
 
 from fastllm.kernels._act_and_mul import act_and_mul_out, launch_act_and_mul
-from fastllm.kernels._registry import register_out_op, use_triton
+from fastllm.kernels._registry import ref_output, register_out_op, use_triton
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,9 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
     Returns:
         out, [..., I].
     """
+    if out is None and not use_triton(x):  # the CPU path: the reference itself, no buffer nor op dispatch
+        act_and_mul_out(x, None, allocate=False)  # the checks only
+        return ref_output(silu_and_mul_ref(x), x.dtype, x)
     out = act_and_mul_out(x, out)
     _silu_and_mul_op(x, out)
     return out

@@ -29,9 +29,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastllm.kernels._registry import LIBRARY
-from fastllm.kernels.kv_cache_write import rotary_and_write_kv, write_kv_cache
-from fastllm.kernels.paged_attention import paged_attention
+from fastllm.kernels._registry import LIBRARY, use_triton
+from fastllm.kernels.kv_cache_write import (
+    rotary_and_write_kv,
+    rotary_and_write_kv_ref,
+    write_kv_cache,
+    write_kv_cache_ref,
+)
+from fastllm.kernels.paged_attention import paged_attention, paged_attention_ref
 from fastllm.kernels.rotary import rotary_embedding
 
 
@@ -112,16 +117,21 @@ def step_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: S
     md = ctx.metadata
     k_cache, v_cache = ctx.kv_caches[layer]
     q_tokens, k_tokens, v_tokens = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D] views
+    # On the CPU the references are called directly: the caches and metadata are the runtime's own tensors, and the
+    # launchers' argument checks were a third of a SmolLM2 decode step's Python time on 2 cores.
+    kernels = use_triton(q)
+    write, rotate_and_write = (write_kv_cache, rotary_and_write_kv) if kernels else (write_kv_cache_ref,
+                                                                                      rotary_and_write_kv_ref)
     if cos is None:
-        write_kv_cache(k_tokens, v_tokens, k_cache, v_cache, md.slot_mapping)
+        write(k_tokens, v_tokens, k_cache, v_cache, md.slot_mapping)
     else:
         rot = cos.shape[-1]
-        q_tokens = rotary_and_write_kv(q_tokens, k_tokens, v_tokens, cos.reshape(-1, rot), sin.reshape(-1, rot),
-                                       k_cache, v_cache, md.slot_mapping, interleaved=interleaved)
+        q_tokens = rotate_and_write(q_tokens, k_tokens, v_tokens, cos.reshape(-1, rot), sin.reshape(-1, rot),
+                                    k_cache, v_cache, md.slot_mapping, interleaved=interleaved)
     slopes = None if alibi is None else ctx.alibi_tensor(tuple(alibi), q.device)
-    out = paged_attention(q_tokens, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q,
-                          md.max_seqlen_q, scale=scale, causal=True, sliding_window=sliding_window,
-                          softcap=softcap, alibi_slopes=slopes)
+    out = (paged_attention if kernels else paged_attention_ref)(
+        q_tokens, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q, md.max_seqlen_q, scale=scale,
+        causal=True, sliding_window=sliding_window, softcap=softcap, alibi_slopes=slopes)
     return out.transpose(0, 1).unsqueeze(0)
 
 
@@ -130,14 +140,16 @@ LIBRARY.define("step_attention(Tensor q, Tensor k, Tensor v, int context, int la
                "bool interleaved=False, float[]? alibi=None) -> Tensor")
 
 
-def _step_attention_impl(q, k, v, context, layer, scale, sliding_window=None, softcap=None, cos=None, sin=None,
-                         interleaved=False, alibi=None):
+def step_attention_direct(q, k, v, context, layer, scale, sliding_window=None, softcap=None, cos=None, sin=None,
+                          interleaved=False, alibi=None):
+    """The op's implementation, callable without the dispatcher (CPU graphs call it directly: ~27 µs a call saved,
+    passes/reference_ops.py)."""
     return step_attention_ref(q, k, v, _context(context), layer, scale, sliding_window, softcap, cos, sin,
                               interleaved, alibi)
 
 
 for _key in ("CPU", "CUDA"):
-    LIBRARY.impl("step_attention", _step_attention_impl, _key)
+    LIBRARY.impl("step_attention", step_attention_direct, _key)
 
 
 @torch.library.register_fake("fastllm::step_attention", lib=LIBRARY)
@@ -148,4 +160,4 @@ def _step_attention_fake(q, k, v, context, layer, scale, sliding_window=None, so
 
 step_attention = torch.ops.fastllm.step_attention.default
 
-__all__ = ["AttentionMetadata", "StepContext", "step_attention", "step_attention_ref"]
+__all__ = ["AttentionMetadata", "StepContext", "step_attention", "step_attention_direct", "step_attention_ref"]

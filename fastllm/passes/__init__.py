@@ -9,7 +9,7 @@ from collections import Counter
 from torch import fx
 
 from fastllm import kernels
-from fastllm.passes import registry
+from fastllm.passes import reference_ops, registry
 from fastllm.passes._context import PassContext, WeightMerger
 from fastllm.passes._graph import eliminate_dead_code
 
@@ -21,6 +21,7 @@ resolve_passes = registry.resolve_passes      # selection -> every pass to run o
 FUSED_OPS = {
     kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
     kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul, kernels.skinny_linear, kernels.step_attention,
+    *reference_ops.LAUNCHER_OF,  # on CPU graphs the references stand in for the launchers (reference_ops.py)
 }
 
 # Shape bookkeeping that moves no data worth fusing; left out of the "unfused" list so it shows work.
@@ -56,8 +57,9 @@ def op_histogram(gm: fx.GraphModule) -> tuple[Counter, Counter]:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
         if node.target in FUSED_OPS:
-            # A registered op's overload (`step_attention.default`) is named by its op.
-            fused[getattr(node.target, "_opname", None) or node.target.__name__] += 1
+            # A registered op's overload (`step_attention.default`) is named by its op, a reference by its launcher.
+            target = reference_ops.LAUNCHER_OF.get(node.target, node.target)
+            fused[getattr(target, "_opname", None) or target.__name__] += 1
             continue
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         if name not in _BOOKKEEPING:

@@ -19,7 +19,18 @@ import heapq
 from collections.abc import Iterable
 from types import ModuleType
 
-from fastllm.passes import attention, dropout, gated_mlp, layer_norm, list_index, qkv, rms_norm, rotary, skinny_linear
+from fastllm.passes import (
+    attention,
+    dropout,
+    gated_mlp,
+    layer_norm,
+    list_index,
+    qkv,
+    reference_ops,
+    rms_norm,
+    rotary,
+    skinny_linear,
+)
 
 
 class PassRegistry:
@@ -137,13 +148,13 @@ def _refuse_unknown(names: list[str], allowed: tuple[str, ...]) -> None:
 
 # The listing breaks ties only; it is the order these passes ran in before the constraints were declared.
 REGISTRY = PassRegistry((dropout, list_index, rms_norm, layer_norm, rotary, gated_mlp, qkv, attention,
-                         skinny_linear))
+                         skinny_linear, reference_ops))
 
 # The user-selectable passes in canonical order (public as fastllm.ALL_PASSES).
 ALL_PASSES: tuple[str, ...] = REGISTRY.selectable
 # Run on the runtime's graph whatever the selection: list indices made device constants (CUDA-graph capture refuses
-# host copies), paged attention (the runtime depends on it) and the skinny GEMM (pays off where decode steps
-# replay from CUDA graphs).
+# host copies), paged attention (the runtime depends on it), the skinny GEMM (pays off where decode steps
+# replay from CUDA graphs), and on CPU graphs the references called without their launchers.
 RUNTIME_REQUIRED: tuple[str, ...] = REGISTRY.runtime_required
 
 

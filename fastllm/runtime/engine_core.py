@@ -152,6 +152,7 @@ class EngineCore:
         self.step_seconds: dict[str, float] = dict.fromkeys(("schedule", "execute", "sample", "update"), 0.0)
         self._ttft: deque[float] = deque(maxlen=MAX_METRIC_SAMPLES)
         self._tpot: deque[float] = deque(maxlen=MAX_METRIC_SAMPLES)
+        self.closed = False
         self._make_scheduler(max_num_seqs, max_num_batched_tokens, enable_prefix_caching, async_scheduling)
 
     def _make_scheduler(self, max_num_seqs: int, max_num_batched_tokens: int, enable_prefix_caching: bool,
@@ -213,6 +214,9 @@ class EngineCore:
             eos_token_ids: the ids that end it unless `params.ignore_eos` (default: the model's).
         """
         with self._lock:
+            if self.closed:
+                raise RuntimeError("this engine was closed (fastllm.release() or LLM.close()); optimize the model or "
+                                   "build an LLM again")
             return self._add(list(prompt_token_ids), params, request_id, prompt, tokenizer, listener, return_scores,
                              arrival_time, self.eos_token_ids if eos_token_ids is None else frozenset(eos_token_ids))
 
@@ -533,6 +537,7 @@ class EngineCore:
             return {
                 **self.scheduler.stats(),
                 "kv_blocks_total": self.runner.pool.num_blocks,
+                "kv_cache": self.runner.kv_cache_info(),
                 "num_generated_tokens": self.num_generated_tokens,
                 "num_finished_requests": self.num_finished_requests,
                 "num_aborted_requests": self.num_aborted_requests,
@@ -546,6 +551,23 @@ class EngineCore:
                 "num_overlapped_steps": self.num_overlapped_steps,
                 "step_seconds": dict(self.step_seconds),
             }
+
+    def reserve(self, memory_fraction: float | None = None) -> dict:
+        """Grow the KV cache to its cap now, as a server reserves its memory (`memory_fraction`: a new cap, see
+        `ModelRunner.reserve`); returns `runner.kv_cache_info()`."""
+        with self._lock:
+            self.runner.reserve(memory_fraction)
+            return self.runner.kv_cache_info()
+
+    def close(self) -> None:
+        """End every request (finish reason "abort") and let go of the KV cache, buffers and CUDA graphs. The core
+        is unusable afterwards."""
+        with self._lock:
+            for request_id in list(self._requests):
+                self.abort(request_id, error="the engine was closed")
+            self._overlap.drop()
+            self.runner.close()
+            self.closed = True
 
     def count_aborted(self) -> None:
         """Count a request an entry point refused before it reached the core (metrics' num_aborted_requests)."""

@@ -16,18 +16,21 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-# Without a CUDA device there is no free-memory figure to size the cache from: the CPU path (tests, laptops)
-# reserves this many tokens unless `KVCacheConfig.num_kv_tokens` says otherwise. The CPU cache is zero-filled
-# (see `allocate_kv_cache`), so its memory is committed: 16,384 tokens of SmolLM2-135M in fp32 (30 layers,
-# 3 KV heads of 64) are 755 MB.
-CPU_DEFAULT_NUM_KV_TOKENS = 16384
+# A cache starts with this many tokens (unless `KVCacheConfig.num_kv_tokens` fixes its size) and grows on demand up
+# to its cap: the drop-in generate() holds what its sequences need (4,096 tokens of an 8B Llama-3 in bf16 are
+# 512 MiB), while `fastllm.LLM` grows it to the cap at once, as a server reserves memory.
+INITIAL_NUM_KV_TOKENS = 4096
+# Without a CUDA device there is no free-memory figure to cap the cache with: the CPU path (tests, laptops) may grow
+# to this many tokens. The CPU cache is zero-filled (see `allocate_kv_cache`), so what it holds is committed memory:
+# 16,384 tokens of SmolLM2-135M in fp32 (30 layers, 3 KV heads of 64) are 755 MB.
+CPU_MAX_NUM_KV_TOKENS = 16384
 
 
 class OutOfBlocks(RuntimeError):
@@ -69,11 +72,24 @@ class BlockPool:
     blocks of the content its K/V was computed after, and the key cannot be taken by a colliding content.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, max_num_blocks: int | None = None,
+                 grow: Callable[[int], int] | None = None) -> None:
+        """
+        Args:
+            num_blocks: blocks to start with.
+            max_num_blocks: the most the pool may grow to (default: `num_blocks`, a fixed pool).
+            grow: `grow(target) -> blocks now backed`, called when free blocks run short and the pool is below its
+                maximum: the owner of the cache tensors makes room for up to `target` blocks and returns how many
+                it now has (at least the current number; fewer than `target` when memory ran short).
+        """
         _check_int("num_blocks", num_blocks, 1)
         _check_int("block_size", block_size, 1)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.max_num_blocks = num_blocks if max_num_blocks is None else max_num_blocks
+        _check_int("max_num_blocks", self.max_num_blocks, num_blocks)
+        self._grow = grow
+        self.num_growths = 0
         self.ref_counts = [0] * num_blocks
         # FIFO: a freed block is reused last, which lets a cached prefix survive longest.
         self._free_ids: deque[int] = deque(range(num_blocks))
@@ -99,14 +115,38 @@ class BlockPool:
         return self._num_cached
 
     def can_allocate(self, num_blocks: int) -> bool:
+        """Whether `num_blocks` blocks can be taken now (growing the pool first if it is short and may grow)."""
+        if num_blocks > self.num_free_blocks:
+            self.try_grow(num_blocks - self.num_free_blocks)
         return num_blocks <= self.num_free_blocks
 
+    def try_grow(self, shortfall: int) -> None:
+        """Grow by at least `shortfall` blocks if the pool may: in large steps (to twice its size, capped at its
+        maximum), so a run of growing requests costs few reallocations of the cache tensors."""
+        if self._grow is None or self.num_blocks >= self.max_num_blocks:
+            return
+        target = min(self.max_num_blocks, max(self.num_blocks + shortfall, 2 * self.num_blocks))
+        backed = self._grow(target)
+        if backed <= self.num_blocks:
+            return
+        backed = min(backed, self.max_num_blocks)
+        added = backed - self.num_blocks
+        self.ref_counts += [0] * added
+        self.block_hashes += [None] * added
+        self._block_contents += [None] * added
+        self._free_ids.extend(range(self.num_blocks, backed))
+        self.num_blocks = backed
+        self.num_growths += 1
+
     def allocate(self, num_blocks: int) -> list[int]:
-        """Take `num_blocks` blocks (refcount 1 each), free ones first, then evicting cached ones LRU.
+        """Take `num_blocks` blocks (refcount 1 each), free ones first, then evicting cached ones LRU (growing the
+        pool first if it may).
 
         All or nothing: raises OutOfBlocks.
         """
         _check_int("num_blocks", num_blocks, 0)
+        if num_blocks > self.num_free_blocks:
+            self.try_grow(num_blocks - self.num_free_blocks)
         if num_blocks > self.num_free_blocks:
             raise OutOfBlocks(f"need {num_blocks} KV-cache blocks, {self.num_free_blocks} of {self.num_blocks} free")
         blocks = []
@@ -283,14 +323,15 @@ class BlockTable:
 
 @dataclass
 class KVCacheConfig:
-    """How big the paged KV cache is.
+    """How big the paged KV cache may grow.
 
     Args:
         block_size: token slots per block.
-        kv_cache_memory_fraction: on CUDA, the fraction of the memory still free after the weights are loaded
-            and a warm-up forward ran (so activations are counted) that the cache takes. In (0, 1].
-        num_kv_tokens: an explicit cache size in tokens (rounded up to whole blocks); overrides the fraction.
-            Without it, a CPU cache holds `CPU_DEFAULT_NUM_KV_TOKENS` tokens; other devices require it.
+        kv_cache_memory_fraction: on CUDA, the share of the card's *total* memory that may be in use once the cache
+            is at its largest (vLLM's convention): the cache's cap is that share minus what is in use when the model
+            starts (its weights, other models, other processes) and its activations. In (0, 1].
+        num_kv_tokens: an explicit, fixed cache size in tokens (rounded up to whole blocks) instead. Without it, a
+            CPU cache may grow to `CPU_MAX_NUM_KV_TOKENS` tokens; other devices require it.
     """
 
     block_size: int = 16
@@ -307,6 +348,15 @@ class KVCacheConfig:
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
             raise ValueError(f"num_kv_tokens must be None or an integer >= 1, got {tokens!r}")
 
+    @property
+    def fixed(self) -> bool:
+        """Whether the size is given (`num_kv_tokens`): the pool starts at it and never grows."""
+        return self.num_kv_tokens is not None
+
+    def initial_blocks(self) -> int:
+        """Blocks a new cache starts with: `num_kv_tokens`, else `INITIAL_NUM_KV_TOKENS` (it grows on demand)."""
+        return blocks_needed(self.num_kv_tokens or INITIAL_NUM_KV_TOKENS, self.block_size)
+
 
 def kv_cache_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                              dtype: torch.dtype) -> int:
@@ -314,43 +364,38 @@ def kv_cache_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, 
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype.itemsize
 
 
-def num_blocks_from_memory(free_bytes: int, fraction: float, bytes_per_block: int) -> int:
-    """How many blocks of `bytes_per_block` fit in `fraction` of `free_bytes` (rounded down)."""
-    if free_bytes < 0 or not 0 < fraction <= 1 or bytes_per_block < 1:
-        raise ValueError(f"need free_bytes >= 0, 0 < fraction <= 1, bytes_per_block >= 1; got {free_bytes}, "
-                         f"{fraction}, {bytes_per_block}")
-    return int(free_bytes * fraction) // bytes_per_block
+def cap_num_blocks(*, total_bytes: int, free_bytes: int, fraction: float, reserved_bytes: int, held_blocks: int,
+                   bytes_per_block: int) -> int:
+    """The most blocks a cache may hold (vLLM's convention): at most `fraction` of the card's total memory may be in
+    use, counting what is in use now (`total - free`, which includes this cache's `held_blocks`), and leaving
+    `reserved_bytes` for activations and CUDA graphs. Never fewer than `held_blocks`."""
+    if min(total_bytes, free_bytes, reserved_bytes, held_blocks) < 0 or not 0 < fraction <= 1 or bytes_per_block < 1:
+        raise ValueError(f"invalid memory figures: total {total_bytes}, free {free_bytes}, fraction {fraction}, "
+                         f"reserved {reserved_bytes}, held {held_blocks}, per block {bytes_per_block}")
+    budget = fraction * total_bytes - (total_bytes - free_bytes) - reserved_bytes
+    return held_blocks + max(0, int(budget) // bytes_per_block)
 
 
-def plan_num_blocks(config: KVCacheConfig, *, device: torch.device | str, num_layers: int, num_kv_heads: int,
-                    head_dim: int, dtype: torch.dtype) -> int:
-    """Number of cache blocks to allocate.
+def max_num_blocks(config: KVCacheConfig, *, device: torch.device | str, bytes_per_block: int, held_blocks: int,
+                   reserved_bytes: int = 0) -> int:
+    """The cap of a cache that holds `held_blocks` now: `num_kv_tokens` if given; on the CPU
+    `CPU_MAX_NUM_KV_TOKENS`; on CUDA `cap_num_blocks` of what `torch.cuda.mem_get_info` reports.
 
-    With `config.num_kv_tokens`: ceil(num_kv_tokens / block_size). Otherwise, on CUDA, `kv_cache_memory_fraction`
-    of the free memory `torch.cuda.mem_get_info` reports. Call it after the weights are loaded and a warm-up
-    forward at the largest batch has run, so that the memory activations need is already taken (the caching
-    allocator keeps it reserved) and is not handed to the cache. On the CPU, `CPU_DEFAULT_NUM_KV_TOKENS`.
-
-    Raises ValueError for a device without a default size, RuntimeError if not even one block fits.
+    Raises ValueError for another device type without `num_kv_tokens`.
     """
     import torch
 
     device = torch.device(device)
-    if config.num_kv_tokens is not None:
-        return blocks_needed(config.num_kv_tokens, config.block_size)
+    if config.fixed:
+        return held_blocks
     if device.type == "cpu":
-        return blocks_needed(CPU_DEFAULT_NUM_KV_TOKENS, config.block_size)
+        return max(held_blocks, blocks_needed(CPU_MAX_NUM_KV_TOKENS, config.block_size))
     if device.type != "cuda":
         raise ValueError(f"KVCacheConfig.num_kv_tokens is required on device type {device.type!r} "
                          f"(free memory is only measured on CUDA)")
-    free_bytes, _ = torch.cuda.mem_get_info(device)
-    per_block = kv_cache_bytes_per_block(num_layers, num_kv_heads, head_dim, config.block_size, dtype)
-    num_blocks = num_blocks_from_memory(free_bytes, config.kv_cache_memory_fraction, per_block)
-    if num_blocks < 1:
-        raise RuntimeError(f"no room for the KV cache: {free_bytes / 2**20:.0f} MiB free x "
-                           f"kv_cache_memory_fraction {config.kv_cache_memory_fraction} < one block "
-                           f"({per_block / 2**20:.1f} MiB); free memory or set num_kv_tokens")
-    return num_blocks
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    return cap_num_blocks(total_bytes=total_bytes, free_bytes=free_bytes, fraction=config.kv_cache_memory_fraction,
+                          reserved_bytes=reserved_bytes, held_blocks=held_blocks, bytes_per_block=bytes_per_block)
 
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,

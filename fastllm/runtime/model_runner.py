@@ -1,23 +1,43 @@
-"""The model runner: owns the KV cache and the step buffers, runs one scheduled batch per call.
+"""The model runner: owns the KV cache, the step buffers and the CUDA graphs; runs one scheduled batch per call.
 
 It runs the model's compiled step (capture/step.py: the forward on a flattened ragged batch, attention replaced by
 `fastllm::step_attention`), setting the step's context (KV caches and attention metadata) around each forward. It
-captures nothing itself: it sizes and allocates the KV cache from the compiled step's KV shapes and records CUDA
-graphs of the step. On CUDA, steps replay CUDA graphs, padded to the graph's shape (runtime/step_inputs.py):
-decode-only steps one per batch-size bucket, prefill and mixed steps one per token-count bucket up to
-MAX_PREFILL_GRAPH_TOKENS; larger steps run eagerly (their GPU time hides the launches).
+captures nothing itself.
+
+The KV cache starts small and grows on demand (`grow`, called by the block pool when free blocks run short) up to a
+cap: the share of the card the config allows, less what is in use and what a step's activations need (measured once
+by a step of the largest size). Growing reallocates the cache tensors (copying what they hold) and drops the CUDA
+graphs, which recorded the old tensors' addresses.
+
+On CUDA, steps replay CUDA graphs, padded to the graph's shape (runtime/step_inputs.py): decode-only steps one per
+batch-size bucket, prefill and mixed steps one per token-count bucket up to MAX_PREFILL_GRAPH_TOKENS; larger steps run
+eagerly (their GPU time hides the launches). A bucket's graph is captured the first time a step needs it, so the
+buckets a workload never uses cost neither start-up time nor memory. All graphs share one memory pool (they never
+replay at once) and write their logits into one shared buffer, not one buffer each.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from fastllm.runtime.kv_cache import BlockPool, KVCacheConfig, allocate_kv_cache, plan_num_blocks
+from fastllm.runtime.kv_cache import (
+    BlockPool,
+    KVCacheConfig,
+    allocate_kv_cache,
+    blocks_needed,
+    kv_cache_bytes_per_block,
+    max_num_blocks,
+)
 from fastllm.runtime.step_inputs import StepBuffers, StepInput
+
+# CUDA memory left free when the cache grows (the allocator's fragmentation, other streams' work).
+GROWTH_MARGIN_BYTES = 1 << 30
+# Activations are measured on one step of the largest size; CUDA graphs of smaller steps hold their own pool on top.
+ACTIVATION_HEADROOM = 1.25
 
 # Dynamo specializes sizes equal to 1; the runner never hands the graph one (a lone token or sampled row is
 # padded to 2), so a single capture with symbolic sizes serves every step and nothing recaptures later.
@@ -49,12 +69,12 @@ def prefill_buckets(max_num_batched_tokens: int) -> list[int]:
 
 @dataclass
 class StepGraph:
-    """A CUDA graph of one step shape, its input buffers and its (static) logits output. `graph` is None when
-    the shapes are only emulated (CPU tests of the padding): such a step runs eagerly on the same buffers."""
+    """One step shape's input buffers and, once captured, its CUDA graph. `graph` stays None where the shapes are
+    only emulated (CPU tests of the padding): such a step runs eagerly on the same buffers."""
 
     buffers: StepBuffers
     graph: torch.cuda.CUDAGraph | None = None
-    logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None   # a view of the runner's shared logits buffer, filled by each replay
 
 
 class ModelRunner:
@@ -63,11 +83,12 @@ class ModelRunner:
     Args:
         compiled: the model's `CompiledStep` (capture/step.py).
         device, dtype: where and in which dtype the model's weights (and so the cache) live.
-        kv_cache: how big the cache is (`KVCacheConfig`).
+        kv_cache: how big the cache starts and may grow (`KVCacheConfig`).
         max_num_seqs: most sequences in one step (the largest decode CUDA graph).
-        max_model_len: longest sequence; capped at what the cache holds.
+        max_model_len: longest sequence; capped at what the cache may hold.
         use_cuda_graph: replay steps from CUDA graphs (default: on CUDA).
-        max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts).
+        max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts, and is the size whose
+            activations are measured).
         emulate_graph_shapes: without CUDA graphs, still pad every step to a graph's shape (CPU tests).
     """
 
@@ -77,32 +98,119 @@ class ModelRunner:
         self.compiled = compiled
         self.device, self.dtype = torch.device(device), dtype
         self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
         self.kv_shapes = compiled.kv_shapes
-        # Seconds of each start-up phase (W3's profile): the KV cache sized and allocated, the CUDA graphs captured.
-        self.startup_seconds: dict[str, float] = {}
-        start = time.perf_counter()
+        self.config = kv_cache or KVCacheConfig()
+        self.block_size = self.config.block_size
         num_kv_heads, head_dim = self.kv_shapes[0]
-        config = kv_cache or KVCacheConfig()
-        num_blocks = plan_num_blocks(config, device=self.device, num_layers=len(self.kv_shapes),
-                                     num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=self.dtype)
-        self.block_size = config.block_size
-        self.pool = BlockPool(num_blocks, self.block_size)
+        self.bytes_per_block = kv_cache_bytes_per_block(len(self.kv_shapes), num_kv_heads, head_dim, self.block_size,
+                                                        self.dtype)
+        # Seconds of each start-up phase (W3's profile): the KV cache sized and allocated, the CUDA graphs captured.
+        self.startup_seconds: dict[str, float] = {"kv_cache": 0.0, "cuda_graphs": 0.0}
+        start = time.perf_counter()
+        initial = self.config.initial_blocks()
+        self.kv_caches = self._allocate(initial)
+        # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
+        # from here inside the next step. One row per sampled token: a step samples at most one per token.
+        self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
+        self.activation_bytes = self._measure_activations(initial) if self._measures_memory else 0
+        cap = max_num_blocks(self.config, device=self.device, bytes_per_block=self.bytes_per_block,
+                             held_blocks=initial, reserved_bytes=int(ACTIVATION_HEADROOM * self.activation_bytes))
+        self.pool = BlockPool(initial, self.block_size, max_num_blocks=max(cap, initial), grow=self.grow)
         # A sequence can never outgrow the cache: cap the context there (validation then names the limit).
-        self.max_model_len = min(max_model_len, num_blocks * self.block_size)
-        self.kv_caches = allocate_kv_cache(len(self.kv_shapes), num_blocks, self.block_size, num_kv_heads, head_dim,
-                                           self.dtype, self.device)
+        self.max_model_len = min(max_model_len, self.pool.max_num_blocks * self.block_size)
         self.startup_seconds["kv_cache"] = time.perf_counter() - start
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.buckets = decode_buckets(max_num_seqs)
         self.token_buckets = prefill_buckets(max_num_batched_tokens)
-        # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
-        # from here inside the next step. One row per sampled token: a step samples at most one per token.
-        self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
         self._decode_graphs: list[StepGraph] = []
         self._prefill_graphs: list[StepGraph] = []
+        self._graph_pool = None
+        self._logits_buffer: torch.Tensor | None = None
         if self.use_cuda_graph or emulate_graph_shapes:
-            self._make_step_graphs(capture=self.use_cuda_graph)
+            self._make_step_buffers()
+
+    @property
+    def _measures_memory(self) -> bool:
+        return self.device.type == "cuda" and not self.config.fixed
+
+    # ---- the KV cache ----------------------------------------------------------------------------------------
+
+    def _allocate(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        num_kv_heads, head_dim = self.kv_shapes[0]
+        return allocate_kv_cache(len(self.kv_shapes), num_blocks, self.block_size, num_kv_heads, head_dim,
+                                 self.dtype, self.device)
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens the cache holds now (it may grow to `pool.max_num_blocks * block_size`)."""
+        return self.kv_caches[0][0].shape[0] * self.block_size
+
+    def grow(self, num_blocks: int) -> int:
+        """Make the cache hold up to `num_blocks` blocks; returns how many it holds now. The block pool calls this
+        when free blocks run short. The blocks' contents are kept (copied into the new tensors); the CUDA graphs
+        are dropped (they recorded the old tensors) and captured again as steps need them. Grows less, or not at
+        all, when the device's free memory cannot hold the new tensors beside the old ones."""
+        held = self.kv_caches[0][0].shape[0]
+        if num_blocks <= held:
+            return held
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_blocks = min(num_blocks, (free - GROWTH_MARGIN_BYTES) // self.bytes_per_block)
+            if num_blocks <= held:
+                return held
+        start = time.perf_counter()
+        new = self._allocate(num_blocks)
+        for (k_old, v_old), (k_new, v_new) in zip(self.kv_caches, new):
+            k_new[:held].copy_(k_old)
+            v_new[:held].copy_(v_old)
+        self.kv_caches = new
+        self._drop_graphs()
+        self.startup_seconds["kv_cache"] += time.perf_counter() - start
+        return num_blocks
+
+    def reserve(self, memory_fraction: float | None = None) -> int:
+        """Grow the cache to its cap now (a server's reservation); returns the blocks it holds. `memory_fraction`
+        recomputes the cap first (see `KVCacheConfig.kv_cache_memory_fraction`; never below what is held)."""
+        if memory_fraction is not None and not self.config.fixed:
+            config = KVCacheConfig(self.block_size, memory_fraction)
+            held = self.pool.num_blocks
+            self.pool.max_num_blocks = max_num_blocks(
+                config, device=self.device, bytes_per_block=self.bytes_per_block, held_blocks=held,
+                reserved_bytes=int(ACTIVATION_HEADROOM * self.activation_bytes))
+        self.pool.try_grow(self.pool.max_num_blocks - self.pool.num_blocks)
+        return self.pool.num_blocks
+
+    @torch.no_grad()
+    def _measure_activations(self, num_blocks: int) -> int:
+        """Peak bytes one eager step of `max_num_batched_tokens` tokens allocates beyond what is held: a dummy
+        sequence that writes no cache slot and reads block 0, sampling `max_num_seqs` rows."""
+        tokens = max(self.max_num_batched_tokens, MIN_BATCH)
+        rows = min(tokens, max(self.max_num_seqs, MIN_BATCH))
+        step = StepInput([0] * tokens, list(range(tokens)), [-1] * tokens, [tokens], [tokens],
+                         [[0] * blocks_needed(tokens, self.block_size)], list(range(tokens - rows, tokens)))
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute_input(step, capture=False)
+        torch.cuda.synchronize(self.device)
+        return max(0, torch.cuda.max_memory_allocated(self.device) - base)
+
+    def kv_cache_info(self) -> dict:
+        """What the cache holds now and may grow to, for reports."""
+        return {"tokens": self.kv_cache_tokens, "bytes": self.kv_caches[0][0].shape[0] * self.bytes_per_block,
+                "max_tokens": self.pool.max_num_blocks * self.block_size,
+                "max_bytes": self.pool.max_num_blocks * self.bytes_per_block, "growths": self.pool.num_growths,
+                "activation_bytes": self.activation_bytes}
+
+    def close(self) -> None:
+        """Let go of every tensor and graph this runner holds (the model, the compiled step, stay)."""
+        self._drop_graphs()
+        self._decode_graphs, self._prefill_graphs = [], []
+        self.kv_caches = []
+        self.feed = torch.empty(0, dtype=torch.long, device=self.device)
+        self._logits_buffer = None
 
     def _forward(self, buffers: StepBuffers) -> torch.Tensor:
         with self.compiled.context.step(buffers.metadata, self.kv_caches):
@@ -115,18 +223,21 @@ class ModelRunner:
         return self.execute_input(StepInput.from_chunks(chunks, feed_rows))
 
     @torch.no_grad()
-    def execute_input(self, step: StepInput) -> torch.Tensor:
-        """`execute` of a step already laid out (`StepInput`): the logits of its `sample_rows`, fp32 (owned)."""
-        graph = self._graph_for(step)
+    def execute_input(self, step: StepInput, capture: bool = True) -> torch.Tensor:
+        """`execute` of a step already laid out (`StepInput`): the logits of its `sample_rows`, fp32 (owned).
+        `capture=False` runs it eagerly whatever its shape."""
+        graph = self._graph_for(step) if capture else None
         if graph is None:
             buffers = StepBuffers.for_step(step, self.device, MIN_BATCH, feed=self.feed)
         else:
+            if graph.graph is None and self.use_cuda_graph:
+                self._capture(graph)
             buffers = graph.buffers
         buffers.fill(step)
         num_rows = len(step.sample_rows)
         if graph is not None and graph.graph is not None:
             graph.graph.replay()  # scatter() is recorded in the graph
-            # A copy: the graph's static output is overwritten by the next replay, while callers keep scores
+            # A copy: the shared static output is overwritten by the next replay, while callers keep scores
             # across steps (and `.float()` of an fp32 tensor would be the tensor itself).
             return graph.logits[0, :num_rows].to(torch.float32, copy=True)
         buffers.scatter()
@@ -148,9 +259,8 @@ class ModelRunner:
                 return graph
         return None
 
-    @torch.no_grad()  # as execute(): a grad-mode change would make dynamo trace the step again
-    def _make_step_graphs(self, capture: bool) -> None:
-        """Buffers for every bucket and, with `capture`, their CUDA graphs (largest first, one memory pool)."""
+    def _make_step_buffers(self) -> None:
+        """Static input buffers for every bucket; each bucket's graph is captured when a step first needs it."""
         width = self.max_blocks_per_seq
         self._decode_graphs = [
             StepGraph(StepBuffers(n, n, n, width, self.device, one_token_dummies=True, max_seqlen_q=1,
@@ -163,26 +273,54 @@ class ModelRunner:
             self._prefill_graphs.append(StepGraph(
                 StepBuffers(n, seqs, seqs, width, self.device, one_token_dummies=False, max_seqlen_q=n,
                             feed=self.feed)))
-        if not capture:
-            return
+
+    @torch.no_grad()  # as execute(): a grad-mode change would make dynamo trace the step again
+    def _capture(self, step_graph: StepGraph) -> None:
+        """Record `step_graph`'s CUDA graph (into the runner's one graph pool, its logits into the shared buffer).
+        A model whose step cannot be recorded (an op that reads host memory) runs every step eagerly from then on,
+        with one warning: correct, slower."""
         start = time.perf_counter()
-        pool = None
-        graphs = sorted(self._decode_graphs + self._prefill_graphs, key=lambda g: -g.buffers.num_tokens)
-        for step_graph in tqdm(graphs, desc="fastllm: capturing CUDA graphs", leave=False):
-            b = step_graph.buffers
-            b.fill(StepInput([], [], [], [], [], [], []))  # all dummies: valid metadata for the warm-up and capture
-            # Warm-up outside the graph: anything still to compile or allocate does it here, not in capture.
-            b.scatter()
-            self._forward(b)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                b.scatter()
-                step_graph.logits = self._forward(b)
-            step_graph.graph = graph
-            pool = graph.pool()
+        b = step_graph.buffers
+        b.fill(StepInput([], [], [], [], [], [], []))  # all dummies: valid metadata for the warm-up and capture
+        # Warm-up outside the graph: anything still to compile or allocate does it here, not in capture.
+        b.scatter()
+        warm = self._forward(b)
+        if self._logits_buffer is None:
+            rows = max(self.max_num_seqs, MIN_BATCH) + 1  # the most rows any bucket samples
+            self._logits_buffer = torch.empty(1, rows, warm.shape[-1], dtype=warm.dtype, device=self.device)
+        del warm
         torch.cuda.synchronize(self.device)
-        self.cuda_graph_seconds = self.startup_seconds["cuda_graphs"] = time.perf_counter() - start
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                b.scatter()
+                logits = self._forward(b)
+                self._logits_buffer[:, :logits.shape[1]].copy_(logits)
+        except RuntimeError as error:
+            self.use_cuda_graph = False
+            self._drop_graphs()
+            warnings.warn(f"fastllm: a CUDA graph of this model's step could not be recorded, so its steps run "
+                          f"eagerly (correct, slower): {str(error).splitlines()[0][:300]}", RuntimeWarning,
+                          stacklevel=4)
+            return
+        # The step's own output is let go: its memory returns to the pool, for the next graph's capture to reuse.
+        step_graph.logits = self._logits_buffer[:, :logits.shape[1]]
+        step_graph.graph = graph
+        self.startup_seconds["cuda_graphs"] += time.perf_counter() - start
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph (and the pool they share): after the cache tensors changed, or at close."""
+        for g in (*self._decode_graphs, *self._prefill_graphs):
+            g.graph, g.logits = None, None
+        self._graph_pool = None
+
+    def capture_all(self) -> None:
+        """Capture every bucket's graph now (largest first), e.g. to time start-up as a whole."""
+        for step_graph in sorted(self._decode_graphs + self._prefill_graphs, key=lambda g: -g.buffers.num_tokens):
+            if step_graph.graph is None and self.use_cuda_graph:
+                self._capture(step_graph)
 
     @property
     def _graphs(self) -> dict[tuple[str, int], StepGraph]:

@@ -17,8 +17,9 @@ block's token ids and parent key are the request's) and starts computing after t
 each block that became full and computed, as long as the one before it is registered. Shared blocks are never
 written: only full blocks are registered, and a request always computes at least its last known token itself.
 
-Progress is guaranteed: the pool holds at least `max_model_len` tokens (checked when the scheduler is built),
-so the oldest running request, or the oldest waiting one when none runs, always fits.
+Progress is guaranteed: the pool holds, or may grow to, at least `max_model_len` tokens (checked when the scheduler is
+built), so the oldest running request, or the oldest waiting one when none runs, always fits (a pool that cannot grow
+for lack of device memory makes `schedule()` raise, saying so, rather than wait forever).
 
 Asynchronous scheduling (the engine's `async_scheduling`): `update_pending()` records a computed step before its
 tokens are known. Each request that sampled gets a pending token (a `PLACEHOLDER` in its token list, which the
@@ -132,11 +133,11 @@ class Scheduler:
                             ("max_model_len", max_model_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        capacity = pool.num_blocks * pool.block_size
+        capacity = pool.max_num_blocks * pool.block_size  # a growing pool counts at its cap
         if capacity < max_model_len:
-            raise ValueError(f"the KV cache holds {capacity} tokens ({pool.num_blocks} blocks of {pool.block_size}), "
-                             f"fewer than max_model_len={max_model_len}: a long request could never run; lower "
-                             f"max_model_len or give the cache more memory")
+            raise ValueError(f"the KV cache holds at most {capacity} tokens ({pool.max_num_blocks} blocks of "
+                             f"{pool.block_size}), fewer than max_model_len={max_model_len}: a long request could "
+                             f"never run; lower max_model_len or give the cache more memory")
         self.pool = pool
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -208,7 +209,9 @@ class Scheduler:
             raise RuntimeError(f"scheduler cannot make progress: {len(self.running)} running, {len(self.waiting)} "
                                f"waiting, {self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
                                + (f"; request {head.request_id!r} needs {head.num_tokens} token slots" if head else "")
-                               + " (is the pool shared with another owner?)")
+                               + (f"; the KV cache could not grow to its cap of {self.pool.max_num_blocks} blocks "
+                                  "(device memory is short: free some, or set num_kv_tokens)"
+                                  if self.pool.num_blocks < self.pool.max_num_blocks else ""))
         self.num_preemptions += len(preempted)
         self.tokens_scheduled += sum(c.num_tokens for c in chunks)
         return SchedulerOutput(chunks, preempted)

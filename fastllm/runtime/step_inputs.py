@@ -13,7 +13,8 @@ Padding (graphs have fixed shapes; dynamo specializes sizes of 0 and 1, so eager
   dummy sequence;
 - prefill-shaped buffers (`num_seqs > num_tokens` is not required): the first dummy sequence takes every padding
   token, the others are empty. The prefill kernel's grid depends on the token and sequence counts only, so an
-  empty sequence costs one program that exits.
+  empty sequence costs one program that exits. Buffers with no room for a dummy sequence (eager steps, sized to
+  their step) leave the padding tokens in no sequence at all.
 A dummy token writes no cache slot (slot -1) and attends to the cache's block 0; its outputs are never read.
 """
 
@@ -181,7 +182,10 @@ class StepBuffers:
 
     @classmethod
     def for_step(cls, step: StepInput, device, min_batch: int, feed: torch.Tensor | None = None) -> StepBuffers:
-        """Buffers sized to `step` alone (eager steps), padded with one-token dummies to `min_batch` tokens."""
+        """Buffers sized to `step` alone (eager steps), padded to `min_batch` tokens with tokens of no sequence: they
+        write no cache slot and no attention reads or computes for them (the attention kernels and their reference
+        leave rows outside cu_seqlens_q's ranges alone), where a dummy sequence would cost a second attention per
+        layer in a one-sequence decode step (the CPU's common case)."""
         pad = max(0, min_batch - len(step.token_ids))
-        return cls(len(step.token_ids) + pad, len(step.seq_lens) + pad, max(min_batch, len(step.sample_rows)),
-                   step.max_blocks, device, one_token_dummies=True, feed=feed, reused=False)
+        return cls(len(step.token_ids) + pad, len(step.seq_lens), max(min_batch, len(step.sample_rows)),
+                   step.max_blocks, device, one_token_dummies=False, feed=feed, reused=False)
