@@ -32,8 +32,10 @@ class OptimizeConfig:
         kv_cache_memory_fraction: share of the GPU memory free after weights and a profiling forward that
             the KV cache takes. num_kv_tokens: an explicit cache size in tokens instead (CPU default: 65536).
         block_size: KV-cache tokens per block.
-        max_num_seqs: most sequences decoded in one step (also the largest CUDA-graph batch).
-        max_num_batched_tokens: most tokens computed in one step (longer prompts are prefilled in chunks).
+        max_num_seqs: most sequences decoded in one step (also the largest CUDA-graph batch). None: sized from the
+            card (`scheduling_defaults`).
+        max_num_batched_tokens: most tokens computed in one step (longer prompts are prefilled in chunks). None:
+            sized from the card.
         max_model_len: longest sequence (prompt + new tokens); default: the model's max_position_embeddings.
         cuda_graphs: replay decode steps, and prefill/mixed steps of up to 1024 tokens, from CUDA graphs (CUDA only).
         async_scheduling: generate() and `fastllm.LLM` schedule and launch each step while the GPU still samples
@@ -50,8 +52,8 @@ class OptimizeConfig:
     kv_cache_memory_fraction: float = 0.9
     num_kv_tokens: int | None = None
     block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     cuda_graphs: bool = True
     async_scheduling: bool = True
@@ -71,7 +73,7 @@ class OptimizeConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_kv_tokens", "max_model_len"):
             value = getattr(self, name)
-            if value is None and name in ("num_kv_tokens", "max_model_len"):
+            if value is None and name != "block_size":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -91,3 +93,27 @@ class OptimizeConfig:
                             f"allowed: {', '.join(allowed)}")
         base = config if config is not None else cls()
         return dataclasses.replace(base, **overrides)
+
+
+# Scheduling defaults by the card's memory (vLLM's offline defaults on large cards: 1024 sequences and 16,384 tokens a
+# step where the card has 70 GiB or more), and for the CPU.
+_CARD_DEFAULTS = ((70, 1024, 16384), (32, 512, 8192), (0, 256, 4096))
+CPU_DEFAULTS = (64, 8192)
+
+
+def scheduling_defaults(device) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) for a model on `device` when the config leaves them None."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_DEFAULTS
+    total_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return next((seqs, tokens) for gib, seqs, tokens in _CARD_DEFAULTS if total_gib >= gib)
+
+
+def resolve_scheduling(config: OptimizeConfig, device) -> OptimizeConfig:
+    """`config` with max_num_seqs and max_num_batched_tokens filled in from the card where they are None."""
+    seqs, tokens = scheduling_defaults(device)
+    return dataclasses.replace(config, max_num_seqs=config.max_num_seqs or seqs,
+                               max_num_batched_tokens=config.max_num_batched_tokens or tokens)

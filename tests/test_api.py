@@ -131,3 +131,17 @@ def test_bad_input_raises_and_does_not_disable_optimization(llama_path):
     with pytest.raises(Exception):
         model(torch.tensor([[1.5, 2.5]]))  # float ids: the same error eager would give
     assert fastllm.explain(model).status == "optimized"
+
+
+def test_scheduling_defaults_follow_the_card(monkeypatch):
+    from types import SimpleNamespace
+
+    from fastllm.config import CPU_DEFAULTS, resolve_scheduling, scheduling_defaults
+
+    assert scheduling_defaults("cpu") == CPU_DEFAULTS
+    for gib, expected in ((141, (1024, 16384)), (48, (512, 8192)), (16, (256, 4096))):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device, gib=gib: SimpleNamespace(total_memory=gib * 2**30))
+        assert scheduling_defaults("cuda") == expected
+    given = resolve_scheduling(fastllm.OptimizeConfig(max_num_seqs=8), "cuda")
+    assert (given.max_num_seqs, given.max_num_batched_tokens) == (8, 4096)  # what the user gave stays

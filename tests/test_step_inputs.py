@@ -9,7 +9,7 @@ import fastllm
 from fastllm.capture import step as compile_step_module
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
-from fastllm.runtime.model_runner import ModelRunner, prefill_buckets
+from fastllm.runtime.model_runner import ModelRunner, decode_buckets, prefill_buckets
 from fastllm.runtime.step_inputs import StepBuffers, StepInput
 from tests._models import VOCAB, build
 
@@ -71,6 +71,18 @@ def test_prefill_buffers_put_padding_in_one_dummy_sequence():
     assert not buffers.fits(_step([17], [0]))                 # too many tokens
     assert not buffers.fits(_step([3] * 5, [0] * 5))          # padding tokens but no room for a dummy sequence
     assert buffers.fits(_step([4, 4, 4, 4], [0] * 4))
+
+
+def test_decode_buckets():
+    assert decode_buckets(3) == [2, 3] and decode_buckets(64) == [2, 4, *range(8, 65, 8)]
+    ladder = decode_buckets(1024)
+    assert ladder[:3] == [2, 4, 8] and ladder[-1] == 1024 and len(ladder) == 66
+    # Padding a batch up to its bucket adds at most 8 rows up to 256 sequences (where decode is memory-bound, rows
+    # nearly free), and at most 1/16 of the rows beyond (where it is compute-bound).
+    steps = list(zip(ladder, ladder[1:]))
+    assert all(upper - lower <= 8 for lower, upper in steps if upper <= 256)
+    assert all((upper - lower) / lower <= 1 / 16 for lower, upper in steps if lower >= 256)
+    assert decode_buckets(300)[-2:] == [288, 300]
 
 
 def test_prefill_buckets():

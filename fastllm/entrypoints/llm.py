@@ -46,8 +46,10 @@ class LLM:
             them (the model's engine core takes them while no other request runs on it).
 
     Like a server, an LLM reserves its KV cache when it is built: it grows the model's cache to its cap,
-    `kv_cache_memory_fraction` of the card's total memory less what is in use (vLLM's convention), and logs what it
-    took (`kv_cache_info` has the figures). `close()`, or leaving `with fastllm.LLM(...) as llm:`, gives it back.
+    `kv_cache_memory_fraction` of the card's total memory less what is in use (vLLM's convention), records its CUDA
+    graphs, and logs what it took (`kv_cache_info` has the figures). `close()`, or leaving
+    `with fastllm.LLM(...) as llm:`, gives it back. Scheduling defaults are sized from the card
+    (`fastllm.config.scheduling_defaults`).
 
     Raises:
         RuntimeError: the model cannot run on fastllm's paged runtime (the message says why).
@@ -90,6 +92,9 @@ class LLM:
             raise RuntimeError(f"{type(model).__name__} cannot run on fastllm's paged runtime: {state.fallback_reason}")
         self.model, self.tokenizer, self.core, self._state = model, tokenizer, core, state
         self.kv_cache_info = core.reserve(fraction)
+        # Like a server, every CUDA graph is recorded now: a batch that shrinks as requests finish meets dozens of
+        # decode sizes, and recording them on first use would happen inside the caller's timing.
+        core.capture_graphs()
         info = self.kv_cache_info
         logger.info("fastllm.LLM: KV cache of %s tokens (%.2f GiB) for %s", f"{info['tokens']:,}",
                     info["bytes"] / 2**30, type(model).__name__)

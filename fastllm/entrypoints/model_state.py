@@ -20,7 +20,7 @@ import torch
 
 from fastllm.capture import CAPTURE_ERRORS
 from fastllm.capture.step import CompiledStep, UnpageableModel, compile_step
-from fastllm.config import OptimizeConfig
+from fastllm.config import OptimizeConfig, resolve_scheduling
 from fastllm.entrypoints.forward import install_forward
 from fastllm.entrypoints.hf_generate import install_generate
 from fastllm.passes import resolve_passes
@@ -79,8 +79,9 @@ class ModelState:
         compiled = self.compile()
         if compiled is None:
             return None
-        c, model = self.config, self.model
+        model = self.model
         param = next(model.parameters())
+        c = self.config = resolve_scheduling(self.config, param.device)
         runner = ModelRunner(compiled, param.device, param.dtype,
                              kv_cache=KVCacheConfig(c.block_size, c.kv_cache_memory_fraction, c.num_kv_tokens),
                              max_num_seqs=c.max_num_seqs, max_model_len=_max_model_len(model, c),

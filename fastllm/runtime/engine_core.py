@@ -559,6 +559,11 @@ class EngineCore:
             self.runner.reserve(memory_fraction)
             return self.runner.kv_cache_info()
 
+    def capture_graphs(self) -> None:
+        """Record every CUDA graph the runner may replay now (as a server does before serving), not on first use."""
+        with self._lock:
+            self.runner.capture_all()
+
     def close(self) -> None:
         """End every request (finish reason "abort") and let go of the KV cache, buffers and CUDA graphs. The core
         is unusable afterwards."""

@@ -50,10 +50,13 @@ MAX_PREFILL_GRAPH_TOKENS = 1024
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
-    """CUDA-graph batch sizes of decode steps: 2, 4, 8, then every 8 up to max_num_seqs."""
+    """CUDA-graph batch sizes of decode steps: 2, 4, 8, then every 8 up to 256, every 16 up to 512, every 32 beyond
+    (up to max_num_seqs). A step pads to the next size: at most 8 rows up to 256 sequences (memory-bound decode, where
+    rows are nearly free) and at most 1/16 of the rows beyond (compute-bound), while 1024 sequences need 66 graphs,
+    not 130."""
     top = max(max_num_seqs, MIN_BATCH)
-    sizes = [b for b in (2, 4) if b < top] + list(range(8, top + 8, 8))
-    return sorted({min(b, top) for b in sizes})
+    sizes = [2, 4, *range(8, 257, 8), *range(272, 513, 16), *range(544, top + 32, 32)]
+    return sorted({min(b, top) for b in sizes if b < top} | {top})
 
 
 def prefill_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -69,12 +72,28 @@ def prefill_buckets(max_num_batched_tokens: int) -> list[int]:
 
 @dataclass
 class StepGraph:
-    """One step shape's input buffers and, once captured, its CUDA graph. `graph` stays None where the shapes are
-    only emulated (CPU tests of the padding): such a step runs eagerly on the same buffers."""
+    """One step shape: its input buffers (made when a step first needs them) and, once captured, its CUDA graph.
+    `graph` stays None where the shapes are only emulated (CPU tests of the padding): such a step runs eagerly on
+    the same buffers."""
 
-    buffers: StepBuffers
+    spec: dict                           # StepBuffers' arguments: num_tokens, num_seqs, num_rows, ...
+    _buffers: StepBuffers | None = None
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None   # a view of the runner's shared logits buffer, filled by each replay
+
+    @property
+    def num_tokens(self) -> int:
+        return self.spec["num_tokens"]
+
+    @property
+    def buffers(self) -> StepBuffers:
+        if self._buffers is None:
+            self._buffers = StepBuffers(**self.spec)
+        return self._buffers
+
+    def fits(self, step: StepInput) -> bool:
+        s = self.spec
+        return StepBuffers.shape_fits(step, s["num_tokens"], s["num_seqs"], s["num_rows"], s["one_token_dummies"])
 
 
 class ModelRunner:
@@ -195,7 +214,9 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         self.execute_input(step, capture=False)
         torch.cuda.synchronize(self.device)
-        return max(0, torch.cuda.max_memory_allocated(self.device) - base)
+        peak = max(0, torch.cuda.max_memory_allocated(self.device) - base)
+        torch.cuda.empty_cache()  # what the step allocated goes back: a generate() user holds only what it needs
+        return peak
 
     def kv_cache_info(self) -> dict:
         """What the cache holds now and may grow to, for reports."""
@@ -255,24 +276,21 @@ class ModelRunner:
         """The smallest step graph `step` fits in, or None (run eagerly)."""
         candidates = self._decode_graphs if step.is_decode else ()
         for graph in (*candidates, *self._prefill_graphs):
-            if graph.buffers.fits(step):
+            if graph.fits(step):
                 return graph
         return None
 
     def _make_step_buffers(self) -> None:
-        """Static input buffers for every bucket; each bucket's graph is captured when a step first needs it."""
-        width = self.max_blocks_per_seq
-        self._decode_graphs = [
-            StepGraph(StepBuffers(n, n, n, width, self.device, one_token_dummies=True, max_seqlen_q=1,
-                                  feed=self.feed))
-            for n in self.buckets
-        ]
+        """Every bucket's step shape; its static buffers are made, and its graph captured, when a step first needs
+        them (a bucket no step uses costs nothing: 1024 sequences' buckets hold 2 MB of block tables each)."""
+        common = dict(max_blocks=self.max_blocks_per_seq, device=self.device, feed=self.feed)
+        self._decode_graphs = [StepGraph(dict(num_tokens=n, num_seqs=n, num_rows=n, one_token_dummies=True,
+                                              max_seqlen_q=1, **common)) for n in self.buckets]
         self._prefill_graphs = []
         for n in self.token_buckets:
             seqs = min(n, self.max_num_seqs) + 1  # + 1: a dummy sequence holds the padding tokens
-            self._prefill_graphs.append(StepGraph(
-                StepBuffers(n, seqs, seqs, width, self.device, one_token_dummies=False, max_seqlen_q=n,
-                            feed=self.feed)))
+            self._prefill_graphs.append(StepGraph(dict(num_tokens=n, num_seqs=seqs, num_rows=seqs,
+                                                       one_token_dummies=False, max_seqlen_q=n, **common)))
 
     @torch.no_grad()  # as execute(): a grad-mode change would make dynamo trace the step again
     def _capture(self, step_graph: StepGraph) -> None:
@@ -318,13 +336,13 @@ class ModelRunner:
 
     def capture_all(self) -> None:
         """Capture every bucket's graph now (largest first), e.g. to time start-up as a whole."""
-        for step_graph in sorted(self._decode_graphs + self._prefill_graphs, key=lambda g: -g.buffers.num_tokens):
+        for step_graph in sorted(self._decode_graphs + self._prefill_graphs, key=lambda g: -g.num_tokens):
             if step_graph.graph is None and self.use_cuda_graph:
                 self._capture(step_graph)
 
     @property
     def _graphs(self) -> dict[tuple[str, int], StepGraph]:
         """The captured graphs by (kind, num_tokens), for tests and benchmarks."""
-        return {(kind, g.buffers.num_tokens): g for kind, graphs in (("decode", self._decode_graphs),
-                                                                      ("prefill", self._prefill_graphs))
+        return {(kind, g.num_tokens): g for kind, graphs in (("decode", self._decode_graphs),
+                                                              ("prefill", self._prefill_graphs))
                 for g in graphs if g.graph is not None}

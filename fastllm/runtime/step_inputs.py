@@ -118,11 +118,16 @@ class StepBuffers:
         )
 
     def fits(self, step: StepInput) -> bool:
+        return self.shape_fits(step, self.num_tokens, self.num_seqs, self.num_rows, self.one_token_dummies)
+
+    @staticmethod
+    def shape_fits(step: StepInput, num_tokens: int, num_seqs: int, num_rows: int, one_token_dummies: bool) -> bool:
+        """Whether `step` fits buffers of this shape (see the class docstring's padding rules)."""
         t, s = len(step.token_ids), len(step.seq_lens)
-        pad_t, pad_s = self.num_tokens - t, self.num_seqs - s
-        if len(step.sample_rows) > self.num_rows or pad_t < 0 or pad_s < 0:
+        pad_t, pad_s = num_tokens - t, num_seqs - s
+        if len(step.sample_rows) > num_rows or pad_t < 0 or pad_s < 0:
             return False
-        if self.one_token_dummies:
+        if one_token_dummies:
             return pad_t == pad_s
         return pad_s > 0 or pad_t == 0  # padding tokens need a dummy sequence to hold them
 
