@@ -1,7 +1,12 @@
 """W2 (offline throughput) and W4 (KV-cache capacity, peak memory) beside HF continuous batching.
 
     PYTHONPATH=. python benchmarks/bench_throughput.py [--model llama31_8b] [--workloads fixed mixed]
-        [--num-requests 1000] [--providers fastllm fastllm_sync hf_continuous_batching] [--out DIR]
+        [--num-requests 1000] [--providers fastllm fastllm_sync hf_continuous_batching]
+        [--settings default seqs=512 seqs=1024,tokens=16384] [--out DIR]
+
+`--settings` runs fastllm once per engine setting: "default" is `fastllm.LLM(model)` with no options at all (the
+defaults sized from the card), "seqs=N[,tokens=M]" sets max_num_seqs (and max_num_batched_tokens). Results are keyed
+`<model>_<workload>` for the first setting and `<model>_<workload>_<setting>` for the others.
 
 Per BENCHMARKS.md: random-weight model (seed 0), random prompt ids, greedy, EOS ignored so every request produces
 exactly its requested tokens. "fixed": 1000 × 128 prompt / 128 new; "mixed": 1000 requests, prompt lengths uniform
@@ -43,11 +48,21 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
 
 
-def run_fastllm(model, requests, max_num_seqs: int, async_scheduling: bool = True) -> tuple[dict, dict]:
+def _setting(text: str) -> dict:
+    """`default` -> {} (LLM's own defaults); `seqs=512,tokens=16384` -> the engine options."""
+    if text == "default":
+        return {}
+    names = {"seqs": "max_num_seqs", "tokens": "max_num_batched_tokens"}
+    return {names[k]: int(v) for k, v in (part.split("=") for part in text.split(","))}
+
+
+def run_fastllm(model, requests, options: dict, async_scheduling: bool = True) -> tuple[dict, dict]:
     import fastllm
 
-    llm = fastllm.LLM(model, kv_cache_memory_fraction=0.9, max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
-                      async_scheduling=async_scheduling)
+    start = time.perf_counter()
+    llm = fastllm.LLM(model, **options, **({} if async_scheduling else {"async_scheduling": False}))
+    engine_start_s = time.perf_counter() - start
+    max_num_seqs = llm.scheduler.max_num_seqs
     prompts = [p for p, _ in requests]
     params = [fastllm.SamplingParams(max_tokens=new, temperature=0, ignore_eos=True) for _, new in requests]
     # Warm-up on the workload's first full batch, 2 tokens each: its prefill steps are the largest the timed run
@@ -71,7 +86,9 @@ def run_fastllm(model, requests, max_num_seqs: int, async_scheduling: bool = Tru
     runner = llm.runner
     w2 = {"output_tok_s": generated / wall, "requests_s": len(requests) / wall, "ttft_ms_p50": 1e3 * t50,
           "ttft_ms_p99": 1e3 * t99, "tpot_ms_p50": 1e3 * p50, "tpot_ms_p99": 1e3 * p99, "wall_s": wall,
-          "num_preemptions": llm.num_preemptions, "async_scheduling": llm.async_scheduling}
+          "num_preemptions": llm.num_preemptions, "async_scheduling": llm.async_scheduling,
+          "options": options or "defaults", "max_num_seqs": max_num_seqs,
+          "max_num_batched_tokens": llm.scheduler.max_num_batched_tokens, "engine_start_s": engine_start_s}
     steps = after["num_steps"] - before["num_steps"]
     w2["profile"] = {
         "steps": steps,
@@ -116,38 +133,42 @@ def main(argv=None) -> int:
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--baseline-workloads", nargs="*", default=["fixed"], choices=["fixed", "mixed"],
                         help="workloads the HF baseline runs on (its mixed run takes minutes of device time)")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--settings", nargs="+", default=["default"],
+                        help='engine settings: "default" (LLM(model) with no options) or "seqs=N[,tokens=M]"')
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
         return 2
     fastllm_results, baselines, w4 = {}, {"hf_continuous_batching": {}}, {}
-    for kind in args.workloads:
-        for provider in sorted(args.providers, key=lambda p: p.startswith("fastllm")):  # baseline first
-            ours = provider.startswith("fastllm")
-            if not ours and kind not in args.baseline_workloads:
-                continue
-            key = f"{args.model}_{kind}" + ("_sync" if provider == "fastllm_sync" else "")
-            model = _build(args.model)
-            requests = _requests(kind, args.num_requests, model.config.vocab_size)
-            if ours:
-                fastllm_results[key], w4[key] = run_fastllm(model, requests, args.max_num_seqs,
-                                                            async_scheduling=provider != "fastllm_sync")
-            else:
-                try:
-                    baselines["hf_continuous_batching"][key] = run_hf_continuous_batching(model, requests)
-                except Exception as error:  # recorded, not hidden: the baseline's failure is a result too
-                    baselines["hf_continuous_batching"][key] = {"error": f"{type(error).__name__}: {error}"[:300]}
-            print(provider, key, fastllm_results[key] if ours else baselines["hf_continuous_batching"][key],
-                  flush=True)
-            del model
-            torch._dynamo.reset()  # dynamo's caches hold the optimized model (and its KV cache) otherwise
-            gc.collect()
-            torch.cuda.empty_cache()
-            config = {"model": args.model, "num_requests": args.num_requests, "max_num_seqs": args.max_num_seqs,
-                      "max_num_batched_tokens": 8192, "dtype": "bf16", "weights": "random, seed 0", "w4": w4}
-            # After every run: a call cut short at the device's time limit keeps what it measured.
-            path = write_result("W2", torch.cuda.get_device_name(), config, fastllm_results, baselines, args.out)
+    runs = [(kind, provider, setting) for kind in args.workloads
+            for provider in sorted(args.providers, key=lambda p: p.startswith("fastllm"))  # baseline first
+            for setting in (args.settings if provider.startswith("fastllm") else [None])]
+    for kind, provider, setting in runs:
+        ours = provider.startswith("fastllm")
+        if not ours and kind not in args.baseline_workloads:
+            continue
+        key = f"{args.model}_{kind}" + ("_sync" if provider == "fastllm_sync" else "")
+        if ours and setting != args.settings[0]:
+            key += f"_{setting.replace('=', '').replace(',', '_')}"
+        model = _build(args.model)
+        requests = _requests(kind, args.num_requests, model.config.vocab_size)
+        if ours:
+            fastllm_results[key], w4[key] = run_fastllm(model, requests, _setting(setting),
+                                                        async_scheduling=provider != "fastllm_sync")
+        else:
+            try:
+                baselines["hf_continuous_batching"][key] = run_hf_continuous_batching(model, requests)
+            except Exception as error:  # recorded, not hidden: the baseline's failure is a result too
+                baselines["hf_continuous_batching"][key] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        print(provider, key, fastllm_results[key] if ours else baselines["hf_continuous_batching"][key], flush=True)
+        del model
+        torch._dynamo.reset()  # the HF baseline's compiled state; an optimized model frees itself
+        gc.collect()
+        torch.cuda.empty_cache()
+        config = {"model": args.model, "num_requests": args.num_requests, "settings": args.settings,
+                  "dtype": "bf16", "weights": "random, seed 0", "w4": w4}
+        # After every run: a call cut short at the device's time limit keeps what it measured.
+        path = write_result("W2", torch.cuda.get_device_name(), config, fastllm_results, baselines, args.out)
     print(f"wrote {path}")
     return 0
 

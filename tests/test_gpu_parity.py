@@ -87,7 +87,7 @@ def test_bf16_as_close_to_fp32_as_hf_bf16(family, tmp_path):
 
     model = build(family, tmp_path, dtype=torch.bfloat16).cuda()
     truth_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
-    ids = _ids(batch=4, length=96)
+    ids = _ids(batch=8, length=128)
     with torch.no_grad():
         truth = truth_model(ids).logits
         hf = model(ids).logits.float()
@@ -102,9 +102,20 @@ def test_bf16_as_close_to_fp32_as_hf_bf16(family, tmp_path):
 
     print(f"{family} bf16: rel err fastllm {rel_err(ours):.2e} hf {rel_err(hf):.2e}; top-1 {top1(ours):.4f} vs "
           f"{top1(hf):.4f}")
-    # As above: 10% slack on the error ratio; 384 positions, so one position is 0.26%: allow 0.6% of top-1.
+    # As test_half_precision_teacher_forced, on as many positions (1024): 10% slack on the error ratio, and 0.5%
+    # below HF's top-1 agreement with the fp32 model.
     assert rel_err(ours) <= 1.1 * rel_err(hf), (rel_err(ours), rel_err(hf))
-    assert top1(ours) >= top1(hf) - 0.006, (top1(ours), top1(hf))
+    assert top1(ours) >= top1(hf) - 0.005, (top1(ours), top1(hf))
+
+
+def _live_steps(new_tokens: torch.Tensor, eos) -> torch.Tensor:
+    """[rows, steps] bool: whether each row was still running at each step (its EOS step included)."""
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ended = torch.zeros_like(new_tokens, dtype=torch.bool)
+    for token in eos:
+        ended |= new_tokens == token
+    before = ended.cumsum(1) - ended.long()  # EOS tokens strictly before each step
+    return before == 0
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -129,8 +140,12 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
         for order, reference in zip(orders, expected):
             ours = model.generate(ids[order], attention_mask=mask[order], **kwargs)
             assert torch.equal(ours.sequences, reference.sequences)
-            for a, b in zip(ours.scores, reference.scores):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            # Scores of each row while it runs (up to its EOS): HF keeps computing finished rows, whose scores mean
+            # nothing; fastllm stops them (and reports -inf).
+            live = _live_steps(reference.sequences[:, ids.shape[1]:], model.generation_config.eos_token_id)
+            for step, (a, b) in enumerate(zip(ours.scores, reference.scores)):
+                rows = live[:, step]
+                torch.testing.assert_close(a[rows], b[rows], rtol=1e-4, atol=1e-4)
     assert runner.use_cuda_graph and runner._graphs  # the steps replayed graphs
     assert {kind for kind, _ in runner._graphs} == {"decode", "prefill"}
     assert runner.pool.num_free_blocks == runner.pool.num_blocks

@@ -105,7 +105,12 @@ def step_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: S
                        sliding_window: int | None = None, softcap: float | None = None,
                        cos: torch.Tensor | None = None, sin: torch.Tensor | None = None, interleaved: bool = False,
                        alibi: tuple[float, ...] | None = None) -> torch.Tensor:
-    """The op's computation (its kernels dispatch to Triton on CUDA and to their references on the CPU)."""
+    """The op's computation (its kernels dispatch to Triton on CUDA and to their references on the CPU).
+
+    q and k are taken in v's dtype (the cache's): a model that upcasts them before its attention (GPT-J computes
+    its scores in fp32) would otherwise hand the kernels mixed dtypes; the kernels accumulate in fp32 anyway."""
+    if q.dtype != v.dtype or k.dtype != v.dtype:
+        q, k = q.to(v.dtype), k.to(v.dtype)
     if ctx.metadata is None:
         if cos is not None:
             q = rotary_embedding(q, cos, sin, interleaved=interleaved)
