@@ -35,7 +35,9 @@ MODELS = {
     "llama31_8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
 }
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync")  # fastllm_sync: async_scheduling=False
+# fastllm_sync: async_scheduling=False; gptfast: gpt-fast's own model file, run by ../shared/anchors/gptfast_decode.py
+# (BSD, not part of fastllm) from the folder --anchors names, in its own process.
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", "gptfast")
 
 
 def _build(name: str):
@@ -127,7 +129,23 @@ def _record_warm_startup(name: str, out_dir: str) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def run_provider(provider: str, name: str, new_tokens: int) -> dict:
+def run_gptfast(name: str, anchors: pathlib.Path) -> dict:
+    """W1 of gpt-fast (compiled with inductor and CUDA graphs) in a process of its own: its JSON line, with
+    decode_tok_s, compile_s, ttft_ms_128."""
+    import json
+    import subprocess
+
+    script = anchors / "gptfast_decode.py"
+    if not script.exists():
+        raise SystemExit(f"{script} not found: copy ../shared/anchors/ into the working tree and pass --anchors")
+    done = subprocess.run([sys.executable, str(script), "--shape", name], capture_output=True, text=True,
+                          timeout=900, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Path | None = None) -> dict:
+    if provider == "gptfast":
+        return run_gptfast(name, anchors)
     model = _build(name)
     vocab = model.config.vocab_size
     if provider == "hf_eager":
@@ -163,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS[:3]), choices=PROVIDERS)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--anchors", type=pathlib.Path, default=pathlib.Path(".anchors"),
+                        help="folder holding gptfast_decode.py and gpt-fast's model file (the gptfast provider)")
     parser.add_argument("--warm-startup", metavar="MODEL", choices=list(MODELS),
                         help="measure W3 warm start of MODEL in this process, add it to today's result, exit")
     args = parser.parse_args(argv)
@@ -176,7 +196,7 @@ def main(argv=None) -> int:
     results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}  # fastllm_sync lands in "fastllm"
     for name in args.models:
         for provider in args.providers:
-            results[provider][name] = run_provider(provider, name, args.new_tokens)
+            results[provider][name] = run_provider(provider, name, args.new_tokens, args.anchors)
             print(provider, name, {k: round(v, 2) for k, v in results[provider][name].items()
                                    if isinstance(v, float)}, flush=True)
             torch._dynamo.reset()  # dynamo's caches hold compiled models (and fastllm's KV cache) otherwise
@@ -188,8 +208,8 @@ def main(argv=None) -> int:
     print(f"{'provider':<18} {'model':<11} {'decode tok/s':>12} {'TTFT128 ms':>10} {'TTFT2048 ms':>11}")
     for provider, per_model in [("fastllm", out["fastllm"]), *out["baselines"].items()]:
         for name, r in per_model.items():
-            print(f"{provider:<18} {name:<11} {r['decode_tok_s']:>12.1f} {r['ttft_ms_128']:>10.1f} "
-                  f"{r['ttft_ms_2048']:>11.1f}")
+            print(f"{provider:<18} {name:<11} {r['decode_tok_s']:>12.1f} {r.get('ttft_ms_128', 0):>10.1f} "
+                  f"{r.get('ttft_ms_2048', 0):>11.1f}")
     print(f"wrote {path}")
     return 0
 

@@ -1,6 +1,6 @@
 """The `fastllm` command line.
 
-    fastllm run [MODEL] --prompt TEXT [--max-new-tokens N] [--dtype ...] [--device ...]
+    fastllm run [MODEL] --prompt TEXT [--max-new-tokens N] [--dtype ...] [--device ...] [--cpu-runtime]
 
 `run` generates greedily with Hugging Face eager, optimizes the model with `fastllm.optimize`, generates
 again, prints the optimized model's text and a side-by-side table (tokens/s, identical tokens or not).
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
     run.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: bf16 on GPU, fp32 on CPU)")
     run.add_argument("--device", choices=_DEVICES, default="auto", help="device (auto: cuda if available, else cpu)")
+    run.add_argument("--cpu-runtime", action="store_true",
+                     help="on the CPU, generate on fastllm's runtime instead of Hugging Face's path (faster there)")
     run.set_defaults(func=_cmd_run)
     return parser
 
@@ -227,10 +229,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     with torch.no_grad():
-        model = fastllm.optimize(model)
+        model = fastllm.optimize(model, cpu_runtime=args.cpu_runtime)
     capture_s = time.perf_counter() - start
 
-    fast = _generate("fastllm", model, tokenizer, inputs, args.max_new_tokens, device)
+    report = fastllm.explain(model)
+    label = "fastllm" if report.hf_path_reason is None else "fastllm (HF's path on the CPU)"
+    fast = _generate(label, model, tokenizer, inputs, args.max_new_tokens, device)
 
     name = args.model or "demo:SmolLM2-135M-Instruct"
     print(f"{args.prompt}{fast.text}")
@@ -238,6 +242,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"model: {name}  device: {device.type}  dtype: {str(dtype).removeprefix('torch.')}  greedy")
     print(format_table([eager, fast], reference=eager))
     print(f"capture time (fastllm.optimize): {capture_s:.2f} s")
+    if report.hf_path_reason is not None:
+        print(f"note: {report.hf_path_reason} (--cpu-runtime)")
     if fast.token_ids != eager.token_ids:
         print(f"hf_eager text differs: {args.prompt}{eager.text}")
     return 0

@@ -29,6 +29,8 @@ class Report:
     eager_forward_reason: str | None = None
     # The engine core's KV cache (ModelRunner.kv_cache_info): tokens and bytes now, the cap, growths so far.
     kv_cache: dict = field(default_factory=dict)
+    # Why model.generate() and model(...) run Hugging Face's path (on the CPU, by default), or None.
+    hf_path_reason: str | None = None
 
     @property
     def matches(self) -> dict[str, int]:
@@ -46,6 +48,8 @@ class Report:
         lines = [f"fastllm report for {self.model}: {self.status}"]
         if self.fallback_reason:
             lines.append(f"  running unoptimized (Hugging Face's forward and generate) because: {self.fallback_reason}")
+        if self.hf_path_reason:
+            lines.append(f"  model.generate() and model(...) run Hugging Face's path: {self.hf_path_reason}")
         if self.graph is None:
             return "\n".join(lines)
         g = self.graph
@@ -100,4 +104,4 @@ def explain(model) -> Report:
         startup["graph_from_cache"] = compiled.from_graph_cache
     kv_cache = state.core.runner.kv_cache_info() if state.core is not None and not state.core.closed else {}
     return Report(state.model_name, state.status, state.fallback_reason, compiled.report if compiled else None,
-                  startup, dict(state.forward_routes), state.eager_forward_reason, kv_cache)
+                  startup, dict(state.forward_routes), state.eager_forward_reason, kv_cache, state.hf_path_reason())

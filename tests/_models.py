@@ -58,6 +58,15 @@ FAMILIES = {
 }
 
 
+def optimize(model, *args, **options):
+    """`fastllm.optimize` on fastllm's runtime also on the CPU (`cpu_runtime=True`), where its default is Hugging
+    Face's own path: what the CPU tests check is the runtime."""
+    import fastllm
+
+    options.setdefault("cpu_runtime", True)
+    return fastllm.optimize(model, *args, **options)
+
+
 def build(family: str, path, dtype: torch.dtype = torch.float32, seed: int = 0):
     """A random-weight model of `family`, saved to `path` and loaded back."""
     torch.manual_seed(seed)

@@ -45,8 +45,10 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def test_run_tiny_llama(tiny_llama_dir, capsys):
-    code = main(["run", str(tiny_llama_dir), "--prompt", "The capital of France is", "--max-new-tokens", "8"])
+@pytest.mark.parametrize("runtime", [False, True], ids=["hf_path_on_cpu", "cpu_runtime"])
+def test_run_tiny_llama(tiny_llama_dir, capsys, runtime):
+    argv = ["run", str(tiny_llama_dir), "--prompt", "The capital of France is", "--max-new-tokens", "8"]
+    code = main(argv + (["--cpu-runtime"] if runtime else []))
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.startswith("The capital of France is")
@@ -59,6 +61,8 @@ def test_run_tiny_llama(tiny_llama_dir, capsys):
     # Greedy parity is fastllm's first promise: the optimized model must give HF eager's exact tokens.
     assert fast_row.split()[-1] == "yes", out
     assert "capture time (fastllm.optimize)" in out
+    # On the CPU the default is HF's path (faster there), said in the table and a note; --cpu-runtime runs fastllm's.
+    assert ("HF's path on the CPU" in fast_row and "note: on the CPU" in out) == (not runtime)
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,8 @@ import pytest
 import torch
 import transformers as T
 
-import fastllm
 from fastllm import LLM, AsyncLLM, SamplingParams
-from tests._models import VOCAB, build
+from tests._models import VOCAB, build, optimize
 
 ROUNDS = 4
 
@@ -21,7 +20,7 @@ def models(tmp_path_factory, request):
     path = tmp_path_factory.mktemp("llama")
     build("llama", path)
     reference = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), async_scheduling=request.param)
+    model = optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), async_scheduling=request.param)
     return model, LLM(model), reference
 
 

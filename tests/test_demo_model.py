@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-import fastllm
 from fastllm.models import demo
 from tests._demo import skip_without_demo
+from tests._models import optimize
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_hf_eager_greedy_says_paris(demo_model):
 def test_optimize_greedy_parity(demo_model):
     model, tokenizer, eager = demo_model
     start = time.perf_counter()
-    model = fastllm.optimize(model)
+    model = optimize(model)
     print(f"\nfastllm.optimize: {time.perf_counter() - start:.1f} s")
     for prompt in PROMPTS:
         tokens = _greedy(model, tokenizer, prompt)

@@ -149,9 +149,8 @@ def test_sdpa_mask_carrying_an_undeclared_bias_stays_with_the_model(tmp_path, mo
     treat that mask as a plain mask (dropping the bias): the model keeps HF's generate loop, and its output."""
     import transformers as T
 
-    import fastllm
     from fastllm.models import attention as declared
-    from tests._models import VOCAB, build
+    from tests._models import VOCAB, build, optimize
 
     reference = build("falcon_rw", tmp_path)
     ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -160,6 +159,6 @@ def test_sdpa_mask_carrying_an_undeclared_bias_stays_with_the_model(tmp_path, mo
     monkeypatch.setattr(declared, "ALIBI", {k: v for k, v in declared.ALIBI.items() if k != "falcon"})
     model = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with pytest.warns(RuntimeWarning, match="cannot run on fastllm's paged runtime"):
-        fastllm.optimize(model, graph_cache=False)
+        optimize(model, graph_cache=False)
     assert model._fastllm_state.core is None
     assert torch.equal(model.generate(ids, **kwargs), expected)

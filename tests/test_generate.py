@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 import fastllm
-from tests._models import VOCAB, build, build_over_demo_tokenizer
+from tests._models import VOCAB, build, build_over_demo_tokenizer, optimize
 
 
 # Every test runs with the synchronous step loop and with async scheduling (tokens fed on the device, stop
@@ -23,7 +23,7 @@ def llama(tmp_path_factory, async_scheduling):
     path = tmp_path_factory.mktemp("llama")
     build("llama", path)
     reference = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    optimized = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(),
+    optimized = optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(),
                                  async_scheduling=async_scheduling)
     return optimized, reference
 
@@ -146,7 +146,7 @@ def with_tokenizer(tmp_path_factory, async_scheduling):
     """A tiny Llama over the demo model's real tokenizer, for stop strings and streamers."""
     tokenizer, path = build_over_demo_tokenizer(tmp_path_factory.mktemp("llama_tok"))
     reference = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), async_scheduling=async_scheduling)
+    model = optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), async_scheduling=async_scheduling)
     return model, reference, tokenizer
 
 

@@ -11,7 +11,7 @@ import transformers as T
 
 import fastllm
 from fastllm.capture import capture, graph_cache
-from tests._models import VOCAB, build
+from tests._models import VOCAB, build, optimize
 
 # Plain SDPA models, hand-written attention (bloom: ALiBi and [B*H, S, D] reshapes; gpt2: Conv1D), a soft-capped
 # sliding-window model (gemma2) and an MoE (mixtral).
@@ -27,7 +27,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 def _start(path, **options):
     """optimize() as a new process would: a fresh model object from the saved weights."""
-    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), num_kv_tokens=1024, **options)
+    model = optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), num_kv_tokens=1024, **options)
     return model, model._fastllm_state.compiled
 
 
@@ -155,11 +155,11 @@ def test_a_model_patched_at_run_time_is_not_cached(tmp_path, cache_dir):
     layer = patched.model.layers[0]
     inner = layer.forward
     layer.forward = lambda *args, **kwargs: inner(*args, **kwargs)
-    model = fastllm.optimize(patched, num_kv_tokens=1024)
+    model = optimize(patched, num_kv_tokens=1024)
     assert not model._fastllm_state.compiled.from_graph_cache
     hooked = T.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     hooked.model.norm.register_forward_hook(lambda module, args, out: out)
-    model = fastllm.optimize(hooked, num_kv_tokens=1024)
+    model = optimize(hooked, num_kv_tokens=1024)
     assert not model._fastllm_state.compiled.from_graph_cache
     assert len(list(cache_dir.glob("*.pkl"))) == 1  # neither was saved either
 
@@ -172,7 +172,7 @@ def test_cached_graph_on_gpu_with_cuda_graphs(family, tmp_path, cache_dir):
 
     def start():
         model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.bfloat16).cuda().eval()
-        return fastllm.optimize(model, num_kv_tokens=4096, max_num_seqs=8)
+        return optimize(model, num_kv_tokens=4096, max_num_seqs=8)
 
     def run(model):
         g = torch.Generator().manual_seed(2)

@@ -10,7 +10,7 @@ import transformers as T
 
 import fastllm
 from fastllm.runtime.kv_cache import INITIAL_NUM_KV_TOKENS
-from tests._models import FAMILIES, VOCAB, build
+from tests._models import FAMILIES, VOCAB, build, optimize
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def _runner(model):
 def test_generate_grows_the_pool_on_demand_and_loses_no_block(llama_path):
     """A small start; a batch that needs more grows it (doubling, up to the cap); outputs equal HF's; every block
     comes back."""
-    model, reference = fastllm.optimize(_load(llama_path)), _load(llama_path)
+    model, reference = optimize(_load(llama_path)), _load(llama_path)
     runner = _runner(model)
     assert runner.kv_cache_tokens == INITIAL_NUM_KV_TOKENS
     g = torch.Generator().manual_seed(0)
@@ -47,7 +47,7 @@ def test_generate_grows_the_pool_on_demand_and_loses_no_block(llama_path):
 
 
 def test_a_fixed_size_never_grows_and_preempts_instead(llama_path):
-    model, reference = fastllm.optimize(_load(llama_path), num_kv_tokens=2048), _load(llama_path)
+    model, reference = optimize(_load(llama_path), num_kv_tokens=2048), _load(llama_path)
     runner = _runner(model)
     ids = torch.randint(3, VOCAB, (4, 400), generator=torch.Generator().manual_seed(1))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=200, min_new_tokens=200, do_sample=False,
@@ -58,7 +58,7 @@ def test_a_fixed_size_never_grows_and_preempts_instead(llama_path):
 
 
 def test_llm_reserves_its_cap_and_close_gives_it_back(llama_path, caplog):
-    model = fastllm.optimize(_load(llama_path))
+    model = optimize(_load(llama_path))
     before = _runner(model).kv_cache_tokens
     with caplog.at_level("INFO", logger="fastllm"):
         llm = fastllm.LLM(model)
@@ -84,7 +84,7 @@ def test_llm_reserves_its_cap_and_close_gives_it_back(llama_path, caplog):
 
 
 def test_llm_takes_a_memory_fraction_for_an_optimized_model(llama_path):
-    model = fastllm.optimize(_load(llama_path))
+    model = optimize(_load(llama_path))
     with pytest.raises(ValueError, match="kv_cache_memory_fraction"):
         fastllm.LLM(model, kv_cache_memory_fraction=float("nan"))
     with fastllm.LLM(model, kv_cache_memory_fraction=0.5) as llm:  # on the CPU the cap is CPU_MAX_NUM_KV_TOKENS
@@ -105,7 +105,7 @@ def test_an_optimized_model_is_freed_when_dropped(family, tmp_path):
     build(family, tmp_path)
 
     def optimized():
-        model = fastllm.optimize(_load(tmp_path), graph_cache=False)
+        model = optimize(_load(tmp_path), graph_cache=False)
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
         model(torch.tensor([[5, 6, 7]]))
         return model
@@ -120,8 +120,8 @@ def test_the_model_behind_an_llm_is_freed_and_so_is_a_cached_start(llama_path):
         return llm.model
 
     def from_graph_cache():  # the second start loads the graph from disk: no dynamo at all
-        fastllm.optimize(_load(llama_path))
-        return fastllm.optimize(_load(llama_path))
+        optimize(_load(llama_path))
+        return optimize(_load(llama_path))
 
     assert _dies_when_dropped(behind_llm)
     assert _dies_when_dropped(from_graph_cache)
@@ -130,7 +130,7 @@ def test_the_model_behind_an_llm_is_freed_and_so_is_a_cached_start(llama_path):
 def test_release_returns_the_model_to_plain_hf(llama_path):
     model, reference = _load(llama_path), _load(llama_path)
     ids = torch.tensor([[3, 4, 5, 6]])
-    fastllm.optimize(model)
+    optimize(model)
     engine = weakref.ref(model._fastllm_state.core)
     assert fastllm.release(model) is model
     gc.collect()
@@ -141,5 +141,5 @@ def test_release_returns_the_model_to_plain_hf(llama_path):
     assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
     with pytest.raises(ValueError, match="not optimized"):
         fastllm.release(model)
-    fastllm.optimize(model)  # and it can be optimized again
+    optimize(model)  # and it can be optimized again
     assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))

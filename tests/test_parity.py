@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastllm
-from tests._models import FAMILIES, VOCAB, build
+from tests._models import FAMILIES, VOCAB, build, optimize
 
 # Passes expected to fire per family, as (pass, matches per layer, extra matches). Norms: two per layer
 # plus the final one. GPT-2's fused c_attn (a Conv1D addmm) and its written-out GELU are left unfused.
@@ -49,7 +49,7 @@ def test_greedy_and_logits_match_hf_eager(family, tmp_path):
         expected_tokens = model.generate(ids, **gen)
         expected_logits = model(ids, attention_mask=mask).logits
 
-    fastllm.optimize(model)
+    optimize(model)
     tokens = model.generate(ids, **gen)
     logits = model(ids, attention_mask=mask).logits  # teacher-forced, on the compiled step (paged attention)
 
@@ -74,7 +74,7 @@ def test_greedy_and_logits_match_hf_eager(family, tmp_path):
 
 def test_llama_report_shows_every_site_fused(tmp_path):
     model = build("llama", tmp_path)
-    fastllm.optimize(model)
+    optimize(model)
     report = fastllm.explain(model)
     layers = model.config.num_hidden_layers
     assert report.matches["rms_norm"] == 2 * layers + 1
@@ -101,7 +101,7 @@ def test_weight_merge_does_not_copy_the_model(tmp_path):
         return sum(seen.values())
 
     before = storage_bytes()
-    fastllm.optimize(model)
+    optimize(model)
     assert storage_bytes() == before
     attn = model.model.layers[0].self_attn
     q, k = attn.q_proj.weight, attn.k_proj.weight

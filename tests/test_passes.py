@@ -47,7 +47,7 @@ from fastllm.passes import (
     skinny_linear,
 )
 from fastllm.passes._context import WeightMerger
-from tests._models import build
+from tests._models import build, optimize
 
 # Merged GEMMs vs separate ones: fp32 rounding only (module docstring). rtol 1e-5 is ~80 fp32 ulps: room for
 # a K-term sum regrouped (K ≤ 40 here), while every real mistake is off by O(1).
@@ -657,7 +657,7 @@ def test_optimize_with_passes_in_the_wrong_order_still_fuses_the_mlp(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = model(ids).logits
-    fastllm.optimize(model, passes=("qkv", "gated_mlp"))  # warm-up captures the compiled step
+    optimize(model, passes=("qkv", "gated_mlp"))  # warm-up captures the compiled step
     report = fastllm.explain(model)
     assert report.matches == {"list_index": 0, "gated_mlp": layers, "qkv": layers, "attention": layers,
                               "skinny_linear": 0, "reference_ops": 2 * layers}  # silu_and_mul, attention

@@ -10,9 +10,8 @@ import pytest
 import torch
 import transformers as T
 
-import fastllm
 from fastllm import LLM, AsyncLLM, SamplingParams
-from tests._models import VOCAB, build
+from tests._models import VOCAB, build, optimize
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def llm(path):
 @pytest.fixture(scope="module")
 def models(path):
     """(optimized model, HF reference)."""
-    return (fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(path).eval()),
+    return (optimize(T.AutoModelForCausalLM.from_pretrained(path).eval()),
             T.AutoModelForCausalLM.from_pretrained(path).eval())
 
 

@@ -5,13 +5,12 @@ import pytest
 import torch
 import transformers as T
 
-import fastllm
 from fastllm.capture import step as compile_step_module
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner, decode_buckets, prefill_buckets
 from fastllm.runtime.step_inputs import StepBuffers, StepInput
-from tests._models import VOCAB, build
+from tests._models import VOCAB, build, optimize
 
 
 def _step(query_lens, starts, sample=True):
@@ -98,7 +97,7 @@ def test_generate_parity_with_graph_shaped_steps(family, tmp_path, monkeypatch):
     build(family, tmp_path)
     reference = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     # dynamo's own trace (a cached graph never recompiles), captured at the first call
-    model = fastllm.optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), warmup=False,
+    model = optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), warmup=False,
                              graph_cache=False)
     state = model._fastllm_state
     traces = []

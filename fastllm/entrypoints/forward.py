@@ -37,6 +37,7 @@ def install_forward(model, state: ModelState) -> None:
         except TypeError:
             bound = None  # let HF's forward raise its own message
         reason = "arguments that do not bind to the forward" if bound is None else _eager_reason(bound.arguments)
+        reason = reason or state.hf_path_reason()
         core = state.engine() if reason is None else None
         if core is None:
             state.forward_routes["eager"] += 1

@@ -39,8 +39,8 @@ def install_generate(model, state: ModelState) -> None:
 
     @functools.wraps(hf_generate)
     def generate(inputs=None, generation_config=None, **kwargs):
-        core = state.engine()
-        if core is None:
+        core = state.engine() if state.hf_path_reason() is None else None
+        if core is None:  # a fallback, or Hugging Face's path on the CPU (state.hf_path_reason)
             return hf_generate(inputs, generation_config, **kwargs)
         unsupported = unsupported_arguments(generation_config or model.generation_config, kwargs)
         if unsupported:

@@ -57,6 +57,14 @@ class ModelState:
             return "fallback"
         return "optimized" if self.compiled is not None else "not captured yet"
 
+    def hf_path_reason(self) -> str | None:
+        """Why model.generate() and model(...) run Hugging Face's own path although the model is optimized (on the CPU
+        unless `cpu_runtime`), or None when they run on fastllm's runtime."""
+        if self.config.cpu_runtime or next(self.model.parameters()).device.type != "cpu":
+            return None
+        return ("on the CPU Hugging Face's own path is faster than fastllm's runtime (its fused ops run the same "
+                "PyTorch math there); optimize(model, cpu_runtime=True) runs the runtime, fastllm.LLM always does")
+
     def compile(self) -> CompiledStep | None:
         """The compiled step, capturing it on first use; None (with one warning) if the model falls back."""
         if self.compiled is not None or self.fallback_reason is not None:
@@ -160,7 +168,7 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
     install_forward(model, state)
     install_generate(model, state)
     model._fastllm_state = state
-    if config.warmup:
+    if config.warmup and state.hf_path_reason() is None:  # HF's path on the CPU: captured when an LLM needs it
         start = time.perf_counter()
         state.engine()
         state.startup_seconds["optimize"] = time.perf_counter() - start
