@@ -1,6 +1,7 @@
 """The `fastllm` command line.
 
     fastllm run [MODEL] --prompt TEXT [--max-new-tokens N] [--dtype ...] [--device ...] [--cpu-runtime]
+    fastllm serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [engine options]
 
 `run` generates greedily with Hugging Face eager, optimizes the model with `fastllm.optimize`, generates
 again, prints the optimized model's text and a side-by-side table (tokens/s, identical tokens or not).
@@ -67,6 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu-runtime", action="store_true",
                      help="on the CPU, generate on fastllm's runtime instead of Hugging Face's path (faster there)")
     run.set_defaults(func=_cmd_run)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (OpenAI-compatible and Triton/KServe v2 routes)",
+        description="Load a model, optimize it, reserve its engine and serve it: /v1/completions, "
+        "/v1/chat/completions, /v1/models, /v2/models/{model}/generate[_stream], /v2/models/{model}/infer, "
+        "/metrics, /health. Listens on 127.0.0.1 unless --host says otherwise.",
+    )
+    serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                       help="local Hugging Face model folder or hub id (default: the embedded demo model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("FASTLLM_API_KEY"),
+                       help="require `Authorization: Bearer KEY` on every route but health (default: "
+                            "$FASTLLM_API_KEY; none)")
+    serve.add_argument("--served-model-name", help="the model's name in requests (default: MODEL or 'demo')")
+    serve.add_argument("--max-num-seqs", type=int, help="completions run at once (default: sized from the card)")
+    serve.add_argument("--max-num-batched-tokens", type=int, help="tokens a step (default: sized from the card)")
+    serve.add_argument("--max-queue", type=int, default=None,
+                       help="completions that may wait beyond those running; more are refused with 503 "
+                            "(default: as many as run)")
+    serve.add_argument("--max-model-len", type=int, help="longest prompt + completion (default: the model's)")
+    serve.add_argument("--num-kv-tokens", type=int, help="fixed KV-cache size in tokens (default: a share of the card)")
+    serve.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
+    serve.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: bf16 on GPU, fp32 on CPU)")
+    serve.add_argument("--device", choices=_DEVICES, default="auto", help="device (auto: cuda if available, else cpu)")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -251,3 +279,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    for name in ("port", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise UsageError(f"--max-queue must be at least 0, got {args.max_queue}")
+    try:
+        import uvicorn
+
+        from fastllm.serve.app import build_app
+        from fastllm.serve.engine import ServingEngine
+    except ImportError as e:
+        raise UsageError(f"fastllm serve needs the server packages: pip install 'fastllm[serve]' ({e})") from e
+    import fastllm
+
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    model, tokenizer = _load(args.model, dtype, device)
+    options = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
+                                 ("max_num_batched_tokens", args.max_num_batched_tokens),
+                                 ("max_model_len", args.max_model_len), ("num_kv_tokens", args.num_kv_tokens))
+               if v is not None}
+    llm = fastllm.LLM(model, tokenizer=tokenizer, kv_cache_memory_fraction=args.kv_cache_memory_fraction, **options)
+    llm.generate([[1, 2, 3]], fastllm.SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)  # warm-up
+    max_queue = args.max_queue if args.max_queue is not None else llm.scheduler.max_num_seqs
+    name = args.served_model_name or args.model or "demo"
+    app = build_app(ServingEngine(llm, max_queue), name, api_key=args.api_key)
+    print(f"fastllm: serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Triton/KServe: /v2)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

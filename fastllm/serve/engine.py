@@ -1,0 +1,139 @@
+"""The server's view of the engine: an `AsyncLLM` behind admission control, with one request's updates as text.
+
+Admission is bounded: at most `max_num_seqs` completions run and `max_queue` more wait; a request that would exceed
+that is refused at once (`Overloaded`, answered 503 with Retry-After) instead of growing a queue without bound. A
+request's stream holds back the last `len(longest stop string) - 1` characters until the request ends, so no stop
+string is ever sent half-way (the final text is cut before it, as `LLM` cuts it).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastllm.entrypoints.async_llm import AsyncLLM
+from fastllm.entrypoints.llm import LLM
+from fastllm.runtime.outputs import RequestOutput
+from fastllm.runtime.sampling_params import SamplingParams
+
+
+class Overloaded(Exception):
+    """The server holds as many requests as it admits: the client should retry later."""
+
+
+class EngineFault(Exception):
+    """A model step failed while the request ran (the request ended; the server goes on)."""
+
+
+@dataclass
+class Delta:
+    """What one completion produced since the last delta (text, tokens), and how it ended once it did."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Held:
+    """Per completion: the text sent so far, and the text held back (it may begin a stop string)."""
+
+    sent: str = ""
+    pending: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+
+class Admission:
+    """Admission slots held by one request; `release()` (or the end of a `with`) gives them back, once."""
+
+    def __init__(self, serving: ServingEngine, completions: int) -> None:
+        self._serving, self._completions = serving, completions
+
+    def release(self) -> None:
+        if self._serving is not None:
+            self._serving.admitted -= self._completions
+            self._serving = None
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class ServingEngine:
+    """Admission control and text streaming over one model's `AsyncLLM`.
+
+    Args:
+        llm: the model's `LLM` (its tokenizer is the server's).
+        max_queue: completions that may wait beyond the `max_num_seqs` that run.
+    """
+
+    def __init__(self, llm: LLM, max_queue: int) -> None:
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+        self.engine = AsyncLLM(llm)
+        self.max_running = llm.scheduler.max_num_seqs
+        self.max_queue = max_queue
+        self.admitted = 0  # completions of admitted, unfinished requests (the event loop's thread only)
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.core.max_model_len
+
+    def admit(self, completions: int) -> Admission:
+        """Take `completions` admission slots for a request (released by `Admission.release`, or leaving its `with`);
+        Overloaded if they are not free."""
+        if self.admitted + completions > self.max_running + self.max_queue:
+            raise Overloaded(f"the server holds {self.admitted} running or queued completions and admits at most "
+                             f"{self.max_running + self.max_queue}; retry later")
+        self.admitted += completions
+        return Admission(self, completions)
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def stream(self, prompt, params: SamplingParams, request_id: str) -> AsyncIterator[tuple[list[Delta],
+                                                                                                    RequestOutput]]:
+        """Run one request; yields (deltas of the completions that moved, the request's output so far) until it
+        ends. Raises ValueError for a request the engine refuses (its message says why), EngineFault if a model
+        step failed under it. Closing the iterator aborts the request."""
+        holdback = max((len(s) for s in params.stop or ()), default=1) - 1
+        held: dict[int, _Held] = {}
+        try:
+            async for update in self.engine.generate(prompt, params, request_id=request_id):
+                output = update.output
+                if output.error is not None and update.finished and not output.outputs[0].token_ids \
+                        and output.prompt_token_ids is None:
+                    raise ValueError(output.error.split(": ", 1)[-1])  # refused before it ran
+                deltas = []
+                for index in sorted(set(update.new_text) | set(update.new_token_ids)
+                                    | (set(range(len(output.outputs))) if update.finished else set())):
+                    deltas.append(self._delta(held.setdefault(index, _Held()), index, update, holdback))
+                yield [d for d in deltas if d.text or d.token_ids or d.finish_reason], output
+        except RuntimeError as error:  # a model step failed under this request (AsyncLLM raises it at the end)
+            raise EngineFault(str(error)) from error
+
+    @staticmethod
+    def _delta(state: _Held, index: int, update, holdback: int) -> Delta:
+        tokens = update.new_token_ids.get(index, [])
+        state.tokens += tokens
+        if not update.finished:
+            text = state.pending + update.new_text.get(index, "")
+            cut = max(0, len(text) - holdback)
+            state.pending, text = text[cut:], text[:cut]
+            state.sent += text
+            return Delta(index, text, tokens)
+        completion = update.output.outputs[index]
+        final = completion.text
+        text = final[len(state.sent):] if final.startswith(state.sent) else ""
+        state.sent = final
+        return Delta(index, text, tokens, completion.finish_reason)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,191 @@
+"""OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions (both streamable), GET /v1/models.
+
+Responses and errors keep OpenAI's shapes (`choices`, `usage`, `finish_reason`; `{"error": {...}}`), streams are
+server-sent events ending with `data: [DONE]`. One prompt list of a completions request is run as one engine request
+per prompt, their choices numbered prompt-major as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from fastllm.serve.engine import ServingEngine
+from fastllm.serve.protocol import ChatCompletionRequest, CompletionRequest
+from fastllm.serve.server_state import ServerState, check_model, released_after, sse, until_disconnected
+
+router = APIRouter()
+
+
+def _prompt_list(prompt) -> list:
+    """A completions `prompt` as a list of prompts (strings or token-id lists)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise ValueError("prompt must not be empty")
+    return list(prompt)
+
+
+def _max_tokens(serving: ServingEngine, requested: int | None, prompt_tokens: int) -> int:
+    """OpenAI's max_tokens checked against the context: None fills what the context leaves."""
+    room = serving.max_model_len - prompt_tokens
+    if room < 1:
+        raise ValueError(f"This model's maximum context length is {serving.max_model_len} tokens; the prompt has "
+                         f"{prompt_tokens}, which leaves no room for a completion")
+    if requested is None:
+        return room
+    if isinstance(requested, bool) or requested < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {requested!r}")
+    if requested > room:
+        raise ValueError(f"This model's maximum context length is {serving.max_model_len} tokens. However, you "
+                         f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
+                         f"in the completion). Please reduce the prompt or max_tokens.")
+    return requested
+
+
+def _prompt_ids(serving: ServingEngine, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        if serving.tokenizer is None:
+            raise ValueError("this server has no tokenizer: send token ids")
+        return list(serving.tokenizer(prompt).input_ids)
+    return list(prompt)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _completion_logprobs(tokenizer, entries, token_ids) -> dict | None:
+    """OpenAI's legacy logprobs object (tokens, token_logprobs, top_logprobs) from the engine's per-token dicts."""
+    if entries is None:
+        return None
+    decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
+    return {"tokens": [decode(t) for t in token_ids], "token_logprobs": [e[t] for e, t in zip(entries, token_ids)],
+            "top_logprobs": [{decode(k): v for k, v in e.items()} for e in entries], "text_offset": []}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state: ServerState = request.app.state.fastllm
+    check_model(state, body.model)
+    serving = state.serving
+    if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+        raise ValueError(f"logprobs must be between 0 and 5, got {body.logprobs}")
+    prompts = [_prompt_ids(serving, p) for p in _prompt_list(body.prompt)]
+    params = [body.sampling_params(_max_tokens(serving, body.max_tokens, len(p)), body.logprobs) for p in prompts]
+    request_id = serving.new_id("cmpl")
+    created = int(time.time())
+    admission = serving.admit(body.n * len(prompts))
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        stream = _stream_completions(state, prompts, params, request_id, created, body.model, include_usage)
+        return StreamingResponse(released_after(admission, stream), media_type="text/event-stream")
+    with admission:
+        outputs = await until_disconnected(request, _run_all(serving, prompts, params, request_id))
+    choices, completion_tokens = [], 0
+    for p, output in enumerate(outputs):
+        for c in output.outputs:
+            completion_tokens += len(c.token_ids)
+            choices.append({"index": p * body.n + c.index, "text": c.text, "finish_reason": c.finish_reason,
+                            "logprobs": _completion_logprobs(serving.tokenizer, c.logprobs, c.token_ids)})
+    return {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
+            "choices": choices, "usage": _usage(sum(map(len, prompts)), completion_tokens)}
+
+
+async def _run_all(serving: ServingEngine, prompts, params, request_id: str) -> list:
+    """Every prompt's final RequestOutput (the prompts run at once, batched by the engine)."""
+
+    async def one(i):
+        output = None
+        async for _, output in serving.stream(prompts[i], params[i], f"{request_id}-{i}"):
+            pass
+        return output
+
+    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+
+async def _stream_completions(state: ServerState, prompts, params, request_id: str, created: int, model: str,
+                              include_usage: bool) -> AsyncIterator[str]:
+    n = params[0].n
+    totals = [0]
+    async for p, deltas, _ in state.merged_streams(prompts, params, request_id):
+        for d in deltas:
+            totals[0] += len(d.token_ids)
+            choice = {"index": p * n + d.index, "text": d.text, "finish_reason": d.finish_reason,
+                      "logprobs": None}
+            yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                       "choices": [choice]})
+    if include_usage:
+        yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [], "usage": _usage(sum(map(len, prompts)), totals[0])})
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state: ServerState = request.app.state.fastllm
+    check_model(state, body.model)
+    serving = state.serving
+    if serving.tokenizer is None or getattr(serving.tokenizer, "chat_template", None) is None:
+        raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
+    if body.top_logprobs is not None and (not body.logprobs or not 0 <= body.top_logprobs <= 20):
+        raise ValueError("top_logprobs needs logprobs=true and must be between 0 and 20")
+    prompt = list(serving.tokenizer.apply_chat_template(body.chat(), add_generation_prompt=True, tokenize=True,
+                                                        return_dict=False))
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = body.sampling_params(_max_tokens(serving, requested, len(prompt)),
+                                  (body.top_logprobs or 0) if body.logprobs else None)
+    request_id = serving.new_id("chatcmpl")
+    created = int(time.time())
+    admission = serving.admit(body.n)
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        stream = _stream_chat(state, prompt, params, request_id, created, body.model, include_usage)
+        return StreamingResponse(released_after(admission, stream), media_type="text/event-stream")
+    with admission:
+        (output,) = await until_disconnected(request, _run_all(serving, [prompt], [params], request_id))
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason, "logprobs": _chat_logprobs(serving.tokenizer, c)}
+               for c in output.outputs]
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": choices, "usage": _usage(len(prompt), sum(len(c.token_ids) for c in output.outputs))}
+
+
+def _chat_logprobs(tokenizer, completion) -> dict | None:
+    if completion.logprobs is None:
+        return None
+    content = []
+    for entry, token in zip(completion.logprobs, completion.token_ids):
+        content.append({"token": tokenizer.decode([token]), "logprob": entry[token],
+                        "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": v} for t, v in entry.items()]})
+    return {"content": content}
+
+
+async def _stream_chat(state: ServerState, prompt, params, request_id: str, created: int, model: str,
+                       include_usage: bool) -> AsyncIterator[str]:
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                                   for i in range(params.n)]})
+    generated = 0
+    async for _, deltas, _ in state.merged_streams([prompt], [params], request_id):
+        for d in deltas:
+            generated += len(d.token_ids)
+            delta = {"content": d.text} if d.text else {}
+            yield sse({**head, "choices": [{"index": d.index, "delta": delta,
+                                            "finish_reason": d.finish_reason}]})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": _usage(len(prompt), generated)})
+    yield "data: [DONE]\n\n"
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state: ServerState = request.app.state.fastllm
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.started,
+                                        "owned_by": "fastllm"}]}
+

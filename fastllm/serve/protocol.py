@@ -1,0 +1,89 @@
+"""OpenAI-compatible request bodies (pydantic: types checked, unknown fields refused) and their SamplingParams.
+
+Only what fastllm implements is accepted; a field it does not (`best_of`, `suffix`, `echo`, tools, ...) is refused
+with a 400 naming it, never silently ignored. Numbers are range-checked by `SamplingParams` (NaN and Inf included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fastllm.runtime.sampling_params import SamplingParams
+
+# Most chat messages, and most characters of one message's text: bounds against inputs that crashed other servers.
+MAX_MESSAGES = 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_Strict):
+    """Fields the two OpenAI endpoints share."""
+
+    model: str
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The engine's SamplingParams (ValueError, naming the field, for a value out of range)."""
+        kwargs = dict(n=self.n, max_tokens=max_tokens, stop=self.stop, seed=self.seed, logprobs=logprobs)
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return SamplingParams(**kwargs)
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = Field(default=None, description="top log-probabilities per token (0-5)")
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text: a string, or the text parts of a content list (other part types are refused)."""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise ValueError("message content parts must be {\"type\": \"text\", \"text\": ...}; other part types "
+                                 "(images, audio) are not supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
