@@ -1,0 +1,149 @@
+"""`fastllm serve` answers the `openai` client: completions, chat, streaming, the model list.
+
+One real server process on 127.0.0.1 over a tiny random Llama with the demo model's tokenizer; every answer is
+checked against `LLM.generate` of the same request in this process (same weights, same CPU runtime, so greedy and
+seeded sampling give the same tokens).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import fastllm  # noqa: E402
+from tests._server import running_server, tiny_model_dir  # noqa: E402
+
+PROMPT = "The capital of France is"
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("serve-openai"))
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with running_server(model_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    return fastllm.LLM(str(model_dir), dtype=torch.float32)
+
+
+def _reference(llm, prompt, **params):
+    """LLM.generate's output for one prompt: the completions' texts and finish reasons."""
+    (output,) = llm.generate([prompt], fastllm.SamplingParams(**params), use_tqdm=False)
+    return [c.text for c in output.outputs], [c.finish_reason for c in output.outputs]
+
+
+def _chat_ids(llm, messages):
+    return list(llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+
+
+def test_model_list_names_the_served_model(client, server):
+    assert [m.id for m in client.models.list().data] == [server.model]
+
+
+def test_greedy_completion_equals_llm_generate(client, server, llm):
+    answer = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0)
+    texts, reasons = _reference(llm, PROMPT, max_tokens=12, temperature=0)
+    assert [c.text for c in answer.choices] == texts
+    assert answer.choices[0].finish_reason == reasons[0] == "length"
+    prompt_tokens = len(llm.tokenizer(PROMPT).input_ids)
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (prompt_tokens, 12)
+
+
+def test_token_id_prompts_and_prompt_lists_keep_openai_choice_order(client, server, llm):
+    prompts = [PROMPT, "Once upon a time"]
+    answer = client.completions.create(model=server.model, prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in answer.choices] == [0, 1]
+    assert [c.text for c in answer.choices] == [_reference(llm, p, max_tokens=6, temperature=0)[0][0]
+                                                for p in prompts]
+    ids = llm.tokenizer(PROMPT).input_ids
+    by_ids = client.completions.create(model=server.model, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == answer.choices[0].text
+
+
+def test_seeded_sampling_with_n_equals_llm_generate(client, server, llm):
+    answer = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0.9, top_p=0.95,
+                                       n=3, seed=1234)
+    texts, _ = _reference(llm, PROMPT, max_tokens=8, temperature=0.9, top_p=0.95, n=3, seed=1234)
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    assert [c.text for c in answer.choices] == texts
+    assert len(set(texts)) > 1, "three seeded samples of a random model should not all agree"
+
+
+def test_stop_string_cuts_the_completion_like_llm(client, server, llm):
+    full, _ = _reference(llm, PROMPT, max_tokens=16, temperature=0)
+    stop = full[0][4:7]  # a piece of what greedy decoding produces, so the stop is reached
+    answer = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    texts, reasons = _reference(llm, PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    assert answer.choices[0].text == texts[0] and stop not in texts[0]
+    assert answer.choices[0].finish_reason == reasons[0] == "stop"
+
+
+def test_streamed_completion_joins_to_the_whole_text(client, server, llm):
+    full, _ = _reference(llm, PROMPT, max_tokens=16, temperature=0)
+    stop = full[0][4:7]
+    chunks = list(client.completions.create(model=server.model, prompt=PROMPT, max_tokens=16, temperature=0,
+                                            stop=[stop], stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == _reference(llm, PROMPT, max_tokens=16, temperature=0, stop=[stop])[0][0]
+    assert stop not in text, "a stop string was sent before the stream was cut"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_chat_uses_the_chat_template_and_equals_llm_generate(client, server, llm):
+    answer = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=10, temperature=0)
+    ids = _chat_ids(llm, MESSAGES)
+    texts, reasons = _reference(llm, ids, max_tokens=10, temperature=0)
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == texts[0]
+    assert answer.choices[0].finish_reason == reasons[0]
+    assert answer.usage.prompt_tokens == len(ids)
+
+
+def test_streamed_chat_equals_the_whole_answer(client, server, llm):
+    stream = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=10, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _reference(llm, _chat_ids(llm, MESSAGES), max_tokens=10, temperature=0)[0][0]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_logprobs_are_the_chosen_tokens_log_probabilities(client, server):
+    answer = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2)
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    for token, chosen, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert chosen <= 0
+        # greedy: the chosen token is the most likely one, so it leads the top list
+        assert max(top.values()) == pytest.approx(chosen)
+    chat = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=3, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(entry.top_logprobs) >= 1 for entry in content)
+
+
+def test_errors_come_back_as_openai_errors(client, server):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=server.model, prompt=PROMPT, max_tokens=2, temperature=-1)
+    assert server.healthy()
