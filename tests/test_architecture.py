@@ -25,8 +25,10 @@ ALLOWED = {
     "runtime": {"kernels", "_cache"},
     "config": {"passes"},
     "entrypoints": {"config", "runtime", "capture", "passes", "kernels", "models", "_cache"},
+    # The HTTP server speaks to an LLM/AsyncLLM and to SamplingParams/outputs, never to capture or the kernels.
+    "serve": {"entrypoints", "runtime"},
     # The public face: the package itself, the verb, the report, the command line.
-    "face": {"entrypoints", "config", "runtime", "capture", "passes", "kernels", "models", "_cache", "face"},
+    "face": {"serve", "entrypoints", "config", "runtime", "capture", "passes", "kernels", "models", "_cache", "face"},
 }
 FACE = {"__init__", "__main__", "optimize", "explain", "cli"}
 
