@@ -52,6 +52,26 @@ def test_concurrent_streams_match_each_request_alone(engine):
     assert pool.num_free_blocks == pool.num_blocks
 
 
+def test_a_reader_that_falls_behind_gets_the_missed_steps_in_one_update(engine):
+    """While the reader sleeps the step thread runs on; the updates queued meanwhile come as one (the tokens in
+    order, the finish once), so a slow server falls behind by fewer yields, not more."""
+    prompt, params = _prompts(1)[0], SamplingParams(max_tokens=24, **GREEDY)
+
+    async def slow_reader():
+        tokens, updates = [], 0
+        async for update in engine.generate(prompt, params):
+            if updates == 0:
+                await asyncio.sleep(1.0)  # the tiny model runs every remaining step meanwhile
+            tokens += update.new_token_ids.get(0, [])
+            updates += 1
+            last = update
+        return tokens, updates, last
+
+    tokens, updates, last = asyncio.run(slow_reader())
+    assert tokens == engine.llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(tokens) == 24 and updates < 24 and last.finished
+
+
 def test_abort_mid_flight_frees_blocks(engine):
     async def run():
         stream = engine.generate(_prompts(1)[0], SamplingParams(max_tokens=500, **GREEDY))

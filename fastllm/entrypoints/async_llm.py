@@ -73,7 +73,7 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                update = await queue.get()
+                update = _merged(await queue.get(), queue)
                 finished = update.finished
                 if finished and request.fault is not None:
                     raise RuntimeError(request.output.error) from request.fault
@@ -105,3 +105,17 @@ class AsyncLLM:
             if not self.core.step():
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+
+
+def _merged(update: RequestUpdate, queue: asyncio.Queue) -> RequestUpdate:
+    """`update` and the updates queued behind it as one: a consumer that fell behind the step thread (a server
+    writing a thousand streams) catches up in one yield per request instead of one per step, so its work per step
+    shrinks as it lags rather than growing the backlog."""
+    while not update.finished and not queue.empty():
+        later = queue.get_nowait()
+        tokens = {i: update.new_token_ids.get(i, []) + later.new_token_ids.get(i, [])
+                  for i in update.new_token_ids.keys() | later.new_token_ids.keys()}
+        text = {i: update.new_text.get(i, "") + later.new_text.get(i, "")
+                for i in update.new_text.keys() | later.new_text.keys()}
+        update = RequestUpdate(later.request_id, tokens, text, later.finished, later.output)
+    return update

@@ -34,10 +34,14 @@ class _Sampling(_Strict):
     user: str | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # vLLM's extensions to OpenAI's fields, for exact-length completions (benchmarks, evaluations)
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams (ValueError, naming the field, for a value out of range)."""
-        kwargs = dict(n=self.n, max_tokens=max_tokens, stop=self.stop, seed=self.seed, logprobs=logprobs)
+        kwargs = dict(n=self.n, max_tokens=max_tokens, stop=self.stop, seed=self.seed, logprobs=logprobs,
+                      ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
