@@ -122,7 +122,8 @@ def run_served(model, requests, clients: int) -> dict:
         with context.Pool(clients, initializer=ready.wait) as pool:
             ready.wait()
             start_at = time.monotonic() + 0.2
-            records = [r for share in pool.starmap(_client, [(url, share, start_at) for share in shares]) for r in share]
+            per_client = pool.starmap(_client, [(url, share, start_at) for share in shares])
+            records = [r for share in per_client for r in share]
     finally:
         server.should_exit = True
         thread.join(timeout=30)
