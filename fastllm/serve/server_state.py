@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -35,6 +36,11 @@ class ServerState:
                              ) -> AsyncIterator[tuple[int, list[Delta], object]]:
         """Run one engine request per prompt at once; yields (prompt index, deltas, output) as they come. Closing the
         iterator aborts every prompt's request."""
+        if len(prompts) == 1:  # the common case, without a pump task and a queue hop per update
+            async with contextlib.aclosing(self.serving.stream(prompts[0], params[0], f"{request_id}-0")) as stream:
+                async for deltas, output in stream:
+                    yield 0, deltas, output
+            return
         queue: asyncio.Queue = asyncio.Queue()
         done = object()
 
