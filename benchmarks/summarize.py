@@ -119,7 +119,25 @@ def _w5_gemv(result: dict) -> list[str]:
     return lines
 
 
-FORMATTERS = {"W5": _w5, "W1": _w1, "W2": _w2, "W5-attention": _w5_attention, "W5-gemv": _w5_gemv}
+def _w2_serve(result: dict) -> list[str]:
+    """W2 through the HTTP server (streaming clients) beside offline `LLM` on the same model, same run."""
+    offline = result["baselines"].get("offline_llm", {})
+    config = result["config"]
+    lines = [f"{config.get('clients')} client processes, HTTP parser {config.get('http_parser', 'h11')}.", "",
+             "| workload | served tok/s | offline tok/s | served / offline | TTFT p50 / p99 ms (served; offline) "
+             "| TPOT p50 / p99 ms (served; offline) | failed |", "|---|---|---|---|---|---|---|"]
+    for key, r in result["fastllm"].items():
+        o = offline.get(key, {})
+        lines.append(f"| {key} | {r['output_tok_s']:.0f} | {o.get('output_tok_s', 0):.0f} | "
+                     f"{r['fraction_of_offline']:.2f} | {r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f}; "
+                     f"{o.get('ttft_ms_p50', 0):.0f} / {o.get('ttft_ms_p99', 0):.0f} | {r['tpot_ms_p50']:.1f} / "
+                     f"{r['tpot_ms_p99']:.1f}; {o.get('tpot_ms_p50', 0):.1f} / {o.get('tpot_ms_p99', 0):.1f} | "
+                     f"{r['failed_requests']} |")
+    return lines
+
+
+FORMATTERS = {"W5": _w5, "W1": _w1, "W2": _w2, "W2-serve": _w2_serve, "W5-attention": _w5_attention,
+              "W5-gemv": _w5_gemv}
 
 
 def summarize(results_dir: pathlib.Path = HERE / "results") -> str:
