@@ -281,6 +281,11 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
+def _phase(what: str, since: float) -> None:
+    """One line of start-up progress on stderr, with the seconds since start-up began."""
+    print(f"fastllm serve [{time.perf_counter() - since:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     for name in ("port", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_tokens"):
         value = getattr(args, name)
@@ -299,13 +304,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
+    started = time.perf_counter()
+    _phase(f"loading {args.model or 'the demo model'} ({dtype}, {device})", started)
     model, tokenizer = _load(args.model, dtype, device)
     options = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                  ("max_num_batched_tokens", args.max_num_batched_tokens),
                                  ("max_model_len", args.max_model_len), ("num_kv_tokens", args.num_kv_tokens))
                if v is not None}
+    _phase("optimizing: graph capture, fusion passes, KV cache", started)
     llm = fastllm.LLM(model, tokenizer=tokenizer, kv_cache_memory_fraction=args.kv_cache_memory_fraction, **options)
-    llm.generate([[1, 2, 3]], fastllm.SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)  # warm-up
+    _phase("warming up (first step's kernels)", started)
+    llm.generate([[1, 2, 3]], fastllm.SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+    _phase("ready", started)
     max_queue = args.max_queue if args.max_queue is not None else llm.scheduler.max_num_seqs
     name = args.served_model_name or args.model or "demo"
     app = build_app(ServingEngine(llm, max_queue), name, api_key=args.api_key)

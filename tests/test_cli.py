@@ -94,6 +94,9 @@ def test_run_bad_model_path_is_one_line(tmp_path, capsys, argv_tail, expected):
         ["run", "--prompt", "hi", "--max-new-tokens", "0"],
         ["run"],  # --prompt is required
         [],  # a subcommand is required
+        ["serve", "--port", "0"],
+        ["serve", "--max-queue", "-1"],
+        ["serve", "--max-num-seqs", "0"],
     ],
 )
 def test_bad_arguments_are_one_line(capsys, argv):
