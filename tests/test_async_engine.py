@@ -1,6 +1,7 @@
 """AsyncLLM: concurrent streamed requests on one background step loop (CPU, tiny random Llama)."""
 
 import asyncio
+import threading
 
 import pytest
 import transformers as T
@@ -70,6 +71,44 @@ def test_a_reader_that_falls_behind_gets_the_missed_steps_in_one_update(engine):
     tokens, updates, last = asyncio.run(slow_reader())
     assert tokens == engine.llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     assert len(tokens) == 24 and updates < 24 and last.finished
+
+
+def test_the_event_loop_never_waits_for_the_core_lock(engine, monkeypatch):
+    """Adding a request takes the core's lock, which a running step holds for its whole length: the streams hand
+    their requests to the step thread, so the event loop (and every stream a server writes) is never blocked."""
+    from fastllm.runtime.engine_core import FairLock
+
+    takers = set()
+
+    class Recording(FairLock):
+        def __enter__(self):
+            takers.add(threading.get_ident())
+            return super().__enter__()
+
+    monkeypatch.setattr(engine.core, "_lock", Recording())
+
+    async def run_all():
+        loop_thread = threading.get_ident()
+        prompts = _prompts(8)
+        await asyncio.gather(*(_collect(engine, p, SamplingParams(max_tokens=4, **GREEDY)) for p in prompts))
+        return loop_thread
+
+    loop_thread = asyncio.run(run_all())
+    assert takers and loop_thread not in takers
+
+
+def test_a_stream_closed_before_its_request_was_added_leaves_nothing_running(engine):
+    async def open_and_drop():
+        stream = engine.generate(_prompts(1)[0], SamplingParams(max_tokens=50, **GREEDY))
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # handed to the step thread, not yet added
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.5)  # the step thread adds it, sees the stream gone, aborts it
+
+    asyncio.run(open_and_drop())
+    pool = engine.llm.runner.pool
+    assert not engine.core.has_work() and pool.num_free_blocks == pool.num_blocks
 
 
 def test_abort_mid_flight_frees_blocks(engine):

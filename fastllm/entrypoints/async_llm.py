@@ -5,8 +5,10 @@
         print(out.new_token_ids, out.new_text, out.finished)
 
 A background thread steps the engine core while it has work (a step blocks on the GPU); the core's lock lets other
-callers (`LLM.generate`, `model.generate`) add and step alongside it. Each request's listener hands its step
-updates to the event loop with `call_soon_threadsafe`. A stream whose consumer stops reading (cancelled, closed,
+callers (`LLM.generate`, `model.generate`) add and step alongside it. New requests are handed to that thread, which
+adds every waiting one between two steps: adding from the event loop would take the core's lock, blocking the
+loop (and every stream it writes) for up to a step per request. Each request's listener hands its step updates to
+the event loop with `call_soon_threadsafe`. A stream whose consumer stops reading (cancelled, closed,
 or garbage-collected: a client that went away) aborts its request, which frees its KV blocks.
 """
 
@@ -42,6 +44,7 @@ class AsyncLLM:
         self.core = llm.core
         self._wake = threading.Event()
         self._aborts: collections.deque[str] = collections.deque()  # from streams that stopped being read
+        self._adds: collections.deque[_PendingAdd] = collections.deque()  # for the step thread to add
         self._requests: set[str] = set()   # this engine's unfinished requests
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="fastllm-step-loop", daemon=True)
@@ -63,8 +66,10 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestUpdate] = asyncio.Queue()
         listener = lambda update: loop.call_soon_threadsafe(queue.put_nowait, update)  # noqa: E731
-        request = self.llm.add_request(prompt, sampling_params or SamplingParams(), listener=listener,
-                                       request_id=request_id)
+        added = loop.create_future()
+        self._adds.append(_PendingAdd(prompt, sampling_params or SamplingParams(), listener, request_id, loop, added))
+        self._wake.set()
+        request = await added  # the core's request, or the refusal (a finished RequestOutput)
         if isinstance(request, RequestOutput):  # refused
             yield StreamOutput(request.request_id, {}, True, request)
             return
@@ -95,6 +100,8 @@ class AsyncLLM:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        while self._adds:  # never added: their streams raise instead of waiting forever
+            self._adds.popleft().resolve(RuntimeError("the engine's step loop was shut down"), self)
         for request_id in list(self._requests):
             self.core.abort(request_id)
 
@@ -102,9 +109,47 @@ class AsyncLLM:
         while not self._stopped:
             while self._aborts:
                 self.core.abort(self._aborts.popleft())
+            while self._adds:
+                pending = self._adds.popleft()
+                try:
+                    result = self.llm.add_request(pending.prompt, pending.params, listener=pending.listener,
+                                                  request_id=pending.request_id)
+                except Exception as error:  # e.g. the engine was closed: that stream raises, the loop goes on
+                    result = error
+                pending.resolve(result, self)
             if not self.core.step():
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
+
+
+@dataclass
+class _PendingAdd:
+    """A request handed to the step thread, and the future its stream awaits."""
+
+    prompt: object
+    params: SamplingParams
+    listener: object
+    request_id: str | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+
+    def resolve(self, result, engine: AsyncLLM) -> None:
+        """Give the stream `result` (the core's request, a refusal, or an exception), on its event loop's thread."""
+        def deliver():
+            if not self.future.cancelled():
+                if isinstance(result, BaseException):
+                    self.future.set_exception(result)
+                else:
+                    self.future.set_result(result)
+            elif not isinstance(result, (BaseException, RequestOutput)):  # its stream went away while it was added
+                engine._aborts.append(result.request_id)
+                engine._wake.set()
+
+        try:
+            self.loop.call_soon_threadsafe(deliver)
+        except RuntimeError:  # the stream's event loop is closed: nobody is waiting; the request must not run
+            if not isinstance(result, (BaseException, RequestOutput)):
+                engine._aborts.append(result.request_id)
 
 
 def _merged(update: RequestUpdate, queue: asyncio.Queue) -> RequestUpdate:
