@@ -3,23 +3,29 @@ server on a network needs.
 
 - Bounded admission: a request that would exceed the running + queued completions the server admits is answered 503
   with Retry-After, at once (serve/engine.py).
-- Bounded bodies: a body over `max_body_bytes` is refused with 413 before it is read whole.
+- Bounded bodies: a body over `max_body_bytes` is refused with 413 before it is read whole; more than MAX_HEADERS
+  header fields or MAX_HEADER_BYTES of them are refused with 431.
 - With an API key, every route but the health checks needs `Authorization: Bearer <key>` (compared in constant time).
 - Errors are JSON in OpenAI's shape, 4xx for what the client sent, 500 (with a clean message, the server going on)
-  when a model step failed; a client that disconnects has its request aborted and its KV blocks freed.
+  when a model step failed or a bug was hit; a client that disconnects has its request aborted and its KV blocks
+  freed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hmac
+import json
+import re
 import time
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fastllm._log import logger
 from fastllm.serve import openai_api, triton_api
 from fastllm.serve.engine import EngineFault, Overloaded, ServingEngine
 from fastllm.serve.metrics import ServerMetrics
@@ -28,6 +34,10 @@ from fastllm.serve.server_state import ClientGone, ServerState
 
 # A request body larger than this is refused (413): a long prompt of 32k tokens is ~200 KB of JSON.
 MAX_BODY_BYTES = 8 * 2**20
+# Header limits (431 beyond them). h11 only bounds the bytes of a header block that arrives in several reads (16 KiB),
+# so a block of 10,000 fields sent in one write was accepted whole; these make the limit the same however it arrives.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 16 * 2**10
 # Routes that answer without an API key (load balancers probe them).
 PUBLIC_ROUTES = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
 
@@ -70,7 +80,7 @@ def build_app(serving: ServingEngine, model_name: str, *, api_key: str | None = 
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    return BodyLimit(app, max_body_bytes)
+    return RequestLimits(app, max_body_bytes)
 
 
 def _authorized(request: Request, api_key: str) -> bool:
@@ -85,14 +95,17 @@ def _add_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}"
-                             for e in error.errors()[:5])
-        return respond(400, f"invalid request: {problems}", "invalid_request_error")
+        return respond(400, f"invalid request: {_describe(error.errors())}", "invalid_request_error")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):
+    # Starlette's own HTTPException too: FastAPI raises it for an unknown route (404), a wrong method (405) and a body
+    # it cannot decode (400), which would otherwise answer `{"detail": ...}` instead of OpenAI's shape.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
         kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
-        return respond(error.status_code, str(error.detail), kind)
+        message = str(error.detail)
+        if isinstance(error.__cause__, UnicodeDecodeError):
+            message = f"the request body is not UTF-8 ({error.__cause__.reason} at byte {error.__cause__.start})"
+        return respond(error.status_code, message, kind, headers=getattr(error, "headers", None))
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, error: ValueError):
@@ -104,16 +117,39 @@ def _add_errors(app: FastAPI) -> None:
 
     @app.exception_handler(EngineFault)
     async def fault(request: Request, error: EngineFault):
-        return respond(500, f"the request failed in the engine and was ended ({error}); the server goes on",
-                       "engine_error")
+        logger.error("fastllm serve: %s %s: %s", request.method, request.url.path, error)
+        return respond(500, str(error), "engine_error")
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, error: ClientGone):
         return respond(499, str(error), "client_closed_request")
 
+    # Anything else is a bug of the server: still an answer in OpenAI's shape (Starlette's default is a bare text
+    # "Internal Server Error"); Starlette re-raises it after this answer, so uvicorn logs the traceback.
+    @app.exception_handler(Exception)
+    async def bug(request: Request, error: Exception):
+        return respond(500, f"internal server error ({type(error).__name__}); the server goes on", "server_error")
 
-class BodyLimit:
-    """Refuse bodies over `max_bytes` with 413: by Content-Length up front, or as the chunks arrive."""
+
+_VALIDATOR_IN_LOC = re.compile(r"function-\w+\[\w+\(\), (.+)\]")
+
+
+def _describe(errors: list[dict]) -> str:
+    """Pydantic's validation errors as one line naming each field (the first five)."""
+    problems = []
+    for e in errors[:5]:
+        if e["type"] == "json_invalid":  # loc is ("body", character offset)
+            problems.append(f"the body is not valid JSON: {e.get('ctx', {}).get('error', e['msg'])} at character "
+                            f"{e['loc'][-1]}")
+        else:  # a union member's loc part names its validator ("function-after[unicode_text(), str]"): keep "str"
+            where = ".".join(_VALIDATOR_IN_LOC.sub(r"\1", str(p)) for p in e["loc"][1:])
+            problems.append(f"{where or 'body'}: {e['msg']}")
+    return "; ".join(problems)
+
+
+class RequestLimits:
+    """Refuse too many or too large header fields (431), and bodies over `max_bytes` (413): by Content-Length up
+    front, or as the chunks arrive."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -125,35 +161,45 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or {}).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _reply_413(send, self.max_bytes)
+        headers = scope.get("headers") or []
+        header_bytes = sum(len(name) + len(value) for name, value in headers)
+        if len(headers) > MAX_HEADERS or header_bytes > MAX_HEADER_BYTES:
+            await _reply(send, 431, f"request headers too large: {len(headers)} fields, {header_bytes} bytes (at most "
+                                    f"{MAX_HEADERS} fields, {MAX_HEADER_BYTES} bytes)")
             return
-        seen = 0
+        declared = dict(headers).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await _reply(send, 413, f"request body larger than {self.max_bytes} bytes")
+            return
+        seen, started, refused = 0, False, False
 
         async def limited() -> Message:
-            nonlocal seen
+            # Past the limit, answer 413 here and tell the app the client left: an exception raised through the app
+            # would reach its error handlers first (FastAPI turns it into "There was an error parsing the body").
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    refused = True
+                    if not started:
+                        await _reply(send, 413, f"request body larger than {self.max_bytes} bytes")
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _reply_413(send, self.max_bytes)
+        async def send_unless_refused(message: Message) -> None:
+            nonlocal started
+            if not refused:
+                started = True
+                await send(message)
+
+        await self.app(scope, limited, send_unless_refused)
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _reply_413(send: Send, max_bytes: int) -> None:
-    import json
-
-    body = json.dumps(error_body(f"request body larger than {max_bytes} bytes", "invalid_request_error")).encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _reply(send: Send, status: int, message: str) -> None:
+    body = json.dumps(error_body(message, "invalid_request_error")).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

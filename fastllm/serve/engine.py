@@ -1,13 +1,18 @@
 """The server's view of the engine: an `AsyncLLM` behind admission control, with one request's updates as text.
 
 Admission is bounded: at most `max_num_seqs` completions run and `max_queue` more wait; a request that would exceed
-that is refused at once (`Overloaded`, answered 503 with Retry-After) instead of growing a queue without bound. A
-request's stream holds back the last `len(longest stop string) - 1` characters until the request ends, so no stop
+that is refused at once (`Overloaded`, answered 503 with Retry-After) instead of growing a queue without bound; one
+that asks for more completions than the server ever admits is refused as invalid (ValueError: retrying cannot help).
+
+Text is tokenized off the event loop (a prompt of megabytes takes seconds to tokenize, during which no other request
+would be answered), and a text too long to fit the context whatever its tokens is refused before it is tokenized.
+A request's stream holds back the last `len(longest stop string) - 1` characters until the request ends, so no stop
 string is ever sent half-way (the final text is cut before it, as `LLM` cuts it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -81,6 +86,11 @@ class ServingEngine:
         self.max_queue = max_queue
         self.admitted = 0  # completions of admitted, unfinished requests (the event loop's thread only)
         self._ids = itertools.count()
+        # No token is longer than the vocabulary's longest entry (in characters: a byte-level entry spells each byte
+        # as one character), so a text of more than max_model_len * that many characters has more tokens than the
+        # context holds. Twice that, for normalizers that shorten text before it is split (NFC composes "e" + U+0301).
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1) if self.tokenizer is not None else 1
+        self.max_text_chars = 2 * self.max_model_len * max(longest, 1)
 
     @property
     def max_model_len(self) -> int:
@@ -88,12 +98,36 @@ class ServingEngine:
 
     def admit(self, completions: int) -> Admission:
         """Take `completions` admission slots for a request (released by `Admission.release`, or leaving its `with`);
-        Overloaded if they are not free."""
+        Overloaded if they are not free, ValueError if they never can be."""
+        if completions > self.max_running + self.max_queue:
+            raise ValueError(f"the request asks for {completions} completions (n times the prompts) and this server "
+                             f"holds at most {self.max_running + self.max_queue} at once; send fewer")
         if self.admitted + completions > self.max_running + self.max_queue:
             raise Overloaded(f"the server holds {self.admitted} running or queued completions and admits at most "
                              f"{self.max_running + self.max_queue}; retry later")
         self.admitted += completions
         return Admission(self, completions)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """The token ids of a text prompt (ValueError if there is no tokenizer or the text cannot fit the context)."""
+        if self.tokenizer is None:
+            raise ValueError("this server has no tokenizer: send token ids")
+        self._check_text_length(len(text))
+        return await asyncio.to_thread(lambda: list(self.tokenizer(text).input_ids))
+
+    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The token ids of a chat, rendered by the tokenizer's chat template with the assistant's turn opened."""
+        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
+        self._check_text_length(sum(len(m["content"]) for m in messages))
+        return await asyncio.to_thread(lambda: list(self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
+
+    def _check_text_length(self, chars: int) -> None:
+        if chars > self.max_text_chars:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens; a prompt of "
+                             f"{chars} characters cannot fit (no text of that many tokens is longer than "
+                             f"{self.max_text_chars} characters)")
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -117,7 +151,8 @@ class ServingEngine:
                     deltas.append(self._delta(held.setdefault(index, _Held()), index, update, holdback))
                 yield [d for d in deltas if d.text or d.token_ids or d.finish_reason], output
         except RuntimeError as error:  # a model step failed under this request (AsyncLLM raises it at the end)
-            raise EngineFault(str(error)) from error
+            raise EngineFault(f"the request failed in the engine and was ended ({error}); the server goes on") \
+                from error
 
     @staticmethod
     def _delta(state: _Held, index: int, update, holdback: int) -> Delta:

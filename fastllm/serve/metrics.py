@@ -24,7 +24,9 @@ class _EngineGauges:
                 ("fastllm_kv_blocks_used", m["kv_blocks_used"], "KV-cache blocks in use"),
                 ("fastllm_kv_blocks_total", m["kv_blocks_total"], "KV-cache blocks the cache holds"),
                 ("fastllm_generated_tokens", m["num_generated_tokens"], "tokens the engine generated (all callers)"),
-                ("fastllm_preemptions", m["num_preemptions"], "requests preempted since start")):
+                ("fastllm_preemptions", m["num_preemptions"], "requests preempted since start"),
+                ("fastllm_requests_aborted", m["num_aborted_requests"],
+                 "requests aborted (refused, client gone, failed step) since start")):
             yield GaugeMetricFamily(name, text, value=value)
 
 

@@ -1,22 +1,34 @@
 """OpenAI-compatible routes: POST /v1/completions, POST /v1/chat/completions (both streamable), GET /v1/models.
 
 Responses and errors keep OpenAI's shapes (`choices`, `usage`, `finish_reason`; `{"error": {...}}`), streams are
-server-sent events ending with `data: [DONE]`. One prompt list of a completions request is run as one engine request
-per prompt, their choices numbered prompt-major as OpenAI does.
+server-sent events ending with `data: [DONE]`. A streaming response starts once the engine has accepted the request
+and given its first tokens, so a request it refuses is answered 400 like a non-streaming one; a model step that fails
+later ends the stream with an error event (`data: {"error": ...}`, as vLLM does) before `[DONE]`. One prompt list of
+a completions request is run as one engine request per prompt, their choices numbered prompt-major as OpenAI does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from fastllm.serve.engine import ServingEngine
-from fastllm.serve.protocol import ChatCompletionRequest, CompletionRequest
-from fastllm.serve.server_state import ServerState, check_model, released_after, sse, until_disconnected
+from fastllm._log import logger
+from fastllm.serve.engine import EngineFault, ServingEngine
+from fastllm.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from fastllm.serve.server_state import (
+    ClosingStreamingResponse,
+    MergedStreams,
+    ServerState,
+    check_model,
+    released_after,
+    sse,
+    started_streams,
+    until_disconnected,
+)
 
 router = APIRouter()
 
@@ -47,12 +59,8 @@ def _max_tokens(serving: ServingEngine, requested: int | None, prompt_tokens: in
     return requested
 
 
-def _prompt_ids(serving: ServingEngine, prompt) -> list[int]:
-    if isinstance(prompt, str):
-        if serving.tokenizer is None:
-            raise ValueError("this server has no tokenizer: send token ids")
-        return list(serving.tokenizer(prompt).input_ids)
-    return list(prompt)
+async def _prompt_ids(serving: ServingEngine, prompt) -> list[int]:
+    return await serving.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -76,15 +84,17 @@ async def completions(body: CompletionRequest, request: Request):
     serving = state.serving
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise ValueError(f"logprobs must be between 0 and 5, got {body.logprobs}")
-    prompts = [_prompt_ids(serving, p) for p in _prompt_list(body.prompt)]
+    prompts = [await _prompt_ids(serving, p) for p in _prompt_list(body.prompt)]
     params = [body.sampling_params(_max_tokens(serving, body.max_tokens, len(p)), body.logprobs) for p in prompts]
     request_id = serving.new_id("cmpl")
     created = int(time.time())
     admission = serving.admit(body.n * len(prompts))
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        stream = _stream_completions(state, prompts, params, request_id, created, body.model, include_usage)
-        return StreamingResponse(released_after(admission, stream), media_type="text/event-stream")
+        streams = await started_streams(request, admission, serving, prompts, params, request_id)
+        stream = _stream_completions(streams, prompts, params, request_id, created, body.model, include_usage)
+        return ClosingStreamingResponse(released_after(admission, _ending_with_error_event(stream)),
+                                        media_type="text/event-stream")
     with admission:
         outputs = await until_disconnected(request, _run_all(serving, prompts, params, request_id))
     choices, completion_tokens = [], 0
@@ -109,17 +119,35 @@ async def _run_all(serving: ServingEngine, prompts, params, request_id: str) -> 
     return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
 
-async def _stream_completions(state: ServerState, prompts, params, request_id: str, created: int, model: str,
+async def _ending_with_error_event(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`stream`, or, if it fails once under way (its 200 sent), an error event in OpenAI's shape and `[DONE]`."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except EngineFault as error:
+        logger.error("fastllm serve: a stream ended: %s", error)
+        yield sse(error_body(str(error), "engine_error"))
+        yield "data: [DONE]\n\n"
+    except Exception as error:
+        logger.error("fastllm serve: a stream failed", exc_info=error)
+        yield sse(error_body(f"internal server error ({type(error).__name__}); the server goes on", "server_error"))
+        yield "data: [DONE]\n\n"
+    finally:
+        await stream.aclose()
+
+
+async def _stream_completions(streams: MergedStreams, prompts, params, request_id: str, created: int, model: str,
                               include_usage: bool) -> AsyncIterator[str]:
     n = params[0].n
     totals = [0]
-    async for p, deltas, _ in state.merged_streams(prompts, params, request_id):
-        for d in deltas:
-            totals[0] += len(d.token_ids)
-            choice = {"index": p * n + d.index, "text": d.text, "finish_reason": d.finish_reason,
-                      "logprobs": None}
-            yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [choice]})
+    async with contextlib.aclosing(streams):
+        async for p, deltas, _ in streams:
+            for d in deltas:
+                totals[0] += len(d.token_ids)
+                choice = {"index": p * n + d.index, "text": d.text, "finish_reason": d.finish_reason,
+                          "logprobs": None}
+                yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
+                           "choices": [choice]})
     if include_usage:
         yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
                    "choices": [], "usage": _usage(sum(map(len, prompts)), totals[0])})
@@ -131,12 +159,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     state: ServerState = request.app.state.fastllm
     check_model(state, body.model)
     serving = state.serving
-    if serving.tokenizer is None or getattr(serving.tokenizer, "chat_template", None) is None:
-        raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
     if body.top_logprobs is not None and (not body.logprobs or not 0 <= body.top_logprobs <= 20):
         raise ValueError("top_logprobs needs logprobs=true and must be between 0 and 20")
-    prompt = list(serving.tokenizer.apply_chat_template(body.chat(), add_generation_prompt=True, tokenize=True,
-                                                        return_dict=False))
+    prompt = await serving.tokenize_chat(body.chat())
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.sampling_params(_max_tokens(serving, requested, len(prompt)),
                                   (body.top_logprobs or 0) if body.logprobs else None)
@@ -145,8 +170,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     admission = serving.admit(body.n)
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        stream = _stream_chat(state, prompt, params, request_id, created, body.model, include_usage)
-        return StreamingResponse(released_after(admission, stream), media_type="text/event-stream")
+        streams = await started_streams(request, admission, serving, [prompt], [params], request_id)
+        stream = _stream_chat(streams, prompt, params, request_id, created, body.model, include_usage)
+        return ClosingStreamingResponse(released_after(admission, _ending_with_error_event(stream)),
+                                        media_type="text/event-stream")
     with admission:
         (output,) = await until_disconnected(request, _run_all(serving, [prompt], [params], request_id))
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -166,18 +193,19 @@ def _chat_logprobs(tokenizer, completion) -> dict | None:
     return {"content": content}
 
 
-async def _stream_chat(state: ServerState, prompt, params, request_id: str, created: int, model: str,
+async def _stream_chat(streams: MergedStreams, prompt, params, request_id: str, created: int, model: str,
                        include_usage: bool) -> AsyncIterator[str]:
     head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
     yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                                    for i in range(params.n)]})
     generated = 0
-    async for _, deltas, _ in state.merged_streams([prompt], [params], request_id):
-        for d in deltas:
-            generated += len(d.token_ids)
-            delta = {"content": d.text} if d.text else {}
-            yield sse({**head, "choices": [{"index": d.index, "delta": delta,
-                                            "finish_reason": d.finish_reason}]})
+    async with contextlib.aclosing(streams):
+        async for _, deltas, _ in streams:
+            for d in deltas:
+                generated += len(d.token_ids)
+                delta = {"content": d.text} if d.text else {}
+                yield sse({**head, "choices": [{"index": d.index, "delta": delta,
+                                                "finish_reason": d.finish_reason}]})
     if include_usage:
         yield sse({**head, "choices": [], "usage": _usage(len(prompt), generated)})
     yield "data: [DONE]\n\n"

@@ -2,18 +2,33 @@
 
 Only what fastllm implements is accepted; a field it does not (`best_of`, `suffix`, `echo`, tools, ...) is refused
 with a 400 naming it, never silently ignored. Numbers are range-checked by `SamplingParams` (NaN and Inf included).
+Text must be valid Unicode: JSON can carry a lone surrogate ("\\ud800"), which no tokenizer can encode.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from fastllm.runtime.sampling_params import SamplingParams
 
 # Most chat messages, and most characters of one message's text: bounds against inputs that crashed other servers.
 MAX_MESSAGES = 1024
+
+
+def unicode_text(text: str) -> str:
+    """`text` if it is valid Unicode; ValueError naming the first lone surrogate otherwise (the tokenizer would raise
+    a TypeError on it: a 500 before this check)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"text must be valid Unicode; it has a lone surrogate {text[error.start]!r} at character "
+                         f"{error.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_text)]
 
 
 class _Strict(BaseModel):
@@ -23,15 +38,15 @@ class _Strict(BaseModel):
 class _Sampling(_Strict):
     """Fields the two OpenAI endpoints share."""
 
-    model: str
+    model: Text
     n: int = 1
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    user: str | None = None
+    user: Text | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     # vLLM's extensions to OpenAI's fields, for exact-length completions (benchmarks, evaluations)
@@ -51,15 +66,15 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, description="top log-probabilities per token (0-5)")
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[dict[str, Any]]
-    name: str | None = None
+    content: Text | list[dict[str, Any]]
+    name: Text | None = None
 
     def text(self) -> str:
         """The message's text: a string, or the text parts of a content list (other part types are refused)."""
@@ -70,7 +85,7 @@ class ChatMessage(_Strict):
             if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
                 raise ValueError("message content parts must be {\"type\": \"text\", \"text\": ...}; other part types "
                                  "(images, audio) are not supported")
-            parts.append(part["text"])
+            parts.append(unicode_text(part["text"]))
         return "".join(parts)
 
 
