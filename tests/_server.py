@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,9 +33,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen, port: int, model: str, api_key: str | None):
+    def __init__(self, process: subprocess.Popen, port: int, model: str, api_key: str | None, log_path: Path):
         self.process, self.port, self.model, self.api_key = process, port, model, api_key
         self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def log(self) -> str:
+        """What the server printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
 
     def headers(self) -> dict:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -54,27 +60,37 @@ class Server:
 
 
 @contextmanager
-def running_server(model_dir: Path, *args: str, api_key: str | None = None, startup_s: float = 180):
-    """Start `fastllm serve model_dir *args` on a free port; yields a Server once /health answers; stops it after."""
+def running_server(model_dir: Path, *args: str, api_key: str | None = None, startup_s: float = 180,
+                   launcher: tuple[str, ...] = ("-m", "fastllm", "serve")):
+    """Start `fastllm serve model_dir *args` on a free port; yields a Server once /health answers; stops it after.
+    `launcher`: what runs in place of `-m fastllm serve` (a script that patches the engine first, for fault tests)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("FASTLLM_API_KEY", None)
-    command = [sys.executable, "-m", "fastllm", "serve", str(model_dir), "--port", str(port),
+    command = [sys.executable, *launcher, str(model_dir), "--port", str(port),
                "--served-model-name", "tiny", *args] + (["--api-key", api_key] if api_key else [])
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    server = Server(process, port, "tiny", api_key)
+    # A file, not a pipe: nobody reads a pipe while the tests run, and a server that logs 64 KiB (uvicorn warns once per
+    # malformed request) would block on it.
+    log_file = tempfile.NamedTemporaryFile(prefix="fastllm-serve-", suffix=".log", delete=False)
+    log_path = Path(log_file.name)
+    process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = Server(process, port, "tiny", api_key, log_path)
     try:
         deadline = time.monotonic() + startup_s
         while not server.healthy():
             if process.poll() is not None:
-                raise RuntimeError(f"fastllm serve exited with {process.returncode}:\n{process.stdout.read()}")
+                raise RuntimeError(f"fastllm serve exited with {process.returncode}:\n{server.log()}")
             if time.monotonic() > deadline:
-                raise RuntimeError("fastllm serve did not answer /health in time")
+                raise RuntimeError(f"fastllm serve did not answer /health in time:\n{server.log()}")
             time.sleep(0.5)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log_file.close()
+        log_path.unlink(missing_ok=True)
