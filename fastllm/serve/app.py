@@ -118,16 +118,18 @@ def _add_errors(app: FastAPI) -> None:
     @app.exception_handler(EngineFault)
     async def fault(request: Request, error: EngineFault):
         logger.error("fastllm serve: %s %s: %s", request.method, request.url.path, error)
-        return respond(500, str(error), "engine_error")
+        return respond(500, error.client_message(), "engine_error")
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, error: ClientGone):
         return respond(499, str(error), "client_closed_request")
 
     # Anything else is a bug of the server: still an answer in OpenAI's shape (Starlette's default is a bare text
-    # "Internal Server Error"); Starlette re-raises it after this answer, so uvicorn logs the traceback.
+    # "Internal Server Error"), and the traceback in the log (a route's exception handled here is not re-raised to
+    # uvicorn, which would log it).
     @app.exception_handler(Exception)
     async def bug(request: Request, error: Exception):
+        logger.error("fastllm serve: %s %s failed", request.method, request.url.path, exc_info=error)
         return respond(500, f"internal server error ({type(error).__name__}); the server goes on", "server_error")
 
 

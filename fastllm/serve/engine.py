@@ -30,6 +30,10 @@ class Overloaded(Exception):
 class EngineFault(Exception):
     """A model step failed while the request ran (the request ended; the server goes on)."""
 
+    def client_message(self) -> str:
+        """What the client is told (a 500's message, or a stream's error event)."""
+        return f"the request failed in the engine and was ended ({self}); the server goes on"
+
 
 @dataclass
 class Delta:
@@ -108,12 +112,18 @@ class ServingEngine:
         self.admitted += completions
         return Admission(self, completions)
 
-    async def tokenize(self, text: str) -> list[int]:
-        """The token ids of a text prompt (ValueError if there is no tokenizer or the text cannot fit the context)."""
+    def token_ids(self, text: str) -> list[int]:
+        """The token ids of a text prompt, on the calling thread (ValueError if there is no tokenizer or the text
+        cannot fit the context)."""
         if self.tokenizer is None:
             raise ValueError("this server has no tokenizer: send token ids")
         self._check_text_length(len(text))
-        return await asyncio.to_thread(lambda: list(self.tokenizer(text).input_ids))
+        return list(self.tokenizer(text).input_ids)
+
+    async def tokenize(self, text: str) -> list[int]:
+        """`token_ids(text)` on a worker thread, so the event loop answers other requests meanwhile."""
+        self._check_text_length(len(text))  # refused without a thread hop
+        return await asyncio.to_thread(self.token_ids, text)
 
     async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """The token ids of a chat, rendered by the tokenizer's chat template with the assistant's turn opened."""
@@ -151,8 +161,7 @@ class ServingEngine:
                     deltas.append(self._delta(held.setdefault(index, _Held()), index, update, holdback))
                 yield [d for d in deltas if d.text or d.token_ids or d.finish_reason], output
         except RuntimeError as error:  # a model step failed under this request (AsyncLLM raises it at the end)
-            raise EngineFault(f"the request failed in the engine and was ended ({error}); the server goes on") \
-                from error
+            raise EngineFault(str(error)) from error
 
     @staticmethod
     def _delta(state: _Held, index: int, update, holdback: int) -> Delta:

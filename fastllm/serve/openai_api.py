@@ -59,7 +59,13 @@ def _max_tokens(serving: ServingEngine, requested: int | None, prompt_tokens: in
     return requested
 
 
-async def _prompt_ids(serving: ServingEngine, prompt) -> list[int]:
+def _prompt_ids(serving: ServingEngine, prompt) -> list[int]:
+    """A prompt's token ids, tokenized on the event loop's thread (the Triton routes use it; the OpenAI routes
+    tokenize off the loop, `_tokenized`)."""
+    return serving.token_ids(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+async def _tokenized(serving: ServingEngine, prompt) -> list[int]:
     return await serving.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
 
 
@@ -84,7 +90,7 @@ async def completions(body: CompletionRequest, request: Request):
     serving = state.serving
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise ValueError(f"logprobs must be between 0 and 5, got {body.logprobs}")
-    prompts = [await _prompt_ids(serving, p) for p in _prompt_list(body.prompt)]
+    prompts = [await _tokenized(serving, p) for p in _prompt_list(body.prompt)]
     params = [body.sampling_params(_max_tokens(serving, body.max_tokens, len(p)), body.logprobs) for p in prompts]
     request_id = serving.new_id("cmpl")
     created = int(time.time())
@@ -126,7 +132,7 @@ async def _ending_with_error_event(stream: AsyncIterator[str]) -> AsyncIterator[
             yield chunk
     except EngineFault as error:
         logger.error("fastllm serve: a stream ended: %s", error)
-        yield sse(error_body(str(error), "engine_error"))
+        yield sse(error_body(error.client_message(), "engine_error"))
         yield "data: [DONE]\n\n"
     except Exception as error:
         logger.error("fastllm serve: a stream failed", exc_info=error)
