@@ -181,6 +181,12 @@ def test_api_key(server):
     assert httpx.get(f"{server.url}/v1/models", timeout=5).status_code == 401
     assert httpx.get(f"{server.url}/metrics", timeout=5).status_code == 401
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200  # probes need no key
+    for probe in ("/v2/health/live", "/v2/health/ready"):
+        assert httpx.get(f"{server.url}{probe}", timeout=5).status_code == 200
+    v2 = httpx.post(f"{server.url}/v2/models/ensemble/generate", json={"text_input": "hi", "max_tokens": 2},
+                    timeout=5)
+    assert v2.status_code == 401 and "api key" in v2.json()["error"].lower()  # Triton's error shape
+    assert httpx.get(f"{server.url}/v2/models/ensemble", timeout=5).status_code == 401
 
 
 def test_body_over_8_mib_is_refused_413(server):

@@ -50,8 +50,13 @@ class AsyncLLM:
         self._thread = threading.Thread(target=self._loop, name="fastllm-step-loop", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether the step loop runs (not shut down, its thread alive): requests can be added."""
+        return not self._stopped and self._thread.is_alive()
+
     def _check_running(self) -> None:
-        if self._stopped or not self._thread.is_alive():
+        if not self.running:
             raise RuntimeError("the engine's step loop is not running (AsyncLLM was shut down)")
 
     async def generate(self, prompt, sampling_params: SamplingParams | None = None, *,

@@ -64,8 +64,11 @@ def build_app(serving: ServingEngine, model_name: str, *, api_key: str | None = 
     async def guard(request: Request, call_next):
         start = time.perf_counter()
         if api_key is not None and request.url.path not in PUBLIC_ROUTES and not _authorized(request, api_key):
-            response = JSONResponse(error_body("missing or wrong API key (send `Authorization: Bearer <key>`)",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
+            message = "missing or wrong API key (send `Authorization: Bearer <key>`)"
+            # each protocol's error shape: Triton's clients show {"error": message}, OpenAI's read error.message
+            body = ({"error": message} if request.url.path.startswith("/v2") else
+                    error_body(message, "authentication_error", code="invalid_api_key"))
+            response = JSONResponse(body, status_code=401)
         else:
             response = await call_next(request)
         route = request.scope.get("route")

@@ -97,6 +97,11 @@ class ServingEngine:
         self.max_text_chars = 2 * self.max_model_len * max(longest, 1)
 
     @property
+    def ready(self) -> bool:
+        """Whether requests can run: the engine's step loop is alive and not shut down."""
+        return self.engine.running
+
+    @property
     def max_model_len(self) -> int:
         return self.llm.core.max_model_len
 

@@ -9,7 +9,6 @@ a completions request is run as one engine request per prompt, their choices num
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -17,14 +16,17 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 
 from fastllm._log import logger
-from fastllm.serve.engine import EngineFault, ServingEngine
+from fastllm.serve.engine import EngineFault
 from fastllm.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from fastllm.serve.server_state import (
     ClosingStreamingResponse,
     MergedStreams,
     ServerState,
     check_model,
+    max_tokens_for,
+    prompt_token_ids,
     released_after,
+    run_to_end,
     sse,
     started_streams,
     until_disconnected,
@@ -40,33 +42,6 @@ def _prompt_list(prompt) -> list:
     if not prompt:
         raise ValueError("prompt must not be empty")
     return list(prompt)
-
-
-def _max_tokens(serving: ServingEngine, requested: int | None, prompt_tokens: int) -> int:
-    """OpenAI's max_tokens checked against the context: None fills what the context leaves."""
-    room = serving.max_model_len - prompt_tokens
-    if room < 1:
-        raise ValueError(f"This model's maximum context length is {serving.max_model_len} tokens; the prompt has "
-                         f"{prompt_tokens}, which leaves no room for a completion")
-    if requested is None:
-        return room
-    if isinstance(requested, bool) or requested < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {requested!r}")
-    if requested > room:
-        raise ValueError(f"This model's maximum context length is {serving.max_model_len} tokens. However, you "
-                         f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
-                         f"in the completion). Please reduce the prompt or max_tokens.")
-    return requested
-
-
-def _prompt_ids(serving: ServingEngine, prompt) -> list[int]:
-    """A prompt's token ids, tokenized on the event loop's thread (the Triton routes use it; the OpenAI routes
-    tokenize off the loop, `_tokenized`)."""
-    return serving.token_ids(prompt) if isinstance(prompt, str) else list(prompt)
-
-
-async def _tokenized(serving: ServingEngine, prompt) -> list[int]:
-    return await serving.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -90,8 +65,8 @@ async def completions(body: CompletionRequest, request: Request):
     serving = state.serving
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise ValueError(f"logprobs must be between 0 and 5, got {body.logprobs}")
-    prompts = [await _tokenized(serving, p) for p in _prompt_list(body.prompt)]
-    params = [body.sampling_params(_max_tokens(serving, body.max_tokens, len(p)), body.logprobs) for p in prompts]
+    prompts = [await prompt_token_ids(serving, p) for p in _prompt_list(body.prompt)]
+    params = [body.sampling_params(max_tokens_for(serving, body.max_tokens, len(p)), body.logprobs) for p in prompts]
     request_id = serving.new_id("cmpl")
     created = int(time.time())
     admission = serving.admit(body.n * len(prompts))
@@ -102,7 +77,7 @@ async def completions(body: CompletionRequest, request: Request):
         return ClosingStreamingResponse(released_after(admission, _ending_with_error_event(stream)),
                                         media_type="text/event-stream")
     with admission:
-        outputs = await until_disconnected(request, _run_all(serving, prompts, params, request_id))
+        outputs = await until_disconnected(request, run_to_end(serving, prompts, params, request_id))
     choices, completion_tokens = [], 0
     for p, output in enumerate(outputs):
         for c in output.outputs:
@@ -111,18 +86,6 @@ async def completions(body: CompletionRequest, request: Request):
                             "logprobs": _completion_logprobs(serving.tokenizer, c.logprobs, c.token_ids)})
     return {"id": request_id, "object": "text_completion", "created": created, "model": body.model,
             "choices": choices, "usage": _usage(sum(map(len, prompts)), completion_tokens)}
-
-
-async def _run_all(serving: ServingEngine, prompts, params, request_id: str) -> list:
-    """Every prompt's final RequestOutput (the prompts run at once, batched by the engine)."""
-
-    async def one(i):
-        output = None
-        async for _, output in serving.stream(prompts[i], params[i], f"{request_id}-{i}"):
-            pass
-        return output
-
-    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
 
 async def _ending_with_error_event(stream: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -169,7 +132,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise ValueError("top_logprobs needs logprobs=true and must be between 0 and 20")
     prompt = await serving.tokenize_chat(body.chat())
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = body.sampling_params(_max_tokens(serving, requested, len(prompt)),
+    params = body.sampling_params(max_tokens_for(serving, requested, len(prompt)),
                                   (body.top_logprobs or 0) if body.logprobs else None)
     request_id = serving.new_id("chatcmpl")
     created = int(time.time())
@@ -181,7 +144,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return ClosingStreamingResponse(released_after(admission, _ending_with_error_event(stream)),
                                         media_type="text/event-stream")
     with admission:
-        (output,) = await until_disconnected(request, _run_all(serving, [prompt], [params], request_id))
+        (output,) = await until_disconnected(request, run_to_end(serving, [prompt], [params], request_id))
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "finish_reason": c.finish_reason, "logprobs": _chat_logprobs(serving.tokenizer, c)}
                for c in output.outputs]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -34,15 +33,6 @@ class ServerState:
 
     def names(self) -> tuple[str, ...]:
         return (self.model_name, *self.aliases)
-
-    async def merged_streams(self, prompts: list, params: list, request_id: str
-                             ) -> AsyncIterator[tuple[int, list[Delta], object]]:
-        """Run one engine request per prompt at once; yields (prompt index, deltas, output) as they come. Closing the
-        iterator aborts every prompt's request. (A streaming response should start with `started_streams`, so that a
-        request the engine refuses is answered 400 before the response's 200 is sent.)"""
-        async with contextlib.aclosing(MergedStreams(self.serving, prompts, params, request_id)) as streams:
-            async for item in streams:
-                yield item
 
 
 class MergedStreams:
@@ -125,6 +115,40 @@ async def started_streams(request: Request, admission: Admission, serving: Servi
         await streams.aclose()
         raise
     return streams
+
+
+def max_tokens_for(serving: ServingEngine, requested: int | None, prompt_tokens: int) -> int:
+    """A request's max_tokens checked against the context (OpenAI's messages): None fills what the context leaves."""
+    room = serving.max_model_len - prompt_tokens
+    if room < 1:
+        raise ValueError(f"This model's maximum context length is {serving.max_model_len} tokens; the prompt has "
+                         f"{prompt_tokens}, which leaves no room for a completion")
+    if requested is None:
+        return room
+    if isinstance(requested, bool) or requested < 1:
+        raise ValueError(f"max_tokens must be an integer >= 1, got {requested!r}")
+    if requested > room:
+        raise ValueError(f"This model's maximum context length is {serving.max_model_len} tokens. However, you "
+                         f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
+                         f"in the completion). Please reduce the prompt or max_tokens.")
+    return requested
+
+
+async def prompt_token_ids(serving: ServingEngine, prompt) -> list[int]:
+    """A prompt's token ids: a text is tokenized off the event loop (`ServingEngine.tokenize`)."""
+    return await serving.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+async def run_to_end(serving: ServingEngine, prompts, params, request_id: str) -> list:
+    """Every prompt's final RequestOutput (the prompts run at once, batched by the engine)."""
+
+    async def one(i):
+        output = None
+        async for _, output in serving.stream(prompts[i], params[i], f"{request_id}-{i}"):
+            pass
+        return output
+
+    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
 
 def check_model(state: ServerState, name: str) -> None:

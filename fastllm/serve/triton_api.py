@@ -28,20 +28,34 @@ client sent, 404 for an unknown model, 503 with Retry-After when the server is f
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fastllm._log import logger
 from fastllm._version import __version__
 from fastllm.runtime.sampling_params import SamplingParams
 from fastllm.serve.engine import EngineFault, Overloaded, ServingEngine
-from fastllm.serve.openai_api import _max_tokens, _prompt_ids, _run_all
-from fastllm.serve.server_state import ClientGone, ServerState, check_model, released_after, sse, until_disconnected
+from fastllm.serve.server_state import (
+    ClientGone,
+    ClosingStreamingResponse,
+    MergedStreams,
+    ServerState,
+    check_model,
+    max_tokens_for,
+    prompt_token_ids,
+    released_after,
+    run_to_end,
+    sse,
+    started_streams,
+    until_disconnected,
+)
 from fastllm.serve.triton_tensors import (
     FLOAT_DATATYPES,
     HEADER_LENGTH,
@@ -107,7 +121,8 @@ class _V2Route(APIRoute):
             except Overloaded as error:
                 return _error(503, str(error), {"Retry-After": "1"})
             except EngineFault as error:
-                return _error(500, f"the request failed in the engine and was ended ({error}); the server goes on")
+                logger.error("fastllm serve: %s %s: %s", request.method, request.url.path, error)
+                return _error(500, error.client_message())
             except ClientGone as error:
                 return _error(499, str(error))
 
@@ -129,12 +144,7 @@ def _serving(request: Request, model: str, version: str | None = None) -> tuple[
     return state, state.serving
 
 
-def _engine_running(serving: ServingEngine) -> bool:
-    try:
-        serving.engine._check_running()  # AsyncLLM's own test: its step thread is alive and not shut down
-    except RuntimeError:
-        return False
-    return True
+
 
 
 # ------------------------------------------------------------------------------------------------ health, metadata
@@ -147,7 +157,7 @@ async def live():
 
 @router.get("/v2/health/ready")
 async def ready(request: Request):
-    running = _engine_running(request.app.state.fastllm.serving)
+    running = request.app.state.fastllm.serving.ready
     return JSONResponse({"ready": running}, status_code=200 if running else 503)
 
 
@@ -171,7 +181,7 @@ async def model_metadata(request: Request, model: str, version: str | None = Non
 @router.get("/v2/models/{model}/versions/{version}/ready")
 async def model_ready(request: Request, model: str, version: str | None = None):
     _, serving = _serving(request, model, version)
-    running = _engine_running(serving)
+    running = serving.ready
     return JSONResponse({"ready": running}, status_code=200 if running else 503)
 
 
@@ -222,16 +232,16 @@ def _text(name: str, value) -> str:
         raise ValueError(f"input {name!r} must be UTF-8 text") from None
 
 
-def _build_request(serving: ServingEngine, row: dict) -> _Request:
+async def _build_request(serving: ServingEngine, row: dict) -> _Request:
     """The engine request of one row ({input name: value}); ValueError naming the input for a value out of range."""
     for name in REQUIRED:
         if name not in row:
             raise ValueError(f"input {name!r} is required")
     prompt = row["text_input"]
-    prompt_ids = _prompt_ids(serving, prompt)
+    prompt_ids = await prompt_token_ids(serving, prompt)
     if not prompt_ids:
         raise ValueError("input 'text_input' must not be empty")
-    kwargs = {"max_tokens": _max_tokens(serving, row["max_tokens"], len(prompt_ids))}
+    kwargs = {"max_tokens": max_tokens_for(serving, row["max_tokens"], len(prompt_ids))}
     for name, value in row.items():
         field = INPUTS[name].field
         if field is not None and field != "max_tokens" and not (INPUTS[name].kind == "words" and not value):
@@ -278,7 +288,7 @@ async def infer(request: Request, model: str, version: str | None = None):
     requests = []
     for i, row in enumerate(rows):
         try:
-            requests.append(_build_request(serving, row))
+            requests.append(await _build_request(serving, row))
         except ValueError as error:
             raise ValueError(f"batch row {i}: {error}" if len(rows) > 1 else str(error)) from None
     if any(r.stream for r in requests):
@@ -286,7 +296,7 @@ async def infer(request: Request, model: str, version: str | None = None):
     wanted = _wanted_outputs(parsed)
     request_id = serving.new_id("triton")
     with serving.admit(len(requests)):
-        outputs = await until_disconnected(request, _run_all(serving, [r.prompt_ids for r in requests],
+        outputs = await until_disconnected(request, run_to_end(serving, [r.prompt_ids for r in requests],
                                                              [r.params for r in requests], request_id))
     texts = [(r.prompt if r.echo else "") + o.outputs[0].text for r, o in zip(requests, outputs)]
     tensor = Tensor("text_output", "BYTES", [len(texts), 1], [t.encode() for t in texts])
@@ -358,7 +368,7 @@ async def _generate_request(request: Request, serving: ServingEngine, stream: bo
     if "id" in body and not isinstance(body["id"], str):
         raise ValueError(f"`id` must be a string, got {body['id']!r}")
     row = {"stream": stream} | {name: _json_value(name, value) for name, value in values.items()}
-    return body, _build_request(serving, row)
+    return body, await _build_request(serving, row)
 
 
 def _json_value(name: str, value):
@@ -388,7 +398,7 @@ async def generate(request: Request, model: str, version: str | None = None):
     if one.stream:
         raise ValueError(f"input 'stream' is true: stream with POST /v2/models/{model}/generate_stream")
     with serving.admit(1):
-        (output,) = await until_disconnected(request, _run_all(serving, [one.prompt_ids], [one.params],
+        (output,) = await until_disconnected(request, run_to_end(serving, [one.prompt_ids], [one.params],
                                                                serving.new_id("triton")))
     answer = {"model_name": model, "model_version": VERSION,
               "text_output": (one.prompt if one.echo else "") + output.outputs[0].text}
@@ -406,18 +416,25 @@ async def generate_stream(request: Request, model: str, version: str | None = No
     head = {"id": body["id"]} if "id" in body else {}
     head.update(model_name=model, model_version=VERSION)
     admission = serving.admit(1)
-    return StreamingResponse(released_after(admission, _events(state, one, head, serving.new_id("triton"))),
-                             media_type="text/event-stream")
+    # Started before the 200: a request the engine refuses is a 400, a step failing before the first token a 500.
+    streams = await started_streams(request, admission, serving, [one.prompt_ids], [one.params],
+                                    serving.new_id("triton"))
+    return ClosingStreamingResponse(released_after(admission, _events(streams, one, head)),
+                                    media_type="text/event-stream")
 
 
-async def _events(state: ServerState, one: _Request, head: dict, request_id: str) -> AsyncIterator[str]:
+async def _events(streams: MergedStreams, one: _Request, head: dict) -> AsyncIterator[str]:
     pending = one.prompt if one.echo else ""
     try:
-        async for _, deltas, _ in state.merged_streams([one.prompt_ids], [one.params], request_id):
-            for delta in deltas:
-                pending += delta.text
-                if (one.stream and pending) or delta.finish_reason is not None:
-                    yield sse({**head, "text_output": pending})
-                    pending = ""
-    except (ValueError, EngineFault) as error:
+        async with contextlib.aclosing(streams):
+            async for _, deltas, _ in streams:
+                for delta in deltas:
+                    pending += delta.text
+                    if (one.stream and pending) or delta.finish_reason is not None:
+                        yield sse({**head, "text_output": pending})
+                        pending = ""
+    except EngineFault as error:
+        logger.error("fastllm serve: a stream ended: %s", error)
+        yield sse({"error": error.client_message()})
+    except ValueError as error:
         yield sse({"error": str(error)})
