@@ -277,9 +277,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def _phase(what: str, since: float) -> None:
     """One line of start-up progress on stderr, with the seconds since start-up began."""
@@ -320,5 +317,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "demo"
     app = build_app(ServingEngine(llm, max_queue), name, api_key=args.api_key)
     print(f"fastllm: serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Triton/KServe: /v2)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    # Connections beyond what admission could ever use (streams, waiting clients, probes) are answered 503 by uvicorn
+    # itself: a flood of idle or half-sent connections cannot exhaust the process.
+    limit = 2 * (llm.scheduler.max_num_seqs + max_queue) + 64
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
+                limit_concurrency=limit)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
