@@ -147,3 +147,13 @@ def test_errors_come_back_as_openai_errors(client, server):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=server.model, prompt=PROMPT, max_tokens=2, temperature=-1)
     assert server.healthy()
+
+
+def test_metrics_count_the_requests_served(client, server):
+    before = server.metric("fastllm_time_to_first_token_seconds_count")
+    client.completions.create(model=server.model, prompt=PROMPT, max_tokens=3, temperature=0)
+    client.completions.create(model=server.model, prompt=PROMPT, max_tokens=3, temperature=0, n=2)
+    assert server.metric("fastllm_time_to_first_token_seconds_count") == before + 2  # one per request
+    assert server.metric("fastllm_time_per_output_token_seconds_count") >= 2
+    assert server.metric('fastllm_http_requests_total{route="/v1/completions",status="200"}') >= 2
+    assert server.metric("fastllm_kv_blocks_used") == 0 and server.metric("fastllm_requests_admitted") == 0

@@ -13,6 +13,7 @@ server on a network needs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -81,7 +82,8 @@ def build_app(serving: ServingEngine, model_name: str, *, api_key: str | None = 
 
     @app.get("/metrics")
     async def metrics():
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        # Rendered on a worker thread: the engine's gauges take the core's lock, which a running step holds.
+        return Response(await asyncio.to_thread(state.metrics.render), media_type="text/plain; version=0.0.4")
 
     return RequestLimits(app, max_body_bytes)
 

@@ -90,6 +90,7 @@ class ServingEngine:
         self.max_queue = max_queue
         self.admitted = 0  # completions of admitted, unfinished requests (the event loop's thread only)
         self._ids = itertools.count()
+        self.finished_listeners: list = []  # called with each request's final RequestOutput (the server's metrics)
         # No token is longer than the vocabulary's longest entry (in characters: a byte-level entry spells each byte
         # as one character), so a text of more than max_model_len * that many characters has more tokens than the
         # context holds. Twice that, for normalizers that shorten text before it is split (NFC composes "e" + U+0301).
@@ -164,6 +165,9 @@ class ServingEngine:
                 for index in sorted(set(update.new_text) | set(update.new_token_ids)
                                     | (set(range(len(output.outputs))) if update.finished else set())):
                     deltas.append(self._delta(held.setdefault(index, _Held()), index, update, holdback))
+                if update.finished:
+                    for listener in self.finished_listeners:
+                        listener(output)
                 yield [d for d in deltas if d.text or d.token_ids or d.finish_reason], output
         except RuntimeError as error:  # a model step failed under this request (AsyncLLM raises it at the end)
             raise EngineFault(str(error)) from error

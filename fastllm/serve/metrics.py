@@ -7,6 +7,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 # Latency buckets (seconds) of the request and time-to-first-token histograms.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Time per output token: a decode step, from a few milliseconds (small batch) to a fraction of a second.
+TOKEN_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
 
 
 class _EngineGauges:
@@ -37,7 +39,20 @@ class ServerMetrics:
                                 registry=self.registry)
         self.latency = Histogram("fastllm_http_request_seconds", "HTTP request latency by route", ["route"],
                                  buckets=BUCKETS, registry=self.registry)
+        # Per finished request, as the engine measured it (prompt arrival to first token; mean gap between tokens).
+        self.ttft = Histogram("fastllm_time_to_first_token_seconds", "time to the first token per request",
+                              buckets=BUCKETS, registry=self.registry)
+        self.tpot = Histogram("fastllm_time_per_output_token_seconds", "mean time per output token per request",
+                              buckets=TOKEN_BUCKETS, registry=self.registry)
         self.registry.register(_EngineGauges(serving))
+        serving.finished_listeners.append(self.observe_request)
+
+    def observe_request(self, output) -> None:
+        ttft, tpot = output.metrics.time_to_first_token, output.metrics.time_per_output_token
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if tpot is not None:
+            self.tpot.observe(tpot)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
