@@ -6,8 +6,9 @@ run on the same model and engine settings.
     PYTHONPATH=. python benchmarks/bench_serve.py --model tiny --num-requests 64   # CPU smoke run, writes nothing
 
 The offline side is `fastllm.LLM(model)` (defaults sized from the card) generating every request at once, as
-bench_throughput.py does. The served side is the same `LLM` defaults behind `fastllm serve`'s app (uvicorn, in this
-process, on 127.0.0.1), with the admission queue sized to take every request; `--clients` processes each open their
+bench_throughput.py does. The served side is what `fastllm serve` runs: the same `LLM` defaults in an engine process
+(`EngineClient`, the same weights built from the same seed) behind the server's app (uvicorn, in this process, on
+127.0.0.1), with the admission queue sized to take every request; `--clients` processes each open their
 share of the requests at once as streaming completions (token-id prompts, greedy, `ignore_eos`, usage in the last
 event) and time them: TTFT = first event with a token, TPOT = (last - first) / (tokens - 1), output tok/s =
 generated tokens / (last response end - first request sent). Neither side has a tokenizer (random-weight model), so
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import importlib.util
 import json
@@ -88,19 +90,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_served(model, requests, clients: int) -> dict:
+def _served_llm(model_name: str, requests):
+    """In the engine process: the model (same seed: same weights as offline), its LLM with defaults, warmed up."""
+    import fastllm
+
+    llm = fastllm.LLM(_model(model_name))
+    _warm(llm, [p for p, _ in requests])
+    return llm
+
+
+def run_served(model_name: str, requests, clients: int) -> dict:
     import httpx
     import uvicorn
 
-    import fastllm
+    from fastllm.entrypoints.engine_process import EngineClient
     from fastllm.serve.app import build_app
     from fastllm.serve.engine import ServingEngine
 
-    llm = fastllm.LLM(model)
-    _warm(llm, [p for p, _ in requests])
-    serving = ServingEngine(llm, max_queue=len(requests))
-    settings = {"max_num_seqs": llm.scheduler.max_num_seqs,
-                "max_num_batched_tokens": llm.scheduler.max_num_batched_tokens}
+    engine = EngineClient(functools.partial(_served_llm, model_name, requests))
+    serving = ServingEngine(engine, max_queue=len(requests))
+    settings = {"max_num_seqs": engine.max_num_seqs,
+                "max_num_batched_tokens": engine.info.max_num_batched_tokens}
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(serving, "bench"), host="127.0.0.1", port=port,
                                            log_level="warning"))
@@ -128,7 +138,7 @@ def run_served(model, requests, clients: int) -> dict:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-        llm.close()
+        engine.shutdown()
     failed = [r for r in records if r["error"] is not None]
     ok = [r for r in records if r["error"] is None]
     wall = max(r["end"] for r in ok) - min(r["sent"] for r in records) if ok else float("nan")
@@ -198,8 +208,11 @@ def main(argv=None) -> int:
     model = _model(args.model)
     requests = _requests(args.workload, args.num_requests, model.config.vocab_size)
     offline = run_offline(model, requests)
+    del model  # the engine process builds its own copy (same seed)
     gc.collect()
-    served = run_served(model, requests, args.clients)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    served = run_served(args.model, requests, args.clients)
     served["fraction_of_offline"] = served["output_tok_s"] / offline["output_tok_s"]
     key = f"{args.model}_{args.workload}"
     rows = [("offline LLM", offline), ("HTTP /v1/completions stream", served)]

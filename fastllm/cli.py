@@ -14,6 +14,7 @@ stderr and exit with code 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import sys
@@ -157,6 +158,19 @@ def _resolve_dtype(name: str, device):
     return torch.float32
 
 
+def _check_model_arg(model_arg: str | None) -> None:
+    """UsageError unless MODEL is omitted, a Hugging Face model folder, or looks like a hub id."""
+    if model_arg is None:
+        return
+    if os.path.exists(model_arg):
+        if not os.path.isdir(model_arg):
+            raise UsageError(f"MODEL must be a Hugging Face model folder, not a file: {model_arg}")
+        if not os.path.isfile(os.path.join(model_arg, "config.json")):
+            raise UsageError(f"no config.json in {model_arg}: not a Hugging Face model folder")
+    elif not _HUB_ID.match(model_arg):
+        raise UsageError(f"model folder not found: {model_arg}")
+
+
 def _load(model_arg: str | None, dtype, device):
     """Load (model, tokenizer) for MODEL, or the demo model when MODEL is omitted."""
     if model_arg is None:
@@ -166,13 +180,7 @@ def _load(model_arg: str | None, dtype, device):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if os.path.exists(model_arg):
-        if not os.path.isdir(model_arg):
-            raise UsageError(f"MODEL must be a Hugging Face model folder, not a file: {model_arg}")
-        if not os.path.isfile(os.path.join(model_arg, "config.json")):
-            raise UsageError(f"no config.json in {model_arg}: not a Hugging Face model folder")
-    elif not _HUB_ID.match(model_arg):
-        raise UsageError(f"model folder not found: {model_arg}")
+    _check_model_arg(model_arg)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_arg, dtype=dtype)
     except OSError as e:
@@ -297,32 +305,48 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from fastllm.serve.engine import ServingEngine
     except ImportError as e:
         raise UsageError(f"fastllm serve needs the server packages: pip install 'fastllm[serve]' ({e})") from e
-    import fastllm
+    from fastllm.entrypoints.engine_process import EngineClient
 
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
+    _check_model_arg(args.model)
     started = time.perf_counter()
-    _phase(f"loading {args.model or 'the demo model'} ({dtype}, {device})", started)
-    model, tokenizer = _load(args.model, dtype, device)
     options = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                  ("max_num_batched_tokens", args.max_num_batched_tokens),
                                  ("max_model_len", args.max_model_len), ("num_kv_tokens", args.num_kv_tokens))
                if v is not None}
+    # The engine runs in its own process: the server's event loop and the engine's step would share one GIL, and at a
+    # thousand streams each slows the other several times over (see entrypoints/engine_process.py).
+    engine = EngineClient(functools.partial(_build_served_llm, args.model, dtype, device, started,
+                                            kv_cache_memory_fraction=args.kv_cache_memory_fraction, **options))
+    try:
+        _phase("ready", started)
+        max_queue = args.max_queue if args.max_queue is not None else engine.max_num_seqs
+        name = args.served_model_name or args.model or "demo"
+        app = build_app(ServingEngine(engine, max_queue), name, api_key=args.api_key)
+        print(f"fastllm: serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Triton/KServe: /v2)",
+              flush=True)
+        # Connections beyond what admission could ever use (streams, waiting clients, probes) are answered 503 by
+        # uvicorn itself: a flood of idle or half-sent connections cannot exhaust the process.
+        limit = 2 * (engine.max_num_seqs + max_queue) + 64
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
+                    limit_concurrency=limit)
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _build_served_llm(model_arg: str | None, dtype, device, started: float, **llm_options):
+    """In the engine process: load, optimize and warm up the served model, showing each phase; returns its LLM."""
+    import fastllm
+
+    _phase(f"loading {model_arg or 'the demo model'} ({dtype}, {device})", started)
+    model, tokenizer = _load(model_arg, dtype, device)
     _phase("optimizing: graph capture, fusion passes, KV cache", started)
-    llm = fastllm.LLM(model, tokenizer=tokenizer, kv_cache_memory_fraction=args.kv_cache_memory_fraction, **options)
+    llm = fastllm.LLM(model, tokenizer=tokenizer, **llm_options)
     _phase("warming up (first step's kernels)", started)
     llm.generate([[1, 2, 3]], fastllm.SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
-    _phase("ready", started)
-    max_queue = args.max_queue if args.max_queue is not None else llm.scheduler.max_num_seqs
-    name = args.served_model_name or args.model or "demo"
-    app = build_app(ServingEngine(llm, max_queue), name, api_key=args.api_key)
-    print(f"fastllm: serving {name} on http://{args.host}:{args.port} (OpenAI: /v1, Triton/KServe: /v2)", flush=True)
-    # Connections beyond what admission could ever use (streams, waiting clients, probes) are answered 503 by uvicorn
-    # itself: a flood of idle or half-sent connections cannot exhaust the process.
-    limit = 2 * (llm.scheduler.max_num_seqs + max_queue) + 64
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
-                limit_concurrency=limit)
-    return 0
+    return llm
 
 
 if __name__ == "__main__":

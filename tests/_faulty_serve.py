@@ -4,7 +4,9 @@
 
 A step that runs a request whose prompt is `FAULT_AT_PREFILL` raises before that request has a token; one that runs
 a request whose prompt is `FAULT_MID_STREAM` after it has `MID_STREAM_TOKENS` tokens raises then. Each fault fires
-once. Nothing of this is in the product: the patch replaces `ModelRunner.execute` in this process only.
+once. Nothing of this is in the product: the patch replaces `ModelRunner.execute` in the engine process only (the
+server builds its engine through `fastllm.cli._build_served_llm`, which this script replaces by `_faulty_build`; the
+engine process imports this module by name to run it).
 """
 
 from __future__ import annotations
@@ -34,9 +36,19 @@ def _install() -> None:
     ModelRunner.execute = faulty_execute
 
 
+def _faulty_build(*args, **kwargs):
+    """In the engine process: the fault installed, then the server's own build."""
+    from fastllm import cli
+
+    _install()
+    return cli._build_served_llm(*args, **kwargs)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    _install()
+    from fastllm import cli
     from fastllm.cli import main
+
+    cli._build_served_llm = _faulty_build
 
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -51,6 +52,23 @@ class AsyncLLM:
         self._thread.start()
 
     @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Completions the engine runs at once."""
+        return self.llm.scheduler.max_num_seqs
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def metrics(self) -> dict:
+        """The engine core's counters (see `EngineCore.metrics`)."""
+        return self.llm.metrics()
+
+    @property
     def running(self) -> bool:
         """Whether the step loop runs (not shut down, its thread alive): requests can be added."""
         return not self._stopped and self._thread.is_alive()
@@ -83,7 +101,7 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                update = _merged(await queue.get(), queue)
+                update = merged_updates(await queue.get(), queue)
                 finished = update.finished
                 if finished and request.fault is not None:
                     raise RuntimeError(request.output.error) from request.fault
@@ -157,15 +175,19 @@ class _PendingAdd:
                 engine._aborts.append(result.request_id)
 
 
-def _merged(update: RequestUpdate, queue: asyncio.Queue) -> RequestUpdate:
+def merged_updates(update, queue: asyncio.Queue):
     """`update` and the updates queued behind it as one: a consumer that fell behind the step thread (a server
     writing a thousand streams) catches up in one yield per request instead of one per step, so its work per step
-    shrinks as it lags rather than growing the backlog."""
-    while not update.finished and not queue.empty():
+    shrinks as it lags rather than growing the backlog. Updates are dataclasses with `new_token_ids`, `new_text` and
+    `finished` (the later one's other fields win); an exception queued behind them (the engine went away) is
+    returned in their place."""
+    while not isinstance(update, BaseException) and not update.finished and not queue.empty():
         later = queue.get_nowait()
+        if isinstance(later, BaseException):
+            return later
         tokens = {i: update.new_token_ids.get(i, []) + later.new_token_ids.get(i, [])
                   for i in update.new_token_ids.keys() | later.new_token_ids.keys()}
         text = {i: update.new_text.get(i, "") + later.new_text.get(i, "")
                 for i in update.new_text.keys() | later.new_text.keys()}
-        update = RequestUpdate(later.request_id, tokens, text, later.finished, later.output)
+        update = dataclasses.replace(later, new_token_ids=tokens, new_text=text)
     return update

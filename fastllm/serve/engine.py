@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastllm.entrypoints.async_llm import AsyncLLM
+from fastllm.entrypoints.engine_process import EngineClient
 from fastllm.entrypoints.llm import LLM
 from fastllm.runtime.outputs import RequestOutput
 from fastllm.runtime.sampling_params import SamplingParams
@@ -73,20 +74,20 @@ class Admission:
 
 
 class ServingEngine:
-    """Admission control and text streaming over one model's `AsyncLLM`.
+    """Admission control and text streaming over one model's engine.
 
     Args:
-        llm: the model's `LLM` (its tokenizer is the server's).
+        engine: an `EngineClient` (the engine in its own process: what `fastllm serve` runs), an `AsyncLLM`, or an
+            `LLM` (served through an `AsyncLLM` in this process). Its tokenizer is the server's.
         max_queue: completions that may wait beyond the `max_num_seqs` that run.
     """
 
-    def __init__(self, llm: LLM, max_queue: int) -> None:
+    def __init__(self, engine: EngineClient | AsyncLLM | LLM, max_queue: int) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue must be an integer >= 0, got {max_queue!r}")
-        self.llm = llm
-        self.tokenizer = llm.tokenizer
-        self.engine = AsyncLLM(llm)
-        self.max_running = llm.scheduler.max_num_seqs
+        self.engine = AsyncLLM(engine) if isinstance(engine, LLM) else engine
+        self.tokenizer = self.engine.tokenizer
+        self.max_running = self.engine.max_num_seqs
         self.max_queue = max_queue
         self.admitted = 0  # completions of admitted, unfinished requests (the event loop's thread only)
         self._ids = itertools.count()
@@ -104,7 +105,11 @@ class ServingEngine:
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.core.max_model_len
+        return self.engine.max_model_len
+
+    def metrics(self) -> dict:
+        """The engine core's counters (queues, KV blocks, tokens)."""
+        return self.engine.metrics()
 
     def admit(self, completions: int) -> Admission:
         """Take `completions` admission slots for a request (released by `Admission.release`, or leaving its `with`);
@@ -158,7 +163,8 @@ class ServingEngine:
         try:
             async for update in self.engine.generate(prompt, params, request_id=request_id):
                 output = update.output
-                if output.error is not None and update.finished and not output.outputs[0].token_ids \
+                # (mid-stream, `output` may be None: an engine in its own process sends it only at the end)
+                if update.finished and output.error is not None and not output.outputs[0].token_ids \
                         and output.prompt_token_ids is None:
                     raise ValueError(output.error.split(": ", 1)[-1])  # refused before it ran
                 deltas = []

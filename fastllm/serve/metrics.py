@@ -18,7 +18,7 @@ class _EngineGauges:
         self.serving = serving
 
     def collect(self):
-        m = self.serving.llm.metrics()
+        m = self.serving.metrics()
         for name, value, text in (
                 ("fastllm_requests_running", m["num_running"], "completions holding KV blocks"),
                 ("fastllm_requests_waiting", m["num_waiting"], "completions queued in the scheduler"),

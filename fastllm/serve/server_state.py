@@ -15,10 +15,6 @@ from starlette.types import Receive, Scope, Send
 
 from fastllm.serve.engine import Admission, Delta, ServingEngine
 
-# How often a non-streaming request checks whether its client is still connected.
-DISCONNECT_POLL_S = 0.1
-
-
 class ClientGone(Exception):
     """The client disconnected before its (non-streaming) request finished: the request was aborted."""
 
@@ -163,19 +159,28 @@ def sse(data: dict) -> str:
 
 async def until_disconnected(request: Request, work: Awaitable):
     """Await `work`, unless the client disconnects first: then `work` is cancelled (its requests abort, their KV
-    blocks go back) and ClientGone is raised."""
+    blocks go back) and ClientGone is raised. The disconnect is awaited, not polled: a thousand requests waiting for
+    their first token would otherwise spend the event loop on checks (Starlette's `is_disconnected()` opens a cancel
+    scope per call)."""
     task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
     try:
-        while True:
-            finished, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if finished:
-                return task.result()
-            if await request.is_disconnected():
-                raise ClientGone("the client disconnected; its request was aborted")
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise ClientGone("the client disconnected; its request was aborted")
     finally:
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone. The body was read before the route ran, so the server's next message is the
+    disconnect (uvicorn sends it when the connection closes or the response has been sent)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def released_after(admission: Admission, stream: AsyncIterator[str]) -> AsyncIterator[str]:
