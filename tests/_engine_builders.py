@@ -33,3 +33,15 @@ def faulty_llm(path: str):
 
 def refusing_build():
     raise ValueError("no such model: the builder refused")
+
+
+def tiny_llm_cuda(path: str):
+    """`tiny_llm` on the GPU with CUDA graphs (the runtime's default there), in fp32: requests that reach the engine
+    at different times share different batches, and in bf16 random weights' near-tied logits can flip with that."""
+    import torch
+    import transformers as T
+
+    import fastllm
+
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to("cuda")
+    return fastllm.LLM(model)

@@ -145,3 +145,25 @@ def test_shutdown_ends_the_child(model_dir):
     assert not client.running and not client._process.is_alive()
     with pytest.raises(RuntimeError, match="shut down"):
         asyncio.run(anext(client.generate([1], SamplingParams(max_tokens=1))))
+
+
+@pytest.mark.gpu
+def test_on_cuda_streams_equal_an_in_process_llm(model_dir):
+    """The engine process on the GPU (spawned: CUDA cannot be forked), CUDA graphs, fp32: greedy streams from 16
+    concurrent requests equal the same LLM run in this process."""
+    import torch
+
+    prompts = _prompts(16)
+    params = [SamplingParams(max_tokens=8 + i, **GREEDY) for i in range(16)]
+    client = EngineClient(functools.partial(_engine_builders.tiny_llm_cuda, model_dir))
+    try:
+        async def run():
+            return await asyncio.gather(*(_collect(client, p, q) for p, q in zip(prompts, params)))
+
+        streamed = asyncio.run(run())
+    finally:
+        client.shutdown()
+    model = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to("cuda")
+    with LLM(model) as llm:
+        expected = llm.generate(prompts, params, use_tqdm=False)
+    assert [tokens for tokens, _ in streamed] == [want.outputs[0].token_ids for want in expected]
