@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     if args.model == "tiny":
         return 0 if served["failed_requests"] == served["wrong_length_requests"] == 0 else 1
     config = {"model": args.model, "workload": args.workload, "num_requests": args.num_requests,
-              "clients": args.clients, "dtype": "bf16", "weights": "random, seed 0", "engine": "LLM defaults, in an engine process (EngineClient)",
+              "clients": args.clients, "dtype": "bf16", "weights": "random, seed 0",
+              "engine": "LLM defaults, in an engine process (EngineClient)",
               # uvicorn parses HTTP with httptools (C) when it is installed, else h11 (pure Python)
               "http_parser": "httptools" if importlib.util.find_spec("httptools") else "h11"}
     path = write_result("W2-serve", torch.cuda.get_device_name(), config, {key: served},

@@ -16,6 +16,9 @@ cache holds at kv_cache_memory_fraction 0.9, and the peak GPU memory of the run.
 The profile of each fastllm run: steps, host milliseconds per step in each phase of the engine's loop (schedule,
 prepare + launch, sample = wait for the GPU, bookkeeping), and the GPU busy fraction (kernel time over wall time,
 torch.profiler) of a second run of the workload's first 256 requests.
+The compute ceiling of each fastllm run: the workload's matmul FLOPs (every prompt and output token through every
+weight but the embedding) at the bf16 GEMM rate measured in the same run on the model's own shapes (cuBLAS, 16384
+rows), as output tok/s, and the run's fraction of it.
 Writes DIR/W2-<gpu>-<yyyymmdd>.json (W4's figures inside, under "w4"); exits 2 without a GPU.
 """
 
@@ -103,6 +106,44 @@ def run_fastllm(model, requests, options: dict, async_scheduling: bool = True) -
     return w2, w4
 
 
+def measure_gemm_rate(model, rows: int = 16384, repeats: int = 20) -> float:
+    """The card's bf16 GEMM rate (TFLOP/s) on this model's own linear shapes at `rows` tokens: cuBLAS through
+    torch.mm, each shape once per layer's worth, best of `repeats` timed passes."""
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    x = torch.randn(rows, max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
+    flops = sum(2 * rows * n * k for n, k in shapes)
+
+    def one_pass():
+        for w in weights:
+            torch.mm(x[:, : w.shape[1]], w.t())
+
+    one_pass()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        one_pass()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return flops / best / 1e12
+
+
+def compute_ceiling(model, requests, gemm_tflop_s: float) -> dict:
+    """W2's compute ceiling: every token of every request (prompt and output) through the model's matmul weights (the
+    embedding is a lookup, the LM head counted for every token as a dense model's FLOPs usually are), at the measured
+    GEMM rate; as output tok/s."""
+    embed = model.get_input_embeddings().weight
+    params = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p.data_ptr() != embed.data_ptr())
+    if model.get_output_embeddings().weight.data_ptr() == embed.data_ptr():  # tied: the head still multiplies
+        params += embed.numel()
+    tokens = sum(len(p) + new for p, new in requests)
+    seconds = 2 * params * tokens / (gemm_tflop_s * 1e12)
+    return {"gemm_tflop_s": gemm_tflop_s, "model_tflop": 2 * params * tokens / 1e12, "ceiling_s": seconds,
+            "ceiling_output_tok_s": sum(new for _, new in requests) / seconds}
+
+
 def run_hf_continuous_batching(model, requests) -> dict:
     from transformers import GenerationConfig
 
@@ -155,6 +196,9 @@ def main(argv=None) -> int:
         if ours:
             fastllm_results[key], w4[key] = run_fastllm(model, requests, _setting(setting),
                                                         async_scheduling=provider != "fastllm_sync")
+            ceiling = compute_ceiling(model, requests, measure_gemm_rate(model))
+            ceiling["fraction"] = fastllm_results[key]["output_tok_s"] / ceiling["ceiling_output_tok_s"]
+            fastllm_results[key]["compute_ceiling"] = ceiling
         else:
             try:
                 baselines["hf_continuous_batching"][key] = run_hf_continuous_batching(model, requests)

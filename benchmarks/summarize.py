@@ -92,6 +92,13 @@ def _w2(result: dict) -> list[str]:
             f"{r['ttft_ms_p50']:.0f} / {r['ttft_ms_p99']:.0f} | {r['tpot_ms_p50']:.1f} / {r['tpot_ms_p99']:.1f} | "
             f"{f'{busy:.2f}' if busy is not None else ''} | {host_text} | "
             f"{w4.get(key, {}).get('kv_tokens', '')} | {w4.get(key, {}).get('peak_mem_gb', 0):.1f} |")
+    ceilings = [(key, r["compute_ceiling"]) for key, r in result["fastllm"].items() if "compute_ceiling" in r]
+    if ceilings:
+        lines += ["", "Compute ceiling (same run: the workload's matmul FLOPs at the bf16 GEMM rate measured on the "
+                      "model's shapes):", "",
+                  "| workload | GEMM TFLOP/s | ceiling tok/s | fastllm / ceiling |", "|---|---|---|---|"]
+        lines += [f"| {key} | {c['gemm_tflop_s']:.0f} | {c['ceiling_output_tok_s']:.0f} | {c['fraction']:.2f} |"
+                  for key, c in ceilings]
     return lines
 
 

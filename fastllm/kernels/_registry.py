@@ -30,8 +30,8 @@ except ImportError:  # CPU-only installs: every op still works through its `_ref
         constexpr = object
 
         @staticmethod
-        def jit(fn: Callable) -> Callable:
-            return fn
+        def jit(fn: Callable | None = None, **options) -> Callable:  # also as @triton.jit(do_not_specialize=...)
+            return fn if fn is not None else (lambda f: f)
 
     triton = tl = _NoTriton()
 

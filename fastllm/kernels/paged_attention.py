@@ -113,7 +113,10 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Triton compiles a variant per integer argument that is 1, divisible by 16, or neither. The number of sequences in a
+# step changes every step, so a new variant could compile in the middle of serving (1.05 s on an H200, measured in
+# W2's first run after its warm-up); it only bounds the grid's walk, where specializing gains nothing.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     Q,  # [T, Hq, D], strides (stride_qt, stride_qh, 1)
     K_CACHE,  # [num_blocks, PAGE_SIZE, Hkv, D], strides (stride_cb, stride_cr, stride_ch, 1)
@@ -227,7 +230,7 @@ def _prefill_kernel(
              mask=row_mask[:, None] & d_mask[None, :])  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # it follows the context length (see _prefill_kernel)
 def _decode_kernel(
     Q, K_CACHE, V_CACHE, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, SLOPES, OUT,  # as in _prefill_kernel
     PART_ACC,  # [N, Hq, num_splits, D] fp32 (written with SPLIT)

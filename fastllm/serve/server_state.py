@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from fastllm.serve.engine import Admission, Delta, ServingEngine
 
+
 class ClientGone(Exception):
     """The client disconnected before its (non-streaming) request finished: the request was aborted."""
 
