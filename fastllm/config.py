@@ -11,6 +11,9 @@ from typing import Any
 # projections also share an input and must become one gate_up GEMM with a fused activation, not a plain
 # merged linear.
 from fastllm.passes.registry import ALL_PASSES, select_passes
+from fastllm.quant.config import QuantConfig, resolve_quantization
+
+__all__ = ["OptimizeConfig", "QuantConfig"]
 
 ON_CAPTURE_FAILURE = ("fallback", "raise")
 
@@ -49,6 +52,10 @@ class OptimizeConfig:
             runtime (continuous batching has no HF equivalent to defer to). The tests turn it on.
         graph_cache: keep the runtime's captured graph on disk (`$FASTLLM_CACHE_DIR/graphs`, default
             `~/.cache/fastllm/graphs`), so a later process starting the same model skips dynamo's trace.
+        quantization: None (the model's dtype), "fp8" (W8A8, needs FP8 tensor cores on CUDA), "int8" or "int4"
+            (weight-only), or a `fastllm.QuantConfig` (group size, excluded layers; `fastllm/quant/config.py`).
+            Weights are quantized once, when the step is compiled; `explain()` lists each layer's scheme. A quantized
+            model runs on fastllm's runtime on the CPU too (Hugging Face's path would ignore the quantization).
     """
 
     passes: tuple[str, ...] = field(default=ALL_PASSES)
@@ -65,10 +72,12 @@ class OptimizeConfig:
     graph_cache: bool = True
     enable_prefix_caching: bool = False
     cpu_runtime: bool = False
+    quantization: Any = None
 
     def __post_init__(self) -> None:
         # Into canonical order; a string, an unknown name or a runtime-only pass is refused, naming the allowed ones.
         self.passes = select_passes(self.passes)
+        self.quantization = resolve_quantization(self.quantization)
         if self.on_capture_failure not in ON_CAPTURE_FAILURE:
             raise ValueError(f"on_capture_failure must be one of {ON_CAPTURE_FAILURE}, "
                              f"got {self.on_capture_failure!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from dataclasses import asdict, dataclass, field
 
 from fastllm.capture.step import GraphReport
@@ -13,6 +14,7 @@ _WHERE_THEY_RUN = {
     "rotary": "rotary_embedding, or inside step_attention (one kernel rotates q/k and writes the KV cache)",
     "dropout": "removed (inference)",
     "skinny_linear": "skinny_linear (small-batch GEMMs; larger batches take cuBLAS)",
+    "quantize": "fp8_linear / int8_linear / int4_linear (quantization=...; each layer's scheme listed below)",
 }
 
 
@@ -61,6 +63,11 @@ class Report:
         lines += [f"  {name:<{width}} {count:>7}  {_WHERE_THEY_RUN.get(name, '')}".rstrip()
                   for name, count in g.matches.items()]
         lines.append("")
+        if g.quantized_layers:
+            schemes = collections.Counter(g.quantized_layers.values())
+            lines.append("  quantized layers: " + _counts(dict(schemes)))
+            width = max(map(len, g.quantized_layers))
+            lines += [f"    {layer:<{width}}  {scheme}" for layer, scheme in g.quantized_layers.items()]
         lines.append("  fused kernels:   " + _counts(g.fused_ops))
         lines.append("  still unfused:   " + _counts(g.unfused_ops))
         if self.forward_calls:

@@ -19,16 +19,18 @@ ALLOWED = {
     "_version": set(),
     "_log": set(),
     "models": {"_cache"},
-    "kernels": {"_cache"},
-    "passes": {"kernels", "models"},
-    "capture": {"passes", "kernels", "models", "_cache"},
+    "quant": set(),
+    "kernels": {"quant", "_cache"},
+    "passes": {"kernels", "models", "quant"},
+    "capture": {"passes", "kernels", "models", "quant", "_cache"},
     "runtime": {"kernels", "_cache"},
-    "config": {"passes"},
-    "entrypoints": {"config", "runtime", "capture", "passes", "kernels", "models", "_cache"},
+    "config": {"passes", "quant"},
+    "entrypoints": {"config", "runtime", "capture", "passes", "kernels", "models", "quant", "_cache"},
     # The HTTP server speaks to an LLM/AsyncLLM and to SamplingParams/outputs, never to capture or the kernels.
     "serve": {"entrypoints", "runtime"},
     # The public face: the package itself, the verb, the report, the command line.
-    "face": {"serve", "entrypoints", "config", "runtime", "capture", "passes", "kernels", "models", "_cache", "face"},
+    "face": {"serve", "entrypoints", "config", "runtime", "capture", "passes", "kernels", "models", "quant", "_cache",
+             "face"},
 }
 FACE = {"__init__", "__main__", "optimize", "explain", "cli"}
 

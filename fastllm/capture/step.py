@@ -46,6 +46,7 @@ class GraphReport:
     unfused_ops: dict[str, int]      # other compute ops left as they were captured
     num_nodes_before: int
     num_nodes_after: int
+    quantized_layers: dict[str, str] = field(default_factory=dict)  # layer -> scheme (quantization=...)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class CompiledStep:
 
 
 def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward: Callable | None = None,
-                 use_graph_cache: bool = True) -> CompiledStep:
+                 use_graph_cache: bool = True, quantization: object | None = None) -> CompiledStep:
     """Capture `model`'s forward on the ragged batch, run `passes` (in this order) on it, and profile it once.
 
     Args:
@@ -78,6 +79,8 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
         passes: the pass names to run, in order (see `fastllm.passes`); must include "attention".
         hf_forward: the model's own forward (default `model.forward`).
         use_graph_cache: keep the captured graph on disk and reuse it in later processes (capture/graph_cache.py).
+        quantization: a QuantConfig: the quantize pass swaps the linears (the graph cache holds the graph before the
+            passes, so one cached graph serves every scheme).
 
     Raises:
         CAPTURE_ERRORS (dynamo's): the model cannot be captured as one graph.
@@ -94,9 +97,12 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
 
     def transform(gm: fx.GraphModule, tensors: dict) -> fx.GraphModule:
         before = len(gm.graph.nodes)
-        matches = run_passes(gm, tensors, merger, passes, model.config, step_context=context.id)
+        quantized: dict[str, str] = {}
+        matches = run_passes(gm, tensors, merger, passes, model.config, step_context=context.id,
+                             quantization=quantization, quantized_layers=quantized,
+                             parameters=dict(model.named_parameters(remove_duplicate=False)))
         fused, unfused = op_histogram(gm)
-        reports.append(GraphReport(matches, dict(fused), dict(unfused), before, len(gm.graph.nodes)))
+        reports.append(GraphReport(matches, dict(fused), dict(unfused), before, len(gm.graph.nodes), quantized))
         return gm
 
     def step(input_ids, position_ids, logits_indices):

@@ -27,6 +27,7 @@ from fastllm.passes import resolve_passes
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner
+from fastllm.quant.config import check_device_supports
 
 
 @dataclass(eq=False)
@@ -60,7 +61,8 @@ class ModelState:
     def hf_path_reason(self) -> str | None:
         """Why model.generate() and model(...) run Hugging Face's own path although the model is optimized (on the CPU
         unless `cpu_runtime`), or None when they run on fastllm's runtime."""
-        if self.config.cpu_runtime or next(self.model.parameters()).device.type != "cpu":
+        if self.config.cpu_runtime or self.config.quantization is not None \
+                or next(self.model.parameters()).device.type != "cpu":
             return None
         return ("on the CPU Hugging Face's own path is faster than fastllm's runtime (its fused ops run the same "
                 "PyTorch math there); optimize(model, cpu_runtime=True) runs the runtime, fastllm.LLM always does")
@@ -71,7 +73,8 @@ class ModelState:
             return self.compiled
         try:
             self.compiled = compile_step(self.model, resolve_passes(self.config.passes),
-                                         hf_forward=self.original_forward, use_graph_cache=self.config.graph_cache)
+                                         hf_forward=self.original_forward, use_graph_cache=self.config.graph_cache,
+                                         quantization=self.config.quantization)
         except (*CAPTURE_ERRORS, UnpageableModel) as error:
             if self.config.on_capture_failure == "raise":
                 raise
@@ -163,6 +166,8 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
     """Attach fastllm to `model` (see `fastllm.optimize`): its forward and generate() now run on the compiled step
     and the engine core. With `config.warmup`, capture and build the engine now."""
     check_model(model)
+    if config.quantization is not None:  # before anything is attached: a card without FP8 is refused at once
+        check_device_supports(config.quantization, next(model.parameters()).device)
     model.eval()
     state = ModelState(model, config, model.forward, model.generate)
     install_forward(model, state)

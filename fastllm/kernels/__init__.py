@@ -57,3 +57,15 @@ __all__ += ["skinny_linear", "skinny_linear_ref"]
 from fastllm.kernels.step_attention import AttentionMetadata, StepContext, step_attention  # noqa: E402
 
 __all__ += ["AttentionMetadata", "StepContext", "step_attention"]
+
+# Quantized linears (appended: quant_linear.py): FP8 W8A8, int8 / int4 weight-only.
+from fastllm.kernels.quant_linear import (  # noqa: E402
+    fp8_linear,
+    fp8_linear_ref,
+    int4_linear,
+    int4_linear_ref,
+    int8_linear,
+    int8_linear_ref,
+)
+
+__all__ += ["fp8_linear", "fp8_linear_ref", "int4_linear", "int4_linear_ref", "int8_linear", "int8_linear_ref"]

@@ -21,6 +21,7 @@ resolve_passes = registry.resolve_passes      # selection -> every pass to run o
 FUSED_OPS = {
     kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
     kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul, kernels.skinny_linear, kernels.step_attention,
+    kernels.fp8_linear, kernels.int8_linear, kernels.int4_linear,
     *reference_ops.LAUNCHER_OF,  # on CPU graphs the references stand in for the launchers (reference_ops.py)
 }
 
@@ -32,14 +33,20 @@ _BOOKKEEPING = {
 
 
 def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...],
-               model_config: object | None = None, step_context: int | None = None) -> dict[str, int]:
+               model_config: object | None = None, step_context: int | None = None, *,
+               quantization: object | None = None, parameters: dict | None = None,
+               quantized_layers: dict | None = None) -> dict[str, int]:
     """Apply the passes `names` in their canonical order (the order given does not matter; see registry.py).
 
     Runs exactly `names`, adding none: for the compiled step callers pass `resolve_passes(selection)`.
     `step_context`: the id of the StepContext that the attention ops emitted into this graph read.
-    Returns the matches per pass, in the order the passes ran. Raises ValueError for an unknown name.
+    `quantization` (a QuantConfig) and `parameters` (the model's, by name) feed the quantize pass, which fills
+    `quantized_layers` (layer -> scheme). Returns the matches per pass, in the order the passes ran. Raises ValueError
+    for an unknown name.
     """
-    ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config, step_context=step_context)
+    ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config, step_context=step_context,
+                      quantization=quantization, parameters=parameters or {},
+                      quantized_layers=quantized_layers if quantized_layers is not None else {})
     counts = {name: registry.REGISTRY.module(name).apply(ctx) for name in registry.order_passes(names)}
     if "attention" in names:
         # The model's mask construction now feeds nothing (the runtime's metadata replaced the masks). Only a graph

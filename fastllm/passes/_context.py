@@ -20,6 +20,8 @@ class WeightMerger:
     """
 
     merged: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    # (weight address, shape, scheme, group size) -> the weight's quantized tensors (passes/quantize.py)
+    quantized: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     @staticmethod
     def _key(parts: list[torch.Tensor]) -> tuple:
@@ -50,7 +52,18 @@ class PassContext:
     merger: WeightMerger
     model_config: object | None = None  # the HF config, for per-layer data a call does not show
     step_context: int | None = None     # id of the StepContext the attention ops of this graph read
+    quantization: object | None = None  # the model's QuantConfig (passes/quantize.py), or None
+    # The model's parameters by name, tied ones under each name (to name the layers a weight belongs to).
+    parameters: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantized_layers: dict[str, str] = field(default_factory=dict)  # layer -> scheme (or why it was not)
     _num_constants: int = 0
+
+    def module_names(self, weight: torch.Tensor) -> list[str]:
+        """The modules whose weight parameter lives in `weight`'s storage: one for a plain linear, the parts of a
+        merged QKV / gate-up weight (their parameters are views of it), both names of a tied weight."""
+        storage = weight.untyped_storage().data_ptr()
+        return [name.removesuffix(".weight") for name, p in self.parameters.items()
+                if name.endswith(".weight") and p.dim() == 2 and p.untyped_storage().data_ptr() == storage]
 
     def tensor(self, node: object) -> torch.Tensor | None:
         return self.tensors.get(node) if isinstance(node, fx.Node) else None

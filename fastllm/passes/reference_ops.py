@@ -18,7 +18,8 @@ from fastllm.passes._graph import fake
 
 NAME = "reference_ops"
 # Last among the passes that emit launchers: it must see every one of them.
-RUNS_AFTER: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "skinny_linear", "attention")
+RUNS_AFTER: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "quantize", "skinny_linear",
+                               "attention")
 RUNS_BEFORE: tuple[str, ...] = ()
 RUNTIME_REQUIRED = True
 
@@ -33,6 +34,9 @@ REFERENCES = {
     kernels.gelu_and_mul: kernels.gelu_and_mul_ref,
     kernels.skinny_linear: kernels.skinny_linear_ref,
     kernels.step_attention: step_attention_direct,  # the registered op's implementation, without the dispatcher
+    kernels.fp8_linear: kernels.fp8_linear_ref,
+    kernels.int8_linear: kernels.int8_linear_ref,
+    kernels.int4_linear: kernels.int4_linear_ref,
 }
 LAUNCHER_OF = {ref: launcher for launcher, ref in REFERENCES.items()}
 

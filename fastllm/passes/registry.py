@@ -26,6 +26,7 @@ from fastllm.passes import (
     layer_norm,
     list_index,
     qkv,
+    quantize,
     reference_ops,
     rms_norm,
     rotary,
@@ -148,13 +149,14 @@ def _refuse_unknown(names: list[str], allowed: tuple[str, ...]) -> None:
 
 # The listing breaks ties only; it is the order these passes ran in before the constraints were declared.
 REGISTRY = PassRegistry((dropout, list_index, rms_norm, layer_norm, rotary, gated_mlp, qkv, attention,
-                         skinny_linear, reference_ops))
+                         quantize, skinny_linear, reference_ops))
 
 # The user-selectable passes in canonical order (public as fastllm.ALL_PASSES).
 ALL_PASSES: tuple[str, ...] = REGISTRY.selectable
 # Run on the runtime's graph whatever the selection: list indices made device constants (CUDA-graph capture refuses
-# host copies), paged attention (the runtime depends on it), the skinny GEMM (pays off where decode steps
-# replay from CUDA graphs), and on CPU graphs the references called without their launchers.
+# host copies), paged attention (the runtime depends on it), quantized linears (a no-op unless the model is quantized),
+# the skinny GEMM (pays off where decode steps replay from CUDA graphs), and on CPU graphs the references called
+# without their launchers.
 RUNTIME_REQUIRED: tuple[str, ...] = REGISTRY.runtime_required
 
 

@@ -1,0 +1,6 @@
+"""Quantization: schemes (`config.py`), their weight and activation formats (`fp8.py`, `int_weight.py`). The
+quantized linears are kernels (`kernels/quant_linear.py`); the pass that swaps them in is `passes/quantize.py`."""
+
+from fastllm.quant.config import QuantConfig, resolve_quantization
+
+__all__ = ["QuantConfig", "resolve_quantization"]

@@ -1,0 +1,81 @@
+"""Which quantization a model runs with: `QuantConfig`, and the keyword shortcuts that map onto it.
+
+    fastllm.optimize(model, quantization="fp8")                              # == QuantConfig("fp8")
+    fastllm.optimize(model, quantization=QuantConfig("int4", group_size=64))
+
+Schemes (weights converted once, at optimize() time):
+- "fp8": W8A8 in float8 e4m3: weights per output channel, activations per token, scaled on the fly. On CUDA it needs
+  FP8 tensor cores (compute capability 8.9: Ada, Hopper and later).
+- "int8": weight-only, symmetric per output channel; activations stay in the model's dtype.
+- "int4": weight-only, symmetric in groups of `group_size` input channels, two weights a byte.
+Layers named in `exclude` (default: the LM head, whose errors every token's distribution feels) keep the model's
+dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WEIGHT_SCHEMES = ("fp8", "int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# Schemes that need FP8 tensor cores on CUDA, and the compute capability that has them.
+FP8_SCHEMES = ("fp8",)
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model's linear layers are quantized.
+
+    Args:
+        weights: "fp8" (W8A8), "int8" or "int4" (weight-only).
+        group_size: input channels per int4 scale (32, 64 or 128); ignored by the other schemes.
+        exclude: layers that stay unquantized, by module name ("lm_head") or a dotted suffix of it
+            ("mlp.down_proj" excludes every layer's down projection).
+    """
+
+    weights: str = "fp8"
+    group_size: int = 128
+    exclude: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self) -> None:
+        if self.weights not in WEIGHT_SCHEMES:
+            raise ValueError(f"quantization scheme must be one of {WEIGHT_SCHEMES}, got {self.weights!r}")
+        if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        if isinstance(self.exclude, str) or not all(isinstance(e, str) and e for e in self.exclude):
+            raise ValueError(f"exclude must be a tuple of module names, got {self.exclude!r}")
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def excludes(self, module_name: str) -> bool:
+        """Whether `module_name` ("model.layers.0.mlp.down_proj") is one of the excluded layers."""
+        return any(module_name == e or module_name.endswith("." + e) for e in self.exclude)
+
+    @property
+    def label(self) -> str:
+        """The scheme as `explain()` names it ("fp8", "int8", "int4-g128")."""
+        return f"int4-g{self.group_size}" if self.weights == "int4" else self.weights
+
+
+def resolve_quantization(value: object) -> QuantConfig | None:
+    """`optimize(quantization=...)`'s value as a QuantConfig: None, a scheme name, or a QuantConfig."""
+    if value is None or isinstance(value, QuantConfig):
+        return value
+    if isinstance(value, str) and value in WEIGHT_SCHEMES:
+        return QuantConfig(value)
+    raise ValueError(f"quantization must be None, one of {WEIGHT_SCHEMES} or a fastllm.QuantConfig, got {value!r}")
+
+
+def check_device_supports(config: QuantConfig, device) -> None:
+    """ValueError naming the card and the schemes it runs when `config` needs FP8 tensor cores it lacks."""
+    import torch
+
+    device = torch.device(device)
+    if config.weights not in FP8_SCHEMES or device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        others = [s for s in WEIGHT_SCHEMES if s not in FP8_SCHEMES]
+        raise ValueError(f"quantization {config.weights!r} needs FP8 tensor cores (compute capability 8.9 or later: "
+                         f"Ada, Hopper); {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}. "
+                         f"Schemes that run on it: {others}")

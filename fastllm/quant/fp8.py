@@ -1,0 +1,30 @@
+"""FP8 (float8 e4m3) formats: weights scaled per output channel, activations per token (row).
+
+A row's scale maps its largest magnitude onto e4m3's largest finite value (448), so nothing saturates; an all-zero
+row gets scale 1 (any scale gives zeros, and 1 keeps the division finite).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] -> (q [..., K] in e4m3, scale [..., 1] fp32) with x ≈ q * scale, one scale per row."""
+    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear's weight [N, K] -> (q [N, K] e4m3, scale [N] fp32): one scale per output channel."""
+    q, scale = quantize_rows(weight)
+    return q.contiguous(), scale.squeeze(-1).contiguous()

@@ -1,0 +1,222 @@
+"""Quantization on the CPU: formats (quantize/dequantize), the quantized linears against the float linear (SQNR),
+the quantize pass, and whole models optimized with `quantization=` (tiny random Llama)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+
+import fastllm
+from fastllm import QuantConfig, kernels
+from fastllm.quant import fp8, int_weight
+from fastllm.quant.config import check_device_supports, resolve_quantization
+
+ODD_SHAPES = [(1, 48, 64), (3, 80, 128), (7, 16, 256), (5, 112, 384)]  # (M, N, K): K divisible by 128 for int4
+
+
+def _sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    return float(10 * torch.log10(reference.pow(2).mean() / (reference - approx).pow(2).mean()))
+
+
+# -- formats -------------------------------------------------------------------------------------------------------
+
+def test_fp8_rows_map_each_rows_largest_magnitude_to_448_and_round_trip_representable_values_exactly():
+    torch.manual_seed(0)
+    codes = torch.randn(6, 40).mul(100).clamp(-448, 448).to(fp8.FP8)   # values e4m3 holds exactly
+    codes[:, 0] = 448.0                                                 # each row's largest magnitude
+    scale = torch.tensor([[0.5], [1.0], [2.0], [0.25], [8.0], [1 / 64]])
+    x = codes.float() * scale
+    q, s = fp8.quantize_rows(x)
+    assert torch.equal(s, scale) and torch.equal(q.view(torch.uint8), codes.view(torch.uint8))  # bit-exact
+    assert torch.equal(fp8.dequantize_rows(q, s), x)
+
+
+def test_fp8_zero_rows_get_scale_one_and_nothing_saturates():
+    x = torch.zeros(2, 8)
+    x[1] = torch.linspace(-1e4, 1e4, 8)
+    q, s = fp8.quantize_rows(x)
+    assert s[0, 0] == 1 and torch.equal(q[0].float(), torch.zeros(8))
+    assert q.float().abs().max() == fp8.FP8_MAX and torch.isfinite(fp8.dequantize_rows(q, s)).all()
+
+
+def test_int8_codes_round_to_nearest_within_half_a_step():
+    torch.manual_seed(1)
+    w = torch.randn(33, 70)
+    w[3] = 0
+    q, scale = int_weight.quantize_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and scale[3] == 1 and not q[3].any()
+    error = (int_weight.dequantize_int8(q, scale) - w).abs()
+    assert (error <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_int4_pack_unpack_is_exact_for_every_code():
+    codes = torch.arange(-8, 8, dtype=torch.float32).repeat(3, 4)     # [3, 64]: every code, both nibbles
+    scales = torch.full((3, 64 // 32), 0.5)
+    w = codes * 0.5
+    packed, got_scales = int_weight.quantize_int4(w, 32)
+    # Each group's largest magnitude is 8 * 0.5 = 4 -> scale 4 / 7; re-quantize with that and compare codes.
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 32)
+    unpacked = int_weight.unpack_int4(packed)
+    assert torch.equal(unpacked, torch.round(w / got_scales.repeat_interleave(32, 1)).clamp(-8, 7).to(torch.int8))
+    # Packing itself: known codes in, the same codes out.
+    raw = (torch.arange(64) % 16).reshape(1, 64)
+    nibbles = (raw[:, 0::2] | (raw[:, 1::2] << 4)).to(torch.uint8)
+    assert torch.equal(int_weight.unpack_int4(nibbles), (raw - 8).to(torch.int8))
+    assert scales.shape == got_scales.shape
+
+
+def test_int4_error_within_half_a_step_and_bad_group_refused():
+    torch.manual_seed(2)
+    w = torch.randn(10, 256)
+    packed, scales = int_weight.quantize_int4(w, 64)
+    error = (int_weight.dequantize_int4(packed, scales) - w).abs()
+    # Codes stop at -8..7: a group's largest magnitude maps to +-7, so no value is clamped past half a step.
+    assert (error <= scales.repeat_interleave(64, 1) / 2 + 1e-6).all()
+    with pytest.raises(ValueError, match="divisible by group_size 128"):
+        int_weight.quantize_int4(torch.randn(4, 192), 128)
+
+
+# -- linears: against the float linear ---------------------------------------------------------------------------
+
+# Rounding noise of step D has power D^2 / 12. Gaussian weights, K = 4096: int8's step is amax / 127 with amax ~ 4
+# sigma per row -> 40.8 dB; int4's groups have amax ~ 2.2 / 2.5 / 2.8 sigma (32 / 64 / 128) -> 20.9 / 19.8 / 18.8 dB;
+# e4m3 (3 mantissa bits) rounds each operand with ~ -31 dB relative noise, both operands -> ~28 dB. Thresholds sit
+# ~1 dB below.
+SQNR_FLOOR = {"fp8": 27.0, "int8": 39.0, "int4-g32": 19.0, "int4-g64": 18.5, "int4-g128": 17.5}
+
+
+def _quantized_linear(scheme: str, x, w, bias=None):
+    if scheme == "fp8":
+        return kernels.fp8_linear(x, *fp8.quantize_weight(w), bias)
+    if scheme == "int8":
+        return kernels.int8_linear(x, *int_weight.quantize_int8(w), bias)
+    return kernels.int4_linear(x, *int_weight.quantize_int4(w, int(scheme.split("-g")[1])), bias)
+
+
+@pytest.mark.parametrize("scheme", list(SQNR_FLOOR))
+def test_quantized_linear_sqnr_against_the_float_linear(scheme):
+    torch.manual_seed(3)
+    x, w = torch.randn(16, 4096), torch.randn(1024, 4096) * 0.02
+    assert _sqnr(F.linear(x, w), _quantized_linear(scheme, x, w)) >= SQNR_FLOOR[scheme]
+
+
+@pytest.mark.parametrize("scheme", list(SQNR_FLOOR))
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_quantized_linear_at_odd_shapes_with_bias_and_leading_dims(scheme, shape):
+    m, n, k = shape
+    if scheme.startswith("int4") and k % int(scheme.split("-g")[1]):
+        pytest.skip("in-features not a multiple of the group size (the pass keeps such layers unquantized)")
+    torch.manual_seed(4)
+    x, w, b = torch.randn(2, m, k), torch.randn(n, k) * 0.05, torch.randn(n)
+    y = _quantized_linear(scheme, x, w, b)
+    assert y.shape == (2, m, n) and y.dtype == x.dtype
+    # The bias is added exactly, outside the quantized product.
+    assert torch.allclose(y - _quantized_linear(scheme, x, w), b.expand_as(y), atol=1e-5)
+    assert _sqnr(F.linear(x, w, b), y) >= SQNR_FLOOR[scheme] - 6  # small K averages less rounding noise away
+
+
+def test_fp8_linear_keeps_half_precision_inputs_dtype():
+    x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16)
+    assert kernels.fp8_linear(x, *fp8.quantize_weight(w)).dtype == torch.bfloat16
+
+
+# -- configuration -----------------------------------------------------------------------------------------------
+
+def test_config_shortcuts_and_refusals():
+    assert resolve_quantization("int4") == QuantConfig("int4")
+    assert resolve_quantization(None) is None
+    with pytest.raises(ValueError, match=r"quantization must be None, one of \('fp8', 'int8', 'int4'\)"):
+        resolve_quantization("fp16")
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        QuantConfig("int4", group_size=100)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        QuantConfig("nf4")
+    with pytest.raises(ValueError, match="exclude must be a tuple"):
+        QuantConfig(exclude="lm_head")
+    assert QuantConfig(exclude=("mlp.down_proj",)).excludes("model.layers.3.mlp.down_proj")
+    assert not QuantConfig().excludes("model.layers.3.mlp.down_proj")
+
+
+def test_fp8_on_a_card_without_fp8_tensor_cores_names_the_card_and_what_runs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match=r"A100-SXM4-80GB has 8\.0\. Schemes that run on it: \['int8', 'int4'\]"):
+        check_device_supports(QuantConfig("fp8"), "cuda")
+    check_device_supports(QuantConfig("int4"), "cuda")  # weight-only runs anywhere
+
+
+# -- the pass and whole models -----------------------------------------------------------------------------------
+
+def _tiny_llama(path, **overrides):
+    """A random Llama whose linears all take int4's largest group (in-features 256 and 512)."""
+    torch.manual_seed(0)
+    options = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=320, max_position_embeddings=256)
+    config = T.LlamaConfig(**{**options, **overrides})
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return lambda: T.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _tiny_llama(tmp_path_factory.mktemp("llama_q"))
+
+
+IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 17, 19]])
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+def test_quantized_model_logits_and_explain(tiny, scheme):
+    reference = tiny()
+    with torch.no_grad():
+        expected = reference(IDS).logits
+    model = fastllm.optimize(tiny(), quantization=scheme)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    report = fastllm.explain(model)
+    layers = report.graph.quantized_layers
+    # 2 layers x (qkv, o_proj, gate_up, down_proj); the LM head is excluded by default
+    assert len(layers) == 8 and set(layers.values()) == {QuantConfig(scheme).label}
+    assert not any("lm_head" in name for name in layers) and report.matches["quantize"] == 8
+    assert f"{QuantConfig(scheme).label} ×8" in str(report)
+    floor = {"fp8": 20.0, "int8": 30.0, "int4": 12.0}[scheme]  # logits of 2 layers: a few linears' noise added
+    assert _sqnr(expected, logits) >= floor
+    assert report.hf_path_reason is None  # a quantized model runs fastllm's runtime on the CPU too
+
+
+def test_excluded_layers_keep_the_models_dtype_and_exact_results(tiny):
+    reference = tiny()
+    model = fastllm.optimize(tiny(), quantization=QuantConfig("int8", exclude=("lm_head", "self_attn.o_proj",
+                                                                             "mlp.down_proj")))
+    layers = fastllm.explain(model).graph.quantized_layers
+    assert len(layers) == 4 and not any("o_proj" in n or "down_proj" in n for n in layers)
+    excluded = fastllm.optimize(tiny(), quantization=QuantConfig(
+        "int8", exclude=("lm_head", "q_proj", "gate_proj", "o_proj", "down_proj")))
+    assert fastllm.explain(excluded).graph.quantized_layers == {}  # a merged weight with an excluded part stays float
+    with torch.no_grad():
+        assert torch.allclose(excluded(IDS).logits, reference(IDS).logits, atol=1e-4)
+
+
+def test_int4_layers_the_group_does_not_divide_stay_float_and_are_reported(tmp_path):
+    model = fastllm.optimize(_tiny_llama(tmp_path, intermediate_size=320)(), quantization="int4")
+    layers = fastllm.explain(model).graph.quantized_layers
+    assert layers["model.layers.0.mlp.down_proj"] == "not quantized: in-features 320 not a multiple of group size 128"
+    assert layers["model.layers.0.self_attn.o_proj"] == "int4-g128"
+
+
+def test_llm_and_generate_run_quantized_and_agree(tiny):
+    model = fastllm.optimize(tiny(), quantization="int8")
+    generated = model.generate(IDS, max_new_tokens=6, do_sample=False)[0, IDS.shape[1]:].tolist()
+    with fastllm.LLM(tiny(), quantization="int8") as llm:
+        out = llm.generate([IDS[0].tolist()], fastllm.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
+    assert out[0].outputs[0].token_ids == generated
+
+
+def test_bad_quantization_option_is_refused_before_anything_runs(tiny):
+    model = tiny()
+    with pytest.raises(ValueError, match="quantization must be"):
+        fastllm.optimize(model, quantization="fp4")
+    assert not hasattr(model, "_fastllm_state")
