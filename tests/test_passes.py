@@ -38,6 +38,7 @@ from fastllm.passes import (
     list_index,
     op_histogram,
     qkv,
+    quantize,
     reference_ops,
     registry,
     resolve_passes,
@@ -507,6 +508,21 @@ def _skinny_linear_case(dtype):
     return skinny_linear.pattern(x, w), skinny_linear.replacement(x, w), EXACT  # F.linear on the CPU
 
 
+def _quantize_case():
+    """fp8 on values e4m3 holds exactly (each row's largest magnitude 448 times a power of two): quantizing loses
+    nothing, so the quantized linear computes the float one up to summation order."""
+    from fastllm.quant.fp8 import FP8
+
+    def exact(rows, cols, scale):
+        codes = _rand(rows, cols).mul(64).clamp(-448, 448).to(FP8).float()
+        codes[:, 0] = 448.0
+        return codes * scale
+
+    x, w = exact(5, 64, 2.0**-9), exact(24, 64, 2.0**-12)
+    qweight, scale = quantize.quantized_tensors(w, "fp8", 128)
+    return quantize.pattern(x, w), quantize.replacement(x, qweight, scale), GEMM_MERGE
+
+
 def _attention_case():
     """One causal sequence of 7 tokens through the paged op: its K/V written to a 4-slot-block cache, then attended
     over through the block table (grouped-query: 4 query heads over 2 KV heads)."""
@@ -548,6 +564,7 @@ REPLACEMENT_CASES = {
     "rotary": _rotary_case,
     "gated_mlp": _gated_mlp_case,
     "qkv": _qkv_case,
+    "quantize": _quantize_case,
     "skinny_linear[fp16]": lambda: _skinny_linear_case(torch.float16),
     "skinny_linear[bf16]": lambda: _skinny_linear_case(torch.bfloat16),
 }
@@ -576,7 +593,7 @@ def test_every_pass_has_a_replacement_case():
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv")
-    assert RUNTIME_REQUIRED == ("list_index", "attention", "skinny_linear", "reference_ops")
+    assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
     assert fastllm.OptimizeConfig().passes == ALL_PASSES
 
 
@@ -601,10 +618,10 @@ def test_canonical_order_follows_the_declarations(listing):
 
 
 def test_resolve_passes_orders_and_adds_the_runtime_passes():
-    assert resolve_passes(("qkv", "gated_mlp")) == ("list_index", "gated_mlp", "qkv", "attention", "skinny_linear",
+    assert resolve_passes(("qkv", "gated_mlp")) == ("list_index", "gated_mlp", "qkv", "attention", "quantize", "skinny_linear",
                                                     "reference_ops")
-    assert resolve_passes(()) == ("list_index", "attention", "skinny_linear", "reference_ops")
-    assert resolve_passes(("rotary",)) == ("list_index", "rotary", "attention", "skinny_linear", "reference_ops")
+    assert resolve_passes(()) == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
+    assert resolve_passes(("rotary",)) == ("list_index", "rotary", "attention", "quantize", "skinny_linear", "reference_ops")
     full = resolve_passes(ALL_PASSES)
     assert full == registry.REGISTRY.order and resolve_passes(full) == full  # idempotent
     with pytest.raises(ValueError, match=r"unknown pass name\(s\) \['fused_softmax'\]; allowed: dropout"):
@@ -660,7 +677,7 @@ def test_optimize_with_passes_in_the_wrong_order_still_fuses_the_mlp(tmp_path):
     optimize(model, passes=("qkv", "gated_mlp"))  # warm-up captures the compiled step
     report = fastllm.explain(model)
     assert report.matches == {"list_index": 0, "gated_mlp": layers, "qkv": layers, "attention": layers,
-                              "skinny_linear": 0, "reference_ops": 2 * layers}  # silu_and_mul, attention
+                              "quantize": 0, "skinny_linear": 0, "reference_ops": 2 * layers}  # silu_and_mul, attention
     assert "silu" not in report.unfused_ops
     logits = model(ids).logits  # the same compiled step: nothing captured again
     assert fastllm.explain(model).graph is report.graph
