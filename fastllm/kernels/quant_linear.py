@@ -1,7 +1,7 @@
 """Quantized linears: y = x @ W^T + b with W stored quantized (formats in `fastllm/quant/`).
 
-- `fp8_linear`: W8A8. x is quantized per token (row) to e4m3 on the fly, W per output channel once; the GEMM runs
-  on FP8 tensor cores through cuBLAS (`torch._scaled_mm` with row-wise scales) and scales its fp32 accumulator by
+- `fp8_linear`: W8A8. x is quantized per token (row) to e4m3 on the fly (one Triton kernel on CUDA,
+  `quantize_rows_fp8`), W per output channel once; the GEMM runs on FP8 tensor cores through cuBLAS (`torch._scaled_mm` with row-wise scales) and scales its fp32 accumulator by
   x_scale[m] * w_scale[n]. Shapes cuBLAS's FP8 GEMM does not take (K or N not a multiple of 16) and CPU tensors run
   the reference.
 - `int8_linear`, `int4_linear`: weight-only. The reference dequantizes and multiplies in fp32. On CUDA the weight is
@@ -16,8 +16,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastllm.kernels._registry import device_guard, row_launch_settings, tl, triton
 from fastllm.quant import fp8 as fp8_format
 from fastllm.quant.int_weight import dequantize_int4, dequantize_int8
+
+
+@triton.jit
+def _quantize_rows_fp8_kernel(X, Q, S, stride_x, stride_q, K, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    """One program a row: its largest magnitude, the scale mapping it to FP8_MAX, the row divided by it (IEEE
+    division, as the reference divides) and rounded to e4m3 (to nearest even)."""
+    row = tl.program_id(0)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < K
+    x = tl.load(X + row.to(tl.int64) * stride_x + offsets, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = tl.where(amax > 0, tl.fdiv(amax, FP8_MAX, ieee_rounding=True), 1.0)
+    q = tl.fdiv(x, scale, ieee_rounding=True)
+    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    tl.store(Q + row.to(tl.int64) * stride_q + offsets, q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(S + row, scale)
+
+
+def quantize_rows_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8.quantize_rows` of rows [M, K] (last dim contiguous): one Triton kernel on CUDA, the reference elsewhere
+    (the interpreter has no float8 type)."""
+    if not rows.is_cuda or rows.stride(-1) != 1:
+        return fp8_format.quantize_rows(rows)
+    m, k = rows.shape
+    q = torch.empty((m, k), dtype=fp8_format.FP8, device=rows.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=rows.device)
+    block, num_warps = row_launch_settings(k)
+    with device_guard(rows):
+        _quantize_rows_fp8_kernel[(m,)](rows, q, scale, rows.stride(0), q.stride(0), k, FP8_MAX=fp8_format.FP8_MAX,
+                                        BLOCK=block, num_warps=num_warps)
+    return q, scale
 
 
 def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
@@ -37,7 +69,7 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
     if not x.is_cuda or k % 16 or n % 16:
         return fp8_linear_ref(x, qweight, weight_scale, bias)
     rows = x.reshape(-1, k)
-    xq, x_scale = fp8_format.quantize_rows(rows)
+    xq, x_scale = quantize_rows_fp8(rows)
     y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], bias=bias,
                          out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], n)

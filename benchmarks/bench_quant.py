@@ -1,0 +1,88 @@
+"""W1 with quantization: batch-1 decode and TTFT of fastllm per scheme, beside fastllm bf16 in the same run.
+
+    PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--out DIR]
+
+Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh random-weight model (seed 0), measured
+as bench_decode.py measures W1 (128-token prompt, greedy, 256 new tokens). Roofline: bytes a decode step must read
+(every weight the step multiplies by, in its stored format, scales included; the LM head stays bf16) over the
+device-to-device copy bandwidth measured in the same run. Writes DIR/W1-quant-<gpu>-<yyyymmdd>.json with fastllm
+bf16 under baselines.fastllm_bf16.<model>; exits 2 without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+
+import torch
+from _common import copy_bandwidth_gb_s, missing_gpu, write_result
+from bench_decode import MODELS, _build, measure
+
+
+def _step_bytes(model, scheme: str | None, group_size: int = 128) -> int:
+    """Bytes a decode step reads: each weight as stored with its scales (fp8 and int8 one byte an element and 4 an
+    output channel; int4 half a byte and 4 a group); the LM head in the model's dtype (excluded by default)."""
+    head = model.get_output_embeddings().weight
+    total = head.numel() * head.element_size()
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or "embed" in name or p.data_ptr() == head.data_ptr():
+            continue
+        n, k = p.shape
+        if scheme in ("fp8", "int8"):
+            total += n * k + 4 * n
+        elif scheme == "int4":
+            total += n * k // 2 + 4 * n * (k // group_size)
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float) -> dict:
+    import fastllm
+
+    model = _build(name)
+    fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
+    result = measure(model, new_tokens, model.config.vocab_size)
+    step_bytes = _step_bytes(model, scheme)
+    roofline = copy_gb_s * 1e9 / step_bytes
+    result.update(step_gb=step_bytes / 1e9, roofline_tok_s=roofline, fraction_of_roofline=result["decode_tok_s"]
+                  / roofline, quantized_layers=len(fastllm.explain(model).graph.quantized_layers))
+    del model
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama31_8b", choices=list(MODELS))
+    parser.add_argument("--schemes", nargs="+", default=["fp8", "int8", "int4"], choices=["fp8", "int8", "int4"])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if missing_gpu(__file__):
+        return 2
+    from triton.testing import do_bench
+
+    copy_gb_s = copy_bandwidth_gb_s(do_bench)
+    bf16 = run(args.model, None, args.new_tokens, copy_gb_s)
+    ours = {}
+    config = {"model": args.model, "prompt": 128, "new_tokens": args.new_tokens, "weights": "random, seed 0",
+              "copy_gb_s": copy_gb_s, "max_num_seqs": 8}
+    print(f"bf16: {bf16['decode_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline']:.2f} of roofline)", flush=True)
+    for scheme in args.schemes:
+        r = run(args.model, scheme, args.new_tokens, copy_gb_s)
+        r["vs_bf16"] = r["decode_tok_s"] / bf16["decode_tok_s"]
+        ours[f"{args.model}_{scheme}"] = r
+        print(f"{scheme}: {r['decode_tok_s']:.1f} tok/s = {r['vs_bf16']:.2f}x bf16, {r['fraction_of_roofline']:.2f} "
+              f"of its roofline; TTFT {r['ttft_ms_128']:.1f} / {r['ttft_ms_2048']:.1f} ms", flush=True)
+        path = write_result("W1-quant", torch.cuda.get_device_name(), config, ours,
+                            {"fastllm_bf16": {args.model: bf16}}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

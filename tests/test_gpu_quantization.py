@@ -1,0 +1,113 @@
+"""Quantization on a GPU: FP8 GEMM (FP8 tensor cores) against its reference at decode and prefill shapes, the
+weight-only linears on CUDA, whole models quantized (logits against bf16; greedy decode with CUDA graphs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import fastllm
+from fastllm import kernels
+from fastllm.quant import fp8, int_weight
+
+pytestmark = pytest.mark.gpu
+
+
+def _sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    reference, approx = reference.float(), approx.float()
+    return float(10 * torch.log10(reference.pow(2).mean() / (reference - approx).pow(2).mean()))
+
+
+def _has_fp8() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+# (M, N, K): decode (1, 7 rows), prefill (2048 rows) at Llama-3.1-8B's projections, and odd small ones.
+SHAPES = [(1, 4096, 4096), (7, 6144, 4096), (1, 28672, 4096), (16, 4096, 14336), (2048, 14336, 4096),
+          (3, 48, 64), (33, 80, 128)]
+
+
+@pytest.mark.skipif(not _has_fp8(), reason="needs FP8 tensor cores (compute capability 8.9+)")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_gemm_against_its_reference(shape):
+    m, n, k = shape
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    qweight, scale = fp8.quantize_weight(w)
+    got = kernels.fp8_linear(x, qweight, scale, b)
+    expected = kernels.fp8_linear_ref(x, qweight, scale, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert _sqnr(expected, got) >= 28.0  # the issue's bar; only accumulation order and bf16 output differ
+
+
+@pytest.mark.skipif(not _has_fp8(), reason="needs the float8 type in Triton (compute capability 8.9+)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 14336), (33, 80), (5, 1), (3, 6145)])
+def test_fp8_row_quantization_kernel_is_bit_exact_against_the_reference(shape, dtype):
+    torch.manual_seed(3)
+    x = torch.randn(*shape, device="cuda", dtype=dtype) * 3
+    x[0] = 0  # an all-zero row: scale 1
+    q, scale = kernels.quant_linear.quantize_rows_fp8(x)
+    q_ref, scale_ref = fp8.quantize_rows(x)
+    assert torch.equal(scale, scale_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_weight_only_linears_on_cuda_against_their_references(scheme):
+    torch.manual_seed(1)
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    if scheme == "int8":
+        tensors, linear, ref = int_weight.quantize_int8(w), kernels.int8_linear, kernels.int8_linear_ref
+    else:
+        tensors, linear, ref = int_weight.quantize_int4(w, 128), kernels.int4_linear, kernels.int4_linear_ref
+    assert _sqnr(ref(x, *tensors), linear(x, *tensors)) >= 40.0  # bf16 dequantized weight and output only
+
+
+def _llama(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=4, num_attention_heads=16,
+                           num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+    return T.AutoModelForCausalLM.from_config(config).to("cuda", dtype).eval()
+
+
+@pytest.mark.skipif(not _has_fp8(), reason="needs FP8 tensor cores (compute capability 8.9+)")
+def test_fp8_model_logits_against_bf16():
+    """Whole-model FP8 (W8A8, every linear but the LM head) against the same model in bf16: SQNR >= 25 dB."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, 32000, (1, 256), device="cuda")
+    reference = _llama()
+    with torch.no_grad():
+        expected = reference(ids).logits
+    del reference
+    model = fastllm.optimize(_llama(), quantization="fp8", max_num_seqs=8)
+    with torch.no_grad():
+        logits = model(ids).logits
+    layers = fastllm.explain(model).graph.quantized_layers
+    assert len(layers) == 16 and set(layers.values()) == {"fp8"}
+    sqnr = _sqnr(expected, logits)
+    print(f"fp8 whole-model logits SQNR {sqnr:.1f} dB")
+    assert sqnr >= 25.0
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+def test_quantized_greedy_decode_with_cuda_graphs_equals_the_compiled_steps_own_argmax(scheme):
+    """Decode steps replay CUDA graphs; each greedy token must be the argmax of the same quantized model's logits
+    for the sequence so far (teacher-forced through model(...), which runs the same compiled step)."""
+    if scheme == "fp8" and not _has_fp8():
+        pytest.skip("needs FP8 tensor cores")
+    model = fastllm.optimize(_llama(torch.float32 if scheme != "fp8" else torch.bfloat16), quantization=scheme,
+                             max_num_seqs=8)
+    ids = torch.tensor([[1, 17, 29, 400, 5000, 77]], device="cuda")
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        logits = model(out).logits[0, ids.shape[1] - 1:-1]
+    top2 = logits.float().topk(2, dim=-1)
+    clear = (top2.values[:, 0] - top2.values[:, 1]) > 1e-3 * top2.values[:, 0].abs().clamp_min(1)
+    new = out[0, ids.shape[1]:]
+    # Where the top two logits are not tied (batch shapes differ between decode and teacher forcing)
+    assert torch.equal(new[clear], top2.indices[clear, 0]) and clear.sum() >= 6
