@@ -18,6 +18,7 @@ from fastllm.optimize import optimize, release
 from fastllm.runtime.sampling_params import SamplingParams
 
 __all__ = [
-    "ALL_PASSES", "AsyncLLM", "LLM", "OptimizeConfig", "QuantConfig", "Report", "SamplingParams", "explain", "optimize", "release",
+    "ALL_PASSES", "AsyncLLM", "LLM", "OptimizeConfig", "QuantConfig", "Report", "SamplingParams", "explain",
+    "optimize", "release",
     "__version__",
 ]

@@ -618,10 +618,11 @@ def test_canonical_order_follows_the_declarations(listing):
 
 
 def test_resolve_passes_orders_and_adds_the_runtime_passes():
-    assert resolve_passes(("qkv", "gated_mlp")) == ("list_index", "gated_mlp", "qkv", "attention", "quantize", "skinny_linear",
-                                                    "reference_ops")
+    assert resolve_passes(("qkv", "gated_mlp")) == ("list_index", "gated_mlp", "qkv", "attention", "quantize",
+                                                    "skinny_linear", "reference_ops")
     assert resolve_passes(()) == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    assert resolve_passes(("rotary",)) == ("list_index", "rotary", "attention", "quantize", "skinny_linear", "reference_ops")
+    assert resolve_passes(("rotary",)) == ("list_index", "rotary", "attention", "quantize", "skinny_linear",
+                                           "reference_ops")
     full = resolve_passes(ALL_PASSES)
     assert full == registry.REGISTRY.order and resolve_passes(full) == full  # idempotent
     with pytest.raises(ValueError, match=r"unknown pass name\(s\) \['fused_softmax'\]; allowed: dropout"):

@@ -24,10 +24,10 @@ from fastllm.config import OptimizeConfig, resolve_scheduling
 from fastllm.entrypoints.forward import install_forward
 from fastllm.entrypoints.hf_generate import install_generate
 from fastllm.passes import resolve_passes
+from fastllm.quant.config import check_device_supports
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner
-from fastllm.quant.config import check_device_supports
 
 
 @dataclass(eq=False)

@@ -1,9 +1,9 @@
 """Quantized linears: y = x @ W^T + b with W stored quantized (formats in `fastllm/quant/`).
 
 - `fp8_linear`: W8A8. x is quantized per token (row) to e4m3 on the fly (one Triton kernel on CUDA,
-  `quantize_rows_fp8`), W per output channel once; the GEMM runs on FP8 tensor cores through cuBLAS (`torch._scaled_mm` with row-wise scales) and scales its fp32 accumulator by
-  x_scale[m] * w_scale[n]. Shapes cuBLAS's FP8 GEMM does not take (K or N not a multiple of 16) and CPU tensors run
-  the reference.
+  `quantize_rows_fp8`), W per output channel once; the GEMM runs on FP8 tensor cores through cuBLAS
+  (`torch._scaled_mm` with row-wise scales), which scales its fp32 accumulator by x_scale[m] * w_scale[n]. Shapes
+  cuBLAS's FP8 GEMM does not take (K or N not a multiple of 16) and CPU tensors run the reference.
 - `int8_linear`, `int4_linear`: weight-only. The reference dequantizes and multiplies in fp32. On CUDA the weight is
   dequantized into x's dtype on each call and multiplied by cuBLAS: correct, but it reads the weight twice; GEMV
   kernels that read the packed weight directly are still to come (issue 12).
