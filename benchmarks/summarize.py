@@ -143,8 +143,24 @@ def _w2_serve(result: dict) -> list[str]:
     return lines
 
 
+def _w1_quant(result: dict) -> list[str]:
+    """W1 per quantization scheme beside fastllm bf16 of the same run, each against its own bandwidth roofline."""
+    config = result["config"]
+    bf16 = result["baselines"]["fastllm_bf16"][config["model"]]
+    lines = [f"Device-to-device copy: {config['copy_gb_s']:.0f} GB/s (same run).", "",
+             "| model | scheme | decode tok/s | vs bf16 | of its roofline | TTFT 128 / 2048 ms |",
+             "|---|---|---|---|---|---|",
+             f"| {config['model']} | bf16 | {bf16['decode_tok_s']:.1f} | 1.00× | {bf16['fraction_of_roofline']:.2f} | "
+             f"{bf16['ttft_ms_128']:.1f} / {bf16['ttft_ms_2048']:.1f} |"]
+    for key, r in result["fastllm"].items():
+        scheme = key.removeprefix(config["model"] + "_")
+        lines.append(f"| {config['model']} | {scheme} | {r['decode_tok_s']:.1f} | {r['vs_bf16']:.2f}× | "
+                     f"{r['fraction_of_roofline']:.2f} | {r['ttft_ms_128']:.1f} / {r['ttft_ms_2048']:.1f} |")
+    return lines
+
+
 FORMATTERS = {"W5": _w5, "W1": _w1, "W2": _w2, "W2-serve": _w2_serve, "W5-attention": _w5_attention,
-              "W5-gemv": _w5_gemv}
+              "W5-gemv": _w5_gemv, "W1-quant": _w1_quant}
 
 
 def summarize(results_dir: pathlib.Path = HERE / "results") -> str:

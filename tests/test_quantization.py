@@ -98,8 +98,41 @@ def _quantized_linear(scheme: str, x, w, bias=None):
 @pytest.mark.parametrize("scheme", list(SQNR_FLOOR))
 def test_quantized_linear_sqnr_against_the_float_linear(scheme):
     torch.manual_seed(3)
-    x, w = torch.randn(16, 4096), torch.randn(1024, 4096) * 0.02
+    x, w = torch.randn(64, 4096), torch.randn(1024, 4096) * 0.02  # 64 rows: fp8 quantizes the activations too
     assert _sqnr(F.linear(x, w), _quantized_linear(scheme, x, w)) >= SQNR_FLOOR[scheme]
+
+
+def test_fp8_up_to_16_rows_quantizes_only_the_weights():
+    """Decode-sized steps read FP8 weights and keep x in its dtype: only the weight's rounding (~31 dB)."""
+    torch.manual_seed(5)
+    x, w = torch.randn(16, 4096), torch.randn(1024, 4096) * 0.02
+    q, scale = fp8.quantize_weight(w)
+    y = kernels.fp8_linear(x, q, scale)
+    assert torch.allclose(y, F.linear(x, fp8.dequantize_rows(q, scale[:, None])), rtol=1e-4, atol=1e-4)
+    assert _sqnr(F.linear(x, w), y) >= 30.0
+    x17 = torch.randn(17, 4096)  # one row more: the activations are quantized as well
+    y17 = kernels.fp8_linear(x17, q, scale)
+    xq, x_scale = fp8.quantize_rows(x17)
+    assert torch.allclose(y17, (xq.float() @ q.float().t()) * x_scale * scale, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(y17, F.linear(x17, fp8.dequantize_rows(q, scale[:, None])), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 16])
+def test_skinny_gemm_reads_fp8_weights_with_their_scales(rows):
+    """The skinny GEMM (Triton, interpreted on the CPU) with e4m3 weights and per-column scales, split-K and not,
+    equals the reference's weight-only math (fp32 x: the interpreter's tl.dot is exact in fp32)."""
+    from fastllm.kernels import skinny_gemm, triton_on_cpu
+
+    torch.manual_seed(6)
+    x, w, b = torch.randn(rows, 256), torch.randn(80, 256) * 0.05, torch.randn(80)
+    q, scale = fp8.quantize_weight(w)
+    expected = kernels.fp8_linear_ref(x, q, scale, b)
+    for split_k in (1, 4):
+        out = torch.empty(rows, 80)
+        cfg = {**skinny_gemm._config(rows, 80, 256, x.dtype, x.device), "split_k": split_k}
+        with triton_on_cpu():
+            skinny_gemm._launch(x, q, b, out, None, cfg, weight_scale=scale)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", list(SQNR_FLOOR))

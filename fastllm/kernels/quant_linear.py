@@ -1,9 +1,10 @@
 """Quantized linears: y = x @ W^T + b with W stored quantized (formats in `fastllm/quant/`).
 
-- `fp8_linear`: W8A8. x is quantized per token (row) to e4m3 on the fly (one Triton kernel on CUDA,
-  `quantize_rows_fp8`), W per output channel once; the GEMM runs on FP8 tensor cores through cuBLAS
-  (`torch._scaled_mm` with row-wise scales), which scales its fp32 accumulator by x_scale[m] * w_scale[n]. Shapes
-  cuBLAS's FP8 GEMM does not take (K or N not a multiple of 16) and CPU tensors run the reference.
+- `fp8_linear`: FP8 weights (e4m3, one scale per output channel, quantized once). Steps of up to 16 rows (decode)
+  keep the activations in the model's dtype and read the FP8 weights in the skinny GEMM (the weight's bytes are the
+  cost there); larger ones quantize x per token (row) on the fly (one Triton kernel, `quantize_rows_fp8`) and run
+  cuBLAS's FP8 tensor-core GEMM (`torch._scaled_mm`, row-wise scales: the fp32 accumulator times x_scale[m] *
+  w_scale[n]). Shapes that GEMM does not take (K or N not a multiple of 16) and CPU tensors run the reference.
 - `int8_linear`, `int4_linear`: weight-only. The reference dequantizes and multiplies in fp32. On CUDA the weight is
   dequantized into x's dtype on each call and multiplied by cuBLAS: correct, but it reads the weight twice; GEMV
   kernels that read the packed weight directly are still to come (issue 12).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastllm.kernels import skinny_gemm
 from fastllm.kernels._registry import device_guard, row_launch_settings, tl, triton
 from fastllm.quant import fp8 as fp8_format
 from fastllm.quant.int_weight import dequantize_int4, dequantize_int8
@@ -52,11 +54,22 @@ def quantize_rows_fp8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+# Up to this many rows (decode steps), `fp8_linear` reads the FP8 weights in a GEMV and leaves the activations in the
+# model's dtype: at these sizes the step is bound by reading the weights, which FP8 halves, and quantizing a few rows
+# would cost a launch per linear for no speed. Beyond it, both operands are FP8 and the GEMM runs on FP8 tensor cores.
+FP8_WEIGHT_ONLY_MAX_ROWS = 16
+
+
 def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (float), qweight [N, K] e4m3, weight_scale [N] fp32 -> [..., N] in x's dtype."""
-    xq, x_scale = fp8_format.quantize_rows(x)
-    y = (xq.float() @ qweight.float().t()) * x_scale * weight_scale
+    """x [..., K] (float), qweight [N, K] e4m3, weight_scale [N] fp32 -> [..., N] in x's dtype. Up to
+    FP8_WEIGHT_ONLY_MAX_ROWS rows (all of x's leading dims): x @ dequantized W^T in fp32; beyond: x quantized per row
+    to e4m3 too, the product in fp32 scaled by x_scale[m] * w_scale[n]."""
+    if x.numel() // max(x.shape[-1], 1) <= FP8_WEIGHT_ONLY_MAX_ROWS:
+        y = x.float() @ (qweight.float() * weight_scale[:, None]).t()
+    else:
+        xq, x_scale = fp8_format.quantize_rows(x)
+        y = (xq.float() @ qweight.float().t()) * x_scale * weight_scale
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -64,11 +77,16 @@ def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.T
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`fp8_linear_ref`'s math; on CUDA an FP8 tensor-core GEMM."""
+    """`fp8_linear_ref`'s math; on CUDA the skinny GEMM reading FP8 weights (few rows), else an FP8 tensor-core GEMM."""
     n, k = qweight.shape
+    rows = x.reshape(-1, k)
+    if x.is_cuda and rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS and rows.shape[0] > 0:
+        out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+        cfg = skinny_gemm._config(rows.shape[0], n, k, x.dtype, x.device)
+        skinny_gemm._launch(rows.contiguous(), qweight, bias, out, None, cfg, weight_scale=weight_scale)
+        return out.reshape(*x.shape[:-1], n)
     if not x.is_cuda or k % 16 or n % 16:
         return fp8_linear_ref(x, qweight, weight_scale, bias)
-    rows = x.reshape(-1, k)
     xq, x_scale = quantize_rows_fp8(rows)
     y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], bias=bias,
                          out_dtype=x.dtype)

@@ -102,10 +102,14 @@ def _load_k(ptrs, k0, k, k_end, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, WS, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+              HAS_WSCALE: tl.constexpr):
     """Store acc [R, BLOCK_N] (fp32) for output rows `rows` [R] and columns n: fp32 partials of split pid_k, or
-    y = acc + bias rounded once to Y's dtype."""
+    y = acc + bias rounded once to Y's dtype. With HAS_WSCALE (quantized weights) acc is first scaled by the weight's
+    per-column scale WS[n]: a scale per output column distributes over the split-K sum."""
     mask = (rows < M)[:, None] & (n < N)[None, :]
+    if HAS_WSCALE:
+        acc = acc * tl.load(WS + n, mask=n < N, other=0.0)[None, :]
     if SPLIT:
         tl.store(P + (pid_k * M + rows)[:, None] * N + n[None, :], acc, mask=mask)
     else:
@@ -117,15 +121,17 @@ def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS: tl.conste
 @triton.jit
 def _skinny_gemm_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
-    W,  # [N, K], row stride stride_wn, unit column stride
+    W,  # [N, K], row stride stride_wn, unit column stride; x's dtype, or float8 e4m3 with HAS_WSCALE
     B,  # [N] bias (read only with HAS_BIAS)
     Y,  # [M, N], row stride stride_ym (written without SPLIT)
     P,  # [num_splits, M, N] fp32 partials, contiguous (written with SPLIT)
+    WS,  # [N] fp32 per-output-channel weight scales (read only with HAS_WSCALE)
     M, N, K,
     stride_xm, stride_wn, stride_ym,
     k_per_split,  # a multiple of BLOCK_K
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_WSCALE: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     DOT_PRECISION: tl.constexpr,
@@ -152,10 +158,10 @@ def _skinny_gemm_kernel(
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, BLOCK_K]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
-            w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K)
+            w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(X.dtype.element_ty)  # fp8 weights: widened
             x = _load_k(x_ptrs, k0, k[None, :], k_end, EVEN_K)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-        _epilogue(acc, m, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+        _epilogue(acc, m, n, pid_k, M, N, B, Y, P, WS, stride_ym, HAS_BIAS, SPLIT, HAS_WSCALE)
     else:
         x_ptrs = X + k  # row r at + r * stride_xm
         acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -172,13 +178,17 @@ def _skinny_gemm_kernel(
             if BLOCK_M > 3:
                 acc3 += w * _load_k(x_ptrs + 3 * stride_xm, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
         row = tl.zeros([1], dtype=tl.int32)
-        _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+        _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, WS, stride_ym,
+                  HAS_BIAS, SPLIT, HAS_WSCALE)
         if BLOCK_M > 1:
-            _epilogue(tl.sum(acc1, axis=1)[None, :], row + 1, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+            _epilogue(tl.sum(acc1, axis=1)[None, :], row + 1, n, pid_k, M, N, B, Y, P, WS, stride_ym,
+                      HAS_BIAS, SPLIT, HAS_WSCALE)
         if BLOCK_M > 2:
-            _epilogue(tl.sum(acc2, axis=1)[None, :], row + 2, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+            _epilogue(tl.sum(acc2, axis=1)[None, :], row + 2, n, pid_k, M, N, B, Y, P, WS, stride_ym,
+                      HAS_BIAS, SPLIT, HAS_WSCALE)
         if BLOCK_M > 3:
-            _epilogue(tl.sum(acc3, axis=1)[None, :], row + 3, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+            _epilogue(tl.sum(acc3, axis=1)[None, :], row + 3, n, pid_k, M, N, B, Y, P, WS, stride_ym,
+                      HAS_BIAS, SPLIT, HAS_WSCALE)
 
 
 @triton.jit
@@ -277,8 +287,9 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return torch.empty(numel, dtype=torch.float32, device=device)
 
 
-def _launch(x, weight, bias, out, workspace, cfg):
-    # x: [M, K], weight: [N, K], bias: [N] or None, out: [M, N] row views; workspace: flat fp32 or None.
+def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None):
+    # x: [M, K], weight: [N, K], bias: [N] or None, out: [M, N] row views; workspace: flat fp32 or None;
+    # weight_scale: [N] fp32 for quantized (float8) weights (kernels/quant_linear.py), else None.
     m, k = x.shape
     n = weight.shape[0]
     if m == 0 or n == 0:
@@ -295,8 +306,10 @@ def _launch(x, weight, bias, out, workspace, cfg):
     b = bias if bias is not None else out  # never read without a bias
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
-            x, weight, b, out, parts, m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_per_split,
-            HAS_BIAS=bias is not None, SPLIT=split, USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
+            x, weight, b, out, parts, weight_scale if weight_scale is not None else out,
+            m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_per_split,
+            HAS_BIAS=bias is not None, SPLIT=split, HAS_WSCALE=weight_scale is not None, USE_DOT=cfg["USE_DOT"],
+            EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
             num_warps=cfg["num_warps"],
