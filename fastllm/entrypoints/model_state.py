@@ -24,7 +24,7 @@ from fastllm.config import OptimizeConfig, resolve_scheduling
 from fastllm.entrypoints.forward import install_forward
 from fastllm.entrypoints.hf_generate import install_generate
 from fastllm.passes import resolve_passes
-from fastllm.quant.config import check_device_supports
+from fastllm.quant.config import check_device_supports, slow_path_warning
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner
@@ -168,6 +168,9 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
     check_model(model)
     if config.quantization is not None:  # before anything is attached: a card without FP8 is refused at once
         check_device_supports(config.quantization, next(model.parameters()).device)
+        slow = slow_path_warning(config.quantization, next(model.parameters()).device)
+        if slow is not None:
+            warnings.warn(slow, stacklevel=3)
     model.eval()
     state = ModelState(model, config, model.forward, model.generate)
     install_forward(model, state)

@@ -79,3 +79,16 @@ def check_device_supports(config: QuantConfig, device) -> None:
         raise ValueError(f"quantization {config.weights!r} needs FP8 tensor cores (compute capability 8.9 or later: "
                          f"Ada, Hopper); {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}. "
                          f"Schemes that run on it: {others}")
+
+
+def slow_path_warning(config: QuantConfig, device) -> str | None:
+    """What a user should know before running `config` on `device`, or None: weight-only schemes on CUDA still
+    dequantize each weight on every call (no kernel reads the packed weights yet), which is slower than the model's
+    own dtype."""
+    import torch
+
+    if config.weights in ("int8", "int4") and torch.device(device).type == "cuda":
+        return (f"quantization {config.weights!r} on CUDA dequantizes every weight on each call (no {config.weights} "
+                "GEMV kernel yet): it runs slower than the model's own dtype and saves no memory; 'fp8' is the fast "
+                "scheme on cards with FP8 tensor cores")
+    return None
