@@ -35,8 +35,8 @@ def test_results_md_is_generated_from_the_result_files():
 
 
 @pytest.mark.parametrize("script", ["bench_decode.py", "bench_throughput.py", "bench_kernels.py",
-                                    "bench_attention.py", "bench_gemv.py", "bench_serve.py", "profile_step.py",
-                                    "profile_startup.py"])
+                                    "bench_attention.py", "bench_gemv.py", "bench_serve.py", "bench_quant.py",
+                                    "profile_step.py", "profile_startup.py", "profile_throughput.py"])
 def test_gpu_scripts_parse_their_arguments(script):
     env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
     help_run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
@@ -46,3 +46,12 @@ def test_gpu_scripts_parse_their_arguments(script):
         run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--out", "/nonexistent-not-written"],
                              capture_output=True, text=True, env=env, cwd=BENCHMARKS, timeout=120)
         assert run.returncode == 2 and "GPU" in run.stderr, run.stderr[-2000:]
+
+
+def test_quant_quality_script_parses_its_arguments():
+    """benchmarks/quant_quality.py runs on the CPU (the demo model); here only its command line (the demo-model test
+    in test_demo_model.py computes the same perplexities)."""
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "quant_quality.py"), "--help"], capture_output=True,
+                         text=True, env=env, cwd=BENCHMARKS, timeout=120)
+    assert run.returncode == 0 and "perplexity" in run.stdout, run.stderr[-2000:]
