@@ -56,16 +56,27 @@ def test_fp8_row_quantization_kernel_is_bit_exact_against_the_reference(shape, d
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16, 64])  # up to 16: the Triton kernels reading quantized weights
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_weight_only_linears_on_cuda_against_their_references(scheme):
+def test_weight_only_linears_on_cuda_against_their_references(scheme, rows):
     torch.manual_seed(1)
-    x = torch.randn(5, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
     if scheme == "int8":
         tensors, linear, ref = int_weight.quantize_int8(w), kernels.int8_linear, kernels.int8_linear_ref
     else:
         tensors, linear, ref = int_weight.quantize_int4(w, 128), kernels.int4_linear, kernels.int4_linear_ref
-    assert _sqnr(ref(x, *tensors), linear(x, *tensors)) >= 40.0  # bf16 dequantized weight and output only
+    assert _sqnr(ref(x, *tensors), linear(x, *tensors)) >= 40.0  # only bf16 rounding (weight or output) differs
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_fp8_decode_path_reads_fp8_weights_like_the_reference(rows):
+    if not _has_fp8():
+        pytest.skip("needs the float8 type in Triton (compute capability 8.9+)")
+    torch.manual_seed(4)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    q, scale = fp8.quantize_weight(torch.randn(6144, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
+    assert _sqnr(kernels.fp8_linear_ref(x, q, scale), kernels.fp8_linear(x, q, scale)) >= 40.0
 
 
 def _llama(dtype=torch.bfloat16):

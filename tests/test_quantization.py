@@ -258,6 +258,23 @@ def test_bad_quantization_option_is_refused_before_anything_runs(tiny):
 def test_weight_only_on_cuda_warns_that_it_is_the_slow_path():
     from fastllm.quant.config import slow_path_warning
 
-    assert "slower than the model's own dtype" in slow_path_warning(QuantConfig("int4"), "cuda")
+    assert "slower than the model's own dtype there" in slow_path_warning(QuantConfig("int4"), "cuda")
     assert slow_path_warning(QuantConfig("fp8"), "cuda") is None
     assert slow_path_warning(QuantConfig("int8"), "cpu") is None
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4-g32", "int4-g64", "int4-g128"])
+@pytest.mark.parametrize("rows", [1, 2, 5, 16])
+def test_decode_kernels_read_quantized_weights_like_the_reference(scheme, rows):
+    """Up to 16 rows the quantized linears run Triton kernels that read the quantized weights (here interpreted on the
+    CPU, fp32 x): the skinny GEMM with 1-byte weights and column scales (fp8, int8), the int4 GEMV over nibbles."""
+    from fastllm.kernels import triton_on_cpu
+
+    torch.manual_seed(7)
+    x, w, b = torch.randn(rows, 384), torch.randn(80, 384) * 0.05, torch.randn(80)
+    expected = _quantized_linear(scheme, x, w, b)  # outside triton_on_cpu(): the reference
+    with triton_on_cpu():
+        got = _quantized_linear(scheme, x, w, b)
+        unbiased = _quantized_linear(scheme, x[None], w)  # leading dims, no bias
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unbiased[0] + b, expected, rtol=1e-5, atol=1e-5)

@@ -5,9 +5,10 @@
   cost there); larger ones quantize x per token (row) on the fly (one Triton kernel, `quantize_rows_fp8`) and run
   cuBLAS's FP8 tensor-core GEMM (`torch._scaled_mm`, row-wise scales: the fp32 accumulator times x_scale[m] *
   w_scale[n]). Shapes that GEMM does not take (K or N not a multiple of 16) and CPU tensors run the reference.
-- `int8_linear`, `int4_linear`: weight-only. The reference dequantizes and multiplies in fp32. On CUDA the weight is
-  dequantized into x's dtype on each call and multiplied by cuBLAS: correct, but it reads the weight twice; GEMV
-  kernels that read the packed weight directly are still to come (issue 12).
+- `int8_linear`, `int4_linear`: weight-only. Up to 16 rows (decode) a Triton kernel reads the quantized weights: the
+  skinny GEMM for int8 (as for fp8), a GEMV over the packed nibbles for int4. More rows on CUDA dequantize the weight
+  into x's dtype on each call for cuBLAS (prefill: the GEMM's compute hides it less well; a fused kernel is to come).
+  The references dequantize and multiply in fp32.
 
 The references define the math the GPU paths are checked against (by SQNR: the GPU accumulates in another order).
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm.kernels import skinny_gemm
-from fastllm.kernels._registry import device_guard, row_launch_settings, tl, triton
+from fastllm.kernels._registry import device_guard, row_launch_settings, tl, triton, use_triton
 from fastllm.quant import fp8 as fp8_format
 from fastllm.quant.int_weight import dequantize_int4, dequantize_int8
 
@@ -80,17 +81,25 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
     """`fp8_linear_ref`'s math; on CUDA the skinny GEMM reading FP8 weights (few rows), else an FP8 tensor-core GEMM."""
     n, k = qweight.shape
     rows = x.reshape(-1, k)
-    if x.is_cuda and rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS and rows.shape[0] > 0:
-        out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
-        cfg = skinny_gemm._config(rows.shape[0], n, k, x.dtype, x.device)
-        skinny_gemm._launch(rows.contiguous(), qweight, bias, out, None, cfg, weight_scale=weight_scale)
-        return out.reshape(*x.shape[:-1], n)
+    if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
+        return _weight_gemv(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
     if not x.is_cuda or k % 16 or n % 16:
         return fp8_linear_ref(x, qweight, weight_scale, bias)
     xq, x_scale = quantize_rows_fp8(rows)
     y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], bias=bias,
                          out_dtype=x.dtype)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _weight_gemv(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """rows [M <= 16, K] @ (qweight [N, K] * scale[:, None])^T + bias through the skinny GEMM, which widens the 1-byte
+    weights (float8 or int8) as it reads them and scales each output column in its epilogue."""
+    m, k = rows.shape
+    n = qweight.shape[0]
+    out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
+    cfg = skinny_gemm._config(m, n, k, rows.dtype, rows.device)
+    skinny_gemm._launch(rows.contiguous(), qweight, bias, out, None, cfg, weight_scale=scale)
+    return out
 
 
 def int8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -101,9 +110,69 @@ def int8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`int8_linear_ref`'s math: up to 16 rows the skinny GEMM reads the int8 weights (Triton: CUDA, or the CPU
+    inside `triton_on_cpu()`); more rows on CUDA dequantize into x's dtype for cuBLAS; the CPU runs the reference."""
+    n, k = qweight.shape
+    rows = x.reshape(-1, k)
+    if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
+        return _weight_gemv(rows, qweight, scale, bias).reshape(*x.shape[:-1], n)
     if not x.is_cuda:
         return int8_linear_ref(x, qweight, scale, bias)
     return F.linear(x, dequantize_int8(qweight, scale, x.dtype), bias)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    X,  # [M, K], row stride stride_xm, unit column stride
+    W,  # [N, K // 2] uint8: column 2j in the low nibble of byte j, 2j + 1 in the high one; codes + 8
+    S,  # [N, K // GROUP] fp32 scales, row stride stride_sn
+    B,  # [N] bias (read only with HAS_BIAS)
+    Y,  # [M, N], row stride stride_ym
+    N, K,
+    stride_xm, stride_wn, stride_sn, stride_ym,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KH: tl.constexpr,  # packed bytes a chunk; 2 * BLOCK_KH divides GROUP, so a chunk has one scale
+):  # fmt: skip
+    """Program (n block, row m): y[m, n] = sum_k x[m, k] * (code[n, k] * scale[n, k // GROUP]). Even and odd columns of
+    x are loaded apart and meet the low and high nibbles, so the packed bytes are never interleaved in registers; the
+    [BLOCK_N, BLOCK_KH] accumulator is reduced once, after the loop."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_load = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read row N - 1 and are never stored
+    j = tl.arange(0, BLOCK_KH)
+    acc = tl.zeros([BLOCK_N, BLOCK_KH], dtype=tl.float32)
+    for kh0 in range(0, K // 2, BLOCK_KH):
+        packed = tl.load(W + n_load[:, None] * stride_wn + (kh0 + j)[None, :]).to(tl.int32)
+        low = ((packed & 15) - 8).to(tl.float32)
+        high = ((packed >> 4) - 8).to(tl.float32)
+        x_even = tl.load(X + m * stride_xm + 2 * (kh0 + j)).to(tl.float32)
+        x_odd = tl.load(X + m * stride_xm + 2 * (kh0 + j) + 1).to(tl.float32)
+        scale = tl.load(S + n_load * stride_sn + (2 * kh0) // GROUP)
+        acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)
+    tl.store(Y + m * stride_ym + n, y.to(Y.dtype.element_ty), mask=n < N)
+
+
+def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    m, k = rows.shape
+    n = packed.shape[0]
+    group = k // scales.shape[1]
+    out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
+    block_kh = min(64, group // 2)
+    block_n = 16  # 256 programs a row for N = 4096: enough to fill an H100/H200 without split-K
+    rows = rows.contiguous()
+    with device_guard(rows):
+        _int4_gemv_kernel[(triton.cdiv(n, block_n), m)](
+            rows, packed, scales, bias if bias is not None else out, out, n, k,
+            rows.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+            GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=4,
+        )  # fmt: skip
+    return out
 
 
 def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
@@ -114,6 +183,13 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`int4_linear_ref`'s math: up to 16 rows a Triton GEMV reads the packed weights (one program per row and block
+    of outputs); more rows on CUDA dequantize into x's dtype for cuBLAS; the CPU runs the reference."""
+    n = packed.shape[0]
+    k = packed.shape[1] * 2
+    rows = x.reshape(-1, k)
+    if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
+        return _int4_gemv(rows, packed, scales, bias).reshape(*x.shape[:-1], n)
     if not x.is_cuda:
         return int4_linear_ref(x, packed, scales, bias)
     return F.linear(x, dequantize_int4(packed, scales, x.dtype), bias)

@@ -82,13 +82,12 @@ def check_device_supports(config: QuantConfig, device) -> None:
 
 
 def slow_path_warning(config: QuantConfig, device) -> str | None:
-    """What a user should know before running `config` on `device`, or None: weight-only schemes on CUDA still
-    dequantize each weight on every call (no kernel reads the packed weights yet), which is slower than the model's
-    own dtype."""
+    """What a user should know before running `config` on `device`, or None: weight-only schemes on CUDA dequantize
+    every weight on each step of more than 16 tokens (prefill), which costs more than the model's own dtype there."""
     import torch
 
     if config.weights in ("int8", "int4") and torch.device(device).type == "cuda":
-        return (f"quantization {config.weights!r} on CUDA dequantizes every weight on each call (no {config.weights} "
-                "GEMV kernel yet): it runs slower than the model's own dtype and saves no memory; 'fp8' is the fast "
-                "scheme on cards with FP8 tensor cores")
+        return (f"quantization {config.weights!r} on CUDA: decode steps read the quantized weights directly, but steps "
+                "of more than 16 tokens (prefill) dequantize every weight on each call, which is slower than the "
+                "model's own dtype there; 'fp8' runs those on FP8 tensor cores")
     return None
