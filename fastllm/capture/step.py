@@ -71,7 +71,8 @@ class CompiledStep:
 
 
 def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward: Callable | None = None,
-                 use_graph_cache: bool = True, quantization: object | None = None) -> CompiledStep:
+                 use_graph_cache: bool = True, quantization: object | None = None,
+                 prequantized: dict | None = None) -> CompiledStep:
     """Capture `model`'s forward on the ragged batch, run `passes` (in this order) on it, and profile it once.
 
     Args:
@@ -81,6 +82,7 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
         use_graph_cache: keep the captured graph on disk and reuse it in later processes (capture/graph_cache.py).
         quantization: a QuantConfig: the quantize pass swaps the linears (the graph cache holds the graph before the
             passes, so one cached graph serves every scheme).
+        prequantized: a pre-quantized checkpoint's layers (module name -> tensors), used as they are.
 
     Raises:
         CAPTURE_ERRORS (dynamo's): the model cannot be captured as one graph.
@@ -99,7 +101,7 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
         before = len(gm.graph.nodes)
         quantized: dict[str, str] = {}
         matches = run_passes(gm, tensors, merger, passes, model.config, step_context=context.id,
-                             quantization=quantization, quantized_layers=quantized,
+                             quantization=quantization, quantized_layers=quantized, prequantized=prequantized,
                              parameters=dict(model.named_parameters(remove_duplicate=False)))
         fused, unfused = op_histogram(gm)
         reports.append(GraphReport(matches, dict(fused), dict(unfused), before, len(gm.graph.nodes), quantized))

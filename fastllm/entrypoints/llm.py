@@ -17,14 +17,17 @@ cut before the stop string (`token_ids` keep every generated token, including th
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
+import torch
 from tqdm.auto import tqdm
 
 from fastllm._log import logger
 from fastllm.config import OptimizeConfig
 from fastllm.entrypoints.model_state import model_eos_ids, optimize_in_place
+from fastllm.quant.checkpoints import load_prequantized
 from fastllm.runtime.engine_core import SCHEDULING_OPTIONS, CoreRequest
 from fastllm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fastllm.runtime.sampling_params import SamplingParams
@@ -58,7 +61,15 @@ class LLM:
     def __init__(self, model_or_path, *, tokenizer=None, dtype=None, device=None, **config) -> None:
         import transformers
 
-        if isinstance(model_or_path, (str, os.PathLike)):
+        if isinstance(model_or_path, (str, os.PathLike)) and _is_quantized_checkpoint(model_or_path):
+            on_gpu = device is not None and torch.device(device).type == "cuda"
+            fallback = torch.bfloat16 if on_gpu else torch.float32  # the CPU computes in fp32 (its reference dtype)
+            model = load_prequantized(model_or_path, dtype=dtype if isinstance(dtype, torch.dtype) else fallback,
+                                      device=device)
+            device = None
+            if tokenizer is None:
+                tokenizer = _tokenizer_of(model_or_path)
+        elif isinstance(model_or_path, (str, os.PathLike)):
             kwargs = {"dtype": dtype} if dtype is not None else {}
             model = transformers.AutoModelForCausalLM.from_pretrained(model_or_path, **kwargs).eval()
             if tokenizer is None:
@@ -268,3 +279,12 @@ def _as_prompt_list(prompts) -> list:
         return [prompts]  # one tokenized prompt
     return prompts
 
+
+
+def _is_quantized_checkpoint(path) -> bool:
+    """Whether a model folder's config declares a quantization (loaded by `fastllm.quant.load_prequantized`)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return json.load(f).get("quantization_config") is not None

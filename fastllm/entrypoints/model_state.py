@@ -10,6 +10,7 @@ and generate, correct and unfused, with one warning saying why (`explain()` show
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections import Counter
@@ -24,7 +25,7 @@ from fastllm.config import OptimizeConfig, resolve_scheduling
 from fastllm.entrypoints.forward import install_forward
 from fastllm.entrypoints.hf_generate import install_generate
 from fastllm.passes import resolve_passes
-from fastllm.quant.config import check_device_supports, slow_path_warning
+from fastllm.quant.config import QuantConfig, check_device_supports, slow_path_warning
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner
@@ -74,7 +75,8 @@ class ModelState:
         try:
             self.compiled = compile_step(self.model, resolve_passes(self.config.passes),
                                          hf_forward=self.original_forward, use_graph_cache=self.config.graph_cache,
-                                         quantization=self.config.quantization)
+                                         quantization=self.config.quantization,
+                                         prequantized=_prequantized_layers(self.model))
         except (*CAPTURE_ERRORS, UnpageableModel) as error:
             if self.config.on_capture_failure == "raise":
                 raise
@@ -166,6 +168,7 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
     """Attach fastllm to `model` (see `fastllm.optimize`): its forward and generate() now run on the compiled step
     and the engine core. With `config.warmup`, capture and build the engine now."""
     check_model(model)
+    config = _with_checkpoint_quantization(model, config)
     if config.quantization is not None:  # before anything is attached: a card without FP8 is refused at once
         check_device_supports(config.quantization, next(model.parameters()).device)
         slow = slow_path_warning(config.quantization, next(model.parameters()).device)
@@ -181,3 +184,20 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
         state.engine()
         state.startup_seconds["optimize"] = time.perf_counter() - start
     return state
+
+
+def _prequantized_layers(model) -> dict | None:
+    prequantized = getattr(model, "_fastllm_prequantized", None)
+    return prequantized.layers if prequantized is not None else None
+
+
+def _with_checkpoint_quantization(model, config: OptimizeConfig) -> OptimizeConfig:
+    """A model loaded from a quantized checkpoint (`fastllm.quant.load_prequantized`) runs its checkpoint's scheme on
+    the checkpoint's quantized layers; asking for another scheme is refused."""
+    prequantized = getattr(model, "_fastllm_prequantized", None)
+    if prequantized is None:
+        return config
+    if config.quantization is not None and config.quantization.weights != prequantized.scheme:
+        raise ValueError(f"the model was loaded from a {prequantized.scheme} checkpoint ({prequantized.source}); "
+                         f"quantization={config.quantization.weights!r} cannot re-quantize it: leave quantization out")
+    return dataclasses.replace(config, quantization=QuantConfig(prequantized.scheme, exclude=()))

@@ -35,18 +35,19 @@ _BOOKKEEPING = {
 def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...],
                model_config: object | None = None, step_context: int | None = None, *,
                quantization: object | None = None, parameters: dict | None = None,
-               quantized_layers: dict | None = None) -> dict[str, int]:
+               quantized_layers: dict | None = None, prequantized: dict | None = None) -> dict[str, int]:
     """Apply the passes `names` in their canonical order (the order given does not matter; see registry.py).
 
     Runs exactly `names`, adding none: for the compiled step callers pass `resolve_passes(selection)`.
     `step_context`: the id of the StepContext that the attention ops emitted into this graph read.
     `quantization` (a QuantConfig) and `parameters` (the model's, by name) feed the quantize pass, which fills
-    `quantized_layers` (layer -> scheme). Returns the matches per pass, in the order the passes ran. Raises ValueError
-    for an unknown name.
+    `quantized_layers` (layer -> scheme); `prequantized` (a checkpoint's quantized layers) replaces quantizing.
+    Returns the matches per pass, in the order the passes ran. Raises ValueError for an unknown name.
     """
     ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config, step_context=step_context,
                       quantization=quantization, parameters=parameters or {},
-                      quantized_layers=quantized_layers if quantized_layers is not None else {})
+                      quantized_layers=quantized_layers if quantized_layers is not None else {},
+                      prequantized=prequantized)
     counts = {name: registry.REGISTRY.module(name).apply(ctx) for name in registry.order_passes(names)}
     if "attention" in names:
         # The model's mask construction now feeds nothing (the runtime's metadata replaced the masks). Only a graph

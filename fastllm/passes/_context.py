@@ -56,6 +56,9 @@ class PassContext:
     # The model's parameters by name, tied ones under each name (to name the layers a weight belongs to).
     parameters: dict[str, torch.Tensor] = field(default_factory=dict)
     quantized_layers: dict[str, str] = field(default_factory=dict)  # layer -> scheme (or why it was not)
+    # A pre-quantized checkpoint's layers (module name -> the scheme's tensors), used instead of quantizing; None
+    # when the model's weights are quantized here.
+    prequantized: dict[str, tuple[torch.Tensor, ...]] | None = None
     _num_constants: int = 0
 
     def module_names(self, weight: torch.Tensor) -> list[str]:

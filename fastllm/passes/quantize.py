@@ -69,6 +69,14 @@ def apply(ctx: PassContext) -> int:
         if not names or any(config.excludes(n) for n in names):
             continue
         layer = "+".join(names)
+        if ctx.prequantized is not None:  # a quantized checkpoint: its tensors, as they are
+            tensors = _from_checkpoint(ctx, layer, names, weight)
+            if tensors is None:
+                continue
+            _replace(ctx, node, config.weights, tensors)
+            ctx.quantized_layers[layer] = config.label
+            count += 1
+            continue
         if config.weights == "int4" and weight.shape[1] % config.group_size:
             ctx.quantized_layers[layer] = f"not quantized: in-features {weight.shape[1]} not a multiple of " \
                                           f"group size {config.group_size}"
@@ -76,13 +84,36 @@ def apply(ctx: PassContext) -> int:
         key = (weight.data_ptr(), tuple(weight.shape), config.weights, config.group_size)
         if key not in ctx.merger.quantized:  # one quantized copy per weight, however many graphs use it
             ctx.merger.quantized[key] = quantized_tensors(weight, config.weights, config.group_size)
-        constants = [ctx.constant(t, before=node) for t in ctx.merger.quantized[key]]
-        with graph.inserting_before(node):
-            quantized = graph.call_function(LAUNCHERS[config.weights], (node.args[0], *constants,
-                                                                         arg(node, 2, "bias")))
-        quantized.meta.update(node.meta)
-        node.replace_all_uses_with(quantized)
-        graph.erase_node(node)
+        _replace(ctx, node, config.weights, ctx.merger.quantized[key])
         ctx.quantized_layers[layer] = config.label
         count += 1
     return count
+
+
+def _replace(ctx: PassContext, node, scheme: str, tensors: tuple[torch.Tensor, ...]) -> None:
+    """`node` (a linear) -> the scheme's quantized linear on `tensors`, which become constants of the graph."""
+    graph = ctx.gm.graph
+    constants = [ctx.constant(t, before=node) for t in tensors]
+    with graph.inserting_before(node):
+        quantized = graph.call_function(LAUNCHERS[scheme], (node.args[0], *constants, arg(node, 2, "bias")))
+    quantized.meta.update(node.meta)
+    node.replace_all_uses_with(quantized)
+    graph.erase_node(node)
+
+
+def _from_checkpoint(ctx: PassContext, layer: str, names: list[str], weight: torch.Tensor):
+    """The checkpoint's tensors for a linear (a merged one's parts concatenated along the output dim: per-channel
+    scales concatenate exactly), or None when the checkpoint left it unquantized (reported if only some parts are)."""
+    found = [ctx.prequantized.get(n) for n in names]
+    if all(t is None for t in found):
+        return None
+    if any(t is None for t in found):
+        missing = [n for n, t in zip(names, found) if t is None]
+        ctx.quantized_layers[layer] = f"not quantized: the checkpoint quantized only some parts (not {missing})"
+        return None
+    if len(found) == 1:
+        tensors = found[0]
+    else:  # merged parts appear in the order the merged weight holds them
+        order = sorted(range(len(names)), key=lambda i: ctx.parameters[names[i] + ".weight"].storage_offset())
+        tensors = tuple(torch.cat([found[i][j] for i in order]) for j in range(len(found[0])))
+    return tuple(t.to(weight.device) for t in tensors)

@@ -1,0 +1,116 @@
+"""Checkpoints that are already quantized: loaded as they are, their quantized weights used without re-quantizing.
+
+Supported: compressed-tensors' "float-quantized" FP8 layout (what llm-compressor writes, and what most "-FP8" models
+on the Hub are): `quantization_config.quant_method == "compressed-tensors"`, 8-bit float weights with one scale per
+output channel or one per tensor (`<layer>.weight` in float8 e4m3, `<layer>.weight_scale` [N, 1] or [1]), activations
+dynamic per token or not quantized. Those map exactly onto fastllm's "fp8" scheme (a per-tensor scale is the same
+scale for every channel). Other layouts (static activation scales, block-wise FP8, GPTQ/AWQ int4) are refused with
+what is supported.
+
+The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward still runs on them); the
+quantized tensors ride on the model as `_fastllm_prequantized` until `optimize()` hands them to the quantize pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from fastllm.quant.fp8 import FP8
+
+
+@dataclass
+class Prequantized:
+    """A checkpoint's quantized layers: module name -> the scheme's tensors (fp8: qweight [N, K], scale [N] fp32)."""
+
+    scheme: str
+    layers: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    source: str = ""
+
+
+def checkpoint_scheme(quantization_config) -> str:
+    """The fastllm scheme a checkpoint's `quantization_config` maps onto; ValueError saying what is supported."""
+    qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    method = qc.get("quant_method")
+    supported = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per "
+                 "token or unquantized)")
+    if method != "compressed-tensors":
+        raise ValueError(f"quantized checkpoint with quant_method {method!r} is not supported yet; fastllm loads "
+                         f"{supported}")
+    for name, group in (qc.get("config_groups") or {}).items():
+        weights, inputs = group.get("weights") or {}, group.get("input_activations")
+        if not (weights.get("type") == "float" and weights.get("num_bits") == 8
+                and weights.get("strategy") in ("channel", "tensor") and weights.get("symmetric", True)):
+            raise ValueError(f"config group {name!r} quantizes weights as {weights}; fastllm loads {supported}")
+        if inputs and not (inputs.get("dynamic") and inputs.get("strategy") == "token"):
+            raise ValueError(f"config group {name!r} quantizes activations as {inputs} (static scales); fastllm "
+                             f"loads {supported}")
+    if not qc.get("config_groups"):
+        raise ValueError(f"the checkpoint's compressed-tensors config has no config_groups; fastllm loads {supported}")
+    return "fp8"
+
+
+def _state_dict(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(path, name)))
+    return tensors
+
+
+def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=None):
+    """A Hugging Face causal LM from a quantized checkpoint folder (see the module docstring), ready for
+    `fastllm.optimize(model)` or `fastllm.LLM(model)`, which use its quantized weights as they are.
+
+    Raises:
+        ValueError: the checkpoint's quantization is not one fastllm loads (the message says which it does).
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    quantization_config = getattr(config, "quantization_config", None)
+    if quantization_config is None:
+        raise ValueError(f"{path} is not a quantized checkpoint (its config has no quantization_config)")
+    scheme = checkpoint_scheme(quantization_config)
+    del config.quantization_config
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = _state_dict(path)
+    prequantized = Prequantized(scheme, source=path)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".weight_scale"):
+            continue
+        if name.endswith(".weight") and tensor.dtype == FP8:
+            layer = name.removesuffix(".weight")
+            scale = tensors[layer + ".weight_scale"].float().reshape(-1)
+            scale = scale.expand(tensor.shape[0]).contiguous() if scale.numel() == 1 else scale.contiguous()
+            prequantized.layers[layer] = (tensor.contiguous(), scale)
+            tensor = tensor.float() * scale[:, None]
+        state[name] = tensor.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not _tied(model, m)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: the checkpoint does not match {type(model).__name__}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model._fastllm_prequantized = prequantized
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _tied(model, name: str) -> bool:
+    """Whether a parameter missing from the checkpoint is the output embedding tied to the input one."""
+    head = model.get_output_embeddings()
+    return getattr(model.config, "tie_word_embeddings", False) and head is not None and name.startswith(
+        next(n for n, m in model.named_modules() if m is head))
