@@ -24,6 +24,7 @@ from fastllm.capture.step import CompiledStep, UnpageableModel, compile_step
 from fastllm.config import OptimizeConfig, resolve_scheduling
 from fastllm.entrypoints.forward import install_forward
 from fastllm.entrypoints.hf_generate import install_generate
+from fastllm.kernels._registry import FP8_KV_DTYPE
 from fastllm.passes import resolve_passes
 from fastllm.quant.config import QuantConfig, check_device_supports, slow_path_warning
 from fastllm.runtime.engine_core import EngineCore
@@ -99,7 +100,9 @@ class ModelState:
                              kv_cache=KVCacheConfig(c.block_size, c.kv_cache_memory_fraction, c.num_kv_tokens),
                              max_num_seqs=c.max_num_seqs, max_model_len=_max_model_len(model, c),
                              use_cuda_graph=c.cuda_graphs and param.is_cuda,
-                             max_num_batched_tokens=c.max_num_batched_tokens)
+                             max_num_batched_tokens=c.max_num_batched_tokens,
+                             kv_cache_dtype=FP8_KV_DTYPE if c.quantization and c.quantization.kv_cache == "fp8"
+                             else None)
         self.startup_seconds.update(runner.startup_seconds)
         self.core = EngineCore(runner, vocab_size=model.get_input_embeddings().weight.shape[0],
                                eos_token_ids=model_eos_ids(model), max_num_seqs=c.max_num_seqs,

@@ -40,12 +40,15 @@ _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
 _triton_on_cpu = contextvars.ContextVar("fastllm_triton_on_cpu", default=False)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# An FP8 KV cache (`quantization="fp8_kv"`) stores K and V as float8 e4m3; the attention kernels widen them on reads.
+FP8_KV_DTYPE = torch.float8_e4m3fn
 # A norm keeps its whole row in registers; past 64K elements (256 KB of fp32) the kernel would spill.
 MAX_ROW_SIZE = 65536
 
 __all__ = [
     "DEFAULT_SM_COUNT",
     "FLOAT_DTYPES",
+    "FP8_KV_DTYPE",
     "HAS_TRITON",
     "LIBRARY",
     "MAX_ROW_SIZE",

@@ -14,6 +14,8 @@ padding token of a CUDA-graph batch: nothing is written for it (its rotated q is
 import torch
 
 from fastllm.kernels._registry import (
+    FLOAT_DTYPES,
+    FP8_KV_DTYPE,
     check_float,
     check_same_device,
     device_guard,
@@ -29,6 +31,15 @@ from fastllm.kernels.rotary import rotary_embedding_ref
 
 # Elements of one [BLOCK_H, BLOCK_D] tile: 4096 keeps 4 warps at 32 elements a thread (16 rotation pairs).
 _MAX_TILE = 4096
+
+
+@triton.jit
+def _to_element(x, PTR):
+    """x in PTR's element type. A float8 e4m3 KV cache (an FP8 KV cache) saturates at +-448 rather than overflow,
+    as `to_cache_dtype` does."""
+    if PTR.dtype.element_ty == tl.float8e4nv:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+    return x.to(PTR.dtype.element_ty)
 
 
 @triton.jit
@@ -56,8 +67,8 @@ def _write_kv_kernel(
     cache_off = slot * num_kv_heads * head_dim + h[:, None] * head_dim + d[None, :]
     k = tl.load(K + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(V + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(K_CACHE + cache_off, k.to(K_CACHE.dtype.element_ty), mask=mask)
-    tl.store(V_CACHE + cache_off, v.to(V_CACHE.dtype.element_ty), mask=mask)
+    tl.store(K_CACHE + cache_off, _to_element(k, K_CACHE), mask=mask)
+    tl.store(V_CACHE + cache_off, _to_element(v, V_CACHE), mask=mask)
 
 
 @triton.jit
@@ -87,13 +98,13 @@ def _rotate_heads(
     cos_b = tl.load(COS + cs_row + b, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
     sin_a = tl.load(SIN + cs_row + a, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
     sin_b = tl.load(SIN + cs_row + b, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + y_off + a[None, :], (x_a * cos_a - x_b * sin_a).to(Y.dtype.element_ty), mask=mask)
-    tl.store(Y + y_off + b[None, :], (x_b * cos_b + x_a * sin_b).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + y_off + a[None, :], _to_element(x_a * cos_a - x_b * sin_a, Y), mask=mask)
+    tl.store(Y + y_off + b[None, :], _to_element(x_b * cos_b + x_a * sin_b, Y), mask=mask)
     if BLOCK_TAIL > 0:  # partial rotary: copy x[h, R:] through
         c = 2 * half + tl.arange(0, BLOCK_TAIL)
         tail_mask = h_mask[:, None] & (c < head_dim)[None, :]
         x_t = tl.load(X + x_off + c[None, :], mask=tail_mask, other=0.0)
-        tl.store(Y + y_off + c[None, :], x_t.to(Y.dtype.element_ty), mask=tail_mask)
+        tl.store(Y + y_off + c[None, :], _to_element(x_t, Y), mask=tail_mask)
 
 
 @triton.jit
@@ -147,8 +158,20 @@ def _rotary_write_kv_kernel(
             d = tl.arange(0, BLOCK_D)
             mask = h_mask[:, None] & (d < head_dim)[None, :]
             v = tl.load(V + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-            tl.store(V_CACHE + cache_row + h[:, None] * head_dim + d[None, :], v.to(V_CACHE.dtype.element_ty),
+            tl.store(V_CACHE + cache_row + h[:, None] * head_dim + d[None, :], _to_element(v, V_CACHE),
                      mask=mask)  # fmt: skip
+
+
+# The KV cache may be float8 e4m3 (an FP8 KV cache: `quantization="fp8_kv"`), with K and V stored unscaled: values
+# past e4m3's largest (448) saturate. Attention widens them back to q's dtype as it reads them.
+KV_CACHE_DTYPES = (*FLOAT_DTYPES, FP8_KV_DTYPE)
+
+
+def to_cache_dtype(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x in the cache's dtype; into a float8 cache saturated at +-448, from fp32 (rounded once)."""
+    if cache.dtype == FP8_KV_DTYPE:
+        return x.float().clamp(-448.0, 448.0).to(FP8_KV_DTYPE)
+    return x.to(cache.dtype)
 
 
 def write_kv_cache_ref(
@@ -158,8 +181,11 @@ def write_kv_cache_ref(
     num_kv_heads, head_dim = k_cache.shape[-2:]
     rows = (slot_mapping >= 0).nonzero().squeeze(1)  # one mask pass, then index_select/index_copy (cheaper on the
     slots = slot_mapping.index_select(0, rows).long()  # CPU than four boolean-mask indexings)
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.index_select(0, rows).to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.index_select(0, rows).to(v_cache.dtype))
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        values = to_cache_dtype(x.index_select(0, rows), cache)
+        if cache.dtype == FP8_KV_DTYPE:  # torch has no float8 index_copy_ on the CPU: the same bytes, as uint8
+            cache, values = cache.view(torch.uint8), values.view(torch.uint8)
+        cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, values)
 
 
 def rotary_and_write_kv_ref(
@@ -184,9 +210,13 @@ def rotary_and_write_kv_ref(
 
 
 def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor):
-    """Shared checks: k, v [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D] of k's dtype; slots [T] int."""
+    """Shared checks: k, v [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D] of k's dtype or float8 e4m3; slots
+    [T] int."""
     for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_float(name, t)
+        if name.endswith("cache") and isinstance(t, torch.Tensor) and t.dtype == FP8_KV_DTYPE:
+            pass  # an FP8 KV cache: checked below
+        else:
+            check_float(name, t)
         if name != "k":
             check_same_device(name, t, "k", k)
     if k.ndim != 3:
@@ -204,8 +234,9 @@ def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
             f"of dim {k.shape[-1]}"
         )
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != k.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected k's dtype {k.dtype}")
+        if t.dtype not in (k.dtype, FP8_KV_DTYPE):
+            raise TypeError(f"{name} has dtype {t.dtype}, expected k's dtype {k.dtype} or {FP8_KV_DTYPE} (FP8 KV "
+                            "cache)")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous, got strides {tuple(t.stride())}")
     if v.dtype != k.dtype:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm.kernels._registry import (
+    FP8_KV_DTYPE,
     check_float,
     check_same_device,
     device_guard,
@@ -61,7 +62,7 @@ def _tanh(x):
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i,  # running output [M, BLOCK_D] fp32, row max [M] (base 2), row sum [M]
-    q,  # [M, BLOCK_D] in the cache dtype
+    q,  # [M, BLOCK_D] in the model's dtype (the cache's, or bf16/fp16 over an FP8 cache)
     K_CACHE, V_CACHE,
     bt_row,  # pointer to this sequence's block-table row
     head_off,  # kv head * stride_ch
@@ -89,7 +90,8 @@ def _attend_tile(
     block = tl.load(bt_row + k_pos // PAGE_SIZE, mask=k_valid, other=0).to(tl.int64)
     kv_off = (block * stride_cb + (k_pos % PAGE_SIZE) * stride_cr + head_off)[:, None] + d[None, :]
     kv_mask = k_valid[:, None] & d_mask[None, :]
-    k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    # An FP8 KV cache holds float8 e4m3: widened to q's dtype as it is read (a no-op for a cache of q's dtype).
+    k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, BLOCK_N] fp32
     if USE_SOFTCAP:
         s = softcap_log2 * _tanh(s * qk_scale)
@@ -108,7 +110,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -341,6 +343,13 @@ def _combine_kernel(
     tl.store(OUT + o_off + d, out.to(OUT.dtype.element_ty), mask=d_mask)
 
 
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache[blocks]; a float8 cache (FP8 KV) is gathered as its bytes (torch's CPU indexing has no float8 kernel)."""
+    if cache.dtype == FP8_KV_DTYPE:
+        return cache.view(torch.uint8)[blocks].view(FP8_KV_DTYPE)
+    return cache[blocks]
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -377,8 +386,8 @@ def paged_attention_ref(
         if q_len == 0:
             continue
         blocks = block_tables[i, : -(-ctx // page_size)].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].float()  # [ctx, Hkv, D]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].float()
+        k = _gather(k_cache, blocks).reshape(-1, num_kv_heads, head_dim)[:ctx].float()  # [ctx, Hkv, D]
+        v = _gather(v_cache, blocks).reshape(-1, num_kv_heads, head_dim)[:ctx].float()
         qi = q[cu[i] : cu[i + 1]].float()  # [L, Hq, D]
         masked = (causal and q_len > 1) or (sliding_window is not None and ctx > sliding_window)
         rel = None  # [L, ctx]: k_pos - q_pos, built only when a mask or ALiBi needs it
@@ -429,8 +438,8 @@ def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, cu: list[int], lens
     if len(rows) == 1 and sliding_window is None and slopes is None:  # one sequence sees all its keys: no mask,
         i, token = rows[0], cu[rows[0]]                              # no index tensors (a CPU decode step)
         blocks = block_tables[i, : -(-lens[i] // page_size)].long()
-        k = k_cache[blocks].flatten(0, 1)[: lens[i]].float().transpose(0, 1)  # [Hkv, ctx, D]
-        v = v_cache[blocks].flatten(0, 1)[: lens[i]].float().transpose(0, 1)
+        k = _gather(k_cache, blocks).flatten(0, 1)[: lens[i]].float().transpose(0, 1)  # [Hkv, ctx, D]
+        v = _gather(v_cache, blocks).flatten(0, 1)[: lens[i]].float().transpose(0, 1)
         o = F.scaled_dot_product_attention(q[token : token + 1].float().transpose(0, 1), k, v, scale=scale,
                                            enable_gqa=num_q_heads != num_kv_heads)  # [Hq, 1, D]
         out[token] = o[:, 0].to(q.dtype)
@@ -444,8 +453,8 @@ def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, cu: list[int], lens
     if any(lens[i] < ctx for i in rows):
         # Entries past a sequence's own blocks may hold anything (never read): block 0 stands in, masked below.
         blocks = blocks.where(torch.arange(blocks.shape[1], device=q.device)[None, :] * page_size < length, 0)
-    k = k_cache[blocks].flatten(1, 2)[:, :ctx].float()  # [N, ctx, Hkv, D]
-    v = v_cache[blocks].flatten(1, 2)[:, :ctx].float()
+    k = _gather(k_cache, blocks).flatten(1, 2)[:, :ctx].float()  # [N, ctx, Hkv, D]
+    v = _gather(v_cache, blocks).flatten(1, 2)[:, :ctx].float()
     # No mask where every key is seen (one sequence, no window): SDPA then takes its fused kernel, not the masked
     # math path (1.5x slower for a SmolLM2 layer on the CPU).
     mask = None
@@ -584,7 +593,8 @@ def _check_int_tensor(name: str, t: object, ndim: int, ref: torch.Tensor) -> Non
 def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, sliding_window,
                   alibi_slopes, softcap, num_splits) -> None:  # fmt: skip
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        check_float(name, t)
+        if name == "q" or not (isinstance(t, torch.Tensor) and t.dtype == FP8_KV_DTYPE):  # FP8 caches: below
+            check_float(name, t)
         check_same_device(name, t, "q", q)
     if q.ndim != 3:
         raise ValueError(f"q must be [num_tokens, num_heads, head_dim], got shape {tuple(q.shape)}")
@@ -604,8 +614,9 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"q's {num_q_heads} heads are not a multiple of the cache's {num_kv_heads} kv heads")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+        if t.dtype not in (q.dtype, FP8_KV_DTYPE):
+            raise TypeError(f"{name} has dtype {t.dtype}, expected q's dtype {q.dtype} or {FP8_KV_DTYPE} (FP8 KV "
+                            "cache)")
     _check_int_tensor("block_tables", block_tables, 2, q)
     _check_int_tensor("seq_lens", seq_lens, 1, q)
     _check_int_tensor("cu_seqlens_q", cu_seqlens_q, 1, q)
@@ -656,7 +667,8 @@ def paged_attention(
 
     Args:
         q: [T, Hq, D], last dim contiguous; the queries of N sequences concatenated. D <= 256.
-        k_cache, v_cache: [num_blocks, block_size, Hkv, D] of q's dtype, one layout; Hq % Hkv == 0.
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D] of q's dtype or float8 e4m3 (an FP8 KV cache), one
+            layout; Hq % Hkv == 0.
         block_tables: [N, max_blocks] int32; entries past a sequence's blocks are never read.
         seq_lens: [N] int32, each sequence's context length including its new query tokens.
         cu_seqlens_q: [N + 1] int32, query offsets of the sequences in q (cu_seqlens_q[0] == 0).

@@ -55,7 +55,7 @@ def _weight(ctx: PassContext, node: object) -> torch.Tensor | None:
 
 def apply(ctx: PassContext) -> int:
     config = ctx.quantization
-    if config is None:
+    if config is None or config.weights is None:  # not quantized, or only the KV cache (the runner's business)
         return 0
     graph = ctx.gm.graph
     count = 0

@@ -10,6 +10,9 @@ Schemes (weights converted once, at optimize() time):
 - "int4": weight-only, symmetric in groups of `group_size` input channels, two weights a byte.
 Layers named in `exclude` (default: the LM head, whose errors every token's distribution feels) keep the model's
 dtype.
+- KV cache "fp8" (`quantization="fp8_kv"`, or `QuantConfig(kv_cache="fp8")` beside any weight scheme): K and V stored
+  as float8 e4m3, unscaled (values past 448 saturate), half the bytes of a bf16 cache; the attention kernels widen
+  them as they read. Independent of the weights' scheme; on CUDA it needs compute capability 8.9 too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 WEIGHT_SCHEMES = ("fp8", "int8", "int4")
+KV_CACHE_SCHEMES = ("fp8",)
+# The keyword shortcuts `quantization=` takes, and what each means.
+SHORTCUTS = {"fp8": dict(weights="fp8"), "int8": dict(weights="int8"), "int4": dict(weights="int4"),
+             "fp8_kv": dict(weights=None, kv_cache="fp8")}
 GROUP_SIZES = (32, 64, 128)
 # Schemes that need FP8 tensor cores on CUDA, and the compute capability that has them.
 FP8_SCHEMES = ("fp8",)
@@ -28,19 +35,25 @@ class QuantConfig:
     """How a model's linear layers are quantized.
 
     Args:
-        weights: "fp8" (W8A8), "int8" or "int4" (weight-only).
+        weights: "fp8" (W8A8), "int8" or "int4" (weight-only), or None (the weights keep the model's dtype).
         group_size: input channels per int4 scale (32, 64 or 128); ignored by the other schemes.
         exclude: layers that stay unquantized, by module name ("lm_head") or a dotted suffix of it
             ("mlp.down_proj" excludes every layer's down projection).
+        kv_cache: None (the model's dtype) or "fp8" (float8 e4m3 K and V).
     """
 
-    weights: str = "fp8"
+    weights: str | None = "fp8"
     group_size: int = 128
     exclude: tuple[str, ...] = ("lm_head",)
+    kv_cache: str | None = None
 
     def __post_init__(self) -> None:
-        if self.weights not in WEIGHT_SCHEMES:
-            raise ValueError(f"quantization scheme must be one of {WEIGHT_SCHEMES}, got {self.weights!r}")
+        if self.weights is not None and self.weights not in WEIGHT_SCHEMES:
+            raise ValueError(f"quantization scheme must be one of {WEIGHT_SCHEMES} or None, got {self.weights!r}")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_SCHEMES:
+            raise ValueError(f"kv_cache must be None or one of {KV_CACHE_SCHEMES}, got {self.kv_cache!r}")
+        if self.weights is None and self.kv_cache is None:
+            raise ValueError("QuantConfig quantizes nothing: give weights and/or kv_cache")
         if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         if isinstance(self.exclude, str) or not all(isinstance(e, str) and e for e in self.exclude):
@@ -52,8 +65,8 @@ class QuantConfig:
         return any(module_name == e or module_name.endswith("." + e) for e in self.exclude)
 
     @property
-    def label(self) -> str:
-        """The scheme as `explain()` names it ("fp8", "int8", "int4-g128")."""
+    def label(self) -> str | None:
+        """The weights' scheme as `explain()` names it ("fp8", "int8", "int4-g128"), None if they are not quantized."""
         return f"int4-g{self.group_size}" if self.weights == "int4" else self.weights
 
 
@@ -61,9 +74,9 @@ def resolve_quantization(value: object) -> QuantConfig | None:
     """`optimize(quantization=...)`'s value as a QuantConfig: None, a scheme name, or a QuantConfig."""
     if value is None or isinstance(value, QuantConfig):
         return value
-    if isinstance(value, str) and value in WEIGHT_SCHEMES:
-        return QuantConfig(value)
-    raise ValueError(f"quantization must be None, one of {WEIGHT_SCHEMES} or a fastllm.QuantConfig, got {value!r}")
+    if isinstance(value, str) and value in SHORTCUTS:
+        return QuantConfig(**SHORTCUTS[value])
+    raise ValueError(f"quantization must be None, one of {tuple(SHORTCUTS)} or a fastllm.QuantConfig, got {value!r}")
 
 
 def check_device_supports(config: QuantConfig, device) -> None:
@@ -71,12 +84,13 @@ def check_device_supports(config: QuantConfig, device) -> None:
     import torch
 
     device = torch.device(device)
-    if config.weights not in FP8_SCHEMES or device.type != "cuda":
+    if (config.weights not in FP8_SCHEMES and config.kv_cache != "fp8") or device.type != "cuda":
         return
     capability = torch.cuda.get_device_capability(device)
     if capability < FP8_MIN_CAPABILITY:
         others = [s for s in WEIGHT_SCHEMES if s not in FP8_SCHEMES]
-        raise ValueError(f"quantization {config.weights!r} needs FP8 tensor cores (compute capability 8.9 or later: "
+        what = config.weights if config.weights in FP8_SCHEMES else "fp8_kv"
+        raise ValueError(f"quantization {what!r} needs FP8 tensor cores (compute capability 8.9 or later: "
                          f"Ada, Hopper); {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}. "
                          f"Schemes that run on it: {others}")
 

@@ -101,7 +101,8 @@ class ModelRunner:
 
     Args:
         compiled: the model's `CompiledStep` (capture/step.py).
-        device, dtype: where and in which dtype the model's weights (and so the cache) live.
+        device, dtype: where and in which dtype the model's weights (and so, by default, the cache) live.
+        kv_cache_dtype: the cache's dtype when it is not `dtype`: torch.float8_e4m3fn for an FP8 KV cache.
         kv_cache: how big the cache starts and may grow (`KVCacheConfig`).
         max_num_seqs: most sequences in one step (the largest decode CUDA graph).
         max_model_len: longest sequence; capped at what the cache may hold.
@@ -113,9 +114,11 @@ class ModelRunner:
 
     def __init__(self, compiled, device: torch.device, dtype: torch.dtype, *, kv_cache: KVCacheConfig | None = None,
                  max_num_seqs: int = 64, max_model_len: int = 4096, use_cuda_graph: bool | None = None,
-                 max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False):
+                 max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False,
+                 kv_cache_dtype: torch.dtype | None = None):
         self.compiled = compiled
         self.device, self.dtype = torch.device(device), dtype
+        self.kv_cache_dtype = kv_cache_dtype or dtype
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
@@ -124,7 +127,7 @@ class ModelRunner:
         self.block_size = self.config.block_size
         num_kv_heads, head_dim = self.kv_shapes[0]
         self.bytes_per_block = kv_cache_bytes_per_block(len(self.kv_shapes), num_kv_heads, head_dim, self.block_size,
-                                                        self.dtype)
+                                                        self.kv_cache_dtype)
         # Seconds of each start-up phase (W3's profile): the KV cache sized and allocated, the CUDA graphs captured.
         self.startup_seconds: dict[str, float] = {"kv_cache": 0.0, "cuda_graphs": 0.0}
         start = time.perf_counter()
@@ -159,7 +162,7 @@ class ModelRunner:
     def _allocate(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         num_kv_heads, head_dim = self.kv_shapes[0]
         return allocate_kv_cache(len(self.kv_shapes), num_blocks, self.block_size, num_kv_heads, head_dim,
-                                 self.dtype, self.device)
+                                 self.kv_cache_dtype, self.device)
 
     @property
     def kv_cache_tokens(self) -> int:

@@ -1,0 +1,157 @@
+"""The FP8 KV cache (`quantization="fp8_kv"`): K and V stored as float8 e4m3, written by the KV-write kernels and read
+by both attention kernels (Triton interpreted on the CPU, fp32 q) against the references; a model end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import fastllm
+from fastllm import QuantConfig
+from fastllm.kernels import (
+    paged_attention,
+    paged_attention_ref,
+    rotary_and_write_kv,
+    rotary_and_write_kv_ref,
+    triton_on_cpu,
+    write_kv_cache,
+    write_kv_cache_ref,
+)
+from fastllm.kernels.kv_cache_write import to_cache_dtype
+from fastllm.quant.config import check_device_supports, resolve_quantization
+
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_caches(num_blocks=6, block_size=4, hkv=2, head_dim=64, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, hkv, head_dim)
+    return torch.randn(shape, generator=g).to(FP8), torch.randn(shape, generator=g).to(FP8)
+
+
+def _bytes(t):
+    return t.view(torch.uint8)
+
+
+# Triton's interpreter (3.9) rounds fp32 -> e4m3 wrongly where rounding up crosses a power of two (-31.5 came out
+# -16, not -32), so the CPU tests write values e4m3 holds exactly (or saturate): the kernels' paths are checked here,
+# the hardware's rounding by the GPU tests (tests/test_gpu_quantization.py).
+def _representable(*shape, scale, generator):
+    return (torch.randn(*shape, generator=generator) * scale).to(FP8).float()
+
+
+def test_fp8_write_is_bit_exact_and_saturates():
+    g = torch.Generator().manual_seed(0)
+    k, v = _representable(7, 2, 64, scale=100, generator=g), _representable(7, 2, 64, scale=1, generator=g)
+    k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 449.0])  # past e4m3's range: saturates, never NaN
+    slots = torch.tensor([3, -1, 0, 9, 17, -1, 5])
+    k_cache, v_cache = _fp8_caches()
+    k_exp, v_exp = k_cache.clone(), v_cache.clone()
+    write_kv_cache_ref(k, v, k_exp, v_exp, slots)
+    with triton_on_cpu():
+        write_kv_cache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(_bytes(k_cache), _bytes(k_exp)) and torch.equal(_bytes(v_cache), _bytes(v_exp))
+    assert k_exp.view(-1, 2, 64)[3, 0, :4].float().tolist() == [448.0, -448.0, 448.0, 448.0]
+    assert torch.isfinite(k_exp.float()).all()
+    assert torch.equal(k_exp.view(-1, 2, 64)[17].float(), k[4])  # representable values are stored as they are
+
+
+def test_fp8_reference_write_rounds_once_from_fp32():
+    x = torch.tensor([31.5, -31.5, 17.0, 0.3, 500.0])
+    cache = torch.zeros(1, dtype=FP8)
+    assert to_cache_dtype(x, cache).float().tolist() == [32.0, -32.0, 16.0, 0.3125, 448.0]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_fp8_rotary_write_stores_through_the_same_path(interleaved):
+    """The rotary kernel's stores into an fp8 cache, with an identity rotation (cos 1, sin 0) of representable k: the
+    cache holds k as it is, v copied, q unchanged."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (_representable(7, h, 64, scale=3, generator=g) for h in (8, 2, 2))
+    cos, sin = torch.ones(7, 64), torch.zeros(7, 64)
+    slots = torch.tensor([3, -1, 0, 9, 17, -1, 5])
+    k_cache, v_cache = _fp8_caches()
+    k_exp, v_exp = k_cache.clone(), v_cache.clone()
+    q_exp = rotary_and_write_kv_ref(q, k, v, cos, sin, k_exp, v_exp, slots, interleaved=interleaved)
+    with triton_on_cpu():
+        q_rot = rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, interleaved=interleaved)
+    torch.testing.assert_close(q_rot, q_exp, rtol=0, atol=0)
+    assert torch.equal(_bytes(k_cache), _bytes(k_exp)) and torch.equal(_bytes(v_cache), _bytes(v_exp))
+    assert torch.equal(k_exp.view(-1, 2, 64)[9].float(), k[3])
+
+
+@pytest.mark.parametrize("seqs", [[(13, 18), (1, 41), (7, 7)], [(1, 1), (1, 17), (1, 300)]],
+                         ids=["mixed", "decode"])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_attention_over_an_fp8_cache_matches_the_reference(seqs, num_splits):
+    if num_splits and seqs[0][0] > 1:
+        pytest.skip("splits are a decode option")
+    block_size, hkv, hq, head_dim = 16, 2, 8, 64
+    g = torch.Generator().manual_seed(2)
+    num_blocks = [-(-ctx // block_size) for _, ctx in seqs]
+    total = sum(num_blocks) + 2
+    ids = torch.randperm(total, generator=g)
+    block_tables = torch.zeros(len(seqs), max(num_blocks), dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(num_blocks):
+        block_tables[i, :n] = ids[start:start + n].int()
+        start += n
+    k_cache = (torch.randn(total, block_size, hkv, head_dim, generator=g) * 4).to(FP8)
+    v_cache = (torch.randn(total, block_size, hkv, head_dim, generator=g) * 4).to(FP8)
+    q = torch.randn(sum(n for n, _ in seqs), hq, head_dim, generator=g)
+    cu = torch.tensor([0] + [n for n, _ in seqs], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    seq_lens = torch.tensor([ctx for _, ctx in seqs], dtype=torch.int32)
+    max_q = max(n for n, _ in seqs)
+    expected = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.125)
+    # The reference over the cache widened to fp32 first: the same numbers (e4m3 values are exact in fp32).
+    widened = paged_attention_ref(q, k_cache.float(), v_cache.float(), block_tables, seq_lens, cu, max_q, scale=0.125)
+    assert torch.equal(expected, widened)
+    kwargs = {"num_splits": num_splits} if num_splits else {}
+    with triton_on_cpu():
+        got = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.125, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_config_shortcut_and_card_check(monkeypatch):
+    config = resolve_quantization("fp8_kv")
+    assert config.weights is None and config.kv_cache == "fp8"
+    assert QuantConfig("int8", kv_cache="fp8").label == "int8"
+    with pytest.raises(ValueError, match="quantizes nothing"):
+        QuantConfig(weights=None)
+    with pytest.raises(ValueError, match="kv_cache must be None or one of"):
+        QuantConfig(kv_cache="int8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    with pytest.raises(ValueError, match="'fp8_kv' needs FP8 tensor cores"):
+        check_device_supports(config, "cuda")
+
+
+def _tiny(path):
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=320, max_position_embeddings=512)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return lambda: T.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_model_with_an_fp8_kv_cache(tmp_path):
+    """The cache holds float8 (a quarter of an fp32 cache's bytes); decode reads it: greedy tokens from generate()
+    and LLM agree, and teacher-forced next-token choices match the fp32 cache's on nearly every position."""
+    tiny = _tiny(tmp_path)
+    plain = fastllm.optimize(tiny(), cpu_runtime=True)
+    fp8 = fastllm.optimize(tiny(), quantization="fp8_kv")
+    assert fastllm.explain(fp8).graph.quantized_layers == {}  # the weights keep their dtype
+    runner, plain_runner = fp8._fastllm_state.core.runner, plain._fastllm_state.core.runner
+    assert runner.kv_caches[0][0].dtype == FP8
+    assert 4 * runner.bytes_per_block == plain_runner.bytes_per_block
+    ids = torch.randint(3, 320, (1, 24), generator=torch.Generator().manual_seed(3))
+    generated = fp8.generate(ids, max_new_tokens=16, do_sample=False)
+    with torch.no_grad():  # decode steps read the cache; prefill attends to the fp8 keys it just wrote as well
+        a = plain(generated).logits.argmax(-1)
+        b = fp8(generated).logits.argmax(-1)
+    assert (a == b).float().mean() >= 0.9
+    with fastllm.LLM(tiny(), quantization=QuantConfig("int8", kv_cache="fp8")) as llm:
+        out = llm.generate([ids[0].tolist()], fastllm.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
+        assert llm.runner.kv_caches[0][0].dtype == FP8 and len(out[0].outputs[0].token_ids) == 4
