@@ -76,7 +76,8 @@ class Report:
             lines.append(f"  model(...) calls: {calls}{reason}")
         if self.kv_cache:
             kv = self.kv_cache
-            lines.append(f"  KV cache: {kv['tokens']:,} tokens ({kv['bytes'] / 2**20:,.0f} MiB) now, grows on demand "
+            lines.append(f"  KV cache ({kv.get('dtype', '')}): {kv['tokens']:,} tokens "
+                         f"({kv['bytes'] / 2**20:,.0f} MiB) now, grows on demand "
                          f"to {kv['max_tokens']:,} tokens ({kv['max_bytes'] / 2**20:,.0f} MiB); grown "
                          f"{kv['growths']} time(s)")
         if self.startup:

@@ -143,7 +143,7 @@ def test_model_with_an_fp8_kv_cache(tmp_path):
     fp8 = fastllm.optimize(tiny(), quantization="fp8_kv")
     assert fastllm.explain(fp8).graph.quantized_layers == {}  # the weights keep their dtype
     runner, plain_runner = fp8._fastllm_state.core.runner, plain._fastllm_state.core.runner
-    assert runner.kv_caches[0][0].dtype == FP8
+    assert runner.kv_caches[0][0].dtype == FP8 and "KV cache (float8_e4m3fn)" in str(fastllm.explain(fp8))
     assert 4 * runner.bytes_per_block == plain_runner.bytes_per_block
     ids = torch.randint(3, 320, (1, 24), generator=torch.Generator().manual_seed(3))
     generated = fp8.generate(ids, max_new_tokens=16, do_sample=False)

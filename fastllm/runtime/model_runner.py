@@ -226,7 +226,8 @@ class ModelRunner:
         return {"tokens": self.kv_cache_tokens, "bytes": self.kv_caches[0][0].shape[0] * self.bytes_per_block,
                 "max_tokens": self.pool.max_num_blocks * self.block_size,
                 "max_bytes": self.pool.max_num_blocks * self.bytes_per_block, "growths": self.pool.num_growths,
-                "activation_bytes": self.activation_bytes}
+                "activation_bytes": self.activation_bytes,
+                "dtype": str(self.kv_cache_dtype).removeprefix("torch.")}
 
     def close(self) -> None:
         """Let go of every tensor and graph this runner holds (the model, the compiled step, stay)."""
