@@ -115,8 +115,13 @@ def test_llm_loads_a_quantized_folder(tmp_path, no_requantizing):
 
 
 def test_unsupported_layouts_say_what_is_supported(tmp_path):
-    with pytest.raises(ValueError, match="quant_method 'gptq' is not supported yet; fastllm loads compressed-tensors"):
-        checkpoint_scheme({"quant_method": "gptq", "bits": 4})
+    with pytest.raises(ValueError, match="quant_method 'awq' is not supported yet; fastllm loads compressed-tensors"):
+        checkpoint_scheme({"quant_method": "awq", "bits": 4})
+    for setting in ({"desc_act": True}, {"sym": False}, {"bits": 8}, {"group_size": -1}):
+        with pytest.raises(ValueError, match="GPTQ checkpoint with .* is not supported; fastllm loads"):
+            checkpoint_scheme({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, **setting})
+    assert checkpoint_scheme({"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True,
+                              "desc_act": False}) == ("int4", 64)
     static = _compressed_tensors_config("channel", {"num_bits": 8, "type": "float", "strategy": "tensor",
                                                     "dynamic": False})
     with pytest.raises(ValueError, match="static scales"):
@@ -135,3 +140,66 @@ def test_another_scheme_than_the_checkpoints_is_refused(tmp_path):
     model = load_prequantized(str(tmp_path), dtype=torch.float32)
     with pytest.raises(ValueError, match="cannot re-quantize it"):
         fastllm.optimize(model, quantization="int4")
+
+
+# --- GPTQ ---------------------------------------------------------------------------------------------------------
+
+def _write_gptq_checkpoint(model, path, group_size=64, zero=7, permute_g_idx=False):
+    """GPTQ's layout ("gptq" format, 4-bit, symmetric): per Linear but lm_head, `qweight` int32 [K/8, N] (input
+    channel 8r+i in nibble i of row r), `qzeros` int32 [K/g, N/8] (zero - 1 = 7 in every nibble), `scales` fp16
+    [K/g, N], `g_idx` [K]. Written from fastllm's own int4 of the weights with fp16 scales; returns the dequantized
+    weights the file holds (the GPTQ formula (q - (z + 1)) * s, computed here from the file's tensors)."""
+    from fastllm.quant.int_weight import quantize_int4, unpack_int4
+
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    dequantized = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        w = module.weight.detach()
+        n, k = w.shape
+        packed, scales = quantize_int4(w, group_size)
+        scales16 = scales.half()
+        q = (unpack_int4(packed).long() + 8).t()  # [K, N] in 0..15
+        words = (q.reshape(k // 8, 8, n) << (4 * torch.arange(8))[None, :, None]).sum(1)
+        qzeros = torch.full((k // group_size, n // 8), zero * 0x11111111, dtype=torch.int64)
+        g_idx = torch.arange(k, dtype=torch.int32) // group_size
+        if permute_g_idx:
+            g_idx = g_idx.flip(0)
+        del state[f"{name}.weight"]
+        state.update({f"{name}.qweight": words.to(torch.int32), f"{name}.qzeros": qzeros.to(torch.int32),
+                      f"{name}.scales": scales16.t().contiguous(), f"{name}.g_idx": g_idx})
+        z = zero + 1
+        dequantized[name] = ((q - z).float() * scales16.t().float().repeat_interleave(group_size, 0)).t()
+    save_file(state, str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": True,
+                                     "desc_act": False, "checkpoint_format": "gptq"}
+    (path / "config.json").write_text(json.dumps(config))
+    return dequantized
+
+
+def test_gptq_checkpoint_loads_as_int4_without_requantizing(tmp_path, no_requantizing):
+    original = _float_model(tmp_path)
+    dequantized = _write_gptq_checkpoint(original, tmp_path, group_size=64)
+    model = load_prequantized(str(tmp_path), dtype=torch.float32)
+    assert model._fastllm_prequantized.scheme == "int4" and model._fastllm_prequantized.group_size == 64
+    # The model's own weights are the GPTQ formula's values, exactly (fastllm's codes are GPTQ's q, zero 8)
+    for name, expected in dequantized.items():
+        assert torch.equal(model.get_submodule(name).weight, expected), name
+    fastllm.optimize(model)
+    layers = fastllm.explain(model).graph.quantized_layers
+    assert len(layers) == 8 and set(layers.values()) == {"int4-g64"}
+    with torch.no_grad():
+        expected_logits, got = original(IDS).logits, model(IDS).logits
+    assert float(10 * torch.log10(expected_logits.pow(2).mean() / (expected_logits - got).pow(2).mean())) > 12
+
+
+def test_gptq_asymmetric_and_act_order_are_refused(tmp_path):
+    original = _float_model(tmp_path)
+    _write_gptq_checkpoint(original, tmp_path, zero=6)
+    with pytest.raises(ValueError, match="zero points other than the symmetric one"):
+        load_prequantized(str(tmp_path))
+    _write_gptq_checkpoint(_float_model(tmp_path), tmp_path, permute_g_idx=True)
+    with pytest.raises(ValueError, match="act-order"):
+        load_prequantized(str(tmp_path))

@@ -200,7 +200,9 @@ def _with_checkpoint_quantization(model, config: OptimizeConfig) -> OptimizeConf
     prequantized = getattr(model, "_fastllm_prequantized", None)
     if prequantized is None:
         return config
-    if config.quantization is not None and config.quantization.weights != prequantized.scheme:
+    if config.quantization is not None and config.quantization.weights not in (None, prequantized.scheme):
         raise ValueError(f"the model was loaded from a {prequantized.scheme} checkpoint ({prequantized.source}); "
                          f"quantization={config.quantization.weights!r} cannot re-quantize it: leave quantization out")
-    return dataclasses.replace(config, quantization=QuantConfig(prequantized.scheme, exclude=()))
+    kv_cache = config.quantization.kv_cache if config.quantization is not None else None
+    return dataclasses.replace(config, quantization=QuantConfig(prequantized.scheme, prequantized.group_size,
+                                                                exclude=(), kv_cache=kv_cache))

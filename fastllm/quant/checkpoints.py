@@ -1,11 +1,16 @@
 """Checkpoints that are already quantized: loaded as they are, their quantized weights used without re-quantizing.
 
-Supported: compressed-tensors' "float-quantized" FP8 layout (what llm-compressor writes, and what most "-FP8" models
-on the Hub are): `quantization_config.quant_method == "compressed-tensors"`, 8-bit float weights with one scale per
-output channel or one per tensor (`<layer>.weight` in float8 e4m3, `<layer>.weight_scale` [N, 1] or [1]), activations
-dynamic per token or not quantized. Those map exactly onto fastllm's "fp8" scheme (a per-tensor scale is the same
-scale for every channel). Other layouts (static activation scales, block-wise FP8, GPTQ/AWQ int4) are refused with
-what is supported.
+Supported, each mapping exactly onto a fastllm scheme:
+- compressed-tensors' "float-quantized" FP8 layout (what llm-compressor writes, and what most "-FP8" models on the Hub
+  are): `quant_method == "compressed-tensors"`, 8-bit float weights with one scale per output channel or one per
+  tensor (`<layer>.weight` in float8 e4m3, `<layer>.weight_scale` [N, 1] or [1]), activations dynamic per token or not
+  quantized -> "fp8" (a per-tensor scale is the same scale for every channel).
+- GPTQ, 4 bits, symmetric, without act-order (`quant_method == "gptq"`, `sym: true`, `desc_act: false`, group size
+  32/64/128, the "gptq" checkpoint format): `<layer>.qweight` int32 [K / 8, N] (input channel 8r + i in nibble i of
+  row r), `<layer>.scales` [K / g, N], `<layer>.qzeros` all 7 (the format stores zero - 1; zero 8 is symmetric) ->
+  "int4" with that group size (codes q - 8, fastllm's nibbles).
+Other layouts (static activation scales, block-wise FP8, asymmetric GPTQ, act-order, AWQ) are refused with what is
+supported.
 
 The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward still runs on them); the
 quantized tensors ride on the model as `_fastllm_prequantized` until `optimize()` hands them to the quantize pass.
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastllm.quant.fp8 import FP8
+from fastllm.quant.int_weight import dequantize_int4
 
 
 @dataclass
@@ -29,14 +35,21 @@ class Prequantized:
     scheme: str
     layers: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     source: str = ""
+    group_size: int = 128  # int4
 
 
-def checkpoint_scheme(quantization_config) -> str:
-    """The fastllm scheme a checkpoint's `quantization_config` maps onto; ValueError saying what is supported."""
+SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per token or "
+             "unquantized) and GPTQ 4-bit symmetric without act-order (group size 32, 64 or 128)")
+
+
+def checkpoint_scheme(quantization_config) -> tuple[str, int]:
+    """(fastllm scheme, int4 group size) a checkpoint's `quantization_config` maps onto; ValueError saying what is
+    supported."""
     qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
     method = qc.get("quant_method")
-    supported = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per "
-                 "token or unquantized)")
+    supported = SUPPORTED
+    if method == "gptq":
+        return "int4", _gptq_group_size(qc)
     if method != "compressed-tensors":
         raise ValueError(f"quantized checkpoint with quant_method {method!r} is not supported yet; fastllm loads "
                          f"{supported}")
@@ -50,7 +63,35 @@ def checkpoint_scheme(quantization_config) -> str:
                              f"loads {supported}")
     if not qc.get("config_groups"):
         raise ValueError(f"the checkpoint's compressed-tensors config has no config_groups; fastllm loads {supported}")
-    return "fp8"
+    return "fp8", 128
+
+
+def _gptq_group_size(qc: dict) -> int:
+    settings = {"bits": qc.get("bits"), "sym": qc.get("sym", True), "desc_act": qc.get("desc_act", False),
+                "group_size": qc.get("group_size"), "checkpoint_format": qc.get("checkpoint_format", "gptq")}
+    if (settings["bits"] != 4 or settings["sym"] is not True or settings["desc_act"] or settings["group_size"]
+            not in (32, 64, 128) or settings["checkpoint_format"] != "gptq"):
+        raise ValueError(f"GPTQ checkpoint with {settings} is not supported; fastllm loads {SUPPORTED}")
+    return settings["group_size"]
+
+
+def _from_gptq(tensors: dict, layer: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GPTQ layer's (qweight, qzeros, scales[, g_idx]) -> fastllm's int4 (packed [N, K // 2], scales [N, K // g])."""
+    qweight = tensors[layer + ".qweight"].to(torch.int64) & 0xFFFFFFFF  # int32 words as unsigned
+    rows, n = qweight.shape
+    shifts = 4 * torch.arange(8, dtype=torch.int64)
+    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(rows * 8, n)  # [K, N], input channel 8r+i
+    k = codes.shape[0]
+    zeros = tensors[layer + ".qzeros"].to(torch.int64) & 0xFFFFFFFF
+    if not bool((zeros == 0x77777777).all()):
+        raise ValueError(f"{layer}: GPTQ zero points other than the symmetric one (8) are not supported; fastllm "
+                         f"loads {SUPPORTED}")
+    g_idx = tensors.get(layer + ".g_idx")
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
+        raise ValueError(f"{layer}: GPTQ act-order (a permuted g_idx) is not supported; fastllm loads {SUPPORTED}")
+    codes = codes.t().contiguous()  # [N, K], 0..15: fastllm's codes (value + 8)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return packed, tensors[layer + ".scales"].float().t().contiguous()
 
 
 def _state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -81,15 +122,21 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     quantization_config = getattr(config, "quantization_config", None)
     if quantization_config is None:
         raise ValueError(f"{path} is not a quantized checkpoint (its config has no quantization_config)")
-    scheme = checkpoint_scheme(quantization_config)
+    scheme, group_size = checkpoint_scheme(quantization_config)
     del config.quantization_config
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = _state_dict(path)
-    prequantized = Prequantized(scheme, source=path)
+    prequantized = Prequantized(scheme, source=path, group_size=group_size)
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        if name.endswith(".weight_scale"):
+        if name.endswith((".weight_scale", ".qzeros", ".scales", ".g_idx")):
+            continue
+        if name.endswith(".qweight"):  # GPTQ
+            layer = name.removesuffix(".qweight")
+            packed, scales = _from_gptq(tensors, layer, group_size)
+            prequantized.layers[layer] = (packed, scales)
+            state[layer + ".weight"] = dequantize_int4(packed, scales, dtype)
             continue
         if name.endswith(".weight") and tensor.dtype == FP8:
             layer = name.removesuffix(".weight")
