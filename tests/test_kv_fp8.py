@@ -155,3 +155,24 @@ def test_model_with_an_fp8_kv_cache(tmp_path):
         out = llm.generate([ids[0].tolist()], fastllm.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
                            use_tqdm=False)
         assert llm.runner.kv_caches[0][0].dtype == FP8 and len(out[0].outputs[0].token_ids) == 4
+
+
+def test_fp8_kv_cache_with_preemption_and_prefix_caching(tmp_path):
+    """The FP8 cache changes how K/V are stored, nothing about which blocks hold them: a cache small enough to
+    preempt, and prefix caching on a second pass, give the same greedy tokens as each request alone (all fp8)."""
+    tiny = _tiny(tmp_path)
+    rng = torch.Generator().manual_seed(4)
+    prefix = torch.randint(3, 320, (32,), generator=rng).tolist()  # two full 16-token blocks shared
+    prompts = [prefix + torch.randint(3, 320, (3 + i % 5,), generator=rng).tolist() for i in range(12)]
+    params = fastllm.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    with fastllm.LLM(tiny(), quantization="fp8_kv") as llm:
+        alone = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    with fastllm.LLM(tiny(), quantization="fp8_kv", num_kv_tokens=160) as small:
+        outs = small.generate(prompts, params, use_tqdm=False)
+        assert small.num_preemptions > 0
+        assert [o.outputs[0].token_ids for o in outs] == alone
+    with fastllm.LLM(tiny(), quantization="fp8_kv", enable_prefix_caching=True) as cached:
+        for _ in range(2):
+            outs = cached.generate(prompts, params, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outs] == alone
+        assert cached.metrics()["prefix_cache_hits"] > 0
