@@ -135,12 +135,14 @@ def test_skinny_gemm_reads_fp8_weights_with_their_scales(rows):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", list(SQNR_FLOOR))
-@pytest.mark.parametrize("shape", ODD_SHAPES)
+# int4 needs in-features divisible by its group (the pass keeps other layers unquantized): those pairs are left out.
+ODD_CASES = [(scheme, shape) for scheme in SQNR_FLOOR for shape in ODD_SHAPES
+             if not scheme.startswith("int4") or shape[2] % int(scheme.split("-g")[1]) == 0]
+
+
+@pytest.mark.parametrize("scheme,shape", ODD_CASES)
 def test_quantized_linear_at_odd_shapes_with_bias_and_leading_dims(scheme, shape):
     m, n, k = shape
-    if scheme.startswith("int4") and k % int(scheme.split("-g")[1]):
-        pytest.skip("in-features not a multiple of the group size (the pass keeps such layers unquantized)")
     torch.manual_seed(4)
     x, w, b = torch.randn(2, m, k), torch.randn(n, k) * 0.05, torch.randn(n)
     y = _quantized_linear(scheme, x, w, b)
@@ -160,7 +162,7 @@ def test_fp8_linear_keeps_half_precision_inputs_dtype():
 def test_config_shortcuts_and_refusals():
     assert resolve_quantization("int4") == QuantConfig("int4")
     assert resolve_quantization(None) is None
-    with pytest.raises(ValueError, match=r"quantization must be None, one of \('fp8', 'int8', 'int4'\)"):
+    with pytest.raises(ValueError, match=r"quantization must be None, one of \('fp8', 'int8', 'int4', 'fp8_kv'\)"):
         resolve_quantization("fp16")
     with pytest.raises(ValueError, match="group_size must be one of"):
         QuantConfig("int4", group_size=100)

@@ -71,6 +71,13 @@ class PassContext:
     def tensor(self, node: object) -> torch.Tensor | None:
         return self.tensors.get(node) if isinstance(node, fx.Node) else None
 
+    def weight(self, node: object) -> torch.Tensor | None:
+        """The tensor behind a weight argument: a parameter placeholder, or a constant an earlier pass registered
+        (a merged QKV / gate-up weight)."""
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            return getattr(self.gm, node.target, None)
+        return self.tensor(node)
+
     def constant(self, value: torch.Tensor, before: fx.Node) -> fx.Node:
         """A get_attr node, inserted before `before`, that reads `value` from the GraphModule."""
         name = f"_fastllm_const_{self._num_constants}"

@@ -45,14 +45,6 @@ def quantized_tensors(weight: torch.Tensor, scheme: str, group_size: int) -> tup
     return int_weight.quantize_int4(weight, group_size)
 
 
-def _weight(ctx: PassContext, node: object) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if getattr(node, "op", None) == "get_attr":
-        return getattr(ctx.gm, node.target, None)
-    return ctx.tensor(node)
-
-
 def apply(ctx: PassContext) -> int:
     config = ctx.quantization
     if config is None or config.weights is None:  # not quantized, or only the KV cache (the runner's business)
@@ -62,7 +54,7 @@ def apply(ctx: PassContext) -> int:
     for node in list(graph.nodes):
         if not is_op(node, "linear"):
             continue
-        weight = _weight(ctx, arg(node, 1, "weight"))
+        weight = ctx.weight(arg(node, 1, "weight"))
         if weight is None or weight.dim() != 2 or not weight.is_floating_point():
             continue
         names = ctx.module_names(weight)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import fx
 
 from fastllm import kernels
 from fastllm.passes._context import PassContext
@@ -33,22 +32,13 @@ def replacement(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return kernels.skinny_linear(x, weight)
 
 
-def _weight(ctx: PassContext, node: object) -> torch.Tensor | None:
-    """The tensor behind a weight argument: a parameter placeholder or a merged constant."""
-    if not isinstance(node, fx.Node):
-        return None
-    if node.op == "get_attr":
-        return getattr(ctx.gm, node.target, None)
-    return ctx.tensor(node)
-
-
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     count = 0
     for node in list(graph.nodes):
         if not is_op(node, "linear"):
             continue
-        weight = _weight(ctx, arg(node, 1, "weight"))
+        weight = ctx.weight(arg(node, 1, "weight"))
         x = fake(node.args[0])
         if weight is None or weight.dim() != 2 or not weight.is_contiguous() or x is None:
             continue
