@@ -144,7 +144,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
             scale = scale.expand(tensor.shape[0]).contiguous() if scale.numel() == 1 else scale.contiguous()
             prequantized.layers[layer] = (tensor.contiguous(), scale)
             tensor = tensor.float() * scale[:, None]
-        state[name] = tensor.to(dtype)
+        state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor  # integer buffers keep their type
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if not _tied(model, m)]
     if missing or unexpected:

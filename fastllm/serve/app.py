@@ -51,7 +51,7 @@ def build_app(serving: ServingEngine, model_name: str, *, api_key: str | None = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        serving.shutdown()  # graceful: the step thread stops, unfinished requests end with "abort"
+        serving.shutdown()  # graceful: the engine (its process, or step thread) stops; unfinished requests end
 
     app = FastAPI(title="fastllm", lifespan=lifespan)
     state = ServerState(serving, model_name, tuple(a for a in aliases if a != model_name))
