@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_throughput.py [--model llama31_8b] [--workloads fixed mixed]
         [--num-requests 1000] [--providers fastllm fastllm_sync hf_continuous_batching]
-        [--settings default seqs=512 seqs=1024,tokens=16384] [--out DIR]
+        [--settings default seqs=512 seqs=1024,tokens=16384] [--quantization fp8|int8|int4|fp8_kv] [--out DIR]
 
 `--settings` runs fastllm once per engine setting: "default" is `fastllm.LLM(model)` with no options at all (the
 defaults sized from the card), "seqs=N[,tokens=M]" sets max_num_seqs (and max_num_batched_tokens). Results are keyed
@@ -60,6 +60,7 @@ def _setting(text: str) -> dict:
 
 
 def run_fastllm(model, requests, options: dict, async_scheduling: bool = True) -> tuple[dict, dict]:
+    """One fastllm run of the workload (LLM with `options`, e.g. quantization); returns (W2 entry, W4 entry)."""
     import fastllm
 
     start = time.perf_counter()
@@ -106,17 +107,26 @@ def run_fastllm(model, requests, options: dict, async_scheduling: bool = True) -
     return w2, w4
 
 
-def measure_gemm_rate(model, rows: int = 16384, repeats: int = 20) -> float:
-    """The card's bf16 GEMM rate (TFLOP/s) on this model's own linear shapes at `rows` tokens: cuBLAS through
-    torch.mm, each shape once per layer's worth, best of `repeats` timed passes."""
+def measure_gemm_rate(model, rows: int = 16384, repeats: int = 20, fp8: bool = False) -> float:
+    """The card's GEMM rate (TFLOP/s) on this model's own linear shapes at `rows` tokens, best of `repeats` timed
+    passes over every shape: bf16 through torch.mm, or with `fp8` e4m3 operands with row-wise scales through
+    torch._scaled_mm (what fastllm's fp8 runs at prefill sizes)."""
     shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
     x = torch.randn(rows, max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
     flops = sum(2 * rows * n * k for n, k in shapes)
+    if fp8:
+        e4m3 = torch.float8_e4m3fn
+        xq, x_scale = x.to(e4m3), torch.ones(rows, 1, device="cuda")
+        weights = [(w.to(e4m3), torch.ones(1, w.shape[0], device="cuda")) for w in weights]
 
     def one_pass():
         for w in weights:
-            torch.mm(x[:, : w.shape[1]], w.t())
+            if fp8:
+                torch._scaled_mm(xq[:, : w[0].shape[1]], w[0].t(), scale_a=x_scale, scale_b=w[1],
+                                 out_dtype=torch.bfloat16)
+            else:
+                torch.mm(x[:, : w.shape[1]], w.t())
 
     one_pass()
     best = float("inf")
@@ -176,10 +186,14 @@ def main(argv=None) -> int:
                         help="workloads the HF baseline runs on (its mixed run takes minutes of device time)")
     parser.add_argument("--settings", nargs="+", default=["default"],
                         help='engine settings: "default" (LLM(model) with no options) or "seqs=N[,tokens=M]"')
+    parser.add_argument("--quantization", choices=["fp8", "int8", "int4", "fp8_kv"],
+                        help="every fastllm run quantized so (the file is then W2-<quantization>; the compute ceiling "
+                             "of an fp8 run is measured with FP8 GEMMs)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
         return 2
+    workload = f"W2-{args.quantization}" if args.quantization else "W2"
     fastllm_results, baselines, w4 = {}, {"hf_continuous_batching": {}}, {}
     runs = [(kind, provider, setting) for kind in args.workloads
             for provider in sorted(args.providers, key=lambda p: p.startswith("fastllm"))  # baseline first
@@ -194,9 +208,10 @@ def main(argv=None) -> int:
         model = _build(args.model)
         requests = _requests(kind, args.num_requests, model.config.vocab_size)
         if ours:
-            fastllm_results[key], w4[key] = run_fastllm(model, requests, _setting(setting),
+            options = {**_setting(setting), **({"quantization": args.quantization} if args.quantization else {})}
+            fastllm_results[key], w4[key] = run_fastllm(model, requests, options,
                                                         async_scheduling=provider != "fastllm_sync")
-            ceiling = compute_ceiling(model, requests, measure_gemm_rate(model))
+            ceiling = compute_ceiling(model, requests, measure_gemm_rate(model, fp8=args.quantization == "fp8"))
             ceiling["fraction"] = fastllm_results[key]["output_tok_s"] / ceiling["ceiling_output_tok_s"]
             fastllm_results[key]["compute_ceiling"] = ceiling
         else:
@@ -210,9 +225,10 @@ def main(argv=None) -> int:
         gc.collect()
         torch.cuda.empty_cache()
         config = {"model": args.model, "num_requests": args.num_requests, "settings": args.settings,
+                  "quantization": args.quantization,
                   "dtype": "bf16", "weights": "random, seed 0", "w4": w4}
         # After every run: a call cut short at the device's time limit keeps what it measured.
-        path = write_result("W2", torch.cuda.get_device_name(), config, fastllm_results, baselines, args.out)
+        path = write_result(workload, torch.cuda.get_device_name(), config, fastllm_results, baselines, args.out)
     print(f"wrote {path}")
     return 0
 
