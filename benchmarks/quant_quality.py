@@ -5,7 +5,7 @@ with the tests, and greedy text for three prompts, for fp32 and each scheme side
 
 fp32 runs Hugging Face's eager forward and generate; each scheme runs `fastllm.optimize(model, quantization=...)`
 (the runtime's reference ops on the CPU). SmolLM2's hidden size is 576, which int4's group of 128 does not divide
-(those layers stay fp32, reported); groups of 64 and 32 take every layer. Writes
+(those layers stay fp32, reported); groups of 64 and 32 take every layer; "-zp": with zero points. Writes
 DIR/quant-quality-smollm2-cpu-<yyyymmdd>.json (quality, not speed: the CPU is fine).
 """
 
@@ -23,7 +23,7 @@ HERE = pathlib.Path(__file__).parent
 TEXT = HERE.parent / "tests" / "data" / "perplexity_text.txt"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]
 SCHEMES = {"fp8": "fp8", "int8": "int8", "int4-g128": ("int4", 128), "int4-g64": ("int4", 64),
-           "int4-g32": ("int4", 32)}
+           "int4-g32": ("int4", 32), "int4-g64-zp": ("int4", 64, True), "int4-g32-zp": ("int4", 32, True)}
 
 
 def perplexity(model, tokenizer, text: str) -> float:
@@ -45,7 +45,9 @@ def greedy(model, tokenizer, prompt: str, new_tokens: int = 16) -> str:
 def quantization(spec):
     import fastllm
 
-    return fastllm.QuantConfig(spec[0], group_size=spec[1]) if isinstance(spec, tuple) else spec
+    if not isinstance(spec, tuple):
+        return spec
+    return fastllm.QuantConfig(spec[0], group_size=spec[1], zero_point=len(spec) > 2 and spec[2])
 
 
 def evaluate(scheme: str | None) -> dict:

@@ -115,13 +115,18 @@ def test_llm_loads_a_quantized_folder(tmp_path, no_requantizing):
 
 
 def test_unsupported_layouts_say_what_is_supported(tmp_path):
-    with pytest.raises(ValueError, match="quant_method 'awq' is not supported yet; fastllm loads compressed-tensors"):
-        checkpoint_scheme({"quant_method": "awq", "bits": 4})
-    for setting in ({"desc_act": True}, {"sym": False}, {"bits": 8}, {"group_size": -1}):
+    with pytest.raises(ValueError, match="quant_method 'bitsandbytes' is not supported yet; fastllm loads"):
+        checkpoint_scheme({"quant_method": "bitsandbytes", "load_in_4bit": True})
+    for setting in ({"desc_act": True}, {"bits": 8}, {"group_size": -1}, {"checkpoint_format": "marlin"}):
         with pytest.raises(ValueError, match="GPTQ checkpoint with .* is not supported; fastllm loads"):
             checkpoint_scheme({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, **setting})
-    assert checkpoint_scheme({"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True,
+    for setting in ({"version": "gemv"}, {"zero_point": False}, {"bits": 3}):
+        with pytest.raises(ValueError, match="AWQ checkpoint with .* is not supported; fastllm loads"):
+            checkpoint_scheme({"quant_method": "awq", "bits": 4, "group_size": 128, **setting})
+    assert checkpoint_scheme({"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": False,
                               "desc_act": False}) == ("int4", 64)
+    assert checkpoint_scheme({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "GEMM",
+                              "zero_point": True}) == ("int4", 32)
     static = _compressed_tensors_config("channel", {"num_bits": 8, "type": "float", "strategy": "tensor",
                                                     "dynamic": False})
     with pytest.raises(ValueError, match="static scales"):
@@ -195,11 +200,71 @@ def test_gptq_checkpoint_loads_as_int4_without_requantizing(tmp_path, no_requant
     assert float(10 * torch.log10(expected_logits.pow(2).mean() / (expected_logits - got).pow(2).mean())) > 12
 
 
-def test_gptq_asymmetric_and_act_order_are_refused(tmp_path):
+def test_gptq_with_zero_points_loads_them_and_act_order_is_refused(tmp_path, no_requantizing):
     original = _float_model(tmp_path)
-    _write_gptq_checkpoint(original, tmp_path, zero=6)
-    with pytest.raises(ValueError, match="zero points other than the symmetric one"):
-        load_prequantized(str(tmp_path))
+    dequantized = _write_gptq_checkpoint(original, tmp_path, zero=6)  # every zero 7: asymmetric
+    model = load_prequantized(str(tmp_path), dtype=torch.float32)
+    assert model._fastllm_prequantized.zero_point
+    for name, expected in dequantized.items():
+        assert torch.equal(model.get_submodule(name).weight, expected), name
+    fastllm.optimize(model)
+    assert set(fastllm.explain(model).graph.quantized_layers.values()) == {"int4-g64-zp"}
     _write_gptq_checkpoint(_float_model(tmp_path), tmp_path, permute_g_idx=True)
     with pytest.raises(ValueError, match="act-order"):
         load_prequantized(str(tmp_path))
+
+
+# --- AWQ ----------------------------------------------------------------------------------------------------------
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's GEMM packing: output channel 8c + AWQ_ORDER[i] in nibble i of column c
+
+
+def _awq_words(values_rows_n: torch.Tensor) -> torch.Tensor:
+    """[rows, N] nibble values -> [rows, N / 8] int32 words in AWQ's order."""
+    rows, n = values_rows_n.shape
+    blocks = values_rows_n.long().reshape(rows, n // 8, 8)
+    words = sum(blocks[:, :, AWQ_ORDER[i]] << (4 * i) for i in range(8))
+    return words.to(torch.int32).contiguous()
+
+
+def _write_awq_checkpoint(model, path, group_size=32):
+    """AWQ's GEMM layout from fastllm's own int4 with zero points (fp16 scales); returns the dequantized weights the
+    file holds by AWQ's formula (q - z) * s, computed here from the file's tensors."""
+    from fastllm.quant.int_weight import quantize_int4, unpack_int4
+
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    dequantized = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        packed, scales, zeros = quantize_int4(module.weight.detach(), group_size, zero_point=True)
+        q = (unpack_int4(packed).long() + 8).t()  # [K, N]
+        z = zeros.long().t()  # [K / g, N]
+        scales16 = scales.half().t().contiguous()  # [K / g, N]
+        del state[f"{name}.weight"]
+        state.update({f"{name}.qweight": _awq_words(q), f"{name}.qzeros": _awq_words(z), f"{name}.scales": scales16})
+        dequantized[name] = ((q - z.repeat_interleave(group_size, 0)).float()
+                             * scales16.float().repeat_interleave(group_size, 0)).t()
+    save_file(state, str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                     "version": "gemm"}
+    (path / "config.json").write_text(json.dumps(config))
+    return dequantized
+
+
+def test_awq_checkpoint_loads_as_int4_with_zero_points(tmp_path, no_requantizing):
+    original = _float_model(tmp_path)
+    dequantized = _write_awq_checkpoint(original, tmp_path)
+    model = load_prequantized(str(tmp_path), dtype=torch.float32)
+    for name, expected in dequantized.items():
+        assert torch.equal(model.get_submodule(name).weight, expected), name
+    fastllm.optimize(model)
+    assert set(fastllm.explain(model).graph.quantized_layers.values()) == {"int4-g32-zp"}
+    with torch.no_grad():
+        expected_logits, got = original(IDS).logits, model(IDS).logits
+    assert float(10 * torch.log10(expected_logits.pow(2).mean() / (expected_logits - got).pow(2).mean())) > 12
+    with fastllm.LLM(str(tmp_path)) as llm:  # the path route, and decode through the int4 kernel's reference
+        out = llm.generate([IDS[0].tolist()], fastllm.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                           use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

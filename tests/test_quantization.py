@@ -84,7 +84,9 @@ def test_int4_error_within_half_a_step_and_bad_group_refused():
 # sigma per row -> 40.8 dB; int4's groups have amax ~ 2.2 / 2.5 / 2.8 sigma (32 / 64 / 128) -> 20.9 / 19.8 / 18.8 dB;
 # e4m3 (3 mantissa bits) rounds each operand with ~ -31 dB relative noise, both operands -> ~28 dB. Thresholds sit
 # ~1 dB below.
-SQNR_FLOOR = {"fp8": 27.0, "int8": 39.0, "int4-g32": 19.0, "int4-g64": 18.5, "int4-g128": 17.5}
+# With zero points a group's [min, max] spans 16 codes instead of [-amax, amax] 15: measured 21.9 / 20.8 / 20.0 dB.
+SQNR_FLOOR = {"fp8": 27.0, "int8": 39.0, "int4-g32": 19.0, "int4-g64": 18.5, "int4-g128": 17.5,
+              "int4-g32-zp": 21.0, "int4-g64-zp": 20.0, "int4-g128-zp": 19.0}
 
 
 def _quantized_linear(scheme: str, x, w, bias=None):
@@ -92,7 +94,9 @@ def _quantized_linear(scheme: str, x, w, bias=None):
         return kernels.fp8_linear(x, *fp8.quantize_weight(w), bias)
     if scheme == "int8":
         return kernels.int8_linear(x, *int_weight.quantize_int8(w), bias)
-    return kernels.int4_linear(x, *int_weight.quantize_int4(w, int(scheme.split("-g")[1])), bias)
+    group, zero_point = int(scheme.split("-g")[1].removesuffix("-zp")), scheme.endswith("-zp")
+    packed, scales, *zeros = int_weight.quantize_int4(w, group, zero_point=zero_point)
+    return kernels.int4_linear(x, packed, scales, bias, *zeros)
 
 
 @pytest.mark.parametrize("scheme", list(SQNR_FLOOR))
@@ -137,7 +141,7 @@ def test_skinny_gemm_reads_fp8_weights_with_their_scales(rows):
 
 # int4 needs in-features divisible by its group (the pass keeps other layers unquantized): those pairs are left out.
 ODD_CASES = [(scheme, shape) for scheme in SQNR_FLOOR for shape in ODD_SHAPES
-             if not scheme.startswith("int4") or shape[2] % int(scheme.split("-g")[1]) == 0]
+             if not scheme.startswith("int4") or shape[2] % int(scheme.split("-g")[1].removesuffix("-zp")) == 0]
 
 
 @pytest.mark.parametrize("scheme,shape", ODD_CASES)
@@ -265,7 +269,7 @@ def test_weight_only_on_cuda_warns_that_it_is_the_slow_path():
     assert slow_path_warning(QuantConfig("int8"), "cpu") is None
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4-g32", "int4-g64", "int4-g128"])
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-zp"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 16])
 def test_decode_kernels_read_quantized_weights_like_the_reference(scheme, rows):
     """Up to 16 rows the quantized linears run Triton kernels that read the quantized weights (here interpreted on the
@@ -280,3 +284,30 @@ def test_decode_kernels_read_quantized_weights_like_the_reference(scheme, rows):
         unbiased = _quantized_linear(scheme, x[None], w)  # leading dims, no bias
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unbiased[0] + b, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_zero_points_span_each_groups_range_within_half_a_step():
+    torch.manual_seed(8)
+    w = torch.randn(12, 256) + 0.7  # off-centre groups, where a zero point pays
+    w[2, :64] = 0.0  # an all-zero group
+    packed, scales, zeros = int_weight.quantize_int4(w, 64, zero_point=True)
+    nibbles = int_weight.unpack_int4(packed).long() + 8
+    assert nibbles.min() >= 0 and nibbles.max() <= 15 and ((zeros >= 0) & (zeros <= 15)).all()
+    assert torch.equal(zeros, zeros.round())
+    error = (int_weight.dequantize_int4(packed, scales, zeros=zeros) - w).abs()
+    assert (error <= scales.repeat_interleave(64, 1) / 2 + 1e-6).all()
+    assert (int_weight.dequantize_int4(packed, scales, zeros=zeros)[2, :64] == 0).all()
+    symmetric = int_weight.quantize_int4(w, 64)
+    sym_error = (int_weight.dequantize_int4(*symmetric) - w).pow(2).mean()
+    assert error.pow(2).mean() < sym_error  # off-centre groups: the zero point is the better fit
+
+
+def test_zero_point_config_and_model(tmp_path):
+    with pytest.raises(ValueError, match="zero_point .* applies to int4 only"):
+        QuantConfig("int8", zero_point=True)
+    tiny = _tiny_llama(tmp_path)
+    model = fastllm.optimize(tiny(), quantization=QuantConfig("int4", group_size=64, zero_point=True))
+    assert set(fastllm.explain(model).graph.quantized_layers.values()) == {"int4-g64-zp"}
+    with torch.no_grad():
+        expected, got = tiny()(IDS).logits, model(IDS).logits
+    assert _sqnr(expected, got) >= 12.0

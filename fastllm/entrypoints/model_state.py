@@ -205,4 +205,5 @@ def _with_checkpoint_quantization(model, config: OptimizeConfig) -> OptimizeConf
                          f"quantization={config.quantization.weights!r} cannot re-quantize it: leave quantization out")
     kv_cache = config.quantization.kv_cache if config.quantization is not None else None
     return dataclasses.replace(config, quantization=QuantConfig(prequantized.scheme, prequantized.group_size,
-                                                                exclude=(), kv_cache=kv_cache))
+                                                                exclude=(), kv_cache=kv_cache,
+                                                                zero_point=prequantized.zero_point))

@@ -126,16 +126,19 @@ def _int4_gemv_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
     W,  # [N, K // 2] uint8: column 2j in the low nibble of byte j, 2j + 1 in the high one; codes + 8
     S,  # [N, K // GROUP] fp32 scales, row stride stride_sn
+    Z,  # [N, K // GROUP] fp32 zero points, like S (read only with HAS_ZEROS; else the zero is 8)
     B,  # [N] bias (read only with HAS_BIAS)
     Y,  # [M, N], row stride stride_ym
     N, K,
     stride_xm, stride_wn, stride_sn, stride_ym,
     GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_KH: tl.constexpr,  # packed bytes a chunk; 2 * BLOCK_KH divides GROUP, so a chunk has one scale
 ):  # fmt: skip
-    """Program (n block, row m): y[m, n] = sum_k x[m, k] * (code[n, k] * scale[n, k // GROUP]). Even and odd columns of
+    """Program (n block, row m): y[m, n] = sum_k x[m, k] * ((nibble[n, k] - zero) * scale[n, k // GROUP]), the zero 8
+    (symmetric) or the group's own (HAS_ZEROS). Even and odd columns of
     x are loaded apart and meet the low and high nibbles, so the packed bytes are never interleaved in registers; the
     [BLOCK_N, BLOCK_KH] accumulator is reduced once, after the loop."""
     pid_n = tl.program_id(0)
@@ -146,11 +149,16 @@ def _int4_gemv_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_KH], dtype=tl.float32)
     for kh0 in range(0, K // 2, BLOCK_KH):
         packed = tl.load(W + n_load[:, None] * stride_wn + (kh0 + j)[None, :]).to(tl.int32)
-        low = ((packed & 15) - 8).to(tl.float32)
-        high = ((packed >> 4) - 8).to(tl.float32)
+        group = (2 * kh0) // GROUP
+        if HAS_ZEROS:
+            zero = tl.load(Z + n_load * stride_sn + group)[:, None]
+        else:
+            zero = 8.0
+        low = (packed & 15).to(tl.float32) - zero
+        high = (packed >> 4).to(tl.float32) - zero
         x_even = tl.load(X + m * stride_xm + 2 * (kh0 + j)).to(tl.float32)
         x_odd = tl.load(X + m * stride_xm + 2 * (kh0 + j) + 1).to(tl.float32)
-        scale = tl.load(S + n_load * stride_sn + (2 * kh0) // GROUP)
+        scale = tl.load(S + n_load * stride_sn + group)
         acc += (low * x_even[None, :] + high * x_odd[None, :]) * scale[:, None]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
@@ -158,7 +166,8 @@ def _int4_gemv_kernel(
     tl.store(Y + m * stride_ym + n, y.to(Y.dtype.element_ty), mask=n < N)
 
 
-def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+               zeros: torch.Tensor | None):
     m, k = rows.shape
     n = packed.shape[0]
     group = k // scales.shape[1]
@@ -168,28 +177,31 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     rows = rows.contiguous()
     with device_guard(rows):
         _int4_gemv_kernel[(triton.cdiv(n, block_n), m)](
-            rows, packed, scales, bias if bias is not None else out, out, n, k,
+            rows, packed, scales, zeros if zeros is not None else scales, bias if bias is not None else out, out, n, k,
             rows.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-            GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=4,
+            GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, BLOCK_N=block_n, BLOCK_KH=block_kh,
+            num_warps=4,
         )  # fmt: skip
     return out
 
 
-def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K], packed [N, K // 2] uint8, scales [N, K // group] fp32 -> [..., N] in x's dtype (fp32 math)."""
-    return F.linear(x.float(), dequantize_int4(packed, scales), None if bias is None else bias.float()).to(x.dtype)
+def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                    zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K], packed [N, K // 2] uint8, scales [N, K // group] fp32, zeros like scales or None (symmetric) ->
+    [..., N] in x's dtype (fp32 math)."""
+    weight = dequantize_int4(packed, scales, zeros=zeros)
+    return F.linear(x.float(), weight, None if bias is None else bias.float()).to(x.dtype)
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                zeros: torch.Tensor | None = None) -> torch.Tensor:
     """`int4_linear_ref`'s math: up to 16 rows a Triton GEMV reads the packed weights (one program per row and block
     of outputs); more rows on CUDA dequantize into x's dtype for cuBLAS; the CPU runs the reference."""
     n = packed.shape[0]
     k = packed.shape[1] * 2
     rows = x.reshape(-1, k)
     if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
-        return _int4_gemv(rows, packed, scales, bias).reshape(*x.shape[:-1], n)
+        return _int4_gemv(rows, packed, scales, bias, zeros).reshape(*x.shape[:-1], n)
     if not x.is_cuda:
-        return int4_linear_ref(x, packed, scales, bias)
-    return F.linear(x, dequantize_int4(packed, scales, x.dtype), bias)
+        return int4_linear_ref(x, packed, scales, bias, zeros)
+    return F.linear(x, dequantize_int4(packed, scales, x.dtype, zeros), bias)

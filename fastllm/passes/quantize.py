@@ -36,13 +36,15 @@ def replacement(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tens
     return kernels.fp8_linear(x, qweight, weight_scale)
 
 
-def quantized_tensors(weight: torch.Tensor, scheme: str, group_size: int) -> tuple[torch.Tensor, ...]:
-    """The tensors a scheme's linear takes in place of `weight`."""
+def quantized_tensors(weight: torch.Tensor, scheme: str, group_size: int,
+                      zero_point: bool = False) -> tuple[torch.Tensor, ...]:
+    """The tensors a scheme's linear takes in place of `weight`: (qweight, scale), or for int4 with zero points
+    (packed, scales, zeros)."""
     if scheme == "fp8":
         return fp8.quantize_weight(weight)
     if scheme == "int8":
         return int_weight.quantize_int8(weight)
-    return int_weight.quantize_int4(weight, group_size)
+    return int_weight.quantize_int4(weight, group_size, zero_point=zero_point)
 
 
 def apply(ctx: PassContext) -> int:
@@ -73,9 +75,10 @@ def apply(ctx: PassContext) -> int:
             ctx.quantized_layers[layer] = f"not quantized: in-features {weight.shape[1]} not a multiple of " \
                                           f"group size {config.group_size}"
             continue
-        key = (weight.data_ptr(), tuple(weight.shape), config.weights, config.group_size)
+        key = (weight.data_ptr(), tuple(weight.shape), config.weights, config.group_size, config.zero_point)
         if key not in ctx.merger.quantized:  # one quantized copy per weight, however many graphs use it
-            ctx.merger.quantized[key] = quantized_tensors(weight, config.weights, config.group_size)
+            ctx.merger.quantized[key] = quantized_tensors(weight, config.weights, config.group_size,
+                                                          config.zero_point)
         _replace(ctx, node, config.weights, ctx.merger.quantized[key])
         ctx.quantized_layers[layer] = config.label
         count += 1
@@ -83,11 +86,13 @@ def apply(ctx: PassContext) -> int:
 
 
 def _replace(ctx: PassContext, node, scheme: str, tensors: tuple[torch.Tensor, ...]) -> None:
-    """`node` (a linear) -> the scheme's quantized linear on `tensors`, which become constants of the graph."""
+    """`node` (a linear) -> the scheme's quantized linear on `tensors`, which become constants of the graph. The
+    launchers take (x, weight, scale, bias, *rest): int4's zero points come after the bias."""
     graph = ctx.gm.graph
     constants = [ctx.constant(t, before=node) for t in tensors]
     with graph.inserting_before(node):
-        quantized = graph.call_function(LAUNCHERS[scheme], (node.args[0], *constants, arg(node, 2, "bias")))
+        quantized = graph.call_function(LAUNCHERS[scheme], (node.args[0], *constants[:2], arg(node, 2, "bias"),
+                                                            *constants[2:]))
     quantized.meta.update(node.meta)
     node.replace_all_uses_with(quantized)
     graph.erase_node(node)

@@ -5,11 +5,14 @@ Supported, each mapping exactly onto a fastllm scheme:
   are): `quant_method == "compressed-tensors"`, 8-bit float weights with one scale per output channel or one per
   tensor (`<layer>.weight` in float8 e4m3, `<layer>.weight_scale` [N, 1] or [1]), activations dynamic per token or not
   quantized -> "fp8" (a per-tensor scale is the same scale for every channel).
-- GPTQ, 4 bits, symmetric, without act-order (`quant_method == "gptq"`, `sym: true`, `desc_act: false`, group size
-  32/64/128, the "gptq" checkpoint format): `<layer>.qweight` int32 [K / 8, N] (input channel 8r + i in nibble i of
-  row r), `<layer>.scales` [K / g, N], `<layer>.qzeros` all 7 (the format stores zero - 1; zero 8 is symmetric) ->
-  "int4" with that group size (codes q - 8, fastllm's nibbles).
-Other layouts (static activation scales, block-wise FP8, asymmetric GPTQ, act-order, AWQ) are refused with what is
+- GPTQ, 4 bits, without act-order (`quant_method == "gptq"`, `desc_act: false`, group size 32/64/128, the "gptq"
+  checkpoint format): `<layer>.qweight` int32 [K / 8, N] (input channel 8r + i in nibble i of row r),
+  `<layer>.scales` [K / g, N], `<layer>.qzeros` int32 [K / g, N / 8] (output channel 8c + j in nibble j; the format
+  stores zero - 1) -> "int4" with that group size; symmetric checkpoints (every zero 8) without zero points.
+- AWQ, 4 bits, GEMM layout (`quant_method == "awq"`, `version: "gemm"`, zero points): `<layer>.qweight` int32
+  [K, N / 8] and `<layer>.qzeros` int32 [K / g, N / 8], output channel 8c + AWQ_ORDER[i] in nibble i of column c,
+  `<layer>.scales` [K / g, N] -> "int4" with zero points.
+Other layouts (static activation scales, block-wise FP8, act-order GPTQ, AWQ GEMV) are refused with what is
 supported.
 
 The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward still runs on them); the
@@ -36,10 +39,13 @@ class Prequantized:
     layers: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     source: str = ""
     group_size: int = 128  # int4
+    zero_point: bool = False  # int4: the layers carry zero points (asymmetric)
 
 
 SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per token or "
-             "unquantized) and GPTQ 4-bit symmetric without act-order (group size 32, 64 or 128)")
+             "unquantized), GPTQ 4-bit without act-order and AWQ 4-bit GEMM (group size 32, 64 or 128)")
+# AWQ packs output channel 8c + AWQ_ORDER[i] into nibble i of column c.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def checkpoint_scheme(quantization_config) -> tuple[str, int]:
@@ -50,6 +56,8 @@ def checkpoint_scheme(quantization_config) -> tuple[str, int]:
     supported = SUPPORTED
     if method == "gptq":
         return "int4", _gptq_group_size(qc)
+    if method == "awq":
+        return "int4", _awq_group_size(qc)
     if method != "compressed-tensors":
         raise ValueError(f"quantized checkpoint with quant_method {method!r} is not supported yet; fastllm loads "
                          f"{supported}")
@@ -67,31 +75,66 @@ def checkpoint_scheme(quantization_config) -> tuple[str, int]:
 
 
 def _gptq_group_size(qc: dict) -> int:
-    settings = {"bits": qc.get("bits"), "sym": qc.get("sym", True), "desc_act": qc.get("desc_act", False),
-                "group_size": qc.get("group_size"), "checkpoint_format": qc.get("checkpoint_format", "gptq")}
-    if (settings["bits"] != 4 or settings["sym"] is not True or settings["desc_act"] or settings["group_size"]
-            not in (32, 64, 128) or settings["checkpoint_format"] != "gptq"):
+    settings = {"bits": qc.get("bits"), "desc_act": qc.get("desc_act", False), "group_size": qc.get("group_size"),
+                "checkpoint_format": qc.get("checkpoint_format", "gptq")}
+    if (settings["bits"] != 4 or settings["desc_act"] or settings["group_size"] not in (32, 64, 128)
+            or settings["checkpoint_format"] != "gptq"):
         raise ValueError(f"GPTQ checkpoint with {settings} is not supported; fastllm loads {SUPPORTED}")
     return settings["group_size"]
 
 
-def _from_gptq(tensors: dict, layer: str, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A GPTQ layer's (qweight, qzeros, scales[, g_idx]) -> fastllm's int4 (packed [N, K // 2], scales [N, K // g])."""
-    qweight = tensors[layer + ".qweight"].to(torch.int64) & 0xFFFFFFFF  # int32 words as unsigned
-    rows, n = qweight.shape
+def _awq_group_size(qc: dict) -> int:
+    settings = {"bits": qc.get("bits", qc.get("w_bit")), "group_size": qc.get("group_size", qc.get("q_group_size")),
+                "zero_point": qc.get("zero_point", True), "version": str(qc.get("version", "gemm")).lower()}
+    if (settings["bits"] != 4 or settings["group_size"] not in (32, 64, 128) or settings["zero_point"] is not True
+            or settings["version"] != "gemm"):
+        raise ValueError(f"AWQ checkpoint with {settings} is not supported; fastllm loads {SUPPORTED}")
+    return settings["group_size"]
+
+
+def _nibbles(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words -> their 8 nibbles (nibble i = bits 4i..4i+3) spread along `dim` (word w -> 8w .. 8w + 7)."""
+    words = words.to(torch.int64) & 0xFFFFFFFF  # int32 words as unsigned
     shifts = 4 * torch.arange(8, dtype=torch.int64)
-    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 15).reshape(rows * 8, n)  # [K, N], input channel 8r+i
+    if dim == 0:
+        return ((words[:, None, :] >> shifts[None, :, None]) & 15).reshape(-1, words.shape[1])
+    return ((words[:, :, None] >> shifts[None, None, :]) & 15).reshape(words.shape[0], -1)
+
+
+def _int4_tensors(codes_kn: torch.Tensor, scales_gn: torch.Tensor, zeros_gn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Codes [K, N] (0..15), scales and zeros [K / g, N] -> fastllm's int4: (packed, scales) when every zero is 8
+    (symmetric), else (packed, scales, zeros)."""
+    codes = codes_kn.t().contiguous()  # [N, K]
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    scales = scales_gn.float().t().contiguous()
+    if bool((zeros_gn == 8).all()):
+        return packed, scales
+    return packed, scales, zeros_gn.float().t().contiguous()
+
+
+def _from_awq(tensors: dict, layer: str) -> tuple[torch.Tensor, ...]:
+    """An AWQ GEMM layer's (qweight, qzeros, scales) -> fastllm's int4 with zero points."""
+    natural = torch.tensor([AWQ_ORDER.index(c) for c in range(8)])  # nibble holding each column of a block
+
+    def columns(words):
+        spread = _nibbles(words, 1)  # [rows, 8 * blocks], in nibble order
+        blocks = spread.reshape(spread.shape[0], -1, 8)
+        return blocks[:, :, natural].reshape(spread.shape[0], -1)
+
+    return _int4_tensors(columns(tensors[layer + ".qweight"]), tensors[layer + ".scales"],
+                         columns(tensors[layer + ".qzeros"]))
+
+
+def _from_gptq(tensors: dict, layer: str, group_size: int) -> tuple[torch.Tensor, ...]:
+    """A GPTQ layer's (qweight, qzeros, scales[, g_idx]) -> fastllm's int4 (packed [N, K // 2], scales [N, K // g],
+    and zeros like scales unless every zero is the symmetric 8)."""
+    codes = _nibbles(tensors[layer + ".qweight"], 0)  # [K, N]: input channel 8r + i
     k = codes.shape[0]
-    zeros = tensors[layer + ".qzeros"].to(torch.int64) & 0xFFFFFFFF
-    if not bool((zeros == 0x77777777).all()):
-        raise ValueError(f"{layer}: GPTQ zero points other than the symmetric one (8) are not supported; fastllm "
-                         f"loads {SUPPORTED}")
     g_idx = tensors.get(layer + ".g_idx")
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
         raise ValueError(f"{layer}: GPTQ act-order (a permuted g_idx) is not supported; fastllm loads {SUPPORTED}")
-    codes = codes.t().contiguous()  # [N, K], 0..15: fastllm's codes (value + 8)
-    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
-    return packed, tensors[layer + ".scales"].float().t().contiguous()
+    zeros = _nibbles(tensors[layer + ".qzeros"], 1) + 1  # [K / g, N]; the "gptq" format stores zero - 1
+    return _int4_tensors(codes, tensors[layer + ".scales"], zeros)
 
 
 def _state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -123,6 +166,8 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     if quantization_config is None:
         raise ValueError(f"{path} is not a quantized checkpoint (its config has no quantization_config)")
     scheme, group_size = checkpoint_scheme(quantization_config)
+    method = (quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()).get(
+        "quant_method")
     del config.quantization_config
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -132,11 +177,11 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     for name, tensor in tensors.items():
         if name.endswith((".weight_scale", ".qzeros", ".scales", ".g_idx")):
             continue
-        if name.endswith(".qweight"):  # GPTQ
+        if name.endswith(".qweight"):  # GPTQ or AWQ
             layer = name.removesuffix(".qweight")
-            packed, scales = _from_gptq(tensors, layer, group_size)
-            prequantized.layers[layer] = (packed, scales)
-            state[layer + ".weight"] = dequantize_int4(packed, scales, dtype)
+            int4 = _from_awq(tensors, layer) if method == "awq" else _from_gptq(tensors, layer, group_size)
+            prequantized.layers[layer] = int4
+            state[layer + ".weight"] = dequantize_int4(*int4[:2], dtype, *int4[2:])
             continue
         if name.endswith(".weight") and tensor.dtype == FP8:
             layer = name.removesuffix(".weight")
@@ -151,6 +196,11 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
         raise ValueError(f"{path}: the checkpoint does not match {type(model).__name__}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     model.tie_weights()
+    forms = {len(t) for t in prequantized.layers.values()}
+    if scheme == "int4" and len(forms) > 1:  # int4 layers with and without zero points: run them all with zeros
+        prequantized.layers = {name: t if len(t) == 3 else (*t, torch.full_like(t[1], 8.0))
+                               for name, t in prequantized.layers.items()}
+    prequantized.zero_point = scheme == "int4" and 3 in forms
     model._fastllm_prequantized = prequantized
     model.eval()
     return model.to(device) if device is not None else model

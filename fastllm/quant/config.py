@@ -7,7 +7,8 @@ Schemes (weights converted once, at optimize() time):
 - "fp8": W8A8 in float8 e4m3: weights per output channel, activations per token, scaled on the fly. On CUDA it needs
   FP8 tensor cores (compute capability 8.9: Ada, Hopper and later).
 - "int8": weight-only, symmetric per output channel; activations stay in the model's dtype.
-- "int4": weight-only, symmetric in groups of `group_size` input channels, two weights a byte.
+- "int4": weight-only, in groups of `group_size` input channels, two weights a byte: symmetric, or with a zero point
+  per group (`zero_point=True`: a group's [min, max] spans the 16 codes; AWQ's and most GPTQ checkpoints' form).
 Layers named in `exclude` (default: the LM head, whose errors every token's distribution feels) keep the model's
 dtype.
 - KV cache "fp8" (`quantization="fp8_kv"`, or `QuantConfig(kv_cache="fp8")` beside any weight scheme): K and V stored
@@ -40,12 +41,14 @@ class QuantConfig:
         exclude: layers that stay unquantized, by module name ("lm_head") or a dotted suffix of it
             ("mlp.down_proj" excludes every layer's down projection).
         kv_cache: None (the model's dtype) or "fp8" (float8 e4m3 K and V).
+        zero_point: int4 only: a zero point per group (asymmetric) instead of symmetric codes.
     """
 
     weights: str | None = "fp8"
     group_size: int = 128
     exclude: tuple[str, ...] = ("lm_head",)
     kv_cache: str | None = None
+    zero_point: bool = False
 
     def __post_init__(self) -> None:
         if self.weights is not None and self.weights not in WEIGHT_SCHEMES:
@@ -54,6 +57,9 @@ class QuantConfig:
             raise ValueError(f"kv_cache must be None or one of {KV_CACHE_SCHEMES}, got {self.kv_cache!r}")
         if self.weights is None and self.kv_cache is None:
             raise ValueError("QuantConfig quantizes nothing: give weights and/or kv_cache")
+        if not isinstance(self.zero_point, bool) or (self.zero_point and self.weights != "int4"):
+            raise ValueError(f"zero_point (True or False) applies to int4 only; got zero_point={self.zero_point!r} "
+                             f"with weights={self.weights!r}")
         if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
         if isinstance(self.exclude, str) or not all(isinstance(e, str) and e for e in self.exclude):
@@ -66,8 +72,11 @@ class QuantConfig:
 
     @property
     def label(self) -> str | None:
-        """The weights' scheme as `explain()` names it ("fp8", "int8", "int4-g128"), None if they are not quantized."""
-        return f"int4-g{self.group_size}" if self.weights == "int4" else self.weights
+        """The weights' scheme as `explain()` names it ("fp8", "int8", "int4-g128", "int4-g128-zp"), None if they are
+        not quantized."""
+        if self.weights == "int4":
+            return f"int4-g{self.group_size}" + ("-zp" if self.zero_point else "")
+        return self.weights
 
 
 def resolve_quantization(value: object) -> QuantConfig | None:
