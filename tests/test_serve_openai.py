@@ -157,3 +157,14 @@ def test_metrics_count_the_requests_served(client, server):
     assert server.metric("fastllm_time_per_output_token_seconds_count") >= 2
     assert server.metric('fastllm_http_requests_total{route="/v1/completions",status="200"}') >= 2
     assert server.metric("fastllm_kv_blocks_used") == 0 and server.metric("fastllm_requests_admitted") == 0
+
+
+def test_a_quantized_server_answers_as_the_quantized_llm(model_dir):
+    """`fastllm serve --quantization int8`: the engine process quantizes the model it builds; greedy answers equal
+    the same quantization run through LLM in this process."""
+    with running_server(model_dir, "--quantization", "int8") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        answer = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0)
+    with fastllm.LLM(str(model_dir), dtype=torch.float32, quantization="int8") as llm:
+        texts, _ = _reference(llm, PROMPT, max_tokens=8, temperature=0)
+    assert [c.text for c in answer.choices] == texts
