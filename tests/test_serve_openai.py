@@ -168,3 +168,34 @@ def test_a_quantized_server_answers_as_the_quantized_llm(model_dir):
     with fastllm.LLM(str(model_dir), dtype=torch.float32, quantization="int8") as llm:
         texts, _ = _reference(llm, PROMPT, max_tokens=8, temperature=0)
     assert [c.text for c in answer.choices] == texts
+
+
+def _engine_pid(server_pid: int) -> int:
+    """The server's engine process: its multiprocessing 'spawn' child (not the resource tracker)."""
+    import subprocess
+
+    listing = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True,
+                             text=True, check=True).stdout  # -ww: the whole command line, however wide
+    (pid,) = [int(line.split()[0]) for line in listing.splitlines() if "spawn_main" in line]
+    return pid
+
+
+def test_a_dead_engine_makes_the_server_unhealthy_and_requests_fail_cleanly(model_dir):
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    with running_server(model_dir) as server:
+        os.kill(_engine_pid(server.process.pid), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/health", timeout=5).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = httpx.get(f"{server.url}/health", timeout=5)
+        assert health.status_code == 503 and health.json() == {"status": "engine not running"}
+        assert httpx.get(f"{server.url}/v2/health/ready", timeout=5).status_code != 200
+        answer = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, "prompt": PROMPT,
+                                                                 "max_tokens": 4}, timeout=10)
+        assert 500 <= answer.status_code < 600 and "engine" in answer.text
+        assert server.process.poll() is None  # the server itself is still up, answering

@@ -78,6 +78,9 @@ def build_app(serving: ServingEngine, model_name: str, *, api_key: str | None = 
 
     @app.get("/health")
     async def health():
+        # Unhealthy once the engine is gone (its process died, or it was shut down): a load balancer routes away.
+        if not state.serving.ready:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
