@@ -167,3 +167,19 @@ def test_on_cuda_streams_equal_an_in_process_llm(model_dir):
     with LLM(model) as llm:
         expected = llm.generate(prompts, params, use_tqdm=False)
     assert [tokens for tokens, _ in streamed] == [want.outputs[0].token_ids for want in expected]
+
+
+def test_a_client_dropped_without_shutdown_stops_its_engine(model_dir):
+    """Nothing of fastllm's keeps a client alive (its threads hold no strong reference): dropping it runs its
+    finalizer, which stops the engine process and the model it holds."""
+    import gc
+    import weakref
+
+    client = EngineClient(functools.partial(_engine_builders.tiny_llm, model_dir))
+    process, ref = client._process, weakref.ref(client)
+    asyncio.run(_collect(client, [1, 2, 3], SamplingParams(max_tokens=2, **GREEDY)))
+    del client
+    gc.collect()
+    assert ref() is None
+    process.join(timeout=15)
+    assert not process.is_alive()

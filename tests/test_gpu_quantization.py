@@ -69,10 +69,9 @@ def test_weight_only_linears_on_cuda_against_their_references(scheme, rows):
     assert _sqnr(ref(x, *tensors), linear(x, *tensors)) >= 40.0  # only bf16 rounding (weight or output) differs
 
 
+@pytest.mark.skipif(not _has_fp8(), reason="needs the float8 type in Triton (compute capability 8.9+)")
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_fp8_decode_path_reads_fp8_weights_like_the_reference(rows):
-    if not _has_fp8():
-        pytest.skip("needs the float8 type in Triton (compute capability 8.9+)")
     torch.manual_seed(4)
     x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
     q, scale = fp8.quantize_weight(torch.randn(6144, 4096, device="cuda", dtype=torch.bfloat16) * 0.02)
@@ -109,12 +108,12 @@ def test_fp8_model_logits_against_bf16():
     assert sqnr >= 25.0
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("scheme", [pytest.param("fp8", marks=pytest.mark.skipif(not _has_fp8(),
+                                                                                  reason="needs FP8 tensor cores")),
+                                    "int8", "int4"])
 def test_quantized_greedy_decode_with_cuda_graphs_equals_the_compiled_steps_own_argmax(scheme):
     """Decode steps replay CUDA graphs; each greedy token must be the argmax of the same quantized model's logits
     for the sequence so far (teacher-forced through model(...), which runs the same compiled step)."""
-    if scheme == "fp8" and not _has_fp8():
-        pytest.skip("needs FP8 tensor cores")
     model = fastllm.optimize(_llama(torch.float32 if scheme != "fp8" else torch.bfloat16), quantization=scheme,
                              max_num_seqs=8)
     # 4 + 10 tokens: teacher forcing runs 13 rows, like decode within fp8's weight-only size (<= 16 rows)

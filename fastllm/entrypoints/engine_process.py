@@ -29,6 +29,7 @@ import signal
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -105,10 +106,15 @@ class EngineClient:
         self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self._dead: str | None = None   # why the child is gone, once it is
         self._stopped = False
-        self._reader = threading.Thread(target=self._read_loop, name="fastllm-engine-reader", daemon=True)
-        self._sender = threading.Thread(target=self._send_loop, name="fastllm-engine-sender", daemon=True)
+        # The threads hold no reference to this client (the reader a weak one): a client dropped without shutdown()
+        # is collected, and its finalizer stops the engine process and the model it holds.
+        self._reader = threading.Thread(target=_read_loop, args=(weakref.ref(self), self._from_child),
+                                        name="fastllm-engine-reader", daemon=True)
+        self._sender = threading.Thread(target=_send_loop, args=(self._outgoing, self._to_child),
+                                        name="fastllm-engine-sender", daemon=True)
         self._reader.start()
         self._sender.start()
+        self._finalizer = weakref.finalize(self, _stop_process, self._process, self._outgoing, 10.0)
 
     def _wait_ready(self, timeout_s: float) -> EngineInfo:
         deadline = time.monotonic() + timeout_s
@@ -176,32 +182,16 @@ class EngineClient:
         if self._stopped:
             return
         self._stopped = True
-        self._outgoing.put(("shutdown",))
-        self._process.join(timeout=timeout_s)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout=5)
-        self._outgoing.put(None)  # ends the sender
+        self._finalizer.detach()
+        _stop_process(self._process, self._outgoing, timeout_s)
         self._fail_streams("the engine process was shut down")
 
-    def _send_loop(self) -> None:
-        while (message := self._outgoing.get()) is not None:
-            try:
-                self._to_child.send(message)
-            except (OSError, ValueError):  # the child is gone; the reader reports it
-                return
-            if message[0] == "shutdown":
-                return
+    def _received(self, updates: list[tuple], metrics: dict | None) -> None:
+        if metrics is not None:
+            self._metrics = metrics
+        self._deliver(updates)
 
-    def _read_loop(self) -> None:
-        while True:
-            try:
-                kind, updates, metrics = self._from_child.recv()
-            except (EOFError, OSError):
-                break
-            if metrics is not None:
-                self._metrics = metrics
-            self._deliver(updates)
+    def _child_gone(self) -> None:
         if not self._stopped:
             self._dead = f"the engine process died (exit code {self._process.exitcode})"
             self._fail_streams(self._dead)
@@ -228,6 +218,44 @@ class EngineClient:
                 loop.call_soon_threadsafe(updates.put_nowait, RuntimeError(why))
             except RuntimeError:
                 pass
+
+
+def _stop_process(process, outgoing: queue.SimpleQueue, timeout_s: float) -> None:
+    """Ask the engine process to stop (it aborts its requests and frees the model), kill it if it does not; end the
+    sender thread."""
+    outgoing.put(("shutdown",))
+    process.join(timeout=timeout_s)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=5)
+    outgoing.put(None)
+
+
+def _send_loop(outgoing: queue.SimpleQueue, connection) -> None:
+    while (message := outgoing.get()) is not None:
+        try:
+            connection.send(message)
+        except (OSError, ValueError):  # the child is gone; the reader reports it
+            return
+        if message[0] == "shutdown":
+            return
+
+
+def _read_loop(client_ref, connection) -> None:
+    """Hands each message of the child to its client while the client lives; tells it when the child is gone."""
+    while True:
+        try:
+            _, updates, metrics = connection.recv()
+        except (EOFError, OSError):
+            break
+        client = client_ref()
+        if client is None:  # collected: its finalizer stops the child
+            return
+        client._received(updates, metrics)
+        del client  # no reference held while blocked in recv()
+    client = client_ref()
+    if client is not None:
+        client._child_gone()
 
 
 def _put_all(items) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
+
+from fastllm.passes._graph import arg, is_op
 
 
 @dataclass
@@ -60,6 +63,15 @@ class PassContext:
     # when the model's weights are quantized here.
     prequantized: dict[str, tuple[torch.Tensor, ...]] | None = None
     _num_constants: int = 0
+
+    def linears(self) -> Iterator[tuple[fx.Node, torch.Tensor]]:
+        """(node, weight) for each `linear` call whose weight is a known 2-D tensor, over a snapshot of the nodes (a
+        pass may replace the node it is given)."""
+        for node in list(self.gm.graph.nodes):
+            if is_op(node, "linear"):
+                weight = self.weight(arg(node, 1, "weight"))
+                if weight is not None and weight.dim() == 2:
+                    yield node, weight
 
     def module_names(self, weight: torch.Tensor) -> list[str]:
         """The modules whose weight parameter lives in `weight`'s storage: one for a plain linear, the parts of a

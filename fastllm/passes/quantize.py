@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastllm import kernels
 from fastllm.passes._context import PassContext
-from fastllm.passes._graph import arg, is_op
+from fastllm.passes._graph import arg
 from fastllm.quant import fp8, int_weight
 
 NAME = "quantize"
@@ -51,13 +51,9 @@ def apply(ctx: PassContext) -> int:
     config = ctx.quantization
     if config is None or config.weights is None:  # not quantized, or only the KV cache (the runner's business)
         return 0
-    graph = ctx.gm.graph
     count = 0
-    for node in list(graph.nodes):
-        if not is_op(node, "linear"):
-            continue
-        weight = ctx.weight(arg(node, 1, "weight"))
-        if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+    for node, weight in ctx.linears():
+        if not weight.is_floating_point():
             continue
         names = ctx.module_names(weight)
         if not names or any(config.excludes(n) for n in names):

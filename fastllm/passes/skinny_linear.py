@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fastllm import kernels
 from fastllm.passes._context import PassContext
-from fastllm.passes._graph import arg, fake, is_op
+from fastllm.passes._graph import arg, fake
 
 NAME = "skinny_linear"
 # After every pass that merges or replaces linears: they match `linear` calls, which this pass turns into
@@ -35,12 +35,9 @@ def replacement(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     count = 0
-    for node in list(graph.nodes):
-        if not is_op(node, "linear"):
-            continue
-        weight = ctx.weight(arg(node, 1, "weight"))
+    for node, weight in ctx.linears():
         x = fake(node.args[0])
-        if weight is None or weight.dim() != 2 or not weight.is_contiguous() or x is None:
+        if not weight.is_contiguous() or x is None:
             continue
         if weight.dtype not in (torch.float16, torch.bfloat16) or x.dtype != weight.dtype:
             continue  # fp32 models keep cuBLAS: the kernel's gain is in 16-bit weights' bandwidth

@@ -203,7 +203,11 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     prequantized.zero_point = scheme == "int4" and 3 in forms
     model._fastllm_prequantized = prequantized
     model.eval()
-    return model.to(device) if device is not None else model
+    if device is not None:  # the quantized tensors go with the model: the pass then uses them where they are
+        prequantized.layers = {name: tuple(t.to(device) for t in tensors)
+                               for name, tensors in prequantized.layers.items()}
+        model = model.to(device)
+    return model
 
 
 def _tied(model, name: str) -> bool:
