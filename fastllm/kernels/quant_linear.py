@@ -97,7 +97,7 @@ def _weight_gemv(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     m, k = rows.shape
     n = qweight.shape[0]
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
-    cfg = skinny_gemm._config(m, n, k, rows.dtype, rows.device)
+    cfg = skinny_gemm._config(m, n, k, rows.dtype, rows.device, weight_bytes=qweight.element_size())
     skinny_gemm._launch(rows.contiguous(), qweight, bias, out, None, cfg, weight_scale=scale)
     return out
 

@@ -1,0 +1,124 @@
+"""W5-quant-gemv: the quantized decode linears (fp8 / int8 / int4 weights) beside the bf16 skinny GEMM and cuBLAS.
+
+Llama-3.1-8B's decode shapes (N x K) at M = 1 and 8 rows. GB/s counts the bytes each kernel must read: the weight in
+its stored format with its scales, plus x and out. Timing: `triton.testing.do_bench_cudagraph` (median, inside a CUDA
+graph as decode runs), cycling through weight copies of >= 256 MB in all so no call finds its weight in L2. Every
+output is checked against its `_ref` (SQNR >= 28 dB, the issue's bar for FP8 GEMMs) before timing. With --sweep, the
+fp8/int8 skinny GEMM is also timed at every autotune candidate of skinny_gemm.py (the heuristic was chosen for 2-byte
+weights), and the int4 GEMV at a few block sizes.
+
+    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--out DIR]
+
+Writes DIR/W5-quant-gemv-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import sys
+
+import torch
+from _common import copy_bandwidth_gb_s, missing_gpu, write_result
+
+from fastllm.kernels import quant_linear, skinny_gemm
+from fastllm.quant import fp8, int_weight
+
+SHAPES = [("qkv_8b", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_8b", 28672, 4096), ("down_8b", 4096, 14336)]
+ROWS = [1, 8]
+WORKING_SET = 256 * 2**20
+MIN_SQNR_DB = 28.0
+
+
+def _sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    reference, approx = reference.float(), approx.float()
+    return float(10 * torch.log10(reference.pow(2).mean() / (reference - approx).pow(2).mean()))
+
+
+def _copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(-(-WORKING_SET // nbytes) - 1)]
+
+
+def _schemes(weight: torch.Tensor) -> dict:
+    """scheme -> (stored tensors, launcher(x, *tensors), reference(x, *tensors))."""
+    linear = torch.nn.functional.linear
+    return {
+        "bf16": ((weight,), lambda x, w: skinny_gemm.skinny_linear(x, w), lambda x, w: linear(x.float(), w.float())),
+        "cublas_bf16": ((weight,), linear, lambda x, w: linear(x.float(), w.float())),
+        "fp8": (fp8.quantize_weight(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
+        "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, quant_linear.int8_linear_ref),
+        "int4": (int_weight.quantize_int4(weight, 128), quant_linear.int4_linear, quant_linear.int4_linear_ref),
+    }
+
+
+def _sweep_skinny(x, qweight, scale, bench) -> list[dict]:
+    m, k = x.shape
+    n = qweight.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    results = []
+    for cfg in skinny_gemm._candidates(m, k, x.dtype) + [
+        {**skinny_gemm._tile(m, k, x.dtype, bn, bk, w, s), "split_k": sk}
+        for (bn, bk, w, s), sk in itertools.product([(4, 2048, 4, 3), (8, 1024, 4, 3), (4, 4096, 8, 3)], (1, 2))
+        if m <= 4
+    ]:
+        num_splits, _ = skinny_gemm._split(k, cfg["BLOCK_K"], cfg["split_k"])
+        ws = torch.empty(max(1, num_splits * m * n), dtype=torch.float32, device=x.device)
+        ms = bench(lambda cfg=cfg, ws=ws: skinny_gemm._launch(x, qweight, None, out, ws, cfg, weight_scale=scale))
+        results.append({**cfg, "ms": ms, "gb_s": (qweight.numel() + 4 * n) / (ms * 1e-3) / 1e9})
+    return sorted(results, key=lambda r: r["ms"])[:5]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    if missing_gpu(__file__):
+        return 2
+    import triton.testing
+
+    torch.manual_seed(0)
+    bench = functools.partial(triton.testing.do_bench_cudagraph, return_mode="median", rep=30)
+    results, sweeps = {}, {}
+    for (name, n, k), m in itertools.product(SHAPES, ROWS):
+        weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for scheme, (tensors, launch, reference) in _schemes(weight).items():
+            key = f"{name}_{n}x{k}_m{m}_{scheme}"
+            sqnr = _sqnr(reference(x, *tensors), launch(x, *tensors))
+            if not sqnr >= MIN_SQNR_DB:
+                sys.exit(f"{key}: SQNR {sqnr:.1f} dB against its reference (< {MIN_SQNR_DB}); not timing it")
+            copies = itertools.cycle(_copies(tensors))
+            ms = bench(lambda launch=launch, copies=copies: launch(x, *next(copies)))
+            nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (n + k)
+            results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
+            if args.sweep and scheme in ("fp8", "int8"):
+                sweeps[key] = _sweep_skinny(x, *tensors, bench)
+        del weight
+        torch.cuda.empty_cache()
+    copy_gb_s = copy_bandwidth_gb_s(functools.partial(triton.testing.do_bench, return_mode="median"))
+    gpu = torch.cuda.get_device_name()
+    config = {"shapes": {name: [n, k] for name, n, k in SHAPES}, "rows": ROWS, "int4_group": 128,
+              "bytes": "stored weight + scales, x and out once", "timing": "do_bench_cudagraph median, rep 30, "
+              f"cycling >= {WORKING_SET >> 20} MB of weight copies", "copy_gb_s": copy_gb_s}
+    ours = {k: v for k, v in results.items() if "cublas" not in k}
+    baselines = {"cublas_bf16": {k: v for k, v in results.items() if "cublas" in k}, "copy": {"gb_s": copy_gb_s}}
+    if sweeps:
+        baselines["sweep_top5"] = sweeps
+    path = write_result("W5-quant-gemv", gpu, config, ours, baselines, args.out)
+    print(f"{gpu}: copy {copy_gb_s:.0f} GB/s; wrote {path}")
+    print(f"{'case':<34} {'us':>8} {'GB/s':>7} {'% copy':>6} {'SQNR':>6}")
+    for key, r in results.items():
+        print(f"{key:<34} {r['ms'] * 1e3:>8.1f} {r['gb_s']:>7.0f} {100 * r['gb_s'] / copy_gb_s:>5.0f}% "
+              f"{r['sqnr_db']:>6.1f}")
+    for key, top in sweeps.items():
+        best = top[0]
+        print(f"sweep {key}: best BLOCK_N={best['BLOCK_N']} BLOCK_K={best['BLOCK_K']} warps={best['num_warps']} "
+              f"stages={best['NUM_STAGES']} split={best['split_k']}: {best['gb_s']:.0f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
