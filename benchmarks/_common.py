@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import pathlib
 import re
 
@@ -44,6 +45,7 @@ def write_result(workload: str, gpu: str, config: dict, fastllm: dict, baselines
     now = datetime.datetime.now()
     result = {"workload": workload, "gpu": gpu, "torch": torch.__version__, "triton": _version("triton"),
               "transformers": _version("transformers"), "date": now.isoformat(timespec="seconds"),
+              "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FASTLLM_")},
               "config": config, "fastllm": fastllm, "baselines": baselines}
     path = result_path(workload, gpu, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)

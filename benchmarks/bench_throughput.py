@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/bench_throughput.py [--model llama31_8b] [--workloads fixed mixed]
         [--num-requests 1000] [--providers fastllm fastllm_sync hf_continuous_batching]
-        [--settings default seqs=512 seqs=1024,tokens=16384] [--quantization fp8|int8|int4|fp8_kv] [--out DIR]
+        [--settings default seqs=512 seqs=1024,tokens=16384] [--quantization fp8|int8|int4|fp8_kv [--bf16-baseline]]
+        [--out DIR]
 
 `--settings` runs fastllm once per engine setting: "default" is `fastllm.LLM(model)` with no options at all (the
 defaults sized from the card), "seqs=N[,tokens=M]" sets max_num_seqs (and max_num_batched_tokens). Results are keyed
@@ -189,6 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4", "fp8_kv"],
                         help="every fastllm run quantized so (the file is then W2-<quantization>; the compute ceiling "
                              "of an fp8 run is measured with FP8 GEMMs)")
+    parser.add_argument("--bf16-baseline", action="store_true",
+                        help="with --quantization: also run fastllm unquantized on each workload, first, and record it "
+                             "as baselines.fastllm_bf16 (the same call's reference for the quantized numbers)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
@@ -198,7 +202,21 @@ def main(argv=None) -> int:
     runs = [(kind, provider, setting) for kind in args.workloads
             for provider in sorted(args.providers, key=lambda p: p.startswith("fastllm"))  # baseline first
             for setting in (args.settings if provider.startswith("fastllm") else [None])]
+    if args.quantization and args.bf16_baseline:
+        baselines["fastllm_bf16"] = {}
+        runs = [(kind, "fastllm_bf16", args.settings[0]) for kind in args.workloads] + runs
     for kind, provider, setting in runs:
+        if provider == "fastllm_bf16":
+            model = _build(args.model)
+            key = f"{args.model}_{kind}"
+            entry, entry["w4"] = run_fastllm(model, _requests(kind, args.num_requests, model.config.vocab_size),
+                                             _setting(setting), async_scheduling=True)
+            baselines["fastllm_bf16"][key] = entry
+            print(provider, key, entry, flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         ours = provider.startswith("fastllm")
         if not ours and kind not in args.baseline_workloads:
             continue

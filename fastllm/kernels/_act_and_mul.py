@@ -17,6 +17,8 @@ from fastllm.kernels._registry import (
     device_guard,
     next_power_of_2,
     out_or_new,
+    pdl_options,
+    pdl_wait,
     rows_view,
     tl,
     triton,
@@ -32,8 +34,10 @@ def _act_and_mul_kernel(
     inter,  # I
     ACTIVATION: tl.constexpr,  # "silu", "gelu" or "gelu_tanh"
     BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Program (row, block) computes y[row, block*BLOCK_SIZE : (block+1)*BLOCK_SIZE] in fp32."""
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 75K rows of 2 x 14336
     cols = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = cols < inter
@@ -72,5 +76,5 @@ def launch_act_and_mul(x: torch.Tensor, out: torch.Tensor, activation: str) -> N
     with device_guard(x):
         _act_and_mul_kernel[(num_rows, triton.cdiv(inter, block))](
             x, y, x.stride(0), y.stride(0), inter,
-            ACTIVATION=activation, BLOCK_SIZE=block, num_warps=max(1, block // 256),
+            ACTIVATION=activation, BLOCK_SIZE=block, num_warps=max(1, block // 256), **pdl_options(x),
         )  # fmt: skip

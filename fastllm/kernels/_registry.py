@@ -61,6 +61,8 @@ __all__ = [
     "next_power_of_2",
     "norm_outputs",
     "out_or_new",
+    "pdl_options",
+    "pdl_wait",
     "ref_output",
     "register_out_op",
     "row_launch_settings",
@@ -151,6 +153,50 @@ def sm_count(device: torch.device) -> int:
     if index not in _SM_COUNTS:
         _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNTS[index]
+
+
+# Programmatic dependent launch (PDL; compute capability 9.0+): a kernel launched with it may start while the kernel
+# before it on the stream is still running, and waits (`griddepcontrol.wait`) for that kernel's completion only
+# where it calls `pdl_wait`; the running kernel lets its successor be scheduled early with
+# `griddepcontrol.launch_dependents`. Inside a CUDA graph a decode step is ~370 short kernels whose boundaries
+# (drain, launch, fill: a few microseconds each) cost as much as some of the kernels: with PDL the next kernel's
+# programs are resident and set up when the previous one ends. Every kernel that takes USE_PDL calls `pdl_wait` before
+# it reads or writes any tensor (so the chain of waits orders it after every earlier kernel, not just the last one).
+# Opt-in (FASTLLM_PDL=1): measured on an H200 (W1, Llama-3.1-8B, 2026-11-30) it changed nothing (207.1 tok/s with,
+# 206.8 without): CUDA graphs already launch back to back, and a wait at the top of a kernel hides no work. What it is
+# kept for: kernels that start reading their weights before they wait (the weights do not depend on the kernel
+# before), which is where a decode step's kernel boundaries still cost time.
+_PDL_ENV = os.environ.get("FASTLLM_PDL") == "1"
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+try:  # the griddepcontrol instructions (Triton 3.4+); launching with PDL also needs the `launch_pdl` option
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _TRITON_HAS_PDL = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+except ImportError:
+    _TRITON_HAS_PDL = False
+
+
+def pdl_options(t: torch.Tensor) -> dict:
+    """Launch keywords for a kernel taking `USE_PDL` (see `pdl_wait`): PDL on CUDA devices of compute capability
+    9.0+ with a Triton that has it, else nothing (the kernel's USE_PDL defaults to False)."""
+    if not t.is_cuda or not _PDL_ENV:
+        return {}
+    index = torch.cuda.current_device() if t.device.index is None else t.device.index
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = HAS_TRITON and _TRITON_HAS_PDL and torch.cuda.get_device_capability(index) >= (9, 0)
+    return {"USE_PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """With USE_PDL: wait until the kernels before this one completed (their writes visible), then let the next
+    kernel's programs be scheduled. Called first in a kernel, before any tensor is touched, by every program."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 def next_power_of_2(n: int) -> int:

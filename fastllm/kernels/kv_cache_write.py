@@ -21,6 +21,8 @@ from fastllm.kernels._registry import (
     device_guard,
     next_power_of_2,
     out_or_new,
+    pdl_options,
+    pdl_wait,
     ref_output,
     register_out_op,
     tl,
@@ -55,8 +57,10 @@ def _write_kv_kernel(
     head_dim,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (t, h-block) copies k[t, heads, :] and v[t, heads, :] to the cache row of slot[t] (if >= 0)."""
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t).to(tl.int64)
     if slot < 0:
@@ -132,9 +136,11 @@ def _rotary_write_kv_kernel(
     BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (t, hb): hb < cdiv(Hq, BLOCK_H) rotates a block of q heads of token t into Q_OUT; the programs
     after them rotate a block of k heads into the cache and copy the matching v heads (if slot[t] >= 0)."""
+    pdl_wait(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     num_q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
@@ -273,7 +279,7 @@ def _write_kv_cache_op(
             k, v, k_cache, v_cache, slot_mapping,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             num_kv_heads, head_dim,
-            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=max(1, min(4, block_h * block_d // 256)),
+            BLOCK_H=block_h, BLOCK_D=block_d, num_warps=max(1, min(4, block_h * block_d // 256)), **pdl_options(k),
         )  # fmt: skip
 
 
@@ -327,7 +333,7 @@ def _rotary_and_write_kv_op(
             num_q_heads, num_kv_heads, half, head_dim,
             INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=block_half,
             BLOCK_TAIL=next_power_of_2(tail) if tail else 0, BLOCK_D=next_power_of_2(head_dim),
-            num_warps=max(1, min(4, block_h * block_half // 128)),
+            num_warps=max(1, min(4, block_h * block_half // 128)), **pdl_options(q),
         )  # fmt: skip
 
 

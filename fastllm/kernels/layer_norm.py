@@ -17,6 +17,8 @@ from fastllm.kernels._registry import (
     device_guard,
     load_row_plus_residual,
     norm_outputs,
+    pdl_options,
+    pdl_wait,
     ref_output,
     register_out_op,
     row_launch_settings,
@@ -45,9 +47,11 @@ def _layer_norm_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One program per row. Two-pass variance (mean first, then squared deviations) from registers: the
     one-pass E[x^2] - E[x]^2 loses most digits in fp32 when |mean| >> std, as after a residual add."""
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16K rows of 128K
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < N
@@ -94,7 +98,7 @@ def _launch(x, residual, weight, bias, out, residual_out, eps):
             x.stride(0), r.stride(0), out.stride(0), s.stride(0),
             n, eps,
             HAS_RESIDUAL=has_residual, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_SIZE=block, num_warps=num_warps,
+            BLOCK_SIZE=block, num_warps=num_warps, **pdl_options(x),
         )  # fmt: skip
 
 

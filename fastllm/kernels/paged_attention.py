@@ -33,6 +33,8 @@ from fastllm.kernels._registry import (
     device_guard,
     next_power_of_2,
     out_or_new,
+    pdl_options,
+    pdl_wait,
     register_out_op,
     sm_count,
     tl,
@@ -148,10 +150,12 @@ def _prefill_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (b, kv head): query block b of the batch, counted as sequence i's blocks starting at
     cu_seqlens_q[i] // BLOCK_Q + i (an upper bound that needs no prefix sum); blocks past a sequence's queries exit.
     Programs run last block first, so the longest causal rows start earliest."""
+    pdl_wait(USE_PDL)
     kvh = tl.program_id(1)
     b = tl.num_programs(0) - 1 - tl.program_id(0)
     # Binary search: the last sequence whose first block is <= b.
@@ -258,10 +262,12 @@ def _decode_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (seq, kv head, split): the GROUP query heads of the sequence's one query token against the split's
     chunk of keys. The key range [max(0, p - W + 1), p + 1) of the query at p = n - 1 needs no mask but its end,
     so the chunks cut exactly that range, in whole tiles."""
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -321,8 +327,10 @@ def _combine_kernel(
     num_splits,
     BLOCK_S: tl.constexpr,  # num_splits padded to a power of 2
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (seq, q head): out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s."""
+    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(CU_SEQLENS_Q + seq)
@@ -515,6 +523,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
     common = dict(
         USE_WINDOW=sliding_window > 0, USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=use_softcap,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PAGE_SIZE=page_size, BLOCK_D=cfg["block_d"],
+        **pdl_options(q),
     )  # fmt: skip
     slopes = alibi_slopes if alibi_slopes is not None else q  # never read without USE_ALIBI
     strides = (
@@ -547,6 +556,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             _combine_kernel[(num_seqs, num_q_heads)](
                 cu_seqlens_q, out, part_acc, part_m, part_l, out.stride(0), out.stride(1), num_q_heads, head_dim,
                 num_splits, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=cfg["block_d"], num_warps=4,
+                **pdl_options(q),
             )  # fmt: skip
 
 

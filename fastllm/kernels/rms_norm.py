@@ -16,6 +16,8 @@ from fastllm.kernels._registry import (
     device_guard,
     load_row_plus_residual,
     norm_outputs,
+    pdl_options,
+    pdl_wait,
     ref_output,
     register_out_op,
     row_launch_settings,
@@ -43,8 +45,10 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One program per row; the row stays in registers between the sum of squares and the scaling."""
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16K rows of 128K
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < N
@@ -106,7 +110,7 @@ def _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_bef
             x.stride(0), r.stride(0), out.stride(0), s.stride(0),
             n, eps, weight_offset,
             HAS_RESIDUAL=has_residual, CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_SIZE=block,
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl_options(x),
         )  # fmt: skip
 
 

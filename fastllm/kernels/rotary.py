@@ -19,6 +19,8 @@ from fastllm.kernels._registry import (
     device_guard,
     next_power_of_2,
     out_or_new,
+    pdl_options,
+    pdl_wait,
     ref_output,
     register_out_op,
     tl,
@@ -50,8 +52,10 @@ def _rotary_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_TAIL: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """A [BLOCK_ROWS, BLOCK_HALF] tile of rotation pairs per program; each row is one (i0, i1, i2) position."""
+    pdl_wait(USE_PDL)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < num_rows
     i2 = rows % size2
@@ -139,7 +143,7 @@ def _launch(x, cos, sin, out, interleaved):
             half, head_dim,
             INTERLEAVED=interleaved, HAS_TAIL=tail > 0,
             BLOCK_ROWS=block_rows, BLOCK_HALF=block_half, BLOCK_TAIL=next_power_of_2(tail),
-            num_warps=min(8, max(1, block_rows * block_half // 256)),
+            num_warps=min(8, max(1, block_rows * block_half // 256)), **pdl_options(x),
         )  # fmt: skip
 
 

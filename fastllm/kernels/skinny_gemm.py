@@ -31,6 +31,8 @@ from fastllm.kernels._registry import (
     device_guard,
     next_power_of_2,
     out_or_new,
+    pdl_options,
+    pdl_wait,
     register_out_op,
     rows_view,
     sm_count,
@@ -139,12 +141,14 @@ def _skinny_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # K chunks in flight a program (tl.range pipelining through shared memory)
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (n block, split): y[m, n] = sum over k in the split's K range of x[m, k] * w[n, k], in fp32.
 
     Broadcast form: one [BLOCK_N, BLOCK_K] fp32 accumulator a row of x, summed over K once after the loop, so the
     loop body is loads and FMAs (no cross-thread reduction) and every tile keeps the 2-D layout whose shared-memory
     reads are 16 bytes wide (a [M, N, K] product tile would be read element by element)."""
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -198,8 +202,10 @@ def _split_k_reduce_kernel(
     num_splits,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (m, n block): y[m, n] = sum_s P[s, m, n] (s = 0, 1, ... in order) + bias[n], rounded once."""
+    pdl_wait(USE_PDL)
     m = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = n < N
@@ -314,6 +320,7 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None):
         workspace = _workspace(x.device, num_splits * m * n)
     parts = workspace if split else out  # not touched without a split
     b = bias if bias is not None else out  # never read without a bias
+    pdl = pdl_options(x)
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
             x, weight, b, out, parts, weight_scale if weight_scale is not None else out,
@@ -322,12 +329,12 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None):
             EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
-            num_warps=cfg["num_warps"],
+            num_warps=cfg["num_warps"], **pdl,
         )  # fmt: skip
         if split:
             _split_k_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
                 parts, b, out, m, n, out.stride(0), num_splits,
-                HAS_BIAS=bias is not None, BLOCK_N=_REDUCE_BLOCK, num_warps=4,
+                HAS_BIAS=bias is not None, BLOCK_N=_REDUCE_BLOCK, num_warps=4, **pdl,
             )  # fmt: skip
 
 
