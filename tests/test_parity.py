@@ -108,3 +108,22 @@ def test_weight_merge_does_not_copy_the_model(tmp_path):
     # q and k are now adjacent rows of one merged [q; k; v] weight.
     assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
     assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+
+
+def test_a_forward_longer_than_a_step_runs_in_chunked_steps_with_hfs_logits(tmp_path):
+    """model(ids) over more tokens than max_num_batched_tokens is prefilled in steps of that size, each attending to
+    the earlier ones through the KV cache (the runner is sized for steps that large, not for the whole call): every
+    position's logits still equal HF eager's, for two sequences of different lengths (one shorter than a step)."""
+    model = build("llama", tmp_path)
+    ids = torch.randint(3, VOCAB, (2, 45), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :33] = 0  # left padding: the second sequence has 12 tokens
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    optimize(model, max_num_batched_tokens=16, max_num_seqs=4)
+    with torch.no_grad():
+        got = model(ids, attention_mask=mask).logits
+    assert fastllm.explain(model).forward_calls.get("compiled") == 1
+    # fp32 on the CPU: as in the test above (paged attention's reference sums in another order than SDPA)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 33:], expected[1, 33:], rtol=1e-5, atol=1e-5)

@@ -488,8 +488,11 @@ class EngineCore:
     # ---- scoring: model(...) on the compiled step ------------------------------------------------------------
 
     def score(self, sequences: Sequence[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
-        """The logits of every token of each (token ids, positions) sequence, [len, V] in the runner's logits dtype:
-        one eager step over KV blocks taken for it and given back after."""
+        """The logits of every token of each (token ids, positions) sequence, [len, V] in the runner's logits dtype,
+        over KV blocks taken for it and given back after. Up to max_num_batched_tokens tokens in all: one eager step;
+        more: each sequence prefilled in steps of that many tokens, as the scheduler splits a long prompt (each step
+        attends to the earlier ones through the cache), so a long call needs no more activation memory than the
+        runner was sized for."""
         with self._lock:
             for tokens, _ in sequences:
                 self._check_prompt(tokens)
@@ -502,25 +505,37 @@ class EngineCore:
                     except OutOfBlocks as error:
                         raise RuntimeError(f"the KV cache has too few free blocks for this forward of "
                                            f"{sum(len(t) for t, _ in sequences)} tokens ({error})") from None
-                step = StepInput([], [], [], [], [], [], [])
-                for (tokens, positions), table in zip(sequences, tables):
-                    begin = len(step.token_ids)
-                    step.token_ids += tokens
-                    step.positions += positions
-                    step.slots += table.slots(0, len(tokens))
-                    step.seq_lens.append(len(tokens))
-                    step.query_lens.append(len(tokens))
-                    step.block_tables.append(table.blocks)
-                    step.sample_rows += range(begin, begin + len(tokens))
-                logits = self.runner.execute_input(step)
+                chunk = self.scheduler.max_num_batched_tokens
+                if sum(len(tokens) for tokens, _ in sequences) <= chunk:
+                    logits = self.runner.execute_input(self._score_step(sequences, tables, 0, None))
+                    out, offset = [], 0
+                    for tokens, _ in sequences:
+                        out.append(logits[offset:offset + len(tokens)])
+                        offset += len(tokens)
+                    return out
+                return [torch.cat([self.runner.execute_input(self._score_step([seq], [table], start, start + chunk))
+                                   for start in range(0, len(seq[0]), chunk)])
+                        for seq, table in zip(sequences, tables)]
             finally:
                 for table in tables:
                     table.free()
-            out, offset = [], 0
-            for tokens, _ in sequences:
-                out.append(logits[offset:offset + len(tokens)])
-                offset += len(tokens)
-            return out
+
+    @staticmethod
+    def _score_step(sequences, tables, start: int, end: int | None) -> StepInput:
+        """One step over tokens [start, end) of each sequence (end None: to its end), every row sampled; the
+        tokens before `start` are in the sequence's blocks already."""
+        step = StepInput([], [], [], [], [], [], [])
+        for (tokens, positions), table in zip(sequences, tables):
+            stop = len(tokens) if end is None else min(end, len(tokens))
+            begin = len(step.token_ids)
+            step.token_ids += tokens[start:stop]
+            step.positions += positions[start:stop]
+            step.slots += table.slots(start, stop)
+            step.seq_lens.append(stop)
+            step.query_lens.append(stop - start)
+            step.block_tables.append(table.blocks)
+            step.sample_rows += range(begin, begin + stop - start)
+        return step
 
     # ---- metrics and lifetime --------------------------------------------------------------------------------
 
