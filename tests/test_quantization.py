@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
+from _kernel_tolerances import CPU_DTYPES, assert_close, rounded_once
 
 import fastllm
 from fastllm import QuantConfig, kernels
@@ -264,7 +265,8 @@ def test_bad_quantization_option_is_refused_before_anything_runs(tiny):
 def test_weight_only_on_cuda_warns_that_it_is_the_slow_path():
     from fastllm.quant.config import slow_path_warning
 
-    assert "slower than the model's own dtype there" in slow_path_warning(QuantConfig("int4"), "cuda")
+    assert "slower than the model's own dtype there" in slow_path_warning(QuantConfig("int8"), "cuda")
+    assert "dequantizes them as it goes" in slow_path_warning(QuantConfig("int4"), "cuda")
     assert slow_path_warning(QuantConfig("fp8"), "cuda") is None
     assert slow_path_warning(QuantConfig("int8"), "cpu") is None
 
@@ -284,6 +286,86 @@ def test_decode_kernels_read_quantized_weights_like_the_reference(scheme, rows):
         unbiased = _quantized_linear(scheme, x[None], w)  # leading dims, no bias
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(unbiased[0] + b, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- int4 kernels at odd shapes (Triton interpreted on the CPU) ----------------------------------------------------
+# Tolerances (tests/_kernel_tolerances.py). fp32 x: the kernels multiply x by the codes less the zero (exact) and the
+# group's scale in fp32, and sum in another order than the reference (by group, split, tile): the last few bits,
+# rtol/atol 1e-5. fp16 x: the reference's fp32 math on the same fp16 inputs, rounded once to fp16 as the kernels round
+# their fp32 sums: one fp16 ulp. (bf16 only on the GPU: the interpreter truncates fp32 -> bf16.)
+
+# (M, N, K, group, zero points, bias, split_k). N = 72 and 300 end in a partial block of outputs (BLOCK_N = 8192 //
+# group: 256, 128, 64). split_k None: the heuristic's (one split at these N); 3 splits 8 groups 3 + 3 + 2 and 5
+# groups 2 + 2 + 1, 2 splits 3 groups 2 + 1. M = 1, 2: the broadcast form; 3 to 16: tl.dot, x's rows padded to 16.
+INT4_DECODE_CASES = [
+    (1, 72, 256, 32, False, True, None),
+    (1, 300, 384, 128, True, False, 2),
+    (2, 300, 320, 64, True, True, 3),
+    (2, 72, 256, 128, False, False, None),
+    (3, 72, 256, 32, True, False, 3),
+    (5, 300, 384, 128, False, True, 2),
+    (16, 72, 256, 64, True, True, None),
+    (16, 300, 256, 32, False, True, 3),
+]
+
+
+def _int4_inputs(m, n, k, group, zero_point, bias, dtype, lead=()):
+    torch.manual_seed(m * 1000 + n + k + group)
+    x, w, b = torch.randn(*lead, m, k).to(dtype), torch.randn(n, k) * 0.05, torch.randn(n).to(dtype)
+    packed, scales, *zeros = int_weight.quantize_int4(w, group, zero_point=zero_point)
+    return x, packed, scales, b if bias else None, zeros[0] if zeros else None
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m,n,k,group,zero_point,bias,split_k", INT4_DECODE_CASES)
+def test_int4_decode_kernel_at_odd_shapes_against_the_reference(m, n, k, group, zero_point, bias, split_k, dtype):
+    from fastllm.kernels import quant_linear, skinny_gemm, triton_on_cpu
+
+    x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, bias, dtype)
+    expected = kernels.int4_linear_ref(x, packed, scales, b, zeros)  # fp32 math, rounded once to x's dtype
+    if split_k is not None:
+        assert skinny_gemm._split(k // group, 1, split_k)[0] == split_k  # the splits asked for, last one short
+    with triton_on_cpu():
+        got = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k)
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("tiles", ["64x64", "128x128"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m,n,k,group,zero_point,bias", [(17, 72, 256, 32, True, True),
+                                                         (70, 300, 384, 128, False, True),
+                                                         (33, 136, 256, 64, True, False)])
+def test_int4_gemm_past_16_rows_against_the_dequantized_weight(m, n, k, group, zero_point, bias, dtype, tiles,
+                                                               monkeypatch):
+    """More than 16 rows run the GEMM that dequantizes W's tiles in its K loop into x's dtype, as the weight cuBLAS
+    read before (dequantize_int4(..., x.dtype)): the reference is F.linear in fp32 over that weight, rounded once.
+    Both tile shapes: 128 x 128 where the tiles fill the GPU (here: a GPU of one SM), 64 x 64 otherwise."""
+    from fastllm.kernels import quant_linear, triton_on_cpu
+
+    if tiles == "128x128":
+        monkeypatch.setattr(quant_linear, "sm_count", lambda device: 1)
+    assert quant_linear._int4_gemm_config(m, n, group, torch.device("cpu"))["BLOCK_M"] == int(tiles.split("x")[0])
+    x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, bias, dtype, lead=(1,))
+    weight = int_weight.dequantize_int4(packed, scales, dtype, zeros)
+    expected = rounded_once(F.linear, x, weight, *([b] if bias else []), dtype=dtype)
+    with triton_on_cpu():
+        got = kernels.int4_linear(x, packed, scales, b, zeros)
+    assert got.shape == (1, m, n)
+    assert_close(got, expected)
+
+
+def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu():
+    """The CPU sizes grids for 132 SMs (an H100 / H200): 264 programs wanted, splits of >= 512 columns, at most 16;
+    one row with a split grid runs 8 warps."""
+    from fastllm.kernels.quant_linear import _int4_config
+
+    cpu = torch.device("cpu")
+    assert _int4_config(1, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
+                                                     "num_warps": 8, "split_k": 4}  # 64 blocks of 64 outputs
+    assert _int4_config(1, 28672, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
+                                                      "num_warps": 4, "split_k": 1}  # 448 blocks
+    assert _int4_config(8, 4096, 14336, 32, cpu) == {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "NUM_STAGES": 3,
+                                                     "num_warps": 4, "split_k": 16}  # 16 blocks, 28 x 512 columns
 
 
 def test_int4_zero_points_span_each_groups_range_within_half_a_step():
@@ -311,3 +393,39 @@ def test_zero_point_config_and_model(tmp_path):
     with torch.no_grad():
         expected, got = tiny()(IDS).logits, model(IDS).logits
     assert _sqnr(expected, got) >= 12.0
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_layers_float_weights_are_released_and_hfs_forward_runs_them_quantized(tiny, scheme):
+    """Once the step is compiled the float weights of quantized layers are gone (a quantized model must not hold
+    them beside the quantized ones) and Hugging Face's own forward, which fastllm hands some calls to, runs the same
+    quantized modules: its logits equal the compiled step's."""
+    model = tiny()
+    float_bytes = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+    fastllm.optimize(model, quantization=scheme)
+    layers = [n for n in fastllm.explain(model).graph.quantized_layers]  # "…q_proj+…k_proj+…v_proj", ...
+    modules = [part for layer in layers for part in layer.split("+")]
+    assert len(modules) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    for name in modules:
+        assert model.get_submodule(name).weight.numel() == 0
+    assert model.lm_head.weight.numel() > 0 and model.model.embed_tokens.weight.numel() > 0
+    released = sum(float_bytes[name + ".weight"] for name in modules)
+    assert model._fastllm_state.float_bytes_released == released
+    with torch.no_grad():
+        compiled = model(IDS).logits
+        eager = model(IDS, use_cache=True).logits  # use_cache: HF's forward (the runtime keeps no HF cache)
+    assert fastllm.explain(model).forward_calls == {"compiled": 1, "eager": 1}
+    # The same quantized weights and reference math; the compiled step's merged QKV/gate-up GEMMs give the same
+    # sums (one output column at a time), its attention another summation order (a few ulps in fp32).
+    torch.testing.assert_close(eager, compiled, rtol=1e-5, atol=1e-5)
+    assert _sqnr(tiny()(IDS).logits.detach(), eager) >= 12.0  # and it is the quantized model, not something else
+
+
+def test_a_weight_tied_to_the_embedding_keeps_its_float_copy(tmp_path):
+    model = _tiny_llama(tmp_path, tie_word_embeddings=True)()
+    fastllm.optimize(model, quantization=QuantConfig("int8", exclude=()))
+    assert fastllm.explain(model).graph.quantized_layers["model.embed_tokens+lm_head"] == "int8"
+    assert model.lm_head.weight.numel() > 0  # the embedding reads it
+    with torch.no_grad():
+        model(IDS, use_cache=True)  # HF's forward: the embedding still has its weight
+    assert model.model.layers[0].mlp.down_proj.weight.numel() == 0

@@ -40,6 +40,7 @@ def install_forward(model, state: ModelState) -> None:
         reason = reason or state.hf_path_reason()
         core = state.engine() if reason is None else None
         if core is None:
+            state.quantized_modules()
             state.forward_routes["eager"] += 1
             state.eager_forward_reason = reason or state.fallback_reason
             return state.original_forward(*args, **kwargs)

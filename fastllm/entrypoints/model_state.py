@@ -27,6 +27,7 @@ from fastllm.entrypoints.hf_generate import install_generate
 from fastllm.kernels._registry import FP8_KV_DTYPE
 from fastllm.passes import resolve_passes
 from fastllm.quant.config import QuantConfig, check_device_supports, slow_path_warning
+from fastllm.quant.resident import release_float_weights
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner
@@ -49,6 +50,7 @@ class ModelState:
     eager_forward_reason: str | None = None
     warned_generate_args: set = field(default_factory=set)
     startup_seconds: dict[str, float] = field(default_factory=dict)
+    float_bytes_released: int = 0  # float weights of quantized layers let go after compiling (quant/resident.py)
 
     @property
     def model_name(self) -> str:
@@ -84,7 +86,18 @@ class ModelState:
             self.fall_back(error)
             return None
         self.startup_seconds["capture"] = self.compiled.seconds
+        if self.config.quantization is not None:  # the graph reads the quantized tensors: the float ones can go
+            merger = self.compiled.merger
+            self.float_bytes_released = release_float_weights(self.model, merger.quantized_rows, merger.merged)
+            if torch.cuda.is_available() and next(self.model.parameters()).is_cuda:
+                torch.cuda.empty_cache()  # so the KV cache, sized from the card's free memory, can take it
         return self.compiled
+
+    def quantized_modules(self) -> None:
+        """With quantization: compile now if not yet, so that Hugging Face's own forward (the calls fastllm hands
+        to it) runs the quantized modules, never float weights the compiled step does not use."""
+        if self.config.quantization is not None:
+            self.compile()
 
     def engine(self) -> EngineCore | None:
         """The engine core (runner, KV pool, scheduler), built on first use; None if the model falls back."""
@@ -120,7 +133,8 @@ class ModelState:
     def release(self) -> None:
         """Return the model to plain Hugging Face: the engine core and the compiled step let go, `forward` and
         `generate` restored, `_fastllm_state` removed. Merged weights stay merged (the parameters are views of them:
-        the same memory as before optimize())."""
+        the same memory as before optimize()); a quantized model's linears stay quantized (their float weights were
+        let go: quant/resident.py)."""
         self.close_engine()
         self.compiled = None
         for name in ("forward", "generate"):

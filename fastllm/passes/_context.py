@@ -25,6 +25,8 @@ class WeightMerger:
     merged: dict[tuple, torch.Tensor] = field(default_factory=dict)
     # (weight address, shape, scheme, group size) -> the weight's quantized tensors (passes/quantize.py)
     quantized: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    # module name -> its rows of a quantized weight (quant/resident.py frees the float weights after compiling)
+    quantized_rows: dict[str, object] = field(default_factory=dict)
 
     @staticmethod
     def _key(parts: list[torch.Tensor]) -> tuple:

@@ -17,6 +17,7 @@ from fastllm import kernels
 from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg
 from fastllm.quant import fp8, int_weight
+from fastllm.quant.resident import QuantizedRows
 
 NAME = "quantize"
 # After the passes that merge linears (it quantizes the merged weights), before skinny_linear (which takes the
@@ -64,6 +65,7 @@ def apply(ctx: PassContext) -> int:
             if tensors is None:
                 continue
             _replace(ctx, node, config.weights, tensors)
+            _record_rows(ctx, names, weight, config.weights, tensors)
             ctx.quantized_layers[layer] = config.label
             count += 1
             continue
@@ -76,6 +78,7 @@ def apply(ctx: PassContext) -> int:
             ctx.merger.quantized[key] = quantized_tensors(weight, config.weights, config.group_size,
                                                           config.zero_point)
         _replace(ctx, node, config.weights, ctx.merger.quantized[key])
+        _record_rows(ctx, names, weight, config.weights, ctx.merger.quantized[key])
         ctx.quantized_layers[layer] = config.label
         count += 1
     return count
@@ -83,15 +86,34 @@ def apply(ctx: PassContext) -> int:
 
 def _replace(ctx: PassContext, node, scheme: str, tensors: tuple[torch.Tensor, ...]) -> None:
     """`node` (a linear) -> the scheme's quantized linear on `tensors`, which become constants of the graph. The
-    launchers take (x, weight, scale, bias, *rest): int4's zero points come after the bias."""
+    launchers take (x, weight, scale, bias, *rest): int4's zero points come after the bias. A float weight constant
+    (a merged QKV / gate-up weight) that nothing else reads leaves the graph, so the graph does not keep it alive."""
     graph = ctx.gm.graph
     constants = [ctx.constant(t, before=node) for t in tensors]
     with graph.inserting_before(node):
         quantized = graph.call_function(LAUNCHERS[scheme], (node.args[0], *constants[:2], arg(node, 2, "bias"),
                                                             *constants[2:]))
     quantized.meta.update(node.meta)
+    weight = arg(node, 1, "weight")
     node.replace_all_uses_with(quantized)
     graph.erase_node(node)
+    if weight.op == "get_attr" and not weight.users:
+        graph.erase_node(weight)
+        if not any(n.op == "get_attr" and n.target == weight.target for n in graph.nodes):
+            delattr(ctx.gm, weight.target)
+
+
+def _record_rows(ctx: PassContext, names: list[str], weight: torch.Tensor, scheme: str,
+                 tensors: tuple[torch.Tensor, ...]) -> None:
+    """Which rows of the quantized tensors each module owns (a merged weight's parts are views at their row offsets),
+    for `quant.resident.release_float_weights` once the step is compiled."""
+    k = weight.shape[1]
+    for name in names:
+        part = ctx.parameters.get(name + ".weight")
+        if part is None or part.dim() != 2:
+            continue
+        row0 = (part.storage_offset() - weight.storage_offset()) // k
+        ctx.merger.quantized_rows[name] = QuantizedRows(LAUNCHERS[scheme], tensors, row0, part.shape[0])
 
 
 def _from_checkpoint(ctx: PassContext, layer: str, names: list[str], weight: torch.Tensor):

@@ -105,12 +105,17 @@ def check_device_supports(config: QuantConfig, device) -> None:
 
 
 def slow_path_warning(config: QuantConfig, device) -> str | None:
-    """What a user should know before running `config` on `device`, or None: weight-only schemes on CUDA dequantize
-    every weight on each step of more than 16 tokens (prefill), which costs more than the model's own dtype there."""
+    """What a user should know before running `config` on `device`, or None: weight-only schemes on CUDA run steps of
+    more than 16 tokens (prefill) slower than the model's own dtype (int8 dequantizes every weight on each such call;
+    int4 dequantizes tiles inside its GEMM, ~2x cuBLAS's time on an H200)."""
     import torch
 
-    if config.weights in ("int8", "int4") and torch.device(device).type == "cuda":
-        return (f"quantization {config.weights!r} on CUDA: decode steps read the quantized weights directly, but steps "
-                "of more than 16 tokens (prefill) dequantize every weight on each call, which is slower than the "
-                "model's own dtype there; 'fp8' runs those on FP8 tensor cores")
+    if config.weights == "int8" and torch.device(device).type == "cuda":
+        return ("quantization 'int8' on CUDA: decode steps read the quantized weights directly, but steps of more than "
+                "16 tokens (prefill) dequantize every weight on each call, which is slower than the model's own dtype "
+                "there; 'fp8' runs those on FP8 tensor cores")
+    if config.weights == "int4" and torch.device(device).type == "cuda":
+        return ("quantization 'int4' on CUDA: decode steps read the packed weights directly; steps of more than 16 "
+                "tokens (prefill) run a GEMM that dequantizes them as it goes, about twice the time of the model's "
+                "own dtype there; 'fp8' runs those on FP8 tensor cores")
     return None
