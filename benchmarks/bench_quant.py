@@ -42,9 +42,9 @@ def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float) -> dic
     import fastllm
 
     model = _build(name)
+    step_bytes = _step_bytes(model, scheme)  # before optimize(): it lets go of the float weights it quantized
     fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
     result = measure(model, new_tokens, model.config.vocab_size)
-    step_bytes = _step_bytes(model, scheme)
     roofline = copy_gb_s * 1e9 / step_bytes
     result.update(step_gb=step_bytes / 1e9, roofline_tok_s=roofline, fraction_of_roofline=result["decode_tok_s"]
                   / roofline, quantized_layers=len(fastllm.explain(model).graph.quantized_layers))

@@ -108,11 +108,16 @@ def run_fastllm(model, requests, options: dict, async_scheduling: bool = True) -
     return w2, w4
 
 
-def measure_gemm_rate(model, rows: int = 16384, repeats: int = 20, fp8: bool = False) -> float:
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """The model's distinct linear weight shapes (read before optimize(): a quantized model lets its float weights
+    go)."""
+    return sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+
+
+def measure_gemm_rate(shapes: list[tuple[int, int]], rows: int = 16384, repeats: int = 20, fp8: bool = False) -> float:
     """The card's GEMM rate (TFLOP/s) on this model's own linear shapes at `rows` tokens, best of `repeats` timed
     passes over every shape: bf16 through torch.mm, or with `fp8` e4m3 operands with row-wise scales through
     torch._scaled_mm (what fastllm's fp8 runs at prefill sizes)."""
-    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
     x = torch.randn(rows, max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
     flops = sum(2 * rows * n * k for n, k in shapes)
@@ -141,14 +146,20 @@ def measure_gemm_rate(model, rows: int = 16384, repeats: int = 20, fp8: bool = F
     return flops / best / 1e12
 
 
-def compute_ceiling(model, requests, gemm_tflop_s: float) -> dict:
-    """W2's compute ceiling: every token of every request (prompt and output) through the model's matmul weights (the
-    embedding is a lookup, the LM head counted for every token as a dense model's FLOPs usually are), at the measured
-    GEMM rate; as output tok/s."""
+def matmul_params(model) -> int:
+    """Weights every token multiplies by: the embedding is a lookup, the LM head counts (also when tied). Read before
+    optimize(), as `linear_shapes`."""
     embed = model.get_input_embeddings().weight
     params = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p.data_ptr() != embed.data_ptr())
     if model.get_output_embeddings().weight.data_ptr() == embed.data_ptr():  # tied: the head still multiplies
         params += embed.numel()
+    return params
+
+
+def compute_ceiling(params: int, requests, gemm_tflop_s: float) -> dict:
+    """W2's compute ceiling: every token of every request (prompt and output) through the model's `params` matmul
+    weights (the LM head counted for every token as a dense model's FLOPs usually are), at the measured GEMM rate; as
+    output tok/s."""
     tokens = sum(len(p) + new for p, new in requests)
     seconds = 2 * params * tokens / (gemm_tflop_s * 1e12)
     return {"gemm_tflop_s": gemm_tflop_s, "model_tflop": 2 * params * tokens / 1e12, "ceiling_s": seconds,
@@ -227,9 +238,10 @@ def main(argv=None) -> int:
         requests = _requests(kind, args.num_requests, model.config.vocab_size)
         if ours:
             options = {**_setting(setting), **({"quantization": args.quantization} if args.quantization else {})}
+            shapes, params = linear_shapes(model), matmul_params(model)
             fastllm_results[key], w4[key] = run_fastllm(model, requests, options,
                                                         async_scheduling=provider != "fastllm_sync")
-            ceiling = compute_ceiling(model, requests, measure_gemm_rate(model, fp8=args.quantization == "fp8"))
+            ceiling = compute_ceiling(params, requests, measure_gemm_rate(shapes, fp8=args.quantization == "fp8"))
             ceiling["fraction"] = fastllm_results[key]["output_tok_s"] / ceiling["ceiling_output_tok_s"]
             fastllm_results[key]["compute_ceiling"] = ceiling
         else:
