@@ -15,8 +15,9 @@ Supported, each mapping exactly onto a fastllm scheme:
 Other layouts (static activation scales, block-wise FP8, act-order GPTQ, AWQ GEMV) are refused with what is
 supported.
 
-The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward still runs on them); the
-quantized tensors ride on the model as `_fastllm_prequantized` until `optimize()` hands them to the quantize pass.
+The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward runs on them until the model is
+optimized); the quantized tensors ride on the model as `_fastllm_prequantized` until `optimize()` hands them to the
+quantize pass, after which the dequantized weights of the layers it took are let go (quant/resident.py).
 """
 
 from __future__ import annotations
