@@ -33,6 +33,8 @@ class Report:
     kv_cache: dict = field(default_factory=dict)
     # Why model.generate() and model(...) run Hugging Face's path (on the CPU, by default), or None.
     hf_path_reason: str | None = None
+    # Bytes of float weights let go once quantized layers were compiled (quant/resident.py).
+    float_bytes_released: int = 0
 
     @property
     def matches(self) -> dict[str, int]:
@@ -68,6 +70,9 @@ class Report:
             lines.append("  quantized layers: " + _counts(dict(schemes)))
             width = max(map(len, g.quantized_layers))
             lines += [f"    {layer:<{width}}  {scheme}" for layer, scheme in g.quantized_layers.items()]
+            if self.float_bytes_released:
+                lines.append(f"    their float weights let go: {self.float_bytes_released / 2**20:,.0f} MiB "
+                             "(those modules run quantized in Hugging Face's forward too)")
         lines.append("  fused kernels:   " + _counts(g.fused_ops))
         lines.append("  still unfused:   " + _counts(g.unfused_ops))
         if self.forward_calls:
@@ -112,4 +117,5 @@ def explain(model) -> Report:
         startup["graph_from_cache"] = compiled.from_graph_cache
     kv_cache = state.core.runner.kv_cache_info() if state.core is not None and not state.core.closed else {}
     return Report(state.model_name, state.status, state.fallback_reason, compiled.report if compiled else None,
-                  startup, dict(state.forward_routes), state.eager_forward_reason, kv_cache, state.hf_path_reason())
+                  startup, dict(state.forward_routes), state.eager_forward_reason, kv_cache, state.hf_path_reason(),
+                  state.float_bytes_released)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from fastllm.config import OptimizeConfig
 from fastllm.entrypoints.model_state import optimize_in_place
 
@@ -36,7 +38,9 @@ def release(model):
     """Undo `fastllm.optimize(model)`: free everything fastllm allocated for it (KV cache, CUDA graphs and their
     memory pool, step buffers, the captured graph) and restore Hugging Face's `forward` and `generate`. Returns the
     model. Dropping the last reference to an optimized model frees the same memory; `release` does it now, keeping
-    the model.
+    the model. A quantized model stays quantized: the float weights of its quantized layers were let go when it was
+    compiled, and those modules keep running the quantized weights (a warning says so; reload the checkpoint for the
+    float model, and do not save this one as if it were).
 
     Raises:
         ValueError: the model was not optimized by fastllm.
@@ -44,5 +48,10 @@ def release(model):
     state = getattr(model, "_fastllm_state", None)
     if state is None:
         raise ValueError(f"{type(model).__name__} was not optimized by fastllm; there is nothing to release")
+    if state.float_bytes_released:
+        warnings.warn(f"fastllm.release: {type(model).__name__} stays quantized (the float weights of its quantized "
+                      "layers were let go when it was compiled; their modules keep the quantized weights). Reload the "
+                      "checkpoint for the float model; save_pretrained() would write empty weights for those layers",
+                      RuntimeWarning, stacklevel=2)
     state.release()
     return model

@@ -419,6 +419,11 @@ def test_quantized_layers_float_weights_are_released_and_hfs_forward_runs_them_q
     # sums (one output column at a time), its attention another summation order (a few ulps in fp32).
     torch.testing.assert_close(eager, compiled, rtol=1e-5, atol=1e-5)
     assert _sqnr(tiny()(IDS).logits.detach(), eager) >= 12.0  # and it is the quantized model, not something else
+    assert f"their float weights let go: {released / 2**20:,.0f} MiB" in str(fastllm.explain(model))
+    with pytest.warns(RuntimeWarning, match="stays quantized"):
+        fastllm.release(model)
+    with torch.no_grad():  # Hugging Face's forward again, on the quantized modules
+        torch.testing.assert_close(model(IDS).logits, eager, rtol=0, atol=0)
 
 
 def test_a_weight_tied_to_the_embedding_keeps_its_float_copy(tmp_path):
