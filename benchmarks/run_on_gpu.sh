@@ -7,6 +7,8 @@
 # mixed, HF continuous batching beside the fixed set; THROUGHPUT_ARGS adds options, e.g. "--providers fastllm
 # fastllm_sync hf_continuous_batching"). Rough durations on an H100: tests 4.6 min, profile 1.5,
 # decode 4 per model with all providers, throughput 5.
+# quant: W5-quant-gemv and W1-quant (fp8, int8, int4 beside bf16; ~5 min); throughput-fp8: W2-fp8 beside W2 bf16 in
+# the same call (~2 min).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
 set -uo pipefail
@@ -38,6 +40,12 @@ for stage in $STAGES; do
                     python3 benchmarks/bench_decode.py --warm-startup llama2_7b --out "$OUT" >> "$OUT/decode.log" 2>&1 || rc=1
                     grep "startup warm" "$OUT/decode.log"
                 fi ;;
+        quant) python3 benchmarks/bench_quant_gemv.py --out "$OUT" > "$OUT/quant-gemv.log" 2>&1 || rc=1
+               python3 benchmarks/bench_quant.py --out "$OUT" > "$OUT/quant.log" 2>&1 || rc=1
+               grep -E "tok/s" "$OUT/quant.log" ;;
+        throughput-fp8) python3 benchmarks/bench_throughput.py --providers fastllm --workloads fixed --quantization fp8 \
+                            --bf16-baseline --out "$OUT" > "$OUT/throughput-fp8.log" 2>&1 || rc=1
+                        grep -E "^fastllm" "$OUT/throughput-fp8.log" | cut -c1-200 ;;
         *) echo "unknown stage $stage"; rc=1 ;;
     esac
     echo "stage $stage done (rc so far $rc)"
