@@ -268,3 +268,73 @@ def test_awq_checkpoint_loads_as_int4_with_zero_points(tmp_path, no_requantizing
         out = llm.generate([IDS[0].tolist()], fastllm.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
                            use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def _write_block_fp8_checkpoint(model, path, block=(128, 128)):
+    """transformers' "fp8" method (FineGrainedFP8): `<layer>.weight` float8 e4m3 and `<layer>.weight_scale_inv`
+    [ceil(N / bn), ceil(K / bk)], each block's largest magnitude mapped to 448; every Linear but lm_head. Returns
+    {layer: dequantized weight} as written."""
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    written = {}
+    bn, bk = block
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        w = module.weight.detach()
+        n, k = w.shape
+        tiles = torch.nn.functional.pad(w, (0, -k % bk, 0, -n % bn)).reshape(-(-n // bn), bn, -(-k // bk), bk)
+        scale_inv = tiles.abs().amax(dim=(1, 3)) / fp8.FP8_MAX
+        expanded = scale_inv.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+        q = (w / expanded).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8)
+        state[f"{name}.weight"], state[f"{name}.weight_scale_inv"] = q, scale_inv.float()
+        written[name] = q.float() * expanded
+    save_file(state, str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block), "modules_to_not_convert": ["lm_head"]}
+    (path / "config.json").write_text(json.dumps(config))
+    return written
+
+
+def test_block_wise_fp8_checkpoint_loads_as_it_is_and_runs_its_blocks(tmp_path, no_requantizing):
+    """transformers' block-wise FP8: the blocks are used as written (never re-quantized), every layer and the
+    compiled step compute with exactly the dequantized blocks, and Hugging Face's forward after optimize() too."""
+    written = _write_block_fp8_checkpoint(_float_model(tmp_path), tmp_path)
+    with pytest.warns(RuntimeWarning, match="block-wise FP8 checkpoint"):
+        model = load_prequantized(str(tmp_path), dtype=torch.float32)
+    q, scale_inv = model._fastllm_prequantized.layers["model.layers.1.mlp.down_proj"]
+    assert q.dtype == fp8.FP8 and scale_inv.shape == (2, 4)  # [256 / 128, 512 / 128]
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, written["model.layers.1.mlp.down_proj"])
+    reference = _float_model(tmp_path / "again")  # the same float model, its weights replaced by the blocks
+    reference.load_state_dict({**reference.state_dict(), **{f"{n}.weight": w for n, w in written.items()}})
+    with torch.no_grad():
+        expected = reference(IDS).logits
+    fastllm.optimize(model)
+    layers = fastllm.explain(model).graph.quantized_layers
+    assert len(layers) == 8 and set(layers.values()) == {"fp8-block128x128"}
+    with torch.no_grad():
+        got = model(IDS).logits
+        eager = model(IDS, use_cache=True).logits  # HF's forward, on the quantized modules (float weights let go)
+    assert model.model.layers[1].mlp.down_proj.weight.numel() == 0
+    # fp32 on the CPU: the dequantized blocks are the weights in both; paged attention's reference sums in another
+    # order than SDPA (1e-5, as in test_parity.py)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_wise_fp8_layers_the_blocks_do_not_tile_run_dequantized_and_bad_configs_are_refused(tmp_path):
+    # 256 x 128 blocks tile every weight but the 128-row K/V projections, whose one block is partial: those run
+    # their dequantized weights, and so QKV (merged with them) stays in the model's dtype, reported so
+    written = _write_block_fp8_checkpoint(_float_model(tmp_path), tmp_path, block=(256, 128))
+    with pytest.warns(RuntimeWarning, match=r"do not tile run their dequantized weights .*k_proj \(128, 256\)"):
+        model = fastllm.optimize(load_prequantized(str(tmp_path), dtype=torch.float32))
+    layers = fastllm.explain(model).graph.quantized_layers
+    qkv = "model.layers.0.self_attn.q_proj+model.layers.0.self_attn.k_proj+model.layers.0.self_attn.v_proj"
+    assert layers[qkv].startswith("not quantized: the checkpoint quantized only some parts")
+    assert layers["model.layers.0.self_attn.o_proj"] == layers["model.layers.1.mlp.down_proj"] == "fp8-block256x128"
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"):  # partial block: true size
+        assert torch.equal(model.get_submodule(name).weight, written[name])
+    for bad in ({"activation_scheme": "static", "weight_block_size": [128, 128]}, {"weight_block_size": None},
+                {"weight_block_size": [128]}):
+        with pytest.raises(ValueError, match="FP8 checkpoint with activation_scheme"):
+            checkpoint_scheme({"quant_method": "fp8", **bad})

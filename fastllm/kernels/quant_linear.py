@@ -76,7 +76,10 @@ def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.T
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (float), qweight [N, K] e4m3, weight_scale [N] fp32 -> [..., N] in x's dtype. Up to
     FP8_WEIGHT_ONLY_MAX_ROWS rows (all of x's leading dims): x @ dequantized W^T in fp32; beyond: x quantized per row
-    to e4m3 too, the product in fp32 scaled by x_scale[m] * w_scale[n]."""
+    to e4m3 too, the product in fp32 scaled by x_scale[m] * w_scale[n]. A 2-D weight_scale: a block-scaled
+    checkpoint's weight, `fp8_block_linear_ref`."""
+    if weight_scale.dim() == 2:
+        return fp8_block_linear_ref(x, qweight, weight_scale, bias)
     if x.numel() // max(x.shape[-1], 1) <= FP8_WEIGHT_ONLY_MAX_ROWS:
         y = x.float() @ (qweight.float() * weight_scale[:, None]).t()
     else:
@@ -87,9 +90,23 @@ def fp8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.T
     return y.to(x.dtype)
 
 
+def fp8_block_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-scaled FP8 weights (a checkpoint's, `fp8.dequantize_blocks`), weight-only: x @ W^T in fp32, in x's
+    dtype."""
+    bias = None if bias is None else bias.float()
+    return F.linear(x.float(), fp8_format.dequantize_blocks(qweight, scale_inv), bias).to(x.dtype)
+
+
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`fp8_linear_ref`'s math; on CUDA the skinny GEMM reading FP8 weights (few rows), else an FP8 tensor-core GEMM."""
+    """`fp8_linear_ref`'s math; on CUDA the skinny GEMM reading FP8 weights (few rows), else an FP8 tensor-core GEMM.
+    A 2-D `weight_scale` is a block-scaled checkpoint's (`fp8_block_linear_ref`): no kernel reads those yet, so CUDA
+    dequantizes the weight into x's dtype on every call (load_prequantized warns)."""
+    if weight_scale.dim() == 2:
+        if not x.is_cuda:
+            return fp8_block_linear_ref(x, qweight, weight_scale, bias)
+        return F.linear(x, fp8_format.dequantize_blocks(qweight, weight_scale, x.dtype), bias)
     n, k = qweight.shape
     rows = x.reshape(-1, k)
     if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:

@@ -66,7 +66,7 @@ def apply(ctx: PassContext) -> int:
                 continue
             _replace(ctx, node, config.weights, tensors)
             _record_rows(ctx, names, weight, config.weights, tensors)
-            ctx.quantized_layers[layer] = config.label
+            ctx.quantized_layers[layer] = _checkpoint_label(config, tensors)
             count += 1
             continue
         if config.weights == "int4" and weight.shape[1] % config.group_size:
@@ -116,6 +116,14 @@ def _record_rows(ctx: PassContext, names: list[str], weight: torch.Tensor, schem
         ctx.merger.quantized_rows[name] = QuantizedRows(LAUNCHERS[scheme], tensors, row0, part.shape[0])
 
 
+def _checkpoint_label(config, tensors: tuple[torch.Tensor, ...]) -> str:
+    """The scheme's label; a block-scaled FP8 weight's names its block ("fp8-block128x128"; its blocks tile it)."""
+    if config.weights == "fp8" and tensors[1].dim() == 2:
+        (n, k), (rows, cols) = tensors[0].shape, tensors[1].shape
+        return f"fp8-block{n // rows}x{k // cols}"
+    return config.label
+
+
 def _from_checkpoint(ctx: PassContext, layer: str, names: list[str], weight: torch.Tensor):
     """The checkpoint's tensors for a linear (a merged one's parts concatenated along the output dim: per-channel
     scales concatenate exactly), or None when the checkpoint left it unquantized (reported if only some parts are)."""
@@ -128,7 +136,7 @@ def _from_checkpoint(ctx: PassContext, layer: str, names: list[str], weight: tor
         return None
     if len(found) == 1:
         tensors = found[0]
-    else:  # merged parts appear in the order the merged weight holds them
+    else:  # merged parts appear in the order the merged weight holds them (block-scaled parts tile their blocks)
         order = sorted(range(len(names)), key=lambda i: ctx.parameters[names[i] + ".weight"].storage_offset())
         tensors = tuple(torch.cat([found[i][j] for i in order]) for j in range(len(found[0])))
     return tuple(t.to(weight.device) for t in tensors)

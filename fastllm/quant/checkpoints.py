@@ -12,8 +12,11 @@ Supported, each mapping exactly onto a fastllm scheme:
 - AWQ, 4 bits, GEMM layout (`quant_method == "awq"`, `version: "gemm"`, zero points): `<layer>.qweight` int32
   [K, N / 8] and `<layer>.qzeros` int32 [K / g, N / 8], output channel 8c + AWQ_ORDER[i] in nibble i of column c,
   `<layer>.scales` [K / g, N] -> "int4" with zero points.
-Other layouts (static activation scales, block-wise FP8, act-order GPTQ, AWQ GEMV) are refused with what is
-supported.
+- transformers' "fp8" method (block-wise FP8, DeepSeek-V3's layout: `quant_method == "fp8"`, `weight_block_size`
+  [bn, bk], dynamic activations): `<layer>.weight` float8 e4m3 and `<layer>.weight_scale_inv` [ceil(N / bn),
+  ceil(K / bk)], the multiplier of each block -> "fp8" with block scales, run weight-only: no kernel reads block-scaled
+  weights yet, so on CUDA each call dequantizes the weight (slower than the model's dtype; a warning says so).
+Other layouts (static activation scales, act-order GPTQ, AWQ GEMV) are refused with what is supported.
 
 The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward runs on them until the model is
 optimized); the quantized tensors ride on the model as `_fastllm_prequantized` until `optimize()` hands them to the
@@ -24,11 +27,12 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from fastllm.quant.fp8 import FP8
+from fastllm.quant.fp8 import FP8, dequantize_blocks
 from fastllm.quant.int_weight import dequantize_int4
 
 
@@ -44,7 +48,11 @@ class Prequantized:
 
 
 SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per token or "
-             "unquantized), GPTQ 4-bit without act-order and AWQ 4-bit GEMM (group size 32, 64 or 128)")
+             "unquantized), transformers' block-wise FP8 (quant_method 'fp8', dynamic activations), GPTQ 4-bit "
+             "without act-order and AWQ 4-bit GEMM (group size 32, 64 or 128)")
+BLOCK_FP8_WARNING = ("block-wise FP8 checkpoint: no fastllm kernel reads block-scaled FP8 weights yet, so on CUDA "
+                     "every call dequantizes each weight (slower than the model's own dtype); its weights are used as "
+                     "they are, never re-quantized")
 # AWQ packs output channel 8c + AWQ_ORDER[i] into nibble i of column c.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -59,6 +67,14 @@ def checkpoint_scheme(quantization_config) -> tuple[str, int]:
         return "int4", _gptq_group_size(qc)
     if method == "awq":
         return "int4", _awq_group_size(qc)
+    if method == "fp8":  # transformers' FineGrainedFP8: block-wise weights
+        block = qc.get("weight_block_size")
+        if qc.get("activation_scheme", "dynamic") != "dynamic" or not (
+                isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0
+                                                                            for b in block)):
+            raise ValueError(f"FP8 checkpoint with activation_scheme {qc.get('activation_scheme')!r} and "
+                             f"weight_block_size {block!r} is not supported; fastllm loads {supported}")
+        return "fp8", 128
     if method != "compressed-tensors":
         raise ValueError(f"quantized checkpoint with quant_method {method!r} is not supported yet; fastllm loads "
                          f"{supported}")
@@ -167,22 +183,32 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     if quantization_config is None:
         raise ValueError(f"{path} is not a quantized checkpoint (its config has no quantization_config)")
     scheme, group_size = checkpoint_scheme(quantization_config)
-    method = (quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()).get(
-        "quant_method")
+    qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    method, block = qc.get("quant_method"), tuple(qc.get("weight_block_size") or ())  # block: block-wise FP8
     del config.quantization_config
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = _state_dict(path)
     prequantized = Prequantized(scheme, source=path, group_size=group_size)
+    untiled: list[str] = []  # block-wise FP8 layers whose shape the blocks do not tile
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        if name.endswith((".weight_scale", ".qzeros", ".scales", ".g_idx")):
+        if name.endswith((".weight_scale", ".weight_scale_inv", ".qzeros", ".scales", ".g_idx")):
             continue
         if name.endswith(".qweight"):  # GPTQ or AWQ
             layer = name.removesuffix(".qweight")
             int4 = _from_awq(tensors, layer) if method == "awq" else _from_gptq(tensors, layer, group_size)
             prequantized.layers[layer] = int4
             state[layer + ".weight"] = dequantize_int4(*int4[:2], dtype, *int4[2:])
+            continue
+        if name.endswith(".weight") and tensor.dtype == FP8 and method == "fp8":  # block-wise
+            layer = name.removesuffix(".weight")
+            scale_inv = tensors[layer + ".weight_scale_inv"].float().contiguous()
+            state[name] = dequantize_blocks(tensor, scale_inv, dtype, block)
+            if tensor.shape[0] % block[0] or tensor.shape[1] % block[1]:
+                untiled.append(f"{layer} {tuple(tensor.shape)}")  # partial edge blocks: runs its dequantized weight
+            else:
+                prequantized.layers[layer] = (tensor.contiguous(), scale_inv)
             continue
         if name.endswith(".weight") and tensor.dtype == FP8:
             layer = name.removesuffix(".weight")
@@ -204,6 +230,10 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     prequantized.zero_point = scheme == "int4" and 3 in forms
     model._fastllm_prequantized = prequantized
     model.eval()
+    if method == "fp8":
+        skipped = f"; layers whose shape the {block[0]}x{block[1]} blocks do not tile run their dequantized weights " \
+                  f"in the model's dtype: {', '.join(untiled)}" if untiled else ""
+        warnings.warn(f"fastllm: {BLOCK_FP8_WARNING}{skipped}", RuntimeWarning, stacklevel=2)
     if device is not None:  # the quantized tensors go with the model: the pass then uses them where they are
         prequantized.layers = {name: tuple(t.to(device) for t in tensors)
                                for name, tensors in prequantized.layers.items()}

@@ -28,3 +28,19 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear's weight [N, K] -> (q [N, K] e4m3, scale [N] fp32): one scale per output channel."""
     q, scale = quantize_rows(weight)
     return q.contiguous(), scale.squeeze(-1).contiguous()
+
+
+def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      block: tuple[int, int] | None = None) -> torch.Tensor:
+    """Block-wise FP8 (transformers' "fp8" method, DeepSeek-V3's layout): q [N, K] e4m3 with one multiplier per
+    block of bn x bk, scale_inv [ceil(N / bn), ceil(K / bk)] -> q * scale_inv of its block, in `dtype`. Without
+    `block` the blocks must tile q exactly (the shapes then say the block: what fastllm keeps quantized)."""
+    n, k = q.shape
+    rows, cols = scale_inv.shape
+    if block is None:
+        if n % rows or k % cols:
+            raise ValueError(f"scales {tuple(scale_inv.shape)} do not tile a weight of {(n, k)} exactly: give block")
+        block = (n // rows, k // cols)
+    bn, bk = block
+    scale = scale_inv.float().repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
+    return (q.float() * scale).to(dtype)

@@ -29,7 +29,11 @@ class QuantizedRows:
     rows: int
 
     def part(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t[self.row0:self.row0 + self.rows] for t in self.tensors)
+        """The tensors' rows of this module; a block-scaled FP8 weight's scales [N / bn, ...] by block (fastllm keeps
+        such a weight quantized only if its blocks tile it, so every part starts and ends on a block boundary)."""
+        n = self.tensors[0].shape[0]
+        return tuple(t[self.row0 // (n // t.shape[0]):(self.row0 + self.rows) // (n // t.shape[0])]
+                     for t in self.tensors)
 
 
 def _quantized_forward(launcher, tensors: tuple[torch.Tensor, ...], module: torch.nn.Linear, x: torch.Tensor):
