@@ -5,8 +5,8 @@
 Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh random-weight model (seed 0), measured
 as bench_decode.py measures W1 (128-token prompt, greedy, 256 new tokens). Roofline: bytes a decode step must read
 (every weight the step multiplies by, in its stored format, scales included; the LM head stays bf16) over the
-device-to-device copy bandwidth measured in the same run. Writes DIR/W1-quant-<gpu>-<yyyymmdd>.json with fastllm
-bf16 under baselines.fastllm_bf16.<model>; exits 2 without a GPU.
+device-to-device copy bandwidth measured in the same run. Writes DIR/W1-quant-<gpu>-<yyyymmdd>.json (W1-fp8-... when
+one scheme is asked for) with fastllm bf16 under baselines.fastllm_bf16.<model>; exits 2 without a GPU.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         ours[f"{args.model}_{scheme}"] = r
         print(f"{scheme}: {r['decode_tok_s']:.1f} tok/s = {r['vs_bf16']:.2f}x bf16, {r['fraction_of_roofline']:.2f} "
               f"of its roofline; TTFT {r['ttft_ms_128']:.1f} / {r['ttft_ms_2048']:.1f} ms", flush=True)
-        path = write_result("W1-quant", torch.cuda.get_device_name(), config, ours,
+        workload = f"W1-{args.schemes[0]}" if len(args.schemes) == 1 else "W1-quant"  # the issue's W1-fp8 file
+        path = write_result(workload, torch.cuda.get_device_name(), config, ours,
                             {"fastllm_bf16": {args.model: bf16}}, args.out)
     print(f"wrote {path}")
     return 0

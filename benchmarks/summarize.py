@@ -160,7 +160,8 @@ def _w1_quant(result: dict) -> list[str]:
 
 
 FORMATTERS = {"W5": _w5, "W1": _w1, "W2": _w2, "W2-serve": _w2_serve, "W5-attention": _w5_attention,
-              "W5-gemv": _w5_gemv, "W1-quant": _w1_quant, "W2-fp8": _w2, "W2-int8": _w2, "W2-int4": _w2,
+              "W5-gemv": _w5_gemv, "W1-quant": _w1_quant, "W1-fp8": _w1_quant, "W1-int8": _w1_quant,
+              "W1-int4": _w1_quant, "W2-fp8": _w2, "W2-int8": _w2, "W2-int4": _w2,
               "W2-fp8_kv": _w2}
 
 
