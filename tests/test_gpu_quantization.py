@@ -177,7 +177,8 @@ def test_quantized_greedy_decode_with_cuda_graphs_equals_the_compiled_steps_own_
 
 @pytest.mark.skipif(not _has_fp8(), reason="the float8 type in Triton needs compute capability 8.9+")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp8_kv_write_kernels_round_like_the_reference(dtype):
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.37, 0.011)])  # unscaled, and a checkpoint's k_scale / v_scale
+def test_fp8_kv_write_kernels_round_like_the_reference(dtype, scales):
     """The hardware's fp32/bf16 -> e4m3 rounding (saturating) against the reference's, on values that need rounding
     (the CPU tests can only use representable ones: the interpreter rounds some wrongly)."""
     from fastllm.kernels import write_kv_cache, write_kv_cache_ref
@@ -187,8 +188,8 @@ def test_fp8_kv_write_kernels_round_like_the_reference(dtype):
     v = torch.randn(300, 8, 128, device="cuda", dtype=dtype)
     slots = torch.randperm(64 * 16, device="cuda")[:300]
     caches = [torch.zeros(64, 16, 8, 128, device="cuda", dtype=torch.float8_e4m3fn) for _ in range(4)]
-    write_kv_cache(k, v, caches[0], caches[1], slots)
-    write_kv_cache_ref(k, v, caches[2], caches[3], slots)
+    write_kv_cache(k, v, caches[0], caches[1], slots, k_scale=scales[0], v_scale=scales[1])
+    write_kv_cache_ref(k, v, caches[2], caches[3], slots, k_scale=scales[0], v_scale=scales[1])
     assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
     assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
 

@@ -131,11 +131,11 @@ def test_opcheck():
     k_cache, v_cache = _caches(1, 16, torch.float32, num_blocks=2)
     slots = torch.tensor([5, -1, 0])
     cos, sin = _angles(3, 8, torch.float32)
-    torch.library.opcheck(torch.ops.fastllm.write_kv_cache.default, (k, v, k_cache, v_cache, slots))
+    torch.library.opcheck(torch.ops.fastllm.write_kv_cache.default, (k, v, k_cache, v_cache, slots, 1.0, 1.0))
     for interleaved in (False, True):
         q_out = torch.empty(q.shape)
         torch.library.opcheck(torch.ops.fastllm.rotary_and_write_kv.default,
-                              (q, k, v, cos, sin, k_cache, v_cache, slots, q_out, interleaved))  # fmt: skip
+                              (q, k, v, cos, sin, k_cache, v_cache, slots, q_out, interleaved, 1.0, 1.0))  # fmt: skip
 
 
 def test_bad_inputs():

@@ -227,10 +227,11 @@ def test_opcheck():
     q, k_cache, v_cache, block_tables, seq_lens, cu, _ = _paged_batch([(3, 5), (1, 2)], 4, 2, 16, torch.float32)
     out = torch.empty(q.shape)
     op = torch.ops.fastllm.paged_attention.default
-    torch.library.opcheck(op, (q, k_cache, v_cache, block_tables, seq_lens, cu, None, out, 3, 0.25, True, 0, 0.0, 1))
+    torch.library.opcheck(op, (q, k_cache, v_cache, block_tables, seq_lens, cu, None, out, 3, 0.25, True, 0, 0.0, 1,
+                               1.0))  # fmt: skip
     slopes = _alibi(4)
     torch.library.opcheck(op, (q, k_cache, v_cache, block_tables, seq_lens, cu, slopes, out, 3, 0.25, False, 2,
-                               3.0, 4))  # fmt: skip
+                               3.0, 4, 1.0))  # fmt: skip
 
 
 def test_bad_inputs():

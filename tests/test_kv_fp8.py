@@ -81,6 +81,51 @@ def test_fp8_rotary_write_stores_through_the_same_path(interleaved):
     assert torch.equal(k_exp.view(-1, 2, 64)[9].float(), k[3])
 
 
+@pytest.mark.parametrize("k_scale,v_scale", [(4.0, 0.25), (3.0, 0.1)])
+def test_scaled_fp8_writes_store_values_divided_by_the_scale(k_scale, v_scale):
+    """A scaled FP8 cache (a checkpoint's k_scale / v_scale) stores x / scale, saturated: both write kernels against
+    the reference, bit for bit. x is representable times the scale, so x / scale is representable: the interpreter's
+    e4m3 rounding is not what is checked (see _representable)."""
+    g = torch.Generator().manual_seed(3)
+    k = _representable(7, 2, 64, scale=50, generator=g) * k_scale
+    v = _representable(7, 2, 64, scale=1, generator=g) * v_scale
+    k[0, 0, 0] = 1e6  # far past 448 x k_scale: saturates at 448 (stored), never NaN
+    slots = torch.tensor([3, -1, 0, 9, 17, -1, 5])
+    caches = {}
+    for name, write in (("ref", write_kv_cache_ref), ("kernel", write_kv_cache)):
+        k_cache, v_cache = _fp8_caches()
+        with triton_on_cpu():
+            write(k, v, k_cache, v_cache, slots, k_scale=k_scale, v_scale=v_scale)
+        caches[name] = (k_cache, v_cache)
+    assert all(torch.equal(_bytes(a), _bytes(b)) for a, b in zip(caches["ref"], caches["kernel"]))
+    k_cache, v_cache = caches["ref"]
+    torch.testing.assert_close(k_cache.view(-1, 2, 64)[9].float() * k_scale, k[3], rtol=1e-6, atol=0)
+    torch.testing.assert_close(v_cache.view(-1, 2, 64)[5].float() * v_scale, v[6], rtol=1e-6, atol=0)
+    assert k_cache.view(-1, 2, 64)[3, 0, 0].float() == 448.0
+    cos, sin = torch.ones(7, 64), torch.zeros(7, 64)  # the rotary kernel's stores, through an identity rotation
+    q = _representable(7, 8, 64, scale=3, generator=g)
+    rotated = {}
+    for name, write in (("ref", rotary_and_write_kv_ref), ("kernel", rotary_and_write_kv)):
+        k_cache, v_cache = _fp8_caches()
+        with triton_on_cpu():
+            q_rot = write(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale=k_scale, v_scale=v_scale)
+        rotated[name] = (q_rot, k_cache, v_cache)
+    assert torch.equal(rotated["ref"][0], rotated["kernel"][0])  # q is never scaled
+    assert all(torch.equal(_bytes(a), _bytes(b)) for a, b in zip(rotated["ref"][1:], rotated["kernel"][1:]))
+    assert torch.equal(_bytes(rotated["ref"][1]), _bytes(caches["ref"][0]))
+
+
+def test_kv_scales_are_checked():
+    k = v = torch.zeros(1, 2, 64)
+    slots = torch.tensor([0])
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="k_scale must be a finite positive number"):
+            write_kv_cache(k, v, *_fp8_caches(), slots, k_scale=bad)
+    plain = torch.zeros(6, 4, 2, 64)  # a cache of k's dtype holds values as they are
+    with pytest.raises(ValueError, match="v_scale 2.0 scales an FP8 KV cache"):
+        write_kv_cache(k, v, plain, plain.clone(), slots, v_scale=2.0)
+
+
 MIXED, DECODE = [(13, 18), (1, 41), (7, 7)], [(1, 1), (1, 17), (1, 300)]
 
 
@@ -110,7 +155,15 @@ def test_attention_over_an_fp8_cache_matches_the_reference(seqs, num_splits):
     kwargs = {"num_splits": num_splits} if num_splits else {}
     with triton_on_cpu():
         got = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.125, **kwargs)
+        # A scaled cache: V's multiplier scales the output (each kernel applies it once, the decode kernel to its
+        # split partials), K's is the caller's, folded into `scale`.
+        scaled = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.125, v_scale=0.375,
+                                 **kwargs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    scaled_ref = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.125,
+                                     v_scale=0.375)
+    torch.testing.assert_close(scaled_ref, expected * 0.375, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scaled, scaled_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_config_shortcut_and_card_check(monkeypatch):

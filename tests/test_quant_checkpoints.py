@@ -338,3 +338,58 @@ def test_block_wise_fp8_layers_the_blocks_do_not_tile_run_dequantized_and_bad_co
                 {"weight_block_size": [128]}):
         with pytest.raises(ValueError, match="FP8 checkpoint with activation_scheme"):
             checkpoint_scheme({"quant_method": "fp8", **bad})
+
+
+def _with_kv_scales(path, k_scale: float, v_scale: float, layers: int = 2):
+    """Add compressed-tensors' kv_cache_scheme and per-layer `self_attn.k_scale` / `v_scale` to a written
+    checkpoint."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path / "model.safetensors"))
+    for i in range(layers):
+        state[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(k_scale)
+        state[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(v_scale)
+    save_file(state, str(path / "model.safetensors"))
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                        "dynamic": False, "symmetric": True}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _sqnr(ref, x):
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - x).pow(2).mean()))
+
+
+def test_a_checkpoints_kv_cache_scales_run_an_fp8_cache_with_them(tmp_path):
+    """compressed-tensors' FP8 KV cache: the checkpoint's per-layer scales reach the attention (its cache stores
+    K / k_scale and V / v_scale). A power-of-two scale changes no e4m3 mantissa: the logits stay those of the
+    unscaled FP8 cache (up to the subnormals and saturation it moves); a wild scale visibly costs precision."""
+    logits = {}
+    for name, scales in (("unscaled", None), ("half", (0.5, 0.5)), ("wild", (300.0, 300.0))):
+        path = tmp_path / name
+        _write_fp8_checkpoint(_float_model(path), path)
+        if scales is not None:
+            _with_kv_scales(path, *scales)
+            model = fastllm.optimize(load_prequantized(str(path), dtype=torch.float32))
+            assert model._fastllm_state.engine().runner.compiled.context.kv_scales == [scales] * 2
+        else:
+            model = fastllm.optimize(load_prequantized(str(path), dtype=torch.float32),
+                                     quantization=fastllm.QuantConfig(weights=None, kv_cache="fp8"))
+        assert model._fastllm_state.engine().runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+        with torch.no_grad():
+            logits[name] = model(IDS).logits
+    print({name: _sqnr(logits["unscaled"], x) for name, x in logits.items() if name != "unscaled"})
+    assert _sqnr(logits["unscaled"], logits["half"]) > 40
+    assert _sqnr(logits["unscaled"], logits["wild"]) < _sqnr(logits["unscaled"], logits["half"]) - 10
+
+
+def test_bad_kv_cache_schemes_and_scales_are_refused(tmp_path):
+    path = tmp_path / "ckpt"
+    _write_fp8_checkpoint(_float_model(path), path)
+    _with_kv_scales(path, 0.5, float("nan"))
+    with pytest.raises(ValueError, match="KV cache scales must be finite and positive"):
+        load_prequantized(str(path), dtype=torch.float32)
+    dynamic = _compressed_tensors_config("channel", None)
+    dynamic["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "head", "dynamic": True}
+    with pytest.raises(ValueError, match="KV cache scheme .* is not supported"):
+        checkpoint_scheme(dynamic)

@@ -115,7 +115,7 @@ class ModelState:
                              use_cuda_graph=c.cuda_graphs and param.is_cuda,
                              max_num_batched_tokens=c.max_num_batched_tokens,
                              kv_cache_dtype=FP8_KV_DTYPE if c.quantization and c.quantization.kv_cache == "fp8"
-                             else None)
+                             else None, kv_scales=_checkpoint_kv_scales(model))
         self.startup_seconds.update(runner.startup_seconds)
         self.core = EngineCore(runner, vocab_size=model.get_input_embeddings().weight.shape[0],
                                eos_token_ids=model_eos_ids(model), max_num_seqs=c.max_num_seqs,
@@ -208,6 +208,12 @@ def _prequantized_layers(model) -> dict | None:
     return prequantized.layers if prequantized is not None else None
 
 
+def _checkpoint_kv_scales(model) -> list[tuple[float, float]] | None:
+    """A quantized checkpoint's FP8 KV cache scales, per layer (None: the cache is unscaled, or not FP8)."""
+    prequantized = getattr(model, "_fastllm_prequantized", None)
+    return prequantized.kv_scales if prequantized is not None else None
+
+
 def _with_checkpoint_quantization(model, config: OptimizeConfig) -> OptimizeConfig:
     """A model loaded from a quantized checkpoint (`fastllm.quant.load_prequantized`) runs its checkpoint's scheme on
     the checkpoint's quantized layers; asking for another scheme is refused."""
@@ -218,6 +224,8 @@ def _with_checkpoint_quantization(model, config: OptimizeConfig) -> OptimizeConf
         raise ValueError(f"the model was loaded from a {prequantized.scheme} checkpoint ({prequantized.source}); "
                          f"quantization={config.quantization.weights!r} cannot re-quantize it: leave quantization out")
     kv_cache = config.quantization.kv_cache if config.quantization is not None else None
+    if prequantized.kv_scales is not None:  # the checkpoint's FP8 KV cache, with its scales
+        kv_cache = "fp8"
     return dataclasses.replace(config, quantization=QuantConfig(prequantized.scheme, prequantized.group_size,
                                                                 exclude=(), kv_cache=kv_cache,
                                                                 zero_point=prequantized.zero_point))

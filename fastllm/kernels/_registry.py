@@ -7,6 +7,7 @@ GPU). Importing this module never initialises CUDA and works without triton inst
 
 import contextlib
 import contextvars
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 
@@ -53,6 +54,7 @@ __all__ = [
     "LIBRARY",
     "MAX_ROW_SIZE",
     "check_float",
+    "check_kv_scale",
     "check_out",
     "check_row_param",
     "check_same_device",
@@ -197,6 +199,15 @@ def pdl_wait(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+def check_kv_scale(name: str, value: object, cache: torch.Tensor) -> None:
+    """An FP8 KV cache's K or V multiplier (stored value x scale = the real one): a finite positive number; any other
+    cache holds its values as they are (1.0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    if value != 1.0 and cache.dtype != FP8_KV_DTYPE:
+        raise ValueError(f"{name} {value!r} scales an FP8 KV cache; a {cache.dtype} cache takes 1.0")
 
 
 def next_power_of_2(n: int) -> int:

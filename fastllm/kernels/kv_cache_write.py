@@ -17,6 +17,7 @@ from fastllm.kernels._registry import (
     FLOAT_DTYPES,
     FP8_KV_DTYPE,
     check_float,
+    check_kv_scale,
     check_same_device,
     device_guard,
     next_power_of_2,
@@ -45,6 +46,15 @@ def _to_element(x, PTR):
 
 
 @triton.jit
+def _to_cache(x, PTR, inv_scale):
+    """x as a KV cache stores it: an FP8 cache holds x / scale (its multiplier: real = stored x scale), saturated;
+    any other cache holds x itself (the scale is 1.0 there)."""
+    if PTR.dtype.element_ty == tl.float8e4nv:
+        x = x.to(tl.float32) * inv_scale
+    return _to_element(x, PTR)
+
+
+@triton.jit
 def _write_kv_kernel(
     K,  # [T, Hkv, D], strides (stride_kt, stride_kh, 1)
     V,  # [T, Hkv, D], strides (stride_vt, stride_vh, 1)
@@ -55,6 +65,7 @@ def _write_kv_kernel(
     stride_vt, stride_vh,
     num_kv_heads,
     head_dim,
+    k_inv_scale, v_inv_scale,  # 1 / an FP8 cache's K and V multipliers (1.0 for other caches: not read)
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     USE_PDL: tl.constexpr = False,
@@ -71,16 +82,17 @@ def _write_kv_kernel(
     cache_off = slot * num_kv_heads * head_dim + h[:, None] * head_dim + d[None, :]
     k = tl.load(K + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(V + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    tl.store(K_CACHE + cache_off, _to_element(k, K_CACHE), mask=mask)
-    tl.store(V_CACHE + cache_off, _to_element(v, V_CACHE), mask=mask)
+    tl.store(K_CACHE + cache_off, _to_cache(k, K_CACHE, k_inv_scale), mask=mask)
+    tl.store(V_CACHE + cache_off, _to_cache(v, V_CACHE, v_inv_scale), mask=mask)
 
 
 @triton.jit
 def _rotate_heads(
-    X, Y, COS, SIN, x_row, y_row, cs_row, stride_xh, stride_yh, h, h_mask, half, head_dim,
+    X, Y, COS, SIN, x_row, y_row, cs_row, stride_xh, stride_yh, h, h_mask, half, head_dim, inv_scale,
     INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr,
 ):  # fmt: skip
-    """y[h, :] = rope(x[h, :]) for a block of heads h of one token, in fp32, rounded once to Y's dtype.
+    """y[h, :] = rope(x[h, :]) for a block of heads h of one token, in fp32, rounded once to Y's dtype (divided by
+    the scale first when Y is an FP8 cache: `_to_cache`).
 
     x_row, y_row, cs_row: the token's offsets into X, Y and COS/SIN; the pair (a, b) follows rotary.py.
     """
@@ -102,13 +114,13 @@ def _rotate_heads(
     cos_b = tl.load(COS + cs_row + b, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
     sin_a = tl.load(SIN + cs_row + a, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
     sin_b = tl.load(SIN + cs_row + b, mask=pair_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + y_off + a[None, :], _to_element(x_a * cos_a - x_b * sin_a, Y), mask=mask)
-    tl.store(Y + y_off + b[None, :], _to_element(x_b * cos_b + x_a * sin_b, Y), mask=mask)
+    tl.store(Y + y_off + a[None, :], _to_cache(x_a * cos_a - x_b * sin_a, Y, inv_scale), mask=mask)
+    tl.store(Y + y_off + b[None, :], _to_cache(x_b * cos_b + x_a * sin_b, Y, inv_scale), mask=mask)
     if BLOCK_TAIL > 0:  # partial rotary: copy x[h, R:] through
         c = 2 * half + tl.arange(0, BLOCK_TAIL)
         tail_mask = h_mask[:, None] & (c < head_dim)[None, :]
         x_t = tl.load(X + x_off + c[None, :], mask=tail_mask, other=0.0)
-        tl.store(Y + y_off + c[None, :], _to_element(x_t, Y), mask=tail_mask)
+        tl.store(Y + y_off + c[None, :], _to_cache(x_t, Y, inv_scale), mask=tail_mask)
 
 
 @triton.jit
@@ -131,6 +143,7 @@ def _rotary_write_kv_kernel(
     num_kv_heads,
     half,  # R / 2
     head_dim,
+    k_inv_scale, v_inv_scale,  # as in _write_kv_kernel
     INTERLEAVED: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -149,7 +162,7 @@ def _rotary_write_kv_kernel(
         h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         _rotate_heads(
             Q, Q_OUT, COS, SIN, t * stride_qt, t * stride_ot, cs_row, stride_qh, stride_oh, h, h < num_q_heads,
-            half, head_dim, INTERLEAVED, BLOCK_HALF, BLOCK_TAIL,
+            half, head_dim, 1.0, INTERLEAVED, BLOCK_HALF, BLOCK_TAIL,
         )  # fmt: skip
     else:
         slot = tl.load(SLOTS + t).to(tl.int64)
@@ -159,36 +172,41 @@ def _rotary_write_kv_kernel(
             cache_row = slot * num_kv_heads * head_dim
             _rotate_heads(
                 K, K_CACHE, COS, SIN, t * stride_kt, cache_row, cs_row, stride_kh, head_dim, h, h_mask,
-                half, head_dim, INTERLEAVED, BLOCK_HALF, BLOCK_TAIL,
+                half, head_dim, k_inv_scale, INTERLEAVED, BLOCK_HALF, BLOCK_TAIL,
             )  # fmt: skip
             d = tl.arange(0, BLOCK_D)
             mask = h_mask[:, None] & (d < head_dim)[None, :]
             v = tl.load(V + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-            tl.store(V_CACHE + cache_row + h[:, None] * head_dim + d[None, :], _to_element(v, V_CACHE),
+            tl.store(V_CACHE + cache_row + h[:, None] * head_dim + d[None, :], _to_cache(v, V_CACHE, v_inv_scale),
                      mask=mask)  # fmt: skip
 
 
-# The KV cache may be float8 e4m3 (an FP8 KV cache: `quantization="fp8_kv"`), with K and V stored unscaled: values
-# past e4m3's largest (448) saturate. Attention widens them back to q's dtype as it reads them.
+# The KV cache may be float8 e4m3 (an FP8 KV cache: `quantization="fp8_kv"`): K and V stored divided by their layer's
+# scale (a checkpoint's k_scale / v_scale; 1.0, unscaled, otherwise); values past e4m3's largest (448) saturate.
+# Attention widens them back to q's dtype as it reads them, K's scale folded into the score scale and V's applied to
+# the output.
 KV_CACHE_DTYPES = (*FLOAT_DTYPES, FP8_KV_DTYPE)
 
 
-def to_cache_dtype(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """x in the cache's dtype; into a float8 cache saturated at +-448, from fp32 (rounded once)."""
+def to_cache_dtype(x: torch.Tensor, cache: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """x in the cache's dtype; into a float8 cache x / scale (times the fp32 inverse, as the kernels do) saturated at
+    +-448, from fp32 (rounded once)."""
     if cache.dtype == FP8_KV_DTYPE:
-        return x.float().clamp(-448.0, 448.0).to(FP8_KV_DTYPE)
+        x = x.float() if scale == 1.0 else x.float() * (1.0 / scale)
+        return x.clamp(-448.0, 448.0).to(FP8_KV_DTYPE)
     return x.to(cache.dtype)
 
 
 def write_kv_cache_ref(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """Plain-PyTorch spec of `write_kv_cache`: the rows of the tokens whose slot is >= 0 copied to their slots."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     rows = (slot_mapping >= 0).nonzero().squeeze(1)  # one mask pass, then index_select/index_copy (cheaper on the
     slots = slot_mapping.index_select(0, rows).long()  # CPU than four boolean-mask indexings)
-    for x, cache in ((k, k_cache), (v, v_cache)):
-        values = to_cache_dtype(x.index_select(0, rows), cache)
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        values = to_cache_dtype(x.index_select(0, rows), cache, scale)
         if cache.dtype == FP8_KV_DTYPE:  # torch has no float8 index_copy_ on the CPU: the same bytes, as uint8
             cache, values = cache.view(torch.uint8), values.view(torch.uint8)
         cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, values)
@@ -205,13 +223,15 @@ def rotary_and_write_kv_ref(
     slot_mapping: torch.Tensor,
     *,
     interleaved: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain-PyTorch spec of `rotary_and_write_kv`: rotary on q and k ([T, H, D] with cos/sin [T, 1, R]), then
     `write_kv_cache_ref` of the rotated k and the raw v. Returns the rotated q."""
     cos, sin = cos[:, None, :], sin[:, None, :]
     q_rot = rotary_embedding_ref(q, cos, sin, interleaved=interleaved)
     k_rot = rotary_embedding_ref(k, cos, sin, interleaved=interleaved)
-    write_kv_cache_ref(k_rot, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache_ref(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q_rot
 
 
@@ -264,10 +284,11 @@ def _head_block(num_heads: int, row: int) -> int:
 
 @register_out_op("write_kv_cache", mutates_args=("k_cache", "v_cache"))
 def _write_kv_cache_op(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float, v_scale: float,
 ) -> None:
     if not use_triton(k):
-        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
@@ -278,26 +299,30 @@ def _write_kv_cache_op(
         _write_kv_kernel[(num_tokens, triton.cdiv(num_kv_heads, block_h))](
             k, v, k_cache, v_cache, slot_mapping,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            num_kv_heads, head_dim,
+            num_kv_heads, head_dim, 1.0 / k_scale, 1.0 / v_scale,
             BLOCK_H=block_h, BLOCK_D=block_d, num_warps=max(1, min(4, block_h * block_d // 256)), **pdl_options(k),
         )  # fmt: skip
 
 
 def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """Store each token's key and value in its cache slot (in place); slots < 0 are skipped.
 
     Args:
         k, v: [T, Hkv, D] (any strides with a contiguous last dim, e.g. slices of a fused QKV output).
-        k_cache, v_cache: [num_blocks, block_size, Hkv, D], contiguous, k's dtype; written in place.
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D], contiguous, k's dtype or float8 e4m3; written in place.
         slot_mapping: [T] int32/int64, slot = block_id * block_size + row; negative = padding, not written.
+        k_scale, v_scale: an FP8 cache's multipliers (it stores k / k_scale, v / v_scale); 1.0 for other caches.
     """
     _check_kv(k, v, k_cache, v_cache, slot_mapping)
+    check_kv_scale("k_scale", k_scale, k_cache)
+    check_kv_scale("v_scale", v_scale, v_cache)
     if not use_triton(k):  # the CPU path: the reference itself, no op dispatch
-        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
         return
-    _write_kv_cache_op(k, v, k_cache, v_cache, slot_mapping)
+    _write_kv_cache_op(k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale))
 
 
 @register_out_op("rotary_and_write_kv", mutates_args=("k_cache", "v_cache", "q_out"))
@@ -312,9 +337,12 @@ def _rotary_and_write_kv_op(
     slot_mapping: torch.Tensor,
     q_out: torch.Tensor,
     interleaved: bool,
+    k_scale: float,
+    v_scale: float,
 ) -> None:
     if not use_triton(q):
-        q_out.copy_(rotary_and_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved=interleaved))
+        q_out.copy_(rotary_and_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved=interleaved,
+                                            k_scale=k_scale, v_scale=v_scale))
         return
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -330,7 +358,7 @@ def _rotary_and_write_kv_op(
             q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             q_out.stride(0), q_out.stride(1), cos.stride(0),
-            num_q_heads, num_kv_heads, half, head_dim,
+            num_q_heads, num_kv_heads, half, head_dim, 1.0 / k_scale, 1.0 / v_scale,
             INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_HALF=block_half,
             BLOCK_TAIL=next_power_of_2(tail) if tail else 0, BLOCK_D=next_power_of_2(head_dim),
             num_warps=max(1, min(4, block_h * block_half // 128)), **pdl_options(q),
@@ -349,6 +377,8 @@ def rotary_and_write_kv(
     *,
     interleaved: bool = False,
     q_out: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Rotary on q and k, rotated k and raw v written to the paged cache, in one kernel launch.
 
@@ -359,10 +389,13 @@ def rotary_and_write_kv(
         k_cache, v_cache, slot_mapping: as for `write_kv_cache` (slots < 0 are not written).
         interleaved: False for the neox layout (rotate halves), True for the gptj layout (even/odd pairs).
         q_out: optional [T, Hq, D] buffer of dtype promote(q, cos) (q's dtype when cos has it), last dim contiguous.
+        k_scale, v_scale: as for `write_kv_cache`.
     Returns:
         The rotated q: q_out, or a new contiguous tensor.
     """
     _check_kv(k, v, k_cache, v_cache, slot_mapping)
+    check_kv_scale("k_scale", k_scale, k_cache)
+    check_kv_scale("v_scale", v_scale, v_cache)
     for name, t in (("q", q), ("cos", cos), ("sin", sin)):
         check_float(name, t)
         check_same_device(name, t, "k", k)
@@ -383,9 +416,10 @@ def rotary_and_write_kv(
         raise ValueError(f"the rotary dim cos.shape[-1] must be even and in [2, {q.shape[2]}] (the head dim), got {r}")
     if q_out is None and not use_triton(q):  # the CPU path: the reference itself, no buffer nor op dispatch
         return ref_output(rotary_and_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
-                                                  interleaved=interleaved),
+                                                  interleaved=interleaved, k_scale=k_scale, v_scale=v_scale),
                           torch.promote_types(q.dtype, cos.dtype), q)
     # promote_types, not result_type: dynamo traces it (both are tensors of rank >= 1: the same dtype).
     q_out = out_or_new("q_out", q_out, q.shape, torch.promote_types(q.dtype, cos.dtype), q.device)
-    _rotary_and_write_kv_op(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_out, bool(interleaved))
+    _rotary_and_write_kv_op(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_out, bool(interleaved),
+                            float(k_scale), float(v_scale))
     return q_out

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from fastllm.kernels._registry import (
     FP8_KV_DTYPE,
     check_float,
+    check_kv_scale,
     check_same_device,
     device_guard,
     next_power_of_2,
@@ -139,6 +140,7 @@ def _prefill_kernel(
     qk_scale,
     softcap_log2,
     window,
+    v_scale,  # an FP8 KV cache's V multiplier (1.0 otherwise): applied once to the output
     GROUP: tl.constexpr,  # query heads per kv head
     BLOCK_Q: tl.constexpr,  # query tokens per program
     BLOCK_M: tl.constexpr,  # tile rows >= BLOCK_Q * GROUP: row r is token r // GROUP, head r % GROUP
@@ -230,7 +232,7 @@ def _prefill_kernel(
             True, CAUSAL, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, BLOCK_N, PAGE_SIZE, DOT_PRECISION,
         )  # fmt: skip
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale  # x 1.0 is exact: other caches unchanged
     o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty),
              mask=row_mask[:, None] & d_mask[None, :])  # fmt: skip
@@ -251,6 +253,7 @@ def _decode_kernel(
     qk_scale,
     softcap_log2,
     window,
+    v_scale,  # an FP8 KV cache's V multiplier (1.0 otherwise): applied once to the output
     num_splits,  # a runtime value, so each split count does not compile a kernel of its own
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,  # GROUP padded to a power of 2 >= 16 (tl.dot's minimum)
@@ -309,11 +312,11 @@ def _decode_kernel(
     mask = g_mask[:, None] & d_mask[None, :]
     if SPLIT:
         part = (seq.to(tl.int64) * num_q_heads + head) * num_splits + split  # [BLOCK_G]
-        tl.store(PART_ACC + part[:, None] * head_dim + d[None, :], acc, mask=mask)
+        tl.store(PART_ACC + part[:, None] * head_dim + d[None, :], acc * v_scale, mask=mask)
         tl.store(PART_M + part, m_i, mask=g_mask)
         tl.store(PART_L + part, l_i, mask=g_mask)
     else:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale  # x 1.0 is exact: other caches unchanged
         o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
         tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
@@ -372,9 +375,11 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     alibi_slopes: torch.Tensor | None = None,
     softcap: float | None = None,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain-PyTorch spec of `paged_attention` (and the CPU path): per sequence, gather its K/V through the block
-    table and attend in fp32 with explicit masks. Tokens outside cu_seqlens_q's ranges get zeros.
+    table and attend in fp32 with explicit masks. Tokens outside cu_seqlens_q's ranges get zeros. `v_scale` (an FP8
+    cache's V multiplier) scales each output once, in fp32.
 
     Without soft-capping the attention itself is torch's SDPA (fp32, grouped-query heads, the masks and ALiBi as
     its mask): on the CPU it is the engine's decode path, where SDPA's kernel took 0.04 ms a layer against
@@ -385,7 +390,8 @@ def paged_attention_ref(
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     slopes = None if alibi_slopes is None else alibi_slopes.float()
     if not softcap and all(b - a <= 1 for a, b in zip(cu, cu[1:])):  # a decode step: one batched attention
-        return _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, lens, scale, sliding_window, slopes)
+        return _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, lens, scale, sliding_window, slopes,
+                           v_scale)
     # One sequence holding every query token: its attention is the output, nothing to scatter.
     whole = len(lens) == 1 and cu == [0, q.shape[0]]
     out = None if whole else torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -426,6 +432,8 @@ def paged_attention_ref(
             o = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                                v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
                                                enable_gqa=group > 1)[0].transpose(0, 1)  # [L, Hq, D]
+        if v_scale != 1.0:
+            o = o * v_scale
         if whole:
             return o.to(q.dtype).contiguous()
         out[cu[i] : cu[i + 1]] = o.to(q.dtype)
@@ -433,7 +441,7 @@ def paged_attention_ref(
 
 
 def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, cu: list[int], lens: list[int], scale: float,
-                sliding_window: int | None, slopes: torch.Tensor | None) -> torch.Tensor:
+                sliding_window: int | None, slopes: torch.Tensor | None, v_scale: float = 1.0) -> torch.Tensor:
     """`paged_attention_ref` for a step whose sequences query at most one token each: every sequence's K/V gathered
     at once (padded to the longest context, masked past each one's length) and one SDPA call for the batch, where
     a loop would call it once per sequence (the CPU's decode steps)."""
@@ -450,7 +458,7 @@ def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, cu: list[int], lens
         v = _gather(v_cache, blocks).flatten(0, 1)[: lens[i]].float().transpose(0, 1)
         o = F.scaled_dot_product_attention(q[token : token + 1].float().transpose(0, 1), k, v, scale=scale,
                                            enable_gqa=num_q_heads != num_kv_heads)  # [Hq, 1, D]
-        out[token] = o[:, 0].to(q.dtype)
+        out[token] = (o[:, 0] * v_scale if v_scale != 1.0 else o[:, 0]).to(q.dtype)
         return out
     seqs = torch.tensor(rows, device=q.device)
     tokens = torch.tensor([cu[i] for i in rows], device=q.device)
@@ -477,7 +485,8 @@ def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, cu: list[int], lens
     o = F.scaled_dot_product_attention(q.index_select(0, tokens).float()[:, :, None, :], k.transpose(1, 2),
                                        v.transpose(1, 2), attn_mask=mask, scale=scale,
                                        enable_gqa=num_q_heads != num_kv_heads)  # [N, Hq, 1, D]
-    out.index_copy_(0, tokens, o[:, :, 0, :].to(q.dtype))
+    o = o[:, :, 0, :] * v_scale if v_scale != 1.0 else o[:, :, 0, :]
+    out.index_copy_(0, tokens, o.to(q.dtype))
     return out
 
 
@@ -510,7 +519,7 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype, group: int) -> dict:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
-            max_seqlen_q, scale, causal, sliding_window, softcap, num_splits):  # fmt: skip
+            max_seqlen_q, scale, causal, sliding_window, softcap, num_splits, v_scale=1.0):  # fmt: skip
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -536,7 +545,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             grid = (triton.cdiv(num_tokens, p["BLOCK_Q"]) + num_seqs, num_kv_heads)
             _prefill_kernel[grid](
                 q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, slopes, out, *strides,
-                num_seqs, head_dim, qk_scale, softcap * LOG2E, sliding_window,
+                num_seqs, head_dim, qk_scale, softcap * LOG2E, sliding_window, v_scale,
                 GROUP=group, CAUSAL=causal, **common, **p,
             )  # fmt: skip
             return
@@ -549,7 +558,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             part_acc = part_m = part_l = out  # not touched with one split
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, slopes, out, part_acc, part_m, part_l,
-            *strides, num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, num_splits,
+            *strides, num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, v_scale, num_splits,
             GROUP=group, SPLIT=num_splits > 1, **common, **d,
         )  # fmt: skip
         if num_splits > 1:
@@ -576,15 +585,17 @@ def _paged_attention_op(
     sliding_window: int,
     softcap: float,
     num_splits: int,
+    v_scale: float,
 ) -> None:
     """Op form: sliding_window 0 and softcap 0.0 mean none; num_splits is resolved by the launcher."""
     if use_triton(q):
         _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
-                max_seqlen_q, scale, causal, sliding_window, softcap, num_splits)  # fmt: skip
+                max_seqlen_q, scale, causal, sliding_window, softcap, num_splits, v_scale)  # fmt: skip
     else:
         out.copy_(paged_attention_ref(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale, causal=causal,
             sliding_window=sliding_window or None, alibi_slopes=alibi_slopes, softcap=softcap or None,
+            v_scale=v_scale,
         ))  # fmt: skip
 
 
@@ -670,6 +681,7 @@ def paged_attention(
     softcap: float | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of a flattened ragged batch of queries over the paged KV cache; see the module docstring.
 
@@ -690,22 +702,25 @@ def paged_attention(
         softcap: None, or c: scores become c * tanh(scores / c) (after scale, before ALiBi and masks).
         num_splits: decode splits per sequence; None picks `default_num_splits` from the shapes.
         out: optional [T, Hq, D] buffer of q's dtype, last dim contiguous.
+        v_scale: an FP8 KV cache's multiplier of its V values (V = stored x v_scale; finite, > 0; 1.0 for any other
+            cache). K's multiplier is the caller's to fold into `scale`.
     Returns:
         out, [T, Hq, D] in q's dtype (rows of tokens outside cu_seqlens_q's ranges are left as they are).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, sliding_window,
                   alibi_slopes, softcap, num_splits)  # fmt: skip
+    check_kv_scale("v_scale", v_scale, v_cache)
     if out is None and not use_triton(q):  # the CPU path: the reference itself, no buffer nor op dispatch
         return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
                                    scale=scale, causal=causal, sliding_window=sliding_window,
-                                   alibi_slopes=alibi_slopes, softcap=softcap)
+                                   alibi_slopes=alibi_slopes, softcap=softcap, v_scale=v_scale)
     out = out_or_new("out", out, q.shape, q.dtype, q.device)
     if num_splits is None:
         max_context = block_tables.shape[1] * k_cache.shape[1]
         num_splits = default_num_splits(seq_lens.shape[0], k_cache.shape[2], max_context, q.device)
     _paged_attention_op(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out, max_seqlen_q,
-        float(scale), bool(causal), int(sliding_window or 0), float(softcap or 0.0), int(num_splits),
+        float(scale), bool(causal), int(sliding_window or 0), float(softcap or 0.0), int(num_splits), float(v_scale),
     )  # fmt: skip
     return out
 

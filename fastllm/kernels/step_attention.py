@@ -69,6 +69,9 @@ class StepContext:
         self.metadata: AttentionMetadata | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.shapes: dict[int, tuple[int, int]] | None = None
+        # Per layer, an FP8 KV cache's (k_scale, v_scale) multipliers (a checkpoint's); None: 1.0 everywhere. Set
+        # once by the runner that owns the caches: the values are fixed for the model's life.
+        self.kv_scales: list[tuple[float, float]] | None = None
         self.active = False
         self._alibi: dict[tuple, torch.Tensor] = {}
         _CONTEXTS[self.id] = self
@@ -127,16 +130,20 @@ def step_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: S
     kernels = use_triton(q)
     write, rotate_and_write = (write_kv_cache, rotary_and_write_kv) if kernels else (write_kv_cache_ref,
                                                                                       rotary_and_write_kv_ref)
+    k_scale, v_scale = ctx.kv_scales[layer] if ctx.kv_scales is not None else (1.0, 1.0)
     if cos is None:
-        write(k_tokens, v_tokens, k_cache, v_cache, md.slot_mapping)
+        write(k_tokens, v_tokens, k_cache, v_cache, md.slot_mapping, k_scale=k_scale, v_scale=v_scale)
     else:
         rot = cos.shape[-1]
         q_tokens = rotate_and_write(q_tokens, k_tokens, v_tokens, cos.reshape(-1, rot), sin.reshape(-1, rot),
-                                    k_cache, v_cache, md.slot_mapping, interleaved=interleaved)
+                                    k_cache, v_cache, md.slot_mapping, interleaved=interleaved, k_scale=k_scale,
+                                    v_scale=v_scale)
     slopes = None if alibi is None else ctx.alibi_tensor(tuple(alibi), q.device)
+    # K's multiplier scales every score: folded into the score scale (exactly so when it is 1.0)
     out = (paged_attention if kernels else paged_attention_ref)(
-        q_tokens, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q, md.max_seqlen_q, scale=scale,
-        causal=True, sliding_window=sliding_window, softcap=softcap, alibi_slopes=slopes)
+        q_tokens, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q, md.max_seqlen_q,
+        scale=scale * k_scale, causal=True, sliding_window=sliding_window, softcap=softcap, alibi_slopes=slopes,
+        v_scale=v_scale)
     return out.transpose(0, 1).unsqueeze(0)
 
 

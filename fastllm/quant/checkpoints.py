@@ -12,6 +12,8 @@ Supported, each mapping exactly onto a fastllm scheme:
 - AWQ, 4 bits, GEMM layout (`quant_method == "awq"`, `version: "gemm"`, zero points): `<layer>.qweight` int32
   [K, N / 8] and `<layer>.qzeros` int32 [K / g, N / 8], output channel 8c + AWQ_ORDER[i] in nibble i of column c,
   `<layer>.scales` [K / g, N] -> "int4" with zero points.
+  With a `kv_cache_scheme` (float 8-bit, one static scale per tensor): `<layer>.self_attn.k_scale` / `v_scale`, the
+  multipliers of an FP8 KV cache (real = stored x scale) -> the model runs an FP8 KV cache with those scales.
 - transformers' "fp8" method (block-wise FP8, DeepSeek-V3's layout: `quant_method == "fp8"`, `weight_block_size`
   [bn, bk], dynamic activations): `<layer>.weight` float8 e4m3 and `<layer>.weight_scale_inv` [ceil(N / bn),
   ceil(K / bk)], the multiplier of each block -> "fp8" with block scales, run weight-only: no kernel reads block-scaled
@@ -26,6 +28,7 @@ quantize pass, after which the dequantized weights of the layers it took are let
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +48,8 @@ class Prequantized:
     source: str = ""
     group_size: int = 128  # int4
     zero_point: bool = False  # int4: the layers carry zero points (asymmetric)
+    # An FP8 KV cache's (k_scale, v_scale) per layer, in layer order (compressed-tensors' kv_cache_scheme), or None
+    kv_scales: list[tuple[float, float]] | None = None
 
 
 SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per token or "
@@ -88,6 +93,11 @@ def checkpoint_scheme(quantization_config) -> tuple[str, int]:
                              f"loads {supported}")
     if not qc.get("config_groups"):
         raise ValueError(f"the checkpoint's compressed-tensors config has no config_groups; fastllm loads {supported}")
+    kv = qc.get("kv_cache_scheme")
+    if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8 and kv.get("strategy") == "tensor"
+                   and not kv.get("dynamic")):
+        raise ValueError(f"the checkpoint's KV cache scheme {kv} is not supported; fastllm loads an FP8 KV cache with "
+                         "one static scale per layer for K and one for V")
     return "fp8", 128
 
 
@@ -193,7 +203,8 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     untiled: list[str] = []  # block-wise FP8 layers whose shape the blocks do not tile
     state: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        if name.endswith((".weight_scale", ".weight_scale_inv", ".qzeros", ".scales", ".g_idx")):
+        if name.endswith((".weight_scale", ".weight_scale_inv", ".qzeros", ".scales", ".g_idx", ".k_scale",
+                          ".v_scale")):
             continue
         if name.endswith(".qweight"):  # GPTQ or AWQ
             layer = name.removesuffix(".qweight")
@@ -223,6 +234,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
         raise ValueError(f"{path}: the checkpoint does not match {type(model).__name__}: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     model.tie_weights()
+    prequantized.kv_scales = _kv_scales(tensors, qc)
     forms = {len(t) for t in prequantized.layers.values()}
     if scheme == "int4" and len(forms) > 1:  # int4 layers with and without zero points: run them all with zeros
         prequantized.layers = {name: t if len(t) == 3 else (*t, torch.full_like(t[1], 8.0))
@@ -239,6 +251,24 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
                                for name, tensors in prequantized.layers.items()}
         model = model.to(device)
     return model
+
+
+def _kv_scales(tensors: dict[str, torch.Tensor], qc: dict) -> list[tuple[float, float]] | None:
+    """compressed-tensors' FP8 KV cache scales (`<attention>.k_scale`, `.v_scale`, one number each), in the order
+    of the attention modules' names' layer index; None without a kv_cache_scheme."""
+    if qc.get("quant_method") != "compressed-tensors" or not qc.get("kv_cache_scheme"):
+        return None
+    prefixes = sorted({n.removesuffix(".k_scale") for n in tensors if n.endswith(".k_scale")},
+                      key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
+    scales = []
+    for prefix in prefixes:
+        pair = tuple(float(tensors[f"{prefix}.{kv}_scale"].float().reshape(-1)[0]) for kv in "kv")
+        if not all(math.isfinite(s) and s > 0 for s in pair):
+            raise ValueError(f"{prefix}: KV cache scales must be finite and positive, got {pair}")
+        scales.append(pair)
+    if not scales:
+        raise ValueError("the checkpoint declares a kv_cache_scheme but holds no k_scale / v_scale tensors")
+    return scales
 
 
 def _tied(model, name: str) -> bool:

@@ -12,8 +12,10 @@ Schemes (weights converted once, at optimize() time):
 Layers named in `exclude` (default: the LM head, whose errors every token's distribution feels) keep the model's
 dtype.
 - KV cache "fp8" (`quantization="fp8_kv"`, or `QuantConfig(kv_cache="fp8")` beside any weight scheme): K and V stored
-  as float8 e4m3, unscaled (values past 448 saturate), half the bytes of a bf16 cache; the attention kernels widen
-  them as they read. Independent of the weights' scheme; on CUDA it needs compute capability 8.9 too.
+  as float8 e4m3, half the bytes of a bf16 cache; the attention kernels widen them as they read. Unscaled (values
+  past 448 saturate), or with a checkpoint's per-layer k_scale / v_scale (compressed-tensors' kv_cache_scheme:
+  the cache stores K / k_scale and V / v_scale). Independent of the weights' scheme; on CUDA it needs compute
+  capability 8.9 too.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastllm.kernels._registry import FP8_KV_DTYPE
 from fastllm.runtime.kv_cache import (
     BlockPool,
     KVCacheConfig,
@@ -115,10 +116,15 @@ class ModelRunner:
     def __init__(self, compiled, device: torch.device, dtype: torch.dtype, *, kv_cache: KVCacheConfig | None = None,
                  max_num_seqs: int = 64, max_model_len: int = 4096, use_cuda_graph: bool | None = None,
                  max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False,
-                 kv_cache_dtype: torch.dtype | None = None):
+                 kv_cache_dtype: torch.dtype | None = None, kv_scales: list[tuple[float, float]] | None = None):
         self.compiled = compiled
         self.device, self.dtype = torch.device(device), dtype
         self.kv_cache_dtype = kv_cache_dtype or dtype
+        if kv_scales is not None:  # an FP8 KV cache's per-layer (k_scale, v_scale), a checkpoint's
+            if len(kv_scales) != len(compiled.kv_shapes) or self.kv_cache_dtype != FP8_KV_DTYPE:
+                raise ValueError(f"kv_scales: one (k_scale, v_scale) pair per layer ({len(compiled.kv_shapes)}) for "
+                                 f"an FP8 KV cache; got {len(kv_scales)} pairs for a {self.kv_cache_dtype} cache")
+        compiled.context.kv_scales = kv_scales
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
