@@ -30,7 +30,7 @@ import time
 import httpx
 import pytest
 
-from tests._faulty_serve import FAULT_AT_PREFILL, FAULT_MID_STREAM, MID_STREAM_TOKENS
+from tests._faulty_serve import FAULT_AT_PREFILL, FAULT_MID_STREAM
 from tests._server import REPO, running_server, tiny_model_dir
 
 API_KEY = "hardening-key"
@@ -443,10 +443,12 @@ def test_a_failed_model_step_ends_its_requests_cleanly_and_the_server_goes_on(mo
                 return mid, await bystander
 
         (mid_status, events), bystander = asyncio.run(run())
-        # The stream had begun (200, tokens): it ends with an error event, then [DONE].
+        # The stream had begun (200, tokens): it ends with an error event, then [DONE]. The fault fires once the
+        # request has MID_STREAM_TOKENS tokens, but an event may carry several of them (the engine process hands the
+        # server whatever accumulated since its last message; a CI run saw them in one event): events, not tokens.
         assert mid_status == 200 and events[-1] == "[DONE]", events
         tokens = [json.loads(e) for e in events[:-2]]
-        assert len(tokens) >= MID_STREAM_TOKENS - 1 and all(t["choices"][0]["finish_reason"] is None for t in tokens)
+        assert tokens and all(t["choices"][0]["finish_reason"] is None for t in tokens)
         error = json.loads(events[-2])["error"]
         assert error["type"] == "engine_error" and "injected fault" in error["message"], error
         # The bystander ran in the failed step: a clean 500 in OpenAI's shape.
