@@ -3,13 +3,15 @@ weight-only linears on CUDA, whole models quantized (logits against bf16; greedy
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import transformers as T
 
 import fastllm
 from fastllm import kernels
-from fastllm.quant import fp8, int_weight
+from fastllm.quant import fp8, int_weight, load_prequantized
 
 pytestmark = pytest.mark.gpu
 
@@ -219,3 +221,66 @@ def test_fp8_kv_cache_at_8k_context_keeps_the_next_token():
     agreement = (choices[0] == choices[1]).float().mean().item()
     print(f"fp8 KV cache top-1 agreement at 8k: {agreement:.4f}")
     assert agreement >= 0.99
+
+
+def test_a_quantized_model_lets_its_float_weights_go_on_the_gpu():
+    """Compiling the quantized step frees the bf16 weights it replaced: the memory it takes is the FP8 weights less
+    the bf16 ones (here -180 MB for 4 layers), where keeping both would add the FP8 ones (+180 MB); HF's forward on the
+    quantized modules then gives the compiled step's logits."""
+    model = _llama(torch.bfloat16)
+    fastllm.optimize(model, quantization="int8" if not _has_fp8() else "fp8", max_num_seqs=8, warmup=False)
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    model._fastllm_state.compile()
+    gc.collect()
+    after = torch.cuda.memory_allocated()
+    released = model._fastllm_state.float_bytes_released
+    assert released == 4 * 2 * (2048 * (2048 + 2 * 512) + 2048 * 2048 + 3 * 2048 * 5632)  # every projection, bf16
+    # 1-byte weights (half of what went) and their per-channel scales; 16 MB for the step's own small constants
+    assert after - before <= -released // 2 + 16 * 2**20, (after - before, released)
+    ids = torch.randint(0, 32000, (1, 40), device="cuda")
+    with torch.no_grad():
+        compiled = model(ids).logits
+        eager = model(ids, use_cache=True).logits  # HF's forward on the quantized modules
+    assert model.model.layers[0].mlp.down_proj.weight.numel() == 0
+    # The same quantized weights and launchers; merged vs separate GEMMs and the attention kernels differ in their
+    # bf16 roundings only
+    assert _sqnr(compiled, eager) >= 30.0
+
+
+@pytest.mark.skipif(not _has_fp8(), reason="needs compute capability 8.9+")
+def test_block_wise_fp8_and_kv_cache_scales_from_checkpoints_on_the_gpu(tmp_path):
+    """transformers' block-wise FP8 checkpoint on CUDA (per-call dequantization) gives the dequantized bf16 model's
+    logits; compressed-tensors' KV cache scales run the scaled kernels: a power-of-two scale keeps the unscaled FP8
+    cache's logits, a wild one costs precision (CPU references: tests/test_quant_checkpoints.py)."""
+    from tests.test_quant_checkpoints import (
+        _float_model,
+        _with_kv_scales,
+        _write_block_fp8_checkpoint,
+        _write_fp8_checkpoint,
+    )
+
+    written = _write_block_fp8_checkpoint(_float_model(tmp_path / "block"), tmp_path / "block")
+    reference = _float_model(tmp_path / "reference")
+    reference.load_state_dict({**reference.state_dict(), **{f"{n}.weight": w for n, w in written.items()}})
+    reference = reference.to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 320, (1, 40), device="cuda")
+    with pytest.warns(RuntimeWarning, match="block-wise FP8"):
+        block = fastllm.optimize(load_prequantized(str(tmp_path / "block"), dtype=torch.bfloat16, device="cuda"))
+    with torch.no_grad():
+        assert _sqnr(reference(ids).logits, block(ids).logits) >= 30.0
+    logits = {}
+    for name, scales in (("unscaled", None), ("half", (0.5, 0.5)), ("wild", (300.0, 300.0))):
+        path = tmp_path / name
+        _write_fp8_checkpoint(_float_model(path), path)
+        if scales is None:
+            model = fastllm.optimize(load_prequantized(str(path), dtype=torch.bfloat16, device="cuda"),
+                                     quantization=fastllm.QuantConfig(weights=None, kv_cache="fp8"))
+        else:
+            _with_kv_scales(path, *scales)
+            model = fastllm.optimize(load_prequantized(str(path), dtype=torch.bfloat16, device="cuda"))
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+    assert _sqnr(logits["unscaled"], logits["half"]) >= 35.0
+    assert _sqnr(logits["unscaled"], logits["wild"]) < _sqnr(logits["unscaled"], logits["half"]) - 10
