@@ -31,6 +31,7 @@ from fastllm.kernels._registry import (
     triton,
     use_triton,
 )
+from fastllm.kernels.skinny_gemm import _epilogue  # the skinny GEMM's store: partials, or + bias rounded once
 from fastllm.quant import fp8 as fp8_format
 from fastllm.quant.int_weight import dequantize_int4, dequantize_int8
 
@@ -168,18 +169,6 @@ def _int4_columns(packed):
 
 
 @triton.jit
-def _int4_epilogue(acc, rows, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
-    """Store acc [R, BLOCK_N] (fp32) for output rows `rows` [R]: split pid_k's partials, or acc + bias rounded once."""
-    mask = (rows < M)[:, None] & (n < N)[None, :]
-    if SPLIT:
-        tl.store(P + (pid_k * M + rows)[:, None] * N + n[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rows[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _int4_gemv_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
     W,  # [N, K // 2] uint8, unit column stride: column 2j in the low nibble of byte j, 2j + 1 in the high one
@@ -244,7 +233,7 @@ def _int4_gemv_kernel(
             else:  # fp32 x (tests): the codes less the zero, exact in fp32
                 part = tl.dot(codes.to(tl.float32) - zero[:, None], tl.trans(x), input_precision=DOT_PRECISION)
             acc += part * scale[:, None]
-        _int4_epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+        _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, stride_ym, HAS_BIAS, SPLIT, False)
     else:
         acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused (compiled away) with one row
@@ -258,9 +247,9 @@ def _int4_gemv_kernel(
             if BLOCK_M > 1:
                 acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
         row = tl.zeros([1], dtype=tl.int32)
-        _int4_epilogue(acc0[None, :], row, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+        _epilogue(acc0[None, :], row, n, pid_k, M, N, B, Y, P, P, stride_ym, HAS_BIAS, SPLIT, False)
         if BLOCK_M > 1:
-            _int4_epilogue(acc1[None, :], row + 1, n, pid_k, M, N, B, Y, P, stride_ym, HAS_BIAS, SPLIT)
+            _epilogue(acc1[None, :], row + 1, n, pid_k, M, N, B, Y, P, P, stride_ym, HAS_BIAS, SPLIT, False)
 
 
 def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict:
