@@ -236,26 +236,34 @@ def test_a_quantized_model_lets_its_float_weights_go_on_the_gpu():
     after = torch.cuda.memory_allocated()
     released = model._fastllm_state.float_bytes_released
     assert released == 4 * 2 * (2048 * (2048 + 2 * 512) + 2048 * 2048 + 3 * 2048 * 5632)  # every projection, bf16
-    # 1-byte weights (half of what went) and their per-channel scales; 16 MB for the step's own small constants
-    assert after - before <= -released // 2 + 16 * 2**20, (after - before, released)
+    # Releasing: -released / 2 (1-byte weights in, bf16 out); keeping both: +released / 2. The midway bound leaves
+    # room for what a first compile in a process also allocates (cuBLAS workspaces: -142 MB measured then, on an
+    # H200 2026-11-30, against -180 MB after other tests).
+    assert after - before < -released // 4, (after - before, released)
     assert model.model.layers[0].mlp.down_proj.weight.numel() == 0
 
 
 def test_hf_forward_on_a_quantized_model_gives_the_compiled_steps_logits_on_the_gpu():
     """Once the float weights are gone, HF's own forward (the calls fastllm hands to it) runs the quantized modules:
-    its logits are the compiled step's. fp32 activations: in bf16 the two paths' different roundings (merged vs
-    separate GEMMs, attention kernels) flip e4m3 activation roundings downstream, which measured 20 dB between them
-    on an H200 (2026-11-30) and says nothing about the paths themselves."""
+    its logits are the compiled step's, and not the float model's. 12 tokens (FP8's weight-only decode path) in fp32:
+    with activations quantized to e4m3, the two paths' different roundings (merged vs separate GEMMs, Triton's TF32
+    attention vs HF's) flip activation roundings downstream: 20 dB in bf16 and 27.7 dB in fp32 over 40 tokens on an
+    H200 (2026-11-30), about the distance to the float model, so such a check could not tell the paths apart."""
     model = _llama(torch.float32)
+    ids = torch.randint(0, 32000, (1, 12), device="cuda")
+    with torch.no_grad():
+        float_logits = model(ids).logits
     fastllm.optimize(model, quantization=_weight_scheme(), max_num_seqs=8)
-    ids = torch.randint(0, 32000, (1, 40), device="cuda")
     with torch.no_grad():
         compiled = model(ids).logits
         eager = model(ids, use_cache=True).logits  # HF's forward on the quantized modules
     assert model.model.layers[0].mlp.down_proj.weight.numel() == 0
+    print(f"compiled vs HF forward {_sqnr(compiled, eager):.1f} dB, "
+          f"vs the float model {_sqnr(compiled, float_logits):.1f}")
     # The same quantized weights and launchers; merged vs separate GEMMs and the attention kernels differ in their
     # fp32 roundings only
-    assert _sqnr(compiled, eager) >= 30.0
+    assert _sqnr(compiled, eager) >= 35.0
+    assert _sqnr(compiled, float_logits) < _sqnr(compiled, eager) - 10
 
 
 def _weight_scheme() -> str:
