@@ -69,3 +69,8 @@ from fastllm.kernels.quant_linear import (  # noqa: E402
 )
 
 __all__ += ["fp8_linear", "fp8_linear_ref", "int4_linear", "int4_linear_ref", "int8_linear", "int8_linear_ref"]
+
+# Decode linears with their neighbours fused in (appended: fused_linear.py).
+from fastllm.kernels.fused_linear import fused_linear, fused_linear_ref  # noqa: E402
+
+__all__ += ["fused_linear", "fused_linear_ref"]

@@ -233,7 +233,8 @@ def _int4_gemv_kernel(
             else:  # fp32 x (tests): the codes less the zero, exact in fp32
                 part = tl.dot(codes.to(tl.float32) - zero[:, None], tl.trans(x), input_precision=DOT_PRECISION)
             acc += part * scale[:, None]
-        _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, stride_ym, HAS_BIAS, SPLIT, False)
+        _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
+                  False)
     else:
         acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused (compiled away) with one row
@@ -247,9 +248,11 @@ def _int4_gemv_kernel(
             if BLOCK_M > 1:
                 acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
         row = tl.zeros([1], dtype=tl.int32)
-        _epilogue(acc0[None, :], row, n, pid_k, M, N, B, Y, P, P, stride_ym, HAS_BIAS, SPLIT, False)
+        _epilogue(acc0[None, :], row, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
+                  False)
         if BLOCK_M > 1:
-            _epilogue(acc1[None, :], row + 1, n, pid_k, M, N, B, Y, P, P, stride_ym, HAS_BIAS, SPLIT, False)
+            _epilogue(acc1[None, :], row + 1, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
+                      False)
 
 
 def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict:
@@ -299,7 +302,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
         )  # fmt: skip
         if split:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](
-                parts, b, out, m, n, out.stride(0), num_splits,
+                parts, b, out, out, m, n, out.stride(0), 0, num_splits,
                 HAS_BIAS=bias is not None, BLOCK_N=skinny_gemm._REDUCE_BLOCK, num_warps=4, **pdl,
             )  # fmt: skip
     return out

@@ -104,11 +104,24 @@ def _load_k(ptrs, k0, k, k_end, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, WS, stride_ym, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-              HAS_WSCALE: tl.constexpr):
-    """Store acc [R, BLOCK_N] (fp32) for output rows `rows` [R] and columns n: fp32 partials of split pid_k, or
-    y = acc + bias rounded once to Y's dtype. With HAS_WSCALE (quantized weights) acc is first scaled by the weight's
-    per-column scale WS[n]: a scale per output column distributes over the split-K sum."""
+def _round_plus_residual(acc, R, rows, n, mask, stride_rm, Y_TY: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """acc (fp32, bias included) rounded to Y's dtype; with HAS_RESIDUAL, that plus R's rows, rounded again: the
+    linear's output and then the residual add, each stored in the model's dtype as Hugging Face's eager forward
+    stores them (bf16/fp16 parity)."""
+    y = acc.to(Y_TY)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_rm + n[None, :], mask=mask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(Y_TY)
+    return y
+
+
+@triton.jit
+def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, HAS_BIAS: tl.constexpr,
+              SPLIT: tl.constexpr, HAS_WSCALE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """Store acc [R, BLOCK_N] (fp32) for output rows `rows` [R] and columns n: fp32 partials of split pid_k (the
+    reduce kernel finishes them), or y = acc + bias rounded once to Y's dtype (plus the residual R, rounded again,
+    with HAS_RESIDUAL). With HAS_WSCALE (quantized weights) acc is first scaled by the weight's per-column scale
+    WS[n]: a scale per output column distributes over the split-K sum."""
     mask = (rows < M)[:, None] & (n < N)[None, :]
     if HAS_WSCALE:
         acc = acc * tl.load(WS + n, mask=n < N, other=0.0)[None, :]
@@ -117,7 +130,68 @@ def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, WS, stride_ym, HAS_BIAS: tl.co
     else:
         if HAS_BIAS:
             acc += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rows[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+        y = _round_plus_residual(acc, R, rows, n, mask, stride_rm, Y.dtype.element_ty, HAS_RESIDUAL)
+        tl.store(Y + rows[:, None] * stride_ym + n[None, :], y, mask=mask)
+
+
+# What the kernel does to x as it loads it (PROLOGUE): nothing; RMSNorm (x is the norm's input, the norm's weight
+# and eps come with it); or a gated activation (x is [M, 2K] = [gate | up], the product reads act(gate) * up).
+PROLOGUES = {None: 0, "rms_norm": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
+
+
+@triton.jit
+def _activation(g, ACT: tl.constexpr):
+    """act(g) in fp32, as kernels/_act_and_mul.py computes it (2 silu, 3 gelu, 4 gelu_tanh): same values."""
+    if ACT == 2:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 3:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        z = 1.5957691216057308 * (g + 0.044715 * g * g * g)
+        e = tl.exp(-tl.abs(z))
+        a = g * (tl.where(z >= 0, 1.0, e) / (1.0 + e))
+    return a
+
+
+@triton.jit
+def _load_x(ptrs, k0, k, k_end, K, NW, rstd, norm_offset, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr,
+            NORM_CAST: tl.constexpr):
+    """x's tile at column k0 in x's dtype, after the prologue: the values the unfused kernels would have stored.
+    RMSNorm (rstd: the rows' 1 / rms, broadcast against the tile) as kernels/rms_norm.py rounds it: Llama's form
+    rounds the normalised x and the weight to their dtypes before the product (NORM_CAST), Gemma's multiplies in
+    fp32; either is rounded once to x's dtype. Gated activations: act(gate) * up in fp32, rounded once."""
+    x = _load_k(ptrs, k0, k, k_end, EVEN_K)
+    if PROLOGUE == 1:
+        h = x.to(tl.float32) * rstd
+        w = _load_k(NW + k, k0, k, k_end, EVEN_K).to(tl.float32)
+        if NORM_CAST:
+            w = (w + norm_offset).to(NW.dtype.element_ty).to(tl.float32)
+            x = (w * h.to(x.dtype).to(tl.float32)).to(x.dtype)
+        else:
+            x = (h * (norm_offset + w)).to(x.dtype)
+    elif PROLOGUE >= 2:
+        up = _load_k(ptrs + K, k0, k, k_end, EVEN_K).to(tl.float32)
+        x = (_activation(x.to(tl.float32), PROLOGUE) * up).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _rows_rstd(X, rows, stride_xm, K, eps, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) over the K columns of X's rows `rows` [R], in fp32 (the RMSNorm prologue's first
+    pass: the whole row is read once, from L2 after the first program, before the product starts)."""
+    kk = tl.arange(0, BLOCK_K)
+    ss = tl.zeros_like(rows).to(tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        t = tl.load(X + rows[:, None] * stride_xm + (k0 + kk)[None, :], mask=(k0 + kk < K)[None, :], other=0.0)
+        t = t.to(tl.float32)
+        ss += tl.sum(t * t, axis=1)
+    return tl.rsqrt(ss / K + eps)
+
+
+@triton.jit
+def _pick(values, i: tl.constexpr, R: tl.constexpr):
+    """values[i] of a [R] vector, as a scalar."""
+    return tl.sum(tl.where(tl.arange(0, R) == i, values, 0.0), axis=0)
 
 
 @triton.jit
@@ -128,12 +202,18 @@ def _skinny_gemm_kernel(
     Y,  # [M, N], row stride stride_ym (written without SPLIT)
     P,  # [num_splits, M, N] fp32 partials, contiguous (written with SPLIT)
     WS,  # [N] fp32 per-output-channel weight scales (read only with HAS_WSCALE)
+    R,  # [M, N] residual added to the output (read only with HAS_RESIDUAL), row stride stride_rm
+    NW,  # [K] the RMSNorm prologue's weight (read only with PROLOGUE 1)
     M, N, K,
-    stride_xm, stride_wn, stride_ym,
+    stride_xm, stride_wn, stride_ym, stride_rm,
     k_per_split,  # a multiple of BLOCK_K
+    eps, norm_offset,  # the RMSNorm prologue's
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     HAS_WSCALE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    PROLOGUE: tl.constexpr,  # PROLOGUES' values
+    NORM_CAST: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     DOT_PRECISION: tl.constexpr,
@@ -160,51 +240,69 @@ def _skinny_gemm_kernel(
     if USE_DOT:
         m = tl.arange(0, BLOCK_M)
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, BLOCK_K]
+        rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if PROLOGUE == 1:
+            rstd = _rows_rstd(X, tl.minimum(m, M - 1), stride_xm, K, eps, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
             w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(X.dtype.element_ty)  # fp8 weights: widened
-            x = _load_k(x_ptrs, k0, k[None, :], k_end, EVEN_K)
+            x = _load_x(x_ptrs, k0, k[None, :], k_end, K, NW, rstd[:, None], norm_offset, EVEN_K, PROLOGUE,
+                        NORM_CAST)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-        _epilogue(acc, m, n, pid_k, M, N, B, Y, P, WS, stride_ym, HAS_BIAS, SPLIT, HAS_WSCALE)
+        _epilogue(acc, m, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, HAS_BIAS, SPLIT, HAS_WSCALE,
+                  HAS_RESIDUAL)
     else:
         x_ptrs = X + k  # row r at + r * stride_xm
+        rstd = tl.zeros([4], dtype=tl.float32)
+        if PROLOGUE == 1:
+            rstd = _rows_rstd(X, tl.minimum(tl.arange(0, 4), M - 1), stride_xm, K, eps, BLOCK_K)
+        rstd0 = _pick(rstd, 0, 4)
+        rstd1 = _pick(rstd, 1, 4)
+        rstd2 = _pick(rstd, 2, 4)
+        rstd3 = _pick(rstd, 3, 4)
         acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # rows >= BLOCK_M stay unused (compiled away)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
             w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(tl.float32)
-            acc0 += w * _load_k(x_ptrs, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
+            acc0 += w * _load_x(x_ptrs, k0, k, k_end, K, NW, rstd0, norm_offset, EVEN_K, PROLOGUE,
+                                NORM_CAST).to(tl.float32)[None, :]
             if BLOCK_M > 1:
-                acc1 += w * _load_k(x_ptrs + 1 * stride_xm, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
+                acc1 += w * _load_x(x_ptrs + 1 * stride_xm, k0, k, k_end, K, NW, rstd1, norm_offset, EVEN_K,
+                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
             if BLOCK_M > 2:
-                acc2 += w * _load_k(x_ptrs + 2 * stride_xm, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
+                acc2 += w * _load_x(x_ptrs + 2 * stride_xm, k0, k, k_end, K, NW, rstd2, norm_offset, EVEN_K,
+                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
             if BLOCK_M > 3:
-                acc3 += w * _load_k(x_ptrs + 3 * stride_xm, k0, k, k_end, EVEN_K).to(tl.float32)[None, :]
+                acc3 += w * _load_x(x_ptrs + 3 * stride_xm, k0, k, k_end, K, NW, rstd3, norm_offset, EVEN_K,
+                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
         row = tl.zeros([1], dtype=tl.int32)
-        _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, WS, stride_ym,
-                  HAS_BIAS, SPLIT, HAS_WSCALE)
+        _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
+                  HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
         if BLOCK_M > 1:
-            _epilogue(tl.sum(acc1, axis=1)[None, :], row + 1, n, pid_k, M, N, B, Y, P, WS, stride_ym,
-                      HAS_BIAS, SPLIT, HAS_WSCALE)
+            _epilogue(tl.sum(acc1, axis=1)[None, :], row + 1, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
+                      HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
         if BLOCK_M > 2:
-            _epilogue(tl.sum(acc2, axis=1)[None, :], row + 2, n, pid_k, M, N, B, Y, P, WS, stride_ym,
-                      HAS_BIAS, SPLIT, HAS_WSCALE)
+            _epilogue(tl.sum(acc2, axis=1)[None, :], row + 2, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
+                      HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
         if BLOCK_M > 3:
-            _epilogue(tl.sum(acc3, axis=1)[None, :], row + 3, n, pid_k, M, N, B, Y, P, WS, stride_ym,
-                      HAS_BIAS, SPLIT, HAS_WSCALE)
+            _epilogue(tl.sum(acc3, axis=1)[None, :], row + 3, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
+                      HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
 
 
 @triton.jit
 def _split_k_reduce_kernel(
-    P, B, Y,  # as in _skinny_gemm_kernel
-    M, N, stride_ym,
+    P, B, Y, R,  # as in _skinny_gemm_kernel
+    M, N, stride_ym, stride_rm,
     num_splits,
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr = False,
     USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
-    """Program (m, n block): y[m, n] = sum_s P[s, m, n] (s = 0, 1, ... in order) + bias[n], rounded once."""
+    """Program (m, n block): y[m, n] = sum_s P[s, m, n] (s = 0, 1, ... in order) + bias[n], rounded once (then plus
+    the residual, rounded again, with HAS_RESIDUAL)."""
     pdl_wait(USE_PDL)
     m = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -214,7 +312,9 @@ def _split_k_reduce_kernel(
         acc += tl.load(P + (s * M + m) * N + n, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(B + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + m * stride_ym + n, acc.to(Y.dtype.element_ty), mask=mask)
+    row = tl.zeros([1], dtype=tl.int32) + m
+    y = _round_plus_residual(acc[None, :], R, row, n, mask[None, :], stride_rm, Y.dtype.element_ty, HAS_RESIDUAL)
+    tl.store(Y + m * stride_ym + n[None, :], y, mask=mask[None, :])
 
 
 def skinny_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,15 +403,17 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return torch.empty(numel, dtype=torch.float32, device=device)
 
 
-def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None):
-    # x: [M, K], weight: [N, K], bias: [N] or None, out: [M, N] row views; workspace: flat fp32 or None;
-    # weight_scale: [N] fp32 for quantized (float8) weights (kernels/quant_linear.py), else None.
-    m, k = x.shape
-    n = weight.shape[0]
+def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=None, prologue=None, norm=None):
+    # x: [M, K] ([M, 2K] for a gated-activation prologue), weight: [N, K], bias: [N] or None, out: [M, N] row views;
+    # workspace: flat fp32 or None; weight_scale: [N] fp32 for quantized (float8) weights (kernels/quant_linear.py),
+    # else None; residual: [M, N] row view added to the output, or None; prologue: a PROLOGUES key, with
+    # norm = (weight [K], eps, offset, cast_before_weight) for "rms_norm" (kernels/fused_linear.py).
+    m = x.shape[0]
+    n, k = weight.shape
     if m == 0 or n == 0:
         return
     if k == 0:  # nothing to read (and an empty x may have no device pointer to pass): y = bias or 0
-        out.copy_(skinny_linear_ref(x, weight, bias))
+        out.copy_(skinny_linear_ref(x[:, :0], weight, bias) + (0 if residual is None else residual))
         return
     block_n, block_k = cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_splits, k_per_split = _split(k, block_k, cfg["split_k"])
@@ -320,21 +422,25 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None):
         workspace = _workspace(x.device, num_splits * m * n)
     parts = workspace if split else out  # not touched without a split
     b = bias if bias is not None else out  # never read without a bias
+    r = residual if residual is not None else out  # never read without a residual
+    norm_weight, eps, offset, cast = norm if norm is not None else (out, 0.0, 0.0, True)
     pdl = pdl_options(x)
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
-            x, weight, b, out, parts, weight_scale if weight_scale is not None else out,
-            m, n, k, x.stride(0), weight.stride(0), out.stride(0), k_per_split,
-            HAS_BIAS=bias is not None, SPLIT=split, HAS_WSCALE=weight_scale is not None, USE_DOT=cfg["USE_DOT"],
-            EVEN_K=k % block_k == 0,
+            x, weight, b, out, parts, weight_scale if weight_scale is not None else out, r, norm_weight,
+            m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0), k_per_split, eps, offset,
+            HAS_BIAS=bias is not None, SPLIT=split, HAS_WSCALE=weight_scale is not None,
+            HAS_RESIDUAL=residual is not None, PROLOGUE=PROLOGUES[prologue], NORM_CAST=cast,
+            USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
             num_warps=cfg["num_warps"], **pdl,
         )  # fmt: skip
         if split:
             _split_k_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
-                parts, b, out, m, n, out.stride(0), num_splits,
-                HAS_BIAS=bias is not None, BLOCK_N=_REDUCE_BLOCK, num_warps=4, **pdl,
+                parts, b, out, r, m, n, out.stride(0), r.stride(0), num_splits,
+                HAS_BIAS=bias is not None, BLOCK_N=_REDUCE_BLOCK, HAS_RESIDUAL=residual is not None, num_warps=4,
+                **pdl,
             )  # fmt: skip
 
 

@@ -1,0 +1,170 @@
+"""Decode linears that take in their neighbours: the skinny GEMM with an RMSNorm or a gated activation applied to x as
+it reads it, and the residual add applied to its output.
+
+    y = linear(prologue(x), weight, bias)           rounded to x's dtype
+    y = y + residual                                rounded again (with `residual`)
+
+    prologue "rms_norm":                  rms_norm(x, norm_weight, norm_eps, ...)     x: [..., K]
+    prologue "silu" | "gelu" | "gelu_tanh": act(gate) * up                            x: [..., 2K] = [gate | up]
+
+Why: at batch-1 decode a Llama layer was ~10 kernels, four of them (two norms with their residual adds, SiLU * up)
+a few microseconds of work each, and every kernel boundary inside the CUDA graph costs about as much again. The
+norm's weight, the activation and the add are elementwise on what the GEMV reads or writes, so the GEMV does them on
+the way; only the norm's 1 / rms needs the whole row, which each program reads once (from L2 after the first one)
+before its product. Every intermediate is rounded where the unfused kernels store it, so the values are theirs.
+
+More than 16 rows (prefill, large decode batches) or no Triton: the unfused kernels in a row (the norm or the
+activation kernel, cuBLAS, the add), the same values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastllm.kernels import skinny_gemm
+from fastllm.kernels._registry import (
+    check_float,
+    check_out,
+    check_row_param,
+    check_same_device,
+    out_or_new,
+    register_out_op,
+    rows_view,
+    use_triton,
+)
+from fastllm.kernels.gelu_and_mul import gelu_and_mul, gelu_and_mul_ref
+from fastllm.kernels.rms_norm import rms_norm, rms_norm_ref
+from fastllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+PROLOGUES = ("rms_norm", *ACTIVATIONS)
+
+
+def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, reference: bool) -> torch.Tensor:
+    """What the unfused graph computes before the linear: the kernels (or, with `reference`, their references)."""
+    if prologue == "rms_norm":
+        norm = rms_norm_ref if reference else rms_norm
+        return norm(x, norm_weight, norm_eps, weight_offset=norm_offset, cast_before_weight=norm_cast)
+    if prologue == "silu":
+        return silu_and_mul_ref(x) if reference else silu_and_mul(x)
+    if prologue in ("gelu", "gelu_tanh"):
+        approximate = "none" if prologue == "gelu" else "tanh"
+        return (gelu_and_mul_ref if reference else gelu_and_mul)(x, approximate=approximate)
+    return x
+
+
+def fused_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     residual: torch.Tensor | None = None, prologue: str | None = None,
+                     norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
+                     norm_cast_before_weight: bool = True) -> torch.Tensor:
+    """Plain-PyTorch spec of `fused_linear`: the references of the kernels it fuses, one after the other."""
+    y = F.linear(_prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight, True), weight,
+                 bias)
+    return y if residual is None else y + residual
+
+
+def _unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast) -> torch.Tensor:
+    y = F.linear(_prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, not use_triton(x)), weight,
+                 bias)
+    return y if residual is None else y.add_(residual)
+
+
+@register_out_op("fused_linear", mutates_args=("out",))
+def _fused_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor | None,
+    out: torch.Tensor,
+    prologue: str,
+    norm_eps: float,
+    norm_offset: float,
+    norm_cast: bool,
+) -> None:
+    """Op form on row views; prologue "none" for none."""
+    prologue = None if prologue == "none" else prologue
+    m = x.shape[0]
+    n, k = weight.shape
+    if use_triton(x) and m <= skinny_gemm.MAX_SKINNY_M:
+        cfg = skinny_gemm._config(m, n, k, x.dtype, x.device)
+        norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue == "rms_norm" else None
+        skinny_gemm._launch(x, weight, bias, out, None, cfg, residual=residual, prologue=prologue, norm=norm)
+    else:
+        out.copy_(_unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast))
+
+
+def _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast) -> None:
+    skinny_gemm._check_inputs(x[..., :weight.shape[1]] if prologue in ACTIVATIONS else x, weight, bias)
+    if prologue is not None and prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be None or one of {PROLOGUES}, got {prologue!r}")
+    k = weight.shape[1]
+    if prologue in ACTIVATIONS and x.shape[-1] != 2 * k:
+        raise ValueError(f"a gated activation reads x = [gate | up]: x's last dim must be 2 * {k}, got {x.shape[-1]}")
+    if prologue == "rms_norm":
+        if norm_weight is None:
+            raise ValueError("prologue 'rms_norm' needs norm_weight")
+        check_row_param("norm_weight", norm_weight, x)
+        out_dtype = torch.promote_types(x.dtype, norm_weight.dtype) if norm_cast else x.dtype
+        if out_dtype != x.dtype:
+            raise TypeError(f"the norm's output ({out_dtype}) must have x's dtype {x.dtype} to feed the linear")
+        for name, value in (("norm_eps", norm_eps), ("norm_offset", norm_offset)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if norm_eps < 0:
+            raise ValueError(f"norm_eps must be >= 0, got {norm_eps!r}")
+    if residual is not None:
+        check_float("residual", residual)
+        check_same_device("residual", residual, "x", x)
+        if residual.shape != (*x.shape[:-1], weight.shape[0]) or residual.dtype != x.dtype:
+            raise ValueError(f"residual must be {(*x.shape[:-1], weight.shape[0])} of x's dtype {x.dtype}, got "
+                             f"{tuple(residual.shape)} {residual.dtype}")
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    prologue: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    norm_offset: float = 0.0,
+    norm_cast_before_weight: bool = True,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`linear(prologue(x), weight, bias) (+ residual)`, fused into the skinny GEMM for up to 16 rows.
+
+    Args:
+        x: [..., K] (prologue None or "rms_norm") or [..., 2K] (a gated activation: [gate | up]), 16- or 32-bit
+            float, last dim contiguous.
+        weight: [N, K] of x's dtype; bias: optional [N] of x's dtype.
+        residual: optional [..., N] of x's dtype, added to the rounded output (the residual stream).
+        prologue: None, "rms_norm", or a gated activation: "silu", "gelu", "gelu_tanh".
+        norm_weight, norm_eps, norm_offset, norm_cast_before_weight: the RMSNorm's (kernels.rms_norm's weight, eps,
+            weight_offset, cast_before_weight); its output dtype must be x's.
+        out: optional [..., N] buffer of x's dtype.
+    Returns:
+        out, [..., N].
+    """
+    check_float("x", x)
+    _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight)
+    shape = (*x.shape[:-1], weight.shape[0])
+    if out is None and not use_triton(x):  # the CPU path: the references, no op dispatch
+        return fused_linear_ref(x, weight, bias, residual=residual, prologue=prologue, norm_weight=norm_weight,
+                                norm_eps=norm_eps, norm_offset=norm_offset,
+                                norm_cast_before_weight=norm_cast_before_weight)
+    if out is not None:
+        check_out("out", out, shape, x.dtype, x.device)
+    out = out_or_new("out", out, shape, x.dtype, x.device)
+    _fused_linear_op(rows_view("x", x), weight, bias, None if residual is None else rows_view("residual", residual),
+                     norm_weight, rows_view("out", out, writable=True), prologue or "none", float(norm_eps),
+                     float(norm_offset), bool(norm_cast_before_weight))
+    return out
+
+
+__all__ = ["ACTIVATIONS", "PROLOGUES", "fused_linear", "fused_linear_ref"]

@@ -1,0 +1,160 @@
+"""fused_linear: the skinny GEMM with an RMSNorm or gated-activation prologue and a residual-add epilogue (interpreter
+on the CPU, GPU when present) against the chain of unfused references, the split-K path, the fallback above 16 rows,
+and bad inputs.
+
+Tolerances, as tests/test_kernel_skinny_gemm.py's (its module docstring derives them): the GEMM's output is judged
+against the exact (fp64) product of the prologue's output as the references round it. The residual add rounds once
+more (half an ulp of the sum, up to 2^-11 of it in fp16, on top of the output's own rounding): twice the bound. The
+prologue itself is computed as the unfused kernels compute it, so with the same launch settings the fused kernel
+equals the unfused kernels element for element (checked); the norm's one freedom is the order of its fp32 sum of
+squares (1 / rms can differ in its last fp32 bit, which moves a rounded element of the normalised x by at most one
+ulp of x's dtype: inside the GEMM's bounds).
+"""
+
+import pytest
+import torch
+
+from fastllm.kernels import fused_linear, fused_linear_ref, skinny_linear, triton_on_cpu
+from fastllm.kernels import skinny_gemm as sg
+from fastllm.kernels.fused_linear import _prologue
+
+TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+CPU_DTYPES = [torch.float32, torch.float16]
+
+# (M, N, K): the broadcast form with one and three rows, the dot form; ragged K chunks, N past the last block
+CASES = [(1, 96, 1000), (3, 33, 1500), (16, 80, 600)]
+PROLOGUE_CASES = [None, "rms_norm", "silu", "gelu", "gelu_tanh"]
+
+
+def _inputs(m, n, k, dtype, prologue, *, device="cpu", bias=False, residual=True, norm_offset=0.0):
+    g = torch.Generator(device).manual_seed(m * 7919 + n * 31 + k)
+    width = 2 * k if prologue in ("silu", "gelu", "gelu_tanh") else k
+    x = (torch.randn(m, width, generator=g, device=device) * 3).to(dtype)
+    weight = (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)
+    kwargs = {"prologue": prologue}
+    if bias:
+        kwargs["bias"] = torch.randn(n, generator=g, device=device).to(dtype)
+    if residual:
+        kwargs["residual"] = torch.randn(m, n, generator=g, device=device).to(dtype)
+    if prologue == "rms_norm":
+        kwargs.update(norm_weight=(1 + 0.2 * torch.randn(k, generator=g, device=device)).to(dtype), norm_eps=1e-5,
+                      norm_offset=norm_offset)
+    return x, weight, kwargs
+
+
+def _expected(x, weight, kwargs):
+    """The exact product of the prologue's output as the references round it, plus the residual, in fp64."""
+    h = _prologue(x, kwargs.get("prologue"), kwargs.get("norm_weight"), kwargs.get("norm_eps", 1e-6),
+                  kwargs.get("norm_offset", 0.0), kwargs.get("norm_cast_before_weight", True), reference=True)
+    bias = kwargs.get("bias")
+    y = torch.nn.functional.linear(h.double(), weight.double(), None if bias is None else bias.double())
+    # The output is rounded to x's dtype before the residual add, as the unfused graph stores it
+    y = y.to(x.dtype).double()
+    residual = kwargs.get("residual")
+    return y if residual is None else y + residual.double()
+
+
+def _assert_close(actual, expected, dtype, roundings=1):
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    assert torch.isfinite(actual).all()
+    err = actual.double() - expected
+    tol = TOLERANCES[dtype] * roundings
+    rel = (err.norm() / expected.norm()).item()
+    worst = (err.abs().max() / expected.abs().max()).item()
+    assert rel <= tol and worst <= tol, f"relative error {rel:.2e}, worst element {worst:.2e} (tolerance {tol:.0e})"
+
+
+@pytest.mark.parametrize("prologue", PROLOGUE_CASES)
+@pytest.mark.parametrize("m,n,k", CASES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_triton_cpu_against_the_unfused_references(prologue, m, n, k, dtype):
+    x, weight, kwargs = _inputs(m, n, k, dtype, prologue)
+    with triton_on_cpu():
+        y = fused_linear(x, weight, **kwargs)
+        if prologue != "rms_norm":  # the unfused kernels under the same launch settings
+            unfused = skinny_linear(_prologue(x, prologue, None, 0.0, 0.0, True, reference=False), weight)
+    _assert_close(y, _expected(x, weight, kwargs), dtype, roundings=2)
+    if prologue != "rms_norm":
+        assert torch.equal(y, unfused + kwargs["residual"])
+
+
+@pytest.mark.parametrize("cast_before_weight,offset", [(True, 0.0), (False, 1.0)])  # Llama's form, Gemma's
+@pytest.mark.parametrize("m", [1, 5])
+def test_rms_norm_forms_with_bias_and_split_k(cast_before_weight, offset, m):
+    """Gemma's norm (fp32 product, weight offset 1) and Llama's; a bias; K split in 3 (the reduce kernel adds bias
+    and residual)."""
+    x, weight, kwargs = _inputs(m, 40, 1536, torch.float16, "rms_norm", bias=True, norm_offset=offset)
+    kwargs["norm_cast_before_weight"] = cast_before_weight
+    with triton_on_cpu(), _forced_split(3):
+        y = fused_linear(x, weight, **kwargs)
+    _assert_close(y, _expected(x, weight, kwargs), torch.float16, roundings=2)
+
+
+class _forced_split:
+    """Force the heuristic's split_k (the op form resolves its config itself)."""
+
+    def __init__(self, split_k: int):
+        self.split_k = split_k
+
+    def __enter__(self):
+        self.original = sg._config
+        sg._config = lambda *a, **kw: {**self.original(*a, **kw), "split_k": self.split_k}
+
+    def __exit__(self, *exc):
+        sg._config = self.original
+
+
+def test_the_cpu_path_is_the_reference_and_more_rows_take_the_unfused_kernels():
+    x, weight, kwargs = _inputs(20, 24, 64, torch.float32, "rms_norm")
+    assert torch.equal(fused_linear(x, weight, **kwargs), fused_linear_ref(x, weight, **kwargs))
+    with triton_on_cpu():  # 20 rows > 16: the norm kernel, F.linear, the add
+        y = fused_linear(x, weight, **kwargs)
+    _assert_close(y, _expected(x, weight, kwargs), torch.float32, roundings=2)
+    x3 = x.reshape(4, 5, 64)
+    r3 = kwargs["residual"].reshape(4, 5, 24)
+    out = torch.empty(4, 5, 24)
+    fused_linear(x3, weight, **{**kwargs, "residual": r3}, out=out)
+    assert torch.equal(out.reshape(20, 24), fused_linear_ref(x, weight, **kwargs))
+
+
+def test_bad_inputs_are_refused_with_what_is_allowed():
+    x, weight, kwargs = _inputs(2, 8, 16, torch.float32, "rms_norm")
+    with pytest.raises(ValueError, match="prologue must be None or one of"):
+        fused_linear(x, weight, prologue="relu")
+    with pytest.raises(ValueError, match="needs norm_weight"):
+        fused_linear(x, weight, prologue="rms_norm")
+    with pytest.raises(ValueError, match="norm_eps must be a finite number"):
+        fused_linear(x, weight, **{**kwargs, "norm_eps": float("nan")})
+    with pytest.raises(ValueError, match="norm_eps must be >= 0"):
+        fused_linear(x, weight, **{**kwargs, "norm_eps": -1.0})
+    with pytest.raises(TypeError, match="must have x's dtype"):
+        fused_linear(x.half(), weight.half(), **{**kwargs, "residual": None})
+    with pytest.raises(ValueError, match="x's last dim must be 2 \\* 16"):
+        fused_linear(x, weight, prologue="silu")
+    with pytest.raises(ValueError, match="residual must be"):
+        fused_linear(x, weight, residual=torch.zeros(2, 9))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prologue", PROLOGUE_CASES)
+@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (1, 4096, 14336), (7, 28672, 4096), (16, 4096, 4096),
+                                   (3, 33, 1500)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_against_the_unfused_references(prologue, m, n, k, dtype):
+    """Llama-3.1-8B's decode shapes (qkv with its input norm, down with SiLU * up and the residual) and odd ones."""
+    x, weight, kwargs = _inputs(m, n, k, dtype, prologue, device="cuda")
+    y = fused_linear(x, weight, **kwargs)
+    _assert_close(y, _expected(x, weight, kwargs), dtype, roundings=2)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_equals_the_unfused_kernels_bit_for_bit_where_the_rounding_is_the_same():
+    """SiLU * up and the residual add have no freedom: with the same launch settings (the heuristic's: the same K
+    chunks and splits) the fused kernel's output equals skinny_linear of the silu_and_mul kernel's output plus the
+    residual, element for element."""
+    from fastllm.kernels import silu_and_mul, skinny_linear
+
+    x, weight, kwargs = _inputs(1, 4096, 4096, torch.bfloat16, "silu", device="cuda")
+    fused = fused_linear(x, weight, **kwargs)
+    unfused = skinny_linear(silu_and_mul(x), weight) + kwargs["residual"]
+    assert torch.equal(fused, unfused)
