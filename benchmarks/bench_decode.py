@@ -37,7 +37,9 @@ MODELS = {
 }
 # fastllm_sync: async_scheduling=False; gptfast: gpt-fast's own model file, run by ../shared/anchors/gptfast_decode.py
 # (BSD, not part of fastllm) from the folder --anchors names, in its own process.
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", "gptfast")
+# fastllm_unfused: fastllm without the decode_fusion pass (norms, activations and residual adds as kernels of their
+# own), the kernel layout before it, as a same-call baseline.
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", "fastllm_unfused", "gptfast")
 
 
 def _build(name: str):
@@ -155,7 +157,10 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
     import fastllm
 
     async_scheduling = provider != "fastllm_sync"
-    startup, phases = _startup_s(model, async_scheduling=async_scheduling)
+    options = {"async_scheduling": async_scheduling}
+    if provider == "fastllm_unfused":
+        options["passes"] = tuple(p for p in fastllm.ALL_PASSES if p != "decode_fusion")
+    startup, phases = _startup_s(model, **options)
     result = measure(model, new_tokens, vocab)
     report = fastllm.explain(model)
     result.update(startup_s_cold=startup, startup_phases_cold=phases, async_scheduling=async_scheduling,
@@ -172,7 +177,7 @@ def _write(results: dict, args) -> pathlib.Path:
 def _split(results: dict) -> tuple[dict, dict]:
     """(fastllm's results, the baselines'): fastllm_sync's runs join fastllm's as <model>_sync."""
     ours = {**results.get("fastllm", {}), **{f"{m}_sync": r for m, r in results.get("fastllm_sync", {}).items()}}
-    return ours, {k: v for k, v in results.items() if not k.startswith("fastllm")}
+    return ours, {k: v for k, v in results.items() if k not in ("fastllm", "fastllm_sync")}
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ _WHERE_THEY_RUN = {
     "rotary": "rotary_embedding, or inside step_attention (one kernel rotates q/k and writes the KV cache)",
     "dropout": "removed (inference)",
     "skinny_linear": "skinny_linear (small-batch GEMMs; larger batches take cuBLAS)",
+    "decode_fusion": "fused_linear (RMSNorms, SiLU/GELU * up and residual adds inside the small-batch GEMMs)",
     "quantize": "fp8_linear / int8_linear / int4_linear (quantization=...; each layer's scheme listed below)",
 }
 

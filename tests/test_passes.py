@@ -32,6 +32,7 @@ from fastllm.passes import (
     ALL_PASSES,
     RUNTIME_REQUIRED,
     attention,
+    decode_fusion,
     dropout,
     gated_mlp,
     layer_norm,
@@ -508,6 +509,15 @@ def _skinny_linear_case(dtype):
     return skinny_linear.pattern(x, w), skinny_linear.replacement(x, w), EXACT  # F.linear on the CPU
 
 
+def _decode_fusion_case():
+    half = dict(dtype=torch.float16)
+    x, residual, w_down = _rand(1, 48, **half), _rand(1, 32, **half), _rand(32, 48, **half)
+    norm_weight, w_next = _rand(32, **half), _rand(24, 32, **half)
+    args = (x, residual, w_down, norm_weight, w_next, 1e-6)
+    # The references of the fused kernels, rounded where the unfused ones round: the same bits on the CPU
+    return decode_fusion.pattern(*args), decode_fusion.replacement(*args), EXACT
+
+
 def _quantize_case():
     """fp8 on values e4m3 holds exactly (each row's largest magnitude 448 times a power of two): quantizing loses
     nothing, so the quantized linear computes the float one up to summation order."""
@@ -565,6 +575,7 @@ REPLACEMENT_CASES = {
     "gated_mlp": _gated_mlp_case,
     "qkv": _qkv_case,
     "quantize": _quantize_case,
+    "decode_fusion": _decode_fusion_case,
     "skinny_linear[fp16]": lambda: _skinny_linear_case(torch.float16),
     "skinny_linear[bf16]": lambda: _skinny_linear_case(torch.bfloat16),
 }
@@ -592,7 +603,7 @@ def test_every_pass_has_a_replacement_case():
 
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
-    assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv")
+    assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_fusion")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
     assert fastllm.OptimizeConfig().passes == ALL_PASSES
 
@@ -724,3 +735,32 @@ def test_a_registry_of_fake_passes_resolves_like_the_real_one():
         fake.select(("always",))
     with pytest.raises(ValueError, match="sequence of pass names, got the string 'late'"):
         fake.resolve("late")
+
+
+# --- decode_fusion on a whole model ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode_gemms(tmp_path, family):
+    """A 16-bit model's compiled step: every layer's two norms, its gated activation and its two residual adds go
+    into fused_linear calls (the last layer's MLP add stays with the final norm, which feeds no linear directly);
+    on the CPU, where the references run, the logits and the greedy tokens are the unfused step's, bit for bit."""
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    results = {}
+    for passes in (ALL_PASSES, tuple(p for p in ALL_PASSES if p != "decode_fusion")):
+        model = build(family, tmp_path / family, dtype=torch.float16)
+        optimize(model, passes=passes)
+        with torch.no_grad():
+            logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+        results[passes] = (logits, tokens, fastllm.explain(model))
+    (fused_logits, fused_tokens, fused), (logits, tokens, unfused) = results.values()
+    n = build(family, tmp_path / "config", dtype=torch.float16).config.num_hidden_layers
+    # Per layer: SiLU/GELU * up into down_proj; the attention's residual add + norm into o_proj and gate_up; the MLP's
+    # add + the next layer's input norm into down_proj and qkv (n - 1 of those); the first input norm into qkv.
+    assert fused.matches["decode_fusion"] == n + n + (n - 1) + 1
+    assert fused.graph.fused_ops["fused_linear"] == 4 * n
+    assert "silu_and_mul" not in fused.graph.fused_ops and "gelu_and_mul" not in fused.graph.fused_ops
+    assert fused.graph.fused_ops["fused_add_rms_norm"] == 1  # the last layer's, before the final norm
+    assert unfused.graph.fused_ops["fused_add_rms_norm"] == 2 * n
+    assert torch.equal(fused_logits, logits)
+    assert torch.equal(fused_tokens, tokens)

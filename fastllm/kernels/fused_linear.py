@@ -154,12 +154,13 @@ def fused_linear(
     check_float("x", x)
     _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight)
     shape = (*x.shape[:-1], weight.shape[0])
-    if out is None and not use_triton(x):  # the CPU path: the references, no op dispatch
-        return fused_linear_ref(x, weight, bias, residual=residual, prologue=prologue, norm_weight=norm_weight,
-                                norm_eps=norm_eps, norm_offset=norm_offset,
-                                norm_cast_before_weight=norm_cast_before_weight)
     if out is not None:
         check_out("out", out, shape, x.dtype, x.device)
+    if math.prod(x.shape[:-1]) > skinny_gemm.MAX_SKINNY_M or not use_triton(x):
+        # Prefill, large batches, the CPU: the unfused kernels (or references) one after the other, no op dispatch
+        # and no copy of the output (prefill's outputs are large)
+        y = _unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight)
+        return y if out is None else out.copy_(y)
     out = out_or_new("out", out, shape, x.dtype, x.device)
     _fused_linear_op(rows_view("x", x), weight, bias, None if residual is None else rows_view("residual", residual),
                      norm_weight, rows_view("out", out, writable=True), prologue or "none", float(norm_eps),

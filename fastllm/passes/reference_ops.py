@@ -19,7 +19,7 @@ from fastllm.passes._graph import fake
 NAME = "reference_ops"
 # Last among the passes that emit launchers: it must see every one of them.
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "quantize", "skinny_linear",
-                               "attention")
+                               "decode_fusion", "attention")
 RUNS_BEFORE: tuple[str, ...] = ()
 RUNTIME_REQUIRED = True
 
@@ -33,6 +33,7 @@ REFERENCES = {
     kernels.silu_and_mul: kernels.silu_and_mul_ref,
     kernels.gelu_and_mul: kernels.gelu_and_mul_ref,
     kernels.skinny_linear: kernels.skinny_linear_ref,
+    kernels.fused_linear: kernels.fused_linear_ref,
     kernels.step_attention: step_attention_direct,  # the registered op's implementation, without the dispatcher
     kernels.fp8_linear: kernels.fp8_linear_ref,
     kernels.int8_linear: kernels.int8_linear_ref,

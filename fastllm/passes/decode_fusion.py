@@ -1,0 +1,183 @@
+"""Decode GEMMs take in their neighbours: RMSNorms, gated activations and residual adds → `kernels.fused_linear`.
+
+After rms_norm, gated_mlp and skinny_linear, a Llama layer's decode step reads
+
+    n, s = fused_add_rms_norm(residual, skinny_linear(x, W_down))       # the MLP's output joins the residual
+    qkv  = skinny_linear(n, W_qkv)
+    ...
+    h    = silu_and_mul(skinny_linear(n2, W_gate_up))
+    out  = skinny_linear(h, W_down)
+
+and becomes
+
+    s    = fused_linear(x, W_down, residual=residual)                   # the add in the GEMM's epilogue
+    qkv  = fused_linear(s, W_qkv, prologue="rms_norm", norm_weight=...) # the norm as the GEMM reads s
+    out  = fused_linear(gate_up, W_down, prologue="silu")               # SiLU(gate) * up as the GEMM reads it
+
+Three small kernels a layer fewer, each a few microseconds of work and a kernel boundary in the decode CUDA graph
+(why: kernels/fused_linear.py). The values are the unfused kernels' (each intermediate rounded where they store it);
+steps of more than 16 rows run those kernels one after the other.
+
+A norm is folded into its consumers only if every consumer is a skinny linear without a prologue of its own (each
+computes the norm as it reads); a residual add only together with its norm (the norm kernel would otherwise remain).
+Quantized linears keep their own launchers and their neighbours stay as they are.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from fastllm import kernels
+from fastllm.passes._context import PassContext
+from fastllm.passes._graph import fake
+
+NAME = "decode_fusion"
+RUNS_AFTER: tuple[str, ...] = ("rms_norm", "gated_mlp", "skinny_linear")
+RUNS_BEFORE: tuple[str, ...] = ()  # reference_ops declares it runs after this one
+RUNTIME_REQUIRED = False
+
+_ACTIVATION_OF = {kernels.silu_and_mul: lambda node: "silu",
+                  kernels.gelu_and_mul: lambda node: "gelu" if node.kwargs.get("approximate", "none") == "none"
+                  else "gelu_tanh"}
+
+
+def pattern(x: torch.Tensor, residual: torch.Tensor, w_down: torch.Tensor, norm_weight: torch.Tensor,
+            w_next: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What this pass matches (the residual add and norm between two decode GEMMs), written out in PyTorch: the next
+    GEMM's output and the new residual."""
+    normed, summed = kernels.fused_add_rms_norm(residual, kernels.skinny_linear(x, w_down), norm_weight, eps)
+    return kernels.skinny_linear(normed, w_next), summed
+
+
+def replacement(x: torch.Tensor, residual: torch.Tensor, w_down: torch.Tensor, norm_weight: torch.Tensor,
+                w_next: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    summed = kernels.fused_linear(x, w_down, residual=residual)
+    return kernels.fused_linear(summed, w_next, prologue="rms_norm", norm_weight=norm_weight, norm_eps=eps), summed
+
+
+def _linear(node: object) -> dict | None:
+    """A skinny or fused linear's arguments as fused_linear's keywords (x, weight, bias, ...), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is kernels.skinny_linear and len(node.args) <= 3 and not node.kwargs:
+        x, weight, bias = (*node.args, None, None)[:3]
+        return {"x": x, "weight": weight, "bias": bias}
+    if node.target is kernels.fused_linear:
+        x, weight, bias = (*node.args, None, None)[:3]
+        return {"x": x, "weight": weight, "bias": bias, **node.kwargs}
+    return None
+
+
+def _replace(graph: fx.Graph, node: fx.Node, spec: dict, before: fx.Node | None = None) -> fx.Node:
+    """A fused_linear call from `spec` in place of linear `node` (inserted before `before`, default the node)."""
+    args = (spec["x"], spec["weight"], spec["bias"])
+    kwargs = {k: v for k, v in spec.items() if k not in ("x", "weight", "bias")}
+    with graph.inserting_before(before or node):
+        fused = graph.call_function(kernels.fused_linear, args, kwargs)
+    fused.meta.update(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    return fused
+
+
+def _fuse_activations(graph: fx.Graph) -> int:
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _ACTIVATION_OF or len(node.users) != 1:
+            continue
+        consumer = next(iter(node.users))
+        spec = _linear(consumer)
+        if spec is None or spec["x"] is not node or "prologue" in spec:
+            continue
+        _replace(graph, consumer, {**spec, "x": node.args[0], "prologue": _ACTIVATION_OF[node.target](node)})
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _norm_consumers(normed: fx.Node) -> list[fx.Node] | None:
+    """The linears reading `normed` when every user is one without a prologue, reading it as x; else None."""
+    users = list(normed.users)
+    for user in users:
+        spec = _linear(user)
+        if spec is None or spec["x"] is not normed or "prologue" in spec or normed in (spec["weight"], spec["bias"]):
+            return None
+    return users or None
+
+
+def _norm_options(norm: fx.Node) -> dict:
+    weight, eps = norm.args[-2], norm.args[-1]
+    return {"prologue": "rms_norm", "norm_weight": weight, "norm_eps": eps,
+            "norm_offset": norm.kwargs.get("weight_offset", 0.0),
+            "norm_cast_before_weight": norm.kwargs.get("cast_before_weight", True)}
+
+
+def _same_dtype(a: object, b: object) -> bool:
+    fa, fb = fake(a), fake(b)
+    return fa is not None and fb is not None and fa.dtype == fb.dtype
+
+
+def _fold_norm(graph: fx.Graph, normed: fx.Node, source: fx.Node, options: dict) -> None:
+    for consumer in _norm_consumers(normed):
+        _replace(graph, consumer, {**_linear(consumer), "x": source, **options})
+
+
+def _fuse_plain_norms(graph: fx.Graph) -> int:
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not kernels.rms_norm or len(node.args) != 3:
+            continue
+        if _norm_consumers(node) is None or not _same_dtype(node, node.args[0]):
+            continue
+        _fold_norm(graph, node, node.args[0], _norm_options(node))
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _getitems(node: fx.Node) -> dict[int, fx.Node] | None:
+    """{index: node} of `node`'s users when they are all `getitem`s with distinct indices."""
+    items = {}
+    for user in node.users:
+        if user.op != "call_function" or user.target is not operator.getitem or user.args[1] in items:
+            return None
+        items[user.args[1]] = user
+    return items
+
+
+def _fuse_residual_norms(graph: fx.Graph) -> int:
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not kernels.fused_add_rms_norm or len(node.args) != 4:
+            continue
+        a, b = node.args[0], node.args[1]
+        producer, residual = (b, a) if _single_use_linear(b, node) else (a, b)
+        spec = _linear(producer)
+        items = _getitems(node)
+        if not _single_use_linear(producer, node) or "residual" in spec or items is None or producer is residual:
+            continue
+        normed, summed = items.get(0), items.get(1)
+        if normed is None or _norm_consumers(normed) is None or not _same_dtype(normed, producer):
+            continue
+        fused = _replace(graph, producer, {**spec, "residual": residual}, before=node)
+        _fold_norm(graph, normed, fused, _norm_options(node))
+        if summed is not None:
+            summed.replace_all_uses_with(fused)
+            graph.erase_node(summed)
+        graph.erase_node(normed)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _single_use_linear(node: object, user: fx.Node) -> bool:
+    return _linear(node) is not None and list(node.users) == [user]
+
+
+def apply(ctx: PassContext) -> int:
+    graph = ctx.gm.graph
+    # Activations first: a down projection that takes SiLU * up in can still take the residual add after it.
+    return _fuse_activations(graph) + _fuse_residual_norms(graph) + _fuse_plain_norms(graph)
