@@ -90,7 +90,7 @@ def _fused_linear_op(
     m = x.shape[0]
     n, k = weight.shape
     if use_triton(x) and m <= skinny_gemm.MAX_SKINNY_M:
-        cfg = skinny_gemm._config(m, n, k, x.dtype, x.device)
+        cfg = skinny_gemm._config(m, n, k, x.dtype, x.device, prologue=prologue is not None)
         norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue == "rms_norm" else None
         skinny_gemm._launch(x, weight, bias, out, None, cfg, residual=residual, prologue=prologue, norm=norm)
     else:

@@ -253,13 +253,14 @@ def _skinny_gemm_kernel(
                   HAS_RESIDUAL)
     else:
         x_ptrs = X + k  # row r at + r * stride_xm
-        rstd = tl.zeros([4], dtype=tl.float32)
+        R: tl.constexpr = 1 if BLOCK_M == 1 else (2 if BLOCK_M == 2 else 4)  # rows of x, to a power of two
+        rstd = tl.zeros([R], dtype=tl.float32)
         if PROLOGUE == 1:
-            rstd = _rows_rstd(X, tl.minimum(tl.arange(0, 4), M - 1), stride_xm, K, eps, BLOCK_K)
-        rstd0 = _pick(rstd, 0, 4)
-        rstd1 = _pick(rstd, 1, 4)
-        rstd2 = _pick(rstd, 2, 4)
-        rstd3 = _pick(rstd, 3, 4)
+            rstd = _rows_rstd(X, tl.minimum(tl.arange(0, R), M - 1), stride_xm, K, eps, BLOCK_K)
+        rstd0 = _pick(rstd, 0, R)
+        rstd1 = _pick(rstd, 1 if R > 1 else 0, R)
+        rstd2 = _pick(rstd, 2 if R > 2 else 0, R)
+        rstd3 = _pick(rstd, 3 if R > 3 else 0, R)
         acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # rows >= BLOCK_M stay unused (compiled away)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -336,9 +337,22 @@ def _tile(m: int, k: int, dtype: torch.dtype, block_n: int, block_k: int, num_wa
             "NUM_STAGES": num_stages, "num_warps": num_warps}  # fmt: skip
 
 
-def _heuristic(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, weight_bytes: int = 2) -> dict:
+# A prologue (kernels/fused_linear.py: an RMSNorm or a gated activation applied to x as it is read) is computed by
+# every program that reads x, once per BLOCK_N rows of W: at M = 1 the plain GEMV's 4 rows a program made that 1024-
+# 7168 times per x element, which measured 139 tok/s against 202 unfused (W1, H200, 2026-11-30). Up to 4 rows of x,
+# a prologue takes this many rows of W a program (BLOCK_K shrunk to keep a chunk's bytes).
+PROLOGUE_BLOCK_N = 16
+
+
+def _heuristic(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, weight_bytes: int = 2,
+               prologue: bool = False) -> dict:
     _, _, block_n, block_k, num_warps, num_stages = next(row for row in _TILES if m <= row[0])
-    if weight_bytes == 1 and m * 2 * block_n * block_k <= _MAX_ACC_PER_THREAD * 32 * num_warps:
+    if prologue and m <= 4 and block_n < PROLOGUE_BLOCK_N:
+        block_k = max(16, block_k * block_n // PROLOGUE_BLOCK_N)
+        block_n = PROLOGUE_BLOCK_N
+        if m * block_n * block_k > _MAX_ACC_PER_THREAD * 32 * num_warps:  # M accumulators of BLOCK_N x BLOCK_K
+            block_k = _MAX_ACC_PER_THREAD * 32 * num_warps // (m * block_n)
+    elif weight_bytes == 1 and m * 2 * block_n * block_k <= _MAX_ACC_PER_THREAD * 32 * num_warps:
         # 1-byte (fp8/int8) weights: twice the rows of W a chunk keeps its bytes; measured on an H200 (W5-quant-gemv,
         # 2026-11-30) at M = 1: 3.3-3.7 TB/s with 8 rows of 1024 columns against 2.1-3.5 with 4.
         block_n *= 2
@@ -353,14 +367,16 @@ def _tune_key(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) 
     return m, n, k, dtype, device
 
 
-def _config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, weight_bytes: int = 2) -> dict:
+def _config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, weight_bytes: int = 2,
+            prologue: bool = False) -> dict:
     """Launch settings: the autotuned ones for this shape if any, else the heuristic's (cached: eager decode calls
     the launcher for every layer, and its host time is part of the step). `weight_bytes`: 1 for fp8/int8 weights
-    (kernels/quant_linear.py), which have their own heuristic and are not autotuned."""
-    if weight_bytes != 2:
-        key = (*_tune_key(m, n, k, dtype, device), weight_bytes)
+    (kernels/quant_linear.py), which have their own heuristic and are not autotuned; `prologue`: a fused_linear with
+    a prologue (its own heuristic, not autotuned)."""
+    if weight_bytes != 2 or prologue:
+        key = (*_tune_key(m, n, k, dtype, device), weight_bytes, prologue)
         if key not in _HEURISTIC:
-            _HEURISTIC[key] = _heuristic(m, n, k, dtype, device, weight_bytes)
+            _HEURISTIC[key] = _heuristic(m, n, k, dtype, device, weight_bytes, prologue)
         return dict(_HEURISTIC[key])
     key = _tune_key(m, n, k, dtype, device)
     cfg = _TUNED.get(key) or _HEURISTIC.get(key)
