@@ -14,7 +14,7 @@ ulp of x's dtype: inside the GEMM's bounds).
 import pytest
 import torch
 
-from fastllm.kernels import fused_linear, fused_linear_ref, skinny_linear, triton_on_cpu
+from fastllm.kernels import fused_linear, fused_linear_ref, triton_on_cpu
 from fastllm.kernels import skinny_gemm as sg
 from fastllm.kernels.fused_linear import _prologue
 
@@ -54,6 +54,14 @@ def _expected(x, weight, kwargs):
     return y if residual is None else y + residual.double()
 
 
+def _skinny_with_fused_settings(x, weight, prologue):
+    """skinny_linear's kernel on x (the prologue's output) with the settings fused_linear picks for `prologue`."""
+    m, (n, k) = x.shape[0], weight.shape
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    sg._launch(x, weight, None, out, None, sg._config(m, n, k, x.dtype, x.device, prologue=prologue is not None))
+    return out
+
+
 def _assert_close(actual, expected, dtype, roundings=1):
     assert actual.dtype == dtype and actual.shape == expected.shape
     assert torch.isfinite(actual).all()
@@ -72,7 +80,8 @@ def test_triton_cpu_against_the_unfused_references(prologue, m, n, k, dtype):
     with triton_on_cpu():
         y = fused_linear(x, weight, **kwargs)
         if prologue != "rms_norm":  # the unfused kernels under the same launch settings
-            unfused = skinny_linear(_prologue(x, prologue, None, 0.0, 0.0, True, reference=False), weight)
+            unfused = _skinny_with_fused_settings(_prologue(x, prologue, None, 0.0, 0.0, True, reference=False),
+                                                  weight, prologue)
     _assert_close(y, _expected(x, weight, kwargs), dtype, roundings=2)
     if prologue != "rms_norm":
         assert torch.equal(y, unfused + kwargs["residual"])
@@ -149,12 +158,12 @@ def test_gpu_against_the_unfused_references(prologue, m, n, k, dtype):
 
 @pytest.mark.gpu
 def test_gpu_fused_equals_the_unfused_kernels_bit_for_bit_where_the_rounding_is_the_same():
-    """SiLU * up and the residual add have no freedom: with the same launch settings (the heuristic's: the same K
-    chunks and splits) the fused kernel's output equals skinny_linear of the silu_and_mul kernel's output plus the
-    residual, element for element."""
-    from fastllm.kernels import silu_and_mul, skinny_linear
+    """SiLU * up and the residual add have no freedom: with the same launch settings (the same K chunks and splits)
+    the fused kernel's output equals the skinny GEMM's of the silu_and_mul kernel's output plus the residual,
+    element for element."""
+    from fastllm.kernels import silu_and_mul
 
     x, weight, kwargs = _inputs(1, 4096, 4096, torch.bfloat16, "silu", device="cuda")
     fused = fused_linear(x, weight, **kwargs)
-    unfused = skinny_linear(silu_and_mul(x), weight) + kwargs["residual"]
+    unfused = _skinny_with_fused_settings(silu_and_mul(x), weight, "silu") + kwargs["residual"]
     assert torch.equal(fused, unfused)

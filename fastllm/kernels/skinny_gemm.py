@@ -253,14 +253,14 @@ def _skinny_gemm_kernel(
                   HAS_RESIDUAL)
     else:
         x_ptrs = X + k  # row r at + r * stride_xm
-        R: tl.constexpr = 1 if BLOCK_M == 1 else (2 if BLOCK_M == 2 else 4)  # rows of x, to a power of two
-        rstd = tl.zeros([R], dtype=tl.float32)
+        X_ROWS: tl.constexpr = 1 if BLOCK_M == 1 else (2 if BLOCK_M == 2 else 4)  # x's rows, to a power of two
+        rstd = tl.zeros([X_ROWS], dtype=tl.float32)
         if PROLOGUE == 1:
-            rstd = _rows_rstd(X, tl.minimum(tl.arange(0, R), M - 1), stride_xm, K, eps, BLOCK_K)
-        rstd0 = _pick(rstd, 0, R)
-        rstd1 = _pick(rstd, 1 if R > 1 else 0, R)
-        rstd2 = _pick(rstd, 2 if R > 2 else 0, R)
-        rstd3 = _pick(rstd, 3 if R > 3 else 0, R)
+            rstd = _rows_rstd(X, tl.minimum(tl.arange(0, X_ROWS), M - 1), stride_xm, K, eps, BLOCK_K)
+        rstd0 = _pick(rstd, 0, X_ROWS)
+        rstd1 = _pick(rstd, 1 if X_ROWS > 1 else 0, X_ROWS)
+        rstd2 = _pick(rstd, 2 if X_ROWS > 2 else 0, X_ROWS)
+        rstd3 = _pick(rstd, 3 if X_ROWS > 3 else 0, X_ROWS)
         acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # rows >= BLOCK_M stay unused (compiled away)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
