@@ -37,9 +37,9 @@ MODELS = {
 }
 # fastllm_sync: async_scheduling=False; gptfast: gpt-fast's own model file, run by ../shared/anchors/gptfast_decode.py
 # (BSD, not part of fastllm) from the folder --anchors names, in its own process.
-# fastllm_unfused: fastllm without the decode_fusion pass (norms, activations and residual adds as kernels of their
-# own), the kernel layout before it, as a same-call baseline.
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", "fastllm_unfused", "gptfast")
+# fastllm_decode_fusion: fastllm with the opt-in decode_fusion pass (norms, activations and residual adds inside the
+# decode GEMMs), beside the default in the same call.
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", "fastllm_decode_fusion", "gptfast")
 
 
 def _build(name: str):
@@ -158,8 +158,8 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
 
     async_scheduling = provider != "fastllm_sync"
     options = {"async_scheduling": async_scheduling}
-    if provider == "fastllm_unfused":
-        options["passes"] = tuple(p for p in fastllm.ALL_PASSES if p != "decode_fusion")
+    if provider == "fastllm_decode_fusion":
+        options["passes"] = (*fastllm.DEFAULT_PASSES, "decode_fusion")
     startup, phases = _startup_s(model, **options)
     result = measure(model, new_tokens, vocab)
     report = fastllm.explain(model)

@@ -105,6 +105,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--quick", action="store_true", help=f"{', '.join(QUICK_SHAPES)} only, shorter timing")
     parser.add_argument("--sweep", action="store_true", help="also time every autotune candidate per case")
+    parser.add_argument("--rows", type=int, nargs="+", default=ROWS,
+                        help="rows of x (M); a decode step of one sequence runs 2 (the runner pads a lone row)")
     args = parser.parse_args()
     if missing_gpu(__file__):
         return 2
@@ -120,7 +122,7 @@ def main() -> int:
     bench_graph = functools.partial(triton.testing.do_bench_cudagraph, return_mode="median", **timing)
 
     fastllm, cublas, sweep, rows = {}, {}, {}, []
-    for (name, n, k), m in itertools.product(shapes, ROWS):
+    for (name, n, k), m in itertools.product(shapes, args.rows):
         key, timings = _case(name, n, k, m, dtype, bench, bench_graph, args.sweep)
         fastllm[key], cublas[key] = timings["fastllm"], timings["cublas"]
         if "sweep" in timings:
@@ -134,7 +136,7 @@ def main() -> int:
     config = {
         "dtype": args.dtype,
         "quick": args.quick,
-        "rows": ROWS,
+        "rows": args.rows,
         "shapes": {name: [n, k] for name, n, k in shapes},
         "bytes": "weight + x + out, each once",
         "baseline": "cublas: torch.nn.functional.linear on the same inputs",

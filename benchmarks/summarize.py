@@ -39,6 +39,45 @@ def _scheduling(key: str, entry: dict) -> str:
     return "async" if key.endswith("_async") else "sync"
 
 
+def _opt_in(entry: dict) -> str:
+    """", decode_fusion" for an entry whose run matched the opt-in decode_fusion pass (its recorded matches)."""
+    return ", decode_fusion" if entry.get("matches", {}).get("decode_fusion") else ""
+
+
+def _w5_fused_linear(result: dict) -> list[str]:
+    """A layer's decode GEMM chain, fused vs unfused, per rows of x and per prologue rows of W a program."""
+    cases = result["fastllm"]
+    block_ns = sorted({int(k.rsplit("block_n", 1)[1]) for r in cases.values() for k in r if "_ms_block_n" in k})
+    lines = ["Microseconds a layer (CUDA-graph replays, kernel boundaries included); `bn`: the prologue's rows of W a "
+             "program.", "", "| case | unfused us | " + " | ".join(f"fused bn{b} us" for b in block_ns) + " |",
+             "|---|---|" + "---|" * len(block_ns)]
+    for case, r in cases.items():
+        lines.append(f"| {case} chain | {1e3 * r['unfused_chain_ms']:.1f} | "
+                     + " | ".join(f"{1e3 * r[f'fused_chain_ms_block_n{b}']:.1f}" for b in block_ns) + " |")
+        for op in ("qkv_norm", "o_residual", "gate_up_norm", "down_silu_residual"):
+            lines.append(f"| {case} {op} | {1e3 * r[f'{op}_unfused_ms']:.1f} | "
+                         + " | ".join(f"{1e3 * r[f'{op}_fused_ms_block_n{b}']:.1f}" for b in block_ns) + " |")
+    return lines
+
+
+def _other_fastllm_ratios(result: dict) -> list[str]:
+    """A fastllm configuration run as a baseline (fastllm_unfused: the default beside an opt-in pass) against the
+    other baselines of the same call."""
+    lines = []
+    baselines = result["baselines"]
+    for name, per_model in baselines.items():
+        if not name.startswith("fastllm"):
+            continue
+        for model, r in per_model.items():
+            for other, theirs in baselines.items():
+                if other.startswith("fastllm") or "decode_tok_s" not in theirs.get(model, {}):
+                    continue
+                ours, base = r["decode_tok_s"], theirs[model]["decode_tok_s"]
+                lines.append(f"{name} on {model} against {other} in the same call: {ours:.1f} / {base:.1f} tok/s = "
+                             f"{ours / base:.2f}×.")
+    return ["", *lines] if lines else []
+
+
 def _w1(result: dict) -> list[str]:
     """Decode tok/s and TTFT per model, fastllm beside each baseline of the same run (with the ratio), and W3."""
     lines = ["| model | provider | decode tok/s | fastllm / provider | TTFT 128 ms | TTFT 2048 ms | start-up cold s "
@@ -47,7 +86,7 @@ def _w1(result: dict) -> list[str]:
     footnote = False
     for model in models:
         ours = result["fastllm"].get(model)
-        rows = [(f"fastllm ({_scheduling(model, ours)})", ours)] if ours else []
+        rows = [(f"fastllm ({_scheduling(model, ours)}{_opt_in(ours)})", ours)] if ours else []
         # fastllm with the other scheduling mode (<model>_sync; older files: <model>_async), beside the same baselines
         base_model = model.removesuffix("_async").removesuffix("_sync")
         rows += [(name, per[base_model]) for name, per in result["baselines"].items() if base_model in per]
@@ -66,6 +105,7 @@ def _w1(result: dict) -> list[str]:
     if footnote:
         lines += ["", "† not a cold start: the graph came from the cache an earlier fastllm run of the same process "
                   "wrote (and Triton's kernels were compiled)."]
+    lines += _other_fastllm_ratios(result)
     if not result["fastllm"]:
         lines += ["", "No fastllm entry in this file: the run stopped before writing it (a `.log` of the same name "
                   "holds what it printed)."]
@@ -159,7 +199,8 @@ def _w1_quant(result: dict) -> list[str]:
     return lines
 
 
-FORMATTERS = {"W5": _w5, "W1": _w1, "W2": _w2, "W2-serve": _w2_serve, "W5-attention": _w5_attention,
+FORMATTERS = {"W5": _w5, "W1": _w1, "W5-fused-linear": _w5_fused_linear, "W2": _w2, "W2-serve": _w2_serve,
+              "W5-attention": _w5_attention,
               "W5-gemv": _w5_gemv, "W1-quant": _w1_quant, "W1-fp8": _w1_quant, "W1-int8": _w1_quant,
               "W1-int4": _w1_quant, "W2-fp8": _w2, "W2-int8": _w2, "W2-int4": _w2,
               "W2-fp8_kv": _w2}

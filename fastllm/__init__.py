@@ -10,7 +10,7 @@ Importing fastllm does not initialise CUDA.
 """
 
 from fastllm._version import __version__
-from fastllm.config import ALL_PASSES, OptimizeConfig, QuantConfig
+from fastllm.config import ALL_PASSES, DEFAULT_PASSES, OptimizeConfig, QuantConfig
 from fastllm.entrypoints.async_llm import AsyncLLM
 from fastllm.entrypoints.llm import LLM
 from fastllm.explain import Report, explain
@@ -18,7 +18,7 @@ from fastllm.optimize import optimize, release
 from fastllm.runtime.sampling_params import SamplingParams
 
 __all__ = [
-    "ALL_PASSES", "AsyncLLM", "LLM", "OptimizeConfig", "QuantConfig", "Report", "SamplingParams", "explain",
-    "optimize", "release",
+    "ALL_PASSES", "AsyncLLM", "DEFAULT_PASSES", "LLM", "OptimizeConfig", "QuantConfig", "Report", "SamplingParams",
+    "explain", "optimize", "release",
     "__version__",
 ]

@@ -10,10 +10,10 @@ from typing import Any
 # after or before (fastllm/passes/registry.py sorts them); e.g. gated_mlp runs before qkv, because gate/up
 # projections also share an input and must become one gate_up GEMM with a fused activation, not a plain
 # merged linear.
-from fastllm.passes.registry import ALL_PASSES, select_passes
+from fastllm.passes.registry import ALL_PASSES, DEFAULT_PASSES, select_passes
 from fastllm.quant.config import QuantConfig, resolve_quantization
 
-__all__ = ["OptimizeConfig", "QuantConfig"]
+__all__ = ["ALL_PASSES", "DEFAULT_PASSES", "OptimizeConfig", "QuantConfig"]
 
 ON_CAPTURE_FAILURE = ("fallback", "raise")
 
@@ -23,7 +23,8 @@ class OptimizeConfig:
     """How `fastllm.optimize()` transforms a model.
 
     Args:
-        passes: names of the fusion passes to run (default: all of `ALL_PASSES`). The order they are given in
+        passes: names of the fusion passes to run (default: `DEFAULT_PASSES`, which is `ALL_PASSES` but the
+            opt-in "decode_fusion"; fastllm/passes/decode_fusion.py says why). The order they are given in
             does not matter: they always run in `ALL_PASSES`' order, which the passes' declared dependencies
             fix (gated_mlp before qkv, ...), and `passes` holds them in that order. The runtime's graph adds
             the passes it requires ("attention", "skinny_linear"), which cannot be selected. What no pass
@@ -58,7 +59,7 @@ class OptimizeConfig:
             model runs on fastllm's runtime on the CPU too (Hugging Face's path would ignore the quantization).
     """
 
-    passes: tuple[str, ...] = field(default=ALL_PASSES)
+    passes: tuple[str, ...] = field(default=DEFAULT_PASSES)
     on_capture_failure: str = "fallback"
     warmup: bool = True
     kv_cache_memory_fraction: float = 0.9

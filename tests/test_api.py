@@ -33,7 +33,7 @@ def test_import_does_not_initialise_cuda():
 
 
 def test_config_validation():
-    assert fastllm.OptimizeConfig().passes == fastllm.ALL_PASSES
+    assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
     with pytest.raises(ValueError, match="allowed"):
         fastllm.OptimizeConfig(passes=("rms_norm", "no_such_pass"))
     with pytest.raises(ValueError, match="on_capture_failure"):

@@ -605,7 +605,8 @@ def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_fusion")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    assert fastllm.OptimizeConfig().passes == ALL_PASSES
+    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-1]  # decode_fusion is opt-in
+    assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 
 
 def _pass_modules():

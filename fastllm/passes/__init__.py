@@ -15,6 +15,7 @@ from fastllm.passes._graph import eliminate_dead_code
 
 # Which passes run, and in what order, is registry.py's business; these are its answers, re-exported.
 ALL_PASSES = registry.ALL_PASSES              # user-selectable, in canonical order
+DEFAULT_PASSES = registry.DEFAULT_PASSES      # what optimize() selects unless told (ALL_PASSES but the opt-in ones)
 RUNTIME_REQUIRED = registry.RUNTIME_REQUIRED  # added to every selection on the runtime's graph
 resolve_passes = registry.resolve_passes      # selection -> every pass to run on the compiled step, in order
 

@@ -38,6 +38,13 @@ NAME = "decode_fusion"
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "gated_mlp", "skinny_linear")
 RUNS_BEFORE: tuple[str, ...] = ()  # reference_ops declares it runs after this one
 RUNTIME_REQUIRED = False
+# Opt-in (passes=(*fastllm.DEFAULT_PASSES, "decode_fusion")): on an H200 (2026-11-30, benchmarks/results/
+# W5-fused-linear-*.json and W1-*-decode-fusion.json) a Llama-3.1-8B layer's decode GEMMs took 122 us unfused and
+# 122-182 us fused at 1 row (by the prologue's rows of W a program), 139 vs 236 us at 8 rows (the tl.dot form), and
+# W1 (whose decode steps run 2 rows: the runner pads a lone row) fell from 201 to 113 tok/s. Only SiLU * up into
+# the down projection measured faster (29.5 vs 36.1 us at 1 row, 8 rows of W a program). Every program recomputes the
+# prologue for its rows of W: it pays only where a program covers many rows, and that costs the GEMV its bandwidth.
+DEFAULT = False
 
 _ACTIVATION_OF = {kernels.silu_and_mul: lambda node: "silu",
                   kernels.gelu_and_mul: lambda node: "gelu" if node.kwargs.get("approximate", "none") == "none"

@@ -6,6 +6,7 @@ Each pass module declares, beside its `NAME`:
     RUNS_BEFORE:      passes that must run after this one when both run (it must see the graph before they do)
     RUNTIME_REQUIRED: True for a pass the runtime always runs on its own graph; such a pass is not
                       user-selectable, and `optimize()`'s drop-in graph never runs it
+    DEFAULT:          optional; False for an opt-in pass, which runs only when selected (see DEFAULT_PASSES)
 
 The canonical order is a topological sort of those constraints, stable in the order the modules are listed
 in `REGISTRY`: the constraints decide wherever they apply, the listing breaks the remaining ties. A selection
@@ -51,6 +52,8 @@ class PassRegistry:
         self._rank = {name: i for i, name in enumerate(self.order)}
         self.runtime_required = tuple(n for n in self.order if getattr(self._modules[n], "RUNTIME_REQUIRED", False))
         self.selectable = tuple(n for n in self.order if n not in self.runtime_required)
+        # What optimize() runs unless told: every selectable pass but those declaring DEFAULT = False (opt-in)
+        self.default = tuple(n for n in self.selectable if getattr(self._modules[n], "DEFAULT", True))
 
     def module(self, name: str) -> ModuleType:
         return self._modules[name]
@@ -154,6 +157,8 @@ REGISTRY = PassRegistry((dropout, list_index, rms_norm, layer_norm, rotary, gate
 
 # The user-selectable passes in canonical order (public as fastllm.ALL_PASSES).
 ALL_PASSES: tuple[str, ...] = REGISTRY.selectable
+# The ones optimize() runs by default (public as fastllm.DEFAULT_PASSES): all of them but the opt-in ones.
+DEFAULT_PASSES: tuple[str, ...] = REGISTRY.default
 # Run on the runtime's graph whatever the selection: list indices made device constants (CUDA-graph capture refuses
 # host copies), paged attention (the runtime depends on it), quantized linears (a no-op unless the model is quantized),
 # the skinny GEMM (pays off where decode steps replay from CUDA graphs), and on CPU graphs the references called
