@@ -38,8 +38,10 @@ MODELS = {
 # fastllm_sync: async_scheduling=False; gptfast: gpt-fast's own model file, run by ../shared/anchors/gptfast_decode.py
 # (BSD, not part of fastllm) from the folder --anchors names, in its own process.
 # fastllm_decode_fusion: fastllm with the opt-in decode_fusion pass (norms, activations and residual adds inside the
-# decode GEMMs), beside the default in the same call.
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", "fastllm_decode_fusion", "gptfast")
+# decode GEMMs); fastllm_one_row: with FASTLLM_ONE_ROW_DECODE's 1-row decode graph (model_runner.ONE_ROW_DECODE);
+# each beside the default in the same call.
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", "fastllm_decode_fusion", "fastllm_one_row",
+             "gptfast")
 
 
 def _build(name: str):
@@ -160,7 +162,14 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
     options = {"async_scheduling": async_scheduling}
     if provider == "fastllm_decode_fusion":
         options["passes"] = (*fastllm.DEFAULT_PASSES, "decode_fusion")
-    startup, phases = _startup_s(model, **options)
+    from fastllm.runtime import model_runner
+
+    default_one_row = model_runner.ONE_ROW_DECODE
+    model_runner.ONE_ROW_DECODE = provider == "fastllm_one_row" or default_one_row
+    try:
+        startup, phases = _startup_s(model, **options)
+    finally:
+        model_runner.ONE_ROW_DECODE = default_one_row
     result = measure(model, new_tokens, vocab)
     report = fastllm.explain(model)
     result.update(startup_s_cold=startup, startup_phases_cold=phases, async_scheduling=async_scheduling,

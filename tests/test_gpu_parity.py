@@ -159,3 +159,26 @@ def test_paged_runtime_half_precision_scores(dtype, tmp_path):
     # Both sides round to 16 bits at different points (fused kernels keep fp32 inside): a few ulps.
     assert err < (3e-2 if dtype == torch.bfloat16 else 5e-3)
     assert agree >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_decode_graph_on_cuda(dtype, tmp_path, monkeypatch):
+    """FASTLLM_ONE_ROW_DECODE (model_runner.ONE_ROW_DECODE): one sequence's decode steps replay a 1-row CUDA graph
+    (the skinny GEMMs at M = 1) and give the 2-row graph's tokens; fp32 is HF eager's too."""
+    from fastllm.runtime import model_runner
+
+    model = build("llama", tmp_path, dtype=dtype).cuda()
+    ids = _ids(batch=1, length=21)
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    expected = model.generate(ids, **kwargs)
+    results = {}
+    for one_row in (False, True):
+        monkeypatch.setattr(model_runner, "ONE_ROW_DECODE", one_row)
+        fastllm.optimize(model, **SMALL_CACHE)
+        results[one_row] = model.generate(ids, **kwargs)
+        runner = model._fastllm_state.core.runner
+        assert (("decode", 1) in runner._graphs) == one_row
+        fastllm.release(model)
+    assert torch.equal(results[True], results[False])
+    if dtype == torch.float32:
+        assert torch.equal(results[True], expected)

@@ -130,3 +130,44 @@ def test_generate_parity_with_graph_shaped_steps(family, tmp_path, monkeypatch):
     # after its recompile limit).
     assert len(traces) == 1
     assert runner.pool.num_free_blocks == runner.pool.num_blocks
+
+
+def test_decode_buckets_with_a_one_row_graph():
+    assert decode_buckets(4) == [2, 4]
+    assert decode_buckets(4, one_row=True) == [1, 2, 4]
+
+
+def test_one_row_decode_graph_shape_gives_the_padded_steps_tokens(tmp_path, monkeypatch):
+    """FASTLLM_ONE_ROW_DECODE's 1-row decode graph shape (emulated on the CPU): one sequence's decode steps run it,
+    the step is still traced once (its first call, a prefill, never has one row), and the greedy tokens and scores
+    are those of HF eager, as with the padded 2-row steps."""
+    build("llama", tmp_path)
+    reference = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model = optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), warmup=False, graph_cache=False)
+    state = model._fastllm_state
+    traces = []
+    run_passes = compile_step_module.run_passes
+
+    def counting(gm, *args, **kwargs):
+        traces.append(len(gm.graph.nodes))
+        return run_passes(gm, *args, **kwargs)
+
+    monkeypatch.setattr(compile_step_module, "run_passes", counting)
+    compiled = state.compile()
+    runner = ModelRunner(compiled, torch.device("cpu"), torch.float32,
+                         kv_cache=KVCacheConfig(block_size=4, num_kv_tokens=512), max_num_seqs=4,
+                         max_num_batched_tokens=40, emulate_graph_shapes=True, one_row_decode=True)
+    state.core = EngineCore(runner, vocab_size=VOCAB, max_num_seqs=4, max_num_batched_tokens=40)
+    used = []
+    pick = runner._graph_for
+    runner._graph_for = lambda step: used.append(pick(step)) or used[-1]
+    ids = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=7, do_sample=False, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)
+    ours, expected = model.generate(ids, **kwargs), reference.generate(ids, **kwargs)
+    assert torch.equal(ours.sequences, expected.sequences)
+    for a, b in zip(ours.scores, expected.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # fp32, as the padded-step parity tests allow
+    decode_rows = {g.buffers.input_ids.shape[-1] for g in used if g is not None and g.buffers.static_max_seqlen_q == 1}
+    assert decode_rows == {1}
+    assert len(traces) == 1

@@ -338,10 +338,10 @@ def _tile(m: int, k: int, dtype: torch.dtype, block_n: int, block_k: int, num_wa
 
 
 # A prologue (kernels/fused_linear.py: an RMSNorm or a gated activation applied to x as it is read) is computed by
-# every program that reads x, once per BLOCK_N rows of W: at M = 1 the plain GEMV's 4 rows a program made that 1024-
-# 7168 times per x element, which measured 139 tok/s against 202 unfused (W1, H200, 2026-11-30). Up to 4 rows of x,
-# a prologue takes this many rows of W a program (BLOCK_K shrunk to keep a chunk's bytes).
-PROLOGUE_BLOCK_N = 16
+# every program that reads x, once per BLOCK_N rows of W. Up to 4 rows of x, a prologue takes this many rows of W a
+# program (BLOCK_K shrunk to keep a chunk's bytes). H200, 2026-11-30 (W5-fused-linear): a Llama-3.1-8B layer's decode
+# GEMMs at 1 row took 136 / 122 / 132 / 183 us with 4 / 8 / 16 / 32 rows (unfused: 122); 2 rows not measured yet.
+PROLOGUE_BLOCK_N = 8
 
 
 def _heuristic(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, weight_bytes: int = 2,

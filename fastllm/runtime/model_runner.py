@@ -18,6 +18,7 @@ replay at once) and write their logits into one shared buffer, not one buffer ea
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -50,13 +51,21 @@ MIN_BATCH = 2
 MAX_PREFILL_GRAPH_TOKENS = 1024
 
 
-def decode_buckets(max_num_seqs: int) -> list[int]:
+# A decode step of one sequence runs the 2-row graph (its lone row padded, as MIN_BATCH says): batch-1 decode (W1)
+# pays a second row in every GEMV, whose tiles were tuned and measured at 1 row (benchmarks/bench_gemv.py). With
+# FASTLLM_ONE_ROW_DECODE=1 the decode graphs include a 1-row one. Safe for the trace: the step is traced once, by the
+# first call (a prefill, or the activation measurement: never one row), and later calls bind the traced graph
+# directly (capture/dynamo.py), with its sizes symbolic. Opt-in until measured on a GPU (not yet: issue 11's note).
+ONE_ROW_DECODE = os.environ.get("FASTLLM_ONE_ROW_DECODE") == "1"
+
+
+def decode_buckets(max_num_seqs: int, one_row: bool = False) -> list[int]:
     """CUDA-graph batch sizes of decode steps: 2, 4, 8, then every 8 up to 256, every 16 up to 512, every 32 beyond
-    (up to max_num_seqs). A step pads to the next size: at most 8 rows up to 256 sequences (memory-bound decode, where
-    rows are nearly free) and at most 1/16 of the rows beyond (compute-bound), while 1024 sequences need 66 graphs,
-    not 130."""
+    (up to max_num_seqs); `one_row`: 1 first. A step pads to the next size: at most 8 rows up to 256 sequences
+    (memory-bound decode, where rows are nearly free) and at most 1/16 of the rows beyond (compute-bound), while 1024
+    sequences need 66 graphs, not 130."""
     top = max(max_num_seqs, MIN_BATCH)
-    sizes = [2, 4, *range(8, 257, 8), *range(272, 513, 16), *range(544, top + 32, 32)]
+    sizes = [*([1] if one_row else []), 2, 4, *range(8, 257, 8), *range(272, 513, 16), *range(544, top + 32, 32)]
     return sorted({min(b, top) for b in sizes if b < top} | {top})
 
 
@@ -111,12 +120,14 @@ class ModelRunner:
         max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts, and is the size whose
             activations are measured).
         emulate_graph_shapes: without CUDA graphs, still pad every step to a graph's shape (CPU tests).
+        one_row_decode: a 1-row decode graph for steps of one sequence (default: `ONE_ROW_DECODE`).
     """
 
     def __init__(self, compiled, device: torch.device, dtype: torch.dtype, *, kv_cache: KVCacheConfig | None = None,
                  max_num_seqs: int = 64, max_model_len: int = 4096, use_cuda_graph: bool | None = None,
                  max_num_batched_tokens: int = 8192, emulate_graph_shapes: bool = False,
-                 kv_cache_dtype: torch.dtype | None = None, kv_scales: list[tuple[float, float]] | None = None):
+                 kv_cache_dtype: torch.dtype | None = None, kv_scales: list[tuple[float, float]] | None = None,
+                 one_row_decode: bool | None = None):
         self.compiled = compiled
         self.device, self.dtype = torch.device(device), dtype
         self.kv_cache_dtype = kv_cache_dtype or dtype
@@ -150,7 +161,7 @@ class ModelRunner:
         self.max_model_len = min(max_model_len, self.pool.max_num_blocks * self.block_size)
         self.startup_seconds["kv_cache"] = time.perf_counter() - start
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
-        self.buckets = decode_buckets(max_num_seqs)
+        self.buckets = decode_buckets(max_num_seqs, ONE_ROW_DECODE if one_row_decode is None else one_row_decode)
         self.token_buckets = prefill_buckets(max_num_batched_tokens)
         self._decode_graphs: list[StepGraph] = []
         self._prefill_graphs: list[StepGraph] = []
