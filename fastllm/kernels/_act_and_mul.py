@@ -43,6 +43,13 @@ def _act_and_mul_kernel(
     mask = cols < inter
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (gated_activation(g, ACTIVATION) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gated_activation(g, ACTIVATION: tl.constexpr):
+    """act(g) in fp32 for ACTIVATION "silu", "gelu" or "gelu_tanh" (this kernel's, and the skinny GEMM's prologue's:
+    the same values)."""
     if ACTIVATION == "silu":
         a = g / (1.0 + tl.exp(-g))
     elif ACTIVATION == "gelu":
@@ -52,7 +59,7 @@ def _act_and_mul_kernel(
         # sigmoid(z) from e = exp(-|z|) <= 1: no overflow for very negative z, where the cube makes |z| > 88.
         e = tl.exp(-tl.abs(z))
         a = g * (tl.where(z >= 0, 1.0, e) / (1.0 + e))
-    tl.store(Y + row * stride_y + cols, (a * u).to(Y.dtype.element_ty), mask=mask)
+    return a
 
 
 def act_and_mul_out(x: torch.Tensor, out: torch.Tensor | None, allocate: bool = True) -> torch.Tensor | None:

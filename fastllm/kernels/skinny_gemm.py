@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from fastllm.kernels._act_and_mul import gated_activation
 from fastllm.kernels._registry import (
     check_float,
     check_out,
@@ -134,23 +135,10 @@ def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, H
         tl.store(Y + rows[:, None] * stride_ym + n[None, :], y, mask=mask)
 
 
-# What the kernel does to x as it loads it (PROLOGUE): nothing; RMSNorm (x is the norm's input, the norm's weight
-# and eps come with it); or a gated activation (x is [M, 2K] = [gate | up], the product reads act(gate) * up).
-PROLOGUES = {None: 0, "rms_norm": 1, "silu": 2, "gelu": 3, "gelu_tanh": 4}
-
-
-@triton.jit
-def _activation(g, ACT: tl.constexpr):
-    """act(g) in fp32, as kernels/_act_and_mul.py computes it (2 silu, 3 gelu, 4 gelu_tanh): same values."""
-    if ACT == 2:
-        a = g / (1.0 + tl.exp(-g))
-    elif ACT == 3:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    else:
-        z = 1.5957691216057308 * (g + 0.044715 * g * g * g)
-        e = tl.exp(-tl.abs(z))
-        a = g * (tl.where(z >= 0, 1.0, e) / (1.0 + e))
-    return a
+# What the kernel does to x as it loads it (PROLOGUE): nothing ("none"); RMSNorm ("rms_norm": x is the norm's input,
+# the norm's weight and eps come with it); or a gated activation ("silu", "gelu", "gelu_tanh": x is [M, 2K] =
+# [gate | up], the product reads act(gate) * up).
+PROLOGUES = ("none", "rms_norm", "silu", "gelu", "gelu_tanh")
 
 
 @triton.jit
@@ -161,7 +149,7 @@ def _load_x(ptrs, k0, k, k_end, K, NW, rstd, norm_offset, EVEN_K: tl.constexpr, 
     rounds the normalised x and the weight to their dtypes before the product (NORM_CAST), Gemma's multiplies in
     fp32; either is rounded once to x's dtype. Gated activations: act(gate) * up in fp32, rounded once."""
     x = _load_k(ptrs, k0, k, k_end, EVEN_K)
-    if PROLOGUE == 1:
+    if PROLOGUE == "rms_norm":
         h = x.to(tl.float32) * rstd
         w = _load_k(NW + k, k0, k, k_end, EVEN_K).to(tl.float32)
         if NORM_CAST:
@@ -169,9 +157,9 @@ def _load_x(ptrs, k0, k, k_end, K, NW, rstd, norm_offset, EVEN_K: tl.constexpr, 
             x = (w * h.to(x.dtype).to(tl.float32)).to(x.dtype)
         else:
             x = (h * (norm_offset + w)).to(x.dtype)
-    elif PROLOGUE >= 2:
+    elif PROLOGUE != "none":
         up = _load_k(ptrs + K, k0, k, k_end, EVEN_K).to(tl.float32)
-        x = (_activation(x.to(tl.float32), PROLOGUE) * up).to(x.dtype)
+        x = (gated_activation(x.to(tl.float32), PROLOGUE) * up).to(x.dtype)
     return x
 
 
@@ -203,7 +191,7 @@ def _skinny_gemm_kernel(
     P,  # [num_splits, M, N] fp32 partials, contiguous (written with SPLIT)
     WS,  # [N] fp32 per-output-channel weight scales (read only with HAS_WSCALE)
     R,  # [M, N] residual added to the output (read only with HAS_RESIDUAL), row stride stride_rm
-    NW,  # [K] the RMSNorm prologue's weight (read only with PROLOGUE 1)
+    NW,  # [K] the RMSNorm prologue's weight (read only with PROLOGUE "rms_norm")
     M, N, K,
     stride_xm, stride_wn, stride_ym, stride_rm,
     k_per_split,  # a multiple of BLOCK_K
@@ -212,7 +200,7 @@ def _skinny_gemm_kernel(
     SPLIT: tl.constexpr,
     HAS_WSCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    PROLOGUE: tl.constexpr,  # PROLOGUES' values
+    PROLOGUE: tl.constexpr,  # one of PROLOGUES
     NORM_CAST: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
@@ -241,7 +229,7 @@ def _skinny_gemm_kernel(
         m = tl.arange(0, BLOCK_M)
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, BLOCK_K]
         rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if PROLOGUE == 1:
+        if PROLOGUE == "rms_norm":
             rstd = _rows_rstd(X, tl.minimum(m, M - 1), stride_xm, K, eps, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
@@ -255,7 +243,7 @@ def _skinny_gemm_kernel(
         x_ptrs = X + k  # row r at + r * stride_xm
         X_ROWS: tl.constexpr = 1 if BLOCK_M == 1 else (2 if BLOCK_M == 2 else 4)  # x's rows, to a power of two
         rstd = tl.zeros([X_ROWS], dtype=tl.float32)
-        if PROLOGUE == 1:
+        if PROLOGUE == "rms_norm":
             rstd = _rows_rstd(X, tl.minimum(tl.arange(0, X_ROWS), M - 1), stride_xm, K, eps, BLOCK_K)
         rstd0 = _pick(rstd, 0, X_ROWS)
         rstd1 = _pick(rstd, 1 if X_ROWS > 1 else 0, X_ROWS)
@@ -446,7 +434,7 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
             x, weight, b, out, parts, weight_scale if weight_scale is not None else out, r, norm_weight,
             m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0), k_per_split, eps, offset,
             HAS_BIAS=bias is not None, SPLIT=split, HAS_WSCALE=weight_scale is not None,
-            HAS_RESIDUAL=residual is not None, PROLOGUE=PROLOGUES[prologue], NORM_CAST=cast,
+            HAS_RESIDUAL=residual is not None, PROLOGUE=prologue or "none", NORM_CAST=cast,
             USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
