@@ -90,15 +90,11 @@ def test_prefill_buckets():
     assert prefill_buckets(8) == []
 
 
-@pytest.mark.parametrize("family", ["llama", "mixtral", "bloom", "gemma2"])
-def test_generate_parity_with_graph_shaped_steps(family, tmp_path, monkeypatch):
-    """Every step padded to a graph's shape (decode buckets, prefill token buckets, chunked prefill) gives HF's
-    greedy tokens: the padding tokens and dummy sequences change nothing for the real ones."""
-    build(family, tmp_path)
-    reference = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    # dynamo's own trace (a cached graph never recompiles), captured at the first call
-    model = optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), warmup=False,
-                             graph_cache=False)
+def _graph_shaped_runtime(path, monkeypatch, **runner_options):
+    """(model, runner, graphs used, traces): the model saved at `path` on a CPU runner that pads every step to a graph
+    shape (max_num_seqs 4, budget 40 tokens), recording the step graph each step picked and each trace dynamo handed
+    to the passes (dynamo's own trace, captured at the first call: a cached graph never recompiles)."""
+    model = optimize(T.AutoModelForCausalLM.from_pretrained(path).eval(), warmup=False, graph_cache=False)
     state = model._fastllm_state
     traces = []
     run_passes = compile_step_module.run_passes
@@ -108,14 +104,23 @@ def test_generate_parity_with_graph_shaped_steps(family, tmp_path, monkeypatch):
         return run_passes(gm, *args, **kwargs)
 
     monkeypatch.setattr(compile_step_module, "run_passes", counting)
-    compiled = state.compile()
-    runner = ModelRunner(compiled, torch.device("cpu"), torch.float32,
+    runner = ModelRunner(state.compile(), torch.device("cpu"), torch.float32,
                          kv_cache=KVCacheConfig(block_size=4, num_kv_tokens=512), max_num_seqs=4,
-                         max_num_batched_tokens=40, emulate_graph_shapes=True)
+                         max_num_batched_tokens=40, emulate_graph_shapes=True, **runner_options)
     state.core = EngineCore(runner, vocab_size=VOCAB, max_num_seqs=4, max_num_batched_tokens=40)
     used = []
     pick = runner._graph_for
     runner._graph_for = lambda step: used.append(pick(step)) or used[-1]
+    return model, runner, used, traces
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "bloom", "gemma2"])
+def test_generate_parity_with_graph_shaped_steps(family, tmp_path, monkeypatch):
+    """Every step padded to a graph's shape (decode buckets, prefill token buckets, chunked prefill) gives HF's
+    greedy tokens: the padding tokens and dummy sequences change nothing for the real ones."""
+    build(family, tmp_path)
+    reference = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model, runner, used, traces = _graph_shaped_runtime(tmp_path, monkeypatch)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, VOCAB, (5, 23), generator=g)   # 5 rows > max_num_seqs 4: a later admission mixes
     mask = torch.ones_like(ids)
@@ -143,24 +148,7 @@ def test_one_row_decode_graph_shape_gives_the_padded_steps_tokens(tmp_path, monk
     are those of HF eager, as with the padded 2-row steps."""
     build("llama", tmp_path)
     reference = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    model = optimize(T.AutoModelForCausalLM.from_pretrained(tmp_path).eval(), warmup=False, graph_cache=False)
-    state = model._fastllm_state
-    traces = []
-    run_passes = compile_step_module.run_passes
-
-    def counting(gm, *args, **kwargs):
-        traces.append(len(gm.graph.nodes))
-        return run_passes(gm, *args, **kwargs)
-
-    monkeypatch.setattr(compile_step_module, "run_passes", counting)
-    compiled = state.compile()
-    runner = ModelRunner(compiled, torch.device("cpu"), torch.float32,
-                         kv_cache=KVCacheConfig(block_size=4, num_kv_tokens=512), max_num_seqs=4,
-                         max_num_batched_tokens=40, emulate_graph_shapes=True, one_row_decode=True)
-    state.core = EngineCore(runner, vocab_size=VOCAB, max_num_seqs=4, max_num_batched_tokens=40)
-    used = []
-    pick = runner._graph_for
-    runner._graph_for = lambda step: used.append(pick(step)) or used[-1]
+    model, runner, used, traces = _graph_shaped_runtime(tmp_path, monkeypatch, one_row_decode=True)
     ids = torch.randint(3, VOCAB, (1, 11), generator=torch.Generator().manual_seed(4))
     kwargs = dict(max_new_tokens=7, do_sample=False, pad_token_id=0, output_scores=True,
                   return_dict_in_generate=True)
