@@ -38,9 +38,11 @@ MODELS = {
 # fastllm_sync: async_scheduling=False; gptfast: gpt-fast's own model file, run by ../shared/anchors/gptfast_decode.py
 # (BSD, not part of fastllm) from the folder --anchors names, in its own process.
 # fastllm_decode_fusion: fastllm with the opt-in decode_fusion pass (norms, activations and residual adds inside the
-# decode GEMMs); fastllm_one_row: with FASTLLM_ONE_ROW_DECODE's 1-row decode graph (model_runner.ONE_ROW_DECODE);
-# each beside the default in the same call.
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", "fastllm_decode_fusion", "fastllm_one_row",
+# decode GEMMs); fastllm_act_fusion: with the opt-in decode_act_fusion (SiLU * up inside down_proj) only;
+# fastllm_one_row: with FASTLLM_ONE_ROW_DECODE's 1-row decode graph (model_runner.ONE_ROW_DECODE); each beside the
+# default in the same call.
+OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion", "fastllm_act_fusion": "decode_act_fusion"}
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, "fastllm_one_row",
              "gptfast")
 
 
@@ -160,8 +162,8 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
 
     async_scheduling = provider != "fastllm_sync"
     options = {"async_scheduling": async_scheduling}
-    if provider == "fastllm_decode_fusion":
-        options["passes"] = (*fastllm.DEFAULT_PASSES, "decode_fusion")
+    if provider in OPT_IN_PASSES:
+        options["passes"] = (*fastllm.DEFAULT_PASSES, OPT_IN_PASSES[provider])
     from fastllm.runtime import model_runner
 
     default_one_row = model_runner.ONE_ROW_DECODE

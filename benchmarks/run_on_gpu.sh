@@ -10,7 +10,7 @@
 # quant: W5-quant-gemv and W1-quant (fp8, int8, int4 beside bf16; ~5 min); throughput-fp8: W2-fp8 beside W2 bf16 in
 # the same call (~2 min).
 # rows: what a batch-1 decode step really runs (the runner pads a lone row to 2): W5-gemv at 1 and 2 rows, the fused
-# chain at 1 and 2 rows, and W1 with the opt-in 1-row decode graph and decode_fusion beside the default and gpt-fast
+# chain at 1 and 2 rows, and W1 with the opt-in 1-row decode graph and decode_act_fusion beside the default and gpt-fast
 # (carry .anchors; ~7 min).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -53,7 +53,7 @@ for stage in $STAGES; do
               (cd benchmarks && python3 bench_fused_linear.py --rows 1 2 --out "$OUT") > "$OUT/fused-rows.log" 2>&1 || rc=1
               tail -n 12 "$OUT/fused-rows.log"
               python3 benchmarks/bench_decode.py --models llama31_8b --providers fastllm fastllm_one_row \
-                  fastllm_decode_fusion gptfast --out "$OUT" > "$OUT/decode-rows.log" 2>&1 || rc=1
+                  fastllm_act_fusion gptfast --out "$OUT" > "$OUT/decode-rows.log" 2>&1 || rc=1
               grep -vE "capturing|warn" "$OUT/decode-rows.log" | tail -n 6 ;;
         *) echo "unknown stage $stage"; rc=1 ;;
     esac

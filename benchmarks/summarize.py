@@ -40,8 +40,8 @@ def _scheduling(key: str, entry: dict) -> str:
 
 
 def _opt_in(entry: dict) -> str:
-    """", decode_fusion" for an entry whose run matched the opt-in decode_fusion pass (its recorded matches)."""
-    return ", decode_fusion" if entry.get("matches", {}).get("decode_fusion") else ""
+    """", <pass>" for each opt-in decode fusion pass an entry's run matched (its recorded matches)."""
+    return "".join(f", {name}" for name in ("decode_act_fusion", "decode_fusion") if entry.get("matches", {}).get(name))
 
 
 def _w5_fused_linear(result: dict) -> list[str]:

@@ -15,6 +15,7 @@ _WHERE_THEY_RUN = {
     "dropout": "removed (inference)",
     "skinny_linear": "skinny_linear (small-batch GEMMs; larger batches take cuBLAS)",
     "decode_fusion": "fused_linear (RMSNorms, SiLU/GELU * up and residual adds inside the small-batch GEMMs)",
+    "decode_act_fusion": "fused_linear (SiLU/GELU * up inside the small-batch down projections)",
     "quantize": "fp8_linear / int8_linear / int4_linear (quantization=...; each layer's scheme listed below)",
 }
 

@@ -138,16 +138,21 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
     assert runner.pool.num_free_blocks == runner.pool.num_blocks
 
 
+@pytest.mark.parametrize("opt_in", [None, "decode_act_fusion", "decode_fusion"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_paged_runtime_half_precision_scores(dtype, tmp_path):
-    """16-bit generate on the runtime (skinny GEMMs and paged attention in CUDA-graph decode): each step's
-    scores match HF eager's teacher-forced logits on the same tokens, to 16-bit rounding."""
+def test_paged_runtime_half_precision_scores(dtype, opt_in, tmp_path):
+    """16-bit generate on the runtime (skinny GEMMs and paged attention in CUDA-graph decode; with an opt-in decode
+    fusion, fused_linear): each step's scores match HF eager's teacher-forced logits on the same tokens, to 16-bit
+    rounding."""
     from transformers import AutoModelForCausalLM
 
     model = build("llama", tmp_path, dtype=dtype).cuda()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval()
     ids = _ids(batch=2, length=33)
-    fastllm.optimize(model, **SMALL_CACHE)
+    passes = fastllm.DEFAULT_PASSES if opt_in is None else (*fastllm.DEFAULT_PASSES, opt_in)
+    fastllm.optimize(model, passes=passes, **SMALL_CACHE)
+    if opt_in is not None:
+        assert fastllm.explain(model).graph.fused_ops["fused_linear"] > 0
     out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                          output_scores=True)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 
 from fastllm.kernels import fused_linear, fused_linear_ref, triton_on_cpu
 from fastllm.kernels import skinny_gemm as sg
-from fastllm.kernels.fused_linear import _prologue
+from fastllm.kernels.fused_linear import PROLOGUE_MAX_ROWS, _prologue
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -58,7 +58,8 @@ def _skinny_with_fused_settings(x, weight, prologue):
     """skinny_linear's kernel on x (the prologue's output) with the settings fused_linear picks for `prologue`."""
     m, (n, k) = x.shape[0], weight.shape
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    sg._launch(x, weight, None, out, None, sg._config(m, n, k, x.dtype, x.device, prologue=prologue is not None))
+    fused_prologue = prologue is not None and m <= PROLOGUE_MAX_ROWS  # past it: the unfused kernels, plain settings
+    sg._launch(x, weight, None, out, None, sg._config(m, n, k, x.dtype, x.device, prologue=fused_prologue))
     return out
 
 

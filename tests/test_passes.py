@@ -30,8 +30,10 @@ from fastllm import kernels
 from fastllm.capture import capture
 from fastllm.passes import (
     ALL_PASSES,
+    DEFAULT_PASSES,
     RUNTIME_REQUIRED,
     attention,
+    decode_act_fusion,
     decode_fusion,
     dropout,
     gated_mlp,
@@ -518,6 +520,12 @@ def _decode_fusion_case():
     return decode_fusion.pattern(*args), decode_fusion.replacement(*args), EXACT
 
 
+def _decode_act_fusion_case():
+    half = dict(dtype=torch.float16)
+    gate_up, w_down = _rand(1, 2 * 40, **half), _rand(24, 40, **half)
+    return decode_act_fusion.pattern(gate_up, w_down), decode_act_fusion.replacement(gate_up, w_down), EXACT
+
+
 def _quantize_case():
     """fp8 on values e4m3 holds exactly (each row's largest magnitude 448 times a power of two): quantizing loses
     nothing, so the quantized linear computes the float one up to summation order."""
@@ -576,6 +584,7 @@ REPLACEMENT_CASES = {
     "qkv": _qkv_case,
     "quantize": _quantize_case,
     "decode_fusion": _decode_fusion_case,
+    "decode_act_fusion": _decode_act_fusion_case,
     "skinny_linear[fp16]": lambda: _skinny_linear_case(torch.float16),
     "skinny_linear[bf16]": lambda: _skinny_linear_case(torch.bfloat16),
 }
@@ -603,9 +612,10 @@ def test_every_pass_has_a_replacement_case():
 
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
-    assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_fusion")
+    assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_act_fusion",
+                          "decode_fusion")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-1]  # decode_fusion is opt-in
+    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-2]  # the decode fusions are opt-in
     assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 
 
@@ -747,7 +757,7 @@ def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode
     on the CPU, where the references run, the logits and the greedy tokens are the unfused step's, bit for bit."""
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     results = {}
-    for passes in (ALL_PASSES, tuple(p for p in ALL_PASSES if p != "decode_fusion")):
+    for passes in ((*DEFAULT_PASSES, "decode_fusion"), DEFAULT_PASSES):
         model = build(family, tmp_path / family, dtype=torch.float16)
         optimize(model, passes=passes)
         with torch.no_grad():
@@ -765,3 +775,21 @@ def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode
     assert unfused.graph.fused_ops["fused_add_rms_norm"] == 2 * n
     assert torch.equal(fused_logits, logits)
     assert torch.equal(fused_tokens, tokens)
+
+
+def test_decode_act_fusion_takes_only_the_activations_in(tmp_path):
+    """The opt-in decode_act_fusion: each layer's SiLU * up goes into its down projection and nothing else changes
+    (the norms stay kernels of their own); the references give the unfused step's logits bit for bit."""
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    logits = []
+    for passes in (DEFAULT_PASSES, (*DEFAULT_PASSES, "decode_act_fusion")):
+        model = build("llama", tmp_path / "llama", dtype=torch.float16)
+        optimize(model, passes=passes)
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    report = fastllm.explain(model)
+    n = model.config.num_hidden_layers
+    assert report.matches["decode_act_fusion"] == n
+    assert report.graph.fused_ops["fused_linear"] == n
+    assert report.graph.fused_ops["fused_add_rms_norm"] == 2 * n and "silu_and_mul" not in report.graph.fused_ops
+    assert torch.equal(logits[0], logits[1])

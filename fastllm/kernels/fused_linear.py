@@ -13,8 +13,8 @@ norm's weight, the activation and the add are elementwise on what the GEMV reads
 the way; only the norm's 1 / rms needs the whole row, which each program reads once (from L2 after the first one)
 before its product. Every intermediate is rounded where the unfused kernels store it, so the values are theirs.
 
-More than 16 rows (prefill, large decode batches) or no Triton: the unfused kernels in a row (the norm or the
-activation kernel, cuBLAS, the add), the same values.
+More than 16 rows (prefill, large decode batches), a prologue on more than PROLOGUE_MAX_ROWS rows, or no Triton: the
+unfused kernels in a row (the norm or the activation kernel, the skinny GEMM or cuBLAS, the add), the same values.
 """
 
 from __future__ import annotations
@@ -38,9 +38,15 @@ from fastllm.kernels._registry import (
 from fastllm.kernels.gelu_and_mul import gelu_and_mul, gelu_and_mul_ref
 from fastllm.kernels.rms_norm import rms_norm, rms_norm_ref
 from fastllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
+from fastllm.kernels.skinny_gemm import skinny_linear
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 PROLOGUES = ("rms_norm", *ACTIVATIONS)
+# A prologue runs inside the GEMM up to this many rows (the skinny GEMM's broadcast form). In its tl.dot form (5-16
+# rows) every program recomputes the prologue for 16 padded rows: a Llama-3.1-8B layer's decode GEMMs took 236 us
+# fused against 139 unfused at 8 rows (H200, 2026-11-30, W5-fused-linear), so there the prologue's own kernel runs
+# first and then the skinny GEMM.
+PROLOGUE_MAX_ROWS = 4
 
 
 def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, reference: bool) -> torch.Tensor:
@@ -67,8 +73,9 @@ def fused_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 def _unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast) -> torch.Tensor:
-    y = F.linear(_prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, not use_triton(x)), weight,
-                 bias)
+    """The unfused kernels one after the other: the prologue's, the skinny GEMM (cuBLAS past 16 rows), the add."""
+    y = skinny_linear(_prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, not use_triton(x)),
+                      weight, bias)
     return y if residual is None else y.add_(residual)
 
 
@@ -89,7 +96,7 @@ def _fused_linear_op(
     prologue = None if prologue == "none" else prologue
     m = x.shape[0]
     n, k = weight.shape
-    if use_triton(x) and m <= skinny_gemm.MAX_SKINNY_M:
+    if use_triton(x) and m <= (skinny_gemm.MAX_SKINNY_M if prologue is None else PROLOGUE_MAX_ROWS):
         cfg = skinny_gemm._config(m, n, k, x.dtype, x.device, prologue=prologue is not None)
         norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue == "rms_norm" else None
         skinny_gemm._launch(x, weight, bias, out, None, cfg, residual=residual, prologue=prologue, norm=norm)

@@ -90,7 +90,9 @@ def _replace(graph: fx.Graph, node: fx.Node, spec: dict, before: fx.Node | None 
     return fused
 
 
-def _fuse_activations(graph: fx.Graph) -> int:
+def fuse_activations(graph: fx.Graph) -> int:
+    """Every gated activation read only by a linear without a prologue → that linear with it as its prologue (also
+    the decode_act_fusion pass)."""
     count = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _ACTIVATION_OF or len(node.users) != 1:
@@ -187,4 +189,4 @@ def _single_use_linear(node: object, user: fx.Node) -> bool:
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     # Activations first: a down projection that takes SiLU * up in can still take the residual add after it.
-    return _fuse_activations(graph) + _fuse_residual_norms(graph) + _fuse_plain_norms(graph)
+    return fuse_activations(graph) + _fuse_residual_norms(graph) + _fuse_plain_norms(graph)

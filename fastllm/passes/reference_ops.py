@@ -19,7 +19,7 @@ from fastllm.passes._graph import fake
 NAME = "reference_ops"
 # Last among the passes that emit launchers: it must see every one of them.
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "quantize", "skinny_linear",
-                               "decode_fusion", "attention")
+                               "decode_act_fusion", "decode_fusion", "attention")
 RUNS_BEFORE: tuple[str, ...] = ()
 RUNTIME_REQUIRED = True
 

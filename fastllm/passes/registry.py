@@ -22,6 +22,7 @@ from types import ModuleType
 
 from fastllm.passes import (
     attention,
+    decode_act_fusion,
     decode_fusion,
     dropout,
     gated_mlp,
@@ -153,7 +154,8 @@ def _refuse_unknown(names: list[str], allowed: tuple[str, ...]) -> None:
 
 # The listing breaks ties only; it is the order these passes ran in before the constraints were declared.
 REGISTRY = PassRegistry((dropout, list_index, rms_norm, layer_norm, rotary, gated_mlp, qkv, attention,
-                         quantize, skinny_linear, decode_fusion, reference_ops))
+                         quantize, skinny_linear, decode_act_fusion, decode_fusion,
+                         reference_ops))
 
 # The user-selectable passes in canonical order (public as fastllm.ALL_PASSES).
 ALL_PASSES: tuple[str, ...] = REGISTRY.selectable
