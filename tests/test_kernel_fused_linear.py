@@ -127,6 +127,19 @@ def test_the_cpu_path_is_the_reference_and_more_rows_take_the_unfused_kernels():
     assert torch.equal(out.reshape(20, 24), fused_linear_ref(x, weight, **kwargs))
 
 
+def test_opcheck():
+    """The registered op (schema, fake kernel, CPU dispatch), on the references and in the interpreter."""
+    op = torch.ops.fastllm.fused_linear.default
+    x, weight, kwargs = _inputs(3, 24, 64, torch.float32, "rms_norm")
+    out = torch.empty(3, 24)
+    args = (x, weight, None, kwargs["residual"], kwargs["norm_weight"], out, "rms_norm", 1e-5, 0.0, True)
+    torch.library.opcheck(op, args)
+    with triton_on_cpu():
+        torch.library.opcheck(op, args)
+    gate_up, weight, kwargs = _inputs(2, 24, 64, torch.float32, "silu")
+    torch.library.opcheck(op, (gate_up, weight, None, None, None, torch.empty(2, 24), "silu", 1e-6, 0.0, True))
+
+
 def test_bad_inputs_are_refused_with_what_is_allowed():
     x, weight, kwargs = _inputs(2, 8, 16, torch.float32, "rms_norm")
     with pytest.raises(ValueError, match="prologue must be None or one of"):
