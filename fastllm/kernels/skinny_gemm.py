@@ -241,14 +241,18 @@ def _skinny_gemm_kernel(
                   HAS_RESIDUAL)
     else:
         x_ptrs = X + k  # row r at + r * stride_xm
-        X_ROWS: tl.constexpr = 1 if BLOCK_M == 1 else (2 if BLOCK_M == 2 else 4)  # x's rows, to a power of two
-        rstd = tl.zeros([X_ROWS], dtype=tl.float32)
+        # The rows' 1 / rms only for the norm prologue: the plain GEMV (every decode linear) computes nothing more
+        rstd0 = 0.0
+        rstd1 = 0.0
+        rstd2 = 0.0
+        rstd3 = 0.0
         if PROLOGUE == "rms_norm":
+            X_ROWS: tl.constexpr = 1 if BLOCK_M == 1 else (2 if BLOCK_M == 2 else 4)  # x's rows, to a power of two
             rstd = _rows_rstd(X, tl.minimum(tl.arange(0, X_ROWS), M - 1), stride_xm, K, eps, BLOCK_K)
-        rstd0 = _pick(rstd, 0, X_ROWS)
-        rstd1 = _pick(rstd, 1 if X_ROWS > 1 else 0, X_ROWS)
-        rstd2 = _pick(rstd, 2 if X_ROWS > 2 else 0, X_ROWS)
-        rstd3 = _pick(rstd, 3 if X_ROWS > 3 else 0, X_ROWS)
+            rstd0 = _pick(rstd, 0, X_ROWS)
+            rstd1 = _pick(rstd, 1 if X_ROWS > 1 else 0, X_ROWS)
+            rstd2 = _pick(rstd, 2 if X_ROWS > 2 else 0, X_ROWS)
+            rstd3 = _pick(rstd, 3 if X_ROWS > 3 else 0, X_ROWS)
         acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # rows >= BLOCK_M stay unused (compiled away)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
