@@ -18,16 +18,19 @@ Writes DIR/W1-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import os
 import pathlib
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
-from _common import missing_gpu, result_path, write_result
+from _common import copy_bandwidth_gb_s, missing_gpu, result_path, write_result
 
 MODELS = {
     "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -38,22 +41,44 @@ MODELS = {
 # fastllm_sync: async_scheduling=False; gptfast: gpt-fast's own model file, run by ../shared/anchors/gptfast_decode.py
 # (BSD, not part of fastllm) from the folder --anchors names, in its own process.
 # fastllm_decode_fusion: fastllm with the opt-in decode_fusion pass (norms, activations and residual adds inside the
-# decode GEMMs); fastllm_act_fusion: with the opt-in decode_act_fusion (SiLU * up inside down_proj) only;
-# fastllm_one_row: with FASTLLM_ONE_ROW_DECODE's 1-row decode graph (model_runner.ONE_ROW_DECODE); each beside the
-# default in the same call.
-OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion", "fastllm_act_fusion": "decode_act_fusion"}
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, "fastllm_one_row",
+# decode GEMMs); fastllm_no_act_fusion: without the default decode_act_fusion (SiLU * up inside down_proj);
+# fastllm_two_row: a lone sequence's decode step padded to 2 rows, as before the 1-row decode graph became the default
+# (FASTLLM_ONE_ROW_DECODE=0, model_runner.ONE_ROW_DECODE); fastllm_autotune: FASTLLM_SKINNY_AUTOTUNE=1 with an empty
+# tuning cache (its start-up includes the tuning; the tuned settings are recorded); each beside the default in the
+# same call.
+OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion"}
+LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion"}
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES, "fastllm_two_row",
+             "fastllm_autotune",
              "gptfast")
 
 
-def _build(name: str):
+def _build(name: str, device: str = "cuda"):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
     config = LlamaConfig(**MODELS[name], eos_token_id=None, bos_token_id=None, pad_token_id=0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
+
+
+def step_bytes(model, scheme: str | None, group_size: int = 128) -> int:
+    """Bytes a decode step reads: each weight as stored with its scales (fp8 and int8 one byte an element and 4 an
+    output channel; int4 half a byte and 4 a group); the LM head in the model's dtype (excluded by default)."""
+    head = model.get_output_embeddings().weight
+    total = head.numel() * head.element_size()
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or "embed" in name or p is head:
+            continue
+        n, k = p.shape
+        if scheme in ("fp8", "int8"):
+            total += n * k + 4 * n
+        elif scheme == "int4":
+            total += n * k // 2 + 4 * n * (k // group_size)
+        else:
+            total += p.numel() * p.element_size()
+    return total
 
 
 def _prompt(length: int, vocab: int) -> torch.Tensor:
@@ -164,24 +189,56 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
     options = {"async_scheduling": async_scheduling}
     if provider in OPT_IN_PASSES:
         options["passes"] = (*fastllm.DEFAULT_PASSES, OPT_IN_PASSES[provider])
+    if provider in LEFT_OUT_PASSES:
+        options["passes"] = tuple(p for p in fastllm.DEFAULT_PASSES if p != LEFT_OUT_PASSES[provider])
     from fastllm.runtime import model_runner
 
     default_one_row = model_runner.ONE_ROW_DECODE
-    model_runner.ONE_ROW_DECODE = provider == "fastllm_one_row" or default_one_row
+    model_runner.ONE_ROW_DECODE = default_one_row and provider != "fastllm_two_row"
     try:
-        startup, phases = _startup_s(model, **options)
+        with _autotuning(provider == "fastllm_autotune") as tuned:
+            startup, phases = _startup_s(model, **options)
+            result = measure(model, new_tokens, vocab)
     finally:
         model_runner.ONE_ROW_DECODE = default_one_row
-    result = measure(model, new_tokens, vocab)
     report = fastllm.explain(model)
     result.update(startup_s_cold=startup, startup_phases_cold=phases, async_scheduling=async_scheduling,
                   matches=report.matches, unfused=report.unfused_ops)
+    if tuned:
+        result["skinny_gemm_tuned"] = tuned
     return result
+
+
+@contextlib.contextmanager
+def _autotuning(enabled: bool):
+    """With `enabled`: skinny_gemm's autotuner on, its disk cache in a fresh folder (nothing tuned before), and
+    afterwards forgotten again, so the providers after this one run the heuristic; yields the tuned settings."""
+    from fastllm.kernels import skinny_gemm
+
+    tuned: dict[str, dict] = {}
+    if not enabled:
+        yield tuned
+        return
+    saved = os.environ.get("FASTLLM_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["FASTLLM_CACHE_DIR"] = folder
+        skinny_gemm.AUTOTUNE = True
+        try:
+            yield tuned
+        finally:
+            tuned.update({",".join(map(str, key[:3])): cfg for key, cfg in skinny_gemm._TUNED.items()})
+            skinny_gemm.AUTOTUNE = False
+            skinny_gemm._TUNED.clear()
+            skinny_gemm._ON_DISK._entries.clear()
+            if saved is None:
+                os.environ.pop("FASTLLM_CACHE_DIR")
+            else:
+                os.environ["FASTLLM_CACHE_DIR"] = saved
 
 
 def _write(results: dict, args) -> pathlib.Path:
     config = {"prompt": 128, "new_tokens": args.new_tokens, "dtype": "bf16", "weights": "random, seed 0",
-              "max_num_seqs": 8}
+              "max_num_seqs": 8, "copy_gb_s": args.copy_gb_s}
     return write_result("W1", torch.cuda.get_device_name(), config, *_split(results), args.out)
 
 
@@ -209,10 +266,17 @@ def main(argv=None) -> int:
     if missing_gpu(__file__):
         return 2
     shutil.rmtree(GRAPH_CACHE, ignore_errors=True)  # a cold start traces
+    from triton.testing import do_bench
+
+    args.copy_gb_s = copy_bandwidth_gb_s(functools.partial(do_bench, return_mode="median"))
     results: dict[str, dict[str, dict]] = {p: {} for p in args.providers}  # fastllm_sync lands in "fastllm"
     for name in args.models:
+        # The copy roofline: a decode step reads every weight once (bf16), at the copy bandwidth measured above.
+        roofline = args.copy_gb_s * 1e9 / step_bytes(_build(name, device="meta"), None)
         for provider in args.providers:
-            results[provider][name] = run_provider(provider, name, args.new_tokens, args.anchors)
+            result = run_provider(provider, name, args.new_tokens, args.anchors)
+            result.update(roofline_tok_s=roofline, fraction_of_roofline=result["decode_tok_s"] / roofline)
+            results[provider][name] = result
             print(provider, name, {k: round(v, 2) for k, v in results[provider][name].items()
                                    if isinstance(v, float)}, flush=True)
             torch._dynamo.reset()  # dynamo's caches hold compiled models (and fastllm's KV cache) otherwise
@@ -221,11 +285,12 @@ def main(argv=None) -> int:
             path = _write(results, args)  # after every run: a call cut short keeps what it measured
     ours, baselines = _split(results)
     out = {"fastllm": ours, "baselines": baselines}
-    print(f"{'provider':<18} {'model':<11} {'decode tok/s':>12} {'TTFT128 ms':>10} {'TTFT2048 ms':>11}")
+    print(f"copy bandwidth {args.copy_gb_s:.0f} GB/s")
+    print(f"{'provider':<18} {'model':<11} {'decode tok/s':>12} {'roofline':>8} {'TTFT128 ms':>10} {'TTFT2048 ms':>11}")
     for provider, per_model in [("fastllm", out["fastllm"]), *out["baselines"].items()]:
         for name, r in per_model.items():
-            print(f"{provider:<18} {name:<11} {r['decode_tok_s']:>12.1f} {r.get('ttft_ms_128', 0):>10.1f} "
-                  f"{r.get('ttft_ms_2048', 0):>11.1f}")
+            print(f"{provider:<18} {name:<11} {r['decode_tok_s']:>12.1f} {r['fraction_of_roofline']:>8.1%} "
+                  f"{r.get('ttft_ms_128', 0):>10.1f} {r.get('ttft_ms_2048', 0):>11.1f}")
     print(f"wrote {path}")
     return 0
 

@@ -17,36 +17,18 @@ import sys
 
 import torch
 from _common import copy_bandwidth_gb_s, missing_gpu, write_result
-from bench_decode import MODELS, _build, measure
-
-
-def _step_bytes(model, scheme: str | None, group_size: int = 128) -> int:
-    """Bytes a decode step reads: each weight as stored with its scales (fp8 and int8 one byte an element and 4 an
-    output channel; int4 half a byte and 4 a group); the LM head in the model's dtype (excluded by default)."""
-    head = model.get_output_embeddings().weight
-    total = head.numel() * head.element_size()
-    for name, p in model.named_parameters():
-        if p.dim() != 2 or "embed" in name or p.data_ptr() == head.data_ptr():
-            continue
-        n, k = p.shape
-        if scheme in ("fp8", "int8"):
-            total += n * k + 4 * n
-        elif scheme == "int4":
-            total += n * k // 2 + 4 * n * (k // group_size)
-        else:
-            total += p.numel() * p.element_size()
-    return total
+from bench_decode import MODELS, _build, measure, step_bytes
 
 
 def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float) -> dict:
     import fastllm
 
     model = _build(name)
-    step_bytes = _step_bytes(model, scheme)  # before optimize(): it lets go of the float weights it quantized
+    nbytes = step_bytes(model, scheme)  # before optimize(): it lets go of the float weights it quantized
     fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
     result = measure(model, new_tokens, model.config.vocab_size)
-    roofline = copy_gb_s * 1e9 / step_bytes
-    result.update(step_gb=step_bytes / 1e9, roofline_tok_s=roofline, fraction_of_roofline=result["decode_tok_s"]
+    roofline = copy_gb_s * 1e9 / nbytes
+    result.update(step_gb=nbytes / 1e9, roofline_tok_s=roofline, fraction_of_roofline=result["decode_tok_s"]
                   / roofline, quantized_layers=len(fastllm.explain(model).graph.quantized_layers))
     del model
     torch._dynamo.reset()

@@ -9,8 +9,8 @@
 # decode 4 per model with all providers, throughput 5.
 # quant: W5-quant-gemv and W1-quant (fp8, int8, int4 beside bf16; ~5 min); throughput-fp8: W2-fp8 beside W2 bf16 in
 # the same call (~2 min).
-# rows: what a batch-1 decode step really runs (the runner pads a lone row to 2): W5-gemv at 1 and 2 rows, the fused
-# chain at 1 and 2 rows, and W1 with the opt-in 1-row decode graph and decode_act_fusion beside the default and gpt-fast
+# rows: what a batch-1 decode step runs (1 row; 2 before the 1-row graph): W5-gemv at 1 and 2 rows, the fused
+# chain at 1 and 2 rows, and W1 without the 1-row decode graph and without decode_act_fusion beside the default and gpt-fast
 # (carry .anchors; ~7 min).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -52,8 +52,8 @@ for stage in $STAGES; do
         rows) python3 benchmarks/bench_gemv.py --quick --rows 1 2 --out "$OUT" > "$OUT/gemv-rows.log" 2>&1 || rc=1
               (cd benchmarks && python3 bench_fused_linear.py --rows 1 2 --out "$OUT") > "$OUT/fused-rows.log" 2>&1 || rc=1
               tail -n 12 "$OUT/fused-rows.log"
-              python3 benchmarks/bench_decode.py --models llama31_8b --providers fastllm fastllm_one_row \
-                  fastllm_act_fusion gptfast --out "$OUT" > "$OUT/decode-rows.log" 2>&1 || rc=1
+              python3 benchmarks/bench_decode.py --models llama31_8b --providers fastllm fastllm_two_row \
+                  fastllm_no_act_fusion gptfast --out "$OUT" > "$OUT/decode-rows.log" 2>&1 || rc=1
               grep -vE "capturing|warn" "$OUT/decode-rows.log" | tail -n 6 ;;
         *) echo "unknown stage $stage"; rc=1 ;;
     esac

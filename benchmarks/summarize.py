@@ -40,7 +40,8 @@ def _scheduling(key: str, entry: dict) -> str:
 
 
 def _opt_in(entry: dict) -> str:
-    """", <pass>" for each opt-in decode fusion pass an entry's run matched (its recorded matches)."""
+    """", <pass>" for each decode fusion pass an entry's run matched (its recorded matches; decode_act_fusion is on by
+    default since 2026-11-30, decode_fusion opt-in)."""
     return "".join(f", {name}" for name in ("decode_act_fusion", "decode_fusion") if entry.get("matches", {}).get(name))
 
 
@@ -80,8 +81,8 @@ def _other_fastllm_ratios(result: dict) -> list[str]:
 
 def _w1(result: dict) -> list[str]:
     """Decode tok/s and TTFT per model, fastllm beside each baseline of the same run (with the ratio), and W3."""
-    lines = ["| model | provider | decode tok/s | fastllm / provider | TTFT 128 ms | TTFT 2048 ms | start-up cold s "
-             "| start-up warm s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | provider | decode tok/s | copy roofline | fastllm / provider | TTFT 128 ms | TTFT 2048 ms "
+             "| start-up cold s | start-up warm s |", "|---|---|---|---|---|---|---|---|---|"]
     models = list(dict.fromkeys([*result["fastllm"], *(m for per in result["baselines"].values() for m in per)]))
     footnote = False
     for model in models:
@@ -100,11 +101,15 @@ def _w1(result: dict) -> list[str]:
                 cold += "†"
                 footnote = True
             ttft = [f"{r[k]:.1f}" if k in r else "–" for k in ("ttft_ms_128", "ttft_ms_2048")]  # gpt-fast: 128 only
-            lines.append(f"| {model} | {name} | {r['decode_tok_s']:.1f} | {ratio} | {ttft[0]} | {ttft[1]} | {cold} "
-                         f"| {warm} |")
+            roofline = f"{r['fraction_of_roofline']:.1%}" if "fraction_of_roofline" in r else "–"  # since 2026-11-30
+            lines.append(f"| {model} | {name} | {r['decode_tok_s']:.1f} | {roofline} | {ratio} | {ttft[0]} | {ttft[1]} "
+                         f"| {cold} | {warm} |")
     if footnote:
         lines += ["", "† not a cold start: the graph came from the cache an earlier fastllm run of the same process "
                   "wrote (and Triton's kernels were compiled)."]
+    if "copy_gb_s" in result["config"]:
+        lines += ["", f"Copy roofline: every weight read once a token at the copy bandwidth measured in the call "
+                  f"({result['config']['copy_gb_s']:.0f} GB/s)."]
     lines += _other_fastllm_ratios(result)
     if not result["fastllm"]:
         lines += ["", "No fastllm entry in this file: the run stopped before writing it (a `.log` of the same name "

@@ -138,21 +138,21 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
     assert runner.pool.num_free_blocks == runner.pool.num_blocks
 
 
-@pytest.mark.parametrize("opt_in", [None, "decode_act_fusion", "decode_fusion"])
+@pytest.mark.parametrize("passes", ["default", "without decode_act_fusion", "with decode_fusion"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_paged_runtime_half_precision_scores(dtype, opt_in, tmp_path):
-    """16-bit generate on the runtime (skinny GEMMs and paged attention in CUDA-graph decode; with an opt-in decode
-    fusion, fused_linear): each step's scores match HF eager's teacher-forced logits on the same tokens, to 16-bit
+def test_paged_runtime_half_precision_scores(dtype, passes, tmp_path):
+    """16-bit generate on the runtime (skinny GEMMs and paged attention in CUDA-graph decode; fused_linear where a
+    decode fusion runs): each step's scores match HF eager's teacher-forced logits on the same tokens, to 16-bit
     rounding."""
     from transformers import AutoModelForCausalLM
 
     model = build("llama", tmp_path, dtype=dtype).cuda()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval()
     ids = _ids(batch=2, length=33)
-    passes = fastllm.DEFAULT_PASSES if opt_in is None else (*fastllm.DEFAULT_PASSES, opt_in)
-    fastllm.optimize(model, passes=passes, **SMALL_CACHE)
-    if opt_in is not None:
-        assert fastllm.explain(model).graph.fused_ops["fused_linear"] > 0
+    selected = {"default": fastllm.DEFAULT_PASSES, "with decode_fusion": (*fastllm.DEFAULT_PASSES, "decode_fusion"),
+                "without decode_act_fusion": tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_act_fusion")}
+    fastllm.optimize(model, passes=selected[passes], **SMALL_CACHE)
+    assert ("fused_linear" in fastllm.explain(model).graph.fused_ops) == (passes != "without decode_act_fusion")
     out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                          output_scores=True)
     with torch.no_grad():
@@ -168,8 +168,9 @@ def test_paged_runtime_half_precision_scores(dtype, opt_in, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_row_decode_graph_on_cuda(dtype, tmp_path, monkeypatch):
-    """FASTLLM_ONE_ROW_DECODE (model_runner.ONE_ROW_DECODE): one sequence's decode steps replay a 1-row CUDA graph
-    (the skinny GEMMs at M = 1) and give the 2-row graph's tokens; fp32 is HF eager's too."""
+    """FASTLLM_ONE_ROW_DECODE (model_runner.ONE_ROW_DECODE, on by default): one sequence's decode steps replay a 1-row
+    CUDA graph (the skinny GEMMs at M = 1, SiLU * up inside down_proj) and give the padded 2-row graph's tokens; fp32
+    is HF eager's too."""
     from fastllm.runtime import model_runner
 
     model = build("llama", tmp_path, dtype=dtype).cuda()

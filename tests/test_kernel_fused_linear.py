@@ -11,12 +11,16 @@ squares (1 / rms can differ in its last fp32 bit, which moves a rounded element 
 ulp of x's dtype: inside the GEMM's bounds).
 """
 
+import importlib
+
 import pytest
 import torch
 
 from fastllm.kernels import fused_linear, fused_linear_ref, triton_on_cpu
 from fastllm.kernels import skinny_gemm as sg
-from fastllm.kernels.fused_linear import PROLOGUE_MAX_ROWS, _prologue
+from fastllm.kernels.fused_linear import _prologue
+
+fl = importlib.import_module("fastllm.kernels.fused_linear")  # the module (the package attribute is the function)
 
 TOLERANCES = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 CPU_DTYPES = [torch.float32, torch.float16]
@@ -58,7 +62,7 @@ def _skinny_with_fused_settings(x, weight, prologue):
     """skinny_linear's kernel on x (the prologue's output) with the settings fused_linear picks for `prologue`."""
     m, (n, k) = x.shape[0], weight.shape
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    fused_prologue = prologue is not None and m <= PROLOGUE_MAX_ROWS  # past it: the unfused kernels, plain settings
+    fused_prologue = prologue is not None and m <= fl.PROLOGUE_MAX_ROWS  # past it: the unfused kernels, plain settings
     sg._launch(x, weight, None, out, None, sg._config(m, n, k, x.dtype, x.device, prologue=fused_prologue))
     return out
 
@@ -85,6 +89,21 @@ def test_triton_cpu_against_the_unfused_references(prologue, m, n, k, dtype):
                                                   weight, prologue)
     _assert_close(y, _expected(x, weight, kwargs), dtype, roundings=2)
     if prologue != "rms_norm":
+        assert torch.equal(y, unfused + kwargs["residual"])
+
+
+@pytest.mark.parametrize("prologue", ["rms_norm", "silu"])
+def test_the_kernel_takes_a_prologue_on_several_rows_where_allowed(prologue, monkeypatch):
+    """The broadcast form computes a prologue for up to 4 rows; fused_linear only asks it for one (PROLOGUE_MAX_ROWS
+    says why), so the several-row form is checked with the limit raised."""
+    monkeypatch.setattr(fl, "PROLOGUE_MAX_ROWS", 4)
+    x, weight, kwargs = _inputs(3, 33, 1500, torch.float16, prologue)
+    with triton_on_cpu():
+        y = fused_linear(x, weight, **kwargs)
+        unfused = _skinny_with_fused_settings(_prologue(x, prologue, kwargs.get("norm_weight"), 1e-5, 0.0, True,
+                                                        reference=False), weight, prologue)
+    _assert_close(y, _expected(x, weight, kwargs), torch.float16, roundings=2)
+    if prologue == "silu":  # the norm's fp32 sum of squares may take another order (the module docstring says so)
         assert torch.equal(y, unfused + kwargs["residual"])
 
 

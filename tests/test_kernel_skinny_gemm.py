@@ -286,14 +286,16 @@ def test_cuda_graph_replay(m, n, k):
 
 
 @pytest.mark.gpu
-def test_autotune_gpu(monkeypatch):
+def test_autotune_gpu(monkeypatch, tmp_path):
     """The opt-in autotuner times its candidates, keeps the fastest, and capture then uses it without tuning."""
+    monkeypatch.setenv("FASTLLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setitem(sg.AUTOTUNE_TILES, "broadcast", [(4, 1024, 4, 3), (8, 512, 4, 2)])
     monkeypatch.setattr(sg, "AUTOTUNE_SPLITS", (1, 2))
     monkeypatch.setattr(sg, "_TUNED", {})
     x, weight, _ = _inputs(1, 4096, 4096, torch.float16, device="cuda")
     results = sg.autotune(x, weight)
     assert len(results) == 4 and [ms for _, ms in results] == sorted(ms for _, ms in results)
+    assert all(ms > 0 for _, ms in results)
     assert sg._config(1, 4096, 4096, x.dtype, x.device) == results[0][0]
     _assert_gemm_close(skinny_linear(x, weight), _exact_gpu(x, weight, None), torch.float16)
 

@@ -615,7 +615,7 @@ def test_all_passes_is_one_list():
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_act_fusion",
                           "decode_fusion")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-2]  # the decode fusions are opt-in
+    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-1]  # decode_fusion is opt-in
     assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 
 
@@ -766,9 +766,11 @@ def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode
         results[passes] = (logits, tokens, fastllm.explain(model))
     (fused_logits, fused_tokens, fused), (logits, tokens, unfused) = results.values()
     n = build(family, tmp_path / "config", dtype=torch.float16).config.num_hidden_layers
-    # Per layer: SiLU/GELU * up into down_proj; the attention's residual add + norm into o_proj and gate_up; the MLP's
-    # add + the next layer's input norm into down_proj and qkv (n - 1 of those); the first input norm into qkv.
-    assert fused.matches["decode_fusion"] == n + n + (n - 1) + 1
+    # Per layer: SiLU/GELU * up into down_proj (decode_act_fusion, a default pass, runs first); the attention's
+    # residual add + norm into o_proj and gate_up; the MLP's add + the next layer's input norm into down_proj and qkv
+    # (n - 1 of those); the first input norm into qkv.
+    assert fused.matches["decode_act_fusion"] == unfused.matches["decode_act_fusion"] == n
+    assert fused.matches["decode_fusion"] == n + (n - 1) + 1
     assert fused.graph.fused_ops["fused_linear"] == 4 * n
     assert "silu_and_mul" not in fused.graph.fused_ops and "gelu_and_mul" not in fused.graph.fused_ops
     assert fused.graph.fused_ops["fused_add_rms_norm"] == 1  # the last layer's, before the final norm
@@ -778,11 +780,12 @@ def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode
 
 
 def test_decode_act_fusion_takes_only_the_activations_in(tmp_path):
-    """The opt-in decode_act_fusion: each layer's SiLU * up goes into its down projection and nothing else changes
-    (the norms stay kernels of their own); the references give the unfused step's logits bit for bit."""
+    """decode_act_fusion (on by default): each layer's SiLU * up goes into its down projection and nothing else
+    changes (the norms stay kernels of their own); the references give the unfused step's logits bit for bit."""
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     logits = []
-    for passes in (DEFAULT_PASSES, (*DEFAULT_PASSES, "decode_act_fusion")):
+    assert "decode_act_fusion" in DEFAULT_PASSES
+    for passes in (tuple(p for p in DEFAULT_PASSES if p != "decode_act_fusion"), DEFAULT_PASSES):
         model = build("llama", tmp_path / "llama", dtype=torch.float16)
         optimize(model, passes=passes)
         with torch.no_grad():

@@ -42,11 +42,11 @@ from fastllm.kernels.skinny_gemm import skinny_linear
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 PROLOGUES = ("rms_norm", *ACTIVATIONS)
-# A prologue runs inside the GEMM up to this many rows (the skinny GEMM's broadcast form). In its tl.dot form (5-16
-# rows) every program recomputes the prologue for 16 padded rows: a Llama-3.1-8B layer's decode GEMMs took 236 us
-# fused against 139 unfused at 8 rows (H200, 2026-11-30, W5-fused-linear), so there the prologue's own kernel runs
-# first and then the skinny GEMM.
-PROLOGUE_MAX_ROWS = 4
+# A prologue runs inside the GEMM for a single row only. Every program recomputes the prologue for its rows of W, which
+# pays only at 1 row (H200, 2026-11-30, W5-fused-linear, a Llama-3.1-8B layer's decode GEMMs: SiLU * up inside
+# down_proj 29.4 us against 36.6 unfused at 1 row, 64-68 against 37.9 at 2 rows; at 8 rows, the tl.dot form, the
+# layer took 236 us fused against 139). Past it the prologue's own kernel runs first and then the skinny GEMM.
+PROLOGUE_MAX_ROWS = 1
 
 
 def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, reference: bool) -> torch.Tensor:

@@ -577,23 +577,54 @@ def _candidates(m: int, k: int, dtype: torch.dtype) -> list[dict]:
 def autotune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> list[tuple[dict, float]]:
     """Time every autotune candidate on these (CUDA) inputs, keep the fastest for their shape; returns
     [(config, median ms)], fastest first. Must not be called during graph capture."""
-    import triton.testing
-
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError("skinny_linear autotuning launches and times kernels; it cannot run during graph capture")
     x2, out = rows_view("x", x), torch.empty(math.prod(x.shape[:-1]), weight.shape[0], dtype=x.dtype, device=x.device)
     (m, k), n = x2.shape, weight.shape[0]
+    # Enough copies of W that the timed launches read it from HBM, as a decode step does, not from L2 (tens of MB).
+    copies = [weight, *(weight.clone() for _ in range(_cdiv(_TIMING_WORKING_SET, weight.nbytes) - 1))]
     results = []
     for cfg in _candidates(m, k, x.dtype):
         num_splits, _ = _split(k, cfg["BLOCK_K"], cfg["split_k"])
         workspace = torch.empty(num_splits * m * n, dtype=torch.float32, device=x.device)
-        ms = triton.testing.do_bench(lambda cfg=cfg, ws=workspace: _launch(x2, weight, bias, out, ws, cfg),
-                                     warmup=5, rep=20, return_mode="median")  # fmt: skip
+        ms = _graph_time_ms(lambda w, cfg=cfg, ws=workspace: _launch(x2, w, bias, out, ws, cfg), copies)
         results.append((cfg, ms))
+    del copies
     results.sort(key=lambda item: item[1])
     _TUNED[_tune_key(m, n, k, x.dtype, x.device)] = results[0][0]
     _ON_DISK.put(_gpu_name(x.device), _disk_key(m, n, k, x.dtype), results[0][0])
     return results
+
+
+# Candidates are timed inside a CUDA graph, as decode steps run them: launched eagerly, a GEMV of a few microseconds
+# is timed at the host's launch rate instead (H200, 2026-11-30, W5-gemv: a 4096 x 4096 projection at 1 row measured
+# 421 GB/s eager, 3112 in a graph), and every candidate ties. 256 MB of weight copies (5x an H100's L2) cycled
+# through, each graph at least _TIMING_LAUNCHES launches, median of _TIMING_REPLAYS replays.
+_TIMING_WORKING_SET = 256 << 20
+_TIMING_LAUNCHES = 32
+_TIMING_REPLAYS = 5
+
+
+def _graph_time_ms(launch, weights: list[torch.Tensor]) -> float:
+    """Median milliseconds of one `launch(w)`, replayed in a CUDA graph that launches it over `weights` in turn."""
+    launch(weights[0])  # compiles outside the capture
+    torch.cuda.synchronize()
+    launches = weights * _cdiv(_TIMING_LAUNCHES, len(weights))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in launches:
+            launch(w)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(_TIMING_REPLAYS):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(launches))
+    del graph
+    return sorted(times)[len(times) // 2]
 
 
 def _maybe_autotune(x, weight, bias, m, n, k) -> None:

@@ -2,10 +2,12 @@
 prologue="silu")` (GELU likewise).
 
 The one part of decode_fusion that measured faster on its own: a Llama-3.1-8B down projection with SiLU * up read
-inside it took 29.5 us against 36.1 for the activation kernel and the GEMM at 1 row (H200, 2026-11-30,
-W5-fused-linear, 8 rows of W a program), where folding the norms in cost more than it saved. Opt-in until measured
-at the 2 rows a batch-1 decode step runs (the runner pads a lone row): passes=(*fastllm.DEFAULT_PASSES,
-"decode_act_fusion"). Above 4 rows fused_linear runs the activation kernel and the GEMM as before.
+inside it took 29.4 us against 36.6 for the activation kernel and the GEMM at 1 row (H200, 2026-11-30,
+W5-fused-linear, 8 rows of W a program), where folding the norms in cost more than it saved. Whole decode (W1, same
+GPU and day, one call): 261.7 against 251.3 tok/s without it (Llama-2-7B shape), 237.7 against 219.8
+(Llama-3.1-8B); an earlier call 229.2 against 226.9. On by default. fused_linear takes the activation inside the GEMM
+for a single row only (batch-1 decode, which runs a 1-row graph); with more rows it runs the activation kernel and
+the GEMM as before (kernels/fused_linear.py's PROLOGUE_MAX_ROWS says why).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ NAME = "decode_act_fusion"
 RUNS_AFTER: tuple[str, ...] = ("gated_mlp", "skinny_linear")
 RUNS_BEFORE: tuple[str, ...] = ("decode_fusion",)  # which then finds the activations taken in
 RUNTIME_REQUIRED = False
-DEFAULT = False
 
 
 def pattern(gate_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
