@@ -117,7 +117,7 @@ def test_llm_loads_a_quantized_folder(tmp_path, no_requantizing):
 def test_unsupported_layouts_say_what_is_supported(tmp_path):
     with pytest.raises(ValueError, match="quant_method 'bitsandbytes' is not supported yet; fastllm loads"):
         checkpoint_scheme({"quant_method": "bitsandbytes", "load_in_4bit": True})
-    for setting in ({"desc_act": True}, {"bits": 8}, {"group_size": -1}, {"checkpoint_format": "marlin"}):
+    for setting in ({"bits": 8}, {"group_size": -1}, {"checkpoint_format": "marlin"}):
         with pytest.raises(ValueError, match="GPTQ checkpoint with .* is not supported; fastllm loads"):
             checkpoint_scheme({"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, **setting})
     for setting in ({"version": "gemv"}, {"zero_point": False}, {"bits": 3}):
@@ -149,11 +149,19 @@ def test_another_scheme_than_the_checkpoints_is_refused(tmp_path):
 
 # --- GPTQ ---------------------------------------------------------------------------------------------------------
 
-def _write_gptq_checkpoint(model, path, group_size=64, zero=7, permute_g_idx=False):
+def _act_order(k: int, seed: int = 0) -> torch.Tensor:
+    """The order GPTQ's act-order would quantize K input channels in (it sorts them by the layer input's Hessian
+    diagonal, so layers reading the same input share it): here a fixed random one per (K, seed)."""
+    return torch.randperm(k, generator=torch.Generator().manual_seed(k * 31 + seed))
+
+
+def _write_gptq_checkpoint(model, path, group_size=64, zero=7, act_order=False, seeds=None):
     """GPTQ's layout ("gptq" format, 4-bit, symmetric): per Linear but lm_head, `qweight` int32 [K/8, N] (input
     channel 8r+i in nibble i of row r), `qzeros` int32 [K/g, N/8] (zero - 1 = 7 in every nibble), `scales` fp16
     [K/g, N], `g_idx` [K]. Written from fastllm's own int4 of the weights with fp16 scales; returns the dequantized
-    weights the file holds (the GPTQ formula (q - (z + 1)) * s, computed here from the file's tensors)."""
+    weights the file holds (the GPTQ formula (q - (z + 1)) * s[g_idx], computed here from the file's tensors).
+    `act_order`: each layer's input channels are quantized in `_act_order`'s order (`seeds`: layer name -> seed, 0
+    by default), groups cut along it, and the file keeps the natural channel order with g_idx naming the groups."""
     from fastllm.quant.int_weight import quantize_int4, unpack_int4
 
     state = {name: t.clone() for name, t in model.state_dict().items()}
@@ -163,23 +171,24 @@ def _write_gptq_checkpoint(model, path, group_size=64, zero=7, permute_g_idx=Fal
             continue
         w = module.weight.detach()
         n, k = w.shape
-        packed, scales = quantize_int4(w, group_size)
+        order = _act_order(k, (seeds or {}).get(name, 0)) if act_order else torch.arange(k)
+        packed, scales = quantize_int4(w[:, order], group_size)  # groups cut along the quantization order
         scales16 = scales.half()
-        q = (unpack_int4(packed).long() + 8).t()  # [K, N] in 0..15
+        q = torch.empty(k, n, dtype=torch.long)
+        q[order] = (unpack_int4(packed).long() + 8).t()  # [K, N] in 0..15, natural channel order
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[order] = torch.arange(k, dtype=torch.int32) // group_size
         words = (q.reshape(k // 8, 8, n) << (4 * torch.arange(8))[None, :, None]).sum(1)
         qzeros = torch.full((k // group_size, n // 8), zero * 0x11111111, dtype=torch.int64)
-        g_idx = torch.arange(k, dtype=torch.int32) // group_size
-        if permute_g_idx:
-            g_idx = g_idx.flip(0)
         del state[f"{name}.weight"]
         state.update({f"{name}.qweight": words.to(torch.int32), f"{name}.qzeros": qzeros.to(torch.int32),
                       f"{name}.scales": scales16.t().contiguous(), f"{name}.g_idx": g_idx})
         z = zero + 1
-        dequantized[name] = ((q - z).float() * scales16.t().float().repeat_interleave(group_size, 0)).t()
+        dequantized[name] = ((q - z).float() * scales16.t().float()[g_idx.long()]).t()
     save_file(state, str(path / "model.safetensors"))
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": True,
-                                     "desc_act": False, "checkpoint_format": "gptq"}
+                                     "desc_act": act_order, "checkpoint_format": "gptq"}
     (path / "config.json").write_text(json.dumps(config))
     return dequantized
 
@@ -200,7 +209,7 @@ def test_gptq_checkpoint_loads_as_int4_without_requantizing(tmp_path, no_requant
     assert float(10 * torch.log10(expected_logits.pow(2).mean() / (expected_logits - got).pow(2).mean())) > 12
 
 
-def test_gptq_with_zero_points_loads_them_and_act_order_is_refused(tmp_path, no_requantizing):
+def test_gptq_with_zero_points_loads_them(tmp_path, no_requantizing):
     original = _float_model(tmp_path)
     dequantized = _write_gptq_checkpoint(original, tmp_path, zero=6)  # every zero 7: asymmetric
     model = load_prequantized(str(tmp_path), dtype=torch.float32)
@@ -209,8 +218,66 @@ def test_gptq_with_zero_points_loads_them_and_act_order_is_refused(tmp_path, no_
         assert torch.equal(model.get_submodule(name).weight, expected), name
     fastllm.optimize(model)
     assert set(fastllm.explain(model).graph.quantized_layers.values()) == {"int4-g64-zp"}
-    _write_gptq_checkpoint(_float_model(tmp_path), tmp_path, permute_g_idx=True)
-    with pytest.raises(ValueError, match="act-order"):
+
+
+def _sqnr_db(expected: torch.Tensor, got: torch.Tensor) -> float:
+    return float(10 * torch.log10(expected.pow(2).mean() / (expected - got).pow(2).mean()))
+
+
+def test_act_order_gptq_loads_without_requantizing(tmp_path, no_requantizing):
+    """desc_act: the codes are regrouped by g_idx (exactly: the model's own weights are the file's formula in the
+    natural channel order), the merged QKV / gate-up linears share their parts' order, and the quantized step
+    gathers x into it: the logits are those of Hugging Face's forward on the dequantized weights, before and after
+    the float weights are let go."""
+    original = _float_model(tmp_path)
+    dequantized = _write_gptq_checkpoint(original, tmp_path, group_size=32, act_order=True)
+    model = load_prequantized(str(tmp_path), dtype=torch.float32)
+    prequantized = model._fastllm_prequantized
+    assert set(prequantized.input_orders) == set(dequantized)
+    for name, expected in dequantized.items():
+        assert torch.equal(model.get_submodule(name).weight, expected), name
+    with torch.no_grad():
+        hf_logits = model(IDS).logits
+        hf_loss = model(IDS, labels=IDS).loss
+    fastllm.optimize(model)
+    layers = fastllm.explain(model).graph.quantized_layers
+    assert len(layers) == 8 and set(layers.values()) == {"int4-g32"}  # q+k+v and gate+up merged, each quantized
+    with torch.no_grad():
+        got = model(IDS).logits
+        loss = model(IDS, labels=IDS).loss  # Hugging Face's forward, on the quantized modules
+    assert _sqnr_db(hf_logits, got) > 90  # the same weights; fp32 sums in another order (a wrong order: ~0 dB)
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-5)
+    assert _sqnr_db(original(IDS).logits.detach(), got) > 12  # and near the float model, as without act-order
+
+
+def test_act_order_parts_in_different_orders_run_unquantized(tmp_path, no_requantizing):
+    original = _float_model(tmp_path)
+    _write_gptq_checkpoint(original, tmp_path, act_order=True, seeds={"model.layers.0.self_attn.k_proj": 1})
+    model = load_prequantized(str(tmp_path), dtype=torch.float32)
+    with torch.no_grad():
+        hf_logits = model(IDS).logits
+    fastllm.optimize(model)
+    layers = fastllm.explain(model).graph.quantized_layers
+    merged = "model.layers.0.self_attn.q_proj+model.layers.0.self_attn.k_proj+model.layers.0.self_attn.v_proj"
+    assert layers[merged] == "not quantized: its parts hold their input channels in different act-orders"
+    assert sum(v == "int4-g64" for v in layers.values()) == 7
+    with torch.no_grad():
+        assert _sqnr_db(hf_logits, model(IDS).logits) > 90
+
+
+def test_g_idx_that_is_not_gptqs_is_refused(tmp_path):
+    _write_gptq_checkpoint(_float_model(tmp_path), tmp_path)
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.g_idx"
+    state[name] = torch.zeros_like(state[name])  # every channel in group 0
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="g_idx's groups must hold 64 input channels each"):
+        load_prequantized(str(tmp_path))
+    state[name] = torch.full_like(state[name], 99)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="g_idx must name one of the 8 groups for each of the 512 input channels"):
         load_prequantized(str(tmp_path))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
@@ -27,6 +28,9 @@ from fastllm.kernels.step_attention import StepContext
 from fastllm.models.experts import graph_safe_experts
 from fastllm.passes import op_histogram, run_passes
 from fastllm.passes._context import WeightMerger
+
+if TYPE_CHECKING:
+    from fastllm.quant.checkpoints import Prequantized
 
 # Tokens of the profiling forward: long enough to be a prefill (not a size dynamo specializes), short enough to
 # cost nothing.
@@ -72,7 +76,7 @@ class CompiledStep:
 
 def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward: Callable | None = None,
                  use_graph_cache: bool = True, quantization: object | None = None,
-                 prequantized: dict | None = None) -> CompiledStep:
+                 prequantized: Prequantized | None = None) -> CompiledStep:
     """Capture `model`'s forward on the ragged batch, run `passes` (in this order) on it, and profile it once.
 
     Args:
@@ -82,7 +86,7 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
         use_graph_cache: keep the captured graph on disk and reuse it in later processes (capture/graph_cache.py).
         quantization: a QuantConfig: the quantize pass swaps the linears (the graph cache holds the graph before the
             passes, so one cached graph serves every scheme).
-        prequantized: a pre-quantized checkpoint's layers (module name -> tensors), used as they are.
+        prequantized: a pre-quantized checkpoint's layers (quant/checkpoints.py), used as they are.
 
     Raises:
         CAPTURE_ERRORS (dynamo's): the model cannot be captured as one graph.

@@ -79,7 +79,7 @@ class ModelState:
             self.compiled = compile_step(self.model, resolve_passes(self.config.passes),
                                          hf_forward=self.original_forward, use_graph_cache=self.config.graph_cache,
                                          quantization=self.config.quantization,
-                                         prequantized=_prequantized_layers(self.model))
+                                         prequantized=getattr(self.model, "_fastllm_prequantized", None))
         except (*CAPTURE_ERRORS, UnpageableModel) as error:
             if self.config.on_capture_failure == "raise":
                 raise
@@ -201,11 +201,6 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
         state.engine()
         state.startup_seconds["optimize"] = time.perf_counter() - start
     return state
-
-
-def _prequantized_layers(model) -> dict | None:
-    prequantized = getattr(model, "_fastllm_prequantized", None)
-    return prequantized.layers if prequantized is not None else None
 
 
 def _checkpoint_kv_scales(model) -> list[tuple[float, float]] | None:

@@ -5,6 +5,7 @@ matches, in plain PyTorch), `replacement()` (what it becomes), `apply(ctx) -> nu
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from torch import fx
 
@@ -12,6 +13,9 @@ from fastllm import kernels
 from fastllm.passes import reference_ops, registry
 from fastllm.passes._context import PassContext, WeightMerger
 from fastllm.passes._graph import eliminate_dead_code
+
+if TYPE_CHECKING:
+    from fastllm.quant.checkpoints import Prequantized
 
 # Which passes run, and in what order, is registry.py's business; these are its answers, re-exported.
 ALL_PASSES = registry.ALL_PASSES              # user-selectable, in canonical order
@@ -36,13 +40,14 @@ _BOOKKEEPING = {
 def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...],
                model_config: object | None = None, step_context: int | None = None, *,
                quantization: object | None = None, parameters: dict | None = None,
-               quantized_layers: dict | None = None, prequantized: dict | None = None) -> dict[str, int]:
+               quantized_layers: dict | None = None, prequantized: Prequantized | None = None) -> dict[str, int]:
     """Apply the passes `names` in their canonical order (the order given does not matter; see registry.py).
 
     Runs exactly `names`, adding none: for the compiled step callers pass `resolve_passes(selection)`.
     `step_context`: the id of the StepContext that the attention ops emitted into this graph read.
     `quantization` (a QuantConfig) and `parameters` (the model's, by name) feed the quantize pass, which fills
-    `quantized_layers` (layer -> scheme); `prequantized` (a checkpoint's quantized layers) replaces quantizing.
+    `quantized_layers` (layer -> scheme); `prequantized` (a checkpoint's quantized layers, quant/checkpoints.py)
+    replaces quantizing.
     Returns the matches per pass, in the order the passes ran. Raises ValueError for an unknown name.
     """
     ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config, step_context=step_context,

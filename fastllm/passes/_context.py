@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 
 from fastllm.passes._graph import arg, is_op
+
+if TYPE_CHECKING:
+    from fastllm.quant.checkpoints import Prequantized
 
 
 @dataclass
@@ -61,9 +65,9 @@ class PassContext:
     # The model's parameters by name, tied ones under each name (to name the layers a weight belongs to).
     parameters: dict[str, torch.Tensor] = field(default_factory=dict)
     quantized_layers: dict[str, str] = field(default_factory=dict)  # layer -> scheme (or why it was not)
-    # A pre-quantized checkpoint's layers (module name -> the scheme's tensors), used instead of quantizing; None
-    # when the model's weights are quantized here.
-    prequantized: dict[str, tuple[torch.Tensor, ...]] | None = None
+    # A pre-quantized checkpoint's layers (module name -> the scheme's tensors, and act-order input orders), used
+    # instead of quantizing; None when the model's weights are quantized here.
+    prequantized: Prequantized | None = None
     _num_constants: int = 0
 
     def linears(self) -> Iterator[tuple[fx.Node, torch.Tensor]]:

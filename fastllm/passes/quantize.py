@@ -61,11 +61,12 @@ def apply(ctx: PassContext) -> int:
             continue
         layer = "+".join(names)
         if ctx.prequantized is not None:  # a quantized checkpoint: its tensors, as they are
-            tensors = _from_checkpoint(ctx, layer, names, weight)
-            if tensors is None:
+            found = _from_checkpoint(ctx, layer, names, weight)
+            if found is None:
                 continue
-            _replace(ctx, node, config.weights, tensors)
-            _record_rows(ctx, names, weight, config.weights, tensors)
+            tensors, order = found
+            _replace(ctx, node, config.weights, tensors, order)
+            _record_rows(ctx, names, weight, config.weights, tensors, order)
             ctx.quantized_layers[layer] = _checkpoint_label(config, tensors)
             count += 1
             continue
@@ -84,14 +85,21 @@ def apply(ctx: PassContext) -> int:
     return count
 
 
-def _replace(ctx: PassContext, node, scheme: str, tensors: tuple[torch.Tensor, ...]) -> None:
+def _replace(ctx: PassContext, node, scheme: str, tensors: tuple[torch.Tensor, ...],
+             order: torch.Tensor | None = None) -> None:
     """`node` (a linear) -> the scheme's quantized linear on `tensors`, which become constants of the graph. The
-    launchers take (x, weight, scale, bias, *rest): int4's zero points come after the bias. A float weight constant
+    launchers take (x, weight, scale, bias, *rest): int4's zero points come after the bias. With `order` (act-order
+    GPTQ: the input channels' order the tensors hold), x is gathered into that order first. A float weight constant
     (a merged QKV / gate-up weight) that nothing else reads leaves the graph, so the graph does not keep it alive."""
     graph = ctx.gm.graph
     constants = [ctx.constant(t, before=node) for t in tensors]
+    x = node.args[0]
+    if order is not None:
+        order_constant = ctx.constant(order, before=node)
+        with graph.inserting_before(node):
+            x = graph.call_function(torch.index_select, (x, -1, order_constant))
     with graph.inserting_before(node):
-        quantized = graph.call_function(LAUNCHERS[scheme], (node.args[0], *constants[:2], arg(node, 2, "bias"),
+        quantized = graph.call_function(LAUNCHERS[scheme], (x, *constants[:2], arg(node, 2, "bias"),
                                                             *constants[2:]))
     quantized.meta.update(node.meta)
     weight = arg(node, 1, "weight")
@@ -104,7 +112,7 @@ def _replace(ctx: PassContext, node, scheme: str, tensors: tuple[torch.Tensor, .
 
 
 def _record_rows(ctx: PassContext, names: list[str], weight: torch.Tensor, scheme: str,
-                 tensors: tuple[torch.Tensor, ...]) -> None:
+                 tensors: tuple[torch.Tensor, ...], order: torch.Tensor | None = None) -> None:
     """Which rows of the quantized tensors each module owns (a merged weight's parts are views at their row offsets),
     for `quant.resident.release_float_weights` once the step is compiled."""
     k = weight.shape[1]
@@ -113,7 +121,7 @@ def _record_rows(ctx: PassContext, names: list[str], weight: torch.Tensor, schem
         if part is None or part.dim() != 2:
             continue
         row0 = (part.storage_offset() - weight.storage_offset()) // k
-        ctx.merger.quantized_rows[name] = QuantizedRows(LAUNCHERS[scheme], tensors, row0, part.shape[0])
+        ctx.merger.quantized_rows[name] = QuantizedRows(LAUNCHERS[scheme], tensors, row0, part.shape[0], order)
 
 
 def _checkpoint_label(config, tensors: tuple[torch.Tensor, ...]) -> str:
@@ -125,18 +133,31 @@ def _checkpoint_label(config, tensors: tuple[torch.Tensor, ...]) -> str:
 
 
 def _from_checkpoint(ctx: PassContext, layer: str, names: list[str], weight: torch.Tensor):
-    """The checkpoint's tensors for a linear (a merged one's parts concatenated along the output dim: per-channel
-    scales concatenate exactly), or None when the checkpoint left it unquantized (reported if only some parts are)."""
-    found = [ctx.prequantized.get(n) for n in names]
+    """(the checkpoint's tensors for a linear, the input order they hold or None) -- a merged linear's parts
+    concatenated along the output dim (per-channel scales concatenate exactly) -- or None when the checkpoint left
+    it unquantized, or its parts cannot share one kernel (reported)."""
+    found = [ctx.prequantized.layers.get(n) for n in names]
     if all(t is None for t in found):
         return None
     if any(t is None for t in found):
         missing = [n for n, t in zip(names, found) if t is None]
         ctx.quantized_layers[layer] = f"not quantized: the checkpoint quantized only some parts (not {missing})"
         return None
+    orders = [ctx.prequantized.input_orders.get(n) for n in names]
+    if not all(_same_order(o, orders[0]) for o in orders[1:]):
+        # GPTQ orders a layer's input channels by its input's statistics, the same for the parts of one merged
+        # linear (they read the same input); a checkpoint where they differ runs these parts unquantized
+        ctx.quantized_layers[layer] = "not quantized: its parts hold their input channels in different act-orders"
+        return None
     if len(found) == 1:
         tensors = found[0]
     else:  # merged parts appear in the order the merged weight holds them (block-scaled parts tile their blocks)
         order = sorted(range(len(names)), key=lambda i: ctx.parameters[names[i] + ".weight"].storage_offset())
         tensors = tuple(torch.cat([found[i][j] for i in order]) for j in range(len(found[0])))
-    return tuple(t.to(weight.device) for t in tensors)
+    input_order = None if orders[0] is None else orders[0].to(weight.device)
+    return tuple(t.to(weight.device) for t in tensors), input_order
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two parts' act-orders (None: the natural order) are the same."""
+    return a is b or (a is not None and b is not None and torch.equal(a, b))

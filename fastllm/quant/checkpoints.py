@@ -5,10 +5,13 @@ Supported, each mapping exactly onto a fastllm scheme:
   are): `quant_method == "compressed-tensors"`, 8-bit float weights with one scale per output channel or one per
   tensor (`<layer>.weight` in float8 e4m3, `<layer>.weight_scale` [N, 1] or [1]), activations dynamic per token or not
   quantized -> "fp8" (a per-tensor scale is the same scale for every channel).
-- GPTQ, 4 bits, without act-order (`quant_method == "gptq"`, `desc_act: false`, group size 32/64/128, the "gptq"
-  checkpoint format): `<layer>.qweight` int32 [K / 8, N] (input channel 8r + i in nibble i of row r),
-  `<layer>.scales` [K / g, N], `<layer>.qzeros` int32 [K / g, N / 8] (output channel 8c + j in nibble j; the format
-  stores zero - 1) -> "int4" with that group size; symmetric checkpoints (every zero 8) without zero points.
+- GPTQ, 4 bits (`quant_method == "gptq"`, group size 32/64/128, the "gptq" checkpoint format): `<layer>.qweight`
+  int32 [K / 8, N] (input channel 8r + i in nibble i of row r), `<layer>.scales` [K / g, N], `<layer>.qzeros` int32
+  [K / g, N / 8] (output channel 8c + j in nibble j; the format stores zero - 1) -> "int4" with that group size;
+  symmetric checkpoints (every zero 8) without zero points. With act-order (`desc_act: true`), `<layer>.g_idx` [K]
+  names each input channel's group, in an order of its own: the input channels are reordered group by group (the
+  codes move with them, exactly) and the layer's input is gathered into that order at run time
+  (`Prequantized.input_orders`).
 - AWQ, 4 bits, GEMM layout (`quant_method == "awq"`, `version: "gemm"`, zero points): `<layer>.qweight` int32
   [K, N / 8] and `<layer>.qzeros` int32 [K / g, N / 8], output channel 8c + AWQ_ORDER[i] in nibble i of column c,
   `<layer>.scales` [K / g, N] -> "int4" with zero points.
@@ -18,7 +21,7 @@ Supported, each mapping exactly onto a fastllm scheme:
   [bn, bk], dynamic activations): `<layer>.weight` float8 e4m3 and `<layer>.weight_scale_inv` [ceil(N / bn),
   ceil(K / bk)], the multiplier of each block -> "fp8" with block scales, run weight-only: no kernel reads block-scaled
   weights yet, so on CUDA each call dequantizes the weight (slower than the model's dtype; a warning says so).
-Other layouts (static activation scales, act-order GPTQ, AWQ GEMV) are refused with what is supported.
+Other layouts (static activation scales, AWQ GEMV) are refused with what is supported.
 
 The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward runs on them until the model is
 optimized); the quantized tensors ride on the model as `_fastllm_prequantized` until `optimize()` hands them to the
@@ -50,11 +53,14 @@ class Prequantized:
     zero_point: bool = False  # int4: the layers carry zero points (asymmetric)
     # An FP8 KV cache's (k_scale, v_scale) per layer, in layer order (compressed-tensors' kv_cache_scheme), or None
     kv_scales: list[tuple[float, float]] | None = None
+    # Act-order GPTQ: module name -> the order of its input channels its quantized tensors hold (int64 [K]); the
+    # layer computes x[..., order] @ W[:, order]^T, which is x @ W^T
+    input_orders: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per token or "
              "unquantized), transformers' block-wise FP8 (quant_method 'fp8', dynamic activations), GPTQ 4-bit "
-             "without act-order and AWQ 4-bit GEMM (group size 32, 64 or 128)")
+             "(with or without act-order) and AWQ 4-bit GEMM (group size 32, 64 or 128)")
 BLOCK_FP8_WARNING = ("block-wise FP8 checkpoint: no fastllm kernel reads block-scaled FP8 weights yet, so on CUDA "
                      "every call dequantizes each weight (slower than the model's own dtype); its weights are used as "
                      "they are, never re-quantized")
@@ -102,9 +108,9 @@ def checkpoint_scheme(quantization_config) -> tuple[str, int]:
 
 
 def _gptq_group_size(qc: dict) -> int:
-    settings = {"bits": qc.get("bits"), "desc_act": qc.get("desc_act", False), "group_size": qc.get("group_size"),
+    settings = {"bits": qc.get("bits"), "group_size": qc.get("group_size"),
                 "checkpoint_format": qc.get("checkpoint_format", "gptq")}
-    if (settings["bits"] != 4 or settings["desc_act"] or settings["group_size"] not in (32, 64, 128)
+    if (settings["bits"] != 4 or settings["group_size"] not in (32, 64, 128)
             or settings["checkpoint_format"] != "gptq"):
         raise ValueError(f"GPTQ checkpoint with {settings} is not supported; fastllm loads {SUPPORTED}")
     return settings["group_size"]
@@ -152,16 +158,42 @@ def _from_awq(tensors: dict, layer: str) -> tuple[torch.Tensor, ...]:
                          columns(tensors[layer + ".qzeros"]))
 
 
-def _from_gptq(tensors: dict, layer: str, group_size: int) -> tuple[torch.Tensor, ...]:
-    """A GPTQ layer's (qweight, qzeros, scales[, g_idx]) -> fastllm's int4 (packed [N, K // 2], scales [N, K // g],
-    and zeros like scales unless every zero is the symmetric 8)."""
+def _from_gptq(tensors: dict, layer: str, group_size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    """A GPTQ layer's (qweight, qzeros, scales[, g_idx]) -> (fastllm's int4: packed [N, K // 2], scales [N, K // g],
+    and zeros like scales unless every zero is the symmetric 8; the input channels' order for act-order, else None)."""
     codes = _nibbles(tensors[layer + ".qweight"], 0)  # [K, N]: input channel 8r + i
     k = codes.shape[0]
-    g_idx = tensors.get(layer + ".g_idx")
-    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
-        raise ValueError(f"{layer}: GPTQ act-order (a permuted g_idx) is not supported; fastllm loads {SUPPORTED}")
     zeros = _nibbles(tensors[layer + ".qzeros"], 1) + 1  # [K / g, N]; the "gptq" format stores zero - 1
-    return _int4_tensors(codes, tensors[layer + ".scales"], zeros)
+    g_idx = tensors.get(layer + ".g_idx")
+    order = None
+    if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
+        order = _act_order(g_idx.long(), k, group_size, layer)
+        codes = codes[order]  # group by group, as fastllm's int4 layout holds them
+    return _int4_tensors(codes, tensors[layer + ".scales"], zeros), order
+
+
+def _act_order(g_idx: torch.Tensor, k: int, group_size: int, layer: str) -> torch.Tensor:
+    """The order of input channels that makes act-order GPTQ's groups contiguous: the channels sorted by group (stably).
+    GPTQ quantizes the channels in its own order and cuts that order into groups of `group_size`, so every group
+    holds exactly `group_size` channels; anything else is not a GPTQ g_idx."""
+    groups = k // group_size
+    if g_idx.shape != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+        raise ValueError(f"{layer}: g_idx must name one of the {groups} groups for each of the {k} input channels")
+    order = torch.argsort(g_idx, stable=True)
+    if not torch.equal(g_idx[order], torch.arange(k) // group_size):
+        raise ValueError(f"{layer}: g_idx's groups must hold {group_size} input channels each (the group size)")
+    return order
+
+
+def _float_weight(int4: tuple[torch.Tensor, ...], order: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight in `dtype`, its input channels in the model's order (the quantized tensors may hold them
+    in act-order)."""
+    weight = dequantize_int4(*int4[:2], dtype, *int4[2:])
+    if order is None:
+        return weight
+    natural = torch.empty_like(weight)
+    natural[:, order] = weight
+    return natural
 
 
 def _state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -208,9 +240,12 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
             continue
         if name.endswith(".qweight"):  # GPTQ or AWQ
             layer = name.removesuffix(".qweight")
-            int4 = _from_awq(tensors, layer) if method == "awq" else _from_gptq(tensors, layer, group_size)
+            int4, order = (_from_awq(tensors, layer), None) if method == "awq" else \
+                _from_gptq(tensors, layer, group_size)
             prequantized.layers[layer] = int4
-            state[layer + ".weight"] = dequantize_int4(*int4[:2], dtype, *int4[2:])
+            if order is not None:
+                prequantized.input_orders[layer] = order
+            state[layer + ".weight"] = _float_weight(int4, order, dtype)
             continue
         if name.endswith(".weight") and tensor.dtype == FP8 and method == "fp8":  # block-wise
             layer = name.removesuffix(".weight")
@@ -249,6 +284,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     if device is not None:  # the quantized tensors go with the model: the pass then uses them where they are
         prequantized.layers = {name: tuple(t.to(device) for t in tensors)
                                for name, tensors in prequantized.layers.items()}
+        prequantized.input_orders = {name: order.to(device) for name, order in prequantized.input_orders.items()}
         model = model.to(device)
     return model
 

@@ -27,6 +27,7 @@ class QuantizedRows:
     tensors: tuple[torch.Tensor, ...]
     row0: int
     rows: int
+    input_order: torch.Tensor | None = None  # act-order GPTQ: x is gathered into the order the tensors hold
 
     def part(self) -> tuple[torch.Tensor, ...]:
         """The tensors' rows of this module; a block-scaled FP8 weight's scales [N / bn, ...] by block (fastllm keeps
@@ -36,8 +37,11 @@ class QuantizedRows:
                      for t in self.tensors)
 
 
-def _quantized_forward(launcher, tensors: tuple[torch.Tensor, ...], module: torch.nn.Linear, x: torch.Tensor):
+def _quantized_forward(launcher, tensors: tuple[torch.Tensor, ...], input_order: torch.Tensor | None,
+                       module: torch.nn.Linear, x: torch.Tensor):
     # The launchers take (x, weight, scale, bias, *rest): int4's zero points come after the bias.
+    if input_order is not None:
+        x = x.index_select(-1, input_order)
     return launcher(x, *tensors[:2], module.bias, *tensors[2:])
 
 
@@ -59,7 +63,7 @@ def release_float_weights(model: torch.nn.Module, quantized: dict[str, Quantized
         if not all(n in quantized and isinstance(model.get_submodule(n), torch.nn.Linear) for n in sharing):
             continue  # tied to a module that reads the float weight (an embedding)
         released.add(weight.untyped_storage().data_ptr())
-        module.forward = functools.partial(_quantized_forward, rows.launcher, rows.part(), module)
+        module.forward = functools.partial(_quantized_forward, rows.launcher, rows.part(), rows.input_order, module)
         freed += weight.numel() * weight.element_size()
         weight.data = weight.new_empty(0)
     for key in [k for k, tensor in merged.items() if tensor.untyped_storage().data_ptr() in released]:
