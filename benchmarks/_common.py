@@ -53,6 +53,15 @@ def write_result(workload: str, gpu: str, config: dict, fastllm: dict, baselines
     return path
 
 
+def unused_path(path: pathlib.Path) -> pathlib.Path:
+    """`path`, or `<stem>-2<suffix>`, `-3`, ... if it exists: a second run on the same day never overwrites the
+    first one's recorded results."""
+    candidate, n = pathlib.Path(path), 2
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.stem}-{n}{path.suffix}"), n + 1
+    return candidate
+
+
 def result_path(workload: str, gpu: str, out_dir) -> pathlib.Path:
     """`<out_dir>/<workload>-<gpu slug>-<yyyymmdd>.json` for today."""
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")

@@ -48,9 +48,8 @@ MODELS = {
 # same call.
 OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion"}
 LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion"}
-PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES, "fastllm_two_row",
-             "fastllm_autotune",
-             "gptfast")
+PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES,
+             "fastllm_two_row", "fastllm_autotune", "gptfast")
 
 
 def _build(name: str, device: str = "cuda"):

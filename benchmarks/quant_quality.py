@@ -14,9 +14,11 @@ Two gates of the FP8 issue, measured here on the real model (tests/test_quant_qu
 - "fp8_kv_long_context": teacher-forced top-1 agreement of an FP8 KV cache with the bf16 cache (bf16 weights, both on
   fastllm's runtime) over --kv-tokens tokens (default 8192, SmolLM2's max_position_embeddings) of the fixed text
   repeated, prefilled in steps of --kv-chunk tokens that attend to the earlier ones through the cache (the gate:
-  >= 0.99), with the seconds each model's prefill took on this CPU.
+  >= 0.99), with the seconds each model's prefill took on this CPU; beside it ("auto_scales") the same with the
+  per-layer scales fastllm computes at start-up (`QuantConfig(kv_cache="fp8", kv_scales="auto")`).
 
-Writes DIR/quant-quality-smollm2-cpu-<yyyymmdd>.json (quality, not speed: the CPU is fine).
+Writes DIR/quant-quality-smollm2-cpu-<yyyymmdd>[-n].json (quality, not speed: the CPU is fine; a later run of the
+same day takes the next free -n).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sys
 import time
 
 import torch
+from _common import unused_path
 
 HERE = pathlib.Path(__file__).parent
 TEXT = HERE.parent / "tests" / "data" / "perplexity_text.txt"
@@ -117,9 +120,10 @@ def fp8_kv_long_context(tokens: int, chunk: int) -> dict:
     tokens = min(tokens, model.config.max_position_embeddings)
     text = tokenizer(TEXT.read_text()).input_ids
     ids = (text * -(-tokens // len(text)))[:tokens]
-    next_tokens, seconds = {}, {}
-    for name, quantization in (("bf16", None), ("fp8_kv", "fp8_kv")):
-        if name == "fp8_kv":
+    next_tokens, seconds, scales = {}, {}, None
+    auto = fastllm.QuantConfig(weights=None, kv_cache="fp8", kv_scales="auto")
+    for name, quantization in (("bf16", None), ("fp8_kv", "fp8_kv"), ("fp8_kv_auto", auto)):
+        if name != "bf16":
             model, _ = load_demo_model()
         model.to(torch.bfloat16)
         fastllm.optimize(model, quantization=quantization, cpu_runtime=True, max_num_batched_tokens=chunk,
@@ -128,13 +132,18 @@ def fp8_kv_long_context(tokens: int, chunk: int) -> dict:
         with torch.no_grad():  # a call longer than a step runs in steps of max_num_batched_tokens
             next_tokens[name] = model(torch.tensor([ids])).logits[0].argmax(-1)
         seconds[name] = time.perf_counter() - start
-    reference, fp8 = next_tokens["bf16"], next_tokens["fp8_kv"]
-    same = (reference == fp8).float()
-    return {"tokens": tokens, "chunk": chunk, "dtype": "bfloat16", "top1_agreement": float(same.mean()),
-            "top1_agreement_first_copy": float(same[:len(text)].mean()),
-            "top1_agreement_repeats": float(same[len(text):].mean()),
+        if name == "fp8_kv_auto":
+            scales = model._fastllm_state.engine().runner.compiled.context.kv_scales
+    reference = next_tokens["bf16"]
+
+    def agreement(name):
+        same = (reference == next_tokens[name]).float()
+        return {"top1_agreement": float(same.mean()), "top1_agreement_first_copy": float(same[:len(text)].mean()),
+                "top1_agreement_repeats": float(same[len(text):].mean())}
+
+    return {"tokens": tokens, "chunk": chunk, "dtype": "bfloat16", **agreement("fp8_kv"),
             "bf16_copies_repeats": float((reference[len(text):-1] == torch.tensor(ids[len(text) + 1:])).float().mean()),
-            "prefill_seconds": seconds}
+            "prefill_seconds": seconds, "auto_scales": {**agreement("fp8_kv_auto"), "scales": scales}}
 
 
 def main(argv=None) -> int:
@@ -157,10 +166,11 @@ def main(argv=None) -> int:
     kv = fp8_kv_long_context(args.kv_tokens, args.kv_chunk)
     kv["seconds"] = time.perf_counter() - start
     print(f"fp8 KV cache at {kv['tokens']} tokens (chunks of {kv['chunk']}): top-1 agreement "
-          f"{kv['top1_agreement']:.4f} with the bf16 cache, {kv['seconds']:.0f} s")
+          f"{kv['top1_agreement']:.4f} with the bf16 cache ({kv['auto_scales']['top1_agreement']:.4f} with "
+          f"kv_scales='auto'), {kv['seconds']:.0f} s")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"quant-quality-smollm2-cpu-{datetime.date.today():%Y%m%d}.json"
+    path = unused_path(out / f"quant-quality-smollm2-cpu-{datetime.date.today():%Y%m%d}.json")
     path.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (demo wheel)", "torch": torch.__version__,
                                 "text": TEXT.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                                 "results": results, "fp8_logits_sqnr": sqnr, "fp8_kv_long_context": kv},

@@ -87,6 +87,10 @@ class Report:
                          f"({kv['bytes'] / 2**20:,.0f} MiB) now, grows on demand "
                          f"to {kv['max_tokens']:,} tokens ({kv['max_bytes'] / 2**20:,.0f} MiB); grown "
                          f"{kv['growths']} time(s)")
+            if kv.get("scales"):
+                k_scales, v_scales = zip(*kv["scales"])
+                lines.append(f"  KV cache scales per layer: k {min(k_scales):g}..{max(k_scales):g}, "
+                             f"v {min(v_scales):g}..{max(v_scales):g}")
         if self.startup:
             source = "loaded from the graph cache" if self.startup.get("graph_from_cache") else "traced"
             phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.startup.items()

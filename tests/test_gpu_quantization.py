@@ -331,3 +331,30 @@ def test_act_order_gptq_checkpoint_on_the_gpu(tmp_path):
     top2 = logits.topk(2, dim=-1)
     clear = (top2.values[:, 0] - top2.values[:, 1]) > 1e-3 * top2.values[:, 0].abs().clamp_min(1)
     assert torch.equal(out[0, ids.shape[1]:][clear], top2.indices[clear, 0]) and clear.sum() >= 5
+
+
+@pytest.mark.skipif(not _has_fp8(), reason="the float8 type in Triton needs compute capability 8.9+")
+def test_auto_kv_scales_on_the_gpu(tmp_path):
+    """kv_scales="auto" on CUDA: the calibration prefill runs eagerly before any graph is captured, and the decode
+    graphs then replay the scaled kernels. On a model whose keys run past 448 and whose values sit in e4m3's
+    subnormals (CPU twin: tests/test_kv_fp8.py), the scaled cache keeps the fp32 cache's greedy choices where the
+    unscaled one does not. fp32 activations: the caches differ, the arithmetic around them does not."""
+    from tests.test_kv_fp8 import _scaled_tiny
+
+    tiny = _scaled_tiny(tmp_path, k_gain=600.0, v_gain=0.003)
+    ids = torch.randint(3, 320, (1, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        reference = fastllm.optimize(tiny().cuda())(ids).logits
+    agreement = {}
+    for name, kv_scales in (("unscaled", None), ("auto", "auto")):
+        quantization = fastllm.QuantConfig(weights=None, kv_cache="fp8", kv_scales=kv_scales)
+        model = fastllm.optimize(tiny().cuda(), quantization=quantization, max_num_seqs=4)
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)  # decode in CUDA graphs
+        assert out.shape[1] == ids.shape[1] + 8
+        with torch.no_grad():
+            logits = model(ids).logits
+        agreement[name] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+        if kv_scales == "auto":
+            assert model._fastllm_state.core.runner.compiled.context.kv_scales[0][0] >= 8.0
+            assert model._fastllm_state.core.runner._graphs  # decode replayed graphs captured after calibration
+    assert agreement["unscaled"] < 0.6 and agreement["auto"] >= 0.9, agreement

@@ -460,3 +460,18 @@ def test_bad_kv_cache_schemes_and_scales_are_refused(tmp_path):
     dynamic["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "head", "dynamic": True}
     with pytest.raises(ValueError, match="KV cache scheme .* is not supported"):
         checkpoint_scheme(dynamic)
+
+
+def test_computed_kv_scales_run_beside_a_checkpoint_without_them_and_never_replace_its_own(tmp_path):
+    auto = fastllm.QuantConfig(weights=None, kv_cache="fp8", kv_scales="auto")
+    plain = tmp_path / "plain"
+    _write_fp8_checkpoint(_float_model(plain), plain)
+    model = fastllm.optimize(load_prequantized(str(plain), dtype=torch.float32), quantization=auto)
+    runner = model._fastllm_state.engine().runner
+    assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn and len(runner.compiled.context.kv_scales) == 2
+    assert set(fastllm.explain(model).graph.quantized_layers.values()) == {"fp8"}  # the checkpoint's weights
+    scaled = tmp_path / "scaled"
+    _write_fp8_checkpoint(_float_model(scaled), scaled)
+    _with_kv_scales(scaled, 0.5, 0.5)
+    with pytest.raises(ValueError, match="carries its own FP8 KV cache scales; kv_scales='auto' cannot replace"):
+        fastllm.optimize(load_prequantized(str(scaled), dtype=torch.float32), quantization=auto)

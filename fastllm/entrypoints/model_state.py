@@ -27,6 +27,7 @@ from fastllm.entrypoints.hf_generate import install_generate
 from fastllm.kernels._registry import FP8_KV_DTYPE
 from fastllm.passes import resolve_passes
 from fastllm.quant.config import QuantConfig, check_device_supports, slow_path_warning
+from fastllm.quant.kv_scales import calibration_ids
 from fastllm.quant.resident import release_float_weights
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
@@ -116,6 +117,10 @@ class ModelState:
                              max_num_batched_tokens=c.max_num_batched_tokens,
                              kv_cache_dtype=FP8_KV_DTYPE if c.quantization and c.quantization.kv_cache == "fp8"
                              else None, kv_scales=_checkpoint_kv_scales(model))
+        if c.quantization is not None and c.quantization.kv_scales == "auto":
+            start = time.perf_counter()
+            runner.calibrate_kv_scales(_calibration_ids(model, c.quantization))
+            runner.startup_seconds["kv_scales"] = time.perf_counter() - start
         self.startup_seconds.update(runner.startup_seconds)
         self.core = EngineCore(runner, vocab_size=model.get_input_embeddings().weight.shape[0],
                                eos_token_ids=model_eos_ids(model), max_num_seqs=c.max_num_seqs,
@@ -203,6 +208,19 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
     return state
 
 
+def _calibration_ids(model, quantization: QuantConfig) -> list[int]:
+    """kv_scales="auto"'s calibration prompt: the user's token ids (checked against the vocabulary), or the
+    default pseudo-random ones."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = quantization.kv_calibration_ids
+    if ids is None:
+        return calibration_ids(vocab)
+    if max(ids) >= vocab:
+        raise ValueError(f"kv_calibration_ids holds token id {max(ids)}, outside the model's vocabulary "
+                         f"(0..{vocab - 1})")
+    return list(ids)
+
+
 def _checkpoint_kv_scales(model) -> list[tuple[float, float]] | None:
     """A quantized checkpoint's FP8 KV cache scales, per layer (None: the cache is unscaled, or not FP8)."""
     prequantized = getattr(model, "_fastllm_prequantized", None)
@@ -218,9 +236,14 @@ def _with_checkpoint_quantization(model, config: OptimizeConfig) -> OptimizeConf
     if config.quantization is not None and config.quantization.weights not in (None, prequantized.scheme):
         raise ValueError(f"the model was loaded from a {prequantized.scheme} checkpoint ({prequantized.source}); "
                          f"quantization={config.quantization.weights!r} cannot re-quantize it: leave quantization out")
-    kv_cache = config.quantization.kv_cache if config.quantization is not None else None
+    asked = config.quantization
+    kv_cache, kv_scales = (asked.kv_cache, asked.kv_scales) if asked is not None else (None, None)
     if prequantized.kv_scales is not None:  # the checkpoint's FP8 KV cache, with its scales
+        if kv_scales is not None:
+            raise ValueError(f"the checkpoint ({prequantized.source}) carries its own FP8 KV cache scales; "
+                             f"kv_scales={kv_scales!r} cannot replace them: leave kv_scales out")
         kv_cache = "fp8"
-    return dataclasses.replace(config, quantization=QuantConfig(prequantized.scheme, prequantized.group_size,
-                                                                exclude=(), kv_cache=kv_cache,
-                                                                zero_point=prequantized.zero_point))
+    return dataclasses.replace(config, quantization=QuantConfig(
+        prequantized.scheme, prequantized.group_size, exclude=(), kv_cache=kv_cache,
+        zero_point=prequantized.zero_point, kv_scales=kv_scales,
+        kv_calibration_ids=asked.kv_calibration_ids if asked is not None else None))

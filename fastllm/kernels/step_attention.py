@@ -72,6 +72,9 @@ class StepContext:
         # Per layer, an FP8 KV cache's (k_scale, v_scale) multipliers (a checkpoint's); None: 1.0 everywhere. Set
         # once by the runner that owns the caches: the values are fixed for the model's life.
         self.kv_scales: list[tuple[float, float]] | None = None
+        # During kv_scales="auto"'s calibration prefill (ModelRunner.calibrate_kv_scales): [num layers, 2] fp32, the
+        # largest |K| (rotated, as the cache holds it) and |V| each layer has written so far; None otherwise.
+        self.kv_amax: torch.Tensor | None = None
         self.active = False
         self._alibi: dict[tuple, torch.Tensor] = {}
         _CONTEXTS[self.id] = self
@@ -131,6 +134,9 @@ def step_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: S
     write, rotate_and_write = (write_kv_cache, rotary_and_write_kv) if kernels else (write_kv_cache_ref,
                                                                                       rotary_and_write_kv_ref)
     k_scale, v_scale = ctx.kv_scales[layer] if ctx.kv_scales is not None else (1.0, 1.0)
+    if ctx.kv_amax is not None:
+        _observe_kv(ctx.kv_amax, layer, k_tokens if cos is None else
+                    rotary_embedding(k, cos, sin, interleaved=interleaved), v_tokens)
     if cos is None:
         write(k_tokens, v_tokens, k_cache, v_cache, md.slot_mapping, k_scale=k_scale, v_scale=v_scale)
     else:
@@ -145,6 +151,11 @@ def step_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: S
         scale=scale * k_scale, causal=True, sliding_window=sliding_window, softcap=softcap, alibi_slopes=slopes,
         v_scale=v_scale)
     return out.transpose(0, 1).unsqueeze(0)
+
+
+def _observe_kv(kv_amax: torch.Tensor, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    seen = torch.stack([k.abs().amax().float(), v.abs().amax().float()]) if k.numel() else kv_amax[layer]
+    kv_amax[layer] = torch.maximum(kv_amax[layer], seen)
 
 
 LIBRARY.define("step_attention(Tensor q, Tensor k, Tensor v, int context, int layer, float scale, "

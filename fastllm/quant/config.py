@@ -14,8 +14,9 @@ dtype.
 - KV cache "fp8" (`quantization="fp8_kv"`, or `QuantConfig(kv_cache="fp8")` beside any weight scheme): K and V stored
   as float8 e4m3, half the bytes of a bf16 cache; the attention kernels widen them as they read. Unscaled (values
   past 448 saturate), or with a checkpoint's per-layer k_scale / v_scale (compressed-tensors' kv_cache_scheme:
-  the cache stores K / k_scale and V / v_scale). Independent of the weights' scheme; on CUDA it needs compute
-  capability 8.9 too.
+  the cache stores K / k_scale and V / v_scale), or with scales fastllm computes at start-up (`kv_scales="auto"`:
+  per-layer powers of two from one calibration prefill, quant/kv_scales.py). Independent of the weights' scheme; on
+  CUDA it needs compute capability 8.9 too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ KV_CACHE_SCHEMES = ("fp8",)
 SHORTCUTS = {"fp8": dict(weights="fp8"), "int8": dict(weights="int8"), "int4": dict(weights="int4"),
              "fp8_kv": dict(weights=None, kv_cache="fp8")}
 GROUP_SIZES = (32, 64, 128)
+KV_SCALES = (None, "auto")
 # Schemes that need FP8 tensor cores on CUDA, and the compute capability that has them.
 FP8_SCHEMES = ("fp8",)
 FP8_MIN_CAPABILITY = (8, 9)
@@ -44,6 +46,10 @@ class QuantConfig:
             ("mlp.down_proj" excludes every layer's down projection).
         kv_cache: None (the model's dtype) or "fp8" (float8 e4m3 K and V).
         zero_point: int4 only: a zero point per group (asymmetric) instead of symmetric codes.
+        kv_scales: FP8 KV cache only: None (unscaled, or a quantized checkpoint's scales) or "auto" (per-layer
+            power-of-two scales measured at start-up, fastllm/quant/kv_scales.py).
+        kv_calibration_ids: with kv_scales="auto", the token ids of the calibration prompt (default: 512
+            pseudo-random ids); the first `max_num_batched_tokens` of them are used.
     """
 
     weights: str | None = "fp8"
@@ -51,6 +57,8 @@ class QuantConfig:
     exclude: tuple[str, ...] = ("lm_head",)
     kv_cache: str | None = None
     zero_point: bool = False
+    kv_scales: str | None = None
+    kv_calibration_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.weights is not None and self.weights not in WEIGHT_SCHEMES:
@@ -67,6 +75,23 @@ class QuantConfig:
         if isinstance(self.exclude, str) or not all(isinstance(e, str) and e for e in self.exclude):
             raise ValueError(f"exclude must be a tuple of module names, got {self.exclude!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        self._check_kv_scales()
+
+    def _check_kv_scales(self) -> None:
+        if self.kv_scales not in KV_SCALES:
+            raise ValueError(f"kv_scales must be one of {KV_SCALES}, got {self.kv_scales!r}")
+        if self.kv_scales is not None and self.kv_cache != "fp8":
+            raise ValueError(f"kv_scales={self.kv_scales!r} scales an FP8 KV cache: set kv_cache='fp8' too")
+        ids = self.kv_calibration_ids
+        if ids is None:
+            return
+        if self.kv_scales != "auto":
+            raise ValueError("kv_calibration_ids is the calibration prompt of kv_scales='auto'; set that too")
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__") or len(ids) == 0 or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(f"kv_calibration_ids must be a non-empty sequence of token ids (ints >= 0), got "
+                             f"{ids!r:.80}")
+        object.__setattr__(self, "kv_calibration_ids", tuple(ids))
 
     def excludes(self, module_name: str) -> bool:
         """Whether `module_name` ("model.layers.0.mlp.down_proj") is one of the excluded layers."""

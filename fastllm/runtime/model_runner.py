@@ -238,13 +238,42 @@ class ModelRunner:
         torch.cuda.empty_cache()  # what the step allocated goes back: a generate() user holds only what it needs
         return peak
 
+    @torch.no_grad()
+    def calibrate_kv_scales(self, token_ids: list[int]) -> list[tuple[float, float]]:
+        """kv_scales="auto" (quant/kv_scales.py): one eager prefill of `token_ids` (the first
+        `max_num_batched_tokens`, within `max_model_len`) measures each layer's largest |K| and |V|; the FP8 cache's
+        per-layer scales are set from them, before any CUDA graph records a launch with the old ones. The prefill's
+        blocks go back to the pool (its scores are not used). Returns the scales."""
+        from fastllm.quant.kv_scales import scales_from_amax
+
+        if self.kv_cache_dtype != FP8_KV_DTYPE:
+            raise ValueError(f"KV cache scales apply to an FP8 KV cache; this one holds {self.kv_cache_dtype}")
+        if any(g.graph is not None for g in (*self._decode_graphs, *self._prefill_graphs)):
+            raise RuntimeError("KV cache scales must be set before any CUDA graph is captured (graphs keep them)")
+        ids = list(token_ids)[:min(self.max_num_batched_tokens, self.max_model_len)]
+        n = len(ids)
+        context = self.compiled.context
+        blocks = self.pool.allocate(blocks_needed(n, self.block_size))
+        slots = [blocks[i // self.block_size] * self.block_size + i % self.block_size for i in range(n)]
+        context.kv_scales = None  # measured unscaled: what the scales are for
+        context.kv_amax = torch.zeros(len(self.kv_shapes), 2, dtype=torch.float32, device=self.device)
+        try:
+            self.execute_input(StepInput(ids, list(range(n)), slots, [n], [n], [blocks], [n - 1]), capture=False)
+            amax = context.kv_amax.cpu()
+        finally:
+            context.kv_amax = None
+            self.pool.free(blocks)
+        context.kv_scales = scales_from_amax(amax)
+        return context.kv_scales
+
     def kv_cache_info(self) -> dict:
         """What the cache holds now and may grow to, for reports."""
         return {"tokens": self.kv_cache_tokens, "bytes": self.kv_caches[0][0].shape[0] * self.bytes_per_block,
                 "max_tokens": self.pool.max_num_blocks * self.block_size,
                 "max_bytes": self.pool.max_num_blocks * self.bytes_per_block, "growths": self.pool.num_growths,
                 "activation_bytes": self.activation_bytes,
-                "dtype": str(self.kv_cache_dtype).removeprefix("torch.")}
+                "dtype": str(self.kv_cache_dtype).removeprefix("torch."),
+                "scales": self.compiled.context.kv_scales}  # an FP8 cache's (k_scale, v_scale) per layer, or None
 
     def close(self) -> None:
         """Let go of every tensor and graph this runner holds (the model, the compiled step, stay)."""
