@@ -204,11 +204,26 @@ def _w1_quant(result: dict) -> list[str]:
     return lines
 
 
+def _host_step(result: dict) -> list[str]:
+    """Host milliseconds per engine step (stub model), the plain-rows fast path beside the per-row sampler."""
+    lines = ["Host time per engine step, model forward stubbed (benchmarks/bench_host_step.py); greedy rows.", "",
+             "| sequences | sampler path | ms / step | schedule | execute | sample | update | us / sequence-step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path, per_seqs in (("fast (default)", result["fastllm"]), ("per row", result["baselines"]["per_row"])):
+        for key, r in per_seqs.items():
+            phases = r["phase_ms_per_step"]
+            lines.append(f"| {key.removeprefix('seqs_')} | {path} | {r['ms_per_step']:.2f} | "
+                         f"{phases['schedule']:.2f} | {phases['execute']:.2f} | {phases['sample']:.2f} | "
+                         f"{phases['update']:.2f} | "
+                         f"{r['us_per_sequence_step']:.1f} |")
+    return lines
+
+
 FORMATTERS = {"W5": _w5, "W1": _w1, "W5-fused-linear": _w5_fused_linear, "W2": _w2, "W2-serve": _w2_serve,
               "W5-attention": _w5_attention,
               "W5-gemv": _w5_gemv, "W1-quant": _w1_quant, "W1-fp8": _w1_quant, "W1-int8": _w1_quant,
               "W1-int4": _w1_quant, "W2-fp8": _w2, "W2-int8": _w2, "W2-int4": _w2,
-              "W2-fp8_kv": _w2}
+              "W2-fp8_kv": _w2, "host-step": _host_step}
 
 
 def summarize(results_dir: pathlib.Path = HERE / "results") -> str:

@@ -56,3 +56,17 @@ def test_quant_quality_script_parses_its_arguments():
     run = subprocess.run([sys.executable, str(BENCHMARKS / "quant_quality.py"), "--help"], capture_output=True,
                          text=True, env=env, cwd=BENCHMARKS, timeout=120)
     assert run.returncode == 0 and "perplexity" in run.stdout, run.stderr[-2000:]
+
+
+def test_host_step_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/bench_host_step.py measures host time with the model stubbed: it runs anywhere; both sampler paths
+    give every request its tokens (the script checks), and the result names its baseline."""
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "bench_host_step.py"), "--seqs", "8", "--out",
+                          str(tmp_path)], capture_output=True, text=True, env=env, cwd=BENCHMARKS, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (path,) = tmp_path.glob("host-step-*.json")
+    result = json.loads(path.read_text())
+    for entry in (result["fastllm"]["seqs_8"], result["baselines"]["per_row"]["seqs_8"]):
+        assert entry["steps"] > 0 and entry["ms_per_step"] > 0
+        assert set(entry["phase_ms_per_step"]) == {"schedule", "execute", "sample", "update"}

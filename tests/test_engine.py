@@ -9,7 +9,7 @@ import transformers as T
 
 from fastllm import LLM, SamplingParams
 from fastllm.runtime.engine_core import bad_words_token_ids
-from fastllm.runtime.sampler import RowContext, apply_penalties, banned_token_ids, sample_rows
+from fastllm.runtime.sampler import RowContext, apply_penalties, banned_token_ids, sample_rows, sample_tokens
 from tests._models import VOCAB, build, build_over_demo_tokenizer
 
 NUM_REQUESTS = 50
@@ -417,6 +417,29 @@ def test_async_scheduling_mixed_sampling_parameters(llm, workload):
     metrics = engine.metrics()  # the penalty and logprob rows made some steps wait; the rest overlapped
     overlapped = metrics["num_overlapped_steps"] - before["num_overlapped_steps"]
     assert 0 < overlapped < metrics["num_steps"] - before["num_steps"]
+    assert _no_leaks(engine)
+
+
+def test_plain_greedy_steps_skip_the_per_row_sampler(llm, workload, alone, monkeypatch):
+    """A step whose rows are all plain greedy ones takes the argmax of its logits without the per-row sampler
+    (engine_core.PLAIN_ROWS_FAST_PATH): the same tokens as the per-row path; a row with min_tokens (its EOS masked
+    for a while) or a penalty in the batch sends the step down the per-row path."""
+    from fastllm.runtime import engine_core
+
+    calls = []
+    monkeypatch.setattr(engine_core, "sample_tokens", lambda *a, **k: calls.append(1) or sample_tokens(*a, **k))
+    prompts, params = workload
+    engine = LLM(llm.model, async_scheduling=True)
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert [_result(o) for o in outs] == alone and not calls  # every step greedy and plain: no per-row sampling
+    monkeypatch.setattr(engine_core, "PLAIN_ROWS_FAST_PATH", False)
+    assert [_result(o) for o in engine.generate(prompts, params, use_tqdm=False)] == alone and calls
+    monkeypatch.setattr(engine_core, "PLAIN_ROWS_FAST_PATH", True)
+    calls.clear()
+    mixed = [*params[:3], SamplingParams(temperature=0, max_tokens=12, min_tokens=6)]
+    sync = llm.generate(prompts[:4], mixed, use_tqdm=False)
+    assert [_result(o) for o in engine.generate(prompts[:4], mixed, use_tqdm=False)] == [_result(o) for o in sync]
+    assert calls
     assert _no_leaks(engine)
 
 

@@ -44,6 +44,10 @@ HISTOGRAM_BOUNDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 MAX_METRIC_SAMPLES = 10_000
 # Scheduling settings that `configure()` may change while the core is idle.
 SCHEDULING_OPTIONS = ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "async_scheduling")
+# A step whose sampled rows are all plain greedy ones (`_Completion.plain_greedy`) takes the argmax of its logits
+# without building a RowContext per row or the sampler's per-row masks and penalties, which at 512 rows cost
+# milliseconds of host time a step (benchmarks/bench_host_step.py measures both paths; False: always per row).
+PLAIN_ROWS_FAST_PATH = True
 
 
 class FairLock:
@@ -94,6 +98,15 @@ class _Completion:
     num_sent: int = 0                      # tokens already handed to the listener
     first_token_time: float | None = None
     stopped_by_string: bool = False
+    plain_greedy: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        p = self.owner.params
+        # Greedy and nothing that edits or reports its scores, ever: its token is the argmax of its logits (what
+        # sample_tokens gives such a row: no mask, no penalty, no warp).
+        self.plain_greedy = (p.temperature == 0 and not self.bad_words_token_ids and p.logprobs is None
+                             and self.scores is None and (p.min_tokens == 0 or not self.stop_ids)
+                             and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty)
 
     def row(self) -> RowContext:
         r, params = self.request, self.owner.params
@@ -360,6 +373,11 @@ class EngineCore:
         if logits is not None:
             sampling = [self._completions.get(c.request.request_id) for c in output.chunks if c.samples]
             logits, sampled = self._overlap.live_rows(logits, sampling, lambda c: c is not None)
+            if PLAIN_ROWS_FAST_PATH and sampled and all(c.plain_greedy for c in sampled):
+                self._overlap.start(output, sampled, logits.argmax(-1))
+                self.num_overlapped_steps += 1
+                self._account(start, scheduled, launched, resolved)
+                return
             rows = [c.row() for c in sampled]
             if sampled and not any(needs_host_history(r) for r in rows):
                 tokens = self._sample(logits, sampled, host=False, rows=rows)
