@@ -27,7 +27,7 @@ from fastllm.entrypoints.hf_generate import install_generate
 from fastllm.kernels._registry import FP8_KV_DTYPE
 from fastllm.passes import resolve_passes
 from fastllm.quant.config import QuantConfig, check_device_supports, slow_path_warning
-from fastllm.quant.kv_scales import calibration_ids
+from fastllm.quant.kv_scales import calibration_ids, scales_from_amax
 from fastllm.quant.resident import release_float_weights
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
@@ -119,7 +119,7 @@ class ModelState:
                              else None, kv_scales=_checkpoint_kv_scales(model))
         if c.quantization is not None and c.quantization.kv_scales == "auto":
             start = time.perf_counter()
-            runner.calibrate_kv_scales(_calibration_ids(model, c.quantization))
+            runner.set_kv_scales(scales_from_amax(runner.measure_kv_amax(_calibration_ids(model, c.quantization))))
             runner.startup_seconds["kv_scales"] = time.perf_counter() - start
         self.startup_seconds.update(runner.startup_seconds)
         self.core = EngineCore(runner, vocab_size=model.get_input_embeddings().weight.shape[0],

@@ -72,7 +72,7 @@ class StepContext:
         # Per layer, an FP8 KV cache's (k_scale, v_scale) multipliers (a checkpoint's); None: 1.0 everywhere. Set
         # once by the runner that owns the caches: the values are fixed for the model's life.
         self.kv_scales: list[tuple[float, float]] | None = None
-        # During kv_scales="auto"'s calibration prefill (ModelRunner.calibrate_kv_scales): [num layers, 2] fp32, the
+        # During kv_scales="auto"'s calibration prefill (ModelRunner.measure_kv_amax): [num layers, 2] fp32, the
         # largest |K| (rotated, as the cache holds it) and |V| each layer has written so far; None otherwise.
         self.kv_amax: torch.Tensor | None = None
         self.active = False

@@ -239,32 +239,35 @@ class ModelRunner:
         return peak
 
     @torch.no_grad()
-    def calibrate_kv_scales(self, token_ids: list[int]) -> list[tuple[float, float]]:
-        """kv_scales="auto" (quant/kv_scales.py): one eager prefill of `token_ids` (the first
-        `max_num_batched_tokens`, within `max_model_len`) measures each layer's largest |K| and |V|; the FP8 cache's
-        per-layer scales are set from them, before any CUDA graph records a launch with the old ones. The prefill's
-        blocks go back to the pool (its scores are not used). Returns the scales."""
-        from fastllm.quant.kv_scales import scales_from_amax
-
+    def measure_kv_amax(self, token_ids: list[int]) -> torch.Tensor:
+        """kv_scales="auto"'s calibration (quant/kv_scales.py picks the scales): one eager, unscaled prefill of
+        `token_ids` (the first `max_num_batched_tokens`, within `max_model_len`); returns [num layers, 2] fp32 on
+        the CPU, each layer's largest |K| (rotated, as the cache holds it) and |V|. The prefill's blocks go back to
+        the pool (its scores are not used)."""
         if self.kv_cache_dtype != FP8_KV_DTYPE:
             raise ValueError(f"KV cache scales apply to an FP8 KV cache; this one holds {self.kv_cache_dtype}")
-        if any(g.graph is not None for g in (*self._decode_graphs, *self._prefill_graphs)):
-            raise RuntimeError("KV cache scales must be set before any CUDA graph is captured (graphs keep them)")
         ids = list(token_ids)[:min(self.max_num_batched_tokens, self.max_model_len)]
         n = len(ids)
         context = self.compiled.context
         blocks = self.pool.allocate(blocks_needed(n, self.block_size))
         slots = [blocks[i // self.block_size] * self.block_size + i % self.block_size for i in range(n)]
-        context.kv_scales = None  # measured unscaled: what the scales are for
+        scales, context.kv_scales = context.kv_scales, None  # measured unscaled: what the scales are for
         context.kv_amax = torch.zeros(len(self.kv_shapes), 2, dtype=torch.float32, device=self.device)
         try:
             self.execute_input(StepInput(ids, list(range(n)), slots, [n], [n], [blocks], [n - 1]), capture=False)
-            amax = context.kv_amax.cpu()
+            return context.kv_amax.cpu()
         finally:
-            context.kv_amax = None
+            context.kv_amax, context.kv_scales = None, scales
             self.pool.free(blocks)
-        context.kv_scales = scales_from_amax(amax)
-        return context.kv_scales
+
+    def set_kv_scales(self, kv_scales: list[tuple[float, float]]) -> None:
+        """An FP8 cache's (k_scale, v_scale) per layer, before any CUDA graph records a launch with the old ones."""
+        if self.kv_cache_dtype != FP8_KV_DTYPE or len(kv_scales) != len(self.kv_shapes):
+            raise ValueError(f"kv_scales: one (k_scale, v_scale) pair per layer ({len(self.kv_shapes)}) for an FP8 "
+                             f"KV cache; got {len(kv_scales)} pairs for a {self.kv_cache_dtype} cache")
+        if self._graphs:
+            raise RuntimeError("KV cache scales must be set before any CUDA graph is captured (graphs keep them)")
+        self.compiled.context.kv_scales = list(kv_scales)
 
     def kv_cache_info(self) -> dict:
         """What the cache holds now and may grow to, for reports."""
