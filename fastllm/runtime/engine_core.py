@@ -373,14 +373,10 @@ class EngineCore:
         if logits is not None:
             sampling = [self._completions.get(c.request.request_id) for c in output.chunks if c.samples]
             logits, sampled = self._overlap.live_rows(logits, sampling, lambda c: c is not None)
-            if PLAIN_ROWS_FAST_PATH and sampled and all(c.plain_greedy for c in sampled):
-                self._overlap.start(output, sampled, logits.argmax(-1))
-                self.num_overlapped_steps += 1
-                self._account(start, scheduled, launched, resolved)
-                return
-            rows = [c.row() for c in sampled]
-            if sampled and not any(needs_host_history(r) for r in rows):
-                tokens = self._sample(logits, sampled, host=False, rows=rows)
+            plain = PLAIN_ROWS_FAST_PATH and bool(sampled) and all(c.plain_greedy for c in sampled)
+            rows = [] if plain else [c.row() for c in sampled]
+            if plain or (sampled and not any(needs_host_history(r) for r in rows)):
+                tokens = logits.argmax(-1) if plain else self._sample(logits, sampled, host=False, rows=rows)
                 self._overlap.start(output, sampled, tokens)
                 self.num_overlapped_steps += 1
             else:  # rows that need the host: sample and apply now, as the synchronous loop does

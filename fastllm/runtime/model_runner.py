@@ -132,9 +132,7 @@ class ModelRunner:
         self.device, self.dtype = torch.device(device), dtype
         self.kv_cache_dtype = kv_cache_dtype or dtype
         if kv_scales is not None:  # an FP8 KV cache's per-layer (k_scale, v_scale), a checkpoint's
-            if len(kv_scales) != len(compiled.kv_shapes) or self.kv_cache_dtype != FP8_KV_DTYPE:
-                raise ValueError(f"kv_scales: one (k_scale, v_scale) pair per layer ({len(compiled.kv_shapes)}) for "
-                                 f"an FP8 KV cache; got {len(kv_scales)} pairs for a {self.kv_cache_dtype} cache")
+            self._check_kv_scales(kv_scales)
         compiled.context.kv_scales = kv_scales
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -262,12 +260,16 @@ class ModelRunner:
 
     def set_kv_scales(self, kv_scales: list[tuple[float, float]]) -> None:
         """An FP8 cache's (k_scale, v_scale) per layer, before any CUDA graph records a launch with the old ones."""
-        if self.kv_cache_dtype != FP8_KV_DTYPE or len(kv_scales) != len(self.kv_shapes):
-            raise ValueError(f"kv_scales: one (k_scale, v_scale) pair per layer ({len(self.kv_shapes)}) for an FP8 "
-                             f"KV cache; got {len(kv_scales)} pairs for a {self.kv_cache_dtype} cache")
+        self._check_kv_scales(kv_scales)
         if self._graphs:
             raise RuntimeError("KV cache scales must be set before any CUDA graph is captured (graphs keep them)")
         self.compiled.context.kv_scales = list(kv_scales)
+
+    def _check_kv_scales(self, kv_scales: list[tuple[float, float]]) -> None:
+        layers = len(self.compiled.kv_shapes)
+        if self.kv_cache_dtype != FP8_KV_DTYPE or len(kv_scales) != layers:
+            raise ValueError(f"kv_scales: one (k_scale, v_scale) pair per layer ({layers}) for an FP8 KV cache; got "
+                             f"{len(kv_scales)} pairs for a {self.kv_cache_dtype} cache")
 
     def kv_cache_info(self) -> dict:
         """What the cache holds now and may grow to, for reports."""
