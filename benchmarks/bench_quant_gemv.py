@@ -5,7 +5,9 @@ its stored format with its scales, plus x and out. Timing: `triton.testing.do_be
 graph as decode runs), cycling through weight copies of >= 256 MB in all so no call finds its weight in L2. Every
 output is checked against its `_ref` (SQNR >= 28 dB, the issue's bar for FP8 GEMMs) before timing. With --sweep, the
 fp8/int8 skinny GEMM is also timed at every autotune candidate of skinny_gemm.py (the heuristic was chosen for 2-byte
-weights), and the int4 GEMV at a few block sizes.
+weights), and the int4 GEMV at a few block sizes. The down projection at 1 row is also timed as decode runs it with the
+decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul and then the linear, per
+scheme, and for the one-byte weights at the prologue's two chunk widths (BLOCK_K 512: the two-byte chunk's columns).
 
     PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--out DIR]
 
@@ -22,7 +24,7 @@ import sys
 import torch
 from _common import copy_bandwidth_gb_s, missing_gpu, write_result
 
-from fastllm.kernels import quant_linear, skinny_gemm
+from fastllm.kernels import fused_linear, quant_linear, silu_and_mul, skinny_gemm
 from fastllm.quant import fp8, int_weight
 
 SHAPES = [("qkv_8b", 6144, 4096), ("o_proj", 4096, 4096), ("gate_up_8b", 28672, 4096), ("down_8b", 4096, 14336)]
@@ -70,6 +72,49 @@ def _sweep_skinny(x, qweight, scale, bench) -> list[dict]:
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 
+def _act_fusion_cases(bench) -> dict:
+    """down_8b at 1 row from [gate | up]: fused (the prologue inside the GEMM) against the activation kernel and then
+    the linear, for bf16, fp8 and int8 weights; the one-byte ones also with the prologue's BLOCK_K at 512."""
+    _, n, k = SHAPES[3]
+    weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
+    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
+    schemes = {"bf16": ((weight,), skinny_gemm.skinny_linear, lambda w: {}),
+               "fp8": (fp8.quantize_weight(weight), quant_linear.fp8_linear, lambda w, s: {"weight_scale": s}),
+               "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, lambda w, s: {"weight_scale": s})}
+    results = {}
+    for scheme, (tensors, linear, extra) in schemes.items():
+        expected = linear(silu_and_mul(gate_up), *tensors)
+        got = fused_linear(gate_up, tensors[0], prologue="silu", **extra(*tensors))
+        sqnr = _sqnr(expected, got)
+        if not sqnr >= 40.0:  # the same values up to the order of the fp32 sums
+            sys.exit(f"down_8b {scheme}: fused SiLU * up off from the unfused kernels (SQNR {sqnr:.1f} dB)")
+        copies = itertools.cycle(_copies(tensors))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * (n + 2 * k)
+        out = torch.empty(1, n, dtype=gate_up.dtype, device="cuda")
+        cfg = {**skinny_gemm._config(1, n, k, gate_up.dtype, gate_up.device, weight_bytes=1, prologue=True),
+               "BLOCK_K": 512}
+
+        def unfused(linear=linear, copies=copies):
+            return linear(silu_and_mul(gate_up), *next(copies))
+
+        def fused(extra=extra, copies=copies):
+            w, *scale = next(copies)
+            return fused_linear(gate_up, w, prologue="silu", **extra(w, *scale))
+
+        def fused_block_k512(copies=copies, out=out, cfg=cfg):  # one-byte weights: the launch settings forced
+            w, scale = next(copies)
+            skinny_gemm._launch(gate_up, w, None, out, None, cfg, weight_scale=scale, prologue="silu")
+
+        cases = {"unfused": unfused, "fused": fused}
+        if scheme != "bf16":
+            cases["fused_block_k512"] = fused_block_k512
+        for case, launch in cases.items():
+            ms = bench(launch)
+            results[f"down_8b_{n}x{k}_m1_silu_{case}_{scheme}"] = {
+                "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -98,6 +143,7 @@ def main() -> int:
                 sweeps[key] = _sweep_skinny(x, *tensors, bench)
         del weight
         torch.cuda.empty_cache()
+    results.update(_act_fusion_cases(bench))
     copy_gb_s = copy_bandwidth_gb_s(functools.partial(triton.testing.do_bench, return_mode="median"))
     gpu = torch.cuda.get_device_name()
     config = {"shapes": {name: [n, k] for name, n, k in SHAPES}, "rows": ROWS, "int4_group": 128,

@@ -177,6 +177,25 @@ def test_quantized_greedy_decode_with_cuda_graphs_equals_the_compiled_steps_own_
     assert torch.equal(new[clear], top2.indices[clear, 0]) and clear.sum() >= 5
 
 
+@pytest.mark.parametrize("scheme", [pytest.param("fp8", marks=pytest.mark.skipif(not _has_fp8(),
+                                                                                  reason="needs FP8 tensor cores")),
+                                    "int8"])
+def test_quantized_down_projection_takes_the_activation_in_with_cuda_graphs(scheme):
+    """decode_act_fusion on FP8 / int8 weights (bf16): batch-1 decode replays the 1-row graph whose down projections
+    read SiLU * up inside the GEMM. At one row the fused GEMM runs the unfused one's launch settings, so greedy tokens
+    equal the graph without the pass, token for token."""
+    without = tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_act_fusion")
+    ids = torch.tensor([[1, 17, 29, 400, 5, 77]], device="cuda")
+    tokens = []
+    for passes in (without, fastllm.DEFAULT_PASSES):
+        model = fastllm.optimize(_llama(), quantization=scheme, passes=passes, max_num_seqs=4)
+        tokens.append(model.generate(ids, max_new_tokens=24, do_sample=False))
+        fused_ops = fastllm.explain(model).graph.fused_ops
+        assert ("fused_linear" in fused_ops) == (passes == fastllm.DEFAULT_PASSES)
+        del model
+    assert torch.equal(tokens[0], tokens[1])
+
+
 @pytest.mark.skipif(not _has_fp8(), reason="the float8 type in Triton needs compute capability 8.9+")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (0.37, 0.011)])  # unscaled, and a checkpoint's k_scale / v_scale

@@ -58,13 +58,26 @@ def _expected(x, weight, kwargs):
     return y if residual is None else y + residual.double()
 
 
-def _skinny_with_fused_settings(x, weight, prologue):
+def _skinny_with_fused_settings(x, weight, prologue, weight_scale=None):
     """skinny_linear's kernel on x (the prologue's output) with the settings fused_linear picks for `prologue`."""
     m, (n, k) = x.shape[0], weight.shape
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     fused_prologue = prologue is not None and m <= fl.PROLOGUE_MAX_ROWS  # past it: the unfused kernels, plain settings
-    sg._launch(x, weight, None, out, None, sg._config(m, n, k, x.dtype, x.device, prologue=fused_prologue))
+    cfg = sg._config(m, n, k, x.dtype, x.device, weight_bytes=weight.element_size(), prologue=fused_prologue)
+    sg._launch(x, weight, None, out, None, cfg, weight_scale=weight_scale)
     return out
+
+
+def _quantized(weight, scheme):
+    """(qweight, per-channel fp32 scale) as quantization=scheme stores them, from a float weight."""
+    from fastllm.quant import fp8, int_weight
+
+    return fp8.quantize_weight(weight.float()) if scheme == "fp8" else int_weight.quantize_int8(weight.float())
+
+
+def _dequantized(qweight, scale):
+    """The weight a quantized linear multiplies by, exactly (fp64)."""
+    return qweight.double() * scale.double()[:, None]
 
 
 def _assert_close(actual, expected, dtype, roundings=1):
@@ -105,6 +118,43 @@ def test_the_kernel_takes_a_prologue_on_several_rows_where_allowed(prologue, mon
     _assert_close(y, _expected(x, weight, kwargs), torch.float16, roundings=2)
     if prologue == "silu":  # the norm's fp32 sum of squares may take another order (the module docstring says so)
         assert torch.equal(y, unfused + kwargs["residual"])
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize("prologue", [None, "rms_norm", "silu"])
+@pytest.mark.parametrize("m,n,k", CASES)
+def test_triton_cpu_quantized_weights_take_the_prologue(scheme, prologue, m, n, k):
+    """One-byte weights with per-channel scales (quantization="fp8" | "int8"): the prologue inside the GEMM that
+    widens the weights, against the exact product with the dequantized weight; with the same launch settings the
+    unfused kernels' output element for element (SiLU * up has no freedom; the norm's sum may take another order)."""
+    x, weight, kwargs = _inputs(m, n, k, torch.float16, prologue)
+    qweight, scale = _quantized(weight, scheme)
+    with triton_on_cpu():
+        y = fused_linear(x, qweight, weight_scale=scale, **kwargs)
+        h = _prologue(x, prologue, kwargs.get("norm_weight"), 1e-5, 0.0, True, reference=False)
+        unfused = _skinny_with_fused_settings(h, qweight, prologue, weight_scale=scale)
+    _assert_close(y, _expected(x, _dequantized(qweight, scale), kwargs), torch.float16, roundings=2)
+    if prologue != "rms_norm":
+        assert torch.equal(y, unfused + kwargs["residual"])
+
+
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+def test_quantized_weights_on_the_cpu_and_past_16_rows_run_the_schemes_own_linear(scheme):
+    """Without Triton: the references, fused_linear's own. Past 16 rows (prefill): the activation's kernel, then the
+    scheme's launcher, which for FP8 quantizes the activations per row as well (its reference says how)."""
+    from fastllm.kernels import fp8_linear_ref, int8_linear_ref, silu_and_mul_ref
+
+    linear_ref = {"fp8": fp8_linear_ref, "int8": int8_linear_ref}[scheme]
+    for m in (1, 20):
+        x, weight, kwargs = _inputs(m, 24, 64, torch.float32, "silu", bias=True)
+        qweight, scale = _quantized(weight, scheme)
+        y = fused_linear(x, qweight, weight_scale=scale, **kwargs)
+        assert torch.equal(y, fused_linear_ref(x, qweight, weight_scale=scale, **kwargs))
+        expected = linear_ref(silu_and_mul_ref(x), qweight, scale, kwargs["bias"]) + kwargs["residual"]
+        assert torch.equal(y, expected)
+        with triton_on_cpu():
+            y = fused_linear(x, qweight, weight_scale=scale, **kwargs)
+        _assert_close(y, expected.double(), torch.float32, roundings=2)
 
 
 @pytest.mark.parametrize("cast_before_weight,offset", [(True, 0.0), (False, 1.0)])  # Llama's form, Gemma's
@@ -151,12 +201,14 @@ def test_opcheck():
     op = torch.ops.fastllm.fused_linear.default
     x, weight, kwargs = _inputs(3, 24, 64, torch.float32, "rms_norm")
     out = torch.empty(3, 24)
-    args = (x, weight, None, kwargs["residual"], kwargs["norm_weight"], out, "rms_norm", 1e-5, 0.0, True)
+    args = (x, weight, None, kwargs["residual"], kwargs["norm_weight"], None, out, "rms_norm", 1e-5, 0.0, True)
     torch.library.opcheck(op, args)
     with triton_on_cpu():
         torch.library.opcheck(op, args)
     gate_up, weight, kwargs = _inputs(2, 24, 64, torch.float32, "silu")
-    torch.library.opcheck(op, (gate_up, weight, None, None, None, torch.empty(2, 24), "silu", 1e-6, 0.0, True))
+    torch.library.opcheck(op, (gate_up, weight, None, None, None, None, torch.empty(2, 24), "silu", 1e-6, 0.0, True))
+    qweight, scale = _quantized(weight, "int8")
+    torch.library.opcheck(op, (gate_up, qweight, None, None, None, scale, torch.empty(2, 24), "silu", 1e-6, 0.0, True))
 
 
 def test_bad_inputs_are_refused_with_what_is_allowed():
@@ -175,6 +227,15 @@ def test_bad_inputs_are_refused_with_what_is_allowed():
         fused_linear(x, weight, prologue="silu")
     with pytest.raises(ValueError, match="residual must be"):
         fused_linear(x, weight, residual=torch.zeros(2, 9))
+    qweight, scale = _quantized(weight, "int8")
+    with pytest.raises(TypeError, match="a weight with weight_scale must be one of"):
+        fused_linear(x, weight, weight_scale=scale)
+    with pytest.raises(ValueError, match="weight_scale must be \\[8\\]"):
+        fused_linear(x, qweight, weight_scale=scale[:7])
+    with pytest.raises(TypeError, match="weight_scale must be float32"):
+        fused_linear(x, qweight, weight_scale=scale.half())
+    with pytest.raises(ValueError, match="bias must be"):
+        fused_linear(x, qweight, torch.zeros(8, dtype=torch.float16), weight_scale=scale)
 
 
 @pytest.mark.gpu
@@ -200,3 +261,23 @@ def test_gpu_fused_equals_the_unfused_kernels_bit_for_bit_where_the_rounding_is_
     fused = fused_linear(x, weight, **kwargs)
     unfused = _skinny_with_fused_settings(silu_and_mul(x), weight, "silu") + kwargs["residual"]
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8", "int8"])
+@pytest.mark.parametrize("prologue", [None, "rms_norm", "silu"])
+@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (1, 4096, 14336), (3, 33, 1500), (16, 4096, 4096)])
+def test_gpu_quantized_weights_against_the_unfused_references(scheme, prologue, m, n, k):
+    """quantization="fp8" | "int8" decode shapes of Llama-3.1-8B and odd ones, bf16 activations: against the exact
+    product with the dequantized weight; SiLU * up bit for bit against the unfused kernels under the same settings."""
+    from fastllm.kernels import silu_and_mul
+
+    if scheme == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the float8 type in Triton needs compute capability 8.9+")
+    x, weight, kwargs = _inputs(m, n, k, torch.bfloat16, prologue, device="cuda")
+    qweight, scale = _quantized(weight, scheme)
+    y = fused_linear(x, qweight, weight_scale=scale, **kwargs)
+    _assert_close(y, _expected(x, _dequantized(qweight, scale), kwargs), torch.bfloat16, roundings=2)
+    if prologue == "silu":
+        unfused = _skinny_with_fused_settings(silu_and_mul(x), qweight, prologue, weight_scale=scale)
+        assert torch.equal(y, unfused + kwargs["residual"])

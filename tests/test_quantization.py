@@ -226,6 +226,28 @@ def test_quantized_model_logits_and_explain(tiny, scheme):
     assert report.hf_path_reason is None  # a quantized model runs fastllm's runtime on the CPU too
 
 
+@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+def test_the_gated_activation_goes_into_the_quantized_down_projection(tiny, scheme):
+    """decode_act_fusion (a default pass) takes SiLU * up into each FP8 / int8 down projection as into a float one
+    (fused_linear with the weight's scales); int4 keeps its own launcher and the activation its kernel. On the CPU
+    the references run: the logits equal the unfused step's, bit for bit, and generate's tokens too."""
+    without = tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_act_fusion")
+    results = []
+    for passes in (without, fastllm.DEFAULT_PASSES):
+        model = fastllm.optimize(tiny(), quantization=scheme, passes=passes)
+        with torch.no_grad():
+            logits = model(IDS).logits
+        results.append((logits, model.generate(IDS, max_new_tokens=5, do_sample=False), fastllm.explain(model)))
+    (unfused_logits, unfused_tokens, _), (logits, tokens, report) = results
+    layers = model.config.num_hidden_layers
+    fused = scheme != "int4"
+    assert report.matches["decode_act_fusion"] == (layers if fused else 0)
+    assert report.graph.fused_ops.get("fused_linear", 0) == (layers if fused else 0)
+    assert ("silu_and_mul" in report.graph.fused_ops) != fused
+    assert report.matches["quantize"] == 4 * layers  # every linear but the LM head still quantized
+    assert torch.equal(logits, unfused_logits) and torch.equal(tokens, unfused_tokens)
+
+
 def test_excluded_layers_keep_the_models_dtype_and_exact_results(tiny):
     reference = tiny()
     model = fastllm.optimize(tiny(), quantization=QuantConfig("int8", exclude=("lm_head", "self_attn.o_proj",

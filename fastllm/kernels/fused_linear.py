@@ -13,8 +13,14 @@ norm's weight, the activation and the add are elementwise on what the GEMV reads
 the way; only the norm's 1 / rms needs the whole row, which each program reads once (from L2 after the first one)
 before its product. Every intermediate is rounded where the unfused kernels store it, so the values are theirs.
 
+Quantized weights (`weight_scale`): an FP8 (e4m3) or int8 weight with one fp32 scale per output channel, as
+`quantization="fp8" | "int8"` stores them. The skinny GEMM widens the one-byte weights as it reads them and scales its
+output columns, so a prologue fuses into their decode GEMMs as into float ones; the unfused path runs the scheme's own
+launcher (`fp8_linear`, `int8_linear`), and a block-scaled FP8 checkpoint's weight (2-D scales) always runs unfused.
+
 More than 16 rows (prefill, large decode batches), a prologue on more than PROLOGUE_MAX_ROWS rows, or no Triton: the
-unfused kernels in a row (the norm or the activation kernel, the skinny GEMM or cuBLAS, the add), the same values.
+unfused kernels in a row (the norm or the activation kernel, the skinny GEMM, cuBLAS or the quantized launcher, the
+add), the same values.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from fastllm.kernels._registry import (
     use_triton,
 )
 from fastllm.kernels.gelu_and_mul import gelu_and_mul, gelu_and_mul_ref
+from fastllm.kernels.quant_linear import fp8_linear, fp8_linear_ref, int8_linear, int8_linear_ref
 from fastllm.kernels.rms_norm import rms_norm, rms_norm_ref
 from fastllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from fastllm.kernels.skinny_gemm import skinny_linear
@@ -47,6 +54,8 @@ PROLOGUES = ("rms_norm", *ACTIVATIONS)
 # down_proj 29.4 us against 36.6 unfused at 1 row, 64-68 against 37.9 at 2 rows; at 8 rows, the tl.dot form, the
 # layer took 236 us fused against 139). Past it the prologue's own kernel runs first and then the skinny GEMM.
 PROLOGUE_MAX_ROWS = 1
+# One-byte weights with a scale per output channel: their dtype -> (launcher, reference) of the unfused linear.
+QUANTIZED_LINEARS = {torch.float8_e4m3fn: (fp8_linear, fp8_linear_ref), torch.int8: (int8_linear, int8_linear_ref)}
 
 
 def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, reference: bool) -> torch.Tensor:
@@ -65,18 +74,36 @@ def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, refere
 def fused_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                      residual: torch.Tensor | None = None, prologue: str | None = None,
                      norm_weight: torch.Tensor | None = None, norm_eps: float = 1e-6, norm_offset: float = 0.0,
-                     norm_cast_before_weight: bool = True) -> torch.Tensor:
+                     norm_cast_before_weight: bool = True,
+                     weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-PyTorch spec of `fused_linear`: the references of the kernels it fuses, one after the other."""
-    y = F.linear(_prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight, True), weight,
-                 bias)
+    h = _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight, True)
+    if weight_scale is None:
+        y = F.linear(h, weight, bias)
+    else:
+        y = QUANTIZED_LINEARS[weight.dtype][1](h, weight, weight_scale, bias)
     return y if residual is None else y + residual
 
 
-def _unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast) -> torch.Tensor:
-    """The unfused kernels one after the other: the prologue's, the skinny GEMM (cuBLAS past 16 rows), the add."""
-    y = skinny_linear(_prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, not use_triton(x)),
-                      weight, bias)
+def _unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast,
+             weight_scale) -> torch.Tensor:
+    """The unfused kernels one after the other: the prologue's, the skinny GEMM (cuBLAS past 16 rows) or the
+    quantized weight's launcher, the add."""
+    h = _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, not use_triton(x))
+    if weight_scale is None:
+        y = skinny_linear(h, weight, bias)
+    else:
+        y = QUANTIZED_LINEARS[weight.dtype][0](h, weight, weight_scale, bias)
     return y if residual is None else y.add_(residual)
+
+
+def _fusable(x: torch.Tensor, weight_scale: torch.Tensor | None, rows: int,
+             prologue: str | None) -> bool:
+    """Whether the skinny GEMM runs these rows with the prologue inside: Triton on x's device, few enough rows, and
+    a float weight or a one-byte one with per-channel scales."""
+    if not use_triton(x) or rows > (skinny_gemm.MAX_SKINNY_M if prologue is None else PROLOGUE_MAX_ROWS):
+        return False
+    return weight_scale is None or weight_scale.dim() == 1
 
 
 @register_out_op("fused_linear", mutates_args=("out",))
@@ -86,6 +113,7 @@ def _fused_linear_op(
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
     norm_weight: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
     out: torch.Tensor,
     prologue: str,
     norm_eps: float,
@@ -96,16 +124,48 @@ def _fused_linear_op(
     prologue = None if prologue == "none" else prologue
     m = x.shape[0]
     n, k = weight.shape
-    if use_triton(x) and m <= (skinny_gemm.MAX_SKINNY_M if prologue is None else PROLOGUE_MAX_ROWS):
-        cfg = skinny_gemm._config(m, n, k, x.dtype, x.device, prologue=prologue is not None)
+    if _fusable(x, weight_scale, m, prologue):
+        cfg = skinny_gemm._config(m, n, k, x.dtype, x.device, weight_bytes=weight.element_size(),
+                                  prologue=prologue is not None)
         norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue == "rms_norm" else None
-        skinny_gemm._launch(x, weight, bias, out, None, cfg, residual=residual, prologue=prologue, norm=norm)
+        skinny_gemm._launch(x, weight, bias, out, None, cfg, weight_scale=weight_scale, residual=residual,
+                            prologue=prologue, norm=norm)
     else:
-        out.copy_(_unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast))
+        out.copy_(_unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast,
+                           weight_scale))
 
 
-def _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast) -> None:
-    skinny_gemm._check_inputs(x[..., :weight.shape[1]] if prologue in ACTIVATIONS else x, weight, bias)
+def _check_quantized(x, weight, weight_scale, bias) -> None:
+    """A one-byte weight [N, K] (QUANTIZED_LINEARS) with fp32 scales: [N] per output channel, or an FP8
+    checkpoint's 2-D block scales; bias in x's dtype."""
+    check_float("x", x)
+    check_same_device("weight", weight, "x", x)
+    check_same_device("weight_scale", weight_scale, "x", x)
+    if weight.dtype not in QUANTIZED_LINEARS:
+        raise TypeError(f"a weight with weight_scale must be one of {sorted(map(str, QUANTIZED_LINEARS))}, got "
+                        f"{weight.dtype}")
+    if weight.ndim != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must be [N, {x.shape[-1]}] (x's last dim), got shape {tuple(weight.shape)}")
+    if weight_scale.dtype != torch.float32:
+        raise TypeError(f"weight_scale must be float32, got {weight_scale.dtype}")
+    per_channel = weight_scale.shape == weight.shape[:1]
+    if not per_channel and not (weight_scale.dim() == 2 and weight.dtype == torch.float8_e4m3fn):
+        raise ValueError(f"weight_scale must be [{weight.shape[0]}] (a scale per output channel) or an FP8 weight's "
+                         f"2-D block scales, got shape {tuple(weight_scale.shape)}")
+    if bias is not None:
+        check_float("bias", bias)
+        check_same_device("bias", bias, "x", x)
+        if bias.shape != weight.shape[:1] or bias.dtype != x.dtype:
+            raise ValueError(f"bias must be ({weight.shape[0]},) of x's dtype {x.dtype}, got {tuple(bias.shape)} "
+                             f"{bias.dtype}")
+
+
+def _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast, weight_scale) -> None:
+    x_in = x[..., :weight.shape[1]] if prologue in ACTIVATIONS else x
+    if weight_scale is None:
+        skinny_gemm._check_inputs(x_in, weight, bias)
+    else:
+        _check_quantized(x_in, weight, weight_scale, bias)
     if prologue is not None and prologue not in PROLOGUES:
         raise ValueError(f"prologue must be None or one of {PROLOGUES}, got {prologue!r}")
     k = weight.shape[1]
@@ -142,6 +202,7 @@ def fused_linear(
     norm_eps: float = 1e-6,
     norm_offset: float = 0.0,
     norm_cast_before_weight: bool = True,
+    weight_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`linear(prologue(x), weight, bias) (+ residual)`, fused into the skinny GEMM for up to 16 rows.
@@ -149,30 +210,34 @@ def fused_linear(
     Args:
         x: [..., K] (prologue None or "rms_norm") or [..., 2K] (a gated activation: [gate | up]), 16- or 32-bit
             float, last dim contiguous.
-        weight: [N, K] of x's dtype; bias: optional [N] of x's dtype.
+        weight: [N, K] of x's dtype, or float8 e4m3 / int8 with `weight_scale`; bias: optional [N] of x's dtype.
         residual: optional [..., N] of x's dtype, added to the rounded output (the residual stream).
         prologue: None, "rms_norm", or a gated activation: "silu", "gelu", "gelu_tanh".
         norm_weight, norm_eps, norm_offset, norm_cast_before_weight: the RMSNorm's (kernels.rms_norm's weight, eps,
             weight_offset, cast_before_weight); its output dtype must be x's.
+        weight_scale: for a quantized weight, [N] fp32 (y = linear(x, weight * weight_scale[:, None]) as
+            fp8_linear / int8_linear compute it), or an FP8 checkpoint's 2-D block scales (never fused).
         out: optional [..., N] buffer of x's dtype.
     Returns:
         out, [..., N].
     """
     check_float("x", x)
-    _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight)
+    _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight,
+           weight_scale)
     shape = (*x.shape[:-1], weight.shape[0])
     if out is not None:
         check_out("out", out, shape, x.dtype, x.device)
     if math.prod(x.shape[:-1]) > skinny_gemm.MAX_SKINNY_M or not use_triton(x):
         # Prefill, large batches, the CPU: the unfused kernels (or references) one after the other, no op dispatch
         # and no copy of the output (prefill's outputs are large)
-        y = _unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight)
+        y = _unfused(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offset, norm_cast_before_weight,
+                     weight_scale)
         return y if out is None else out.copy_(y)
     out = out_or_new("out", out, shape, x.dtype, x.device)
     _fused_linear_op(rows_view("x", x), weight, bias, None if residual is None else rows_view("residual", residual),
-                     norm_weight, rows_view("out", out, writable=True), prologue or "none", float(norm_eps),
-                     float(norm_offset), bool(norm_cast_before_weight))
+                     norm_weight, weight_scale, rows_view("out", out, writable=True), prologue or "none",
+                     float(norm_eps), float(norm_offset), bool(norm_cast_before_weight))
     return out
 
 
-__all__ = ["ACTIVATIONS", "PROLOGUES", "fused_linear", "fused_linear_ref"]
+__all__ = ["ACTIVATIONS", "PROLOGUES", "QUANTIZED_LINEARS", "fused_linear", "fused_linear_ref"]

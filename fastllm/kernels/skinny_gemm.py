@@ -340,7 +340,8 @@ def _heuristic(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
                prologue: bool = False) -> dict:
     _, _, block_n, block_k, num_warps, num_stages = next(row for row in _TILES if m <= row[0])
     if prologue and m <= 4 and block_n < PROLOGUE_BLOCK_N:
-        block_k = max(16, block_k * block_n // PROLOGUE_BLOCK_N)
+        # The same bytes of W a chunk: one-byte weights (fp8/int8) keep twice the columns of two-byte ones
+        block_k = max(16, block_k * block_n * (2 // weight_bytes) // PROLOGUE_BLOCK_N)
         block_n = PROLOGUE_BLOCK_N
         if m * block_n * block_k > _MAX_ACC_PER_THREAD * 32 * num_warps:  # M accumulators of BLOCK_N x BLOCK_K
             block_k = _MAX_ACC_PER_THREAD * 32 * num_warps // (m * block_n)

@@ -20,7 +20,9 @@ steps of more than 16 rows run those kernels one after the other.
 
 A norm is folded into its consumers only if every consumer is a skinny linear without a prologue of its own (each
 computes the norm as it reads); a residual add only together with its norm (the norm kernel would otherwise remain).
-Quantized linears keep their own launchers and their neighbours stay as they are.
+FP8 and int8 linears (`kernels.fp8_linear`, `int8_linear`: one-byte weights, a scale per output channel) fuse as float
+ones do, their weight and scale going to fused_linear (`weight_scale`); int4 linears keep their own launcher and their
+neighbours stay as they are.
 """
 
 from __future__ import annotations
@@ -66,12 +68,16 @@ def replacement(x: torch.Tensor, residual: torch.Tensor, w_down: torch.Tensor, n
 
 
 def _linear(node: object) -> dict | None:
-    """A skinny or fused linear's arguments as fused_linear's keywords (x, weight, bias, ...), else None."""
+    """A skinny, fused, FP8 or int8 linear's arguments as fused_linear's keywords (x, weight, bias, ...), else
+    None."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
     if node.target is kernels.skinny_linear and len(node.args) <= 3 and not node.kwargs:
         x, weight, bias = (*node.args, None, None)[:3]
         return {"x": x, "weight": weight, "bias": bias}
+    if node.target in (kernels.fp8_linear, kernels.int8_linear) and len(node.args) in (3, 4) and not node.kwargs:
+        x, weight, weight_scale, bias = (*node.args, None)[:4]
+        return {"x": x, "weight": weight, "bias": bias, "weight_scale": weight_scale}
     if node.target is kernels.fused_linear:
         x, weight, bias = (*node.args, None, None)[:3]
         return {"x": x, "weight": weight, "bias": bias, **node.kwargs}
