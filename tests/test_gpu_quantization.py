@@ -180,18 +180,19 @@ def test_quantized_greedy_decode_with_cuda_graphs_equals_the_compiled_steps_own_
 @pytest.mark.parametrize("scheme", [pytest.param("fp8", marks=pytest.mark.skipif(not _has_fp8(),
                                                                                   reason="needs FP8 tensor cores")),
                                     "int8"])
-def test_quantized_down_projection_takes_the_activation_in_with_cuda_graphs(scheme):
-    """decode_act_fusion on FP8 / int8 weights (bf16): batch-1 decode replays the 1-row graph whose down projections
-    read SiLU * up inside the GEMM. At one row the fused GEMM runs the unfused one's launch settings, so greedy tokens
-    equal the graph without the pass, token for token."""
-    without = tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_act_fusion")
+def test_quantized_down_projection_takes_the_activation_in_with_cuda_graphs(scheme, monkeypatch):
+    """decode_fusion.FUSE_QUANTIZED (off by default: slower where measured) on FP8 / int8 weights (bf16): batch-1
+    decode replays the 1-row graph whose down projections read SiLU * up inside the GEMM. At one row the fused GEMM
+    runs the unfused one's launch settings, so greedy tokens equal the default graph's, token for token."""
+    from fastllm.passes import decode_fusion
+
     ids = torch.tensor([[1, 17, 29, 400, 5, 77]], device="cuda")
     tokens = []
-    for passes in (without, fastllm.DEFAULT_PASSES):
-        model = fastllm.optimize(_llama(), quantization=scheme, passes=passes, max_num_seqs=4)
+    for fuse in (False, True):
+        monkeypatch.setattr(decode_fusion, "FUSE_QUANTIZED", fuse)
+        model = fastllm.optimize(_llama(), quantization=scheme, max_num_seqs=4)
         tokens.append(model.generate(ids, max_new_tokens=24, do_sample=False))
-        fused_ops = fastllm.explain(model).graph.fused_ops
-        assert ("fused_linear" in fused_ops) == (passes == fastllm.DEFAULT_PASSES)
+        assert ("fused_linear" in fastllm.explain(model).graph.fused_ops) == fuse
         del model
     assert torch.equal(tokens[0], tokens[1])
 

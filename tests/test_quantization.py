@@ -227,24 +227,28 @@ def test_quantized_model_logits_and_explain(tiny, scheme):
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
-def test_the_gated_activation_goes_into_the_quantized_down_projection(tiny, scheme):
-    """decode_act_fusion (a default pass) takes SiLU * up into each FP8 / int8 down projection as into a float one
-    (fused_linear with the weight's scales); int4 keeps its own launcher and the activation its kernel. On the CPU
-    the references run: the logits equal the unfused step's, bit for bit, and generate's tokens too."""
-    without = tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_act_fusion")
+def test_the_gated_activation_goes_into_the_quantized_down_projection_only_when_asked(tiny, scheme, monkeypatch):
+    """By default quantized linears keep their activation kernels (decode_fusion.FUSE_QUANTIZED says what it measured).
+    With FUSE_QUANTIZED, decode_act_fusion takes SiLU * up into each FP8 / int8 down projection as into a float one
+    (fused_linear with the weight's scales); int4 keeps its own launcher either way. On the CPU the references run:
+    the logits and generate's tokens equal the unfused step's, bit for bit."""
+    from fastllm.passes import decode_fusion
+
     results = []
-    for passes in (without, fastllm.DEFAULT_PASSES):
-        model = fastllm.optimize(tiny(), quantization=scheme, passes=passes)
+    for fuse in (False, True):
+        monkeypatch.setattr(decode_fusion, "FUSE_QUANTIZED", fuse)
+        model = fastllm.optimize(tiny(), quantization=scheme)
         with torch.no_grad():
             logits = model(IDS).logits
         results.append((logits, model.generate(IDS, max_new_tokens=5, do_sample=False), fastllm.explain(model)))
-    (unfused_logits, unfused_tokens, _), (logits, tokens, report) = results
+    (unfused_logits, unfused_tokens, default), (logits, tokens, report) = results
     layers = model.config.num_hidden_layers
+    assert default.matches["decode_act_fusion"] == 0 and "fused_linear" not in default.graph.fused_ops
     fused = scheme != "int4"
     assert report.matches["decode_act_fusion"] == (layers if fused else 0)
     assert report.graph.fused_ops.get("fused_linear", 0) == (layers if fused else 0)
     assert ("silu_and_mul" in report.graph.fused_ops) != fused
-    assert report.matches["quantize"] == 4 * layers  # every linear but the LM head still quantized
+    assert report.matches["quantize"] == default.matches["quantize"] == 4 * layers  # all but the LM head quantized
     assert torch.equal(logits, unfused_logits) and torch.equal(tokens, unfused_tokens)
 
 

@@ -7,7 +7,8 @@ W5-fused-linear, 8 rows of W a program), where folding the norms in cost more th
 GPU and day, one call): 261.7 against 251.3 tok/s without it (Llama-2-7B shape), 237.7 against 219.8
 (Llama-3.1-8B); an earlier call 229.2 against 226.9. On by default. fused_linear takes the activation inside the GEMM
 for a single row only (batch-1 decode, which runs a 1-row graph); with more rows it runs the activation kernel and
-the GEMM as before (kernels/fused_linear.py's PROLOGUE_MAX_ROWS says why).
+the GEMM as before (kernels/fused_linear.py's PROLOGUE_MAX_ROWS says why). FP8 / int8 down projections keep the
+activation kernel unless decode_fusion.FUSE_QUANTIZED (measured slower there; that flag's comment has the numbers).
 """
 
 from __future__ import annotations

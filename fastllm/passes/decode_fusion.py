@@ -20,9 +20,9 @@ steps of more than 16 rows run those kernels one after the other.
 
 A norm is folded into its consumers only if every consumer is a skinny linear without a prologue of its own (each
 computes the norm as it reads); a residual add only together with its norm (the norm kernel would otherwise remain).
-FP8 and int8 linears (`kernels.fp8_linear`, `int8_linear`: one-byte weights, a scale per output channel) fuse as float
-ones do, their weight and scale going to fused_linear (`weight_scale`); int4 linears keep their own launcher and their
-neighbours stay as they are.
+Quantized linears keep their own launchers and their neighbours stay as they are, unless FUSE_QUANTIZED: then FP8 and
+int8 linears (`kernels.fp8_linear`, `int8_linear`: one-byte weights, a scale per output channel) fuse as float ones do,
+their weight and scale going to fused_linear (`weight_scale`). int4 linears never do.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ RUNTIME_REQUIRED = False
 # the down projection measured faster (29.5 vs 36.1 us at 1 row, 8 rows of W a program). Every program recomputes the
 # prologue for its rows of W: it pays only where a program covers many rows, and that costs the GEMV its bandwidth.
 DEFAULT = False
+# Off: on an H200 (2026-11-30, W5-quant-gemv-*-actfusion.json) a Llama-3.1-8B down projection at 1 row with SiLU * up
+# read inside took 22.8 us against 18.2 for the activation kernel and the GEMV on FP8 weights (int8: 33.5 against
+# 21.9), where bf16 gains (29.8 against 35.5), and W1 with FP8 fell from 338 to 323 tok/s. A one-byte weight halves
+# the GEMV's bytes, not the prologue's work: every program still computes SiLU * up for its K chunk.
+FUSE_QUANTIZED = False
 
 _ACTIVATION_OF = {kernels.silu_and_mul: lambda node: "silu",
                   kernels.gelu_and_mul: lambda node: "gelu" if node.kwargs.get("approximate", "none") == "none"
@@ -68,14 +73,15 @@ def replacement(x: torch.Tensor, residual: torch.Tensor, w_down: torch.Tensor, n
 
 
 def _linear(node: object) -> dict | None:
-    """A skinny, fused, FP8 or int8 linear's arguments as fused_linear's keywords (x, weight, bias, ...), else
-    None."""
+    """A skinny or fused linear's (with FUSE_QUANTIZED, an FP8 or int8 one's) arguments as fused_linear's keywords
+    (x, weight, bias, ...), else None."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return None
     if node.target is kernels.skinny_linear and len(node.args) <= 3 and not node.kwargs:
         x, weight, bias = (*node.args, None, None)[:3]
         return {"x": x, "weight": weight, "bias": bias}
-    if node.target in (kernels.fp8_linear, kernels.int8_linear) and len(node.args) in (3, 4) and not node.kwargs:
+    if FUSE_QUANTIZED and node.target in (kernels.fp8_linear, kernels.int8_linear) and len(node.args) in (3, 4) \
+            and not node.kwargs:
         x, weight, weight_scale, bias = (*node.args, None)[:4]
         return {"x": x, "weight": weight, "bias": bias, "weight_scale": weight_scale}
     if node.target is kernels.fused_linear:
