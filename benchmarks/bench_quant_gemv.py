@@ -1,6 +1,7 @@
 """W5-quant-gemv: the quantized decode linears (fp8 / int8 / int4 weights) beside the bf16 skinny GEMM and cuBLAS.
 
-Llama-3.1-8B's decode shapes (N x K) at M = 1 and 8 rows. GB/s counts the bytes each kernel must read: the weight in
+Llama-3.1-8B's decode shapes (N x K) at M = 1 and 8 rows; FP8 per output channel and in 128 x 128 blocks (a block-wise
+checkpoint's layout). GB/s counts the bytes each kernel must read: the weight in
 its stored format with its scales, plus x and out. Timing: `triton.testing.do_bench_cudagraph` (median, inside a CUDA
 graph as decode runs), cycling through weight copies of >= 256 MB in all so no call finds its weight in L2. Every
 output is checked against its `_ref` (SQNR >= 28 dB, the issue's bar for FP8 GEMMs) before timing. With --sweep, the
@@ -50,6 +51,8 @@ def _schemes(weight: torch.Tensor) -> dict:
         "bf16": ((weight,), lambda x, w: skinny_gemm.skinny_linear(x, w), lambda x, w: linear(x.float(), w.float())),
         "cublas_bf16": ((weight,), linear, lambda x, w: linear(x.float(), w.float())),
         "fp8": (fp8.quantize_weight(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
+        # a block-wise FP8 checkpoint's layout (DeepSeek-V3's 128 x 128 blocks), weight-only
+        "fp8_block128": (fp8.quantize_blocks(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
         "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, quant_linear.int8_linear_ref),
         "int4": (int_weight.quantize_int4(weight, 128), quant_linear.int4_linear, quant_linear.int4_linear_ref),
     }

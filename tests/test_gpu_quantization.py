@@ -290,13 +290,29 @@ def _weight_scheme() -> str:
     return "fp8" if _has_fp8() else "int8"
 
 
+@pytest.mark.skipif(not _has_fp8(), reason="the float8 type in Triton needs compute capability 8.9+")
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("n,k,block", [(4096, 14336, (128, 128)), (6144, 4096, (128, 128)), (96, 192, (32, 64))])
+def test_block_scaled_fp8_decode_gemm_against_its_reference(rows, n, k, block):
+    """Block-wise FP8 weights read by the skinny GEMM (bf16 x, decode sizes) against fp8_block_linear_ref: the
+    output's bf16 rounding (and, in the tl.dot form past 4 rows, each dequantized weight's) leaves >= 40 dB; a
+    wrong block scale is ~0 dB."""
+    torch.manual_seed(9)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    q = (torch.randn(n, k, device="cuda") * 60).clamp(-448, 448).to(fp8.FP8)
+    scale_inv = torch.rand(n // block[0], k // block[1], device="cuda") * 1e-3 + 1e-4
+    y = kernels.fp8_linear(x, q, scale_inv)
+    assert _sqnr(kernels.fp8_linear_ref(x, q, scale_inv), y) >= 40.0
+
+
 @pytest.mark.skipif(not _has_fp8(), reason="needs compute capability 8.9+")
 def test_block_wise_fp8_and_kv_cache_scales_from_checkpoints_on_the_gpu(tmp_path):
-    """transformers' block-wise FP8 checkpoint on CUDA (per-call dequantization) gives the dequantized float model's
-    logits; compressed-tensors' KV cache scales run the scaled kernels: a power-of-two scale keeps the unscaled FP8
-    cache's logits, a wild one costs precision (CPU references: tests/test_quant_checkpoints.py). Its 8 tokens and
-    fp32 activations, as there: over 40 random tokens the subnormals a power-of-two scale moves put the two caches
-    ~30 dB apart on the CPU and on an H200 alike (2026-11-30)."""
+    """transformers' block-wise FP8 checkpoint on CUDA (8 rows: the skinny GEMM reads its blocks) gives the
+    dequantized float model's logits; compressed-tensors' KV cache scales run the scaled kernels: a power-of-two
+    scale keeps the unscaled FP8 cache's logits, a wild one costs precision (CPU references:
+    tests/test_quant_checkpoints.py). Its 8 tokens and fp32 activations, as there: over 40 random tokens the
+    subnormals a power-of-two scale moves put the two caches ~30 dB apart on the CPU and on an H200 alike
+    (2026-11-30)."""
     from tests.test_quant_checkpoints import (
         IDS,
         _float_model,

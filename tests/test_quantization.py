@@ -34,6 +34,22 @@ def test_fp8_rows_map_each_rows_largest_magnitude_to_448_and_round_trip_represen
     assert torch.equal(fp8.dequantize_rows(q, s), x)
 
 
+def test_fp8_blocks_map_each_blocks_largest_magnitude_to_448_and_dequantize_to_the_weight():
+    torch.manual_seed(2)
+    w = torch.randn(64, 96)
+    w[:32, :48] *= 100  # one block far larger than the rest: its scale alone moves
+    q, scale_inv = fp8.quantize_blocks(w, (32, 48))
+    assert q.dtype == fp8.FP8 and scale_inv.shape == (2, 2)
+    blocks = q.float().reshape(2, 32, 2, 48).abs().amax(dim=(1, 3))
+    assert torch.equal(blocks, torch.full((2, 2), fp8.FP8_MAX))
+    restored = fp8.dequantize_blocks(q, scale_inv)
+    # e4m3 keeps 3 mantissa bits: each element within half a step (2^-4 of its magnitude) or in the subnormal range
+    assert ((restored - w).abs() <= w.abs() * 2**-4 + scale_inv.repeat_interleave(32, 0).repeat_interleave(48, 1)
+            * 2**-9).all()
+    with pytest.raises(ValueError, match="do not tile"):
+        fp8.quantize_blocks(w, (128, 128))
+
+
 def test_fp8_zero_rows_get_scale_one_and_nothing_saturates():
     x = torch.zeros(2, 8)
     x[1] = torch.linspace(-1e4, 1e4, 8)
@@ -138,6 +154,46 @@ def test_skinny_gemm_reads_fp8_weights_with_their_scales(rows):
         with triton_on_cpu():
             skinny_gemm._launch(x, q, b, out, None, cfg, weight_scale=scale)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 16])
+@pytest.mark.parametrize("n,k,block", [(256, 512, (128, 128)), (96, 192, (32, 64)), (40, 48, (8, 16))])
+def test_skinny_gemm_reads_block_scaled_fp8_weights(rows, n, k, block):
+    """A block-wise FP8 checkpoint's weights (a scale per bn x bk block) read by the skinny GEMM (interpreted on the
+    CPU) at decode sizes, split-K and not, equal the reference's weight-only math (fp32 x: exact products, fp32 sums
+    in another order). Chunks of K shrink to lie in one block column; the broadcast form takes more rows of W."""
+    from fastllm.kernels import skinny_gemm, triton_on_cpu
+
+    torch.manual_seed(7)
+    x, b = torch.randn(rows, k), torch.randn(n)
+    q = (torch.randn(n, k) * 60).clamp(-448, 448).to(fp8.FP8)
+    scale_inv = torch.rand(n // block[0], k // block[1]) * 1e-3 + 1e-4
+    expected = kernels.fp8_linear_ref(x, q, scale_inv, b)
+    cfg = skinny_gemm.block_scaled_config(rows, n, k, x.dtype, x.device, block[1])
+    assert block[1] % cfg["BLOCK_K"] == 0
+    for split_k in (1, 3):
+        out = torch.empty(rows, n)
+        with triton_on_cpu():
+            skinny_gemm._launch(x, q, b, out, None, {**cfg, "split_k": split_k}, weight_scale=scale_inv)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with triton_on_cpu():  # the launcher: the same kernel at up to 16 rows
+        torch.testing.assert_close(kernels.fp8_linear(x, q, scale_inv, b), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_block_scaled_fp8_the_kernel_cannot_read_runs_the_reference():
+    """Blocks narrower than 16 columns (no K chunk fits one) or not tiling the weight: the reference, not a wrong
+    answer; and _launch refuses settings whose chunks straddle a block column."""
+    from fastllm.kernels import skinny_gemm, triton_on_cpu
+
+    torch.manual_seed(8)
+    x = torch.randn(2, 64)
+    q = torch.randn(32, 64).clamp(-448, 448).to(fp8.FP8)
+    narrow = torch.rand(4, 8) + 0.5  # blocks of 8 x 8
+    with triton_on_cpu():
+        assert torch.equal(kernels.fp8_linear(x, q, narrow), kernels.fp8_linear_ref(x, q, narrow))
+        cfg = {**skinny_gemm.block_scaled_config(2, 32, 64, x.dtype, x.device, 16), "BLOCK_K": 32}
+        with pytest.raises(ValueError, match="BLOCK_K \\(32\\) to divide the scale block's 16 columns"):
+            skinny_gemm._launch(x, q, None, torch.empty(2, 32), None, cfg, weight_scale=torch.rand(2, 4))
 
 
 # int4 needs in-features divisible by its group (the pass keeps other layers unquantized): those pairs are left out.

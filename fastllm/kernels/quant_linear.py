@@ -1,6 +1,7 @@
 """Quantized linears: y = x @ W^T + b with W stored quantized (formats in `fastllm/quant/`).
 
-- `fp8_linear`: FP8 weights (e4m3, one scale per output channel, quantized once). Steps of up to 16 rows (decode)
+- `fp8_linear`: FP8 weights (e4m3, one scale per output channel, quantized once; or a block-wise FP8 checkpoint's
+  scale per block of bn x bk, read by the skinny GEMM up to 16 rows). Steps of up to 16 rows (decode)
   keep the activations in the model's dtype and read the FP8 weights in the skinny GEMM (the weight's bytes are the
   cost there); larger ones quantize x per token (row) on the fly (one Triton kernel, `quantize_rows_fp8`) and run
   cuBLAS's FP8 tensor-core GEMM (`torch._scaled_mm`, row-wise scales: the fp32 accumulator times x_scale[m] *
@@ -102,14 +103,17 @@ def fp8_block_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scale_inv: torc
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """`fp8_linear_ref`'s math; on CUDA the skinny GEMM reading FP8 weights (few rows), else an FP8 tensor-core GEMM.
-    A 2-D `weight_scale` is a block-scaled checkpoint's (`fp8_block_linear_ref`): no kernel reads those yet, so CUDA
-    dequantizes the weight into x's dtype on every call (load_prequantized warns)."""
+    A 2-D `weight_scale` is a block-scaled checkpoint's (`fp8_block_linear_ref`, weight-only at every size): up to 16
+    rows the skinny GEMM reads the weights with their block scales; more rows on CUDA dequantize the weight into x's
+    dtype on every call for cuBLAS (load_prequantized warns)."""
+    n, k = qweight.shape
+    rows = x.reshape(-1, k)
     if weight_scale.dim() == 2:
+        if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS and _block_gemv_fits(qweight, weight_scale):
+            return _weight_gemv(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
         if not x.is_cuda:
             return fp8_block_linear_ref(x, qweight, weight_scale, bias)
         return F.linear(x, fp8_format.dequantize_blocks(qweight, weight_scale, x.dtype), bias)
-    n, k = qweight.shape
-    rows = x.reshape(-1, k)
     if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
         return _weight_gemv(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
     if not x.is_cuda or k % 16 or n % 16:
@@ -120,13 +124,25 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
     return y.reshape(*x.shape[:-1], n)
 
 
+def _block_gemv_fits(qweight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the skinny GEMM reads these block scales: blocks that tile the weight exactly and span a multiple of
+    16 columns (its K chunks, at least tl.dot's 16, must each lie in one block column)."""
+    (n, k), (rows, cols) = qweight.shape, scale.shape
+    return rows > 0 and cols > 0 and n % rows == 0 and k % cols == 0 and (k // cols) % 16 == 0
+
+
 def _weight_gemv(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-    """rows [M <= 16, K] @ (qweight [N, K] * scale[:, None])^T + bias through the skinny GEMM, which widens the 1-byte
-    weights (float8 or int8) as it reads them and scales each output column in its epilogue."""
+    """rows [M <= 16, K] @ (qweight [N, K] * scale)^T + bias through the skinny GEMM, which widens the 1-byte weights
+    (float8 or int8) as it reads them and scales each output column in its epilogue ([N] scales) or each weight by
+    its block's scale as it reads it (2-D block scales)."""
     m, k = rows.shape
     n = qweight.shape[0]
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
-    cfg = skinny_gemm._config(m, n, k, rows.dtype, rows.device, weight_bytes=qweight.element_size())
+    if scale.dim() == 2:
+        scale = scale.contiguous()  # the kernel steps through a row of block scales with unit stride
+        cfg = skinny_gemm.block_scaled_config(m, n, k, rows.dtype, rows.device, k // scale.shape[1])
+    else:
+        cfg = skinny_gemm._config(m, n, k, rows.dtype, rows.device, weight_bytes=qweight.element_size())
     skinny_gemm._launch(rows.contiguous(), qweight, bias, out, None, cfg, weight_scale=scale)
     return out
 

@@ -177,6 +177,13 @@ def _rows_rstd(X, rows, stride_xm, K, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _block_scales(WS, n, k0, N, stride_wsn, WS_BLOCK_N: tl.constexpr, WS_BLOCK_K: tl.constexpr):
+    """The block scales of W's rows n [BLOCK_N] in the chunk starting at column k0, which lies in one block column
+    (the launcher makes BLOCK_K divide WS_BLOCK_K): [BLOCK_N] fp32, rows past N clamped as W's are."""
+    return tl.load(WS + (tl.minimum(n, N - 1) // WS_BLOCK_N) * stride_wsn + k0 // WS_BLOCK_K)
+
+
+@triton.jit
 def _pick(values, i: tl.constexpr, R: tl.constexpr):
     """values[i] of a [R] vector, as a scalar."""
     return tl.sum(tl.where(tl.arange(0, R) == i, values, 0.0), axis=0)
@@ -189,11 +196,12 @@ def _skinny_gemm_kernel(
     B,  # [N] bias (read only with HAS_BIAS)
     Y,  # [M, N], row stride stride_ym (written without SPLIT)
     P,  # [num_splits, M, N] fp32 partials, contiguous (written with SPLIT)
-    WS,  # [N] fp32 per-output-channel weight scales (read only with HAS_WSCALE)
+    WS,  # fp32 weight scales: [N] per output channel (HAS_WSCALE), or [N / WS_BLOCK_N, K / WS_BLOCK_K] per block
     R,  # [M, N] residual added to the output (read only with HAS_RESIDUAL), row stride stride_rm
     NW,  # [K] the RMSNorm prologue's weight (read only with PROLOGUE "rms_norm")
     M, N, K,
     stride_xm, stride_wn, stride_ym, stride_rm,
+    stride_wsn,  # WS's row stride (block scales)
     k_per_split,  # a multiple of BLOCK_K
     eps, norm_offset,  # the RMSNorm prologue's
     HAS_BIAS: tl.constexpr,
@@ -210,6 +218,8 @@ def _skinny_gemm_kernel(
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # K chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
+    WS_BLOCK_N: tl.constexpr = 0,  # > 0: block-scaled weights (a block-wise FP8 checkpoint's), WS_BLOCK_K | BLOCK_K
+    WS_BLOCK_K: tl.constexpr = 0,
 ):  # fmt: skip
     """Program (n block, split): y[m, n] = sum over k in the split's K range of x[m, k] * w[n, k], in fp32.
 
@@ -233,7 +243,10 @@ def _skinny_gemm_kernel(
             rstd = _rows_rstd(X, tl.minimum(m, M - 1), stride_xm, K, eps, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
-            w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(X.dtype.element_ty)  # fp8 weights: widened
+            w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K)  # fp8 weights: widened
+            if WS_BLOCK_K > 0:
+                w = w.to(tl.float32) * _block_scales(WS, n, k0, N, stride_wsn, WS_BLOCK_N, WS_BLOCK_K)[:, None]
+            w = w.to(X.dtype.element_ty)
             x = _load_x(x_ptrs, k0, k[None, :], k_end, K, NW, rstd[:, None], norm_offset, EVEN_K, PROLOGUE,
                         NORM_CAST)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
@@ -259,6 +272,8 @@ def _skinny_gemm_kernel(
         acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
             w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(tl.float32)
+            if WS_BLOCK_K > 0:
+                w = w * _block_scales(WS, n, k0, N, stride_wsn, WS_BLOCK_N, WS_BLOCK_K)[:, None]
             acc0 += w * _load_x(x_ptrs, k0, k, k_end, K, NW, rstd0, norm_offset, EVEN_K, PROLOGUE,
                                 NORM_CAST).to(tl.float32)[None, :]
             if BLOCK_M > 1:
@@ -380,6 +395,26 @@ def _config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, we
     return dict(cfg)
 
 
+def block_scaled_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
+                        scale_block_k: int) -> dict:
+    """Launch settings for one-byte weights with block scales whose blocks span `scale_block_k` columns: each K chunk
+    must lie in one block column (its scales are then one per row of W), so BLOCK_K shrinks to divide the block and
+    the broadcast form takes proportionally more rows of W a chunk (the same bytes, the same accumulators)."""
+    key = (*_tune_key(m, n, k, dtype, device), "blocks", scale_block_k)
+    if key not in _HEURISTIC:
+        cfg = _heuristic(m, n, k, dtype, device, weight_bytes=1)
+        columns = min(cfg["BLOCK_K"], scale_block_k & -scale_block_k)  # the largest power of two dividing the block
+        if columns < cfg["BLOCK_K"]:
+            if not cfg["USE_DOT"]:
+                cfg["BLOCK_N"] = cfg["BLOCK_N"] * cfg["BLOCK_K"] // columns
+            cfg["BLOCK_K"] = columns
+            programs = max(1, _cdiv(n, cfg["BLOCK_N"]))
+            cfg["split_k"] = max(1, min(_PROGRAMS_PER_SM * sm_count(device) // programs, k // _MIN_SPLIT_COLUMNS,
+                                        _MAX_SPLIT_K))
+        _HEURISTIC[key] = cfg
+    return dict(_HEURISTIC[key])
+
+
 def _gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
@@ -414,8 +449,9 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
 
 def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=None, prologue=None, norm=None):
     # x: [M, K] ([M, 2K] for a gated-activation prologue), weight: [N, K], bias: [N] or None, out: [M, N] row views;
-    # workspace: flat fp32 or None; weight_scale: [N] fp32 for quantized (float8) weights (kernels/quant_linear.py),
-    # else None; residual: [M, N] row view added to the output, or None; prologue: a PROLOGUES key, with
+    # workspace: flat fp32 or None; weight_scale: for quantized (float8, int8) weights (kernels/quant_linear.py) [N]
+    # fp32, or [N / bn, K / bk] fp32 block scales tiling W exactly (cfg from block_scaled_config), else None;
+    # residual: [M, N] row view added to the output, or None; prologue: a PROLOGUES key, with
     # norm = (weight [K], eps, offset, cast_before_weight) for "rms_norm" (kernels/fused_linear.py).
     m = x.shape[0]
     n, k = weight.shape
@@ -433,12 +469,19 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
     b = bias if bias is not None else out  # never read without a bias
     r = residual if residual is not None else out  # never read without a residual
     norm_weight, eps, offset, cast = norm if norm is not None else (out, 0.0, 0.0, True)
+    blocks = weight_scale is not None and weight_scale.dim() == 2
+    ws_block_n, ws_block_k = (n // weight_scale.shape[0], k // weight_scale.shape[1]) if blocks else (0, 0)
+    if blocks and ws_block_k % block_k:
+        raise ValueError(f"block-scaled weights need BLOCK_K ({block_k}) to divide the scale block's {ws_block_k} "
+                         "columns: take the launch settings from block_scaled_config")
     pdl = pdl_options(x)
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
             x, weight, b, out, parts, weight_scale if weight_scale is not None else out, r, norm_weight,
-            m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0), k_per_split, eps, offset,
-            HAS_BIAS=bias is not None, SPLIT=split, HAS_WSCALE=weight_scale is not None,
+            m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0),
+            weight_scale.stride(0) if blocks else 0, k_per_split, eps, offset,
+            HAS_BIAS=bias is not None, SPLIT=split, HAS_WSCALE=weight_scale is not None and not blocks,
+            WS_BLOCK_N=ws_block_n, WS_BLOCK_K=ws_block_k,
             HAS_RESIDUAL=residual is not None, PROLOGUE=prologue or "none", NORM_CAST=cast,
             USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -19,8 +19,9 @@ Supported, each mapping exactly onto a fastllm scheme:
   multipliers of an FP8 KV cache (real = stored x scale) -> the model runs an FP8 KV cache with those scales.
 - transformers' "fp8" method (block-wise FP8, DeepSeek-V3's layout: `quant_method == "fp8"`, `weight_block_size`
   [bn, bk], dynamic activations): `<layer>.weight` float8 e4m3 and `<layer>.weight_scale_inv` [ceil(N / bn),
-  ceil(K / bk)], the multiplier of each block -> "fp8" with block scales, run weight-only: no kernel reads block-scaled
-  weights yet, so on CUDA each call dequantizes the weight (slower than the model's dtype; a warning says so).
+  ceil(K / bk)], the multiplier of each block -> "fp8" with block scales, run weight-only: steps of up to 16 rows
+  (decode) read the block-scaled weights in the skinny GEMM; larger ones (prefill) on CUDA dequantize each weight on
+  every call (slower than the model's dtype there; a warning says so).
 Other layouts (static activation scales, AWQ GEMV) are refused with what is supported.
 
 The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward runs on them until the model is
@@ -61,9 +62,9 @@ class Prequantized:
 SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per token or "
              "unquantized), transformers' block-wise FP8 (quant_method 'fp8', dynamic activations), GPTQ 4-bit "
              "(with or without act-order) and AWQ 4-bit GEMM (group size 32, 64 or 128)")
-BLOCK_FP8_WARNING = ("block-wise FP8 checkpoint: no fastllm kernel reads block-scaled FP8 weights yet, so on CUDA "
-                     "every call dequantizes each weight (slower than the model's own dtype); its weights are used as "
-                     "they are, never re-quantized")
+BLOCK_FP8_WARNING = ("block-wise FP8 checkpoint: decode steps (up to 16 rows) read the block-scaled FP8 weights "
+                     "directly, but larger steps (prefill) on CUDA dequantize each weight on every call (slower than "
+                     "the model's own dtype there); its weights are used as they are, never re-quantized")
 # AWQ packs output channel 8c + AWQ_ORDER[i] into nibble i of column c.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 

@@ -30,6 +30,19 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.squeeze(-1).contiguous()
 
 
+def quantize_blocks(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [N, K] whose shape the bn x bk blocks tile -> (q [N, K] e4m3, scale_inv [N / bn, K / bk] fp32), each
+    block's largest magnitude mapped onto 448 (the layout `dequantize_blocks` reads; benchmarks and tests write it)."""
+    (n, k), (bn, bk) = weight.shape, block
+    if n % bn or k % bk:
+        raise ValueError(f"blocks of {block} do not tile a weight of {(n, k)}")
+    blocks = weight.detach().float().reshape(n // bn, bn, k // bk, bk)
+    amax = blocks.abs().amax(dim=(1, 3), keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).reshape(n, k)
+    return q, scale.reshape(n // bn, k // bk).contiguous()
+
+
 def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32,
                       block: tuple[int, int] | None = None) -> torch.Tensor:
     """Block-wise FP8 (transformers' "fp8" method, DeepSeek-V3's layout): q [N, K] e4m3 with one multiplier per
