@@ -219,17 +219,20 @@ def _w1_quant(result: dict) -> list[str]:
 
 
 def _host_step(result: dict) -> list[str]:
-    """Host milliseconds per engine step (stub model), the plain-rows fast path beside the per-row sampler."""
+    """Host milliseconds per engine step (stub model): the default beside the baselines of the same run (the per-row
+    sampler; older files: only that one), with the collector's pauses where recorded."""
     lines = ["Host time per engine step, model forward stubbed (benchmarks/bench_host_step.py); greedy rows.", "",
-             "| sequences | sampler path | ms / step | schedule | execute | sample | update | us / sequence-step |",
-             "|---|---|---|---|---|---|---|---|"]
-    for path, per_seqs in (("fast (default)", result["fastllm"]), ("per row", result["baselines"]["per_row"])):
+             "| sequences | configuration | ms / step | schedule | execute | sample | update | us / sequence-step | "
+             "gc ms / step |", "|---|---|---|---|---|---|---|---|---|"]
+    configs = {"fast (default)": result["fastllm"], **result["baselines"]}
+    for name, per_seqs in configs.items():
         for key, r in per_seqs.items():
             phases = r["phase_ms_per_step"]
-            lines.append(f"| {key.removeprefix('seqs_')} | {path} | {r['ms_per_step']:.2f} | "
+            gc_ms = sum(r["gc_ms_per_step"].values()) if "gc_ms_per_step" in r else None
+            lines.append(f"| {key.removeprefix('seqs_')} | {name} | {r['ms_per_step']:.2f} | "
                          f"{phases['schedule']:.2f} | {phases['execute']:.2f} | {phases['sample']:.2f} | "
-                         f"{phases['update']:.2f} | "
-                         f"{r['us_per_sequence_step']:.1f} |")
+                         f"{phases['update']:.2f} | {r['us_per_sequence_step']:.1f} | "
+                         f"{'–' if gc_ms is None else f'{gc_ms:.2f}'} |")
     return lines
 
 

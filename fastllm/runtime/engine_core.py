@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fastllm.runtime.detokenizer import IncrementalDetokenizer
+from fastllm.runtime.heap import HeapHold
 from fastllm.runtime.kv_cache import BlockTable, OutOfBlocks
 from fastllm.runtime.model_runner import ModelRunner
 from fastllm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestUpdate
@@ -166,6 +167,7 @@ class EngineCore:
         self._ttft: deque[float] = deque(maxlen=MAX_METRIC_SAMPLES)
         self._tpot: deque[float] = deque(maxlen=MAX_METRIC_SAMPLES)
         self.closed = False
+        self._heap = HeapHold()  # the objects that exist stay out of the collector's way while this engine steps
         self._make_scheduler(max_num_seqs, max_num_batched_tokens, enable_prefix_caching, async_scheduling)
 
     def _make_scheduler(self, max_num_seqs: int, max_num_batched_tokens: int, enable_prefix_caching: bool,
@@ -306,6 +308,8 @@ class EngineCore:
                     self.scheduler.abort(c.request.request_id)
                     self._complete(c, now)
             self._emit([req])
+            if not self.has_work():
+                self._heap.release()
             return True
 
     def has_work(self) -> bool:
@@ -333,6 +337,7 @@ class EngineCore:
     # ---- one step --------------------------------------------------------------------------------------------
 
     def _step(self) -> None:
+        self._heap.hold()  # the first step after idle (runtime/heap.py says why)
         touched: list[CoreRequest] = []
         try:
             if self.async_scheduling:
@@ -344,6 +349,9 @@ class EngineCore:
         except BaseException as error:  # Ctrl-C: every request ends, every block goes back, then it propagates
             self._fail_running(error, everything=True)
             raise
+        finally:
+            if not self.has_work():
+                self._heap.release()
         self._emit(touched)
 
     def _step_sync(self, touched: list) -> None:
@@ -601,6 +609,7 @@ class EngineCore:
                 self.abort(request_id, error="the engine was closed")
             self._overlap.drop()
             self.runner.close()
+            self._heap.release()
             self.closed = True
 
     def count_aborted(self) -> None:

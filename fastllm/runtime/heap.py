@@ -1,0 +1,55 @@
+"""Python's cyclic garbage collector kept off the objects that already exist while an engine steps.
+
+Why: a full (oldest-generation) collection traverses every tracked object in the process: with torch,
+transformers and a model loaded, ~200 ms on the 2-core CI machine. The engine allocates thousands of small objects a
+step at hundreds of sequences (scheduled chunks, lists of ids and slots), which triggers such a collection every few
+dozen steps: averaged, 2.7 ms of a 11 ms host step at 1024 sequences (benchmarks/bench_host_step.py), and each one
+is a ~200 ms stall of every stream in flight. `gc.freeze()` moves every object that exists into a permanent
+generation the collector skips; objects made afterwards are collected as usual.
+
+Frozen only while an engine has work (its first step after being idle freezes, the step that leaves it idle or its
+close unfreezes), so garbage cycles that existed before (a model the user let go) wait for the end of the run, not
+forever. Process-wide and counted: the heap stays frozen while any engine in the process holds it. A heap frozen by
+someone else (gc.get_freeze_count() > 0 before the first hold) is left to them: nothing is frozen or unfrozen here.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+FREEZE_WHILE_STEPPING = True  # benchmarks/bench_host_step.py measures with and without
+
+_lock = threading.Lock()
+_holders = 0
+_froze = False  # whether the current hold froze the heap (else it was frozen already, by someone else)
+
+
+class HeapHold:
+    """One engine's share of the process-wide freeze: `hold()` while it has work, `release()` when it has none."""
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def hold(self) -> None:
+        global _holders, _froze
+        if self.held or not FREEZE_WHILE_STEPPING:
+            return
+        with _lock:
+            if _holders == 0:
+                _froze = gc.get_freeze_count() == 0
+                if _froze:
+                    gc.freeze()
+            _holders += 1
+            self.held = True
+
+    def release(self) -> None:
+        global _holders, _froze
+        if not self.held:
+            return
+        with _lock:
+            self.held = False
+            _holders -= 1
+            if _holders == 0 and _froze:
+                gc.unfreeze()
+                _froze = False
