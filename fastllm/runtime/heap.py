@@ -1,16 +1,18 @@
 """Python's cyclic garbage collector kept off the objects that already exist while an engine steps.
 
 Why: a full (oldest-generation) collection traverses every tracked object in the process: with torch,
-transformers and a model loaded, ~200 ms on the 2-core CI machine. The engine allocates thousands of small objects a
-step at hundreds of sequences (scheduled chunks, lists of ids and slots), which triggers such a collection every few
-dozen steps: averaged, 2.7 ms of a 11 ms host step at 1024 sequences (benchmarks/bench_host_step.py), and each one
-is a ~200 ms stall of every stream in flight. `gc.freeze()` moves every object that exists into a permanent
-generation the collector skips; objects made afterwards are collected as usual.
+transformers and a model loaded, ~200 ms on a 2-core CPU. The engine allocates thousands of small objects a step at
+hundreds of sequences (scheduled chunks, lists of ids and slots), which triggers such a collection every few dozen
+steps: averaged, 3.2 ms of a 7.4 ms host step at 512 sequences and 2.8 of 10.6 at 1024 (benchmarks/bench_host_step.py,
+host-step-cpu-20261130-2.json; frozen: 4.0 and 7.7 ms), and each one is a ~200 ms stall of every stream in
+flight. `gc.freeze()` moves every object that exists into a permanent generation the collector skips; objects made
+afterwards are collected as usual.
 
 Frozen only while an engine has work (its first step after being idle freezes, the step that leaves it idle or its
 close unfreezes), so garbage cycles that existed before (a model the user let go) wait for the end of the run, not
 forever. Process-wide and counted: the heap stays frozen while any engine in the process holds it. A heap frozen by
-someone else (gc.get_freeze_count() > 0 before the first hold) is left to them: nothing is frozen or unfrozen here.
+someone else (gc.get_freeze_count() > 0 before the first hold) is left to them: nothing is frozen or unfrozen here
+(one they freeze while an engine holds it is unfrozen with the engine's at its release).
 """
 
 from __future__ import annotations
