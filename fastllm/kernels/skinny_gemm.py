@@ -365,10 +365,14 @@ def _heuristic(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
         # 2026-11-30) at M = 1: 3.3-3.7 TB/s with 8 rows of 1024 columns against 2.1-3.5 with 4.
         block_n *= 2
     cfg = _tile(m, k, dtype, block_n, block_k, num_warps, num_stages)
-    programs = max(1, _cdiv(n, block_n))
-    target = _PROGRAMS_PER_SM * sm_count(device)
-    cfg["split_k"] = max(1, min(target // programs, k // _MIN_SPLIT_COLUMNS, _MAX_SPLIT_K))
+    cfg["split_k"] = _split_k(n, k, block_n, device)
     return cfg
+
+
+def _split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
+    """K splits that bring the n blocks' programs up to _PROGRAMS_PER_SM an SM (see _TILES' comments)."""
+    programs = max(1, _cdiv(n, block_n))
+    return max(1, min(_PROGRAMS_PER_SM * sm_count(device) // programs, k // _MIN_SPLIT_COLUMNS, _MAX_SPLIT_K))
 
 
 def _tune_key(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -411,9 +415,7 @@ def block_scaled_config(m: int, n: int, k: int, dtype: torch.dtype, device: torc
             if not cfg["USE_DOT"]:
                 cfg["BLOCK_N"] = cfg["BLOCK_N"] * cfg["BLOCK_K"] // columns
             cfg["BLOCK_K"] = columns
-            programs = max(1, _cdiv(n, cfg["BLOCK_N"]))
-            cfg["split_k"] = max(1, min(_PROGRAMS_PER_SM * sm_count(device) // programs, k // _MIN_SPLIT_COLUMNS,
-                                        _MAX_SPLIT_K))
+            cfg["split_k"] = _split_k(n, k, cfg["BLOCK_N"], device)
         _HEURISTIC[key] = cfg
     return dict(_HEURISTIC[key])
 
