@@ -8,7 +8,7 @@ output is checked against its `_ref` (SQNR >= 28 dB, the issue's bar for FP8 GEM
 fp8/int8 skinny GEMM is also timed at every autotune candidate of skinny_gemm.py (the heuristic was chosen for 2-byte
 weights), and the int4 GEMV at a few block sizes. The down projection at 1 row is also timed as decode runs it with the
 decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul and then the linear, per
-scheme, and for the one-byte weights at the prologue's two chunk widths (BLOCK_K 512: the two-byte chunk's columns).
+scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
 
     PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--out DIR]
 
@@ -75,9 +75,14 @@ def _sweep_skinny(x, qweight, scale, bench) -> list[dict]:
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 
+# (BLOCK_N, BLOCK_K, num_warps) of the one-byte prologue GEMM timed beside the default (8, 1024, 4): 8 x 512 measured
+# 33.0 us against 22.8 (H200, 2026-11-30); wider blocks of W spread each chunk's SiLU * up over more rows.
+PROLOGUE_SWEEP = [(8, 512, 4), (16, 1024, 8), (16, 512, 4), (32, 512, 8), (32, 256, 4)]
+
+
 def _act_fusion_cases(bench) -> dict:
     """down_8b at 1 row from [gate | up]: fused (the prologue inside the GEMM) against the activation kernel and then
-    the linear, for bf16, fp8 and int8 weights; the one-byte ones also with the prologue's BLOCK_K at 512."""
+    the linear, for bf16, fp8 and int8 weights; the one-byte ones also at the PROLOGUE_SWEEP settings."""
     _, n, k = SHAPES[3]
     weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
     gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
@@ -94,8 +99,7 @@ def _act_fusion_cases(bench) -> dict:
         copies = itertools.cycle(_copies(tensors))
         nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * (n + 2 * k)
         out = torch.empty(1, n, dtype=gate_up.dtype, device="cuda")
-        cfg = {**skinny_gemm._config(1, n, k, gate_up.dtype, gate_up.device, weight_bytes=1, prologue=True),
-               "BLOCK_K": 512}
+        default = skinny_gemm._config(1, n, k, gate_up.dtype, gate_up.device, weight_bytes=1, prologue=True)
 
         def unfused(linear=linear, copies=copies):
             return linear(silu_and_mul(gate_up), *next(copies))
@@ -104,13 +108,23 @@ def _act_fusion_cases(bench) -> dict:
             w, *scale = next(copies)
             return fused_linear(gate_up, w, prologue="silu", **extra(w, *scale))
 
-        def fused_block_k512(copies=copies, out=out, cfg=cfg):  # one-byte weights: the launch settings forced
-            w, scale = next(copies)
-            skinny_gemm._launch(gate_up, w, None, out, None, cfg, weight_scale=scale, prologue="silu")
+        def fused_with(cfg, copies=copies, out=out):  # one-byte weights: the launch settings forced
+            def launch():
+                w, scale = next(copies)
+                skinny_gemm._launch(gate_up, w, None, out, None, cfg, weight_scale=scale, prologue="silu")
+            return launch
 
         cases = {"unfused": unfused, "fused": fused}
-        if scheme != "bf16":
-            cases["fused_block_k512"] = fused_block_k512
+        if scheme != "bf16":  # more rows of W a program share each chunk's SiLU * up (accumulators <= 64 a thread)
+            for block_n, block_k, warps in PROLOGUE_SWEEP:
+                cfg = {**default, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps,
+                       "split_k": skinny_gemm._split_k(n, k, block_n, gate_up.device)}
+                check = torch.empty_like(out)
+                skinny_gemm._launch(gate_up, tensors[0], None, check, None, cfg, weight_scale=tensors[1],
+                                    prologue="silu")
+                if not _sqnr(expected, check) >= 40.0:
+                    sys.exit(f"down_8b {scheme} at {cfg}: off from the unfused kernels; not timing it")
+                cases[f"fused_bn{block_n}_bk{block_k}_w{warps}"] = fused_with(cfg)
         for case, launch in cases.items():
             ms = bench(launch)
             results[f"down_8b_{n}x{k}_m1_silu_{case}_{scheme}"] = {

@@ -1,10 +1,12 @@
 """W1's profile: where a decode step's and a prefill's time goes (host vs GPU, per kernel) on a random-weight model.
 
-    PYTHONPATH=. python benchmarks/profile_step.py [--model llama2_7b] [--out DIR]
+    PYTHONPATH=. python benchmarks/profile_step.py [--model llama2_7b] [--quantization fp8] [--out DIR]
 
 Decode: one step of `generate()` (tokens 2..N of a 128-token prompt, batch 1) against a bare replay of the
 step's CUDA graph: the difference is the host's share (scheduler, inputs, sampling, the per-step sync).
-Prefill: one 128-token prompt, wall time against GPU busy time. Writes DIR/profile-<model>.json.
+Prefill: one 128-token prompt, wall time against GPU busy time. With --quantization, the model is optimized with that
+scheme (W1-fp8's step, kernel by kernel). Writes DIR/profile-<model>[-<scheme>].json (a later run on the same name
+takes the next free -n).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pathlib
 import sys
 
 import torch
-from _common import missing_gpu
+from _common import missing_gpu, unused_path
 from _profile import profile_gpu
 from bench_decode import _build, _prompt, _timed_generate
 
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama2_7b")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default=None)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
 
     model = _build(args.model)
     vocab = model.config.vocab_size
-    fastllm.optimize(model, max_num_seqs=8)
+    fastllm.optimize(model, max_num_seqs=8, quantization=args.quantization)
     ids = _prompt(128, vocab)
     _timed_generate(model, ids, args.new_tokens)
     t1 = min(_timed_generate(model, ids, 1) for _ in range(3))
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
     generate_profile = profile_gpu(lambda: _timed_generate(model, ids, 33))
     prefill_profile = profile_gpu(lambda: _timed_generate(model, ids, 1))
     result = {
-        "model": args.model, "gpu": torch.cuda.get_device_name(),
+        "model": args.model, "quantization": args.quantization, "gpu": torch.cuda.get_device_name(),
         "decode": {"generate_step_ms": step_ms, "graph_replay_ms": replay_ms,
                    "host_share_ms": step_ms - replay_ms, "tok_s": 1e3 / step_ms,
                    "replay_x5": decode_profile, "generate_33_tokens": generate_profile},
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"profile-{args.model}.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = f"profile-{args.model}" + (f"-{args.quantization}" if args.quantization else "")
+    unused_path(out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"decode: generate step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms "
           f"(host share {step_ms - replay_ms:.3f} ms); generate busy {generate_profile['busy_fraction']:.2f}")
     print(f"prefill 128: TTFT {1e3 * t1:.1f} ms, GPU busy {prefill_profile['gpu_busy_ms']:.1f} ms "

@@ -2,7 +2,7 @@
 # What one device call checks and measures (device time is scarce; a machine start costs minutes), in stages:
 #   STAGES="tests kernels attention gemv decode throughput" bash benchmarks/run_on_gpu.sh    (default: tests decode)
 # tests: the gpu-marked tests (PYTEST_ARGS narrows them); profile: profile_step.py (host vs GPU per decode step,
-# prefill); kernels/attention/gemv: W5 benchmarks; decode: W1 (MODELS="llama2_7b ...", PROVIDERS="fastllm ...")
+# prefill; PROFILE_ARGS="--quantization fp8" profiles a quantized step); kernels/attention/gemv: W5 benchmarks; decode: W1 (MODELS="llama2_7b ...", PROVIDERS="fastllm ...")
 # then, if llama2_7b is among MODELS, W3 warm start of Llama-2-7B in a second process; throughput: W2/W4 (Llama-3.1-8B, 1000 requests fixed and
 # mixed, HF continuous batching beside the fixed set; THROUGHPUT_ARGS adds options, e.g. "--providers fastllm
 # fastllm_sync hf_continuous_batching"). Rough durations on an H100: tests 4.6 min, profile 1.5,
@@ -35,7 +35,8 @@ for stage in $STAGES; do
         gemv) python3 benchmarks/bench_gemv.py --out "$OUT" > "$OUT/gemv.log" 2>&1 || rc=1 ;;
         throughput) python3 benchmarks/bench_throughput.py --out "$OUT" ${THROUGHPUT_ARGS:-} > "$OUT/throughput.log" 2>&1 || rc=1
                     tail -n 6 "$OUT/throughput.log" ;;
-        profile) python3 benchmarks/profile_step.py --model ${PROFILE_MODEL:-llama2_7b} --out "$OUT" > "$OUT/profile.log" 2>&1 || rc=1
+        profile) python3 benchmarks/profile_step.py --model ${PROFILE_MODEL:-llama2_7b} ${PROFILE_ARGS:-} --out "$OUT" \
+                     > "$OUT/profile.log" 2>&1 || rc=1
                  grep -v Warn "$OUT/profile.log" | tail -n 24 ;;
         decode) python3 benchmarks/bench_decode.py --models $MODELS --providers ${PROVIDERS:-hf_eager hf_static_compile fastllm} --out "$OUT" > "$OUT/decode.log" 2>&1 || rc=1
                 grep -vE "capturing|warn" "$OUT/decode.log" | tail -n 8
