@@ -48,6 +48,9 @@ def test_fp8_blocks_map_each_blocks_largest_magnitude_to_448_and_dequantize_to_t
             * 2**-9).all()
     with pytest.raises(ValueError, match="do not tile"):
         fp8.quantize_blocks(w, (128, 128))
+    for bad in ((0, 48), (32,), (32.0, 48), (True, 48)):
+        with pytest.raises(ValueError, match="block must be two positive ints"):
+            fp8.quantize_blocks(w, bad)
 
 
 def test_fp8_zero_rows_get_scale_one_and_nothing_saturates():

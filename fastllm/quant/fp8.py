@@ -33,6 +33,8 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_blocks(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight [N, K] whose shape the bn x bk blocks tile -> (q [N, K] e4m3, scale_inv [N / bn, K / bk] fp32), each
     block's largest magnitude mapped onto 448 (the layout `dequantize_blocks` reads; benchmarks and tests write it)."""
+    if len(block) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block):
+        raise ValueError(f"block must be two positive ints (rows, columns), got {block!r}")
     (n, k), (bn, bk) = weight.shape, block
     if n % bn or k % bk:
         raise ValueError(f"blocks of {block} do not tile a weight of {(n, k)}")
