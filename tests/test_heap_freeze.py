@@ -37,6 +37,14 @@ def test_holds_are_counted_across_engines():
     assert gc.get_freeze_count() == 0 and heap._holders == 0
 
 
+def test_a_hold_let_go_while_held_gives_the_heap_back():
+    hold = heap.HeapHold()
+    hold.hold()
+    assert gc.get_freeze_count() > 0
+    del hold  # an engine dropped mid-run, without close
+    assert gc.get_freeze_count() == 0 and heap._holders == 0
+
+
 def test_a_heap_frozen_by_someone_else_stays_frozen_and_off_means_off(monkeypatch):
     gc.freeze()
     frozen = gc.get_freeze_count()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 
 FREEZE_WHILE_STEPPING = True  # benchmarks/bench_host_step.py measures with and without
 
@@ -28,14 +29,20 @@ _froze = False  # whether the current hold froze the heap (else it was frozen al
 
 
 class HeapHold:
-    """One engine's share of the process-wide freeze: `hold()` while it has work, `release()` when it has none."""
+    """One engine's share of the process-wide freeze: `hold()` while it has work, `release()` when it has none. A
+    hold dropped while held (an engine let go mid-run without close) is released by its finalizer."""
 
     def __init__(self) -> None:
-        self.held = False
+        self._state = [False]  # held; shared with the finalizer, which must not keep `self` alive
+        weakref.finalize(self, _release, self._state)
+
+    @property
+    def held(self) -> bool:
+        return self._state[0]
 
     def hold(self) -> None:
         global _holders, _froze
-        if self.held or not FREEZE_WHILE_STEPPING:
+        if self._state[0] or not FREEZE_WHILE_STEPPING:
             return
         with _lock:
             if _holders == 0:
@@ -43,15 +50,19 @@ class HeapHold:
                 if _froze:
                     gc.freeze()
             _holders += 1
-            self.held = True
+            self._state[0] = True
 
     def release(self) -> None:
-        global _holders, _froze
-        if not self.held:
-            return
-        with _lock:
-            self.held = False
-            _holders -= 1
-            if _holders == 0 and _froze:
-                gc.unfreeze()
-                _froze = False
+        _release(self._state)
+
+
+def _release(state: list[bool]) -> None:
+    global _holders, _froze
+    if not state[0]:
+        return
+    with _lock:
+        state[0] = False
+        _holders -= 1
+        if _holders == 0 and _froze:
+            gc.unfreeze()
+            _froze = False
