@@ -1,6 +1,6 @@
 """W1 with quantization: batch-1 decode and TTFT of fastllm per scheme, beside fastllm bf16 in the same run.
 
-    PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--pdl-too] [--out DIR]
 
 Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh random-weight model (seed 0), measured
 as bench_decode.py measures W1 (128-token prompt, greedy, 256 new tokens). Roofline: bytes a decode step must read
@@ -17,16 +17,17 @@ import sys
 
 import torch
 from _common import copy_bandwidth_gb_s, missing_gpu, write_result
-from bench_decode import MODELS, _build, measure, step_bytes
+from bench_decode import MODELS, _build, measure, pdl, step_bytes
 
 
-def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float) -> dict:
+def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, with_pdl: bool = False) -> dict:
     import fastllm
 
     model = _build(name)
     nbytes = step_bytes(model, scheme)  # before optimize(): it lets go of the float weights it quantized
-    fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
-    result = measure(model, new_tokens, model.config.vocab_size)
+    with pdl(with_pdl):
+        fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
+        result = measure(model, new_tokens, model.config.vocab_size)
     roofline = copy_gb_s * 1e9 / nbytes
     result.update(step_gb=nbytes / 1e9, roofline_tok_s=roofline, fraction_of_roofline=result["decode_tok_s"]
                   / roofline, quantized_layers=len(fastllm.explain(model).graph.quantized_layers))
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
     parser.add_argument("--schemes", nargs="+", default=["fp8", "int8", "int4"], choices=["fp8", "int8", "int4"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--pdl-too", action="store_true",
+                        help="also run bf16 and every scheme with programmatic dependent launch (FASTLLM_PDL=1): "
+                             "<model>_<scheme>_pdl beside baselines.fastllm_bf16_pdl")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
         return 2
@@ -50,19 +54,26 @@ def main(argv=None) -> int:
 
     copy_gb_s = copy_bandwidth_gb_s(do_bench)
     bf16 = run(args.model, None, args.new_tokens, copy_gb_s)
+    baselines = {"fastllm_bf16": {args.model: bf16}}
     ours = {}
     config = {"model": args.model, "prompt": 128, "new_tokens": args.new_tokens, "weights": "random, seed 0",
               "copy_gb_s": copy_gb_s, "max_num_seqs": 8}
     print(f"bf16: {bf16['decode_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline']:.2f} of roofline)", flush=True)
-    for scheme in args.schemes:
-        r = run(args.model, scheme, args.new_tokens, copy_gb_s)
-        r["vs_bf16"] = r["decode_tok_s"] / bf16["decode_tok_s"]
-        ours[f"{args.model}_{scheme}"] = r
-        print(f"{scheme}: {r['decode_tok_s']:.1f} tok/s = {r['vs_bf16']:.2f}x bf16, {r['fraction_of_roofline']:.2f} "
-              f"of its roofline; TTFT {r['ttft_ms_128']:.1f} / {r['ttft_ms_2048']:.1f} ms", flush=True)
-        workload = f"W1-{args.schemes[0]}" if len(args.schemes) == 1 else "W1-quant"  # the issue's W1-fp8 file
-        path = write_result(workload, torch.cuda.get_device_name(), config, ours,
-                            {"fastllm_bf16": {args.model: bf16}}, args.out)
+    workload = f"W1-{args.schemes[0]}" if len(args.schemes) == 1 else "W1-quant"  # the issue's W1-fp8 file
+    for with_pdl in (False, True) if args.pdl_too else (False,):
+        suffix = "_pdl" if with_pdl else ""
+        if with_pdl:
+            bf16 = run(args.model, None, args.new_tokens, copy_gb_s, with_pdl=True)
+            baselines["fastllm_bf16_pdl"] = {args.model: bf16}
+            print(f"bf16 with PDL: {bf16['decode_tok_s']:.1f} tok/s", flush=True)
+        for scheme in args.schemes:
+            r = run(args.model, scheme, args.new_tokens, copy_gb_s, with_pdl)
+            r["vs_bf16"] = r["decode_tok_s"] / bf16["decode_tok_s"]
+            ours[f"{args.model}_{scheme}{suffix}"] = r
+            print(f"{scheme}{suffix}: {r['decode_tok_s']:.1f} tok/s = {r['vs_bf16']:.2f}x bf16, "
+                  f"{r['fraction_of_roofline']:.2f} of its roofline; TTFT {r['ttft_ms_128']:.1f} / "
+                  f"{r['ttft_ms_2048']:.1f} ms", flush=True)
+            path = write_result(workload, torch.cuda.get_device_name(), config, ours, baselines, args.out)
     print(f"wrote {path}")
     return 0
 

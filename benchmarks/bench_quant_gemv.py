@@ -1,14 +1,15 @@
 """W5-quant-gemv: the quantized decode linears (fp8 / int8 / int4 weights) beside the bf16 skinny GEMM and cuBLAS.
 
 Llama-3.1-8B's decode shapes (N x K) at M = 1 and 8 rows; FP8 per output channel and in 128 x 128 blocks (a block-wise
-checkpoint's layout). GB/s counts the bytes each kernel must read: the weight in
-its stored format with its scales, plus x and out. Timing: `triton.testing.do_bench_cudagraph` (median, inside a CUDA
-graph as decode runs), cycling through weight copies of >= 256 MB in all so no call finds its weight in L2. Every
-output is checked against its `_ref` (SQNR >= 28 dB, the issue's bar for FP8 GEMMs) before timing. With --sweep, the
-fp8/int8 skinny GEMM is also timed at every autotune candidate of skinny_gemm.py (the heuristic was chosen for 2-byte
-weights), and the int4 GEMV at a few block sizes. The down projection at 1 row is also timed as decode runs it with the
-decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul and then the linear, per
-scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
+checkpoint's layout). GB/s counts the bytes each kernel must read: the weight in its stored format with its scales, plus
+x and out. Timing: `triton.testing.do_bench_cudagraph` (median, inside a CUDA graph as decode runs), cycling through
+weight copies of >= 256 MB in all so no call finds its weight in L2. Every output is checked against its `_ref` (SQNR >=
+28 dB, the issue's bar for FP8 GEMMs) before timing. With --sweep, the fp8/int8 skinny GEMM is also timed at every
+autotune candidate of skinny_gemm.py (the heuristic was chosen for 2-byte weights), and the int4 GEMV at other block
+sizes, warps, stages and splits. Baselines: cuBLAS bf16 and, where this torch has it, tinygemm
+(`aten._weight_int4pack_mm`, torch's own int4 kernel) on the same int4 codes. The down projection at 1 row is also timed
+as decode runs it with the decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul
+and then the linear, per scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
 
     PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--out DIR]
 
@@ -44,9 +45,27 @@ def _copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(-(-WORKING_SET // nbytes) - 1)]
 
 
+def _tinygemm_int4(weight: torch.Tensor) -> tuple | None:
+    """torch's own small-batch int4 GEMM (tinygemm, `aten._weight_int4pack_mm`: what gpt-fast's int4 runs) on our
+    symmetric group-128 codes and scales, as (stored tensors, launcher, reference), or None where this torch or GPU
+    lacks it. Its dequantization is (code - 8) * scale + zero with bf16 scales and zeros: zero 0 here."""
+    packed, scales = int_weight.quantize_int4(weight, 128)
+    high_first = ((packed & 15) << 4) | (packed >> 4)  # its bytes hold column 2j in the high nibble, ours in the low
+    try:
+        tiles = torch.ops.aten._convert_weight_to_int4pack(high_first, 8)
+    except (RuntimeError, AttributeError, NotImplementedError) as error:
+        print(f"tinygemm int4 not available: {error}")
+        return None
+    scales_and_zeros = torch.stack((scales.t(), torch.zeros_like(scales.t())), dim=-1).to(torch.bfloat16)
+    return ((tiles, scales_and_zeros.contiguous()),
+            lambda x, t, sz: torch.ops.aten._weight_int4pack_mm(x, t, 128, sz),
+            lambda x, t, sz: quant_linear.int4_linear_ref(x, packed, scales))
+
+
 def _schemes(weight: torch.Tensor) -> dict:
-    """scheme -> (stored tensors, launcher(x, *tensors), reference(x, *tensors))."""
+    """scheme -> (stored tensors, launcher(x, *tensors), reference(x, *tensors)); baselines' names in BASELINES."""
     linear = torch.nn.functional.linear
+    tinygemm = _tinygemm_int4(weight)
     return {
         "bf16": ((weight,), lambda x, w: skinny_gemm.skinny_linear(x, w), lambda x, w: linear(x.float(), w.float())),
         "cublas_bf16": ((weight,), linear, lambda x, w: linear(x.float(), w.float())),
@@ -55,23 +74,67 @@ def _schemes(weight: torch.Tensor) -> dict:
         "fp8_block128": (fp8.quantize_blocks(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
         "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, quant_linear.int8_linear_ref),
         "int4": (int_weight.quantize_int4(weight, 128), quant_linear.int4_linear, quant_linear.int4_linear_ref),
+        **({"tinygemm_int4": tinygemm} if tinygemm else {}),
     }
 
 
-def _sweep_skinny(x, qweight, scale, bench) -> list[dict]:
+BASELINES = ("cublas_bf16", "tinygemm_int4")
+
+
+def _sweep_skinny(x, tensors, bench) -> list[dict]:
+    """The fp8/int8 skinny GEMM at every autotune candidate and a few more one-byte tiles, each checked against the
+    reference first; weight copies cycled as in the main timing (before 2026-12-01 one weight was reused, which L2
+    held: those sweeps overstated the small shapes)."""
     m, k = x.shape
-    n = qweight.shape[0]
+    n = tensors[0].shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    expected = quant_linear.fp8_linear_ref(x, *tensors) if tensors[0].dtype == fp8.FP8 else \
+        quant_linear.int8_linear_ref(x, *tensors)
+    copies = itertools.cycle(_copies(tensors))
     results = []
     for cfg in skinny_gemm._candidates(m, k, x.dtype) + [
         {**skinny_gemm._tile(m, k, x.dtype, bn, bk, w, s), "split_k": sk}
-        for (bn, bk, w, s), sk in itertools.product([(4, 2048, 4, 3), (8, 1024, 4, 3), (4, 4096, 8, 3)], (1, 2))
+        for (bn, bk, w, s), sk in itertools.product([(8, 1024, 4, 3), (8, 1024, 8, 3), (16, 512, 4, 3),
+                                                     (16, 1024, 8, 3), (8, 2048, 8, 2)], (1, 2))
         if m <= 4
     ]:
         num_splits, _ = skinny_gemm._split(k, cfg["BLOCK_K"], cfg["split_k"])
         ws = torch.empty(max(1, num_splits * m * n), dtype=torch.float32, device=x.device)
-        ms = bench(lambda cfg=cfg, ws=ws: skinny_gemm._launch(x, qweight, None, out, ws, cfg, weight_scale=scale))
-        results.append({**cfg, "ms": ms, "gb_s": (qweight.numel() + 4 * n) / (ms * 1e-3) / 1e9})
+        skinny_gemm._launch(x, *tensors[:1], None, out, ws, cfg, weight_scale=tensors[1])
+        if not _sqnr(expected, out) >= MIN_SQNR_DB:
+            print(f"sweep: {cfg} off from the reference; not timed")
+            continue
+
+        def launch(cfg=cfg, ws=ws):
+            w, scale = next(copies)
+            skinny_gemm._launch(x, w, None, out, ws, cfg, weight_scale=scale)
+
+        ms = bench(launch)
+        results.append({**cfg, "ms": ms, "gb_s": (tensors[0].numel() + 4 * n) / (ms * 1e-3) / 1e9})
+    return sorted(results, key=lambda r: r["ms"])[:5]
+
+
+def _sweep_int4(x, tensors, bench) -> list[dict]:
+    """The int4 GEMV at other block sizes, warps, stages and K splits than `_int4_config`'s (each checked first)."""
+    m, k = x.shape
+    n = tensors[0].shape[0]
+    group = k // tensors[1].shape[1]
+    expected = quant_linear.int4_linear_ref(x, *tensors)
+    copies = itertools.cycle(_copies(tensors))
+    default = quant_linear._int4_config(m, n, k, group, x.device)
+    results = []
+    try:
+        for block_n, warps, stages, split in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4)):
+            cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": stages, "split_k": split}
+            quant_linear._INT4_CONFIGS[(m, n, k, group, x.device)] = cfg
+            if not _sqnr(expected, quant_linear.int4_linear(x, *tensors)) >= MIN_SQNR_DB:
+                print(f"int4 sweep: {cfg} off from the reference; not timed")
+                continue
+            ms = bench(lambda: quant_linear.int4_linear(x, *next(copies)))
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
+            results.append({**cfg, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
+    finally:
+        quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device), None)
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 
@@ -157,7 +220,9 @@ def main() -> int:
             nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (n + k)
             results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
             if args.sweep and scheme in ("fp8", "int8"):
-                sweeps[key] = _sweep_skinny(x, *tensors, bench)
+                sweeps[key] = _sweep_skinny(x, tensors, bench)
+            if args.sweep and scheme == "int4":
+                sweeps[key] = _sweep_int4(x, tensors, bench)
         del weight
         torch.cuda.empty_cache()
     results.update(_act_fusion_cases(bench))
@@ -166,8 +231,9 @@ def main() -> int:
     config = {"shapes": {name: [n, k] for name, n, k in SHAPES}, "rows": ROWS, "int4_group": 128,
               "bytes": "stored weight + scales, x and out once", "timing": "do_bench_cudagraph median, rep 30, "
               f"cycling >= {WORKING_SET >> 20} MB of weight copies", "copy_gb_s": copy_gb_s}
-    ours = {k: v for k, v in results.items() if "cublas" not in k}
-    baselines = {"cublas_bf16": {k: v for k, v in results.items() if "cublas" in k}, "copy": {"gb_s": copy_gb_s}}
+    ours = {k: v for k, v in results.items() if not k.endswith(BASELINES)}
+    baselines = {name: {k: v for k, v in results.items() if k.endswith(name)} for name in BASELINES}
+    baselines["copy"] = {"gb_s": copy_gb_s}
     if sweeps:
         baselines["sweep_top5"] = sweeps
     path = write_result("W5-quant-gemv", gpu, config, ours, baselines, args.out)

@@ -172,9 +172,11 @@ def _w5_gemv(result: dict) -> list[str]:
 
 
 def _w5_quant_gemv(result: dict) -> list[str]:
-    """Quantized decode linears (fp8 / int8 / int4 weights) beside bf16 and cuBLAS, inside CUDA graphs."""
+    """Quantized decode linears (fp8 / int8 / int4 weights) beside bf16, cuBLAS and tinygemm int4 (newer files),
+    inside CUDA graphs."""
     copy = result["config"]["copy_gb_s"]
-    cases = {**result["fastllm"], **result["baselines"].get("cublas_bf16", {})}
+    cases = {**result["fastllm"], **result["baselines"].get("cublas_bf16", {}),
+             **result["baselines"].get("tinygemm_int4", {})}
     lines = [f"Device-to-device copy: {copy:.0f} GB/s (same run); GB/s counts the stored weight, scales, x and out.",
              "", "| case | us | GB/s | % of copy | SQNR dB vs its _ref (silu cases: vs the unfused kernels) |",
              "|---|---|---|---|---|"]
@@ -205,12 +207,15 @@ def _w2_serve(result: dict) -> list[str]:
 def _w1_quant(result: dict) -> list[str]:
     """W1 per quantization scheme beside fastllm bf16 of the same run, each against its own bandwidth roofline."""
     config = result["config"]
-    bf16 = result["baselines"]["fastllm_bf16"][config["model"]]
     lines = [f"Device-to-device copy: {config['copy_gb_s']:.0f} GB/s (same run).", "",
              "| model | scheme | decode tok/s | vs bf16 | of its roofline | TTFT 128 / 2048 ms |",
-             "|---|---|---|---|---|---|",
-             f"| {config['model']} | bf16 | {bf16['decode_tok_s']:.1f} | 1.00× | {bf16['fraction_of_roofline']:.2f} | "
-             f"{bf16['ttft_ms_128']:.1f} / {bf16['ttft_ms_2048']:.1f} |"]
+             "|---|---|---|---|---|---|"]
+    for name, suffix in (("fastllm_bf16", ""), ("fastllm_bf16_pdl", "_pdl")):  # the second: with --pdl-too
+        bf16 = result["baselines"].get(name, {}).get(config["model"])
+        if bf16 is not None:
+            lines.append(f"| {config['model']} | bf16{suffix} | {bf16['decode_tok_s']:.1f} | 1.00× | "
+                         f"{bf16['fraction_of_roofline']:.2f} | {bf16['ttft_ms_128']:.1f} / "
+                         f"{bf16['ttft_ms_2048']:.1f} |")
     for key, r in result["fastllm"].items():
         scheme = key.removeprefix(config["model"] + "_")
         lines.append(f"| {config['model']} | {scheme} | {r['decode_tok_s']:.1f} | {r['vs_bf16']:.2f}× | "

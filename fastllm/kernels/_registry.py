@@ -63,7 +63,9 @@ __all__ = [
     "next_power_of_2",
     "norm_outputs",
     "out_or_new",
+    "PREFETCH_LINE_BYTES",
     "pdl_options",
+    "pdl_prefetch_l2",
     "pdl_wait",
     "ref_output",
     "register_out_op",
@@ -190,6 +192,22 @@ def pdl_options(t: torch.Tensor) -> dict:
     if index not in _PDL_DEVICES:
         _PDL_DEVICES[index] = HAS_TRITON and _TRITON_HAS_PDL and torch.cuda.get_device_capability(index) >= (9, 0)
     return {"USE_PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
+
+
+# What a kernel may read before `pdl_wait`: only memory no earlier kernel of the step writes (a linear's weights).
+# The skinny GEMM and the int4 GEMV ask L2 for the first chunks of their weight rows there, so those bytes stream in
+# while the kernel before them drains (the boundary the wait alone could not hide); the loop's own loads then find
+# them in L2 or in flight. 128-byte lines: one `prefetch.global.L2` a line.
+PREFETCH_LINE_BYTES = 128
+
+
+@triton.jit
+def pdl_prefetch_l2(ptrs, USE_PDL: tl.constexpr):
+    """With USE_PDL: a prefetch into L2 of the line holding each pointer of `ptrs` (any tile shape); no value comes
+    back and nothing is waited for. Without it: nothing (the CPU interpreter has no inline assembly)."""
+    if USE_PDL:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
