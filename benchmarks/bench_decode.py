@@ -210,16 +210,19 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
 
 
 @contextlib.contextmanager
-def pdl(enabled: bool):
-    """Programmatic dependent launch on for what runs inside (as FASTLLM_PDL=1 would be), as it was afterwards."""
+def pdl(enabled: bool, prefetch_chunks: int | None = None):
+    """Programmatic dependent launch on for what runs inside (as FASTLLM_PDL=1 would be), with the GEMVs asking L2
+    for `prefetch_chunks` of their weight chunks before they wait (None: the default); as it was afterwards."""
     from fastllm.kernels import _registry
 
-    saved = _registry._PDL_ENV
-    _registry._PDL_ENV = saved or enabled
+    saved = _registry._PDL_ENV, _registry.PDL_PREFETCH_CHUNKS
+    _registry._PDL_ENV = saved[0] or enabled
+    if prefetch_chunks is not None:
+        _registry.PDL_PREFETCH_CHUNKS = prefetch_chunks
     try:
         yield
     finally:
-        _registry._PDL_ENV = saved
+        _registry._PDL_ENV, _registry.PDL_PREFETCH_CHUNKS = saved
 
 
 @contextlib.contextmanager

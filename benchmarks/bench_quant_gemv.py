@@ -124,7 +124,7 @@ def _sweep_int4(x, tensors, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device)
     results = []
     try:
-        for block_n, warps, stages, split in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4)):
+        for block_n, warps, stages, split in itertools.product((32, 64, 128), (4, 8), (3, 4), (1, 2)):
             cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": stages, "split_k": split}
             quant_linear._INT4_CONFIGS[(m, n, k, group, x.device)] = cfg
             if not _sqnr(expected, quant_linear.int4_linear(x, *tensors)) >= MIN_SQNR_DB:
@@ -219,9 +219,9 @@ def main() -> int:
             ms = bench(lambda launch=launch, copies=copies: launch(x, *next(copies)))
             nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (n + k)
             results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
-            if args.sweep and scheme in ("fp8", "int8"):
+            if args.sweep and m == 1 and scheme in ("fp8", "int8"):  # batch-1 decode's shapes
                 sweeps[key] = _sweep_skinny(x, tensors, bench)
-            if args.sweep and scheme == "int4":
+            if args.sweep and m == 1 and scheme == "int4":
                 sweeps[key] = _sweep_int4(x, tensors, bench)
         del weight
         torch.cuda.empty_cache()

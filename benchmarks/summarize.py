@@ -210,9 +210,9 @@ def _w1_quant(result: dict) -> list[str]:
     lines = [f"Device-to-device copy: {config['copy_gb_s']:.0f} GB/s (same run).", "",
              "| model | scheme | decode tok/s | vs bf16 | of its roofline | TTFT 128 / 2048 ms |",
              "|---|---|---|---|---|---|"]
-    for name, suffix in (("fastllm_bf16", ""), ("fastllm_bf16_pdl", "_pdl")):  # the second: with --pdl-too
-        bf16 = result["baselines"].get(name, {}).get(config["model"])
-        if bf16 is not None:
+    for name, per_model in result["baselines"].items():  # fastllm_bf16, and fastllm_bf16_pdl<N> with --pdl
+        bf16, suffix = per_model.get(config["model"]), name.removeprefix("fastllm_bf16")
+        if name.startswith("fastllm_bf16") and bf16 is not None:
             lines.append(f"| {config['model']} | bf16{suffix} | {bf16['decode_tok_s']:.1f} | 1.00× | "
                          f"{bf16['fraction_of_roofline']:.2f} | {bf16['ttft_ms_128']:.1f} / "
                          f"{bf16['ttft_ms_2048']:.1f} |")

@@ -63,6 +63,7 @@ __all__ = [
     "next_power_of_2",
     "norm_outputs",
     "out_or_new",
+    "PDL_PREFETCH_CHUNKS",
     "PREFETCH_LINE_BYTES",
     "pdl_options",
     "pdl_prefetch_l2",
@@ -197,8 +198,10 @@ def pdl_options(t: torch.Tensor) -> dict:
 # What a kernel may read before `pdl_wait`: only memory no earlier kernel of the step writes (a linear's weights).
 # The skinny GEMM and the int4 GEMV ask L2 for the first chunks of their weight rows there, so those bytes stream in
 # while the kernel before them drains (the boundary the wait alone could not hide); the loop's own loads then find
-# them in L2 or in flight. 128-byte lines: one `prefetch.global.L2` a line.
+# them in L2 or in flight. 128-byte lines: one `prefetch.global.L2` a line. PDL_PREFETCH_CHUNKS: how many of the
+# chunks the loop loads first (at most NUM_STAGES - 1; 0: none).
 PREFETCH_LINE_BYTES = 128
+PDL_PREFETCH_CHUNKS = 2
 
 
 @triton.jit

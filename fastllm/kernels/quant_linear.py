@@ -208,7 +208,7 @@ def _int4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 1,  # with USE_PDL: L2 lines of each W row asked for before the wait (a power of 2)
+    PREFETCH_LINES: tl.constexpr = 0,  # with USE_PDL: L2 lines of each W row asked for before the wait (0, 2^i)
     LINE_COLS: tl.constexpr = 128,  # W's bytes in a line
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
@@ -233,8 +233,9 @@ def _int4_gemv_kernel(
     k = tl.arange(0, GROUP)
     g_begin = pid_k * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, K // GROUP)
-    lines = tl.minimum(g_begin * GH + tl.arange(0, PREFETCH_LINES) * LINE_COLS, g_end * GH - 1)
-    pdl_prefetch_l2(W + n_load[:, None] * stride_wn + lines[None, :], USE_PDL)  # weights: no earlier kernel's output
+    if PREFETCH_LINES > 0:
+        lines = tl.minimum(g_begin * GH + tl.arange(0, PREFETCH_LINES) * LINE_COLS, g_end * GH - 1)
+        pdl_prefetch_l2(W + n_load[:, None] * stride_wn + lines[None, :], USE_PDL)  # no earlier kernel's output
     pdl_wait(USE_PDL)
     if USE_DOT:
         m = tl.arange(0, BLOCK_M)
@@ -312,7 +313,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     z = zeros if zeros is not None else scales  # never read without zeros
     rows = rows.contiguous()
     pdl = pdl_options(rows)
-    prefetch = skinny_gemm.prefetch_lines((cfg["NUM_STAGES"] - 1) * group // 2, 1) if pdl else {}
+    prefetch = skinny_gemm.prefetch_lines(skinny_gemm.prefetch_chunks(cfg) * group // 2, 1) if pdl else {}
     with device_guard(rows):
         _int4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), num_splits)](
             rows, packed, scales, z, b, out, parts, m, n, k,

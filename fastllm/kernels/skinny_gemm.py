@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from fastllm.kernels import _registry
 from fastllm.kernels._act_and_mul import gated_activation
 from fastllm.kernels._registry import (
     PREFETCH_LINE_BYTES,
@@ -222,7 +223,7 @@ def _skinny_gemm_kernel(
     USE_PDL: tl.constexpr = False,
     WS_BLOCK_N: tl.constexpr = 0,  # > 0: block-scaled weights (a block-wise FP8 checkpoint's), WS_BLOCK_K | BLOCK_K
     WS_BLOCK_K: tl.constexpr = 0,
-    PREFETCH_LINES: tl.constexpr = 1,  # with USE_PDL: L2 lines of each W row asked for before the wait (a power of 2)
+    PREFETCH_LINES: tl.constexpr = 0,  # with USE_PDL: L2 lines of each W row asked for before the wait (0, 2^i)
     LINE_COLS: tl.constexpr = 64,  # W's columns in a line
 ):  # fmt: skip
     """Program (n block, split): y[m, n] = sum over k in the split's K range of x[m, k] * w[n, k], in fp32.
@@ -239,8 +240,9 @@ def _skinny_gemm_kernel(
     w_ptrs = w_rows + k[None, :]  # [BLOCK_N, BLOCK_K]
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    lines = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * LINE_COLS, k_end - 1)
-    pdl_prefetch_l2(w_rows + lines[None, :], USE_PDL)  # the weights are no earlier kernel's output
+    if PREFETCH_LINES > 0:
+        lines = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * LINE_COLS, k_end - 1)
+        pdl_prefetch_l2(w_rows + lines[None, :], USE_PDL)  # the weights are no earlier kernel's output
     pdl_wait(USE_PDL)
     if USE_DOT:
         m = tl.arange(0, BLOCK_M)
@@ -445,11 +447,18 @@ def _tuned(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> 
     return _TUNED.get(key)
 
 
+def prefetch_chunks(cfg: dict) -> int:
+    """Chunks of W a program asks L2 for before its PDL wait: what its pipelined loop loads first, up to
+    _registry.PDL_PREFETCH_CHUNKS."""
+    return min(_registry.PDL_PREFETCH_CHUNKS, cfg["NUM_STAGES"] - 1)
+
+
 def prefetch_lines(columns: int, element_size: int) -> dict:
     """The PREFETCH_LINES / LINE_COLS launch keywords asking L2 for the first `columns` of each weight row before a
-    PDL wait (what the pipelined loop loads first: NUM_STAGES - 1 chunks, within the program's split)."""
+    PDL wait (none for 0 columns)."""
     line_cols = max(1, PREFETCH_LINE_BYTES // element_size)
-    return {"PREFETCH_LINES": next_power_of_2(max(1, columns // line_cols)), "LINE_COLS": line_cols}
+    lines = next_power_of_2(max(1, columns // line_cols)) if columns > 0 else 0
+    return {"PREFETCH_LINES": lines, "LINE_COLS": line_cols}
 
 
 def _split(k: int, block_k: int, split_k: int) -> tuple[int, int]:
@@ -494,7 +503,7 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
         raise ValueError(f"block-scaled weights need BLOCK_K ({block_k}) to divide the scale block's {ws_block_k} "
                          "columns: take the launch settings from block_scaled_config")
     pdl = pdl_options(x)
-    prefetch = prefetch_lines(min(k_per_split, (cfg["NUM_STAGES"] - 1) * block_k), weight.element_size()) if pdl else {}
+    prefetch = prefetch_lines(min(k_per_split, prefetch_chunks(cfg) * block_k), weight.element_size()) if pdl else {}
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
             x, weight, b, out, parts, weight_scale if weight_scale is not None else out, r, norm_weight,
