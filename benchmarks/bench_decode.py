@@ -46,9 +46,9 @@ MODELS = {
 # (FASTLLM_ONE_ROW_DECODE=0, model_runner.ONE_ROW_DECODE); fastllm_autotune: FASTLLM_SKINNY_AUTOTUNE=1 with an empty
 # tuning cache (its start-up includes the tuning; the tuned settings are recorded); each beside the default in the
 # same call; fastllm_pdl: programmatic dependent launch on (FASTLLM_PDL=1: kernels/_registry.py), with the GEMVs
-# asking L2 for their first weight chunks before they wait.
+# asking L2 for their first weight chunks before they wait; fastllm_pdl_no_act_fusion: both.
 OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion"}
-LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion"}
+LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion", "fastllm_pdl_no_act_fusion": "decode_act_fusion"}
 PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES,
              "fastllm_two_row", "fastllm_autotune", "fastllm_pdl", "gptfast")
 
@@ -196,7 +196,7 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
     default_one_row = model_runner.ONE_ROW_DECODE
     model_runner.ONE_ROW_DECODE = default_one_row and provider != "fastllm_two_row"
     try:
-        with _autotuning(provider == "fastllm_autotune") as tuned, pdl(provider == "fastllm_pdl"):
+        with _autotuning(provider == "fastllm_autotune") as tuned, pdl(provider.startswith("fastllm_pdl")):
             startup, phases = _startup_s(model, **options)
             result = measure(model, new_tokens, vocab)
     finally:

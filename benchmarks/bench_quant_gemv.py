@@ -244,8 +244,8 @@ def main() -> int:
               f"{r['sqnr_db']:>6.1f}")
     for key, top in sweeps.items():
         best = top[0]
-        print(f"sweep {key}: best BLOCK_N={best['BLOCK_N']} BLOCK_K={best['BLOCK_K']} warps={best['num_warps']} "
-              f"stages={best['NUM_STAGES']} split={best['split_k']}: {best['gb_s']:.0f} GB/s")
+        print(f"sweep {key}: best BLOCK_N={best['BLOCK_N']} BLOCK_K={best.get('BLOCK_K', '-')} "
+              f"warps={best['num_warps']} stages={best['NUM_STAGES']} split={best['split_k']}: {best['gb_s']:.0f} GB/s")
     return 0
 
 
