@@ -45,8 +45,8 @@ MODELS = {
 # fastllm_two_row: a lone sequence's decode step padded to 2 rows, as before the 1-row decode graph became the default
 # (FASTLLM_ONE_ROW_DECODE=0, model_runner.ONE_ROW_DECODE); fastllm_autotune: FASTLLM_SKINNY_AUTOTUNE=1 with an empty
 # tuning cache (its start-up includes the tuning; the tuned settings are recorded); each beside the default in the
-# same call; fastllm_pdl: programmatic dependent launch on (FASTLLM_PDL=1: kernels/_registry.py), with the GEMVs
-# asking L2 for their first weight chunks before they wait; fastllm_pdl_no_act_fusion: both.
+# same call; fastllm_pdl: programmatic dependent launch on (FASTLLM_PDL=1: kernels/_registry.py);
+# fastllm_pdl_no_act_fusion: both.
 OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion"}
 LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion", "fastllm_pdl_no_act_fusion": "decode_act_fusion"}
 PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES,
@@ -210,19 +210,16 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
 
 
 @contextlib.contextmanager
-def pdl(enabled: bool, prefetch_chunks: int | None = None):
-    """Programmatic dependent launch on for what runs inside (as FASTLLM_PDL=1 would be), with the GEMVs asking L2
-    for `prefetch_chunks` of their weight chunks before they wait (None: the default); as it was afterwards."""
+def pdl(enabled: bool):
+    """Programmatic dependent launch on for what runs inside (as FASTLLM_PDL=1 would be); as it was afterwards."""
     from fastllm.kernels import _registry
 
-    saved = _registry._PDL_ENV, _registry.PDL_PREFETCH_CHUNKS
-    _registry._PDL_ENV = saved[0] or enabled
-    if prefetch_chunks is not None:
-        _registry.PDL_PREFETCH_CHUNKS = prefetch_chunks
+    saved = _registry._PDL_SETTING
+    _registry._PDL_SETTING = "1" if enabled else saved
     try:
         yield
     finally:
-        _registry._PDL_ENV, _registry.PDL_PREFETCH_CHUNKS = saved
+        _registry._PDL_SETTING = saved
 
 
 @contextlib.contextmanager

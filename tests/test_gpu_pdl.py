@@ -18,12 +18,19 @@ def _hopper() -> bool:
 
 
 @pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9.0+")
-def test_kernels_launch_with_pdl_on_hopper_when_asked(monkeypatch):
-    x = torch.empty(1, device="cuda")
-    assert _registry.pdl_options(x) == {} or _registry._PDL_ENV  # opt-in: off unless FASTLLM_PDL=1
-    monkeypatch.setattr(_registry, "_PDL_ENV", True)
-    assert _registry.pdl_options(x) == {"USE_PDL": True, "launch_pdl": True}
-    assert _registry.pdl_options(x.cpu()) == {}
+def test_kernels_launch_with_pdl_on_hopper_for_small_steps_or_when_asked(monkeypatch):
+    on = {"USE_PDL": True, "launch_pdl": True}
+    few, many = torch.empty(_registry.PDL_MAX_ROWS, 8, device="cuda"), torch.empty(_registry.PDL_MAX_ROWS + 1, 8,
+                                                                                    device="cuda")
+    monkeypatch.setattr(_registry, "_PDL_SETTING", "")  # FASTLLM_PDL unset: small steps only
+    assert _registry.pdl_options(few) == on
+    assert _registry.pdl_options(many) == {}
+    monkeypatch.setattr(_registry, "_PDL_SETTING", "1")
+    assert _registry.pdl_options(many) == on
+    monkeypatch.setattr(_registry, "_PDL_SETTING", "0")
+    assert _registry.pdl_options(few) == {}
+    monkeypatch.setattr(_registry, "_PDL_SETTING", "1")
+    assert _registry.pdl_options(few.cpu()) == {}
 
 
 @pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9.0+")
@@ -36,7 +43,7 @@ def test_pdl_leaves_greedy_tokens_and_logits_bit_identical(family, quantization,
     ids = torch.randint(3, VOCAB, (3, 19), generator=g).cuda()
     results = []
     for enabled in (True, False):
-        monkeypatch.setattr(_registry, "_PDL_ENV", enabled)
+        monkeypatch.setattr(_registry, "_PDL_SETTING", "1" if enabled else "0")
         model = fastllm.optimize(build(family, tmp_path / str(enabled), dtype=torch.bfloat16).cuda(),
                                  num_kv_tokens=4096, quantization=quantization)
         with torch.no_grad():
@@ -53,10 +60,9 @@ def test_pdl_leaves_greedy_tokens_and_logits_bit_identical(family, quantization,
 
 @pytest.mark.skipif(not _hopper(), reason="PDL needs compute capability 9.0+")
 @pytest.mark.parametrize("m,n,k", [(1, 37, 1000), (1, 4100, 4096), (3, 300, 2050), (9, 257, 1152)])
-def test_gemvs_prefetching_their_weights_match_pdl_off(m, n, k, monkeypatch):
-    """With PDL the skinny GEMM (bf16, fp8, int8 weights) and the int4 GEMV ask L2 for their first weight chunks
-    before they wait: results bit-identical to the launch without PDL, with K splits (few outputs), a ragged K and
-    rows past N."""
+def test_gemvs_with_pdl_match_pdl_off(m, n, k, monkeypatch):
+    """The skinny GEMM (bf16, fp8, int8 weights) and the int4 GEMV launched with PDL: results bit-identical to the
+    launch without it, with K splits (few outputs), a ragged K and rows past N."""
     from fastllm.kernels import quant_linear, skinny_gemm
     from fastllm.quant import fp8, int_weight
 
@@ -73,6 +79,6 @@ def test_gemvs_prefetching_their_weights_match_pdl_off(m, n, k, monkeypatch):
     for name, launch in cases.items():
         outputs = []
         for enabled in (True, False):
-            monkeypatch.setattr(_registry, "_PDL_ENV", enabled)
+            monkeypatch.setattr(_registry, "_PDL_SETTING", "1" if enabled else "0")
             outputs.append(launch())
         assert torch.equal(outputs[0], outputs[1]), name

@@ -63,10 +63,7 @@ __all__ = [
     "next_power_of_2",
     "norm_outputs",
     "out_or_new",
-    "PDL_PREFETCH_CHUNKS",
-    "PREFETCH_LINE_BYTES",
     "pdl_options",
-    "pdl_prefetch_l2",
     "pdl_wait",
     "ref_output",
     "register_out_op",
@@ -167,11 +164,15 @@ def sm_count(device: torch.device) -> int:
 # (drain, launch, fill: a few microseconds each) cost as much as some of the kernels: with PDL the next kernel's
 # programs are resident and set up when the previous one ends. Every kernel that takes USE_PDL calls `pdl_wait` before
 # it reads or writes any tensor (so the chain of waits orders it after every earlier kernel, not just the last one).
-# Opt-in (FASTLLM_PDL=1): measured on an H200 (W1, Llama-3.1-8B, 2026-11-30) it changed nothing (207.1 tok/s with,
-# 206.8 without): CUDA graphs already launch back to back, and a wait at the top of a kernel hides no work. What it is
-# kept for: kernels that start reading their weights before they wait (the weights do not depend on the kernel
-# before), which is where a decode step's kernel boundaries still cost time.
-_PDL_ENV = os.environ.get("FASTLLM_PDL") == "1"
+# Where: FASTLLM_PDL=1 every launch, FASTLLM_PDL=0 none; unset, launches of at most PDL_MAX_ROWS rows (tokens): the
+# steps of batch-1 and small-batch decode, whose kernels last microseconds, so their boundaries are a real share of
+# the step. Measured on an H200 (W1, Llama-3.1-8B, random weights, 2026-11-30): FP8 weights 355.6 tok/s with PDL
+# against 339.6 without, int4 273.3 against 264.0, bf16 without decode_act_fusion 222.9 against 220.6. The GEMM that
+# reads SiLU(gate) * up inside its loads (decode_act_fusion, bf16's default) launches without it: with PDL there the
+# bf16 step fell to 217.7 from 236.2 (cause not found); a kernel launched without PDL simply starts after the one
+# before it ends, and the next kernel still waits for it. Not measured for larger steps (unset: off there).
+_PDL_SETTING = os.environ.get("FASTLLM_PDL", "")
+PDL_MAX_ROWS = 16
 _PDL_DEVICES: dict[int, bool] = {}
 
 
@@ -185,32 +186,15 @@ except ImportError:
 
 
 def pdl_options(t: torch.Tensor) -> dict:
-    """Launch keywords for a kernel taking `USE_PDL` (see `pdl_wait`): PDL on CUDA devices of compute capability
-    9.0+ with a Triton that has it, else nothing (the kernel's USE_PDL defaults to False)."""
-    if not t.is_cuda or not _PDL_ENV:
+    """Launch keywords for a kernel taking `USE_PDL` (see `pdl_wait`) whose rows (tokens) are t's first dimension:
+    PDL where FASTLLM_PDL asks for it (unset: at most PDL_MAX_ROWS rows), on CUDA devices of compute capability 9.0+
+    with a Triton that has it, else nothing (the kernel's USE_PDL defaults to False)."""
+    if not t.is_cuda or _PDL_SETTING == "0" or (_PDL_SETTING != "1" and (t.dim() == 0 or t.shape[0] > PDL_MAX_ROWS)):
         return {}
     index = torch.cuda.current_device() if t.device.index is None else t.device.index
     if index not in _PDL_DEVICES:
         _PDL_DEVICES[index] = HAS_TRITON and _TRITON_HAS_PDL and torch.cuda.get_device_capability(index) >= (9, 0)
     return {"USE_PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
-
-
-# What a kernel may read before `pdl_wait`: only memory no earlier kernel of the step writes (a linear's weights).
-# The skinny GEMM and the int4 GEMV ask L2 for the first chunks of their weight rows there, so those bytes stream in
-# while the kernel before them drains (the boundary the wait alone could not hide); the loop's own loads then find
-# them in L2 or in flight. 128-byte lines: one `prefetch.global.L2` a line. PDL_PREFETCH_CHUNKS: how many of the
-# chunks the loop loads first (at most NUM_STAGES - 1; 0: none).
-PREFETCH_LINE_BYTES = 128
-PDL_PREFETCH_CHUNKS = 2
-
-
-@triton.jit
-def pdl_prefetch_l2(ptrs, USE_PDL: tl.constexpr):
-    """With USE_PDL: a prefetch into L2 of the line holding each pointer of `ptrs` (any tile shape); no value comes
-    back and nothing is waited for. Without it: nothing (the CPU interpreter has no inline assembly)."""
-    if USE_PDL:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
 
 @triton.jit

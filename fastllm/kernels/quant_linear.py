@@ -25,7 +25,6 @@ from fastllm.kernels import skinny_gemm
 from fastllm.kernels._registry import (
     device_guard,
     pdl_options,
-    pdl_prefetch_l2,
     pdl_wait,
     row_launch_settings,
     sm_count,
@@ -208,8 +207,6 @@ def _int4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
-    PREFETCH_LINES: tl.constexpr = 0,  # with USE_PDL: L2 lines of each W row asked for before the wait (0, 2^i)
-    LINE_COLS: tl.constexpr = 128,  # W's bytes in a line
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -221,6 +218,7 @@ def _int4_gemv_kernel(
     16-bit x the nibble ORed into the mantissa of MAGIC is the number MAGIC + nibble (two integer ops, no conversion),
     and the group's sum of x times (MAGIC + zero) takes the offset off again in fp32; the scale multiplies the group's
     dot."""
+    pdl_wait(USE_PDL)
     GH: tl.constexpr = GROUP // 2  # packed bytes of a row in one group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -233,10 +231,6 @@ def _int4_gemv_kernel(
     k = tl.arange(0, GROUP)
     g_begin = pid_k * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, K // GROUP)
-    if PREFETCH_LINES > 0:
-        lines = tl.minimum(g_begin * GH + tl.arange(0, PREFETCH_LINES) * LINE_COLS, g_end * GH - 1)
-        pdl_prefetch_l2(W + n_load[:, None] * stride_wn + lines[None, :], USE_PDL)  # no earlier kernel's output
-    pdl_wait(USE_PDL)
     if USE_DOT:
         m = tl.arange(0, BLOCK_M)
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, GROUP]
@@ -313,7 +307,6 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     z = zeros if zeros is not None else scales  # never read without zeros
     rows = rows.contiguous()
     pdl = pdl_options(rows)
-    prefetch = skinny_gemm.prefetch_lines(skinny_gemm.prefetch_chunks(cfg) * group // 2, 1) if pdl else {}
     with device_guard(rows):
         _int4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), num_splits)](
             rows, packed, scales, z, b, out, parts, m, n, k,
@@ -321,7 +314,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, USE_DOT=cfg["USE_DOT"],
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-            **pdl, **prefetch,
+            **pdl,
         )  # fmt: skip
         if split:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](

@@ -24,10 +24,8 @@ import os
 
 import torch
 
-from fastllm.kernels import _registry
 from fastllm.kernels._act_and_mul import gated_activation
 from fastllm.kernels._registry import (
-    PREFETCH_LINE_BYTES,
     check_float,
     check_out,
     check_same_device,
@@ -35,7 +33,6 @@ from fastllm.kernels._registry import (
     next_power_of_2,
     out_or_new,
     pdl_options,
-    pdl_prefetch_l2,
     pdl_wait,
     register_out_op,
     rows_view,
@@ -223,27 +220,21 @@ def _skinny_gemm_kernel(
     USE_PDL: tl.constexpr = False,
     WS_BLOCK_N: tl.constexpr = 0,  # > 0: block-scaled weights (a block-wise FP8 checkpoint's), WS_BLOCK_K | BLOCK_K
     WS_BLOCK_K: tl.constexpr = 0,
-    PREFETCH_LINES: tl.constexpr = 0,  # with USE_PDL: L2 lines of each W row asked for before the wait (0, 2^i)
-    LINE_COLS: tl.constexpr = 64,  # W's columns in a line
 ):  # fmt: skip
     """Program (n block, split): y[m, n] = sum over k in the split's K range of x[m, k] * w[n, k], in fp32.
 
     Broadcast form: one [BLOCK_N, BLOCK_K] fp32 accumulator a row of x, summed over K once after the loop, so the
     loop body is loads and FMAs (no cross-thread reduction) and every tile keeps the 2-D layout whose shared-memory
     reads are 16 bytes wide (a [M, N, K] product tile would be read element by element)."""
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     # Rows past N (M) re-read row N - 1 (M - 1) and are never stored: no mask along N or M on the loads.
-    w_rows = W + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn
-    w_ptrs = w_rows + k[None, :]  # [BLOCK_N, BLOCK_K]
+    w_ptrs = W + tl.minimum(n, N - 1).to(tl.int64)[:, None] * stride_wn + k[None, :]  # [BLOCK_N, BLOCK_K]
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
-    if PREFETCH_LINES > 0:
-        lines = tl.minimum(k_begin + tl.arange(0, PREFETCH_LINES) * LINE_COLS, k_end - 1)
-        pdl_prefetch_l2(w_rows + lines[None, :], USE_PDL)  # the weights are no earlier kernel's output
-    pdl_wait(USE_PDL)
     if USE_DOT:
         m = tl.arange(0, BLOCK_M)
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, BLOCK_K]
@@ -447,20 +438,6 @@ def _tuned(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> 
     return _TUNED.get(key)
 
 
-def prefetch_chunks(cfg: dict) -> int:
-    """Chunks of W a program asks L2 for before its PDL wait: what its pipelined loop loads first, up to
-    _registry.PDL_PREFETCH_CHUNKS."""
-    return min(_registry.PDL_PREFETCH_CHUNKS, cfg["NUM_STAGES"] - 1)
-
-
-def prefetch_lines(columns: int, element_size: int) -> dict:
-    """The PREFETCH_LINES / LINE_COLS launch keywords asking L2 for the first `columns` of each weight row before a
-    PDL wait (none for 0 columns)."""
-    line_cols = max(1, PREFETCH_LINE_BYTES // element_size)
-    lines = next_power_of_2(max(1, columns // line_cols)) if columns > 0 else 0
-    return {"PREFETCH_LINES": lines, "LINE_COLS": line_cols}
-
-
 def _split(k: int, block_k: int, split_k: int) -> tuple[int, int]:
     """(num_splits, k_per_split): K cut in split_k ranges of whole BLOCK_K chunks, none empty (so possibly fewer)."""
     num_chunks = max(1, _cdiv(k, block_k))
@@ -502,8 +479,7 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
     if blocks and ws_block_k % block_k:
         raise ValueError(f"block-scaled weights need BLOCK_K ({block_k}) to divide the scale block's {ws_block_k} "
                          "columns: take the launch settings from block_scaled_config")
-    pdl = pdl_options(x)
-    prefetch = prefetch_lines(min(k_per_split, prefetch_chunks(cfg) * block_k), weight.element_size()) if pdl else {}
+    pdl = pdl_options(x) if prologue is None else {}  # with a prologue PDL measured slower (see _registry)
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
             x, weight, b, out, parts, weight_scale if weight_scale is not None else out, r, norm_weight,
@@ -515,7 +491,7 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
             USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
-            num_warps=cfg["num_warps"], **pdl, **prefetch,
+            num_warps=cfg["num_warps"], **pdl,
         )  # fmt: skip
         if split:
             _split_k_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
