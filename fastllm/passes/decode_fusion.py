@@ -50,7 +50,10 @@ DEFAULT = False
 # Off: on an H200 (2026-11-30, W5-quant-gemv-*-actfusion.json) a Llama-3.1-8B down projection at 1 row with SiLU * up
 # read inside took 22.8 us against 18.2 for the activation kernel and the GEMV on FP8 weights (int8: 33.5 against
 # 21.9), where bf16 gains (29.8 against 35.5), and W1 with FP8 fell from 338 to 323 tok/s. A one-byte weight halves
-# the GEMV's bytes, not the prologue's work: every program still computes SiLU * up for its K chunk.
+# the GEMV's bytes, not the prologue's work: every program still computes SiLU * up for its K chunk. Five other
+# launch settings (wider blocks of W a program: bench_quant_gemv.PROLOGUE_SWEEP) measured 24.8-32.9 us on FP8 and
+# 33.9-43.0 on int8 (W5-quant-gemv-*-sweep-tinygemm.json): none beats the two kernels. The next attempt needs another
+# kernel shape (SiLU * up computed once a step into shared memory by a persistent kernel), not other tiles.
 FUSE_QUANTIZED = False
 
 _ACTIVATION_OF = {kernels.silu_and_mul: lambda node: "silu",
