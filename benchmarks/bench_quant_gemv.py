@@ -4,12 +4,13 @@ Llama-3.1-8B's decode shapes (N x K) at M = 1 and 8 rows; FP8 per output channel
 checkpoint's layout). GB/s counts the bytes each kernel must read: the weight in its stored format with its scales, plus
 x and out. Timing: `triton.testing.do_bench_cudagraph` (median, inside a CUDA graph as decode runs), cycling through
 weight copies of >= 256 MB in all so no call finds its weight in L2. Every output is checked against its `_ref` (SQNR >=
-28 dB, the issue's bar for FP8 GEMMs) before timing. With --sweep, the fp8/int8 skinny GEMM is also timed at every
-autotune candidate of skinny_gemm.py (the heuristic was chosen for 2-byte weights), and the int4 GEMV at other block
-sizes, warps, stages and splits. Baselines: cuBLAS bf16 and, where this torch has it, tinygemm
-(`aten._weight_int4pack_mm`, torch's own int4 kernel) on the same int4 codes. The down projection at 1 row is also timed
-as decode runs it with the decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul
-and then the linear, per scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
+28 dB, the issue's bar for FP8 GEMMs) before timing. With --sweep (1 row), the fp8/int8 skinny GEMM is also timed at
+every autotune candidate of skinny_gemm.py (the heuristic was chosen for 2-byte weights), and the int4 GEMV at other
+block sizes, warps, stages and splits, with and without its fp32 magic widening. Baselines: cuBLAS bf16 and, where this
+torch has it, tinygemm (`aten._weight_int4pack_mm`, torch's own int4 kernel) on the same int4 codes. The down projection
+at 1 row is also timed as decode runs it with the decode_act_fusion pass (SiLU * up read inside the GEMM,
+`fused_linear`) beside silu_and_mul and then the linear, per scheme, and for the one-byte weights at a few other launch
+settings (PROLOGUE_SWEEP).
 
     PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--out DIR]
 
@@ -115,7 +116,8 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
 
 
 def _sweep_int4(x, tensors, bench) -> list[dict]:
-    """The int4 GEMV at other block sizes, warps, stages and K splits than `_int4_config`'s (each checked first)."""
+    """The int4 GEMV at other block sizes, warps, stages and K splits than `_int4_config`'s, with and without the
+    fp32 magic widening (quant_linear.INT4_FP32_MAGIC), each checked first."""
     m, k = x.shape
     n = tensors[0].shape[0]
     group = k // tensors[1].shape[1]
@@ -124,8 +126,12 @@ def _sweep_int4(x, tensors, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device)
     results = []
     try:
-        for block_n, warps, stages, split in itertools.product((32, 64, 128), (4, 8), (3, 4), (1, 2)):
-            cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": stages, "split_k": split}
+        for block_n, warps, stages, split, magic in itertools.product((32, 64, 128), (4, 8), (3, 4), (1, 2),
+                                                                      (False, True)):
+            if stages == 4 and (magic or block_n != 64):  # the first sweep: stages 4 never led by more than noise
+                continue
+            cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": stages, "split_k": split,
+                   "FP32_MAGIC": magic and not default["USE_DOT"]}
             quant_linear._INT4_CONFIGS[(m, n, k, group, x.device)] = cfg
             if not _sqnr(expected, quant_linear.int4_linear(x, *tensors)) >= MIN_SQNR_DB:
                 print(f"int4 sweep: {cfg} off from the reference; not timed")

@@ -415,6 +415,25 @@ def test_int4_decode_kernel_at_odd_shapes_against_the_reference(m, n, k, group, 
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("m,n,k,group,zero_point", [(1, 72, 256, 32, True), (2, 300, 384, 128, False),
+                                                     (1, 300, 256, 64, False)])
+def test_int4_decode_fp32_magic_widening_gives_the_same_bits(m, n, k, group, zero_point, monkeypatch):
+    """INT4_FP32_MAGIC (the broadcast form's codes widened through the bits of 2^23, no int-to-float conversion):
+    the same output bits as the conversion, both exact; the launch settings carry the choice."""
+    from fastllm.kernels import quant_linear, triton_on_cpu
+
+    x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, True, torch.float32)
+    outputs = []
+    for magic in (False, True):
+        monkeypatch.setattr(quant_linear, "INT4_FP32_MAGIC", magic)
+        monkeypatch.setattr(quant_linear, "_INT4_CONFIGS", {})
+        assert quant_linear._int4_config(m, n, k, group, x.device)["FP32_MAGIC"] is magic
+        with triton_on_cpu():
+            outputs.append(quant_linear._int4_gemv(x, packed, scales, b, zeros))
+    assert torch.equal(outputs[0], outputs[1])
+    assert_close(outputs[1], kernels.int4_linear_ref(x, packed, scales, b, zeros))
+
+
 @pytest.mark.parametrize("tiles", ["64x64", "128x128"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m,n,k,group,zero_point,bias", [(17, 72, 256, 32, True, True),
@@ -446,11 +465,11 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu():
 
     cpu = torch.device("cpu")
     assert _int4_config(1, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                     "num_warps": 8, "split_k": 4}  # 64 blocks of 64 outputs
+                                                     "num_warps": 8, "split_k": 4, "FP32_MAGIC": False}  # 64 blocks
     assert _int4_config(1, 28672, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                      "num_warps": 4, "split_k": 1}  # 448 blocks
+                                                      "num_warps": 4, "split_k": 1, "FP32_MAGIC": False}  # 448
     assert _int4_config(8, 4096, 14336, 32, cpu) == {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "NUM_STAGES": 3,
-                                                     "num_warps": 4, "split_k": 16}  # 16 blocks, 28 x 512 columns
+                                                     "num_warps": 4, "split_k": 16, "FP32_MAGIC": False}  # 16 x 28
 
 
 def test_int4_zero_points_span_each_groups_range_within_half_a_step():

@@ -173,6 +173,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 # most likely the loop body: it issues ~6 instructions a nibble at M = 1 (SASS, triton 3.9: ~2.5 extracting bytes and
 # nibbles, conversion, FMAs and the group's sum), and larger chunks or more stages in flight measured no faster.
 _INT4_CHUNK_NIBBLES = 8192  # BLOCK_N * GROUP: 4 KB of packed weight a chunk (BLOCK_N 64 at group 128, 256 at 32)
+# Broadcast form (1-2 rows): the codes widened to fp32 without an int-to-float conversion (a quarter-rate instruction
+# on sm_90): the nibble ORed into the bits of 2^23 is the float 2^23 + nibble, exactly, less 2^23. Off until measured
+# on a GPU (bench_quant_gemv.py --sweep times both); the results are the same bits either way.
+INT4_FP32_MAGIC = False
 _INT4_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}  # bits of 1024.0 (fp16), 128.0 (bf16)
 _INT4_CONFIGS: dict[tuple, dict] = {}
 
@@ -207,6 +211,7 @@ def _int4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
+    FP32_MAGIC: tl.constexpr = False,  # broadcast form: see INT4_FP32_MAGIC
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -259,7 +264,10 @@ def _int4_gemv_kernel(
             scale = tl.load(s_ptrs + g)
             if HAS_ZEROS:
                 zero = tl.load(z_ptrs + g)
-            w = _int4_columns(packed).to(tl.float32) - zero[:, None]  # [BLOCK_N, GROUP], exact
+            if FP32_MAGIC:  # 2^23 + nibble read as fp32 bits, less 2^23, then the zero: exact
+                w = (_int4_columns(packed) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0 - zero[:, None]
+            else:
+                w = _int4_columns(packed).to(tl.float32) - zero[:, None]  # [BLOCK_N, GROUP], exact
             acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
             if BLOCK_M > 1:
                 acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
@@ -285,7 +293,8 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> di
         split_k = max(1, min(target // programs, k // skinny_gemm._MIN_SPLIT_COLUMNS, skinny_gemm._MAX_SPLIT_K))
         num_warps = 8 if m == 1 and split_k > 1 else 4
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
-                                    "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k}  # fmt: skip
+                                    "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k,
+                                    "FP32_MAGIC": INT4_FP32_MAGIC and not use_dot}  # fmt: skip
     return cfg
 
 
@@ -314,7 +323,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, USE_DOT=cfg["USE_DOT"],
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-            **pdl,
+            FP32_MAGIC=cfg["FP32_MAGIC"], **pdl,
         )  # fmt: skip
         if split:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](
