@@ -166,11 +166,13 @@ def sm_count(device: torch.device) -> int:
 # it reads or writes any tensor (so the chain of waits orders it after every earlier kernel, not just the last one).
 # Where: FASTLLM_PDL=1 every launch, FASTLLM_PDL=0 none; unset, launches of at most PDL_MAX_ROWS rows (tokens): the
 # steps of batch-1 and small-batch decode, whose kernels last microseconds, so their boundaries are a real share of
-# the step. Measured on an H200 (W1, Llama-3.1-8B, random weights, 2026-11-30): FP8 weights 355.6 tok/s with PDL
-# against 339.6 without, int4 273.3 against 264.0, bf16 without decode_act_fusion 222.9 against 220.6. The GEMM that
-# reads SiLU(gate) * up inside its loads (decode_act_fusion, bf16's default) launches without it: with PDL there the
-# bf16 step fell to 217.7 from 236.2 (cause not found); a kernel launched without PDL simply starts after the one
-# before it ends, and the next kernel still waits for it. Not measured for larger steps (unset: off there).
+# the step. The GEMM that reads SiLU(gate) * up inside its loads (decode_act_fusion, bf16's default) launches without
+# it: with PDL there too the bf16 step fell to 222.7 tok/s from 236.3 (which kernel loses was not found); a kernel
+# launched without PDL simply starts after the one before it ends, and the next one still waits for it. Measured so
+# on an H200 (W1, batch 1, random weights, 2026-11-30, W1-quant-*-pdl-small-steps.json, W1-*-pdl-llama2.json), with
+# against without in one call: Llama-3.1-8B FP8 weights 355.1 against 339.5 tok/s, int4 270.9 against 264.9, bf16
+# 234.0 against 236.5; Llama-2-7B bf16 261.1 against 259.7. Not measured for larger steps (unset: off there).
+# (Also tried: the GEMVs asking L2 for their first weight chunks before the wait: no gain for FP8, a loss for bf16.)
 _PDL_SETTING = os.environ.get("FASTLLM_PDL", "")
 PDL_MAX_ROWS = 16
 _PDL_DEVICES: dict[int, bool] = {}
