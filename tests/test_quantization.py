@@ -415,21 +415,25 @@ def test_int4_decode_kernel_at_odd_shapes_against_the_reference(m, n, k, group, 
     assert_close(got, expected)
 
 
-@pytest.mark.parametrize("m,n,k,group,zero_point", [(1, 72, 256, 32, True), (2, 300, 384, 128, False),
-                                                     (1, 300, 256, 64, False)])
-def test_int4_decode_fp32_magic_widening_gives_the_same_bits(m, n, k, group, zero_point, monkeypatch):
-    """INT4_FP32_MAGIC (the broadcast form's codes widened through the bits of 2^23, no int-to-float conversion):
-    the same output bits as the conversion, both exact; the launch settings carry the choice."""
+@pytest.mark.parametrize("acc2d", [False, True])
+@pytest.mark.parametrize("m,n,k,group,zero_point,split_k", [(1, 72, 256, 32, True, None), (2, 300, 384, 128, False, 2),
+                                                            (1, 300, 256, 64, False, None), (2, 40, 512, 32, True, 3)])
+def test_int4_decode_broadcast_variants_against_the_reference(m, n, k, group, zero_point, split_k, acc2d, monkeypatch):
+    """The broadcast form's opt-in variants (quant_linear.INT4_FP32_MAGIC, INT4_ACC2D), carried by the launch
+    settings: the fp32 magic widening gives the same bits as the int-to-float conversion (both exact); the per-thread
+    accumulators sum in another order, within the reference's tolerance."""
     from fastllm.kernels import quant_linear, triton_on_cpu
 
     x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, True, torch.float32)
+    monkeypatch.setattr(quant_linear, "INT4_ACC2D", acc2d)
     outputs = []
     for magic in (False, True):
         monkeypatch.setattr(quant_linear, "INT4_FP32_MAGIC", magic)
         monkeypatch.setattr(quant_linear, "_INT4_CONFIGS", {})
-        assert quant_linear._int4_config(m, n, k, group, x.device)["FP32_MAGIC"] is magic
+        cfg = quant_linear._int4_config(m, n, k, group, x.device)
+        assert (cfg["FP32_MAGIC"], cfg["ACC2D"]) == (magic, acc2d)
         with triton_on_cpu():
-            outputs.append(quant_linear._int4_gemv(x, packed, scales, b, zeros))
+            outputs.append(quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k))
     assert torch.equal(outputs[0], outputs[1])
     assert_close(outputs[1], kernels.int4_linear_ref(x, packed, scales, b, zeros))
 
@@ -465,11 +469,14 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu():
 
     cpu = torch.device("cpu")
     assert _int4_config(1, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                     "num_warps": 8, "split_k": 4, "FP32_MAGIC": False}  # 64 blocks
+                                                     "num_warps": 8, "split_k": 4, "FP32_MAGIC": False,
+                                                     "ACC2D": False}  # 64 blocks of 64 outputs
     assert _int4_config(1, 28672, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                      "num_warps": 4, "split_k": 1, "FP32_MAGIC": False}  # 448
+                                                      "num_warps": 4, "split_k": 1, "FP32_MAGIC": False,
+                                                      "ACC2D": False}  # 448 blocks
     assert _int4_config(8, 4096, 14336, 32, cpu) == {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "NUM_STAGES": 3,
-                                                     "num_warps": 4, "split_k": 16, "FP32_MAGIC": False}  # 16 x 28
+                                                     "num_warps": 4, "split_k": 16, "FP32_MAGIC": False,
+                                                     "ACC2D": False}  # 16 blocks, 28 x 512 columns
 
 
 def test_int4_zero_points_span_each_groups_range_within_half_a_step():

@@ -177,6 +177,13 @@ _INT4_CHUNK_NIBBLES = 8192  # BLOCK_N * GROUP: 4 KB of packed weight a chunk (BL
 # on sm_90): the nibble ORed into the bits of 2^23 is the float 2^23 + nibble, exactly, less 2^23. Off until measured
 # on a GPU (bench_quant_gemv.py --sweep times both); the results are the same bits either way.
 INT4_FP32_MAGIC = False
+# Broadcast form: per-thread [BLOCK_N, GROUP] accumulators reduced once after the loop instead of a cross-thread
+# reduction every chunk. SASS for sm_90 (triton 3.9, compiled without a GPU; BLOCK_N 64, group 128, 4 warps, 1 row):
+# a chunk's loop body, 64 nibbles a thread, is 884 instructions now (192 shuffles, 192 adds, 64 conversions), 509 with
+# ACC2D, 562 with ACC2D and FP32_MAGIC (no conversions; 64 more adds). At ~4 instructions a clock an SM, 884 allow about
+# 28% of the copy bandwidth, 509 about 49%: the int4 GEMV is instruction-bound. Off until measured on a GPU
+# (bench_quant_gemv.py --sweep); the sums run in another order, so the bits differ (fp32 either way).
+INT4_ACC2D = False
 _INT4_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}  # bits of 1024.0 (fp16), 128.0 (bf16)
 _INT4_CONFIGS: dict[tuple, dict] = {}
 
@@ -186,6 +193,15 @@ def _int4_columns(packed):
     """Packed bytes [R, C] (int32, 0..255) -> nibbles [R, 2C] in column order, byte j's low nibble column 2j and its
     high one 2j + 1 (tl.join keeps each pair in the thread that loaded the byte: no data moves between threads)."""
     return tl.reshape(tl.join(packed & 15, packed >> 4), [packed.shape[0], 2 * packed.shape[1]])
+
+
+@triton.jit
+def _int4_codes_fp32(packed, FP32_MAGIC: tl.constexpr):
+    """Packed bytes [R, C] (int32, 0..255) -> the nibbles as fp32 [R, 2C] in column order, exactly. FP32_MAGIC: the
+    nibble ORed into the bits of 2^23 is the float 2^23 + nibble, less 2^23 (no int-to-float conversion)."""
+    if FP32_MAGIC:
+        return (_int4_columns(packed) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return _int4_columns(packed).to(tl.float32)
 
 
 @triton.jit
@@ -212,6 +228,7 @@ def _int4_gemv_kernel(
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
     FP32_MAGIC: tl.constexpr = False,  # broadcast form: see INT4_FP32_MAGIC
+    ACC2D: tl.constexpr = False,  # broadcast form: see INT4_ACC2D
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -256,6 +273,27 @@ def _int4_gemv_kernel(
             acc += part * scale[:, None]
         _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                   False)
+    elif ACC2D:
+        # Broadcast form, per-thread partial sums: a [BLOCK_N, GROUP] accumulator a row of x, reduced once after the
+        # loop, so no chunk pays a cross-thread reduction (the form below: 3 shuffles and 2 adds a nibble in its SASS
+        # for sm_90). The scale and zero go into the weight, one FMA a nibble: (code * scale - zero * scale) * x.
+        acc0 = tl.zeros([BLOCK_N, GROUP], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, GROUP], dtype=tl.float32)  # unused (compiled away) with one row
+        for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
+            packed = tl.load(w_ptrs + g * GH).to(tl.int32)
+            scale = tl.load(s_ptrs + g)
+            if HAS_ZEROS:
+                zero = tl.load(z_ptrs + g)
+            w = _int4_codes_fp32(packed, FP32_MAGIC) * scale[:, None] - (zero * scale)[:, None]
+            acc0 += w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :]
+            if BLOCK_M > 1:
+                acc1 += w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :]
+        row = tl.zeros([1], dtype=tl.int32)
+        _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT,
+                  False, False)
+        if BLOCK_M > 1:
+            _epilogue(tl.sum(acc1, axis=1)[None, :], row + 1, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS,
+                      SPLIT, False, False)
     else:
         acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused (compiled away) with one row
@@ -264,10 +302,7 @@ def _int4_gemv_kernel(
             scale = tl.load(s_ptrs + g)
             if HAS_ZEROS:
                 zero = tl.load(z_ptrs + g)
-            if FP32_MAGIC:  # 2^23 + nibble read as fp32 bits, less 2^23, then the zero: exact
-                w = (_int4_columns(packed) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0 - zero[:, None]
-            else:
-                w = _int4_columns(packed).to(tl.float32) - zero[:, None]  # [BLOCK_N, GROUP], exact
+            w = _int4_codes_fp32(packed, FP32_MAGIC) - zero[:, None]  # [BLOCK_N, GROUP], exact
             acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
             if BLOCK_M > 1:
                 acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
@@ -287,27 +322,28 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> di
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
-        block_n = max(16, _INT4_CHUNK_NIBBLES // group)
+        acc2d = INT4_ACC2D and not use_dot
+        block_n = max(16, _INT4_CHUNK_NIBBLES // group // (m if acc2d else 1))  # acc2d: <= 64 accumulators a thread
         programs = skinny_gemm._cdiv(n, block_n)
         target = skinny_gemm._PROGRAMS_PER_SM * sm_count(device)
         split_k = max(1, min(target // programs, k // skinny_gemm._MIN_SPLIT_COLUMNS, skinny_gemm._MAX_SPLIT_K))
         num_warps = 8 if m == 1 and split_k > 1 else 4
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
                                     "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k,
-                                    "FP32_MAGIC": INT4_FP32_MAGIC and not use_dot}  # fmt: skip
+                                    "FP32_MAGIC": INT4_FP32_MAGIC and not use_dot, "ACC2D": acc2d}  # fmt: skip
     return cfg
 
 
 def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               zeros: torch.Tensor | None, *, split_k: int | None = None) -> torch.Tensor:
+               zeros: torch.Tensor | None, *, split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
     """rows [M <= 16, K] through `_int4_gemv_kernel`; split_k (tests) overrides the heuristic's (splits are whole
-    groups, none empty: possibly fewer). No host sync; the only allocations are out and the split-K workspace
-    (from the graph's pool during CUDA-graph capture)."""
+    groups, none empty: possibly fewer), config (tests, benchmarks) its launch settings. No host sync; the only
+    allocations are out and the split-K workspace (from the graph's pool during CUDA-graph capture)."""
     m, k = rows.shape
     n = packed.shape[0]
     num_groups = scales.shape[1]
     group = k // num_groups
-    cfg = _int4_config(m, n, k, group, rows.device)
+    cfg = config or _int4_config(m, n, k, group, rows.device)
     num_splits, groups_per_split = skinny_gemm._split(num_groups, 1, split_k or cfg["split_k"])
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     split = num_splits > 1
@@ -323,7 +359,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, USE_DOT=cfg["USE_DOT"],
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-            FP32_MAGIC=cfg["FP32_MAGIC"], **pdl,
+            FP32_MAGIC=cfg["FP32_MAGIC"], ACC2D=cfg["ACC2D"], **pdl,
         )  # fmt: skip
         if split:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](
