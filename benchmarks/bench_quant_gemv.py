@@ -54,8 +54,6 @@ def _int4_variant(acc2d: bool, magic: bool):
         cfg = dict(quant_linear._int4_config(m, packed.shape[0], k, k // scales.shape[1], x.device))
         if not cfg["USE_DOT"]:
             cfg.update(ACC2D=acc2d, FP32_MAGIC=magic)
-            if acc2d:
-                cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // m)  # at most 64 fp32 accumulators a thread
         return quant_linear._int4_gemv(x, packed, scales, None, None, config=cfg)
     return launch
 
@@ -146,9 +144,9 @@ def _sweep_int4(x, tensors, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device)
     results = []
     try:
-        for block_n, warps, split, magic, acc2d in itertools.product((32, 64, 128), (4, 8), (1, 2), (False, True),
+        for block_n, warps, split, magic, acc2d in itertools.product((32, 64, 128, 256), (4, 8), (1, 2), (False, True),
                                                                      (False, True)):
-            if acc2d and m * block_n * group > 64 * 32 * warps:  # at most 64 fp32 accumulators a thread
+            if magic and not acc2d:  # timed in the first sweep of the magic widening: no lead
                 continue
             broadcast = not default["USE_DOT"]
             cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": 3, "split_k": split,

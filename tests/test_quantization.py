@@ -421,7 +421,7 @@ def test_int4_decode_kernel_at_odd_shapes_against_the_reference(m, n, k, group, 
 def test_int4_decode_broadcast_variants_against_the_reference(m, n, k, group, zero_point, split_k, acc2d, monkeypatch):
     """The broadcast form's opt-in variants (quant_linear.INT4_FP32_MAGIC, INT4_ACC2D), carried by the launch
     settings: the fp32 magic widening gives the same bits as the int-to-float conversion (both exact); the per-thread
-    accumulators sum in another order, within the reference's tolerance."""
+    accumulators over int32 words sum in another order, within the reference's tolerance."""
     from fastllm.kernels import quant_linear, triton_on_cpu
 
     x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, True, torch.float32)
@@ -436,6 +436,13 @@ def test_int4_decode_broadcast_variants_against_the_reference(m, n, k, group, ze
             outputs.append(quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k))
     assert torch.equal(outputs[0], outputs[1])
     assert_close(outputs[1], kernels.int4_linear_ref(x, packed, scales, b, zeros))
+    if acc2d:  # packed rows not 4-byte aligned (a view 2 bytes into a wider buffer): the per-chunk form runs instead
+        wider = torch.zeros(packed.shape[0], packed.shape[1] + 2, dtype=torch.uint8)
+        wider[:, 2:] = packed
+        assert quant_linear._as_words(wider[:, 2:]) is None and quant_linear._as_words(packed) is not None
+        with triton_on_cpu():
+            unaligned = quant_linear._int4_gemv(x, wider[:, 2:], scales, b, zeros, split_k=split_k)
+        assert_close(unaligned, kernels.int4_linear_ref(x, packed, scales, b, zeros))
 
 
 @pytest.mark.parametrize("tiles", ["64x64", "128x128"])
