@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     config = {"model": args.model, "prompt": 128, "new_tokens": args.new_tokens, "weights": "random, seed 0",
               "copy_gb_s": copy_gb_s, "max_num_seqs": 8}
     print(f"bf16: {bf16['decode_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline']:.2f} of roofline)", flush=True)
-    workload = f"W1-{args.schemes[0]}" if len(args.schemes) == 1 else "W1-quant"  # the W1-fp8 file
+    single = len(args.schemes) == 1 and args.schemes[0] not in VARIANTS
+    workload = f"W1-{args.schemes[0]}" if single else "W1-quant"  # the W1-fp8 file
     for with_pdl in (False, True) if args.pdl_too else (False,):
         suffix = "_pdl" if with_pdl else ""
         if with_pdl:
