@@ -7,14 +7,12 @@ Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh ra
 as bench_decode.py measures W1 (128-token prompt, greedy, 256 new tokens). Roofline: bytes a decode step must read
 (every weight the step multiplies by, in its stored format, scales included; the LM head stays bf16) over the
 device-to-device copy bandwidth measured in the same run. Writes DIR/W1-quant-<gpu>-<yyyymmdd>.json (W1-fp8-... when
-one scheme is asked for) with fastllm bf16 under baselines.fastllm_bf16.<model>; exits 2 without a GPU. VARIANTS names
-schemes run with a kernel's opt-in setting (int4_acc2d), timed beside the shipped ones.
+one scheme is asked for) with fastllm bf16 under baselines.fastllm_bf16.<model>; exits 2 without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import sys
 
@@ -22,36 +20,14 @@ import torch
 from _common import copy_bandwidth_gb_s, missing_gpu, write_result
 from bench_decode import MODELS, _build, measure, pdl, step_bytes
 
-# Schemes timed beside the shipped ones: int4 with the decode GEMV's opt-in per-thread accumulators (INT4_ACC2D).
-VARIANTS = {"int4_acc2d": ("int4", {"INT4_ACC2D": True})}
-
-
-@contextlib.contextmanager
-def _kernel_flags(flags: dict):
-    """quant_linear's module flags set as given inside, as they were afterwards (launch settings recomputed)."""
-    from fastllm.kernels import quant_linear
-
-    saved = {name: getattr(quant_linear, name) for name in flags}
-    for name, value in flags.items():
-        setattr(quant_linear, name, value)
-    quant_linear._INT4_CONFIGS.clear()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(quant_linear, name, value)
-        quant_linear._INT4_CONFIGS.clear()
-
 
 def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, with_pdl: bool = False) -> dict:
-    """with_pdl: programmatic dependent launch forced on (else as configured); scheme: a quantization or a VARIANTS
-    name."""
+    """with_pdl: programmatic dependent launch forced on (else as configured)."""
     import fastllm
 
-    scheme, flags = VARIANTS.get(scheme, (scheme, {}))
     model = _build(name)
     nbytes = step_bytes(model, scheme)  # before optimize(): it lets go of the float weights it quantized
-    with pdl(with_pdl), _kernel_flags(flags):
+    with pdl(with_pdl):
         fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
         result = measure(model, new_tokens, model.config.vocab_size)
     roofline = copy_gb_s * 1e9 / nbytes
@@ -67,8 +43,7 @@ def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, with_p
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama31_8b", choices=list(MODELS))
-    parser.add_argument("--schemes", nargs="+", default=["fp8", "int8", "int4"],
-                        choices=["fp8", "int8", "int4", *VARIANTS])
+    parser.add_argument("--schemes", nargs="+", default=["fp8", "int8", "int4"], choices=["fp8", "int8", "int4"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--pdl-too", action="store_true",
@@ -86,8 +61,7 @@ def main(argv=None) -> int:
     config = {"model": args.model, "prompt": 128, "new_tokens": args.new_tokens, "weights": "random, seed 0",
               "copy_gb_s": copy_gb_s, "max_num_seqs": 8}
     print(f"bf16: {bf16['decode_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline']:.2f} of roofline)", flush=True)
-    single = len(args.schemes) == 1 and args.schemes[0] not in VARIANTS
-    workload = f"W1-{args.schemes[0]}" if single else "W1-quant"  # the issue's W1-fp8 file
+    workload = f"W1-{args.schemes[0]}" if len(args.schemes) == 1 else "W1-quant"  # the issue's W1-fp8 file
     for with_pdl in (False, True) if args.pdl_too else (False,):
         suffix = "_pdl" if with_pdl else ""
         if with_pdl:

@@ -6,11 +6,10 @@ x and out. Timing: `triton.testing.do_bench_cudagraph` (median, inside a CUDA gr
 weight copies of >= 256 MB in all so no call finds its weight in L2. Every output is checked against its `_ref` (SQNR >=
 28 dB, the issue's bar for FP8 GEMMs) before timing. With --sweep (1 row), the fp8/int8 skinny GEMM is also timed at
 every autotune candidate of skinny_gemm.py (the heuristic was chosen for 2-byte weights), and the int4 GEMV at other
-block sizes, warps, stages and splits, with and without its opt-in variants (fp32 magic widening, per-thread
-accumulators). Baselines: cuBLAS bf16 and, where this torch has it, tinygemm (`aten._weight_int4pack_mm`, torch's own
-int4 kernel) on the same int4 codes. The down projection at 1 row is also timed as decode runs it with the
-decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul and then the linear, per
-scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
+block sizes, warps and K splits. Baselines: cuBLAS bf16 and, where this torch has it, tinygemm
+(`aten._weight_int4pack_mm`, torch's own int4 kernel) on the same int4 codes. The down projection at 1 row is also timed
+as decode runs it with the decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul
+and then the linear, per scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
 
     PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--out DIR]
 
@@ -46,18 +45,6 @@ def _copies(tensors: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(-(-WORKING_SET // nbytes) - 1)]
 
 
-def _int4_variant(acc2d: bool, magic: bool):
-    """int4_linear's decode GEMV with quant_linear.INT4_ACC2D / INT4_FP32_MAGIC as given (the default launch
-    settings otherwise; more rows than the broadcast form takes run as the default does)."""
-    def launch(x, packed, scales):
-        m, k = x.shape
-        cfg = dict(quant_linear._int4_config(m, packed.shape[0], k, k // scales.shape[1], x.device))
-        if not cfg["USE_DOT"]:
-            cfg.update(ACC2D=acc2d, FP32_MAGIC=magic)
-        return quant_linear._int4_gemv(x, packed, scales, None, None, config=cfg)
-    return launch
-
-
 def _tinygemm_int4(weight: torch.Tensor) -> tuple | None:
     """torch's own small-batch int4 GEMM (tinygemm, `aten._weight_int4pack_mm`: what gpt-fast's int4 runs) on our
     symmetric group-128 codes and scales, as (stored tensors, launcher, reference), or None where this torch or GPU
@@ -87,11 +74,6 @@ def _schemes(weight: torch.Tensor) -> dict:
         "fp8_block128": (fp8.quantize_blocks(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
         "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, quant_linear.int8_linear_ref),
         "int4": (int_weight.quantize_int4(weight, 128), quant_linear.int4_linear, quant_linear.int4_linear_ref),
-        # the broadcast form's opt-in variants (1 and 2 rows; the dot form takes more), on the same codes
-        "int4_acc2d": (int_weight.quantize_int4(weight, 128), _int4_variant(acc2d=True, magic=False),
-                       quant_linear.int4_linear_ref),
-        "int4_acc2d_magic": (int_weight.quantize_int4(weight, 128), _int4_variant(acc2d=True, magic=True),
-                             quant_linear.int4_linear_ref),
         **({"tinygemm_int4": tinygemm} if tinygemm else {}),
     }
 
@@ -133,9 +115,9 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
 
 
 def _sweep_int4(x, tensors, bench) -> list[dict]:
-    """The int4 GEMV at other block sizes, warps and K splits than `_int4_config`'s, with and without the broadcast
-    form's opt-in variants (quant_linear.INT4_FP32_MAGIC, INT4_ACC2D), each checked first. (Stages 4 never led the
-    first sweep by more than noise.)"""
+    """The int4 GEMV at other block sizes, warps and K splits than `_int4_config`'s, each checked first. More splits
+    put more bytes in flight: the default keeps ~1.6 MB in flight at Llama-3.1-8B's qkv (192 programs of 8 KB), where
+    an H200's bandwidth times latency wants ~4 MB (stages 4 never led the first sweep by more than noise)."""
     m, k = x.shape
     n = tensors[0].shape[0]
     group = k // tensors[1].shape[1]
@@ -144,13 +126,8 @@ def _sweep_int4(x, tensors, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device)
     results = []
     try:
-        for block_n, warps, split, magic, acc2d in itertools.product((32, 64, 128, 256), (4, 8), (1, 2), (False, True),
-                                                                     (False, True)):
-            if magic and not acc2d:  # timed in the first sweep of the magic widening: no lead
-                continue
-            broadcast = not default["USE_DOT"]
-            cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": 3, "split_k": split,
-                   "FP32_MAGIC": magic and broadcast, "ACC2D": acc2d and broadcast}
+        for block_n, warps, split in itertools.product((32, 64), (4, 8), (1, 2, 4, 8)):
+            cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": 3, "split_k": split}
             quant_linear._INT4_CONFIGS[(m, n, k, group, x.device)] = cfg
             if not _sqnr(expected, quant_linear.int4_linear(x, *tensors)) >= MIN_SQNR_DB:
                 print(f"int4 sweep: {cfg} off from the reference; not timed")

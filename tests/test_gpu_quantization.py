@@ -99,33 +99,6 @@ def test_int4_kernels_at_llama_shapes_against_the_reference(shape, rows, group, 
     assert _sqnr(expected, got) >= 40.0
 
 
-@pytest.mark.parametrize("magic", [False, True])
-@pytest.mark.parametrize("zero_point", [False, True])
-@pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("shape", INT4_SHAPES + [(4100, 4096)])
-def test_int4_decode_opt_in_variants_at_llama_shapes(shape, rows, zero_point, magic, monkeypatch):
-    """quant_linear.INT4_ACC2D (per-thread partial sums over int32 words) and INT4_FP32_MAGIC, opt-in until
-    measured: against the reference as the default form is (40 dB; see the test above), and the magic widening's
-    bits equal to the conversion's."""
-    from fastllm.kernels import quant_linear
-
-    n, k = shape
-    torch.manual_seed(4)
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    packed, scales, *zeros = int_weight.quantize_int4(torch.randn(n, k, device="cuda") * k**-0.5, 128,
-                                                      zero_point=zero_point)
-    zeros = zeros[0] if zeros else None
-    monkeypatch.setattr(quant_linear, "INT4_ACC2D", True)
-    outputs = []
-    for fp32_magic in (False, magic):
-        monkeypatch.setattr(quant_linear, "INT4_FP32_MAGIC", fp32_magic)
-        monkeypatch.setattr(quant_linear, "_INT4_CONFIGS", {})
-        assert quant_linear._int4_config(rows, n, k, 128, x.device)["ACC2D"]
-        outputs.append(kernels.int4_linear(x, packed, scales, None, zeros))
-    assert torch.equal(outputs[0], outputs[1])
-    assert _sqnr(kernels.int4_linear_ref(x, packed, scales, None, zeros), outputs[0]) >= 40.0
-
-
 def test_int4_decode_kernel_with_split_k_replays_in_a_cuda_graph():
     """4096 x 4096 at M = 1 splits K (64 blocks of 64 outputs for 132 SMs): the workspace is allocated inside the
     capture, from the graph's pool, and each replay reads the inputs' current values."""

@@ -415,36 +415,6 @@ def test_int4_decode_kernel_at_odd_shapes_against_the_reference(m, n, k, group, 
     assert_close(got, expected)
 
 
-@pytest.mark.parametrize("acc2d", [False, True])
-@pytest.mark.parametrize("m,n,k,group,zero_point,split_k", [(1, 72, 256, 32, True, None), (2, 300, 384, 128, False, 2),
-                                                            (1, 300, 256, 64, False, None), (2, 40, 512, 32, True, 3)])
-def test_int4_decode_broadcast_variants_against_the_reference(m, n, k, group, zero_point, split_k, acc2d, monkeypatch):
-    """The broadcast form's opt-in variants (quant_linear.INT4_FP32_MAGIC, INT4_ACC2D), carried by the launch
-    settings: the fp32 magic widening gives the same bits as the int-to-float conversion (both exact); the per-thread
-    accumulators over int32 words sum in another order, within the reference's tolerance."""
-    from fastllm.kernels import quant_linear, triton_on_cpu
-
-    x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, True, torch.float32)
-    monkeypatch.setattr(quant_linear, "INT4_ACC2D", acc2d)
-    outputs = []
-    for magic in (False, True):
-        monkeypatch.setattr(quant_linear, "INT4_FP32_MAGIC", magic)
-        monkeypatch.setattr(quant_linear, "_INT4_CONFIGS", {})
-        cfg = quant_linear._int4_config(m, n, k, group, x.device)
-        assert (cfg["FP32_MAGIC"], cfg["ACC2D"]) == (magic, acc2d)
-        with triton_on_cpu():
-            outputs.append(quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k))
-    assert torch.equal(outputs[0], outputs[1])
-    assert_close(outputs[1], kernels.int4_linear_ref(x, packed, scales, b, zeros))
-    if acc2d:  # packed rows not 4-byte aligned (a view 2 bytes into a wider buffer): the per-chunk form runs instead
-        wider = torch.zeros(packed.shape[0], packed.shape[1] + 2, dtype=torch.uint8)
-        wider[:, 2:] = packed
-        assert quant_linear._as_words(wider[:, 2:]) is None and quant_linear._as_words(packed) is not None
-        with triton_on_cpu():
-            unaligned = quant_linear._int4_gemv(x, wider[:, 2:], scales, b, zeros, split_k=split_k)
-        assert_close(unaligned, kernels.int4_linear_ref(x, packed, scales, b, zeros))
-
-
 @pytest.mark.parametrize("tiles", ["64x64", "128x128"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m,n,k,group,zero_point,bias", [(17, 72, 256, 32, True, True),
@@ -476,14 +446,11 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu():
 
     cpu = torch.device("cpu")
     assert _int4_config(1, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                     "num_warps": 8, "split_k": 4, "FP32_MAGIC": False,
-                                                     "ACC2D": False}  # 64 blocks of 64 outputs
+                                                     "num_warps": 8, "split_k": 4}  # 64 blocks of 64 outputs
     assert _int4_config(1, 28672, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                      "num_warps": 4, "split_k": 1, "FP32_MAGIC": False,
-                                                      "ACC2D": False}  # 448 blocks
+                                                      "num_warps": 4, "split_k": 1}  # 448 blocks
     assert _int4_config(8, 4096, 14336, 32, cpu) == {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "NUM_STAGES": 3,
-                                                     "num_warps": 4, "split_k": 16, "FP32_MAGIC": False,
-                                                     "ACC2D": False}  # 16 blocks, 28 x 512 columns
+                                                     "num_warps": 4, "split_k": 16}  # 16 blocks, 28 x 512 columns
 
 
 def test_int4_zero_points_span_each_groups_range_within_half_a_step():

@@ -172,21 +172,12 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 # gathers), pipelined through shared memory: 20-37% at M = 1, 19-32% at M = 8 (there 4-7x the former). What is left is
 # most likely the loop body: it issues ~6 instructions a nibble at M = 1 (SASS, triton 3.9: ~2.5 extracting bytes and
 # nibbles, conversion, FMAs and the group's sum), and larger chunks or more stages in flight measured no faster.
+# Recounted 2026-11-30 (sm_90 SASS compiled on a CPU machine with the launch's 16-byte alignment: 416 instructions a
+# chunk of 64 nibbles a thread, 6.5 a nibble; at 4 warp-instructions a clock an SM that allows ~60% of the bandwidth,
+# not 20-37%). The grid may be what limits: qkv (6144 x 4096) runs 192 programs with 8 KB each in flight, ~1.6 MB,
+# where the bandwidth-latency product is ~4 MB; the sweep found split 2 faster than 1 at qkv and gate_up, and the
+# down projection's default split 4 faster than 2. bench_quant_gemv.py --sweep now times splits up to 8.
 _INT4_CHUNK_NIBBLES = 8192  # BLOCK_N * GROUP: 4 KB of packed weight a chunk (BLOCK_N 64 at group 128, 256 at 32)
-# Broadcast form (1-2 rows): the codes widened to fp32 without an int-to-float conversion: the nibble ORed into the
-# bits of 2^23 is the float 2^23 + nibble, exactly, less 2^23. In the SASS for sm_90 the conversion is one I2FP a
-# nibble and this an OR and an add (ACC2D's loop: 424 instructions against 368), so it pays only if I2FP's issue rate
-# is what limits. Off until measured on a GPU (bench_quant_gemv.py --sweep times both); the same bits either way.
-INT4_FP32_MAGIC = False
-# Broadcast form: per-thread partial sums reduced once after the loop instead of a cross-thread reduction every chunk,
-# the weight read as int32 words (8 nibbles each) and a group's scale applied once per partial, not per nibble. SASS
-# for sm_90 (triton 3.9, compiled without a GPU; BLOCK_N 64, group 128, 4 warps, 1 row): a chunk's loop body, 64
-# nibbles a thread, is 884 instructions now (192 shuffles, 192 adds, 64 conversions) and 368 with ACC2D (5.2 a nibble
-# at BLOCK_N 128). At 4 warp-instructions a clock an SM, 884 allow about 28% of an H200's copy bandwidth (measured:
-# 20-37%), 368 about 70%: the int4 GEMV is instruction-bound. Off until measured on a GPU (bench_quant_gemv.py
-# --sweep); the sums run in another order, so the bits differ (fp32 either way). Needs the packed rows 4-byte aligned
-# (else the form below runs).
-INT4_ACC2D = False
 _INT4_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}  # bits of 1024.0 (fp16), 128.0 (bf16)
 _INT4_CONFIGS: dict[tuple, dict] = {}
 
@@ -196,21 +187,6 @@ def _int4_columns(packed):
     """Packed bytes [R, C] (int32, 0..255) -> nibbles [R, 2C] in column order, byte j's low nibble column 2j and its
     high one 2j + 1 (tl.join keeps each pair in the thread that loaded the byte: no data moves between threads)."""
     return tl.reshape(tl.join(packed & 15, packed >> 4), [packed.shape[0], 2 * packed.shape[1]])
-
-
-@triton.jit
-def _nibble_fp32(nibbles, FP32_MAGIC: tl.constexpr):
-    """int32 values 0..15 as fp32, exactly: converted, or (FP32_MAGIC) ORed into the bits of 2^23, less 2^23."""
-    if FP32_MAGIC:
-        return (nibbles | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return nibbles.to(tl.float32)
-
-
-@triton.jit
-def _int4_codes_fp32(packed, FP32_MAGIC: tl.constexpr):
-    """Packed bytes [R, C] (int32, 0..255) -> the nibbles as fp32 [R, 2C] in column order, exactly. FP32_MAGIC: the
-    nibble ORed into the bits of 2^23 is the float 2^23 + nibble, less 2^23 (no int-to-float conversion)."""
-    return _nibble_fp32(_int4_columns(packed), FP32_MAGIC)
 
 
 @triton.jit
@@ -236,8 +212,6 @@ def _int4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
-    FP32_MAGIC: tl.constexpr = False,  # broadcast form: see INT4_FP32_MAGIC
-    ACC2D: tl.constexpr = False,  # broadcast form (see INT4_ACC2D): W is the packed weight viewed as int32 words
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -282,45 +256,6 @@ def _int4_gemv_kernel(
             acc += part * scale[:, None]
         _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                   False)
-    elif ACC2D:
-        # Broadcast form with per-thread partial sums, reduced once after the loop (the form below reduces across
-        # threads every chunk). W is read as int32 words [N, K // 8] (8 nibbles each: column 8j + i in bits 4i of word
-        # j); the eight nibbles of each word are taken out in turn by a shift and a mask, each against x's column
-        # 8j + i. A group's codes times x go into a [BLOCK_N, GROUP // 8] partial (one FMA a nibble), which enters the
-        # accumulator times the group's scale, less zero * scale times the group's sum of x (two FMAs an element).
-        GW: tl.constexpr = GROUP // 8
-        j = tl.arange(0, GW)
-        words_ptrs = W + n_load[:, None] * stride_wn + j[None, :]  # [BLOCK_N, GW]; group g at + g * GW
-        acc0 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)  # unused (compiled away) with one row
-        for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
-            words = tl.load(words_ptrs + g * GW)
-            scale = tl.load(s_ptrs + g)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptrs + g)
-            part0 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
-            part1 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
-            xsum0 = tl.zeros([GW], dtype=tl.float32)
-            xsum1 = tl.zeros([GW], dtype=tl.float32)
-            for i in tl.static_range(8):
-                codes = _nibble_fp32((words >> (4 * i)) & 15, FP32_MAGIC)
-                x0 = tl.load(X + g * GROUP + j * 8 + i).to(tl.float32)
-                part0 += codes * x0[None, :]
-                xsum0 += x0
-                if BLOCK_M > 1:
-                    x1 = tl.load(X + stride_xm + g * GROUP + j * 8 + i).to(tl.float32)
-                    part1 += codes * x1[None, :]
-                    xsum1 += x1
-            offset = zero * scale
-            acc0 += part0 * scale[:, None] - offset[:, None] * xsum0[None, :]
-            if BLOCK_M > 1:
-                acc1 += part1 * scale[:, None] - offset[:, None] * xsum1[None, :]
-        row = tl.zeros([1], dtype=tl.int32)
-        _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT,
-                  False, False)
-        if BLOCK_M > 1:
-            _epilogue(tl.sum(acc1, axis=1)[None, :], row + 1, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS,
-                      SPLIT, False, False)
     else:
         acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused (compiled away) with one row
@@ -329,7 +264,7 @@ def _int4_gemv_kernel(
             scale = tl.load(s_ptrs + g)
             if HAS_ZEROS:
                 zero = tl.load(z_ptrs + g)
-            w = _int4_codes_fp32(packed, FP32_MAGIC) - zero[:, None]  # [BLOCK_N, GROUP], exact
+            w = _int4_columns(packed).to(tl.float32) - zero[:, None]  # [BLOCK_N, GROUP], exact
             acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
             if BLOCK_M > 1:
                 acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
@@ -349,39 +284,26 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> di
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
-        acc2d = INT4_ACC2D and not use_dot
         block_n = max(16, _INT4_CHUNK_NIBBLES // group)
         programs = skinny_gemm._cdiv(n, block_n)
         target = skinny_gemm._PROGRAMS_PER_SM * sm_count(device)
         split_k = max(1, min(target // programs, k // skinny_gemm._MIN_SPLIT_COLUMNS, skinny_gemm._MAX_SPLIT_K))
         num_warps = 8 if m == 1 and split_k > 1 else 4
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
-                                    "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k,
-                                    "FP32_MAGIC": INT4_FP32_MAGIC and not use_dot, "ACC2D": acc2d}  # fmt: skip
+                                    "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k}  # fmt: skip
     return cfg
 
 
-def _as_words(packed: torch.Tensor) -> torch.Tensor | None:
-    """The packed weight [N, K // 2] uint8 viewed as int32 words [N, K // 8] (byte 4j + b in bits 8b of word j, on
-    little-endian machines: all that torch runs on), or None where its rows are not 4-byte aligned."""
-    if packed.stride(-1) != 1 or packed.shape[1] % 4 or packed.stride(0) % 4 or packed.storage_offset() % 4:
-        return None
-    return packed.view(torch.int32)
-
-
 def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               zeros: torch.Tensor | None, *, split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
+               zeros: torch.Tensor | None, *, split_k: int | None = None) -> torch.Tensor:
     """rows [M <= 16, K] through `_int4_gemv_kernel`; split_k (tests) overrides the heuristic's (splits are whole
-    groups, none empty: possibly fewer), config (tests, benchmarks) its launch settings. No host sync; the only
-    allocations are out and the split-K workspace (from the graph's pool during CUDA-graph capture)."""
+    groups, none empty: possibly fewer). No host sync; the only allocations are out and the split-K workspace
+    (from the graph's pool during CUDA-graph capture)."""
     m, k = rows.shape
     n = packed.shape[0]
     num_groups = scales.shape[1]
     group = k // num_groups
-    cfg = config or _int4_config(m, n, k, group, rows.device)
-    if cfg.get("ACC2D"):
-        words = _as_words(packed)
-        cfg, packed = (cfg, words) if words is not None else ({**cfg, "ACC2D": False}, packed)
+    cfg = _int4_config(m, n, k, group, rows.device)
     num_splits, groups_per_split = skinny_gemm._split(num_groups, 1, split_k or cfg["split_k"])
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     split = num_splits > 1
@@ -397,7 +319,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, USE_DOT=cfg["USE_DOT"],
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-            FP32_MAGIC=cfg["FP32_MAGIC"], ACC2D=cfg["ACC2D"], **pdl,
+            **pdl,
         )  # fmt: skip
         if split:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](
