@@ -7,7 +7,7 @@
 # mixed, HF continuous batching beside the fixed set; THROUGHPUT_ARGS adds options, e.g. "--providers fastllm
 # fastllm_sync hf_continuous_batching"). Rough durations on an H100: tests 4.6 min, profile 1.5,
 # decode 4 per model with all providers, throughput 5.
-# quant: W5-quant-gemv and W1-quant (fp8, int8, int4 beside bf16; ~5 min); throughput-fp8: W2-fp8 beside W2 bf16 in
+# quant: W5-quant-gemv (QUANT_GEMV_ARGS="--sweep" adds the launch-setting sweeps) and W1-quant (fp8, int8, int4 beside bf16; ~5 min); throughput-fp8: W2-fp8 beside W2 bf16 in
 # the same call (~2 min).
 # rows: what a batch-1 decode step runs (1 row; 2 before the 1-row graph): W5-gemv at 1 and 2 rows, the fused
 # chain at 1 and 2 rows, and W1 without the 1-row decode graph and without decode_act_fusion beside the default and gpt-fast
@@ -44,7 +44,7 @@ for stage in $STAGES; do
                     python3 benchmarks/bench_decode.py --warm-startup llama2_7b --out "$OUT" >> "$OUT/decode.log" 2>&1 || rc=1
                     grep "startup warm" "$OUT/decode.log"
                 fi ;;
-        quant) python3 benchmarks/bench_quant_gemv.py --out "$OUT" > "$OUT/quant-gemv.log" 2>&1 || rc=1
+        quant) python3 benchmarks/bench_quant_gemv.py ${QUANT_GEMV_ARGS:-} --out "$OUT" > "$OUT/quant-gemv.log" 2>&1 || rc=1
                python3 benchmarks/bench_quant.py --out "$OUT" > "$OUT/quant.log" 2>&1 || rc=1
                grep -E "tok/s" "$OUT/quant.log" ;;
         throughput-fp8) python3 benchmarks/bench_throughput.py --providers fastllm --workloads fixed --quantization fp8 \

@@ -283,3 +283,21 @@ def test_gpu_quantized_weights_against_the_unfused_references(scheme, prologue, 
     if prologue == "silu":
         unfused = _skinny_with_fused_settings(silu_and_mul(x), qweight, prologue, weight_scale=scale)
         assert torch.equal(y, unfused + kwargs["residual"])
+
+
+def test_a_gemm_with_a_prologue_launches_without_pdl(monkeypatch):
+    """PDL measured slower with the activation prologue's GEMM (kernels/_registry.py): that launch goes without it
+    where the plain GEMM takes it (the kernel replaced by a recorder of its launch keywords)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(sg, "_skinny_gemm_kernel", Recorder())
+    monkeypatch.setattr(sg, "pdl_options", lambda t: {"USE_PDL": True, "launch_pdl": True})
+    x, w, out = torch.randn(1, 64), torch.randn(32, 32), torch.empty(1, 32)
+    cfg = {**sg._config(1, 32, 32, x.dtype, x.device), "split_k": 1}
+    sg._launch(x[:, :32], w, None, out, None, cfg)
+    sg._launch(x, w, None, out, None, cfg, prologue="silu")
+    assert launches[0].get("USE_PDL") is True and "USE_PDL" not in launches[1]

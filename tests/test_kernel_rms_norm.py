@@ -176,3 +176,30 @@ def test_rms_norm_gpu(rows, hidden, dtype, cast_before_weight, weight_offset):
     expected, expected_sum = fused_add_rms_norm_ref(x, residual, weight, EPS, **kwargs)
     assert torch.equal(actual_sum, expected_sum)  # the sum is rounded to bf16/fp16 before the norm, like HF
     assert_close(actual, expected, rounded_twice=twice)
+
+
+class _CudaRows:
+    """Stands in for a CUDA tensor of `rows` rows: pdl_options reads only is_cuda, dim(), shape and device."""
+
+    is_cuda = True
+
+    def __init__(self, rows: int) -> None:
+        self.shape, self.device = (rows, 8), torch.device("cuda", 0)
+
+    def dim(self) -> int:
+        return 2
+
+
+def test_pdl_on_for_small_steps_unless_the_environment_says_otherwise(monkeypatch):
+    """FASTLLM_PDL unset: PDL for launches of at most PDL_MAX_ROWS rows (decode of a few sequences), none past it;
+    "1" every launch, "0" none (here on a device taken to be a Hopper GPU with a Triton that has PDL)."""
+    monkeypatch.setitem(_registry._PDL_DEVICES, 0, True)
+    on = {"USE_PDL": True, "launch_pdl": True}
+    small, large = _CudaRows(_registry.PDL_MAX_ROWS), _CudaRows(_registry.PDL_MAX_ROWS + 1)
+    for setting, rows, expected in [("", small, on), ("", large, {}), ("1", large, on), ("0", small, {})]:
+        monkeypatch.setattr(_registry, "_PDL_SETTING", setting)
+        assert _registry.pdl_options(rows) == expected, (setting, rows.shape)
+    monkeypatch.setitem(_registry._PDL_DEVICES, 0, False)  # a card before Hopper: never
+    monkeypatch.setattr(_registry, "_PDL_SETTING", "1")
+    assert _registry.pdl_options(small) == {}
+    assert _registry.pdl_options(torch.empty(1, 8)) == {}  # CPU tensors: never
