@@ -7,8 +7,8 @@
 # mixed, HF continuous batching beside the fixed set; THROUGHPUT_ARGS adds options, e.g. "--providers fastllm
 # fastllm_sync hf_continuous_batching"). Rough durations on an H100: tests 4.6 min, profile 1.5,
 # decode 4 per model with all providers, throughput 5.
-# quant: W5-quant-gemv (QUANT_GEMV_ARGS="--sweep" adds the launch-setting sweeps) and W1-quant (fp8, int8, int4 beside bf16; ~5 min); throughput-fp8: W2-fp8 beside W2 bf16 in
-# the same call (~2 min).
+# quant: W5-quant-gemv (QUANT_GEMV_ARGS="--sweep" adds the launch-setting sweeps) and W1-quant (fp8, int8, int4
+# beside bf16; ~5 min); throughput-fp8: W2-fp8 beside W2 bf16 in the same call (~2 min).
 # rows: what a batch-1 decode step runs (1 row; 2 before the 1-row graph): W5-gemv at 1 and 2 rows, the fused
 # chain at 1 and 2 rows, and W1 without the 1-row decode graph and without decode_act_fusion beside the default and gpt-fast
 # (carry .anchors; ~7 min).
