@@ -83,8 +83,8 @@ BASELINES = ("cublas_bf16", "tinygemm_int4")
 
 def _sweep_skinny(x, tensors, bench) -> list[dict]:
     """The fp8/int8 skinny GEMM at every autotune candidate and a few more one-byte tiles, each checked against the
-    reference first; weight copies cycled as in the main timing (before 2026-12-01 one weight was reused, which L2
-    held: those sweeps overstated the small shapes)."""
+    reference first; weight copies cycled as in the main timing (the first sweep,
+    W5-quant-gemv-nvidia-h200-20261130.json, reused one weight, which L2 held: it overstated the small shapes)."""
     m, k = x.shape
     n = tensors[0].shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -174,6 +175,10 @@ def sm_count(device: torch.device) -> int:
 # 234.0 against 236.5; Llama-2-7B bf16 261.1 against 259.7. Not measured for larger steps (unset: off there).
 # (Also tried: the GEMVs asking L2 for their first weight chunks before the wait: no gain for FP8, a loss for bf16.)
 _PDL_SETTING = os.environ.get("FASTLLM_PDL", "")
+if _PDL_SETTING not in ("", "0", "1"):
+    warnings.warn(f"FASTLLM_PDL={_PDL_SETTING!r} is not one of '1' (every launch) or '0' (none); using the default "
+                  f"(launches of at most 16 rows)", RuntimeWarning, stacklevel=2)
+    _PDL_SETTING = ""
 PDL_MAX_ROWS = 16
 _PDL_DEVICES: dict[int, bool] = {}
 
