@@ -203,3 +203,16 @@ def test_pdl_on_for_small_steps_unless_the_environment_says_otherwise(monkeypatc
     monkeypatch.setattr(_registry, "_PDL_SETTING", "1")
     assert _registry.pdl_options(small) == {}
     assert _registry.pdl_options(torch.empty(1, 8)) == {}  # CPU tensors: never
+
+
+def test_an_unknown_fastllm_pdl_value_warns_and_takes_the_default():
+    import os
+    import subprocess
+    import sys
+
+    code = "import fastllm.kernels._registry as r; print(repr(r._PDL_SETTING))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "FASTLLM_PDL": "yes"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "''"
+    assert "FASTLLM_PDL='yes' is not one of '1'" in done.stderr
