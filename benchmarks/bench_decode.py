@@ -45,12 +45,13 @@ MODELS = {
 # fastllm_two_row: a lone sequence's decode step padded to 2 rows, as before the 1-row decode graph became the default
 # (FASTLLM_ONE_ROW_DECODE=0, model_runner.ONE_ROW_DECODE); fastllm_autotune: FASTLLM_SKINNY_AUTOTUNE=1 with an empty
 # tuning cache (its start-up includes the tuning; the tuned settings are recorded); each beside the default in the
-# same call; fastllm_pdl: programmatic dependent launch on (FASTLLM_PDL=1: kernels/_registry.py);
-# fastllm_pdl_no_act_fusion: both.
+# same call; fastllm_pdl: programmatic dependent launch on for every launch (FASTLLM_PDL=1: kernels/_registry.py; the
+# default: steps of at most 16 rows); fastllm_no_pdl: off (FASTLLM_PDL=0); fastllm_pdl_no_act_fusion: PDL on and
+# without decode_act_fusion.
 OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion"}
 LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion", "fastllm_pdl_no_act_fusion": "decode_act_fusion"}
 PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES,
-             "fastllm_two_row", "fastllm_autotune", "fastllm_pdl", "gptfast")
+             "fastllm_two_row", "fastllm_autotune", "fastllm_pdl", "fastllm_no_pdl", "gptfast")
 
 
 def _build(name: str, device: str = "cuda"):
@@ -196,7 +197,8 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
     default_one_row = model_runner.ONE_ROW_DECODE
     model_runner.ONE_ROW_DECODE = default_one_row and provider != "fastllm_two_row"
     try:
-        with _autotuning(provider == "fastllm_autotune") as tuned, pdl(provider.startswith("fastllm_pdl")):
+        pdl_setting = "1" if provider.startswith("fastllm_pdl") else "0" if provider == "fastllm_no_pdl" else None
+        with _autotuning(provider == "fastllm_autotune") as tuned, pdl(pdl_setting):
             startup, phases = _startup_s(model, **options)
             result = measure(model, new_tokens, vocab)
     finally:
@@ -210,12 +212,13 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
 
 
 @contextlib.contextmanager
-def pdl(enabled: bool):
-    """Programmatic dependent launch on for what runs inside (as FASTLLM_PDL=1 would be); as it was afterwards."""
+def pdl(setting: str | None):
+    """Programmatic dependent launch as FASTLLM_PDL=setting would have it ("1" every launch, "0" none) for what runs
+    inside, None: as configured; as it was afterwards."""
     from fastllm.kernels import _registry
 
     saved = _registry._PDL_SETTING
-    _registry._PDL_SETTING = "1" if enabled else saved
+    _registry._PDL_SETTING = saved if setting is None else setting
     try:
         yield
     finally:

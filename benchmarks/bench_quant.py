@@ -1,6 +1,6 @@
 """W1 with quantization: batch-1 decode and TTFT of fastllm per scheme, beside fastllm bf16 in the same run.
 
-    PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--pdl-too]
+    PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--pdl-variants on off]
                                                   [--out DIR]
 
 Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh random-weight model (seed 0), measured
@@ -20,14 +20,17 @@ import torch
 from _common import copy_bandwidth_gb_s, missing_gpu, write_result
 from bench_decode import MODELS, _build, measure, pdl, step_bytes
 
+# --pdl-variants: PDL forced on for every launch (FASTLLM_PDL=1), or off (FASTLLM_PDL=0), and each one's key suffix
+PDL_VARIANTS = {"on": ("1", "_pdl"), "off": ("0", "_no_pdl")}
 
-def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, with_pdl: bool = False) -> dict:
-    """with_pdl: programmatic dependent launch forced on (else as configured)."""
+
+def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, pdl_setting: str | None = None) -> dict:
+    """pdl_setting: FASTLLM_PDL's value for this run ("1", "0"), None: as configured."""
     import fastllm
 
     model = _build(name)
     nbytes = step_bytes(model, scheme)  # before optimize(): it lets go of the float weights it quantized
-    with pdl(with_pdl):
+    with pdl(pdl_setting):
         fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
         result = measure(model, new_tokens, model.config.vocab_size)
     roofline = copy_gb_s * 1e9 / nbytes
@@ -46,9 +49,9 @@ def main(argv=None) -> int:
     parser.add_argument("--schemes", nargs="+", default=["fp8", "int8", "int4"], choices=["fp8", "int8", "int4"])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--pdl-too", action="store_true",
-                        help="also run bf16 and every scheme with programmatic dependent launch forced on "
-                             "(FASTLLM_PDL=1): <model>_<scheme>_pdl beside baselines.fastllm_bf16_pdl")
+    parser.add_argument("--pdl-variants", nargs="*", default=[], choices=list(PDL_VARIANTS),
+                        help="also run bf16 and every scheme with programmatic dependent launch on for every launch "
+                             "(on: <model>_<scheme>_pdl beside baselines.fastllm_bf16_pdl) or off (off: _no_pdl)")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
         return 2
@@ -62,14 +65,13 @@ def main(argv=None) -> int:
               "copy_gb_s": copy_gb_s, "max_num_seqs": 8}
     print(f"bf16: {bf16['decode_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline']:.2f} of roofline)", flush=True)
     workload = f"W1-{args.schemes[0]}" if len(args.schemes) == 1 else "W1-quant"  # the issue's W1-fp8 file
-    for with_pdl in (False, True) if args.pdl_too else (False,):
-        suffix = "_pdl" if with_pdl else ""
-        if with_pdl:
-            bf16 = run(args.model, None, args.new_tokens, copy_gb_s, with_pdl)
+    for setting, suffix in [(None, ""), *(PDL_VARIANTS[v] for v in args.pdl_variants)]:
+        if setting is not None:
+            bf16 = run(args.model, None, args.new_tokens, copy_gb_s, setting)
             baselines[f"fastllm_bf16{suffix}"] = {args.model: bf16}
             print(f"bf16{suffix}: {bf16['decode_tok_s']:.1f} tok/s", flush=True)
         for scheme in args.schemes:
-            r = run(args.model, scheme, args.new_tokens, copy_gb_s, with_pdl)
+            r = run(args.model, scheme, args.new_tokens, copy_gb_s, setting)
             r["vs_bf16"] = r["decode_tok_s"] / bf16["decode_tok_s"]
             ours[f"{args.model}_{scheme}{suffix}"] = r
             print(f"{scheme}{suffix}: {r['decode_tok_s']:.1f} tok/s = {r['vs_bf16']:.2f}x bf16, "

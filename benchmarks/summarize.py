@@ -210,7 +210,7 @@ def _w1_quant(result: dict) -> list[str]:
     lines = [f"Device-to-device copy: {config['copy_gb_s']:.0f} GB/s (same run).", "",
              "| model | scheme | decode tok/s | vs bf16 | of its roofline | TTFT 128 / 2048 ms |",
              "|---|---|---|---|---|---|"]
-    for name, per_model in result["baselines"].items():  # fastllm_bf16; fastllm_bf16_pdl[<prefetch chunks>] (--pdl-too)
+    for name, per_model in result["baselines"].items():  # fastllm_bf16[_pdl[<chunks>] | _no_pdl] (--pdl-variants)
         bf16, suffix = per_model.get(config["model"]), name.removeprefix("fastllm_bf16")
         if name.startswith("fastllm_bf16") and bf16 is not None:
             lines.append(f"| {config['model']} | bf16{suffix} | {bf16['decode_tok_s']:.1f} | 1.00× | "
