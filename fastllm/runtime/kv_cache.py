@@ -291,10 +291,6 @@ class BlockTable:
 
     def ensure_capacity(self, num_tokens: int) -> None:
         """Reserve slots for positions [0, num_tokens). On OutOfBlocks the table is unchanged."""
-        if type(num_tokens) is int and 0 <= num_tokens <= len(self.blocks) * self.pool.block_size:
-            # the blocks held cover it (most decode steps: a new block every block_size tokens)
-            self.num_tokens = max(self.num_tokens, num_tokens)
-            return
         missing = blocks_needed(num_tokens, self.pool.block_size) - len(self.blocks)
         if missing > 0:
             self.blocks += self.pool.allocate(missing)
@@ -311,8 +307,6 @@ class BlockTable:
         if not 0 <= start <= end <= self.num_tokens:
             raise IndexError(f"positions [{start}, {end}) out of range (table holds {self.num_tokens} tokens)")
         bs, blocks = self.pool.block_size, self.blocks
-        if end - start == 1:  # a decode step's one position
-            return [blocks[start // bs] * bs + start % bs]
         return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
 
     def free(self) -> None:
