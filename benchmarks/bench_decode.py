@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib
 import os
 import pathlib
 import shutil
@@ -47,11 +48,13 @@ MODELS = {
 # tuning cache (its start-up includes the tuning; the tuned settings are recorded); each beside the default in the
 # same call; fastllm_pdl: programmatic dependent launch on for every launch (FASTLLM_PDL=1: kernels/_registry.py; the
 # default: steps of at most 16 rows); fastllm_no_pdl: off (FASTLLM_PDL=0); fastllm_pdl_no_act_fusion: PDL on and
-# without decode_act_fusion.
+# without decode_act_fusion; fastllm_combine_kernel: decode attention's splits merged by the separate combine kernel
+# (paged_attention.COMBINE_IN_DECODE_KERNEL = False) instead of inside the decode kernel.
 OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion"}
 LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion", "fastllm_pdl_no_act_fusion": "decode_act_fusion"}
 PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES,
-             "fastllm_two_row", "fastllm_autotune", "fastllm_pdl", "fastllm_no_pdl", "gptfast")
+             "fastllm_two_row", "fastllm_autotune", "fastllm_pdl", "fastllm_no_pdl", "fastllm_combine_kernel",
+             "gptfast")
 
 
 def _build(name: str, device: str = "cuda"):
@@ -194,8 +197,13 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
         options["passes"] = tuple(p for p in fastllm.DEFAULT_PASSES if p != LEFT_OUT_PASSES[provider])
     from fastllm.runtime import model_runner
 
+    paged_attention = importlib.import_module("fastllm.kernels.paged_attention")  # the module (the package exports
+    # the function under its name)
+
     default_one_row = model_runner.ONE_ROW_DECODE
     model_runner.ONE_ROW_DECODE = default_one_row and provider != "fastllm_two_row"
+    default_merge = paged_attention.COMBINE_IN_DECODE_KERNEL
+    paged_attention.COMBINE_IN_DECODE_KERNEL = default_merge and provider != "fastllm_combine_kernel"
     try:
         pdl_setting = "1" if provider.startswith("fastllm_pdl") else "0" if provider == "fastllm_no_pdl" else None
         with _autotuning(provider == "fastllm_autotune") as tuned, pdl(pdl_setting):
@@ -203,6 +211,7 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
             result = measure(model, new_tokens, vocab)
     finally:
         model_runner.ONE_ROW_DECODE = default_one_row
+        paged_attention.COMBINE_IN_DECODE_KERNEL = default_merge
     report = fastllm.explain(model)
     result.update(startup_s_cold=startup, startup_phases_cold=phases, async_scheduling=async_scheduling,
                   matches=report.matches, unfused=report.unfused_ops)

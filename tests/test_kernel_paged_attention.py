@@ -10,6 +10,8 @@ Tolerances (output against paged_attention_ref on the same inputs):
 - bfloat16 (GPU only, against the fp32 ref): the same two roundings with bf16's 2^-8: 2 ulps ~ 2e-2.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -64,7 +66,7 @@ def _run(args, kwargs, dtype, *, on_cpu=True):
     """The kernel's output and the ref's (computed in fp32 from the same inputs, rounded to the output dtype
     only for the CPU dtypes, whose tolerance is written for one rounding of the ref)."""
     q, k_cache, v_cache, *meta = args
-    ref_kwargs = {key: value for key, value in kwargs.items() if key != "num_splits"}
+    ref_kwargs = {key: value for key, value in kwargs.items() if key not in ("num_splits", "split_counters")}
     expected = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), *meta, **ref_kwargs)
     if on_cpu:
         with triton_on_cpu():
@@ -179,12 +181,20 @@ def test_block_sizes_cpu(block_size, batch):
     _assert_close(*_run(args, {"scale": 0.125, "sliding_window": 200}, torch.float16), torch.float16)
 
 
+@pytest.mark.parametrize("merge", ["combine_kernel", "in_decode_kernel"])
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 40])
-def test_decode_num_splits_cpu(num_splits):
+def test_decode_num_splits_cpu(num_splits, merge):
     # 40 splits of a 300-key context leave some splits empty (whole 64-key tiles per split); context 1 leaves all
-    # but one empty.
-    args = _paged_batch(BATCHES["decode"], 4, 1, 64, torch.float32)
-    _assert_close(*_run(args, {"scale": 0.125, "num_splits": num_splits}, torch.float32), torch.float32)
+    # but one empty. In the decode kernel the last program of each (sequence, kv head) merges: the interpreter runs
+    # programs one by one, so this checks the counting and the merge's arithmetic, not the GPU's memory ordering
+    # (test_decode_in_kernel_merge_repeats_gpu does).
+    args = _paged_batch(BATCHES["decode"], 4, 2, 64, torch.float32)
+    kwargs = {"scale": 0.125, "num_splits": num_splits}
+    if merge == "in_decode_kernel":
+        kwargs["split_counters"] = counters = torch.zeros(3 * 2 + 5, dtype=torch.int32)  # 3 sequences x 2 kv heads
+    _assert_close(*_run(args, kwargs, torch.float32), torch.float32)
+    if merge == "in_decode_kernel":
+        assert torch.count_nonzero(counters) == 0  # left ready for the next launch
 
 
 def test_padding_sequences_and_strided_q_out_cpu():
@@ -200,12 +210,15 @@ def test_padding_sequences_and_strided_q_out_cpu():
         qkv[:, :hq] = q
         q = qkv[:, :hq]
         out = torch.full((4, hq, 2 * head_dim), 7.0)[..., :head_dim]
+        counters = torch.zeros(4 * hkv, dtype=torch.int32)  # the in-kernel merge skips the padding sequences too
         with triton_on_cpu():
-            result = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.125, out=out)
+            result = paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.125, out=out,
+                                     num_splits=3, split_counters=counters)  # fmt: skip
         assert result is out
         expected = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.125)
         _assert_close(out[:2], expected[:2], torch.float32)
         assert torch.all(out[2:] == 7.0)
+        assert torch.count_nonzero(counters) == 0
 
 
 def test_cpu_dispatch_is_the_reference():
@@ -228,10 +241,13 @@ def test_opcheck():
     out = torch.empty(q.shape)
     op = torch.ops.fastllm.paged_attention.default
     torch.library.opcheck(op, (q, k_cache, v_cache, block_tables, seq_lens, cu, None, out, 3, 0.25, True, 0, 0.0, 1,
-                               1.0))  # fmt: skip
+                               1.0, None))  # fmt: skip
     slopes = _alibi(4)
     torch.library.opcheck(op, (q, k_cache, v_cache, block_tables, seq_lens, cu, slopes, out, 3, 0.25, False, 2,
-                               3.0, 4, 1.0))  # fmt: skip
+                               3.0, 4, 1.0, None))  # fmt: skip
+    counters = torch.zeros(4, dtype=torch.int32)
+    torch.library.opcheck(op, (q, k_cache, v_cache, block_tables, seq_lens, cu, None, out, 1, 0.25, True, 0, 0.0, 3,
+                               1.0, counters))  # fmt: skip
 
 
 def test_bad_inputs():
@@ -260,6 +276,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="head_dim must be in"):
         big = torch.empty(1, 1, 512)
         paged_attention(big, big.view(1, 1, 1, 512), big.view(1, 1, 1, 512), *meta, scale=1.0)
+    with pytest.raises(TypeError, match="split_counters must be int32"):
+        paged_attention(q, k_cache, v_cache, *meta, scale=1.0, split_counters=torch.zeros(2))
+    with pytest.raises(ValueError, match="split_counters has 1 entries; this batch needs at least 2"):
+        paged_attention(q, k_cache, v_cache, *meta, scale=1.0, split_counters=torch.zeros(1, dtype=torch.int32))
 
 
 # --- GPU: bf16/fp16 against the fp32 ref -----------------------------------------------------------------------
@@ -280,6 +300,29 @@ GPU_BATCHES = {
 def test_paged_attention_gpu(batch, hq, hkv, head_dim, dtype):
     args = _paged_batch(GPU_BATCHES[batch], hq, hkv, head_dim, dtype, device="cuda")
     _assert_close(*_run(args, {"scale": head_dim**-0.5}, dtype, on_cpu=False), dtype)
+    if batch == "decode":  # the splits merged in the decode kernel (runtime steps pass counters)
+        counters = torch.zeros(len(GPU_BATCHES[batch]) * hkv, dtype=torch.int32, device="cuda")
+        kwargs = {"scale": head_dim**-0.5, "split_counters": counters}
+        _assert_close(*_run(args, kwargs, dtype, on_cpu=False), dtype)
+        assert torch.count_nonzero(counters).item() == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (32, 32)])
+def test_decode_in_kernel_merge_repeats_gpu(hq, hkv):
+    """The last program to arrive reads partials other SMs wrote: if the arrival's release/acquire did not order
+    them, some of many launches would read stale partials and differ. The merge sums in split order whichever
+    program is last, so every launch must equal the first bit for bit, and the combine kernel's result closely."""
+    seqs = [(1, 33), (1, 700), (1, 4000), (1, 129), (1, 2)]
+    args = _paged_batch(seqs, hq, hkv, 128, torch.bfloat16, device="cuda", seed=3)
+    counters = torch.zeros(len(seqs) * hkv, dtype=torch.int32, device="cuda")
+    kwargs = {"scale": 128**-0.5, "num_splits": 48}
+    first = paged_attention(*args, **kwargs, split_counters=counters)
+    outs = torch.stack([paged_attention(*args, **kwargs, split_counters=counters) for _ in range(200)])
+    torch.cuda.synchronize()
+    assert torch.equal(outs, first.expand_as(outs))
+    assert torch.count_nonzero(counters).item() == 0
+    _assert_close(first.float(), paged_attention(*args, **kwargs).float(), torch.bfloat16)
 
 
 # Each feature in bf16; all of them together in fp16 too (compiling every variant twice costs device time).
@@ -328,6 +371,7 @@ def test_decode_cuda_graph_replay():
                                 dtype=dtype, device="cuda")  # fmt: skip
     static[3] = torch.zeros((3, max(first[3].shape[1], second[3].shape[1])), dtype=torch.int32, device="cuda")
     out = torch.empty(3, hq, head_dim, dtype=dtype, device="cuda")
+    out_merged_in_kernel = torch.empty_like(out)
 
     def load(batch):
         q, k_cache, v_cache, block_tables, seq_lens, cu, _ = batch
@@ -339,8 +383,11 @@ def test_decode_cuda_graph_replay():
         static[4].copy_(seq_lens)
         static[5].copy_(cu)
 
+    counters = torch.zeros(3 * hkv, dtype=torch.int32, device="cuda")
+
     def step():
         paged_attention(*static, 1, scale=head_dim**-0.5, out=out)
+        paged_attention(*static, 1, scale=head_dim**-0.5, out=out_merged_in_kernel, split_counters=counters)
 
     load(first)
     stream = torch.cuda.Stream()
@@ -357,3 +404,33 @@ def test_decode_cuda_graph_replay():
         torch.cuda.synchronize()
         expected = paged_attention_ref(*(t.float() for t in static[:3]), *static[3:], 1, scale=head_dim**-0.5)
         _assert_close(out.float(), expected, dtype)
+        _assert_close(out_merged_in_kernel.float(), expected, dtype)
+        assert torch.count_nonzero(counters).item() == 0
+
+
+def test_step_decode_merges_splits_in_kernel_cpu():
+    """A runtime decode step passes its model's split counters: the step's output equals the reference path's,
+    the counters are the context's one zeroed buffer (reused, grown only for a larger batch) and stay zero."""
+    from fastllm.kernels.step_attention import AttentionMetadata, StepContext, step_attention_direct
+
+    hq, hkv, head_dim = 4, 2, 64
+    q, k_cache, v_cache, block_tables, seq_lens, cu, _ = _paged_batch([(1, 300), (1, 9), (1, 130)], hq, hkv,
+                                                                      head_dim, torch.float32)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    k_new, v_new = (torch.randn(1, hkv, 3, head_dim, generator=g) for _ in range(2))
+    slots = torch.stack([block_tables[i, (n - 1) // 16].long() * 16 + (n - 1) % 16 for i, n in
+                         enumerate(seq_lens.tolist())])  # each sequence's new token: its last position
+    metadata = AttentionMetadata(slot_mapping=slots, block_tables=block_tables, seq_lens=seq_lens, cu_seqlens_q=cu,
+                                 max_seqlen_q=1)  # fmt: skip
+    context = StepContext()
+    outs = []
+    for on_cpu_triton in (False, True):
+        caches = [(k_cache.clone(), v_cache.clone())]
+        with context.step(metadata, caches), (triton_on_cpu() if on_cpu_triton else contextlib.nullcontext()):
+            outs.append(step_attention_direct(q.transpose(0, 1).unsqueeze(0), k_new, v_new, context.id, 0, 0.125))
+    _assert_close(outs[1], outs[0], torch.float32)
+    counters = context._split_counters  # made by the Triton step (3 splits of the 336-key block table)
+    assert counters is not None
+    assert counters.dtype == torch.int32 and counters.numel() >= 6 and torch.count_nonzero(counters) == 0
+    assert context.split_counters(6, torch.device("cpu")) is counters  # reused
+    assert context.split_counters(4096, torch.device("cpu")).numel() == 4096  # a larger batch grows it

@@ -20,7 +20,11 @@ Two kernels behind one launcher:
 - `_decode_kernel` + `_combine_kernel` (max_seqlen_q == 1): flash-decoding. Each sequence's keys are cut into
   num_splits chunks handled by parallel programs (one per sequence, kv head and chunk, all GROUP query heads
   together); each writes its partial (max, sum, acc) and the combine kernel merges them. With one split the
-  decode kernel writes the output directly.
+  decode kernel writes the output directly. Given `split_counters` (zeroed int32, one per sequence and kv head: a
+  runtime step passes its model's), the decode kernel merges them itself: each program counts its arrival with an
+  atomic add, and the last of a (sequence, kv head) reads the others' partials and writes the output (and zeroes
+  its counter again). That saves the combine kernel's launch, a few microseconds a layer that a batch-1 decode step
+  with a short context otherwise spends mostly on the kernel boundary.
 """
 
 import torch
@@ -52,6 +56,9 @@ MAX_HEAD_DIM = 256
 _PROGRAMS_PER_SM = 4
 _MIN_KEYS_PER_SPLIT = 128
 _MAX_SPLITS = 64
+# Whether decode merges its splits inside the decode kernel where the caller passes split_counters (runtime steps
+# do); False: the combine kernel always (benchmarks compare the two in one process).
+COMBINE_IN_DECODE_KERNEL = True
 
 
 @triton.jit
@@ -244,6 +251,7 @@ def _decode_kernel(
     PART_ACC,  # [N, Hq, num_splits, D] fp32 (written with SPLIT)
     PART_M,  # [N, Hq, num_splits] fp32, running max in base 2
     PART_L,  # [N, Hq, num_splits] fp32, running sum
+    COUNTERS,  # [>= N * Hkv] int32, zero on entry and on exit (read only with COMBINE)
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_cb, stride_cr, stride_ch,
@@ -261,6 +269,7 @@ def _decode_kernel(
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _combine_kernel, else the output
+    COMBINE: tl.constexpr,  # with SPLIT: the last program of a (sequence, kv head) merges the partials itself
     USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
@@ -315,10 +324,42 @@ def _decode_kernel(
         tl.store(PART_ACC + part[:, None] * head_dim + d[None, :], acc * v_scale, mask=mask)
         tl.store(PART_M + part, m_i, mask=g_mask)
         tl.store(PART_L + part, l_i, mask=g_mask)
+        if COMBINE:
+            # Every thread's partial stores come before the arrival (the barrier), and the arrival's release/acquire
+            # makes them, and the other programs' before theirs, visible to the last one to arrive.
+            tl.debug_barrier()
+            counter = COUNTERS + seq * (num_q_heads // GROUP) + kvh
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                tl.store(counter, 0)  # ready for the next launch (which kernel order puts after this one)
+                splits_with_keys = tl.cdiv(tl.cdiv(ctx - k_lo, BLOCK_N), tl.maximum(tiles_per_split, 1))
+                out = _merge_splits(PART_ACC, PART_M, PART_L, (seq.to(tl.int64) * num_q_heads + head) * num_splits,
+                                    tl.minimum(splits_with_keys, num_splits), head_dim, d, g_mask, mask)
+                o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
+                tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale  # x 1.0 is exact: other caches unchanged
         o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
         tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merge_splits(PART_ACC, PART_M, PART_L, first, num_parts, head_dim, d, g_mask, mask):
+    """The decode output of a kv head's query heads from their first num_parts partials (rows first + s of PART_*,
+    s < num_parts): sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s, summed in split order. Splits
+    past num_parts held no keys (their weight is 0). Loads bypass L1 (.cg): other SMs wrote the partials."""
+    m_max = tl.full(first.shape, -1.0e30, tl.float32)
+    for s in range(num_parts):
+        m_max = tl.maximum(m_max, tl.load(PART_M + first + s, mask=g_mask, other=-1.0e30, cache_modifier=".cg"))
+    acc = tl.zeros([first.shape[0], d.shape[0]], tl.float32)
+    denom = tl.zeros(first.shape, tl.float32)
+    for s in range(num_parts):
+        w = tl.exp2(tl.load(PART_M + first + s, mask=g_mask, other=-1.0e30, cache_modifier=".cg") - m_max)
+        denom += w * tl.load(PART_L + first + s, mask=g_mask, other=0.0, cache_modifier=".cg")
+        part_acc = tl.load(PART_ACC + (first + s)[:, None] * head_dim + d[None, :], mask=mask, other=0.0,
+                           cache_modifier=".cg")
+        acc += w[:, None] * part_acc
+    return acc / tl.where(denom > 0, denom, 1.0)[:, None]
 
 
 @triton.jit
@@ -519,7 +560,8 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype, group: int) -> dict:
 
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
-            max_seqlen_q, scale, causal, sliding_window, softcap, num_splits, v_scale=1.0):  # fmt: skip
+            max_seqlen_q, scale, causal, sliding_window, softcap, num_splits, v_scale=1.0,
+            split_counters=None):  # fmt: skip
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -556,12 +598,14 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             part_l = torch.empty_like(part_m)
         else:
             part_acc = part_m = part_l = out  # not touched with one split
+        combine = num_splits > 1 and split_counters is not None and COMBINE_IN_DECODE_KERNEL
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, slopes, out, part_acc, part_m, part_l,
+            split_counters if combine else seq_lens,
             *strides, num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, v_scale, num_splits,
-            GROUP=group, SPLIT=num_splits > 1, **common, **d,
+            GROUP=group, SPLIT=num_splits > 1, COMBINE=combine, **common, **d,
         )  # fmt: skip
-        if num_splits > 1:
+        if num_splits > 1 and not combine:
             _combine_kernel[(num_seqs, num_q_heads)](
                 cu_seqlens_q, out, part_acc, part_m, part_l, out.stride(0), out.stride(1), num_q_heads, head_dim,
                 num_splits, BLOCK_S=next_power_of_2(num_splits), BLOCK_D=cfg["block_d"], num_warps=4,
@@ -569,7 +613,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             )  # fmt: skip
 
 
-@register_out_op("paged_attention", mutates_args=("out",))
+@register_out_op("paged_attention", mutates_args=("out", "split_counters"))
 def _paged_attention_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -586,11 +630,13 @@ def _paged_attention_op(
     softcap: float,
     num_splits: int,
     v_scale: float,
+    split_counters: torch.Tensor | None,
 ) -> None:
     """Op form: sliding_window 0 and softcap 0.0 mean none; num_splits is resolved by the launcher."""
     if use_triton(q):
         _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
-                max_seqlen_q, scale, causal, sliding_window, softcap, num_splits, v_scale)  # fmt: skip
+                max_seqlen_q, scale, causal, sliding_window, softcap, num_splits, v_scale,
+                split_counters)  # fmt: skip
     else:
         out.copy_(paged_attention_ref(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale, causal=causal,
@@ -682,6 +728,7 @@ def paged_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     v_scale: float = 1.0,
+    split_counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of a flattened ragged batch of queries over the paged KV cache; see the module docstring.
 
@@ -704,12 +751,20 @@ def paged_attention(
         out: optional [T, Hq, D] buffer of q's dtype, last dim contiguous.
         v_scale: an FP8 KV cache's multiplier of its V values (V = stored x v_scale; finite, > 0; 1.0 for any other
             cache). K's multiplier is the caller's to fold into `scale`.
+        split_counters: None (split decode merges its partials in the combine kernel), or an int32 tensor of at
+            least N x Hkv zeros on q's device that calls never share concurrently: the decode kernel merges the
+            splits itself and leaves the counters zero again.
     Returns:
         out, [T, Hq, D] in q's dtype (rows of tokens outside cu_seqlens_q's ranges are left as they are).
     """
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, sliding_window,
                   alibi_slopes, softcap, num_splits)  # fmt: skip
     check_kv_scale("v_scale", v_scale, v_cache)
+    if split_counters is not None:
+        _check_int_tensor("split_counters", split_counters, 1, q)
+        if split_counters.numel() < seq_lens.shape[0] * k_cache.shape[2]:
+            raise ValueError(f"split_counters has {split_counters.numel()} entries; this batch needs at least "
+                             f"{seq_lens.shape[0] * k_cache.shape[2]} (sequences x kv heads)")
     if out is None and not use_triton(q):  # the CPU path: the reference itself, no buffer nor op dispatch
         return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
                                    scale=scale, causal=causal, sliding_window=sliding_window,
@@ -721,6 +776,7 @@ def paged_attention(
     _paged_attention_op(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out, max_seqlen_q,
         float(scale), bool(causal), int(sliding_window or 0), float(softcap or 0.0), int(num_splits), float(v_scale),
+        split_counters,
     )  # fmt: skip
     return out
 

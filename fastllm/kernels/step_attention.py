@@ -77,6 +77,7 @@ class StepContext:
         self.kv_amax: torch.Tensor | None = None
         self.active = False
         self._alibi: dict[tuple, torch.Tensor] = {}
+        self._split_counters: torch.Tensor | None = None
         _CONTEXTS[self.id] = self
 
     @contextlib.contextmanager
@@ -98,6 +99,19 @@ class StepContext:
         if key not in self._alibi:
             self._alibi[key] = torch.tensor(slopes, dtype=torch.float32, device=device)
         return self._alibi[key]
+
+    def split_counters(self, entries: int, device: torch.device) -> torch.Tensor | None:
+        """Zeroed int32 counters for decode attention's in-kernel split merge (paged_attention's split_counters), at
+        least `entries`. Every layer of every step shares them: the kernel leaves them zero, and this model's kernels
+        run one after another. Made (or grown) outside graph capture, so a captured graph records a tensor that lives
+        as long as the context; during capture a too-small buffer gives None (the combine kernel runs instead; the
+        warm-up step before each capture makes that not happen)."""
+        held = self._split_counters
+        if held is None or held.device != device or held.numel() < entries:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            held = self._split_counters = torch.zeros(max(entries, 1024), dtype=torch.int32, device=device)
+        return held
 
 
 def _context(context: int) -> StepContext:
@@ -146,10 +160,19 @@ def step_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: S
                                     v_scale=v_scale)
     slopes = None if alibi is None else ctx.alibi_tensor(tuple(alibi), q.device)
     # K's multiplier scales every score: folded into the score scale (exactly so when it is 1.0)
-    out = (paged_attention if kernels else paged_attention_ref)(
+    if not kernels:
+        out = paged_attention_ref(
+            q_tokens, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q, md.max_seqlen_q,
+            scale=scale * k_scale, causal=True, sliding_window=sliding_window, softcap=softcap, alibi_slopes=slopes,
+            v_scale=v_scale)
+        return out.transpose(0, 1).unsqueeze(0)
+    counters = None
+    if md.max_seqlen_q == 1:  # decode: its splits merged in the decode kernel
+        counters = ctx.split_counters(md.seq_lens.shape[0] * k_cache.shape[2], q.device)
+    out = paged_attention(
         q_tokens, k_cache, v_cache, md.block_tables, md.seq_lens, md.cu_seqlens_q, md.max_seqlen_q,
         scale=scale * k_scale, causal=True, sliding_window=sliding_window, softcap=softcap, alibi_slopes=slopes,
-        v_scale=v_scale)
+        v_scale=v_scale, split_counters=counters)
     return out.transpose(0, 1).unsqueeze(0)
 
 
