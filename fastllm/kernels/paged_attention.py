@@ -290,9 +290,15 @@ def _decode_kernel(
     k_lo = ctx * 0
     if USE_WINDOW:
         k_lo = tl.maximum(ctx - window, 0)
-    tiles_per_split = tl.cdiv(tl.cdiv(ctx - k_lo, BLOCK_N), num_splits)
+    tiles = tl.cdiv(ctx - k_lo, BLOCK_N)
+    tiles_per_split = tl.cdiv(tiles, num_splits)
     k_begin = k_lo + split * tiles_per_split * BLOCK_N
     k_end = tl.minimum(k_begin + tiles_per_split * BLOCK_N, ctx)
+    # Splits that hold keys (the rest of a short context's grid holds none): at least split 0, which writes even
+    # an empty context's output. Merged in this kernel, the others have nothing to write and are not counted.
+    splits_with_keys = tl.maximum(tl.cdiv(tiles, tl.maximum(tiles_per_split, 1)), 1)
+    if COMBINE and split >= splits_with_keys:
+        return
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
@@ -330,11 +336,10 @@ def _decode_kernel(
             tl.debug_barrier()
             counter = COUNTERS + seq * (num_q_heads // GROUP) + kvh
             arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
+            if arrived == splits_with_keys - 1:
                 tl.store(counter, 0)  # ready for the next launch (which kernel order puts after this one)
-                splits_with_keys = tl.cdiv(tl.cdiv(ctx - k_lo, BLOCK_N), tl.maximum(tiles_per_split, 1))
                 out = _merge_splits(PART_ACC, PART_M, PART_L, (seq.to(tl.int64) * num_q_heads + head) * num_splits,
-                                    tl.minimum(splits_with_keys, num_splits), head_dim, d, g_mask, mask)
+                                    splits_with_keys, head_dim, d, g_mask, mask)
                 o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
                 tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
     else:
@@ -346,8 +351,8 @@ def _decode_kernel(
 @triton.jit
 def _merge_splits(PART_ACC, PART_M, PART_L, first, num_parts, head_dim, d, g_mask, mask):
     """The decode output of a kv head's query heads from their first num_parts partials (rows first + s of PART_*,
-    s < num_parts): sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s, summed in split order. Splits
-    past num_parts held no keys (their weight is 0). Loads bypass L1 (.cg): other SMs wrote the partials."""
+    s < num_parts: the splits that held keys): sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s,
+    summed in split order. Loads bypass L1 (.cg): other SMs wrote the partials."""
     m_max = tl.full(first.shape, -1.0e30, tl.float32)
     for s in range(num_parts):
         m_max = tl.maximum(m_max, tl.load(PART_M + first + s, mask=g_mask, other=-1.0e30, cache_modifier=".cg"))
