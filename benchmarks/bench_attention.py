@@ -1,8 +1,11 @@
 """W5-attention: fastllm paged attention beside torch SDPA on a contiguous cache, on one CUDA GPU.
 
 Llama-3.1-8B attention (32 query heads, 8 kv heads, head dim 128), block size 16, blocks at shuffled ids:
-- decode: batch 1/32/128 x context 1k/4k/32k, one query token a sequence. GB/s = the K/V bytes every sequence's
-  context holds (read once) plus q and out, over the median time (`triton.testing.do_bench`, L2 flushed), and
+- decode: batch 1/32/128 x context 1k/4k/32k, and W2's decode shapes (batch 256 at context 256, 512 at 192: short
+  contexts, one program a (sequence, kv head)), one query token a sequence; `_merged` cases: the splits merged inside
+  the decode kernel (split_counters, what runtime steps do) instead of the combine kernel. GB/s = the K/V bytes
+  every sequence's context holds (read once) plus q and out, over the median time (`triton.testing.do_bench`, L2
+  flushed), and
   the same inside a CUDA graph (`do_bench_cudagraph`), which removes the launch overhead that dominates at batch 1.
 - prefill: one causal 2048-token prompt. TFLOP/s = 2 * S^2 * D * Hq (QK^T and PV, the causal half) / time; GB/s
   (q, k, v read and out written once) is recorded too.
@@ -74,14 +77,20 @@ def _check(name, actual, q, k_cache, v_cache, meta, dtype):
         sys.exit(f"{name}: fastllm output does not match paged_attention_ref, not timing it:\n{err}")
 
 
-def _decode(batch, ctx, dtype, bench, bench_graph):
+# W2 (1000 x 128/128, max_num_seqs 512): contexts of 129-256 tokens; the batch is 512 while the first wave decodes.
+THROUGHPUT_DECODE = [(256, 256), (512, 192)]
+
+
+def _decode(batch, ctx, dtype, bench, bench_graph, merged=False):
     k_cache, v_cache, block_tables, k, v = _paged_cache(batch, ctx, dtype)
     q = torch.randn(batch, HQ, HEAD_DIM, device="cuda", dtype=dtype)
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     meta = (block_tables, seq_lens, cu, 1)
     out = torch.empty_like(q)
-    ours = functools.partial(paged_attention, q, k_cache, v_cache, *meta, scale=SCALE, out=out)
+    counters = torch.zeros(batch * HKV, dtype=torch.int32, device="cuda") if merged else None
+    ours = functools.partial(paged_attention, q, k_cache, v_cache, *meta, scale=SCALE, out=out,
+                             split_counters=counters)  # fmt: skip
     q4 = q.view(batch, HQ, 1, HEAD_DIM)
     theirs = functools.partial(_sdpa, q4, k, v, False)
     _check(f"decode b{batch} ctx{ctx}", ours(), q, k_cache, v_cache, meta, dtype)
@@ -137,6 +146,8 @@ def main() -> int:
 
     fastllm, baseline, rows = {}, {}, []
     cases = [(f"decode_b{b}_ctx{c}", functools.partial(_decode, b, c)) for b in batches for c in contexts]
+    cases += [(f"decode_b1_ctx{c}_merged", functools.partial(_decode, 1, c, merged=True)) for c in contexts]
+    cases += [(f"decode_b{b}_ctx{c}", functools.partial(_decode, b, c)) for b, c in THROUGHPUT_DECODE]
     cases.append(("prefill_2048", functools.partial(_prefill, 2048)))
     for key, case in cases:
         nbytes, timings, extra = case(dtype, bench, bench_graph)
@@ -158,6 +169,7 @@ def main() -> int:
         "block_size": BLOCK_SIZE,
         "decode_batches": batches,
         "decode_contexts": contexts,
+        "throughput_decode": THROUGHPUT_DECODE,
         "prefill_tokens": 2048,
         "baseline": "torch_ref: F.scaled_dot_product_attention(enable_gqa=True) on a contiguous [B, Hkv, S, D] "
         "copy of the cache (causal for prefill)",
