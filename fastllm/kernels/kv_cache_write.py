@@ -124,6 +124,27 @@ def _rotate_heads(
 
 
 @triton.jit
+def rope_tile(X, offsets, d, mask, COS, SIN, cs_row, half, INTERLEAVED: tl.constexpr):
+    """rope(x) of a tile of whole heads, element by element, in fp32 (`_rotate_heads`' formulas, in the same order
+    of operations): x at X + offsets[:, None] + d[None, :] ([rows, BLOCK_D]), cos/sin at COS/SIN + cs_row + d. Each
+    element's partner p(d) in its pair: y[d] = x[d] cos[d] - x[p] sin[d] for the pair's first element, x[d] cos[d] +
+    x[p] sin[d] for its second; past the rotary dim 2 * half, x[d] unchanged (partial rotary)."""
+    if INTERLEAVED:
+        partner = d ^ 1
+        first = (d % 2) == 0
+    else:
+        partner = tl.where(d < half, d + half, d - half)
+        first = d < half
+    rotated = d < 2 * half
+    x = tl.load(X + offsets[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_p = tl.load(X + offsets[:, None] + partner[None, :], mask=mask & rotated[None, :], other=0.0).to(tl.float32)
+    cos = tl.load(COS + cs_row + d, mask=rotated, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(SIN + cs_row + d, mask=rotated, other=0.0).to(tl.float32)[None, :]
+    y = tl.where(first[None, :], x * cos - x_p * sin, x * cos + x_p * sin)
+    return tl.where(rotated[None, :], y, x)
+
+
+@triton.jit
 def _rotary_write_kv_kernel(
     Q,  # [T, Hq, D], strides (stride_qt, stride_qh, 1)
     K,  # [T, Hkv, D]
@@ -393,6 +414,20 @@ def rotary_and_write_kv(
     Returns:
         The rotated q: q_out, or a new contiguous tensor.
     """
+    check_rotary_write_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    if q_out is None and not use_triton(q):  # the CPU path: the reference itself, no buffer nor op dispatch
+        return ref_output(rotary_and_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
+                                                  interleaved=interleaved, k_scale=k_scale, v_scale=v_scale),
+                          torch.promote_types(q.dtype, cos.dtype), q)
+    # promote_types, not result_type: dynamo traces it (both are tensors of rank >= 1: the same dtype).
+    q_out = out_or_new("q_out", q_out, q.shape, torch.promote_types(q.dtype, cos.dtype), q.device)
+    _rotary_and_write_kv_op(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_out, bool(interleaved),
+                            float(k_scale), float(v_scale))
+    return q_out
+
+
+def check_rotary_write_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+    """`rotary_and_write_kv`'s argument checks (also `paged_attention.decode_attention_with_rotary`'s)."""
     _check_kv(k, v, k_cache, v_cache, slot_mapping)
     check_kv_scale("k_scale", k_scale, k_cache)
     check_kv_scale("v_scale", v_scale, v_cache)
@@ -414,12 +449,3 @@ def rotary_and_write_kv(
     r = cos.shape[1]
     if r % 2 or not 0 < r <= q.shape[2]:
         raise ValueError(f"the rotary dim cos.shape[-1] must be even and in [2, {q.shape[2]}] (the head dim), got {r}")
-    if q_out is None and not use_triton(q):  # the CPU path: the reference itself, no buffer nor op dispatch
-        return ref_output(rotary_and_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping,
-                                                  interleaved=interleaved, k_scale=k_scale, v_scale=v_scale),
-                          torch.promote_types(q.dtype, cos.dtype), q)
-    # promote_types, not result_type: dynamo traces it (both are tensors of rank >= 1: the same dtype).
-    q_out = out_or_new("q_out", q_out, q.shape, torch.promote_types(q.dtype, cos.dtype), q.device)
-    _rotary_and_write_kv_op(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, q_out, bool(interleaved),
-                            float(k_scale), float(v_scale))
-    return q_out

@@ -46,6 +46,12 @@ from fastllm.kernels._registry import (
     triton,
     use_triton,
 )
+from fastllm.kernels.kv_cache_write import (  # the cache writes' element rounding, rope, the rotary write's spec
+    _to_cache,
+    check_rotary_write_inputs,
+    rope_tile,
+    rotary_and_write_kv_ref,
+)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -59,6 +65,10 @@ _MAX_SPLITS = 64
 # Whether decode merges its splits inside the decode kernel where the caller passes split_counters (runtime steps
 # do); False: the combine kernel always (benchmarks compare the two in one process).
 COMBINE_IN_DECODE_KERNEL = True
+# Whether runtime decode steps run `decode_attention_with_rotary` (rotary, KV write and attention in one launch) in
+# place of the rotary-and-write kernel then the decode kernel. Off until measured and tested on a GPU: it was written
+# and checked in the interpreter only (the bench_decode provider fastllm_fused_decode_rotary turns it on).
+FUSE_ROTARY_INTO_DECODE = False
 
 
 @triton.jit
@@ -252,10 +262,16 @@ def _decode_kernel(
     PART_M,  # [N, Hq, num_splits] fp32, running max in base 2
     PART_L,  # [N, Hq, num_splits] fp32, running sum
     COUNTERS,  # [>= N * Hkv] int32, zero on entry and on exit (read only with COMBINE)
+    K_NEW, V_NEW,  # with ROTARY: this step's keys (before rotary) and values, [T, Hkv, D], unit last stride
+    COS, SIN,  # with ROTARY: [T, R] angles (R = 2 * rot_half), row stride stride_ct
+    SLOTS,  # with ROTARY: [T] cache slot of each token's K/V (< 0: padding, not written)
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_cb, stride_cr, stride_ch,
     stride_bt,
+    stride_knt, stride_knh, stride_vnt, stride_vnh, stride_ct,
+    rot_half,
+    k_inv_scale, v_inv_scale,  # 1 / an FP8 cache's K and V multipliers, for the new token's write (else 1.0)
     num_q_heads,
     head_dim,
     qk_scale,
@@ -270,6 +286,8 @@ def _decode_kernel(
     PAGE_SIZE: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _combine_kernel, else the output
     COMBINE: tl.constexpr,  # with SPLIT: the last program of a (sequence, kv head) merges the partials itself
+    ROTARY: tl.constexpr,  # q arrives before rotary; the new token's rotated key and value are written here
+    INTERLEAVED: tl.constexpr,  # with ROTARY: gptj pairs (else neox halves)
     USE_WINDOW: tl.constexpr,
     USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
@@ -278,7 +296,12 @@ def _decode_kernel(
 ):  # fmt: skip
     """Program (seq, kv head, split): the GROUP query heads of the sequence's one query token against the split's
     chunk of keys. The key range [max(0, p - W + 1), p + 1) of the query at p = n - 1 needs no mask but its end,
-    so the chunks cut exactly that range, in whole tiles."""
+    so the chunks cut exactly that range, in whole tiles.
+
+    ROTARY (`decode_attention_with_rotary`): each program rotates its q heads as it loads them (rounded to q's dtype,
+    as the rotary kernel's output is), and the program whose chunk ends at the new token (p, the last split with
+    keys) first writes that token's rotated key and value to the cache, then, after a barrier of its threads, reads
+    the cache as usual: no other program reads position p."""
     pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -306,7 +329,23 @@ def _decode_kernel(
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
     q_rows = q_start.to(tl.int64) * stride_qt + head * stride_qh
-    q = tl.load(Q + q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if ROTARY:
+        cs_row = q_start.to(tl.int64) * stride_ct
+        q = rope_tile(Q, q_rows, d, g_mask[:, None] & d_mask[None, :], COS, SIN, cs_row, rot_half, INTERLEAVED)
+        q = q.to(Q.dtype.element_ty)
+        slot = tl.load(SLOTS + q_start).to(tl.int64)
+        if split == splits_with_keys - 1 and slot >= 0:  # the chunk that holds position p: its writer
+            one = tl.zeros([1], tl.int64)
+            kv_mask = (one == 0)[:, None] & d_mask[None, :]
+            key = rope_tile(K_NEW, one + q_start.to(tl.int64) * stride_knt + kvh * stride_knh, d, kv_mask, COS, SIN,
+                            cs_row, rot_half, INTERLEAVED)  # fmt: skip
+            value = tl.load(V_NEW + q_start.to(tl.int64) * stride_vnt + kvh * stride_vnh + d, mask=d_mask)
+            row = (slot // PAGE_SIZE) * stride_cb + (slot % PAGE_SIZE) * stride_cr + kvh * stride_ch
+            tl.store(K_CACHE + row + one[:, None] + d[None, :], _to_cache(key, K_CACHE, k_inv_scale), mask=kv_mask)
+            tl.store(V_CACHE + row + d, _to_cache(value, V_CACHE, v_inv_scale), mask=d_mask)
+            tl.debug_barrier()  # the stores of all this program's threads before any of them reads the cache
+    else:
+        q = tl.load(Q + q_rows[:, None] + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = tl.zeros([BLOCK_G], tl.int32) + ctx - 1
     slopes = tl.zeros([BLOCK_G], tl.float32)
     if USE_ALIBI:
@@ -566,7 +605,9 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype, group: int) -> dict:
 
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
             max_seqlen_q, scale, causal, sliding_window, softcap, num_splits, v_scale=1.0,
-            split_counters=None):  # fmt: skip
+            split_counters=None, rotary=None):  # fmt: skip
+    """rotary (decode only): (k, v, cos, sin, slot_mapping, interleaved, k_scale, v_scale) of
+    `decode_attention_with_rotary`, q then being the queries before rotary."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -604,11 +645,21 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
         else:
             part_acc = part_m = part_l = out  # not touched with one split
         combine = num_splits > 1 and split_counters is not None and COMBINE_IN_DECODE_KERNEL
+        if rotary is None:
+            new_kv = (q, q, q, q, seq_lens)  # never read without ROTARY
+            new_strides, rot_half, interleaved, inv_scales = (0, 0, 0, 0, 0), 0, False, (1.0, 1.0)
+        else:
+            k_new, v_new, cos, sin, slots, interleaved, k_scale, new_v_scale = rotary
+            new_kv = (k_new, v_new, cos, sin, slots)
+            new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0))
+            rot_half, inv_scales = cos.shape[1] // 2, (1.0 / k_scale, 1.0 / new_v_scale)
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, slopes, out, part_acc, part_m, part_l,
-            split_counters if combine else seq_lens,
-            *strides, num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, v_scale, num_splits,
-            GROUP=group, SPLIT=num_splits > 1, COMBINE=combine, **common, **d,
+            split_counters if combine else seq_lens, *new_kv,
+            *strides, *new_strides, rot_half, *inv_scales,
+            num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, v_scale, num_splits,
+            GROUP=group, SPLIT=num_splits > 1, COMBINE=combine, ROTARY=rotary is not None, INTERLEAVED=interleaved,
+            **common, **d,
         )  # fmt: skip
         if num_splits > 1 and not combine:
             _combine_kernel[(num_seqs, num_q_heads)](
@@ -716,6 +767,13 @@ def _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max
                              f"got {tuple(alibi_slopes.shape)}")  # fmt: skip
 
 
+def _check_split_counters(split_counters, seq_lens, k_cache, q) -> None:
+    _check_int_tensor("split_counters", split_counters, 1, q)
+    if split_counters.numel() < seq_lens.shape[0] * k_cache.shape[2]:
+        raise ValueError(f"split_counters has {split_counters.numel()} entries; this batch needs at least "
+                         f"{seq_lens.shape[0] * k_cache.shape[2]} (sequences x kv heads)")
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -766,10 +824,7 @@ def paged_attention(
                   alibi_slopes, softcap, num_splits)  # fmt: skip
     check_kv_scale("v_scale", v_scale, v_cache)
     if split_counters is not None:
-        _check_int_tensor("split_counters", split_counters, 1, q)
-        if split_counters.numel() < seq_lens.shape[0] * k_cache.shape[2]:
-            raise ValueError(f"split_counters has {split_counters.numel()} entries; this batch needs at least "
-                             f"{seq_lens.shape[0] * k_cache.shape[2]} (sequences x kv heads)")
+        _check_split_counters(split_counters, seq_lens, k_cache, q)
     if out is None and not use_triton(q):  # the CPU path: the reference itself, no buffer nor op dispatch
         return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
                                    scale=scale, causal=causal, sliding_window=sliding_window,
@@ -786,4 +841,118 @@ def paged_attention(
     return out
 
 
-__all__ = ["default_num_splits", "paged_attention", "paged_attention_ref"]
+def decode_attention_with_rotary_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                                     cu_seqlens_q, *, scale, interleaved=False, k_scale=1.0, v_scale=1.0,
+                                     sliding_window=None, alibi_slopes=None, softcap=None) -> torch.Tensor:  # fmt: skip
+    """`decode_attention_with_rotary`'s spec: `rotary_and_write_kv_ref`, then `paged_attention_ref` of the rotated q
+    over the cache (one query token a sequence)."""
+    q_rot = rotary_and_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, interleaved=interleaved,
+                                    k_scale=k_scale, v_scale=v_scale)  # fmt: skip
+    return paged_attention_ref(q_rot, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, 1, scale=scale,
+                               sliding_window=sliding_window, alibi_slopes=alibi_slopes, softcap=softcap,
+                               v_scale=v_scale)  # fmt: skip
+
+
+@register_out_op("decode_attention_with_rotary", mutates_args=("k_cache", "v_cache", "out", "split_counters"))
+def _decode_attention_with_rotary_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    alibi_slopes: torch.Tensor | None,
+    out: torch.Tensor,
+    scale: float,
+    interleaved: bool,
+    k_scale: float,
+    v_scale: float,
+    sliding_window: int,
+    softcap: float,
+    num_splits: int,
+    split_counters: torch.Tensor | None,
+) -> None:
+    """Op form: sliding_window 0 and softcap 0.0 mean none."""
+    if use_triton(q):
+        _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out, 1, scale, True,
+                sliding_window, softcap, num_splits, v_scale, split_counters,
+                rotary=(k, v, cos, sin, slot_mapping, interleaved, k_scale, v_scale))  # fmt: skip
+    else:
+        out.copy_(decode_attention_with_rotary_ref(
+            q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale=scale,
+            interleaved=interleaved, k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window or None,
+            alibi_slopes=alibi_slopes, softcap=softcap or None,
+        ))  # fmt: skip
+
+
+def decode_attention_with_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    scale: float,
+    interleaved: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    sliding_window: int | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    softcap: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    split_counters: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A decode step's attention with its rotary and KV-cache write in the same launch: `rotary_and_write_kv` of
+    this step's q, k, v (one token a sequence), then `paged_attention` of the rotated q with max_seqlen_q = 1. The
+    decode kernel rotates q as it loads it and writes each sequence's new key and value itself (the program that
+    reads the new position writes it first), so the step runs one kernel (with the splits merged in it: one launch)
+    where it ran two or three.
+
+    Args:
+        q: [T, Hq, D] before rotary; k, v: [T, Hkv, D]; cos, sin: [T, R] (q's dtype); slot_mapping: [T], as for
+            `rotary_and_write_kv` (its interleaved, k_scale, v_scale too; `scale` has K's multiplier folded in,
+            as for `paged_attention`, which takes v_scale as well).
+        block_tables, seq_lens, cu_seqlens_q, sliding_window, alibi_slopes, softcap, num_splits, out,
+            split_counters: as for `paged_attention`; every sequence has at most one query token.
+    Returns:
+        out, [T, Hq, D] in q's dtype. k_cache and v_cache hold the new tokens' rotated keys and values.
+    """
+    check_rotary_write_inputs(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    if cos.dtype != q.dtype:
+        raise TypeError(f"cos and sin must have q's dtype {q.dtype} here (the rotated q stays in it), got {cos.dtype}")
+    _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, 1, sliding_window, alibi_slopes,
+                  softcap, num_splits)  # fmt: skip
+    if split_counters is not None:
+        _check_split_counters(split_counters, seq_lens, k_cache, q)
+    if out is None and not use_triton(q):
+        return decode_attention_with_rotary_ref(
+            q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale=scale,
+            interleaved=interleaved, k_scale=k_scale, v_scale=v_scale, sliding_window=sliding_window,
+            alibi_slopes=alibi_slopes, softcap=softcap,
+        )  # fmt: skip
+    out = out_or_new("out", out, q.shape, q.dtype, q.device)
+    if num_splits is None:
+        max_context = block_tables.shape[1] * k_cache.shape[1]
+        num_splits = default_num_splits(seq_lens.shape[0], k_cache.shape[2], max_context, q.device)
+    _decode_attention_with_rotary_op(
+        q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
+        float(scale), bool(interleaved), float(k_scale), float(v_scale), int(sliding_window or 0),
+        float(softcap or 0.0), int(num_splits), split_counters,
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["decode_attention_with_rotary", "decode_attention_with_rotary_ref", "default_num_splits",
+           "paged_attention", "paged_attention_ref"]

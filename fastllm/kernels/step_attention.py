@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ from fastllm.kernels.kv_cache_write import (
 )
 from fastllm.kernels.paged_attention import paged_attention, paged_attention_ref
 from fastllm.kernels.rotary import rotary_embedding
+
+# The module itself (fastllm.kernels exports the function under the same name): its FUSE_ROTARY_INTO_DECODE is read
+# at each step, so benchmarks and tests can switch it.
+paged_attention_kernels = sys.modules["fastllm.kernels.paged_attention"]
 
 
 @dataclass
@@ -151,14 +156,23 @@ def step_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: S
     if ctx.kv_amax is not None:
         _observe_kv(ctx.kv_amax, layer, k_tokens if cos is None else
                     rotary_embedding(k, cos, sin, interleaved=interleaved), v_tokens)
+    slopes = None if alibi is None else ctx.alibi_tensor(tuple(alibi), q.device)
+    if cos is not None:
+        cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, cos.shape[-1])
+    if (kernels and md.max_seqlen_q == 1 and cos is not None and cos.dtype == q_tokens.dtype
+            and paged_attention_kernels.FUSE_ROTARY_INTO_DECODE):
+        # decode: rotary, the KV write and attention (its splits merged) in one launch
+        out = paged_attention_kernels.decode_attention_with_rotary(
+            q_tokens, k_tokens, v_tokens, cos, sin, k_cache, v_cache, md.slot_mapping, md.block_tables, md.seq_lens,
+            md.cu_seqlens_q, scale=scale * k_scale, interleaved=interleaved, k_scale=k_scale, v_scale=v_scale,
+            sliding_window=sliding_window, softcap=softcap, alibi_slopes=slopes,
+            split_counters=ctx.split_counters(md.seq_lens.shape[0] * k_cache.shape[2], q.device))
+        return out.transpose(0, 1).unsqueeze(0)
     if cos is None:
         write(k_tokens, v_tokens, k_cache, v_cache, md.slot_mapping, k_scale=k_scale, v_scale=v_scale)
     else:
-        rot = cos.shape[-1]
-        q_tokens = rotate_and_write(q_tokens, k_tokens, v_tokens, cos.reshape(-1, rot), sin.reshape(-1, rot),
-                                    k_cache, v_cache, md.slot_mapping, interleaved=interleaved, k_scale=k_scale,
-                                    v_scale=v_scale)
-    slopes = None if alibi is None else ctx.alibi_tensor(tuple(alibi), q.device)
+        q_tokens = rotate_and_write(q_tokens, k_tokens, v_tokens, cos, sin, k_cache, v_cache, md.slot_mapping,
+                                    interleaved=interleaved, k_scale=k_scale, v_scale=v_scale)
     # K's multiplier scales every score: folded into the score scale (exactly so when it is 1.0)
     if not kernels:
         out = paged_attention_ref(
