@@ -116,6 +116,43 @@ def test_int4_decode_kernel_with_split_k_replays_in_a_cuda_graph():
         assert torch.equal(y, kernels.int4_linear(x, packed, scales))  # deterministic: same splits, same order
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("shape", [(4096, 4096), (6144, 4096), (4096, 14336), (300, 1024)])
+def test_int4_decode_kernel_summing_its_own_splits_on_cuda(shape, rows, monkeypatch):
+    """REDUCE_SPLITS_IN_KERNEL: the last program of each output block sums the other programs' partials (written on
+    other SMs). The same sums in the same order as the reduce kernel: bit for bit, on every one of 200 launches (a
+    partial read before its writer's arrival was ordered would show as a difference), counters left zero."""
+    from fastllm.kernels import quant_linear
+
+    n, k = shape
+    torch.manual_seed(7)
+    packed, scales, zeros = int_weight.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, zero_point=True)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    counters = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")
+    expected = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=4)
+    monkeypatch.setattr(quant_linear, "REDUCE_SPLITS_IN_KERNEL", True)
+    got = torch.stack([quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=4, split_counters=counters)
+                       for _ in range(200)])  # fmt: skip
+    assert torch.equal(got, expected.expand_as(got))
+    assert torch.count_nonzero(counters).item() == 0
+
+
+def test_int4_model_with_splits_summed_in_the_kernel_decodes_the_same_tokens(monkeypatch):
+    """The quantize pass hands each int4 linear the graph's split counters; with REDUCE_SPLITS_IN_KERNEL on, greedy
+    decode through CUDA graphs gives the same tokens as with the reduce kernel (the same sums)."""
+    from fastllm.kernels import quant_linear
+
+    ids = torch.tensor([[1, 17, 29, 400, 5, 77]], device="cuda")
+    tokens = []
+    for in_kernel in (False, True):
+        monkeypatch.setattr(quant_linear, "REDUCE_SPLITS_IN_KERNEL", in_kernel)
+        model = fastllm.optimize(_llama(), quantization="int4", max_num_seqs=4)
+        tokens.append(model.generate(ids, max_new_tokens=24, do_sample=False))
+        del model
+    assert torch.equal(tokens[0], tokens[1])
+
+
 @pytest.mark.skipif(not _has_fp8(), reason="needs the float8 type in Triton (compute capability 8.9+)")
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_fp8_decode_path_reads_fp8_weights_like_the_reference(rows):

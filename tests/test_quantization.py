@@ -415,6 +415,44 @@ def test_int4_decode_kernel_at_odd_shapes_against_the_reference(m, n, k, group, 
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("m,n,k,group,zero_point,bias,split_k", [c for c in INT4_DECODE_CASES if c[-1]])
+def test_int4_decode_kernel_summing_its_own_splits_gives_the_reduce_kernels_result(m, n, k, group, zero_point, bias,
+                                                                                  split_k, monkeypatch):
+    """REDUCE_SPLITS_IN_KERNEL with counters: the last program of each block of outputs sums the partials (the same
+    sums in the same order as _split_k_reduce_kernel: bit for bit), and leaves the counters zero; without counters
+    (or with the setting off) the reduce kernel runs as before."""
+    from fastllm.kernels import quant_linear, triton_on_cpu
+
+    x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, bias, torch.float32)
+    counters = torch.zeros(-(-n // 16), dtype=torch.int32)
+    launched = []
+    reduce_kernel = quant_linear.skinny_gemm._split_k_reduce_kernel
+    monkeypatch.setattr(quant_linear.skinny_gemm, "_split_k_reduce_kernel",
+                        _RecordingLauncher(reduce_kernel, launched))  # fmt: skip
+    with triton_on_cpu():
+        expected = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
+        assert len(launched) == 1  # the setting is off by default: the reduce kernel ran
+        monkeypatch.setattr(quant_linear, "REDUCE_SPLITS_IN_KERNEL", True)
+        got = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
+        assert len(launched) == 1  # not again
+    assert torch.equal(got, expected)
+    assert torch.count_nonzero(counters) == 0
+
+
+class _RecordingLauncher:
+    """A Triton kernel's `kernel[grid](...)` that records each launch, then launches."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(grid)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 @pytest.mark.parametrize("tiles", ["64x64", "128x128"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("m,n,k,group,zero_point,bias", [(17, 72, 256, 32, True, True),

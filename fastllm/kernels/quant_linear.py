@@ -32,7 +32,10 @@ from fastllm.kernels._registry import (
     triton,
     use_triton,
 )
-from fastllm.kernels.skinny_gemm import _epilogue  # the skinny GEMM's store: partials, or + bias rounded once
+from fastllm.kernels.skinny_gemm import (  # the skinny GEMM's store (partials, or + bias rounded once) and reduce
+    _epilogue,
+    reduce_split_row,
+)
 from fastllm.quant import fp8 as fp8_format
 from fastllm.quant.int_weight import dequantize_int4, dequantize_int8
 
@@ -180,6 +183,10 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 _INT4_CHUNK_NIBBLES = 8192  # BLOCK_N * GROUP: 4 KB of packed weight a chunk (BLOCK_N 64 at group 128, 256 at 32)
 _INT4_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}  # bits of 1024.0 (fp16), 128.0 (bf16)
 _INT4_CONFIGS: dict[tuple, dict] = {}
+# Whether the int4 decode kernel sums its own K splits where the caller passes split_counters (no reduce kernel: one
+# launch fewer for each split projection). Off until tested and measured on a GPU (written and checked in the
+# interpreter only); bench_quant's variant int4_reduce_in_kernel turns it on.
+REDUCE_SPLITS_IN_KERNEL = False
 
 
 @triton.jit
@@ -198,6 +205,7 @@ def _int4_gemv_kernel(
     B,  # [N] bias (read only with HAS_BIAS)
     Y,  # [M, N], row stride stride_ym (written without SPLIT)
     P,  # [num_splits, M, N] fp32 partials, contiguous (written with SPLIT)
+    COUNTERS,  # [>= number of n blocks] int32, zero on entry and on exit (read only with REDUCE)
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
     groups_per_split,
@@ -205,6 +213,7 @@ def _int4_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     SPLIT: tl.constexpr,
+    REDUCE: tl.constexpr,  # with SPLIT: the last program of an n block sums the partials (no reduce kernel)
     USE_DOT: tl.constexpr,
     MAGIC: tl.constexpr,  # 16-bit x: _INT4_MAGIC[x.dtype]; 0 for fp32 x
     DOT_PRECISION: tl.constexpr,
@@ -274,6 +283,16 @@ def _int4_gemv_kernel(
         if BLOCK_M > 1:
             _epilogue(acc1[None, :], row + 1, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                       False)
+    if SPLIT and REDUCE:
+        # As the decode attention merges its splits (kernels/paged_attention.py): every thread's partial stores
+        # before the arrival (the barrier), the arrival's release/acquire makes all programs' visible to the last.
+        tl.debug_barrier()
+        counter = COUNTERS + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
+            tl.store(counter, 0)  # ready for the next launch
+            for row_m in range(M):
+                reduce_split_row(P, B, Y, Y, row_m, n, M, N, stride_ym, 0, tl.num_programs(1), HAS_BIAS, False,
+                                 ".cg")  # fmt: skip
 
 
 def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict:
@@ -295,10 +314,12 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> di
 
 
 def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-               zeros: torch.Tensor | None, *, split_k: int | None = None) -> torch.Tensor:
+               zeros: torch.Tensor | None, *, split_k: int | None = None,
+               split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """rows [M <= 16, K] through `_int4_gemv_kernel`; split_k (tests) overrides the heuristic's (splits are whole
-    groups, none empty: possibly fewer). No host sync; the only allocations are out and the split-K workspace
-    (from the graph's pool during CUDA-graph capture)."""
+    groups, none empty: possibly fewer). With split_counters (int4_linear's) and REDUCE_SPLITS_IN_KERNEL, the
+    kernel sums its own splits, else `_split_k_reduce_kernel` does (the same sums: the same result). No host sync;
+    the only allocations are out and the split-K workspace (from the graph's pool during CUDA-graph capture)."""
     m, k = rows.shape
     n = packed.shape[0]
     num_groups = scales.shape[1]
@@ -312,16 +333,19 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     z = zeros if zeros is not None else scales  # never read without zeros
     rows = rows.contiguous()
     pdl = pdl_options(rows)
+    blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
     with device_guard(rows):
-        _int4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), num_splits)](
-            rows, packed, scales, z, b, out, parts, m, n, k,
+        _int4_gemv_kernel[(blocks, num_splits)](
+            rows, packed, scales, z, b, out, parts, split_counters if reduce else scales, m, n, k,
             rows.stride(0), packed.stride(0), scales.stride(0), z.stride(0), out.stride(0), groups_per_split,
-            GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, USE_DOT=cfg["USE_DOT"],
+            GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, REDUCE=reduce,
+            USE_DOT=cfg["USE_DOT"],
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
             **pdl,
         )  # fmt: skip
-        if split:  # sums the partials in split order (deterministic), adds the bias, rounds once
+        if split and not reduce:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](
                 parts, b, out, out, m, n, out.stride(0), 0, num_splits,
                 HAS_BIAS=bias is not None, BLOCK_N=skinny_gemm._REDUCE_BLOCK, num_warps=4, **pdl,
@@ -415,17 +439,21 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                zeros: torch.Tensor | None = None) -> torch.Tensor:
+                zeros: torch.Tensor | None = None, *, split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """`int4_linear_ref`'s math in Triton (CUDA, or the CPU inside `triton_on_cpu()`): up to 16 rows the decode
     kernel, more the GEMM that dequantizes W's tiles in its K loop; the CPU runs the reference. Groups other than a
-    power of two from 32 up run the reference's dequantization (into x's dtype) and F.linear on CUDA."""
+    power of two from 32 up run the reference's dequantization (into x's dtype) and F.linear on CUDA.
+
+    split_counters: None, or int32 zeros on x's device (at least N / 16 of them) that no concurrent call shares:
+    the decode kernel then sums its K splits itself (the quantize pass gives each model's graph one such buffer)."""
     n = packed.shape[0]
     k = packed.shape[1] * 2
     rows = x.reshape(-1, k)
     group = k // scales.shape[1] if scales.shape[1] else 0
     if use_triton(x) and rows.shape[0] > 0 and n > 0 and group >= 32 and group & (group - 1) == 0:
         if rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
-            return _int4_gemv(rows, packed, scales, bias, zeros).reshape(*x.shape[:-1], n)
+            return _int4_gemv(rows, packed, scales, bias, zeros, split_counters=split_counters).reshape(
+                *x.shape[:-1], n)
         return _int4_gemm(rows, packed, scales, bias, zeros).reshape(*x.shape[:-1], n)
     if not x.is_cuda:
         return int4_linear_ref(x, packed, scales, bias, zeros)

@@ -53,6 +53,7 @@ def apply(ctx: PassContext) -> int:
     if config is None or config.weights is None:  # not quantized, or only the KV cache (the runner's business)
         return 0
     count = 0
+    counters = _split_counters(ctx) if config.weights == "int4" else None
     for node, weight in ctx.linears():
         if not weight.is_floating_point():
             continue
@@ -65,7 +66,7 @@ def apply(ctx: PassContext) -> int:
             if found is None:
                 continue
             tensors, order = found
-            _replace(ctx, node, config.weights, tensors, order)
+            _replace(ctx, node, config.weights, tensors, order, counters)
             _record_rows(ctx, names, weight, config.weights, tensors, order)
             ctx.quantized_layers[layer] = _checkpoint_label(config, tensors)
             count += 1
@@ -78,19 +79,31 @@ def apply(ctx: PassContext) -> int:
         if key not in ctx.merger.quantized:  # one quantized copy per weight, however many graphs use it
             ctx.merger.quantized[key] = quantized_tensors(weight, config.weights, config.group_size,
                                                           config.zero_point)
-        _replace(ctx, node, config.weights, ctx.merger.quantized[key])
+        _replace(ctx, node, config.weights, ctx.merger.quantized[key], counters=counters)
         _record_rows(ctx, names, weight, config.weights, ctx.merger.quantized[key])
         ctx.quantized_layers[layer] = config.label
         count += 1
     return count
 
 
+def _split_counters(ctx: PassContext) -> torch.Tensor | None:
+    """The int4 decode kernel's split counters for this graph's int4 linears (`kernels.int4_linear`), on CUDA: zeros,
+    one per 16 outputs of the widest linear; the graph holds them, so they go with the model. Its linears run one
+    after another and each leaves them zero, so one buffer serves them all."""
+    weights = [weight for _, weight in ctx.linears()]
+    if not weights or not weights[0].is_cuda:  # elsewhere the references run (reference_ops), which take none
+        return None
+    widest = max(weight.shape[0] for weight in weights)
+    return torch.zeros(-(-widest // 16), dtype=torch.int32, device=weights[0].device)
+
+
 def _replace(ctx: PassContext, node, scheme: str, tensors: tuple[torch.Tensor, ...],
-             order: torch.Tensor | None = None) -> None:
+             order: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> None:
     """`node` (a linear) -> the scheme's quantized linear on `tensors`, which become constants of the graph. The
-    launchers take (x, weight, scale, bias, *rest): int4's zero points come after the bias. With `order` (act-order
-    GPTQ: the input channels' order the tensors hold), x is gathered into that order first. A float weight constant
-    (a merged QKV / gate-up weight) that nothing else reads leaves the graph, so the graph does not keep it alive."""
+    launchers take (x, weight, scale, bias, *rest): int4's zero points come after the bias, and its split counters
+    (`counters`, shared by the graph's int4 linears) as a keyword. With `order` (act-order GPTQ: the input channels'
+    order the tensors hold), x is gathered into that order first. A float weight constant (a merged QKV / gate-up
+    weight) that nothing else reads leaves the graph, so the graph does not keep it alive."""
     graph = ctx.gm.graph
     constants = [ctx.constant(t, before=node) for t in tensors]
     x = node.args[0]
@@ -98,9 +111,10 @@ def _replace(ctx: PassContext, node, scheme: str, tensors: tuple[torch.Tensor, .
         order_constant = ctx.constant(order, before=node)
         with graph.inserting_before(node):
             x = graph.call_function(torch.index_select, (x, -1, order_constant))
+    kwargs = {} if counters is None else {"split_counters": ctx.constant(counters, before=node)}
     with graph.inserting_before(node):
         quantized = graph.call_function(LAUNCHERS[scheme], (x, *constants[:2], arg(node, 2, "bias"),
-                                                            *constants[2:]))
+                                                            *constants[2:]), kwargs)
     quantized.meta.update(node.meta)
     weight = arg(node, 1, "weight")
     node.replace_all_uses_with(quantized)
