@@ -1,7 +1,7 @@
 """W1 with quantization: batch-1 decode and TTFT of fastllm per scheme, beside fastllm bf16 in the same run.
 
     PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--pdl-variants on off]
-                                                  [--out DIR]
+                                                  [--kernel-settings int4_reduce_in_kernel ...] [--out DIR]
 
 Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh random-weight model (seed 0), measured
 as bench_decode.py measures W1 (128-token prompt, greedy, 256 new tokens). Roofline: bytes a decode step must read
@@ -13,7 +13,9 @@ one scheme is asked for) with fastllm bf16 under baselines.fastllm_bf16.<model>;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib
 import sys
 
 import torch
@@ -22,15 +24,39 @@ from bench_decode import MODELS, _build, measure, pdl, step_bytes
 
 # --pdl-variants: PDL forced on for every launch (FASTLLM_PDL=1), or off (FASTLLM_PDL=0), and each one's key suffix
 PDL_VARIANTS = {"on": ("1", "_pdl"), "off": ("0", "_no_pdl")}
+# --kernel-settings: opt-in kernel paths (module, flag), each run (bf16 and every scheme) with the flag on, keys
+# suffixed _<name>
+KERNEL_SETTINGS = {
+    "int4_reduce_in_kernel": ("fastllm.kernels.quant_linear", "REDUCE_SPLITS_IN_KERNEL"),
+    "fused_decode_rotary": ("fastllm.kernels.paged_attention", "FUSE_ROTARY_INTO_DECODE"),
+}
 
 
-def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, pdl_setting: str | None = None) -> dict:
-    """pdl_setting: FASTLLM_PDL's value for this run ("1", "0"), None: as configured."""
+@contextlib.contextmanager
+def kernel_setting(name: str | None):
+    """KERNEL_SETTINGS[name]'s flag on for what runs inside (None: nothing changes); as it was afterwards."""
+    if name is None:
+        yield
+        return
+    module_name, flag = KERNEL_SETTINGS[name]
+    module = importlib.import_module(module_name)  # the module (fastllm.kernels exports functions by these names)
+    saved = getattr(module, flag)
+    setattr(module, flag, True)
+    try:
+        yield
+    finally:
+        setattr(module, flag, saved)
+
+
+def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, pdl_setting: str | None = None,
+        setting: str | None = None) -> dict:
+    """pdl_setting: FASTLLM_PDL's value for this run ("1", "0"), None: as configured; setting: a KERNEL_SETTINGS
+    name, or None."""
     import fastllm
 
     model = _build(name)
     nbytes = step_bytes(model, scheme)  # before optimize(): it lets go of the float weights it quantized
-    with pdl(pdl_setting):
+    with pdl(pdl_setting), kernel_setting(setting):
         fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
         result = measure(model, new_tokens, model.config.vocab_size)
     roofline = copy_gb_s * 1e9 / nbytes
@@ -52,6 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pdl-variants", nargs="*", default=[], choices=list(PDL_VARIANTS),
                         help="also run bf16 and every scheme with programmatic dependent launch on for every launch "
                              "(on: <model>_<scheme>_pdl beside baselines.fastllm_bf16_pdl) or off (off: _no_pdl)")
+    parser.add_argument("--kernel-settings", nargs="*", default=[], choices=list(KERNEL_SETTINGS),
+                        help="also run bf16 and every scheme with each opt-in kernel path on (keys _<name>)")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
         return 2
@@ -65,13 +93,15 @@ def main(argv=None) -> int:
               "copy_gb_s": copy_gb_s, "max_num_seqs": 8}
     print(f"bf16: {bf16['decode_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline']:.2f} of roofline)", flush=True)
     workload = f"W1-{args.schemes[0]}" if len(args.schemes) == 1 else "W1-quant"  # the issue's W1-fp8 file
-    for setting, suffix in [(None, ""), *(PDL_VARIANTS[v] for v in args.pdl_variants)]:
-        if setting is not None:
-            bf16 = run(args.model, None, args.new_tokens, copy_gb_s, setting)
+    variants = [(None, "", None), *((*PDL_VARIANTS[v], None) for v in args.pdl_variants),
+                *((None, f"_{name}", name) for name in args.kernel_settings)]
+    for pdl_setting, suffix, setting in variants:
+        if suffix:
+            bf16 = run(args.model, None, args.new_tokens, copy_gb_s, pdl_setting, setting)
             baselines[f"fastllm_bf16{suffix}"] = {args.model: bf16}
             print(f"bf16{suffix}: {bf16['decode_tok_s']:.1f} tok/s", flush=True)
         for scheme in args.schemes:
-            r = run(args.model, scheme, args.new_tokens, copy_gb_s, setting)
+            r = run(args.model, scheme, args.new_tokens, copy_gb_s, pdl_setting, setting)
             r["vs_bf16"] = r["decode_tok_s"] / bf16["decode_tok_s"]
             ours[f"{args.model}_{scheme}{suffix}"] = r
             print(f"{scheme}{suffix}: {r['decode_tok_s']:.1f} tok/s = {r['vs_bf16']:.2f}x bf16, "
