@@ -13,7 +13,10 @@ The baseline (`torch_ref`) is `scaled_dot_product_attention(..., enable_gqa=True
 [B, Hkv, S, D] copy of the same cache, timed the same way in the same run; the device-to-device copy bandwidth is
 measured as the ceiling. Every fastllm output is checked against `paged_attention_ref` (fp32) before timing.
 
-    PYTHONPATH=. python benchmarks/bench_attention.py [--dtype bf16] [--quick] [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_attention.py [--dtype bf16] [--quick] [--sweep] [--out DIR]
+
+--sweep also times the decode kernel's launch settings (BLOCK_N x num_warps x num_stages) at W2's decode shapes and
+at batch 1 (checked against the reference first), recorded under baselines.decode_sweep with the default's time.
 
 Writes DIR/W5-attention-<gpu>-<yyyymmdd>.json (BENCHMARKS.md, "Result files"); exits 2 without a GPU.
 """
@@ -116,6 +119,52 @@ def _prefill(seq, dtype, bench, bench_graph):
     return nbytes, timings, {"flops": flops}
 
 
+# The decode kernel's launch settings --sweep times: (BLOCK_N, num_warps, num_stages).
+SWEEP = [(bn, w, st) for bn in (16, 32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)]
+
+
+def _decode_sweep(dtype, bench_graph):
+    """Per W2 decode shape and batch 1 at 1k: each launch setting's graph-replay time (ms), fastest first."""
+    import importlib
+
+    attention = importlib.import_module("fastllm.kernels.paged_attention")  # the module, not the function
+    tile_sizes = attention._tile_sizes
+    results = {}
+    for batch, ctx in [*THROUGHPUT_DECODE, (1, 1024)]:
+        k_cache, v_cache, block_tables, _, _ = _paged_cache(batch, ctx, dtype)
+        q = torch.randn(batch, HQ, HEAD_DIM, device="cuda", dtype=dtype)
+        meta = (block_tables, torch.full((batch,), ctx, dtype=torch.int32, device="cuda"),
+                torch.arange(batch + 1, dtype=torch.int32, device="cuda"), 1)  # fmt: skip
+        counters = torch.zeros(batch * HKV, dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        timings = []
+        for block_n, warps, stages in SWEEP:
+            def sized(*args, _b=block_n, _w=warps, _s=stages):
+                cfg = tile_sizes(*args)
+                cfg["decode"] = {**cfg["decode"], "BLOCK_N": _b, "num_warps": _w, "num_stages": _s}
+                return cfg
+
+            attention._tile_sizes = sized
+            try:
+                run = functools.partial(paged_attention, q, k_cache, v_cache, *meta, scale=SCALE, out=out,
+                                        split_counters=counters)  # fmt: skip
+                _check(f"sweep b{batch} ctx{ctx} {block_n}/{warps}/{stages}", run(), q, k_cache, v_cache, meta, dtype)
+                timings.append({"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages,
+                                "ms_cudagraph": bench_graph(run)})  # fmt: skip
+            except Exception as err:  # a setting Triton cannot compile (shared memory, registers): recorded, skipped
+                timings.append({"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages,
+                                "error": str(err).splitlines()[0][:200]})  # fmt: skip
+            finally:
+                attention._tile_sizes = tile_sizes
+        default = tile_sizes(HEAD_DIM, dtype, HQ // HKV)["decode"]
+        timed = sorted((t for t in timings if "ms_cudagraph" in t), key=lambda t: t["ms_cudagraph"])
+        results[f"decode_b{batch}_ctx{ctx}"] = {"default": {k: default[k] for k in ("BLOCK_N", "num_warps",
+                                                                                   "num_stages")},
+                                                "timings": timed + [t for t in timings if "error" in t]}
+        torch.cuda.empty_cache()
+    return results
+
+
 def _entry(nbytes, ms, graph_ms, extra):
     entry = {"gb_s": nbytes / (ms * 1e-3) / 1e9, "ms": ms, "bytes": nbytes}
     if graph_ms is not None:
@@ -130,6 +179,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON result file")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--quick", action="store_true", help="batch 1 and 32 at 1k and 4k only, shorter timing")
+    parser.add_argument("--sweep", action="store_true", help="also time the decode kernel's launch settings")
     args = parser.parse_args()
     if missing_gpu(__file__):
         return 2
@@ -157,6 +207,7 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     copy_gb_s = copy_bandwidth_gb_s(bench)
+    sweep = _decode_sweep(dtype, bench_graph) if args.sweep else None
 
     gpu = torch.cuda.get_device_name()
     workload = "W5-attention" if args.dtype == "bf16" else f"W5-attention-{args.dtype}"
@@ -176,7 +227,10 @@ def main() -> int:
         "bytes": "decode: K/V of every context + q + out; prefill: q, k, v read and out written once",
         "timing": "triton.testing.do_bench median; *_cudagraph: do_bench_cudagraph median",
     }
-    path = write_result(workload, gpu, config, fastllm, {"torch_ref": baseline, "copy": {"gb_s": copy_gb_s}}, args.out)
+    baselines = {"torch_ref": baseline, "copy": {"gb_s": copy_gb_s}}
+    if sweep is not None:
+        baselines["decode_sweep"] = sweep
+    path = write_result(workload, gpu, config, fastllm, baselines, args.out)
 
     print(f"{gpu}, {args.dtype}; device-to-device copy {copy_gb_s:.0f} GB/s; wrote {path}")
     print(f"{'case':<22} {'splits':>6} {'fastllm GB/s':>12} {'(graph)':>8} {'sdpa GB/s':>10} {'(graph)':>8} "

@@ -12,6 +12,10 @@
 # rows: what a batch-1 decode step runs (1 row; 2 before the 1-row graph): W5-gemv at 1 and 2 rows, the fused
 # chain at 1 and 2 rows, and W1 without the 1-row decode graph and without decode_act_fusion beside the default and gpt-fast
 # (carry .anchors; ~7 min).
+# optin: the opt-in kernel paths written without a GPU (decode_attention_with_rotary, the int4 kernel summing its own
+# splits): their GPU tests, then W1 of both shapes and W1-quant (fp8, int4) with each on beside the default (~9 min);
+# flip their flags (paged_attention.FUSE_ROTARY_INTO_DECODE, quant_linear.REDUCE_SPLITS_IN_KERNEL) where they pass
+# and win. ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
 set -uo pipefail
@@ -31,7 +35,8 @@ for stage in $STAGES; do
         tests) python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1 || rc=1
                grep -E "passed|failed|^FAILED" "$OUT/gpu-tests.log" | tail -n 15 ;;
         kernels) python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 || rc=1 ;;
-        attention) python3 benchmarks/bench_attention.py --out "$OUT" > "$OUT/attention.log" 2>&1 || rc=1 ;;
+        attention) python3 benchmarks/bench_attention.py ${ATTENTION_ARGS:-} --out "$OUT" > "$OUT/attention.log" 2>&1 || rc=1
+                   tail -n 20 "$OUT/attention.log" ;;
         gemv) python3 benchmarks/bench_gemv.py --out "$OUT" > "$OUT/gemv.log" 2>&1 || rc=1 ;;
         throughput) python3 benchmarks/bench_throughput.py --out "$OUT" ${THROUGHPUT_ARGS:-} > "$OUT/throughput.log" 2>&1 || rc=1
                     tail -n 6 "$OUT/throughput.log" ;;
@@ -56,6 +61,16 @@ for stage in $STAGES; do
               python3 benchmarks/bench_decode.py --models llama31_8b --providers fastllm fastllm_two_row \
                   fastllm_no_act_fusion gptfast --out "$OUT" > "$OUT/decode-rows.log" 2>&1 || rc=1
               grep -vE "capturing|warn" "$OUT/decode-rows.log" | tail -n 6 ;;
+        optin) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_decode_rotary.py \
+                   tests/test_gpu_quantization.py -k "rotary or fusion or summing_its_own or splits_summed" \
+                   > "$OUT/gpu-optin-tests.log" 2>&1 || rc=1
+               grep -E "passed|failed|^FAILED" "$OUT/gpu-optin-tests.log" | tail -n 15
+               python3 benchmarks/bench_decode.py --models llama31_8b llama2_7b --providers fastllm \
+                   fastllm_fused_decode_rotary --out "$OUT" > "$OUT/decode-optin.log" 2>&1 || rc=1
+               grep -vE "capturing|warn" "$OUT/decode-optin.log" | tail -n 6
+               python3 benchmarks/bench_quant.py --schemes fp8 int4 --kernel-settings int4_reduce_in_kernel \
+                   fused_decode_rotary --out "$OUT" > "$OUT/quant-optin.log" 2>&1 || rc=1
+               grep -E "tok/s" "$OUT/quant-optin.log" ;;
         *) echo "unknown stage $stage"; rc=1 ;;
     esac
     echo "stage $stage done (rc so far $rc)"

@@ -154,8 +154,24 @@ def _w5_attention(result: dict) -> list[str]:
              "contiguous copy of the cache.", "", "| case | fastllm | SDPA | fastllm / SDPA |", "|---|---|---|---|"]
     for key, ours in result["fastllm"].items():
         unit, field = ("TFLOP/s", "tflop_s") if "tflop_s" in ours else ("GB/s", "gb_s_cudagraph")
+        if ref.get(key) is None:  # no fused SDPA backend took the shape
+            lines.append(f"| {key} | {ours[field]:.0f} {unit} | – | – |")
+            continue
         ratio = ours[field] / ref[key][field]
         lines.append(f"| {key} | {ours[field]:.0f} {unit} | {ref[key][field]:.0f} {unit} | {ratio:.2f}× |")
+    sweep = result["baselines"].get("decode_sweep")
+    if sweep:
+        lines += ["", "Decode kernel launch settings (--sweep; BLOCK_N / warps / stages, graph-replay us):", "",
+                  "| case | default | its us | fastest | its us |", "|---|---|---|---|---|"]
+        for key, found in sweep.items():
+            d = found["default"]
+            timed = [t for t in found["timings"] if "ms_cudagraph" in t]
+            mine = next((t for t in timed if all(t[k] == d[k] for k in d)), None)
+            best = timed[0] if timed else None
+            name = "{BLOCK_N} / {num_warps} / {num_stages}"
+            lines.append(f"| {key} | {name.format(**d)} | {1e3 * mine['ms_cudagraph']:.1f} | "
+                         f"{name.format(**best)} | {1e3 * best['ms_cudagraph']:.1f} |" if mine and best else
+                         f"| {key} | {name.format(**d)} | – | – | – |")
     return lines
 
 

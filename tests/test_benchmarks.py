@@ -70,3 +70,23 @@ def test_host_step_benchmark_runs_on_the_cpu(tmp_path):
     for entry in (result["fastllm"]["seqs_8"], result["baselines"]["per_row"]["seqs_8"]):
         assert entry["steps"] > 0 and entry["ms_per_step"] > 0
         assert set(entry["phase_ms_per_step"]) == {"schedule", "execute", "sample", "update"}
+
+
+def test_attention_summary_renders_a_missing_baseline_and_the_decode_sweep():
+    """A W5-attention file whose case no fused SDPA backend took, and one with --sweep's table: the default
+    setting's time beside the fastest (the numbers here are made up for the renderer, not measured)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import summarize
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    timings = [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "ms_cudagraph": 0.010},
+               {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "ms_cudagraph": 0.012},
+               {"BLOCK_N": 128, "num_warps": 2, "num_stages": 3, "error": "out of resources"}]
+    result = {"fastllm": {"decode_b512_ctx192": {"gb_s_cudagraph": 2000.0}},
+              "baselines": {"torch_ref": {"decode_b512_ctx192": None}, "copy": {"gb_s": 4000.0},
+                            "decode_sweep": {"decode_b512_ctx192": {
+                                "default": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, "timings": timings}}}}
+    lines = summarize._w5_attention(result)
+    assert "| decode_b512_ctx192 | 2000 GB/s | – | – |" in lines
+    assert "| decode_b512_ctx192 | 64 / 4 / 2 | 12.0 | 32 / 4 / 2 | 10.0 |" in lines
