@@ -6,8 +6,9 @@
         [--out DIR]
 
 `--settings` runs fastllm once per engine setting: "default" is `fastllm.LLM(model)` with no options at all (the
-defaults sized from the card), "seqs=N[,tokens=M]" sets max_num_seqs (and max_num_batched_tokens). Results are keyed
-`<model>_<workload>` for the first setting and `<model>_<workload>_<setting>` for the others.
+defaults sized from the card), "seqs=N[,tokens=M]" sets max_num_seqs (and max_num_batched_tokens), "passes+=NAME"
+adds an opt-in pass to the defaults (e.g. passes+=fp8_norm_quant; combinable: "seqs=512,passes+=NAME"). Results
+are keyed `<model>_<workload>` for the first setting and `<model>_<workload>_<setting>` for the others.
 
 Per BENCHMARKS.md: random-weight model (seed 0), random prompt ids, greedy, EOS ignored so every request produces
 exactly its requested tokens. "fixed": 1000 × 128 prompt / 128 new; "mixed": 1000 requests, prompt lengths uniform
@@ -53,11 +54,21 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def _setting(text: str) -> dict:
-    """`default` -> {} (LLM's own defaults); `seqs=512,tokens=16384` -> the engine options."""
+    """`default` -> {} (LLM's own defaults); `seqs=512,tokens=16384` -> the engine options; `passes+=NAME` -> the
+    default passes and NAME."""
     if text == "default":
         return {}
+    import fastllm
+
     names = {"seqs": "max_num_seqs", "tokens": "max_num_batched_tokens"}
-    return {names[k]: int(v) for k, v in (part.split("=") for part in text.split(","))}
+    options = {}
+    for part in text.split(","):
+        if part.startswith("passes+="):
+            options["passes"] = (*options.get("passes", fastllm.DEFAULT_PASSES), part.removeprefix("passes+="))
+        else:
+            key, value = part.split("=")
+            options[names[key]] = int(value)
+    return options
 
 
 def run_fastllm(model, requests, options: dict, async_scheduling: bool = True) -> tuple[dict, dict]:
@@ -197,7 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-workloads", nargs="*", default=["fixed"], choices=["fixed", "mixed"],
                         help="workloads the HF baseline runs on (its mixed run takes minutes of device time)")
     parser.add_argument("--settings", nargs="+", default=["default"],
-                        help='engine settings: "default" (LLM(model) with no options) or "seqs=N[,tokens=M]"')
+                        help='engine settings: "default" (LLM(model) with no options) or "seqs=N[,tokens=M]", '
+                             '"passes+=NAME" (an opt-in pass besides the defaults)')
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4", "fp8_kv"],
                         help="every fastllm run quantized so (the file is then W2-<quantization>; the compute ceiling "
                              "of an fp8 run is measured with FP8 GEMMs)")

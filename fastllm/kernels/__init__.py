@@ -74,3 +74,8 @@ __all__ += ["fp8_linear", "fp8_linear_ref", "int4_linear", "int4_linear_ref", "i
 from fastllm.kernels.fused_linear import fused_linear, fused_linear_ref  # noqa: E402
 
 __all__ += ["fused_linear", "fused_linear_ref"]
+
+# An RMSNorm feeding an FP8 linear, the norm's kernel quantizing its rows (appended: norm_fp8_linear.py).
+from fastllm.kernels.norm_fp8_linear import rms_norm_fp8_linear, rms_norm_fp8_linear_ref  # noqa: E402
+
+__all__ += ["rms_norm_fp8_linear", "rms_norm_fp8_linear_ref"]

@@ -33,8 +33,9 @@ def _rms_norm_kernel(
     X,  # [M, N], row stride stride_x
     R,  # [M, N] residual (read only if HAS_RESIDUAL)
     W,  # [N]
-    Y,  # [M, N] normalised output
+    Y,  # [M, N] normalised output (with QUANT_FP8: its float8 e4m3 codes)
     S,  # [M, N] x + residual, rounded to x's dtype (written only if HAS_RESIDUAL)
+    QS,  # [M] fp32: with QUANT_FP8, each row's scale (y = codes x scale)
     stride_x,
     stride_r,
     stride_y,
@@ -45,6 +46,8 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     CAST_BEFORE_WEIGHT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    QUANT_FP8: tl.constexpr = False,  # store y quantized per row (quantize_rows_fp8's math), not y
+    ROUND_TO_X: tl.constexpr = False,  # with QUANT_FP8: y is first rounded to x's dtype (the norm's output dtype)
     USE_PDL: tl.constexpr = False,
 ):
     """One program per row; the row stays in registers between the sum of squares and the scaling."""
@@ -62,7 +65,17 @@ def _rms_norm_kernel(
         y = w * h.to(X.dtype.element_ty).to(tl.float32)
     else:
         y = h * (weight_offset + w)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    if QUANT_FP8:
+        if ROUND_TO_X:  # what the unfused norm stores, and the quantize kernel reads
+            y = y.to(X.dtype.element_ty).to(tl.float32)
+        # quant_linear._quantize_rows_fp8_kernel's arithmetic, operation for operation: the same codes and scale
+        amax = tl.max(tl.abs(y), axis=0)
+        scale = tl.where(amax > 0, tl.fdiv(amax, 448.0, ieee_rounding=True), 1.0)
+        q = tl.minimum(tl.maximum(tl.fdiv(y, scale, ieee_rounding=True), -448.0), 448.0)
+        tl.store(Y + row * stride_y + cols, q.to(Y.dtype.element_ty), mask=mask)
+        tl.store(QS + row, scale)
+    else:
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 def rms_norm_ref(
@@ -95,8 +108,9 @@ def fused_add_rms_norm_ref(
     return rms_norm_ref(s, weight, eps, weight_offset=weight_offset, cast_before_weight=cast_before_weight), s
 
 
-def _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_before_weight):
-    # x, residual, out, residual_out: [M, N] row views; residual/residual_out None for the plain norm.
+def _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_before_weight, row_scales=None):
+    # x, residual, out, residual_out: [M, N] row views; residual/residual_out None for the plain norm; row_scales:
+    # [M] fp32 with out float8 e4m3 (rms_norm_fp8_rows), else None.
     num_rows, n = x.shape
     if num_rows == 0:
         return
@@ -104,12 +118,14 @@ def _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_bef
     has_residual = residual is not None
     r = residual if has_residual else x
     s = residual_out if has_residual else out
+    quant = row_scales is not None
     with device_guard(x):
         _rms_norm_kernel[(num_rows,)](
-            x, r, weight, out, s,
+            x, r, weight, out, s, row_scales if quant else x,
             x.stride(0), r.stride(0), out.stride(0), s.stride(0),
             n, eps, weight_offset,
             HAS_RESIDUAL=has_residual, CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_SIZE=block,
+            QUANT_FP8=quant, ROUND_TO_X=quant and _out_dtype(x, weight, cast_before_weight) == x.dtype,
             num_warps=num_warps, **pdl_options(x),
         )  # fmt: skip
 
@@ -229,3 +245,19 @@ def fused_add_rms_norm(
         bool(cast_before_weight),
     )
     return out, residual_out
+
+
+def rms_norm_fp8_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
+                      weight_offset: float = 0.0, cast_before_weight: bool = True):
+    """`rms_norm` (`fused_add_rms_norm` with a residual) of rows x [M, N] quantized to float8 e4m3 per row, as
+    `quant_linear.quantize_rows_fp8` quantizes the norm's output, in the norm's one kernel (its output is never
+    stored in 16 bits). Returns (codes [M, N] e4m3, scales [M, 1] fp32, x + residual or None). For CUDA (and the
+    interpreter inside `triton_on_cpu()`): callers check `use_triton` first. x, residual: [M, N] with unit column
+    stride; the output dtype of the norm must be x's or float32 (what FP8 linears take)."""
+    m, n = x.shape
+    codes = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    summed = torch.empty_like(x) if residual is not None else None
+    _launch(x, residual, weight, codes, summed, float(eps), float(weight_offset), bool(cast_before_weight),
+            row_scales=scales)  # fmt: skip
+    return codes, scales, summed
