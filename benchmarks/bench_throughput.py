@@ -7,7 +7,7 @@
 
 `--settings` runs fastllm once per engine setting: "default" is `fastllm.LLM(model)` with no options at all (the
 defaults sized from the card), "seqs=N[,tokens=M]" sets max_num_seqs (and max_num_batched_tokens), "passes+=NAME"
-adds an opt-in pass to the defaults (e.g. passes+=fp8_norm_quant; combinable: "seqs=512,passes+=NAME"). Results
+adds an opt-in pass to the defaults (e.g. passes+=fp8_input_quant; combinable: "seqs=512,passes+=NAME"). Results
 are keyed `<model>_<workload>` for the first setting and `<model>_<workload>_<setting>` for the others.
 
 Per BENCHMARKS.md: random-weight model (seed 0), random prompt ids, greedy, EOS ignored so every request produces

@@ -15,7 +15,7 @@
 # optin: the opt-in kernel paths written without a GPU (decode_attention_with_rotary, the int4 kernel summing its own
 # splits): their GPU tests, then W1 of both shapes and W1-quant (fp8, int4) with each on beside the default (~9 min);
 # flip their flags (paged_attention.FUSE_ROTARY_INTO_DECODE, quant_linear.REDUCE_SPLITS_IN_KERNEL) where they pass
-# and win; optin-w2: W2-fp8 with the opt-in fp8_norm_quant pass beside the defaults, and its GPU tests (~5 min).
+# and win; optin-w2: W2-fp8 with the opt-in fp8_input_quant pass beside the defaults, and its GPU tests (~5 min).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -72,11 +72,11 @@ for stage in $STAGES; do
                python3 benchmarks/bench_quant.py --schemes fp8 int4 --kernel-settings int4_reduce_in_kernel \
                    fused_decode_rotary --out "$OUT" > "$OUT/quant-optin.log" 2>&1 || rc=1
                grep -E "tok/s" "$OUT/quant-optin.log" ;;
-        optin-w2) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_norm_fp8_linear.py \
+        optin-w2) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_fp8_input_linear.py \
                       > "$OUT/gpu-optin-w2-tests.log" 2>&1 || rc=1
                   grep -E "passed|failed|^FAILED" "$OUT/gpu-optin-w2-tests.log" | tail -n 8
                   python3 benchmarks/bench_throughput.py --providers fastllm --workloads fixed --quantization fp8 \
-                      --settings default passes+=fp8_norm_quant --out "$OUT" > "$OUT/throughput-optin.log" 2>&1 || rc=1
+                      --settings default passes+=fp8_input_quant --out "$OUT" > "$OUT/throughput-optin.log" 2>&1 || rc=1
                   grep -E "^fastllm" "$OUT/throughput-optin.log" | cut -c1-200 ;;
         *) echo "unknown stage $stage"; rc=1 ;;
     esac

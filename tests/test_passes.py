@@ -36,7 +36,7 @@ from fastllm.passes import (
     decode_act_fusion,
     decode_fusion,
     dropout,
-    fp8_norm_quant,
+    fp8_input_quant,
     gated_mlp,
     layer_norm,
     list_index,
@@ -527,12 +527,12 @@ def _decode_act_fusion_case():
     return decode_act_fusion.pattern(gate_up, w_down), decode_act_fusion.replacement(gate_up, w_down), EXACT
 
 
-def _fp8_norm_quant_case():
+def _fp8_input_quant_case():
     """On the CPU both forms run the references (the norm in fp32, then fp8_linear_ref): the same bits."""
     x, norm_weight = _rand(5, 64), _rand(64)
     qweight, scale = quantize.quantized_tensors(_rand(24, 64), "fp8", 128)
     args = (x, norm_weight, qweight, scale, 1e-6)
-    return fp8_norm_quant.pattern(*args), fp8_norm_quant.replacement(*args), EXACT
+    return fp8_input_quant.pattern(*args), fp8_input_quant.replacement(*args), EXACT
 
 
 def _quantize_case():
@@ -594,7 +594,7 @@ REPLACEMENT_CASES = {
     "quantize": _quantize_case,
     "decode_fusion": _decode_fusion_case,
     "decode_act_fusion": _decode_act_fusion_case,
-    "fp8_norm_quant": _fp8_norm_quant_case,
+    "fp8_input_quant": _fp8_input_quant_case,
     "skinny_linear[fp16]": lambda: _skinny_linear_case(torch.float16),
     "skinny_linear[bf16]": lambda: _skinny_linear_case(torch.bfloat16),
 }
@@ -623,9 +623,9 @@ def test_every_pass_has_a_replacement_case():
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_act_fusion",
-                          "decode_fusion", "fp8_norm_quant")
+                          "decode_fusion", "fp8_input_quant")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    # decode_fusion and fp8_norm_quant are opt-in
+    # decode_fusion and fp8_input_quant are opt-in
     assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-2]
     assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 

@@ -75,7 +75,12 @@ from fastllm.kernels.fused_linear import fused_linear, fused_linear_ref  # noqa:
 
 __all__ += ["fused_linear", "fused_linear_ref"]
 
-# An RMSNorm feeding an FP8 linear, the norm's kernel quantizing its rows (appended: norm_fp8_linear.py).
-from fastllm.kernels.norm_fp8_linear import rms_norm_fp8_linear, rms_norm_fp8_linear_ref  # noqa: E402
+# FP8 linears with the kernel that makes their input quantizing it (appended: fp8_input_linear.py).
+from fastllm.kernels.fp8_input_linear import (  # noqa: E402
+    act_and_mul_fp8_linear,
+    act_and_mul_fp8_linear_ref,
+    rms_norm_fp8_linear,
+    rms_norm_fp8_linear_ref,
+)
 
-__all__ += ["rms_norm_fp8_linear", "rms_norm_fp8_linear_ref"]
+__all__ += ["act_and_mul_fp8_linear", "act_and_mul_fp8_linear_ref", "rms_norm_fp8_linear", "rms_norm_fp8_linear_ref"]

@@ -19,6 +19,7 @@ from fastllm.kernels._registry import (
     out_or_new,
     pdl_options,
     pdl_wait,
+    row_launch_settings,
     rows_view,
     tl,
     triton,
@@ -44,6 +45,34 @@ def _act_and_mul_kernel(
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (gated_activation(g, ACTIVATION) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _act_and_mul_fp8_kernel(
+    X,  # [M, 2I], row stride stride_x
+    Q,  # [M, I] float8 e4m3 codes, row stride stride_q
+    QS,  # [M] fp32 row scales
+    stride_x,
+    stride_q,
+    inter,  # I
+    ACTIVATION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # >= I: a program holds its row
+    USE_PDL: tl.constexpr = False,
+):
+    """Program (row): act(gate) * up rounded to x's dtype (what `_act_and_mul_kernel` stores), then quantized per
+    row with quant_linear._quantize_rows_fp8_kernel's arithmetic, operation for operation (the same codes, scale)."""
+    pdl_wait(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < inter
+    g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (gated_activation(g, ACTIVATION) * u).to(X.dtype.element_ty).to(tl.float32)
+    amax = tl.max(tl.abs(y), axis=0)
+    scale = tl.where(amax > 0, tl.fdiv(amax, 448.0, ieee_rounding=True), 1.0)
+    q = tl.minimum(tl.maximum(tl.fdiv(y, scale, ieee_rounding=True), -448.0), 448.0)
+    tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
+    tl.store(QS + row, scale)
 
 
 @triton.jit
@@ -85,3 +114,20 @@ def launch_act_and_mul(x: torch.Tensor, out: torch.Tensor, activation: str) -> N
             x, y, x.stride(0), y.stride(0), inter,
             ACTIVATION=activation, BLOCK_SIZE=block, num_warps=max(1, block // 256), **pdl_options(x),
         )  # fmt: skip
+
+
+def act_and_mul_fp8_rows(x: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(gate) * up of rows x [M, 2I] (unit column stride) quantized to float8 e4m3 per row, as
+    `quant_linear.quantize_rows_fp8` quantizes the activation kernel's output, in one kernel: (codes [M, I], scales
+    [M, 1] fp32). For CUDA (and the interpreter inside `triton_on_cpu()`); rows of I <= 65536 / 2."""
+    num_rows, inter = x.shape[0], x.shape[1] // 2
+    codes = torch.empty(num_rows, inter, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+    if num_rows:
+        block, num_warps = row_launch_settings(inter)
+        with device_guard(x):
+            _act_and_mul_fp8_kernel[(num_rows,)](
+                x, codes, scales, x.stride(0), codes.stride(0), inter,
+                ACTIVATION=activation, BLOCK_SIZE=block, num_warps=num_warps, **pdl_options(x),
+            )  # fmt: skip
+    return codes, scales

@@ -56,7 +56,8 @@ DEFAULT = False
 # kernel shape (SiLU * up computed once a step into shared memory by a persistent kernel), not other tiles.
 FUSE_QUANTIZED = False
 
-_ACTIVATION_OF = {kernels.silu_and_mul: lambda node: "silu",
+# A gated activation node -> its name in the fused kernels ("silu", "gelu", "gelu_tanh"; also fp8_input_quant's).
+ACTIVATION_OF = {kernels.silu_and_mul: lambda node: "silu",
                   kernels.gelu_and_mul: lambda node: "gelu" if node.kwargs.get("approximate", "none") == "none"
                   else "gelu_tanh"}
 
@@ -110,13 +111,13 @@ def fuse_activations(graph: fx.Graph) -> int:
     the decode_act_fusion pass)."""
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _ACTIVATION_OF or len(node.users) != 1:
+        if node.op != "call_function" or node.target not in ACTIVATION_OF or len(node.users) != 1:
             continue
         consumer = next(iter(node.users))
         spec = _linear(consumer)
         if spec is None or spec["x"] is not node or "prologue" in spec:
             continue
-        _replace(graph, consumer, {**spec, "x": node.args[0], "prologue": _ACTIVATION_OF[node.target](node)})
+        _replace(graph, consumer, {**spec, "x": node.args[0], "prologue": ACTIVATION_OF[node.target](node)})
         graph.erase_node(node)
         count += 1
     return count

@@ -19,7 +19,7 @@ from fastllm.passes._graph import fake
 NAME = "reference_ops"
 # Last among the passes that emit launchers: it must see every one of them.
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "quantize", "skinny_linear",
-                               "decode_act_fusion", "decode_fusion", "fp8_norm_quant", "attention")
+                               "decode_act_fusion", "decode_fusion", "fp8_input_quant", "attention")
 RUNS_BEFORE: tuple[str, ...] = ()
 RUNTIME_REQUIRED = True
 
@@ -39,6 +39,7 @@ REFERENCES = {
     kernels.int8_linear: kernels.int8_linear_ref,
     kernels.int4_linear: kernels.int4_linear_ref,
     kernels.rms_norm_fp8_linear: kernels.rms_norm_fp8_linear_ref,
+    kernels.act_and_mul_fp8_linear: kernels.act_and_mul_fp8_linear_ref,
 }
 LAUNCHER_OF = {ref: launcher for launcher, ref in REFERENCES.items()}
 

@@ -25,7 +25,7 @@ from fastllm.passes import (
     decode_act_fusion,
     decode_fusion,
     dropout,
-    fp8_norm_quant,
+    fp8_input_quant,
     gated_mlp,
     layer_norm,
     list_index,
@@ -155,7 +155,7 @@ def _refuse_unknown(names: list[str], allowed: tuple[str, ...]) -> None:
 
 # The listing breaks ties only; it is the order these passes ran in before the constraints were declared.
 REGISTRY = PassRegistry((dropout, list_index, rms_norm, layer_norm, rotary, gated_mlp, qkv, attention,
-                         quantize, skinny_linear, decode_act_fusion, decode_fusion, fp8_norm_quant,
+                         quantize, skinny_linear, decode_act_fusion, decode_fusion, fp8_input_quant,
                          reference_ops))
 
 # The user-selectable passes in canonical order (public as fastllm.ALL_PASSES).

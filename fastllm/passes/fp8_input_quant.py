@@ -1,6 +1,7 @@
-"""An RMSNorm read only by one FP8 linear → `kernels.rms_norm_fp8_linear`: past 16 rows (prefill, large decode
-batches) the norm's kernel writes the e4m3 codes and row scales the FP8 GEMM reads, where fp8_linear quantized the
-norm's 16-bit output in a kernel of its own (the activation quantization fused into the norm that produces it).
+"""The kernel that makes an FP8 linear's input quantizes it: an RMSNorm or a gated activation read only by one FP8
+linear → `kernels.rms_norm_fp8_linear` / `act_and_mul_fp8_linear`. Past 16 rows (prefill, large decode batches) the
+norm's or the activation's kernel writes the e4m3 codes and row scales the FP8 GEMM reads, where fp8_linear
+quantized their 16-bit output in a kernel of its own.
 
     n = rms_norm(x, w, eps)                     → y = rms_norm_fp8_linear(x, w, eps, qW, s, b)
     y = fp8_linear(n, qW, s, b)
@@ -8,13 +9,16 @@ norm's 16-bit output in a kernel of its own (the activation quantization fused i
     n, r = fused_add_rms_norm(a, b, w, eps)     → y, r = rms_norm_fp8_linear(a, w, eps, qW, s, bias, residual=b)
     y = fp8_linear(n, qW, s, bias)
 
-The results are the unfused kernels' bit for bit (kernels/norm_fp8_linear.py); up to 16 rows the launcher runs them.
-Only per-channel FP8 weights (`quantization="fp8"`; a block-scaled checkpoint's linears stay as they are), and only a
-norm with one consumer (merged QKV and gate-up projections are one linear each).
+    h = silu_and_mul(gate_up)                   → y = act_and_mul_fp8_linear(gate_up, qW, s, b, activation="silu")
+    y = fp8_linear(h, qW, s, b)                   (GELU likewise)
 
-Opt-in (passes=(*fastllm.DEFAULT_PASSES, "fp8_norm_quant")) until measured on a GPU: written and checked in the
+The results are the unfused kernels' bit for bit (kernels/fp8_input_linear.py); up to 16 rows the launchers run
+them. Only per-channel FP8 weights (`quantization="fp8"`; a block-scaled checkpoint's linears stay as they are), and
+only a producer with one consumer (merged QKV and gate-up projections are one linear each).
+
+Opt-in (passes=(*fastllm.DEFAULT_PASSES, "fp8_input_quant")) until measured on a GPU: written and checked in the
 interpreter only (2026-11-30). The measurement: W2-fp8 with and without it in one call (benchmarks/run_on_gpu.sh
-stage optin-w2: bench_throughput.py --quantization fp8 --settings default passes+=fp8_norm_quant).
+stage optin-w2: bench_throughput.py --quantization fp8 --settings default passes+=fp8_input_quant).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from torch import fx
 
 from fastllm import kernels
 from fastllm.passes._context import PassContext
+from fastllm.passes.decode_fusion import ACTIVATION_OF
 
-NAME = "fp8_norm_quant"
-RUNS_AFTER: tuple[str, ...] = ("rms_norm", "quantize", "decode_fusion")  # the norms, the FP8 linears, and what
-RUNS_BEFORE: tuple[str, ...] = ()  # decode_fusion took (reference_ops declares it runs after this one)
+NAME = "fp8_input_quant"
+# After the norms, the activations and the FP8 linears exist, and after what the decode fusions took in.
+RUNS_AFTER: tuple[str, ...] = ("rms_norm", "gated_mlp", "quantize", "decode_act_fusion", "decode_fusion")
+RUNS_BEFORE: tuple[str, ...] = ()  # reference_ops declares it runs after this one
 RUNTIME_REQUIRED = False
 DEFAULT = False
 
@@ -55,6 +61,21 @@ def _fp8_consumer(ctx: PassContext, normed: fx.Node) -> fx.Node | None:
         return None
     scale = ctx.weight(user.args[2])
     return user if scale is not None and scale.dim() == 1 else None
+
+
+def _fuse_activation(ctx: PassContext, act: fx.Node) -> bool:
+    linear = _fp8_consumer(ctx, act)
+    if linear is None or len(act.args) != 1:
+        return False
+    qweight, scale, bias = (*linear.args[1:], None)[:3]
+    with ctx.gm.graph.inserting_before(linear):
+        fused = ctx.gm.graph.call_function(kernels.act_and_mul_fp8_linear, (act.args[0], qweight, scale, bias),
+                                           {"activation": ACTIVATION_OF[act.target](act)})  # fmt: skip
+    fused.meta.update(linear.meta)
+    linear.replace_all_uses_with(fused)
+    ctx.gm.graph.erase_node(linear)
+    ctx.gm.graph.erase_node(act)
+    return True
 
 
 def _fused_call(graph: fx.Graph, norm: fx.Node, linear: fx.Node, x, weight, eps, residual) -> fx.Node:
@@ -114,11 +135,13 @@ def _fuse_with_residual(ctx: PassContext, norm: fx.Node, position: dict[fx.Node,
 def apply(ctx: PassContext) -> int:
     position = {node: i for i, node in enumerate(ctx.gm.graph.nodes)}
     count = 0
-    for norm in list(ctx.gm.graph.nodes):
+    for norm in list(ctx.gm.graph.nodes):  # each producer: a norm or an activation
         if norm.op != "call_function":
             continue
         if norm.target is kernels.rms_norm and len(norm.args) == 3:
             count += _fuse_plain(ctx, norm)
         elif norm.target is kernels.fused_add_rms_norm and len(norm.args) == 4:
             count += _fuse_with_residual(ctx, norm, position)
+        elif norm.target in ACTIVATION_OF:
+            count += _fuse_activation(ctx, norm)
     return count

@@ -1,4 +1,4 @@
-"""rms_norm_fp8_linear and the fp8_norm_quant pass: the norm's kernel quantizing its rows for the FP8 GEMM.
+"""rms_norm_fp8_linear and the fp8_input_quant pass: the norm's kernel quantizing its rows for the FP8 GEMM.
 
 The kernel's codes and scales must be what `quantize_rows_fp8` makes of the norm's stored output (the same
 arithmetic), so everything after them is bit for bit the unfused path's. In the interpreter (CPU) the comparison is
@@ -16,6 +16,8 @@ import transformers as T
 import fastllm
 from fastllm import kernels
 from fastllm.kernels import triton_on_cpu
+from fastllm.kernels._act_and_mul import act_and_mul_fp8_rows
+from fastllm.kernels.fp8_input_linear import ACTIVATIONS
 from fastllm.kernels.rms_norm import rms_norm_fp8_rows
 from fastllm.quant import fp8
 
@@ -77,6 +79,35 @@ def test_norm_kernel_scales_and_residual_on_random_rows_cpu(dtype):
     assert close.float().mean() >= 0.95
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_activation_kernel_quantizes_rows_as_the_quantize_kernel_would_cpu(dtype, activation):
+    """Gates of 128, where each activation is the identity in fp32 (exp(-128) and 1 - erf(90) are 0), times ups of
+    e4m3 values (a row's largest 448 x 2^-12): the products and their quantized values are exact, so the codes are
+    compared bit for bit (the interpreter's e4m3 rounding aside, see the module docstring)."""
+    g = torch.Generator().manual_seed(6)
+    up = (torch.randn(13, 160, generator=g) * 100).clamp(-448, 448).to(FP8).float()
+    up[:, 0] = 448.0
+    x = torch.cat([torch.full((13, 160), 128.0), up * 2.0**-12], dim=1).to(dtype)
+    with triton_on_cpu():
+        codes, scales = act_and_mul_fp8_rows(x, activation)
+    ref_codes, ref_scales = fp8.quantize_rows(ACTIVATIONS[activation][1](x))
+    assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8))
+    assert torch.equal(scales, ref_scales)
+
+
+def test_activation_kernel_scales_on_random_rows_cpu():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(21, 2 * 300, generator=g).to(torch.float16)
+    with triton_on_cpu():
+        codes, scales = act_and_mul_fp8_rows(x, "silu")
+        stored = kernels.silu_and_mul(x)  # what the activation kernel stores (in fp32, rounded once to fp16)
+    ref_codes, ref_scales = fp8.quantize_rows(stored)
+    assert torch.equal(scales, ref_scales)  # the stored products' largest magnitude, divided once
+    close = (codes.float() - ref_codes.float()).abs() <= ref_codes.float().abs() * 2.0**-3 + 2.0**-9
+    assert close.float().mean() >= 0.95
+
+
 def test_launcher_runs_the_unfused_launchers_up_to_16_rows_and_on_the_cpu():
     """On CPU tensors (and up to 16 rows anywhere) the launcher is the two launchers in a row: the reference's bits."""
     g = torch.Generator().manual_seed(3)
@@ -88,6 +119,12 @@ def test_launcher_runs_the_unfused_launchers_up_to_16_rows_and_on_the_cpu():
     y, s = kernels.rms_norm_fp8_linear(x, w, 1e-6, qweight, scale, bias, residual=r)
     y_ref, s_ref = kernels.rms_norm_fp8_linear_ref(x, w, 1e-6, qweight, scale, bias, residual=r)
     assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+    gate_up = torch.randn(40, 2 * 64, generator=g)
+    for activation in ACTIVATIONS:
+        y = kernels.act_and_mul_fp8_linear(gate_up, qweight, scale, bias, activation=activation)
+        assert torch.equal(y, kernels.act_and_mul_fp8_linear_ref(gate_up, qweight, scale, bias, activation=activation))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        kernels.act_and_mul_fp8_linear(gate_up, qweight, scale, bias, activation="relu")
 
 
 def _llama():
@@ -97,19 +134,20 @@ def _llama():
     return T.AutoModelForCausalLM.from_config(config).eval()
 
 
-def test_pass_folds_each_norm_into_its_fp8_linear_cpu():
+def test_pass_folds_each_norm_and_activation_into_its_fp8_linear_cpu():
     """Opt-in: each layer's two norms (the first plain, the others after the residual add) read by the merged QKV
-    and gate-up FP8 linears become rms_norm_fp8_linear calls; the final norm (read by the float LM head) stays. The
-    logits are the default passes' (on the CPU both run the references)."""
+    and gate-up FP8 linears become rms_norm_fp8_linear calls and its SiLU * up (read by the down projection) an
+    act_and_mul_fp8_linear call; the final norm (read by the float LM head) stays. The logits are the default
+    passes' (on the CPU both run the references)."""
     ids = torch.tensor([[1, 7, 30, 2, 99, 5, 64, 3]])
     results = {}
-    for passes in (fastllm.DEFAULT_PASSES, (*fastllm.DEFAULT_PASSES, "fp8_norm_quant")):
+    for passes in (fastllm.DEFAULT_PASSES, (*fastllm.DEFAULT_PASSES, "fp8_input_quant")):
         model = fastllm.optimize(_llama(), quantization="fp8", passes=passes, max_num_seqs=2)
         with torch.no_grad():
             results[passes] = model(ids).logits
         report = fastllm.explain(model)
-        if "fp8_norm_quant" in passes:
-            assert report.matches["fp8_norm_quant"] == 2 * 3
+        if "fp8_input_quant" in passes:
+            assert report.matches["fp8_input_quant"] == 3 * 3
         del model
     first, second = results.values()
     assert torch.equal(first, second)
@@ -142,12 +180,25 @@ def test_launcher_equals_the_unfused_kernels_on_cuda(dtype, rows, residual):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("rows", [17, 300])
+def test_activation_launcher_equals_the_unfused_kernels_on_cuda(activation, rows):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability 8.9+")
+    torch.manual_seed(8)
+    gate_up = torch.randn(rows, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    qweight, scale = fp8.quantize_weight(torch.randn(4096, 14336, device="cuda") * 0.01)
+    got = kernels.act_and_mul_fp8_linear(gate_up, qweight, scale, activation=activation)
+    assert torch.equal(got, kernels.fp8_linear(ACTIVATIONS[activation][0](gate_up), qweight, scale))
+
+
+@pytest.mark.gpu
 def test_pass_on_cuda_gives_the_default_passes_tokens():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 GEMMs need compute capability 8.9+")
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()
     tokens, logits = [], []
-    for passes in (fastllm.DEFAULT_PASSES, (*fastllm.DEFAULT_PASSES, "fp8_norm_quant")):
+    for passes in (fastllm.DEFAULT_PASSES, (*fastllm.DEFAULT_PASSES, "fp8_input_quant")):
         model = fastllm.optimize(_llama().to("cuda", torch.bfloat16), quantization="fp8", passes=passes,
                                  max_num_seqs=4, num_kv_tokens=4096)  # fmt: skip
         with torch.no_grad():
