@@ -13,7 +13,8 @@
 # chain at 1 and 2 rows, and W1 without the 1-row decode graph and without decode_act_fusion beside the default and gpt-fast
 # (carry .anchors; ~7 min).
 # optin: the opt-in kernel paths written without a GPU (decode_attention_with_rotary, the int4 kernel summing its own
-# splits): their GPU tests, then W1 of both shapes and W1-quant (fp8, int4) with each on beside the default (~9 min);
+# splits): their GPU tests, then W1 of both shapes with the fused rotary and W1-int4 with the in-kernel sums, each
+# beside the default in the same call (~8 min);
 # flip their flags (paged_attention.FUSE_ROTARY_INTO_DECODE, quant_linear.REDUCE_SPLITS_IN_KERNEL) where they pass
 # and win; optin-w2: W2-fp8 with the opt-in fp8_input_quant pass beside the defaults, and its GPU tests (~5 min).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
@@ -69,8 +70,8 @@ for stage in $STAGES; do
                python3 benchmarks/bench_decode.py --models llama31_8b llama2_7b --providers fastllm \
                    fastllm_fused_decode_rotary --out "$OUT" > "$OUT/decode-optin.log" 2>&1 || rc=1
                grep -vE "capturing|warn" "$OUT/decode-optin.log" | tail -n 6
-               python3 benchmarks/bench_quant.py --schemes fp8 int4 --kernel-settings int4_reduce_in_kernel \
-                   fused_decode_rotary --out "$OUT" > "$OUT/quant-optin.log" 2>&1 || rc=1
+               python3 benchmarks/bench_quant.py --schemes int4 --kernel-settings int4_reduce_in_kernel \
+                   --out "$OUT" > "$OUT/quant-optin.log" 2>&1 || rc=1
                grep -E "tok/s" "$OUT/quant-optin.log" ;;
         optin-w2) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_fp8_input_linear.py \
                       > "$OUT/gpu-optin-w2-tests.log" 2>&1 || rc=1
