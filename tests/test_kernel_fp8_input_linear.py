@@ -134,7 +134,15 @@ def _llama():
     return T.AutoModelForCausalLM.from_config(config).eval()
 
 
-def test_pass_folds_each_norm_and_activation_into_its_fp8_linear_cpu():
+def _gemma():  # Gemma's norm: (1 + w) in fp32 after the normalisation; GELU-tanh gating
+    torch.manual_seed(0)
+    config = T.GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=16, vocab_size=128)
+    return T.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("build", [_llama, _gemma], ids=["llama", "gemma"])
+def test_pass_folds_each_norm_and_activation_into_its_fp8_linear_cpu(build):
     """Opt-in: each layer's two norms (the first plain, the others after the residual add) read by the merged QKV
     and gate-up FP8 linears become rms_norm_fp8_linear calls and its SiLU * up (read by the down projection) an
     act_and_mul_fp8_linear call; the final norm (read by the float LM head) stays. The logits are the default
@@ -142,7 +150,7 @@ def test_pass_folds_each_norm_and_activation_into_its_fp8_linear_cpu():
     ids = torch.tensor([[1, 7, 30, 2, 99, 5, 64, 3]])
     results = {}
     for passes in (fastllm.DEFAULT_PASSES, (*fastllm.DEFAULT_PASSES, "fp8_input_quant")):
-        model = fastllm.optimize(_llama(), quantization="fp8", passes=passes, max_num_seqs=2)
+        model = fastllm.optimize(build(), quantization="fp8", passes=passes, max_num_seqs=2)
         with torch.no_grad():
             results[passes] = model(ids).logits
         report = fastllm.explain(model)
