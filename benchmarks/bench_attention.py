@@ -3,7 +3,8 @@
 Llama-3.1-8B attention (32 query heads, 8 kv heads, head dim 128), block size 16, blocks at shuffled ids:
 - decode: batch 1/32/128 x context 1k/4k/32k, and W2's decode shapes (batch 256 at context 256, 512 at 192: short
   contexts, one program a (sequence, kv head)), one query token a sequence; `_merged` cases: the splits merged inside
-  the decode kernel (split_counters, what runtime steps do) instead of the combine kernel. GB/s = the K/V bytes
+  the decode kernel (split_counters, what runtime steps do) instead of the combine kernel; `_rotary` cases:
+  decode_attention_with_rotary beside the rotary-and-write kernel then the decode kernel. GB/s = the K/V bytes
   every sequence's context holds (read once) plus q and out, over the median time (`triton.testing.do_bench`, L2
   flushed), and
   the same inside a CUDA graph (`do_bench_cudagraph`), which removes the launch overhead that dominates at batch 1.
@@ -29,8 +30,8 @@ import torch
 from _common import copy_bandwidth_gb_s, missing_gpu, write_result
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastllm.kernels import paged_attention, paged_attention_ref
-from fastllm.kernels.paged_attention import default_num_splits
+from fastllm.kernels import paged_attention, paged_attention_ref, rotary_and_write_kv
+from fastllm.kernels.paged_attention import decode_attention_with_rotary, default_num_splits
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Correctness gate against the fp32 ref: tests/test_kernel_paged_attention.py says why.
@@ -102,6 +103,39 @@ def _decode(batch, ctx, dtype, bench, bench_graph, merged=False):
                "theirs": _time_baseline(f"decode b{batch} ctx{ctx}", theirs, bench, bench_graph)}  # fmt: skip
     splits = default_num_splits(batch, HKV, block_tables.shape[1] * BLOCK_SIZE, q.device)
     return nbytes, timings, {"num_splits": splits}
+
+
+def _decode_rotary(batch, ctx, dtype, bench, bench_graph):
+    """A decode step's rotary + KV write + attention: decode_attention_with_rotary (one launch) against the kernels it
+    replaces (rotary_and_write_kv, then paged_attention), both merging their splits in the kernel, in CUDA graphs.
+    Recorded as the fused entry with the unfused one's time beside it (ms_cudagraph_unfused); no SDPA baseline."""
+    k_cache, v_cache, block_tables, _, _ = _paged_cache(batch, ctx, dtype)
+    q = torch.randn(batch, HQ, HEAD_DIM, device="cuda", dtype=dtype)
+    k_new, v_new = (torch.randn(batch, HKV, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(2))
+    angles = torch.randn(batch, HEAD_DIM // 2, device="cuda")
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    rows = torch.arange(batch, device="cuda")
+    slots = block_tables[rows, (ctx - 1) // BLOCK_SIZE].long() * BLOCK_SIZE + (ctx - 1) % BLOCK_SIZE
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    counters = [torch.zeros(batch * HKV, dtype=torch.int32, device="cuda") for _ in range(2)]
+    outs = [torch.empty_like(q) for _ in range(2)]
+    fused = functools.partial(decode_attention_with_rotary, q, k_new, v_new, cos, sin, k_cache, v_cache, slots,
+                              block_tables, seq_lens, cu, scale=SCALE, out=outs[0], split_counters=counters[0])
+
+    def unfused():
+        q_rot = rotary_and_write_kv(q, k_new, v_new, cos, sin, k_cache, v_cache, slots)
+        return paged_attention(q_rot, k_cache, v_cache, block_tables, seq_lens, cu, 1, scale=SCALE, out=outs[1],
+                               split_counters=counters[1])
+
+    tol = TOLERANCES[dtype]
+    try:
+        torch.testing.assert_close(fused().float(), unfused().float(), rtol=tol, atol=tol)
+    except AssertionError as err:
+        sys.exit(f"decode b{batch} ctx{ctx} rotary: fused output differs from the unfused kernels', not timing:\n{err}")
+    nbytes = 2 * batch * ctx * HKV * HEAD_DIM * k_cache.element_size() + 2 * q.numel() * q.element_size()
+    timings = {"ours": (bench(fused), bench_graph(fused)), "theirs": None}
+    return nbytes, timings, {"ms_cudagraph_unfused": bench_graph(unfused)}
 
 
 def _prefill(seq, dtype, bench, bench_graph):
@@ -198,6 +232,8 @@ def main() -> int:
     cases = [(f"decode_b{b}_ctx{c}", functools.partial(_decode, b, c)) for b in batches for c in contexts]
     cases += [(f"decode_b1_ctx{c}_merged", functools.partial(_decode, 1, c, merged=True)) for c in contexts]
     cases += [(f"decode_b{b}_ctx{c}", functools.partial(_decode, b, c)) for b, c in THROUGHPUT_DECODE]
+    cases += [(f"decode_b{b}_ctx{c}_rotary", functools.partial(_decode_rotary, b, c))
+              for b, c in [(1, 1024), *THROUGHPUT_DECODE]]
     cases.append(("prefill_2048", functools.partial(_prefill, 2048)))
     for key, case in cases:
         nbytes, timings, extra = case(dtype, bench, bench_graph)

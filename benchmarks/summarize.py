@@ -154,6 +154,10 @@ def _w5_attention(result: dict) -> list[str]:
              "contiguous copy of the cache.", "", "| case | fastllm | SDPA | fastllm / SDPA |", "|---|---|---|---|"]
     for key, ours in result["fastllm"].items():
         unit, field = ("TFLOP/s", "tflop_s") if "tflop_s" in ours else ("GB/s", "gb_s_cudagraph")
+        if "ms_cudagraph_unfused" in ours:  # a fused decode step beside its unfused kernels (no SDPA baseline)
+            lines.append(f"| {key} | {ours[field]:.0f} {unit}, {1e3 * ours['ms_cudagraph']:.1f} us | unfused kernels: "
+                         f"{1e3 * ours['ms_cudagraph_unfused']:.1f} us | – |")
+            continue
         if ref.get(key) is None:  # no fused SDPA backend took the shape
             lines.append(f"| {key} | {ours[field]:.0f} {unit} | – | – |")
             continue

@@ -73,8 +73,9 @@ def test_host_step_benchmark_runs_on_the_cpu(tmp_path):
 
 
 def test_attention_summary_renders_a_missing_baseline_and_the_decode_sweep():
-    """A W5-attention file whose case no fused SDPA backend took, and one with --sweep's table: the default
-    setting's time beside the fastest (the numbers here are made up for the renderer, not measured)."""
+    """A W5-attention file with a case no fused SDPA backend took, a fused decode step beside its unfused kernels,
+    and --sweep's table: the default setting's time beside the fastest (the numbers here are made up for the
+    renderer, not measured)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import summarize
@@ -83,10 +84,13 @@ def test_attention_summary_renders_a_missing_baseline_and_the_decode_sweep():
     timings = [{"BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "ms_cudagraph": 0.010},
                {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "ms_cudagraph": 0.012},
                {"BLOCK_N": 128, "num_warps": 2, "num_stages": 3, "error": "out of resources"}]
-    result = {"fastllm": {"decode_b512_ctx192": {"gb_s_cudagraph": 2000.0}},
+    result = {"fastllm": {"decode_b512_ctx192": {"gb_s_cudagraph": 2000.0},
+                          "decode_b1_ctx1024_rotary": {"gb_s_cudagraph": 1000.0, "ms_cudagraph": 0.0042,
+                                                       "ms_cudagraph_unfused": 0.0063}},
               "baselines": {"torch_ref": {"decode_b512_ctx192": None}, "copy": {"gb_s": 4000.0},
                             "decode_sweep": {"decode_b512_ctx192": {
                                 "default": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, "timings": timings}}}}
     lines = summarize._w5_attention(result)
     assert "| decode_b512_ctx192 | 2000 GB/s | – | – |" in lines
     assert "| decode_b512_ctx192 | 64 / 4 / 2 | 12.0 | 32 / 4 / 2 | 10.0 |" in lines
+    assert "| decode_b1_ctx1024_rotary | 1000 GB/s, 4.2 us | unfused kernels: 6.3 us | – |" in lines
