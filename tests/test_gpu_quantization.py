@@ -116,6 +116,25 @@ def test_int4_decode_kernel_with_split_k_replays_in_a_cuda_graph():
         assert torch.equal(y, kernels.int4_linear(x, packed, scales))  # deterministic: same splits, same order
 
 
+@pytest.mark.skipif(not _has_fp8(), reason="needs the float8 type in Triton (compute capability 8.9+)")
+@pytest.mark.parametrize("rows", [17, 300, 2048])
+@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 14336)])
+def test_block_scaled_fp8_gemm_past_16_rows_on_cuda(shape, rows, monkeypatch):
+    """BLOCK_FP8_GEMM: the tiles dequantized in the K loop into bf16, as the weight cuBLAS read before: the same
+    products, summed in another order (SQNR against the reference's fp32 math as the int4 GEMM's test argues)."""
+    from fastllm.kernels import quant_linear
+
+    n, k = shape
+    torch.manual_seed(10)
+    q, scale_inv = fp8.quantize_blocks(torch.randn(n, k, device="cuda") * k**-0.5)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(quant_linear, "BLOCK_FP8_GEMM", True)
+    got = kernels.fp8_linear(x, q, scale_inv, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert _sqnr(kernels.fp8_linear_ref(x, q, scale_inv, b), got) >= 40.0
+
+
 @pytest.mark.parametrize("rows", [1, 2, 8])
 @pytest.mark.parametrize("shape", [(4096, 4096), (6144, 4096), (4096, 14336), (300, 1024)])
 def test_int4_decode_kernel_summing_its_own_splits_on_cuda(shape, rows, monkeypatch):

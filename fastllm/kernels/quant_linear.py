@@ -108,12 +108,16 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
     """`fp8_linear_ref`'s math; on CUDA the skinny GEMM reading FP8 weights (few rows), else an FP8 tensor-core GEMM.
     A 2-D `weight_scale` is a block-scaled checkpoint's (`fp8_block_linear_ref`, weight-only at every size): up to 16
     rows the skinny GEMM reads the weights with their block scales; more rows on CUDA dequantize the weight into x's
-    dtype on every call for cuBLAS (load_prequantized warns)."""
+    dtype on every call for cuBLAS (load_prequantized warns), or with BLOCK_FP8_GEMM (opt-in) a GEMM dequantizes its
+    tiles in its K loop."""
     n, k = qweight.shape
     rows = x.reshape(-1, k)
     if weight_scale.dim() == 2:
-        if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS and _block_gemv_fits(qweight, weight_scale):
-            return _weight_gemv(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
+        if use_triton(x) and 0 < rows.shape[0] and _block_gemv_fits(qweight, weight_scale):
+            if rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
+                return _weight_gemv(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
+            if BLOCK_FP8_GEMM:
+                return _fp8_block_gemm(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
         if not x.is_cuda:
             return fp8_block_linear_ref(x, qweight, weight_scale, bias)
         return F.linear(x, fp8_format.dequantize_blocks(qweight, weight_scale, x.dtype), bias)
@@ -354,6 +358,21 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
 
 
 @triton.jit
+def _gemm_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile (rows m [BLOCK_M], columns n [BLOCK_N]) of a grid of cdiv(M, BLOCK_M) x
+    cdiv(N, BLOCK_N) programs: GROUP_M row blocks take their turns on the same column blocks of W (L2 reuse)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _int4_gemm_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
     W, S, Z, B,  # as in _int4_gemv_kernel
@@ -371,16 +390,7 @@ def _int4_gemm_kernel(
 ):  # fmt: skip
     """Program (m block, n block) of y = x @ W^T + bias with W's [BLOCK_N, BLOCK_K] tiles dequantized in the K loop:
     (nibble - zero) * scale rounded to x's dtype, the weight cuBLAS read before (dequantize_int4(..., x.dtype))."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m, n = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     n_load = tl.minimum(n, N - 1).to(tl.int64)  # rows past M and N clamped on load, masked on store
     x_ptrs = X + tl.minimum(m, M - 1).to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, BLOCK_K // 2)[None, :]
@@ -425,6 +435,72 @@ def _int4_gemm(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             rows, packed, scales, z, bias if bias is not None else out, out, m, n, k,
             rows.stride(0), packed.stride(0), scales.stride(0), z.stride(0), out.stride(0),
             GROUP=k // scales.shape[1], HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None,
+            DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32", **cfg,
+        )  # fmt: skip
+    return out
+
+
+# Block-scaled FP8 weights past 16 rows (prefill): `_fp8_block_gemm_kernel` widens W's tiles and applies their
+# block's scale in its K loop, where fp8_linear otherwise dequantizes the whole weight into x's dtype on each call for
+# cuBLAS. Off until measured on a GPU (written and checked in the interpreter only, 2026-11-30): bench_quant_gemv's
+# prefill rows time both.
+BLOCK_FP8_GEMM = False
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(
+    X,  # [M, K], row stride stride_xm, unit column stride
+    W,  # [N, K] float8 e4m3, row stride stride_wn, unit column stride
+    S,  # [N / SCALE_ROWS, K / SCALE_COLS] fp32 block multipliers, row stride stride_sn, unit column stride
+    B,  # [N] bias (read only with HAS_BIAS)
+    Y,  # [M, N], row stride stride_ym
+    M, N, K,
+    stride_xm, stride_wn, stride_sn, stride_ym,
+    SCALE_ROWS: tl.constexpr,  # the block's rows of W
+    SCALE_COLS: tl.constexpr,  # the block's columns of W (BLOCK_K divides them: a K step lies in one block column)
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Program (tile) of y = x @ W^T + bias with W's [BLOCK_N, BLOCK_K] tiles dequantized in the K loop: code x its
+    block's multiplier in fp32, rounded to x's dtype, the weight cuBLAS read before (dequantize_blocks(..., x.dtype)).
+    The blocks tile W (the launcher checks), so K is a multiple of BLOCK_K: no K masks."""
+    m, n = _gemm_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    n_load = tl.minimum(n, N - 1).to(tl.int64)  # rows past M and N clamped on load, masked on store
+    x_ptrs = X + tl.minimum(m, M - 1).to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+    s_ptrs = S + (n_load // SCALE_ROWS) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        scale = tl.load(s_ptrs + k0 // SCALE_COLS)
+        w = (tl.load(w_ptrs + k0).to(tl.float32) * scale[:, None]).to(X.dtype.element_ty)
+        acc = tl.dot(tl.load(x_ptrs + k0), tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (m < M)[:, None] & (n < N)[None, :]
+    tl.store(Y + m.to(tl.int64)[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def _fp8_block_gemm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """rows [M, K] @ (qweight [N, K] x its block multipliers scale [N / bn, K / bk])^T + bias, M > 16; the blocks
+    tile the weight and span a multiple of 16 columns (`_block_gemv_fits`). Tiles as the int4 GEMM's."""
+    m, k = rows.shape
+    n = qweight.shape[0]
+    scale_rows, scale_cols = n // scale.shape[0], k // scale.shape[1]
+    cfg = dict(_int4_gemm_config(m, n, 128, rows.device))
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], scale_cols & -scale_cols)  # a power of two dividing the block's columns
+    out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
+    rows, scale = rows.contiguous(), scale.contiguous()
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    with device_guard(rows):
+        _fp8_block_gemm_kernel[grid](
+            rows, qweight, scale, bias if bias is not None else out, out, m, n, k,
+            rows.stride(0), qweight.stride(0), scale.stride(0), out.stride(0),
+            SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, HAS_BIAS=bias is not None,
             DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32", **cfg,
         )  # fmt: skip
     return out
