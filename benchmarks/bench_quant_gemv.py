@@ -10,8 +10,11 @@ block sizes, warps and K splits. Baselines: cuBLAS bf16 and, where this torch ha
 (`aten._weight_int4pack_mm`, torch's own int4 kernel) on the same int4 codes. The down projection at 1 row is also timed
 as decode runs it with the decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul
 and then the linear, per scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
+With --prefill, the same shapes at 128 and 2048 rows for block-scaled FP8 weights: the default (the whole weight
+dequantized into bf16 on each call, then cuBLAS) beside quant_linear.BLOCK_FP8_GEMM (the tiles dequantized in the
+GEMM's K loop) and cuBLAS bf16 (keys *_fp8_block128_dequant, *_fp8_block128_gemm, *_cublas_bf16; tflop_s added).
 
-    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--prefill] [--out DIR]
 
 Writes DIR/W5-quant-gemv-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 """
@@ -79,6 +82,42 @@ def _schemes(weight: torch.Tensor) -> dict:
 
 
 BASELINES = ("cublas_bf16", "tinygemm_int4")
+PREFILL_ROWS = [128, 2048]
+
+
+def _prefill_cases(bench) -> dict:
+    """Block-scaled FP8 weights past 16 rows: the default path against BLOCK_FP8_GEMM, cuBLAS bf16 beside."""
+    linear = torch.nn.functional.linear
+    results = {}
+    for (name, n, k), m in itertools.product(SHAPES, PREFILL_ROWS):
+        weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        blocks = fp8.quantize_blocks(weight)
+        reference = quant_linear.fp8_linear_ref(x, *blocks)
+
+        def block_fp8(x, q, s, in_kernel):
+            saved, quant_linear.BLOCK_FP8_GEMM = quant_linear.BLOCK_FP8_GEMM, in_kernel
+            try:
+                return quant_linear.fp8_linear(x, q, s)
+            finally:
+                quant_linear.BLOCK_FP8_GEMM = saved
+
+        variants = {"fp8_block128_dequant": (blocks, functools.partial(block_fp8, in_kernel=False)),
+                    "fp8_block128_gemm": (blocks, functools.partial(block_fp8, in_kernel=True)),
+                    "cublas_bf16": ((weight,), linear)}  # fmt: skip
+        for variant, (tensors, launch) in variants.items():
+            key = f"{name}_{n}x{k}_m{m}_{variant}"
+            sqnr = _sqnr(reference, launch(x, *tensors))
+            if not sqnr >= MIN_SQNR_DB:
+                sys.exit(f"{key}: SQNR {sqnr:.1f} dB against its reference (< {MIN_SQNR_DB}); not timing it")
+            copies = itertools.cycle(_copies(tensors))
+            ms = bench(lambda launch=launch, copies=copies: launch(x, *next(copies)))
+            nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (n + k)
+            results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr,
+                            "tflop_s": 2 * m * n * k / (ms * 1e-3) / 1e12}
+        del weight, blocks
+        torch.cuda.empty_cache()
+    return results
 
 
 def _sweep_skinny(x, tensors, bench) -> list[dict]:
@@ -201,6 +240,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--prefill", action="store_true", help="also block-scaled FP8 at 128 and 2048 rows")
     args = parser.parse_args()
     if missing_gpu(__file__):
         return 2
@@ -228,6 +268,8 @@ def main() -> int:
         del weight
         torch.cuda.empty_cache()
     results.update(_act_fusion_cases(bench))
+    if args.prefill:
+        results.update(_prefill_cases(bench))
     copy_gb_s = copy_bandwidth_gb_s(functools.partial(triton.testing.do_bench, return_mode="median"))
     gpu = torch.cuda.get_device_name()
     config = {"shapes": {name: [n, k] for name, n, k in SHAPES}, "rows": ROWS, "int4_group": 128,
