@@ -15,6 +15,7 @@ import torch
 from fastllm.kernels._registry import (
     check_float,
     device_guard,
+    fp8_row_codes,
     next_power_of_2,
     out_or_new,
     pdl_options,
@@ -60,7 +61,7 @@ def _act_and_mul_fp8_kernel(
     USE_PDL: tl.constexpr = False,
 ):
     """Program (row): act(gate) * up rounded to x's dtype (what `_act_and_mul_kernel` stores), then quantized per
-    row with quant_linear._quantize_rows_fp8_kernel's arithmetic, operation for operation (the same codes, scale)."""
+    row as `quantize_rows_fp8` quantizes it (`fp8_row_codes`: the same codes and scale)."""
     pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
@@ -68,9 +69,7 @@ def _act_and_mul_fp8_kernel(
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(X + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
     y = (gated_activation(g, ACTIVATION) * u).to(X.dtype.element_ty).to(tl.float32)
-    amax = tl.max(tl.abs(y), axis=0)
-    scale = tl.where(amax > 0, tl.fdiv(amax, 448.0, ieee_rounding=True), 1.0)
-    q = tl.minimum(tl.maximum(tl.fdiv(y, scale, ieee_rounding=True), -448.0), 448.0)
+    q, scale = fp8_row_codes(y)
     tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=mask)
     tl.store(QS + row, scale)
 

@@ -357,3 +357,14 @@ def load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mas
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(S + row * stride_s + cols, x, mask=mask)
     return x
+
+
+@triton.jit
+def fp8_row_codes(y, FP8_MAX: tl.constexpr = 448.0):
+    """A row y (fp32, padding lanes 0) quantized to e4m3 per row: (codes in fp32, to be stored as float8, and the
+    scale mapping its largest magnitude to FP8_MAX; 1 for an all-zero row), with IEEE divisions as `fp8.quantize_rows`
+    divides. The one definition of the per-token activation quantization that `quantize_rows_fp8` and the kernels
+    quantizing their own output for an FP8 GEMM (rms_norm_fp8_rows, act_and_mul_fp8_rows) share: the same codes."""
+    amax = tl.max(tl.abs(y), axis=0)
+    scale = tl.where(amax > 0, tl.fdiv(amax, FP8_MAX, ieee_rounding=True), 1.0)
+    return tl.minimum(tl.maximum(tl.fdiv(y, scale, ieee_rounding=True), -FP8_MAX), FP8_MAX), scale

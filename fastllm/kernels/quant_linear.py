@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from fastllm.kernels import skinny_gemm
 from fastllm.kernels._registry import (
     device_guard,
+    fp8_row_codes,
     pdl_options,
     pdl_wait,
     row_launch_settings,
@@ -48,10 +49,7 @@ def _quantize_rows_fp8_kernel(X, Q, S, stride_x, stride_q, K, FP8_MAX: tl.conste
     offsets = tl.arange(0, BLOCK)
     mask = offsets < K
     x = tl.load(X + row.to(tl.int64) * stride_x + offsets, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.where(amax > 0, tl.fdiv(amax, FP8_MAX, ieee_rounding=True), 1.0)
-    q = tl.fdiv(x, scale, ieee_rounding=True)
-    q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
+    q, scale = fp8_row_codes(x, FP8_MAX)
     tl.store(Q + row.to(tl.int64) * stride_q + offsets, q.to(Q.dtype.element_ty), mask=mask)
     tl.store(S + row, scale)
 

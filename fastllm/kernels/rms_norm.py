@@ -14,6 +14,7 @@ from fastllm.kernels._registry import (
     check_float,
     check_row_param,
     device_guard,
+    fp8_row_codes,
     load_row_plus_residual,
     norm_outputs,
     pdl_options,
@@ -68,10 +69,7 @@ def _rms_norm_kernel(
     if QUANT_FP8:
         if ROUND_TO_X:  # what the unfused norm stores, and the quantize kernel reads
             y = y.to(X.dtype.element_ty).to(tl.float32)
-        # quant_linear._quantize_rows_fp8_kernel's arithmetic, operation for operation: the same codes and scale
-        amax = tl.max(tl.abs(y), axis=0)
-        scale = tl.where(amax > 0, tl.fdiv(amax, 448.0, ieee_rounding=True), 1.0)
-        q = tl.minimum(tl.maximum(tl.fdiv(y, scale, ieee_rounding=True), -448.0), 448.0)
+        q, scale = fp8_row_codes(y)  # quantize_rows_fp8's arithmetic: the same codes and scale
         tl.store(Y + row * stride_y + cols, q.to(Y.dtype.element_ty), mask=mask)
         tl.store(QS + row, scale)
     else:
