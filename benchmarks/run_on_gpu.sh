@@ -12,6 +12,9 @@
 # rows: what a batch-1 decode step runs (1 row; 2 before the 1-row graph): W5-gemv at 1 and 2 rows, the fused
 # chain at 1 and 2 rows, and W1 without the 1-row decode graph and without decode_act_fusion beside the default and gpt-fast
 # (carry .anchors; ~7 min).
+# defaults: the GPU tests of the kernels whose signatures changed after the last GPU run of 2026-11-30 (decode
+# attention, RMSNorm, activations, split-K reduce, the quantize kernel, int4) and the runtime's parity with CUDA graphs
+# (the slowest parity tests left out), ~6 min: the first call of the next session.
 # optin: the opt-in kernel paths written without a GPU (decode_attention_with_rotary, the int4 kernel summing its own
 # splits): their GPU tests, then W1 of both shapes with the fused rotary and W1-int4 with the in-kernel sums, each
 # beside the default in the same call (~8 min);
@@ -63,6 +66,12 @@ for stage in $STAGES; do
               python3 benchmarks/bench_decode.py --models llama31_8b --providers fastllm fastllm_two_row \
                   fastllm_no_act_fusion gptfast --out "$OUT" > "$OUT/decode-rows.log" 2>&1 || rc=1
               grep -vE "capturing|warn" "$OUT/decode-rows.log" | tail -n 6 ;;
+        defaults) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_paged_attention.py \
+                      tests/test_kernel_rms_norm.py tests/test_kernel_act_and_mul.py tests/test_kernel_skinny_gemm.py \
+                      tests/test_gpu_quantization.py tests/test_gpu_pdl.py tests/test_gpu_parity.py \
+                      -k "not fp32_greedy and not teacher_forced and not as_close" \
+                      > "$OUT/gpu-defaults-tests.log" 2>&1 || rc=1
+                  grep -E "passed|failed|^FAILED" "$OUT/gpu-defaults-tests.log" | tail -n 15 ;;
         optin) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_decode_rotary.py \
                    tests/test_gpu_quantization.py -k "rotary or fusion or summing_its_own or splits_summed" \
                    > "$OUT/gpu-optin-tests.log" 2>&1 || rc=1
