@@ -14,7 +14,7 @@
 # (carry .anchors; ~7 min).
 # defaults: the GPU tests of the kernels whose signatures changed after the last GPU run of 2026-11-30 (decode
 # attention, RMSNorm, activations, split-K reduce, the quantize kernel, int4) and the runtime's parity with CUDA graphs
-# (the slowest parity tests left out), ~6 min: the first call of the next session.
+# (the slowest parity tests left out), ~8 min (estimated): the first call of the next session.
 # optin: the opt-in kernel paths written without a GPU (decode_attention_with_rotary, the int4 kernel summing its own
 # splits): their GPU tests, then W1 of both shapes with the fused rotary and W1-int4 with the in-kernel sums, each
 # beside the default in the same call (~8 min);
