@@ -163,14 +163,16 @@ def test_pass_folds_each_norm_and_activation_into_its_fp8_linear_cpu(build):
 
 # --- GPU -----------------------------------------------------------------------------------------------------------
 
+NEEDS_FP8 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                               reason="FP8 GEMMs need compute capability 8.9+")
+
 
 @pytest.mark.gpu
+@NEEDS_FP8
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [17, 300])
 @pytest.mark.parametrize("residual", [False, True])
 def test_launcher_equals_the_unfused_kernels_on_cuda(dtype, rows, residual):
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 GEMMs need compute capability 8.9+")
     torch.manual_seed(4)
     x = torch.randn(rows, 4096, device="cuda", dtype=dtype)
     r = torch.randn_like(x) if residual else None
@@ -188,11 +190,10 @@ def test_launcher_equals_the_unfused_kernels_on_cuda(dtype, rows, residual):
 
 
 @pytest.mark.gpu
+@NEEDS_FP8
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("rows", [17, 300])
 def test_activation_launcher_equals_the_unfused_kernels_on_cuda(activation, rows):
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 GEMMs need compute capability 8.9+")
     torch.manual_seed(8)
     gate_up = torch.randn(rows, 2 * 14336, device="cuda", dtype=torch.bfloat16)
     qweight, scale = fp8.quantize_weight(torch.randn(4096, 14336, device="cuda") * 0.01)
@@ -201,9 +202,8 @@ def test_activation_launcher_equals_the_unfused_kernels_on_cuda(activation, rows
 
 
 @pytest.mark.gpu
+@NEEDS_FP8
 def test_pass_on_cuda_gives_the_default_passes_tokens():
-    if torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("FP8 GEMMs need compute capability 8.9+")
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5)).cuda()
     tokens, logits = [], []
     for passes in (fastllm.DEFAULT_PASSES, (*fastllm.DEFAULT_PASSES, "fp8_input_quant")):
