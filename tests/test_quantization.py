@@ -462,6 +462,8 @@ def test_int4_decode_kernel_summing_its_own_splits_gives_the_reduce_kernels_resu
         assert len(launched) == 1  # not again
     assert torch.equal(got, expected)
     assert torch.count_nonzero(counters) == 0
+    with pytest.raises(ValueError, match="split_counters must be int32"):
+        kernels.int4_linear(x, packed, scales, b, zeros, split_counters=torch.zeros(4))
 
 
 class _RecordingLauncher:

@@ -20,7 +20,13 @@ import torch
 from fastllm.kernels._act_and_mul import act_and_mul_fp8_rows, act_and_mul_out
 from fastllm.kernels._registry import check_float, check_row_param, rows_view, use_triton
 from fastllm.kernels.gelu_and_mul import gelu_and_mul, gelu_and_mul_ref
-from fastllm.kernels.quant_linear import FP8_WEIGHT_ONLY_MAX_ROWS, fp8_linear, fp8_linear_ref
+from fastllm.kernels.quant_linear import (
+    FP8_WEIGHT_ONLY_MAX_ROWS,
+    fp8_gemm,
+    fp8_gemm_fits,
+    fp8_linear,
+    fp8_linear_ref,
+)
 from fastllm.kernels.rms_norm import (
     _out_dtype,
     fused_add_rms_norm,
@@ -54,9 +60,8 @@ def rms_norm_fp8_linear_ref(x: torch.Tensor, norm_weight: torch.Tensor, eps: flo
 def _fusable(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor, k: int) -> bool:
     """Whether fp8_linear would quantize the producer's output ([..., k], made from x) for the FP8 GEMM."""
     rows = x.numel() // max(x.shape[-1], 1)
-    n = qweight.shape[0]
-    return (x.is_cuda and use_triton(x) and rows > FP8_WEIGHT_ONLY_MAX_ROWS and weight_scale.dim() == 1
-            and not k % 16 and not n % 16 and qweight.shape[1] == k)  # fmt: skip
+    return (use_triton(x) and rows > FP8_WEIGHT_ONLY_MAX_ROWS and qweight.shape[1] == k
+            and fp8_gemm_fits(x, qweight, weight_scale))  # fmt: skip
 
 
 def rms_norm_fp8_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qweight: torch.Tensor,
@@ -86,9 +91,8 @@ def rms_norm_fp8_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     codes, scales, summed = rms_norm_fp8_rows(rows_view("x", x).contiguous(), norm_weight, eps,
                                               residual=None if residual is None else
                                               rows_view("residual", residual).contiguous(), **norm)  # fmt: skip
-    # fp8_linear's GEMM call on what its quantize kernel would have made of the norm's output
-    y = torch._scaled_mm(codes, qweight.t(), scale_a=scales, scale_b=weight_scale[None, :], bias=bias,
-                         out_dtype=_out_dtype(x, norm_weight, cast_before_weight))  # fmt: skip
+    # fp8_linear's GEMM on what its quantize kernel would have made of the norm's output
+    y = fp8_gemm(codes, scales, qweight, weight_scale, bias, _out_dtype(x, norm_weight, cast_before_weight))
     y = y.reshape(*x.shape[:-1], qweight.shape[0])
     return y if residual is None else (y, summed.reshape(*x.shape[:-1], k))
 
@@ -113,9 +117,8 @@ def act_and_mul_fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale:
         return fp8_linear(ACTIVATIONS[activation][0](x), qweight, weight_scale, bias)
     act_and_mul_out(x, None, allocate=False)  # the activation's checks
     codes, scales = act_and_mul_fp8_rows(rows_view("x", x).contiguous(), activation)
-    # fp8_linear's GEMM call on what its quantize kernel would have made of the activation's output
-    y = torch._scaled_mm(codes, qweight.t(), scale_a=scales, scale_b=weight_scale[None, :], bias=bias,
-                         out_dtype=x.dtype)  # fmt: skip
+    # fp8_linear's GEMM on what its quantize kernel would have made of the activation's output
+    y = fp8_gemm(codes, scales, qweight, weight_scale, bias, x.dtype)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 

@@ -606,8 +606,9 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype, group: int) -> dict:
 def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out,
             max_seqlen_q, scale, causal, sliding_window, softcap, num_splits, v_scale=1.0,
             split_counters=None, rotary=None):  # fmt: skip
-    """rotary (decode only): (k, v, cos, sin, slot_mapping, interleaved, k_scale, v_scale) of
-    `decode_attention_with_rotary`, q then being the queries before rotary."""
+    """rotary (decode only): (k, v, cos, sin, slot_mapping, interleaved, k_scale) of `decode_attention_with_rotary`,
+    q then being the queries before rotary (the new V is stored divided by v_scale, the multiplier attention
+    applies)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -649,10 +650,10 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             new_kv = (q, q, q, q, seq_lens)  # never read without ROTARY
             new_strides, rot_half, interleaved, inv_scales = (0, 0, 0, 0, 0), 0, False, (1.0, 1.0)
         else:
-            k_new, v_new, cos, sin, slots, interleaved, k_scale, new_v_scale = rotary
+            k_new, v_new, cos, sin, slots, interleaved, k_scale = rotary
             new_kv = (k_new, v_new, cos, sin, slots)
             new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0))
-            rot_half, inv_scales = cos.shape[1] // 2, (1.0 / k_scale, 1.0 / new_v_scale)
+            rot_half, inv_scales = cos.shape[1] // 2, (1.0 / k_scale, 1.0 / v_scale)
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, slopes, out, part_acc, part_m, part_l,
             split_counters if combine else seq_lens, *new_kv,
@@ -881,7 +882,7 @@ def _decode_attention_with_rotary_op(
     if use_triton(q):
         _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slopes, out, 1, scale, True,
                 sliding_window, softcap, num_splits, v_scale, split_counters,
-                rotary=(k, v, cos, sin, slot_mapping, interleaved, k_scale, v_scale))  # fmt: skip
+                rotary=(k, v, cos, sin, slot_mapping, interleaved, k_scale))  # fmt: skip
     else:
         out.copy_(decode_attention_with_rotary_ref(
             q, k, v, cos, sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens, cu_seqlens_q, scale=scale,

@@ -121,12 +121,24 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
         return F.linear(x, fp8_format.dequantize_blocks(qweight, weight_scale, x.dtype), bias)
     if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
         return _weight_gemv(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
-    if not x.is_cuda or k % 16 or n % 16:
+    if not fp8_gemm_fits(x, qweight, weight_scale):
         return fp8_linear_ref(x, qweight, weight_scale, bias)
-    xq, x_scale = quantize_rows_fp8(rows)
-    y = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=weight_scale[None, :], bias=bias,
-                         out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return fp8_gemm(*quantize_rows_fp8(rows), qweight, weight_scale, bias, x.dtype).reshape(*x.shape[:-1], n)
+
+
+def fp8_gemm_fits(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
+    """Whether `fp8_gemm` takes x's rows against this weight: CUDA, one scale per output channel, K and N multiples of
+    16 (what fp8_linear checks past the decode GEMV; also the kernels/fp8_input_linear.py launchers')."""
+    n, k = qweight.shape
+    return x.is_cuda and weight_scale.dim() == 1 and not k % 16 and not n % 16
+
+
+def fp8_gemm(codes: torch.Tensor, row_scales: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows quantized per row (e4m3 codes [M, K], scales [M, 1]) times the FP8 weight on FP8 tensor cores (cuBLAS's
+    `torch._scaled_mm`: the fp32 accumulator times row_scale[m] * weight_scale[n], plus the bias) -> [M, N]."""
+    return torch._scaled_mm(codes, qweight.t(), scale_a=row_scales, scale_b=weight_scale[None, :], bias=bias,
+                            out_dtype=out_dtype)
 
 
 def _block_gemv_fits(qweight: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -524,6 +536,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
     k = packed.shape[1] * 2
     rows = x.reshape(-1, k)
     group = k // scales.shape[1] if scales.shape[1] else 0
+    if split_counters is not None and (split_counters.dtype != torch.int32 or split_counters.device != x.device):
+        raise ValueError(f"split_counters must be int32 on x's device {x.device}, got {split_counters.dtype} on "
+                         f"{split_counters.device}")
     if use_triton(x) and rows.shape[0] > 0 and n > 0 and group >= 32 and group & (group - 1) == 0:
         if rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
             return _int4_gemv(rows, packed, scales, bias, zeros, split_counters=split_counters).reshape(
