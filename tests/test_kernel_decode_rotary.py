@@ -158,6 +158,8 @@ def test_bad_inputs():
         _fused({**step, "cos": step["cos"][:, :3], "sin": step["sin"][:, :3]}, caches, scale=0.2)
     with pytest.raises(ValueError, match="slot_mapping must have shape"):
         _fused({**step, "slot_mapping": step["slot_mapping"][:1]}, caches, scale=0.2)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        _fused(step, caches, scale=float("nan"))
     with pytest.raises(ValueError, match="split_counters has 1 entries"):
         _fused(step, caches, scale=0.2, split_counters=torch.zeros(1, dtype=torch.int32))
 

@@ -88,6 +88,11 @@ def test_bad_inputs():
         layer_norm(x, weight, bias, EPS, out=torch.empty(3, 9, dtype=torch.float16))
     with pytest.raises(ValueError, match="residual_out has shape"):
         fused_add_layer_norm(x, residual, weight, bias, EPS, residual_out=torch.empty(8, dtype=torch.float16))
+    for eps in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+            layer_norm(x, weight, bias, eps)
+        with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+            fused_add_layer_norm(x, residual, weight, bias, eps)
 
 
 # --- GPU: bf16/fp16 at decode and prefill shapes ---------------------------------------------------------------

@@ -276,6 +276,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="head_dim must be in"):
         big = torch.empty(1, 1, 512)
         paged_attention(big, big.view(1, 1, 1, 512), big.view(1, 1, 1, 512), *meta, scale=1.0)
+    for scale in (float("nan"), float("inf"), 0.0, -0.5):
+        with pytest.raises(ValueError, match="scale must be a finite positive number"):
+            paged_attention(q, k_cache, v_cache, *meta, scale=scale)
     with pytest.raises(TypeError, match="split_counters must be int32"):
         paged_attention(q, k_cache, v_cache, *meta, scale=1.0, split_counters=torch.zeros(2))
     with pytest.raises(ValueError, match="split_counters has 1 entries; this batch needs at least 2"):

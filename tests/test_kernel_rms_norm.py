@@ -109,6 +109,11 @@ def test_bad_inputs():
         fused_add_rms_norm(x, residual.half(), weight, EPS)
     with pytest.raises(ValueError, match="between 1 and 65536"):
         rms_norm(torch.randn(1, 65537), torch.ones(65537), EPS)
+    for eps in (float("nan"), float("inf"), -1e-6):  # would come back as NaN outputs, not as an error
+        with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+            rms_norm(x, weight, eps)
+        with pytest.raises(ValueError, match="eps must be a finite non-negative number"):
+            fused_add_rms_norm(x, residual, weight, eps)
 
 
 # --- the dispatch shared by every kernel -------------------------------------------------------------------

@@ -222,6 +222,15 @@ def check_kv_scale(name: str, value: object, cache: torch.Tensor) -> None:
         raise ValueError(f"{name} {value!r} scales an FP8 KV cache; a {cache.dtype} cache takes 1.0")
 
 
+def check_number(name: str, value: object, *, positive: bool = False) -> None:
+    """A launcher's scalar argument (a norm's eps, attention's scale): a finite real number, >= 0 (or > 0 with
+    `positive`). NaN or Inf would reach the kernel and come back as NaN outputs, not as an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} number, "
+                         f"got {value!r}")
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 

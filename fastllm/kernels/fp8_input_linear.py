@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastllm.kernels._act_and_mul import act_and_mul_fp8_rows, act_and_mul_out
-from fastllm.kernels._registry import check_float, check_row_param, rows_view, use_triton
+from fastllm.kernels._registry import check_float, check_number, check_row_param, rows_view, use_triton
 from fastllm.kernels.gelu_and_mul import gelu_and_mul, gelu_and_mul_ref
 from fastllm.kernels.quant_linear import (
     FP8_WEIGHT_ONLY_MAX_ROWS,
@@ -84,6 +84,7 @@ def rms_norm_fp8_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
         return fp8_linear(normed, qweight, weight_scale, bias), summed
     check_float("x", x)
     check_row_param("weight", norm_weight, x)
+    check_number("eps", eps)
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
                          f"{tuple(residual.shape)} and {residual.dtype}")  # fmt: skip

@@ -13,6 +13,7 @@ import torch
 
 from fastllm.kernels._registry import (
     check_float,
+    check_number,
     check_row_param,
     device_guard,
     load_row_plus_residual,
@@ -159,6 +160,7 @@ def layer_norm(
         out, [..., N].
     """
     check_float("x", x)
+    check_number("eps", eps)
     _check_params(x, weight, bias)
     if out is None and not use_triton(x):  # the CPU path: the reference itself, no buffer nor op dispatch
         norm_outputs(x, None, x.dtype, None, None, allocate=False)  # the checks only
@@ -188,6 +190,7 @@ def fused_add_layer_norm(
         (out, residual_out): the normalised s and s itself (the next layer's residual).
     """
     check_float("x", x)
+    check_number("eps", eps)
     _check_params(x, weight, bias)
     if out is None and residual_out is None and not use_triton(x):  # the CPU path (see layer_norm)
         norm_outputs(x, residual, x.dtype, None, None, allocate=False)  # the checks only

@@ -34,6 +34,7 @@ from fastllm.kernels._registry import (
     FP8_KV_DTYPE,
     check_float,
     check_kv_scale,
+    check_number,
     check_same_device,
     device_guard,
     next_power_of_2,
@@ -824,6 +825,7 @@ def paged_attention(
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, sliding_window,
                   alibi_slopes, softcap, num_splits)  # fmt: skip
     check_kv_scale("v_scale", v_scale, v_cache)
+    check_number("scale", scale, positive=True)
     if split_counters is not None:
         _check_split_counters(split_counters, seq_lens, k_cache, q)
     if out is None and not use_triton(q):  # the CPU path: the reference itself, no buffer nor op dispatch
@@ -935,6 +937,7 @@ def decode_attention_with_rotary(
         raise TypeError(f"cos and sin must have q's dtype {q.dtype} here (the rotated q stays in it), got {cos.dtype}")
     _check_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, 1, sliding_window, alibi_slopes,
                   softcap, num_splits)  # fmt: skip
+    check_number("scale", scale, positive=True)
     if split_counters is not None:
         _check_split_counters(split_counters, seq_lens, k_cache, q)
     if out is None and not use_triton(q):

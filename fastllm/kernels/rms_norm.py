@@ -12,6 +12,7 @@ import torch
 
 from fastllm.kernels._registry import (
     check_float,
+    check_number,
     check_row_param,
     device_guard,
     fp8_row_codes,
@@ -187,6 +188,7 @@ def rms_norm(
     """
     check_float("x", x)
     check_row_param("weight", weight, x)
+    check_number("eps", eps)
     if out is None and not use_triton(x):  # the CPU path: the reference itself, no buffer nor op dispatch
         norm_outputs(x, None, x.dtype, None, None, allocate=False)  # the checks only
         return ref_output(rms_norm_ref(x, weight, eps, weight_offset=weight_offset,
@@ -226,6 +228,7 @@ def fused_add_rms_norm(
     """
     check_float("x", x)
     check_row_param("weight", weight, x)
+    check_number("eps", eps)
     if out is None and residual_out is None and not use_triton(x):  # the CPU path (see rms_norm)
         norm_outputs(x, residual, x.dtype, None, None, allocate=False)  # the checks only
         y, s = fused_add_rms_norm_ref(x, residual, weight, eps, weight_offset=weight_offset,
