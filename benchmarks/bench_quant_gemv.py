@@ -14,7 +14,10 @@ With --prefill, the same shapes at 128 and 2048 rows for block-scaled FP8 weight
 dequantized into bf16 on each call, then cuBLAS) beside quant_linear.BLOCK_FP8_GEMM (the tiles dequantized in the
 GEMM's K loop) and cuBLAS bf16 (keys *_fp8_block128_dequant, *_fp8_block128_gemm, *_cublas_bf16; tflop_s added).
 
-    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--prefill] [--out DIR]
+int4 runs as decode runs it, with split counters (its K splits summed in the kernel). --schemes times only the named
+schemes (the activation-fusion cases need all of them).
+
+    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--prefill] [--schemes int4 ...] [--out DIR]
 
 Writes DIR/W5-quant-gemv-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 """
@@ -65,23 +68,28 @@ def _tinygemm_int4(weight: torch.Tensor) -> tuple | None:
             lambda x, t, sz: quant_linear.int4_linear_ref(x, packed, scales))
 
 
-def _schemes(weight: torch.Tensor) -> dict:
-    """scheme -> (stored tensors, launcher(x, *tensors), reference(x, *tensors)); baselines' names in BASELINES."""
+def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
+    """scheme -> (stored tensors, launcher(x, *tensors), reference(x, *tensors)) for the schemes in names; baselines'
+    names in BASELINES. int4 runs as decode does: its K splits summed in the kernel with the model's counters."""
     linear = torch.nn.functional.linear
-    tinygemm = _tinygemm_int4(weight)
-    return {
+    tinygemm = _tinygemm_int4(weight) if "tinygemm_int4" in names else None
+    counters = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
+    int4_linear = functools.partial(quant_linear.int4_linear, split_counters=counters)
+    schemes = {
         "bf16": ((weight,), lambda x, w: skinny_gemm.skinny_linear(x, w), lambda x, w: linear(x.float(), w.float())),
         "cublas_bf16": ((weight,), linear, lambda x, w: linear(x.float(), w.float())),
         "fp8": (fp8.quantize_weight(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
         # a block-wise FP8 checkpoint's layout (DeepSeek-V3's 128 x 128 blocks), weight-only
         "fp8_block128": (fp8.quantize_blocks(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
         "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, quant_linear.int8_linear_ref),
-        "int4": (int_weight.quantize_int4(weight, 128), quant_linear.int4_linear, quant_linear.int4_linear_ref),
+        "int4": (int_weight.quantize_int4(weight, 128), int4_linear, quant_linear.int4_linear_ref),
         **({"tinygemm_int4": tinygemm} if tinygemm else {}),
     }
+    return {name: case for name, case in schemes.items() if name in names}
 
 
 BASELINES = ("cublas_bf16", "tinygemm_int4")
+SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "tinygemm_int4"]
 PREFILL_ROWS = [128, 2048]
 
 
@@ -153,7 +161,7 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 
-def _sweep_int4(x, tensors, bench) -> list[dict]:
+def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
     """The int4 GEMV at other block sizes, warps and K splits than `_int4_config`'s, each checked first. More splits
     put more bytes in flight: the default keeps ~1.6 MB in flight at Llama-3.1-8B's qkv (192 programs of 8 KB), where
     an H200's bandwidth times latency wants ~4 MB (stages 4 never led the first sweep by more than noise)."""
@@ -165,13 +173,13 @@ def _sweep_int4(x, tensors, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device)
     results = []
     try:
-        for block_n, warps, split in itertools.product((32, 64), (4, 8), (1, 2, 4, 8)):
+        for block_n, warps, split in itertools.product((32, 64, 128), (4, 8), (1, 2, 4, 8)):
             cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": 3, "split_k": split}
             quant_linear._INT4_CONFIGS[(m, n, k, group, x.device)] = cfg
-            if not _sqnr(expected, quant_linear.int4_linear(x, *tensors)) >= MIN_SQNR_DB:
+            if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
                 print(f"int4 sweep: {cfg} off from the reference; not timed")
                 continue
-            ms = bench(lambda: quant_linear.int4_linear(x, *next(copies)))
+            ms = bench(lambda: launch(x, *next(copies)))
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
             results.append({**cfg, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
     finally:
@@ -241,6 +249,8 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--prefill", action="store_true", help="also block-scaled FP8 at 128 and 2048 rows")
+    parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES,
+                        help="the schemes timed (the activation-fusion cases only with all of them)")
     args = parser.parse_args()
     if missing_gpu(__file__):
         return 2
@@ -252,7 +262,7 @@ def main() -> int:
     for (name, n, k), m in itertools.product(SHAPES, ROWS):
         weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        for scheme, (tensors, launch, reference) in _schemes(weight).items():
+        for scheme, (tensors, launch, reference) in _schemes(weight, args.schemes).items():
             key = f"{name}_{n}x{k}_m{m}_{scheme}"
             sqnr = _sqnr(reference(x, *tensors), launch(x, *tensors))
             if not sqnr >= MIN_SQNR_DB:
@@ -264,10 +274,11 @@ def main() -> int:
             if args.sweep and m == 1 and scheme in ("fp8", "int8"):  # batch-1 decode's shapes
                 sweeps[key] = _sweep_skinny(x, tensors, bench)
             if args.sweep and m == 1 and scheme == "int4":
-                sweeps[key] = _sweep_int4(x, tensors, bench)
+                sweeps[key] = _sweep_int4(x, tensors, launch, bench)
         del weight
         torch.cuda.empty_cache()
-    results.update(_act_fusion_cases(bench))
+    if args.schemes == SCHEMES:
+        results.update(_act_fusion_cases(bench))
     if args.prefill:
         results.update(_prefill_cases(bench))
     copy_gb_s = copy_bandwidth_gb_s(functools.partial(triton.testing.do_bench, return_mode="median"))

@@ -80,12 +80,13 @@ INT4_SHAPES = [(6144, 4096), (28672, 4096), (4096, 14336)]
 @pytest.mark.parametrize("rows", [1, 8, 300])  # the decode kernel's broadcast and dot forms, and the GEMM
 @pytest.mark.parametrize("shape", INT4_SHAPES)
 def test_int4_kernels_at_llama_shapes_against_the_reference(shape, rows, group, zero_point):
-    """bf16 x against the reference's exact dequantization in fp32, each rounded once to bf16. The decode kernel
-    multiplies x by the exact codes (the dot form's offset taken off again in fp32) and applies each group's scale in
-    fp32: its fp32 sums differ from the reference's in the last bits, their bf16 roundings rarely (seen 78-91 dB at
-    M = 8 on an H200, more at M = 1). The GEMM rounds each dequantized weight to bf16 (relative error <= 2^-9,
-    independent across K) before tl.dot: seen 52 dB. 40 dB leaves 12 dB of margin below that and still fails a wrong
-    group, zero point or scale (< 20 dB)."""
+    """bf16 x against the reference's exact dequantization in fp32, each rounded once to bf16. The decode kernel's dot
+    form multiplies x by the exact codes (the offset taken off again in fp32) and applies each group's scale in
+    fp32; its one- and two-row form multiplies x by (code - zero) / 16 (exact for the symmetric zero, a zero point
+    rounded once in 1 + zero / 16) and the group's sum by 16 scale. Their fp32 sums differ from the reference's in
+    the last bits, their bf16 roundings rarely (seen 78-91 dB at M = 8 on an H200, more at M = 1). The GEMM rounds
+    each dequantized weight to bf16 (relative error <= 2^-9, independent across K) before tl.dot: seen 52 dB. 40 dB
+    leaves 12 dB of margin below that and still fails a wrong group, zero point or scale (< 20 dB)."""
     n, k = shape
     torch.manual_seed(2)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
@@ -97,6 +98,24 @@ def test_int4_kernels_at_llama_shapes_against_the_reference(shape, rows, group, 
     expected = kernels.int4_linear_ref(x, packed, scales, b, zeros)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     assert _sqnr(expected, got) >= 40.0
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int4_decode_kernel_reading_bytes_gives_the_bits_of_reading_words(rows):
+    """A packed weight at an odd byte offset is read byte by byte (no int32 view of it exists). The same nibbles as
+    the words of an aligned copy, though in another register layout, so summed in another order (the interpreter's
+    test finds the same bits): both against the reference at this file's 40 dB."""
+    from fastllm.kernels import quant_linear
+
+    torch.manual_seed(3)
+    packed, scales = int_weight.quantize_int4(torch.randn(4096, 4096, device="cuda") * 0.02, 128)
+    shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8, device="cuda")[1:].view(packed.shape)
+    shifted.copy_(packed)
+    assert quant_linear._int4_words(shifted) is None
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    expected = kernels.int4_linear_ref(x, packed, scales)
+    assert _sqnr(expected, kernels.int4_linear(x, shifted, scales)) >= 40.0
+    assert _sqnr(expected, kernels.int4_linear(x, packed, scales)) >= 40.0
 
 
 def test_int4_decode_kernel_with_split_k_replays_in_a_cuda_graph():

@@ -399,14 +399,16 @@ def test_decode_kernels_read_quantized_weights_like_the_reference(scheme, rows):
 
 
 # -- int4 kernels at odd shapes (Triton interpreted on the CPU) ----------------------------------------------------
-# Tolerances (tests/_kernel_tolerances.py). fp32 x: the kernels multiply x by the codes less the zero (exact) and the
-# group's scale in fp32, and sum in another order than the reference (by group, split, tile): the last few bits,
-# rtol/atol 1e-5. fp16 x: the reference's fp32 math on the same fp16 inputs, rounded once to fp16 as the kernels round
-# their fp32 sums: one fp16 ulp. (bf16 only on the GPU: the interpreter truncates fp32 -> bf16.)
+# Tolerances (tests/_kernel_tolerances.py). fp32 x: the kernels multiply x by code - zero (the one- and two-row form
+# by (code - zero) / 16, a zero point rounded once in 1 + zero / 16: ~1e-7 of a weight) and the group's sum by its
+# scale in fp32, summing in another order than the reference (by group, split, tile): the last few bits, rtol/atol
+# 1e-5. fp16 x: the reference's fp32 math on the same fp16 inputs, rounded once to fp16 as the kernels round their
+# fp32 sums: one fp16 ulp. (bf16 only on the GPU: the interpreter truncates fp32 -> bf16.)
 
 # (M, N, K, group, zero points, bias, split_k). N = 72 and 300 end in a partial block of outputs (BLOCK_N = 8192 //
-# group: 256, 128, 64). split_k None: the heuristic's (one split at these N); 3 splits 8 groups 3 + 3 + 2 and 5
-# groups 2 + 2 + 1, 2 splits 3 groups 2 + 1. M = 1, 2: the broadcast form; 3 to 16: tl.dot, x's rows padded to 16.
+# group: 256, 128, 64; twice that at one row). split_k None: the heuristic's (one split at these N); 3 splits 8 groups
+# 3 + 3 + 2 and 5 groups 2 + 2 + 1, 2 splits 3 groups 2 + 1. M = 1, 2: the broadcast form; 3 to 16: tl.dot, x's rows
+# padded to 16.
 INT4_DECODE_CASES = [
     (1, 72, 256, 32, False, True, None),
     (1, 300, 384, 128, True, False, 2),
@@ -440,12 +442,30 @@ def test_int4_decode_kernel_at_odd_shapes_against_the_reference(m, n, k, group, 
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("m,n,k,group,zero_point,bias,split_k", INT4_DECODE_CASES[:4])
+def test_int4_decode_kernel_reads_bytes_where_words_do_not_fit_with_the_same_result(m, n, k, group, zero_point, bias,
+                                                                                    split_k):
+    """The kernel reads the packed weight as int32 words (8 nibbles a load) where its layout allows; a weight at an
+    odd byte offset is read byte by byte, the same nibbles in the same order: the same bits out."""
+    from fastllm.kernels import quant_linear, triton_on_cpu
+
+    x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, bias, torch.float32)
+    shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8)[1:].view(packed.shape)
+    shifted.copy_(packed)
+    assert quant_linear._int4_words(packed) is not None and quant_linear._int4_words(shifted) is None
+    with triton_on_cpu():
+        words = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k)
+        bytes_ = quant_linear._int4_gemv(x, shifted, scales, b, zeros, split_k=split_k)
+    assert torch.equal(words, bytes_)
+    assert_close(words, kernels.int4_linear_ref(x, packed, scales, b, zeros))
+
+
 @pytest.mark.parametrize("m,n,k,group,zero_point,bias,split_k", [c for c in INT4_DECODE_CASES if c[-1]])
 def test_int4_decode_kernel_summing_its_own_splits_gives_the_reduce_kernels_result(m, n, k, group, zero_point, bias,
                                                                                   split_k, monkeypatch):
     """REDUCE_SPLITS_IN_KERNEL with counters: the last program of each block of outputs sums the partials (the same
-    sums in the same order as _split_k_reduce_kernel: bit for bit), and leaves the counters zero; without counters
-    (or with the setting off) the reduce kernel runs as before."""
+    sums in the same order as _split_k_reduce_kernel: bit for bit), and leaves the counters zero; with the setting off,
+    or without counters, the reduce kernel runs."""
     from fastllm.kernels import quant_linear, triton_on_cpu
 
     x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, bias, torch.float32)
@@ -454,13 +474,16 @@ def test_int4_decode_kernel_summing_its_own_splits_gives_the_reduce_kernels_resu
     reduce_kernel = quant_linear.skinny_gemm._split_k_reduce_kernel
     monkeypatch.setattr(quant_linear.skinny_gemm, "_split_k_reduce_kernel",
                         _RecordingLauncher(reduce_kernel, launched))  # fmt: skip
+    assert quant_linear.REDUCE_SPLITS_IN_KERNEL  # the default
     with triton_on_cpu():
-        expected = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
-        assert len(launched) == 1  # the setting is off by default: the reduce kernel ran
-        monkeypatch.setattr(quant_linear, "REDUCE_SPLITS_IN_KERNEL", True)
         got = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
-        assert len(launched) == 1  # not again
-    assert torch.equal(got, expected)
+        assert launched == []  # summed in the kernel
+        without_counters = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k)
+        assert len(launched) == 1
+        monkeypatch.setattr(quant_linear, "REDUCE_SPLITS_IN_KERNEL", False)
+        expected = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
+        assert len(launched) == 2
+    assert torch.equal(got, expected) and torch.equal(without_counters, expected)
     assert torch.count_nonzero(counters) == 0
     with pytest.raises(ValueError, match="split_counters must be int32"):
         kernels.int4_linear(x, packed, scales, b, zeros, split_counters=torch.zeros(4))
@@ -505,15 +528,17 @@ def test_int4_gemm_past_16_rows_against_the_dequantized_weight(m, n, k, group, z
 
 
 def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu():
-    """The CPU sizes grids for 132 SMs (an H100 / H200): 264 programs wanted, splits of >= 512 columns, at most 16;
-    one row with a split grid runs 8 warps."""
+    """The CPU sizes grids for 132 SMs (an H100 / H200). One row: 8 KB chunks, 8 warps, ~1056 programs wanted,
+    splits of >= 512 columns, at most 8. More rows: 4 KB chunks, 4 warps, 264 programs, at most 16 splits."""
     from fastllm.kernels.quant_linear import _int4_config
 
     cpu = torch.device("cpu")
-    assert _int4_config(1, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                     "num_warps": 8, "split_k": 4}  # 64 blocks of 64 outputs
-    assert _int4_config(1, 28672, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                      "num_warps": 4, "split_k": 1}  # 448 blocks
+    assert _int4_config(1, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 128, "NUM_STAGES": 3,
+                                                     "num_warps": 8, "split_k": 8}  # 32 blocks of 128 outputs
+    assert _int4_config(1, 28672, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 128,
+                                                      "NUM_STAGES": 3, "num_warps": 8, "split_k": 4}  # 224 blocks
+    assert _int4_config(2, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 2, "BLOCK_N": 64, "NUM_STAGES": 3,
+                                                     "num_warps": 4, "split_k": 4}  # 64 blocks of 64 outputs
     assert _int4_config(8, 4096, 14336, 32, cpu) == {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "NUM_STAGES": 3,
                                                      "num_warps": 4, "split_k": 16}  # 16 blocks, 28 x 512 columns
 

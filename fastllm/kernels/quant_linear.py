@@ -185,22 +185,24 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 
 # int4 decode (up to 16 rows). Measured on an H200 (Llama-3.1-8B's projections, group 128, in CUDA graphs): the former
 # GEMV, a program per (row, 16 outputs), read the whole weight once per row: 10-29% of copy bandwidth at M = 1 and
-# 4-5% at M = 8. This one reads it once for all rows, in 4 KB chunks of one group (a scale and zero per output row, no
-# gathers), pipelined through shared memory: 20-37% at M = 1, 19-32% at M = 8 (there 4-7x the former). What is left is
-# most likely the loop body: it issues ~6 instructions a nibble at M = 1 (SASS, triton 3.9: ~2.5 extracting bytes and
-# nibbles, conversion, FMAs and the group's sum), and larger chunks or more stages in flight measured no faster.
-# Recounted 2026-11-30 (sm_90 SASS compiled on a CPU machine with the launch's 16-byte alignment: 416 instructions a
-# chunk of 64 nibbles a thread, 6.5 a nibble; at 4 warp-instructions a clock an SM that allows ~60% of the bandwidth,
-# not 20-37%). The grid may be what limits: qkv (6144 x 4096) runs 192 programs with 8 KB each in flight, ~1.6 MB,
-# where the bandwidth-latency product is ~4 MB; the sweep found split 2 faster than 1 at qkv and gate_up, and the
-# down projection's default split 4 faster than 2. bench_quant_gemv.py --sweep now times splits up to 8.
-_INT4_CHUNK_NIBBLES = 8192  # BLOCK_N * GROUP: 4 KB of packed weight a chunk (BLOCK_N 64 at group 128, 256 at 32)
+# 4-5% at M = 8. This one reads it once for all rows, in chunks of one group (a scale and zero per output row, no
+# gathers), pipelined through shared memory: 20-37% at M = 1, 19-32% at M = 8 (there 4-7x the former).
+# 2026-11-30, one row: the loop issues fewer instructions a nibble (the weight read as int32 words, each nibble made
+# an fp32 number by a shift and a LOP3: _int4_mantissa), 6.4 against 6.8 in sm_90 SASS at 4 warps, and the launch
+# settings come from a sweep of this kernel (8 KB chunks, 8 warps, up to 8 K splits summed in the kernel): 26-37% of
+# copy bandwidth at the four projections (bench_quant_gemv's files -int4-mantissa-sweep), W1-int4 311.1 tok/s against
+# 276.4 for the kernel before in the same session (W1-int4-...-mantissa-8kb and -head-kernel). Measured slower: a
+# [BLOCK_N, GROUP] accumulator summed once after the loop (5.3 instructions a nibble, but 167 registers a thread:
+# 247 tok/s, -acc2d). What is left at one row: ~6 instructions a nibble (product, sum tree, offset, extraction) where
+# the weight's bytes arrive at ~0.7 per clock an SM; packed bf16x2 math or tensor cores (as tinygemm, 1.2-1.9x this
+# kernel at M = 1) are the next step.
+_INT4_CHUNK_NIBBLES = 8192  # BLOCK_N * GROUP: 4 KB of packed weight a chunk (BLOCK_N 64 at group 128); 8 KB at one row
 _INT4_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}  # bits of 1024.0 (fp16), 128.0 (bf16)
 _INT4_CONFIGS: dict[tuple, dict] = {}
 # Whether the int4 decode kernel sums its own K splits where the caller passes split_counters (no reduce kernel: one
-# launch fewer for each split projection). Off until tested and measured on a GPU (written and checked in the
-# interpreter only); bench_quant's variant int4_reduce_in_kernel turns it on.
-REDUCE_SPLITS_IN_KERNEL = False
+# launch fewer for each split projection). GPU-tested and measured on an H200 (2026-11-30, one call, W1-int4 of
+# Llama-3.1-8B): 276.1 tok/s against 274.2 with the reduce kernel (W1-int4-...-reduce-in-kernel.json).
+REDUCE_SPLITS_IN_KERNEL = True
 
 
 @triton.jit
@@ -211,9 +213,55 @@ def _int4_columns(packed):
 
 
 @triton.jit
+def _int4_group_codes(ptrs, WORDS: tl.constexpr):
+    """One group's nibbles [BLOCK_N, GROUP] (int32, column order) from its packed row pointers."""
+    if WORDS:
+        codes = _int4_word_columns(tl.load(ptrs))
+    else:
+        codes = _int4_columns(tl.load(ptrs).to(tl.int32))
+    return codes
+
+
+@triton.jit
+def _int4_word_columns(words):
+    """Packed words [R, C] (int32, the bytes of _int4_columns four at a time: column 8j + i in bits 4i..4i+3 of word j)
+    -> nibbles [R, 8C] in column order. Shifts of a whole word, where bytes cost an extraction each (PRMT and SGXT in
+    sm_90 SASS); the nested joins keep a word's eight nibbles in the thread that loaded it and put nibble 4a + 2b + c
+    at index [a, b, c] of the joins' last three dimensions, which the reshape flattens to 4a + 2b + c."""
+    n0, n1, n2, n3 = words & 15, (words >> 4) & 15, (words >> 8) & 15, (words >> 12) & 15
+    n4, n5, n6, n7 = (words >> 16) & 15, (words >> 20) & 15, (words >> 24) & 15, (words >> 28) & 15
+    even = tl.join(tl.join(n0, n4), tl.join(n2, n6))
+    odd = tl.join(tl.join(n1, n5), tl.join(n3, n7))
+    return tl.reshape(tl.join(even, odd), [words.shape[0], 8 * words.shape[1]])
+
+
+@triton.jit
+def _int4_mantissa(words, NIBBLE: tl.constexpr):
+    """Nibble NIBBLE (bits 4 NIBBLE..4 NIBBLE + 3) of each int32 word as the fp32 number 1 + nibble / 16: the nibble
+    shifted into the top four bits of an fp32 mantissa (bits 19-22) under the exponent of 1.0. A shift and one
+    LOP3 (the mask and the OR), where an integer-to-float conversion issues at a quarter of an FFMA's rate."""
+    if NIBBLE < 5:
+        bits = words << (19 - 4 * NIBBLE)
+    else:
+        bits = words >> (4 * NIBBLE - 19)  # arithmetic: the sign bits fall outside the mask
+    return ((bits & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_word_mantissas(words):
+    """Packed words [R, C] (as in _int4_word_columns) -> [R, 8C] fp32 1 + nibble / 16, in column order."""
+    even = tl.join(tl.join(_int4_mantissa(words, 0), _int4_mantissa(words, 4)),
+                   tl.join(_int4_mantissa(words, 2), _int4_mantissa(words, 6)))
+    odd = tl.join(tl.join(_int4_mantissa(words, 1), _int4_mantissa(words, 5)),
+                  tl.join(_int4_mantissa(words, 3), _int4_mantissa(words, 7)))
+    return tl.reshape(tl.join(even, odd), [words.shape[0], 8 * words.shape[1]])
+
+
+@triton.jit
 def _int4_gemv_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
-    W,  # [N, K // 2] uint8, unit column stride: column 2j in the low nibble of byte j, 2j + 1 in the high one
+    W,  # [N, K // 2] uint8, unit column stride: column 2j in the low nibble of byte j, 2j + 1 in the high one; with
+        # WORDS the same bytes as int32 [N, K // 8] (stride_wn in words)
     S,  # [N, K // GROUP] fp32 scales, row stride stride_sn, unit column stride
     Z,  # [N, K // GROUP] fp32 zero points, row stride stride_zn (read only with HAS_ZEROS; else the zero is 8)
     B,  # [N] bias (read only with HAS_BIAS)
@@ -229,6 +277,7 @@ def _int4_gemv_kernel(
     SPLIT: tl.constexpr,
     REDUCE: tl.constexpr,  # with SPLIT: the last program of an n block sums the partials (no reduce kernel)
     USE_DOT: tl.constexpr,
+    WORDS: tl.constexpr,  # W read as int32 words (_int4_word_columns) rather than bytes (_int4_columns)
     MAGIC: tl.constexpr,  # 16-bit x: _INT4_MAGIC[x.dtype]; 0 for fp32 x
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # dot form: 16 (rows >= M clamped to M - 1); broadcast form: M itself, 1 or 2
@@ -238,21 +287,23 @@ def _int4_gemv_kernel(
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
-    one group: [BLOCK_N, GROUP // 2] bytes, one scale and zero a row, x's GROUP columns loaded contiguously.
+    one group: [BLOCK_N, GROUP // 2] bytes (GROUP // 8 words with WORDS), one scale and zero a row, x's GROUP columns
+    loaded contiguously.
 
-    Broadcast form (M = 1, 2): the codes less the zero in fp32 times x's row, summed over the group, times the scale.
+    Broadcast form (M = 1, 2): (nibble - zero) / 16 in fp32 (made without a conversion instruction, see the loop)
+    times x's row, summed over the group, times 16 scale.
     Dot form (M = 3..16): W is the dot's A operand (y^T = W x^T: on sm_90 a wgmma with W in registers, measured
     1.25-1.5x the x @ W^T orientation at M = 8) and x's rows are padded to 16. The codes enter the dot exactly: for
     16-bit x the nibble ORed into the mantissa of MAGIC is the number MAGIC + nibble (two integer ops, no conversion),
     and the group's sum of x times (MAGIC + zero) takes the offset off again in fp32; the scale multiplies the group's
     dot."""
     pdl_wait(USE_PDL)
-    GH: tl.constexpr = GROUP // 2  # packed bytes of a row in one group
+    GW: tl.constexpr = GROUP // 8 if WORDS else GROUP // 2  # words (bytes) of a row in one group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_load = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read row N - 1 and are never stored: no load masks
-    w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, GH)[None, :]  # [BLOCK_N, GH]; group g at + g * GH
+    w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, GW)[None, :]  # [BLOCK_N, GW]; group g at + g * GW
     s_ptrs = S + n_load * stride_sn
     z_ptrs = Z + n_load * stride_zn
     zero = tl.full([BLOCK_N], 8.0, tl.float32)
@@ -264,7 +315,7 @@ def _int4_gemv_kernel(
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, GROUP]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T
         for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
-            codes = _int4_columns(tl.load(w_ptrs + g * GH).to(tl.int32))
+            codes = _int4_group_codes(w_ptrs + g * GW, WORDS)
             scale = tl.load(s_ptrs + g)
             if HAS_ZEROS:
                 zero = tl.load(z_ptrs + g)
@@ -280,14 +331,24 @@ def _int4_gemv_kernel(
         _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                   False)
     else:
+        # Per nibble: two instructions make the number 1 + nibble / 16 (_int4_mantissa; from bytes without WORDS: the
+        # codes, then the same bits), one FADD takes 1 + zero / 16 off (exact for the symmetric zero 8: both numbers
+        # in [1, 2)), leaving (nibble - zero) / 16; the group's sum of its products with x is scaled by 16 scale.
+        # An int-to-float conversion and the codes' byte extraction cost more (sm_90 SASS: ~5 instructions a nibble
+        # here, ~7 before); a [BLOCK_N, GROUP] accumulator summed after the loop saves the group's adds but takes
+        # ~170 registers a thread and measured slower.
         acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused (compiled away) with one row
         for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
-            packed = tl.load(w_ptrs + g * GH).to(tl.int32)
-            scale = tl.load(s_ptrs + g)
+            if WORDS:
+                mantissas = _int4_word_mantissas(tl.load(w_ptrs + g * GW))
+            else:
+                codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
+                mantissas = ((codes << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+            scale = tl.load(s_ptrs + g) * 16.0
             if HAS_ZEROS:
                 zero = tl.load(z_ptrs + g)
-            w = _int4_columns(packed).to(tl.float32) - zero[:, None]  # [BLOCK_N, GROUP], exact
+            w = mantissas - (1.0 + zero * 0.0625)[:, None]  # (nibble - zero) / 16
             acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
             if BLOCK_M > 1:
                 acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
@@ -310,21 +371,33 @@ def _int4_gemv_kernel(
 
 
 def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict:
-    """Decode launch settings (cached: eager decode calls this for every layer). split_k as skinny_gemm's heuristic:
-    enough programs for _PROGRAMS_PER_SM an SM, splits of >= _MIN_SPLIT_COLUMNS columns. At M = 1 a split grid (small
-    N) runs 8 warps: measured 12-21% faster there (H200, 4096 and 6144 outputs), 13% slower at 28672 outputs."""
+    """Decode launch settings (cached: eager decode calls this for every layer). One row: chunks of 8 KB (BLOCK_N 128
+    at group 128), 8 warps, K split (up to 8 ways, splits of >= _MIN_SPLIT_COLUMNS columns) for ~8 programs an SM:
+    the sweep's best or within 0.5 us of it at each of Llama-3.1-8B's projections (H200, 2026-11-30, the kernel summing
+    its own splits: bench_quant_gemv --sweep). Two rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM
+    (skinny_gemm's heuristic), as measured before."""
     key = (m, n, k, group, device)
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
-        block_n = max(16, _INT4_CHUNK_NIBBLES // group)
-        programs = skinny_gemm._cdiv(n, block_n)
-        target = skinny_gemm._PROGRAMS_PER_SM * sm_count(device)
-        split_k = max(1, min(target // programs, k // skinny_gemm._MIN_SPLIT_COLUMNS, skinny_gemm._MAX_SPLIT_K))
-        num_warps = 8 if m == 1 and split_k > 1 else 4
+        if m == 1:
+            block_n, num_warps, programs_per_sm, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8, 8, 8
+        else:
+            block_n, num_warps = max(16, _INT4_CHUNK_NIBBLES // group), 4
+            programs_per_sm, max_split = skinny_gemm._PROGRAMS_PER_SM, skinny_gemm._MAX_SPLIT_K
+        target = programs_per_sm * sm_count(device)
+        split_k = max(1, min(target // skinny_gemm._cdiv(n, block_n), k // skinny_gemm._MIN_SPLIT_COLUMNS, max_split))
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
                                     "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k}  # fmt: skip
     return cfg
+
+
+def _int4_words(packed: torch.Tensor) -> torch.Tensor | None:
+    """packed's bytes as int32 words [N, K // 8] where its layout allows (unit column stride, row stride and offset
+    multiples of 4 bytes: any weight the quantize pass stores), else None (the kernel then reads bytes)."""
+    if packed.stride(1) != 1 or packed.shape[1] % 4 or packed.stride(0) % 4 or packed.storage_offset() % 4:
+        return None
+    return packed.view(torch.int32)
 
 
 def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -347,14 +420,16 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     z = zeros if zeros is not None else scales  # never read without zeros
     rows = rows.contiguous()
     pdl = pdl_options(rows)
+    words = None if cfg["USE_DOT"] else _int4_words(packed)  # the dot form's bytes: fewer instructions (sm_90 SASS)
     blocks = triton.cdiv(n, cfg["BLOCK_N"])
     reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
     with device_guard(rows):
         _int4_gemv_kernel[(blocks, num_splits)](
-            rows, packed, scales, z, b, out, parts, split_counters if reduce else scales, m, n, k,
-            rows.stride(0), packed.stride(0), scales.stride(0), z.stride(0), out.stride(0), groups_per_split,
+            rows, packed if words is None else words, scales, z, b, out, parts, split_counters if reduce else scales,
+            m, n, k, rows.stride(0), packed.stride(0) if words is None else words.stride(0), scales.stride(0),
+            z.stride(0), out.stride(0), groups_per_split,
             GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, REDUCE=reduce,
-            USE_DOT=cfg["USE_DOT"],
+            USE_DOT=cfg["USE_DOT"], WORDS=words is not None,
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
             **pdl,
