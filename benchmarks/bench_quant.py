@@ -1,7 +1,7 @@
 """W1 with quantization: batch-1 decode and TTFT of fastllm per scheme, beside fastllm bf16 in the same run.
 
     PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--pdl-variants on off]
-                                                  [--kernel-settings int4_reduce_in_kernel ...] [--out DIR]
+                                                  [--kernel-settings int4_reduce_kernel ...] [--out DIR]
 
 Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh random-weight model (seed 0), measured
 as bench_decode.py measures W1 (128-token prompt, greedy, 256 new tokens). Roofline: bytes a decode step must read
@@ -24,24 +24,25 @@ from bench_decode import MODELS, _build, measure, pdl, step_bytes
 
 # --pdl-variants: PDL forced on for every launch (FASTLLM_PDL=1), or off (FASTLLM_PDL=0), and each one's key suffix
 PDL_VARIANTS = {"on": ("1", "_pdl"), "off": ("0", "_no_pdl")}
-# --kernel-settings: opt-in kernel paths (module, flag), each run (bf16 and every scheme) with the flag on, keys
-# suffixed _<name>
+# --kernel-settings: kernel paths other than the default (module, flag, value), each run (bf16 and every scheme) with
+# the flag set so, keys suffixed _<name>. int4_reduce_kernel: the int4 decode kernel's K splits summed by the separate
+# reduce kernel (the default before 2026-11-30's measurement).
 KERNEL_SETTINGS = {
-    "int4_reduce_in_kernel": ("fastllm.kernels.quant_linear", "REDUCE_SPLITS_IN_KERNEL"),
-    "fused_decode_rotary": ("fastllm.kernels.paged_attention", "FUSE_ROTARY_INTO_DECODE"),
+    "int4_reduce_kernel": ("fastllm.kernels.quant_linear", "REDUCE_SPLITS_IN_KERNEL", False),
+    "fused_decode_rotary": ("fastllm.kernels.paged_attention", "FUSE_ROTARY_INTO_DECODE", True),
 }
 
 
 @contextlib.contextmanager
 def kernel_setting(name: str | None):
-    """KERNEL_SETTINGS[name]'s flag on for what runs inside (None: nothing changes); as it was afterwards."""
+    """KERNEL_SETTINGS[name]'s flag set for what runs inside (None: nothing changes); as it was afterwards."""
     if name is None:
         yield
         return
-    module_name, flag = KERNEL_SETTINGS[name]
+    module_name, flag, value = KERNEL_SETTINGS[name]
     module = importlib.import_module(module_name)  # the module (fastllm.kernels exports functions by these names)
     saved = getattr(module, flag)
-    setattr(module, flag, True)
+    setattr(module, flag, value)
     try:
         yield
     finally:
