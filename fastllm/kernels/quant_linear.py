@@ -213,29 +213,6 @@ def _int4_columns(packed):
 
 
 @triton.jit
-def _int4_group_codes(ptrs, WORDS: tl.constexpr):
-    """One group's nibbles [BLOCK_N, GROUP] (int32, column order) from its packed row pointers."""
-    if WORDS:
-        codes = _int4_word_columns(tl.load(ptrs))
-    else:
-        codes = _int4_columns(tl.load(ptrs).to(tl.int32))
-    return codes
-
-
-@triton.jit
-def _int4_word_columns(words):
-    """Packed words [R, C] (int32, the bytes of _int4_columns four at a time: column 8j + i in bits 4i..4i+3 of word j)
-    -> nibbles [R, 8C] in column order. Shifts of a whole word, where bytes cost an extraction each (PRMT and SGXT in
-    sm_90 SASS); the nested joins keep a word's eight nibbles in the thread that loaded it and put nibble 4a + 2b + c
-    at index [a, b, c] of the joins' last three dimensions, which the reshape flattens to 4a + 2b + c."""
-    n0, n1, n2, n3 = words & 15, (words >> 4) & 15, (words >> 8) & 15, (words >> 12) & 15
-    n4, n5, n6, n7 = (words >> 16) & 15, (words >> 20) & 15, (words >> 24) & 15, (words >> 28) & 15
-    even = tl.join(tl.join(n0, n4), tl.join(n2, n6))
-    odd = tl.join(tl.join(n1, n5), tl.join(n3, n7))
-    return tl.reshape(tl.join(even, odd), [words.shape[0], 8 * words.shape[1]])
-
-
-@triton.jit
 def _int4_mantissa(words, NIBBLE: tl.constexpr):
     """Nibble NIBBLE (bits 4 NIBBLE..4 NIBBLE + 3) of each int32 word as the fp32 number 1 + nibble / 16: the nibble
     shifted into the top four bits of an fp32 mantissa (bits 19-22) under the exponent of 1.0. A shift and one
@@ -249,7 +226,10 @@ def _int4_mantissa(words, NIBBLE: tl.constexpr):
 
 @triton.jit
 def _int4_word_mantissas(words):
-    """Packed words [R, C] (as in _int4_word_columns) -> [R, 8C] fp32 1 + nibble / 16, in column order."""
+    """Packed words [R, C] (int32, the bytes of _int4_columns four at a time: column 8j + i in bits 4i..4i+3 of word j)
+    -> [R, 8C] fp32 1 + nibble / 16 in column order. The nested joins keep a word's eight nibbles in the thread that
+    loaded it and put nibble 4a + 2b + c at index [a, b, c] of their last three dimensions, which the reshape flattens
+    to 4a + 2b + c."""
     even = tl.join(tl.join(_int4_mantissa(words, 0), _int4_mantissa(words, 4)),
                    tl.join(_int4_mantissa(words, 2), _int4_mantissa(words, 6)))
     odd = tl.join(tl.join(_int4_mantissa(words, 1), _int4_mantissa(words, 5)),
@@ -277,7 +257,7 @@ def _int4_gemv_kernel(
     SPLIT: tl.constexpr,
     REDUCE: tl.constexpr,  # with SPLIT: the last program of an n block sums the partials (no reduce kernel)
     USE_DOT: tl.constexpr,
-    WORDS: tl.constexpr,  # W read as int32 words (_int4_word_columns) rather than bytes (_int4_columns)
+    WORDS: tl.constexpr,  # broadcast form: W read as int32 words (_int4_word_mantissas), not bytes (_int4_columns)
     MAGIC: tl.constexpr,  # 16-bit x: _INT4_MAGIC[x.dtype]; 0 for fp32 x
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # dot form: 16 (rows >= M clamped to M - 1); broadcast form: M itself, 1 or 2
@@ -315,7 +295,7 @@ def _int4_gemv_kernel(
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, GROUP]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T
         for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
-            codes = _int4_group_codes(w_ptrs + g * GW, WORDS)
+            codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))  # bytes: the launcher passes no words here
             scale = tl.load(s_ptrs + g)
             if HAS_ZEROS:
                 zero = tl.load(z_ptrs + g)
@@ -334,9 +314,9 @@ def _int4_gemv_kernel(
         # Per nibble: two instructions make the number 1 + nibble / 16 (_int4_mantissa; from bytes without WORDS: the
         # codes, then the same bits), one FADD takes 1 + zero / 16 off (exact for the symmetric zero 8: both numbers
         # in [1, 2)), leaving (nibble - zero) / 16; the group's sum of its products with x is scaled by 16 scale.
-        # An int-to-float conversion and the codes' byte extraction cost more (sm_90 SASS: ~5 instructions a nibble
-        # here, ~7 before); a [BLOCK_N, GROUP] accumulator summed after the loop saves the group's adds but takes
-        # ~170 registers a thread and measured slower.
+        # An int-to-float conversion and the codes' byte extraction cost more (sm_90 SASS at 4 warps: 6.4
+        # instructions a nibble here, 6.8 before); a [BLOCK_N, GROUP] accumulator summed after the loop saves the
+        # group's adds but takes ~170 registers a thread and measured slower.
         acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused (compiled away) with one row
         for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
@@ -420,7 +400,8 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     z = zeros if zeros is not None else scales  # never read without zeros
     rows = rows.contiguous()
     pdl = pdl_options(rows)
-    words = None if cfg["USE_DOT"] else _int4_words(packed)  # the dot form's bytes: fewer instructions (sm_90 SASS)
+    # The dot form reads bytes: words cost it more instructions (sm_90 SASS, 401 against 371 a 64-nibble chunk)
+    words = None if cfg["USE_DOT"] else _int4_words(packed)
     blocks = triton.cdiv(n, cfg["BLOCK_N"])
     reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
     with device_guard(rows):
