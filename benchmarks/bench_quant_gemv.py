@@ -25,6 +25,7 @@ Writes DIR/W5-quant-gemv-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import sys
@@ -68,6 +69,16 @@ def _tinygemm_int4(weight: torch.Tensor) -> tuple | None:
             lambda x, t, sz: quant_linear.int4_linear_ref(x, packed, scales))
 
 
+@contextlib.contextmanager
+def _int4_dot_words(on: bool):
+    saved = quant_linear.INT4_DOT_WORDS
+    quant_linear.INT4_DOT_WORDS = on
+    try:
+        yield
+    finally:
+        quant_linear.INT4_DOT_WORDS = saved
+
+
 def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
     """scheme -> (stored tensors, launcher(x, *tensors), reference(x, *tensors)) for the schemes in names; baselines'
     names in BASELINES. int4 runs as decode does: its K splits summed in the kernel with the model's counters."""
@@ -75,6 +86,11 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
     tinygemm = _tinygemm_int4(weight) if "tinygemm_int4" in names else None
     counters = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
     int4_linear = functools.partial(quant_linear.int4_linear, split_counters=counters)
+
+    def int4_dot_words(x, *tensors):  # quant_linear.INT4_DOT_WORDS on for this launch (and its graph's capture)
+        with _int4_dot_words(True):
+            return int4_linear(x, *tensors)
+
     schemes = {
         "bf16": ((weight,), lambda x, w: skinny_gemm.skinny_linear(x, w), lambda x, w: linear(x.float(), w.float())),
         "cublas_bf16": ((weight,), linear, lambda x, w: linear(x.float(), w.float())),
@@ -83,13 +99,14 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
         "fp8_block128": (fp8.quantize_blocks(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
         "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, quant_linear.int8_linear_ref),
         "int4": (int_weight.quantize_int4(weight, 128), int4_linear, quant_linear.int4_linear_ref),
+        "int4_dot_words": (int_weight.quantize_int4(weight, 128), int4_dot_words, quant_linear.int4_linear_ref),
         **({"tinygemm_int4": tinygemm} if tinygemm else {}),
     }
     return {name: case for name, case in schemes.items() if name in names}
 
 
 BASELINES = ("cublas_bf16", "tinygemm_int4")
-SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "tinygemm_int4"]
+SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_dot_words", "tinygemm_int4"]
 PREFILL_ROWS = [128, 2048]
 
 
@@ -162,7 +179,8 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
 
 
 def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
-    """The int4 GEMV at other block sizes, warps and K splits than `_int4_config`'s, each checked first. More splits
+    """The int4 GEMV at other block sizes, warps and K splits than `_int4_config`'s, each checked first, in its
+    broadcast form and in its dot form (x padded to 16 rows) reading bytes or words (INT4_DOT_WORDS). More splits
     put more bytes in flight: the default keeps ~1.6 MB in flight at Llama-3.1-8B's qkv (192 programs of 8 KB), where
     an H200's bandwidth times latency wants ~4 MB (stages 4 never led the first sweep by more than noise)."""
     m, k = x.shape
@@ -173,15 +191,19 @@ def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device)
     results = []
     try:
-        for block_n, warps, split in itertools.product((32, 64, 128), (4, 8), (1, 2, 4, 8)):
-            cfg = {**default, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": 3, "split_k": split}
+        forms = [(False, 1, False), (True, 16, False), (True, 16, True)]  # (USE_DOT, BLOCK_M, INT4_DOT_WORDS)
+        for (use_dot, block_m, words), block_n, warps, split in itertools.product(forms, (32, 64, 128), (4, 8),
+                                                                                  (1, 2, 4, 8)):  # fmt: skip
+            cfg = {**default, "USE_DOT": use_dot, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps,
+                   "NUM_STAGES": 3, "split_k": split}  # fmt: skip
             quant_linear._INT4_CONFIGS[(m, n, k, group, x.device)] = cfg
-            if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
-                print(f"int4 sweep: {cfg} off from the reference; not timed")
-                continue
-            ms = bench(lambda: launch(x, *next(copies)))
+            with _int4_dot_words(words):
+                if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
+                    print(f"int4 sweep: {cfg} off from the reference; not timed")
+                    continue
+                ms = bench(lambda: launch(x, *next(copies)))
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            results.append({**cfg, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
+            results.append({**cfg, "INT4_DOT_WORDS": words, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
     finally:
         quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device), None)
     return sorted(results, key=lambda r: r["ms"])[:5]
@@ -299,7 +321,8 @@ def main() -> int:
               f"{r['sqnr_db']:>6.1f}")
     for key, top in sweeps.items():
         best = top[0]
-        print(f"sweep {key}: best BLOCK_N={best['BLOCK_N']} BLOCK_K={best.get('BLOCK_K', '-')} "
+        print(f"sweep {key}: best USE_DOT={best['USE_DOT']} words={best.get('INT4_DOT_WORDS', '-')} "
+              f"BLOCK_N={best['BLOCK_N']} BLOCK_K={best.get('BLOCK_K', '-')} "
               f"warps={best['num_warps']} stages={best['NUM_STAGES']} split={best['split_k']}: {best['gb_s']:.0f} GB/s")
     return 0
 

@@ -118,6 +118,26 @@ def test_int4_decode_kernel_reading_bytes_gives_the_bits_of_reading_words(rows):
     assert _sqnr(expected, kernels.int4_linear(x, packed, scales)) >= 40.0
 
 
+@pytest.mark.parametrize("rows", [3, 8, 16])
+@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 14336)])
+def test_int4_dot_form_from_words_gives_the_bits_of_bytes(shape, rows, monkeypatch):
+    """INT4_DOT_WORDS (off by default until measured): the dot form's 16-bit operands made from int32 words, two a
+    shift and a LOP3, are the numbers made from bytes, in the same columns: the same dot, the same bits (bf16 x, with
+    zero points and bias)."""
+    from fastllm.kernels import quant_linear
+
+    n, k = shape
+    torch.manual_seed(5)
+    packed, scales, zeros = int_weight.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128, zero_point=True)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    expected = kernels.int4_linear(x, packed, scales, b, zeros)
+    monkeypatch.setattr(quant_linear, "INT4_DOT_WORDS", True)
+    got = kernels.int4_linear(x, packed, scales, b, zeros)
+    assert torch.equal(got, expected)
+    assert _sqnr(kernels.int4_linear_ref(x, packed, scales, b, zeros), got) >= 40.0
+
+
 def test_int4_decode_kernel_with_split_k_replays_in_a_cuda_graph():
     """4096 x 4096 at M = 1 splits K (64 blocks of 64 outputs for 132 SMs): the workspace is allocated inside the
     capture, from the graph's pool, and each replay reads the inputs' current values."""

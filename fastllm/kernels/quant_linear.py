@@ -203,6 +203,12 @@ _INT4_CONFIGS: dict[tuple, dict] = {}
 # launch fewer for each split projection). GPU-tested and measured on an H200 (2026-11-30, one call, W1-int4 of
 # Llama-3.1-8B): 276.1 tok/s against 274.2 with the reduce kernel (W1-int4-...-reduce-in-kernel.json).
 REDUCE_SPLITS_IN_KERNEL = True
+# Whether the dot form (3-16 rows) reads the weight as int32 words and makes two 16-bit MAGIC + nibble numbers a shift
+# and a LOP3 (_int4_half_pair) rather than bytes extracted one by one: 339 instructions a 64-nibble chunk against 376
+# (sm_90 SASS at 4 warps, BLOCK_N 64). Off until measured on a GPU (written and checked in the interpreter only,
+# 2026-11-30); bench_quant_gemv's scheme int4_dot_words and its int4 sweep (which also times the dot form at one
+# row) turn it on (run_on_gpu.sh's stage int4next).
+INT4_DOT_WORDS = False
 
 
 @triton.jit
@@ -238,6 +244,27 @@ def _int4_word_mantissas(words):
 
 
 @triton.jit
+def _int4_half_pair(words, NIBBLE: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
+    """Nibbles NIBBLE and NIBBLE + 4 of each int32 word as two 16-bit numbers MAGIC + nibble (DTYPE: bf16 or fp16,
+    MAGIC its _INT4_MAGIC bits): one shift and one LOP3 make both, each nibble ORed into the low mantissa bits of one
+    16-bit half (putting the halves in column order for the dot costs PRMTs: ~0.6 a nibble in sm_90 SASS)."""
+    pair = ((words >> (4 * NIBBLE)) & 0x000F000F) | (MAGIC | (MAGIC << 16))
+    return pair.to(tl.int16).to(DTYPE, bitcast=True), (pair >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+
+
+@triton.jit
+def _int4_word_halves(words, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
+    """Packed words [R, C] -> [R, 8C] MAGIC + nibble in DTYPE, column order (the joins as in _int4_word_mantissas)."""
+    n0, n4 = _int4_half_pair(words, 0, MAGIC, DTYPE)
+    n1, n5 = _int4_half_pair(words, 1, MAGIC, DTYPE)
+    n2, n6 = _int4_half_pair(words, 2, MAGIC, DTYPE)
+    n3, n7 = _int4_half_pair(words, 3, MAGIC, DTYPE)
+    even = tl.join(tl.join(n0, n4), tl.join(n2, n6))
+    odd = tl.join(tl.join(n1, n5), tl.join(n3, n7))
+    return tl.reshape(tl.join(even, odd), [words.shape[0], 8 * words.shape[1]])
+
+
+@triton.jit
 def _int4_gemv_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
     W,  # [N, K // 2] uint8, unit column stride: column 2j in the low nibble of byte j, 2j + 1 in the high one; with
@@ -257,7 +284,7 @@ def _int4_gemv_kernel(
     SPLIT: tl.constexpr,
     REDUCE: tl.constexpr,  # with SPLIT: the last program of an n block sums the partials (no reduce kernel)
     USE_DOT: tl.constexpr,
-    WORDS: tl.constexpr,  # broadcast form: W read as int32 words (_int4_word_mantissas), not bytes (_int4_columns)
+    WORDS: tl.constexpr,  # W read as int32 words (_int4_word_mantissas, _int4_word_halves), not bytes (_int4_columns)
     MAGIC: tl.constexpr,  # 16-bit x: _INT4_MAGIC[x.dtype]; 0 for fp32 x
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # dot form: 16 (rows >= M clamped to M - 1); broadcast form: M itself, 1 or 2
@@ -295,18 +322,22 @@ def _int4_gemv_kernel(
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, GROUP]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T
         for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
-            codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))  # bytes: the launcher passes no words here
             scale = tl.load(s_ptrs + g)
             if HAS_ZEROS:
                 zero = tl.load(z_ptrs + g)
             x = tl.load(x_ptrs + g * GROUP)
             if MAGIC != 0:
-                w = (codes | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # MAGIC + nibble, exact
+                if WORDS:  # the launcher's INT4_DOT_WORDS
+                    w = _int4_word_halves(tl.load(w_ptrs + g * GW), MAGIC, X.dtype.element_ty)  # MAGIC + nibble
+                else:
+                    codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
+                    w = (codes | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # MAGIC + nibble, exact
                 part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
                 offset = (1024.0 if MAGIC == 0x6400 else 128.0) + zero
                 part -= offset[:, None] * tl.sum(x.to(tl.float32), axis=1)[None, :]
             else:  # fp32 x (tests): the codes less the zero, exact in fp32
-                part = tl.dot(codes.to(tl.float32) - zero[:, None], tl.trans(x), input_precision=DOT_PRECISION)
+                part = tl.dot(_int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32)).to(tl.float32) - zero[:, None],
+                              tl.trans(x), input_precision=DOT_PRECISION)
             acc += part * scale[:, None]
         _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                   False)
@@ -400,8 +431,8 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     z = zeros if zeros is not None else scales  # never read without zeros
     rows = rows.contiguous()
     pdl = pdl_options(rows)
-    # The dot form reads bytes: words cost it more instructions (sm_90 SASS, 401 against 371 a 64-nibble chunk)
-    words = None if cfg["USE_DOT"] else _int4_words(packed)
+    dot_words = INT4_DOT_WORDS and rows.dtype != torch.float32
+    words = _int4_words(packed) if dot_words or not cfg["USE_DOT"] else None
     blocks = triton.cdiv(n, cfg["BLOCK_N"])
     reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
     with device_guard(rows):
