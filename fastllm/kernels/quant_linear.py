@@ -204,8 +204,10 @@ _INT4_CONFIGS: dict[tuple, dict] = {}
 # Llama-3.1-8B): 276.1 tok/s against 274.2 with the reduce kernel (W1-int4-...-reduce-in-kernel.json).
 REDUCE_SPLITS_IN_KERNEL = True
 # Whether the dot form (3-16 rows) reads the weight as int32 words and makes two 16-bit MAGIC + nibble numbers a shift
-# and a LOP3 (_int4_half_pair) rather than bytes extracted one by one: 339 instructions a 64-nibble chunk against 376
-# (sm_90 SASS at 4 warps, BLOCK_N 64). Off until measured on a GPU (written and checked in the interpreter only,
+# and a LOP3 (_int4_half_pair) rather than bytes extracted one by one, and, symmetric, takes MAGIC + 8 off in 16 bits
+# (nibble - 8 exactly, two a packed HADD2) instead of correcting the dot by the group's sum of x: 305 instructions a
+# 64-nibble chunk against 376 (sm_90 SASS at 4 warps, BLOCK_N 64; 297 at 8 warps and BLOCK_N 128, where the one-row
+# broadcast form issues 459). Off until measured on a GPU (written and checked in the interpreter only,
 # 2026-11-30); bench_quant_gemv's scheme int4_dot_words and its int4 sweep (which also times the dot form at one
 # row) turn it on (run_on_gpu.sh's stage int4next).
 INT4_DOT_WORDS = False
@@ -332,9 +334,15 @@ def _int4_gemv_kernel(
                 else:
                     codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
                     w = (codes | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # MAGIC + nibble, exact
-                part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
-                offset = (1024.0 if MAGIC == 0x6400 else 128.0) + zero
-                part -= offset[:, None] * tl.sum(x.to(tl.float32), axis=1)[None, :]
+                if WORDS and not HAS_ZEROS:
+                    # nibble - 8, exact in 16 bits, by packed subtractions (HADD2: two a instruction), where the
+                    # offset's correction takes a sum of x's rows and an FFMA an output each group
+                    w = w - (1032.0 if MAGIC == 0x6400 else 136.0)
+                    part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
+                else:
+                    part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
+                    offset = (1024.0 if MAGIC == 0x6400 else 128.0) + zero
+                    part -= offset[:, None] * tl.sum(x.to(tl.float32), axis=1)[None, :]
             else:  # fp32 x (tests): the codes less the zero, exact in fp32
                 part = tl.dot(_int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32)).to(tl.float32) - zero[:, None],
                               tl.trans(x), input_precision=DOT_PRECISION)
