@@ -17,6 +17,7 @@ import contextlib
 import gc
 import importlib
 import sys
+import unittest.mock
 
 import torch
 from _common import copy_bandwidth_gb_s, missing_gpu, write_result
@@ -41,12 +42,8 @@ def kernel_setting(name: str | None):
         return
     module_name, flag, value = KERNEL_SETTINGS[name]
     module = importlib.import_module(module_name)  # the module (fastllm.kernels exports functions by these names)
-    saved = getattr(module, flag)
-    setattr(module, flag, value)
-    try:
+    with unittest.mock.patch.object(module, flag, value):
         yield
-    finally:
-        setattr(module, flag, saved)
 
 
 def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, pdl_setting: str | None = None,

@@ -25,10 +25,10 @@ Writes DIR/W5-quant-gemv-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import sys
+import unittest.mock
 
 import torch
 from _common import copy_bandwidth_gb_s, missing_gpu, write_result
@@ -69,14 +69,9 @@ def _tinygemm_int4(weight: torch.Tensor) -> tuple | None:
             lambda x, t, sz: quant_linear.int4_linear_ref(x, packed, scales))
 
 
-@contextlib.contextmanager
 def _int4_dot_words(on: bool):
-    saved = quant_linear.INT4_DOT_WORDS
-    quant_linear.INT4_DOT_WORDS = on
-    try:
-        yield
-    finally:
-        quant_linear.INT4_DOT_WORDS = saved
+    """quant_linear.INT4_DOT_WORDS set to `on` for what runs inside; as it was afterwards."""
+    return unittest.mock.patch.object(quant_linear, "INT4_DOT_WORDS", on)
 
 
 def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
