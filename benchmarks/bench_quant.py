@@ -1,7 +1,8 @@
 """W1 with quantization: batch-1 decode and TTFT of fastllm per scheme, beside fastllm bf16 in the same run.
 
     PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--pdl-variants on off]
-                                                  [--kernel-settings int4_reduce_kernel ...] [--out DIR]
+                                                  [--kernel-settings int4_reduce_kernel ...]
+                                                  [--pass-variants fp8_input_quant] [--out DIR]
 
 Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh random-weight model (seed 0), measured
 as bench_decode.py measures W1 (128-token prompt, greedy, 256 new tokens). Roofline: bytes a decode step must read
@@ -27,10 +28,12 @@ from bench_decode import MODELS, _build, measure, pdl, step_bytes
 PDL_VARIANTS = {"on": ("1", "_pdl"), "off": ("0", "_no_pdl")}
 # --kernel-settings: kernel paths other than the default (module, flag, value), each run (bf16 and every scheme) with
 # the flag set so, keys suffixed _<name>. int4_reduce_kernel: the int4 decode kernel's K splits summed by the separate
-# reduce kernel (the default before 2026-11-30's measurement).
+# reduce kernel (the default before 2026-11-30's measurement). int4_fp32_loop: the int4 decode kernel's one- and
+# two-row loop in fp32, not packed bf16x2 (the default before 2026-12-01's measurement).
 KERNEL_SETTINGS = {
     "int4_reduce_kernel": ("fastllm.kernels.quant_linear", "REDUCE_SPLITS_IN_KERNEL", False),
     "fused_decode_rotary": ("fastllm.kernels.paged_attention", "FUSE_ROTARY_INTO_DECODE", True),
+    "int4_fp32_loop": ("fastllm.kernels.quant_linear", "INT4_PACKED_BF16", False),
 }
 
 
@@ -47,15 +50,16 @@ def kernel_setting(name: str | None):
 
 
 def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, pdl_setting: str | None = None,
-        setting: str | None = None) -> dict:
+        setting: str | None = None, extra_pass: str | None = None) -> dict:
     """pdl_setting: FASTLLM_PDL's value for this run ("1", "0"), None: as configured; setting: a KERNEL_SETTINGS
-    name, or None."""
+    name, or None; extra_pass: an opt-in pass run besides the default passes, or None."""
     import fastllm
 
     model = _build(name)
     nbytes = step_bytes(model, scheme)  # before optimize(): it lets go of the float weights it quantized
+    passes = {"passes": (*fastllm.DEFAULT_PASSES, extra_pass)} if extra_pass else {}
     with pdl(pdl_setting), kernel_setting(setting):
-        fastllm.optimize(model, max_num_seqs=8, quantization=scheme)
+        fastllm.optimize(model, max_num_seqs=8, quantization=scheme, **passes)
         result = measure(model, new_tokens, model.config.vocab_size)
     roofline = copy_gb_s * 1e9 / nbytes
     result.update(step_gb=nbytes / 1e9, roofline_tok_s=roofline, fraction_of_roofline=result["decode_tok_s"]
@@ -78,6 +82,9 @@ def main(argv=None) -> int:
                              "(on: <model>_<scheme>_pdl beside baselines.fastllm_bf16_pdl) or off (off: _no_pdl)")
     parser.add_argument("--kernel-settings", nargs="*", default=[], choices=list(KERNEL_SETTINGS),
                         help="also run bf16 and every scheme with each opt-in kernel path on (keys _<name>)")
+    parser.add_argument("--pass-variants", nargs="*", default=[], choices=["fp8_input_quant"],
+                        help="also run every scheme with this opt-in pass besides the defaults (keys _<pass>; bf16 "
+                             "is not rerun: these passes change quantized layers only)")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
         return 2
@@ -91,15 +98,18 @@ def main(argv=None) -> int:
               "copy_gb_s": copy_gb_s, "max_num_seqs": 8}
     print(f"bf16: {bf16['decode_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline']:.2f} of roofline)", flush=True)
     workload = f"W1-{args.schemes[0]}" if len(args.schemes) == 1 else "W1-quant"  # the issue's W1-fp8 file
-    variants = [(None, "", None), *((*PDL_VARIANTS[v], None) for v in args.pdl_variants),
-                *((None, f"_{name}", name) for name in args.kernel_settings)]
-    for pdl_setting, suffix, setting in variants:
-        if suffix:
+    variants = [(None, "", None, None), *((*PDL_VARIANTS[v], None, None) for v in args.pdl_variants),
+                *((None, f"_{name}", name, None) for name in args.kernel_settings),
+                *((None, f"_{name}", None, name) for name in args.pass_variants)]
+    default_bf16 = bf16
+    for pdl_setting, suffix, setting, extra_pass in variants:
+        bf16 = default_bf16  # a pass variant compares with the default bf16 run
+        if suffix and not extra_pass:
             bf16 = run(args.model, None, args.new_tokens, copy_gb_s, pdl_setting, setting)
             baselines[f"fastllm_bf16{suffix}"] = {args.model: bf16}
             print(f"bf16{suffix}: {bf16['decode_tok_s']:.1f} tok/s", flush=True)
         for scheme in args.schemes:
-            r = run(args.model, scheme, args.new_tokens, copy_gb_s, pdl_setting, setting)
+            r = run(args.model, scheme, args.new_tokens, copy_gb_s, pdl_setting, setting, extra_pass)
             r["vs_bf16"] = r["decode_tok_s"] / bf16["decode_tok_s"]
             ours[f"{args.model}_{scheme}{suffix}"] = r
             print(f"{scheme}{suffix}: {r['decode_tok_s']:.1f} tok/s = {r['vs_bf16']:.2f}x bf16, "

@@ -69,9 +69,10 @@ def _tinygemm_int4(weight: torch.Tensor) -> tuple | None:
             lambda x, t, sz: quant_linear.int4_linear_ref(x, packed, scales))
 
 
-def _int4_dot_words(on: bool):
-    """quant_linear.INT4_DOT_WORDS set to `on` for what runs inside; as it was afterwards."""
-    return unittest.mock.patch.object(quant_linear, "INT4_DOT_WORDS", on)
+def _int4_flag(flag: str, on: bool):
+    """quant_linear's int4 path flag (INT4_DOT_WORDS, INT4_PACKED_BF16) set to `on` for what runs inside; as it was
+    afterwards."""
+    return unittest.mock.patch.object(quant_linear, flag, on)
 
 
 def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
@@ -83,7 +84,11 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
     int4_linear = functools.partial(quant_linear.int4_linear, split_counters=counters)
 
     def int4_dot_words(x, *tensors):  # quant_linear.INT4_DOT_WORDS on for this launch (and its graph's capture)
-        with _int4_dot_words(True):
+        with _int4_flag("INT4_DOT_WORDS", True):
+            return int4_linear(x, *tensors)
+
+    def int4_fp32(x, *tensors):  # the one- and two-row loop in fp32 (INT4_PACKED_BF16 off: the default before)
+        with _int4_flag("INT4_PACKED_BF16", False):
             return int4_linear(x, *tensors)
 
     schemes = {
@@ -95,13 +100,15 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
         "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, quant_linear.int8_linear_ref),
         "int4": (int_weight.quantize_int4(weight, 128), int4_linear, quant_linear.int4_linear_ref),
         "int4_dot_words": (int_weight.quantize_int4(weight, 128), int4_dot_words, quant_linear.int4_linear_ref),
+        "int4_fp32": (int_weight.quantize_int4(weight, 128), int4_fp32, quant_linear.int4_linear_ref),
         **({"tinygemm_int4": tinygemm} if tinygemm else {}),
     }
     return {name: case for name, case in schemes.items() if name in names}
 
 
 BASELINES = ("cublas_bf16", "tinygemm_int4")
-SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_dot_words", "tinygemm_int4"]
+SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_fp32", "int4_dot_words",
+           "tinygemm_int4"]
 PREFILL_ROWS = [128, 2048]
 
 
@@ -174,10 +181,10 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
 
 
 def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
-    """The int4 GEMV at other block sizes, warps and K splits than `_int4_config`'s, each checked first, in its
-    broadcast form and in its dot form (x padded to 16 rows) reading bytes or words (INT4_DOT_WORDS). More splits
-    put more bytes in flight: the default keeps ~1.6 MB in flight at Llama-3.1-8B's qkv (192 programs of 8 KB), where
-    an H200's bandwidth times latency wants ~4 MB (stages 4 never led the first sweep by more than noise)."""
+    """The int4 GEMV at one row at other block sizes, warps and K splits than `_int4_config`'s, each checked first,
+    with its loop in packed bf16x2 math (INT4_PACKED_BF16) and in fp32. (The dot form at one row, x padded to 16
+    rows, reading bytes or words, measured no faster than the fp32 loop: W5-quant-gemv-...-int4next.json.) More
+    splits put more bytes in flight: an H200's bandwidth times latency wants ~4 MB."""
     m, k = x.shape
     n = tensors[0].shape[0]
     group = k // tensors[1].shape[1]
@@ -186,21 +193,26 @@ def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device)
     results = []
     try:
-        forms = [(False, 1, False), (True, 16, False), (True, 16, True)]  # (USE_DOT, BLOCK_M, INT4_DOT_WORDS)
-        for (use_dot, block_m, words), block_n, warps, split in itertools.product(forms, (32, 64, 128), (4, 8),
-                                                                                  (1, 2, 4, 8)):  # fmt: skip
-            cfg = {**default, "USE_DOT": use_dot, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps,
+        for packed, block_n, warps, split in itertools.product((True, False), (64, 128, 256, 512), (4, 8),
+                                                               (1, 2, 4, 8)):  # fmt: skip
+            cfg = {**default, "USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": warps,
                    "NUM_STAGES": 3, "split_k": split}  # fmt: skip
-            quant_linear._INT4_CONFIGS[(m, n, k, group, x.device)] = cfg
-            with _int4_dot_words(words):
+            quant_linear._INT4_CONFIGS[(m, n, k, group, x.device, packed)] = cfg
+            with _int4_flag("INT4_PACKED_BF16", packed):
                 if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
                     print(f"int4 sweep: {cfg} off from the reference; not timed")
                     continue
                 ms = bench(lambda: launch(x, *next(copies)))
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            results.append({**cfg, "INT4_DOT_WORDS": words, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
+            results.append({**cfg, "INT4_PACKED_BF16": packed, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
     finally:
-        quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device), None)
+        for packed in (True, False):
+            quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device, packed), None)
+    for packed in (True, False):  # each loop's best, whichever leads the top five
+        best = min((r for r in results if r["INT4_PACKED_BF16"] == packed), key=lambda r: r["ms"], default=None)
+        if best:
+            print(f"int4 sweep {n}x{k} packed={packed}: best BLOCK_N={best['BLOCK_N']} warps={best['num_warps']} "
+                  f"split={best['split_k']}: {best['ms'] * 1e3:.1f} us, {best['gb_s']:.0f} GB/s")
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 
@@ -316,7 +328,7 @@ def main() -> int:
               f"{r['sqnr_db']:>6.1f}")
     for key, top in sweeps.items():
         best = top[0]
-        print(f"sweep {key}: best USE_DOT={best['USE_DOT']} words={best.get('INT4_DOT_WORDS', '-')} "
+        print(f"sweep {key}: best USE_DOT={best['USE_DOT']} packed={best.get('INT4_PACKED_BF16', '-')} "
               f"BLOCK_N={best['BLOCK_N']} BLOCK_K={best.get('BLOCK_K', '-')} "
               f"warps={best['num_warps']} stages={best['NUM_STAGES']} split={best['split_k']}: {best['gb_s']:.0f} GB/s")
     return 0

@@ -142,6 +142,53 @@ def test_int4_dot_form_from_words_on_cuda(shape, rows, zero_point, monkeypatch):
     assert _sqnr(kernels.int4_linear_ref(x, packed, scales, b, zeros), got) >= 40.0
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("shape", [(300, 1024), (4096, 4096), (4096, 14336)])
+def test_int4_packed_bf16_loop_against_the_reference_and_the_fp32_loop(shape, rows, group, zero_point, monkeypatch):
+    """INT4_PACKED_BF16 (one and two bf16 rows): each product (nibble - zero) * x, and the sum of a word's eight, is
+    rounded to bf16 (relative error <= 2^-9 each, independent across K) before the fp32 sums: like the GEMM's bf16
+    weights, ~50 dB against the reference, so this file's 40 dB; the fp32 loop on the same inputs (40 dB apart at
+    most by the same argument). N = 300 leaves a partial block; x scaled by 1e4 checks that nothing overflows (bf16
+    has fp32's range; fp16 products would not)."""
+    from fastllm.kernels import quant_linear
+
+    n, k = shape
+    torch.manual_seed(11)
+    packed, scales, *zeros = int_weight.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group,
+                                                      zero_point=zero_point)  # fmt: skip
+    zeros = zeros[0] if zeros else None
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for magnitude in (1.0, 1e4):
+        x = (torch.randn(rows, k, device="cuda") * magnitude).to(torch.bfloat16)
+        expected = kernels.int4_linear_ref(x, packed, scales, b * magnitude, zeros)
+        monkeypatch.setattr(quant_linear, "INT4_PACKED_BF16", True)
+        got = kernels.int4_linear(x, packed, scales, b * magnitude, zeros)
+        monkeypatch.setattr(quant_linear, "INT4_PACKED_BF16", False)
+        fp32_loop = kernels.int4_linear(x, packed, scales, b * magnitude, zeros)
+        assert torch.isfinite(got).all()
+        assert _sqnr(expected, got) >= 40.0
+        assert _sqnr(fp32_loop, got) >= 40.0
+        assert not torch.equal(got, fp32_loop)  # the packed loop ran (its roundings differ from fp32's)
+
+
+def test_int4_packed_bf16_loop_leaves_rows_at_an_odd_address_to_the_fp32_loop(monkeypatch):
+    """The packed loop reads x as int32 words: a row starting at an odd bf16 element (a contiguous view, so no copy is
+    made) is not 4-byte aligned and must take the fp32 loop: its bits, not a misaligned-address fault."""
+    from fastllm.kernels import quant_linear
+
+    torch.manual_seed(12)
+    packed, scales = int_weight.quantize_int4(torch.randn(4096, 4096, device="cuda") * 0.02, 128)
+    x = torch.randn(4097, device="cuda", dtype=torch.bfloat16)[1:].view(1, 4096)
+    assert x.is_contiguous() and x.data_ptr() % 4 == 2
+    got = kernels.int4_linear(x, packed, scales)
+    monkeypatch.setattr(quant_linear, "INT4_PACKED_BF16", False)
+    assert torch.equal(got, kernels.int4_linear(x, packed, scales))
+    monkeypatch.setattr(quant_linear, "INT4_PACKED_BF16", True)
+    assert not torch.equal(kernels.int4_linear(x.clone(), packed, scales), got)  # aligned: the packed loop
+
+
 def test_int4_decode_kernel_with_split_k_replays_in_a_cuda_graph():
     """4096 x 4096 at M = 1 splits K (64 blocks of 64 outputs for 132 SMs): the workspace is allocated inside the
     capture, from the graph's pool, and each replay reads the inputs' current values."""

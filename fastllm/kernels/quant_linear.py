@@ -18,6 +18,8 @@ The references define the math the GPU paths are checked against (by SQNR: the G
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -211,6 +213,69 @@ REDUCE_SPLITS_IN_KERNEL = True
 # 2026-11-30); bench_quant_gemv's scheme int4_dot_words and its int4 sweep (which also times the dot form at one
 # row) turn it on (run_on_gpu.sh's stage int4next).
 INT4_DOT_WORDS = False
+# Whether one or two bf16 rows on CUDA take the packed bf16x2 form of the broadcast loop (_int4_bf16x2_word_dot, inline
+# PTX: not in the interpreter): ~2.4 instructions a nibble in place of ~6.4, the products and the sum of a word's
+# eight rounded to bf16 before the fp32 sum (see the function for why that is accurate enough).
+INT4_PACKED_BF16 = True
+
+
+@triton.jit
+def _bf16_pairs(low_cols, high_cols):
+    """Two int32 words of bf16 x, (x[c], x[c + 1]) and (x[c + 4], x[c + 5]) -> the pairs in nibble order
+    (x[c], x[c + 4]) and (x[c + 1], x[c + 5]): the pairing of _int4_half_pair's two halves (one PRMT each)."""
+    return tl.inline_asm_elementwise(
+        "prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;",
+        "=r,=r,r,r", [low_cols, high_cols], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _int4_bf16x2_word_dot(words, p0, p1, p2, p3, neg_offset):
+    """For each int32 word of eight nibbles: sum over i of (nibble_i - zero) * x_i, in packed bf16x2 math, as fp32.
+    p0..p3: x's pairs (x[i], x[i + 4]) for i = 0..3 as bf16x2 words (_bf16_pairs); neg_offset: -(128 + zero) in both
+    halves. A LOP3 makes the pair of nibbles i and i + 4 two bf16 numbers 128 + nibble (exact: bf16 counts in ones from
+    128 to 256), one FMA takes 128 + zero off (exact: whole numbers in -16..15), four FMAs multiply by x and sum, the
+    two halves are added in fp32: 18 instructions for eight nibbles.
+
+    Accuracy: a product of a whole number |v| <= 16 and a bf16 x is rounded to bf16 (a relative error <= 2^-9), and so
+    is each of the three sums after it; across a dot of K products these errors are independent, ~2^-9 relative to
+    the output's size or below, the size of the bf16 rounding the output gets anyway, and far below int4's own
+    quantization error (its SQNR against the float weight is ~20-25 dB). No overflow: bf16 has fp32's range."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 n0, n1, n2, n3, t, one, negzero, acc, lo, hi;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 negzero, 0x80008000;
+        lop3.b32 n0, $1, 0x000F000F, 0x43004300, 0xEA;
+        shr.u32 t, $1, 4;
+        lop3.b32 n1, t, 0x000F000F, 0x43004300, 0xEA;
+        shr.u32 t, $1, 8;
+        lop3.b32 n2, t, 0x000F000F, 0x43004300, 0xEA;
+        shr.u32 t, $1, 12;
+        lop3.b32 n3, t, 0x000F000F, 0x43004300, 0xEA;
+        fma.rn.bf16x2 n0, n0, one, $6;
+        fma.rn.bf16x2 n1, n1, one, $6;
+        fma.rn.bf16x2 n2, n2, one, $6;
+        fma.rn.bf16x2 n3, n3, one, $6;
+        fma.rn.bf16x2 acc, n0, $2, negzero;
+        fma.rn.bf16x2 acc, n1, $3, acc;
+        fma.rn.bf16x2 acc, n2, $4, acc;
+        fma.rn.bf16x2 acc, n3, $5, acc;
+        shl.b32 lo, acc, 16;
+        and.b32 hi, acc, 0xFFFF0000;
+        add.f32 $0, lo, hi;
+        }""",
+        "=r,r,r,r,r,r,r", [words, p0, p1, p2, p3, neg_offset], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW: tl.constexpr):
+    """One bf16 row's group g (XW: the row as int32 words, two columns each) against the group's words [R, GW]:
+    [R] fp32 sums of (nibble - zero) * x."""
+    j = tl.arange(0, GW) * 4 + g * (GW * 4)  # word 4j + c holds x columns 8j + 2c, 8j + 2c + 1
+    p0, p1 = _bf16_pairs(tl.load(XW + j), tl.load(XW + j + 2))
+    p2, p3 = _bf16_pairs(tl.load(XW + j + 1), tl.load(XW + j + 3))
+    return tl.sum(_int4_bf16x2_word_dot(words, p0[None, :], p1[None, :], p2[None, :], p3[None, :],
+                                        neg_offset[:, None]), axis=1)
 
 
 @triton.jit
@@ -288,6 +353,7 @@ def _int4_gemv_kernel(
     USE_DOT: tl.constexpr,
     WORDS: tl.constexpr,  # W read as int32 words (_int4_word_mantissas, _int4_word_halves), not bytes (_int4_columns)
     MAGIC: tl.constexpr,  # 16-bit x: _INT4_MAGIC[x.dtype]; 0 for fp32 x
+    PACKED_BF16: tl.constexpr,  # broadcast form, bf16 x, WORDS, CUDA: _int4_bf16x2_word_dot (INT4_PACKED_BF16)
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # dot form: 16 (rows >= M clamped to M - 1); broadcast form: M itself, 1 or 2
     BLOCK_N: tl.constexpr,
@@ -359,18 +425,30 @@ def _int4_gemv_kernel(
         acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused (compiled away) with one row
         for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
-            if WORDS:
-                mantissas = _int4_word_mantissas(tl.load(w_ptrs + g * GW))
+            if PACKED_BF16:
+                if HAS_ZEROS:
+                    zero = tl.load(z_ptrs + g)
+                half = (-128.0 - zero).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                neg_offset = half | (half << 16)
+                words = tl.load(w_ptrs + g * GW)
+                scale = tl.load(s_ptrs + g)
+                XW = X.to(tl.pointer_type(tl.int32), bitcast=True)
+                acc0 += _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW) * scale
+                if BLOCK_M > 1:
+                    acc1 += _int4_bf16x2_row_dot(XW + stride_xm // 2, words, neg_offset, g, GW) * scale
             else:
-                codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
-                mantissas = ((codes << 19) | 0x3F800000).to(tl.float32, bitcast=True)
-            scale = tl.load(s_ptrs + g) * 16.0
-            if HAS_ZEROS:
-                zero = tl.load(z_ptrs + g)
-            w = mantissas - (1.0 + zero * 0.0625)[:, None]  # (nibble - zero) / 16
-            acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
-            if BLOCK_M > 1:
-                acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
+                if WORDS:
+                    mantissas = _int4_word_mantissas(tl.load(w_ptrs + g * GW))
+                else:
+                    codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
+                    mantissas = ((codes << 19) | 0x3F800000).to(tl.float32, bitcast=True)
+                scale = tl.load(s_ptrs + g) * 16.0
+                if HAS_ZEROS:
+                    zero = tl.load(z_ptrs + g)
+                w = mantissas - (1.0 + zero * 0.0625)[:, None]  # (nibble - zero) / 16
+                acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
+                if BLOCK_M > 1:
+                    acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
         row = tl.zeros([1], dtype=tl.int32)
         _epilogue(acc0[None, :], row, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                   False)
@@ -389,18 +467,20 @@ def _int4_gemv_kernel(
                                  ".cg")  # fmt: skip
 
 
-def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> dict:
+def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packed_bf16: bool = False) -> dict:
     """Decode launch settings (cached: eager decode calls this for every layer). One row: chunks of 8 KB (BLOCK_N 128
-    at group 128), 8 warps, K split (up to 8 ways, splits of >= _MIN_SPLIT_COLUMNS columns) for ~8 programs an SM:
-    the sweep's best or within 0.5 us of it at each of Llama-3.1-8B's projections (H200, 2026-11-30, the kernel summing
-    its own splits: bench_quant_gemv --sweep). Two rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM
-    (skinny_gemm's heuristic), as measured before."""
-    key = (m, n, k, group, device)
+    at group 128), K split (up to 8 ways, splits of >= _MIN_SPLIT_COLUMNS columns) for ~8 programs an SM, and 4 warps
+    for the packed bf16x2 loop, 8 for the fp32 one: each loop's sweep best or within ~1 us of it at each of
+    Llama-3.1-8B's projections (H200, bench_quant_gemv --sweep: 2026-12-01 for the packed loop, -int4packed.json;
+    2026-11-30 for the fp32 one). Two rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM (skinny_gemm's
+    heuristic), as measured before (with the fp32 loop)."""
+    key = (m, n, k, group, device, packed_bf16)
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
         if m == 1:
-            block_n, num_warps, programs_per_sm, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8, 8, 8
+            block_n, programs_per_sm, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8, 8
+            num_warps = 4 if packed_bf16 else 8
         else:
             block_n, num_warps = max(16, _INT4_CHUNK_NIBBLES // group), 4
             programs_per_sm, max_split = skinny_gemm._PROGRAMS_PER_SM, skinny_gemm._MAX_SPLIT_K
@@ -409,6 +489,22 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device) -> di
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
                                     "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k}  # fmt: skip
     return cfg
+
+
+@functools.cache
+def _has_bf16x2_math(device_index: int) -> bool:
+    """Whether the CUDA device runs packed bf16x2 FMAs (compute capability 8.0+): INT4_PACKED_BF16's loop."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def _int4_packed_bf16(rows: torch.Tensor, words: torch.Tensor | None) -> bool:
+    """Whether one or two contiguous rows take the packed bf16x2 loop: INT4_PACKED_BF16, bf16 rows on CUDA (the
+    inline PTX does not run in the interpreter) that the kernel can read as int32 words (4-byte aligned), the weight
+    readable as words."""
+    if not (INT4_PACKED_BF16 and rows.shape[0] <= 2 and rows.dtype == torch.bfloat16 and rows.is_cuda):
+        return False
+    index = rows.device.index if rows.device.index is not None else torch.cuda.current_device()
+    return words is not None and rows.data_ptr() % 4 == 0 and _has_bf16x2_math(index)
 
 
 def _int4_words(packed: torch.Tensor) -> torch.Tensor | None:
@@ -430,17 +526,19 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     n = packed.shape[0]
     num_groups = scales.shape[1]
     group = k // num_groups
-    cfg = _int4_config(m, n, k, group, rows.device)
+    rows = rows.contiguous()
+    words = _int4_words(packed)
+    packed_bf16 = _int4_packed_bf16(rows, words)
+    cfg = _int4_config(m, n, k, group, rows.device, packed_bf16)
     num_splits, groups_per_split = skinny_gemm._split(num_groups, 1, split_k or cfg["split_k"])
     out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     split = num_splits > 1
     parts = skinny_gemm._workspace(rows.device, num_splits * m * n) if split else out  # not touched without a split
     b = bias if bias is not None else out  # never read without a bias
     z = zeros if zeros is not None else scales  # never read without zeros
-    rows = rows.contiguous()
     pdl = pdl_options(rows)
-    dot_words = INT4_DOT_WORDS and rows.dtype != torch.float32
-    words = _int4_words(packed) if dot_words or not cfg["USE_DOT"] else None
+    if cfg["USE_DOT"] and not (INT4_DOT_WORDS and rows.dtype != torch.float32):
+        words = None  # the dot form reads bytes unless INT4_DOT_WORDS
     blocks = triton.cdiv(n, cfg["BLOCK_N"])
     reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
     with device_guard(rows):
@@ -449,7 +547,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             m, n, k, rows.stride(0), packed.stride(0) if words is None else words.stride(0), scales.stride(0),
             z.stride(0), out.stride(0), groups_per_split,
             GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, REDUCE=reduce,
-            USE_DOT=cfg["USE_DOT"], WORDS=words is not None,
+            USE_DOT=cfg["USE_DOT"], WORDS=words is not None, PACKED_BF16=packed_bf16,
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
             **pdl,
