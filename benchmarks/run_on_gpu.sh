@@ -19,10 +19,11 @@
 # 2026-11-30): its GPU tests, then W1 of both shapes with it beside the default in the same call (~6 min);
 # optin-w2: W2-fp8 with the opt-in fp8_input_quant pass beside the defaults, and its GPU tests (~5 min).
 # int4packed: the int4 decode kernel's one-row loop in packed bf16x2 math (quant_linear.INT4_PACKED_BF16, inline
-# PTX; on since 2026-12-01): every int4 GPU test, W5-quant-gemv of int4 packed and fp32 beside tinygemm
-# (QUANT_GEMV_ARGS=--sweep adds both loops' launch-setting sweep, ~2 min), W1-int4 with the packed and the fp32 loop.
+# PTX; on since 2026-11-30): every int4 GPU test, W5-quant-gemv of int4 packed and fp32 beside tinygemm
+# (QUANT_GEMV_ARGS=--sweep adds the loops' launch-setting sweep, ~2 min), W1-int4 with the packed and the fp32 loop
+# (INT4_SETTINGS: bench_quant's kernel settings run beside the default; INT4_TESTS: the pytest -k expression).
 # fp8pass: W1-fp8 with the opt-in fp8_input_quant pass beside the defaults (bf16 in the same call; ~3 min).
-# (int4next, the dot form reading words, ran on 2026-12-01: no faster at one row, slower at 8: -int4next.json.)
+# (int4next, the dot form reading words, ran on 2026-11-30: no faster at one row, slower at 8: -int4next.json.)
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -88,13 +89,15 @@ for stage in $STAGES; do
                   python3 benchmarks/bench_throughput.py --providers fastllm --workloads fixed --quantization fp8 \
                       --settings default passes+=fp8_input_quant --out "$OUT" > "$OUT/throughput-optin.log" 2>&1 || rc=1
                   grep -E "^fastllm" "$OUT/throughput-optin.log" | cut -c1-200 ;;
-        int4packed) timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py -k int4 \
+        int4packed) timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py \
+                        -k "${INT4_TESTS:-int4}" \
                         > "$OUT/gpu-int4packed-tests.log" 2>&1 || rc=1
                     grep -E "passed|failed|^FAILED" "$OUT/gpu-int4packed-tests.log" | tail -n 8
-                    python3 benchmarks/bench_quant_gemv.py --schemes int4 int4_fp32 tinygemm_int4 ${QUANT_GEMV_ARGS:-} \
+                    python3 benchmarks/bench_quant_gemv.py --schemes int4 int4_fp32 int4_sum_after_loop tinygemm_int4 ${QUANT_GEMV_ARGS:-} \
                         --out "$OUT" > "$OUT/quant-gemv-int4packed.log" 2>&1 || rc=1
                     grep -E "int4" "$OUT/quant-gemv-int4packed.log" | tail -n 24
-                    python3 benchmarks/bench_quant.py --schemes int4 --kernel-settings int4_fp32_loop --out "$OUT" \
+                    python3 benchmarks/bench_quant.py --schemes int4 --kernel-settings ${INT4_SETTINGS:-int4_fp32_loop} \
+                        --out "$OUT" \
                         > "$OUT/quant-int4packed.log" 2>&1 || rc=1
                     grep -E "tok/s" "$OUT/quant-int4packed.log" ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
