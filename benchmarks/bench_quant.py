@@ -29,13 +29,11 @@ PDL_VARIANTS = {"on": ("1", "_pdl"), "off": ("0", "_no_pdl")}
 # --kernel-settings: kernel paths other than the default (module, flag, value), each run (bf16 and every scheme) with
 # the flag set so, keys suffixed _<name>. int4_reduce_kernel: the int4 decode kernel's K splits summed by the separate
 # reduce kernel (the default before 2026-11-30's measurement). int4_fp32_loop: the int4 decode kernel's one- and
-# two-row loop in fp32, not packed bf16x2 (the default before 2026-11-30's measurement). int4_sum_after_loop: the
-# packed loop's per-word sums kept apart until after the loop (INT4_PACKED_SUM_AFTER_LOOP, off).
+# two-row loop in fp32, not packed bf16x2 (the default before 2026-11-30's measurement).
 KERNEL_SETTINGS = {
     "int4_reduce_kernel": ("fastllm.kernels.quant_linear", "REDUCE_SPLITS_IN_KERNEL", False),
     "fused_decode_rotary": ("fastllm.kernels.paged_attention", "FUSE_ROTARY_INTO_DECODE", True),
     "int4_fp32_loop": ("fastllm.kernels.quant_linear", "INT4_PACKED_BF16", False),
-    "int4_sum_after_loop": ("fastllm.kernels.quant_linear", "INT4_PACKED_SUM_AFTER_LOOP", True),
 }
 
 

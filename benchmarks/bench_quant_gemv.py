@@ -91,10 +91,6 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
         with _int4_flag("INT4_PACKED_BF16", False):
             return int4_linear(x, *tensors)
 
-    def int4_sum_after_loop(x, *tensors):  # INT4_PACKED_SUM_AFTER_LOOP on
-        with _int4_flag("INT4_PACKED_SUM_AFTER_LOOP", True):
-            return int4_linear(x, *tensors)
-
     schemes = {
         "bf16": ((weight,), lambda x, w: skinny_gemm.skinny_linear(x, w), lambda x, w: linear(x.float(), w.float())),
         "cublas_bf16": ((weight,), linear, lambda x, w: linear(x.float(), w.float())),
@@ -105,16 +101,14 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
         "int4": (int_weight.quantize_int4(weight, 128), int4_linear, quant_linear.int4_linear_ref),
         "int4_dot_words": (int_weight.quantize_int4(weight, 128), int4_dot_words, quant_linear.int4_linear_ref),
         "int4_fp32": (int_weight.quantize_int4(weight, 128), int4_fp32, quant_linear.int4_linear_ref),
-        "int4_sum_after_loop": (int_weight.quantize_int4(weight, 128), int4_sum_after_loop,
-                                quant_linear.int4_linear_ref),
         **({"tinygemm_int4": tinygemm} if tinygemm else {}),
     }
     return {name: case for name, case in schemes.items() if name in names}
 
 
 BASELINES = ("cublas_bf16", "tinygemm_int4")
-SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_fp32", "int4_sum_after_loop",
-           "int4_dot_words", "tinygemm_int4"]
+SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_fp32", "int4_dot_words",
+           "tinygemm_int4"]
 PREFILL_ROWS = [128, 2048]
 
 
@@ -188,8 +182,7 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
 
 def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
     """The int4 GEMV at one row at other block sizes, warps and K splits than `_int4_config`'s, each checked first,
-    with its loop in packed bf16x2 math (INT4_PACKED_BF16, its words' sums kept apart until after the loop or not:
-    INT4_PACKED_SUM_AFTER_LOOP) and in fp32. (The dot form at one row, x padded to 16
+    with its loop in packed bf16x2 math (INT4_PACKED_BF16) and in fp32. (The dot form at one row, x padded to 16
     rows, reading bytes or words, measured no faster than the fp32 loop: W5-quant-gemv-...-int4next.json.) More
     splits put more bytes in flight: an H200's bandwidth times latency wants ~4 MB."""
     m, k = x.shape
@@ -200,29 +193,25 @@ def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device)
     results = []
     try:
-        loops = [(True, False), (True, True), (False, False)]  # (INT4_PACKED_BF16, INT4_PACKED_SUM_AFTER_LOOP)
-        for (packed, after), block_n, warps, split in itertools.product(loops, (64, 128, 256), (4, 8), (1, 2, 4, 8)):
+        for packed, block_n, warps, split in itertools.product((True, False), (64, 128, 256), (4, 8), (1, 2, 4, 8)):
             cfg = {**default, "USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": warps,
                    "NUM_STAGES": 3, "split_k": split}  # fmt: skip
             quant_linear._INT4_CONFIGS[(m, n, k, group, x.device, packed)] = cfg
-            with _int4_flag("INT4_PACKED_BF16", packed), _int4_flag("INT4_PACKED_SUM_AFTER_LOOP", after):
+            with _int4_flag("INT4_PACKED_BF16", packed):
                 if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
                     print(f"int4 sweep: {cfg} off from the reference; not timed")
                     continue
                 ms = bench(lambda: launch(x, *next(copies)))
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            results.append({**cfg, "INT4_PACKED_BF16": packed, "INT4_PACKED_SUM_AFTER_LOOP": after, "ms": ms,
-                            "gb_s": nbytes / (ms * 1e-3) / 1e9})  # fmt: skip
+            results.append({**cfg, "INT4_PACKED_BF16": packed, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
     finally:
         for packed in (True, False):
             quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device, packed), None)
-    for packed, after in loops:  # each loop's best, whichever leads the top five
-        best = min((r for r in results if (r["INT4_PACKED_BF16"], r["INT4_PACKED_SUM_AFTER_LOOP"]) == (packed, after)),
-                   key=lambda r: r["ms"], default=None)  # fmt: skip
+    for packed in (True, False):  # each loop's best, whichever leads the top five
+        best = min((r for r in results if r["INT4_PACKED_BF16"] == packed), key=lambda r: r["ms"], default=None)
         if best:
-            print(f"int4 sweep {n}x{k} packed={packed} sum_after_loop={after}: best BLOCK_N={best['BLOCK_N']} "
-                  f"warps={best['num_warps']} split={best['split_k']}: {best['ms'] * 1e3:.1f} us, "
-                  f"{best['gb_s']:.0f} GB/s")
+            print(f"int4 sweep {n}x{k} packed={packed}: best BLOCK_N={best['BLOCK_N']} warps={best['num_warps']} "
+                  f"split={best['split_k']}: {best['ms'] * 1e3:.1f} us, {best['gb_s']:.0f} GB/s")
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 

@@ -93,7 +93,7 @@ for stage in $STAGES; do
                         -k "${INT4_TESTS:-int4}" \
                         > "$OUT/gpu-int4packed-tests.log" 2>&1 || rc=1
                     grep -E "passed|failed|^FAILED" "$OUT/gpu-int4packed-tests.log" | tail -n 8
-                    python3 benchmarks/bench_quant_gemv.py --schemes int4 int4_fp32 int4_sum_after_loop tinygemm_int4 ${QUANT_GEMV_ARGS:-} \
+                    python3 benchmarks/bench_quant_gemv.py --schemes int4 int4_fp32 tinygemm_int4 ${QUANT_GEMV_ARGS:-} \
                         --out "$OUT" > "$OUT/quant-gemv-int4packed.log" 2>&1 || rc=1
                     grep -E "int4" "$OUT/quant-gemv-int4packed.log" | tail -n 24
                     python3 benchmarks/bench_quant.py --schemes int4 --kernel-settings ${INT4_SETTINGS:-int4_fp32_loop} \

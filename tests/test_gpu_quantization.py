@@ -142,22 +142,18 @@ def test_int4_dot_form_from_words_on_cuda(shape, rows, zero_point, monkeypatch):
     assert _sqnr(kernels.int4_linear_ref(x, packed, scales, b, zeros), got) >= 40.0
 
 
-@pytest.mark.parametrize("sum_after_loop", [False, True])
 @pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("shape", [(300, 1024), (4096, 4096), (4096, 14336)])
-def test_int4_packed_bf16_loop_against_the_reference_and_the_fp32_loop(shape, rows, group, zero_point, sum_after_loop,
-                                                                       monkeypatch):
+def test_int4_packed_bf16_loop_against_the_reference_and_the_fp32_loop(shape, rows, group, zero_point, monkeypatch):
     """INT4_PACKED_BF16 (one and two bf16 rows): each product (nibble - zero) * x, and the sum of a word's eight, is
     rounded to bf16 (relative error <= 2^-9 each, independent across K) before the fp32 sums: like the GEMM's bf16
     weights, ~50 dB against the reference, so this file's 40 dB; the fp32 loop on the same inputs (40 dB apart at
     most by the same argument). N = 300 leaves a partial block; x scaled by 1e4 checks that nothing overflows (bf16
-    has fp32's range; fp16 products would not). INT4_PACKED_SUM_AFTER_LOOP sums the same words' sums in another
-    order."""
+    has fp32's range; fp16 products would not)."""
     from fastllm.kernels import quant_linear
 
-    monkeypatch.setattr(quant_linear, "INT4_PACKED_SUM_AFTER_LOOP", sum_after_loop)
     n, k = shape
     torch.manual_seed(11)
     packed, scales, *zeros = int_weight.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group,

@@ -217,10 +217,6 @@ INT4_DOT_WORDS = False
 # PTX: not in the interpreter): ~2.4 instructions a nibble in place of ~6.4, the products and the sum of a word's
 # eight rounded to bf16 before the fp32 sum (see the function for why that is accurate enough).
 INT4_PACKED_BF16 = True
-# Whether the packed loop keeps each word's scaled sum in a [BLOCK_N, GROUP / 8] fp32 accumulator, summed once after
-# the loop, instead of summing a group's words (shuffles between threads) every group: 395 against 429 sm_90 SASS
-# instructions a chunk at 4 warps, but 80 registers a thread against 56. Off until measured (2026-11-30).
-INT4_PACKED_SUM_AFTER_LOOP = False
 
 
 @triton.jit
@@ -357,7 +353,6 @@ def _int4_gemv_kernel(
     WORDS: tl.constexpr,  # W read as int32 words (_int4_word_mantissas, _int4_word_halves), not bytes (_int4_columns)
     MAGIC: tl.constexpr,  # 16-bit x: _INT4_MAGIC[x.dtype]; 0 for fp32 x
     PACKED_BF16: tl.constexpr,  # broadcast form, bf16 x, WORDS, CUDA: _int4_bf16x2_word_dot (INT4_PACKED_BF16)
-    PACKED_SUM_AFTER_LOOP: tl.constexpr,  # PACKED_BF16: each word's scaled sums kept apart until after the loop
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,  # dot form: 16 (rows >= M clamped to M - 1); broadcast form: M itself, 1 or 2
     BLOCK_N: tl.constexpr,
@@ -428,7 +423,10 @@ def _int4_gemv_kernel(
         # group's adds but takes ~170 registers a thread and measured slower.
         acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)  # unused (compiled away) with one row
-        by_word0 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)  # PACKED_SUM_AFTER_LOOP's sums by word
+        # The packed loop keeps each word's scaled sums apart, summed once after the loop: no shuffles between threads
+        # every group (395 against 429 SASS instructions a chunk, 80 registers a thread against 56; measured
+        # 1.02-1.05x at three of Llama-3.1-8B's projections, the same at gate_up with 8 splits: -sum-after-loop).
+        by_word0 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
         by_word1 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
         for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
             if PACKED_BF16:
@@ -439,17 +437,9 @@ def _int4_gemv_kernel(
                 words = tl.load(w_ptrs + g * GW)
                 scale = tl.load(s_ptrs + g)
                 XW = X.to(tl.pointer_type(tl.int32), bitcast=True)
-                part0 = _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW)
-                if PACKED_SUM_AFTER_LOOP:
-                    by_word0 += part0 * scale[:, None]
-                else:
-                    acc0 += tl.sum(part0, axis=1) * scale
+                by_word0 += _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW) * scale[:, None]
                 if BLOCK_M > 1:
-                    part1 = _int4_bf16x2_row_dot(XW + stride_xm // 2, words, neg_offset, g, GW)
-                    if PACKED_SUM_AFTER_LOOP:
-                        by_word1 += part1 * scale[:, None]
-                    else:
-                        acc1 += tl.sum(part1, axis=1) * scale
+                    by_word1 += _int4_bf16x2_row_dot(XW + stride_xm // 2, words, neg_offset, g, GW) * scale[:, None]
             else:
                 if WORDS:
                     mantissas = _int4_word_mantissas(tl.load(w_ptrs + g * GW))
@@ -463,7 +453,7 @@ def _int4_gemv_kernel(
                 acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
                 if BLOCK_M > 1:
                     acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
-        if PACKED_BF16 and PACKED_SUM_AFTER_LOOP:
+        if PACKED_BF16:
             acc0 = tl.sum(by_word0, axis=1)
             acc1 = tl.sum(by_word1, axis=1)
         row = tl.zeros([1], dtype=tl.int32)
@@ -487,19 +477,19 @@ def _int4_gemv_kernel(
 def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packed_bf16: bool = False) -> dict:
     """Decode launch settings (cached: eager decode calls this for every layer). One row: chunks of 8 KB (BLOCK_N 128
     at group 128) and K split (up to 8 ways, splits of >= _MIN_SPLIT_COLUMNS columns) for a number of programs an SM:
-    the packed bf16x2 loop 4 warps and ~4 programs an SM, the fp32 one 8 warps and ~8. Each is its loop's sweep best
-    (packed: exactly, splits 8, 8, 2, 8) or within 0.5 us of it at each of Llama-3.1-8B's projections (H200,
-    bench_quant_gemv --sweep, 2026-11-30: -int4packed-sweep.json, -int4-mantissa-sweep.json). More programs measured
-    slower for the packed loop (gate_up at 4 an SM, 896 programs: 31.1 us against 26.6 at 448; ~6 of its programs fit
-    an SM at once, so 896 take two waves). Two rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM
-    (skinny_gemm's heuristic), as measured before (with the fp32 loop)."""
+    the packed bf16x2 loop 4 warps and up to 16 programs an SM (so 8 splits at each of Llama-3.1-8B's projections),
+    the fp32 loop 8 warps and ~8. Each is its loop's sweep best or within 0.6 us of it at those four projections (H200,
+    bench_quant_gemv --sweep, 2026-11-30: -int4-sum-after-loop-sweep.json, -int4-mantissa-sweep.json). Fewer splits
+    measured slower for the packed loop: gate_up in 2 splits 34.9 us, in 8 27.9 (-int4-sum-after-loop-sweep). Two
+    rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM (skinny_gemm's heuristic), as measured before
+    (with the fp32 loop)."""
     key = (m, n, k, group, device, packed_bf16)
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
         if m == 1:
             block_n, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8
-            num_warps, programs_per_sm = (4, 4) if packed_bf16 else (8, 8)
+            num_warps, programs_per_sm = (4, 16) if packed_bf16 else (8, 8)
         else:
             block_n, num_warps = max(16, _INT4_CHUNK_NIBBLES // group), 4
             programs_per_sm, max_split = skinny_gemm._PROGRAMS_PER_SM, skinny_gemm._MAX_SPLIT_K
@@ -567,7 +557,6 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             z.stride(0), out.stride(0), groups_per_split,
             GROUP=group, HAS_BIAS=bias is not None, HAS_ZEROS=zeros is not None, SPLIT=split, REDUCE=reduce,
             USE_DOT=cfg["USE_DOT"], WORDS=words is not None, PACKED_BF16=packed_bf16,
-            PACKED_SUM_AFTER_LOOP=INT4_PACKED_SUM_AFTER_LOOP,
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
             **pdl,
