@@ -10,9 +10,11 @@ block sizes, warps and K splits. Baselines: cuBLAS bf16 and, where this torch ha
 (`aten._weight_int4pack_mm`, torch's own int4 kernel) on the same int4 codes. The down projection at 1 row is also timed
 as decode runs it with the decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul
 and then the linear, per scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
-With --prefill, the same shapes at 128 and 2048 rows for block-scaled FP8 weights: the default (the whole weight
+With --prefill, the same shapes at 128, 512 and 2048 rows for block-scaled FP8 weights: the default (the whole weight
 dequantized into bf16 on each call, then cuBLAS) beside quant_linear.BLOCK_FP8_GEMM (the tiles dequantized in the
-GEMM's K loop) and cuBLAS bf16 (keys *_fp8_block128_dequant, *_fp8_block128_gemm, *_cublas_bf16; tflop_s added).
+GEMM's K loop); for int4 the dequantizing GEMM beside the weight dequantized by a kernel, then cuBLAS; and cuBLAS bf16
+(keys *_fp8_block128_dequant, *_fp8_block128_gemm, *_int4_gemm, *_int4_dequant_cublas, *_cublas_bf16; tflop_s
+added).
 
 int4 runs as decode runs it, with split counters (its K splits summed in the kernel). --schemes times only the named
 schemes (the activation-fusion cases need all of them).
@@ -109,32 +111,40 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
 BASELINES = ("cublas_bf16", "tinygemm_int4")
 SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_fp32", "int4_dot_words",
            "tinygemm_int4"]
-PREFILL_ROWS = [128, 2048]
+PREFILL_ROWS = [128, 512, 2048]
 
 
 def _prefill_cases(bench) -> dict:
-    """Block-scaled FP8 weights past 16 rows: the default path against BLOCK_FP8_GEMM, cuBLAS bf16 beside."""
+    """Past 16 rows. Block-scaled FP8 weights: the default path against BLOCK_FP8_GEMM. int4: the GEMM dequantizing
+    W's tiles in its K loop against the weight dequantized by a kernel and multiplied by cuBLAS (int4_linear's choice
+    by INT4_DEQUANT_MIN_ROWS). cuBLAS bf16 beside."""
     linear = torch.nn.functional.linear
     results = {}
     for (name, n, k), m in itertools.product(SHAPES, PREFILL_ROWS):
         weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         blocks = fp8.quantize_blocks(weight)
-        reference = quant_linear.fp8_linear_ref(x, *blocks)
+        int4 = int_weight.quantize_int4(weight, 128)
 
         def block_fp8(x, q, s, in_kernel):
-            saved, quant_linear.BLOCK_FP8_GEMM = quant_linear.BLOCK_FP8_GEMM, in_kernel
-            try:
+            with unittest.mock.patch.object(quant_linear, "BLOCK_FP8_GEMM", in_kernel):
                 return quant_linear.fp8_linear(x, q, s)
-            finally:
-                quant_linear.BLOCK_FP8_GEMM = saved
 
-        variants = {"fp8_block128_dequant": (blocks, functools.partial(block_fp8, in_kernel=False)),
-                    "fp8_block128_gemm": (blocks, functools.partial(block_fp8, in_kernel=True)),
-                    "cublas_bf16": ((weight,), linear)}  # fmt: skip
-        for variant, (tensors, launch) in variants.items():
+        def int4_dequant_cublas(x, packed, scales):
+            return linear(x, quant_linear._int4_dequantize(packed, scales, None, x.dtype))
+
+        fp8_ref = quant_linear.fp8_linear_ref
+        variants = {
+            "fp8_block128_dequant": (blocks, functools.partial(block_fp8, in_kernel=False), fp8_ref),
+            "fp8_block128_gemm": (blocks, functools.partial(block_fp8, in_kernel=True), fp8_ref),
+            "int4_gemm": (int4, lambda x, p, s: quant_linear._int4_gemm(x, p, s, None, None),
+                          quant_linear.int4_linear_ref),
+            "int4_dequant_cublas": (int4, int4_dequant_cublas, quant_linear.int4_linear_ref),
+            "cublas_bf16": ((weight,), linear, lambda x, w: linear(x.float(), w.float())),
+        }
+        for variant, (tensors, launch, reference) in variants.items():
             key = f"{name}_{n}x{k}_m{m}_{variant}"
-            sqnr = _sqnr(reference, launch(x, *tensors))
+            sqnr = _sqnr(reference(x, *tensors), launch(x, *tensors))
             if not sqnr >= MIN_SQNR_DB:
                 sys.exit(f"{key}: SQNR {sqnr:.1f} dB against its reference (< {MIN_SQNR_DB}); not timing it")
             copies = itertools.cycle(_copies(tensors))
@@ -142,7 +152,7 @@ def _prefill_cases(bench) -> dict:
             nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (n + k)
             results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr,
                             "tflop_s": 2 * m * n * k / (ms * 1e-3) / 1e12}
-        del weight, blocks
+        del weight, blocks, int4
         torch.cuda.empty_cache()
     return results
 
@@ -276,7 +286,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--prefill", action="store_true", help="also block-scaled FP8 at 128 and 2048 rows")
+    parser.add_argument("--prefill", action="store_true",
+                        help="also block-scaled FP8 and int4 at 128, 512 and 2048 rows")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES,
                         help="the schemes timed (the activation-fusion cases only with all of them)")
     args = parser.parse_args()

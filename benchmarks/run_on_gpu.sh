@@ -22,6 +22,9 @@
 # PTX; on since 2026-11-30): every int4 GPU test, W5-quant-gemv of int4 packed and fp32 beside tinygemm
 # (QUANT_GEMV_ARGS=--sweep adds the loops' launch-setting sweep, ~2 min), W1-int4 with the packed and the fp32 loop
 # (INT4_SETTINGS: bench_quant's kernel settings run beside the default; INT4_TESTS: the pytest -k expression).
+# int4prefill: int4 past 16 rows, the dequantizing GEMM against the weight dequantized by a kernel then cuBLAS
+# (quant_linear.INT4_DEQUANT_MIN_ROWS): their GPU tests, bench_quant_gemv --prefill (128, 512, 2048 rows), W1-int4's
+# TTFT (~5 min, estimated).
 # fp8pass: W1-fp8 with the opt-in fp8_input_quant pass beside the defaults (bf16 in the same call; ~3 min).
 # (int4next, the dot form reading words, ran on 2026-11-30: no faster at one row, slower at 8: -int4next.json.)
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
@@ -100,6 +103,15 @@ for stage in $STAGES; do
                         --out "$OUT" \
                         > "$OUT/quant-int4packed.log" 2>&1 || rc=1
                     grep -E "tok/s" "$OUT/quant-int4packed.log" ;;
+        int4prefill) timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py \
+                         -k "dequantize or llama_shapes" > "$OUT/gpu-int4prefill-tests.log" 2>&1 || rc=1
+                     grep -E "passed|failed|^FAILED" "$OUT/gpu-int4prefill-tests.log" | tail -n 8
+                     python3 benchmarks/bench_quant_gemv.py --schemes int4 --prefill --out "$OUT" \
+                         > "$OUT/quant-gemv-int4prefill.log" 2>&1 || rc=1
+                     grep -E "_m(128|512|2048)_(int4|cublas)" "$OUT/quant-gemv-int4prefill.log"
+                     python3 benchmarks/bench_quant.py --schemes int4 --out "$OUT" > "$OUT/quant-int4prefill.log" 2>&1 \
+                         || rc=1
+                     grep -E "tok/s" "$OUT/quant-int4prefill.log" ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

@@ -189,6 +189,23 @@ def test_int4_packed_bf16_loop_leaves_rows_at_an_odd_address_to_the_fp32_loop(mo
     assert not torch.equal(kernels.int4_linear(x.clone(), packed, scales), got)  # aligned: the packed loop
 
 
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("shape", [(300, 1024), (28672, 4096)])
+def test_int4_dequantize_kernel_gives_dequantize_int4s_bits_in_bf16(shape, zero_point):
+    """int4 prefill from INT4_DEQUANT_MIN_ROWS rows: the kernel's weight is dequantize_int4's, bit for bit (the same
+    fp32 operations, one rounding to bf16), so the product is cuBLAS's over the weight the reference dequantizes."""
+    from fastllm.kernels import quant_linear
+
+    torch.manual_seed(13)
+    packed, scales, *zeros = int_weight.quantize_int4(torch.randn(*shape, device="cuda") * 0.02, 128,
+                                                      zero_point=zero_point)  # fmt: skip
+    zeros = zeros[0] if zeros else None
+    got = quant_linear._int4_dequantize(packed, scales, zeros, torch.bfloat16)
+    assert torch.equal(got, int_weight.dequantize_int4(packed, scales, torch.bfloat16, zeros))
+    x = torch.randn(quant_linear.INT4_DEQUANT_MIN_ROWS, shape[1], device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(kernels.int4_linear(x, packed, scales, None, zeros), torch.nn.functional.linear(x, got))
+
+
 def test_int4_decode_kernel_with_split_k_replays_in_a_cuda_graph():
     """4096 x 4096 at M = 1 splits K (64 blocks of 64 outputs for 132 SMs): the workspace is allocated inside the
     capture, from the graph's pool, and each replay reads the inputs' current values."""

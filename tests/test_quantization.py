@@ -548,6 +548,41 @@ def test_int4_gemm_past_16_rows_against_the_dequantized_weight(m, n, k, group, z
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("n,k,group,zero_point", [(72, 256, 32, True), (300, 384, 128, False), (5, 128, 64, True)])
+def test_int4_dequantize_kernel_gives_dequantize_int4s_bits(n, k, group, zero_point, dtype):
+    """The same fp32 operations in the same order, rounded once to dtype: the same bits (N = 300 and 5: partial
+    blocks of rows). bf16 on the GPU only (the interpreter truncates fp32 -> bf16): test_gpu_quantization."""
+    from fastllm.kernels import quant_linear, triton_on_cpu
+
+    _, packed, scales, _, zeros = _int4_inputs(1, n, k, group, zero_point, False, torch.float32)
+    with triton_on_cpu():
+        got = quant_linear._int4_dequantize(packed, scales, zeros, dtype)
+    assert torch.equal(got, int_weight.dequantize_int4(packed, scales, dtype, zeros))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_int4_prefill_from_the_threshold_multiplies_the_dequantized_weight(dtype, monkeypatch):
+    """From INT4_DEQUANT_MIN_ROWS rows int4_linear dequantizes the weight and calls F.linear (cuBLAS on a GPU): the
+    reference's dequantized weight in dtype times x, rounded once, as the GEMM test's reference; one row fewer takes
+    the GEMM (the same reference)."""
+    from fastllm.kernels import quant_linear, triton_on_cpu
+
+    monkeypatch.setattr(quant_linear, "INT4_DEQUANT_MIN_ROWS", 40)
+    calls = []
+    dequantize = quant_linear._int4_dequantize
+    monkeypatch.setattr(quant_linear, "_int4_dequantize", lambda *a: calls.append(a) or dequantize(*a))
+    for m in (39, 40):
+        x, packed, scales, b, zeros = _int4_inputs(m, 136, 256, 64, True, True, dtype, lead=(1,))
+        weight = int_weight.dequantize_int4(packed, scales, dtype, zeros)
+        expected = rounded_once(F.linear, x, weight, b, dtype=dtype)
+        with triton_on_cpu():
+            got = kernels.int4_linear(x, packed, scales, b, zeros)
+        assert got.shape == (1, m, 136)
+        assert_close(got, expected)
+        assert len(calls) == (m >= 40)
+
+
 def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu():
     """The CPU sizes grids for 132 SMs (an H100 / H200). One row: 8 KB chunks, 8 warps and ~1056 programs wanted (the
     packed bf16x2 loop: 4 warps, up to 2112), splits of >= 512 columns, at most 8. More rows: 4 KB chunks,

@@ -652,6 +652,50 @@ def _int4_gemm(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     return out
 
 
+# int4 prefill: from INT4_DEQUANT_MIN_ROWS rows the weight is dequantized into x's dtype by `_int4_dequantize_kernel`
+# (reading 0.5 and writing 2 bytes a weight) and multiplied by cuBLAS, whose bf16 GEMM runs ~2x `_int4_gemm_kernel`
+# (745-810 against 360-375 TFLOP/s at M = 2048 on an H200). Below it the dequantizing GEMM reads 4x fewer bytes.
+# The transient weight comes from torch's caching allocator (the graph's pool under capture). Chosen from
+# bench_quant_gemv --prefill (2026-11-30; see its results for the crossover).
+INT4_DEQUANT_MIN_ROWS = 512
+
+
+@triton.jit
+def _int4_dequantize_kernel(W, S, Z, OUT, N, stride_wn, stride_sn, stride_zn, stride_on,
+                            GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Program (n block, group g): OUT[n, group g's columns] = (nibble - zero) * scale in fp32, rounded to OUT's dtype:
+    dequantize_int4's operations in its order (the same bits)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1)
+    in_range = n < N
+    rows = n.to(tl.int64)
+    packed = tl.load(W + rows[:, None] * stride_wn + g * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, :],
+                     mask=in_range[:, None], other=0)  # fmt: skip
+    zero = tl.full([BLOCK_N], 8.0, tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(Z + rows * stride_zn + g, mask=in_range, other=0.0)
+    scale = tl.load(S + rows * stride_sn + g, mask=in_range, other=0.0)
+    weight = (_int4_columns(packed.to(tl.int32)).to(tl.float32) - zero[:, None]) * scale[:, None]
+    tl.store(OUT + rows[:, None] * stride_on + g * GROUP + tl.arange(0, GROUP)[None, :],
+             weight.to(OUT.dtype.element_ty), mask=in_range[:, None])  # fmt: skip
+
+
+def _int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_int4(packed, scales, dtype, zeros)` in one kernel (no fp32 temporaries): [N, K] in dtype."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    group = k // scales.shape[1]
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    z = zeros if zeros is not None else scales  # never read without zeros
+    block_n = max(1, 8192 // group)
+    with device_guard(packed):
+        _int4_dequantize_kernel[(triton.cdiv(n, block_n), scales.shape[1])](
+            packed, scales, z, out, n, packed.stride(0), scales.stride(0), z.stride(0), out.stride(0),
+            GROUP=group, HAS_ZEROS=zeros is not None, BLOCK_N=block_n, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
 # Block-scaled FP8 weights past 16 rows (prefill): `_fp8_block_gemm_kernel` widens W's tiles and applies their
 # block's scale in its K loop, where fp8_linear otherwise dequantizes the whole weight into x's dtype on each call for
 # cuBLAS. Off until measured on a GPU (written and checked in the interpreter only, 2026-11-30): bench_quant_gemv's
@@ -729,7 +773,8 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                 zeros: torch.Tensor | None = None, *, split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """`int4_linear_ref`'s math in Triton (CUDA, or the CPU inside `triton_on_cpu()`): up to 16 rows the decode
-    kernel, more the GEMM that dequantizes W's tiles in its K loop; the CPU runs the reference. Groups other than a
+    kernel, more the GEMM that dequantizes W's tiles in its K loop, from INT4_DEQUANT_MIN_ROWS the weight dequantized
+    into x's dtype by a kernel and multiplied by F.linear; the CPU runs the reference. Groups other than a
     power of two from 32 up run the reference's dequantization (into x's dtype) and F.linear on CUDA.
 
     split_counters: None, or int32 zeros on x's device (at least N / 16 of them) that no concurrent call shares:
@@ -745,6 +790,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
         if rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
             return _int4_gemv(rows, packed, scales, bias, zeros, split_counters=split_counters).reshape(
                 *x.shape[:-1], n)
+        if rows.shape[0] >= INT4_DEQUANT_MIN_ROWS:
+            return F.linear(x, _int4_dequantize(packed, scales, zeros, x.dtype), bias)
         return _int4_gemm(rows, packed, scales, bias, zeros).reshape(*x.shape[:-1], n)
     if not x.is_cuda:
         return int4_linear_ref(x, packed, scales, bias, zeros)
