@@ -655,8 +655,11 @@ def _int4_gemm(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
 # int4 prefill: from INT4_DEQUANT_MIN_ROWS rows the weight is dequantized into x's dtype by `_int4_dequantize_kernel`
 # (reading 0.5 and writing 2 bytes a weight) and multiplied by cuBLAS, whose bf16 GEMM runs ~2x `_int4_gemm_kernel`
 # (745-810 against 360-375 TFLOP/s at M = 2048 on an H200). Below it the dequantizing GEMM reads 4x fewer bytes.
-# The transient weight comes from torch's caching allocator (the graph's pool under capture). Chosen from
-# bench_quant_gemv --prefill (2026-11-30; see its results for the crossover).
+# The transient weight comes from torch's caching allocator (the graph's pool under capture; the engine's activation
+# measurement at max_num_batched_tokens sees it). Measured on an H200 (2026-11-30, bench_quant_gemv --prefill,
+# -int4-prefill.json), Llama-3.1-8B's projections: at 512 rows dequantize + cuBLAS takes 0.59-0.87 of the GEMM's time,
+# at 2048 0.60-0.63; at 128 the GEMM is as fast or faster (gate_up 96 us against 166). W1-int4's TTFT at 2048 tokens
+# 56.1 ms against 87.5 before (bf16 55).
 INT4_DEQUANT_MIN_ROWS = 512
 
 
