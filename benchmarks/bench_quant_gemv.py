@@ -72,8 +72,7 @@ def _tinygemm_int4(weight: torch.Tensor) -> tuple | None:
 
 
 def _int4_flag(flag: str, on: bool):
-    """quant_linear's int4 path flag (INT4_DOT_WORDS, INT4_PACKED_BF16) set to `on` for what runs inside; as it was
-    afterwards."""
+    """quant_linear's int4 path flag (INT4_PACKED_BF16) set to `on` for what runs inside; as it was afterwards."""
     return unittest.mock.patch.object(quant_linear, flag, on)
 
 
@@ -84,10 +83,6 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
     tinygemm = _tinygemm_int4(weight) if "tinygemm_int4" in names else None
     counters = torch.zeros(weight.shape[0], dtype=torch.int32, device=weight.device)
     int4_linear = functools.partial(quant_linear.int4_linear, split_counters=counters)
-
-    def int4_dot_words(x, *tensors):  # quant_linear.INT4_DOT_WORDS on for this launch (and its graph's capture)
-        with _int4_flag("INT4_DOT_WORDS", True):
-            return int4_linear(x, *tensors)
 
     def int4_fp32(x, *tensors):  # the one- and two-row loop in fp32 (INT4_PACKED_BF16 off: the default before)
         with _int4_flag("INT4_PACKED_BF16", False):
@@ -101,7 +96,6 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
         "fp8_block128": (fp8.quantize_blocks(weight), quant_linear.fp8_linear, quant_linear.fp8_linear_ref),
         "int8": (int_weight.quantize_int8(weight), quant_linear.int8_linear, quant_linear.int8_linear_ref),
         "int4": (int_weight.quantize_int4(weight, 128), int4_linear, quant_linear.int4_linear_ref),
-        "int4_dot_words": (int_weight.quantize_int4(weight, 128), int4_dot_words, quant_linear.int4_linear_ref),
         "int4_fp32": (int_weight.quantize_int4(weight, 128), int4_fp32, quant_linear.int4_linear_ref),
         **({"tinygemm_int4": tinygemm} if tinygemm else {}),
     }
@@ -109,8 +103,7 @@ def _schemes(weight: torch.Tensor, names: list[str]) -> dict:
 
 
 BASELINES = ("cublas_bf16", "tinygemm_int4")
-SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_fp32", "int4_dot_words",
-           "tinygemm_int4"]
+SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_fp32", "tinygemm_int4"]
 PREFILL_ROWS = [128, 512, 2048]
 
 
@@ -193,7 +186,8 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
 def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
     """The int4 GEMV at one row at other block sizes, warps and K splits than `_int4_config`'s, each checked first,
     with its loop in packed bf16x2 math (INT4_PACKED_BF16) and in fp32. (The dot form at one row, x padded to 16
-    rows, reading bytes or words, measured no faster than the fp32 loop: W5-quant-gemv-...-int4next.json.) More
+    rows, reading bytes or words, measured no faster than the fp32 loop: W5-quant-gemv-...-int4next.json, from the
+    script of 2026-11-30.) More
     splits put more bytes in flight: an H200's bandwidth times latency wants ~4 MB."""
     m, k = x.shape
     n = tensors[0].shape[0]

@@ -118,30 +118,6 @@ def test_int4_decode_kernel_reading_bytes_gives_the_bits_of_reading_words(rows):
     assert _sqnr(expected, kernels.int4_linear(x, packed, scales)) >= 40.0
 
 
-@pytest.mark.parametrize("zero_point", [True, False])
-@pytest.mark.parametrize("rows", [3, 8, 16])
-@pytest.mark.parametrize("shape", [(6144, 4096), (4096, 14336)])
-def test_int4_dot_form_from_words_on_cuda(shape, rows, zero_point, monkeypatch):
-    """INT4_DOT_WORDS (off by default until measured): the dot form's 16-bit operands made from int32 words, two a
-    shift and a LOP3. With zero points they are the numbers made from bytes, in the same columns: the same dot, the
-    same bits. Symmetric, nibble - 8 enters the dot: against the reference at this file's 40 dB (bf16 x, bias)."""
-    from fastllm.kernels import quant_linear
-
-    n, k = shape
-    torch.manual_seed(5)
-    packed, scales, *zeros = int_weight.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, 128,
-                                                      zero_point=zero_point)  # fmt: skip
-    zeros = zeros[0] if zeros else None
-    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    expected = kernels.int4_linear(x, packed, scales, b, zeros)
-    monkeypatch.setattr(quant_linear, "INT4_DOT_WORDS", True)
-    got = kernels.int4_linear(x, packed, scales, b, zeros)
-    if zero_point:
-        assert torch.equal(got, expected)
-    assert _sqnr(kernels.int4_linear_ref(x, packed, scales, b, zeros), got) >= 40.0
-
-
 @pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 2])

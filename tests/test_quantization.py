@@ -460,27 +460,6 @@ def test_int4_decode_kernel_reads_bytes_where_words_do_not_fit_with_the_same_res
     assert_close(words, kernels.int4_linear_ref(x, packed, scales, b, zeros))
 
 
-@pytest.mark.parametrize("m,n,k,group,zero_point,bias,split_k", [c for c in INT4_DECODE_CASES if c[0] > 2])
-def test_int4_dot_form_reading_words_against_the_reference(m, n, k, group, zero_point, bias, split_k, monkeypatch):
-    """INT4_DOT_WORDS (off by default): the dot form makes its 16-bit MAGIC + nibble operands from int32 words, two a
-    shift and a LOP3, instead of from bytes. With zero points the same numbers enter the same dot: the same bits.
-    Symmetric, nibble - 8 enters it (exact in 16 bits): the reference's one fp16 rounding. fp32 x keeps the bytes
-    (its codes enter the dot as fp32)."""
-    from fastllm.kernels import quant_linear, triton_on_cpu
-
-    x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, bias, torch.float16)
-    with triton_on_cpu():
-        expected = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k)
-        monkeypatch.setattr(quant_linear, "INT4_DOT_WORDS", True)
-        got = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k)
-        fp32 = quant_linear._int4_gemv(x.float(), packed, scales, b if b is None else b.float(), zeros,
-                                       split_k=split_k)  # fmt: skip
-    if zero_point:
-        assert torch.equal(got, expected)
-    assert_close(got, kernels.int4_linear_ref(x, packed, scales, b, zeros))
-    assert_close(fp32, kernels.int4_linear_ref(x.float(), packed, scales, b if b is None else b.float(), zeros))
-
-
 @pytest.mark.parametrize("m,n,k,group,zero_point,bias,split_k", [c for c in INT4_DECODE_CASES if c[-1]])
 def test_int4_decode_kernel_summing_its_own_splits_gives_the_reduce_kernels_result(m, n, k, group, zero_point, bias,
                                                                                   split_k, monkeypatch):

@@ -205,14 +205,6 @@ _INT4_CONFIGS: dict[tuple, dict] = {}
 # launch fewer for each split projection). GPU-tested and measured on an H200 (2026-11-30, one call, W1-int4 of
 # Llama-3.1-8B): 276.1 tok/s against 274.2 with the reduce kernel (W1-int4-...-reduce-in-kernel.json).
 REDUCE_SPLITS_IN_KERNEL = True
-# Whether the dot form (3-16 rows) reads the weight as int32 words and makes two 16-bit MAGIC + nibble numbers a shift
-# and a LOP3 (_int4_half_pair) rather than bytes extracted one by one, and, symmetric, takes MAGIC + 8 off in 16 bits
-# (nibble - 8 exactly, two a packed HADD2) instead of correcting the dot by the group's sum of x: 305 instructions a
-# 64-nibble chunk against 376 (sm_90 SASS at 4 warps, BLOCK_N 64; 297 at 8 warps and BLOCK_N 128, where the one-row
-# broadcast form issues 459). Off until measured on a GPU (written and checked in the interpreter only,
-# 2026-11-30); bench_quant_gemv's scheme int4_dot_words and its int4 sweep (which also times the dot form at one
-# row) turn it on (run_on_gpu.sh's stage int4next).
-INT4_DOT_WORDS = False
 # Whether one or two bf16 rows on CUDA take the packed bf16x2 form of the broadcast loop (_int4_bf16x2_word_dot, inline
 # PTX: not in the interpreter): ~2.4 instructions a nibble in place of ~6.4, the products and the sum of a word's
 # eight rounded to bf16 before the fp32 sum (see the function for why that is accurate enough).
@@ -222,7 +214,8 @@ INT4_PACKED_BF16 = True
 @triton.jit
 def _bf16_pairs(low_cols, high_cols):
     """Two int32 words of bf16 x, (x[c], x[c + 1]) and (x[c + 4], x[c + 5]) -> the pairs in nibble order
-    (x[c], x[c + 4]) and (x[c + 1], x[c + 5]): the pairing of _int4_half_pair's two halves (one PRMT each)."""
+    (x[c], x[c + 4]) and (x[c + 1], x[c + 5]): the pairing of the halves a LOP3 makes from nibbles i and i + 4 of a
+    word (_int4_bf16x2_word_dot; one PRMT each)."""
     return tl.inline_asm_elementwise(
         "prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;",
         "=r,=r,r,r", [low_cols, high_cols], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
@@ -310,27 +303,6 @@ def _int4_word_mantissas(words):
 
 
 @triton.jit
-def _int4_half_pair(words, NIBBLE: tl.constexpr, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
-    """Nibbles NIBBLE and NIBBLE + 4 of each int32 word as two 16-bit numbers MAGIC + nibble (DTYPE: bf16 or fp16,
-    MAGIC its _INT4_MAGIC bits): one shift and one LOP3 make both, each nibble ORed into the low mantissa bits of one
-    16-bit half (putting the halves in column order for the dot costs PRMTs: ~0.6 a nibble in sm_90 SASS)."""
-    pair = ((words >> (4 * NIBBLE)) & 0x000F000F) | (MAGIC | (MAGIC << 16))
-    return pair.to(tl.int16).to(DTYPE, bitcast=True), (pair >> 16).to(tl.int16).to(DTYPE, bitcast=True)
-
-
-@triton.jit
-def _int4_word_halves(words, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
-    """Packed words [R, C] -> [R, 8C] MAGIC + nibble in DTYPE, column order (the joins as in _int4_word_mantissas)."""
-    n0, n4 = _int4_half_pair(words, 0, MAGIC, DTYPE)
-    n1, n5 = _int4_half_pair(words, 1, MAGIC, DTYPE)
-    n2, n6 = _int4_half_pair(words, 2, MAGIC, DTYPE)
-    n3, n7 = _int4_half_pair(words, 3, MAGIC, DTYPE)
-    even = tl.join(tl.join(n0, n4), tl.join(n2, n6))
-    odd = tl.join(tl.join(n1, n5), tl.join(n3, n7))
-    return tl.reshape(tl.join(even, odd), [words.shape[0], 8 * words.shape[1]])
-
-
-@triton.jit
 def _int4_gemv_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
     W,  # [N, K // 2] uint8, unit column stride: column 2j in the low nibble of byte j, 2j + 1 in the high one; with
@@ -350,7 +322,8 @@ def _int4_gemv_kernel(
     SPLIT: tl.constexpr,
     REDUCE: tl.constexpr,  # with SPLIT: the last program of an n block sums the partials (no reduce kernel)
     USE_DOT: tl.constexpr,
-    WORDS: tl.constexpr,  # W read as int32 words (_int4_word_mantissas, _int4_word_halves), not bytes (_int4_columns)
+    WORDS: tl.constexpr,  # broadcast form: W read as int32 words (_int4_word_mantissas, _int4_bf16x2_word_dot), not
+                          # bytes (_int4_columns)
     MAGIC: tl.constexpr,  # 16-bit x: _INT4_MAGIC[x.dtype]; 0 for fp32 x
     PACKED_BF16: tl.constexpr,  # broadcast form, bf16 x, WORDS, CUDA: _int4_bf16x2_word_dot (INT4_PACKED_BF16)
     DOT_PRECISION: tl.constexpr,
@@ -394,20 +367,11 @@ def _int4_gemv_kernel(
                 zero = tl.load(z_ptrs + g)
             x = tl.load(x_ptrs + g * GROUP)
             if MAGIC != 0:
-                if WORDS:  # the launcher's INT4_DOT_WORDS
-                    w = _int4_word_halves(tl.load(w_ptrs + g * GW), MAGIC, X.dtype.element_ty)  # MAGIC + nibble
-                else:
-                    codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
-                    w = (codes | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # MAGIC + nibble, exact
-                if WORDS and not HAS_ZEROS:
-                    # nibble - 8, exact in 16 bits, by packed subtractions (HADD2: two a instruction), where the
-                    # offset's correction takes a sum of x's rows and an FFMA an output each group
-                    w = w - (1032.0 if MAGIC == 0x6400 else 136.0)
-                    part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
-                else:
-                    part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
-                    offset = (1024.0 if MAGIC == 0x6400 else 128.0) + zero
-                    part -= offset[:, None] * tl.sum(x.to(tl.float32), axis=1)[None, :]
+                codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
+                w = (codes | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # MAGIC + nibble, exact
+                part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
+                offset = (1024.0 if MAGIC == 0x6400 else 128.0) + zero
+                part -= offset[:, None] * tl.sum(x.to(tl.float32), axis=1)[None, :]
             else:  # fp32 x (tests): the codes less the zero, exact in fp32
                 part = tl.dot(_int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32)).to(tl.float32) - zero[:, None],
                               tl.trans(x), input_precision=DOT_PRECISION)
@@ -546,8 +510,11 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     b = bias if bias is not None else out  # never read without a bias
     z = zeros if zeros is not None else scales  # never read without zeros
     pdl = pdl_options(rows)
-    if cfg["USE_DOT"] and not (INT4_DOT_WORDS and rows.dtype != torch.float32):
-        words = None  # the dot form reads bytes unless INT4_DOT_WORDS
+    if cfg["USE_DOT"]:
+        # The dot form reads bytes: its operands made from words (two halves a shift and a LOP3, symmetric weights
+        # as nibble - 8 by packed subtractions) measured slower on an H200 (2026-11-30, M = 8: 1.14-1.23x the time
+        # at Llama-3.1-8B's projections; no faster at M = 1: W5-quant-gemv-...-int4next.json) and was removed.
+        words = None
     blocks = triton.cdiv(n, cfg["BLOCK_N"])
     reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
     with device_guard(rows):

@@ -134,7 +134,8 @@ def check_device_supports(config: QuantConfig, device) -> None:
 def slow_path_warning(config: QuantConfig, device) -> str | None:
     """What a user should know before running `config` on `device`, or None: weight-only schemes on CUDA run steps of
     more than 16 tokens (prefill) slower than the model's own dtype (int8 dequantizes every weight on each such call;
-    int4 dequantizes tiles inside its GEMM, ~2x cuBLAS's time on an H200)."""
+    int4 dequantizes tiles inside its GEMM up to 511 tokens, then every weight on each call: H200 figures from
+    bench_quant_gemv --prefill, W5-quant-gemv-...-int4-prefill.json)."""
     import torch
 
     if config.weights == "int8" and torch.device(device).type == "cuda":
@@ -142,7 +143,8 @@ def slow_path_warning(config: QuantConfig, device) -> str | None:
                 "16 tokens (prefill) dequantize every weight on each call, which is slower than the model's own dtype "
                 "there; 'fp8' runs those on FP8 tensor cores")
     if config.weights == "int4" and torch.device(device).type == "cuda":
-        return ("quantization 'int4' on CUDA: decode steps read the packed weights directly; steps of more than 16 "
-                "tokens (prefill) run a GEMM that dequantizes them as it goes, about twice the time of the model's "
-                "own dtype there; 'fp8' runs those on FP8 tensor cores")
+        return ("quantization 'int4' on CUDA: decode steps read the packed weights directly; steps of 17 to 511 "
+                "tokens (prefill) run a GEMM that dequantizes them as it goes (1.3-2.2x the model's own dtype's time "
+                "at 128 tokens on an H200), longer ones dequantize every weight on each call before the model dtype's "
+                "GEMM (1.3-1.5x its time at 512 tokens, ~1.1x at 2048); 'fp8' runs those on FP8 tensor cores")
     return None
