@@ -466,8 +466,9 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
 
 @functools.cache
 def _has_bf16x2_math(device_index: int) -> bool:
-    """Whether the CUDA device runs packed bf16x2 FMAs (compute capability 8.0+): INT4_PACKED_BF16's loop."""
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+    """Whether the device runs INT4_PACKED_BF16's inline PTX: an NVIDIA GPU (not a ROCm build's) of compute
+    capability 8.0+ (packed bf16x2 FMAs)."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 def _int4_packed_bf16(rows: torch.Tensor, words: torch.Tensor | None) -> bool:
