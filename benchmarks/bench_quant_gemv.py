@@ -184,38 +184,36 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
 
 
 def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
-    """The int4 GEMV at one row at other block sizes, warps and K splits than `_int4_config`'s, each checked first,
-    with its loop in packed bf16x2 math (INT4_PACKED_BF16) and in fp32. (The dot form at one row, x padded to 16
-    rows, reading bytes or words, measured no faster than the fp32 loop: W5-quant-gemv-...-int4next.json, from the
-    script of 2026-11-30.) More
-    splits put more bytes in flight: an H200's bandwidth times latency wants ~4 MB."""
+    """The int4 GEMV's packed bf16x2 loop (one row) at other block sizes, warps, pipeline stages and K splits than
+    `_int4_config`'s, each checked first. (The fp32 loop's sweep: W5-quant-gemv-...-int4-mantissa-sweep.json and
+    -int4packed-sweep.json; the dot form at one row, reading bytes or words, measured no faster than the fp32 loop:
+    -int4next.json.) More splits and warps an SM put more bytes in flight and hide more latency; more registers a
+    thread (wider blocks) fit fewer programs an SM."""
     m, k = x.shape
     n = tensors[0].shape[0]
     group = k // tensors[1].shape[1]
     expected = quant_linear.int4_linear_ref(x, *tensors)
     copies = itertools.cycle(_copies(tensors))
-    default = quant_linear._int4_config(m, n, k, group, x.device)
+    default = quant_linear._int4_config(m, n, k, group, x.device, packed_bf16=True)
     results = []
     try:
-        for packed, block_n, warps, split in itertools.product((True, False), (64, 128, 256), (4, 8), (1, 2, 4, 8)):
+        for block_n, warps, stages, split in itertools.product((64, 128), (2, 4, 8), (2, 3, 4), (4, 8)):
             cfg = {**default, "USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": warps,
-                   "NUM_STAGES": 3, "split_k": split}  # fmt: skip
-            quant_linear._INT4_CONFIGS[(m, n, k, group, x.device, packed)] = cfg
-            with _int4_flag("INT4_PACKED_BF16", packed):
-                if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
-                    print(f"int4 sweep: {cfg} off from the reference; not timed")
-                    continue
-                ms = bench(lambda: launch(x, *next(copies)))
+                   "NUM_STAGES": stages, "split_k": split}  # fmt: skip
+            quant_linear._INT4_CONFIGS[(m, n, k, group, x.device, True)] = cfg
+            if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
+                print(f"int4 sweep: {cfg} off from the reference; not timed")
+                continue
+            ms = bench(lambda: launch(x, *next(copies)))
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            results.append({**cfg, "INT4_PACKED_BF16": packed, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
+            results.append({**cfg, "INT4_PACKED_BF16": True, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
     finally:
-        for packed in (True, False):
-            quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device, packed), None)
-    for packed in (True, False):  # each loop's best, whichever leads the top five
-        best = min((r for r in results if r["INT4_PACKED_BF16"] == packed), key=lambda r: r["ms"], default=None)
-        if best:
-            print(f"int4 sweep {n}x{k} packed={packed}: best BLOCK_N={best['BLOCK_N']} warps={best['num_warps']} "
-                  f"split={best['split_k']}: {best['ms'] * 1e3:.1f} us, {best['gb_s']:.0f} GB/s")
+        quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device, True), None)
+    best = min(results, key=lambda r: r["ms"], default=None)
+    if best:
+        print(f"int4 sweep {n}x{k}: best BLOCK_N={best['BLOCK_N']} warps={best['num_warps']} "
+              f"stages={best['NUM_STAGES']} split={best['split_k']}: {best['ms'] * 1e3:.1f} us, "
+              f"{best['gb_s']:.0f} GB/s (default {default})")
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 
