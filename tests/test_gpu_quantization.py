@@ -149,6 +149,26 @@ def test_int4_packed_bf16_loop_against_the_reference_and_the_fp32_loop(shape, ro
         assert not torch.equal(got, fp32_loop)  # the packed loop ran (its roundings differ from fp32's)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_int4_packed_bf16_loop_takes_gptq_zero_points_up_to_16(rows, monkeypatch):
+    """A GPTQ checkpoint stores zero - 1 in a nibble, so its zero points reach 16 (quant/checkpoints.py): 128 + 16 and
+    every nibble - zero in -16..15 are still exact in bf16. Random codes with zeros 0, 1, 8, 15 and 16: against the
+    reference at this file's 40 dB, and against the fp32 loop."""
+    from fastllm.kernels import quant_linear
+
+    torch.manual_seed(14)
+    n, k, group = 512, 4096, 128
+    packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+    scales = torch.rand(n, k // group, device="cuda") * 0.01 + 1e-3
+    zeros = torch.tensor([0.0, 1.0, 8.0, 15.0, 16.0], device="cuda")[torch.randint(0, 5, (n, k // group))]
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    expected = kernels.int4_linear_ref(x, packed, scales, None, zeros)
+    got = kernels.int4_linear(x, packed, scales, None, zeros)
+    monkeypatch.setattr(quant_linear, "INT4_PACKED_BF16", False)
+    assert _sqnr(expected, got) >= 40.0
+    assert _sqnr(kernels.int4_linear(x, packed, scales, None, zeros), got) >= 40.0
+
+
 def test_int4_packed_bf16_loop_leaves_rows_at_an_odd_address_to_the_fp32_loop(monkeypatch):
     """The packed loop reads x as int32 words: a row starting at an odd bf16 element (a contiguous view, so no copy is
     made) is not 4-byte aligned and must take the fp32 loop: its bits, not a misaligned-address fault."""
