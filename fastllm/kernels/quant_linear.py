@@ -195,9 +195,11 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
 # copy bandwidth at the four projections (bench_quant_gemv's files -int4-mantissa-sweep), W1-int4 311.1 tok/s against
 # 276.4 for the kernel before in the same session (W1-int4-...-mantissa-8kb and -head-kernel). Measured slower: a
 # [BLOCK_N, GROUP] accumulator summed once after the loop (5.3 instructions a nibble, but 167 registers a thread:
-# 247 tok/s, -acc2d). What is left at one row: ~6 instructions a nibble (product, sum tree, offset, extraction) where
-# the weight's bytes arrive at ~0.7 per clock an SM; packed bf16x2 math or tensor cores (as tinygemm, 1.2-1.9x this
-# kernel at M = 1) are the next step.
+# 247 tok/s, -acc2d). That loop issued ~6 instructions a nibble (product, sum tree, offset, extraction) where the
+# weight's bytes arrive at ~0.7 per clock an SM; with bf16 x it now runs in packed bf16x2 math (INT4_PACKED_BF16):
+# 33-53% of copy bandwidth at 1 row, W1-int4 1.59x bf16. The four projections then issue ~40% of what the SMs can, so
+# what bounds them now is latency (short programs of 4 groups each; a sweep of stages, warps and splits found nothing
+# more than ~4% better: -int4-packed-stages-sweep.json).
 _INT4_CHUNK_NIBBLES = 8192  # BLOCK_N * GROUP: 4 KB of packed weight a chunk (BLOCK_N 64 at group 128); 8 KB at one row
 _INT4_MAGIC = {torch.float16: 0x6400, torch.bfloat16: 0x4300, torch.float32: 0}  # bits of 1024.0 (fp16), 128.0 (bf16)
 _INT4_CONFIGS: dict[tuple, dict] = {}
@@ -206,8 +208,11 @@ _INT4_CONFIGS: dict[tuple, dict] = {}
 # Llama-3.1-8B): 276.1 tok/s against 274.2 with the reduce kernel (W1-int4-...-reduce-in-kernel.json).
 REDUCE_SPLITS_IN_KERNEL = True
 # Whether one or two bf16 rows on CUDA take the packed bf16x2 form of the broadcast loop (_int4_bf16x2_word_dot, inline
-# PTX: not in the interpreter): ~2.4 instructions a nibble in place of ~6.4, the products and the sum of a word's
-# eight rounded to bf16 before the fp32 sum (see the function for why that is accurate enough).
+# PTX: not in the interpreter), the products and the sum of a word's eight rounded to bf16 before the fp32 sums (see
+# the function for why that is accurate enough): 3.1 sm_90 SASS instructions a nibble at its launch settings (395 a
+# thread's 128-nibble chunk, loads and sums included) against the fp32 loop's 6.4-7.2. Measured on an H200
+# (2026-11-30): 1.26-1.42x the fp32 loop's speed at Llama-3.1-8B's four projections at 1 row, W1-int4 380.5 tok/s
+# against 311.1 in the same call (W1-int4-...-packed-final.json, W5-quant-gemv-...-int4-packed-final.json).
 INT4_PACKED_BF16 = True
 
 
@@ -227,7 +232,7 @@ def _int4_bf16x2_word_dot(words, p0, p1, p2, p3, neg_offset):
     p0..p3: x's pairs (x[i], x[i + 4]) for i = 0..3 as bf16x2 words (_bf16_pairs); neg_offset: -(128 + zero) in both
     halves. A LOP3 makes the pair of nibbles i and i + 4 two bf16 numbers 128 + nibble (exact: bf16 counts in ones from
     128 to 256), one FMA takes 128 + zero off (exact: whole numbers in -16..15), four FMAs multiply by x and sum, the
-    two halves are added in fp32: 18 instructions for eight nibbles.
+    two halves are added in fp32: 21 instructions for eight nibbles (the two constants' moves hoisted).
 
     Accuracy: a product of a whole number |v| <= 16 and a bf16 x is rounded to bf16 (a relative error <= 2^-9), and so
     is each of the three sums after it; across a dot of K products these errors are independent, ~2^-9 relative to
