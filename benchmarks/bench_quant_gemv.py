@@ -19,7 +19,8 @@ added).
 int4 runs as decode runs it, with split counters (its K splits summed in the kernel). --schemes times only the named
 schemes (the activation-fusion cases need all of them).
 
-    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--prefill] [--schemes int4 ...] [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--prefill] [--schemes int4 ...] [--rows 1 8]
+                                                       [--out DIR]
 
 Writes DIR/W5-quant-gemv-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 """
@@ -278,6 +279,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--rows", nargs="+", type=int, default=ROWS, help="decode rows timed (1 to 16)")
     parser.add_argument("--prefill", action="store_true",
                         help="also block-scaled FP8 and int4 at 128, 512 and 2048 rows")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES,
@@ -290,7 +292,9 @@ def main() -> int:
     torch.manual_seed(0)
     bench = functools.partial(triton.testing.do_bench_cudagraph, return_mode="median", rep=30)
     results, sweeps = {}, {}
-    for (name, n, k), m in itertools.product(SHAPES, ROWS):
+    if not all(1 <= m <= 16 for m in args.rows):
+        parser.error(f"--rows must be decode row counts from 1 to 16, got {args.rows}")
+    for (name, n, k), m in itertools.product(SHAPES, args.rows):
         weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for scheme, (tensors, launch, reference) in _schemes(weight, args.schemes).items():
@@ -314,7 +318,7 @@ def main() -> int:
         results.update(_prefill_cases(bench))
     copy_gb_s = copy_bandwidth_gb_s(functools.partial(triton.testing.do_bench, return_mode="median"))
     gpu = torch.cuda.get_device_name()
-    config = {"shapes": {name: [n, k] for name, n, k in SHAPES}, "rows": ROWS, "int4_group": 128,
+    config = {"shapes": {name: [n, k] for name, n, k in SHAPES}, "rows": args.rows, "int4_group": 128,
               "bytes": "stored weight + scales, x and out once", "timing": "do_bench_cudagraph median, rep 30, "
               f"cycling >= {WORKING_SET >> 20} MB of weight copies", "copy_gb_s": copy_gb_s}
     ours = {k: v for k, v in results.items() if not k.endswith(BASELINES)}
