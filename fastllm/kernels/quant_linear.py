@@ -211,8 +211,9 @@ REDUCE_SPLITS_IN_KERNEL = True
 # PTX: not in the interpreter), the products and the sum of a word's eight rounded to bf16 before the fp32 sums (see
 # the function for why that is accurate enough): 3.1 sm_90 SASS instructions a nibble at its launch settings (395 a
 # thread's 128-nibble chunk, loads and sums included) against the fp32 loop's 6.4-7.2. Measured on an H200
-# (2026-11-30): 1.26-1.42x the fp32 loop's speed at Llama-3.1-8B's four projections at 1 row, W1-int4 380.5 tok/s
-# against 311.1 in the same call (W1-int4-...-packed-final.json, W5-quant-gemv-...-int4-packed-final.json).
+# (2026-11-30): 1.26-1.42x the fp32 loop's speed at Llama-3.1-8B's four projections at 1 row, 1.44-1.76x at 2 rows
+# (their launch settings unchanged: -int4-two-rows.json), W1-int4 380.5 tok/s against 311.1 in the same call
+# (W1-int4-...-packed-final.json, W5-quant-gemv-...-int4-packed-final.json).
 INT4_PACKED_BF16 = True
 
 
