@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/bench_quant.py [--model llama31_8b] [--schemes fp8 int8 int4] [--pdl-variants on off]
                                                   [--kernel-settings int4_reduce_kernel ...]
-                                                  [--pass-variants fp8_input_quant] [--out DIR]
+                                                  [--pass-variants fp8_input_quant int4_act_fusion] [--out DIR]
 
 Each scheme runs as `fastllm.optimize(model, quantization=scheme)` on a fresh random-weight model (seed 0), measured
 as bench_decode.py measures W1 (128-token prompt, greedy, 256 new tokens). Roofline: bytes a decode step must read
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
                              "(on: <model>_<scheme>_pdl beside baselines.fastllm_bf16_pdl) or off (off: _no_pdl)")
     parser.add_argument("--kernel-settings", nargs="*", default=[], choices=list(KERNEL_SETTINGS),
                         help="also run bf16 and every scheme with each opt-in kernel path on (keys _<name>)")
-    parser.add_argument("--pass-variants", nargs="*", default=[], choices=["fp8_input_quant"],
+    parser.add_argument("--pass-variants", nargs="*", default=[], choices=["fp8_input_quant", "int4_act_fusion"],
                         help="also run every scheme with this opt-in pass besides the defaults (keys _<pass>; bf16 "
                              "is not rerun: these passes change quantized layers only)")
     args = parser.parse_args(argv)

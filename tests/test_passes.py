@@ -38,6 +38,7 @@ from fastllm.passes import (
     dropout,
     fp8_input_quant,
     gated_mlp,
+    int4_act_fusion,
     layer_norm,
     list_index,
     op_histogram,
@@ -535,6 +536,13 @@ def _fp8_input_quant_case():
     return fp8_input_quant.pattern(*args), fp8_input_quant.replacement(*args), EXACT
 
 
+def _int4_act_fusion_case():
+    """On the CPU both forms run the references (int4_linear_ref, then silu_and_mul_ref): the same bits."""
+    x = _rand(3, 64)
+    packed, scales = quantize.quantized_tensors(_rand(48, 64), "int4", 32)
+    return int4_act_fusion.pattern(x, packed, scales), int4_act_fusion.replacement(x, packed, scales), EXACT
+
+
 def _quantize_case():
     """fp8 on values e4m3 holds exactly (each row's largest magnitude 448 times a power of two): quantizing loses
     nothing, so the quantized linear computes the float one up to summation order."""
@@ -595,6 +603,7 @@ REPLACEMENT_CASES = {
     "decode_fusion": _decode_fusion_case,
     "decode_act_fusion": _decode_act_fusion_case,
     "fp8_input_quant": _fp8_input_quant_case,
+    "int4_act_fusion": _int4_act_fusion_case,
     "skinny_linear[fp16]": lambda: _skinny_linear_case(torch.float16),
     "skinny_linear[bf16]": lambda: _skinny_linear_case(torch.bfloat16),
 }
@@ -623,10 +632,10 @@ def test_every_pass_has_a_replacement_case():
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_act_fusion",
-                          "decode_fusion", "fp8_input_quant")
+                          "decode_fusion", "fp8_input_quant", "int4_act_fusion")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    # decode_fusion and fp8_input_quant are opt-in
-    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-2]
+    # decode_fusion, fp8_input_quant and int4_act_fusion are opt-in
+    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-3]
     assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 
 

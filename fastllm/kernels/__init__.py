@@ -84,3 +84,9 @@ from fastllm.kernels.fp8_input_linear import (  # noqa: E402
 )
 
 __all__ += ["act_and_mul_fp8_linear", "act_and_mul_fp8_linear_ref", "rms_norm_fp8_linear", "rms_norm_fp8_linear_ref"]
+
+# An int4 gate-up projection with its gated activation in the decode kernel's epilogue (appended:
+# int4_gated_linear.py).
+from fastllm.kernels.int4_gated_linear import int4_linear_and_act, int4_linear_and_act_ref  # noqa: E402
+
+__all__ += ["int4_linear_and_act", "int4_linear_and_act_ref"]

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm.kernels import skinny_gemm
+from fastllm.kernels._act_and_mul import gated_activation
 from fastllm.kernels._registry import (
     device_guard,
     fp8_row_codes,
@@ -309,6 +310,52 @@ def _int4_word_mantissas(words):
 
 
 @triton.jit
+def _gated_rows(acc, HALF: tl.constexpr):
+    """[2 HALF] values of a gated block's rows (gate rows, then their up rows) -> (gate, up), [HALF] each."""
+    return tl.split(tl.permute(tl.reshape(acc, [2, HALF]), [1, 0]))
+
+
+@triton.jit
+def _gated_output(gate, up, Y_row, cols, inter, ACT: tl.constexpr):
+    """Store act(gate) * up at Y_row[cols < inter]: gate and up (fp32, bias included) rounded to Y's dtype first, then
+    multiplied in fp32 and rounded once (the linear's store, then `_act_and_mul_kernel`: the same bits)."""
+    ty = Y_row.dtype.element_ty
+    y = gated_activation(gate.to(ty).to(tl.float32), ACT) * up.to(ty).to(tl.float32)
+    tl.store(Y_row + cols, y.to(ty), mask=cols < inter)
+
+
+@triton.jit
+def _gated_store(acc, B, Y_row, pid_n, n_load, inter, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 ACT: tl.constexpr):  # fmt: skip
+    """A gated block's one-split result for one row of x: acc [BLOCK_N] fp32 by weight row (n_load) -> Y_row."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    if HAS_BIAS:
+        acc += tl.load(B + n_load).to(tl.float32)
+    gate, up = _gated_rows(acc, HALF)
+    _gated_output(gate, up, Y_row, pid_n * HALF + tl.arange(0, HALF), inter, ACT)
+
+
+@triton.jit
+def _gated_reduce_row(P, B, Y_row, m, pid_n, M, N, num_splits, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ACT: tl.constexpr):  # fmt: skip
+    """The last program of a gated block: row m's partials of its gate and up rows summed in split order (as
+    `reduce_split_row` sums them), + bias, then `_gated_output`. Other SMs wrote the partials: read past L1 (.cg)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    inter = N // 2
+    cols = pid_n * HALF + tl.arange(0, HALF)
+    mask = cols < inter
+    gate = tl.zeros([HALF], dtype=tl.float32)
+    up = tl.zeros([HALF], dtype=tl.float32)
+    for s in range(0, num_splits):
+        gate += tl.load(P + (s * M + m) * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+        up += tl.load(P + (s * M + m) * N + inter + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        gate += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        up += tl.load(B + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    _gated_output(gate, up, Y_row, cols, inter, ACT)
+
+
+@triton.jit
 def _int4_gemv_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
     W,  # [N, K // 2] uint8, unit column stride: column 2j in the low nibble of byte j, 2j + 1 in the high one; with
@@ -337,6 +384,7 @@ def _int4_gemv_kernel(
     BLOCK_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
+    GATED: tl.constexpr = "",  # broadcast form: "silu", "gelu", "gelu_tanh": Y [M, N / 2] = act(gate) * up (below)
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -349,13 +397,28 @@ def _int4_gemv_kernel(
     1.25-1.5x the x @ W^T orientation at M = 8) and x's rows are padded to 16. The codes enter the dot exactly: for
     16-bit x the nibble ORed into the mantissa of MAGIC is the number MAGIC + nibble (two integer ops, no conversion),
     and the group's sum of x times (MAGIC + zero) takes the offset off again in fp32; the scale multiplies the group's
-    dot."""
+    dot.
+
+    GATED (a gate-up projection, W = [gate rows | up rows], N = 2I): program n block b takes gate rows bH..bH + H - 1
+    and the up rows I apart from them (H = BLOCK_N / 2), summed as any rows are, and stores act(gate) * up for
+    outputs bH..bH + H - 1 of Y [M, I]: the two rounded to Y's dtype first, then act(gate) * up in fp32, rounded once,
+    as the linear's store and the activation kernel would (the same bits). Splits store their partials at the weight's
+    rows; the last program of a block sums them (REDUCE is required)."""
+    tl.static_assert(GATED == "" or not USE_DOT, "GATED: the broadcast form only")
     pdl_wait(USE_PDL)
     GW: tl.constexpr = GROUP // 8 if WORDS else GROUP // 2  # words (bytes) of a row in one group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_load = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read row N - 1 and are never stored: no load masks
+    if GATED != "":
+        HALF: tl.constexpr = BLOCK_N // 2
+        inter = N // 2
+        col = pid_n * HALF + tl.arange(0, BLOCK_N) % HALF  # the output column of each of the block's rows
+        up_offset = tl.where(tl.arange(0, BLOCK_N) >= HALF, inter, 0)
+        n = tl.where(col < inter, col + up_offset, N)  # weight rows; past the last output: N (never stored)
+        n_load = (tl.minimum(col, inter - 1) + up_offset).to(tl.int64)
+    else:
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_load = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read row N - 1, never stored: no load masks
     w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, GW)[None, :]  # [BLOCK_N, GW]; group g at + g * GW
     s_ptrs = S + n_load * stride_sn
     z_ptrs = Z + n_load * stride_zn
@@ -427,11 +490,16 @@ def _int4_gemv_kernel(
             acc0 = tl.sum(by_word0, axis=1)
             acc1 = tl.sum(by_word1, axis=1)
         row = tl.zeros([1], dtype=tl.int32)
-        _epilogue(acc0[None, :], row, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
-                  False)
-        if BLOCK_M > 1:
-            _epilogue(acc1[None, :], row + 1, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
+        if GATED != "" and not SPLIT:
+            _gated_store(acc0, B, Y, pid_n, n_load, N // 2, HAS_BIAS, BLOCK_N, GATED)
+            if BLOCK_M > 1:
+                _gated_store(acc1, B, Y + stride_ym, pid_n, n_load, N // 2, HAS_BIAS, BLOCK_N, GATED)
+        else:
+            _epilogue(acc0[None, :], row, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                       False)
+            if BLOCK_M > 1:
+                _epilogue(acc1[None, :], row + 1, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT,
+                          False, False)
     if SPLIT and REDUCE:
         # As the decode attention merges its splits (kernels/paged_attention.py): every thread's partial stores
         # before the arrival (the barrier), the arrival's release/acquire makes all programs' visible to the last.
@@ -440,8 +508,12 @@ def _int4_gemv_kernel(
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(1) - 1:
             tl.store(counter, 0)  # ready for the next launch
             for row_m in range(M):
-                reduce_split_row(P, B, Y, Y, row_m, n, M, N, stride_ym, 0, tl.num_programs(1), HAS_BIAS, False,
-                                 ".cg")  # fmt: skip
+                if GATED != "":
+                    _gated_reduce_row(P, B, Y + row_m * stride_ym, row_m, pid_n, M, N, tl.num_programs(1), HAS_BIAS,
+                                      BLOCK_N, GATED)  # fmt: skip
+                else:
+                    reduce_split_row(P, B, Y, Y, row_m, n, M, N, stride_ym, 0, tl.num_programs(1), HAS_BIAS, False,
+                                     ".cg")  # fmt: skip
 
 
 def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packed_bf16: bool = False) -> dict:
@@ -497,11 +569,15 @@ def _int4_words(packed: torch.Tensor) -> torch.Tensor | None:
 
 def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                zeros: torch.Tensor | None, *, split_k: int | None = None,
-               split_counters: torch.Tensor | None = None) -> torch.Tensor:
+               split_counters: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor | None:
     """rows [M <= 16, K] through `_int4_gemv_kernel`; split_k (tests) overrides the heuristic's (splits are whole
     groups, none empty: possibly fewer). With split_counters (int4_linear's) and REDUCE_SPLITS_IN_KERNEL, the
     kernel sums its own splits, else `_split_k_reduce_kernel` does (the same sums: the same result). No host sync;
-    the only allocations are out and the split-K workspace (from the graph's pool during CUDA-graph capture)."""
+    the only allocations are out and the split-K workspace (from the graph's pool during CUDA-graph capture).
+
+    activation ("silu", "gelu", "gelu_tanh"; M <= 2): a gate-up projection's act(gate) * up [M, N / 2] (GATED in the
+    kernel), or None where the kernel cannot make it (its K splits would need the reduce kernel): the caller then
+    runs the linear and the activation kernel."""
     m, k = rows.shape
     n = packed.shape[0]
     num_groups = scales.shape[1]
@@ -511,8 +587,12 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     packed_bf16 = _int4_packed_bf16(rows, words)
     cfg = _int4_config(m, n, k, group, rows.device, packed_bf16)
     num_splits, groups_per_split = skinny_gemm._split(num_groups, 1, split_k or cfg["split_k"])
-    out = torch.empty(m, n, dtype=rows.dtype, device=rows.device)
     split = num_splits > 1
+    blocks = triton.cdiv(n, cfg["BLOCK_N"])
+    reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
+    if activation is not None and (cfg["USE_DOT"] or n % 2 or (split and not reduce)):
+        return None
+    out = torch.empty(m, n // 2 if activation else n, dtype=rows.dtype, device=rows.device)
     parts = skinny_gemm._workspace(rows.device, num_splits * m * n) if split else out  # not touched without a split
     b = bias if bias is not None else out  # never read without a bias
     z = zeros if zeros is not None else scales  # never read without zeros
@@ -522,8 +602,6 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
         # as nibble - 8 by packed subtractions) measured slower on an H200 (2026-11-30, M = 8: 1.14-1.23x the time
         # at Llama-3.1-8B's projections; no faster at M = 1: W5-quant-gemv-...-int4next.json) and was removed.
         words = None
-    blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
     with device_guard(rows):
         _int4_gemv_kernel[(blocks, num_splits)](
             rows, packed if words is None else words, scales, z, b, out, parts, split_counters if reduce else scales,
@@ -533,7 +611,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             USE_DOT=cfg["USE_DOT"], WORDS=words is not None, PACKED_BF16=packed_bf16,
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-            **pdl,
+            GATED=activation or "", **pdl,
         )  # fmt: skip
         if split and not reduce:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](
@@ -747,6 +825,13 @@ def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     return F.linear(x.float(), weight, None if bias is None else bias.float()).to(x.dtype)
 
 
+def check_split_counters(split_counters: torch.Tensor | None, x: torch.Tensor) -> None:
+    """int4 split counters: None, or int32 on x's device (ValueError otherwise)."""
+    if split_counters is not None and (split_counters.dtype != torch.int32 or split_counters.device != x.device):
+        raise ValueError(f"split_counters must be int32 on x's device {x.device}, got {split_counters.dtype} on "
+                         f"{split_counters.device}")
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
                 zeros: torch.Tensor | None = None, *, split_counters: torch.Tensor | None = None) -> torch.Tensor:
     """`int4_linear_ref`'s math in Triton (CUDA, or the CPU inside `triton_on_cpu()`): up to 16 rows the decode
@@ -760,9 +845,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
     k = packed.shape[1] * 2
     rows = x.reshape(-1, k)
     group = k // scales.shape[1] if scales.shape[1] else 0
-    if split_counters is not None and (split_counters.dtype != torch.int32 or split_counters.device != x.device):
-        raise ValueError(f"split_counters must be int32 on x's device {x.device}, got {split_counters.dtype} on "
-                         f"{split_counters.device}")
+    check_split_counters(split_counters, x)
     if use_triton(x) and rows.shape[0] > 0 and n > 0 and group >= 32 and group & (group - 1) == 0:
         if rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
             return _int4_gemv(rows, packed, scales, bias, zeros, split_counters=split_counters).reshape(

@@ -19,7 +19,8 @@ from fastllm.passes._graph import fake
 NAME = "reference_ops"
 # Last among the passes that emit launchers: it must see every one of them.
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "quantize", "skinny_linear",
-                               "decode_act_fusion", "decode_fusion", "fp8_input_quant", "attention")
+                               "decode_act_fusion", "decode_fusion", "fp8_input_quant", "int4_act_fusion",
+                               "attention")
 RUNS_BEFORE: tuple[str, ...] = ()
 RUNTIME_REQUIRED = True
 
@@ -40,6 +41,7 @@ REFERENCES = {
     kernels.int4_linear: kernels.int4_linear_ref,
     kernels.rms_norm_fp8_linear: kernels.rms_norm_fp8_linear_ref,
     kernels.act_and_mul_fp8_linear: kernels.act_and_mul_fp8_linear_ref,
+    kernels.int4_linear_and_act: kernels.int4_linear_and_act_ref,
 }
 LAUNCHER_OF = {ref: launcher for launcher, ref in REFERENCES.items()}
 
