@@ -839,6 +839,9 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
     into x's dtype by a kernel and multiplied by F.linear; the CPU runs the reference. Groups other than a
     power of two from 32 up run the reference's dequantization (into x's dtype) and F.linear on CUDA.
 
+    zeros: None (symmetric: 8), or whole numbers from 0 to 16 (what the quantizer and the GPTQ / AWQ loaders make):
+    the bf16 decode loop (INT4_PACKED_BF16) holds 128 + zero exactly only for those. Values are not checked here (a
+    check would synchronize every call); a fractional zero point would be rounded there.
     split_counters: None, or int32 zeros on x's device (at least N / 16 of them) that no concurrent call shares:
     the decode kernel then sums its K splits itself (the quantize pass gives each model's graph one such buffer)."""
     n = packed.shape[0]
