@@ -39,6 +39,7 @@ from fastllm.kernels._registry import (
 from fastllm.kernels.skinny_gemm import (  # the skinny GEMM's store (partials, or + bias rounded once) and reduce
     _epilogue,
     reduce_split_row,
+    sum_split_partials,
 )
 from fastllm.quant import fp8 as fp8_format
 from fastllm.quant.int_weight import dequantize_int4, dequantize_int8
@@ -338,17 +339,15 @@ def _gated_store(acc, B, Y_row, pid_n, n_load, inter, HAS_BIAS: tl.constexpr, BL
 @triton.jit
 def _gated_reduce_row(P, B, Y_row, m, pid_n, M, N, num_splits, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                       ACT: tl.constexpr):  # fmt: skip
-    """The last program of a gated block: row m's partials of its gate and up rows summed in split order (as
-    `reduce_split_row` sums them), + bias, then `_gated_output`. Other SMs wrote the partials: read past L1 (.cg)."""
+    """The last program of a gated block: row m's partials of its gate and up rows summed in split order
+    (`sum_split_partials`, as `reduce_split_row` sums them), + bias, then `_gated_output`. Other SMs wrote the
+    partials: read past L1 (.cg)."""
     HALF: tl.constexpr = BLOCK_N // 2
     inter = N // 2
     cols = pid_n * HALF + tl.arange(0, HALF)
     mask = cols < inter
-    gate = tl.zeros([HALF], dtype=tl.float32)
-    up = tl.zeros([HALF], dtype=tl.float32)
-    for s in range(0, num_splits):
-        gate += tl.load(P + (s * M + m) * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
-        up += tl.load(P + (s * M + m) * N + inter + cols, mask=mask, other=0.0, cache_modifier=".cg")
+    gate = sum_split_partials(P, m, tl.where(mask, cols, N), M, N, num_splits, ".cg")
+    up = sum_split_partials(P, m, tl.where(mask, inter + cols, N), M, N, num_splits, ".cg")
     if HAS_BIAS:
         gate += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
         up += tl.load(B + inter + cols, mask=mask, other=0.0).to(tl.float32)

@@ -318,15 +318,24 @@ def _split_k_reduce_kernel(
 
 
 @triton.jit
+def sum_split_partials(P, m, n, M, N, num_splits, CACHE_MODIFIER: tl.constexpr):
+    """Row m's partials at columns n (those < N; 0 elsewhere) summed in split order, in fp32: the one order every
+    reduction of split-K partials uses (`reduce_split_row`, the int4 kernel's gated epilogue), so they agree."""
+    mask = n < N
+    acc = tl.zeros(n.shape, dtype=tl.float32)
+    for s in range(0, num_splits):
+        acc += tl.load(P + (s * M + m) * N + n, mask=mask, other=0.0, cache_modifier=CACHE_MODIFIER)
+    return acc
+
+
+@triton.jit
 def reduce_split_row(P, B, Y, R, m, n, M, N, stride_ym, stride_rm, num_splits, HAS_BIAS: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, CACHE_MODIFIER: tl.constexpr):  # fmt: skip
     """Row m, columns n of the split-K result: the partials summed in split order, + bias, rounded once (+ the
     residual, rounded again). Shared by `_split_k_reduce_kernel` and the kernels that reduce their own splits
     (the last program of an n block; CACHE_MODIFIER ".cg": other SMs wrote the partials), so both give one result."""
     mask = n < N
-    acc = tl.zeros(n.shape, dtype=tl.float32)
-    for s in range(0, num_splits):
-        acc += tl.load(P + (s * M + m) * N + n, mask=mask, other=0.0, cache_modifier=CACHE_MODIFIER)
+    acc = sum_split_partials(P, m, n, M, N, num_splits, CACHE_MODIFIER)
     if HAS_BIAS:
         acc += tl.load(B + n, mask=mask, other=0.0).to(tl.float32)
     row = tl.zeros([1], dtype=tl.int32) + m
