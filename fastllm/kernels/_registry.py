@@ -173,7 +173,12 @@ def sm_count(device: torch.device) -> int:
 # on an H200 (W1, batch 1, random weights, 2026-11-30, W1-quant-*-pdl-small-steps.json, W1-*-pdl-llama2.json), with
 # against without in one call: Llama-3.1-8B FP8 weights 355.1 against 339.5 tok/s, int4 270.9 against 264.9, bf16
 # 234.0 against 236.5; Llama-2-7B bf16 261.1 against 259.7. Not measured for larger steps (unset: off there).
-# (Also tried: the GEMVs asking L2 for their first weight chunks before the wait: no gain for FP8, a loss for bf16.)
+# (Also tried: the GEMVs asking L2 for their first weight chunks before the wait: no gain for FP8, a loss for bf16.
+# And the GEMVs loading each split's first chunk of weights into registers before the wait, summed after the loop so
+# the loop's pipelined loads were not delayed (sm_90 SASS checked), 2026-12-01: 96 registers a thread against 72-80,
+# fewer programs an SM; W1 in one call, on against off: bf16 237.3 against 238.0 tok/s, FP8 313.6 against 362.6, int4
+# 377.7 against 386.9; the one-row FP8 GEMVs fell to 73-75% of copy bandwidth from 85-87%:
+# W1-quant-nvidia-h200-20261201-weights-first.json, W5-quant-gemv-...-20261201-weights-first.json. Removed.)
 _PDL_SETTING = os.environ.get("FASTLLM_PDL", "")
 if _PDL_SETTING not in ("", "0", "1"):
     warnings.warn(f"FASTLLM_PDL={_PDL_SETTING!r} is not one of '1' (every launch) or '0' (none); using the default "

@@ -8,7 +8,7 @@ epilogue: a program sums gate rows and the up rows I apart from them, and the la
 splits of both): the activation kernel's launch and the [M, 2I] round trip go. The linear's outputs are rounded to
 x's dtype before the activation, as the unfused kernels store them, so the result is theirs bit for bit. Past two
 rows, off CUDA, or where the kernel's K splits would need the separate reduce kernel, the two launchers run as
-unfused. The pass that makes these calls (passes/int4_act_fusion.py) is opt-in until measured on a GPU.
+unfused. The pass that makes these calls (passes/int4_act_fusion.py) is opt-in: measured slower (its docstring).
 """
 
 from __future__ import annotations

@@ -217,11 +217,6 @@ REDUCE_SPLITS_IN_KERNEL = True
 # (their launch settings unchanged: -int4-two-rows.json), W1-int4 380.5 tok/s against 311.1 in the same call
 # (W1-int4-...-packed-final.json, W5-quant-gemv-...-int4-packed-final.json).
 INT4_PACKED_BF16 = True
-# Whether the packed loop loads its split's first chunk of weights (words, scales, zero points) before pdl_wait, so
-# that under programmatic dependent launch that chunk's memory latency overlaps the kernel before it (the weights are
-# the model's: no kernel on the stream writes them; x is read only after the wait). The sums run in the same order
-# either way (the same bits). Not yet measured on a GPU.
-INT4_WEIGHTS_BEFORE_WAIT = True
 
 
 @triton.jit
@@ -281,26 +276,6 @@ def _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW: tl.constexpr):
     p0, p1 = _bf16_pairs(tl.load(XW + j), tl.load(XW + j + 2))
     p2, p3 = _bf16_pairs(tl.load(XW + j + 1), tl.load(XW + j + 3))
     return _int4_bf16x2_word_dot(words, p0[None, :], p1[None, :], p2[None, :], p3[None, :], neg_offset[:, None])
-
-
-@triton.jit
-def _int4_packed_chunk(w_ptrs, s_ptrs, z_ptrs, g, zero, HAS_ZEROS: tl.constexpr, GW: tl.constexpr):
-    """Group g's weights for the packed loop, none of x: the words [R, GW], scales [R] and -(128 + zero) in both
-    bf16 halves [R] (the zero's rounding to bf16 is exact for whole zero points 0..16)."""
-    if HAS_ZEROS:
-        zero = tl.load(z_ptrs + g)
-    half = (-128.0 - zero).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return tl.load(w_ptrs + g * GW), tl.load(s_ptrs + g), half | (half << 16)
-
-
-@triton.jit
-def _int4_packed_rows(by_word0, by_word1, XW, stride_xm, words, scale, neg_offset, g, GW: tl.constexpr,
-                      BLOCK_M: tl.constexpr):  # fmt: skip
-    """The packed loop's step: group g's scaled word sums of x's one or two rows added to their accumulators."""
-    by_word0 += _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW) * scale[:, None]
-    if BLOCK_M > 1:
-        by_word1 += _int4_bf16x2_row_dot(XW + stride_xm // 2, words, neg_offset, g, GW) * scale[:, None]
-    return by_word0, by_word1
 
 
 @triton.jit
@@ -409,7 +384,6 @@ def _int4_gemv_kernel(
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
     GATED: tl.constexpr = "",  # broadcast form: "silu", "gelu", "gelu_tanh": Y [M, N / 2] = act(gate) * up (below)
-    WEIGHTS_FIRST: tl.constexpr = False,  # packed loop: the first chunk's weights loaded before pdl_wait
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -430,9 +404,7 @@ def _int4_gemv_kernel(
     as the linear's store and the activation kernel would (the same bits). Splits store their partials at the weight's
     rows; the last program of a block sums them (REDUCE is required)."""
     tl.static_assert(GATED == "" or not USE_DOT, "GATED: the broadcast form only")
-    tl.static_assert(not WEIGHTS_FIRST or PACKED_BF16, "WEIGHTS_FIRST: the packed loop only")
-    if not WEIGHTS_FIRST:
-        pdl_wait(USE_PDL)
+    pdl_wait(USE_PDL)
     GW: tl.constexpr = GROUP // 8 if WORDS else GROUP // 2  # words (bytes) of a row in one group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -488,20 +460,18 @@ def _int4_gemv_kernel(
         # 1.02-1.05x at three of Llama-3.1-8B's projections, the same at gate_up with 8 splits: -sum-after-loop).
         by_word0 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
         by_word1 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
-        XW = X.to(tl.pointer_type(tl.int32), bitcast=True)
-        g_loop = g_begin
-        if WEIGHTS_FIRST:
-            # The split's first chunk loaded before the wait (weights: no earlier kernel writes them) and summed after
-            # the loop: summed first, its x loads and arithmetic would delay the loop's pipelined loads (sm_90 SASS)
-            first_words, first_scale, first_offset = _int4_packed_chunk(w_ptrs, s_ptrs, z_ptrs, g_begin, zero,
-                                                                        HAS_ZEROS, GW)  # fmt: skip
-            pdl_wait(USE_PDL)
-            g_loop += 1
-        for g in tl.range(g_loop, g_end, num_stages=NUM_STAGES):
+        for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
             if PACKED_BF16:
-                words, scale, neg_offset = _int4_packed_chunk(w_ptrs, s_ptrs, z_ptrs, g, zero, HAS_ZEROS, GW)
-                by_word0, by_word1 = _int4_packed_rows(by_word0, by_word1, XW, stride_xm, words, scale, neg_offset,
-                                                       g, GW, BLOCK_M)  # fmt: skip
+                if HAS_ZEROS:
+                    zero = tl.load(z_ptrs + g)
+                half = (-128.0 - zero).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                neg_offset = half | (half << 16)
+                words = tl.load(w_ptrs + g * GW)
+                scale = tl.load(s_ptrs + g)
+                XW = X.to(tl.pointer_type(tl.int32), bitcast=True)
+                by_word0 += _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW) * scale[:, None]
+                if BLOCK_M > 1:
+                    by_word1 += _int4_bf16x2_row_dot(XW + stride_xm // 2, words, neg_offset, g, GW) * scale[:, None]
             else:
                 if WORDS:
                     mantissas = _int4_word_mantissas(tl.load(w_ptrs + g * GW))
@@ -515,9 +485,6 @@ def _int4_gemv_kernel(
                 acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
                 if BLOCK_M > 1:
                     acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
-        if WEIGHTS_FIRST:
-            by_word0, by_word1 = _int4_packed_rows(by_word0, by_word1, XW, stride_xm, first_words, first_scale,
-                                                   first_offset, g_begin, GW, BLOCK_M)  # fmt: skip
         if PACKED_BF16:
             acc0 = tl.sum(by_word0, axis=1)
             acc1 = tl.sum(by_word1, axis=1)
@@ -643,7 +610,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             USE_DOT=cfg["USE_DOT"], WORDS=words is not None, PACKED_BF16=packed_bf16,
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-            GATED=activation or "", WEIGHTS_FIRST=packed_bf16 and not cfg["USE_DOT"] and INT4_WEIGHTS_BEFORE_WAIT, **pdl,
+            GATED=activation or "", **pdl,
         )  # fmt: skip
         if split and not reduce:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](

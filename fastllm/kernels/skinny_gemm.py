@@ -72,10 +72,6 @@ _PROGRAMS_PER_SM = 2
 _MIN_SPLIT_COLUMNS = 512
 _MAX_SPLIT_K = 16
 _REDUCE_BLOCK = 1024
-# Whether the broadcast form (1-4 rows; no prologue, no block scales) loads each split's first chunk of W before
-# pdl_wait: under programmatic dependent launch its memory latency then overlaps the kernel before it (W is a model
-# weight: no kernel on the stream writes it; x is read only after the wait). Not yet measured on a GPU.
-WEIGHTS_BEFORE_WAIT = True
 
 # Optional autotuning (FASTLLM_SKINNY_AUTOTUNE=1): the first eager CUDA call of a shape times every candidate below
 # and keeps the fastest for that (M, N, K, dtype, device), in memory and on disk (kernels/_tuning_cache.py) for
@@ -194,26 +190,6 @@ def _pick(values, i: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
-def _broadcast_chunk(acc0, acc1, acc2, acc3, w, x_ptrs, k0, k, k_end, K, NW, rstd0, rstd1, rstd2, rstd3, norm_offset,
-                     stride_xm, EVEN_K: tl.constexpr, PROLOGUE: tl.constexpr, NORM_CAST: tl.constexpr,
-                     BLOCK_M: tl.constexpr):  # fmt: skip
-    """The broadcast form's step: W's chunk at column k0 (fp32, [BLOCK_N, BLOCK_K]) times each of x's BLOCK_M rows,
-    added to the rows' accumulators (rows >= BLOCK_M untouched)."""
-    acc0 += w * _load_x(x_ptrs, k0, k, k_end, K, NW, rstd0, norm_offset, EVEN_K, PROLOGUE, NORM_CAST).to(
-        tl.float32)[None, :]
-    if BLOCK_M > 1:
-        acc1 += w * _load_x(x_ptrs + 1 * stride_xm, k0, k, k_end, K, NW, rstd1, norm_offset, EVEN_K, PROLOGUE,
-                            NORM_CAST).to(tl.float32)[None, :]
-    if BLOCK_M > 2:
-        acc2 += w * _load_x(x_ptrs + 2 * stride_xm, k0, k, k_end, K, NW, rstd2, norm_offset, EVEN_K, PROLOGUE,
-                            NORM_CAST).to(tl.float32)[None, :]
-    if BLOCK_M > 3:
-        acc3 += w * _load_x(x_ptrs + 3 * stride_xm, k0, k, k_end, K, NW, rstd3, norm_offset, EVEN_K, PROLOGUE,
-                            NORM_CAST).to(tl.float32)[None, :]
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
 def _skinny_gemm_kernel(
     X,  # [M, K], row stride stride_xm, unit column stride
     W,  # [N, K], row stride stride_wn, unit column stride; x's dtype, or float8 e4m3 with HAS_WSCALE
@@ -244,21 +220,13 @@ def _skinny_gemm_kernel(
     USE_PDL: tl.constexpr = False,
     WS_BLOCK_N: tl.constexpr = 0,  # > 0: block-scaled weights (a block-wise FP8 checkpoint's), WS_BLOCK_K | BLOCK_K
     WS_BLOCK_K: tl.constexpr = 0,
-    WEIGHTS_FIRST: tl.constexpr = False,  # see below
 ):  # fmt: skip
     """Program (n block, split): y[m, n] = sum over k in the split's K range of x[m, k] * w[n, k], in fp32.
 
     Broadcast form: one [BLOCK_N, BLOCK_K] fp32 accumulator a row of x, summed over K once after the loop, so the
     loop body is loads and FMAs (no cross-thread reduction) and every tile keeps the 2-D layout whose shared-memory
-    reads are 16 bytes wide (a [M, N, K] product tile would be read element by element).
-
-    WEIGHTS_FIRST (broadcast form, per-channel or no weight scales, no prologue): the split's first chunk of W is
-    loaded before pdl_wait (W is a model weight: no kernel on the stream writes it) and summed after the loop (summed
-    first, its x loads and FMAs would delay the loop's pipelined loads)."""
-    tl.static_assert(not WEIGHTS_FIRST or (not USE_DOT and WS_BLOCK_K == 0 and PROLOGUE == "none"),
-                     "WEIGHTS_FIRST: the broadcast form without block scales or a prologue")
-    if not WEIGHTS_FIRST:
-        pdl_wait(USE_PDL)
+    reads are 16 bytes wide (a [M, N, K] product tile would be read element by element)."""
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -302,22 +270,21 @@ def _skinny_gemm_kernel(
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # rows >= BLOCK_M stay unused (compiled away)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        k_loop = k_begin
-        if WEIGHTS_FIRST:
-            first_w = _load_k(w_ptrs, k_begin, k[None, :], k_end, EVEN_K)
-            pdl_wait(USE_PDL)
-            k_loop += BLOCK_K
-        for k0 in tl.range(k_loop, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
             w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(tl.float32)
             if WS_BLOCK_K > 0:
                 w = w * _block_scales(WS, n, k0, N, stride_wsn, WS_BLOCK_N, WS_BLOCK_K)[:, None]
-            acc0, acc1, acc2, acc3 = _broadcast_chunk(acc0, acc1, acc2, acc3, w, x_ptrs, k0, k, k_end, K, NW, rstd0,
-                                                      rstd1, rstd2, rstd3, norm_offset, stride_xm, EVEN_K, PROLOGUE,
-                                                      NORM_CAST, BLOCK_M)  # fmt: skip
-        if WEIGHTS_FIRST:
-            acc0, acc1, acc2, acc3 = _broadcast_chunk(acc0, acc1, acc2, acc3, first_w.to(tl.float32), x_ptrs, k_begin,
-                                                      k, k_end, K, NW, rstd0, rstd1, rstd2, rstd3, norm_offset,
-                                                      stride_xm, EVEN_K, PROLOGUE, NORM_CAST, BLOCK_M)  # fmt: skip
+            acc0 += w * _load_x(x_ptrs, k0, k, k_end, K, NW, rstd0, norm_offset, EVEN_K, PROLOGUE,
+                                NORM_CAST).to(tl.float32)[None, :]
+            if BLOCK_M > 1:
+                acc1 += w * _load_x(x_ptrs + 1 * stride_xm, k0, k, k_end, K, NW, rstd1, norm_offset, EVEN_K,
+                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
+            if BLOCK_M > 2:
+                acc2 += w * _load_x(x_ptrs + 2 * stride_xm, k0, k, k_end, K, NW, rstd2, norm_offset, EVEN_K,
+                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
+            if BLOCK_M > 3:
+                acc3 += w * _load_x(x_ptrs + 3 * stride_xm, k0, k, k_end, K, NW, rstd3, norm_offset, EVEN_K,
+                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
         row = tl.zeros([1], dtype=tl.int32)
         _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
                   HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
@@ -542,8 +509,7 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
             USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
-            num_warps=cfg["num_warps"],
-            WEIGHTS_FIRST=WEIGHTS_BEFORE_WAIT and not cfg["USE_DOT"] and not blocks and prologue is None, **pdl,
+            num_warps=cfg["num_warps"], **pdl,
         )  # fmt: skip
         if split:
             _split_k_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
