@@ -65,6 +65,7 @@ __all__ = [
     "norm_outputs",
     "out_or_new",
     "pdl_options",
+    "pdl_release_then_wait",
     "pdl_wait",
     "ref_output",
     "register_out_op",
@@ -216,6 +217,15 @@ def pdl_wait(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release_then_wait(USE_PDL: tl.constexpr):
+    """With USE_PDL: let the next kernel's programs be scheduled, then wait for the kernels before this one: for a
+    kernel whose work touches no tensor (an L2 prefetch), so that the chain of waits still runs through it."""
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 def check_kv_scale(name: str, value: object, cache: torch.Tensor) -> None:
