@@ -82,10 +82,9 @@ def main(argv=None) -> int:
                              "(on: <model>_<scheme>_pdl beside baselines.fastllm_bf16_pdl) or off (off: _no_pdl)")
     parser.add_argument("--kernel-settings", nargs="*", default=[], choices=list(KERNEL_SETTINGS),
                         help="also run bf16 and every scheme with each opt-in kernel path on (keys _<name>)")
-    parser.add_argument("--pass-variants", nargs="*", default=[],
-                        choices=["fp8_input_quant", "int4_act_fusion", "l2_prefetch"],
+    parser.add_argument("--pass-variants", nargs="*", default=[], choices=["fp8_input_quant", "int4_act_fusion"],
                         help="also run every scheme with this opt-in pass besides the defaults (keys _<pass>; bf16 "
-                             "is not rerun: bench_decode.py's providers time bf16 with opt-in passes)")
+                             "is not rerun: these passes change quantized layers only)")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
         return 2

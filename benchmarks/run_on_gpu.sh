@@ -27,8 +27,6 @@
 # TTFT (~5 min, estimated).
 # int4act: the opt-in int4_act_fusion pass (SiLU * up stored by the int4 gate-up GEMV's epilogue): its GPU tests, then
 # W1-int4 with and without it in one call (~1.5 min; 2026-11-30: 17 passed, 355.3 against 380.4 tok/s: stays opt-in).
-# l2prefetch: the opt-in l2_prefetch pass (written 2026-12-01 without a GPU): its GPU tests, W1 bf16 of both shapes
-# with and without it, W1 fp8 and int4 with and without it, each pair in one call (~6 min, estimated).
 # fp8pass: W1-fp8 with the opt-in fp8_input_quant pass beside the defaults (bf16 in the same call; ~3 min).
 # (int4next, the dot form reading words, ran on 2026-11-30: no faster at one row, slower at 8: -int4next.json.)
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
@@ -122,15 +120,6 @@ for stage in $STAGES; do
                  python3 benchmarks/bench_quant.py --schemes int4 --pass-variants int4_act_fusion --out "$OUT" \
                      > "$OUT/quant-int4act.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-int4act.log" ;;
-        l2prefetch) timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_l2_prefetch.py \
-                        > "$OUT/gpu-l2prefetch-tests.log" 2>&1 || rc=1
-                    grep -E "passed|failed|^FAILED" "$OUT/gpu-l2prefetch-tests.log" | tail -n 8
-                    python3 benchmarks/bench_decode.py --models llama31_8b llama2_7b \
-                        --providers fastllm fastllm_l2_prefetch --out "$OUT" > "$OUT/decode-l2prefetch.log" 2>&1 || rc=1
-                    grep -vE "capturing|warn" "$OUT/decode-l2prefetch.log" | tail -n 6
-                    python3 benchmarks/bench_quant.py --schemes fp8 int4 --pass-variants l2_prefetch --out "$OUT" \
-                        > "$OUT/quant-l2prefetch.log" 2>&1 || rc=1
-                    grep -E "tok/s" "$OUT/quant-l2prefetch.log" ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

@@ -39,7 +39,6 @@ from fastllm.passes import (
     fp8_input_quant,
     gated_mlp,
     int4_act_fusion,
-    l2_prefetch,
     layer_norm,
     list_index,
     op_histogram,
@@ -544,13 +543,6 @@ def _int4_act_fusion_case():
     return int4_act_fusion.pattern(x, packed, scales), int4_act_fusion.replacement(x, packed, scales), EXACT
 
 
-def _l2_prefetch_case():
-    """The prefetch changes no tensor: both forms compute the same two linears."""
-    half = dict(dtype=torch.float16)
-    x, w1, y, w2 = _rand(1, 40, **half), _rand(24, 40, **half), _rand(1, 16, **half), _rand(8, 16, **half)
-    return l2_prefetch.pattern(x, w1, y, w2), l2_prefetch.replacement(x, w1, y, w2), EXACT
-
-
 def _quantize_case():
     """fp8 on values e4m3 holds exactly (each row's largest magnitude 448 times a power of two): quantizing loses
     nothing, so the quantized linear computes the float one up to summation order."""
@@ -612,7 +604,6 @@ REPLACEMENT_CASES = {
     "decode_act_fusion": _decode_act_fusion_case,
     "fp8_input_quant": _fp8_input_quant_case,
     "int4_act_fusion": _int4_act_fusion_case,
-    "l2_prefetch": _l2_prefetch_case,
     "skinny_linear[fp16]": lambda: _skinny_linear_case(torch.float16),
     "skinny_linear[bf16]": lambda: _skinny_linear_case(torch.bfloat16),
 }
@@ -641,10 +632,10 @@ def test_every_pass_has_a_replacement_case():
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_act_fusion",
-                          "decode_fusion", "fp8_input_quant", "int4_act_fusion", "l2_prefetch")
+                          "decode_fusion", "fp8_input_quant", "int4_act_fusion")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    # decode_fusion, fp8_input_quant, int4_act_fusion and l2_prefetch are opt-in
-    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-4]
+    # decode_fusion, fp8_input_quant and int4_act_fusion are opt-in
+    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-3]
     assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 
 

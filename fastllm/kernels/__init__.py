@@ -90,8 +90,3 @@ __all__ += ["act_and_mul_fp8_linear", "act_and_mul_fp8_linear_ref", "rms_norm_fp
 from fastllm.kernels.int4_gated_linear import int4_linear_and_act, int4_linear_and_act_ref  # noqa: E402
 
 __all__ += ["int4_linear_and_act", "int4_linear_and_act_ref"]
-
-# The next decode GEMV's weight into L2 while the small kernels before it run (appended: l2_prefetch.py).
-from fastllm.kernels.l2_prefetch import prefetch_l2  # noqa: E402
-
-__all__ += ["prefetch_l2"]

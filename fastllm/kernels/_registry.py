@@ -65,7 +65,6 @@ __all__ = [
     "norm_outputs",
     "out_or_new",
     "pdl_options",
-    "pdl_release_then_wait",
     "pdl_wait",
     "ref_output",
     "register_out_op",
@@ -179,7 +178,13 @@ def sm_count(device: torch.device) -> int:
 # the loop's pipelined loads were not delayed (sm_90 SASS checked), 2026-12-01: 96 registers a thread against 72-80,
 # fewer programs an SM; W1 in one call, on against off: bf16 237.3 against 238.0 tok/s, FP8 313.6 against 362.6, int4
 # 377.7 against 386.9; the one-row FP8 GEMVs fell to 73-75% of copy bandwidth from 85-87%:
-# W1-quant-nvidia-h200-20261201-weights-first.json, W5-quant-gemv-...-20261201-weights-first.json. Removed.)
+# W1-quant-nvidia-h200-20261201-weights-first.json, W5-quant-gemv-...-20261201-weights-first.json. Removed.
+# And an L2 prefetch kernel after each decode GEMV (cp.async.bulk.prefetch.L2 of the next GEMV's first 24 MB, issued
+# after a griddepcontrol.wait, the successor released first), meant to fill the bus while norms, rotary and attention
+# run, 2026-12-01, W1 with against without in one call: bf16 Llama-3.1-8B 203.6 against 239.4 tok/s, Llama-2-7B 217.6
+# against 258.8, FP8 284.4 against 361.8, int4 329.3 against 381.7: ~5.6 us lost a prefetch, as if each prefetch
+# kernel lasted until its bytes arrived and the GEMV after gained nothing from them (W1-nvidia-h200-20261201-l2-
+# prefetch.json, W1-quant-nvidia-h200-20261201-l2-prefetch.json). Removed.)
 _PDL_SETTING = os.environ.get("FASTLLM_PDL", "")
 if _PDL_SETTING not in ("", "0", "1"):
     warnings.warn(f"FASTLLM_PDL={_PDL_SETTING!r} is not one of '1' (every launch) or '0' (none); using the default "
@@ -217,15 +222,6 @@ def pdl_wait(USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_release_then_wait(USE_PDL: tl.constexpr):
-    """With USE_PDL: let the next kernel's programs be scheduled, then wait for the kernels before this one: for a
-    kernel whose work touches no tensor (an L2 prefetch), so that the chain of waits still runs through it."""
-    if USE_PDL:
-        gdc_launch_dependents()
-        gdc_wait()
 
 
 def check_kv_scale(name: str, value: object, cache: torch.Tensor) -> None:

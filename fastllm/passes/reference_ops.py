@@ -1,5 +1,5 @@
 """On a CPU graph, the fused ops' launchers → their PyTorch references, called directly (and the registered attention
-op → its implementation, without the dispatcher); L2 prefetches, which do nothing there, are dropped.
+op → its implementation, without the dispatcher).
 
 On CPU tensors every launcher (`kernels.rms_norm`, ...) validates its arguments and then runs the op's `_ref`
 anyway (Triton runs only on CUDA, or on the CPU inside `triton_on_cpu()`). In a captured graph the shapes and
@@ -20,7 +20,7 @@ NAME = "reference_ops"
 # Last among the passes that emit launchers: it must see every one of them.
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "quantize", "skinny_linear",
                                "decode_act_fusion", "decode_fusion", "fp8_input_quant", "int4_act_fusion",
-                               "attention", "l2_prefetch")
+                               "attention")
 RUNS_BEFORE: tuple[str, ...] = ()
 RUNTIME_REQUIRED = True
 
@@ -71,11 +71,8 @@ def apply(ctx: PassContext) -> int:
     if device is None or device.type != "cpu" or kernels.use_triton(torch.empty(0, device=device)):
         return 0
     count = 0
-    for node in list(ctx.gm.graph.nodes):
+    for node in ctx.gm.graph.nodes:
         if node.op == "call_function" and node.target in REFERENCES:
             node.target = REFERENCES[node.target]
-            count += 1
-        elif node.op == "call_function" and node.target is kernels.prefetch_l2:
-            ctx.gm.graph.erase_node(node)  # an L2 prefetch (passes/l2_prefetch.py) does nothing on the CPU
             count += 1
     return count
