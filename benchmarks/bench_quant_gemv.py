@@ -19,7 +19,8 @@ added).
 int4 runs as decode runs it, with split counters (its K splits summed in the kernel). --schemes times only the named
 schemes (the activation-fusion cases need all of them).
 
-    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--prefill] [--schemes int4 ...] [--rows 1 8]
+    PYTHONPATH=. python benchmarks/bench_quant_gemv.py [--sweep] [--int4-splits 4 8 ...] [--prefill]
+                                                       [--schemes int4 ...] [--rows 1 8]
                                                        [--out DIR]
 
 Writes DIR/W5-quant-gemv-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
@@ -184,7 +185,7 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 
-def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
+def _sweep_int4(x, tensors, launch, bench, splits=None) -> list[dict]:
     """The int4 GEMV's packed bf16x2 loop (one row) at other block sizes, warps, pipeline stages and K splits than
     `_int4_config`'s, each checked first. (The fp32 loop's sweep: W5-quant-gemv-...-int4-mantissa-sweep.json and
     -int4packed-sweep.json; the dot form at one row, reading bytes or words, measured no faster than the fp32 loop:
@@ -198,7 +199,9 @@ def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
     default = quant_linear._int4_config(m, n, k, group, x.device, packed_bf16=True)
     results = []
     try:
-        for block_n, warps, stages, split in itertools.product((64, 128), (2, 4, 8), (2, 3, 4), (4, 8)):
+        grid = itertools.product((64, 128), (2, 4, 8), (2, 3, 4), (4, 8)) if splits is None else \
+            itertools.product((default["BLOCK_N"],), (default["num_warps"],), (default["NUM_STAGES"],), splits)
+        for block_n, warps, stages, split in grid:
             cfg = {**default, "USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": warps,
                    "NUM_STAGES": stages, "split_k": split}  # fmt: skip
             quant_linear._INT4_CONFIGS[(m, n, k, group, x.device, True)] = cfg
@@ -210,12 +213,14 @@ def _sweep_int4(x, tensors, launch, bench) -> list[dict]:
             results.append({**cfg, "INT4_PACKED_BF16": True, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
     finally:
         quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device, True), None)
+    for r in results if splits else ():
+        print(f"int4 {n}x{k} split {r['split_k']}: {r['ms'] * 1e3:.1f} us, {r['gb_s']:.0f} GB/s")
     best = min(results, key=lambda r: r["ms"], default=None)
     if best:
         print(f"int4 sweep {n}x{k}: best BLOCK_N={best['BLOCK_N']} warps={best['num_warps']} "
               f"stages={best['NUM_STAGES']} split={best['split_k']}: {best['ms'] * 1e3:.1f} us, "
               f"{best['gb_s']:.0f} GB/s (default {default})")
-    return sorted(results, key=lambda r: r["ms"])[:5]
+    return sorted(results, key=lambda r: r["ms"]) if splits else sorted(results, key=lambda r: r["ms"])[:5]
 
 
 # (BLOCK_N, BLOCK_K, num_warps) of the one-byte prologue GEMM timed beside the default (8, 1024, 4): 8 x 512 measured
@@ -275,6 +280,33 @@ def _act_fusion_cases(bench) -> dict:
     return results
 
 
+def _int4_gated_cases(bench) -> dict:
+    """gate_up_8b at 1 row, int4 (group 128), as decode runs it with split counters: the linear alone, the linear and
+    then silu_and_mul, and int4_linear_and_act (the opt-in int4_act_fusion pass's call: the GATED epilogue), checked
+    equal first."""
+    from fastllm.kernels import int4_linear_and_act
+
+    _, n, k = SHAPES[2]
+    tensors = int_weight.quantize_int4((torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16), 128)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    counters = torch.zeros(n, dtype=torch.int32, device="cuda")
+    linear = functools.partial(quant_linear.int4_linear, split_counters=counters)
+    gated = functools.partial(int4_linear_and_act, split_counters=counters)
+    if not torch.equal(silu_and_mul(linear(x, *tensors)), gated(x, *tensors)):
+        sys.exit("int4_linear_and_act differs from int4_linear then silu_and_mul; not timing it")
+    copies = itertools.cycle(_copies(tensors))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    cases = {"linear": lambda: linear(x, *next(copies)),
+             "linear_then_silu": lambda: silu_and_mul(linear(x, *next(copies))),
+             "gated": lambda: gated(x, *next(copies))}
+    results = {}
+    for case, fn in cases.items():
+        ms = bench(fn)
+        results[f"gate_up_8b_{n}x{k}_m1_int4_{case}"] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9,
+                                                         "bytes": nbytes, "sqnr_db": float("inf")}
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -282,6 +314,11 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", type=int, default=ROWS, help="decode rows timed (1 to 16)")
     parser.add_argument("--prefill", action="store_true",
                         help="also block-scaled FP8 and int4 at 128, 512 and 2048 rows")
+    parser.add_argument("--int4-gated", action="store_true",
+                        help="also int4 gate_up at 1 row: the linear, the linear then silu_and_mul, the GATED epilogue")
+    parser.add_argument("--int4-splits", nargs="+", type=int, default=None,
+                        help="instead of --sweep's grid for int4 at one row: the default launch settings at each of "
+                             "these K split counts (all results kept)")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES,
                         help="the schemes timed (the activation-fusion cases only with all of them)")
     args = parser.parse_args()
@@ -308,14 +345,16 @@ def main() -> int:
             results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
             if args.sweep and m == 1 and scheme in ("fp8", "int8"):  # batch-1 decode's shapes
                 sweeps[key] = _sweep_skinny(x, tensors, bench)
-            if args.sweep and m == 1 and scheme == "int4":
-                sweeps[key] = _sweep_int4(x, tensors, launch, bench)
+            if (args.sweep or args.int4_splits) and m == 1 and scheme == "int4":
+                sweeps[key] = _sweep_int4(x, tensors, launch, bench, args.int4_splits)
         del weight
         torch.cuda.empty_cache()
     if args.schemes == SCHEMES:
         results.update(_act_fusion_cases(bench))
     if args.prefill:
         results.update(_prefill_cases(bench))
+    if args.int4_gated:
+        results.update(_int4_gated_cases(bench))
     copy_gb_s = copy_bandwidth_gb_s(functools.partial(triton.testing.do_bench, return_mode="median"))
     gpu = torch.cuda.get_device_name()
     config = {"shapes": {name: [n, k] for name, n, k in SHAPES}, "rows": args.rows, "int4_group": 128,
