@@ -523,7 +523,8 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
     bench_quant_gemv --sweep, 2026-11-30: -int4-sum-after-loop-sweep.json, -int4-mantissa-sweep.json). Fewer splits
     measured slower for the packed loop: gate_up in 2 splits 34.9 us, in 8 27.9 (-int4-sum-after-loop-sweep). Two
     rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM (skinny_gemm's heuristic), as measured before
-    (with the fp32 loop)."""
+    (with the fp32 loop). K split 2-16 ways at the packed loop's other settings (2026-12-01, --int4-splits:
+    W5-quant-gemv-...-20261201-int4-splits-gated.json): 8 within 3% of the best at each of the four projections."""
     key = (m, n, k, group, device, packed_bf16)
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:

@@ -10,9 +10,11 @@ fewer a layer; past that, and on the CPU, the two launchers (or references) run 
 Opt-in (passes=(*fastllm.DEFAULT_PASSES, "int4_act_fusion")): measured slower. On an H200 (2026-11-30, one call,
 benchmarks/run_on_gpu.sh stage int4act, after its 17 GPU tests passed) W1-int4 of Llama-3.1-8B ran 355.3 tok/s with
 it against 380.4 without (W1-int4-nvidia-h200-20261130-int4-act-fusion.json): ~0.18 ms a step, ~5.6 us a layer more,
-although one launch fewer. Not from occupancy (the GATED kernel compiles to 72 registers a thread, the plain one to
-80); its per-row gather of the gate and up rows and the scale loads it makes unvectorised are the untested suspects:
-a one-row microbenchmark of the gated kernel against the two launchers is the next measurement.
+although one launch fewer. Not the kernel by itself: in a one-row microbenchmark (CUDA graphs, 2026-12-01,
+bench_quant_gemv --int4-gated: W5-quant-gemv-nvidia-h200-20261201-int4-splits-gated.json) the gated call took 28.7 us
+against 29.0 for the linear then silu_and_mul (the linear alone 28.0), and it compiles to fewer registers (72 a
+thread against 80). What costs in the model was not found; the kernels' overlap under programmatic dependent launch
+(the down projection's programs now launched straight after the gate-up's) is the untested suspect.
 """
 
 from __future__ import annotations
