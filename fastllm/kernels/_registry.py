@@ -65,6 +65,7 @@ __all__ = [
     "norm_outputs",
     "out_or_new",
     "pdl_options",
+    "pdl_release",
     "pdl_wait",
     "ref_output",
     "register_out_op",
@@ -215,12 +216,27 @@ def pdl_options(t: torch.Tensor) -> dict:
     return {"USE_PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
 
 
+# Whether the decode GEMVs (skinny_gemm's kernel, the int4 decode kernel) let the next kernel be scheduled only after
+# their main loop (`pdl_release`) rather than at their start: the next kernel's programs, resident early, wait at
+# griddepcontrol.wait through the GEMV's last wave of programs. Not yet measured on a GPU.
+GEMV_PDL_RELEASE_AFTER_LOOP = True
+
+
 @triton.jit
-def pdl_wait(USE_PDL: tl.constexpr):
-    """With USE_PDL: wait until the kernels before this one completed (their writes visible), then let the next
-    kernel's programs be scheduled. Called first in a kernel, before any tensor is touched, by every program."""
+def pdl_wait(USE_PDL: tl.constexpr, RELEASE: tl.constexpr = True):
+    """With USE_PDL: wait until the kernels before this one completed (their writes visible), then (RELEASE) let the
+    next kernel's programs be scheduled. Called first in a kernel, before any tensor is touched, by every program; a
+    kernel passing RELEASE=False calls `pdl_release` later."""
     if USE_PDL:
         gdc_wait()
+        if RELEASE:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(USE_PDL: tl.constexpr):
+    """With USE_PDL: let the next kernel's programs be scheduled (after `pdl_wait(USE_PDL, RELEASE=False)`)."""
+    if USE_PDL:
         gdc_launch_dependents()
 
 
