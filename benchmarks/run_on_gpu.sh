@@ -27,8 +27,6 @@
 # TTFT (~5 min, estimated).
 # int4act: the opt-in int4_act_fusion pass (SiLU * up stored by the int4 gate-up GEMV's epilogue): its GPU tests, then
 # W1-int4 with and without it in one call (~1.5 min; 2026-11-30: 17 passed, 355.3 against 380.4 tok/s: stays opt-in).
-# release: the decode GEMVs releasing the next kernel after their loop (_registry.GEMV_PDL_RELEASE_AFTER_LOOP;
-# written 2026-12-01) against at their start: W1 bf16 of both shapes, fp8 and int4, each pair in one call (~5 min).
 # fp8pass: W1-fp8 with the opt-in fp8_input_quant pass beside the defaults (bf16 in the same call; ~3 min).
 # (int4next, the dot form reading words, ran on 2026-11-30: no faster at one row, slower at 8: -int4next.json.)
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
@@ -122,12 +120,6 @@ for stage in $STAGES; do
                  python3 benchmarks/bench_quant.py --schemes int4 --pass-variants int4_act_fusion --out "$OUT" \
                      > "$OUT/quant-int4act.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-int4act.log" ;;
-        release) python3 benchmarks/bench_decode.py --models llama31_8b llama2_7b \
-                     --providers fastllm fastllm_gemv_release_at_start --out "$OUT" > "$OUT/decode-release.log" 2>&1 || rc=1
-                 grep -vE "capturing|warn" "$OUT/decode-release.log" | tail -n 6
-                 python3 benchmarks/bench_quant.py --schemes fp8 int4 --kernel-settings gemv_release_at_start \
-                     --out "$OUT" > "$OUT/quant-release.log" 2>&1 || rc=1
-                 grep -E "tok/s" "$OUT/quant-release.log" ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

@@ -65,7 +65,6 @@ __all__ = [
     "norm_outputs",
     "out_or_new",
     "pdl_options",
-    "pdl_release",
     "pdl_wait",
     "ref_output",
     "register_out_op",
@@ -185,7 +184,13 @@ def sm_count(device: torch.device) -> int:
 # run, 2026-12-01, W1 with against without in one call: bf16 Llama-3.1-8B 203.6 against 239.4 tok/s, Llama-2-7B 217.6
 # against 258.8, FP8 284.4 against 361.8, int4 329.3 against 381.7: ~5.6 us lost a prefetch, as if each prefetch
 # kernel lasted until its bytes arrived and the GEMV after gained nothing from them (W1-nvidia-h200-20261201-l2-
-# prefetch.json, W1-quant-nvidia-h200-20261201-l2-prefetch.json). Removed.)
+# prefetch.json, W1-quant-nvidia-h200-20261201-l2-prefetch.json). Removed.
+# And the decode GEMVs letting the next kernel be scheduled only after their loop, not at their start (the next
+# kernel's programs then wait through less of the GEMV), 2026-12-01, one call, after against at the start: bf16
+# Llama-3.1-8B 239.0 / 239.1 against 236.1 / 235.9 tok/s (two runs, each variant run later in its process, where
+# repeated runs of one setting have differed by 1-1.5%), Llama-2-7B 258.5 against 258.7, FP8 362.1 against 362.9, int4
+# 380.9 against 381.4: W1-nvidia-h200-20261201-release-after-loop.json, W1-quant-...-20261201-release-after-loop.json.
+# Within the noise: not kept.)
 _PDL_SETTING = os.environ.get("FASTLLM_PDL", "")
 if _PDL_SETTING not in ("", "0", "1"):
     warnings.warn(f"FASTLLM_PDL={_PDL_SETTING!r} is not one of '1' (every launch) or '0' (none); using the default "
@@ -216,27 +221,12 @@ def pdl_options(t: torch.Tensor) -> dict:
     return {"USE_PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
 
 
-# Whether the decode GEMVs (skinny_gemm's kernel, the int4 decode kernel) let the next kernel be scheduled only after
-# their main loop (`pdl_release`) rather than at their start: the next kernel's programs, resident early, wait at
-# griddepcontrol.wait through the GEMV's last wave of programs. Not yet measured on a GPU.
-GEMV_PDL_RELEASE_AFTER_LOOP = True
-
-
 @triton.jit
-def pdl_wait(USE_PDL: tl.constexpr, RELEASE: tl.constexpr = True):
-    """With USE_PDL: wait until the kernels before this one completed (their writes visible), then (RELEASE) let the
-    next kernel's programs be scheduled. Called first in a kernel, before any tensor is touched, by every program; a
-    kernel passing RELEASE=False calls `pdl_release` later."""
+def pdl_wait(USE_PDL: tl.constexpr):
+    """With USE_PDL: wait until the kernels before this one completed (their writes visible), then let the next
+    kernel's programs be scheduled. Called first in a kernel, before any tensor is touched, by every program."""
     if USE_PDL:
         gdc_wait()
-        if RELEASE:
-            gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_release(USE_PDL: tl.constexpr):
-    """With USE_PDL: let the next kernel's programs be scheduled (after `pdl_wait(USE_PDL, RELEASE=False)`)."""
-    if USE_PDL:
         gdc_launch_dependents()
 
 

@@ -23,13 +23,12 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from fastllm.kernels import _registry, skinny_gemm
+from fastllm.kernels import skinny_gemm
 from fastllm.kernels._act_and_mul import gated_activation
 from fastllm.kernels._registry import (
     device_guard,
     fp8_row_codes,
     pdl_options,
-    pdl_release,
     pdl_wait,
     row_launch_settings,
     sm_count,
@@ -385,7 +384,6 @@ def _int4_gemv_kernel(
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
     GATED: tl.constexpr = "",  # broadcast form: "silu", "gelu", "gelu_tanh": Y [M, N / 2] = act(gate) * up (below)
-    RELEASE_AFTER_LOOP: tl.constexpr = False,  # USE_PDL: the next kernel scheduled after the loop, not at the start
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -406,7 +404,7 @@ def _int4_gemv_kernel(
     as the linear's store and the activation kernel would (the same bits). Splits store their partials at the weight's
     rows; the last program of a block sums them (REDUCE is required)."""
     tl.static_assert(GATED == "" or not USE_DOT, "GATED: the broadcast form only")
-    pdl_wait(USE_PDL, not RELEASE_AFTER_LOOP)
+    pdl_wait(USE_PDL)
     GW: tl.constexpr = GROUP // 8 if WORDS else GROUP // 2  # words (bytes) of a row in one group
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -446,8 +444,6 @@ def _int4_gemv_kernel(
                 part = tl.dot(_int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32)).to(tl.float32) - zero[:, None],
                               tl.trans(x), input_precision=DOT_PRECISION)
             acc += part * scale[:, None]
-        if RELEASE_AFTER_LOOP:
-            pdl_release(USE_PDL)
         _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                   False)
     else:
@@ -489,8 +485,6 @@ def _int4_gemv_kernel(
                 acc0 += tl.sum(w * tl.load(X + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
                 if BLOCK_M > 1:
                     acc1 += tl.sum(w * tl.load(X + stride_xm + g * GROUP + k).to(tl.float32)[None, :], axis=1) * scale
-        if RELEASE_AFTER_LOOP:
-            pdl_release(USE_PDL)
         if PACKED_BF16:
             acc0 = tl.sum(by_word0, axis=1)
             acc1 = tl.sum(by_word1, axis=1)
@@ -617,7 +611,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             USE_DOT=cfg["USE_DOT"], WORDS=words is not None, PACKED_BF16=packed_bf16,
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-            GATED=activation or "", RELEASE_AFTER_LOOP=_registry.GEMV_PDL_RELEASE_AFTER_LOOP, **pdl,
+            GATED=activation or "", **pdl,
         )  # fmt: skip
         if split and not reduce:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](

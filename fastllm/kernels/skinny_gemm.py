@@ -24,7 +24,6 @@ import os
 
 import torch
 
-from fastllm.kernels import _registry
 from fastllm.kernels._act_and_mul import gated_activation
 from fastllm.kernels._registry import (
     check_float,
@@ -34,7 +33,6 @@ from fastllm.kernels._registry import (
     next_power_of_2,
     out_or_new,
     pdl_options,
-    pdl_release,
     pdl_wait,
     register_out_op,
     rows_view,
@@ -222,14 +220,13 @@ def _skinny_gemm_kernel(
     USE_PDL: tl.constexpr = False,
     WS_BLOCK_N: tl.constexpr = 0,  # > 0: block-scaled weights (a block-wise FP8 checkpoint's), WS_BLOCK_K | BLOCK_K
     WS_BLOCK_K: tl.constexpr = 0,
-    RELEASE_AFTER_LOOP: tl.constexpr = False,  # USE_PDL: the next kernel scheduled after the K loop, not at the start
 ):  # fmt: skip
     """Program (n block, split): y[m, n] = sum over k in the split's K range of x[m, k] * w[n, k], in fp32.
 
     Broadcast form: one [BLOCK_N, BLOCK_K] fp32 accumulator a row of x, summed over K once after the loop, so the
     loop body is loads and FMAs (no cross-thread reduction) and every tile keeps the 2-D layout whose shared-memory
     reads are 16 bytes wide (a [M, N, K] product tile would be read element by element)."""
-    pdl_wait(USE_PDL, not RELEASE_AFTER_LOOP)
+    pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -253,8 +250,6 @@ def _skinny_gemm_kernel(
             x = _load_x(x_ptrs, k0, k[None, :], k_end, K, NW, rstd[:, None], norm_offset, EVEN_K, PROLOGUE,
                         NORM_CAST)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-        if RELEASE_AFTER_LOOP:
-            pdl_release(USE_PDL)
         _epilogue(acc, m, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, HAS_BIAS, SPLIT, HAS_WSCALE,
                   HAS_RESIDUAL)
     else:
@@ -290,8 +285,6 @@ def _skinny_gemm_kernel(
             if BLOCK_M > 3:
                 acc3 += w * _load_x(x_ptrs + 3 * stride_xm, k0, k, k_end, K, NW, rstd3, norm_offset, EVEN_K,
                                     PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
-        if RELEASE_AFTER_LOOP:
-            pdl_release(USE_PDL)
         row = tl.zeros([1], dtype=tl.int32)
         _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
                   HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
@@ -516,7 +509,7 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
             USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
-            num_warps=cfg["num_warps"], RELEASE_AFTER_LOOP=_registry.GEMV_PDL_RELEASE_AFTER_LOOP, **pdl,
+            num_warps=cfg["num_warps"], **pdl,
         )  # fmt: skip
         if split:
             _split_k_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
