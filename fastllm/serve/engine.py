@@ -7,7 +7,8 @@ that asks for more completions than the server ever admits is refused as invalid
 Text is tokenized off the event loop (a prompt of megabytes takes seconds to tokenize, during which no other request
 would be answered), and a text too long to fit the context whatever its tokens is refused before it is tokenized.
 A request's stream holds back the last `len(longest stop string) - 1` characters until the request ends, so no stop
-string is ever sent half-way (the final text is cut before it, as `LLM` cuts it).
+string is ever sent half-way (the final text is cut before it, as `LLM` cuts it), and everything from a stop string
+on once one is in the text (a completion of n > 1 that stopped while the others run on).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class _Held:
     sent: str = ""
     pending: str = ""
     tokens: list[int] = field(default_factory=list)
+    stopped: bool = False  # a stop string is in the text: nothing more is sent until the request ends
 
 
 class Admission:
@@ -137,12 +139,23 @@ class ServingEngine:
         return await asyncio.to_thread(self.token_ids, text)
 
     async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The token ids of a chat, rendered by the tokenizer's chat template with the assistant's turn opened."""
+        """The token ids of a chat, rendered by the tokenizer's chat template with the assistant's turn opened
+        (ValueError if the template refuses the messages)."""
         if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
         self._check_text_length(sum(len(m["content"]) for m in messages))
-        return await asyncio.to_thread(lambda: list(self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False)))
+        return await asyncio.to_thread(self._render_chat, messages)
+
+    def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        except TemplateError as error:
+            # Templates refuse chats they cannot render (`raise_exception("Conversation roles must alternate ...")`
+            # in Llama 2's, Mistral's, Gemma's): what the client sent, a 400, not a server error.
+            raise ValueError(f"this model's chat template refused the messages: {error}") from None
 
     def _check_text_length(self, chars: int) -> None:
         if chars > self.max_text_chars:
@@ -170,7 +183,7 @@ class ServingEngine:
                 deltas = []
                 for index in sorted(set(update.new_text) | set(update.new_token_ids)
                                     | (set(range(len(output.outputs))) if update.finished else set())):
-                    deltas.append(self._delta(held.setdefault(index, _Held()), index, update, holdback))
+                    deltas.append(self._delta(held.setdefault(index, _Held()), index, update, params, holdback))
                 if update.finished:
                     for listener in self.finished_listeners:
                         listener(output)
@@ -179,12 +192,20 @@ class ServingEngine:
             raise EngineFault(str(error)) from error
 
     @staticmethod
-    def _delta(state: _Held, index: int, update, holdback: int) -> Delta:
+    def _delta(state: _Held, index: int, update, params: SamplingParams, holdback: int) -> Delta:
         tokens = update.new_token_ids.get(index, [])
         state.tokens += tokens
         if not update.finished:
             text = state.pending + update.new_text.get(index, "")
-            cut = max(0, len(text) - holdback)
+            cut = 0 if state.stopped else max(0, len(text) - holdback)
+            if not state.stopped and params.stop and len(state.tokens) >= params.min_tokens:
+                # With n > 1, a completion that reaches a stop string ends in an update that is not the request's
+                # last: its text holds the stop string, and the cut text comes only with the request's end. So
+                # nothing from the occurrence on is sent before then (the final delta sends the cut text past what
+                # was sent; an occurrence that min_tokens let pass is sent late, never wrongly).
+                found = [i for s in params.stop if (i := text.find(s)) != -1]
+                if found:
+                    state.stopped, cut = True, min(cut, *found)  # nor a longer stop string's beginning
             state.pending, text = text[cut:], text[:cut]
             state.sent += text
             return Delta(index, text, tokens)

@@ -5,11 +5,13 @@ server-sent events ending with `data: [DONE]`. A streaming response starts once 
 and given its first tokens, so a request it refuses is answered 400 like a non-streaming one; a model step that fails
 later ends the stream with an error event (`data: {"error": ...}`, as vLLM does) before `[DONE]`. One prompt list of
 a completions request is run as one engine request per prompt, their choices numbered prompt-major as OpenAI does.
+Logprobs come with whole (non-streaming) answers only: a streaming request that asks for them is refused (400).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -50,12 +52,16 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _completion_logprobs(tokenizer, entries, token_ids) -> dict | None:
-    """OpenAI's legacy logprobs object (tokens, token_logprobs, top_logprobs) from the engine's per-token dicts."""
+    """OpenAI's legacy logprobs object (tokens, token_logprobs, top_logprobs, text_offset) from the engine's
+    per-token dicts. A token's text_offset is where it starts in the completion (the sum of the tokens' lengths
+    before it, as vLLM counts without echo)."""
     if entries is None:
         return None
     decode = (lambda t: tokenizer.decode([t])) if tokenizer is not None else str
-    return {"tokens": [decode(t) for t in token_ids], "token_logprobs": [e[t] for e, t in zip(entries, token_ids)],
-            "top_logprobs": [{decode(k): v for k, v in e.items()} for e in entries], "text_offset": []}
+    tokens = [decode(t) for t in token_ids]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=0)) if tokens else []
+    return {"tokens": tokens, "token_logprobs": [e[t] for e, t in zip(entries, token_ids)],
+            "top_logprobs": [{decode(k): v for k, v in e.items()} for e in entries], "text_offset": offsets}
 
 
 @router.post("/v1/completions")
@@ -65,15 +71,15 @@ async def completions(body: CompletionRequest, request: Request):
     serving = state.serving
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise ValueError(f"logprobs must be between 0 and 5, got {body.logprobs}")
+    body.check_stream_fields(logprobs=body.logprobs is not None)
     prompts = [await prompt_token_ids(serving, p) for p in _prompt_list(body.prompt)]
     params = [body.sampling_params(max_tokens_for(serving, body.max_tokens, len(p)), body.logprobs) for p in prompts]
     request_id = serving.new_id("cmpl")
     created = int(time.time())
     admission = serving.admit(body.n * len(prompts))
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
         streams = await started_streams(request, admission, serving, prompts, params, request_id)
-        stream = _stream_completions(streams, prompts, params, request_id, created, body.model, include_usage)
+        stream = _stream_completions(streams, prompts, params, request_id, created, body.model, body.include_usage)
         return ClosingStreamingResponse(released_after(admission, _ending_with_error_event(stream)),
                                         media_type="text/event-stream")
     with admission:
@@ -130,6 +136,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     serving = state.serving
     if body.top_logprobs is not None and (not body.logprobs or not 0 <= body.top_logprobs <= 20):
         raise ValueError("top_logprobs needs logprobs=true and must be between 0 and 20")
+    body.check_stream_fields(logprobs=body.logprobs)
     prompt = await serving.tokenize_chat(body.chat())
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = body.sampling_params(max_tokens_for(serving, requested, len(prompt)),
@@ -138,27 +145,31 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     created = int(time.time())
     admission = serving.admit(body.n)
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
         streams = await started_streams(request, admission, serving, [prompt], [params], request_id)
-        stream = _stream_chat(streams, prompt, params, request_id, created, body.model, include_usage)
+        stream = _stream_chat(streams, prompt, params, request_id, created, body.model, body.include_usage)
         return ClosingStreamingResponse(released_after(admission, _ending_with_error_event(stream)),
                                         media_type="text/event-stream")
     with admission:
         (output,) = await until_disconnected(request, run_to_end(serving, [prompt], [params], request_id))
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason, "logprobs": _chat_logprobs(serving.tokenizer, c)}
+                "finish_reason": c.finish_reason,
+                "logprobs": _chat_logprobs(serving.tokenizer, c, body.top_logprobs or 0)}
                for c in output.outputs]
     return {"id": request_id, "object": "chat.completion", "created": created, "model": body.model,
             "choices": choices, "usage": _usage(len(prompt), sum(len(c.token_ids) for c in output.outputs))}
 
 
-def _chat_logprobs(tokenizer, completion) -> dict | None:
+def _chat_logprobs(tokenizer, completion, top: int) -> dict | None:
+    """OpenAI's chat logprobs: per token, its logprob and the `top` most likely tokens, most likely first. The
+    engine's entry also holds the sampled token when it is not among them (the legacy completions format keeps it,
+    the chat format does not)."""
     if completion.logprobs is None:
         return None
     content = []
     for entry, token in zip(completion.logprobs, completion.token_ids):
+        most_likely = sorted(entry.items(), key=lambda item: item[1], reverse=True)[:top]
         content.append({"token": tokenizer.decode([token]), "logprob": entry[token],
-                        "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": v} for t, v in entry.items()]})
+                        "top_logprobs": [{"token": tokenizer.decode([t]), "logprob": v} for t, v in most_likely]})
     return {"content": content}
 
 

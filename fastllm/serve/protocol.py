@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from fastllm.runtime.sampling_params import SamplingParams
 
@@ -31,27 +31,57 @@ def unicode_text(text: str) -> str:
 Text = Annotated[str, AfterValidator(unicode_text)]
 
 
+def not_bool(value: Any) -> Any:
+    """`value` unless it is JSON's true or false, which pydantic's lax mode reads as the numbers 1 and 0
+    (`max_tokens: true` ran one token, `prompt: [true]` token id 1)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(not_bool)]
+Number = Annotated[float, BeforeValidator(not_bool)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
 
 
 class _Sampling(_Strict):
     """Fields the two OpenAI endpoints share."""
 
     model: Text
-    n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    n: Int = 1
+    temperature: Number | None = None
+    top_p: Number | None = None
     stop: Text | list[Text] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    seed: Int | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
     user: Text | None = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     # vLLM's extensions to OpenAI's fields, for exact-length completions (benchmarks, evaluations)
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int = 0
+
+    def check_stream_fields(self, logprobs: bool) -> None:
+        """ValueError for streaming fields that cannot go together (OpenAI refuses stream_options without stream)."""
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        # A stream's chunks carry no logprobs (the engine's process sends them with the final output only): refused,
+        # not answered with `"logprobs": null` in every chunk.
+        if self.stream and logprobs:
+            raise ValueError("logprobs are not supported with stream true; send the request without stream to get "
+                             "them")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The engine's SamplingParams (ValueError, naming the field, for a value out of range)."""
@@ -66,9 +96,9 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: Text | list[int] | list[Text] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = Field(default=None, description="top log-probabilities per token (0-5)")
+    prompt: Text | list[Int] | list[Text] | list[list[Int]]
+    max_tokens: Int | None = 16
+    logprobs: Int | None = Field(default=None, description="top log-probabilities per token (0-5)")
 
 
 class ChatMessage(_Strict):
@@ -93,13 +123,16 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
 
     def chat(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        """The messages as the chat template takes them; a `name` goes with its message (templates that tell
+        participants apart render it, the others ignore it)."""
+        return [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name is not None else {})}
+                for m in self.messages]
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

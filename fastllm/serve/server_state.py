@@ -145,7 +145,16 @@ async def run_to_end(serving: ServingEngine, prompts, params, request_id: str) -
             pass
         return output
 
-    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+    tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        # gather leaves the other prompts' requests running when one fails (the engine refused it): the response
+        # is an error and the admission slots go back, so they would run to max_tokens for nobody. Cancelled, they
+        # abort and free their KV blocks.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def check_model(state: ServerState, name: str) -> None:
