@@ -10,7 +10,6 @@ one-time warning naming it.
 
 from __future__ import annotations
 
-import copy
 import functools
 import warnings
 from typing import TYPE_CHECKING
@@ -30,8 +29,11 @@ _SUPPORTED_FIELDS = {
     "cache_implementation", "decoder_start_token_id", "transformers_version", "_from_model_config",
     "_commit_hash", "_original_object_hash", "generation_kwargs", "compile_config", "is_assistant",
 }
-_UNSUPPORTED_KWARGS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
-                       "negative_prompt_ids", "synced_gpus", "inputs_embeds", "past_key_values", "custom_generate"}
+# generate() keywords besides the generation config that this runtime takes: its own (set aside before HF's config
+# merge, as HF does) and the model inputs it reads. Any other keyword (a typo, position_ids, logits_processor, ...)
+# makes the call run HF's generate, which uses it or refuses it as HF does.
+_OWN_KWARGS = {"streamer", "tokenizer"}
+_MODEL_INPUTS = {"input_ids", "attention_mask"}
 
 
 def install_generate(model, state: ModelState) -> None:
@@ -42,29 +44,48 @@ def install_generate(model, state: ModelState) -> None:
         core = state.engine() if state.hf_path_reason() is None else None
         if core is None:  # a fallback, or Hugging Face's path on the CPU (state.hf_path_reason)
             return hf_generate(inputs, generation_config, **kwargs)
-        unsupported = unsupported_arguments(generation_config or model.generation_config, kwargs)
+        own = {k: kwargs.pop(k) for k in _OWN_KWARGS if k in kwargs}
+        _check_lengths(kwargs)
+        default_max_length = _has_default_max_length(model, generation_config, kwargs)
+        gc, model_kwargs = prepared_config(model, generation_config, kwargs)
+        unsupported = unsupported_arguments(gc, model_kwargs)
         if unsupported:
             if tuple(unsupported) not in state.warned_generate_args:
                 state.warned_generate_args.add(tuple(unsupported))
                 warnings.warn(f"fastllm's generate() does not implement {', '.join(unsupported)}; this call runs "
                               f"Hugging Face's generate (unfused) instead", RuntimeWarning, stacklevel=2)
-            return hf_generate(inputs, generation_config, **kwargs)
+            return hf_generate(inputs, generation_config, **kwargs, **own)
         if inputs is None:
-            inputs = kwargs.pop("input_ids", None)
-        return run_generate(model, core, inputs, generation_config=generation_config, **kwargs)
+            inputs = model_kwargs.get("input_ids")
+        return run_generate(model, core, inputs, model_kwargs.get("attention_mask"), gc=gc,
+                            default_max_length=default_max_length, **own)
 
     model.generate = generate
 
 
-def unsupported_arguments(generation_config, kwargs: dict) -> list[str]:
-    """Names of the arguments this runtime does not implement (they make generate() fall back to HF's)."""
-    names = {k for k in kwargs if k in _UNSUPPORTED_KWARGS and kwargs[k] is not None}
-    gc = copy.deepcopy(generation_config)
-    gc.update(**{k: v for k, v in kwargs.items() if k not in _UNSUPPORTED_KWARGS})
-    default = type(gc)()
+def prepared_config(model, generation_config, kwargs: dict):
+    """(generation config, model kwargs) as Hugging Face's generate builds them: the call's arguments over the
+    passed `generation_config`, its unset fields from `model.generation_config`, then HF's global defaults (e.g.
+    top_k=50 when sampling); the kwargs that are no config field are returned as model kwargs."""
+    return model._prepare_generation_config(generation_config, **kwargs)
+
+
+def _has_default_max_length(model, generation_config, kwargs: dict) -> bool:
+    """HF's test (before its defaults are applied) for "no max_length given": it then generates 20 new tokens."""
+    return (kwargs.get("max_length") is None
+            and (generation_config is None or generation_config.max_length is None)
+            and model.generation_config.max_length is None)
+
+
+def unsupported_arguments(gc, model_kwargs: dict) -> list[str]:
+    """Names of the arguments this runtime does not implement (they make generate() fall back to HF's): config
+    fields set away from HF's defaults, and keywords that are not this runtime's model inputs."""
+    names = {k for k, v in model_kwargs.items() if k not in _MODEL_INPUTS and v is not None}
+    defaults = gc._get_default_generation_params()
+    blank = type(gc)()
     for key, value in gc.to_dict().items():
         unset = value is None or value is False or value == {}
-        if key not in _SUPPORTED_FIELDS and not unset and value != getattr(default, key, value):
+        if key not in _SUPPORTED_FIELDS and not unset and value != defaults.get(key, getattr(blank, key, value)):
             names.add(key)
     return sorted(names)
 
@@ -128,6 +149,10 @@ def sampling_params(gc, eos: list[int]) -> SamplingParams:
                   repetition_penalty=gc.repetition_penalty if gc.repetition_penalty is not None else 1.0,
                   ignore_eos=True, stop_token_ids=eos or None, n=gc.num_return_sequences or 1)
     if sampling:
+        # HF refuses to sample at temperature 0 (the SamplingParams meaning, greedy, would change the call's).
+        if isinstance(gc.temperature, (int, float)) and gc.temperature <= 0:
+            raise ValueError(f"invalid generation argument: temperature (={gc.temperature}) must be > 0 with "
+                             "do_sample=True; for greedy decoding set do_sample=False")
         kwargs.update(temperature=gc.temperature if gc.temperature is not None else 1.0,
                       top_k=gc.top_k or 0, top_p=gc.top_p if gc.top_p is not None else 1.0,
                       min_p=gc.min_p or 0.0)
@@ -137,18 +162,11 @@ def sampling_params(gc, eos: list[int]) -> SamplingParams:
         raise ValueError(f"invalid generation argument: {error}") from None
 
 
-def run_generate(model, core, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-                 generation_config=None, streamer=None, tokenizer=None, **kwargs):
-    """HF-compatible generate over the model's engine core."""
-    gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    model_kwargs = gc.update(**kwargs)
-    if input_ids is None:
-        input_ids = model_kwargs.pop("input_ids", None)
-    model_kwargs.pop("use_cache", None)
-    if attention_mask is None:
-        attention_mask = model_kwargs.pop("attention_mask", None)
-    if gc.max_new_tokens is None and gc.max_length is not None and input_ids is not None:
-        gc.max_new_tokens = gc.max_length - input_ids.shape[1]
+def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, *, gc,
+                 default_max_length: bool, streamer=None, tokenizer=None):
+    """HF-compatible generate over the model's engine core, with `gc` from `prepared_config`."""
+    if gc.max_new_tokens is None and input_ids is not None:
+        gc.max_new_tokens = _max_new_tokens(model, gc, input_ids.shape[1], default_max_length)
     if gc.min_new_tokens is None and gc.min_length:
         gc.min_new_tokens = max(0, gc.min_length - input_ids.shape[1])
     gc.validate()  # HF's own checks and messages (e.g. num_return_sequences > 1 needs sampling)
@@ -180,6 +198,24 @@ def run_generate(model, core, input_ids: torch.Tensor | None = None, attention_m
             raise RuntimeError(r.output.error)
     pad = gc.pad_token_id if gc.pad_token_id is not None else _first(gc.eos_token_id)
     return _outputs(input_ids, [c for r in requests for c in r.completions], 0 if pad is None else pad, gc)
+
+
+def _check_lengths(kwargs: dict) -> None:
+    """The length arguments are integers (HF's own checks crash on a string with a bare TypeError)."""
+    for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+        value = kwargs.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _max_new_tokens(model, gc, prompt_length: int, default_max_length: bool) -> int:
+    """New tokens from max_length, as HF counts them: max_length includes the (padded) prompt; without any length
+    argument, HF's default max_length of 20 counts new tokens only, capped at the model's positions."""
+    if not default_max_length:
+        return gc.max_length - prompt_length
+    max_length = gc.max_length + prompt_length
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return (max_length if positions is None else min(max_length, positions)) - prompt_length
 
 
 def _streamer_listener(streamer, input_ids):

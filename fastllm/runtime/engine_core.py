@@ -446,7 +446,7 @@ class EngineCore:
         if req.tokenizer is not None:
             text = req.tokenizer.decode(tokens, skip_special_tokens=True)
             if c.stopped_by_string:
-                text = c.stop.cut(text)
+                text = c.stop.cut(text, tokens)
         req.output.outputs[c.index] = CompletionOutput(c.index, text, tokens, c.request.finish_reason, c.logprobs)
         m = req.output.metrics
         if c.first_token_time is not None:

@@ -257,14 +257,14 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *,
 
     Hugging Face's processing, in HF's order (which is also vLLM's): masks (min_tokens stop ids, bad words),
     repetition penalty (prompt + output), presence/frequency penalties (output); then greedy rows
-    (temperature 0) take the argmax, and sampled rows go through temperature, top-k, top-p, min-p and a
-    draw (`_draw`; seeded rows from their own generator). `scores` are what HF's
+    (temperature 0, or below `GREEDY_TEMPERATURE`) take the argmax, and sampled rows go through temperature,
+    top-k, top-p, min-p and a draw (`_draw`; seeded rows from their own generator). `scores` are what HF's
     `generate(output_scores=True)` reports: the penalized logits for greedy rows, the warped ones (filtered
     entries -inf) for sampled rows; `logits` itself when no row changes it. `logits` is never modified.
     No host syncs: per-row values reach the device through `on_device`.
     """
     scores = _masked_and_penalized(logits, rows)
-    drawn = [i for i, r in enumerate(rows) if r.params.temperature != 0]
+    drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not drawn:
         tokens = scores.argmax(-1)
         return (tokens, scores) if return_scores else tokens

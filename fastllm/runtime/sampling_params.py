@@ -12,6 +12,9 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_BAD_WORDS = 64
 MAX_STRING_LENGTH = 1024  # characters of one stop string or bad word
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+# Temperatures below this are greedy (vLLM's rule): dividing fp32 logits by them overflows to inf (or, under
+# ~1e-45, divides by an fp32 zero), and softmax of inf is NaN.
+GREEDY_TEMPERATURE = 1e-5
 
 
 def _is_int(value: object) -> bool:
@@ -30,6 +33,14 @@ def _is_finite_number(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def _as_list(name: str, value: object, allowed: str) -> list:
+    """`value` as a list; a non-iterable (stop=5) is refused naming the field, not with list()'s TypeError."""
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}") from None
 
 
 def _check_strings(name: str, strings: list[str], most: int) -> None:
@@ -51,7 +62,8 @@ class SamplingParams:
         max_tokens: most new tokens per completion (>= 1); None runs until the context is full.
         min_tokens: new tokens before EOS or a `stop_token_ids` token may end the completion; until then
             those tokens are masked out of the distribution.
-        temperature: > 0 samples from softmax(logits / temperature); 0 is greedy (argmax).
+        temperature: > 0 samples from softmax(logits / temperature); 0 is greedy (argmax), and so is any
+            temperature below GREEDY_TEMPERATURE (vLLM's rule: the division would overflow).
         top_k: keep the k most likely tokens; 0 or -1 keeps all.
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p; in (0, 1]
             (Hugging Face's rule at the boundary: see `sampler._top_p`).
@@ -143,12 +155,12 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
-            self.stop = list(self.stop)
+            self.stop = _as_list("stop", self.stop, "a non-empty string or a list of them")
             if not all(isinstance(s, str) and s for s in self.stop):
                 raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
             _check_strings("stop", self.stop, MAX_STOP_STRINGS)
         if self.stop_token_ids is not None:
-            self.stop_token_ids = list(self.stop_token_ids)
+            self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
             if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
                 raise ValueError(f"stop_token_ids must be integers >= 0, got {self.stop_token_ids!r}")
             if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
@@ -157,7 +169,7 @@ class SamplingParams:
         if self.bad_words is not None:
             if isinstance(self.bad_words, str):
                 raise ValueError(f"bad_words must be a list of strings, got the string {self.bad_words!r}")
-            self.bad_words = list(self.bad_words)
+            self.bad_words = _as_list("bad_words", self.bad_words, "a list of non-empty strings")
             if not all(isinstance(w, str) and w for w in self.bad_words):
                 raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
             _check_strings("bad_words", self.bad_words, MAX_BAD_WORDS)
@@ -173,4 +185,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE

@@ -1,13 +1,14 @@
 """Stop strings, one rule for every entry point: a completion stops at the token that completes a stop string.
 
-`StopStrings.hit(tokens)` is True when the text of `tokens` holds a stop string that the text without the newest
-token did not: a new occurrence ending in the newest token (Hugging Face's `stop_strings` and vLLM's `stop` stop
-at the same token). Entry points differ only in what they return: `generate()` keeps every token (HF), `LLM`
-cuts the text before the stop string (`cut()`, vLLM), both keep the tokens.
+`StopStrings.hit(tokens)` is True when the text of `tokens` holds an occurrence of a stop string that ends in the
+newest token's text (Hugging Face's `stop_strings` and vLLM's `stop` stop at the same token). Entry points differ
+only in what they return: `generate()` keeps every token (HF), `LLM` cuts the text before the stop string (`cut()`,
+vLLM), both keep the tokens.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 
@@ -29,9 +30,30 @@ class StopStrings:
             return False
         tail = list(tokens[-self.window:])
         text, before = self.tokenizer.decode(tail), self.tokenizer.decode(tail[:-1])
-        return any(s in text and s not in before for s in self.stops)
+        # An occurrence must end in the newest token's text: an older one still in the window (one that min_tokens
+        # let pass) must not hide it, as `s not in before` did.
+        return _first_new(text, before, self.stops) is not None
 
-    def cut(self, text: str) -> str:
-        """`text` up to the stop string that ended it (its last occurrence: earlier ones did not stop it)."""
+    def cut(self, text: str, tokens: Sequence[int] | None = None) -> str:
+        """`text` up to the stop string that ended it.
+
+        With the completion's `tokens` (`text` being their decode with skip_special_tokens), that is the first
+        occurrence ending in the last token's text: earlier ones did not stop it (min_tokens let them pass), and a
+        last token can hold the stop string twice ("\n\n" for "\n"). Without them, the last occurrence.
+        """
+        if tokens:
+            before = self.tokenizer.decode(list(tokens[:-1]), skip_special_tokens=True)
+            start = _first_new(text, before, self.stops)
+            if start is not None:
+                return text[:start]
         cuts = [text.rfind(s) for s in self.stops if s in text]
         return text[:min(cuts)] if cuts else text
+
+
+def _first_new(text: str, before: str, stops: Sequence[str]) -> int | None:
+    """Where the first occurrence of a stop string in `text` that ends past `before` (the text without the newest
+    token) starts, or None. Compared by common prefix: a character that the newest token completes decodes as
+    U+FFFD in `before`."""
+    new_from = len(os.path.commonprefix([before, text]))
+    starts = [i for s in stops if (i := text.find(s, max(0, new_from - len(s) + 1))) != -1]
+    return min(starts, default=None)
