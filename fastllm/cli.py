@@ -261,6 +261,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     dtype = _resolve_dtype(args.dtype, device)
     model, tokenizer = _load(args.model, dtype, device)
     inputs = {k: v.to(device) for k, v in tokenizer(args.prompt, return_tensors="pt").items()}
+    _check_length(model, inputs["input_ids"].shape[1], args.max_new_tokens)
 
     # HF eager first: optimize() rewrites the model in place, so the baseline must be measured before it.
     eager = _generate("hf_eager", model, tokenizer, inputs, args.max_new_tokens, device)
@@ -288,6 +289,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 
+def _check_length(model, prompt_len: int, max_new_tokens: int) -> None:
+    """UsageError if the prompt and the new tokens do not fit the model's context: checked before the timed runs, as
+    Hugging Face's eager generate would run past it (positions the model never learned) and fastllm's refuse it."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(context, int) or prompt_len + max_new_tokens <= context:
+        return
+    if prompt_len >= context:
+        raise UsageError(f"--prompt is {prompt_len} tokens, which fills the model's context of {context} tokens; "
+                         "shorten it")
+    raise UsageError(f"--prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's context "
+                     f"of {context} tokens; --max-new-tokens can be at most {context - prompt_len} for this prompt")
+
+
 def _phase(what: str, since: float) -> None:
     """One line of start-up progress on stderr, with the seconds since start-up began."""
     print(f"fastllm serve [{time.perf_counter() - since:6.1f} s] {what}", file=sys.stderr, flush=True)
@@ -300,6 +314,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.max_queue is not None and args.max_queue < 0:
         raise UsageError(f"--max-queue must be at least 0, got {args.max_queue}")
+    if args.port > 65535:  # else uvicorn's bind() raises OverflowError (a traceback) once the model has loaded
+        raise UsageError(f"--port must be at most 65535, got {args.port}")
+    if not 0 < args.kv_cache_memory_fraction <= 1:  # NaN too; checked before the model loads, named by its flag
+        raise UsageError(f"--kv-cache-memory-fraction must be in (0, 1], got {args.kv_cache_memory_fraction}")
     try:
         import uvicorn
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,9 @@ class OptimizeConfig:
 
     def __post_init__(self) -> None:
         # Into canonical order; a string, an unknown name or a runtime-only pass is refused, naming the allowed ones.
+        if not isinstance(self.passes, Iterable):  # None or a number would fail as "not iterable", naming nothing
+            raise ValueError(f"passes must be a sequence of pass names, got {self.passes!r}; "
+                             f"allowed names: {', '.join(ALL_PASSES)}")
         self.passes = select_passes(self.passes)
         self.quantization = resolve_quantization(self.quantization)
         if self.on_capture_failure not in ON_CAPTURE_FAILURE:

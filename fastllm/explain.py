@@ -83,10 +83,11 @@ class Report:
             lines.append(f"  model(...) calls: {calls}{reason}")
         if self.kv_cache:
             kv = self.kv_cache
+            # A fixed size (num_kv_tokens) or a cache an LLM reserved is at its cap: it cannot grow any more.
+            growth = (f"grows on demand to {kv['max_tokens']:,} tokens ({kv['max_bytes'] / 2**20:,.0f} MiB)"
+                      if kv["tokens"] < kv["max_tokens"] else "its largest size")
             lines.append(f"  KV cache ({kv.get('dtype', '')}): {kv['tokens']:,} tokens "
-                         f"({kv['bytes'] / 2**20:,.0f} MiB) now, grows on demand "
-                         f"to {kv['max_tokens']:,} tokens ({kv['max_bytes'] / 2**20:,.0f} MiB); grown "
-                         f"{kv['growths']} time(s)")
+                         f"({kv['bytes'] / 2**20:,.0f} MiB) now, {growth}; grown {kv['growths']} time(s)")
             if kv.get("scales"):
                 k_scales, v_scales = zip(*kv["scales"])
                 lines.append(f"  KV cache scales per layer: k {min(k_scales):g}..{max(k_scales):g}, "

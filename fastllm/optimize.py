@@ -28,7 +28,13 @@ def optimize(model, config: OptimizeConfig | None = None, **overrides):
 
     Raises:
         TypeError: `model` is not a generative HF model, or an unknown option was given.
-        ValueError: an option has an invalid value, or the model is already optimized.
+        ValueError: an option has an invalid value (a `max_model_len` past the model's positions included), the
+            model's weights are not float32, float16 or bfloat16, or the model is already optimized.
+        An error of the start-up itself (e.g. a KV cache too big to allocate) leaves the model unoptimized, as it
+            was but for the layers a `quantization` had already quantized.
+
+    Once compiled, the model stays where it is: after `model.to(another dtype or device)` its calls raise a
+    RuntimeError saying so (`fastllm.release(model)`, then optimize it again).
     """
     optimize_in_place(model, OptimizeConfig.resolve(config, overrides))
     return model

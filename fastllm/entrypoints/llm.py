@@ -81,6 +81,7 @@ class LLM:
         state = getattr(model, "_fastllm_state", None)
         self._owns_model = isinstance(model_or_path, (str, os.PathLike))
         fraction = None
+        attached_here = state is None
         if state is None:
             if dtype is not None and not isinstance(model_or_path, (str, os.PathLike)):
                 model = model.to(dtype=dtype)
@@ -98,14 +99,20 @@ class LLM:
                 allowed = ", ".join((*SCHEDULING_OPTIONS, "kv_cache_memory_fraction"))
                 raise ValueError(f"{type(model).__name__} is already optimized: {', '.join(given)} must be given to "
                                  f"fastllm.optimize(); LLM() only takes {allowed} for it")
-        core = state.engine()
-        if core is None:
-            raise RuntimeError(f"{type(model).__name__} cannot run on fastllm's paged runtime: {state.fallback_reason}")
+        try:
+            core = state.engine()
+            if core is None:
+                raise RuntimeError(f"{type(model).__name__} cannot run on fastllm's paged runtime: "
+                                   f"{state.fallback_reason}")
+            self.kv_cache_info = core.reserve(fraction)
+            # Like a server, every CUDA graph is recorded now: a batch that shrinks as requests finish meets dozens
+            # of decode sizes, and recording them on first use would happen inside the caller's timing.
+            core.capture_graphs()
+        except BaseException:
+            if attached_here:  # an LLM that fails to start leaves the model it optimized as it was, not half-optimized
+                state.release()
+            raise
         self.model, self.tokenizer, self.core, self._state = model, tokenizer, core, state
-        self.kv_cache_info = core.reserve(fraction)
-        # Like a server, every CUDA graph is recorded now: a batch that shrinks as requests finish meets dozens of
-        # decode sizes, and recording them on first use would happen inside the caller's timing.
-        core.capture_graphs()
         info = self.kv_cache_info
         logger.info("fastllm.LLM: KV cache of %s tokens (%.2f GiB) for %s", f"{info['tokens']:,}",
                     info["bytes"] / 2**30, type(model).__name__)

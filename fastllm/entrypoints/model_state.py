@@ -24,7 +24,7 @@ from fastllm.capture.step import CompiledStep, UnpageableModel, compile_step
 from fastllm.config import OptimizeConfig, resolve_scheduling
 from fastllm.entrypoints.forward import install_forward
 from fastllm.entrypoints.hf_generate import install_generate
-from fastllm.kernels._registry import FP8_KV_DTYPE
+from fastllm.kernels._registry import FLOAT_DTYPES, FP8_KV_DTYPE
 from fastllm.passes import resolve_passes
 from fastllm.quant.config import QuantConfig, check_device_supports, slow_path_warning
 from fastllm.quant.kv_scales import calibration_ids, scales_from_amax
@@ -52,6 +52,12 @@ class ModelState:
     warned_generate_args: set = field(default_factory=set)
     startup_seconds: dict[str, float] = field(default_factory=dict)
     float_bytes_released: int = 0  # float weights of quantized layers let go after compiling (quant/resident.py)
+    # (device, dtype) of the weights when the step was compiled: the graph holds tensors made from them (merged or
+    # quantized weights) and the KV cache is allocated to match, so a model moved or cast after that cannot run it.
+    placement: tuple[torch.device, torch.dtype] | None = None
+    # The model's own instance attributes fastllm's forward/generate replaced (e.g. accelerate's hooked forward of a
+    # device_map model, a user's wrapper): release() puts them back rather than falling back to the class's methods.
+    own_methods: dict[str, Callable] = field(default_factory=dict)
 
     @property
     def model_name(self) -> str:
@@ -66,9 +72,9 @@ class ModelState:
     def hf_path_reason(self) -> str | None:
         """Why model.generate() and model(...) run Hugging Face's own path although the model is optimized (on the CPU
         unless `cpu_runtime`), or None when they run on fastllm's runtime."""
-        if self.config.cpu_runtime or self.config.quantization is not None \
+        if self.config.cpu_runtime or self.config.quantization is not None or self.fallback_reason is not None \
                 or next(self.model.parameters()).device.type != "cpu":
-            return None
+            return None  # (a fallback's calls run HF's path too, for its own reason: cpu_runtime would not change it)
         return ("on the CPU Hugging Face's own path is faster than fastllm's runtime (its fused ops run the same "
                 "PyTorch math there); optimize(model, cpu_runtime=True) runs the runtime, fastllm.LLM always does")
 
@@ -92,6 +98,8 @@ class ModelState:
             self.float_bytes_released = release_float_weights(self.model, merger.quantized_rows, merger.merged)
             if torch.cuda.is_available() and next(self.model.parameters()).is_cuda:
                 torch.cuda.empty_cache()  # so the KV cache, sized from the card's free memory, can take it
+        param = next(self.model.parameters())
+        self.placement = (param.device, param.dtype)
         return self.compiled
 
     def quantized_modules(self) -> None:
@@ -102,6 +110,7 @@ class ModelState:
 
     def engine(self) -> EngineCore | None:
         """The engine core (runner, KV pool, scheduler), built on first use; None if the model falls back."""
+        self.check_placement()
         if self.core is not None:
             return self.core
         compiled = self.compile()
@@ -128,6 +137,18 @@ class ModelState:
                                enable_prefix_caching=c.enable_prefix_caching, async_scheduling=c.async_scheduling)
         return self.core
 
+    def check_placement(self) -> None:
+        """RuntimeError if the model was moved or cast (`model.to(...)`) since its step was compiled: the step would
+        mix the new weights with tensors made from the old ones (a dtype error deep in a kernel, or stale weights)."""
+        if self.placement is None:
+            return
+        param = next(self.model.parameters())
+        if (param.device, param.dtype) != self.placement:
+            device, dtype = self.placement
+            raise RuntimeError(f"{self.model_name} was moved to {param.device} / {param.dtype} after "
+                               f"fastllm.optimize() compiled it on {device} / {dtype}; call fastllm.release(model) "
+                               "and optimize it again (or move it back)")
+
     def close_engine(self) -> None:
         """Let go of the engine core (KV cache, CUDA graphs, step buffers); the next call builds a small one again
         (the compiled step is kept: nothing is captured twice)."""
@@ -144,6 +165,8 @@ class ModelState:
         self.compiled = None
         for name in ("forward", "generate"):
             self.model.__dict__.pop(name, None)  # the instance attributes fastllm installed; the class's return
+            if name in self.own_methods:  # ... unless the model had its own
+                self.model.__dict__[name] = self.own_methods[name]
         self.model.__dict__.pop("_fastllm_state", None)
 
     def fall_back(self, error: BaseException) -> None:
@@ -190,6 +213,8 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
     """Attach fastllm to `model` (see `fastllm.optimize`): its forward and generate() now run on the compiled step
     and the engine core. With `config.warmup`, capture and build the engine now."""
     check_model(model)
+    _check_dtype(model)
+    _check_max_model_len(model, config)
     config = _with_checkpoint_quantization(model, config)
     if config.quantization is not None:  # before anything is attached: a card without FP8 is refused at once
         check_device_supports(config.quantization, next(model.parameters()).device)
@@ -197,15 +222,57 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
         if slow is not None:
             warnings.warn(slow, stacklevel=3)
     model.eval()
-    state = ModelState(model, config, model.forward, model.generate)
+    state = ModelState(model, config, model.forward, model.generate,
+                       own_methods={name: vars(model)[name] for name in ("forward", "generate") if name in vars(model)})
     install_forward(model, state)
     install_generate(model, state)
     model._fastllm_state = state
     if config.warmup and state.hf_path_reason() is None:  # HF's path on the CPU: captured when an LLM needs it
         start = time.perf_counter()
-        state.engine()
+        try:
+            state.engine()
+        except BaseException:
+            # optimize() failed (a capture error with on_capture_failure="raise", a cache too big to allocate, ...):
+            # detach, so the model is not left half-optimized (refused by a second optimize() with other options)
+            # and what was allocated for it goes now.
+            state.release()
+            raise
         state.startup_seconds["optimize"] = time.perf_counter() - start
     return state
+
+
+def _check_dtype(model) -> None:
+    """ValueError unless the model's weights are in a dtype fastllm's kernels run (else a kernel refuses it later,
+    naming its own argument, not the model)."""
+    dtype = next(model.parameters()).dtype
+    if dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+        raise ValueError(f"fastllm runs models in {names}; {type(model).__name__}'s weights are "
+                         f"{str(dtype).removeprefix('torch.')} (convert it first, e.g. model.to(torch.float32))")
+
+
+def _check_max_model_len(model, config: OptimizeConfig) -> None:
+    """ValueError for a max_model_len past the model's positions (config.max_position_embeddings), unless its rotary
+    embedding is scaled to reach further: learned position embeddings would be indexed out of range (a device-side
+    assert on CUDA), plain rotary ones would run positions the model was never trained on."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if config.max_model_len is None or not isinstance(context, int) or config.max_model_len <= context:
+        return
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None)
+    if _rope_types(rope) - {"default"}:
+        return
+    raise ValueError(f"max_model_len={config.max_model_len} exceeds {type(model).__name__}'s context of {context} "
+                     f"positions (config.max_position_embeddings); allowed: 1..{context}")
+
+
+def _rope_types(rope) -> set[str]:
+    """The rope types of a config's rope_parameters / rope_scaling: one dict, or one per layer type (Gemma 3)."""
+    if not isinstance(rope, dict):
+        return set()
+    nested = [value for value in rope.values() if isinstance(value, dict)]
+    if nested:
+        return set().union(*map(_rope_types, nested))
+    return {rope.get("rope_type", rope.get("type", "default"))}
 
 
 def _calibration_ids(model, quantization: QuantConfig) -> list[int]:
