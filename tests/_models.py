@@ -86,3 +86,15 @@ def build_over_demo_tokenizer(path):
                            num_key_value_heads=2, vocab_size=len(tokenizer))
     T.LlamaForCausalLM(config).save_pretrained(path)
     return tokenizer, path
+
+
+def break_capture(model):
+    """Make the first decoder layer do something dynamo cannot put in one graph (a capture that fails)."""
+    layer = model.model.layers[0]
+    inner = layer.forward
+
+    def forward(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return inner(*args, **kwargs)
+
+    layer.forward = forward

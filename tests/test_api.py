@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastllm
-from tests._models import VOCAB, build, optimize
+from tests._models import VOCAB, break_capture, build, optimize
 
 
 @pytest.fixture(scope="module")
@@ -91,21 +91,9 @@ def test_without_warmup_captures_on_first_call(llama_path):
     assert fastllm.explain(model).status == "optimized"
 
 
-def _break_capture(model):
-    """Make the first decoder layer do something dynamo cannot put in one graph."""
-    layer = model.model.layers[0]
-    inner = layer.forward
-
-    def forward(*args, **kwargs):
-        torch._dynamo.graph_break()
-        return inner(*args, **kwargs)
-
-    layer.forward = forward
-
-
 def test_capture_failure_falls_back_with_one_warning(llama_path):
     model = _load(llama_path)
-    _break_capture(model)
+    break_capture(model)
     ids = torch.tensor([[3, 4, 5, 6]])
     expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     with pytest.warns(RuntimeWarning, match="runs unoptimized"):
@@ -121,7 +109,7 @@ def test_capture_failure_falls_back_with_one_warning(llama_path):
 
 def test_capture_failure_can_raise(llama_path):
     model = _load(llama_path)
-    _break_capture(model)
+    break_capture(model)
     with pytest.raises(torch._dynamo.exc.TorchDynamoException):
         optimize(model, on_capture_failure="raise")
 

@@ -13,7 +13,7 @@ import fastllm
 from fastllm.cli import main
 from fastllm.entrypoints.model_state import ModelState
 from tests._demo import skip_without_demo
-from tests._models import build, optimize
+from tests._models import break_capture, build, optimize
 
 IDS = torch.tensor([[3, 4, 5, 6]])
 GREEDY = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -63,14 +63,7 @@ def test_an_llm_that_fails_to_start_leaves_the_model_it_optimized_untouched(llam
 
 def test_a_capture_error_raised_leaves_the_model_untouched(llama_path):
     model = _load(llama_path)
-    layer = model.model.layers[0]
-    inner = layer.forward
-
-    def forward(*args, **kwargs):
-        torch._dynamo.graph_break()
-        return inner(*args, **kwargs)
-
-    layer.forward = forward
+    break_capture(model)
     with pytest.raises(torch._dynamo.exc.TorchDynamoException):
         optimize(model, on_capture_failure="raise")
     assert _is_plain_hf(model)
@@ -177,14 +170,7 @@ def test_explain_of_a_fallback_does_not_offer_cpu_runtime_as_the_reason(llama_pa
     """A model that fell back (here when an LLM needed the runtime) runs HF's path because it cannot be captured; the
     report used to add that on the CPU HF's path is faster and cpu_runtime=True would run the runtime."""
     model = fastllm.optimize(_load(llama_path))  # the CPU default: HF's path, nothing captured yet
-    layer = model.model.layers[0]
-    inner = layer.forward
-
-    def forward(*args, **kwargs):
-        torch._dynamo.graph_break()
-        return inner(*args, **kwargs)
-
-    layer.forward = forward
+    break_capture(model)
     with pytest.warns(RuntimeWarning, match="runs unoptimized"), pytest.raises(RuntimeError, match="cannot run"):
         fastllm.LLM(model)
     report = fastllm.explain(model)
