@@ -13,8 +13,11 @@ it against 380.4 without (W1-int4-nvidia-h200-20261130-int4-act-fusion.json): ~0
 although one launch fewer. Not the kernel by itself: in a one-row microbenchmark (CUDA graphs, 2026-12-01,
 bench_quant_gemv --int4-gated: W5-quant-gemv-nvidia-h200-20261201-int4-splits-gated.json) the gated call took 28.7 us
 against 29.0 for the linear then silu_and_mul (the linear alone 28.0), and it compiles to fewer registers (72 a
-thread against 80). What costs in the model was not found; the kernels' overlap under programmatic dependent launch
-(the down projection's programs now launched straight after the gate-up's) is the untested suspect.
+thread against 80). The loss comes with programmatic dependent launch: with PDL off for every launch (FASTLLM_PDL=0,
+one call) the fusion measured 365.4 tok/s against 361.7 without it (W1-int4-nvidia-h200-20261201-int4-act-fusion-no-
+pdl.json), where with PDL the unfused pair is fastest (380.4). The down projection's programs, launched early
+straight after the gate-up GEMV rather than after the small activation kernel, are the suspect; untried: the fused
+call with PDL but the down projection after it launched without (as the bf16 GEMV with the SiLU prologue is).
 """
 
 from __future__ import annotations
