@@ -116,6 +116,36 @@ def test_pass_folds_each_layers_activation_into_its_int4_gate_up_cpu():
     assert torch.equal(logits[0], logits[1]) and torch.equal(tokens[0], tokens[1])
 
 
+def test_pass_launches_the_down_projection_after_the_fused_call_without_pdl():
+    """On the graph: the fused call replaces the gate-up linear and the activation, and the int4 down projection
+    reading it gets pdl=False (with PDL the fused call measured slower: the pass's docstring)."""
+    from torch import fx
+
+    from fastllm.passes import int4_act_fusion
+    from fastllm.passes._context import PassContext, WeightMerger
+
+    graph = fx.Graph()
+    x, packed, scales, down_packed, down_scales, counters = (graph.placeholder(n) for n in (
+        "x", "packed", "scales", "down_packed", "down_scales", "counters"))
+    gate_up = graph.call_function(kernels.int4_linear, (x, packed, scales), {"split_counters": counters})
+    act = graph.call_function(kernels.silu_and_mul, (gate_up,))
+    down = graph.call_function(kernels.int4_linear, (act, down_packed, down_scales), {"split_counters": counters})
+    graph.output(down)
+    ctx = PassContext(gm=fx.GraphModule(torch.nn.Module(), graph), tensors={}, merger=WeightMerger())
+    assert int4_act_fusion.apply(ctx) == 1
+    fused = down.args[0]
+    assert fused.target is kernels.int4_linear_and_act and fused.kwargs["activation"] == "silu"
+    assert down.kwargs == {"split_counters": counters, "pdl": False}
+
+
+def test_pdl_must_be_a_bool():
+    x = torch.randn(1, 64)
+    packed, scales = int_weight.quantize_int4(torch.randn(8, 64), 32)
+    with pytest.raises(ValueError, match="pdl must be True or False"):
+        kernels.int4_linear(x, packed, scales, pdl=0)
+    assert torch.equal(kernels.int4_linear(x, packed, scales, pdl=False), kernels.int4_linear(x, packed, scales))
+
+
 # --- GPU ---------------------------------------------------------------------------------------------------------
 
 
@@ -141,6 +171,9 @@ def test_gated_epilogue_equals_the_unfused_kernels_on_cuda(inter, rows, zero_poi
     assert got.shape == (rows, inter)
     assert torch.equal(got, expected)
     assert torch.count_nonzero(counters).item() == 0
+    # Without programmatic dependent launch (the down projection after the fused call): the same bits
+    plain = kernels.int4_linear(x, packed, scales, b, zeros, split_counters=counters)
+    assert torch.equal(kernels.int4_linear(x, packed, scales, b, zeros, split_counters=counters, pdl=False), plain)
 
 
 @pytest.mark.gpu

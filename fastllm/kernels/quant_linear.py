@@ -569,7 +569,8 @@ def _int4_words(packed: torch.Tensor) -> torch.Tensor | None:
 
 def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                zeros: torch.Tensor | None, *, split_k: int | None = None,
-               split_counters: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor | None:
+               split_counters: torch.Tensor | None = None, activation: str | None = None,
+               pdl: bool = True) -> torch.Tensor | None:
     """rows [M <= 16, K] through `_int4_gemv_kernel`; split_k (tests) overrides the heuristic's (splits are whole
     groups, none empty: possibly fewer). With split_counters (int4_linear's) and REDUCE_SPLITS_IN_KERNEL, the
     kernel sums its own splits, else `_split_k_reduce_kernel` does (the same sums: the same result). No host sync;
@@ -596,7 +597,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     parts = skinny_gemm._workspace(rows.device, num_splits * m * n) if split else out  # not touched without a split
     b = bias if bias is not None else out  # never read without a bias
     z = zeros if zeros is not None else scales  # never read without zeros
-    pdl = pdl_options(rows)
+    pdl = pdl_options(rows) if pdl else {}
     if cfg["USE_DOT"]:
         # The dot form reads bytes: its operands made from words (two halves a shift and a LOP3, symmetric weights
         # as nibble - 8 by packed subtractions) measured slower on an H200 (2026-11-30, M = 8: 1.14-1.23x the time
@@ -818,9 +819,10 @@ def _fp8_block_gemm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
 
 
 def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                    zeros: torch.Tensor | None = None) -> torch.Tensor:
+                    zeros: torch.Tensor | None = None, *, pdl: bool = True) -> torch.Tensor:
     """x [..., K], packed [N, K // 2] uint8, scales [N, K // group] fp32, zeros like scales or None (symmetric) ->
-    [..., N] in x's dtype (fp32 math)."""
+    [..., N] in x's dtype (fp32 math). pdl: accepted (and unused: a launch option) so that a graph's call keeps its
+    arguments with the reference."""
     weight = dequantize_int4(packed, scales, zeros=zeros)
     return F.linear(x.float(), weight, None if bias is None else bias.float()).to(x.dtype)
 
@@ -833,7 +835,8 @@ def check_split_counters(split_counters: torch.Tensor | None, x: torch.Tensor) -
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                zeros: torch.Tensor | None = None, *, split_counters: torch.Tensor | None = None) -> torch.Tensor:
+                zeros: torch.Tensor | None = None, *, split_counters: torch.Tensor | None = None,
+                pdl: bool = True) -> torch.Tensor:
     """`int4_linear_ref`'s math in Triton (CUDA, or the CPU inside `triton_on_cpu()`): up to 16 rows the decode
     kernel, more the GEMM that dequantizes W's tiles in its K loop, from INT4_DEQUANT_MIN_ROWS the weight dequantized
     into x's dtype by a kernel and multiplied by F.linear; the CPU runs the reference. Groups other than a
@@ -843,7 +846,11 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
     the bf16 decode loop (INT4_PACKED_BF16) holds 128 + zero exactly only for those. Values are not checked here (a
     check would synchronize every call); a fractional zero point would be rounded there.
     split_counters: None, or int32 zeros on x's device (at least N / 16 of them) that no concurrent call shares:
-    the decode kernel then sums its K splits itself (the quantize pass gives each model's graph one such buffer)."""
+    the decode kernel then sums its K splits itself (the quantize pass gives each model's graph one such buffer).
+    pdl: False launches the decode kernel without programmatic dependent launch (it starts once the kernel before
+    it has ended), where overlapping that kernel measured slower (passes/int4_act_fusion.py)."""
+    if not isinstance(pdl, bool):
+        raise ValueError(f"pdl must be True or False, got {pdl!r}")
     n = packed.shape[0]
     k = packed.shape[1] * 2
     rows = x.reshape(-1, k)
@@ -851,7 +858,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
     check_split_counters(split_counters, x)
     if use_triton(x) and rows.shape[0] > 0 and n > 0 and group >= 32 and group & (group - 1) == 0:
         if rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
-            return _int4_gemv(rows, packed, scales, bias, zeros, split_counters=split_counters).reshape(
+            return _int4_gemv(rows, packed, scales, bias, zeros, split_counters=split_counters, pdl=pdl).reshape(
                 *x.shape[:-1], n)
         if rows.shape[0] >= INT4_DEQUANT_MIN_ROWS:
             return F.linear(x, _int4_dequantize(packed, scales, zeros, x.dtype), bias)
