@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,6 +54,7 @@ from fastllm.passes import (
     skinny_linear,
 )
 from fastllm.passes._context import WeightMerger
+from fastllm.passes._graph import eliminate_dead_code
 from tests._models import build, optimize
 
 # Merged GEMMs vs separate ones: fp32 rounding only (module docstring). rtol 1e-5 is ~80 fp32 ulps: room for
@@ -106,6 +108,24 @@ def _rand(*shape, dtype=torch.float32):
 def _eager(module, *inputs):
     with torch.no_grad():
         return module(*inputs)
+
+
+# --- dead code ---------------------------------------------------------------------------------------------
+
+def test_dead_code_elimination_keeps_in_place_calls_and_drops_pure_dunder_methods():
+    """`x.__eq__(y)` is pure though it ends in an underscore: left unused (HF's packed-sequence mask once the attention
+    pass has dropped the mask) it kept a dozen kernels of every CUDA step alive. In-place forms stay."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.call_method("__eq__", (graph.call_method("cumsum", (x, -1)), x))  # pure, unused: both go
+    graph.call_method("add_", (x, 1))  # in place
+    graph.call_method("__iadd__", (x, 1))
+    graph.call_method("__setitem__", (x, 0, 1))
+    graph.call_function(operator.eq, (x, x))  # pure, unused
+    graph.output(x)
+    assert eliminate_dead_code(graph) == 3
+    assert [n.target for n in graph.nodes if n.op == "call_method"] == ["add_", "__iadd__", "__setitem__"]
+    assert not any(n.op == "call_function" for n in graph.nodes)
 
 
 # --- list_index ------------------------------------------------------------------------------------------

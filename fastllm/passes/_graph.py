@@ -176,11 +176,18 @@ _OPERATOR_MUTATORS = {operator.iadd, operator.isub, operator.imul, operator.itru
                       operator.ilshift, operator.irshift, operator.setitem, operator.delitem}
 
 
+# The same forms as tensor methods (`x.__iadd__(y)`, `x.__setitem__(i, v)`): of the dunder methods only these mutate.
+_DUNDER_MUTATORS = {f"__{f.__name__.strip('_')}__" for f in _OPERATOR_MUTATORS}
+
+
 def mutates(node: fx.Node) -> bool:
     """Whether a call may change its arguments or the world: in-place methods (`x.add_(...)`), torch functions with
     a trailing underscore, the operator module's in-place forms, and what fx marks impure. `operator.and_` is `&`,
-    a pure function despite its underscore."""
+    a pure function despite its underscore, and `x.__eq__(y)` a pure method despite its trailing underscores (dynamo
+    records `a == b` between tensors so: HF's packed-sequence mask ends in one)."""
     if node.op == "call_method":
+        if node.target.startswith("__") and node.target.endswith("__"):
+            return node.target in _DUNDER_MUTATORS
         return node.target.endswith("_")
     if node.op != "call_function":
         return False
