@@ -20,9 +20,11 @@ def _union_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile_gpu(fn, *, top: int = 12) -> dict:
+def profile_gpu(fn, *, top: int = 12, timeline: int = 0) -> dict:
     """Run `fn()` once under torch.profiler; returns wall ms, GPU busy ms (kernels and copies, overlaps counted
-    once), the busy fraction, and the `top` kernels by total time: name → (total ms, calls)."""
+    once), the busy fraction, and the `top` kernels by total time: name → (total ms, calls). With `timeline`, also
+    the last `timeline` device events in start order as [name, start us from the first of them, duration us]: the
+    gaps and overlaps between kernels (what a step's boundaries cost) read off it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -40,5 +42,11 @@ def profile_gpu(fn, *, top: int = 12) -> dict:
         per_kernel[e.name][1] += 1
     busy_ms = _union_us(intervals) / 1e3
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "busy_fraction": busy_ms / wall_ms if wall_ms else 0.0,
+    result = {"wall_ms": wall_ms, "gpu_busy_ms": busy_ms, "busy_fraction": busy_ms / wall_ms if wall_ms else 0.0,
             "num_kernels": len(device_events), "top_kernels": {name[:90]: [round(t, 4), n] for name, (t, n) in ranked}}
+    if timeline:
+        last = sorted(device_events, key=lambda e: e.time_range.start)[-timeline:]
+        t0 = last[0].time_range.start if last else 0
+        result["timeline"] = [[e.name[:60], round(e.time_range.start - t0, 2),
+                               round(e.time_range.end - e.time_range.start, 2)] for e in last]
+    return result

@@ -8,7 +8,7 @@ device-to-device copy bandwidth (1 GiB, bytes read + written) is measured in the
 fastllm output is checked against an fp32 F.linear of the same inputs before timing (tests/test_kernel_skinny_gemm.py
 gives the tolerances).
 
-    PYTHONPATH=. python benchmarks/bench_gemv.py [--dtype bf16] [--quick] [--sweep] [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_gemv.py [--dtype bf16] [--quick] [--sweep] [--shapes qkv_8b ...] [--out DIR]
 
 --sweep also times every autotune candidate of fastllm/kernels/skinny_gemm.py per case and records the fastest next
 to the heuristic's choice (the measured numbers stay the heuristic's). Writes DIR/W5-gemv-<gpu>-<yyyymmdd>.json
@@ -30,6 +30,7 @@ TOLERANCES = {torch.bfloat16: 1e-2, torch.float16: 1e-3}  # relative error; the 
 # (name, N, K): Llama-2-7B / Llama-3.1-8B decode GEMMs.
 SHAPES = [
     ("qkv_7b", 12288, 4096),
+    ("qkv_8b", 6144, 4096),
     ("o_proj", 4096, 4096),
     ("gate_up_7b", 22016, 4096),
     ("gate_up_8b", 28672, 4096),
@@ -107,6 +108,7 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time every autotune candidate per case")
     parser.add_argument("--rows", type=int, nargs="+", default=ROWS,
                         help="rows of x (M); a decode step of one sequence runs 2 (the runner pads a lone row)")
+    parser.add_argument("--shapes", nargs="+", choices=[name for name, _, _ in SHAPES], help="these shapes only")
     args = parser.parse_args()
     if missing_gpu(__file__):
         return 2
@@ -117,6 +119,8 @@ def main() -> int:
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
     shapes = [s for s in SHAPES if s[0] in QUICK_SHAPES] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [s for s in shapes if s[0] in args.shapes]
     timing = {"rep": 30} if args.quick else {}
     bench = functools.partial(triton.testing.do_bench, return_mode="median", **timing)
     bench_graph = functools.partial(triton.testing.do_bench_cudagraph, return_mode="median", **timing)

@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="llama2_7b")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default=None)
+    parser.add_argument("--timeline", type=int, default=0,
+                        help="record this many of the replays' last kernels in order (3x as many of generate's)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
@@ -57,8 +59,9 @@ def main(argv=None) -> int:
     runner = model._fastllm_state.core.runner
     graph = runner._graphs[("decode", runner.buckets[0])].graph
     replay_ms = _replay_ms(graph)
-    decode_profile = profile_gpu(lambda: [graph.replay() for _ in range(5)])
-    generate_profile = profile_gpu(lambda: _timed_generate(model, ids, 33))
+    decode_profile = profile_gpu(lambda: [graph.replay() for _ in range(5)], timeline=args.timeline)
+    # The timeline of generate's last steps shows what runs between the graph's replays (inputs, sampling)
+    generate_profile = profile_gpu(lambda: _timed_generate(model, ids, 33), timeline=3 * args.timeline)
     prefill_profile = profile_gpu(lambda: _timed_generate(model, ids, 1))
     result = {
         "model": args.model, "quantization": args.quantization, "gpu": torch.cuda.get_device_name(),
