@@ -43,6 +43,7 @@ MODELS = {
 # (BSD, not part of fastllm) from the folder --anchors names, in its own process.
 # fastllm_decode_fusion: fastllm with the opt-in decode_fusion pass (norms, activations and residual adds inside the
 # decode GEMMs); fastllm_no_act_fusion: without the default decode_act_fusion (SiLU * up inside down_proj);
+# fastllm_no_rope_table: without the default rope_table (rotary cos/sin computed in every step, not read from a table);
 # fastllm_two_row: a lone sequence's decode step padded to 2 rows, as before the 1-row decode graph became the default
 # (FASTLLM_ONE_ROW_DECODE=0, model_runner.ONE_ROW_DECODE); fastllm_autotune: FASTLLM_SKINNY_AUTOTUNE=1 with an empty
 # tuning cache (its start-up includes the tuning; the tuned settings are recorded); each beside the default in the
@@ -52,7 +53,8 @@ MODELS = {
 # (paged_attention.COMBINE_IN_DECODE_KERNEL = False) instead of inside the decode kernel; fastllm_fused_decode_rotary:
 # decode steps' rotary and KV write inside the decode attention kernel (paged_attention.FUSE_ROTARY_INTO_DECODE).
 OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion"}
-LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion", "fastllm_pdl_no_act_fusion": "decode_act_fusion"}
+LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion", "fastllm_pdl_no_act_fusion": "decode_act_fusion",
+                   "fastllm_no_rope_table": "rope_table"}
 PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES,
              "fastllm_two_row", "fastllm_autotune", "fastllm_pdl", "fastllm_no_pdl", "fastllm_combine_kernel",
              "fastllm_fused_decode_rotary", "gptfast")

@@ -41,6 +41,20 @@ def tokenizer():
 IDS = torch.tensor([[5, 6, 7, 8]])
 
 
+# ---- model(...): the compiled step ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("positions", [[0, 1, 2, 10**6], [-1, 0, 1, 2]])
+def test_position_ids_past_the_context_are_refused_by_name(models, positions):
+    """The compiled step reads per-position tables (the rotary cos/sin of rope_table; GPT-2's learned positions):
+    a position past max_model_len would index past them (an IndexError here, a device-side assert on CUDA)."""
+    model, _ = models
+    with pytest.raises(ValueError, match=r"position_ids must lie in \[0, \d+\) \(max_model_len\); got \["):
+        model(IDS, position_ids=torch.tensor([positions]))
+    # One bad call fails alone: the next one runs, with positions given explicitly and equal to the default's
+    torch.testing.assert_close(model(IDS, position_ids=torch.tensor([[0, 1, 2, 3]])).logits, model(IDS).logits,
+                               rtol=0, atol=0)
+
+
 # ---- model.generate: Hugging Face's semantics ---------------------------------------------------------------------
 
 

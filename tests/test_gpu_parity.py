@@ -41,6 +41,26 @@ def test_fp32_greedy_equal(family, tmp_path):
     torch.testing.assert_close(model(ids).logits, expected_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_context_shorter_than_a_step_starts_and_matches_hf(family, tmp_path):
+    """A model with fewer positions than the runtime's largest step (max_num_batched_tokens): start-up's activation
+    step fed positions past the context, a device-side assert in rope_table's cos/sin gather (llama) or the learned
+    position embedding (GPT-2). Greedy output near the end of the context equals HF eager's."""
+    from transformers import AutoModelForCausalLM
+
+    config = FAMILIES[family]()
+    config.max_position_embeddings = 64  # GPT-2: n_positions (its attribute map)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path).cuda().eval()
+    ids = _ids(length=24)
+    gen = dict(max_new_tokens=36, do_sample=False, pad_token_id=0)  # to position 59 of 64
+    expected = model.generate(ids, **gen)
+    fastllm.optimize(model, **SMALL_CACHE)
+    assert fastllm.explain(model).status == "optimized"
+    assert torch.equal(model.generate(ids, **gen), expected)
+
+
 def _against_fp32(family: str, dtype: torch.dtype, tmp_path) -> tuple:
     """(the optimized model, its relative error and top-1 agreement against the fp32 model, HF eager's in `dtype`):
     teacher-forced logits of 8 x 128 random tokens.

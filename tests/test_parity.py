@@ -7,28 +7,31 @@ import fastllm
 from tests._models import FAMILIES, VOCAB, build, optimize
 
 # Passes expected to fire per family, as (pass, matches per layer, extra matches). Norms: two per layer
-# plus the final one. GPT-2's fused c_attn (a Conv1D addmm) and its written-out GELU are left unfused.
+# plus the final one; rope_table: the cos and sin tables every layer reads. GPT-2's fused c_attn (a Conv1D addmm)
+# and its written-out GELU are left unfused.
 EXPECTED = {
-    "llama": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
-    "mistral": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
-    "qwen2": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
-    "gemma": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
-    "phi3": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0)},  # qkv_proj is already one GEMM
-    "gpt_neox": {"layer_norm": (2, 1), "rotary": (2, 0)},
+    "llama": {"rms_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "mistral": {"rms_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "qwen2": {"rms_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "gemma": {"rms_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    # phi3's qkv_proj is already one GEMM
+    "phi3": {"rms_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0)},
+    "gpt_neox": {"layer_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2)},
     "gpt2": {"layer_norm": (2, 1)},
-    "gptj": {"layer_norm": (1, 1), "rotary": (2, 0), "qkv": (1, 0)},
-    "qwen3": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},  # + q_norm, k_norm
+    "gptj": {"layer_norm": (1, 1), "rotary": (2, 0), "rope_table": (0, 2), "qkv": (1, 0)},
+    "qwen3": {"rms_norm": (4, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0),
+              "qkv": (1, 0)},  # + q_norm, k_norm
     "bloom": {"layer_norm": (2, 2)},  # + the embedding LayerNorm; ALiBi attention stays unfused
-    "falcon": {"layer_norm": (2, 1), "rotary": (2, 0), "list_index": (2, 0)},
+    "falcon": {"layer_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2), "list_index": (2, 0)},
     "falcon_rw": {"layer_norm": (2, 1)},
-    "falcon_mq": {"layer_norm": (1, 1), "rotary": (2, 0), "list_index": (2, 0)},
+    "falcon_mq": {"layer_norm": (1, 1), "rotary": (2, 0), "rope_table": (0, 2), "list_index": (2, 0)},
     "mpt": {"layer_norm": (2, 1)},
     "gpt_bigcode": {"layer_norm": (2, 1)},
-    "mixtral": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
-    "glm": {"rms_norm": (2, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
-    "glm4": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
-    "gemma2": {"rms_norm": (4, 1), "rotary": (2, 0), "gated_mlp": (1, 0), "qkv": (1, 0)},
-    "phi": {"layer_norm": (1, 1), "rotary": (2, 0), "qkv": (1, 0)},  # parallel attention and MLP
+    "mixtral": {"rms_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "glm": {"rms_norm": (2, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "glm4": {"rms_norm": (4, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "gemma2": {"rms_norm": (4, 1), "rotary": (2, 0), "rope_table": (0, 2), "gated_mlp": (1, 0), "qkv": (1, 0)},
+    "phi": {"layer_norm": (1, 1), "rotary": (2, 0), "rope_table": (0, 2), "qkv": (1, 0)},  # parallel attention and MLP
 }
 
 
@@ -127,3 +130,23 @@ def test_a_forward_longer_than_a_step_runs_in_chunked_steps_with_hfs_logits(tmp_
     # fp32 on the CPU: as in the test above (paged attention's reference sums in another order than SDPA)
     torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1, 33:], expected[1, 33:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_context_shorter_than_the_capture_forward(family, tmp_path):
+    """The capturing forward runs 256 tokens; its positions once went past a 64-position model's learned position
+    embeddings (GPT-2: an IndexError, so the model fell back) and rope_table's tables. Greedy output to near the end
+    of the context equals HF eager's."""
+    import transformers as T
+
+    config = FAMILIES[family]()
+    config.max_position_embeddings = 64  # GPT-2: n_positions (its attribute map)
+    torch.manual_seed(0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, _ = _prompts()
+    gen = dict(max_new_tokens=50, do_sample=False, pad_token_id=0)  # to position 60 of 64
+    expected = model.generate(ids, **gen)
+    optimize(model, on_capture_failure="raise")
+    assert torch.equal(model.generate(ids, **gen), expected)
+    assert fastllm.explain(model).status == "optimized"

@@ -49,6 +49,7 @@ from fastllm.passes import (
     registry,
     resolve_passes,
     rms_norm,
+    rope_table,
     rotary,
     run_passes,
     skinny_linear,
@@ -333,6 +334,91 @@ def test_layer_norm_fuses_residual_add():
     torch.testing.assert_close(summed, expected_sum, **EXACT)
 
 
+# --- rope_table ------------------------------------------------------------------------------------------
+
+def _logits_with_and_without(model, prompts, passes):
+    """Logits of each prompt (at positions 0.., so every table row a prompt reaches is read) from the model
+    optimized with `passes`; the model is released after."""
+    optimize(model, passes=passes)
+    try:
+        with torch.no_grad():
+            return fastllm.explain(model), [model(ids).logits for ids in prompts]
+    finally:
+        fastllm.release(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox", "gemma"])
+def test_rope_table_folds_cos_sin_into_a_table_with_the_same_bits(family, tmp_path):
+    model = build(family, tmp_path)
+    prompts = [torch.tensor([[5, 6, 7, 8, 9]]), torch.randint(3, 100, (1, 37))]
+    without = fastllm.DEFAULT_PASSES[:-1]
+    assert fastllm.DEFAULT_PASSES[-1] == "rope_table"
+    report, expected = _logits_with_and_without(model, prompts, without)
+    assert {"cos", "sin"} <= set(report.unfused_ops)
+    report, got = _logits_with_and_without(model, prompts, fastllm.DEFAULT_PASSES)
+    assert report.matches["rope_table"] == 2  # cos and sin, shared by every layer
+    assert not {"cos", "sin", "cat", "matmul"} & set(report.unfused_ops)
+    assert report.unfused_ops["index_select"] == 2
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, **EXACT)
+
+
+class _PositionMixingRope(nn.Module):
+    """A toy model whose cos/sin rows depend on every position of the call (scaled by the largest): no table can
+    stand in for it, and rope_table must leave it alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", torch.rand(4), persistent=False)
+
+    def forward(self, x, positions):
+        freqs = positions[..., None].float() * self.inv_freq / (positions.max() + 1).float()
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return rotary.pattern(x, emb.cos(), emb.sin())  # the rotary pass makes it a kernel call
+
+
+def _rope_table_rewrite(module, x, positions, max_positions):
+    seen = {}
+
+    def transform(gm, tensors):
+        nodes = {n: t for n, t in tensors.items() if n.op == "placeholder"}
+        position_node = next(n for n, t in nodes.items() if t is positions)
+        x_node = next(n for n, t in nodes.items() if t is x)
+        seen["matches"] = run_passes(gm, tensors, WeightMerger(), ("rotary", "rope_table"),
+                                     step_inputs=(x_node, position_node), max_positions=max_positions)["rope_table"]
+        seen["unfused"] = op_histogram(gm)[1]
+        return gm
+
+    with torch.no_grad():
+        out = capture(module.forward, transform)(x, positions)
+    return out, seen["matches"], seen["unfused"]
+
+
+def test_rope_table_leaves_cos_sin_that_depend_on_other_positions():
+    torch.manual_seed(0)
+    module = _PositionMixingRope()
+    x, positions = _rand(1, 5, 2, 8), torch.tensor([[3, 4, 5, 6, 7]])
+    out, matches, unfused = _rope_table_rewrite(module, x, positions, max_positions=64)
+    assert matches == 0 and unfused["cos"] == 1
+    torch.testing.assert_close(out, _eager(module, x, positions), **EXACT)
+
+
+class _PlainRope(_PositionMixingRope):
+    def forward(self, x, positions):
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        return rotary.pattern(x, emb.cos(), emb.sin())
+
+
+def test_rope_table_covers_max_positions_and_reads_rows_by_position():
+    torch.manual_seed(0)
+    module = _PlainRope()
+    x, positions = _rand(1, 3, 2, 8), torch.tensor([[9, 0, 63]])  # any order, the last row included
+    out, matches, unfused = _rope_table_rewrite(module, x, positions, max_positions=64)
+    assert matches == 2 and unfused == {"index_select": 2}
+    torch.testing.assert_close(out, _eager(module, x, positions), **EXACT)
+
+
 # --- rotary ----------------------------------------------------------------------------------------------
 
 def _gptj_rotary(x, cos, sin):
@@ -516,6 +602,12 @@ def _rotary_case():
     return rotary.pattern(x, cos, sin), rotary.replacement(x, cos, sin), EXACT
 
 
+def _rope_table_case():
+    inv_freq, positions = _rand(4).abs(), torch.tensor([[7, 2, 0, 11]])
+    table = rope_table.pattern(torch.arange(12).view(1, -1), inv_freq)
+    return rope_table.pattern(positions, inv_freq), rope_table.replacement(positions, table), EXACT
+
+
 def _gated_mlp_case():
     x, w_gate, w_up = _rand(2, 3, 24), _rand(37, 24), _rand(37, 24)
     merged = torch.cat([w_gate, w_up])  # the layout apply() builds: [Wg; Wu]
@@ -617,6 +709,7 @@ REPLACEMENT_CASES = {
     "rms_norm": _rms_norm_case,
     "layer_norm": _layer_norm_case,
     "rotary": _rotary_case,
+    "rope_table": _rope_table_case,
     "gated_mlp": _gated_mlp_case,
     "qkv": _qkv_case,
     "quantize": _quantize_case,
@@ -652,10 +745,10 @@ def test_every_pass_has_a_replacement_case():
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_act_fusion",
-                          "decode_fusion", "fp8_input_quant", "int4_act_fusion")
+                          "decode_fusion", "fp8_input_quant", "int4_act_fusion", "rope_table")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
     # decode_fusion, fp8_input_quant and int4_act_fusion are opt-in
-    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == ALL_PASSES[:-3]
+    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == (*ALL_PASSES[:-4], "rope_table")
     assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 
 

@@ -76,7 +76,7 @@ class CompiledStep:
 
 def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward: Callable | None = None,
                  use_graph_cache: bool = True, quantization: object | None = None,
-                 prequantized: Prequantized | None = None) -> CompiledStep:
+                 prequantized: Prequantized | None = None, max_positions: int | None = None) -> CompiledStep:
     """Capture `model`'s forward on the ragged batch, run `passes` (in this order) on it, and profile it once.
 
     Args:
@@ -87,6 +87,8 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
         quantization: a QuantConfig: the quantize pass swaps the linears (the graph cache holds the graph before the
             passes, so one cached graph serves every scheme).
         prequantized: a pre-quantized checkpoint's layers (quant/checkpoints.py), used as they are.
+        max_positions: the most positions the runtime will feed (its max_model_len): the rope_table pass's table
+            covers positions 0 .. max_positions - 1 (None: no table).
 
     Raises:
         CAPTURE_ERRORS (dynamo's): the model cannot be captured as one graph.
@@ -101,12 +103,16 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
     merger = WeightMerger()
     reports: list[GraphReport] = []
 
+    device = next(model.parameters()).device
+    inputs = _profile_inputs(device, max_positions)
+
     def transform(gm: fx.GraphModule, tensors: dict) -> fx.GraphModule:
         before = len(gm.graph.nodes)
         quantized: dict[str, str] = {}
         matches = run_passes(gm, tensors, merger, passes, model.config, step_context=context.id,
                              quantization=quantization, quantized_layers=quantized, prequantized=prequantized,
-                             parameters=dict(model.named_parameters(remove_duplicate=False)))
+                             parameters=dict(model.named_parameters(remove_duplicate=False)),
+                             step_inputs=_input_placeholders(tensors, inputs), max_positions=max_positions)
         fused, unfused = op_histogram(gm)
         reports.append(GraphReport(matches, dict(fused), dict(unfused), before, len(gm.graph.nodes), quantized))
         return gm
@@ -118,7 +124,7 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
 
     key = graph_cache.cache_key(step, model, hf_forward) if use_graph_cache else None
     fn = capture(step, transform, dynamic=True, cache_key=key, direct=True)
-    kv_shapes = _profile(fn, context, next(model.parameters()).device)
+    kv_shapes = _profile(fn, context, inputs)
     if not kv_shapes:
         raise UnpageableModel(f"{type(model).__name__}'s attention could not be paged: neither an SDPA call nor "
                               "hand-written attention that fastllm recognises (or a score bias that is neither a mask "
@@ -127,14 +133,35 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
                         time.perf_counter() - start, merger)
 
 
-@torch.no_grad()
-def _profile(fn: Callable, context: StepContext, device: torch.device) -> list[tuple[int, int]]:
-    """A plain causal forward: captures the graph (first call) and records each layer's (num_kv_heads, head_dim)."""
+def _profile_inputs(device: torch.device,
+                    max_positions: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The profiling forward's (input_ids, position_ids, logits_indices): the call that captures the graph. Its
+    positions stay below max_positions (a model of fewer positions than PROFILE_TOKENS: learned position
+    embeddings and rope_table's tables end there)."""
     ids = torch.zeros(1, PROFILE_TOKENS, dtype=torch.long, device=device)
     # Inputs laid out as every later step's (plain tensors, not views): dynamo guards on view bases too.
-    positions = torch.arange(PROFILE_TOKENS, device=device).unsqueeze(0).clone()
+    positions = (torch.arange(PROFILE_TOKENS, device=device) % (max_positions or PROFILE_TOKENS)).unsqueeze(0).clone()
     # Two sampled rows, not one: dynamo specializes sizes of 1, and decode steps sample several rows.
     rows = torch.tensor([PROFILE_TOKENS - 2, PROFILE_TOKENS - 1], device=device)
+    return ids, positions, rows
+
+
+def _input_placeholders(tensors: dict[fx.Node, torch.Tensor],
+                        inputs: tuple[torch.Tensor, ...]) -> tuple[fx.Node | None, ...]:
+    """The placeholders the capturing call's inputs arrived in (by storage: dynamo hands the backend the call's
+    tensors), None for one not found."""
+    def find(value: torch.Tensor) -> fx.Node | None:
+        return next((n for n, t in tensors.items() if t.data_ptr() == value.data_ptr() and t.shape == value.shape
+                     and t.dtype == value.dtype), None)
+
+    return tuple(find(value) for value in inputs)
+
+
+@torch.no_grad()
+def _profile(fn: Callable, context: StepContext,
+             inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[tuple[int, int]]:
+    """A plain causal forward: captures the graph (first call) and records each layer's (num_kv_heads, head_dim)."""
+    ids, positions, rows = inputs
     shapes: dict[int, tuple[int, int]] = {}
     with context.step(None, None, shapes):
         fn(ids, positions, rows)

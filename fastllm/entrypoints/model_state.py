@@ -86,7 +86,8 @@ class ModelState:
             self.compiled = compile_step(self.model, resolve_passes(self.config.passes),
                                          hf_forward=self.original_forward, use_graph_cache=self.config.graph_cache,
                                          quantization=self.config.quantization,
-                                         prequantized=getattr(self.model, "_fastllm_prequantized", None))
+                                         prequantized=getattr(self.model, "_fastllm_prequantized", None),
+                                         max_positions=_max_model_len(self.model, self.config))
         except (*CAPTURE_ERRORS, UnpageableModel) as error:
             if self.config.on_capture_failure == "raise":
                 raise

@@ -41,20 +41,24 @@ _BOOKKEEPING = {
 def run_passes(gm: fx.GraphModule, tensors: dict, merger: WeightMerger, names: tuple[str, ...],
                model_config: object | None = None, step_context: int | None = None, *,
                quantization: object | None = None, parameters: dict | None = None,
-               quantized_layers: dict | None = None, prequantized: Prequantized | None = None) -> dict[str, int]:
+               quantized_layers: dict | None = None, prequantized: Prequantized | None = None,
+               step_inputs: tuple[fx.Node | None, ...] = (), max_positions: int | None = None) -> dict[str, int]:
     """Apply the passes `names` in their canonical order (the order given does not matter; see registry.py).
 
     Runs exactly `names`, adding none: for the compiled step callers pass `resolve_passes(selection)`.
     `step_context`: the id of the StepContext that the attention ops emitted into this graph read.
     `quantization` (a QuantConfig) and `parameters` (the model's, by name) feed the quantize pass, which fills
     `quantized_layers` (layer -> scheme); `prequantized` (a checkpoint's quantized layers, quant/checkpoints.py)
-    replaces quantizing.
+    replaces quantizing. `step_inputs`: the runtime step graph's input placeholders (token ids, positions, sampled
+    rows; None where one is not a placeholder) and `max_positions` its max_model_len, for rope_table.
     Returns the matches per pass, in the order the passes ran. Raises ValueError for an unknown name.
     """
     ctx = PassContext(gm=gm, tensors=tensors, merger=merger, model_config=model_config, step_context=step_context,
                       quantization=quantization, parameters=parameters or {},
                       quantized_layers=quantized_layers if quantized_layers is not None else {},
-                      prequantized=prequantized)
+                      prequantized=prequantized,
+                      step_inputs=frozenset(n for n in step_inputs if n is not None),
+                      positions=step_inputs[1] if len(step_inputs) > 1 else None, max_positions=max_positions)
     counts = {name: registry.REGISTRY.module(name).apply(ctx) for name in registry.order_passes(names)}
     if "attention" in names:
         # The model's mask construction now feeds nothing (the runtime's metadata replaced the masks). Only a graph

@@ -68,6 +68,11 @@ class PassContext:
     # A pre-quantized checkpoint's layers (module name -> the scheme's tensors, and act-order input orders), used
     # instead of quantizing; None when the model's weights are quantized here.
     prequantized: Prequantized | None = None
+    # The runtime's step graph: the placeholders of its inputs (token ids, positions, sampled rows), the positions'
+    # own, and how many positions it can be fed (max_model_len): what rope_table needs. Unset for other graphs.
+    step_inputs: frozenset[fx.Node] = frozenset()
+    positions: fx.Node | None = None
+    max_positions: int | None = None
     _num_constants: int = 0
 
     def linears(self) -> Iterator[tuple[fx.Node, torch.Tensor]]:

@@ -34,6 +34,7 @@ from fastllm.passes import (
     quantize,
     reference_ops,
     rms_norm,
+    rope_table,
     rotary,
     skinny_linear,
 )
@@ -157,7 +158,7 @@ def _refuse_unknown(names: list[str], allowed: tuple[str, ...]) -> None:
 # The listing breaks ties only; it is the order these passes ran in before the constraints were declared.
 REGISTRY = PassRegistry((dropout, list_index, rms_norm, layer_norm, rotary, gated_mlp, qkv, attention,
                          quantize, skinny_linear, decode_act_fusion, decode_fusion, fp8_input_quant,
-                         int4_act_fusion, reference_ops))
+                         int4_act_fusion, rope_table, reference_ops))
 
 # The user-selectable passes in canonical order (public as fastllm.ALL_PASSES).
 ALL_PASSES: tuple[str, ...] = REGISTRY.selectable

@@ -516,8 +516,14 @@ class EngineCore:
         attends to the earlier ones through the cache), so a long call needs no more activation memory than the
         runner was sized for."""
         with self._lock:
-            for tokens, _ in sequences:
+            for tokens, positions in sequences:
                 self._check_prompt(tokens)
+                # A position past the context would read past the model's tables (learned position embeddings, the
+                # rotary cos/sin of rope_table): an IndexError on the CPU, a device-side assert on CUDA.
+                bad = [p for p in positions if not 0 <= p < self.max_model_len]
+                if bad:
+                    raise ValueError(f"position_ids must lie in [0, {self.max_model_len}) (max_model_len); got "
+                                     f"{bad[:5]}")
             tables = []
             try:
                 for tokens, _ in sequences:

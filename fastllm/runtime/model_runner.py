@@ -151,7 +151,7 @@ class ModelRunner:
         # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
         # from here inside the next step. One row per sampled token: a step samples at most one per token.
         self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
-        self.activation_bytes = self._measure_activations(initial) if self._measures_memory else 0
+        self.activation_bytes = self._measure_activations(initial, max_model_len) if self._measures_memory else 0
         cap = max_num_blocks(self.config, device=self.device, bytes_per_block=self.bytes_per_block,
                              held_blocks=initial, reserved_bytes=int(ACTIVATION_HEADROOM * self.activation_bytes))
         self.pool = BlockPool(initial, self.block_size, max_num_blocks=max(cap, initial), grow=self.grow)
@@ -220,12 +220,15 @@ class ModelRunner:
         return self.pool.num_blocks
 
     @torch.no_grad()
-    def _measure_activations(self, num_blocks: int) -> int:
+    def _measure_activations(self, num_blocks: int, max_model_len: int) -> int:
         """Peak bytes one eager step of `max_num_batched_tokens` tokens allocates beyond what is held: a dummy
-        sequence that writes no cache slot and reads block 0, sampling `max_num_seqs` rows."""
+        sequence that writes no cache slot and reads block 0, sampling `max_num_seqs` rows. Its positions stay below
+        max_model_len (they may be fewer than the tokens): the step reads per-position tables (rope_table's, learned
+        position embeddings) that end there."""
         tokens = max(self.max_num_batched_tokens, MIN_BATCH)
         rows = min(tokens, max(self.max_num_seqs, MIN_BATCH))
-        step = StepInput([0] * tokens, list(range(tokens)), [-1] * tokens, [tokens], [tokens],
+        positions = [i % max_model_len for i in range(tokens)]
+        step = StepInput([0] * tokens, positions, [-1] * tokens, [tokens], [tokens],
                          [[0] * blocks_needed(tokens, self.block_size)], list(range(tokens - rows, tokens)))
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
