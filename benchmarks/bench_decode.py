@@ -51,13 +51,14 @@ MODELS = {
 # default: steps of at most 16 rows); fastllm_no_pdl: off (FASTLLM_PDL=0); fastllm_pdl_no_act_fusion: PDL on and
 # without decode_act_fusion; fastllm_combine_kernel: decode attention's splits merged by the separate combine kernel
 # (paged_attention.COMBINE_IN_DECODE_KERNEL = False) instead of inside the decode kernel; fastllm_fused_decode_rotary:
-# decode steps' rotary and KV write inside the decode attention kernel (paged_attention.FUSE_ROTARY_INTO_DECODE).
+# decode steps' rotary and KV write inside the decode attention kernel (paged_attention.FUSE_ROTARY_INTO_DECODE);
+# fastllm_torch_argmax: greedy tokens by torch.argmax instead of kernels/argmax.py (argmax.MAX_ROWS = 0).
 OPT_IN_PASSES = {"fastllm_decode_fusion": "decode_fusion"}
 LEFT_OUT_PASSES = {"fastllm_no_act_fusion": "decode_act_fusion", "fastllm_pdl_no_act_fusion": "decode_act_fusion",
                    "fastllm_no_rope_table": "rope_table"}
 PROVIDERS = ("hf_eager", "hf_static_compile", "fastllm", "fastllm_sync", *OPT_IN_PASSES, *LEFT_OUT_PASSES,
              "fastllm_two_row", "fastllm_autotune", "fastllm_pdl", "fastllm_no_pdl", "fastllm_combine_kernel",
-             "fastllm_fused_decode_rotary", "gptfast")
+             "fastllm_fused_decode_rotary", "fastllm_torch_argmax", "gptfast")
 
 
 def _build(name: str, device: str = "cuda"):
@@ -209,6 +210,9 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
     paged_attention.COMBINE_IN_DECODE_KERNEL = default_merge and provider != "fastllm_combine_kernel"
     default_fusion = paged_attention.FUSE_ROTARY_INTO_DECODE
     paged_attention.FUSE_ROTARY_INTO_DECODE = default_fusion or provider == "fastllm_fused_decode_rotary"
+    argmax = importlib.import_module("fastllm.kernels.argmax")
+    default_argmax_rows = argmax.MAX_ROWS
+    argmax.MAX_ROWS = 0 if provider == "fastllm_torch_argmax" else default_argmax_rows
     try:
         pdl_setting = "1" if provider.startswith("fastllm_pdl") else "0" if provider == "fastllm_no_pdl" else None
         with _autotuning(provider == "fastllm_autotune") as tuned, pdl(pdl_setting):
@@ -218,6 +222,7 @@ def run_provider(provider: str, name: str, new_tokens: int, anchors: pathlib.Pat
         model_runner.ONE_ROW_DECODE = default_one_row
         paged_attention.COMBINE_IN_DECODE_KERNEL = default_merge
         paged_attention.FUSE_ROTARY_INTO_DECODE = default_fusion
+        argmax.MAX_ROWS = default_argmax_rows
     report = fastllm.explain(model)
     result.update(startup_s_cold=startup, startup_phases_cold=phases, async_scheduling=async_scheduling,
                   matches=report.matches, unfused=report.unfused_ops)

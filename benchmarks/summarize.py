@@ -261,11 +261,21 @@ def _host_step(result: dict) -> list[str]:
     return lines
 
 
+def _w1_replay_ab(result: dict) -> list[str]:
+    """replay_ab.py: the decode graph's replay time with and without one pass, rounds alternating."""
+    lines = ["| model | variant | replay us (median) | rounds us |", "|---|---|---|---|"]
+    for model, variants in result["fastllm"].items():
+        for name, r in variants.items():
+            rounds = ", ".join(f"{t * 1e3:.1f}" for t in r["replay_ms_rounds"])
+            lines.append(f"| {model} | {name} | {r['replay_ms'] * 1e3:.1f} | {rounds} |")
+    return lines
+
+
 FORMATTERS = {"W5": _w5, "W1": _w1, "W5-fused-linear": _w5_fused_linear, "W2": _w2, "W2-serve": _w2_serve,
               "W5-attention": _w5_attention, "W5-gemv": _w5_gemv, "W5-quant-gemv": _w5_quant_gemv,
               "W1-quant": _w1_quant, "W1-fp8": _w1_quant, "W1-int8": _w1_quant,
               "W1-int4": _w1_quant, "W2-fp8": _w2, "W2-int8": _w2, "W2-int4": _w2,
-              "W2-fp8_kv": _w2, "host-step": _host_step}
+              "W2-fp8_kv": _w2, "host-step": _host_step, "W1-replay-ab": _w1_replay_ab}
 
 
 def summarize(results_dir: pathlib.Path = HERE / "results") -> str:

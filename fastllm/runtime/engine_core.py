@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastllm.kernels.argmax import argmax_rows
 from fastllm.runtime.detokenizer import IncrementalDetokenizer
 from fastllm.runtime.heap import HeapHold
 from fastllm.runtime.kv_cache import BlockTable, OutOfBlocks
@@ -384,7 +385,7 @@ class EngineCore:
             plain = PLAIN_ROWS_FAST_PATH and bool(sampled) and all(c.plain_greedy for c in sampled)
             rows = [] if plain else [c.row() for c in sampled]
             if plain or (sampled and not any(needs_host_history(r) for r in rows)):
-                tokens = logits.argmax(-1) if plain else self._sample(logits, sampled, host=False, rows=rows)
+                tokens = argmax_rows(logits) if plain else self._sample(logits, sampled, host=False, rows=rows)
                 self._overlap.start(output, sampled, tokens)
                 self.num_overlapped_steps += 1
             else:  # rows that need the host: sample and apply now, as the synchronous loop does

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastllm.kernels.argmax import argmax_rows
 from fastllm.runtime.sampling_params import SamplingParams
 
 # ---- Batched sampler: one SamplingParams per row (vLLM's fields, Hugging Face's processing) ---------------
@@ -247,7 +248,7 @@ def _draw(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     exact sample of the categorical distribution (token i wins with probability probs_i)."""
     noise = _exponential_noise(scores, rows)
     # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
-    return (scores.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(-1)
+    return argmax_rows(scores.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny))
 
 
 def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *,
@@ -266,7 +267,7 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *,
     scores = _masked_and_penalized(logits, rows)
     drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not drawn:
-        tokens = scores.argmax(-1)
+        tokens = argmax_rows(scores)
         return (tokens, scores) if return_scores else tokens
     drawn_rows = [rows[i] for i in drawn]
     if len(drawn) == len(rows):
@@ -275,7 +276,7 @@ def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *,
         return (tokens, warped) if return_scores else tokens
     index = on_device(drawn, torch.long, scores.device)
     warped = _warp(scores.index_select(0, index), drawn_rows)
-    tokens = scores.argmax(-1).index_copy_(0, index, _draw(warped, drawn_rows))
+    tokens = argmax_rows(scores).index_copy_(0, index, _draw(warped, drawn_rows))
     if not return_scores:
         return tokens
     processed = scores.clone() if scores is logits else scores  # `scores` is ours to edit unless it is logits
