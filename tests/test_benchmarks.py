@@ -3,6 +3,7 @@ every result file appears in it, and each GPU script's command line parses (and 
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_results_md_is_generated_from_the_result_files():
 @pytest.mark.parametrize("script", ["bench_decode.py", "bench_throughput.py", "bench_kernels.py",
                                     "bench_attention.py", "bench_gemv.py", "bench_serve.py", "bench_quant.py",
                                     "bench_quant_gemv.py", "bench_fused_linear.py",
-                                    "profile_step.py", "profile_startup.py", "profile_throughput.py"])
+                                    "profile_step.py", "profile_startup.py", "profile_throughput.py", "replay_ab.py"])
 def test_gpu_scripts_parse_their_arguments(script):
     env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
     help_run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
@@ -56,6 +57,21 @@ def test_quant_quality_script_parses_its_arguments():
     run = subprocess.run([sys.executable, str(BENCHMARKS / "quant_quality.py"), "--help"], capture_output=True,
                          text=True, env=env, cwd=BENCHMARKS, timeout=120)
     assert run.returncode == 0 and "perplexity" in run.stdout, run.stderr[-2000:]
+
+
+def test_sass_count_compiles_a_kernel_for_sm90_on_the_cpu():
+    """benchmarks/sass_count.py: registers and SASS of a kernel compiled for Hopper without a GPU (triton's bundled
+    ptxas / cuobjdump / nvdisasm); with --pdl the griddepcontrol instructions appear."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "sass_count.py"), "fastllm.kernels.argmax:_chunk_kernel",
+                          "CHUNK=256", "USE_PDL=True", "--ptr", "KEYS=*i64", "--pdl"], capture_output=True, text=True,
+                         env=env, cwd=BENCHMARKS, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    registers = re.search(r"REG \['(\d+)'\]", run.stdout)
+    count = re.search(r"instructions (\d+)", run.stdout)
+    assert registers and 0 < int(registers.group(1)) <= 255 and count and int(count.group(1)) > 10, run.stdout
+    assert "ACQBULK" in run.stdout or "ACQBULK" in run.stdout.upper(), run.stdout  # griddepcontrol.wait
 
 
 def test_host_step_benchmark_runs_on_the_cpu(tmp_path):
