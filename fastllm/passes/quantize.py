@@ -3,12 +3,15 @@
 Each linear whose weight is a model parameter (or a merged QKV / gate-up weight) and whose layer is not excluded
 becomes `kernels.fp8_linear`, `int8_linear` or `int4_linear` on the weight quantized once, here (the quantized
 tensors become constants of the graph). Layers are named by their modules (`model.layers.0.self_attn.q_proj`; a
-merged weight by its parts, joined with "+"); a merged weight is quantized only if none of its parts is excluded.
+merged weight by its parts, joined with "+"); a merged weight is quantized only if none of its parts is excluded,
+and an `exclude` entry that names none of the graph's linears is warned about (it excludes nothing).
 A layer the scheme cannot take (int4 with in-features not a multiple of the group size) stays in the model's dtype
 and is reported so. Without `quantization` this pass changes nothing.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,7 @@ def apply(ctx: PassContext) -> int:
         return 0
     count = 0
     counters = _split_counters(ctx) if config.weights == "int4" else None
+    _warn_unmatched_excludes(ctx, config)
     for node, weight in ctx.linears():
         if not weight.is_floating_point():
             continue
@@ -84,6 +88,19 @@ def apply(ctx: PassContext) -> int:
         ctx.quantized_layers[layer] = config.label
         count += 1
     return count
+
+
+def _warn_unmatched_excludes(ctx: PassContext, config) -> None:
+    """A warning naming the `exclude` entries that match none of the graph's linear layers: such an entry keeps
+    nothing in the model's dtype, and the layer it was meant for (a typo, a name of another model) is quantized."""
+    names = {name for _, weight in ctx.linears() for name in ctx.module_names(weight)}
+    unmatched = config.unmatched_excludes(names)
+    if names and unmatched:
+        example = max(sorted(names), key=lambda name: name.count("."))  # the first of the deepest names
+        warnings.warn(f"fastllm: QuantConfig exclude entries {unmatched} name none of {len(names)} linear layers of "
+                      f"this model, so they exclude nothing; give a layer's module name or a dotted suffix of it "
+                      f"(e.g. {example!r} or {'.'.join(example.split('.')[-2:])!r})",
+                      RuntimeWarning, stacklevel=2)
 
 
 def _split_counters(ctx: PassContext) -> torch.Tensor | None:

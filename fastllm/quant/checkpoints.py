@@ -135,6 +135,32 @@ def _nibbles(words: torch.Tensor, dim: int) -> torch.Tensor:
     return ((words[:, :, None] >> shifts[None, None, :]) & 15).reshape(words.shape[0], -1)
 
 
+def _companion(tensors: dict, layer: str, suffix: str, layout: str) -> torch.Tensor:
+    """`<layer><suffix>` (a quantized weight's scales, zero points, ...), or a ValueError naming the missing tensor
+    and the layout that needs it (a bare KeyError named only the tensor)."""
+    name = layer + suffix
+    if name not in tensors:
+        raise ValueError(f"{layer}: the checkpoint has no {name}, which {layout} stores beside each quantized weight; "
+                         f"the checkpoint is incomplete or in another layout (fastllm loads {SUPPORTED})")
+    return tensors[name]
+
+
+def _check_shape(layer: str, what: str, tensor: torch.Tensor, expected: tuple[int, ...], layout: str,
+                 weight: torch.Tensor) -> None:
+    """ValueError unless `tensor` has the shape `layout` gives it beside its layer's quantized `weight` (a mismatch
+    would fail inside a broadcast, naming no layer, or read its scales with the wrong group size)."""
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"{layer}: {what} has shape {tuple(tensor.shape)}; {layout} gives it {tuple(expected)} "
+                         f"beside the layer's quantized weight of shape {tuple(weight.shape)}")
+
+
+def _check_finite(layer: str, what: str, tensor: torch.Tensor) -> None:
+    """ValueError when a layer's scales hold NaN or infinity: every logit the layer feeds would be NaN."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{layer}: {what} holds NaN or infinite values; a quantized weight's scales must be finite "
+                         "(the checkpoint is damaged)")
+
+
 def _int4_tensors(codes_kn: torch.Tensor, scales_gn: torch.Tensor, zeros_gn: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Codes [K, N] (0..15), scales and zeros [K / g, N] -> fastllm's int4: (packed, scales) when every zero is 8
     (symmetric), else (packed, scales, zeros)."""
@@ -146,7 +172,7 @@ def _int4_tensors(codes_kn: torch.Tensor, scales_gn: torch.Tensor, zeros_gn: tor
     return packed, scales, zeros_gn.float().t().contiguous()
 
 
-def _from_awq(tensors: dict, layer: str) -> tuple[torch.Tensor, ...]:
+def _from_awq(tensors: dict, layer: str, group_size: int) -> tuple[torch.Tensor, ...]:
     """An AWQ GEMM layer's (qweight, qzeros, scales) -> fastllm's int4 with zero points."""
     natural = torch.tensor([AWQ_ORDER.index(c) for c in range(8)])  # nibble holding each column of a block
 
@@ -155,22 +181,43 @@ def _from_awq(tensors: dict, layer: str) -> tuple[torch.Tensor, ...]:
         blocks = spread.reshape(spread.shape[0], -1, 8)
         return blocks[:, :, natural].reshape(spread.shape[0], -1)
 
-    return _int4_tensors(columns(tensors[layer + ".qweight"]), tensors[layer + ".scales"],
-                         columns(tensors[layer + ".qzeros"]))
+    layout = "AWQ's GEMM layout"
+    qweight = tensors[layer + ".qweight"]
+    k, n = qweight.shape[0], 8 * qweight.shape[1]
+    scales, qzeros = (_companion(tensors, layer, suffix, layout) for suffix in (".scales", ".qzeros"))
+    _check_groups(layer, k, group_size, layout)
+    _check_shape(layer, "scales", scales, (k // group_size, n), layout, qweight)
+    _check_shape(layer, "qzeros", qzeros, (k // group_size, n // 8), layout, qweight)
+    _check_finite(layer, "scales", scales)
+    return _int4_tensors(columns(qweight), scales, columns(qzeros))
 
 
 def _from_gptq(tensors: dict, layer: str, group_size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """A GPTQ layer's (qweight, qzeros, scales[, g_idx]) -> (fastllm's int4: packed [N, K // 2], scales [N, K // g],
     and zeros like scales unless every zero is the symmetric 8; the input channels' order for act-order, else None)."""
-    codes = _nibbles(tensors[layer + ".qweight"], 0)  # [K, N]: input channel 8r + i
-    k = codes.shape[0]
-    zeros = _nibbles(tensors[layer + ".qzeros"], 1) + 1  # [K / g, N]; the "gptq" format stores zero - 1
+    layout = "GPTQ's layout"
+    qweight = tensors[layer + ".qweight"]
+    k, n = 8 * qweight.shape[0], qweight.shape[1]
+    scales, qzeros = (_companion(tensors, layer, suffix, layout) for suffix in (".scales", ".qzeros"))
+    _check_groups(layer, k, group_size, layout)
+    _check_shape(layer, "scales", scales, (k // group_size, n), layout, qweight)
+    _check_shape(layer, "qzeros", qzeros, (k // group_size, n // 8), layout, qweight)
+    _check_finite(layer, "scales", scales)
+    codes = _nibbles(qweight, 0)  # [K, N]: input channel 8r + i
+    zeros = _nibbles(qzeros, 1) + 1  # [K / g, N]; the "gptq" format stores zero - 1
     g_idx = tensors.get(layer + ".g_idx")
     order = None
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
         order = _act_order(g_idx.long(), k, group_size, layer)
         codes = codes[order]  # group by group, as fastllm's int4 layout holds them
-    return _int4_tensors(codes, tensors[layer + ".scales"], zeros), order
+    return _int4_tensors(codes, scales, zeros), order
+
+
+def _check_groups(layer: str, k: int, group_size: int, layout: str) -> None:
+    """ValueError unless the config's group size cuts a layer's K input channels into whole groups."""
+    if k % group_size:
+        raise ValueError(f"{layer}: {k} input channels are not whole groups of the checkpoint's group_size "
+                         f"{group_size} ({layout})")
 
 
 def _act_order(g_idx: torch.Tensor, k: int, group_size: int, layer: str) -> torch.Tensor:
@@ -241,7 +288,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
             continue
         if name.endswith(".qweight"):  # GPTQ or AWQ
             layer = name.removesuffix(".qweight")
-            int4, order = (_from_awq(tensors, layer), None) if method == "awq" else \
+            int4, order = (_from_awq(tensors, layer, group_size), None) if method == "awq" else \
                 _from_gptq(tensors, layer, group_size)
             prequantized.layers[layer] = int4
             if order is not None:
@@ -250,7 +297,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
             continue
         if name.endswith(".weight") and tensor.dtype == FP8 and method == "fp8":  # block-wise
             layer = name.removesuffix(".weight")
-            scale_inv = tensors[layer + ".weight_scale_inv"].float().contiguous()
+            scale_inv = _block_scales(tensors, layer, tensor, block)
             state[name] = dequantize_blocks(tensor, scale_inv, dtype, block)
             if tensor.shape[0] % block[0] or tensor.shape[1] % block[1]:
                 untiled.append(f"{layer} {tuple(tensor.shape)}")  # partial edge blocks: runs its dequantized weight
@@ -259,8 +306,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
             continue
         if name.endswith(".weight") and tensor.dtype == FP8:
             layer = name.removesuffix(".weight")
-            scale = tensors[layer + ".weight_scale"].float().reshape(-1)
-            scale = scale.expand(tensor.shape[0]).contiguous() if scale.numel() == 1 else scale.contiguous()
+            scale = _channel_scales(tensors, layer, tensor.shape[0])
             prequantized.layers[layer] = (tensor.contiguous(), scale)
             tensor = tensor.float() * scale[:, None]
         state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor  # integer buffers keep their type
@@ -290,6 +336,27 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     return model
 
 
+def _channel_scales(tensors: dict, layer: str, n: int) -> torch.Tensor:
+    """A compressed-tensors FP8 layer's `weight_scale` ([N, 1] or [N] per channel, [1] per tensor) as [N] fp32."""
+    layout = "compressed-tensors' FP8 layout"
+    scale = _companion(tensors, layer, ".weight_scale", layout).float().reshape(-1)
+    if scale.numel() not in (1, n):
+        raise ValueError(f"{layer}: weight_scale has shape {tuple(tensors[layer + '.weight_scale'].shape)}; "
+                         f"{layout} gives one scale per output channel ({n}, 1) or one per tensor (1,)")
+    _check_finite(layer, "weight_scale", scale)
+    return scale.expand(n).contiguous()
+
+
+def _block_scales(tensors: dict, layer: str, weight: torch.Tensor, block: tuple[int, ...]) -> torch.Tensor:
+    """A block-wise FP8 layer's `weight_scale_inv` [ceil(N / bn), ceil(K / bk)] in fp32."""
+    layout = "transformers' block-wise FP8 layout"
+    scale_inv = _companion(tensors, layer, ".weight_scale_inv", layout)
+    _check_shape(layer, "weight_scale_inv", scale_inv, tuple(-(-d // b) for d, b in zip(weight.shape, block)),
+                 f"{layout} with blocks of {block[0]}x{block[1]}", weight)
+    _check_finite(layer, "weight_scale_inv", scale_inv)
+    return scale_inv.float().contiguous()
+
+
 def _kv_scales(tensors: dict[str, torch.Tensor], qc: dict) -> list[tuple[float, float]] | None:
     """compressed-tensors' FP8 KV cache scales (`<attention>.k_scale`, `.v_scale`, one number each), in the order
     of the attention modules' names' layer index; None without a kv_cache_scheme."""
@@ -299,7 +366,8 @@ def _kv_scales(tensors: dict[str, torch.Tensor], qc: dict) -> list[tuple[float, 
                       key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
     scales = []
     for prefix in prefixes:
-        pair = tuple(float(tensors[f"{prefix}.{kv}_scale"].float().reshape(-1)[0]) for kv in "kv")
+        pair = tuple(float(_companion(tensors, prefix, f".{kv}_scale", "compressed-tensors' kv_cache_scheme")
+                           .float().reshape(-1)[0]) for kv in "kv")
         if not all(math.isfinite(s) and s > 0 for s in pair):
             raise ValueError(f"{prefix}: KV cache scales must be finite and positive, got {pair}")
         scales.append(pair)

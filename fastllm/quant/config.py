@@ -21,6 +21,8 @@ dtype.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 WEIGHT_SCHEMES = ("fp8", "int8", "int4")
@@ -70,11 +72,20 @@ class QuantConfig:
         if not isinstance(self.zero_point, bool) or (self.zero_point and self.weights != "int4"):
             raise ValueError(f"zero_point (True or False) applies to int4 only; got zero_point={self.zero_point!r} "
                              f"with weights={self.weights!r}")
-        if isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
-        if isinstance(self.exclude, str) or not all(isinstance(e, str) and e for e in self.exclude):
-            raise ValueError(f"exclude must be a tuple of module names, got {self.exclude!r}")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        # An int, not a float equal to one: the group size shapes tensors (64.0 passed `in GROUP_SIZES`, then crashed
+        # the quantize pass's reshape)
+        if not isinstance(self.group_size, numbers.Integral) or isinstance(self.group_size, bool) \
+                or self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES} (an int), got {self.group_size!r}")
+        object.__setattr__(self, "group_size", int(self.group_size))
+        # A string or None is not a sequence of names (iterating one failed with a TypeError that named nothing);
+        # made a tuple before it is checked, so that a generator is read once
+        sequence = isinstance(self.exclude, Iterable) and not isinstance(self.exclude, str)
+        names = tuple(self.exclude) if sequence else None
+        if names is None or not all(isinstance(e, str) and e for e in names):
+            raise ValueError(f"exclude must be a tuple of module names (() quantizes every layer, the LM head too), "
+                             f"got {self.exclude!r}")
+        object.__setattr__(self, "exclude", names)
         self._check_kv_scales()
 
     def _check_kv_scales(self) -> None:
@@ -95,7 +106,12 @@ class QuantConfig:
 
     def excludes(self, module_name: str) -> bool:
         """Whether `module_name` ("model.layers.0.mlp.down_proj") is one of the excluded layers."""
-        return any(module_name == e or module_name.endswith("." + e) for e in self.exclude)
+        return any(_names(module_name, e) for e in self.exclude)
+
+    def unmatched_excludes(self, module_names: Iterable[str]) -> list[str]:
+        """The entries of `exclude` that name none of `module_names` (a typo there would quantize the layer meant)."""
+        module_names = list(module_names)
+        return [e for e in self.exclude if not any(_names(name, e) for name in module_names)]
 
     @property
     def label(self) -> str | None:
@@ -104,6 +120,11 @@ class QuantConfig:
         if self.weights == "int4":
             return f"int4-g{self.group_size}" + ("-zp" if self.zero_point else "")
         return self.weights
+
+
+def _names(module_name: str, entry: str) -> bool:
+    """Whether an `exclude` entry names a module: its whole name, or a dotted suffix of it."""
+    return module_name == entry or module_name.endswith("." + entry)
 
 
 def resolve_quantization(value: object) -> QuantConfig | None:
