@@ -46,7 +46,7 @@ def release(model):
     model. Dropping the last reference to an optimized model frees the same memory; `release` does it now, keeping
     the model. A quantized model stays quantized: the float weights of its quantized layers were let go when it was
     compiled, and those modules keep running the quantized weights (a warning says so; reload the checkpoint for the
-    float model, and do not save this one as if it were).
+    float model, and do not save this one as if it were); `optimize()` refuses it (reload it to optimize again).
 
     Raises:
         ValueError: the model was not optimized by fastllm.
@@ -57,7 +57,8 @@ def release(model):
     if state.float_bytes_released:
         warnings.warn(f"fastllm.release: {type(model).__name__} stays quantized (the float weights of its quantized "
                       "layers were let go when it was compiled; their modules keep the quantized weights). Reload the "
-                      "checkpoint for the float model; save_pretrained() would write empty weights for those layers",
+                      "checkpoint for the float model or to optimize it again; save_pretrained() would write empty "
+                      "weights for those layers",
                       RuntimeWarning, stacklevel=2)
     state.release()
     return model

@@ -160,3 +160,19 @@ def test_non_finite_weight_scales_are_refused(tmp_path, layout, suffix):
     name = suffix.lstrip(".")
     with pytest.raises(ValueError, match=rf"{LAYER}: {name} holds NaN or infinite values"):
         load_prequantized(str(path), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("again", [None, "int8"])
+def test_a_quantized_model_released_is_refused_by_a_second_optimize(tmp_path, again):
+    """Its float weights were freed (quant/resident.py): the second capture failed on the quantized forwards and the
+    model silently ran Hugging Face's path (a misleading 'could not be captured' warning). Now a clear error; the
+    released model itself still generates, quantized."""
+    model = _small_llama(tmp_path)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    fastllm.optimize(model, graph_cache=False, quantization="int8")
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    fastllm.release(model)
+    with pytest.raises(ValueError, match=r"quantized by an earlier optimize\(\) and released: .* reload the model"):
+        fastllm.optimize(model, graph_cache=False, quantization=again)
+    assert not hasattr(model, "_fastllm_state")  # nothing attached
+    torch.testing.assert_close(model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0), expected)

@@ -28,7 +28,7 @@ from fastllm.kernels._registry import FLOAT_DTYPES, FP8_KV_DTYPE
 from fastllm.passes import resolve_passes
 from fastllm.quant.config import QuantConfig, check_device_supports, slow_path_warning
 from fastllm.quant.kv_scales import calibration_ids, scales_from_amax
-from fastllm.quant.resident import release_float_weights
+from fastllm.quant.resident import quantized_module_names, release_float_weights
 from fastllm.runtime.engine_core import EngineCore
 from fastllm.runtime.kv_cache import KVCacheConfig
 from fastllm.runtime.model_runner import ModelRunner
@@ -208,6 +208,11 @@ def check_model(model) -> None:
             or not model.can_generate():
         raise TypeError(f"fastllm.optimize() takes a Hugging Face causal language model (a PreTrainedModel that "
                         f"can generate, e.g. from AutoModelForCausalLM), got {type(model).__name__}")
+    quantized = quantized_module_names(model)
+    if quantized:  # its capture would fail (the quantized forwards are not traceable) and silently fall back
+        raise ValueError(f"{type(model).__name__} was quantized by an earlier optimize() and released: "
+                         f"{len(quantized)} of its linear layers (e.g. {quantized[0]}) hold only their quantized "
+                         f"weights now, their float weights freed; reload the model to optimize it again")
 
 
 def optimize_in_place(model, config: OptimizeConfig) -> ModelState:

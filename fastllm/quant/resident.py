@@ -45,6 +45,13 @@ def _quantized_forward(launcher, tensors: tuple[torch.Tensor, ...], input_order:
     return launcher(x, *tensors[:2], module.bias, *tensors[2:])
 
 
+def quantized_module_names(model: torch.nn.Module) -> list[str]:
+    """The modules `release_float_weights` made run quantized (their float weights gone)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(vars(module).get("forward"), functools.partial)
+            and vars(module)["forward"].func is _quantized_forward]
+
+
 def release_float_weights(model: torch.nn.Module, quantized: dict[str, QuantizedRows],
                           merged: dict[tuple, torch.Tensor]) -> int:
     """Point each quantized module (by name) at its quantized rows and free its float weight; drop the merged float
