@@ -147,6 +147,17 @@ def test_another_scheme_than_the_checkpoints_is_refused(tmp_path):
         fastllm.optimize(model, quantization="int4")
 
 
+def test_an_exclude_the_checkpoint_cannot_honour_is_refused(tmp_path):
+    """A checkpoint's quantized layers have no float weights: an `exclude` naming some was silently dropped (the
+    layers ran quantized). The default exclude (the LM head, stored in float) and () are accepted."""
+    _write_fp8_checkpoint(_float_model(tmp_path), tmp_path)
+    model = load_prequantized(str(tmp_path), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"exclude=\('lm_head', 'mlp.down_proj'\) cannot keep any .* leave exclude"):
+        fastllm.optimize(model, quantization=fastllm.QuantConfig("fp8", exclude=("lm_head", "mlp.down_proj")))
+    fastllm.optimize(model, quantization=fastllm.QuantConfig("fp8"))
+    assert fastllm.explain(model).status == "optimized"
+
+
 # --- GPTQ ---------------------------------------------------------------------------------------------------------
 
 def _act_order(k: int, seed: int = 0) -> torch.Tensor:

@@ -310,6 +310,11 @@ def _with_checkpoint_quantization(model, config: OptimizeConfig) -> OptimizeConf
         raise ValueError(f"the model was loaded from a {prequantized.scheme} checkpoint ({prequantized.source}); "
                          f"quantization={config.quantization.weights!r} cannot re-quantize it: leave quantization out")
     asked = config.quantization
+    if asked is not None and asked.weights is not None and asked.exclude not in ((), QuantConfig.exclude):
+        # The checkpoint holds those layers' quantized weights only: no float weights to keep them in
+        raise ValueError(f"the model was loaded from a {prequantized.scheme} checkpoint ({prequantized.source}), "
+                         f"whose quantized layers run as stored; exclude={asked.exclude!r} cannot keep any in the "
+                         f"model's dtype (the checkpoint has no float weights for them): leave exclude out")
     kv_cache, kv_scales = (asked.kv_cache, asked.kv_scales) if asked is not None else (None, None)
     if prequantized.kv_scales is not None:  # the checkpoint's FP8 KV cache, with its scales
         if kv_scales is not None:
