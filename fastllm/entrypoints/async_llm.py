@@ -46,7 +46,9 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._aborts: collections.deque[str] = collections.deque()  # from streams that stopped being read
         self._adds: collections.deque[_PendingAdd] = collections.deque()  # for the step thread to add
-        self._requests: set[str] = set()   # this engine's unfinished requests
+        # This engine's unfinished requests, from when the step thread added them (before their streams hear back:
+        # shutdown() must abort those too, or they would hold their KV blocks with no thread left to step them).
+        self._requests: set[str] = set()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="fastllm-step-loop", daemon=True)
         self._thread.start()
@@ -96,7 +98,6 @@ class AsyncLLM:
         if isinstance(request, RequestOutput):  # refused
             yield StreamOutput(request.request_id, {}, True, request)
             return
-        self._requests.add(request.request_id)
         self._wake.set()
         finished = False
         try:
@@ -117,6 +118,12 @@ class AsyncLLM:
         no unfinished request has this id."""
         self._check_running()
         return self.core.abort(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """A request whose stream went away before it started reading: the step thread aborts it."""
+        self._requests.discard(request_id)
+        self._aborts.append(request_id)
+        self._wake.set()
 
     def shutdown(self) -> None:
         """Stop the step thread; this engine's unfinished requests end with "abort"."""
@@ -139,6 +146,8 @@ class AsyncLLM:
                                                   request_id=pending.request_id)
                 except Exception as error:  # e.g. the engine was closed: that stream raises, the loop goes on
                     result = error
+                if not isinstance(result, (BaseException, RequestOutput)):
+                    self._requests.add(result.request_id)
                 pending.resolve(result, self)
             if not self.core.step():
                 self._wake.wait(timeout=0.05)
@@ -165,14 +174,13 @@ class _PendingAdd:
                 else:
                     self.future.set_result(result)
             elif not isinstance(result, (BaseException, RequestOutput)):  # its stream went away while it was added
-                engine._aborts.append(result.request_id)
-                engine._wake.set()
+                engine._forget(result.request_id)
 
         try:
             self.loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the stream's event loop is closed: nobody is waiting; the request must not run
             if not isinstance(result, (BaseException, RequestOutput)):
-                engine._aborts.append(result.request_id)
+                engine._forget(result.request_id)
 
 
 def merged_updates(update, queue: asyncio.Queue):

@@ -36,7 +36,7 @@ from fastllm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOut
 from fastllm.runtime.overlap import OverlappedSteps
 from fastllm.runtime.sampler import RowContext, needs_host_history, sample_tokens, token_logprobs
 from fastllm.runtime.sampling_params import SamplingParams
-from fastllm.runtime.scheduler import Request, Scheduler, SchedulerOutput
+from fastllm.runtime.scheduler import NoRoomForRequest, Request, Scheduler, SchedulerOutput
 from fastllm.runtime.step_inputs import StepInput
 from fastllm.runtime.stop_strings import StopStrings
 
@@ -242,7 +242,7 @@ class EngineCore:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
         if request_id is None:
-            request_id = str(next(self._ids))
+            request_id = self._unused_request_id()
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         elif request_id in self._requests:
@@ -276,6 +276,13 @@ class EngineCore:
             self._completions[c.request.request_id] = c
         self._requests[request_id] = req
         return req
+
+    def _unused_request_id(self) -> str:
+        """The next counter id that no unfinished request holds: a caller may have picked "7" for its own."""
+        while True:
+            request_id = str(next(self._ids))
+            if request_id not in self._requests:
+                return request_id
 
     def new_request_id(self) -> str:
         """A request id no other request of this core has (for requests refused before they reach it)."""
@@ -345,6 +352,8 @@ class EngineCore:
                 self._step_async(touched)
             else:
                 self._step_sync(touched)
+        except NoRoomForRequest as error:  # nothing ran: end the request that cannot fit, the others go on
+            self._fail_unschedulable(error)
         except Exception as error:
             self._fail_running(error)
         except BaseException as error:  # Ctrl-C: every request ends, every block goes back, then it propagates
@@ -423,7 +432,9 @@ class EngineCore:
         """Bookkeeping once `sampled` got their new tokens: counts, TTFT, logprobs, stop strings, completion.
         Completions ended before (aborted, or ended by the step before) are skipped."""
         for c, entry in zip(sampled, logprobs):
-            if c.request.request_id not in self._completions:
+            # By identity: the id of a completion aborted while its step was in flight may already name a new
+            # request's completion (a caller reusing its request id), which this token must not touch.
+            if self._completions.get(c.request.request_id) is not c:
                 continue
             self.num_generated_tokens += 1
             if c.first_token_time is None:
@@ -496,6 +507,16 @@ class EngineCore:
                 req.listener = None
                 if not req.finished:
                     self.abort(req.request_id, error=f"{type(error).__name__}: {error}")
+
+    def _fail_unschedulable(self, error: NoRoomForRequest) -> None:
+        """The oldest request cannot fit in the KV cache even alone: end it (and its sibling completions) with the
+        error, so the requests behind it can run. The step in flight, if any, is kept: its tokens are valid."""
+        stuck = self._completions.get(error.request.request_id) if error.request is not None else None
+        if stuck is None or stuck.request is not error.request:  # not a request of this core: nothing else to end
+            self._fail_running(error, everything=True)
+            return
+        # Like a request refused at add(): it ends alone with its error; no step failed, so `fault` stays None.
+        self.abort(stuck.owner.request_id, error=f"this request cannot run: {error}")
 
     def _fail_running(self, error: BaseException, everything: bool = False) -> None:
         """A step failed: end the requests it may have touched (every running one, and with `everything` the waiting

@@ -74,5 +74,8 @@ class OverlappedSteps:
         self.inflight = InFlight(output, items, *self._host_tokens.start(tokens))
 
     def drop(self) -> None:
-        """Forget the in-flight step (its requests are being aborted)."""
+        """Forget the in-flight step (a step failed: the requests it ran are being aborted); the requests of it that
+        go on give their pending tokens back, to sample them again."""
+        if self.inflight is not None:
+            self.scheduler.forget_pending(self.inflight.output)
         self.inflight = None

@@ -40,6 +40,16 @@ FINISH_REASONS = ("length", "stop", "abort")
 PLACEHOLDER = -1  # a pending token's id in a chunk: the runner feeds the previous step's sampled token
 
 
+class NoRoomForRequest(RuntimeError):
+    """`schedule()` can run nothing: `request`, the oldest unfinished request (every other one is newer and was
+    preempted or waits behind it), does not fit in the KV cache even alone, because the cache could not grow to its
+    cap (device memory is short). The caller must end it, or every later step fails the same way."""
+
+    def __init__(self, message: str, request: Request | None) -> None:
+        super().__init__(message)
+        self.request = request
+
+
 class RequestStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -181,7 +191,7 @@ class Scheduler:
         return bool(self.requests)
 
     def schedule(self) -> SchedulerOutput:
-        """Pick this step's chunks. Non-empty whenever a request is unfinished (else RuntimeError says why)."""
+        """Pick this step's chunks. Non-empty whenever a request is unfinished (else NoRoomForRequest says why)."""
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
@@ -204,15 +214,16 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             chunks.append(self._chunk(req, n))
             budget -= n
+        self.num_preemptions += len(preempted)
         if not chunks and self.requests and not any(r.stop_pending for r in self.running):
             head = self.waiting[0] if self.waiting else None
-            raise RuntimeError(f"scheduler cannot make progress: {len(self.running)} running, {len(self.waiting)} "
-                               f"waiting, {self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
-                               + (f"; request {head.request_id!r} needs {head.num_tokens} token slots" if head else "")
-                               + (f"; the KV cache could not grow to its cap of {self.pool.max_num_blocks} blocks "
-                                  "(device memory is short: free some, or set num_kv_tokens)"
-                                  if self.pool.num_blocks < self.pool.max_num_blocks else ""))
-        self.num_preemptions += len(preempted)
+            raise NoRoomForRequest(
+                f"scheduler cannot make progress: {len(self.running)} running, {len(self.waiting)} waiting, "
+                f"{self.pool.num_free_blocks}/{self.pool.num_blocks} blocks free"
+                + (f"; request {head.request_id!r} needs {head.num_tokens} token slots" if head else "")
+                + (f"; the KV cache could not grow to its cap of {self.pool.max_num_blocks} blocks "
+                   "(device memory is short: free some, or set num_kv_tokens)"
+                   if self.pool.num_blocks < self.pool.max_num_blocks else ""), head)
         self.tokens_scheduled += sum(c.num_tokens for c in chunks)
         return SchedulerOutput(chunks, preempted)
 
@@ -258,6 +269,18 @@ class Scheduler:
             if self._append_token(req, sampled[req.request_id]):
                 finished.append(req)
         return finished
+
+    def forget_pending(self, output: SchedulerOutput) -> None:
+        """The tokens of a step recorded by `update_pending()` will never be read (the step after it failed, and the
+        step in flight was dropped). Each request that goes on, one preempted in the failed step's scheduling for
+        instance, gives its pending token back and will compute its last known token again to sample it anew:
+        otherwise its next step would ask for a token that no step in flight holds."""
+        for c in output.chunks:
+            req = c.request
+            if c.samples and not req.is_finished and req.num_pending:
+                req.num_pending -= 1
+                req.stop_pending = False
+                req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
 
     def _live_chunks(self, output: SchedulerOutput) -> list[ScheduledChunk]:
         """The chunks of requests still running, each checked to start where its request's computed tokens end
