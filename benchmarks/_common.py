@@ -39,7 +39,8 @@ def _version(package: str) -> str | None:
 
 
 def write_result(workload: str, gpu: str, config: dict, fastllm: dict, baselines: dict, out_dir) -> pathlib.Path:
-    """Write `<out_dir>/<workload>-<gpu slug>-<yyyymmdd>.json` with the versions and date; returns its path."""
+    """Write `<out_dir>/<workload>-<gpu slug>-<yyyymmdd>.json` (or its next free -n: two runs in one call or day keep
+    both) with the versions and date; returns its path."""
     import torch
 
     now = datetime.datetime.now()
@@ -49,6 +50,7 @@ def write_result(workload: str, gpu: str, config: dict, fastllm: dict, baselines
               "config": config, "fastllm": fastllm, "baselines": baselines}
     path = result_path(workload, gpu, out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    path = unused_path(path)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
 
@@ -66,3 +68,12 @@ def result_path(workload: str, gpu: str, out_dir) -> pathlib.Path:
     """`<out_dir>/<workload>-<gpu slug>-<yyyymmdd>.json` for today."""
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     return pathlib.Path(out_dir) / f"{workload}-{slug}-{datetime.datetime.now():%Y%m%d}.json"
+
+
+def latest_result_path(workload: str, gpu: str, out_dir) -> pathlib.Path:
+    """The last file write_result wrote today for this workload (result_path, or its highest -n)."""
+    path = latest = result_path(workload, gpu, out_dir)
+    n = 2
+    while (candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        latest, n = candidate, n + 1
+    return latest

@@ -31,7 +31,7 @@ import tempfile
 import time
 
 import torch
-from _common import copy_bandwidth_gb_s, missing_gpu, result_path, write_result
+from _common import copy_bandwidth_gb_s, latest_result_path, missing_gpu, write_result
 
 MODELS = {
     "llama2_7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -160,7 +160,7 @@ def _record_warm_startup(name: str, out_dir: str) -> None:
 
     startup, phases = _startup_s(_build(name))
     print(f"fastllm {name} startup warm {startup:.2f} s {phases}", flush=True)
-    path = result_path("W1", torch.cuda.get_device_name(), out_dir)
+    path = latest_result_path("W1", torch.cuda.get_device_name(), out_dir)
     if not path.exists():
         raise SystemExit(f"{path} does not exist: run the benchmark (cold start) first, in another process")
     result = json.loads(path.read_text())

@@ -4,9 +4,10 @@
 
 Decode: one step of `generate()` (tokens 2..N of a 128-token prompt, batch 1) against a bare replay of the
 step's CUDA graph: the difference is the host's share (scheduler, inputs, sampling, the per-step sync).
-Prefill: one 128-token prompt, wall time against GPU busy time. With --quantization, the model is optimized with that
-scheme (W1-fp8's step, kernel by kernel). Writes DIR/profile-<model>[-<scheme>].json (a later run on the same name
-takes the next free -n).
+Prefill: one prompt of --prefill-tokens (128), wall time against GPU busy time, and the TTFT of 7 such prompts one
+by one (their spread: W1's TTFT medians moved by tens of percent between calls). With --quantization, the model is
+optimized with that scheme (W1-fp8's step, kernel by kernel). Writes DIR/profile-<model>[-<scheme>].json (a later
+run on the same name takes the next free -n).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llama2_7b")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-tokens", type=int, default=128)
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default=None)
     parser.add_argument("--timeline", type=int, default=0,
                         help="record this many of the replays' last kernels in order (3x as many of generate's)")
@@ -62,13 +64,17 @@ def main(argv=None) -> int:
     decode_profile = profile_gpu(lambda: [graph.replay() for _ in range(5)], timeline=args.timeline)
     # The timeline of generate's last steps shows what runs between the graph's replays (inputs, sampling)
     generate_profile = profile_gpu(lambda: _timed_generate(model, ids, 33), timeline=3 * args.timeline)
-    prefill_profile = profile_gpu(lambda: _timed_generate(model, ids, 1))
+    prefill_ids = _prompt(args.prefill_tokens, vocab)
+    _timed_generate(model, prefill_ids, 1)
+    ttft_each_ms = [1e3 * _timed_generate(model, prefill_ids, 1) for _ in range(7)]
+    prefill_profile = profile_gpu(lambda: _timed_generate(model, prefill_ids, 1))
     result = {
         "model": args.model, "quantization": args.quantization, "gpu": torch.cuda.get_device_name(),
         "decode": {"generate_step_ms": step_ms, "graph_replay_ms": replay_ms,
                    "host_share_ms": step_ms - replay_ms, "tok_s": 1e3 / step_ms,
                    "replay_x5": decode_profile, "generate_33_tokens": generate_profile},
-        "prefill_128": {"ttft_ms": 1e3 * t1, **prefill_profile},
+        f"prefill_{args.prefill_tokens}": {"ttft_ms": min(ttft_each_ms), "ttft_ms_each": ttft_each_ms,
+                                           **prefill_profile},
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +82,8 @@ def main(argv=None) -> int:
     unused_path(out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"decode: generate step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms "
           f"(host share {step_ms - replay_ms:.3f} ms); generate busy {generate_profile['busy_fraction']:.2f}")
-    print(f"prefill 128: TTFT {1e3 * t1:.1f} ms, GPU busy {prefill_profile['gpu_busy_ms']:.1f} ms "
+    print(f"prefill {args.prefill_tokens}: TTFT {min(ttft_each_ms):.1f} ms (each: "
+          f"{', '.join(f'{t:.1f}' for t in ttft_each_ms)}), GPU busy {prefill_profile['gpu_busy_ms']:.1f} ms "
           f"({prefill_profile['num_kernels']} kernels)")
     for name, (ms, calls) in decode_profile["top_kernels"].items():
         print(f"  decode x5 {ms:8.3f} ms {calls:5d}  {name}")

@@ -56,13 +56,27 @@ from fastllm.kernels.kv_cache_write import (  # the cache writes' element roundi
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-# Decode split heuristic (deterministic; a first choice, not tuned on a GPU yet): aim for _PROGRAMS_PER_SM programs
+# Decode split heuristic (deterministic): aim for _PROGRAMS_PER_SM programs
 # per SM (a 4-warp program with a 2-stage pipeline of 64-key bf16 K/V tiles holds 64 KB of shared memory, so 3
 # fit on an H100 SM, and more programs keep more loads in flight), no split shorter than two 64-key tiles, and at
 # most _MAX_SPLITS (the combine kernel holds every split's partial output of a head in registers).
 _PROGRAMS_PER_SM = 4
 _MIN_KEYS_PER_SPLIT = 128
 _MAX_SPLITS = 64
+# Keys a decode split takes at least, in BLOCK_N tiles, decided in the kernel from the real context length (the grid
+# is fixed at capture for the longest context; the splits past the keys return at once). A context whose keys fit one
+# split skips the merge (partials, arrival counter, the merge's loads): its program writes the output itself.
+# Measured on an H200 (W1's batch-1 decode graph after a 256-token prompt, replay_ab.py, three alternating rounds):
+# one tile a split is fastest; 2, 4 and 8 tiles (fewer programs, fewer or no merges) replayed 0.6/2.5/2.4% slower
+# on Llama-2-7B and 0.7/3.1/2.6% on Llama-3.1-8B: at these contexts the split's serial tile loop costs more than the
+# merge (W1-replay-ab-...-decode-min-tiles*).
+_MIN_TILES_PER_SPLIT = 1
+# Decode launch settings in place of _tile_sizes' choice where not None (benchmarks sweep them): the K/V tile length
+# (64 keys in half precision), warps (4) and pipeline stages (2). Swept the same way (-decode-launch-*.json): 32- and
+# 16-key tiles 0.5-0.8% and 2.0-2.6% slower, 2 warps 0.4-0.5% slower, 8 warps and 3 stages within 0.1% (no change).
+_DECODE_BLOCK_N = None
+_DECODE_NUM_WARPS = None
+_DECODE_NUM_STAGES = None
 # Whether decode merges its splits inside the decode kernel where the caller passes split_counters (runtime steps
 # do); False: the combine kernel always (benchmarks compare the two in one process).
 COMBINE_IN_DECODE_KERNEL = True
@@ -285,6 +299,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    MIN_TILES: tl.constexpr,  # the fewest tiles a split takes (_MIN_TILES_PER_SPLIT)
     SPLIT: tl.constexpr,  # num_splits > 1: write partial results for _combine_kernel, else the output
     COMBINE: tl.constexpr,  # with SPLIT: the last program of a (sequence, kv head) merges the partials itself
     ROTARY: tl.constexpr,  # q arrives before rotary; the new token's rotated key and value are written here
@@ -315,7 +330,7 @@ def _decode_kernel(
     if USE_WINDOW:
         k_lo = tl.maximum(ctx - window, 0)
     tiles = tl.cdiv(ctx - k_lo, BLOCK_N)
-    tiles_per_split = tl.cdiv(tiles, num_splits)
+    tiles_per_split = tl.maximum(tl.cdiv(tiles, num_splits), MIN_TILES)
     k_begin = k_lo + split * tiles_per_split * BLOCK_N
     k_end = tl.minimum(k_begin + tiles_per_split * BLOCK_N, ctx)
     # Splits that hold keys (the rest of a short context's grid holds none): at least split 0, which writes even
@@ -365,12 +380,14 @@ def _decode_kernel(
         )  # fmt: skip
 
     mask = g_mask[:, None] & d_mask[None, :]
-    if SPLIT:
-        part = (seq.to(tl.int64) * num_q_heads + head) * num_splits + split  # [BLOCK_G]
-        tl.store(PART_ACC + part[:, None] * head_dim + d[None, :], acc * v_scale, mask=mask)
-        tl.store(PART_M + part, m_i, mask=g_mask)
-        tl.store(PART_L + part, l_i, mask=g_mask)
-        if COMBINE:
+    o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
+    if SPLIT and COMBINE:
+        # A context whose keys all fell to split 0 needs no merge: its program writes the output itself.
+        if splits_with_keys == 1:
+            _store_decode_output(OUT, o_rows, d, acc, l_i, v_scale, mask)
+        else:
+            part = (seq.to(tl.int64) * num_q_heads + head) * num_splits + split  # [BLOCK_G]
+            _store_partials(PART_ACC, PART_M, PART_L, part, head_dim, d, acc * v_scale, m_i, l_i, g_mask, mask)
             # Every thread's partial stores come before the arrival (the barrier), and the arrival's release/acquire
             # makes them, and the other programs' before theirs, visible to the last one to arrive.
             tl.debug_barrier()
@@ -380,12 +397,25 @@ def _decode_kernel(
                 tl.store(counter, 0)  # ready for the next launch (which kernel order puts after this one)
                 out = _merge_splits(PART_ACC, PART_M, PART_L, (seq.to(tl.int64) * num_q_heads + head) * num_splits,
                                     splits_with_keys, head_dim, d, g_mask, mask)
-                o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
                 tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+    elif SPLIT:
+        part = (seq.to(tl.int64) * num_q_heads + head) * num_splits + split  # [BLOCK_G]
+        _store_partials(PART_ACC, PART_M, PART_L, part, head_dim, d, acc * v_scale, m_i, l_i, g_mask, mask)
     else:
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale  # x 1.0 is exact: other caches unchanged
-        o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
-        tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+        _store_decode_output(OUT, o_rows, d, acc, l_i, v_scale, mask)
+
+
+@triton.jit
+def _store_decode_output(OUT, o_rows, d, acc, l_i, v_scale, mask):
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] * v_scale  # x 1.0 is exact: other caches unchanged
+    tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_partials(PART_ACC, PART_M, PART_L, part, head_dim, d, acc, m_i, l_i, g_mask, mask):
+    tl.store(PART_ACC + part[:, None] * head_dim + d[None, :], acc, mask=mask)
+    tl.store(PART_M + part, m_i, mask=g_mask)
+    tl.store(PART_L + part, l_i, mask=g_mask)
 
 
 @triton.jit
@@ -599,7 +629,7 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype, group: int) -> dict:
         "prefill": {"BLOCK_M": block_m, "BLOCK_Q": block_m // group, "BLOCK_N": 32 if big else 64,
                     "num_warps": 4 if big else 8, "num_stages": 2},
         "decode": {"BLOCK_G": max(16, next_power_of_2(group)),
-                   "BLOCK_N": 16 if dtype == torch.float32 and block_d > 128 else 32 if big else 64,
+                   "BLOCK_N": 16 if dtype == torch.float32 and block_d > 128 else 32 if big else _DECODE_BLOCK_N or 64,
                    "num_warps": 4, "num_stages": 2},
     }  # fmt: skip
 
@@ -639,7 +669,11 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
                 GROUP=group, CAUSAL=causal, **common, **p,
             )  # fmt: skip
             return
-        d = cfg["decode"]
+        d = dict(cfg["decode"])
+        if _DECODE_NUM_WARPS is not None:
+            d["num_warps"] = _DECODE_NUM_WARPS
+        if _DECODE_NUM_STAGES is not None:
+            d["num_stages"] = _DECODE_NUM_STAGES
         if num_splits > 1:
             part_acc = torch.empty((num_seqs, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
             part_m = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
@@ -661,7 +695,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             *strides, *new_strides, rot_half, *inv_scales,
             num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, v_scale, num_splits,
             GROUP=group, SPLIT=num_splits > 1, COMBINE=combine, ROTARY=rotary is not None, INTERLEAVED=interleaved,
-            **common, **d,
+            MIN_TILES=_MIN_TILES_PER_SPLIT, **common, **d,
         )  # fmt: skip
         if num_splits > 1 and not combine:
             _combine_kernel[(num_seqs, num_q_heads)](
