@@ -43,7 +43,8 @@ SIZES = {"M", "N", "K", "V", "T"}  # capitals that are sizes, not pointers
 
 
 def compile_sass(fn, constexprs: dict, pointers: dict[str, str], num_warps: int, arch: int = 90,
-                 pdl: bool = False, ints: frozenset[str] = frozenset()) -> tuple[str, str]:
+                 pdl: bool = False, ints: frozenset[str] = frozenset(),
+                 div16: frozenset[str] = frozenset()) -> tuple[str, str]:
     """(cuobjdump -res-usage output, nvdisasm SASS) of `fn` compiled for sm_<arch>."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -58,7 +59,7 @@ def compile_sass(fn, constexprs: dict, pointers: dict[str, str], num_warps: int,
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
-            if name.startswith("stride") or name == "K":
+            if name.startswith("stride") or name == "K" or name in div16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                        attrs=attrs)
@@ -89,6 +90,9 @@ def main(argv=None) -> int:
     parser.add_argument("constexprs", nargs="*", help="NAME=value for every constexpr argument")
     parser.add_argument("--ptr", action="append", default=[], help="NAME=*type of a pointer argument (default *bf16)")
     parser.add_argument("--int", action="append", default=[], help="NAME: an integer argument named in capitals")
+    parser.add_argument("--div16", action="append", default=[],
+                        help="NAME: another integer argument the launcher passes as a multiple of 16 (Triton "
+                             "specializes those: a K split's length, say), which decides vector widths")
     parser.add_argument("--num-warps", type=int, default=4)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--pdl", action="store_true", help="compile with launch_pdl (kernels taking USE_PDL)")
@@ -100,7 +104,8 @@ def main(argv=None) -> int:
     constexprs = dict(kv.split("=", 1) for kv in args.constexprs)
     constexprs = {k: _value(v) for k, v in constexprs.items()}
     pointers = dict(kv.split("=", 1) for kv in args.ptr)
-    usage, sass = compile_sass(fn, constexprs, pointers, args.num_warps, args.arch, args.pdl, frozenset(args.int))
+    usage, sass = compile_sass(fn, constexprs, pointers, args.num_warps, args.arch, args.pdl, frozenset(args.int),
+                               frozenset(args.div16))
     counts = opcode_counts(sass)
     print("REG", re.findall(r"REG:(\d+)", usage), "SHARED", re.findall(r"SHARED:(\d+)", usage))
     print("instructions", sum(counts.values()))

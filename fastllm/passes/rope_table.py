@@ -187,8 +187,14 @@ def _table(ctx: PassContext, derived: list[fx.Node], positions: fx.Node, output:
            table_positions: torch.Tensor) -> tuple[torch.Tensor | None, int]:
     """(the table of `output` over table_positions, the dim its positions run along), or (None, 0) if `output` is
     not a per-position function of the positions that the table reproduces bit for bit."""
-    table = _evaluate(ctx, derived, positions, output, table_positions)
     count = table_positions.shape[1]
+    # Its size a position first, from a few positions: an output of P x P (a mask) over every position would take
+    # max_model_len^2 elements (at 131,072 positions, more memory than the card has) before being refused.
+    few = table_positions[:, : min(count, 3)]
+    sample = _evaluate(ctx, derived, positions, output, few)
+    if not isinstance(sample, torch.Tensor) or sample.numel() > _MAX_ROW_ELEMENTS * few.shape[1]:
+        return None, 0
+    table = _evaluate(ctx, derived, positions, output, table_positions)
     if not isinstance(table, torch.Tensor) or table.numel() > _MAX_ROW_ELEMENTS * count:
         return None, 0
     dims = [d for d, size in enumerate(table.shape) if size == count]
