@@ -107,6 +107,12 @@ def fused_add_rms_norm_ref(
     return rms_norm_ref(s, weight, eps, weight_offset=weight_offset, cast_before_weight=cast_before_weight), s
 
 
+# Warps a row in place of row_launch_settings' choice where not None (benchmarks sweep it). Measured on an H200 in
+# W1's batch-1 decode graphs (replay_ab.py, rows of 4096, the default 8 warps): 4, 16 and 32 within 0.4% of it either
+# way, 2 warps 0.9-1.1% slower (W1-replay-ab-...-rms-norm-warps-*.json): the default stays.
+_NUM_WARPS = None
+
+
 def _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_before_weight, row_scales=None):
     # x, residual, out, residual_out: [M, N] row views; residual/residual_out None for the plain norm; row_scales:
     # [M] fp32 with out float8 e4m3 (rms_norm_fp8_rows), else None.
@@ -114,6 +120,7 @@ def _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_bef
     if num_rows == 0:
         return
     block, num_warps = row_launch_settings(n)
+    num_warps = _NUM_WARPS or num_warps
     has_residual = residual is not None
     r = residual if has_residual else x
     s = residual_out if has_residual else out
