@@ -16,6 +16,7 @@ _WHERE_THEY_RUN = {
     "skinny_linear": "skinny_linear (small-batch GEMMs; larger batches take cuBLAS)",
     "decode_fusion": "fused_linear (RMSNorms, SiLU/GELU * up and residual adds inside the small-batch GEMMs)",
     "decode_act_fusion": "fused_linear (SiLU/GELU * up inside the small-batch down projections)",
+    "linear_norm": "linear_add_rms_norm (residual add + RMSNorm by the last program of the linear before them)",
     "rope_table": "rotary cos/sin read from a table made at start-up (index_select), not computed every step",
     "quantize": "fp8_linear / int8_linear / int4_linear (quantization=...; each layer's scheme listed below)",
 }

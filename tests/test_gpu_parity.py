@@ -158,21 +158,27 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
     assert runner.pool.num_free_blocks == runner.pool.num_blocks
 
 
-@pytest.mark.parametrize("passes", ["default", "without decode_act_fusion", "with decode_fusion"])
+@pytest.mark.parametrize("passes", ["default", "without decode_act_fusion", "with linear_norm",
+                                    "with decode_fusion"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_paged_runtime_half_precision_scores(dtype, passes, tmp_path):
     """16-bit generate on the runtime (skinny GEMMs and paged attention in CUDA-graph decode; fused_linear where a
-    decode fusion runs): each step's scores match HF eager's teacher-forced logits on the same tokens, to 16-bit
-    rounding."""
+    decode fusion runs, linear_add_rms_norm where the opt-in linear_norm does): each step's scores match HF eager's
+    teacher-forced logits on the same tokens, to 16-bit rounding."""
     from transformers import AutoModelForCausalLM
 
     model = build("llama", tmp_path, dtype=dtype).cuda()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval()
     ids = _ids(batch=2, length=33)
     selected = {"default": fastllm.DEFAULT_PASSES, "with decode_fusion": (*fastllm.DEFAULT_PASSES, "decode_fusion"),
+                "with linear_norm": (*fastllm.DEFAULT_PASSES, "linear_norm"),
                 "without decode_act_fusion": tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_act_fusion")}
     fastllm.optimize(model, passes=selected[passes], **SMALL_CACHE)
-    assert ("fused_linear" in fastllm.explain(model).graph.fused_ops) == (passes != "without decode_act_fusion")
+    report = fastllm.explain(model)
+    assert (report.matches.get("decode_act_fusion", 0) > 0) == (passes != "without decode_act_fusion")
+    # linear_norm: two a layer (o_proj and down_proj, each with the norm after it)
+    layers = model.config.num_hidden_layers
+    assert report.matches.get("linear_norm", 0) == (2 * layers if passes == "with linear_norm" else 0)
     out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
                          output_scores=True)
     with torch.no_grad():

@@ -41,6 +41,7 @@ from fastllm.passes import (
     gated_mlp,
     int4_act_fusion,
     layer_norm,
+    linear_norm,
     list_index,
     op_histogram,
     qkv,
@@ -640,6 +641,15 @@ def _decode_act_fusion_case():
     return decode_act_fusion.pattern(gate_up, w_down), decode_act_fusion.replacement(gate_up, w_down), EXACT
 
 
+def _linear_norm_case():
+    """On the CPU both forms run the references (the linear, then the residual add and the norm): the same bits."""
+    half = dict(dtype=torch.float16)
+    x, w, residual, norm_weight = _rand(1, 48, **half), _rand(32, 48, **half), _rand(1, 32, **half), _rand(32, **half)
+    counter = torch.zeros(1, dtype=torch.int32)
+    return (linear_norm.pattern(x, w, residual, norm_weight, 1e-6),
+            linear_norm.replacement(x, w, residual, norm_weight, 1e-6, counter), EXACT)
+
+
 def _fp8_input_quant_case():
     """On the CPU both forms run the references (the norm in fp32, then fp8_linear_ref): the same bits."""
     x, norm_weight = _rand(5, 64), _rand(64)
@@ -717,6 +727,7 @@ REPLACEMENT_CASES = {
     "decode_act_fusion": _decode_act_fusion_case,
     "fp8_input_quant": _fp8_input_quant_case,
     "int4_act_fusion": _int4_act_fusion_case,
+    "linear_norm": _linear_norm_case,
     "skinny_linear[fp16]": lambda: _skinny_linear_case(torch.float16),
     "skinny_linear[bf16]": lambda: _skinny_linear_case(torch.bfloat16),
 }
@@ -745,10 +756,10 @@ def test_every_pass_has_a_replacement_case():
 def test_all_passes_is_one_list():
     assert fastllm.ALL_PASSES == fastllm.config.ALL_PASSES == ALL_PASSES == registry.REGISTRY.selectable
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_act_fusion",
-                          "decode_fusion", "fp8_input_quant", "int4_act_fusion", "rope_table")
+                          "decode_fusion", "fp8_input_quant", "int4_act_fusion", "linear_norm", "rope_table")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    # decode_fusion, fp8_input_quant and int4_act_fusion are opt-in
-    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == (*ALL_PASSES[:-4], "rope_table")
+    # decode_fusion, fp8_input_quant, int4_act_fusion and linear_norm are opt-in
+    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == (*ALL_PASSES[:-5], "rope_table")
     assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 
 

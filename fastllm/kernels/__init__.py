@@ -90,3 +90,8 @@ __all__ += ["act_and_mul_fp8_linear", "act_and_mul_fp8_linear_ref", "rms_norm_fp
 from fastllm.kernels.int4_gated_linear import int4_linear_and_act, int4_linear_and_act_ref  # noqa: E402
 
 __all__ += ["int4_linear_and_act", "int4_linear_and_act_ref"]
+
+# A decode linear with the residual add and RMSNorm after it in one launch (appended: linear_add_norm.py).
+from fastllm.kernels.linear_add_norm import linear_add_rms_norm, linear_add_rms_norm_ref  # noqa: E402
+
+__all__ += ["linear_add_rms_norm", "linear_add_rms_norm_ref"]

@@ -371,15 +371,18 @@ def norm_outputs(
 
 
 @triton.jit
-def load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL: tl.constexpr):
+def load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL: tl.constexpr,
+                           CACHE_MODIFIER: tl.constexpr):
     """Row `row` of X, or with HAS_RESIDUAL of X + R, which is stored to S (the next residual) and returned.
 
     The sum is rounded to X's dtype before anything else reads it, as Hugging Face stores it before the norm
-    (bf16/fp16 parity). Shared by the fused-add norms so the rule lives in one place.
+    (bf16/fp16 parity). Shared by the fused-add norms so the rule lives in one place. CACHE_MODIFIER "" or ".cg" (X
+    and R written by other programs of the same kernel: read through L2, not this SM's L1); no default, which the
+    compiler (Triton 3.6, not the interpreter) took for a str where a jit function called another.
     """
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0, cache_modifier=CACHE_MODIFIER)
     if HAS_RESIDUAL:
-        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0, cache_modifier=CACHE_MODIFIER)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
         tl.store(S + row * stride_s + cols, x, mask=mask)
     return x

@@ -56,7 +56,7 @@ def _layer_norm_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16K rows of 128K
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < N
-    x = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL)
+    x = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL, "")
     h = x.to(tl.float32)
     mean = tl.sum(h, axis=0) / N
     d = tl.where(mask, h - mean, 0.0)

@@ -57,16 +57,10 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16K rows of 128K
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < N
-    x = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL)
+    x = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL, "")
     h = x.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if CAST_BEFORE_WEIGHT:
-        # Llama: both factors are rounded to their storage dtypes before the product, as in eager PyTorch.
-        w = (w + weight_offset).to(W.dtype.element_ty).to(tl.float32)
-        y = w * h.to(X.dtype.element_ty).to(tl.float32)
-    else:
-        y = h * (weight_offset + w)
+    y = _weighted(h, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
     if QUANT_FP8:
         if ROUND_TO_X:  # what the unfused norm stores, and the quantize kernel reads
             y = y.to(X.dtype.element_ty).to(tl.float32)
@@ -75,6 +69,53 @@ def _rms_norm_kernel(
         tl.store(QS + row, scale)
     else:
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weighted(h, W, cols, mask, weight_offset, X_TY: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr):
+    """The normalised row h (fp32) times the norm's weight, in fp32 (the caller rounds it to the output dtype)."""
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if CAST_BEFORE_WEIGHT:
+        # Llama: both factors are rounded to their storage dtypes before the product, as in eager PyTorch.
+        w = (w + weight_offset).to(W.dtype.element_ty).to(tl.float32)
+        return w * h.to(X_TY).to(tl.float32)
+    return h * (weight_offset + w)
+
+
+@triton.jit
+def add_rms_norm_rows(X, R, W, OUT, S, M, stride_x, stride_r, stride_o, stride_s, N, eps, weight_offset,
+                      CAST_BEFORE_WEIGHT: tl.constexpr, CHUNK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+    """`fused_add_rms_norm` of rows 0..M-1 of X (written by other programs of the calling kernel: read through L2)
+    by one program: s = X + R stored to S, then s normalised into OUT. The arithmetic of `_rms_norm_kernel` with
+    HAS_RESIDUAL, but the sum of squares in another order (the caller's warps, chunks), so the output may differ from
+    that kernel's in the last bit. WHOLE_ROW (CHUNK >= N): the row is held in registers from load to store (one
+    round trip to memory); else CHUNK columns at a time, S read back for the second pass. For a kernel whose last
+    program normalises its own output (kernels/linear_add_norm.py)."""
+    for row in range(0, M):
+        if WHOLE_ROW:
+            cols = tl.arange(0, CHUNK)
+            mask = cols < N
+            h = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, True, ".cg")
+            h = h.to(tl.float32)
+            h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+            y = _weighted(h, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
+            tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            squares = tl.zeros([CHUNK], dtype=tl.float32)
+            for c0 in range(0, N, CHUNK):
+                cols = c0 + tl.arange(0, CHUNK)
+                mask = cols < N
+                h = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, True, ".cg")
+                h = h.to(tl.float32)
+                squares += h * h
+            rstd = tl.rsqrt(tl.sum(squares, axis=0) / N + eps)
+            tl.debug_barrier()  # every thread's stores of S before any thread reads them back
+            for c0 in range(0, N, CHUNK):
+                cols = c0 + tl.arange(0, CHUNK)
+                mask = cols < N
+                h = tl.load(S + row * stride_s + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+                y = _weighted(h * rstd, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
+                tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 def rms_norm_ref(

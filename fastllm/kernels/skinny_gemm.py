@@ -42,6 +42,18 @@ from fastllm.kernels._registry import (
     use_triton,
 )
 from fastllm.kernels._tuning_cache import TuningCache
+from fastllm.kernels.rms_norm import add_rms_norm_rows
+
+# The last program of a linear with norm_after (kernels/linear_add_norm.py) holds rows of up to NORM_AFTER_WHOLE_ROW
+# columns whole (one round trip to memory), longer ones NORM_AFTER_CHUNK columns at a time (two passes).
+NORM_AFTER_WHOLE_ROW = 8192
+NORM_AFTER_CHUNK = 1024
+
+
+def _norm_after_chunk(n: int) -> dict:
+    whole = next_power_of_2(n) <= NORM_AFTER_WHOLE_ROW
+    return {"AFTER_CHUNK": next_power_of_2(n) if whole else NORM_AFTER_CHUNK, "AFTER_WHOLE_ROW": whole}
+
 
 MAX_SKINNY_M = 16  # more rows go to cuBLAS (F.linear): past 16 a GEMM tile is no longer mostly padding
 
@@ -199,11 +211,16 @@ def _skinny_gemm_kernel(
     WS,  # fp32 weight scales: [N] per output channel (HAS_WSCALE), or [N / WS_BLOCK_N, K / WS_BLOCK_K] per block
     R,  # [M, N] residual added to the output (read only with HAS_RESIDUAL), row stride stride_rm
     NW,  # [K] the RMSNorm prologue's weight (read only with PROLOGUE "rms_norm")
+    # NORM_AFTER (kernels/linear_add_norm.py): the residual [M, N] added to Y, the norm's weight [N], its output and
+    # the sum [M, N], and an int32 counter, zero on entry and on exit
+    AFTER_R, AFTER_W, AFTER_OUT, AFTER_S, COUNTER,
     M, N, K,
     stride_xm, stride_wn, stride_ym, stride_rm,
     stride_wsn,  # WS's row stride (block scales)
+    stride_ar, stride_ao, stride_as,  # AFTER_R's, AFTER_OUT's and AFTER_S's row strides
     k_per_split,  # a multiple of BLOCK_K
     eps, norm_offset,  # the RMSNorm prologue's
+    after_eps, after_offset,  # NORM_AFTER's norm
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
     HAS_WSCALE: tl.constexpr,
@@ -220,6 +237,10 @@ def _skinny_gemm_kernel(
     USE_PDL: tl.constexpr = False,
     WS_BLOCK_N: tl.constexpr = 0,  # > 0: block-scaled weights (a block-wise FP8 checkpoint's), WS_BLOCK_K | BLOCK_K
     WS_BLOCK_K: tl.constexpr = 0,
+    NORM_AFTER: tl.constexpr = False,  # without SPLIT: the last program adds AFTER_R to Y and RMS-normalises it
+    AFTER_CAST: tl.constexpr = True,  # NORM_AFTER's cast_before_weight
+    AFTER_CHUNK: tl.constexpr = 1024,  # NORM_AFTER's columns at a time
+    AFTER_WHOLE_ROW: tl.constexpr = False,  # NORM_AFTER's row held whole (AFTER_CHUNK >= N)
 ):  # fmt: skip
     """Program (n block, split): y[m, n] = sum over k in the split's K range of x[m, k] * w[n, k], in fp32.
 
@@ -297,6 +318,16 @@ def _skinny_gemm_kernel(
         if BLOCK_M > 3:
             _epilogue(tl.sum(acc3, axis=1)[None, :], row + 3, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
                       HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
+    if NORM_AFTER:
+        # Every thread's stores of Y before the arrival (the barrier); the arrival's release/acquire makes them, and
+        # the other programs' before theirs, visible to the last program, which then normalises the whole output:
+        # the norm kernel's launch and its boundary in the graph are gone (as the decode attention merges its splits).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(COUNTER, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(0) - 1:
+            tl.store(COUNTER, 0)  # ready for the next launch (which kernel order puts after this one)
+            add_rms_norm_rows(Y, AFTER_R, AFTER_W, AFTER_OUT, AFTER_S, M, stride_ym, stride_ar, stride_ao, stride_as,
+                              N, after_eps, after_offset, AFTER_CAST, AFTER_CHUNK, AFTER_WHOLE_ROW)
 
 
 @triton.jit
@@ -470,12 +501,15 @@ def _workspace(device: torch.device, numel: int) -> torch.Tensor:
     return torch.empty(numel, dtype=torch.float32, device=device)
 
 
-def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=None, prologue=None, norm=None):
+def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=None, prologue=None, norm=None,
+            norm_after=None):
     # x: [M, K] ([M, 2K] for a gated-activation prologue), weight: [N, K], bias: [N] or None, out: [M, N] row views;
     # workspace: flat fp32 or None; weight_scale: for quantized (float8, int8) weights (kernels/quant_linear.py) [N]
     # fp32, or [N / bn, K / bk] fp32 block scales tiling W exactly (cfg from block_scaled_config), else None;
     # residual: [M, N] row view added to the output, or None; prologue: a PROLOGUES key, with
-    # norm = (weight [K], eps, offset, cast_before_weight) for "rms_norm" (kernels/fused_linear.py).
+    # norm = (weight [K], eps, offset, cast_before_weight) for "rms_norm" (kernels/fused_linear.py); norm_after =
+    # (residual [M, N], weight [N], out [M, N], sum [M, N], eps, offset, cast_before_weight, counter) for the last
+    # program's add + RMSNorm of the output (kernels/linear_add_norm.py; no split K).
     m = x.shape[0]
     n, k = weight.shape
     if m == 0 or n == 0:
@@ -492,6 +526,10 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
     b = bias if bias is not None else out  # never read without a bias
     r = residual if residual is not None else out  # never read without a residual
     norm_weight, eps, offset, cast = norm if norm is not None else (out, 0.0, 0.0, True)
+    if norm_after is not None and split:
+        raise ValueError("norm_after needs one K split (the last program normalises the finished output)")
+    after_r, after_w, after_out, after_s, after_eps, after_offset, after_cast, counter = (
+        norm_after if norm_after is not None else (out, out, out, out, 0.0, 0.0, True, out))
     blocks = weight_scale is not None and weight_scale.dim() == 2
     ws_block_n, ws_block_k = (n // weight_scale.shape[0], k // weight_scale.shape[1]) if blocks else (0, 0)
     if blocks and ws_block_k % block_k:
@@ -501,14 +539,17 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
             x, weight, b, out, parts, weight_scale if weight_scale is not None else out, r, norm_weight,
+            after_r, after_w, after_out, after_s, counter,
             m, n, k, x.stride(0), weight.stride(0), out.stride(0), r.stride(0),
-            weight_scale.stride(0) if blocks else 0, k_per_split, eps, offset,
+            weight_scale.stride(0) if blocks else 0, after_r.stride(0), after_out.stride(0), after_s.stride(0),
+            k_per_split, eps, offset, after_eps, after_offset,
             HAS_BIAS=bias is not None, SPLIT=split, HAS_WSCALE=weight_scale is not None and not blocks,
             WS_BLOCK_N=ws_block_n, WS_BLOCK_K=ws_block_k,
             HAS_RESIDUAL=residual is not None, PROLOGUE=prologue or "none", NORM_CAST=cast,
             USE_DOT=cfg["USE_DOT"], EVEN_K=k % block_k == 0,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=cfg["NUM_STAGES"],
+            NORM_AFTER=norm_after is not None, AFTER_CAST=after_cast, **_norm_after_chunk(n),
             num_warps=cfg["num_warps"], **pdl,
         )  # fmt: skip
         if split:

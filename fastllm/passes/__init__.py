@@ -27,7 +27,7 @@ FUSED_OPS = {
     kernels.rms_norm, kernels.fused_add_rms_norm, kernels.layer_norm, kernels.fused_add_layer_norm,
     kernels.rotary_embedding, kernels.silu_and_mul, kernels.gelu_and_mul, kernels.skinny_linear, kernels.step_attention,
     kernels.fp8_linear, kernels.int8_linear, kernels.int4_linear, kernels.fused_linear, kernels.rms_norm_fp8_linear,
-    kernels.act_and_mul_fp8_linear, kernels.int4_linear_and_act,
+    kernels.act_and_mul_fp8_linear, kernels.int4_linear_and_act, kernels.linear_add_rms_norm,
     *reference_ops.LAUNCHER_OF,  # on CPU graphs the references stand in for the launchers (reference_ops.py)
 }
 

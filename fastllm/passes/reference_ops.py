@@ -20,7 +20,7 @@ NAME = "reference_ops"
 # Last among the passes that emit launchers: it must see every one of them.
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "layer_norm", "rotary", "gated_mlp", "quantize", "skinny_linear",
                                "decode_act_fusion", "decode_fusion", "fp8_input_quant", "int4_act_fusion",
-                               "attention")
+                               "linear_norm", "attention")
 RUNS_BEFORE: tuple[str, ...] = ()
 RUNTIME_REQUIRED = True
 
@@ -42,6 +42,7 @@ REFERENCES = {
     kernels.rms_norm_fp8_linear: kernels.rms_norm_fp8_linear_ref,
     kernels.act_and_mul_fp8_linear: kernels.act_and_mul_fp8_linear_ref,
     kernels.int4_linear_and_act: kernels.int4_linear_and_act_ref,
+    kernels.linear_add_rms_norm: kernels.linear_add_rms_norm_ref,
 }
 LAUNCHER_OF = {ref: launcher for launcher, ref in REFERENCES.items()}
 

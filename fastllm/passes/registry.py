@@ -29,6 +29,7 @@ from fastllm.passes import (
     gated_mlp,
     int4_act_fusion,
     layer_norm,
+    linear_norm,
     list_index,
     qkv,
     quantize,
@@ -158,7 +159,7 @@ def _refuse_unknown(names: list[str], allowed: tuple[str, ...]) -> None:
 # The listing breaks ties only; it is the order these passes ran in before the constraints were declared.
 REGISTRY = PassRegistry((dropout, list_index, rms_norm, layer_norm, rotary, gated_mlp, qkv, attention,
                          quantize, skinny_linear, decode_act_fusion, decode_fusion, fp8_input_quant,
-                         int4_act_fusion, rope_table, reference_ops))
+                         int4_act_fusion, linear_norm, rope_table, reference_ops))
 
 # The user-selectable passes in canonical order (public as fastllm.ALL_PASSES).
 ALL_PASSES: tuple[str, ...] = REGISTRY.selectable
