@@ -47,11 +47,16 @@ def test_a_hold_let_go_while_held_gives_the_heap_back():
 
 def test_a_heap_frozen_by_someone_else_stays_frozen_and_off_means_off(monkeypatch):
     gc.freeze()
-    frozen = gc.get_freeze_count()
+    # Theirs, not frozen again nor unfrozen here. (Not the count before == after: frozen objects can die meanwhile,
+    # e.g. under pytest-xdist, whose worker's I/O thread frees its messages: seen 1044674 -> 1044672.)
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
     hold = heap.HeapHold()
     hold.hold()
     hold.release()
-    assert gc.get_freeze_count() == frozen  # theirs, not unfrozen here
+    assert calls == [] and gc.get_freeze_count() > 0
+    monkeypatch.undo()
     gc.unfreeze()
     monkeypatch.setattr(heap, "FREEZE_WHILE_STEPPING", False)
     hold.hold()
