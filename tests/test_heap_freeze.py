@@ -31,7 +31,7 @@ def test_holds_are_counted_across_engines():
     assert frozen > 0 and heap._holders == 1
     b.hold()
     a.release()
-    assert gc.get_freeze_count() >= frozen and heap._holders == 1  # b still holds
+    assert gc.get_freeze_count() > 0 and heap._holders == 1  # b still holds (not unfrozen: that leaves 0)
     b.release()
     b.release()
     assert gc.get_freeze_count() == 0 and heap._holders == 0
