@@ -57,10 +57,8 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 at 16K rows of 128K
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < N
-    x = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL, "")
-    h = x.to(tl.float32)
-    h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-    y = _weighted(h, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
+    y = _normalised_row(X, R, S, W, row, stride_x, stride_r, stride_s, cols, mask, N, eps, weight_offset,
+                        HAS_RESIDUAL, "", CAST_BEFORE_WEIGHT)
     if QUANT_FP8:
         if ROUND_TO_X:  # what the unfused norm stores, and the quantize kernel reads
             y = y.to(X.dtype.element_ty).to(tl.float32)
@@ -69,6 +67,17 @@ def _rms_norm_kernel(
         tl.store(QS + row, scale)
     else:
         tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalised_row(X, R, S, W, row, stride_x, stride_r, stride_s, cols, mask, N, eps, weight_offset,
+                    HAS_RESIDUAL: tl.constexpr, CACHE_MODIFIER: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr):
+    """A whole row (cols covers it): x (+ residual, the sum stored to S) RMS-normalised and times the weight, fp32
+    (the caller rounds it). CACHE_MODIFIER: the row's loads' (".cg" where other programs wrote it)."""
+    h = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL, CACHE_MODIFIER)
+    h = h.to(tl.float32)
+    h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
+    return _weighted(h, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
 
 
 @triton.jit
@@ -95,10 +104,8 @@ def add_rms_norm_rows(X, R, W, OUT, S, M, stride_x, stride_r, stride_o, stride_s
         if WHOLE_ROW:
             cols = tl.arange(0, CHUNK)
             mask = cols < N
-            h = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, True, ".cg")
-            h = h.to(tl.float32)
-            h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-            y = _weighted(h, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
+            y = _normalised_row(X, R, S, W, row, stride_x, stride_r, stride_s, cols, mask, N, eps, weight_offset,
+                                True, ".cg", CAST_BEFORE_WEIGHT)
             tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
         else:
             squares = tl.zeros([CHUNK], dtype=tl.float32)
