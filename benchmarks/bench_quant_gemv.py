@@ -185,26 +185,33 @@ def _sweep_skinny(x, tensors, bench) -> list[dict]:
     return sorted(results, key=lambda r: r["ms"])[:5]
 
 
-def _sweep_int4(x, tensors, launch, bench, splits=None) -> list[dict]:
+def _sweep_int4(x, tensors, launch, bench, splits=None, chunk_groups=None) -> list[dict]:
     """The int4 GEMV's packed bf16x2 loop (one row) at other block sizes, warps, pipeline stages and K splits than
     `_int4_config`'s, each checked first. (The fp32 loop's sweep: W5-quant-gemv-...-int4-mantissa-sweep.json and
     -int4packed-sweep.json; the dot form at one row, reading bytes or words, measured no faster than the fp32 loop:
     -int4next.json.) More splits and warps an SM put more bytes in flight and hide more latency; more registers a
-    thread (wider blocks) fit fewer programs an SM."""
+    thread (wider blocks) fit fewer programs an SM. chunk_groups: instead, chunks of that many groups of each row
+    (quant_linear.INT4_CHUNK_GROUPS) at 8 and 16 KB a chunk, 4 and 8 warps, 2, 4 and 8 K splits."""
     m, k = x.shape
     n = tensors[0].shape[0]
     group = k // tensors[1].shape[1]
     expected = quant_linear.int4_linear_ref(x, *tensors)
     copies = itertools.cycle(_copies(tensors))
     default = quant_linear._int4_config(m, n, k, group, x.device, packed_bf16=True)
+    key = (m, n, k, group, x.device, True, default["CHUNK_GROUPS"])  # _int4_config's cache key
     results = []
     try:
-        grid = itertools.product((64, 128), (2, 4, 8), (2, 3, 4), (4, 8)) if splits is None else \
-            itertools.product((default["BLOCK_N"],), (default["num_warps"],), (default["NUM_STAGES"],), splits)
-        for block_n, warps, stages, split in grid:
+        if chunk_groups:
+            grid = [(rows // cg, warps, 3, split, cg) for cg, rows, warps, split in
+                    itertools.product(chunk_groups, (default["BLOCK_N"], 2 * default["BLOCK_N"]), (4, 8), (2, 4, 8))]
+        elif splits is None:
+            grid = [(*c, 1) for c in itertools.product((64, 128), (2, 4, 8), (2, 3, 4), (4, 8))]
+        else:
+            grid = [(default["BLOCK_N"], default["num_warps"], default["NUM_STAGES"], s, 1) for s in splits]
+        for block_n, warps, stages, split, cg in grid:
             cfg = {**default, "USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": warps,
-                   "NUM_STAGES": stages, "split_k": split}  # fmt: skip
-            quant_linear._INT4_CONFIGS[(m, n, k, group, x.device, True)] = cfg
+                   "NUM_STAGES": stages, "split_k": split, "CHUNK_GROUPS": cg}  # fmt: skip
+            quant_linear._INT4_CONFIGS[key] = cfg
             if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
                 print(f"int4 sweep: {cfg} off from the reference; not timed")
                 continue
@@ -212,15 +219,17 @@ def _sweep_int4(x, tensors, launch, bench, splits=None) -> list[dict]:
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
             results.append({**cfg, "INT4_PACKED_BF16": True, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
     finally:
-        quant_linear._INT4_CONFIGS.pop((m, n, k, group, x.device, True), None)
+        quant_linear._INT4_CONFIGS.pop(key, None)
     for r in results if splits else ():
         print(f"int4 {n}x{k} split {r['split_k']}: {r['ms'] * 1e3:.1f} us, {r['gb_s']:.0f} GB/s")
     best = min(results, key=lambda r: r["ms"], default=None)
     if best:
-        print(f"int4 sweep {n}x{k}: best BLOCK_N={best['BLOCK_N']} warps={best['num_warps']} "
+        print(f"int4 sweep {n}x{k}: best BLOCK_N={best['BLOCK_N']} chunk groups={best['CHUNK_GROUPS']} "
+              f"warps={best['num_warps']} "
               f"stages={best['NUM_STAGES']} split={best['split_k']}: {best['ms'] * 1e3:.1f} us, "
               f"{best['gb_s']:.0f} GB/s (default {default})")
-    return sorted(results, key=lambda r: r["ms"]) if splits else sorted(results, key=lambda r: r["ms"])[:5]
+    ranked = sorted(results, key=lambda r: r["ms"])
+    return ranked if splits or chunk_groups else ranked[:5]
 
 
 # (BLOCK_N, BLOCK_K, num_warps) of the one-byte prologue GEMM timed beside the default (8, 1024, 4): 8 x 512 measured
@@ -319,6 +328,9 @@ def main() -> int:
     parser.add_argument("--int4-splits", nargs="+", type=int, default=None,
                         help="instead of --sweep's grid for int4 at one row: the default launch settings at each of "
                              "these K split counts (all results kept)")
+    parser.add_argument("--int4-chunk-groups", nargs="+", type=int, default=None,
+                        help="instead of --sweep's grid for int4 at one row: chunks of these many groups of each row "
+                             "(INT4_CHUNK_GROUPS) at a few block sizes, warps and K splits")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES,
                         help="the schemes timed (the activation-fusion cases only with all of them)")
     args = parser.parse_args()
@@ -345,8 +357,8 @@ def main() -> int:
             results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
             if args.sweep and m == 1 and scheme in ("fp8", "int8"):  # batch-1 decode's shapes
                 sweeps[key] = _sweep_skinny(x, tensors, bench)
-            if (args.sweep or args.int4_splits) and m == 1 and scheme == "int4":
-                sweeps[key] = _sweep_int4(x, tensors, launch, bench, args.int4_splits)
+            if (args.sweep or args.int4_splits or args.int4_chunk_groups) and m == 1 and scheme == "int4":
+                sweeps[key] = _sweep_int4(x, tensors, launch, bench, args.int4_splits, args.int4_chunk_groups)
         del weight
         torch.cuda.empty_cache()
     if args.schemes == SCHEMES:

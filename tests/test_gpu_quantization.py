@@ -149,6 +149,44 @@ def test_int4_packed_bf16_loop_against_the_reference_and_the_fp32_loop(shape, ro
         assert not torch.equal(got, fp32_loop)  # the packed loop ran (its roundings differ from fp32's)
 
 
+@pytest.mark.parametrize("chunk_groups", [2, 4, 8])
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("shape,group", [((300, 1024), 64), ((4096, 4096), 128), ((4096, 14336), 128),
+                                         ((256, 1152), 128)])  # fmt: skip
+def test_int4_packed_loop_in_chunks_of_several_groups(shape, group, rows, zero_point, chunk_groups, monkeypatch):
+    """INT4_CHUNK_GROUPS: a chunk of the packed loop holds several groups of each row, each word scaled by its own
+    group's scale and offset by its own zero. The same products as one group a chunk, summed in another order: against
+    the reference and the one-group loop at this file's 40 dB (the packed loop's own bound), with its K splits summed
+    by the kernel (split counters, as the quantize pass gives them), the counters left zero. 1152 columns are 9 groups
+    of 128, which no chunk of 2, 4 or 8 divides: the kernel then takes one group a chunk (the same bits as the
+    default)."""
+    from fastllm.kernels import quant_linear
+
+    n, k = shape
+    torch.manual_seed(15)
+    packed, scales, *zeros = int_weight.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group,
+                                                      zero_point=zero_point)  # fmt: skip
+    zeros = zeros[0] if zeros else None
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    counters = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")
+    one_group = kernels.int4_linear(x, packed, scales, b, zeros, split_counters=counters)
+    monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", chunk_groups)
+    cfg = quant_linear._int4_config(rows, n, k, group, x.device, packed_bf16=True)
+    assert cfg["CHUNK_GROUPS"] == (1 if (k // group) % chunk_groups else chunk_groups)
+    got = kernels.int4_linear(x, packed, scales, b, zeros, split_counters=counters)
+    assert torch.isfinite(got).all()
+    assert _sqnr(kernels.int4_linear_ref(x, packed, scales, b, zeros), got) >= 40.0
+    assert _sqnr(one_group, got) >= 40.0
+    if cfg["CHUNK_GROUPS"] == 1:
+        assert torch.equal(got, one_group)
+    for split_k in (1, 3):  # no split; splits of whole chunks (possibly fewer than asked)
+        split = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
+        assert _sqnr(one_group, split) >= 40.0
+    assert torch.count_nonzero(counters).item() == 0
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 def test_int4_packed_bf16_loop_takes_gptq_zero_points_up_to_16(rows, monkeypatch):
     """A GPTQ checkpoint stores zero - 1 in a nibble, so its zero points reach 16 (quant/checkpoints.py): 128 + 16 and

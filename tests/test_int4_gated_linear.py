@@ -154,10 +154,15 @@ def test_pdl_must_be_a_bool():
 @pytest.mark.parametrize("zero_point", [False, True])
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("inter", [14336, 300])
-def test_gated_epilogue_equals_the_unfused_kernels_on_cuda(inter, rows, zero_point, activation):
+@pytest.mark.parametrize("chunk_groups", [1, 4])
+def test_gated_epilogue_equals_the_unfused_kernels_on_cuda(chunk_groups, inter, rows, zero_point, activation,
+                                                           monkeypatch):
     """bf16 on CUDA (the packed loop at these rows), K split and summed by the kernel's last program: the unfused
-    pair's bits. I = 300 leaves a partial block."""
+    pair's bits. I = 300 leaves a partial block. chunk_groups: quant_linear.INT4_CHUNK_GROUPS (both calls)."""
+    from fastllm.kernels import quant_linear
     from fastllm.kernels.fp8_input_linear import ACTIVATIONS
+
+    monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", chunk_groups)
 
     torch.manual_seed(9)
     packed, scales, *zeros = int_weight.quantize_int4(torch.randn(2 * inter, 4096, device="cuda") * 0.02, 128,

@@ -217,6 +217,10 @@ REDUCE_SPLITS_IN_KERNEL = True
 # (their launch settings unchanged: -int4-two-rows.json), W1-int4 380.5 tok/s against 311.1 in the same call
 # (W1-int4-...-packed-final.json, W5-quant-gemv-...-int4-packed-final.json).
 INT4_PACKED_BF16 = True
+# Groups of each row a chunk of the packed loop holds (one or two rows; BLOCK_N as many times smaller, the same bytes a
+# chunk): one group is 64 bytes of a row at group 128, rows K / 2 bytes apart; more make each row's run longer.
+# Not measured on a GPU yet (bench_quant_gemv --int4-chunk-groups sweeps it; 1 is the kernel as measured before).
+INT4_CHUNK_GROUPS = 1
 
 
 @triton.jit
@@ -269,13 +273,22 @@ def _int4_bf16x2_word_dot(words, p0, p1, p2, p3, neg_offset):
 
 
 @triton.jit
-def _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW: tl.constexpr):
-    """One bf16 row's group g (XW: the row as int32 words, two columns each) against the group's words [R, GW]:
-    [R, GW] fp32 sums of (nibble - zero) * x, a word's eight columns each."""
-    j = tl.arange(0, GW) * 4 + g * (GW * 4)  # word 4j + c holds x columns 8j + 2c, 8j + 2c + 1
+def _int4_bf16x2_row_dot(XW, words, neg_offset, first_word, NW: tl.constexpr):
+    """One bf16 row (XW: the row as int32 words, two columns each) against a chunk's words [R, NW], whose first word
+    holds weight column 8 first_word: [R, NW] fp32 sums of (nibble - zero) * x, a word's eight columns each.
+    neg_offset: the packed -(128 + zero) of each word ([R, 1] or [R, NW])."""
+    j = (first_word + tl.arange(0, NW)) * 4  # x's word 4j + c holds x columns 8j + 2c, 8j + 2c + 1
     p0, p1 = _bf16_pairs(tl.load(XW + j), tl.load(XW + j + 2))
     p2, p3 = _bf16_pairs(tl.load(XW + j + 1), tl.load(XW + j + 3))
-    return _int4_bf16x2_word_dot(words, p0[None, :], p1[None, :], p2[None, :], p3[None, :], neg_offset[:, None])
+    return _int4_bf16x2_word_dot(words, p0[None, :], p1[None, :], p2[None, :], p3[None, :], neg_offset)
+
+
+@triton.jit
+def _per_word(values, GW: tl.constexpr):
+    """[R, G] values, one a group, -> [R, G * GW]: each repeated for the group's GW words (a chunk of G groups)."""
+    R: tl.constexpr = values.shape[0]
+    G: tl.constexpr = values.shape[1]
+    return tl.reshape(tl.broadcast_to(values[:, :, None], [R, G, GW]), [R, G * GW])
 
 
 @triton.jit
@@ -384,6 +397,7 @@ def _int4_gemv_kernel(
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
     GATED: tl.constexpr = "",  # broadcast form: "silu", "gelu", "gelu_tanh": Y [M, N / 2] = act(gate) * up (below)
+    CHUNK_GROUPS: tl.constexpr = 1,  # PACKED_BF16: groups a chunk (dividing groups_per_split and K / GROUP)
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -404,6 +418,7 @@ def _int4_gemv_kernel(
     as the linear's store and the activation kernel would (the same bits). Splits store their partials at the weight's
     rows; the last program of a block sums them (REDUCE is required)."""
     tl.static_assert(GATED == "" or not USE_DOT, "GATED: the broadcast form only")
+    tl.static_assert(CHUNK_GROUPS == 1 or PACKED_BF16, "CHUNK_GROUPS > 1: the packed bf16x2 loop only")
     pdl_wait(USE_PDL)
     GW: tl.constexpr = GROUP // 8 if WORDS else GROUP // 2  # words (bytes) of a row in one group
     pid_n = tl.program_id(0)
@@ -418,7 +433,8 @@ def _int4_gemv_kernel(
     else:
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_load = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read row N - 1, never stored: no load masks
-    w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, GW)[None, :]  # [BLOCK_N, GW]; group g at + g * GW
+    # [BLOCK_N, CHUNK_GROUPS * GW]: a chunk's words (bytes); group g's at + g * GW
+    w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, CHUNK_GROUPS * GW)[None, :]
     s_ptrs = S + n_load * stride_sn
     z_ptrs = Z + n_load * stride_zn
     zero = tl.full([BLOCK_N], 8.0, tl.float32)
@@ -458,20 +474,30 @@ def _int4_gemv_kernel(
         # The packed loop keeps each word's scaled sums apart, summed once after the loop: no shuffles between threads
         # every group (395 against 429 SASS instructions a chunk, 80 registers a thread against 56; measured
         # 1.02-1.05x at three of Llama-3.1-8B's projections, the same at gate_up with 8 splits: -sum-after-loop).
-        by_word0 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
-        by_word1 = tl.zeros([BLOCK_N, GW], dtype=tl.float32)
-        for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
+        # CHUNK_GROUPS > 1: a chunk holds that many consecutive groups of each of its rows (longer runs of each row a
+        # load; the same bytes a chunk with BLOCK_N as many times smaller), each word scaled by its own group's scale.
+        CW: tl.constexpr = CHUNK_GROUPS * GW
+        by_word0 = tl.zeros([BLOCK_N, CW], dtype=tl.float32)
+        by_word1 = tl.zeros([BLOCK_N, CW], dtype=tl.float32)
+        for g in tl.range(g_begin, g_end, CHUNK_GROUPS, num_stages=NUM_STAGES):
             if PACKED_BF16:
-                if HAS_ZEROS:
-                    zero = tl.load(z_ptrs + g)
-                half = (-128.0 - zero).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                if CHUNK_GROUPS == 1:
+                    if HAS_ZEROS:
+                        zero = tl.load(z_ptrs + g)
+                    scale = tl.load(s_ptrs + g)[:, None]
+                    zeros = zero[:, None]
+                else:
+                    chunk = g + tl.arange(0, CHUNK_GROUPS)[None, :]
+                    scale = _per_word(tl.load(s_ptrs[:, None] + chunk), GW)
+                    zeros = _per_word(tl.load(z_ptrs[:, None] + chunk) if HAS_ZEROS else
+                                      tl.broadcast_to(zero[:, None], [BLOCK_N, CHUNK_GROUPS]), GW)
+                half = (-128.0 - zeros).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
                 neg_offset = half | (half << 16)
                 words = tl.load(w_ptrs + g * GW)
-                scale = tl.load(s_ptrs + g)
                 XW = X.to(tl.pointer_type(tl.int32), bitcast=True)
-                by_word0 += _int4_bf16x2_row_dot(XW, words, neg_offset, g, GW) * scale[:, None]
+                by_word0 += _int4_bf16x2_row_dot(XW, words, neg_offset, g * GW, CW) * scale
                 if BLOCK_M > 1:
-                    by_word1 += _int4_bf16x2_row_dot(XW + stride_xm // 2, words, neg_offset, g, GW) * scale[:, None]
+                    by_word1 += _int4_bf16x2_row_dot(XW + stride_xm // 2, words, neg_offset, g * GW, CW) * scale
             else:
                 if WORDS:
                     mantissas = _int4_word_mantissas(tl.load(w_ptrs + g * GW))
@@ -525,20 +551,24 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
     rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM (skinny_gemm's heuristic), as measured before
     (with the fp32 loop). K split 2-16 ways at the packed loop's other settings (2026-12-01, --int4-splits:
     W5-quant-gemv-...-20261201-int4-splits-gated.json): 8 within 3% of the best at each of the four projections."""
-    key = (m, n, k, group, device, packed_bf16)
+    chunk_groups = INT4_CHUNK_GROUPS if packed_bf16 and (k // group) % INT4_CHUNK_GROUPS == 0 else 1
+    key = (m, n, k, group, device, packed_bf16, chunk_groups)
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
         if m == 1:
-            block_n, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8
+            block_n, max_split = max(1, 2 * _INT4_CHUNK_NIBBLES // group // chunk_groups), 8
             num_warps, programs_per_sm = (4, 16) if packed_bf16 else (8, 8)
         else:
             block_n, num_warps = max(16, _INT4_CHUNK_NIBBLES // group), 4
             programs_per_sm, max_split = skinny_gemm._PROGRAMS_PER_SM, skinny_gemm._MAX_SPLIT_K
+        if m == 2:
+            block_n = max(1, block_n // chunk_groups)
         target = programs_per_sm * sm_count(device)
         split_k = max(1, min(target // skinny_gemm._cdiv(n, block_n), k // skinny_gemm._MIN_SPLIT_COLUMNS, max_split))
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
-                                    "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k}  # fmt: skip
+                                    "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k,
+                                    "CHUNK_GROUPS": chunk_groups}  # fmt: skip
     return cfg
 
 
@@ -587,7 +617,11 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     words = _int4_words(packed)
     packed_bf16 = _int4_packed_bf16(rows, words)
     cfg = _int4_config(m, n, k, group, rows.device, packed_bf16)
-    num_splits, groups_per_split = skinny_gemm._split(num_groups, 1, split_k or cfg["split_k"])
+    chunk_groups = cfg.get("CHUNK_GROUPS", 1) if packed_bf16 else 1
+    if num_groups % chunk_groups:
+        chunk_groups = 1  # a config given for another shape (a benchmark's sweep)
+    # splits of whole chunks, none empty (so possibly fewer)
+    num_splits, groups_per_split = skinny_gemm._split(num_groups, chunk_groups, split_k or cfg["split_k"])
     split = num_splits > 1
     blocks = triton.cdiv(n, cfg["BLOCK_N"])
     reduce = split and REDUCE_SPLITS_IN_KERNEL and split_counters is not None and split_counters.numel() >= blocks
@@ -612,7 +646,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
             USE_DOT=cfg["USE_DOT"], WORDS=words is not None, PACKED_BF16=packed_bf16,
             MAGIC=_INT4_MAGIC[rows.dtype], DOT_PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
-            GATED=activation or "", **pdl,
+            GATED=activation or "", CHUNK_GROUPS=chunk_groups, **pdl,
         )  # fmt: skip
         if split and not reduce:  # sums the partials in split order (deterministic), adds the bias, rounds once
             skinny_gemm._split_k_reduce_kernel[(m, triton.cdiv(n, skinny_gemm._REDUCE_BLOCK))](
