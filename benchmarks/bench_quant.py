@@ -30,12 +30,12 @@ PDL_VARIANTS = {"on": ("1", "_pdl"), "off": ("0", "_no_pdl")}
 # the flag set so, keys suffixed _<name>. int4_reduce_kernel: the int4 decode kernel's K splits summed by the separate
 # reduce kernel (the default before 2026-11-30's measurement). int4_fp32_loop: the int4 decode kernel's one- and
 # two-row loop in fp32, not packed bf16x2 (the default before 2026-11-30's measurement). int4_chunk<G>: the packed
-# loop's chunks of G groups of each row (quant_linear.INT4_CHUNK_GROUPS).
+# loop's chunks of G groups of each row (quant_linear.INT4_CHUNK_GROUPS; 1: the kernel before 2026-12-01's).
 KERNEL_SETTINGS = {
     "int4_reduce_kernel": ("fastllm.kernels.quant_linear", "REDUCE_SPLITS_IN_KERNEL", False),
     "fused_decode_rotary": ("fastllm.kernels.paged_attention", "FUSE_ROTARY_INTO_DECODE", True),
     "int4_fp32_loop": ("fastllm.kernels.quant_linear", "INT4_PACKED_BF16", False),
-    **{f"int4_chunk{g}": ("fastllm.kernels.quant_linear", "INT4_CHUNK_GROUPS", g) for g in (2, 4, 8)},
+    **{f"int4_chunk{g}": ("fastllm.kernels.quant_linear", "INT4_CHUNK_GROUPS", g) for g in (1, 2, 8)},
 }
 
 

@@ -564,9 +564,9 @@ def test_int4_prefill_from_the_threshold_multiplies_the_dequantized_weight(dtype
 
 def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu(monkeypatch):
     """The CPU sizes grids for 132 SMs (an H100 / H200). One row: 8 KB chunks, 8 warps and ~1056 programs wanted (the
-    packed bf16x2 loop: 4 warps, up to 2112), splits of >= 512 columns, at most 8. More rows: 4 KB chunks,
-    4 warps, 264 programs, at most 16 splits. INT4_CHUNK_GROUPS (the packed loop only, where it divides the groups):
-    the same bytes a chunk in as many times fewer rows."""
+    packed bf16x2 loop with one group a chunk: 4 warps, up to 2112), splits of >= 512 columns, at most 8. More rows:
+    4 KB chunks, 4 warps, 264 programs, at most 16 splits. INT4_CHUNK_GROUPS (the one-row packed loop only, where it
+    divides the groups): 16 KB chunks of that many groups a row, 4 warps, ~264 programs, 2 to 8 splits."""
     from fastllm.kernels import quant_linear
     from fastllm.kernels.quant_linear import _int4_config
 
@@ -574,22 +574,25 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu(mon
     fp32_loop = {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 128, "NUM_STAGES": 3, "num_warps": 8, "CHUNK_GROUPS": 1}
     assert _int4_config(1, 4096, 4096, 128, cpu) == {**fp32_loop, "split_k": 8}  # 32 blocks of 128 outputs
     assert _int4_config(1, 28672, 4096, 128, cpu) == {**fp32_loop, "split_k": 4}  # 224 blocks
+    assert _int4_config(2, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 2, "BLOCK_N": 64, "NUM_STAGES": 3,
+                                                     "num_warps": 4, "split_k": 4, "CHUNK_GROUPS": 1}  # 64 blocks
+    assert _int4_config(2, 4096, 4096, 128, cpu, packed_bf16=True)["CHUNK_GROUPS"] == 1  # two rows: one group
+    assert _int4_config(8, 4096, 14336, 32, cpu) == {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "NUM_STAGES": 3,
+                                                     "num_warps": 4, "split_k": 16,
+                                                     "CHUNK_GROUPS": 1}  # 16 blocks, 28 x 512 columns  # fmt: skip
+    chunked = {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3, "num_warps": 4, "CHUNK_GROUPS": 4}
+    monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", 4)
+    assert _int4_config(1, 28672, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 448 blocks
+    assert _int4_config(1, 6144, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 96 blocks
+    assert _int4_config(1, 4096, 14336, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 4}  # 64 blocks
+    assert _int4_config(1, 256, 1024, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 4 blocks, 2 splits
+    assert _int4_config(1, 256, 1152, 128, cpu, packed_bf16=True)["CHUNK_GROUPS"] == 1  # 9 groups: 4 divides not
+    assert _int4_config(1, 4096, 4096, 128, cpu)["CHUNK_GROUPS"] == 1  # the fp32 loop
+    monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", 1)
     packed = {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 128, "NUM_STAGES": 3, "num_warps": 4,
               "CHUNK_GROUPS": 1}  # <= 2112 programs  # fmt: skip
     assert _int4_config(1, 6144, 4096, 128, cpu, packed_bf16=True) == {**packed, "split_k": 8}  # 48 blocks
     assert _int4_config(1, 28672, 4096, 128, cpu, packed_bf16=True) == {**packed, "split_k": 8}  # 224 blocks
-    assert _int4_config(2, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 2, "BLOCK_N": 64, "NUM_STAGES": 3,
-                                                     "num_warps": 4, "split_k": 4, "CHUNK_GROUPS": 1}  # 64 blocks
-    assert _int4_config(8, 4096, 14336, 32, cpu) == {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "NUM_STAGES": 3,
-                                                     "num_warps": 4, "split_k": 16,
-                                                     "CHUNK_GROUPS": 1}  # 16 blocks, 28 x 512 columns  # fmt: skip
-    monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", 4)
-    chunked = {**packed, "BLOCK_N": 32, "CHUNK_GROUPS": 4}
-    assert _int4_config(1, 28672, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 896 blocks
-    assert _int4_config(1, 6144, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 8}  # 192 blocks
-    assert _int4_config(2, 4096, 4096, 128, cpu, packed_bf16=True)["BLOCK_N"] == 16
-    assert _int4_config(1, 256, 1152, 128, cpu, packed_bf16=True)["CHUNK_GROUPS"] == 1  # 9 groups: 4 divides not
-    assert _int4_config(1, 4096, 4096, 128, cpu)["CHUNK_GROUPS"] == 1  # the fp32 loop
 
 
 def test_int4_zero_points_span_each_groups_range_within_half_a_step():

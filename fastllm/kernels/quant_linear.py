@@ -217,10 +217,17 @@ REDUCE_SPLITS_IN_KERNEL = True
 # (their launch settings unchanged: -int4-two-rows.json), W1-int4 380.5 tok/s against 311.1 in the same call
 # (W1-int4-...-packed-final.json, W5-quant-gemv-...-int4-packed-final.json).
 INT4_PACKED_BF16 = True
-# Groups of each row a chunk of the packed loop holds (one or two rows; BLOCK_N as many times smaller, the same bytes a
-# chunk): one group is 64 bytes of a row at group 128, rows K / 2 bytes apart; more make each row's run longer.
-# Not measured on a GPU yet (bench_quant_gemv --int4-chunk-groups sweeps it; 1 is the kernel as measured before).
-INT4_CHUNK_GROUPS = 1
+# Groups of each row a chunk of the one-row packed loop holds (1: a chunk is one group of BLOCK_N rows). A group is 64
+# bytes of a row at group 128 and the rows are K / 2 bytes apart, so one group a chunk reads the weight in 64-byte
+# pieces; four make 256-byte runs of each row. Measured on an H200 (2026-12-01, bench_quant_gemv --int4-chunk-groups
+# 1 2 4 8, Llama-3.1-8B's four projections at one row, group 128: W5-quant-gemv-...-20261201-int4-chunk-groups.json):
+# one group a chunk at its launch settings 8.0 / 6.6 / 27.8 / 14.4 us (qkv / o / gate_up / down), 4 groups in 16 KB
+# chunks (64 rows), 4 warps, 2-4 K splits 7.9 / 6.2 / 21.9 / 11.8 (2, 2, 2, 4 splits); 2 and 8 groups a chunk within
+# ~5% of that, 8 warps slower. With chunks of several groups `_int4_config` takes 16 KB chunks, 4 warps and K splits
+# for ~2 programs an SM, at least 2 (the best of each projection's 2 / 4 / 8 splits above, but qkv's and o's
+# within 0.1-1.1 us at the other counts). Measured at group 128 only; at groups 32 and 64 four groups make runs
+# of 64 and 128 bytes.
+INT4_CHUNK_GROUPS = 4
 
 
 @triton.jit
@@ -551,21 +558,24 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
     rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM (skinny_gemm's heuristic), as measured before
     (with the fp32 loop). K split 2-16 ways at the packed loop's other settings (2026-12-01, --int4-splits:
     W5-quant-gemv-...-20261201-int4-splits-gated.json): 8 within 3% of the best at each of the four projections."""
-    chunk_groups = INT4_CHUNK_GROUPS if packed_bf16 and (k // group) % INT4_CHUNK_GROUPS == 0 else 1
+    chunk_groups = INT4_CHUNK_GROUPS if packed_bf16 and m == 1 and (k // group) % INT4_CHUNK_GROUPS == 0 else 1
     key = (m, n, k, group, device, packed_bf16, chunk_groups)
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
-        if m == 1:
-            block_n, max_split = max(1, 2 * _INT4_CHUNK_NIBBLES // group // chunk_groups), 8
+        min_split = 1
+        if chunk_groups > 1:  # one row, chunks of several groups a row: see INT4_CHUNK_GROUPS
+            block_n, max_split, min_split = max(1, 4 * _INT4_CHUNK_NIBBLES // group // chunk_groups), 8, 2
+            num_warps, programs_per_sm = 4, 2
+        elif m == 1:
+            block_n, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8
             num_warps, programs_per_sm = (4, 16) if packed_bf16 else (8, 8)
         else:
             block_n, num_warps = max(16, _INT4_CHUNK_NIBBLES // group), 4
             programs_per_sm, max_split = skinny_gemm._PROGRAMS_PER_SM, skinny_gemm._MAX_SPLIT_K
-        if m == 2:
-            block_n = max(1, block_n // chunk_groups)
         target = programs_per_sm * sm_count(device)
-        split_k = max(1, min(target // skinny_gemm._cdiv(n, block_n), k // skinny_gemm._MIN_SPLIT_COLUMNS, max_split))
+        split_k = max(min_split, target // skinny_gemm._cdiv(n, block_n))
+        split_k = max(1, min(split_k, k // skinny_gemm._MIN_SPLIT_COLUMNS, max_split))
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
                                     "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k,
                                     "CHUNK_GROUPS": chunk_groups}  # fmt: skip
