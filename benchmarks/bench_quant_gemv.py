@@ -207,7 +207,8 @@ def _sweep_int4(x, tensors, launch, bench, splits=None, chunk_groups=None) -> li
         elif splits is None:
             grid = [(*c, 1) for c in itertools.product((64, 128), (2, 4, 8), (2, 3, 4), (4, 8))]
         else:
-            grid = [(default["BLOCK_N"], default["num_warps"], default["NUM_STAGES"], s, 1) for s in splits]
+            grid = [(default["BLOCK_N"], default["num_warps"], default["NUM_STAGES"], s, default["CHUNK_GROUPS"])
+                    for s in splits]
         for block_n, warps, stages, split, cg in grid:
             cfg = {**default, "USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": warps,
                    "NUM_STAGES": stages, "split_k": split, "CHUNK_GROUPS": cg}  # fmt: skip

@@ -566,7 +566,7 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu(mon
     """The CPU sizes grids for 132 SMs (an H100 / H200). One row: 8 KB chunks, 8 warps and ~1056 programs wanted (the
     packed bf16x2 loop with one group a chunk: 4 warps, up to 2112), splits of >= 512 columns, at most 8. More rows:
     4 KB chunks, 4 warps, 264 programs, at most 16 splits. INT4_CHUNK_GROUPS (the one-row packed loop only, where it
-    divides the groups): 16 KB chunks of that many groups a row, 4 warps, ~264 programs, 2 to 8 splits."""
+    divides the groups): 16 KB chunks of that many groups a row, 4 warps, ~264 programs, up to 8 splits."""
     from fastllm.kernels import quant_linear
     from fastllm.kernels.quant_linear import _int4_config
 
@@ -582,7 +582,7 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu(mon
                                                      "CHUNK_GROUPS": 1}  # 16 blocks, 28 x 512 columns  # fmt: skip
     chunked = {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3, "num_warps": 4, "CHUNK_GROUPS": 4}
     monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", 4)
-    assert _int4_config(1, 28672, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 448 blocks
+    assert _int4_config(1, 28672, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 1}  # 448 blocks
     assert _int4_config(1, 6144, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 96 blocks
     assert _int4_config(1, 4096, 14336, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 4}  # 64 blocks
     assert _int4_config(1, 256, 1024, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 4 blocks, 2 splits

@@ -219,14 +219,15 @@ REDUCE_SPLITS_IN_KERNEL = True
 INT4_PACKED_BF16 = True
 # Groups of each row a chunk of the one-row packed loop holds (1: a chunk is one group of BLOCK_N rows). A group is 64
 # bytes of a row at group 128 and the rows are K / 2 bytes apart, so one group a chunk reads the weight in 64-byte
-# pieces; four make 256-byte runs of each row. Measured on an H200 (2026-12-01, bench_quant_gemv --int4-chunk-groups
-# 1 2 4 8, Llama-3.1-8B's four projections at one row, group 128: W5-quant-gemv-...-20261201-int4-chunk-groups.json):
-# one group a chunk at its launch settings 8.0 / 6.6 / 27.8 / 14.4 us (qkv / o / gate_up / down), 4 groups in 16 KB
-# chunks (64 rows), 4 warps, 2-4 K splits 7.9 / 6.2 / 21.9 / 11.8 (2, 2, 2, 4 splits); 2 and 8 groups a chunk within
-# ~5% of that, 8 warps slower. With chunks of several groups `_int4_config` takes 16 KB chunks, 4 warps and K splits
-# for ~2 programs an SM, at least 2 (the best of each projection's 2 / 4 / 8 splits above, but qkv's and o's
-# within 0.1-1.1 us at the other counts). Measured at group 128 only; at groups 32 and 64 four groups make runs
-# of 64 and 128 bytes.
+# pieces; four make 256-byte runs of each row. Measured on an H200 (2026-12-01, Llama-3.1-8B's four projections at one
+# row, group 128): one group a chunk at its launch settings 8.0 / 6.6 / 27.8 / 14.4 us (qkv / o / gate_up / down);
+# 2, 4 and 8 groups a chunk at 8 and 16 KB chunks, 4 and 8 warps, 2 / 4 / 8 K splits: 4 groups in 16 KB chunks (64
+# rows) and 4 warps the best or within ~5% at each, 8 warps slower (W5-quant-gemv-...-int4-chunk-groups.json). Its K
+# splits (1-8, -int4-chunk4-splits.json): 7.5 / 6.2 / 20.7 / 11.9 us at the best of each, ~2 programs an SM (what
+# `_int4_config` takes: 2 / 4 / 1 / 4 splits) within 0.5 us of it. W1-int4 426.1 tok/s (1.77x bf16's 240.7;
+# W1-int4-...-chunk4.json), and in one call with a minimum of 2 splits 429.4 against 372.0 for one group a chunk
+# (-chunk4-min2-splits.json). Measured at group 128 only; at groups 32 and 64 four groups make runs of 64 and 128
+# bytes. Two rows keep one group a chunk (not measured with more).
 INT4_CHUNK_GROUPS = 4
 
 
@@ -557,15 +558,16 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
     measured slower for the packed loop: gate_up in 2 splits 34.9 us, in 8 27.9 (-int4-sum-after-loop-sweep). Two
     rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM (skinny_gemm's heuristic), as measured before
     (with the fp32 loop). K split 2-16 ways at the packed loop's other settings (2026-12-01, --int4-splits:
-    W5-quant-gemv-...-20261201-int4-splits-gated.json): 8 within 3% of the best at each of the four projections."""
+    W5-quant-gemv-...-20261201-int4-splits-gated.json): 8 within 3% of the best at each of the four projections.
+    Those are the settings of one group a chunk; the one-row packed loop now takes INT4_CHUNK_GROUPS groups a chunk
+    where that divides K's groups: 16 KB chunks, 4 warps, ~2 programs an SM (see INT4_CHUNK_GROUPS)."""
     chunk_groups = INT4_CHUNK_GROUPS if packed_bf16 and m == 1 and (k // group) % INT4_CHUNK_GROUPS == 0 else 1
     key = (m, n, k, group, device, packed_bf16, chunk_groups)
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
-        min_split = 1
         if chunk_groups > 1:  # one row, chunks of several groups a row: see INT4_CHUNK_GROUPS
-            block_n, max_split, min_split = max(1, 4 * _INT4_CHUNK_NIBBLES // group // chunk_groups), 8, 2
+            block_n, max_split = max(1, 4 * _INT4_CHUNK_NIBBLES // group // chunk_groups), 8
             num_warps, programs_per_sm = 4, 2
         elif m == 1:
             block_n, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8
@@ -574,8 +576,7 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
             block_n, num_warps = max(16, _INT4_CHUNK_NIBBLES // group), 4
             programs_per_sm, max_split = skinny_gemm._PROGRAMS_PER_SM, skinny_gemm._MAX_SPLIT_K
         target = programs_per_sm * sm_count(device)
-        split_k = max(min_split, target // skinny_gemm._cdiv(n, block_n))
-        split_k = max(1, min(split_k, k // skinny_gemm._MIN_SPLIT_COLUMNS, max_split))
+        split_k = max(1, min(target // skinny_gemm._cdiv(n, block_n), k // skinny_gemm._MIN_SPLIT_COLUMNS, max_split))
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
                                     "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k,
                                     "CHUNK_GROUPS": chunk_groups}  # fmt: skip
