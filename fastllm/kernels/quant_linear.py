@@ -489,16 +489,19 @@ def _int4_gemv_kernel(
         by_word1 = tl.zeros([BLOCK_N, CW], dtype=tl.float32)
         for g in tl.range(g_begin, g_end, CHUNK_GROUPS, num_stages=NUM_STAGES):
             if PACKED_BF16:
+                # each word's scale and zero: [BLOCK_N, 1] where a chunk has one group (or the zero is 8), else
+                # [BLOCK_N, CW], each group's repeated for its words
+                chunk = g + tl.arange(0, CHUNK_GROUPS)[None, :]
                 if CHUNK_GROUPS == 1:
+                    scale = tl.load(s_ptrs + g)[:, None]
+                else:
+                    scale = _per_word(tl.load(s_ptrs[:, None] + chunk), GW)
+                if HAS_ZEROS and CHUNK_GROUPS > 1:
+                    zeros = _per_word(tl.load(z_ptrs[:, None] + chunk), GW)
+                else:
                     if HAS_ZEROS:
                         zero = tl.load(z_ptrs + g)
-                    scale = tl.load(s_ptrs + g)[:, None]
                     zeros = zero[:, None]
-                else:
-                    chunk = g + tl.arange(0, CHUNK_GROUPS)[None, :]
-                    scale = _per_word(tl.load(s_ptrs[:, None] + chunk), GW)
-                    zeros = _per_word(tl.load(z_ptrs[:, None] + chunk) if HAS_ZEROS else
-                                      tl.broadcast_to(zero[:, None], [BLOCK_N, CHUNK_GROUPS]), GW)
                 half = (-128.0 - zeros).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
                 neg_offset = half | (half << 16)
                 words = tl.load(w_ptrs + g * GW)
