@@ -191,17 +191,26 @@ def _sweep_int4(x, tensors, launch, bench, splits=None, chunk_groups=None) -> li
     -int4packed-sweep.json; the dot form at one row, reading bytes or words, measured no faster than the fp32 loop:
     -int4next.json.) More splits and warps an SM put more bytes in flight and hide more latency; more registers a
     thread (wider blocks) fit fewer programs an SM. chunk_groups: instead, chunks of that many groups of each row
-    (quant_linear.INT4_CHUNK_GROUPS) at 8 and 16 KB a chunk, 4 and 8 warps, 2, 4 and 8 K splits."""
+    (quant_linear.INT4_CHUNK_GROUPS) at 8 and 16 KB a chunk, 4 and 8 warps, 2, 4 and 8 K splits; at 3-16 rows (the
+    dot form, INT4_DOT_CHUNK_GROUPS) that many groups an iteration at the default's block and warps, its K splits,
+    half and twice as many."""
     m, k = x.shape
     n = tensors[0].shape[0]
     group = k // tensors[1].shape[1]
     expected = quant_linear.int4_linear_ref(x, *tensors)
     copies = itertools.cycle(_copies(tensors))
-    default = quant_linear._int4_config(m, n, k, group, x.device, packed_bf16=True)
-    key = (m, n, k, group, x.device, True, default["CHUNK_GROUPS"])  # _int4_config's cache key
+    packed = m <= 2
+    default = quant_linear._int4_config(m, n, k, group, x.device, packed_bf16=packed)
+    key = (m, n, k, group, x.device, packed, default["CHUNK_GROUPS"])  # _int4_config's cache key
+    form = {"USE_DOT": False, "BLOCK_M": m} if packed else {}
     results = []
     try:
-        if chunk_groups:
+        if chunk_groups and not packed:
+            default_split = default["split_k"]
+            grid = [(default["BLOCK_N"], default["num_warps"], default["NUM_STAGES"], split, cg)
+                    for cg, split in itertools.product(chunk_groups, sorted({max(1, default_split // 2), default_split,
+                                                                              2 * default_split}))]  # fmt: skip
+        elif chunk_groups:
             grid = [(rows // cg, warps, 3, split, cg) for cg, rows, warps, split in
                     itertools.product(chunk_groups, (default["BLOCK_N"], 2 * default["BLOCK_N"]), (4, 8), (2, 4, 8))]
         elif splits is None:
@@ -210,15 +219,15 @@ def _sweep_int4(x, tensors, launch, bench, splits=None, chunk_groups=None) -> li
             grid = [(default["BLOCK_N"], default["num_warps"], default["NUM_STAGES"], s, default["CHUNK_GROUPS"])
                     for s in splits]
         for block_n, warps, stages, split, cg in grid:
-            cfg = {**default, "USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": block_n, "num_warps": warps,
-                   "NUM_STAGES": stages, "split_k": split, "CHUNK_GROUPS": cg}  # fmt: skip
+            cfg = {**default, **form, "BLOCK_N": block_n, "num_warps": warps, "NUM_STAGES": stages, "split_k": split,
+                   "CHUNK_GROUPS": cg}  # fmt: skip
             quant_linear._INT4_CONFIGS[key] = cfg
             if not _sqnr(expected, launch(x, *tensors)) >= MIN_SQNR_DB:
                 print(f"int4 sweep: {cfg} off from the reference; not timed")
                 continue
             ms = bench(lambda: launch(x, *next(copies)))
             nbytes = sum(t.numel() * t.element_size() for t in tensors)
-            results.append({**cfg, "INT4_PACKED_BF16": True, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
+            results.append({**cfg, "INT4_PACKED_BF16": packed, "ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9})
     finally:
         quant_linear._INT4_CONFIGS.pop(key, None)
     for r in results if splits else ():
@@ -331,7 +340,8 @@ def main() -> int:
                              "these K split counts (all results kept)")
     parser.add_argument("--int4-chunk-groups", nargs="+", type=int, default=None,
                         help="instead of --sweep's grid for int4 at one row: chunks of these many groups of each row "
-                             "(INT4_CHUNK_GROUPS) at a few block sizes, warps and K splits")
+                             "(INT4_CHUNK_GROUPS) at a few block sizes, warps and K splits; at 3-16 rows, the dot "
+                             "form's groups an iteration (INT4_DOT_CHUNK_GROUPS) at a few K splits")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES,
                         help="the schemes timed (the activation-fusion cases only with all of them)")
     args = parser.parse_args()
@@ -358,7 +368,8 @@ def main() -> int:
             results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
             if args.sweep and m == 1 and scheme in ("fp8", "int8"):  # batch-1 decode's shapes
                 sweeps[key] = _sweep_skinny(x, tensors, bench)
-            if (args.sweep or args.int4_splits or args.int4_chunk_groups) and m == 1 and scheme == "int4":
+            if scheme == "int4" and (m == 1 and (args.sweep or args.int4_splits or args.int4_chunk_groups)
+                                     or m > 2 and args.int4_chunk_groups):  # fmt: skip
                 sweeps[key] = _sweep_int4(x, tensors, launch, bench, args.int4_splits, args.int4_chunk_groups)
         del weight
         torch.cuda.empty_cache()

@@ -110,3 +110,49 @@ def test_attention_summary_renders_a_missing_baseline_and_the_decode_sweep():
     assert "| decode_b512_ctx192 | 2000 GB/s | – | – |" in lines
     assert "| decode_b512_ctx192 | 64 / 4 / 2 | 12.0 | 32 / 4 / 2 | 10.0 |" in lines
     assert "| decode_b1_ctx1024_rotary | 1000 GB/s, 4.2 us | unfused kernels: 6.3 us | – |" in lines
+
+
+def test_int4_chunk_sweep_of_the_dot_form_launches_the_configs_it_records(monkeypatch):
+    """bench_quant_gemv's int4 sweep at 3-16 rows (--int4-chunk-groups): every config it records is the one the
+    kernel was launched with (its groups an iteration, its K splits), each checked against the reference first. On
+    the CPU through the interpreter (fp32 rows, the dot form); the one-row packed loop needs a GPU."""
+    from fastllm.kernels import quant_linear, triton_on_cpu
+    from fastllm.quant import int_weight
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_quant_gemv
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    monkeypatch.setattr(bench_quant_gemv, "WORKING_SET", 0)  # no weight copies beyond the first
+    torch.manual_seed(0)
+    m, n, k, group = 4, 48, 1024, 128
+    tensors = int_weight.quantize_int4(torch.randn(n, k) * 0.05, group)
+    x = torch.randn(m, k)
+    launched = []
+    kernel = quant_linear._int4_gemv_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((grid[1], kwargs["CHUNK_GROUPS"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(quant_linear, "_int4_gemv_kernel", Recording())
+    timed = []
+
+    def bench(fn):
+        launched.clear()
+        fn()
+        timed.append(launched[-1])
+        return 0.01
+
+    with triton_on_cpu():
+        results = bench_quant_gemv._sweep_int4(x, tensors, quant_linear.int4_linear, bench, chunk_groups=[1, 2, 4])
+    assert {r["CHUNK_GROUPS"] for r in results} == {1, 2, 4} and all(r["USE_DOT"] for r in results)
+    # what each timing launched: its chunk groups, and K in whole chunks split as asked (possibly fewer)
+    assert sorted(timed) == sorted(
+        (quant_linear.skinny_gemm._split(k // group, r["CHUNK_GROUPS"], r["split_k"])[0], r["CHUNK_GROUPS"])
+        for r in results)
+    assert quant_linear._INT4_CONFIGS.get((m, n, k, group, x.device, False, 1)) is None  # the sweep's config gone

@@ -442,6 +442,34 @@ def test_int4_decode_kernel_at_odd_shapes_against_the_reference(m, n, k, group, 
     assert_close(got, expected)
 
 
+@pytest.mark.parametrize("chunk_groups", [2, 4])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("m,n,k,group,zero_point,bias,split_k", [c for c in INT4_DECODE_CASES if c[0] > 2])
+def test_int4_dot_form_in_chunks_of_several_groups_gives_the_same_bits(m, n, k, group, zero_point, bias, split_k,
+                                                                         dtype, chunk_groups, monkeypatch):
+    """INT4_DOT_CHUNK_GROUPS (3 to 16 rows): an iteration loads several groups, then runs each group's dot in order:
+    the sums of one group an iteration, the same bits where K is split at the same groups (splits are whole chunks:
+    8 groups in 3 splits are 3 + 3 + 2 groups, in chunks of 2 or 4 two splits of 4; then within the kernels'
+    tolerance), groups the chunk does not divide one group an iteration, the splits summed by the kernel."""
+    from fastllm.kernels import quant_linear, skinny_gemm, triton_on_cpu
+
+    x, packed, scales, b, zeros = _int4_inputs(m, n, k, group, zero_point, bias, dtype)
+    counters = torch.zeros(-(-n // 16), dtype=torch.int32)
+    with triton_on_cpu():
+        one_group = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
+        monkeypatch.setattr(quant_linear, "INT4_DOT_CHUNK_GROUPS", chunk_groups)
+        cfg = quant_linear._int4_config(m, n, k, group, x.device)
+        assert cfg["USE_DOT"] and cfg["CHUNK_GROUPS"] == (1 if (k // group) % chunk_groups else chunk_groups)
+        got = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
+    same_splits = skinny_gemm._split(k // group, 1, split_k or cfg["split_k"]) == skinny_gemm._split(
+        k // group, cfg["CHUNK_GROUPS"], split_k or cfg["split_k"])
+    if same_splits:
+        assert torch.equal(got, one_group)
+    assert torch.count_nonzero(counters) == 0
+    assert_close(got, kernels.int4_linear_ref(x, packed, scales, b, zeros))
+    assert_close(got, one_group)
+
+
 @pytest.mark.parametrize("m,n,k,group,zero_point,bias,split_k", INT4_DECODE_CASES[:4])
 def test_int4_decode_kernel_reads_bytes_where_words_do_not_fit_with_the_same_result(m, n, k, group, zero_point, bias,
                                                                                     split_k):

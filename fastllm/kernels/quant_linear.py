@@ -229,6 +229,10 @@ INT4_PACKED_BF16 = True
 # (-chunk4-min2-splits.json). Measured at group 128 only; at groups 32 and 64 four groups make runs of 64 and 128
 # bytes. Two rows keep one group a chunk (not measured with more).
 INT4_CHUNK_GROUPS = 4
+# The dot form's (3 to 16 rows) groups an iteration, their loads of each row's adjacent pieces issued together and
+# each group's dot as before (the same bits). Tested on the CPU (interpreter) only, not measured on a GPU yet:
+# bench_quant_gemv --rows 8 --int4-chunk-groups 1 2 4 sweeps it.
+INT4_DOT_CHUNK_GROUPS = 1
 
 
 @triton.jit
@@ -405,7 +409,7 @@ def _int4_gemv_kernel(
     NUM_STAGES: tl.constexpr,  # chunks in flight a program (tl.range pipelining through shared memory)
     USE_PDL: tl.constexpr = False,
     GATED: tl.constexpr = "",  # broadcast form: "silu", "gelu", "gelu_tanh": Y [M, N / 2] = act(gate) * up (below)
-    CHUNK_GROUPS: tl.constexpr = 1,  # PACKED_BF16: groups a chunk (dividing groups_per_split and K / GROUP)
+    CHUNK_GROUPS: tl.constexpr = 1,  # PACKED_BF16 or USE_DOT: groups an iteration (dividing groups_per_split)
 ):  # fmt: skip
     """Program (n block, split): y[m, n] for all M rows = sum over the split's groups g of scale[n, g] * (sum over the
     group's columns k of x[m, k] * (nibble[n, k] - zero[n, g])), the zero 8 (symmetric) or the group's own. A chunk is
@@ -426,7 +430,7 @@ def _int4_gemv_kernel(
     as the linear's store and the activation kernel would (the same bits). Splits store their partials at the weight's
     rows; the last program of a block sums them (REDUCE is required)."""
     tl.static_assert(GATED == "" or not USE_DOT, "GATED: the broadcast form only")
-    tl.static_assert(CHUNK_GROUPS == 1 or PACKED_BF16, "CHUNK_GROUPS > 1: the packed bf16x2 loop only")
+    tl.static_assert(CHUNK_GROUPS == 1 or PACKED_BF16 or USE_DOT, "CHUNK_GROUPS > 1: the packed or the dot form")
     pdl_wait(USE_PDL)
     GW: tl.constexpr = GROUP // 8 if WORDS else GROUP // 2  # words (bytes) of a row in one group
     pid_n = tl.program_id(0)
@@ -441,8 +445,10 @@ def _int4_gemv_kernel(
     else:
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_load = tl.minimum(n, N - 1).to(tl.int64)  # rows past N re-read row N - 1, never stored: no load masks
-    # [BLOCK_N, CHUNK_GROUPS * GW]: a chunk's words (bytes); group g's at + g * GW
-    w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, CHUNK_GROUPS * GW)[None, :]
+    # [BLOCK_N, RUN]: what one load reads of each row (the packed loop: its chunk's CHUNK_GROUPS groups; else one
+    # group); group g's words (bytes) at + g * GW
+    RUN: tl.constexpr = CHUNK_GROUPS * GW if PACKED_BF16 else GW
+    w_ptrs = W + n_load[:, None] * stride_wn + tl.arange(0, RUN)[None, :]
     s_ptrs = S + n_load * stride_sn
     z_ptrs = Z + n_load * stride_zn
     zero = tl.full([BLOCK_N], 8.0, tl.float32)
@@ -453,21 +459,25 @@ def _int4_gemv_kernel(
         m = tl.arange(0, BLOCK_M)
         x_ptrs = X + tl.minimum(m, M - 1)[:, None] * stride_xm + k[None, :]  # [BLOCK_M, GROUP]
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T
-        for g in tl.range(g_begin, g_end, num_stages=NUM_STAGES):
-            scale = tl.load(s_ptrs + g)
-            if HAS_ZEROS:
-                zero = tl.load(z_ptrs + g)
-            x = tl.load(x_ptrs + g * GROUP)
-            if MAGIC != 0:
-                codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
-                w = (codes | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # MAGIC + nibble, exact
-                part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
-                offset = (1024.0 if MAGIC == 0x6400 else 128.0) + zero
-                part -= offset[:, None] * tl.sum(x.to(tl.float32), axis=1)[None, :]
-            else:  # fp32 x (tests): the codes less the zero, exact in fp32
-                part = tl.dot(_int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32)).to(tl.float32) - zero[:, None],
-                              tl.trans(x), input_precision=DOT_PRECISION)
-            acc += part * scale[:, None]
+        # CHUNK_GROUPS consecutive groups an iteration: their loads (adjacent pieces of each row) issued together, then
+        # each group's dot in order, as one group an iteration would (the same sums: the same bits)
+        for g0 in tl.range(g_begin, g_end, CHUNK_GROUPS, num_stages=NUM_STAGES):
+            for c in tl.static_range(CHUNK_GROUPS):
+                g = g0 + c
+                scale = tl.load(s_ptrs + g)
+                if HAS_ZEROS:
+                    zero = tl.load(z_ptrs + g)
+                x = tl.load(x_ptrs + g * GROUP)
+                if MAGIC != 0:
+                    codes = _int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32))
+                    w = (codes | MAGIC).to(tl.int16).to(X.dtype.element_ty, bitcast=True)  # MAGIC + nibble, exact
+                    part = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)
+                    offset = (1024.0 if MAGIC == 0x6400 else 128.0) + zero
+                    part -= offset[:, None] * tl.sum(x.to(tl.float32), axis=1)[None, :]
+                else:  # fp32 x (tests): the codes less the zero, exact in fp32
+                    part = tl.dot(_int4_columns(tl.load(w_ptrs + g * GW).to(tl.int32)).to(tl.float32) - zero[:, None],
+                                  tl.trans(x), input_precision=DOT_PRECISION)
+                acc += part * scale[:, None]
         _epilogue(tl.trans(acc), m, n, pid_k, M, N, B, Y, P, P, P, stride_ym, 0, HAS_BIAS, SPLIT, False,
                   False)
     else:
@@ -564,12 +574,17 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
     W5-quant-gemv-...-20261201-int4-splits-gated.json): 8 within 3% of the best at each of the four projections.
     Those are the settings of one group a chunk; the one-row packed loop now takes INT4_CHUNK_GROUPS groups a chunk
     where that divides K's groups: 16 KB chunks, 4 warps, ~2 programs an SM (see INT4_CHUNK_GROUPS)."""
-    chunk_groups = INT4_CHUNK_GROUPS if packed_bf16 and m == 1 and (k // group) % INT4_CHUNK_GROUPS == 0 else 1
+    if packed_bf16 and m == 1:
+        chunk_groups = INT4_CHUNK_GROUPS
+    else:
+        chunk_groups = INT4_DOT_CHUNK_GROUPS if m > 2 else 1
+    if (k // group) % chunk_groups:
+        chunk_groups = 1
     key = (m, n, k, group, device, packed_bf16, chunk_groups)
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
-        if chunk_groups > 1:  # one row, chunks of several groups a row: see INT4_CHUNK_GROUPS
+        if chunk_groups > 1 and not use_dot:  # one row, chunks of several groups a row: see INT4_CHUNK_GROUPS
             block_n, max_split = max(1, 4 * _INT4_CHUNK_NIBBLES // group // chunk_groups), 8
             num_warps, programs_per_sm = 4, 2
         elif m == 1:
@@ -631,7 +646,7 @@ def _int4_gemv(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, b
     words = _int4_words(packed)
     packed_bf16 = _int4_packed_bf16(rows, words)
     cfg = _int4_config(m, n, k, group, rows.device, packed_bf16)
-    chunk_groups = cfg.get("CHUNK_GROUPS", 1) if packed_bf16 else 1
+    chunk_groups = cfg.get("CHUNK_GROUPS", 1) if packed_bf16 or cfg["USE_DOT"] else 1
     if num_groups % chunk_groups:
         chunk_groups = 1  # a config given for another shape (a benchmark's sweep)
     # splits of whole chunks, none empty (so possibly fewer)
