@@ -340,8 +340,9 @@ def main() -> int:
                              "these K split counts (all results kept)")
     parser.add_argument("--int4-chunk-groups", nargs="+", type=int, default=None,
                         help="instead of --sweep's grid for int4 at one row: chunks of these many groups of each row "
-                             "(INT4_CHUNK_GROUPS) at a few block sizes, warps and K splits; at 3-16 rows, the dot "
-                             "form's groups an iteration (INT4_DOT_CHUNK_GROUPS) at a few K splits")
+                             "(INT4_CHUNK_GROUPS) at a few block sizes, warps and K splits (two rows too, which "
+                             "the default leaves at one group); at 3-16 rows, the dot form's groups an iteration "
+                             "(INT4_DOT_CHUNK_GROUPS) at a few K splits")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES,
                         help="the schemes timed (the activation-fusion cases only with all of them)")
     args = parser.parse_args()
@@ -368,8 +369,7 @@ def main() -> int:
             results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
             if args.sweep and m == 1 and scheme in ("fp8", "int8"):  # batch-1 decode's shapes
                 sweeps[key] = _sweep_skinny(x, tensors, bench)
-            if scheme == "int4" and (m == 1 and (args.sweep or args.int4_splits or args.int4_chunk_groups)
-                                     or m > 2 and args.int4_chunk_groups):  # fmt: skip
+            if scheme == "int4" and (m == 1 and (args.sweep or args.int4_splits) or args.int4_chunk_groups):
                 sweeps[key] = _sweep_int4(x, tensors, launch, bench, args.int4_splits, args.int4_chunk_groups)
         del weight
         torch.cuda.empty_cache()

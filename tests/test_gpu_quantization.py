@@ -186,6 +186,13 @@ def test_int4_packed_loop_in_chunks_of_several_groups(shape, group, rows, zero_p
         split = quant_linear._int4_gemv(x, packed, scales, b, zeros, split_k=split_k, split_counters=counters)
         assert _sqnr(one_group, split) >= 40.0
     assert torch.count_nonzero(counters).item() == 0
+    if rows == 2 and (k // group) % chunk_groups == 0:
+        # Two rows in chunks of several groups, as bench_quant_gemv's sweep sets them (the default keeps one group)
+        key = (rows, n, k, group, x.device, True, 1)
+        monkeypatch.setitem(quant_linear._INT4_CONFIGS, key, {**cfg, "BLOCK_N": 16, "CHUNK_GROUPS": chunk_groups})
+        two_rows = kernels.int4_linear(x, packed, scales, b, zeros, split_counters=counters)
+        assert _sqnr(one_group, two_rows) >= 40.0
+        assert torch.count_nonzero(counters).item() == 0
 
 
 @pytest.mark.parametrize("rows", [1, 2])
