@@ -28,6 +28,9 @@
 # int4act: the opt-in int4_act_fusion pass (SiLU * up stored by the int4 gate-up GEMV's epilogue): its GPU tests, then
 # W1-int4 with and without it in one call (~1.5 min; 2026-11-30: 17 passed, 355.3 against 380.4 tok/s: stays opt-in).
 # fp8pass: W1-fp8 with the opt-in fp8_input_quant pass beside the defaults (bf16 in the same call; ~3 min).
+# int4chunks: what 2026-12-01's chunks of several groups (quant_linear.INT4_CHUNK_GROUPS, one row: on) left unmeasured:
+# their GPU tests (two rows and the dot form's INT4_DOT_CHUNK_GROUPS too), then bench_quant_gemv --int4-chunk-groups at
+# 2 and 8 rows (the packed loop's and the dot form's sweeps; ~3 min, estimated).
 # (int4next, the dot form reading words, ran on 2026-11-30: no faster at one row, slower at 8: -int4next.json.)
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
@@ -120,6 +123,13 @@ for stage in $STAGES; do
                  python3 benchmarks/bench_quant.py --schemes int4 --pass-variants int4_act_fusion --out "$OUT" \
                      > "$OUT/quant-int4act.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-int4act.log" ;;
+        int4chunks) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py \
+                        tests/test_int4_gated_linear.py -k "chunk or packed or gated_epilogue_equals" \
+                        > "$OUT/gpu-int4chunks-tests.log" 2>&1 || rc=1
+                    grep -E "passed|failed|^FAILED" "$OUT/gpu-int4chunks-tests.log" | tail -n 8
+                    python3 benchmarks/bench_quant_gemv.py --schemes int4 --rows 2 8 --int4-chunk-groups 1 2 4 \
+                        --out "$OUT" > "$OUT/quant-gemv-int4chunks.log" 2>&1 || rc=1
+                    grep -E "best|_m(2|8)_int4" "$OUT/quant-gemv-int4chunks.log" | tail -n 16 ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;
