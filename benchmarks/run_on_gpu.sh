@@ -30,7 +30,8 @@
 # fp8pass: W1-fp8 with the opt-in fp8_input_quant pass beside the defaults (bf16 in the same call; ~3 min).
 # int4chunks: what 2026-12-01's chunks of several groups (quant_linear.INT4_CHUNK_GROUPS, one row: on) left unmeasured:
 # their GPU tests (two rows and the dot form's INT4_DOT_CHUNK_GROUPS too), then bench_quant_gemv --int4-chunk-groups at
-# 2 and 8 rows (the packed loop's and the dot form's sweeps; ~3 min, estimated).
+# 2 and 8 rows (the packed loop's and the dot form's sweeps; ~2.5 min; run 2026-12-02: two rows now take chunks of two
+# groups, INT4_TWO_ROW_CHUNK_GROUPS; the dot form keeps one group, at least 2 K splits).
 # (int4next, the dot form reading words, ran on 2026-11-30: no faster at one row, slower at 8: -int4next.json.)
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).

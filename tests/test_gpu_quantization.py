@@ -158,14 +158,15 @@ def test_int4_packed_loop_in_chunks_of_several_groups(shape, group, rows, zero_p
     """INT4_CHUNK_GROUPS: a chunk of the packed loop holds several groups of each row, each word scaled by its own
     group's scale and offset by its own zero. The same products as one group a chunk, summed in another order: against
     the reference and the one-group loop at this file's 40 dB (the packed loop's own bound), with its K splits summed
-    by the kernel (split counters, as the quantize pass gives them), the counters left zero. 1152 columns are 9 groups
-    of 128, which no chunk of 2, 4 or 8 divides: the kernel then takes one group a chunk (the same bits as the
-    default), as two rows do (not measured with chunks of several groups)."""
+    by the kernel (split counters, as the quantize pass gives them), the counters left zero. One row takes
+    INT4_CHUNK_GROUPS, two rows INT4_TWO_ROW_CHUNK_GROUPS (both set here). 1152 columns are 9 groups of 128, which no
+    chunk of 2, 4 or 8 divides: the kernel then takes one group a chunk (the same bits as one group a chunk)."""
     from fastllm.kernels import quant_linear
 
     n, k = shape
     torch.manual_seed(15)
     monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", 1)
+    monkeypatch.setattr(quant_linear, "INT4_TWO_ROW_CHUNK_GROUPS", 1)
     packed, scales, *zeros = int_weight.quantize_int4(torch.randn(n, k, device="cuda") * 0.02, group,
                                                       zero_point=zero_point)  # fmt: skip
     zeros = zeros[0] if zeros else None
@@ -174,8 +175,9 @@ def test_int4_packed_loop_in_chunks_of_several_groups(shape, group, rows, zero_p
     counters = torch.zeros(-(-n // 16), dtype=torch.int32, device="cuda")
     one_group = kernels.int4_linear(x, packed, scales, b, zeros, split_counters=counters)
     monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", chunk_groups)
+    monkeypatch.setattr(quant_linear, "INT4_TWO_ROW_CHUNK_GROUPS", chunk_groups)
     cfg = quant_linear._int4_config(rows, n, k, group, x.device, packed_bf16=True)
-    assert cfg["CHUNK_GROUPS"] == (chunk_groups if rows == 1 and (k // group) % chunk_groups == 0 else 1)
+    assert cfg["CHUNK_GROUPS"] == (chunk_groups if (k // group) % chunk_groups == 0 else 1)
     got = kernels.int4_linear(x, packed, scales, b, zeros, split_counters=counters)
     assert torch.isfinite(got).all()
     assert _sqnr(kernels.int4_linear_ref(x, packed, scales, b, zeros), got) >= 40.0
@@ -187,8 +189,8 @@ def test_int4_packed_loop_in_chunks_of_several_groups(shape, group, rows, zero_p
         assert _sqnr(one_group, split) >= 40.0
     assert torch.count_nonzero(counters).item() == 0
     if rows == 2 and (k // group) % chunk_groups == 0:
-        # Two rows in chunks of several groups, as bench_quant_gemv's sweep sets them (the default keeps one group)
-        key = (rows, n, k, group, x.device, True, 1)
+        # Two rows in chunks of several groups at 16 rows a block (narrower than the default's)
+        key = (rows, n, k, group, x.device, True, chunk_groups)
         monkeypatch.setitem(quant_linear._INT4_CONFIGS, key, {**cfg, "BLOCK_N": 16, "CHUNK_GROUPS": chunk_groups})
         two_rows = kernels.int4_linear(x, packed, scales, b, zeros, split_counters=counters)
         assert _sqnr(one_group, two_rows) >= 40.0

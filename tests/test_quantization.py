@@ -593,8 +593,9 @@ def test_int4_prefill_from_the_threshold_multiplies_the_dequantized_weight(dtype
 def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu(monkeypatch):
     """The CPU sizes grids for 132 SMs (an H100 / H200). One row: 8 KB chunks, 8 warps and ~1056 programs wanted (the
     packed bf16x2 loop with one group a chunk: 4 warps, up to 2112), splits of >= 512 columns, at most 8. More rows:
-    4 KB chunks, 4 warps, 264 programs, at most 16 splits. INT4_CHUNK_GROUPS (the one-row packed loop only, where it
-    divides the groups): 16 KB chunks of that many groups a row, 4 warps, ~264 programs, up to 8 splits."""
+    4 KB chunks, 4 warps, 264 programs, at most 16 splits (the dot form at least 2). INT4_CHUNK_GROUPS (the one-row
+    packed loop, where it divides the groups): 16 KB chunks of that many groups a row, 4 warps, ~264 programs, up to 8
+    splits; INT4_TWO_ROW_CHUNK_GROUPS (the two-row packed loop): 8 KB chunks, 4 warps, ~264 programs, 2 to 8 splits."""
     from fastllm.kernels import quant_linear
     from fastllm.kernels.quant_linear import _int4_config
 
@@ -604,7 +605,15 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu(mon
     assert _int4_config(1, 28672, 4096, 128, cpu) == {**fp32_loop, "split_k": 4}  # 224 blocks
     assert _int4_config(2, 4096, 4096, 128, cpu) == {"USE_DOT": False, "BLOCK_M": 2, "BLOCK_N": 64, "NUM_STAGES": 3,
                                                      "num_warps": 4, "split_k": 4, "CHUNK_GROUPS": 1}  # 64 blocks
-    assert _int4_config(2, 4096, 4096, 128, cpu, packed_bf16=True)["CHUNK_GROUPS"] == 1  # two rows: one group
+    assert _int4_config(2, 28672, 4096, 128, cpu)["split_k"] == 1  # the two-row fp32 loop: 448 blocks, no minimum
+    assert _int4_config(8, 28672, 4096, 128, cpu)["split_k"] == 2  # the dot form: 448 blocks, at least 2 splits
+    assert _int4_config(8, 28672, 512, 128, cpu)["split_k"] == 1  # ... where K holds two 512-column splits
+    two_rows = {"USE_DOT": False, "BLOCK_M": 2, "BLOCK_N": 64, "NUM_STAGES": 3, "num_warps": 4, "CHUNK_GROUPS": 2}
+    assert _int4_config(2, 28672, 4096, 128, cpu, packed_bf16=True) == {**two_rows, "split_k": 2}  # 448 blocks
+    assert _int4_config(2, 6144, 4096, 128, cpu, packed_bf16=True) == {**two_rows, "split_k": 2}  # 96 blocks
+    assert _int4_config(2, 4096, 14336, 128, cpu, packed_bf16=True) == {**two_rows, "split_k": 4}  # 64 blocks
+    assert _int4_config(2, 4096, 4096, 64, cpu, packed_bf16=True) == {**two_rows, "BLOCK_N": 128, "split_k": 8}
+    assert _int4_config(2, 256, 1152, 128, cpu, packed_bf16=True)["CHUNK_GROUPS"] == 1  # 9 groups: 2 divides not
     assert _int4_config(8, 4096, 14336, 32, cpu) == {"USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 256, "NUM_STAGES": 3,
                                                      "num_warps": 4, "split_k": 16,
                                                      "CHUNK_GROUPS": 1}  # 16 blocks, 28 x 512 columns  # fmt: skip

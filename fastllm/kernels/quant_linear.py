@@ -227,11 +227,22 @@ INT4_PACKED_BF16 = True
 # `_int4_config` takes: 2 / 4 / 1 / 4 splits) within 0.5 us of it. W1-int4 426.1 tok/s (1.77x bf16's 240.7;
 # W1-int4-...-chunk4.json), and in one call with a minimum of 2 splits 429.4 against 372.0 for one group a chunk
 # (-chunk4-min2-splits.json). Measured at group 128 only; at groups 32 and 64 four groups make runs of 64 and 128
-# bytes. Two rows keep one group a chunk (not measured with more).
+# bytes. Two rows: INT4_TWO_ROW_CHUNK_GROUPS.
 INT4_CHUNK_GROUPS = 4
+# Groups of each row a chunk of the two-row packed loop holds, in 8 KB chunks (BLOCK_N 64 at group 128), 4 warps, ~2
+# programs an SM and at least 2 K splits. Measured on an H200 (2026-12-02, Llama-3.1-8B's four projections at two rows,
+# group 128; W5-quant-gemv-...-20261202-int4-two-row-chunks.json): one group a chunk at its launch settings 14.7 / 9.3
+# / 49.7 / 23.5 us (qkv / o / gate_up / down); 1, 2 and 4 groups a chunk at 4-16 KB, 4 and 8 warps, 2 / 4 / 8 splits:
+# these settings 11.5 / 7.8 / 30.5 / 17.3 us, each the sweep's best or within 0.2 us of it (gate_up's 448 blocks
+# would take one split by the ~2 programs an SM: one split was not in that sweep, which is why the minimum is 2). As
+# the default in a later call: 11.5 / 7.8 / 30.8 / 17.4 us (-int4-defaults-two-row-chunks.json; 8 rows 103.0 us for
+# the four against 109.8).
+INT4_TWO_ROW_CHUNK_GROUPS = 2
 # The dot form's (3 to 16 rows) groups an iteration, their loads of each row's adjacent pieces issued together and
-# each group's dot as before (the same bits). Tested on the CPU (interpreter) only, not measured on a GPU yet:
-# bench_quant_gemv --rows 8 --int4-chunk-groups 1 2 4 sweeps it.
+# each group's dot as before (the same bits). Measured on an H200 (2026-12-02, the four projections at 8 rows, its K
+# splits, half and twice as many; -int4-two-row-chunks.json): 2 groups no faster (down 25.7 us against 26.7, qkv and
+# o_proj 0.4-3 us slower), 4 slower at each (up to 16 us): one group. That sweep also found gate_up (448 blocks, one
+# split by ~2 programs an SM) 47.1 us in 2 splits against 54.1 in one: the dot form also takes at least 2 splits.
 INT4_DOT_CHUNK_GROUPS = 1
 
 
@@ -572,10 +583,12 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
     rows and the dot form: 4 KB chunks, 4 warps, ~2 programs an SM (skinny_gemm's heuristic), as measured before
     (with the fp32 loop). K split 2-16 ways at the packed loop's other settings (2026-12-01, --int4-splits:
     W5-quant-gemv-...-20261201-int4-splits-gated.json): 8 within 3% of the best at each of the four projections.
-    Those are the settings of one group a chunk; the one-row packed loop now takes INT4_CHUNK_GROUPS groups a chunk
-    where that divides K's groups: 16 KB chunks, 4 warps, ~2 programs an SM (see INT4_CHUNK_GROUPS)."""
-    if packed_bf16 and m == 1:
-        chunk_groups = INT4_CHUNK_GROUPS
+    Those are the settings of one group a chunk; the packed loop now takes chunks of several groups where that
+    divides K's groups: one row INT4_CHUNK_GROUPS in 16 KB chunks, two rows INT4_TWO_ROW_CHUNK_GROUPS in 8 KB chunks,
+    4 warps, ~2 programs an SM (see those). Two rows and the dot form take at least 2 K splits (see
+    INT4_TWO_ROW_CHUNK_GROUPS and INT4_DOT_CHUNK_GROUPS)."""
+    if packed_bf16 and m <= 2:
+        chunk_groups = INT4_CHUNK_GROUPS if m == 1 else INT4_TWO_ROW_CHUNK_GROUPS
     else:
         chunk_groups = INT4_DOT_CHUNK_GROUPS if m > 2 else 1
     if (k // group) % chunk_groups:
@@ -584,8 +597,10 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
     cfg = _INT4_CONFIGS.get(key)
     if cfg is None:
         use_dot = m > 2
-        if chunk_groups > 1 and not use_dot:  # one row, chunks of several groups a row: see INT4_CHUNK_GROUPS
-            block_n, max_split = max(1, 4 * _INT4_CHUNK_NIBBLES // group // chunk_groups), 8
+        min_split = 1 if m == 1 or (m == 2 and not packed_bf16) else 2  # measured: the packed loop and dot form
+        if chunk_groups > 1 and not use_dot:  # the packed loop in chunks of several groups a row
+            chunk_nibbles = (4 if m == 1 else 2) * _INT4_CHUNK_NIBBLES
+            block_n, max_split = max(1, chunk_nibbles // group // chunk_groups), 8
             num_warps, programs_per_sm = 4, 2
         elif m == 1:
             block_n, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8
@@ -594,7 +609,8 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
             block_n, num_warps = max(16, _INT4_CHUNK_NIBBLES // group), 4
             programs_per_sm, max_split = skinny_gemm._PROGRAMS_PER_SM, skinny_gemm._MAX_SPLIT_K
         target = programs_per_sm * sm_count(device)
-        split_k = max(1, min(target // skinny_gemm._cdiv(n, block_n), k // skinny_gemm._MIN_SPLIT_COLUMNS, max_split))
+        wanted = max(min_split, target // skinny_gemm._cdiv(n, block_n))
+        split_k = max(1, min(wanted, k // skinny_gemm._MIN_SPLIT_COLUMNS, max_split))
         cfg = _INT4_CONFIGS[key] = {"USE_DOT": use_dot, "BLOCK_M": 16 if use_dot else m, "BLOCK_N": block_n,
                                     "NUM_STAGES": 3, "num_warps": num_warps, "split_k": split_k,
                                     "CHUNK_GROUPS": chunk_groups}  # fmt: skip
