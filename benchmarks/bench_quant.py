@@ -31,11 +31,16 @@ PDL_VARIANTS = {"on": ("1", "_pdl"), "off": ("0", "_no_pdl")}
 # reduce kernel (the default before 2026-11-30's measurement). int4_fp32_loop: the int4 decode kernel's one- and
 # two-row loop in fp32, not packed bf16x2 (the default before 2026-11-30's measurement). int4_chunk<G>: the packed
 # loop's chunks of G groups of each row (quant_linear.INT4_CHUNK_GROUPS; 1: the kernel before 2026-12-01's).
+# int4_programs<P>: the one-row loop's K splits aiming at P programs an SM (quant_linear.INT4_ONE_ROW_PROGRAMS_PER_SM;
+# 2 the default before 2026-12-02's measurement).
+# Settings named int4_* change int4 layers only: bf16 is not rerun for them (the default bf16 run is their baseline).
 KERNEL_SETTINGS = {
     "int4_reduce_kernel": ("fastllm.kernels.quant_linear", "REDUCE_SPLITS_IN_KERNEL", False),
     "fused_decode_rotary": ("fastllm.kernels.paged_attention", "FUSE_ROTARY_INTO_DECODE", True),
     "int4_fp32_loop": ("fastllm.kernels.quant_linear", "INT4_PACKED_BF16", False),
     **{f"int4_chunk{g}": ("fastllm.kernels.quant_linear", "INT4_CHUNK_GROUPS", g) for g in (1, 2, 8)},
+    **{f"int4_programs{p}": ("fastllm.kernels.quant_linear", "INT4_ONE_ROW_PROGRAMS_PER_SM", p)
+       for p in (1, 2, 8)},
 }
 
 
@@ -47,8 +52,13 @@ def kernel_setting(name: str | None):
         return
     module_name, flag, value = KERNEL_SETTINGS[name]
     module = importlib.import_module(module_name)  # the module (fastllm.kernels exports functions by these names)
-    with unittest.mock.patch.object(module, flag, value):
-        yield
+    configs = importlib.import_module("fastllm.kernels.quant_linear")._INT4_CONFIGS
+    configs.clear()  # int4 launch settings cached under the other setting (their key does not hold every flag)
+    try:
+        with unittest.mock.patch.object(module, flag, value):
+            yield
+    finally:
+        configs.clear()
 
 
 def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, pdl_setting: str | None = None,
@@ -106,7 +116,7 @@ def main(argv=None) -> int:
     default_bf16 = bf16
     for pdl_setting, suffix, setting, extra_pass in variants:
         bf16 = default_bf16  # a pass variant compares with the default bf16 run
-        if suffix and not extra_pass:
+        if suffix and not extra_pass and not (setting or "").startswith("int4_"):
             bf16 = run(args.model, None, args.new_tokens, copy_gb_s, pdl_setting, setting)
             baselines[f"fastllm_bf16{suffix}"] = {args.model: bf16}
             print(f"bf16{suffix}: {bf16['decode_tok_s']:.1f} tok/s", flush=True)

@@ -156,3 +156,30 @@ def test_int4_chunk_sweep_of_the_dot_form_launches_the_configs_it_records(monkey
         (quant_linear.skinny_gemm._split(k // group, r["CHUNK_GROUPS"], r["split_k"])[0], r["CHUNK_GROUPS"])
         for r in results)
     assert quant_linear._INT4_CONFIGS.get((m, n, k, group, x.device, False, 1)) is None  # the sweep's config gone
+
+
+def test_quant_kernel_settings_name_real_flags_and_take_effect_on_int4_launch_settings():
+    """bench_quant --kernel-settings: each setting names a flag its module has; inside a setting the flag holds its
+    value and int4 launch settings are worked out anew under it (their cache key does not hold every flag), and
+    afterwards the flag and the launch settings are as before. int4_programs1 asks a quarter of the default's programs
+    of the one-row loop in chunks of several groups: Llama-3.1-8B's o_proj (64 blocks of 64 rows) then splits K 2
+    ways, not 8."""
+    import importlib
+
+    from fastllm.kernels import quant_linear
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_quant
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    for module_name, flag, _ in bench_quant.KERNEL_SETTINGS.values():
+        assert hasattr(importlib.import_module(module_name), flag), (module_name, flag)
+    cpu = torch.device("cpu")
+    before = quant_linear._int4_config(1, 4096, 4096, 128, cpu, packed_bf16=True)
+    assert before["CHUNK_GROUPS"] == quant_linear.INT4_CHUNK_GROUPS > 1 and before["split_k"] == 8
+    with bench_quant.kernel_setting("int4_programs1"):
+        assert quant_linear.INT4_ONE_ROW_PROGRAMS_PER_SM == 1
+        assert quant_linear._int4_config(1, 4096, 4096, 128, cpu, packed_bf16=True)["split_k"] == 2
+    assert quant_linear.INT4_ONE_ROW_PROGRAMS_PER_SM == 4
+    assert quant_linear._int4_config(1, 4096, 4096, 128, cpu, packed_bf16=True) == before

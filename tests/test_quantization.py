@@ -594,7 +594,7 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu(mon
     """The CPU sizes grids for 132 SMs (an H100 / H200). One row: 8 KB chunks, 8 warps and ~1056 programs wanted (the
     packed bf16x2 loop with one group a chunk: 4 warps, up to 2112), splits of >= 512 columns, at most 8. More rows:
     4 KB chunks, 4 warps, 264 programs, at most 16 splits (the dot form at least 2). INT4_CHUNK_GROUPS (the one-row
-    packed loop, where it divides the groups): 16 KB chunks of that many groups a row, 4 warps, ~264 programs, up to 8
+    packed loop, where it divides the groups): 16 KB chunks of that many groups a row, 4 warps, ~528 programs, up to 8
     splits; INT4_TWO_ROW_CHUNK_GROUPS (the two-row packed loop): 8 KB chunks, 4 warps, ~264 programs, 2 to 8 splits."""
     from fastllm.kernels import quant_linear
     from fastllm.kernels.quant_linear import _int4_config
@@ -620,8 +620,8 @@ def test_int4_decode_heuristic_reads_4kb_chunks_and_splits_k_to_fill_the_gpu(mon
     chunked = {"USE_DOT": False, "BLOCK_M": 1, "BLOCK_N": 64, "NUM_STAGES": 3, "num_warps": 4, "CHUNK_GROUPS": 4}
     monkeypatch.setattr(quant_linear, "INT4_CHUNK_GROUPS", 4)
     assert _int4_config(1, 28672, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 1}  # 448 blocks
-    assert _int4_config(1, 6144, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 96 blocks
-    assert _int4_config(1, 4096, 14336, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 4}  # 64 blocks
+    assert _int4_config(1, 6144, 4096, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 5}  # 96 blocks
+    assert _int4_config(1, 4096, 14336, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 8}  # 64 blocks
     assert _int4_config(1, 256, 1024, 128, cpu, packed_bf16=True) == {**chunked, "split_k": 2}  # 4 blocks, 2 splits
     assert _int4_config(1, 256, 1152, 128, cpu, packed_bf16=True)["CHUNK_GROUPS"] == 1  # 9 groups: 4 divides not
     assert _int4_config(1, 4096, 4096, 128, cpu)["CHUNK_GROUPS"] == 1  # the fp32 loop

@@ -81,8 +81,12 @@ _DECODE_NUM_STAGES = None
 # do); False: the combine kernel always (benchmarks compare the two in one process).
 COMBINE_IN_DECODE_KERNEL = True
 # Whether runtime decode steps run `decode_attention_with_rotary` (rotary, KV write and attention in one launch) in
-# place of the rotary-and-write kernel then the decode kernel. Off until measured and tested on a GPU: it was written
-# and checked in the interpreter only (the bench_decode provider fastllm_fused_decode_rotary turns it on).
+# place of the rotary-and-write kernel then the decode kernel. Off: no faster. Its GPU tests pass
+# (tests/test_kernel_decode_rotary.py); on an H200 (2026-11-30, W1 beside the default in one call, the bench_decode
+# provider fastllm_fused_decode_rotary: W1-nvidia-h200-20261130-fused-rotary.json) Llama-3.1-8B 237.8 tok/s against
+# 239.1, Llama-2-7B 259.6 against 258.8. With PDL the decode kernel's programs are already resident when the rotary
+# kernel ends (an int4 step's timeline, 2026-12-02: profile-llama31_8b-int4-timeline-20261202.json), so the launch it
+# saves was mostly hidden.
 FUSE_ROTARY_INTO_DECODE = False
 
 

@@ -223,11 +223,11 @@ INT4_PACKED_BF16 = True
 # row, group 128): one group a chunk at its launch settings 8.0 / 6.6 / 27.8 / 14.4 us (qkv / o / gate_up / down);
 # 2, 4 and 8 groups a chunk at 8 and 16 KB chunks, 4 and 8 warps, 2 / 4 / 8 K splits: 4 groups in 16 KB chunks (64
 # rows) and 4 warps the best or within ~5% at each, 8 warps slower (W5-quant-gemv-...-int4-chunk-groups.json). Its K
-# splits (1-8, -int4-chunk4-splits.json): 7.5 / 6.2 / 20.7 / 11.9 us at the best of each, ~2 programs an SM (what
-# `_int4_config` takes: 2 / 4 / 1 / 4 splits) within 0.5 us of it. W1-int4 426.1 tok/s (1.77x bf16's 240.7;
-# W1-int4-...-chunk4.json), and in one call with a minimum of 2 splits 429.4 against 372.0 for one group a chunk
-# (-chunk4-min2-splits.json). Measured at group 128 only; at groups 32 and 64 four groups make runs of 64 and 128
-# bytes. Two rows: INT4_TWO_ROW_CHUNK_GROUPS.
+# splits (1-8, -int4-chunk4-splits.json): 7.5 / 6.2 / 20.7 / 11.9 us at the best of each, ~2 programs an SM (2 / 4 /
+# 1 / 4 splits) within 0.5 us of it; in the decode step ~4 an SM measured faster (INT4_ONE_ROW_PROGRAMS_PER_SM).
+# W1-int4 at ~2 an SM 426.1 tok/s (1.77x bf16's 240.7; W1-int4-...-chunk4.json), and in one call with a minimum of
+# 2 splits 429.4 against 372.0 for one group a chunk (-chunk4-min2-splits.json). Measured at group 128 only; at
+# groups 32 and 64 four groups make runs of 64 and 128 bytes. Two rows: INT4_TWO_ROW_CHUNK_GROUPS.
 INT4_CHUNK_GROUPS = 4
 # Groups of each row a chunk of the two-row packed loop holds, in 8 KB chunks (BLOCK_N 64 at group 128), 4 warps, ~2
 # programs an SM and at least 2 K splits. Measured on an H200 (2026-12-02, Llama-3.1-8B's four projections at two rows,
@@ -238,6 +238,13 @@ INT4_CHUNK_GROUPS = 4
 # the default in a later call: 11.5 / 7.8 / 30.8 / 17.4 us (-int4-defaults-two-row-chunks.json; 8 rows 103.0 us for
 # the four against 109.8).
 INT4_TWO_ROW_CHUNK_GROUPS = 2
+# Programs an SM the one-row packed loop's K splits aim at in chunks of several groups (two rows: 2, see above). 4, not
+# the standalone sweep's 2: W1-int4 on an H200 (2026-12-02, Llama-3.1-8B, two calls, each beside the default of 2 in
+# the same call: bench_quant --kernel-settings int4_programs<P>) ran 438.5 and 439.9 tok/s at 4 against 428.4 and
+# 428.5 at 2, 411.8 at 1, 426.5 at 8 (W1-int4-nvidia-h200-20261202-programs-1-4.json, -programs-4-8.json). At 4 the
+# four projections split K 5 (so 4: whole chunks) / 8 / 1 / 8 ways (qkv / o / gate_up / down), at 2 2 / 4 / 1 / 4:
+# the small projections take more splits in the step than alone (there the splits measured within 0.5 us).
+INT4_ONE_ROW_PROGRAMS_PER_SM = 4
 # The dot form's (3 to 16 rows) groups an iteration, their loads of each row's adjacent pieces issued together and
 # each group's dot as before (the same bits). Measured on an H200 (2026-12-02, the four projections at 8 rows, its K
 # splits, half and twice as many; -int4-two-row-chunks.json): 2 groups no faster (down 25.7 us against 26.7, qkv and
@@ -584,9 +591,9 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
     (with the fp32 loop). K split 2-16 ways at the packed loop's other settings (2026-12-01, --int4-splits:
     W5-quant-gemv-...-20261201-int4-splits-gated.json): 8 within 3% of the best at each of the four projections.
     Those are the settings of one group a chunk; the packed loop now takes chunks of several groups where that
-    divides K's groups: one row INT4_CHUNK_GROUPS in 16 KB chunks, two rows INT4_TWO_ROW_CHUNK_GROUPS in 8 KB chunks,
-    4 warps, ~2 programs an SM (see those). Two rows and the dot form take at least 2 K splits (see
-    INT4_TWO_ROW_CHUNK_GROUPS and INT4_DOT_CHUNK_GROUPS)."""
+    divides K's groups: one row INT4_CHUNK_GROUPS in 16 KB chunks, ~INT4_ONE_ROW_PROGRAMS_PER_SM programs an SM, two
+    rows INT4_TWO_ROW_CHUNK_GROUPS in 8 KB chunks, ~2 programs an SM, 4 warps (see those). Two rows and the dot form
+    take at least 2 K splits (see INT4_TWO_ROW_CHUNK_GROUPS and INT4_DOT_CHUNK_GROUPS)."""
     if packed_bf16 and m <= 2:
         chunk_groups = INT4_CHUNK_GROUPS if m == 1 else INT4_TWO_ROW_CHUNK_GROUPS
     else:
@@ -601,7 +608,7 @@ def _int4_config(m: int, n: int, k: int, group: int, device: torch.device, packe
         if chunk_groups > 1 and not use_dot:  # the packed loop in chunks of several groups a row
             chunk_nibbles = (4 if m == 1 else 2) * _INT4_CHUNK_NIBBLES
             block_n, max_split = max(1, chunk_nibbles // group // chunk_groups), 8
-            num_warps, programs_per_sm = 4, 2
+            num_warps, programs_per_sm = 4, INT4_ONE_ROW_PROGRAMS_PER_SM if m == 1 else 2
         elif m == 1:
             block_n, max_split = 2 * _INT4_CHUNK_NIBBLES // group, 8
             num_warps, programs_per_sm = (4, 16) if packed_bf16 else (8, 8)
