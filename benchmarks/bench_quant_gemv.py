@@ -10,9 +10,10 @@ block sizes, warps and K splits. Baselines: cuBLAS bf16 and, where this torch ha
 (`aten._weight_int4pack_mm`, torch's own int4 kernel) on the same int4 codes. The down projection at 1 row is also timed
 as decode runs it with the decode_act_fusion pass (SiLU * up read inside the GEMM, `fused_linear`) beside silu_and_mul
 and then the linear, per scheme, and for the one-byte weights at a few other launch settings (PROLOGUE_SWEEP).
-With --prefill, the same shapes at 128, 512 and 2048 rows for block-scaled FP8 weights: the default (the whole weight
-dequantized into bf16 on each call, then cuBLAS) beside quant_linear.BLOCK_FP8_GEMM (the tiles dequantized in the
-GEMM's K loop); for int4 the dequantizing GEMM beside the weight dequantized by a kernel, then cuBLAS; and cuBLAS bf16
+With --prefill, the same shapes at 128, 512 and 2048 rows for block-scaled FP8 weights: the whole weight dequantized
+into bf16 on each call, then cuBLAS (the default before 2026-12-02; now past BLOCK_FP8_GEMM_MAX_ROWS) beside
+quant_linear.BLOCK_FP8_GEMM (the tiles dequantized in the GEMM's K loop; the default now); for int4 the dequantizing
+GEMM beside the weight dequantized by a kernel, then cuBLAS; and cuBLAS bf16
 (keys *_fp8_block128_dequant, *_fp8_block128_gemm, *_int4_gemm, *_int4_dequant_cublas, *_cublas_bf16; tflop_s
 added).
 
@@ -110,9 +111,9 @@ PREFILL_ROWS = [128, 512, 2048]
 
 
 def _prefill_cases(bench) -> dict:
-    """Past 16 rows. Block-scaled FP8 weights: the default path against BLOCK_FP8_GEMM. int4: the GEMM dequantizing
-    W's tiles in its K loop against the weight dequantized by a kernel and multiplied by cuBLAS (int4_linear's choice
-    by INT4_DEQUANT_MIN_ROWS). cuBLAS bf16 beside."""
+    """Past 16 rows. Block-scaled FP8 weights: the dequantized weight and cuBLAS against BLOCK_FP8_GEMM. int4: the
+    GEMM dequantizing W's tiles in its K loop against the weight dequantized by a kernel and multiplied by cuBLAS
+    (int4_linear's choice by INT4_DEQUANT_MIN_ROWS). cuBLAS bf16 beside."""
     linear = torch.nn.functional.linear
     results = {}
     for (name, n, k), m in itertools.product(SHAPES, PREFILL_ROWS):

@@ -187,10 +187,11 @@ def test_skinny_gemm_reads_block_scaled_fp8_weights(rows, n, k, block):
 @pytest.mark.parametrize("rows,n,k,block", [(17, 256, 512, (128, 128)), (40, 96, 192, (32, 64)),
                                             (33, 72, 96, (8, 48))])
 def test_block_scaled_fp8_gemm_past_16_rows_dequantizes_its_tiles(rows, n, k, block, dtype, monkeypatch):
-    """BLOCK_FP8_GEMM (off by default until measured): past 16 rows a Triton GEMM widens W's tiles and applies their
-    block's multiplier in its K loop, rounded to x's dtype as the weight cuBLAS read before (dequantize_blocks(...,
-    x.dtype)); the reference is F.linear in fp32 over that weight, rounded once. Blocks of 48 columns take K steps of
-    16."""
+    """BLOCK_FP8_GEMM (on by default): from 17 to BLOCK_FP8_GEMM_MAX_ROWS half-precision rows a Triton GEMM widens
+    W's tiles and applies their block's multiplier in its K loop, rounded to x's dtype as the weight cuBLAS read before
+    (dequantize_blocks(..., x.dtype)); the reference is F.linear in fp32 over that weight, rounded once. Blocks of 48
+    columns take K steps of 16. Past BLOCK_FP8_GEMM_MAX_ROWS rows, and fp32 rows, the weight is dequantized (on the
+    CPU: the reference)."""
     from fastllm.kernels import quant_linear, triton_on_cpu
 
     torch.manual_seed(9)
@@ -198,14 +199,21 @@ def test_block_scaled_fp8_gemm_past_16_rows_dequantizes_its_tiles(rows, n, k, bl
     q = (torch.randn(n, k) * 60).clamp(-448, 448).to(fp8.FP8)
     scale_inv = torch.rand(n // block[0], k // block[1]) * 1e-3 + 1e-4
     expected = rounded_once(F.linear, x, fp8.dequantize_blocks(q, scale_inv, dtype), b, dtype=dtype)
-    monkeypatch.setattr(quant_linear, "BLOCK_FP8_GEMM", True)
     launched = []
     kernel = quant_linear._fp8_block_gemm_kernel
     monkeypatch.setattr(quant_linear, "_fp8_block_gemm_kernel", _RecordingLauncher(kernel, launched))
     with triton_on_cpu():
         got = kernels.fp8_linear(x, q, scale_inv, b)
-    assert len(launched) == 1 and got.shape == (1, rows, n)
-    assert_close(got, expected)
+        assert got.shape == (1, rows, n)
+        if dtype == torch.float32:  # fp32 keeps the dequantized weight (the CPU's reference here), not the GEMM
+            assert not launched
+            assert torch.equal(got, kernels.fp8_linear_ref(x, q, scale_inv, b))
+            return
+        assert len(launched) == 1
+        assert_close(got, expected)
+        monkeypatch.setattr(quant_linear, "BLOCK_FP8_GEMM_MAX_ROWS", rows - 1)  # past it: not the GEMM
+        assert torch.equal(kernels.fp8_linear(x, q, scale_inv, b), kernels.fp8_linear_ref(x, q, scale_inv, b))
+    assert len(launched) == 1
 
 
 def test_block_scaled_fp8_the_kernel_cannot_read_runs_the_reference():

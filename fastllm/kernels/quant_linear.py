@@ -109,16 +109,16 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """`fp8_linear_ref`'s math; on CUDA the skinny GEMM reading FP8 weights (few rows), else an FP8 tensor-core GEMM.
     A 2-D `weight_scale` is a block-scaled checkpoint's (`fp8_block_linear_ref`, weight-only at every size): up to 16
-    rows the skinny GEMM reads the weights with their block scales; more rows on CUDA dequantize the weight into x's
-    dtype on every call for cuBLAS (load_prequantized warns), or with BLOCK_FP8_GEMM (opt-in) a GEMM dequantizes its
-    tiles in its K loop."""
+    rows the skinny GEMM reads the weights with their block scales; up to BLOCK_FP8_GEMM_MAX_ROWS a GEMM dequantizes
+    its tiles in its K loop (BLOCK_FP8_GEMM); more rows on CUDA dequantize the weight into x's dtype on every call for
+    cuBLAS (load_prequantized warns)."""
     n, k = qweight.shape
     rows = x.reshape(-1, k)
     if weight_scale.dim() == 2:
         if use_triton(x) and 0 < rows.shape[0] and _block_gemv_fits(qweight, weight_scale):
             if rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
                 return _weight_gemv(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
-            if BLOCK_FP8_GEMM:
+            if BLOCK_FP8_GEMM and rows.shape[0] <= BLOCK_FP8_GEMM_MAX_ROWS and rows.dtype != torch.float32:
                 return _fp8_block_gemm(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
         if not x.is_cuda:
             return fp8_block_linear_ref(x, qweight, weight_scale, bias)
@@ -839,10 +839,18 @@ def _int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 
 # Block-scaled FP8 weights past 16 rows (prefill): `_fp8_block_gemm_kernel` widens W's tiles and applies their
-# block's scale in its K loop, where fp8_linear otherwise dequantizes the whole weight into x's dtype on each call for
-# cuBLAS. Off until measured on a GPU (written and checked in the interpreter only, 2026-11-30): bench_quant_gemv's
-# prefill rows time both.
-BLOCK_FP8_GEMM = False
+# block's scale in its K loop, up to BLOCK_FP8_GEMM_MAX_ROWS rows; past that (and with BLOCK_FP8_GEMM off) fp8_linear
+# dequantizes the whole weight into x's dtype on each call for cuBLAS. Measured on an H200 (2026-11-30, bench_quant_gemv
+# --prefill, 128x128 blocks, Llama-3.1-8B's four projections: W5-quant-gemv-nvidia-h200-20261130-int4-prefill.json):
+# faster at every size timed, at 128 rows 27-99 us against 184-1187 (the dequantization dominates), at 512 79-340
+# against 194-1273, at 2048 199-1380 against 257-1744 (cuBLAS bf16 on float weights: 107-759). Its time grows with
+# the rows at ~half cuBLAS's rate while the dequantization's cost is fixed, so past ~3000 rows the dequantized weight
+# and cuBLAS would win (extrapolated, not measured): the GEMM stops at the 2048 measured. GPU-tested
+# (tests/test_gpu_quantization.py: bf16, 17 / 300 / 2048 rows). Half-precision rows only: fp32 rows would run its
+# tl.dot in full fp32 ("ieee"), which compiles for sm_90 to an FFMA loop spilling to local memory (sass_count.py:
+# ~1,360 local stores against none in bf16), not measured: fp32 keeps the dequantized weight and cuBLAS.
+BLOCK_FP8_GEMM = True
+BLOCK_FP8_GEMM_MAX_ROWS = 2048
 
 
 @triton.jit

@@ -62,9 +62,10 @@ class Prequantized:
 SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per token or "
              "unquantized), transformers' block-wise FP8 (quant_method 'fp8', dynamic activations), GPTQ 4-bit "
              "(with or without act-order) and AWQ 4-bit GEMM (group size 32, 64 or 128)")
-BLOCK_FP8_WARNING = ("block-wise FP8 checkpoint: decode steps (up to 16 rows) read the block-scaled FP8 weights "
-                     "directly, but larger steps (prefill) on CUDA dequantize each weight on every call (slower than "
-                     "the model's own dtype there); its weights are used as they are, never re-quantized")
+BLOCK_FP8_WARNING = ("block-wise FP8 checkpoint: steps of up to 16 tokens read the block-scaled FP8 weights "
+                     "directly, steps of up to 2048 in bf16/fp16 too (a GEMM dequantizing its tiles), but larger "
+                     "steps on CUDA (long prefills; fp32 past 16 tokens) dequantize each weight on every call "
+                     "(slower than the model's own dtype there); its weights are used as they are, never re-quantized")
 # AWQ packs output channel 8c + AWQ_ORDER[i] into nibble i of column c.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
