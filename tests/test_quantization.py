@@ -53,6 +53,23 @@ def test_fp8_blocks_map_each_blocks_largest_magnitude_to_448_and_dequantize_to_t
             fp8.quantize_blocks(w, bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,block", [((256, 384), (128, 128)), ((72, 96), (8, 48)), ((100, 130), (32, 64))])
+def test_fp8_block_dequantization_is_each_code_times_its_blocks_multiplier_rounded_once(shape, block, dtype):
+    """dequantize_blocks: every element is its code times its block's multiplier in fp32, rounded once to `dtype`,
+    bit for bit against a scale expanded to the weight's shape, both where the blocks tile the weight (a broadcast
+    over a blocked view) and where they do not (100 x 130 in 32 x 64 blocks: the last blocks ragged)."""
+    torch.manual_seed(21)
+    n, k = shape
+    q = (torch.randn(n, k) * 100).clamp(-448, 448).to(fp8.FP8)
+    rows, cols = -(-n // block[0]), -(-k // block[1])
+    scale_inv = torch.rand(rows, cols) * 1e-2 + 1e-4
+    expanded = scale_inv.repeat_interleave(block[0], 0)[:n].repeat_interleave(block[1], 1)[:, :k]
+    expected = (q.float() * expanded).to(dtype)
+    got = fp8.dequantize_blocks(q, scale_inv, dtype, block if n % block[0] or k % block[1] else None)
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
 def test_fp8_zero_rows_get_scale_one_and_nothing_saturates():
     x = torch.zeros(2, 8)
     x[1] = torch.linspace(-1e4, 1e4, 8)
