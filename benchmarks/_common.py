@@ -22,6 +22,18 @@ def missing_gpu(script: str) -> bool:
     return True
 
 
+def forget_launch_settings() -> None:
+    """Clear the kernels' cached launch settings (the skinny GEMM's heuristic and tuned ones, the int4 decode
+    kernel's): a benchmark variant that sets a module attribute they are worked out from (skinny_gemm._PROGRAMS_PER_SM,
+    quant_linear.INT4_CHUNK_GROUPS, ...) would otherwise get the settings cached under the default, silently. Tuned
+    settings come back from the on-disk tuning cache when next asked for."""
+    from fastllm.kernels import quant_linear, skinny_gemm
+
+    skinny_gemm._HEURISTIC.clear()
+    skinny_gemm._TUNED.clear()
+    quant_linear._INT4_CONFIGS.clear()
+
+
 def copy_bandwidth_gb_s(do_bench) -> float:
     """Device-to-device copy of 1 GiB, bytes read + written, timed with `do_bench` (ms, median)."""
     import torch

@@ -21,7 +21,7 @@ import sys
 import unittest.mock
 
 import torch
-from _common import copy_bandwidth_gb_s, missing_gpu, write_result
+from _common import copy_bandwidth_gb_s, forget_launch_settings, missing_gpu, write_result
 from bench_decode import MODELS, _build, measure, pdl, step_bytes
 
 # --pdl-variants: PDL forced on for every launch (FASTLLM_PDL=1), or off (FASTLLM_PDL=0), and each one's key suffix
@@ -52,13 +52,12 @@ def kernel_setting(name: str | None):
         return
     module_name, flag, value = KERNEL_SETTINGS[name]
     module = importlib.import_module(module_name)  # the module (fastllm.kernels exports functions by these names)
-    configs = importlib.import_module("fastllm.kernels.quant_linear")._INT4_CONFIGS
-    configs.clear()  # int4 launch settings cached under the other setting (their key does not hold every flag)
+    forget_launch_settings()  # launch settings cached under the other setting (their keys do not hold every flag)
     try:
         with unittest.mock.patch.object(module, flag, value):
             yield
     finally:
-        configs.clear()
+        forget_launch_settings()
 
 
 def run(name: str, scheme: str | None, new_tokens: int, copy_gb_s: float, pdl_setting: str | None = None,

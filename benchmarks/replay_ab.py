@@ -23,7 +23,7 @@ import statistics
 import sys
 
 import torch
-from _common import missing_gpu, write_result
+from _common import forget_launch_settings, missing_gpu, write_result
 from bench_decode import _build, _prompt, _timed_generate
 
 
@@ -58,17 +58,22 @@ def parse_setting(text: str) -> tuple[str, list[tuple[str, str, object]]]:
 
 @contextlib.contextmanager
 def applied(assignments: list[tuple[str, str, object]]):
-    """The module attributes set for the block, then restored (an attribute that does not exist is an error)."""
+    """The module attributes set for the block, then restored (an attribute that does not exist is an error); the
+    kernels' cached launch settings forgotten on both sides, so that settings they derive from take effect."""
     saved = []
     try:
         for module_name, attribute, value in assignments:
             module = importlib.import_module(module_name)
             saved.append((module, attribute, getattr(module, attribute)))
             setattr(module, attribute, value)
+        if assignments:
+            forget_launch_settings()
         yield
     finally:
         for module, attribute, value in reversed(saved):
             setattr(module, attribute, value)
+        if assignments:
+            forget_launch_settings()
 
 
 def main() -> int:

@@ -32,3 +32,17 @@ def test_applied_restores():
         with replay_ab.applied([(MODULE, "_MIN_TILES_PER_SPLIT", 9), (MODULE, "_NO_SUCH_SETTING", 1)]):
             pass
     assert module._MIN_TILES_PER_SPLIT == before
+
+
+def test_a_setting_that_launch_settings_derive_from_takes_effect():
+    """The skinny GEMM caches its launch settings by shape: a variant setting the programs an SM its K splits aim at
+    gets settings worked out under it (not the default's, cached by an earlier round), and the default's after."""
+    import torch
+
+    from fastllm.kernels import skinny_gemm
+
+    cpu = torch.device("cpu")
+    default = skinny_gemm._config(1, 256, 4096, torch.float16, cpu)  # cached under the default
+    with replay_ab.applied([("fastllm.kernels.skinny_gemm", "_PROGRAMS_PER_SM", 4 * skinny_gemm._PROGRAMS_PER_SM)]):
+        assert skinny_gemm._config(1, 256, 4096, torch.float16, cpu)["split_k"] > default["split_k"]
+    assert skinny_gemm._config(1, 256, 4096, torch.float16, cpu) == default
