@@ -32,7 +32,8 @@ PDL_VARIANTS = {"on": ("1", "_pdl"), "off": ("0", "_no_pdl")}
 # two-row loop in fp32, not packed bf16x2 (the default before 2026-11-30's measurement). int4_chunk<G>: the packed
 # loop's chunks of G groups of each row (quant_linear.INT4_CHUNK_GROUPS; 1: the kernel before 2026-12-01's).
 # int4_programs<P>: the one-row loop's K splits aiming at P programs an SM (quant_linear.INT4_ONE_ROW_PROGRAMS_PER_SM;
-# 2 the default before 2026-12-02's measurement).
+# 2 the default before 2026-12-02's measurement). skinny_programs<P>: the skinny GEMM's (bf16, FP8, int8 decode GEMVs)
+# K splits aiming at P programs an SM, not skinny_gemm._PROGRAMS_PER_SM's 2 (bf16 rerun under it).
 # Settings named int4_* change int4 layers only: bf16 is not rerun for them (the default bf16 run is their baseline).
 KERNEL_SETTINGS = {
     "int4_reduce_kernel": ("fastllm.kernels.quant_linear", "REDUCE_SPLITS_IN_KERNEL", False),
@@ -41,6 +42,7 @@ KERNEL_SETTINGS = {
     **{f"int4_chunk{g}": ("fastllm.kernels.quant_linear", "INT4_CHUNK_GROUPS", g) for g in (1, 2, 8)},
     **{f"int4_programs{p}": ("fastllm.kernels.quant_linear", "INT4_ONE_ROW_PROGRAMS_PER_SM", p)
        for p in (1, 2, 8)},
+    **{f"skinny_programs{p}": ("fastllm.kernels.skinny_gemm", "_PROGRAMS_PER_SM", p) for p in (4, 8)},
 }
 
 

@@ -33,6 +33,9 @@
 # 2 and 8 rows (the packed loop's and the dot form's sweeps; ~2.5 min; run 2026-12-02: two rows now take chunks of two
 # groups, INT4_TWO_ROW_CHUNK_GROUPS; the dot form keeps one group, at least 2 K splits).
 # (int4next, the dot form reading words, ran on 2026-11-30: no faster at one row, slower at 8: -int4next.json.)
+# programs: the decode GEMVs' K splits aiming at more programs an SM in the step (int4 gained 2.5% so on 2026-12-02:
+# quant_linear.INT4_ONE_ROW_PROGRAMS_PER_SM): the bf16 decode graph's replay A/B with skinny_gemm._PROGRAMS_PER_SM at
+# 4 and 8 beside the default 2 for both shapes, then W1-fp8 (and bf16) with each in one call (~8 min, estimated).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -131,6 +134,16 @@ for stage in $STAGES; do
                     python3 benchmarks/bench_quant_gemv.py --schemes int4 --rows 2 8 --int4-chunk-groups 1 2 4 \
                         --out "$OUT" > "$OUT/quant-gemv-int4chunks.log" 2>&1 || rc=1
                     grep -E "best|_m(2|8)_int4" "$OUT/quant-gemv-int4chunks.log" | tail -n 16 ;;
+        programs) for model in llama31_8b llama2_7b; do
+                      python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 \
+                          --setting p4=fastllm.kernels.skinny_gemm._PROGRAMS_PER_SM=4 \
+                          --setting p8=fastllm.kernels.skinny_gemm._PROGRAMS_PER_SM=8 --out "$OUT" \
+                          > "$OUT/replay-programs-$model.log" 2>&1 || rc=1
+                      tail -n 4 "$OUT/replay-programs-$model.log"
+                  done
+                  python3 benchmarks/bench_quant.py --schemes fp8 --kernel-settings skinny_programs4 skinny_programs8 \
+                      --out "$OUT" > "$OUT/quant-programs.log" 2>&1 || rc=1
+                  grep -E "tok/s" "$OUT/quant-programs.log" ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;
