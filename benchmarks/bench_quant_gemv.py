@@ -13,9 +13,9 @@ and then the linear, per scheme, and for the one-byte weights at a few other lau
 With --prefill, the same shapes at 128, 512 and 2048 rows for block-scaled FP8 weights: the whole weight dequantized
 into bf16 on each call, then cuBLAS (the default before 2026-12-02; now past BLOCK_FP8_GEMM_MAX_ROWS) beside
 quant_linear.BLOCK_FP8_GEMM (the tiles dequantized in the GEMM's K loop; the default now); for int4 the dequantizing
-GEMM beside the weight dequantized by a kernel, then cuBLAS; and cuBLAS bf16
-(keys *_fp8_block128_dequant, *_fp8_block128_gemm, *_int4_gemm, *_int4_dequant_cublas, *_cublas_bf16; tflop_s
-added).
+GEMM beside the weight dequantized by a kernel, then cuBLAS; and cuBLAS bf16; and the block-scaled weight dequantized
+by one kernel (BLOCK_FP8_DEQUANT_KERNEL), then cuBLAS (keys *_fp8_block128_dequant, *_fp8_block128_gemm,
+*_fp8_block128_dequant_kernel, *_int4_gemm, *_int4_dequant_cublas, *_cublas_bf16; tflop_s added).
 
 int4 runs as decode runs it, with split counters (its K splits summed in the kernel). --schemes times only the named
 schemes (the activation-fusion cases need all of them).
@@ -122,8 +122,9 @@ def _prefill_cases(bench) -> dict:
         blocks = fp8.quantize_blocks(weight)
         int4 = int_weight.quantize_int4(weight, 128)
 
-        def block_fp8(x, q, s, in_kernel):
-            with unittest.mock.patch.object(quant_linear, "BLOCK_FP8_GEMM", in_kernel):
+        def block_fp8(x, q, s, in_kernel, dequantize_kernel=False):
+            with unittest.mock.patch.object(quant_linear, "BLOCK_FP8_GEMM", in_kernel), \
+                    unittest.mock.patch.object(quant_linear, "BLOCK_FP8_DEQUANT_KERNEL", dequantize_kernel):
                 return quant_linear.fp8_linear(x, q, s)
 
         def int4_dequant_cublas(x, packed, scales):
@@ -133,6 +134,8 @@ def _prefill_cases(bench) -> dict:
         variants = {
             "fp8_block128_dequant": (blocks, functools.partial(block_fp8, in_kernel=False), fp8_ref),
             "fp8_block128_gemm": (blocks, functools.partial(block_fp8, in_kernel=True), fp8_ref),
+            "fp8_block128_dequant_kernel": (blocks, functools.partial(block_fp8, in_kernel=False,
+                                                                      dequantize_kernel=True), fp8_ref),
             "int4_gemm": (int4, lambda x, p, s: quant_linear._int4_gemm(x, p, s, None, None),
                           quant_linear.int4_linear_ref),
             "int4_dequant_cublas": (int4, int4_dequant_cublas, quant_linear.int4_linear_ref),

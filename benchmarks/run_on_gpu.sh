@@ -36,6 +36,9 @@
 # programs: the decode GEMVs' K splits aiming at more programs an SM in the step (int4 gained 2.5% so on 2026-12-02:
 # quant_linear.INT4_ONE_ROW_PROGRAMS_PER_SM): the bf16 decode graph's replay A/B with skinny_gemm._PROGRAMS_PER_SM at
 # 4 and 8 beside the default 2 for both shapes, then W1-fp8 (and bf16) with each in one call (~8 min, estimated).
+# blockfp8: block-scaled FP8 prefill with the weight dequantized by one kernel (quant_linear.BLOCK_FP8_DEQUANT_KERNEL,
+# off: written 2026-12-02, interpreter-checked only): its GPU tests, then bench_quant_gemv --prefill (the PyTorch
+# dequantization, the block GEMM and the kernel at 128 / 512 / 2048 rows, int4's beside; ~3 min, estimated).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -144,6 +147,12 @@ for stage in $STAGES; do
                   python3 benchmarks/bench_quant.py --schemes fp8 --kernel-settings skinny_programs4 skinny_programs8 \
                       --out "$OUT" > "$OUT/quant-programs.log" 2>&1 || rc=1
                   grep -E "tok/s" "$OUT/quant-programs.log" ;;
+        blockfp8) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py \
+                      -k "block" > "$OUT/gpu-blockfp8-tests.log" 2>&1 || rc=1
+                  grep -E "passed|failed|^FAILED" "$OUT/gpu-blockfp8-tests.log" | tail -n 8
+                  python3 benchmarks/bench_quant_gemv.py --schemes fp8 --prefill --out "$OUT" \
+                      > "$OUT/quant-gemv-blockfp8.log" 2>&1 || rc=1
+                  grep -E "_m(128|512|2048)_(fp8|cublas)" "$OUT/quant-gemv-blockfp8.log" ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

@@ -286,6 +286,28 @@ def test_block_scaled_fp8_gemm_past_16_rows_on_cuda(shape, rows, monkeypatch):
     assert _sqnr(kernels.fp8_linear_ref(x, q, scale_inv, b), got) >= 40.0
 
 
+@pytest.mark.skipif(not _has_fp8(), reason="needs the float8 type in Triton (compute capability 8.9+)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape,block", [((6144, 4096), (128, 128)), ((300, 384), (100, 128)), ((72, 96), (8, 48))])
+def test_block_fp8_dequantize_kernel_on_cuda(shape, block, dtype, monkeypatch):
+    """kernels/fp8_block_dequantize.py on the GPU: fp8.dequantize_blocks' bits in bf16 too (the GPU rounds fp32 to
+    bf16 to nearest even, as PyTorch; the interpreter truncates); and fp8_linear past BLOCK_FP8_GEMM_MAX_ROWS with
+    BLOCK_FP8_DEQUANT_KERNEL on hands cuBLAS that weight: the unfused path's result bit for bit."""
+    from fastllm.kernels import quant_linear
+    from fastllm.kernels.fp8_block_dequantize import dequantize_blocks_kernel
+
+    torch.manual_seed(24)
+    n, k = shape
+    q = (torch.randn(n, k, device="cuda") * 100).clamp(-448, 448).to(fp8.FP8)
+    scale_inv = torch.rand(n // block[0], k // block[1], device="cuda") * 1e-2 + 1e-4
+    assert torch.equal(dequantize_blocks_kernel(q, scale_inv, dtype), fp8.dequantize_blocks(q, scale_inv, dtype))
+    x = torch.randn(40, k, device="cuda", dtype=dtype)
+    monkeypatch.setattr(quant_linear, "BLOCK_FP8_GEMM_MAX_ROWS", 16)
+    unfused = kernels.fp8_linear(x, q, scale_inv)
+    monkeypatch.setattr(quant_linear, "BLOCK_FP8_DEQUANT_KERNEL", True)
+    assert torch.equal(kernels.fp8_linear(x, q, scale_inv), unfused)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 8])
 @pytest.mark.parametrize("shape", [(4096, 4096), (6144, 4096), (4096, 14336), (300, 1024)])
 def test_int4_decode_kernel_summing_its_own_splits_on_cuda(shape, rows, monkeypatch):

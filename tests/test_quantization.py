@@ -233,6 +233,30 @@ def test_block_scaled_fp8_gemm_past_16_rows_dequantizes_its_tiles(rows, n, k, bl
     assert len(launched) == 1
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape,block", [((256, 384), (128, 128)), ((72, 96), (8, 48)), ((300, 384), (100, 128)),
+                                         ((5, 32), (5, 32))])  # fmt: skip
+def test_block_fp8_dequantize_kernel_gives_dequantize_blocks_bits(shape, block, dtype):
+    """kernels/fp8_block_dequantize.py: one pass over the codes, each times its block's multiplier in fp32, rounded
+    once: fp8.dequantize_blocks' bits. 48-column blocks take 16-column programs; 100-row blocks put two multipliers'
+    rows in one 64-row program. (bf16 only on the GPU: the interpreter truncates fp32 to bf16 where the GPU rounds to
+    nearest even.) Blocks that do not tile the weight, and codes whose columns are not contiguous, are refused."""
+    from fastllm.kernels import triton_on_cpu
+    from fastllm.kernels.fp8_block_dequantize import dequantize_blocks_kernel
+
+    torch.manual_seed(23)
+    n, k = shape
+    q = (torch.randn(n, k) * 100).clamp(-448, 448).to(fp8.FP8)
+    scale_inv = torch.rand(n // block[0], k // block[1]) * 1e-2 + 1e-4
+    with triton_on_cpu():
+        got = dequantize_blocks_kernel(q, scale_inv, dtype)
+        assert got.dtype == dtype and torch.equal(got, fp8.dequantize_blocks(q, scale_inv, dtype))
+        with pytest.raises(ValueError, match="do not tile"):  # n + 1 block rows divide no n rows
+            dequantize_blocks_kernel(q, torch.ones(n + 1, scale_inv.shape[1]), dtype)
+        with pytest.raises(ValueError, match="contiguous"):
+            dequantize_blocks_kernel(q.t().contiguous().t(), scale_inv, dtype)
+
+
 def test_block_scaled_fp8_the_kernel_cannot_read_runs_the_reference():
     """Blocks narrower than 16 columns (no K chunk fits one) or not tiling the weight: the reference, not a wrong
     answer; and _launch refuses settings whose chunks straddle a block column."""

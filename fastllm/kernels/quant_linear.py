@@ -36,6 +36,7 @@ from fastllm.kernels._registry import (
     triton,
     use_triton,
 )
+from fastllm.kernels.fp8_block_dequantize import dequantize_blocks_kernel
 from fastllm.kernels.skinny_gemm import (  # the skinny GEMM's store (partials, or + bias rounded once) and reduce
     _epilogue,
     reduce_split_row,
@@ -122,12 +123,21 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tenso
                 return _fp8_block_gemm(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
         if not x.is_cuda:
             return fp8_block_linear_ref(x, qweight, weight_scale, bias)
-        return F.linear(x, fp8_format.dequantize_blocks(qweight, weight_scale, x.dtype), bias)
+        return F.linear(x, _dequantized_blocks(qweight, weight_scale, x.dtype), bias)
     if use_triton(x) and 0 < rows.shape[0] <= FP8_WEIGHT_ONLY_MAX_ROWS:
         return _weight_gemv(rows, qweight, weight_scale, bias).reshape(*x.shape[:-1], n)
     if not fp8_gemm_fits(x, qweight, weight_scale):
         return fp8_linear_ref(x, qweight, weight_scale, bias)
     return fp8_gemm(*quantize_rows_fp8(rows), qweight, weight_scale, bias, x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _dequantized_blocks(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A block-scaled FP8 weight in `dtype` for cuBLAS (`fp8.dequantize_blocks`' bits): with BLOCK_FP8_DEQUANT_KERNEL
+    in one kernel where the blocks tile the weight, else in PyTorch."""
+    (n, k), (rows, cols) = qweight.shape, scale.shape
+    if BLOCK_FP8_DEQUANT_KERNEL and rows and cols and not n % rows and not k % cols and qweight.stride(1) == 1:
+        return dequantize_blocks_kernel(qweight, scale, dtype)
+    return fp8_format.dequantize_blocks(qweight, scale, dtype)
 
 
 def fp8_gemm_fits(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
@@ -851,6 +861,13 @@ def _int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 # ~1,360 local stores against none in bf16), not measured: fp32 keeps the dequantized weight and cuBLAS.
 BLOCK_FP8_GEMM = True
 BLOCK_FP8_GEMM_MAX_ROWS = 2048
+# Where the weight is dequantized for cuBLAS (past BLOCK_FP8_GEMM_MAX_ROWS, fp32 rows): one kernel
+# (kernels/fp8_block_dequantize.py: a byte read and the dtype's bytes written a weight) instead of PyTorch's three
+# passes (~19 bytes a weight; gate-up's at 2048 rows measured ~985 us over cuBLAS's 759 in the file above). Off until
+# measured on a GPU (written and checked in the interpreter only, 2026-12-02): run_on_gpu.sh stage blockfp8 runs its
+# GPU tests and bench_quant_gemv --prefill's fp8_block128_dequant_kernel beside the other two. If it is as fast as
+# its bytes say, BLOCK_FP8_GEMM_MAX_ROWS should then move down to where the two cross.
+BLOCK_FP8_DEQUANT_KERNEL = False
 
 
 @triton.jit
