@@ -145,7 +145,12 @@ def _inferred_mask(input_ids: torch.Tensor, gc) -> torch.Tensor:
 def sampling_params(gc, eos: list[int]) -> SamplingParams:
     """One row's SamplingParams from HF's generation config: the processors HF would build, in HF's order."""
     sampling = bool(gc.do_sample)
-    kwargs = dict(max_tokens=gc.max_new_tokens, min_tokens=gc.min_new_tokens or 0, temperature=0.0,
+    # HF takes a minimum past max_new_tokens (a model's generation_config may set a min_length for longer calls than
+    # this one): EOS stays masked to the end. SamplingParams refuses min_tokens > max_tokens, so it is capped.
+    min_tokens = gc.min_new_tokens or 0
+    if isinstance(min_tokens, int) and isinstance(gc.max_new_tokens, int):
+        min_tokens = min(min_tokens, gc.max_new_tokens)
+    kwargs = dict(max_tokens=gc.max_new_tokens, min_tokens=min_tokens, temperature=0.0,
                   repetition_penalty=gc.repetition_penalty if gc.repetition_penalty is not None else 1.0,
                   ignore_eos=True, stop_token_ids=eos or None, n=gc.num_return_sequences or 1)
     if sampling:

@@ -1,0 +1,42 @@
+"""Defects found by a bug hunt over what a user passes (2026-12-02), each as a test: generate() accepts the length
+combinations Hugging Face accepts and names an empty batch, and `LLM` names prompts that are no sequence and takes
+the dtype names its docstring promises."""
+
+import pytest
+import torch
+import transformers as T
+
+from tests._models import optimize
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=256, max_position_embeddings=256)
+    T.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _load(path):
+    return T.AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="module")
+def models(path):
+    """(optimized model, HF reference)."""
+    return optimize(_load(path)), _load(path)
+
+
+@pytest.mark.parametrize("lengths", [dict(min_new_tokens=5), dict(min_length=1000)])
+def test_a_minimum_past_max_new_tokens_masks_eos_to_the_end_as_hf_does(models, lengths):
+    # HF accepts min_new_tokens (or a min_length, e.g. from a model's generation_config) beyond max_new_tokens: EOS
+    # stays masked for every new token. fastllm refused the call ("min_tokens must be <= max_tokens").
+    fast, hf = models
+    ids = torch.tensor([[1, 2, 3, 4]])
+    eos = hf.generate(ids, max_new_tokens=1, do_sample=False)[0, -1].item()  # the token greedy picks first
+    kwargs = dict(max_new_tokens=3, do_sample=False, eos_token_id=eos, pad_token_id=0, **lengths)
+    expected = hf.generate(ids, **kwargs)
+    assert expected.shape[1] == 7 and eos not in expected[0, 4:].tolist()
+    torch.testing.assert_close(fast.generate(ids, **kwargs), expected, rtol=0, atol=0)
