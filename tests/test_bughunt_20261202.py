@@ -40,3 +40,9 @@ def test_a_minimum_past_max_new_tokens_masks_eos_to_the_end_as_hf_does(models, l
     expected = hf.generate(ids, **kwargs)
     assert expected.shape[1] == 7 and eos not in expected[0, 4:].tolist()
     torch.testing.assert_close(fast.generate(ids, **kwargs), expected, rtol=0, atol=0)
+
+
+def test_an_empty_batch_is_refused_by_name(models):
+    fast, _ = models
+    with pytest.raises(ValueError, match="no rows"):  # was a ZeroDivisionError from the output's assembly
+        fast.generate(torch.empty(0, 4, dtype=torch.long), max_new_tokens=3)

@@ -110,6 +110,8 @@ def _prompts(input_ids, attention_mask, gc, max_context: int) -> list[list[int]]
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long,
                                                                                                      torch.int):
         raise ValueError("input_ids must be an integer tensor of shape [batch, length]")
+    if input_ids.shape[0] == 0:  # else nothing runs and the output's assembly divides by the batch size
+        raise ValueError(f"input_ids has no rows (shape {tuple(input_ids.shape)}): give at least one prompt")
     if gc.max_new_tokens is None or gc.max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive integer, got {gc.max_new_tokens}")
     if attention_mask is None:
