@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers as T
 
+from fastllm import LLM, SamplingParams
 from tests._models import optimize
 
 
@@ -46,3 +47,15 @@ def test_an_empty_batch_is_refused_by_name(models):
     fast, _ = models
     with pytest.raises(ValueError, match="no rows"):  # was a ZeroDivisionError from the output's assembly
         fast.generate(torch.empty(0, 4, dtype=torch.long), max_new_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    return LLM(_load(path))
+
+
+@pytest.mark.parametrize("prompts", [None, 5])
+def test_prompts_that_are_no_sequence_are_named(llm, prompts):
+    with pytest.raises(ValueError, match="prompts must be"):  # was "TypeError: 'int' object is not iterable"
+        llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.has_work()

@@ -281,7 +281,11 @@ def _tokenizer_eos(tokenizer) -> frozenset[int]:
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
+    try:
+        prompts = list(prompts)
+    except TypeError:  # None or a number: list()'s "object is not iterable" named neither the argument nor its forms
+        raise ValueError(f"prompts must be a string, a list of strings or of token-id lists, or one token-id list; "
+                         f"got {type(prompts).__name__}") from None
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one tokenized prompt
     return prompts
