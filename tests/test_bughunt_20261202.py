@@ -59,3 +59,20 @@ def test_prompts_that_are_no_sequence_are_named(llm, prompts):
     with pytest.raises(ValueError, match="prompts must be"):  # was "TypeError: 'int' object is not iterable"
         llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
     assert not llm.has_work()
+
+
+@pytest.mark.parametrize("dtype, expected", [("float16", torch.float16), ("auto", torch.float32),
+                                             (torch.bfloat16, torch.bfloat16)])
+def test_llm_takes_a_dtype_name_for_a_model_object(path, dtype, expected):
+    # The docstring promises a torch.dtype or "auto"; a string reached nn.Module.to(dtype=...) and raised its TypeError.
+    with LLM(_load(path), dtype=dtype) as llm:
+        assert llm.model.dtype == expected
+        out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0]
+        assert out.error is None and len(out.outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize("source", ["model", "path"])
+def test_an_unknown_dtype_name_is_refused_by_name(path, source):
+    model = _load(path) if source == "model" else str(path)
+    with pytest.raises(ValueError, match="dtype must be"):  # a model: nn.Module.to's TypeError; a path: AttributeError
+        LLM(model, dtype="float17")

@@ -41,7 +41,8 @@ class LLM:
             here with `**config`) or a local path / hub id loaded with `AutoModelForCausalLM`.
         tokenizer: a tokenizer or its path; default: loaded from `model_or_path` when that is a path. Needed
             for string prompts, text outputs, stop strings and bad words.
-        dtype: weights dtype (`torch.dtype` or "auto") when loading from a path, or to convert a model to.
+        dtype: weights dtype (a `torch.dtype`, its name such as "bfloat16", or "auto": the checkpoint's or the
+            model's own) when loading from a path, or to convert a model to.
         device: device to load or move the model to.
         **config: `OptimizeConfig` fields (`num_kv_tokens`, `max_num_batched_tokens`, `max_num_seqs`, ...).
             An already-optimized model takes only the scheduling ones (`max_num_seqs`, `max_num_batched_tokens`,
@@ -61,6 +62,7 @@ class LLM:
     def __init__(self, model_or_path, *, tokenizer=None, dtype=None, device=None, **config) -> None:
         import transformers
 
+        dtype = _as_dtype(dtype)
         if isinstance(model_or_path, (str, os.PathLike)) and _is_quantized_checkpoint(model_or_path):
             on_gpu = device is not None and torch.device(device).type == "cuda"
             fallback = torch.bfloat16 if on_gpu else torch.float32  # the CPU computes in fp32 (its reference dtype)
@@ -76,6 +78,7 @@ class LLM:
                 tokenizer = _tokenizer_of(model_or_path)
         else:
             model = model_or_path
+            dtype = None if dtype == "auto" else dtype  # "auto": the model's own dtype, as from_pretrained reads it
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
         state = getattr(model, "_fastllm_state", None)
@@ -271,6 +274,17 @@ def _tokenizer_of(path):
     # transformers 5 builds an empty tokenizer (one special token) for a folder without tokenizer files instead of
     # raising; it would decode every output to "".
     return tokenizer if len(tokenizer) > 1 else None
+
+
+def _as_dtype(dtype):
+    """LLM's `dtype`: None, "auto" or a torch.dtype as given, a dtype's name ("bfloat16") as that torch.dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    # A model object met nn.Module.to's TypeError, a path an AttributeError from transformers, neither naming dtype
+    raise ValueError(f"dtype must be a torch.dtype, 'auto' or a dtype's name ('bfloat16', 'float16', 'float32'), "
+                     f"got {dtype!r}")
 
 
 def _tokenizer_eos(tokenizer) -> frozenset[int]:
