@@ -76,3 +76,15 @@ def test_an_unknown_dtype_name_is_refused_by_name(path, source):
     model = _load(path) if source == "model" else str(path)
     with pytest.raises(ValueError, match="dtype must be"):  # a model: nn.Module.to's TypeError; a path: AttributeError
         LLM(model, dtype="float17")
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-45])
+def test_a_penalty_that_overflows_the_scores_samples_a_seen_token(llm, penalty):
+    # In fp32 these penalties are 0 and 1.4e-45: a positive score of a seen token divided by them is +inf, and the
+    # softmax of a row with +inf is NaN; the draw then took token 0 (not in the prompt) on every step. The limit of
+    # such a penalty is a draw among the seen tokens with positive scores, which is what greedy rows already take.
+    prompt = list(range(10, 30))
+    params = SamplingParams(max_tokens=4, temperature=1.0, repetition_penalty=penalty, seed=0)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert out.error is None
+    assert set(out.outputs[0].token_ids) <= set(prompt), out.outputs[0].token_ids

@@ -247,8 +247,12 @@ def _draw(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     """One token per row [N] from softmax(scores [N, V]): argmax(probs / E) with E ~ Exp(1) per token, an
     exact sample of the categorical distribution (token i wins with probability probs_i)."""
     noise = _exponential_noise(scores, rows)
+    # A +inf score (a repetition penalty that is 0 in fp32, or one small enough to overflow s / p) would make the
+    # row's softmax NaN, and argmax ranks NaN first (token 0 every step); at the largest float the +inf tokens share
+    # the row's mass, the limit of the penalty. Finite scores are unchanged.
+    probs = scores.clamp(max=torch.finfo(scores.dtype).max).softmax(-1)
     # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
-    return argmax_rows(scores.softmax(-1) / noise.clamp_(min=torch.finfo(noise.dtype).tiny))
+    return argmax_rows(probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny))
 
 
 def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *,
