@@ -88,3 +88,13 @@ def test_a_penalty_that_overflows_the_scores_samples_a_seen_token(llm, penalty):
     out = llm.generate([prompt], params, use_tqdm=False)[0]
     assert out.error is None
     assert set(out.outputs[0].token_ids) <= set(prompt), out.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(num_return_sequences=200, do_sample=True), "num_return_sequences"),
+                                          (dict(eos_token_id=-1), "eos_token_id"),
+                                          (dict(min_new_tokens=-1), "min_new_tokens")])
+def test_a_refused_generate_argument_is_named_as_the_caller_passed_it(models, kwargs, name):
+    # The message named SamplingParams' fields (n, stop_token_ids, min_tokens), which a generate() caller never wrote
+    fast, _ = models
+    with pytest.raises(ValueError, match=f"invalid generation argument: {name} "):
+        fast.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, **kwargs)

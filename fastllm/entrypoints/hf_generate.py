@@ -34,6 +34,9 @@ _SUPPORTED_FIELDS = {
 # makes the call run HF's generate, which uses it or refuses it as HF does.
 _OWN_KWARGS = {"streamer", "tokenizer"}
 _MODEL_INPUTS = {"input_ids", "attention_mask"}
+# SamplingParams' fields that generate() fills from differently named generation arguments
+_HF_NAMES = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "n": "num_return_sequences",
+             "stop_token_ids": "eos_token_id"}
 
 
 def install_generate(model, state: ModelState) -> None:
@@ -166,7 +169,12 @@ def sampling_params(gc, eos: list[int]) -> SamplingParams:
     try:
         return SamplingParams(**kwargs)
     except ValueError as error:
-        raise ValueError(f"invalid generation argument: {error}") from None
+        # SamplingParams' messages start with its field's name (vLLM's); the caller wrote Hugging Face's
+        message = str(error)
+        field = message.split(" ", 1)[0]
+        if field in _HF_NAMES:
+            message = _HF_NAMES[field] + message[len(field):]
+        raise ValueError(f"invalid generation argument: {message}") from None
 
 
 def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, *, gc,
