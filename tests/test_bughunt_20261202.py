@@ -98,3 +98,11 @@ def test_a_refused_generate_argument_is_named_as_the_caller_passed_it(models, kw
     fast, _ = models
     with pytest.raises(ValueError, match=f"invalid generation argument: {name} "):
         fast.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [2.0, True, "2", None])
+def test_a_token_id_that_is_no_int_is_named_in_its_prompt(llm, bad):
+    # The message was "a prompt must be a string or a list of token ids, got list" for a list of token ids
+    outs = llm.generate([[1, 2, 3], [1, bad, 3]], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+    assert outs[0].error is None
+    assert "prompt 1" in outs[1].error and f"position 1: {bad!r}" in outs[1].error, outs[1].error

@@ -259,8 +259,13 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("a string prompt needs a tokenizer: pass LLM(..., tokenizer=...) or token ids")
             return list(self.tokenizer(prompt).input_ids)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            # One entry named: "got list" told the caller nothing about which of its ids was wrong
+            bad = next(((i, t) for i, t in enumerate(prompt) if not isinstance(t, int) or isinstance(t, bool)), None)
+            if bad is None:
+                return list(prompt)
+            raise ValueError(f"a prompt's token ids must be ints; position {bad[0]}: {bad[1]!r} "
+                             f"({type(bad[1]).__name__})")
         raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
 
