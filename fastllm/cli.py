@@ -308,10 +308,16 @@ def _phase(what: str, since: float) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from fastllm.config import MAX_STEP_COUNT
+
     for name in ("port", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_kv_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        # Refused by OptimizeConfig too, but only in the engine process after the model loaded
+        if name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len") and value is not None \
+                and value > MAX_STEP_COUNT:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {MAX_STEP_COUNT}, got {value}")
     if args.max_queue is not None and args.max_queue < 0:
         raise UsageError(f"--max-queue must be at least 0, got {args.max_queue}")
     if args.port > 65535:  # else uvicorn's bind() raises OverflowError (a traceback) once the model has loaded

@@ -17,6 +17,9 @@ from fastllm.quant.config import QuantConfig, resolve_quantization
 __all__ = ["ALL_PASSES", "DEFAULT_PASSES", "OptimizeConfig", "QuantConfig"]
 
 ON_CAPTURE_FAILURE = ("fallback", "raise")
+# The step's buffers hold sequence lengths, positions and token offsets as int32 (runtime/step_inputs.py): larger
+# counts would overflow them (10**20 failed inside torch.zeros with a TypeError and C++ frames).
+MAX_STEP_COUNT = 2**31 - 1
 
 
 @dataclass
@@ -97,6 +100,9 @@ class OptimizeConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len") and value > MAX_STEP_COUNT:
+                raise ValueError(f"{name} must be a positive integer of at most 2**31 - 1 (the step's buffers are "
+                                 f"int32), got {value!r}")
         fraction = self.kv_cache_memory_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")

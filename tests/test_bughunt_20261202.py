@@ -6,7 +6,9 @@ import pytest
 import torch
 import transformers as T
 
+import fastllm
 from fastllm import LLM, SamplingParams
+from fastllm.cli import main
 from tests._models import optimize
 
 
@@ -106,3 +108,22 @@ def test_a_token_id_that_is_no_int_is_named_in_its_prompt(llm, bad):
     outs = llm.generate([[1, 2, 3], [1, bad, 3]], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
     assert outs[0].error is None
     assert "prompt 1" in outs[1].error and f"position 1: {bad!r}" in outs[1].error, outs[1].error
+
+
+@pytest.mark.parametrize("name", ["max_num_seqs", "max_num_batched_tokens", "max_model_len"])
+def test_a_count_past_the_int32_step_buffers_is_refused_by_name(path, name):
+    # The step's buffers hold these counts as int32; 10**20 sequences ended in torch.zeros' "Overflow when unpacking
+    # long long" TypeError with C++ frames, after the model was captured
+    model = _load(path)
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer.*2\\*\\*31 - 1"):
+        optimize(model, **{name: 10**20})
+    assert not hasattr(model, "_fastllm_state")
+    fastllm.OptimizeConfig(**{name: 2**31 - 1})  # the largest accepted
+
+
+@pytest.mark.parametrize("flag", ["--max-num-seqs", "--max-num-batched-tokens", "--max-model-len"])
+def test_serve_refuses_a_count_past_int32_before_loading(tmp_path, capsys, flag):
+    # The model path does not exist: the flag must be refused before anything looks at it (it was a traceback)
+    code = main(["serve", str(tmp_path / "no-model"), flag, str(10**20)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"{flag} must be at most {2**31 - 1}" in err, err
