@@ -127,3 +127,31 @@ def test_serve_refuses_a_count_past_int32_before_loading(tmp_path, capsys, flag)
     code = main(["serve", str(tmp_path / "no-model"), flag, str(10**20)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and f"{flag} must be at most {2**31 - 1}" in err, err
+
+
+class _Recorder(T.generation.streamers.BaseStreamer):
+    """What a streamer is given: each put's values, then "end"."""
+
+    def __init__(self):
+        self.got = []
+
+    def put(self, value):
+        self.got.append(value.tolist())
+
+    def end(self):
+        self.got.append("end")
+
+
+@pytest.mark.parametrize("ids, kwargs", [(torch.tensor([[1, 2, 3]]), dict(num_return_sequences=2, do_sample=True)),
+                                         (torch.tensor([[1, 2, 3], [4, 5, 6]]), dict(do_sample=False))])
+def test_a_streamer_of_several_sequences_is_given_what_hf_gives_it(models, ids, kwargs):
+    # Two completions streamed their tokens into one flat sequence ([a1], [b1], [a2], ...), and a batch of two streamed
+    # nothing but the prompt; HF puts one row per sequence each step (and its TextStreamer refuses more than one)
+    fast, hf = models
+    streamers = _Recorder(), _Recorder()
+    outputs = []
+    for model, streamer in zip((fast, hf), streamers):
+        torch.manual_seed(0)
+        outputs.append(model.generate(ids, max_new_tokens=3, pad_token_id=0, streamer=streamer, **kwargs))
+    assert streamers[0].got == streamers[1].got
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)

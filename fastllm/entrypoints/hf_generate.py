@@ -52,6 +52,10 @@ def install_generate(model, state: ModelState) -> None:
         default_max_length = _has_default_max_length(model, generation_config, kwargs)
         gc, model_kwargs = prepared_config(model, generation_config, kwargs)
         unsupported = unsupported_arguments(gc, model_kwargs)
+        if own.get("streamer") is not None and _num_sequences(inputs, model_kwargs, gc) > 1:
+            # HF puts one row per sequence each step; the engine streams one completion's tokens (several were
+            # interleaved into one flat stream, and a batch streamed nothing)
+            unsupported.append("streamer with several sequences")
         if unsupported:
             if tuple(unsupported) not in state.warned_generate_args:
                 state.warned_generate_args.add(tuple(unsupported))
@@ -91,6 +95,13 @@ def unsupported_arguments(gc, model_kwargs: dict) -> list[str]:
         if key not in _SUPPORTED_FIELDS and not unset and value != defaults.get(key, getattr(blank, key, value)):
             names.add(key)
     return sorted(names)
+
+
+def _num_sequences(inputs, model_kwargs: dict, gc) -> int:
+    """Rows of generate()'s output: batch size times num_return_sequences."""
+    ids = inputs if inputs is not None else model_kwargs.get("input_ids")
+    batch = ids.shape[0] if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
+    return batch * (gc.num_return_sequences or 1)
 
 
 def _first(ids) -> int | None:
