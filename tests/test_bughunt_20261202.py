@@ -155,3 +155,11 @@ def test_a_streamer_of_several_sequences_is_given_what_hf_gives_it(models, ids, 
         outputs.append(model.generate(ids, max_new_tokens=3, pad_token_id=0, streamer=streamer, **kwargs))
     assert streamers[0].got == streamers[1].got
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("max_length", [3, 4])
+def test_a_max_length_the_prompt_fills_is_refused_naming_max_length(models, max_length):
+    # The message was HF's "`max_new_tokens` must be greater than 0, but is -1", for a call that gave max_length
+    fast, _ = models
+    with pytest.raises(ValueError, match=f"max_length={max_length}.*4 tokens"):
+        fast.generate(torch.tensor([[1, 2, 3, 4]]), max_length=max_length)

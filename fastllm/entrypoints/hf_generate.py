@@ -193,6 +193,10 @@ def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: to
     """HF-compatible generate over the model's engine core, with `gc` from `prepared_config`."""
     if gc.max_new_tokens is None and input_ids is not None:
         gc.max_new_tokens = _max_new_tokens(model, gc, input_ids.shape[1], default_max_length)
+        if gc.max_new_tokens <= 0 and not default_max_length:  # else HF's message names max_new_tokens, not given
+            raise ValueError(f"max_length={gc.max_length} leaves no new token after the prompt of "
+                             f"{input_ids.shape[1]} tokens (max_length counts the prompt); give a larger max_length "
+                             f"or max_new_tokens")
     if gc.min_new_tokens is None and gc.min_length:
         gc.min_new_tokens = max(0, gc.min_length - input_ids.shape[1])
     gc.validate()  # HF's own checks and messages (e.g. num_return_sequences > 1 needs sampling)
