@@ -2,6 +2,7 @@
 combinations Hugging Face accepts and names an empty batch, and `LLM` names prompts that are no sequence and takes
 the dtype names its docstring promises."""
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -163,3 +164,13 @@ def test_a_max_length_the_prompt_fills_is_refused_naming_max_length(models, max_
     fast, _ = models
     with pytest.raises(ValueError, match=f"max_length={max_length}.*4 tokens"):
         fast.generate(torch.tensor([[1, 2, 3, 4]]), max_length=max_length)
+
+
+@pytest.mark.parametrize("lengths", [dict(max_new_tokens=np.int64(3)), dict(max_length=np.int32(6))])
+def test_numpy_lengths_are_taken_as_hf_takes_them(models, lengths):
+    # Refused with "max_new_tokens must be an integer, got np.int64(3)"; HF's generate takes numpy's ints
+    fast, hf = models
+    ids = torch.tensor([[1, 2, 3]])
+    expected = hf.generate(ids, do_sample=False, pad_token_id=0, **lengths)
+    assert expected.shape == (1, 6)
+    torch.testing.assert_close(fast.generate(ids, do_sample=False, pad_token_id=0, **lengths), expected, rtol=0, atol=0)

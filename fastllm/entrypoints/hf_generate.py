@@ -11,6 +11,7 @@ one-time warning naming it.
 from __future__ import annotations
 
 import functools
+import numbers
 import warnings
 from typing import TYPE_CHECKING
 
@@ -231,11 +232,15 @@ def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: to
 
 
 def _check_lengths(kwargs: dict) -> None:
-    """The length arguments are integers (HF's own checks crash on a string with a bare TypeError)."""
+    """The length arguments are integers (HF's own checks crash on a string with a bare TypeError); numpy's are taken
+    as HF takes them, as Python ints (SamplingParams refuses other types)."""
     for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
         value = kwargs.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        if value is None:
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise ValueError(f"{name} must be an integer, got {value!r}")
+        kwargs[name] = int(value)
 
 
 def _max_new_tokens(model, gc, prompt_length: int, default_max_length: bool) -> int:
