@@ -174,3 +174,13 @@ def test_numpy_lengths_are_taken_as_hf_takes_them(models, lengths):
     expected = hf.generate(ids, do_sample=False, pad_token_id=0, **lengths)
     assert expected.shape == (1, 6)
     torch.testing.assert_close(fast.generate(ids, do_sample=False, pad_token_id=0, **lengths), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tokenizer", [5, True, object()])
+def test_something_that_is_no_tokenizer_is_refused_by_name(path, tokenizer):
+    # It was taken, and the first generate() failed every request of the call with "'int' object has no attribute
+    # 'decode'" from inside the step
+    model = _load(path)
+    with pytest.raises(ValueError, match="tokenizer must be"):
+        LLM(model, tokenizer=tokenizer)
+    assert not hasattr(model, "_fastllm_state")  # refused before the model was optimized

@@ -81,6 +81,10 @@ class LLM:
             dtype = None if dtype == "auto" else dtype  # "auto": the model's own dtype, as from_pretrained reads it
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+        # Checked now: the first generate() would fail every request of its call from inside the step
+        if tokenizer is not None and not (callable(tokenizer) and callable(getattr(tokenizer, "decode", None))):
+            raise ValueError(f"tokenizer must be a Hugging Face tokenizer, its path, or None (token-id prompts only), "
+                             f"got {type(tokenizer).__name__}")
         state = getattr(model, "_fastllm_state", None)
         self._owns_model = isinstance(model_or_path, (str, os.PathLike))
         fraction = None
