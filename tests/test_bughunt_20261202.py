@@ -185,3 +185,20 @@ def test_something_that_is_no_tokenizer_is_refused_by_name(path, tokenizer):
     with pytest.raises(ValueError, match="tokenizer must be"):
         LLM(model, tokenizer=tokenizer)
     assert not hasattr(model, "_fastllm_state")  # refused before the model was optimized
+
+
+def test_numpy_numbers_are_taken_as_python_numbers():
+    # temperature=np.float32(0.7) was refused as "temperature must be >= 0 (0 = greedy) and finite, got
+    # np.float32(0.7)", and max_tokens=np.int64(8) likewise; numpy's bool and NaN stay refused
+    params = SamplingParams(temperature=np.float32(0.5), top_p=np.float32(0.9), max_tokens=np.int64(8), n=np.int32(2),
+                            top_k=np.int64(5), seed=np.uint64(2**64 - 1), stop_token_ids=np.array([3]))
+    assert (params.temperature, params.top_p, params.max_tokens, params.n, params.top_k, params.seed) == \
+        (0.5, pytest.approx(0.9), 8, 2, 5, 2**64 - 1)
+    assert type(params.max_tokens) is int and type(params.temperature) is float and params.stop_token_ids == [3]
+    assert type(params.stop_token_ids[0]) is int
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(ignore_eos=np.bool_(True))
+    with pytest.raises(ValueError, match="n must be"):
+        SamplingParams(n=np.bool_(True))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=np.float32("nan"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 MAX_N = 128  # completions per prompt (OpenAI's bound)
@@ -114,6 +115,7 @@ class SamplingParams:
         request alone. The bounds on `n`, `logprobs`, `stop`, `stop_token_ids` and `bad_words` keep one request
         from asking for unbounded work (this is also what the HTTP server validates against).
         """
+        self._numbers_as_python()
         self._validate_counts()
         self._validate_floats()
         if not _is_int(self.top_k) or self.top_k < -1:
@@ -125,6 +127,19 @@ class SamplingParams:
             raise ValueError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+
+    def _numbers_as_python(self) -> None:
+        """numpy's numbers (temperature=np.float32(0.7), max_tokens=np.int64(8)) as Python's: the checks below take
+        int and float only, and refused them with a message that read as a valid value. Bools stay as they are
+        (refused: np.bool_ is no number to `numbers`)."""
+        for name in ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, int):
+                setattr(self, name, int(value))
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+                setattr(self, name, float(value))
 
     def _validate_counts(self) -> None:
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
@@ -160,7 +175,8 @@ class SamplingParams:
                 raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
             _check_strings("stop", self.stop, MAX_STOP_STRINGS)
         if self.stop_token_ids is not None:
-            self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")
+            self.stop_token_ids = [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, int) else t
+                                   for t in _as_list("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")]
             if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
                 raise ValueError(f"stop_token_ids must be integers >= 0, got {self.stop_token_ids!r}")
             if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
