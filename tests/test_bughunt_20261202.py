@@ -202,3 +202,15 @@ def test_numpy_numbers_are_taken_as_python_numbers():
         SamplingParams(n=np.bool_(True))
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=np.float32("nan"))
+
+
+def test_optimize_config_takes_numpy_numbers():
+    # max_num_seqs=np.int64(8) was refused as "max_num_seqs must be a positive integer, got np.int64(8)"
+    config = fastllm.OptimizeConfig(max_num_seqs=np.int64(8), max_model_len=np.int32(64), block_size=np.int64(16),
+                                    kv_cache_memory_fraction=np.float32(0.5))
+    assert (config.max_num_seqs, config.max_model_len, config.block_size) == (8, 64, 16)
+    assert type(config.max_num_seqs) is int and type(config.kv_cache_memory_fraction) is float
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        fastllm.OptimizeConfig(max_num_seqs=np.bool_(True))
+    with pytest.raises(ValueError, match="kv_cache_memory_fraction"):
+        fastllm.OptimizeConfig(kv_cache_memory_fraction=np.float32("nan"))
