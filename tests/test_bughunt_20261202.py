@@ -214,3 +214,15 @@ def test_optimize_config_takes_numpy_numbers():
         fastllm.OptimizeConfig(max_num_seqs=np.bool_(True))
     with pytest.raises(ValueError, match="kv_cache_memory_fraction"):
         fastllm.OptimizeConfig(kv_cache_memory_fraction=np.float32("nan"))
+
+
+def test_llm_over_an_optimized_model_checks_its_scheduling_options_as_optimize_does(path):
+    # These went to the engine core unchecked by OptimizeConfig: np.int64(4) was refused ("must be an integer >= 1,
+    # got np.int64(4)") and 10**20 taken
+    model = optimize(_load(path))
+    with LLM(model, max_num_seqs=np.int64(4)) as llm:
+        assert llm.engine_options["max_num_seqs"] == 4 and type(llm.engine_options["max_num_seqs"]) is int
+        out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)[0]
+        assert out.error is None and len(out.outputs[0].token_ids) == 2
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens must be a positive integer.*2\*\*31 - 1"):
+        LLM(model, max_num_batched_tokens=10**20)

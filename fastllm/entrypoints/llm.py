@@ -98,6 +98,8 @@ class LLM:
             options = {}
         else:
             options = {k: config.pop(k) for k in SCHEDULING_OPTIONS if k in config}
+            checked = OptimizeConfig(**options)  # validated (numpy's numbers made Python's) as optimize() would
+            options = {k: getattr(checked, k) for k in options}
             fraction = config.pop("kv_cache_memory_fraction", None)
             if fraction is not None:
                 OptimizeConfig(kv_cache_memory_fraction=fraction)  # validated as optimize() would
