@@ -1,7 +1,8 @@
 """Defects found by a bug hunt over what a user passes (2026-12-02), each as a test: generate() takes the lengths and
 streamers Hugging Face takes and names what it refuses as the caller wrote it; `LLM` names prompts, token ids, dtypes
-and tokenizers it cannot use; a penalty that overflows the scores still samples a seen token; counts past the step's
-int32 buffers are refused by name, by optimize() and by `fastllm serve`."""
+and tokenizers it cannot use and checks an optimized model's scheduling options as optimize() does; SamplingParams and
+OptimizeConfig take numpy's numbers; a penalty that overflows the scores still samples a seen token; counts past the
+step's int32 buffers are refused by name, by optimize() and by `fastllm serve`."""
 
 import numpy as np
 import pytest
