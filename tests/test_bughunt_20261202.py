@@ -227,3 +227,17 @@ def test_llm_over_an_optimized_model_checks_its_scheduling_options_as_optimize_d
         assert out.error is None and len(out.outputs[0].token_ids) == 2
     with pytest.raises(ValueError, match=r"max_num_batched_tokens must be a positive integer.*2\*\*31 - 1"):
         LLM(model, max_num_batched_tokens=10**20)
+
+
+def test_a_kv_cache_the_device_cannot_hold_is_refused_naming_num_kv_tokens(path, tmp_path, capsys):
+    # num_kv_tokens=10**12 (~15 PiB here) ended in the allocator's RuntimeError (and, through `fastllm serve`, in a
+    # traceback); now a ValueError names the number, the cache's size and what to do, and serve prints one line
+    # (before it listens: the port is never bound)
+    with pytest.raises(ValueError, match=r"num_kv_tokens=1000000000000: its KV cache .* could not be allocated"):
+        LLM(_load(path), num_kv_tokens=10**12, device="cpu")
+    from tests._server import tiny_model_dir
+
+    served = tiny_model_dir(tmp_path / "served")  # serve needs a tokenizer beside the weights
+    code = main(["serve", str(served), "--num-kv-tokens", str(10**12), "--device", "cpu", "--port", "8765"])
+    err = capsys.readouterr().err
+    assert code == 2 and "num_kv_tokens=1000000000000" in err and "Traceback" not in err, err
