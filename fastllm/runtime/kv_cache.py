@@ -37,6 +37,12 @@ class OutOfBlocks(RuntimeError):
     """The pool has fewer free blocks than asked for. Nothing was allocated; the scheduler preempts or waits."""
 
 
+class KVCacheTooLarge(ValueError, RuntimeError):
+    """A cache size the user fixed (`num_kv_tokens`) that the device could not allocate. A ValueError, since a number
+    the user passed is out of range for this device (the CLI prints it as one line), and a RuntimeError, which is
+    what the allocator raised and what callers catching allocation failures catch."""
+
+
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -29,6 +29,7 @@ from fastllm.kernels._registry import FP8_KV_DTYPE
 from fastllm.runtime.kv_cache import (
     BlockPool,
     KVCacheConfig,
+    KVCacheTooLarge,
     allocate_kv_cache,
     blocks_needed,
     kv_cache_bytes_per_block,
@@ -153,11 +154,11 @@ class ModelRunner:
             if not self.config.fixed:
                 raise
             # A size the user gave: say which number asked for how much, not the allocator's C++ message alone
-            raise ValueError(f"num_kv_tokens={self.config.num_kv_tokens}: its KV cache ({initial} blocks of "
-                             f"{self.block_size} tokens, {initial * self.bytes_per_block / 2**30:.1f} GiB on "
-                             f"{self.device}) could not be allocated ({str(error).splitlines()[0][:200]}); give "
-                             f"fewer tokens, or leave num_kv_tokens unset to size the cache from free "
-                             f"memory") from error
+            raise KVCacheTooLarge(f"num_kv_tokens={self.config.num_kv_tokens}: its KV cache ({initial} blocks of "
+                                  f"{self.block_size} tokens, {initial * self.bytes_per_block / 2**30:.1f} GiB on "
+                                  f"{self.device}) could not be allocated ({str(error).splitlines()[0][:200]}); "
+                                  f"give fewer tokens, or leave num_kv_tokens unset to size the cache from free "
+                                  f"memory") from error
         # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
         # from here inside the next step. One row per sampled token: a step samples at most one per token.
         self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
