@@ -54,6 +54,14 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 rc=0
+# A stage's GPU tests: gpu_tests NAME SECONDS PYTEST_ARGS... (0 seconds: no time limit); the log goes to
+# $OUT/gpu-NAME-tests.log, the summary lines are printed, a failure sets rc.
+gpu_tests() {
+    local name=$1 seconds=$2
+    shift 2
+    timeout "$seconds" python3 -m pytest -m gpu -q -p no:cacheprovider "$@" > "$OUT/gpu-$name-tests.log" 2>&1 || rc=1
+    grep -E "passed|failed|^FAILED" "$OUT/gpu-$name-tests.log" | tail -n 15
+}
 for stage in $STAGES; do
     case $stage in
         tests) python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1 || rc=1
@@ -85,29 +93,19 @@ for stage in $STAGES; do
               python3 benchmarks/bench_decode.py --models llama31_8b --providers fastllm fastllm_two_row \
                   fastllm_no_act_fusion gptfast --out "$OUT" > "$OUT/decode-rows.log" 2>&1 || rc=1
               grep -vE "capturing|warn" "$OUT/decode-rows.log" | tail -n 6 ;;
-        defaults) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_paged_attention.py \
-                      tests/test_kernel_rms_norm.py tests/test_kernel_act_and_mul.py tests/test_kernel_skinny_gemm.py \
-                      tests/test_gpu_quantization.py tests/test_gpu_pdl.py tests/test_gpu_parity.py \
-                      -k "not fp32_greedy and not teacher_forced and not as_close" \
-                      > "$OUT/gpu-defaults-tests.log" 2>&1 || rc=1
-                  grep -E "passed|failed|^FAILED" "$OUT/gpu-defaults-tests.log" | tail -n 15 ;;
-        optin) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_decode_rotary.py \
-                   tests/test_gpu_quantization.py -k "rotary or fusion" \
-                   > "$OUT/gpu-optin-tests.log" 2>&1 || rc=1
-               grep -E "passed|failed|^FAILED" "$OUT/gpu-optin-tests.log" | tail -n 15
+        defaults) gpu_tests defaults 0 tests/test_kernel_paged_attention.py tests/test_kernel_rms_norm.py \
+                      tests/test_kernel_act_and_mul.py tests/test_kernel_skinny_gemm.py tests/test_gpu_quantization.py \
+                      tests/test_gpu_pdl.py tests/test_gpu_parity.py \
+                      -k "not fp32_greedy and not teacher_forced and not as_close" ;;
+        optin) gpu_tests optin 0 tests/test_kernel_decode_rotary.py tests/test_gpu_quantization.py -k "rotary or fusion"
                python3 benchmarks/bench_decode.py --models llama31_8b llama2_7b --providers fastllm \
                    fastllm_fused_decode_rotary --out "$OUT" > "$OUT/decode-optin.log" 2>&1 || rc=1
                grep -vE "capturing|warn" "$OUT/decode-optin.log" | tail -n 6 ;;
-        optin-w2) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_kernel_fp8_input_linear.py \
-                      > "$OUT/gpu-optin-w2-tests.log" 2>&1 || rc=1
-                  grep -E "passed|failed|^FAILED" "$OUT/gpu-optin-w2-tests.log" | tail -n 8
+        optin-w2) gpu_tests optin-w2 0 tests/test_kernel_fp8_input_linear.py
                   python3 benchmarks/bench_throughput.py --providers fastllm --workloads fixed --quantization fp8 \
                       --settings default passes+=fp8_input_quant --out "$OUT" > "$OUT/throughput-optin.log" 2>&1 || rc=1
                   grep -E "^fastllm" "$OUT/throughput-optin.log" | cut -c1-200 ;;
-        int4packed) timeout 400 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py \
-                        -k "${INT4_TESTS:-int4}" \
-                        > "$OUT/gpu-int4packed-tests.log" 2>&1 || rc=1
-                    grep -E "passed|failed|^FAILED" "$OUT/gpu-int4packed-tests.log" | tail -n 8
+        int4packed) gpu_tests int4packed 400 tests/test_gpu_quantization.py -k "${INT4_TESTS:-int4}"
                     python3 benchmarks/bench_quant_gemv.py --schemes int4 int4_fp32 tinygemm_int4 ${QUANT_GEMV_ARGS:-} \
                         --out "$OUT" > "$OUT/quant-gemv-int4packed.log" 2>&1 || rc=1
                     grep -E "int4" "$OUT/quant-gemv-int4packed.log" | tail -n 24
@@ -115,25 +113,19 @@ for stage in $STAGES; do
                         --out "$OUT" \
                         > "$OUT/quant-int4packed.log" 2>&1 || rc=1
                     grep -E "tok/s" "$OUT/quant-int4packed.log" ;;
-        int4prefill) timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py \
-                         -k "dequantize or llama_shapes" > "$OUT/gpu-int4prefill-tests.log" 2>&1 || rc=1
-                     grep -E "passed|failed|^FAILED" "$OUT/gpu-int4prefill-tests.log" | tail -n 8
+        int4prefill) gpu_tests int4prefill 200 tests/test_gpu_quantization.py -k "dequantize or llama_shapes"
                      python3 benchmarks/bench_quant_gemv.py --schemes int4 --prefill --out "$OUT" \
                          > "$OUT/quant-gemv-int4prefill.log" 2>&1 || rc=1
                      grep -E "_m(128|512|2048)_(int4|cublas)" "$OUT/quant-gemv-int4prefill.log"
                      python3 benchmarks/bench_quant.py --schemes int4 --out "$OUT" > "$OUT/quant-int4prefill.log" 2>&1 \
                          || rc=1
                      grep -E "tok/s" "$OUT/quant-int4prefill.log" ;;
-        int4act) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_int4_gated_linear.py \
-                     > "$OUT/gpu-int4act-tests.log" 2>&1 || rc=1
-                 grep -E "passed|failed|^FAILED" "$OUT/gpu-int4act-tests.log" | tail -n 8
+        int4act) gpu_tests int4act 300 tests/test_int4_gated_linear.py
                  python3 benchmarks/bench_quant.py --schemes int4 --pass-variants int4_act_fusion --out "$OUT" \
                      > "$OUT/quant-int4act.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-int4act.log" ;;
-        int4chunks) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py \
-                        tests/test_int4_gated_linear.py -k "chunk or packed or gated_epilogue_equals" \
-                        > "$OUT/gpu-int4chunks-tests.log" 2>&1 || rc=1
-                    grep -E "passed|failed|^FAILED" "$OUT/gpu-int4chunks-tests.log" | tail -n 8
+        int4chunks) gpu_tests int4chunks 300 tests/test_gpu_quantization.py tests/test_int4_gated_linear.py \
+                        -k "chunk or packed or gated_epilogue_equals"
                     python3 benchmarks/bench_quant_gemv.py --schemes int4 --rows 2 8 --int4-chunk-groups 1 2 4 \
                         --out "$OUT" > "$OUT/quant-gemv-int4chunks.log" 2>&1 || rc=1
                     grep -E "best|_m(2|8)_int4" "$OUT/quant-gemv-int4chunks.log" | tail -n 16 ;;
@@ -147,9 +139,7 @@ for stage in $STAGES; do
                   python3 benchmarks/bench_quant.py --schemes fp8 --kernel-settings skinny_programs4 skinny_programs8 \
                       --out "$OUT" > "$OUT/quant-programs.log" 2>&1 || rc=1
                   grep -E "tok/s" "$OUT/quant-programs.log" ;;
-        blockfp8) timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_quantization.py \
-                      -k "block" > "$OUT/gpu-blockfp8-tests.log" 2>&1 || rc=1
-                  grep -E "passed|failed|^FAILED" "$OUT/gpu-blockfp8-tests.log" | tail -n 8
+        blockfp8) gpu_tests blockfp8 300 tests/test_gpu_quantization.py -k "block"
                   python3 benchmarks/bench_quant_gemv.py --schemes fp8 --prefill --out "$OUT" \
                       > "$OUT/quant-gemv-blockfp8.log" 2>&1 || rc=1
                   grep -E "_m(128|512|2048)_(fp8|cublas)" "$OUT/quant-gemv-blockfp8.log" ;;
