@@ -110,13 +110,13 @@ SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_f
 PREFILL_ROWS = [128, 512, 2048]
 
 
-def _prefill_cases(bench) -> dict:
+def _prefill_cases(bench, prefill_rows=PREFILL_ROWS) -> dict:
     """Past 16 rows. Block-scaled FP8 weights: the dequantized weight and cuBLAS against BLOCK_FP8_GEMM. int4: the
     GEMM dequantizing W's tiles in its K loop against the weight dequantized by a kernel and multiplied by cuBLAS
     (int4_linear's choice by INT4_DEQUANT_MIN_ROWS). cuBLAS bf16 beside."""
     linear = torch.nn.functional.linear
     results = {}
-    for (name, n, k), m in itertools.product(SHAPES, PREFILL_ROWS):
+    for (name, n, k), m in itertools.product(SHAPES, prefill_rows):
         weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         blocks = fp8.quantize_blocks(weight)
@@ -336,7 +336,9 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--rows", nargs="+", type=int, default=ROWS, help="decode rows timed (1 to 16)")
     parser.add_argument("--prefill", action="store_true",
-                        help="also block-scaled FP8 and int4 at 128, 512 and 2048 rows")
+                        help="also block-scaled FP8 and int4 at 128, 512 and 2048 rows (or --prefill-rows)")
+    parser.add_argument("--prefill-rows", nargs="+", type=int, default=PREFILL_ROWS,
+                        help="the rows --prefill times (17 or more: fewer take the decode GEMV)")
     parser.add_argument("--int4-gated", action="store_true",
                         help="also int4 gate_up at 1 row: the linear, the linear then silu_and_mul, the GATED epilogue")
     parser.add_argument("--int4-splits", nargs="+", type=int, default=None,
@@ -359,6 +361,8 @@ def main() -> int:
     results, sweeps = {}, {}
     if not all(1 <= m <= 16 for m in args.rows):
         parser.error(f"--rows must be decode row counts from 1 to 16, got {args.rows}")
+    if not all(m >= 17 for m in args.prefill_rows):
+        parser.error(f"--prefill-rows must be 17 or more (fewer rows take the decode GEMV), got {args.prefill_rows}")
     for (name, n, k), m in itertools.product(SHAPES, args.rows):
         weight = (torch.randn(n, k, device="cuda") * k**-0.5).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -380,12 +384,13 @@ def main() -> int:
     if args.schemes == SCHEMES:
         results.update(_act_fusion_cases(bench))
     if args.prefill:
-        results.update(_prefill_cases(bench))
+        results.update(_prefill_cases(bench, args.prefill_rows))
     if args.int4_gated:
         results.update(_int4_gated_cases(bench))
     copy_gb_s = copy_bandwidth_gb_s(functools.partial(triton.testing.do_bench, return_mode="median"))
     gpu = torch.cuda.get_device_name()
     config = {"shapes": {name: [n, k] for name, n, k in SHAPES}, "rows": args.rows, "int4_group": 128,
+              **({"prefill_rows": args.prefill_rows} if args.prefill else {}),
               "bytes": "stored weight + scales, x and out once", "timing": "do_bench_cudagraph median, rep 30, "
               f"cycling >= {WORKING_SET >> 20} MB of weight copies", "copy_gb_s": copy_gb_s}
     ours = {k: v for k, v in results.items() if not k.endswith(BASELINES)}

@@ -281,6 +281,7 @@ def test_block_scaled_fp8_gemm_past_16_rows_on_cuda(shape, rows, monkeypatch):
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     monkeypatch.setattr(quant_linear, "BLOCK_FP8_GEMM", True)
+    monkeypatch.setattr(quant_linear, "BLOCK_FP8_GEMM_MAX_ROWS", 2048)  # the GEMM at every size here, not the default's
     got = kernels.fp8_linear(x, q, scale_inv, b)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     assert _sqnr(kernels.fp8_linear_ref(x, q, scale_inv, b), got) >= 40.0
@@ -303,6 +304,7 @@ def test_block_fp8_dequantize_kernel_on_cuda(shape, block, dtype, monkeypatch):
     assert torch.equal(dequantize_blocks_kernel(q, scale_inv, dtype), fp8.dequantize_blocks(q, scale_inv, dtype))
     x = torch.randn(40, k, device="cuda", dtype=dtype)
     monkeypatch.setattr(quant_linear, "BLOCK_FP8_GEMM_MAX_ROWS", 16)
+    monkeypatch.setattr(quant_linear, "BLOCK_FP8_DEQUANT_KERNEL", False)  # PyTorch's dequantization
     unfused = kernels.fp8_linear(x, q, scale_inv)
     monkeypatch.setattr(quant_linear, "BLOCK_FP8_DEQUANT_KERNEL", True)
     assert torch.equal(kernels.fp8_linear(x, q, scale_inv), unfused)

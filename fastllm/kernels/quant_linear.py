@@ -850,24 +850,27 @@ def _int4_dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
 
 # Block-scaled FP8 weights past 16 rows (prefill): `_fp8_block_gemm_kernel` widens W's tiles and applies their
 # block's scale in its K loop, up to BLOCK_FP8_GEMM_MAX_ROWS rows; past that (and with BLOCK_FP8_GEMM off) fp8_linear
-# dequantizes the whole weight into x's dtype on each call for cuBLAS. Measured on an H200 (2026-11-30, bench_quant_gemv
-# --prefill, 128x128 blocks, Llama-3.1-8B's four projections: W5-quant-gemv-nvidia-h200-20261130-int4-prefill.json):
-# faster at every size timed, at 128 rows 27-99 us against 184-1187 (the dequantization dominates), at 512 79-340
-# against 194-1273, at 2048 199-1380 against 257-1744 (cuBLAS bf16 on float weights: 107-759). Its time grows with
-# the rows at ~half cuBLAS's rate while the dequantization's cost is fixed, so past ~3000 rows the dequantized weight
-# and cuBLAS would win (extrapolated, not measured): the GEMM stops at the 2048 measured. GPU-tested
-# (tests/test_gpu_quantization.py: bf16, 17 / 300 / 2048 rows). Half-precision rows only: fp32 rows would run its
-# tl.dot in full fp32 ("ieee"), which compiles for sm_90 to an FFMA loop spilling to local memory (sass_count.py:
-# ~1,360 local stores against none in bf16), not measured: fp32 keeps the dequantized weight and cuBLAS.
+# dequantizes the whole weight into x's dtype on each call for cuBLAS. Measured on an H200 (bench_quant_gemv --prefill,
+# 128x128 blocks, Llama-3.1-8B's four projections). Against PyTorch's dequantization (2026-11-30,
+# W5-quant-gemv-nvidia-h200-20261130-int4-prefill.json) it was faster at every size timed (27-99 us against 184-1187
+# at 128 rows), and it ran to 2048 rows. Against the dequantization in one kernel (BLOCK_FP8_DEQUANT_KERNEL below,
+# 2026-12-02, W5-quant-gemv-nvidia-h200-20261202-blockfp8-prefill.json and -blockfp8-rows.json) it wins only up to
+# 128 rows: there 253 us for the four against 323 (gate_up 94 against 168, the others within 2 us); from 160 rows
+# (its tiles change past 128) the kernel and cuBLAS win at every projection but one tie (gate_up at 256: 187 against
+# 194). The four at 160 / 256 / 512 / 2048 rows: 636 / 438 / 766 / 2459 us against 335 / 365 / 486 / 1471 (cuBLAS on
+# bf16 weights 155 / 208 / 343 / 1331).
+# GPU-tested (tests/test_gpu_quantization.py: bf16, 17 / 300 / 2048 rows). Half-precision rows only: fp32 rows would
+# run its tl.dot in full fp32 ("ieee"), which compiles for sm_90 to an FFMA loop spilling to local memory
+# (sass_count.py: ~1,360 local stores against none in bf16), not measured: fp32 keeps the dequantized weight and cuBLAS.
 BLOCK_FP8_GEMM = True
-BLOCK_FP8_GEMM_MAX_ROWS = 2048
+BLOCK_FP8_GEMM_MAX_ROWS = 128
 # Where the weight is dequantized for cuBLAS (past BLOCK_FP8_GEMM_MAX_ROWS, fp32 rows): one kernel
 # (kernels/fp8_block_dequantize.py: a byte read and the dtype's bytes written a weight) instead of PyTorch's three
-# passes (~19 bytes a weight; gate-up's at 2048 rows measured ~985 us over cuBLAS's 759 in the file above). Off until
-# measured on a GPU (written and checked in the interpreter only, 2026-12-02): run_on_gpu.sh stage blockfp8 runs its
-# GPU tests and bench_quant_gemv --prefill's fp8_block128_dequant_kernel beside the other two. If it is as fast as
-# its bytes say, BLOCK_FP8_GEMM_MAX_ROWS should then move down to where the two cross.
-BLOCK_FP8_DEQUANT_KERNEL = False
+# passes (~19 bytes a weight). Measured on an H200 (2026-12-02, bench_quant_gemv --prefill,
+# W5-quant-gemv-nvidia-h200-20261202-blockfp8-prefill.json; kernel + cuBLAS against PyTorch's dequantization +
+# cuBLAS, the four projections): 323 against 1824 us at 128 rows, 1471 against 2831 at 2048 (cuBLAS on bf16 weights
+# 138 / 1331). GPU-tested the same day (tests/test_gpu_quantization.py -k block: 31 passed).
+BLOCK_FP8_DEQUANT_KERNEL = True
 
 
 @triton.jit

@@ -80,6 +80,10 @@ _TILES = (
 # ~3 MB that an H100's bandwidth x latency (3.35 TB/s x ~0.8 us) needs. num_splits = floor(target / programs), so the
 # grid stays within the target. Every split covers >= _MIN_SPLIT_COLUMNS of K, so its fp32 partials (written, then
 # read back by the reduce kernel, mostly from L2) add at most M * 8 bytes per 1024 bytes of W: M / 128.
+# More programs an SM (int4's decode GEMV gained 2.5% so in the step) measured no faster here (H200, 2026-12-02,
+# replay A/B of the bf16 decode graph, W1-replay-ab-nvidia-h200-20261202-skinny-programs-*.json): 4 within 0.2% of 2
+# on both shapes (4107 / 3744 us against 4099 / 3750), 8 slower (4407 / 3871); W1-fp8 370.0 / 352.4 tok/s against
+# 371.4 (W1-fp8-nvidia-h200-20261202-skinny-programs.json).
 _PROGRAMS_PER_SM = 2
 _MIN_SPLIT_COLUMNS = 512
 _MAX_SPLIT_K = 16

@@ -63,9 +63,10 @@ SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per ten
              "unquantized), transformers' block-wise FP8 (quant_method 'fp8', dynamic activations), GPTQ 4-bit "
              "(with or without act-order) and AWQ 4-bit GEMM (group size 32, 64 or 128)")
 BLOCK_FP8_WARNING = ("block-wise FP8 checkpoint: steps of up to 16 tokens read the block-scaled FP8 weights "
-                     "directly, steps of up to 2048 in bf16/fp16 too (a GEMM dequantizing its tiles), but larger "
-                     "steps on CUDA (long prefills; fp32 past 16 tokens) dequantize each weight on every call "
-                     "(slower than the model's own dtype there); its weights are used as they are, never re-quantized")
+                     "directly, steps of up to 128 in bf16/fp16 too (a GEMM dequantizing its tiles), but larger "
+                     "steps on CUDA (prefills; fp32 past 16 tokens) dequantize each weight into a temporary on every "
+                     "call, then multiply in the model's dtype (slower than a checkpoint in that dtype there); its "
+                     "weights are used as they are, never re-quantized")
 # AWQ packs output channel 8c + AWQ_ORDER[i] into nibble i of column c.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
