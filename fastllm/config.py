@@ -42,7 +42,8 @@ class OptimizeConfig:
             the KV cache takes. num_kv_tokens: an explicit cache size in tokens instead (CPU default: 65536).
         block_size: KV-cache tokens per block.
         max_num_seqs: most sequences decoded in one step (also the largest CUDA-graph batch). None: sized from the
-            card (`scheduling_defaults`).
+            card (`scheduling_defaults`). More than the KV cache's blocks is capped there (each running sequence
+            holds a block at least).
         max_num_batched_tokens: most tokens computed in one step (longer prompts are prefilled in chunks). None:
             sized from the card.
         max_model_len: longest sequence (prompt + new tokens); default: the model's max_position_embeddings.

@@ -127,8 +127,8 @@ class LLM:
                     info["bytes"] / 2**30, type(model).__name__)
         # This LLM's scheduling settings: the model's, with the ones given here on top (validated now).
         defaults = {k: getattr(state.config, k) for k in SCHEDULING_OPTIONS}
-        self.engine_options = defaults | options
-        core.configure(**self.engine_options)
+        core.configure(**(defaults | options))
+        self.engine_options = core.scheduling_options()  # as they run (max_num_seqs capped at the cache's blocks)
         self.vocab_size = core.vocab_size
         self.eos_token_ids = model_eos_ids(model) or _tokenizer_eos(tokenizer)
 

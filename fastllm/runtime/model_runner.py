@@ -115,7 +115,7 @@ class ModelRunner:
         device, dtype: where and in which dtype the model's weights (and so, by default, the cache) live.
         kv_cache_dtype: the cache's dtype when it is not `dtype`: torch.float8_e4m3fn for an FP8 KV cache.
         kv_cache: how big the cache starts and may grow (`KVCacheConfig`).
-        max_num_seqs: most sequences in one step (the largest decode CUDA graph).
+        max_num_seqs: most sequences in one step (the largest decode CUDA graph); capped at the cache's blocks.
         max_model_len: longest sequence; capped at what the cache may hold.
         use_cuda_graph: replay steps from CUDA graphs (default: on CUDA).
         max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts, and is the size whose
@@ -159,15 +159,19 @@ class ModelRunner:
                                   f"{self.device}) could not be allocated ({str(error).splitlines()[0][:200]}); "
                                   f"give fewer tokens, or leave num_kv_tokens unset to size the cache from free "
                                   f"memory") from error
-        # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
-        # from here inside the next step. One row per sampled token: a step samples at most one per token.
-        self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
         self.activation_bytes = self._measure_activations(initial, max_model_len) if self._measures_memory else 0
         cap = max_num_blocks(self.config, device=self.device, bytes_per_block=self.bytes_per_block,
                              held_blocks=initial, reserved_bytes=int(ACTIVATION_HEADROOM * self.activation_bytes))
         self.pool = BlockPool(initial, self.block_size, max_num_blocks=max(cap, initial), grow=self.grow)
         # A sequence can never outgrow the cache: cap the context there (validation then names the limit).
         self.max_model_len = min(max_model_len, self.pool.max_num_blocks * self.block_size)
+        # Nor can more sequences run than the cache has blocks (each holds one at least): the buffers, decode buckets
+        # and logits rows below are sized for the sequences that can run, not for any number asked (EngineCore caps
+        # its scheduler's too).
+        self.max_num_seqs = max_num_seqs = min(max_num_seqs, self.pool.max_num_blocks)
+        # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
+        # from here inside the next step. One row per sampled token: a step samples at most one per token.
+        self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
         self.startup_seconds["kv_cache"] = time.perf_counter() - start
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.buckets = decode_buckets(max_num_seqs, ONE_ROW_DECODE if one_row_decode is None else one_row_decode)
