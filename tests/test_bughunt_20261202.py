@@ -2,7 +2,8 @@
 streamers Hugging Face takes and names what it refuses as the caller wrote it; `LLM` names prompts, token ids, dtypes
 and tokenizers it cannot use and checks an optimized model's scheduling options as optimize() does; SamplingParams and
 OptimizeConfig take numpy's numbers; a penalty that overflows the scores still samples a seen token; counts past the
-step's int32 buffers are refused by name, by optimize() and by `fastllm serve`."""
+step's int32 buffers are refused by name, by optimize() and by `fastllm serve`; max_num_seqs is capped at the KV
+cache's blocks; generate() takes HF's top_p=0."""
 
 import numpy as np
 import pytest
@@ -242,3 +243,29 @@ def test_a_kv_cache_the_device_cannot_hold_is_refused_naming_num_kv_tokens(path,
     code = main(["serve", str(served), "--num-kv-tokens", str(10**12), "--device", "cpu", "--port", "8765"])
     err = capsys.readouterr().err
     assert code == 2 and "num_kv_tokens=1000000000000" in err and "Traceback" not in err, err
+
+
+def test_max_num_seqs_past_the_kv_cache_blocks_is_capped_there(path):
+    # max_num_seqs=10**9 was taken as given: ~40 s and 8 GB of host buffers and decode buckets for sequences that can
+    # never run at once (each running sequence holds a KV block at least; this cache has 8)
+    with LLM(str(path), num_kv_tokens=128, block_size=16, max_num_seqs=10**6) as llm:
+        assert llm.engine_options["max_num_seqs"] == llm.scheduler.max_num_seqs == 8
+        assert llm.runner.max_num_seqs == 8 and llm.runner.feed.numel() < 10**5
+        outs = llm.generate([[1, 2, 3]] * 12, SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
+        assert all(o.error is None and len(o.outputs[0].token_ids) == 3 for o in outs)
+        with LLM(llm.model, max_num_seqs=20) as other:  # a later LLM's option too
+            assert other.engine_options["max_num_seqs"] == 8
+
+
+def test_generate_takes_top_p_zero_as_hf_does(models):
+    # HF's top-p range is [0, 1] and at 0 it keeps the most likely token alone; generate() refused it as
+    # "top_p must be in (0, 1]" (SamplingParams' range, vLLM's)
+    model, reference = models
+    ids = torch.tensor([[5, 9, 2, 7]])
+    kwargs = dict(max_new_tokens=6, do_sample=True, top_p=0.0, pad_token_id=0)
+    torch.manual_seed(1)
+    expected = reference.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, **kwargs), expected)
+    assert torch.equal(expected, reference.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(ids, max_new_tokens=3, do_sample=True, top_p=-0.1, pad_token_id=0)

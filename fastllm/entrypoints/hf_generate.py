@@ -175,9 +175,13 @@ def sampling_params(gc, eos: list[int]) -> SamplingParams:
         if isinstance(gc.temperature, (int, float)) and gc.temperature <= 0:
             raise ValueError(f"invalid generation argument: temperature (={gc.temperature}) must be > 0 with "
                              "do_sample=True; for greedy decoding set do_sample=False")
+        top_k, top_p = gc.top_k or 0, gc.top_p if gc.top_p is not None else 1.0
+        if type(top_p) in (int, float) and top_p == 0:
+            # HF's top-p range is [0, 1]; at 0 its filter keeps the one most likely token (min_tokens_to_keep), which
+            # is top_k=1 (SamplingParams takes top_p in (0, 1], vLLM's range)
+            top_k, top_p = 1, 1.0
         kwargs.update(temperature=gc.temperature if gc.temperature is not None else 1.0,
-                      top_k=gc.top_k or 0, top_p=gc.top_p if gc.top_p is not None else 1.0,
-                      min_p=gc.min_p or 0.0)
+                      top_k=top_k, top_p=top_p, min_p=gc.min_p or 0.0)
     try:
         return SamplingParams(**kwargs)
     except ValueError as error:
