@@ -2,10 +2,12 @@
 
     fastllm run [MODEL] --prompt TEXT [--max-new-tokens N] [--dtype ...] [--device ...] [--cpu-runtime]
     fastllm serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [engine options]
+    fastllm bench [MODEL] [--input-len 128] [--output-len 256] [--num-prompts 1] [--quantization ...] [--json PATH]
 
 `run` generates greedily with Hugging Face eager, optimizes the model with `fastllm.optimize`, generates
 again, prints the optimized model's text and a side-by-side table (tokens/s, identical tokens or not).
-Subcommands are argparse sub-parsers, so `serve` and `bench` can be added beside `run`.
+`bench` times random-token prompts of fixed lengths with Hugging Face eager and with `fastllm.LLM` (fastllm/bench.py).
+Subcommands are argparse sub-parsers.
 
 Errors the user can fix (a missing model folder, a missing demo wheel, a bad argument) print one line on
 stderr and exit with code 2, without a traceback.
@@ -40,6 +42,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="local Hugging Face model folder or hub id (default: the embedded demo model)")
+
+
+def _add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=_DTYPES, default="auto",
+                        help="weight dtype (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--device", choices=_DEVICES, default="auto",
+                        help="device (auto: cuda if available, else cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `fastllm` command, one sub-parser per subcommand."""
     from fastllm._version import __version__
@@ -64,8 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--prompt", required=True, help="text to complete")
     run.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default: 32)")
-    run.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: bf16 on GPU, fp32 on CPU)")
-    run.add_argument("--device", choices=_DEVICES, default="auto", help="device (auto: cuda if available, else cpu)")
+    _add_placement_arguments(run)
     run.add_argument("--cpu-runtime", action="store_true",
                      help="on the CPU, generate on fastllm's runtime instead of Hugging Face's path (faster there)")
     run.set_defaults(func=_cmd_run)
@@ -77,8 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/chat/completions, /v1/models, /v2/models/{model}/generate[_stream], /v2/models/{model}/infer, "
         "/metrics, /health. Listens on 127.0.0.1 unless --host says otherwise.",
     )
-    serve.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                       help="local Hugging Face model folder or hub id (default: the embedded demo model)")
+    _add_model_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("FASTLLM_API_KEY"),
@@ -95,9 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-memory-fraction", type=float, default=0.9)
     serve.add_argument("--quantization", choices=("fp8", "int8", "int4"),
                        help="quantize the linear layers (fp8: W8A8, needs FP8 tensor cores; int8/int4: weight-only)")
-    serve.add_argument("--dtype", choices=_DTYPES, default="auto", help="weight dtype (auto: bf16 on GPU, fp32 on CPU)")
-    serve.add_argument("--device", choices=_DEVICES, default="auto", help="device (auto: cuda if available, else cpu)")
+    _add_placement_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time random-token prompts with HF eager and with fastllm, side by side",
+        description="Generate from random-token prompts of --input-len tokens, exactly --output-len new tokens each "
+        "(greedy), with Hugging Face eager and then with fastllm.LLM, each warmed up, in this process. One prompt: "
+        "TTFT and decode tok/s ((new tokens - 1) / the time after the first); several: output tok/s and "
+        "requests/s.",
+    )
+    _add_model_argument(bench)
+    bench.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
+    bench.add_argument("--output-len", type=int, default=256, help="new tokens per prompt (default: 256)")
+    bench.add_argument("--num-prompts", type=int, default=1, help="prompts (default: 1, batch-1 latency)")
+    bench.add_argument("--hf-batch-size", type=int, default=32,
+                       help="prompts Hugging Face eager generates at once (default: 32)")
+    bench.add_argument("--quantization", choices=("fp8", "int8", "int4"),
+                       help="quantize fastllm's linear layers (HF eager keeps the model's dtype)")
+    bench.add_argument("--no-baseline", action="store_true", help="skip Hugging Face eager")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
+    bench.add_argument("--json", metavar="PATH", help="also write the results to PATH as JSON")
+    _add_placement_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -173,8 +206,9 @@ def _check_model_arg(model_arg: str | None) -> None:
         raise UsageError(f"model folder not found: {model_arg}")
 
 
-def _load(model_arg: str | None, dtype, device):
-    """Load (model, tokenizer) for MODEL, or the demo model when MODEL is omitted."""
+def _load(model_arg: str | None, dtype, device, with_tokenizer: bool = True):
+    """Load (model, tokenizer) for MODEL, or the demo model when MODEL is omitted (tokenizer None unless
+    `with_tokenizer`, or the demo's)."""
     if model_arg is None:
         from fastllm.models.demo import load_demo_model
 
@@ -188,12 +222,14 @@ def _load(model_arg: str | None, dtype, device):
     except OSError as e:
         where = "local folder" if os.path.exists(model_arg) else "not a local folder; hub"
         raise UsageError(f"could not load model {model_arg} ({where}): {e}") from e
+    model.to(device)
+    model.eval()
+    if not with_tokenizer:
+        return model, None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_arg)
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load a tokenizer from {model_arg}: {e}") from e
-    model.to(device)
-    model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -234,17 +270,21 @@ def _generate(provider: str, model, tokenizer, inputs: dict, max_new_tokens: int
     return GenerationResult(provider, new_ids, text, first_call_s, seconds)
 
 
-def format_table(results: Sequence[GenerationResult], reference: GenerationResult) -> str:
-    """Side-by-side table: provider, new tokens, first call, tokens/s, identical tokens to `reference`."""
-    header = ("provider", "new tokens", "first call s", "tokens/s", "identical tokens")
-    rows = [header]
-    for r in results:
-        same = "(reference)" if r is reference else ("yes" if r.token_ids == reference.token_ids else "NO")
-        rows.append((r.provider, str(len(r.token_ids)), f"{r.first_call_s:.2f}", f"{r.tokens_per_s:.1f}", same))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+def _text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, the first row a header underlined with dashes."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_table(results: Sequence[GenerationResult], reference: GenerationResult) -> str:
+    """Side-by-side table: provider, new tokens, first call, tokens/s, identical tokens to `reference`."""
+    rows = [("provider", "new tokens", "first call s", "tokens/s", "identical tokens")]
+    for r in results:
+        same = "(reference)" if r is reference else ("yes" if r.token_ids == reference.token_ids else "NO")
+        rows.append((r.provider, str(len(r.token_ids)), f"{r.first_call_s:.2f}", f"{r.tokens_per_s:.1f}", same))
+    return _text_table(rows)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -300,6 +340,69 @@ def _check_length(model, prompt_len: int, max_new_tokens: int) -> None:
                          "shorten it")
     raise UsageError(f"--prompt ({prompt_len} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's context "
                      f"of {context} tokens; --max-new-tokens can be at most {context - prompt_len} for this prompt")
+
+
+# --------------------------------------------------------------------------------------------------- bench
+
+
+def format_bench_table(results) -> str:
+    """provider, prompts, new tokens, seconds, output tok/s, requests/s; for one prompt TTFT and decode tok/s too."""
+    single = results[0].num_prompts == 1
+    rows = [("provider", "prompts", "new tokens", "seconds", "output tok/s", "requests/s",
+             *(("TTFT ms", "decode tok/s") if single else ()))]
+    for r in results:
+        row = [r.provider, str(r.num_prompts), str(r.num_prompts * r.output_len), f"{r.seconds:.2f}",
+               f"{r.output_tok_s:.1f}", f"{r.requests_s:.2f}"]
+        if single:
+            row += [f"{r.first_token_s * 1e3:.1f}", "-" if r.decode_tok_s is None else f"{r.decode_tok_s:.1f}"]
+        rows.append(row)
+    return _text_table(rows)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    import fastllm
+    from fastllm.bench import bench_fastllm, bench_hf, random_prompts
+
+    for flag in ("input_len", "output_len", "num_prompts", "hf_batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.json is not None and os.path.isdir(args.json):
+        raise UsageError(f"--json must name a file, not a folder: {args.json}")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    model, _ = _load(args.model, dtype, device, with_tokenizer=False)  # token-id prompts: no tokenizer needed
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and args.input_len + args.output_len > context:
+        raise UsageError(f"--input-len {args.input_len} + --output-len {args.output_len} exceeds the model's context "
+                         f"of {context} tokens")
+    prompts = random_prompts(model.get_input_embeddings().num_embeddings, args.num_prompts, args.input_len,
+                             args.seed)
+    print(f"fastllm bench: {args.num_prompts} prompt(s) of {args.input_len} tokens, {args.output_len} new tokens "
+          f"each, greedy ({device.type}, {str(dtype).removeprefix('torch.')})", file=sys.stderr, flush=True)
+    # HF eager first: fastllm.LLM(model) optimizes the model in place.
+    results = [] if args.no_baseline else [bench_hf(model, prompts, args.output_len, args.hf_batch_size)]
+    provider = "fastllm" if args.quantization is None else f"fastllm ({args.quantization})"
+    sizes = {"max_model_len": args.input_len + args.output_len}
+    if device.type == "cpu":  # the CPU's default cache is a fixed 65,536 tokens: take what these prompts need
+        sizes["num_kv_tokens"] = args.num_prompts * (sizes["max_model_len"] + 16)
+    with fastllm.LLM(model, quantization=args.quantization, **sizes) as llm:
+        results.append(bench_fastllm(llm, prompts, args.output_len, provider))
+    name = args.model or "demo:SmolLM2-135M-Instruct"
+    print(f"model: {name}  device: {device.type}  dtype: {str(dtype).removeprefix('torch.')}  "
+          f"prompts: {args.num_prompts} x {args.input_len} tokens -> {args.output_len} new tokens each")
+    print(format_bench_table(results))
+    if len(results) == 2:
+        ratio = results[1].output_tok_s / results[0].output_tok_s
+        print(f"{results[1].provider} / hf_eager: {ratio:.2f}x output tok/s")
+    if args.json is not None:
+        config = {"model": name, "device": device.type, "dtype": str(dtype).removeprefix("torch."),
+                  "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
+                  "hf_batch_size": args.hf_batch_size, "quantization": args.quantization, "seed": args.seed}
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "results": [r.as_dict() for r in results]}, f, indent=1)
+    return 0
 
 
 def _phase(what: str, since: float) -> None:
