@@ -3,7 +3,7 @@ streamers Hugging Face takes and names what it refuses as the caller wrote it; `
 and tokenizers it cannot use and checks an optimized model's scheduling options as optimize() does; SamplingParams and
 OptimizeConfig take numpy's numbers; a penalty that overflows the scores still samples a seen token; counts past the
 step's int32 buffers are refused by name, by optimize() and by `fastllm serve`; max_num_seqs is capped at the KV
-cache's blocks; generate() takes HF's top_p=0."""
+cache's blocks; generate() takes HF's top_p=0 and, as HF, asks for the tokenizer whenever stop_strings is given."""
 
 import numpy as np
 import pytest
@@ -269,3 +269,14 @@ def test_generate_takes_top_p_zero_as_hf_does(models):
     assert torch.equal(expected, reference.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
     with pytest.raises(ValueError, match="top_p"):
         model.generate(ids, max_new_tokens=3, do_sample=True, top_p=-0.1, pad_token_id=0)
+
+
+@pytest.mark.parametrize("stop_strings", ["", []])
+def test_generate_asks_for_the_tokenizer_whenever_stop_strings_is_given(models, stop_strings):
+    # HF raises for stop_strings without a tokenizer even when they are empty; generate() went ahead and ignored them
+    model, reference = models
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with pytest.raises(ValueError, match="could not locate a tokenizer"):
+        reference.generate(ids, max_new_tokens=3, pad_token_id=0, stop_strings=stop_strings)
+    with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
+        model.generate(ids, max_new_tokens=3, pad_token_id=0, stop_strings=stop_strings)

@@ -208,9 +208,10 @@ def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: to
     prompts = _prompts(input_ids, attention_mask, gc, core.max_model_len)
     eos = _eos_ids(gc)
     params = sampling_params(gc, eos)
-    if gc.stop_strings:
+    if gc.stop_strings is not None:  # "" too: HF asks for the tokenizer whenever stop_strings is given
         if tokenizer is None:
             raise ValueError("stop_strings needs the tokenizer: call generate(..., tokenizer=tokenizer)")
+    if gc.stop_strings:
         params.stop = [gc.stop_strings] if isinstance(gc.stop_strings, str) else list(gc.stop_strings)
     want_scores = bool(gc.return_dict_in_generate and (gc.output_scores or gc.output_logits))
     listener = _streamer_listener(streamer, input_ids) if streamer is not None else None
