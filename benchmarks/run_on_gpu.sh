@@ -39,6 +39,11 @@
 # blockfp8: block-scaled FP8 prefill with the weight dequantized by one kernel (quant_linear.BLOCK_FP8_DEQUANT_KERNEL,
 # off: written 2026-12-02, interpreter-checked only): its GPU tests, then bench_quant_gemv --prefill (the PyTorch
 # dequantization, the block GEMM and the kernel at 128 / 512 / 2048 rows, int4's beside; ~3 min, estimated).
+# tests-kernels, tests-quant, tests-runtime: the whole `pytest -m gpu` in three calls that each fit the device's 10-minute
+# limit with a machine start (in one, it does not: on 2026-12-02 the kernel, quantization and PDL files ran 663 tests
+# in ~9.5 min and were cut there at 91%): tests/test_kernel_*.py; test_gpu_quantization, test_int4_gated_linear,
+# test_gpu_pdl; every other file with gpu tests (engine, memory, parity, start-up, graph cache, engine process, CLI).
+# Each stops at 540 s (what ran is in its log).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -66,6 +71,11 @@ for stage in $STAGES; do
     case $stage in
         tests) python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1 || rc=1
                grep -E "passed|failed|^FAILED" "$OUT/gpu-tests.log" | tail -n 15 ;;
+        tests-kernels) gpu_tests kernels 540 tests/test_kernel_*.py ;;
+        tests-quant) gpu_tests quant 540 tests/test_gpu_quantization.py tests/test_int4_gated_linear.py tests/test_gpu_pdl.py ;;
+        tests-runtime) gpu_tests runtime 540 --continue-on-collection-errors tests/test_gpu_engine.py \
+                           tests/test_gpu_memory.py tests/test_gpu_parity.py tests/test_gpu_startup.py \
+                           tests/test_graph_cache.py tests/test_engine_process.py tests/test_cli_bench.py ;;
         kernels) python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 || rc=1 ;;
         attention) python3 benchmarks/bench_attention.py ${ATTENTION_ARGS:-} --out "$OUT" > "$OUT/attention.log" 2>&1 || rc=1
                    tail -n 20 "$OUT/attention.log" ;;

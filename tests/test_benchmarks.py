@@ -183,3 +183,20 @@ def test_quant_kernel_settings_name_real_flags_and_take_effect_on_int4_launch_se
         assert quant_linear._int4_config(1, 4096, 4096, 128, cpu, packed_bf16=True)["split_k"] == 2
     assert quant_linear.INT4_ONE_ROW_PROGRAMS_PER_SM == 4
     assert quant_linear._int4_config(1, 4096, 4096, 128, cpu, packed_bf16=True) == before
+
+
+def test_the_split_gpu_test_stages_cover_every_file_with_gpu_tests():
+    """run_on_gpu.sh's tests-kernels / tests-quant / tests-runtime are the whole `pytest -m gpu` in three device calls:
+    a new file of GPU tests must be named in one of them, or a session running the three would skip it unknowingly."""
+    script = (BENCHMARKS / "run_on_gpu.sh").read_text()
+    stages = re.findall(r"^\s*tests-(?:kernels|quant|runtime)\) gpu_tests (.*?);;", script, re.S | re.M)
+    assert len(stages) == 3
+    tests = BENCHMARKS.parent / "tests"
+    named = set()
+    for stage in stages:
+        for word in stage.replace("\\", " ").split():
+            if word.startswith("tests/"):
+                named |= {path.name for path in tests.glob(word.removeprefix("tests/"))}
+    with_gpu_tests = {path.name for path in tests.glob("test_*.py")
+                      if re.search(r"mark\.gpu\b", path.read_text())}
+    assert with_gpu_tests and named == with_gpu_tests, (sorted(with_gpu_tests - named), sorted(named - with_gpu_tests))

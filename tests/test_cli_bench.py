@@ -80,3 +80,18 @@ def test_bench_result_rates_and_random_prompts():
     prompts = random_prompts(50, 3, 7, seed=4)
     assert prompts == random_prompts(50, 3, 7, seed=4) != random_prompts(50, 3, 7, seed=5)
     assert len(prompts) == 3 and all(len(p) == 7 and all(0 <= t < 50 for t in p) for p in prompts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_prompts", [1, 3])
+def test_bench_on_cuda_times_both_providers_in_bf16(tiny, tmp_path, capsys, num_prompts):
+    """On a GPU: bf16 by default, CUDA graphs recorded when the LLM is built, the work checked on both sides (the
+    numbers themselves are not asserted: a tiny model's speed says nothing)."""
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", tiny, "--device", "cuda", "--input-len", "16", "--output-len", "8", "--num-prompts",
+            str(num_prompts), "--json", str(out_json)]
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads(out_json.read_text())
+    assert results["config"]["device"] == "cuda" and results["config"]["dtype"] == "bfloat16"
+    assert [r["provider"] for r in results["results"]] == ["hf_eager", "fastllm"]
+    assert all(0 < r["first_token_s"] < r["seconds"] for r in results["results"])
