@@ -110,6 +110,19 @@ SCHEMES = ["bf16", "cublas_bf16", "fp8", "fp8_block128", "int8", "int4", "int4_f
 PREFILL_ROWS = [128, 512, 2048]
 
 
+def _timed_case(key: str, x: torch.Tensor, n: int, tensors: tuple, launch, reference, bench) -> dict:
+    """launch(x, *tensors) -> [M, n], checked against reference(x, *tensors) (the run stops below MIN_SQNR_DB), then
+    timed cycling copies of the tensors; its bytes are the stored tensors plus x and the output once (2-byte rows)."""
+    sqnr = _sqnr(reference(x, *tensors), launch(x, *tensors))
+    if not sqnr >= MIN_SQNR_DB:
+        sys.exit(f"{key}: SQNR {sqnr:.1f} dB against its reference (< {MIN_SQNR_DB}); not timing it")
+    copies = itertools.cycle(_copies(tensors))
+    ms = bench(lambda: launch(x, *next(copies)))
+    m, k = x.shape
+    nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (n + k)
+    return {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
+
+
 def _prefill_cases(bench, prefill_rows=PREFILL_ROWS) -> dict:
     """Past 16 rows. Block-scaled FP8 weights: the dequantized weight and cuBLAS against BLOCK_FP8_GEMM. int4: the
     GEMM dequantizing W's tiles in its K loop against the weight dequantized by a kernel and multiplied by cuBLAS
@@ -143,14 +156,8 @@ def _prefill_cases(bench, prefill_rows=PREFILL_ROWS) -> dict:
         }
         for variant, (tensors, launch, reference) in variants.items():
             key = f"{name}_{n}x{k}_m{m}_{variant}"
-            sqnr = _sqnr(reference(x, *tensors), launch(x, *tensors))
-            if not sqnr >= MIN_SQNR_DB:
-                sys.exit(f"{key}: SQNR {sqnr:.1f} dB against its reference (< {MIN_SQNR_DB}); not timing it")
-            copies = itertools.cycle(_copies(tensors))
-            ms = bench(lambda launch=launch, copies=copies: launch(x, *next(copies)))
-            nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (n + k)
-            results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr,
-                            "tflop_s": 2 * m * n * k / (ms * 1e-3) / 1e12}
+            results[key] = _timed_case(key, x, n, tensors, launch, reference, bench)
+            results[key]["tflop_s"] = 2 * m * n * k / (results[key]["ms"] * 1e-3) / 1e12
         del weight, blocks, int4
         torch.cuda.empty_cache()
     return results
@@ -368,13 +375,7 @@ def main() -> int:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for scheme, (tensors, launch, reference) in _schemes(weight, args.schemes).items():
             key = f"{name}_{n}x{k}_m{m}_{scheme}"
-            sqnr = _sqnr(reference(x, *tensors), launch(x, *tensors))
-            if not sqnr >= MIN_SQNR_DB:
-                sys.exit(f"{key}: SQNR {sqnr:.1f} dB against its reference (< {MIN_SQNR_DB}); not timing it")
-            copies = itertools.cycle(_copies(tensors))
-            ms = bench(lambda launch=launch, copies=copies: launch(x, *next(copies)))
-            nbytes = sum(t.numel() * t.element_size() for t in tensors) + 2 * m * (n + k)
-            results[key] = {"ms": ms, "gb_s": nbytes / (ms * 1e-3) / 1e9, "bytes": nbytes, "sqnr_db": sqnr}
+            results[key] = _timed_case(key, x, n, tensors, launch, reference, bench)
             if args.sweep and m == 1 and scheme in ("fp8", "int8"):  # batch-1 decode's shapes
                 sweeps[key] = _sweep_skinny(x, tensors, bench)
             if scheme == "int4" and (m == 1 and (args.sweep or args.int4_splits) or args.int4_chunk_groups):

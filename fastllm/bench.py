@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -76,7 +77,9 @@ def bench_hf(model, prompts: list[list[int]], output_len: int, batch_size: int) 
     batches = [torch.tensor(prompts[i:i + batch_size], device=device) for i in range(0, len(prompts), batch_size)]
 
     def generate(new_tokens: int, ids_list=batches) -> None:
-        for ids in ids_list:
+        bar = tqdm(ids_list, desc=f"hf_eager: {new_tokens} new tokens", unit="batch", leave=False,
+                   disable=len(ids_list) < 2)
+        for ids in bar:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
             if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):  # the work timed is the work claimed
@@ -98,7 +101,7 @@ def bench_fastllm(llm, prompts: list[list[int]], output_len: int, provider: str 
 
     def generate(new_tokens: int, batch=prompts) -> None:
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-        for output in llm.generate(batch, params, use_tqdm=False):
+        for output in llm.generate(batch, params, use_tqdm=len(batch) > 1):
             if output.error is not None:
                 raise RuntimeError(f"fastllm bench: a request failed: {output.error}")
             if len(output.outputs[0].token_ids) != new_tokens:  # the work timed is the work claimed
