@@ -52,7 +52,7 @@ OUT=${OUT:-/tmp/fastllm-gpu-out}
 STAGES=${STAGES:-tests decode}
 MODELS=${MODELS:-llama2_7b llama31_8b}
 mkdir -p "$OUT"
-if ! python3 -c "import pytest" 2>/dev/null && [ -d .whl ]; then
+if ! python3 -c "import pytest, xdist" 2>/dev/null && [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
 fi
@@ -67,12 +67,21 @@ gpu_tests() {
     timeout "$seconds" python3 -m pytest -m gpu -q -p no:cacheprovider "$@" > "$OUT/gpu-$name-tests.log" 2>&1 || rc=1
     grep -E "passed|failed|^FAILED" "$OUT/gpu-$name-tests.log" | tail -n 15
 }
+# GPU_TEST_WORKERS=N: the kernel and quantization stages' tests in N pytest-xdist processes sharing the GPU (carry
+# the pytest-xdist and execnet wheels in .whl). Their time is mostly Triton compiling kernel variants, one CPU core
+# each; the machine has 16. Not measured yet. The runtime stage stays in one process: its tests reserve most of
+# the GPU's memory for KV caches and measure what is freed.
+workers=()
+if [ -n "${GPU_TEST_WORKERS:-}" ] && python3 -c "import xdist" 2>/dev/null; then
+    workers=(-n "$GPU_TEST_WORKERS" --dist load)
+fi
 for stage in $STAGES; do
     case $stage in
         tests) python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/gpu-tests.log" 2>&1 || rc=1
                grep -E "passed|failed|^FAILED" "$OUT/gpu-tests.log" | tail -n 15 ;;
-        tests-kernels) gpu_tests kernels 540 tests/test_kernel_*.py ;;
-        tests-quant) gpu_tests quant 540 tests/test_gpu_quantization.py tests/test_int4_gated_linear.py tests/test_gpu_pdl.py ;;
+        tests-kernels) gpu_tests kernels 540 "${workers[@]}" tests/test_kernel_*.py ;;
+        tests-quant) gpu_tests quant 540 "${workers[@]}" tests/test_gpu_quantization.py tests/test_int4_gated_linear.py \
+                         tests/test_gpu_pdl.py ;;
         tests-runtime) gpu_tests runtime 540 --continue-on-collection-errors tests/test_gpu_engine.py \
                            tests/test_gpu_memory.py tests/test_gpu_parity.py tests/test_gpu_startup.py \
                            tests/test_graph_cache.py tests/test_engine_process.py tests/test_cli_bench.py ;;
