@@ -45,7 +45,7 @@ class OptimizeConfig:
             card (`scheduling_defaults`). More than the KV cache's blocks is capped there (each running sequence
             holds a block at least).
         max_num_batched_tokens: most tokens computed in one step (longer prompts are prefilled in chunks). None:
-            sized from the card.
+            sized from the card. More than the KV cache's tokens is capped there.
         max_model_len: longest sequence (prompt + new tokens); default: the model's max_position_embeddings.
         cuda_graphs: replay decode steps, and prefill/mixed steps of up to 1024 tokens, from CUDA graphs (CUDA only).
         async_scheduling: generate() and `fastllm.LLM` schedule and launch each step while the GPU still samples

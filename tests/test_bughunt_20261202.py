@@ -257,6 +257,17 @@ def test_max_num_seqs_past_the_kv_cache_blocks_is_capped_there(path):
             assert other.engine_options["max_num_seqs"] == 8
 
 
+def test_max_num_batched_tokens_past_the_kv_cache_slots_is_capped_there(path):
+    # max_num_batched_tokens=10**9 allocated a feed buffer of 10**9 token ids (8 GB, 13 s) for a cache of 128 tokens:
+    # a step's computed tokens each take a KV slot
+    with LLM(str(path), num_kv_tokens=128, block_size=16, max_num_batched_tokens=10**9) as llm:
+        assert llm.engine_options["max_num_batched_tokens"] == llm.runner.max_num_batched_tokens == 128
+        assert llm.runner.feed.numel() < 10**5
+        outs = llm.generate([[1, 2, 3]] * 3 + [list(range(1, 101))], SamplingParams(max_tokens=3, temperature=0),
+                            use_tqdm=False)
+        assert all(o.error is None and len(o.outputs[0].token_ids) == 3 for o in outs)
+
+
 def test_generate_takes_top_p_zero_as_hf_does(models):
     # HF's top-p range is [0, 1] and at 0 it keeps the most likely token alone; generate() refused it as
     # "top_p must be in (0, 1]" (SamplingParams' range, vLLM's)

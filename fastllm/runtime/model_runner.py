@@ -165,10 +165,13 @@ class ModelRunner:
         self.pool = BlockPool(initial, self.block_size, max_num_blocks=max(cap, initial), grow=self.grow)
         # A sequence can never outgrow the cache: cap the context there (validation then names the limit).
         self.max_model_len = min(max_model_len, self.pool.max_num_blocks * self.block_size)
-        # Nor can more sequences run than the cache has blocks (each holds one at least): the buffers, decode buckets
-        # and logits rows below are sized for the sequences that can run, not for any number asked (EngineCore caps
-        # its scheduler's too).
+        # Nor can more sequences run than the cache has blocks (each holds one at least), nor a step compute more
+        # tokens than it has slots (each computed token's K and V are written): the buffers, decode and prefill
+        # buckets and logits rows below are sized for what can run, not for any number asked (EngineCore caps its
+        # scheduler's too). (The activation measurement above ran before the cache existed, with the number asked.)
         self.max_num_seqs = max_num_seqs = min(max_num_seqs, self.pool.max_num_blocks)
+        self.max_num_batched_tokens = max_num_batched_tokens = min(max_num_batched_tokens,
+                                                                   self.pool.max_num_blocks * self.block_size)
         # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
         # from here inside the next step. One row per sampled token: a step samples at most one per token.
         self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
