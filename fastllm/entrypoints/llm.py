@@ -128,7 +128,7 @@ class LLM:
         # This LLM's scheduling settings: the model's, with the ones given here on top (validated now).
         defaults = {k: getattr(state.config, k) for k in SCHEDULING_OPTIONS}
         core.configure(**(defaults | options))
-        self.engine_options = core.scheduling_options()  # as they run (max_num_seqs capped at the cache's blocks)
+        self.engine_options = core.scheduling_options()  # as they run (capped at what the cache holds)
         self.vocab_size = core.vocab_size
         self.eos_token_ids = model_eos_ids(model) or _tokenizer_eos(tokenizer)
 

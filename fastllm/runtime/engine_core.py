@@ -175,15 +175,14 @@ class EngineCore:
                         async_scheduling: bool) -> None:
         if not isinstance(async_scheduling, bool):
             raise ValueError(f"async_scheduling must be True or False, got {async_scheduling!r}")
-        # A running sequence holds a KV block at least, and every token a step computes takes a KV slot: more
-        # sequences than the cache's blocks never run at once, nor more tokens than its slots in a step. The caps
-        # change no step, only what is sized by them; scheduling_options() reports them. Other values than ints:
-        # the Scheduler's error.
-        blocks = self.runner.pool.max_num_blocks
+        # More sequences or step tokens than the cache can hold never run (runner.cache_limits): the caps change no
+        # step, only what is sized by them; scheduling_options() reports them. Values other than ints: the
+        # Scheduler's error.
+        most_seqs, most_tokens = self.runner.cache_limits()
         if type(max_num_seqs) is int:
-            max_num_seqs = min(max_num_seqs, blocks)
+            max_num_seqs = min(max_num_seqs, most_seqs)
         if type(max_num_batched_tokens) is int:
-            max_num_batched_tokens = min(max_num_batched_tokens, blocks * self.runner.block_size)
+            max_num_batched_tokens = min(max_num_batched_tokens, most_tokens)
         # A step samples at most one row per sequence and per token; the runner's feed buffer holds one per row.
         capacity = self.runner.feed.shape[0] - 1
         if isinstance(max_num_seqs, int) and isinstance(max_num_batched_tokens, int) \

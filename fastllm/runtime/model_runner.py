@@ -115,11 +115,11 @@ class ModelRunner:
         device, dtype: where and in which dtype the model's weights (and so, by default, the cache) live.
         kv_cache_dtype: the cache's dtype when it is not `dtype`: torch.float8_e4m3fn for an FP8 KV cache.
         kv_cache: how big the cache starts and may grow (`KVCacheConfig`).
-        max_num_seqs: most sequences in one step (the largest decode CUDA graph); capped at the cache's blocks.
+        max_num_seqs: most sequences in one step (the largest decode CUDA graph); capped by `cache_limits()`.
         max_model_len: longest sequence; capped at what the cache may hold.
         use_cuda_graph: replay steps from CUDA graphs (default: on CUDA).
         max_num_batched_tokens: the step budget (bounds the prefill graphs' token counts, and is the size whose
-            activations are measured).
+            activations are measured); capped by `cache_limits()` after that measurement.
         emulate_graph_shapes: without CUDA graphs, still pad every step to a graph's shape (CPU tests).
         one_row_decode: a 1-row decode graph for steps of one sequence (default: `ONE_ROW_DECODE`).
     """
@@ -169,9 +169,9 @@ class ModelRunner:
         # tokens than it has slots (each computed token's K and V are written): the buffers, decode and prefill
         # buckets and logits rows below are sized for what can run, not for any number asked (EngineCore caps its
         # scheduler's too). (The activation measurement above ran before the cache existed, with the number asked.)
-        self.max_num_seqs = max_num_seqs = min(max_num_seqs, self.pool.max_num_blocks)
-        self.max_num_batched_tokens = max_num_batched_tokens = min(max_num_batched_tokens,
-                                                                   self.pool.max_num_blocks * self.block_size)
+        most_seqs, most_tokens = self.cache_limits()
+        self.max_num_seqs = max_num_seqs = min(max_num_seqs, most_seqs)
+        self.max_num_batched_tokens = max_num_batched_tokens = min(max_num_batched_tokens, most_tokens)
         # The last step's sampled tokens, on the device (asynchronous scheduling): a pending token's id is read
         # from here inside the next step. One row per sampled token: a step samples at most one per token.
         self.feed = torch.zeros(max(max_num_batched_tokens, max_num_seqs) + 1, dtype=torch.long, device=self.device)
@@ -224,6 +224,11 @@ class ModelRunner:
         self._drop_graphs()
         self.startup_seconds["kv_cache"] += time.perf_counter() - start
         return num_blocks
+
+    def cache_limits(self) -> tuple[int, int]:
+        """(most sequences running at once, most tokens one step computes) that the cache can hold at its cap: a
+        running sequence holds a block at least, and every token a step computes takes a slot."""
+        return self.pool.max_num_blocks, self.pool.max_num_blocks * self.block_size
 
     def reserve(self, memory_fraction: float | None = None) -> int:
         """Grow the cache to its cap now (a server's reservation); returns the blocks it holds. `memory_fraction`
