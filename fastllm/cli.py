@@ -364,6 +364,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import fastllm
     from fastllm.bench import bench_fastllm, bench_hf, random_prompts
+    from fastllm.config import scheduling_defaults
 
     for flag in ("input_len", "output_len", "num_prompts", "hf_batch_size"):
         if getattr(args, flag) < 1:
@@ -385,8 +386,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     results = [] if args.no_baseline else [bench_hf(model, prompts, args.output_len, args.hf_batch_size)]
     provider = "fastllm" if args.quantization is None else f"fastllm ({args.quantization})"
     sizes = {"max_model_len": args.input_len + args.output_len}
-    if device.type == "cpu":  # the CPU's default cache is a fixed 65,536 tokens: take what these prompts need
-        sizes["num_kv_tokens"] = args.num_prompts * (sizes["max_model_len"] + 16)
+    if device.type == "cpu":  # the CPU's default cache is a fixed 65,536 tokens: take what the prompts running at
+        # once need (at most the CPU's default max_num_seqs of them, each rounded up to whole blocks)
+        running = min(args.num_prompts, scheduling_defaults(device)[0])
+        sizes["num_kv_tokens"] = running * (sizes["max_model_len"] + 16)
     with fastllm.LLM(model, quantization=args.quantization, **sizes) as llm:
         results.append(bench_fastllm(llm, prompts, args.output_len, provider))
     name = args.model or "demo:SmolLM2-135M-Instruct"
