@@ -2,8 +2,9 @@
 streamers Hugging Face takes and names what it refuses as the caller wrote it; `LLM` names prompts, token ids, dtypes
 and tokenizers it cannot use and checks an optimized model's scheduling options as optimize() does; SamplingParams and
 OptimizeConfig take numpy's numbers; a penalty that overflows the scores still samples a seen token; counts past the
-step's int32 buffers are refused by name, by optimize() and by `fastllm serve`; max_num_seqs is capped at the KV
-cache's blocks; generate() takes HF's top_p=0 and, as HF, asks for the tokenizer whenever stop_strings is given."""
+step's int32 buffers are refused by name, by optimize() and by `fastllm serve`; max_num_seqs and
+max_num_batched_tokens are capped at what the KV cache holds, and a start-up step too large for the GPU names the
+option; generate() takes HF's top_p=0 and, as HF, asks for the tokenizer whenever stop_strings is given."""
 
 import numpy as np
 import pytest
@@ -291,3 +292,19 @@ def test_generate_asks_for_the_tokenizer_whenever_stop_strings_is_given(models, 
         reference.generate(ids, max_new_tokens=3, pad_token_id=0, stop_strings=stop_strings)
     with pytest.raises(ValueError, match="stop_strings needs the tokenizer"):
         model.generate(ids, max_new_tokens=3, pad_token_id=0, stop_strings=stop_strings)
+
+
+def test_a_start_up_step_too_large_for_the_device_names_max_num_batched_tokens(path, monkeypatch):
+    # On a GPU the KV cache is sized after one eager step of max_num_batched_tokens tokens; max_num_batched_tokens=10**9
+    # ended in the allocator's OutOfMemoryError (the measurement runs only on CUDA: simulated here)
+    from fastllm.runtime import model_runner
+
+    def out_of_memory(self, num_blocks, max_model_len):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.45 GiB")
+
+    monkeypatch.setattr(model_runner.ModelRunner, "_measures_memory", property(lambda self: True))
+    monkeypatch.setattr(model_runner.ModelRunner, "_measure_activations", out_of_memory)
+    with pytest.raises(model_runner.StepTooLarge, match=r"max_num_batched_tokens=1000000000: a step of that many "
+                                                        r"tokens does not fit .*Tried to allocate 7.45 GiB") as error:
+        LLM(str(path), max_num_batched_tokens=10**9)
+    assert isinstance(error.value, ValueError) and isinstance(error.value, torch.OutOfMemoryError)

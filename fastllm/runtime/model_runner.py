@@ -47,6 +47,12 @@ ACTIVATION_HEADROOM = 1.25
 MIN_BATCH = 2
 
 
+class StepTooLarge(ValueError, torch.OutOfMemoryError):
+    """The start-up step of `max_num_batched_tokens` tokens (whose activations size the KV cache) did not fit in the
+    device's memory. A ValueError, since the number is out of range for this device (the CLI prints one line), and
+    the allocator's OutOfMemoryError, which callers catching it expect."""
+
+
 # Prefill and mixed steps up to this many tokens replay CUDA graphs too: below it a step's GPU time is shorter
 # than launching its few hundred kernels from Python (a 128-token Llama-2-7B prefill: 6 ms of GPU, ~40 ms eager).
 MAX_PREFILL_GRAPH_TOKENS = 1024
@@ -159,7 +165,15 @@ class ModelRunner:
                                   f"{self.device}) could not be allocated ({str(error).splitlines()[0][:200]}); "
                                   f"give fewer tokens, or leave num_kv_tokens unset to size the cache from free "
                                   f"memory") from error
-        self.activation_bytes = self._measure_activations(initial, max_model_len) if self._measures_memory else 0
+        try:
+            self.activation_bytes = self._measure_activations(initial, max_model_len) if self._measures_memory else 0
+        except torch.OutOfMemoryError as error:
+            self.kv_caches = []
+            torch.cuda.empty_cache()
+            # The number to change, not only the allocator's message (max_num_batched_tokens=10**9 ended there)
+            raise StepTooLarge(f"max_num_batched_tokens={self.max_num_batched_tokens}: a step of that many tokens "
+                               f"does not fit in {self.device}'s free memory beside the model "
+                               f"({str(error).splitlines()[0][:200]}); give fewer tokens a step") from error
         cap = max_num_blocks(self.config, device=self.device, bytes_per_block=self.bytes_per_block,
                              held_blocks=initial, reserved_bytes=int(ACTIVATION_HEADROOM * self.activation_bytes))
         self.pool = BlockPool(initial, self.block_size, max_num_blocks=max(cap, initial), grow=self.grow)
