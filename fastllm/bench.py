@@ -57,14 +57,15 @@ def random_prompts(vocab_size: int, num_prompts: int, input_len: int, seed: int 
     return torch.randint(0, vocab_size, (num_prompts, input_len), generator=generator).tolist()
 
 
-def _timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device):
+    """(fn(), its wall seconds), the device's queued work finished before and after (`fastllm run` times so too)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn()
+    value = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return value, time.perf_counter() - start
 
 
 def bench_hf(model, prompts: list[list[int]], output_len: int, batch_size: int) -> BenchResult:
@@ -88,8 +89,8 @@ def bench_hf(model, prompts: list[list[int]], output_len: int, batch_size: int) 
 
     with torch.no_grad():
         generate(2, batches[:1])  # warm-up: kernels chosen, memory allocated
-        first = _timed(lambda: generate(1), device)
-        total = _timed(lambda: generate(output_len), device)
+        _, first = timed(lambda: generate(1), device)
+        _, total = timed(lambda: generate(output_len), device)
     return BenchResult("hf_eager", len(prompts), output_len, first, total)
 
 
@@ -109,6 +110,6 @@ def bench_fastllm(llm, prompts: list[list[int]], output_len: int, provider: str 
                                    f"not {new_tokens}")
 
     generate(2, prompts[:1])  # warm-up (CUDA graphs are recorded when the LLM is built)
-    first = _timed(lambda: generate(1), device)
-    total = _timed(lambda: generate(output_len), device)
+    _, first = timed(lambda: generate(1), device)
+    _, total = timed(lambda: generate(output_len), device)
     return BenchResult(provider, len(prompts), output_len, first, total)

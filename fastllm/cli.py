@@ -235,16 +235,11 @@ def _load(model_arg: str | None, dtype, device, with_tokenizer: bool = True):
     return model, tokenizer
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _generate(provider: str, model, tokenizer, inputs: dict, max_new_tokens: int, device) -> GenerationResult:
     """One warm-up generate, then one timed generate of the same prompt, greedy."""
     import torch
+
+    from fastllm.bench import timed
 
     kwargs = dict(
         max_new_tokens=max_new_tokens,
@@ -255,16 +250,8 @@ def _generate(provider: str, model, tokenizer, inputs: dict, max_new_tokens: int
     # no_grad rather than inference_mode: tensors that optimize() creates lazily during the first call
     # would become inference tensors and could not be updated in place outside inference mode later.
     with torch.no_grad():
-        _sync(device)
-        start = time.perf_counter()
-        model.generate(**inputs, **kwargs)
-        _sync(device)
-        first_call_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        out = model.generate(**inputs, **kwargs)
-        _sync(device)
-        seconds = time.perf_counter() - start
+        _, first_call_s = timed(lambda: model.generate(**inputs, **kwargs), device)
+        out, seconds = timed(lambda: model.generate(**inputs, **kwargs), device)
     new_ids = out[0, prompt_len:].tolist()
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     return GenerationResult(provider, new_ids, text, first_call_s, seconds)
