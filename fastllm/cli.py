@@ -356,6 +356,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for flag in ("input_len", "output_len", "num_prompts", "hf_batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.seed < 2**63:  # torch's generator seed (a larger one ends in "Overflow when unpacking long long")
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.json is not None and os.path.isdir(args.json):
         raise UsageError(f"--json must name a file, not a folder: {args.json}")
     device = _resolve_device(args.device)

@@ -65,6 +65,8 @@ def test_no_baseline_times_fastllm_alone(tiny, capsys):
     (["--input-len", "32760", "--output-len", "10"],
      "--input-len 32760 + --output-len 10 exceeds the model's context of 32768"),
     (["--json", "."], "--json must name a file, not a folder"),
+    (["--seed", str(2**70)], "--seed must be in [0, 2**63)"),
+    (["--seed", "-1"], "--seed must be in [0, 2**63), got -1"),
 ])
 def test_bad_flags_are_refused_in_one_line(tiny, capsys, flags, message):
     assert main(["bench", tiny, *flags]) == 2
