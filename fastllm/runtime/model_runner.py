@@ -165,6 +165,9 @@ class ModelRunner:
                                   f"{self.device}) could not be allocated ({str(error).splitlines()[0][:200]}); "
                                   f"give fewer tokens, or leave num_kv_tokens unset to size the cache from free "
                                   f"memory") from error
+        # The feed (below) is sized for the capped numbers, known only once the cache is: the measuring step has
+        # no pending token to read from it.
+        self.feed: torch.Tensor | None = None
         try:
             self.activation_bytes = self._measure_activations(initial, max_model_len) if self._measures_memory else 0
         except torch.OutOfMemoryError as error:
