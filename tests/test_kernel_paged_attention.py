@@ -197,6 +197,21 @@ def test_decode_num_splits_cpu(num_splits, merge):
         assert torch.count_nonzero(counters) == 0  # left ready for the next launch
 
 
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (4, 4)])
+def test_decode_in_kernel_merge_over_several_loads_cpu(hq, hkv):
+    # The merge takes MERGE_S splits a load (16 at 4 padded query heads of head size 128, 64 at one): the 40 splits
+    # of a 2560-key context (32-key fp32 tiles, two a split) are three loads at 16, the last one partial; 1100 keys
+    # fill 35 splits; 3 query heads pad to 4 (masked rows)
+    from fastllm.kernels.paged_attention import _merge_tile
+
+    assert _merge_tile(hq // hkv, 128)["MERGE_S"] == (16 if hkv == 2 else 64)
+    args = _paged_batch([(1, 2560), (1, 3), (1, 1100)], hq, hkv, 128, torch.float32)
+    counters = torch.zeros(3 * hkv, dtype=torch.int32)
+    kwargs = {"scale": 128**-0.5, "num_splits": 40, "split_counters": counters}
+    _assert_close(*_run(args, kwargs, torch.float32), torch.float32)
+    assert torch.count_nonzero(counters) == 0
+
+
 def test_padding_sequences_and_strided_q_out_cpu():
     """A graph-padded decode batch: the sequences without a query (cu_seqlens_q repeats) and the tokens outside
     cu_seqlens_q are left alone; q is a strided view (a slice of a fused QKV output), out a strided buffer."""

@@ -74,11 +74,18 @@ _MIN_TILES_PER_SPLIT = 1
 # Decode launch settings in place of _tile_sizes' choice where not None (benchmarks sweep them): the K/V tile length
 # (64 keys in half precision), warps (4) and pipeline stages (2). Swept the same way (-decode-launch-*.json): 32- and
 # 16-key tiles 0.5-0.8% and 2.0-2.6% slower, 2 warps 0.4-0.5% slower, 8 warps and 3 stages within 0.1% (no change).
+# bench_attention --sweep on an H200 (2026-12-02, the kernel alone in a CUDA graph): the default within 0.9% of the
+# best of 36 settings at W2's batch 512 x 192 keys, 3.7% at 256 x 256, 4.6% at batch 1 x 1024
+# (W5-attention-nvidia-h200-20261202-serial-merge-sweep.json).
 _DECODE_BLOCK_N = None
 _DECODE_NUM_WARPS = None
 _DECODE_NUM_STAGES = None
 # Whether decode merges its splits inside the decode kernel where the caller passes split_counters (runtime steps
-# do); False: the combine kernel always (benchmarks compare the two in one process).
+# do); False: the combine kernel always (benchmarks compare the two in one process). On an H200 (2026-12-02, batch 1
+# in a CUDA graph, bench_attention) the merge taking 16 splits a load (_merge_splits) runs 1k / 4k / 32k contexts at
+# 688 / 1949 / 3367 GB/s against the combine kernel's 687 / 1861 / 3497 (one split a load before: 529 / 955 / 2190);
+# W1 Llama-3.1-8B 242.5 tok/s against 237.9 with the combine kernel in the same call
+# (W5-attention-...-20261202-chunked-merge.json, W1-...-20261202-chunked-merge.json).
 COMBINE_IN_DECODE_KERNEL = True
 # Whether runtime decode steps run `decode_attention_with_rotary` (rotary, KV write and attention in one launch) in
 # place of the rotary-and-write kernel then the decode kernel. Off: no faster. Its GPU tests pass
@@ -300,6 +307,8 @@ def _decode_kernel(
     num_splits,  # a runtime value, so each split count does not compile a kernel of its own
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,  # GROUP padded to a power of 2 >= 16 (tl.dot's minimum)
+    MERGE_G: tl.constexpr,  # with COMBINE: GROUP padded to a power of 2 (the merge's rows)
+    MERGE_S: tl.constexpr,  # with COMBINE: splits the merge loads at once (_merge_tile)
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -399,9 +408,8 @@ def _decode_kernel(
             arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if arrived == splits_with_keys - 1:
                 tl.store(counter, 0)  # ready for the next launch (which kernel order puts after this one)
-                out = _merge_splits(PART_ACC, PART_M, PART_L, (seq.to(tl.int64) * num_q_heads + head) * num_splits,
-                                    splits_with_keys, head_dim, d, g_mask, mask)
-                tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+                _merge_splits(PART_ACC, PART_M, PART_L, OUT, seq, kvh, q_start, num_q_heads, num_splits,
+                              splits_with_keys, head_dim, stride_ot, stride_oh, GROUP, MERGE_G, MERGE_S, BLOCK_D)
     elif SPLIT:
         part = (seq.to(tl.int64) * num_q_heads + head) * num_splits + split  # [BLOCK_G]
         _store_partials(PART_ACC, PART_M, PART_L, part, head_dim, d, acc * v_scale, m_i, l_i, g_mask, mask)
@@ -423,22 +431,44 @@ def _store_partials(PART_ACC, PART_M, PART_L, part, head_dim, d, acc, m_i, l_i, 
 
 
 @triton.jit
-def _merge_splits(PART_ACC, PART_M, PART_L, first, num_parts, head_dim, d, g_mask, mask):
-    """The decode output of a kv head's query heads from their first num_parts partials (rows first + s of PART_*,
-    s < num_parts: the splits that held keys): sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s,
-    summed in split order. Loads bypass L1 (.cg): other SMs wrote the partials."""
-    m_max = tl.full(first.shape, -1.0e30, tl.float32)
-    for s in range(num_parts):
-        m_max = tl.maximum(m_max, tl.load(PART_M + first + s, mask=g_mask, other=-1.0e30, cache_modifier=".cg"))
-    acc = tl.zeros([first.shape[0], d.shape[0]], tl.float32)
-    denom = tl.zeros(first.shape, tl.float32)
-    for s in range(num_parts):
-        w = tl.exp2(tl.load(PART_M + first + s, mask=g_mask, other=-1.0e30, cache_modifier=".cg") - m_max)
-        denom += w * tl.load(PART_L + first + s, mask=g_mask, other=0.0, cache_modifier=".cg")
-        part_acc = tl.load(PART_ACC + (first + s)[:, None] * head_dim + d[None, :], mask=mask, other=0.0,
-                           cache_modifier=".cg")
-        acc += w[:, None] * part_acc
-    return acc / tl.where(denom > 0, denom, 1.0)[:, None]
+def _merge_splits(PART_ACC, PART_M, PART_L, OUT, seq, kvh, q_start, num_q_heads, num_splits, num_parts, head_dim,
+                  stride_ot, stride_oh, GROUP: tl.constexpr, MERGE_G: tl.constexpr, MERGE_S: tl.constexpr,
+                  BLOCK_D: tl.constexpr):  # fmt: skip
+    """Write the decode output of kv head kvh's query heads from their first num_parts partials (split s of head h at
+    row (seq * num_q_heads + h) * num_splits + s of PART_*): sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s,
+    M = max_s m_s, taken MERGE_S splits a load with the running max rescaled as flash attention does. Loads bypass
+    L1 (.cg): other SMs wrote the partials.
+
+    Why MERGE_S at once: a loop of one split an iteration waits on each of its loads in turn (two a split, the max
+    first); at 32 splits of a 4k context that added ~9 us to a batch-1 decode launch on an H200 (2026-12-02,
+    bench_attention: 955 GB/s merged here against 1871 with the combine kernel, which loads all splits at once)."""
+    g = tl.arange(0, MERGE_G)
+    g_mask = g < GROUP
+    head = kvh * GROUP + g
+    first = (seq.to(tl.int64) * num_q_heads + head) * num_splits  # [MERGE_G]
+    s = tl.arange(0, MERGE_S)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    m_run = tl.full([MERGE_G], -1.0e30, tl.float32)
+    denom = tl.zeros([MERGE_G], tl.float32)
+    acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
+    for s0 in range(0, num_parts, MERGE_S):
+        rows = first[:, None] + s0 + s[None, :]  # [MERGE_G, MERGE_S]
+        rows_mask = g_mask[:, None] & (s0 + s < num_parts)[None, :]
+        m = tl.load(PART_M + rows, mask=rows_mask, other=-1.0e30, cache_modifier=".cg")
+        l_s = tl.load(PART_L + rows, mask=rows_mask, other=0.0, cache_modifier=".cg")
+        part_acc = tl.load(PART_ACC + rows[:, :, None] * head_dim + d[None, None, :],
+                           mask=rows_mask[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_run, tl.max(m, axis=1))
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.exp2(m - m_new[:, None])  # masked splits: l and acc 0, so no weight reaches the sums
+        denom = denom * alpha + tl.sum(w * l_s, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part_acc, axis=1)
+        m_run = m_new
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    o_rows = q_start.to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(OUT + o_rows[:, None] + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -619,6 +649,18 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, devic
     return max(1, min(want, -(-max_context // _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
 
 
+# Elements of the split partials the in-kernel merge holds at once ([MERGE_G, MERGE_S, BLOCK_D] fp32: 64 registers a
+# thread at the decode kernel's 4 warps): 16 splits a load at Llama's 4 query heads a kv head and head size 128.
+_MERGE_TILE_ELEMENTS = 8192
+
+
+def _merge_tile(group: int, block_d: int) -> dict:
+    """The in-kernel merge's tile (`_merge_splits`): query heads padded to a power of 2, and the splits a load
+    (independent of the split count, which is a runtime value: no kernel compiled per count)."""
+    merge_g = next_power_of_2(group)
+    return {"MERGE_G": merge_g, "MERGE_S": max(1, min(_MAX_SPLITS, _MERGE_TILE_ELEMENTS // (merge_g * block_d)))}
+
+
 def _tile_sizes(head_dim: int, dtype: torch.dtype, group: int) -> dict:
     """Deterministic launch settings (no autotuning: it would run inside graph capture).
 
@@ -632,7 +674,7 @@ def _tile_sizes(head_dim: int, dtype: torch.dtype, group: int) -> dict:
         "block_d": block_d,
         "prefill": {"BLOCK_M": block_m, "BLOCK_Q": block_m // group, "BLOCK_N": 32 if big else 64,
                     "num_warps": 4 if big else 8, "num_stages": 2},
-        "decode": {"BLOCK_G": max(16, next_power_of_2(group)),
+        "decode": {"BLOCK_G": max(16, next_power_of_2(group)), **_merge_tile(group, block_d),
                    "BLOCK_N": 16 if dtype == torch.float32 and block_d > 128 else 32 if big else _DECODE_BLOCK_N or 64,
                    "num_warps": 4, "num_stages": 2},
     }  # fmt: skip
