@@ -105,6 +105,7 @@ def main() -> int:
                 _timed_generate(model, ids, 8)
                 runner = model._fastllm_state.core.runner
                 times[name].append(_replay_ms(runner._graphs[("decode", runner.buckets[0])].graph))
+                print(f"{name:<24} replay {times[name][-1] * 1e3:8.1f} us", flush=True)  # kept if the call is cut
                 fastllm.release(model)
     result = {name: {"replay_ms": statistics.median(t), "replay_ms_rounds": t} for name, t in times.items()}
     config = {"model": args.model, "without": args.without, "rounds": args.rounds, "prompt": args.prompt,

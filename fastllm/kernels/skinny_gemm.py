@@ -85,6 +85,10 @@ _TILES = (
 # on both shapes (4107 / 3744 us against 4099 / 3750), 8 slower (4407 / 3871); W1-fp8 370.0 / 352.4 tok/s against
 # 371.4 (W1-fp8-nvidia-h200-20261202-skinny-programs.json).
 _PROGRAMS_PER_SM = 2
+# Measured slower, not kept: each program asking L2 (PTX prefetch.global.L2) for the start of its weight rows' K range
+# before its PDL wait, while the kernel before it still runs. Replay of the bf16 Llama-3.1-8B decode graph on an H200
+# (2026-12-02, one round, W1-replay-ab-nvidia-h200-20261202-l2-prefetch.json): 4066 / 4083 us without (two runs),
+# 4170 us with 1 KB of each row, 4466 us with 8 KB.
 _MIN_SPLIT_COLUMNS = 512
 _MAX_SPLIT_K = 16
 _REDUCE_BLOCK = 1024
