@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 # after or before (fastllm/passes/registry.py sorts them); e.g. gated_mlp runs before qkv, because gate/up
 # projections also share an input and must become one gate_up GEMM with a fused activation, not a plain
 # merged linear.
+from fastllm._numbers import as_python_number
 from fastllm.passes.registry import ALL_PASSES, DEFAULT_PASSES, select_passes
 from fastllm.quant.config import QuantConfig, resolve_quantization
 
@@ -100,17 +100,14 @@ class OptimizeConfig:
             value = getattr(self, name)
             if value is None and name != "block_size":
                 continue
-            if isinstance(value, numbers.Integral) and not isinstance(value, int):  # numpy's, as Python's
-                value = int(value)
-                setattr(self, name, value)
+            value = as_python_number(value)
+            setattr(self, name, value)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
             if name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len") and value > MAX_STEP_COUNT:
                 raise ValueError(f"{name} must be a positive integer of at most 2**31 - 1 (the step's buffers are "
                                  f"int32), got {value!r}")
-        fraction = self.kv_cache_memory_fraction
-        if isinstance(fraction, numbers.Real) and not isinstance(fraction, (int, float)):  # np.float32, as a float
-            fraction = self.kv_cache_memory_fraction = float(fraction)
+        fraction = self.kv_cache_memory_fraction = as_python_number(self.kv_cache_memory_fraction)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {fraction!r}")
 

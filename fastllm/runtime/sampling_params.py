@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
+
+from fastllm._numbers import as_python_number
 
 MAX_N = 128  # completions per prompt (OpenAI's bound)
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's bound, vLLM's default)
@@ -132,14 +133,9 @@ class SamplingParams:
         """numpy's numbers (temperature=np.float32(0.7), max_tokens=np.int64(8)) as Python's: the checks below take
         int and float only, and refused them with a message that read as a valid value. Bools stay as they are
         (refused: np.bool_ is no number to `numbers`)."""
-        for name in ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs"):
-            value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, int):
-                setattr(self, name, int(value))
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
-                setattr(self, name, float(value))
+        for name in ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "temperature", "top_p", "min_p",
+                     "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            setattr(self, name, as_python_number(getattr(self, name)))
 
     def _validate_counts(self) -> None:
         if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
@@ -175,8 +171,8 @@ class SamplingParams:
                 raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
             _check_strings("stop", self.stop, MAX_STOP_STRINGS)
         if self.stop_token_ids is not None:
-            self.stop_token_ids = [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, int) else t
-                                   for t in _as_list("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")]
+            self.stop_token_ids = [as_python_number(t) for t in
+                                   _as_list("stop_token_ids", self.stop_token_ids, "a list of integers >= 0")]
             if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
                 raise ValueError(f"stop_token_ids must be integers >= 0, got {self.stop_token_ids!r}")
             if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
