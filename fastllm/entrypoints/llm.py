@@ -135,6 +135,12 @@ class LLM:
     def _open_core(self):
         if self.core is None:
             raise RuntimeError("this LLM was closed; build a new fastllm.LLM to generate again")
+        if self.core.closed:
+            # The model's engine core is shared: another LLM's close() (or fastllm.release()) closed it under this
+            # one, whose calls then failed with errors about something else (a ValueError on max_num_seqs, an
+            # IndexError from metrics()).
+            raise RuntimeError("this LLM's engine core was closed (by close() of another LLM on the same model, or "
+                               "fastllm.release()); build a new fastllm.LLM to generate again")
         return self.core
 
     @property
@@ -143,20 +149,20 @@ class LLM:
 
     @property
     def scheduler(self):
-        return self.core.scheduler
+        return self._open_core().scheduler
 
     @property
     def async_scheduling(self) -> bool:
         return self.engine_options["async_scheduling"]
 
     def has_work(self) -> bool:
-        """Whether the model's engine core has requests (of any caller) or a step in flight."""
-        return self.core.has_work()
+        """Whether the model's engine core has requests (of any caller) or a step in flight; False once closed."""
+        return self.core is not None and not self.core.closed and self.core.has_work()
 
     @property
     def num_preemptions(self) -> int:
         """Requests preempted (blocks freed, recomputed later) on this model's engine since it was built."""
-        return self.core.scheduler.num_preemptions
+        return self._open_core().scheduler.num_preemptions
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -233,7 +239,7 @@ class LLM:
     def metrics(self) -> dict:
         """The counters of the model's engine core (see `EngineCore.metrics`): queues, KV blocks, tokens, latencies,
         step profile. Cumulative over every entry point on the model (LLMs, generate()) since its core was built."""
-        return self.core.metrics()
+        return self._open_core().metrics()
 
     def add_request(self, prompt, params: SamplingParams | dict, *, listener=None, request_id: str | None = None,
                     index: int | None = None) -> CoreRequest | RequestOutput:

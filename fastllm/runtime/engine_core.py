@@ -190,9 +190,15 @@ class EngineCore:
             raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} "
                              f"exceed the runner's {capacity} sampled rows per step; give the larger values to "
                              f"fastllm.optimize()")
+        previous = getattr(self, "scheduler", None)
         self.scheduler = Scheduler(self.runner.pool, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens,
                                    max_model_len=self.runner.max_model_len, enable_prefix_caching=enable_prefix_caching)
+        if previous is not None:
+            # The counters are the core's, cumulative since it was built (metrics(), LLM.num_preemptions): a new
+            # scheduler for other settings (another LLM's, on the same model) used to start them from zero again.
+            for name in ("num_preemptions", "tokens_scheduled", "prefix_cache_queries", "prefix_cache_hits"):
+                setattr(self.scheduler, name, getattr(previous, name))
         self.async_scheduling = async_scheduling
         self._overlap = OverlappedSteps(self.scheduler, self.runner, lambda c: c.request.request_id)
 
@@ -213,6 +219,9 @@ class EngineCore:
         if unknown:
             raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; allowed: {', '.join(SCHEDULING_OPTIONS)}")
         with self._lock:
+            # A closed core's runner has no buffers left: building a scheduler on it failed with "max_num_seqs=...
+            # exceed the runner's -1 sampled rows per step" (an LLM whose model's core another LLM closed).
+            self._check_open()
             merged = self.scheduling_options() | options
             if merged == self.scheduling_options():
                 return
@@ -238,11 +247,14 @@ class EngineCore:
             eos_token_ids: the ids that end it unless `params.ignore_eos` (default: the model's).
         """
         with self._lock:
-            if self.closed:
-                raise RuntimeError("this engine was closed (fastllm.release() or LLM.close()); optimize the model or "
-                                   "build an LLM again")
+            self._check_open()
             return self._add(list(prompt_token_ids), params, request_id, prompt, tokenizer, listener, return_scores,
                              arrival_time, self.eos_token_ids if eos_token_ids is None else frozenset(eos_token_ids))
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this engine was closed (fastllm.release() or LLM.close()); optimize the model or "
+                               "build an LLM again")
 
     def _add(self, prompt_ids, params, request_id, prompt, tokenizer, listener, return_scores, arrival_time,
              eos_token_ids) -> CoreRequest:
@@ -450,9 +462,16 @@ class EngineCore:
             if c.logprobs is not None and entry is not None:
                 c.logprobs.append(entry)
             tokens = c.request.output_token_ids
-            if (not c.request.is_finished and c.stop is not None and len(tokens) >= c.owner.params.min_tokens
+            # A token that ended the request by length (max_tokens or the context) may also complete a stop string:
+            # as in vLLM, that is a "stop" and the text is cut (checking unfinished requests only kept the stop
+            # string in the text, with "length", when the last allowed token spelled it).
+            ending = not c.request.is_finished or c.request.finish_reason == "length"
+            if (ending and c.stop is not None and len(tokens) >= c.owner.params.min_tokens
                     and c.stop.hit(tokens)):
-                self.scheduler.finish(c.request, "stop")
+                if c.request.is_finished:
+                    c.request.finish_reason = "stop"  # its blocks are already free; only the reason changes
+                else:
+                    self.scheduler.finish(c.request, "stop")
                 c.stopped_by_string = True
             if c.request.is_finished:
                 self._complete(c, now)
@@ -606,6 +625,7 @@ class EngineCore:
         (`step_seconds`: schedule, execute = prepare and launch, sample = wait for the GPU and pick tokens,
         update = bookkeeping)."""
         with self._lock:
+            self._check_open()  # its runner's cache is gone: kv_cache_info() raised IndexError
             busy = sum(self.step_seconds.values())
             return {
                 **self.scheduler.stats(),

@@ -20,9 +20,11 @@ class StopStrings:
         if not self.stops or not all(isinstance(s, str) and s for s in self.stops):
             raise ValueError(f"stop strings must be non-empty strings, got {stops!r}")
         self.tokenizer = tokenizer
-        # Trailing tokens enough to hold the longest stop string: every token decodes to at least one character,
-        # except some that decode to an empty prefix of a multi-byte character: keep a margin.
-        self.window = max(len(s) for s in self.stops) + 2
+        # Trailing tokens enough to hold the longest stop string. Counted in UTF-8 bytes, not characters: a
+        # byte-level vocabulary may spell one character with a token per byte (SmolLM2 spells U+20000 with four), so
+        # a window of characters missed such a stop string altogether. Every token decodes to at least one byte,
+        # except some that decode to nothing: keep a margin.
+        self.window = max(len(s.encode("utf-8", "surrogatepass")) for s in self.stops) + 2
 
     def hit(self, tokens: Sequence[int]) -> bool:
         """Whether the newest token completes a stop string (decodes only the last `window` tokens)."""
