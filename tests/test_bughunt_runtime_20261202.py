@@ -149,3 +149,30 @@ def test_scheduler_counters_survive_another_llms_settings(qwen_path):
     for key in ("tokens_scheduled", "prefix_cache_queries", "prefix_cache_hits"):
         assert after[key] >= before[key], key
     assert after["tokens_scheduled"] == before["tokens_scheduled"] + 31  # its prompt of 30, then one decode
+
+
+def test_token_ids_as_tensors_or_numpy_arrays_are_prompts(tmp_path):
+    # A tokenizer's return_tensors output: LLM.generate(torch.tensor([1, 2, 3])) returned three empty "abort" outputs
+    # (each element read as a prompt and refused as "got Tensor"), [tensor] and numpy ids one; now each is one prompt,
+    # and a 2-D array (whose rows may hold padding) is refused saying what to pass
+    import numpy as np
+    import transformers as T
+
+    config = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path))
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    expected = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert len(expected) == 3
+    for prompts in (torch.tensor([1, 2, 3]), [torch.tensor([1, 2, 3], dtype=torch.int32)], np.array([1, 2, 3]),
+                    [np.array([1, 2, 3])], [np.int64(1), np.int64(2), np.int64(3)], [[np.int32(1), 2, 3]]):
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        assert [(o.prompt_token_ids, o.outputs[0].token_ids, o.error) for o in outputs] == [([1, 2, 3], expected, None)]
+    with pytest.raises(ValueError, match=r"1-D token ids of an integer dtype, got shape \(1, 3\).*without their "
+                                         r"padding"):
+        llm.generate(torch.tensor([[1, 2, 3]]), params, use_tqdm=False)
+    bad = llm.generate([torch.tensor([1.0, 2.0])], params, use_tqdm=False)[0]
+    assert bad.outputs[0].finish_reason == "abort" and "integer dtype" in bad.error
+    llm.close()

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastllm._log import logger
+from fastllm._numbers import as_python_number
 from fastllm.config import OptimizeConfig
 from fastllm.entrypoints.model_state import model_eos_ids, optimize_in_place
 from fastllm.quant.checkpoints import load_prequantized
@@ -169,14 +170,16 @@ class LLM:
         """Complete every prompt; returns one `RequestOutput` per prompt, in input order.
 
         Args:
-            prompts: a string, a list of strings, a list of token-id lists, or one token-id list.
+            prompts: a string, a list of strings, a list of token-id lists, or one token-id list; a token-id list
+                may be a 1-D integer tensor or numpy array (a 2-D one is refused: pass its rows without padding).
             sampling_params: one `SamplingParams` for all prompts, or a list with one per prompt (a dict of
                 SamplingParams fields also works; an invalid one aborts that request alone). Default:
                 `SamplingParams()`.
             use_tqdm: show a progress bar over requests.
 
         Raises:
-            ValueError: `sampling_params` is a list whose length differs from the number of prompts.
+            ValueError: `sampling_params` is a list whose length differs from the number of prompts; `prompts` is
+                none of the forms above.
             RuntimeError: a model step failed (the message says why; every request of the call has ended).
         """
         prompts = _as_prompt_list(prompts)
@@ -271,7 +274,11 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("a string prompt needs a tokenizer: pass LLM(..., tokenizer=...) or token ids")
             return list(self.tokenizer(prompt).input_ids)
+        ids = _array_token_ids(prompt)
+        if ids is not None:
+            return ids
         if isinstance(prompt, (list, tuple)):
+            prompt = [as_python_number(t) for t in prompt]  # numpy's ints (a tokenizer's np output) as Python's
             # One entry named: "got list" told the caller nothing about which of its ids was wrong
             bad = next(((i, t) for i, t in enumerate(prompt) if not isinstance(t, int) or isinstance(t, bool)), None)
             if bad is None:
@@ -309,15 +316,32 @@ def _tokenizer_eos(tokenizer) -> frozenset[int]:
     return frozenset() if eos is None else frozenset([eos])
 
 
+def _array_token_ids(prompt) -> list[int] | None:
+    """One prompt's token ids from a 1-D integer torch tensor or numpy array (a tokenizer's return_tensors output, one
+    row of it); None for anything else. Each was read as a list of one-token prompts, or refused as "got Tensor". A
+    2-D one is refused: its rows may hold padding, which would become prompt tokens."""
+    if not (isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy" and hasattr(prompt, "ndim")):
+        return None
+    integer = not (prompt.dtype.is_floating_point or prompt.dtype.is_complex or prompt.dtype == torch.bool) \
+        if isinstance(prompt, torch.Tensor) else prompt.dtype.kind in "iu"
+    if not integer or prompt.ndim != 1:
+        raise ValueError(f"a prompt given as an array must be 1-D token ids of an integer dtype, got shape "
+                         f"{tuple(prompt.shape)} of {prompt.dtype}; for a batch pass a list of its rows without their "
+                         f"padding (e.g. [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)])")
+    return [int(t) for t in prompt.tolist()]
+
+
 def _as_prompt_list(prompts) -> list:
     if isinstance(prompts, str):
+        return [prompts]
+    if _array_token_ids(prompts) is not None:  # one prompt's ids as a 1-D array (2-D: refused, saying why)
         return [prompts]
     try:
         prompts = list(prompts)
     except TypeError:  # None or a number: list()'s "object is not iterable" named neither the argument nor its forms
         raise ValueError(f"prompts must be a string, a list of strings or of token-id lists, or one token-id list; "
                          f"got {type(prompts).__name__}") from None
-    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+    if prompts and all(isinstance(as_python_number(t), int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one tokenized prompt
     return prompts
 
