@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastllm import kernels
 from fastllm.passes._context import PassContext
-from fastllm.passes._graph import arg
+from fastllm.passes._graph import arg, is_op
 from fastllm.quant import fp8, int_weight
 from fastllm.quant.resident import QuantizedRows
 
@@ -56,8 +56,9 @@ def apply(ctx: PassContext) -> int:
     if config is None or config.weights is None:  # not quantized, or only the KV cache (the runner's business)
         return 0
     count = 0
+    left = _as_linears(ctx, config)
     counters = _split_counters(ctx) if config.weights == "int4" else None
-    _warn_unmatched_excludes(ctx, config)
+    _warn_unmatched_excludes(ctx, config, left)
     for node, weight in ctx.linears():
         if not weight.is_floating_point():
             continue
@@ -90,10 +91,72 @@ def apply(ctx: PassContext) -> int:
     return count
 
 
-def _warn_unmatched_excludes(ctx: PassContext, config) -> None:
+def _weight_matmul(ctx: PassContext, node) -> tuple | None:
+    """(x, weight node, transposed view or None, bias node or None) when `node` multiplies its input by a model
+    parameter's weight without F.linear: GPT-2's Conv1D, `addmm(bias, x, W)` with W [K, N], or Falcon's
+    `x @ W.T` with W [N, K]; else None."""
+    if node.op != "call_function":
+        return None
+    if node.target is torch.addmm and len(node.args) == 3 and all(node.kwargs.get(k, 1) == 1
+                                                                    for k in ("beta", "alpha")) \
+            and set(node.kwargs) <= {"beta", "alpha"}:
+        bias, x, w = node.args
+        weight, b = ctx.weight(w), ctx.tensor(bias)
+        if weight is not None and weight.dim() == 2 and (b is None or b.shape == (weight.shape[1],)) \
+                and ctx.module_names(weight):
+            return x, w, weight.t(), bias
+        return None
+    if is_op(node, "matmul") and len(node.args) == 2 and not node.kwargs:
+        x, t = node.args
+        transposed = isinstance(t, torch.fx.Node) and (
+            (t.op == "call_function" and t.target is getattr and t.args[1:] in (("T",), ("mT",)))
+            or (is_op(t, "transpose") and set(t.args[1:]) in ({0, 1}, {-1, -2}))
+            or (t.op in ("call_function", "call_method") and t.target in (torch.t, "t") and len(t.args) == 1))
+        weight = ctx.weight(t.args[0]) if transposed else None
+        if weight is not None and weight.dim() == 2 and ctx.module_names(weight):
+            return x, t.args[0], None, None
+    return None
+
+
+def _as_linears(ctx: PassContext, config) -> set[str]:
+    """Model weights multiplied without F.linear (GPT-2's Conv1D, Falcon's FalconLinear: `x @ W.T`) were quantized by
+    nobody: `quantization=` left every layer of those models in their dtype, silently, and explain() listed none.
+    The layers this pass will take become F.linear calls on their [N, K] weight (a Conv1D's a transposed view of its
+    parameter), which the loop in `apply` then quantizes like any other; the others are left as they are. Returns
+    the names of the layers left (an `exclude` entry that names one is no typo)."""
+    left: set[str] = set()
+    for node in list(ctx.gm.graph.nodes):
+        found = _weight_matmul(ctx, node)
+        if found is None:
+            continue
+        x, weight_node, transposed, bias = found
+        weight = transposed if transposed is not None else ctx.weight(weight_node)
+        names = ctx.module_names(weight)
+        if any(config.excludes(n) for n in names) or (
+                ctx.prequantized is not None and not all(n in ctx.prequantized.layers for n in names)):
+            left.update(names)
+            continue
+        layer = "+".join(names)
+        if ctx.prequantized is None and config.weights == "int4" and weight.shape[1] % config.group_size:
+            ctx.quantized_layers[layer] = f"not quantized: in-features {weight.shape[1]} not a multiple of " \
+                                          f"group size {config.group_size}"
+            continue
+        with ctx.gm.graph.inserting_before(node):
+            w = ctx.constant(transposed, before=node) if transposed is not None else weight_node
+            linear = ctx.gm.graph.call_function(F.linear, (x, w, bias))
+        linear.meta.update(node.meta)
+        old_weight = node.args[1]
+        node.replace_all_uses_with(linear)
+        ctx.gm.graph.erase_node(node)
+        if old_weight.op != "placeholder" and not old_weight.users:  # the `.T` / `.t()` that fed the matmul
+            ctx.gm.graph.erase_node(old_weight)
+    return left
+
+
+def _warn_unmatched_excludes(ctx: PassContext, config, others: set[str] = frozenset()) -> None:
     """A warning naming the `exclude` entries that match none of the graph's linear layers: such an entry keeps
     nothing in the model's dtype, and the layer it was meant for (a typo, a name of another model) is quantized."""
-    names = {name for _, weight in ctx.linears() for name in ctx.module_names(weight)}
+    names = {name for _, weight in ctx.linears() for name in ctx.module_names(weight)} | set(others)
     unmatched = config.unmatched_excludes(names)
     if names and unmatched:
         example = max(sorted(names), key=lambda name: name.count("."))  # the first of the deepest names
@@ -151,6 +214,10 @@ def _record_rows(ctx: PassContext, names: list[str], weight: torch.Tensor, schem
         part = ctx.parameters.get(name + ".weight")
         if part is None or part.dim() != 2:
             continue
+        if len(names) == 1 and part.shape != weight.shape and part.t().shape == weight.shape:
+            # a Conv1D's weight [K, N], quantized as its transpose (_as_linears): all N rows are this module's
+            ctx.merger.quantized_rows[name] = QuantizedRows(LAUNCHERS[scheme], tensors, 0, weight.shape[0], order)
+            continue
         row0 = (part.storage_offset() - weight.storage_offset()) // k
         ctx.merger.quantized_rows[name] = QuantizedRows(LAUNCHERS[scheme], tensors, row0, part.shape[0], order)
 
@@ -169,6 +236,12 @@ def _from_checkpoint(ctx: PassContext, layer: str, names: list[str], weight: tor
     it unquantized, or its parts cannot share one kernel (reported)."""
     found = [ctx.prequantized.layers.get(n) for n in names]
     if all(t is None for t in found):
+        # Quantized in the checkpoint but run dequantized (a block-wise FP8 weight its blocks do not tile): said so,
+        # as for a merged layer with such a part (a layer alone was listed nowhere)
+        reasons = [(n, ctx.prequantized.unquantized[n]) for n in names if n in ctx.prequantized.unquantized]
+        if reasons:
+            ctx.quantized_layers[layer] = reasons[0][1] if len(names) == 1 else "not quantized: " + "; ".join(
+                f"{n}: {why.removeprefix('not quantized: ')}" for n, why in reasons)
         return None
     if any(t is None for t in found):
         missing = [n for n, t in zip(names, found) if t is None]

@@ -57,6 +57,9 @@ class Prequantized:
     # Act-order GPTQ: module name -> the order of its input channels its quantized tensors hold (int64 [K]); the
     # layer computes x[..., order] @ W[:, order]^T, which is x @ W^T
     input_orders: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Layers the checkpoint quantized that fastllm runs on their dequantized weights: module name -> why (a
+    # block-wise FP8 weight its blocks do not tile), for explain() (such a layer was listed nowhere)
+    unquantized: dict[str, str] = field(default_factory=dict)
 
 
 SUPPORTED = ("compressed-tensors FP8 (float 8-bit weights per channel or per tensor, activations dynamic per token or "
@@ -74,7 +77,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 def checkpoint_scheme(quantization_config) -> tuple[str, int]:
     """(fastllm scheme, int4 group size) a checkpoint's `quantization_config` maps onto; ValueError saying what is
     supported."""
-    qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    qc = _as_dict(quantization_config)
     method = qc.get("quant_method")
     supported = SUPPORTED
     if method == "gptq":
@@ -92,28 +95,53 @@ def checkpoint_scheme(quantization_config) -> tuple[str, int]:
     if method != "compressed-tensors":
         raise ValueError(f"quantized checkpoint with quant_method {method!r} is not supported yet; fastllm loads "
                          f"{supported}")
-    for name, group in (qc.get("config_groups") or {}).items():
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict):  # (a list crashed on .items(), naming nothing)
+        raise ValueError(f"the checkpoint's compressed-tensors config_groups must map group names to their settings, "
+                         f"got a {type(groups).__name__}; fastllm loads {supported}")
+    for name, group in groups.items():
+        if not isinstance(group, dict):
+            raise ValueError(f"config group {name!r} must be a mapping of its settings, got {group!r:.80}; fastllm "
+                             f"loads {supported}")
         weights, inputs = group.get("weights") or {}, group.get("input_activations")
-        if not (weights.get("type") == "float" and weights.get("num_bits") == 8
+        # settings of another type than a mapping are refused as unsupported (they crashed on .get)
+        if not isinstance(weights, dict) or not (weights.get("type") == "float" and weights.get("num_bits") == 8
                 and weights.get("strategy") in ("channel", "tensor") and weights.get("symmetric", True)):
             raise ValueError(f"config group {name!r} quantizes weights as {weights}; fastllm loads {supported}")
-        if inputs and not (inputs.get("dynamic") and inputs.get("strategy") == "token"):
+        if inputs and not (isinstance(inputs, dict) and inputs.get("dynamic") and inputs.get("strategy") == "token"):
             raise ValueError(f"config group {name!r} quantizes activations as {inputs} (static scales); fastllm "
                              f"loads {supported}")
     if not qc.get("config_groups"):
         raise ValueError(f"the checkpoint's compressed-tensors config has no config_groups; fastllm loads {supported}")
     kv = qc.get("kv_cache_scheme")
-    if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8 and kv.get("strategy") == "tensor"
-                   and not kv.get("dynamic")):
-        raise ValueError(f"the checkpoint's KV cache scheme {kv} is not supported; fastllm loads an FP8 KV cache with "
-                         "one static scale per layer for K and one for V")
+    if kv and not (isinstance(kv, dict) and kv.get("type") == "float" and kv.get("num_bits") == 8
+                   and kv.get("strategy") == "tensor" and not kv.get("dynamic")):
+        raise ValueError(f"the checkpoint's KV cache scheme {kv!r} is not supported; fastllm loads an FP8 KV cache "
+                         "with one static scale per layer for K and one for V")
     return "fp8", 128
+
+
+def _as_dict(quantization_config) -> dict:
+    """A config's `quantization_config` as a dict (transformers may hand over its own config object); ValueError for
+    anything else (a string crashed on .to_dict(), naming nothing)."""
+    if isinstance(quantization_config, dict):
+        return quantization_config
+    if callable(getattr(quantization_config, "to_dict", None)):
+        return quantization_config.to_dict()
+    raise ValueError(f"the checkpoint's quantization_config must be a mapping of its settings (quant_method, ...), "
+                     f"got {quantization_config!r:.80}; fastllm loads {SUPPORTED}")
+
+
+def _group_size_ok(group_size) -> bool:
+    """An int of the supported group sizes (64.0 == 64 passed `in`, then QuantConfig refused it at optimize() time,
+    as if the user had passed it)."""
+    return isinstance(group_size, int) and not isinstance(group_size, bool) and group_size in (32, 64, 128)
 
 
 def _gptq_group_size(qc: dict) -> int:
     settings = {"bits": qc.get("bits"), "group_size": qc.get("group_size"),
                 "checkpoint_format": qc.get("checkpoint_format", "gptq")}
-    if (settings["bits"] != 4 or settings["group_size"] not in (32, 64, 128)
+    if (settings["bits"] != 4 or not _group_size_ok(settings["group_size"])
             or settings["checkpoint_format"] != "gptq"):
         raise ValueError(f"GPTQ checkpoint with {settings} is not supported; fastllm loads {SUPPORTED}")
     return settings["group_size"]
@@ -122,7 +150,7 @@ def _gptq_group_size(qc: dict) -> int:
 def _awq_group_size(qc: dict) -> int:
     settings = {"bits": qc.get("bits", qc.get("w_bit")), "group_size": qc.get("group_size", qc.get("q_group_size")),
                 "zero_point": qc.get("zero_point", True), "version": str(qc.get("version", "gemm")).lower()}
-    if (settings["bits"] != 4 or settings["group_size"] not in (32, 64, 128) or settings["zero_point"] is not True
+    if (settings["bits"] != 4 or not _group_size_ok(settings["group_size"]) or settings["zero_point"] is not True
             or settings["version"] != "gemm"):
         raise ValueError(f"AWQ checkpoint with {settings} is not supported; fastllm loads {SUPPORTED}")
     return settings["group_size"]
@@ -194,9 +222,11 @@ def _from_awq(tensors: dict, layer: str, group_size: int) -> tuple[torch.Tensor,
     return _int4_tensors(columns(qweight), scales, columns(qzeros))
 
 
-def _from_gptq(tensors: dict, layer: str, group_size: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+def _from_gptq(tensors: dict, layer: str, group_size: int,
+               act_order: bool = False) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
     """A GPTQ layer's (qweight, qzeros, scales[, g_idx]) -> (fastllm's int4: packed [N, K // 2], scales [N, K // g],
-    and zeros like scales unless every zero is the symmetric 8; the input channels' order for act-order, else None)."""
+    and zeros like scales unless every zero is the symmetric 8; the input channels' order for act-order, else None).
+    `act_order` (the config's desc_act): the layer must carry its g_idx."""
     layout = "GPTQ's layout"
     qweight = tensors[layer + ".qweight"]
     k, n = 8 * qweight.shape[0], qweight.shape[1]
@@ -207,7 +237,10 @@ def _from_gptq(tensors: dict, layer: str, group_size: int) -> tuple[tuple[torch.
     _check_finite(layer, "scales", scales)
     codes = _nibbles(qweight, 0)  # [K, N]: input channel 8r + i
     zeros = _nibbles(qzeros, 1) + 1  # [K / g, N]; the "gptq" format stores zero - 1
-    g_idx = tensors.get(layer + ".g_idx")
+    # With desc_act the channels were quantized in an order only g_idx records: without it the layer loaded in the
+    # natural order, its weights silently wrong
+    g_idx = _companion(tensors, layer, ".g_idx", "GPTQ's layout with desc_act") if act_order else \
+        tensors.get(layer + ".g_idx")
     order = None
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group_size):
         order = _act_order(g_idx.long(), k, group_size, layer)
@@ -275,7 +308,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
     if quantization_config is None:
         raise ValueError(f"{path} is not a quantized checkpoint (its config has no quantization_config)")
     scheme, group_size = checkpoint_scheme(quantization_config)
-    qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    qc = _as_dict(quantization_config)
     method, block = qc.get("quant_method"), tuple(qc.get("weight_block_size") or ())  # block: block-wise FP8
     del config.quantization_config
     with init_empty_weights():
@@ -291,7 +324,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
         if name.endswith(".qweight"):  # GPTQ or AWQ
             layer = name.removesuffix(".qweight")
             int4, order = (_from_awq(tensors, layer, group_size), None) if method == "awq" else \
-                _from_gptq(tensors, layer, group_size)
+                _from_gptq(tensors, layer, group_size, act_order=bool(qc.get("desc_act")))
             prequantized.layers[layer] = int4
             if order is not None:
                 prequantized.input_orders[layer] = order
@@ -303,9 +336,17 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
             state[name] = dequantize_blocks(tensor, scale_inv, dtype, block)
             if tensor.shape[0] % block[0] or tensor.shape[1] % block[1]:
                 untiled.append(f"{layer} {tuple(tensor.shape)}")  # partial edge blocks: runs its dequantized weight
+                prequantized.unquantized[layer] = (f"not quantized: blocks of {block[0]}x{block[1]} do not tile its "
+                                                   f"weight of {tuple(tensor.shape)}; it runs its dequantized weight")
             else:
                 prequantized.layers[layer] = (tensor.contiguous(), scale_inv)
             continue
+        if name.endswith(".weight") and tensor.is_floating_point() and tensor.element_size() == 1 \
+                and tensor.dtype != FP8:
+            # Another float8 format (e5m2, ...): the config's "float, 8 bits" fits it too, but fastllm's FP8 is e4m3;
+            # such weights loaded as the model's float weights, their raw codes unscaled (garbage, silently)
+            raise ValueError(f"{name} is stored as {str(tensor.dtype).removeprefix('torch.')}; fastllm's FP8 "
+                             f"layouts hold weights as float8_e4m3fn (fastllm loads {SUPPORTED})")
         if name.endswith(".weight") and tensor.dtype == FP8:
             layer = name.removesuffix(".weight")
             scale = _channel_scales(tensors, layer, tensor.shape[0])
@@ -368,14 +409,23 @@ def _kv_scales(tensors: dict[str, torch.Tensor], qc: dict) -> list[tuple[float, 
                       key=lambda n: [int(p) if p.isdigit() else p for p in n.split(".")])
     scales = []
     for prefix in prefixes:
-        pair = tuple(float(_companion(tensors, prefix, f".{kv}_scale", "compressed-tensors' kv_cache_scheme")
-                           .float().reshape(-1)[0]) for kv in "kv")
+        pair = tuple(_kv_scale(tensors, prefix, kv) for kv in "kv")
         if not all(math.isfinite(s) and s > 0 for s in pair):
             raise ValueError(f"{prefix}: KV cache scales must be finite and positive, got {pair}")
         scales.append(pair)
     if not scales:
         raise ValueError("the checkpoint declares a kv_cache_scheme but holds no k_scale / v_scale tensors")
     return scales
+
+
+def _kv_scale(tensors: dict[str, torch.Tensor], prefix: str, kv: str) -> float:
+    """One layer's k_scale or v_scale, one number (a tensor of several, one per head, was read as its first number,
+    the others dropped silently)."""
+    scale = _companion(tensors, prefix, f".{kv}_scale", "compressed-tensors' kv_cache_scheme")
+    if scale.numel() != 1:
+        raise ValueError(f"{prefix}: {kv}_scale has {scale.numel()} numbers; fastllm loads an FP8 KV cache with one "
+                         "static scale per layer for K and one for V (kv_cache_scheme strategy 'tensor')")
+    return float(scale.float().reshape(-1)[0])
 
 
 def _tied(model, name: str) -> bool:

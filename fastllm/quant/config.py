@@ -98,11 +98,16 @@ class QuantConfig:
             return
         if self.kv_scales != "auto":
             raise ValueError("kv_calibration_ids is the calibration prompt of kv_scales='auto'; set that too")
-        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__") or len(ids) == 0 or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        # A tokenizer's ids as a tensor or numpy array (return_tensors="pt" / "np"), or numpy's ints, are token ids
+        # too (they were refused): read as Python ints; a 2-D one's rows are lists, refused below
+        values = ids.tolist() if callable(getattr(ids, "tolist", None)) and not isinstance(ids, (list, tuple)) \
+            else ids
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) == 0 or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
+                for t in values):
             raise ValueError(f"kv_calibration_ids must be a non-empty sequence of token ids (ints >= 0), got "
                              f"{ids!r:.80}")
-        object.__setattr__(self, "kv_calibration_ids", tuple(ids))
+        object.__setattr__(self, "kv_calibration_ids", tuple(int(t) for t in values))
 
     def excludes(self, module_name: str) -> bool:
         """Whether `module_name` ("model.layers.0.mlp.down_proj") is one of the excluded layers."""

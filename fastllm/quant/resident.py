@@ -8,7 +8,8 @@ are its parts', in order), and its weight parameter becomes an empty tensor of t
 Face's own forward (the calls fastllm hands to it: `past_key_values`, `labels`, ...) then runs the same quantized
 math as the compiled step, instead of weights the compiled step does not use.
 
-A weight whose storage another module also reads (an LM head tied to the embedding) keeps its float copy.
+A weight whose storage another module also reads (an LM head tied to the embedding) keeps its float copy; its
+module runs quantized all the same.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def quantized_module_names(model: torch.nn.Module) -> list[str]:
             and vars(module)["forward"].func is _quantized_forward]
 
 
+def _is_linear(module: torch.nn.Module) -> bool:
+    """A module whose forward is x @ W^T + bias over its quantized rows: nn.Linear, or GPT-2's Conv1D (x @ W + bias
+    with W [K, N], quantized as its transpose: the quantize pass takes its addmm)."""
+    if isinstance(module, torch.nn.Linear):
+        return True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, Conv1D)
+
+
 def release_float_weights(model: torch.nn.Module, quantized: dict[str, QuantizedRows],
                           merged: dict[tuple, torch.Tensor]) -> int:
     """Point each quantized module (by name) at its quantized rows and free its float weight; drop the merged float
@@ -64,13 +77,16 @@ def release_float_weights(model: torch.nn.Module, quantized: dict[str, Quantized
     for name, rows in quantized.items():
         module = model.get_submodule(name)
         weight = module.weight
-        if not isinstance(module, torch.nn.Linear) or weight.numel() == 0:
+        if not _is_linear(module) or weight.numel() == 0:
             continue
         sharing = readers.get(weight.untyped_storage().data_ptr(), set())
-        if not all(n in quantized and isinstance(model.get_submodule(n), torch.nn.Linear) for n in sharing):
-            continue  # tied to a module that reads the float weight (an embedding)
-        released.add(weight.untyped_storage().data_ptr())
         module.forward = functools.partial(_quantized_forward, rows.launcher, rows.part(), rows.input_order, module)
+        if not all(n in quantized and _is_linear(model.get_submodule(n)) for n in sharing):
+            # Tied to a module that reads the float weight (an embedding): the weight stays, but the module runs
+            # quantized all the same (it ran its float weight in Hugging Face's forward, so model(ids, labels=...)
+            # or with past_key_values gave other logits than the compiled step's)
+            continue
+        released.add(weight.untyped_storage().data_ptr())
         freed += weight.numel() * weight.element_size()
         weight.data = weight.new_empty(0)
     for key in [k for k, tensor in merged.items() if tensor.untyped_storage().data_ptr() in released]:
