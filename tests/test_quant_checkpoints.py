@@ -129,8 +129,14 @@ def test_unsupported_layouts_say_what_is_supported(tmp_path):
                               "zero_point": True}) == ("int4", 32)
     static = _compressed_tensors_config("channel", {"num_bits": 8, "type": "float", "strategy": "tensor",
                                                     "dynamic": False})
-    with pytest.raises(ValueError, match="static scales"):
+    with pytest.raises(ValueError, match="activations as .*'dynamic': False.*; fastllm takes activation scales made "
+                                         "per token at run time"):
         checkpoint_scheme(static)
+    dynamic_tensor = _compressed_tensors_config("channel", {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                            "dynamic": True})
+    with pytest.raises(ValueError, match="'strategy': 'tensor'.*made per token at run time \\(dynamic, strategy "
+                                         "'token'\\)"):
+        checkpoint_scheme(dynamic_tensor)
     int4 = _compressed_tensors_config("group", None)
     int4["config_groups"]["group_0"]["weights"].update(type="int", num_bits=4)
     with pytest.raises(ValueError, match="quantizes weights as"):

@@ -109,8 +109,9 @@ def checkpoint_scheme(quantization_config) -> tuple[str, int]:
                 and weights.get("strategy") in ("channel", "tensor") and weights.get("symmetric", True)):
             raise ValueError(f"config group {name!r} quantizes weights as {weights}; fastllm loads {supported}")
         if inputs and not (isinstance(inputs, dict) and inputs.get("dynamic") and inputs.get("strategy") == "token"):
-            raise ValueError(f"config group {name!r} quantizes activations as {inputs} (static scales); fastllm "
-                             f"loads {supported}")
+            # (said "static scales" of every refused setting: a dynamic per-tensor one too)
+            raise ValueError(f"config group {name!r} quantizes activations as {inputs}; fastllm takes activation "
+                             f"scales made per token at run time (dynamic, strategy 'token') and loads {supported}")
     if not qc.get("config_groups"):
         raise ValueError(f"the checkpoint's compressed-tensors config has no config_groups; fastllm loads {supported}")
     kv = qc.get("kv_cache_scheme")
