@@ -36,7 +36,10 @@ def install_forward(model, state: ModelState) -> None:
             bound = signature.bind(*args, **kwargs)
         except TypeError:
             bound = None  # let HF's forward raise its own message
-        reason = "arguments that do not bind to the forward" if bound is None else _eager_reason(bound.arguments)
+        # The forward's **kwargs (return_dict, ...) flattened into its named arguments: _eager_reason read them, but
+        # popped them from bound.arguments, so the compiled step never saw them (return_dict=False was ignored)
+        arguments = None if bound is None else _flat_arguments(bound.arguments)
+        reason = "arguments that do not bind to the forward" if bound is None else _eager_reason(arguments)
         reason = reason or state.hf_path_reason()
         core = state.engine() if reason is None else None
         if core is None:
@@ -45,15 +48,20 @@ def install_forward(model, state: ModelState) -> None:
             state.eager_forward_reason = reason or state.fallback_reason
             return state.original_forward(*args, **kwargs)
         state.forward_routes["compiled"] += 1
-        return _compiled_forward(model, core, bound.arguments)
+        return _compiled_forward(model, core, arguments)
 
     model.forward = forward
 
 
+def _flat_arguments(arguments: dict) -> dict:
+    """The bound arguments with the forward's **kwargs merged in (a new dict: the bound one is left as it is)."""
+    arguments = dict(arguments)
+    extra = dict(arguments.pop("kwargs", {}) or {})
+    return {**arguments, **extra}
+
+
 def _eager_reason(arguments: dict) -> str | None:
     """Why a call must run HF's forward, or None if the compiled step can take it."""
-    extra = dict(arguments.pop("kwargs", {}) or {})
-    arguments = {**arguments, **extra}
     used = sorted(name for name, value in arguments.items() if name not in _HANDLED and value is not None)
     if used:
         return f"called with {', '.join(used)}"

@@ -63,8 +63,9 @@ def install_generate(model, state: ModelState) -> None:
                 warnings.warn(f"fastllm's generate() does not implement {', '.join(unsupported)}; this call runs "
                               f"Hugging Face's generate (unfused) instead", RuntimeWarning, stacklevel=2)
             return hf_generate(inputs, generation_config, **kwargs, **own)
-        if inputs is None:
-            inputs = model_kwargs.get("input_ids")
+        # HF's own resolution of the prompt: `input_ids=` as well as `inputs` is refused (the keyword was silently
+        # dropped), and no prompt at all starts from BOS ([[bos_token_id]]; it raised "input_ids must be ...")
+        inputs, _, model_kwargs = model._prepare_model_inputs(inputs, gc.bos_token_id, dict(model_kwargs))
         return run_generate(model, core, inputs, model_kwargs.get("attention_mask"), gc=gc,
                             default_max_length=default_max_length, **own)
 
@@ -108,6 +109,8 @@ def _num_sequences(inputs, model_kwargs: dict, gc) -> int:
 def _first(ids) -> int | None:
     if ids is None:
         return None
+    if isinstance(ids, torch.Tensor):  # eos_token_id=torch.tensor([a, b]): int() of it raised "only one element
+        ids = ids.flatten().tolist()   # tensors can be converted to Python scalars" when pad_token_id was unset
     return ids[0] if isinstance(ids, (list, tuple)) else int(ids)
 
 
@@ -176,6 +179,13 @@ def sampling_params(gc, eos: list[int]) -> SamplingParams:
             raise ValueError(f"invalid generation argument: temperature (={gc.temperature}) must be > 0 with "
                              "do_sample=True; for greedy decoding set do_sample=False")
         top_k, top_p = gc.top_k or 0, gc.top_p if gc.top_p is not None else 1.0
+        if type(top_k) is int and top_k < 0:
+            # HF's top-k filter refuses it; SamplingParams took -1 as vLLM's "off" and sampled the whole vocabulary
+            raise ValueError(f"invalid generation argument: top_k must be a positive integer (0 = off), got {top_k}")
+        if type(top_p) in (int, float) and 1 < top_p < float("inf"):
+            # HF applies top-p below 1 only: above it nothing is filtered (SamplingParams refused it: "top_p must be
+            # in (0, 1]"); inf stays refused as not finite (tests/test_robustness.py)
+            top_p = 1.0
         if type(top_p) in (int, float) and top_p == 0:
             # HF's top-p range is [0, 1]; at 0 its filter keeps the one most likely token (min_tokens_to_keep), which
             # is top_k=1 (SamplingParams takes top_p in (0, 1], vLLM's range)
@@ -202,6 +212,10 @@ def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: to
             raise ValueError(f"max_length={gc.max_length} leaves no new token after the prompt of "
                              f"{input_ids.shape[1]} tokens (max_length counts the prompt); give a larger max_length "
                              f"or max_new_tokens")
+        if gc.max_new_tokens <= 0:  # no length given, the prompt fills the positions: the same wrong name
+            raise ValueError(f"the prompt of {input_ids.shape[1]} tokens leaves no room for a new token in "
+                             f"{type(model).__name__}'s {model.config.max_position_embeddings} positions "
+                             f"(config.max_position_embeddings)")
     if gc.min_new_tokens is None and gc.min_length:
         gc.min_new_tokens = max(0, gc.min_length - input_ids.shape[1])
     gc.validate()  # HF's own checks and messages (e.g. num_return_sequences > 1 needs sampling)
@@ -274,10 +288,12 @@ def _outputs(input_ids, completions, pad: int, gc):
     tokens = [c.request.output_token_ids for c in completions]
     n_return = len(completions) // input_ids.shape[0]
     new = max(len(t) for t in tokens)
-    prompt = input_ids.repeat_interleave(n_return, dim=0)
-    generated = torch.full((len(completions), new), pad, dtype=input_ids.dtype, device=input_ids.device)
+    # int64 whatever the prompt's integer dtype: HF appends its int64 next tokens to the prompt (torch.cat promotes
+    # int32 input_ids to int64); the int32 prompt's dtype was kept
+    prompt = input_ids.repeat_interleave(n_return, dim=0).long()
+    generated = torch.full((len(completions), new), pad, dtype=torch.long, device=input_ids.device)
     for i, t in enumerate(tokens):
-        generated[i, :len(t)] = torch.tensor(t, dtype=input_ids.dtype)
+        generated[i, :len(t)] = torch.tensor(t, dtype=torch.long)
     sequences = torch.cat([prompt, generated], dim=1)
     if not gc.return_dict_in_generate:
         return sequences

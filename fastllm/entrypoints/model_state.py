@@ -10,7 +10,9 @@ and generate, correct and unfused, with one warning saying why (`explain()` show
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import time
 import warnings
 from collections import Counter
@@ -164,7 +166,7 @@ class ModelState:
         let go: quant/resident.py)."""
         self.close_engine()
         self.compiled = None
-        for name in ("forward", "generate"):
+        for name in ("forward", "generate", "__deepcopy__"):
             self.model.__dict__.pop(name, None)  # the instance attributes fastllm installed; the class's return
             if name in self.own_methods:  # ... unless the model had its own
                 self.model.__dict__[name] = self.own_methods[name]
@@ -232,6 +234,7 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
                        own_methods={name: vars(model)[name] for name in ("forward", "generate") if name in vars(model)})
     install_forward(model, state)
     install_generate(model, state)
+    model.__deepcopy__ = functools.partial(_plain_deepcopy, model, state)
     model._fastllm_state = state
     if config.warmup and state.hf_path_reason() is None:  # HF's path on the CPU: captured when an LLM needs it
         start = time.perf_counter()
@@ -245,6 +248,20 @@ def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
             raise
         state.startup_seconds["optimize"] = time.perf_counter() - start
     return state
+
+
+def _plain_deepcopy(model, state: ModelState, memo: dict):
+    """`copy.deepcopy(model)` of an optimized model: a plain Hugging Face copy (as `release()` leaves a model), with its
+    own weights. Copying fastllm's attributes too gave a copy whose forward and generate were the original's closures,
+    running the original's weights (HF's path; on the runtime, its engine's lock could not be copied: "cannot pickle
+    '_thread.lock' object"). `fastllm.optimize(copy)` optimizes the copy on its own."""
+    clone = type(model).__new__(type(model))
+    memo[id(model)] = clone
+    attributes = {name: value for name, value in vars(model).items()
+                  if name not in ("forward", "generate", "__deepcopy__", "_fastllm_state")}
+    attributes.update(state.own_methods)  # the model's own forward/generate (bound methods: rebound to the clone)
+    clone.__dict__.update(copy.deepcopy(attributes, memo))
+    return clone
 
 
 def _check_dtype(model) -> None:
