@@ -13,11 +13,12 @@ PACKAGE = Path(fastllm.__file__).parent
 
 # Room -> the rooms it may import from (itself always allowed). "_cache" (paths on disk) and "_version" are leaves
 # every room may use.
-LEAVES = {"_cache", "_version", "_log"}
+LEAVES = {"_cache", "_version", "_log", "_numbers"}
 ALLOWED = {
     "_cache": set(),
     "_version": set(),
     "_log": set(),
+    "_numbers": set(),
     "models": {"_cache"},
     "quant": set(),
     "kernels": {"quant", "_cache"},
