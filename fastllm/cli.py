@@ -360,6 +360,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.json is not None and os.path.isdir(args.json):
         raise UsageError(f"--json must name a file, not a folder: {args.json}")
+    if args.json is not None:  # checked now, not when the results are written after the whole run
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--json {args.json}: its folder {folder} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(args.json) and not os.access(args.json, os.W_OK)):
+            raise UsageError(f"--json {args.json}: not writable")
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     model, _ = _load(args.model, dtype, device, with_tokenizer=False)  # token-id prompts: no tokenizer needed
@@ -419,6 +425,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be at most 65535, got {args.port}")
     if not 0 < args.kv_cache_memory_fraction <= 1:  # NaN too; checked before the model loads, named by its flag
         raise UsageError(f"--kv-cache-memory-fraction must be in (0, 1], got {args.kv_cache_memory_fraction}")
+    if args.num_kv_tokens is not None and args.max_model_len is not None and args.num_kv_tokens < args.max_model_len:
+        # LLM would cap the context at what the cache holds: the server would quietly serve a shorter one
+        raise UsageError(f"--max-model-len {args.max_model_len} does not fit --num-kv-tokens {args.num_kv_tokens} (one "
+                         "sequence's KV cache); raise --num-kv-tokens or lower --max-model-len")
+    # Before the model loads (minutes for a large one): a port in use or an address not on this machine was only found
+    # by uvicorn once the server was "ready", exiting with code 3 after printing that it serves.
+    _check_listen(args.host, args.port)
     try:
         import uvicorn
 
@@ -456,6 +469,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """UsageError unless a server socket can bind `host`:`port` (uvicorn's own way: IPv6 for a host with a colon,
+    SO_REUSEADDR so a port in TIME_WAIT is not mistaken for one in use)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:  # gaierror (unknown host) included
+            reason = e.strerror or str(e)
+            raise UsageError(f"cannot listen on --host {host} --port {port}: {reason}") from None
 
 
 def _build_served_llm(model_arg: str | None, dtype, device, started: float, **llm_options):

@@ -1,0 +1,72 @@
+"""Bugs found in `fastllm serve` / `fastllm bench` by the 2026-12-02 bug hunt, one test each (CPU, seconds)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from fastllm.cli import main
+from tests._models import build
+
+
+class _NoEngine:
+    """Stands in for EngineClient: these flags must be refused before the model is loaded at all."""
+
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("the model was loaded although the flags could never serve")
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    monkeypatch.setattr("fastllm.entrypoints.engine_process.EngineClient", _NoEngine)
+
+
+def _one_line_error(capsys, *words: str) -> None:
+    captured = capsys.readouterr()
+    assert captured.out == "", captured.out
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model(no_engine, capsys):
+    # Symptom: with the port taken, `fastllm serve` loaded, optimized and warmed the model, printed "fastllm: serving
+    # ... on http://127.0.0.1:PORT", and only then uvicorn failed to bind: exit code 3, after minutes for a real model.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    _one_line_error(capsys, "--port", str(port), "in use")
+
+
+def test_serve_refuses_an_address_not_on_this_machine_before_loading(no_engine, capsys):
+    # Symptom: as above for a --host this machine has no address for (TEST-NET-1): "[Errno 99] Cannot assign requested
+    # address" from uvicorn after the model was loaded, exit code 3.
+    assert main(["serve", "--host", "192.0.2.1", "--port", "8000"]) == 2
+    _one_line_error(capsys, "--host 192.0.2.1")
+
+
+def test_serve_refuses_a_context_longer_than_the_kv_cache(no_engine, capsys):
+    # Symptom: `--num-kv-tokens 8 --max-model-len 64` was accepted and the server served a 16-token context (LLM caps
+    # max_model_len at what the cache holds), refusing every prompt over 16 tokens as "longer than max_model_len=16".
+    assert main(["serve", "--num-kv-tokens", "8", "--max-model-len", "64"]) == 2
+    _one_line_error(capsys, "--max-model-len 64", "--num-kv-tokens 8")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bench-bughunt")
+    build("qwen3", path)
+    return str(path)
+
+
+def test_bench_refuses_a_json_path_in_a_missing_folder_before_running(tiny, tmp_path, capsys):
+    # Symptom: `--json missing/dir/out.json` ran the whole benchmark (HF eager and fastllm, minutes on a real model),
+    # printed the table, then failed with "[Errno 2] No such file or directory": the results were lost.
+    target = tmp_path / "no-such-folder" / "bench.json"
+    assert main(["bench", tiny, "--input-len", "4", "--output-len", "2", "--no-baseline", "--json", str(target)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "", "the benchmark ran before --json was checked"
+    assert "--json" in captured.err and "does not exist" in captured.err, captured.err
