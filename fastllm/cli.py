@@ -429,6 +429,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # LLM would cap the context at what the cache holds: the server would quietly serve a shorter one
         raise UsageError(f"--max-model-len {args.max_model_len} does not fit --num-kv-tokens {args.num_kv_tokens} (one "
                          "sequence's KV cache); raise --num-kv-tokens or lower --max-model-len")
+    from fastllm.serve.app import check_api_key
+
+    try:
+        check_api_key(args.api_key, "--api-key (or $FASTLLM_API_KEY)")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     # Before the model loads (minutes for a large one): a port in use or an address not on this machine was only found
     # by uvicorn once the server was "ready", exiting with code 3 after printing that it serves.
     _check_listen(args.host, args.port)

@@ -70,3 +70,17 @@ def test_bench_refuses_a_json_path_in_a_missing_folder_before_running(tiny, tmp_
     captured = capsys.readouterr()
     assert captured.out == "", "the benchmark ran before --json was checked"
     assert "--json" in captured.err and "does not exist" in captured.err, captured.err
+
+
+@pytest.mark.parametrize("key", ["", "  ", "secret "])
+def test_serve_refuses_an_api_key_no_client_can_match(no_engine, capsys, monkeypatch, key):
+    # Symptom: --api-key "" (or FASTLLM_API_KEY="") turned authentication on with an empty token, and a bare
+    # "Authorization: Bearer" passed it; a key with blanks at its ends matched no header (the token is stripped)
+    assert main(["serve", "--port", "8000", "--api-key", key]) == 2
+    _one_line_error(capsys, "--api-key", "non-empty token")
+    from fastllm.serve.app import check_api_key
+
+    with pytest.raises(ValueError, match="api_key must be a non-empty token"):
+        check_api_key(key)
+    check_api_key(None)
+    check_api_key("secret")

@@ -47,6 +47,7 @@ def build_app(serving: ServingEngine, model_name: str, *, api_key: str | None = 
               aliases: tuple[str, ...] = ("ensemble",), max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The server's ASGI app for `serving`'s model, served under `model_name` (and `aliases`, e.g. Triton's
     "ensemble")."""
+    check_api_key(api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -89,6 +90,15 @@ def build_app(serving: ServingEngine, model_name: str, *, api_key: str | None = 
         return Response(await asyncio.to_thread(state.metrics.render), media_type="text/plain; version=0.0.4")
 
     return RequestLimits(app, max_body_bytes)
+
+
+def check_api_key(api_key: str | None, name: str = "api_key") -> None:
+    """ValueError unless `api_key` is None (no authentication) or a token a client can send: an empty key turned
+    authentication on and let a bare "Authorization: Bearer" in; one with blanks at its ends matched no header (the
+    token is stripped), so every client was locked out."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key or api_key != api_key.strip()):
+        raise ValueError(f"{name} must be a non-empty token without leading or trailing blanks (or unset for no "
+                         f"authentication), got {api_key!r}")
 
 
 def _authorized(request: Request, api_key: str) -> bool:
