@@ -84,3 +84,24 @@ def test_serve_refuses_an_api_key_no_client_can_match(no_engine, capsys, monkeyp
         check_api_key(key)
     check_api_key(None)
     check_api_key("secret")
+
+
+def test_a_triton_stream_that_fails_under_way_ends_with_an_error_event():
+    # Symptom: generate_stream's events caught only EngineFault and ValueError; any other exception once the 200 was
+    # sent cut the connection with no error event (the OpenAI routes send one for every exception)
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastllm.serve.triton_api import _events
+
+    async def failing_streams():
+        yield 0, [SimpleNamespace(text="Hello", finish_reason=None)], None
+        raise RuntimeError("boom")
+
+    async def collect():
+        one = SimpleNamespace(prompt="", echo=False, stream=True)
+        return [event async for event in _events(failing_streams(), one, {"model_name": "tiny"})]
+
+    events = asyncio.run(collect())
+    assert len(events) == 2 and "Hello" in events[0]
+    assert "error" in events[1] and "internal server error (RuntimeError)" in events[1]

@@ -438,3 +438,6 @@ async def _events(streams: MergedStreams, one: _Request, head: dict) -> AsyncIte
         yield sse({"error": error.client_message()})
     except ValueError as error:
         yield sse({"error": str(error)})
+    except Exception as error:  # anything else under way (its 200 sent): an error event, not a cut connection
+        logger.error("fastllm serve: a stream failed", exc_info=error)
+        yield sse({"error": f"internal server error ({type(error).__name__}); the server goes on"})
