@@ -105,3 +105,37 @@ def test_a_triton_stream_that_fails_under_way_ends_with_an_error_event():
     events = asyncio.run(collect())
     assert len(events) == 2 and "Hello" in events[0]
     assert "error" in events[1] and "internal server error (RuntimeError)" in events[1]
+
+
+def test_v2_paths_answer_errors_in_the_v2_shape(tmp_path):
+    # Symptom: an unknown /v2 path (404), a body over the limit (413) or too many headers (431) on a /v2 route were
+    # answered in OpenAI's shape ({"error": {"message", "type", ...}}); Triton/KServe clients read {"error": message}
+    import asyncio
+
+    import httpx
+    import torch
+
+    import fastllm
+    from fastllm.serve.app import build_app
+    from fastllm.serve.engine import ServingEngine
+    from tests._server import tiny_model_dir
+
+    serving = ServingEngine(fastllm.LLM(str(tiny_model_dir(tmp_path)), dtype=torch.float32, max_model_len=64), 2)
+    app = build_app(serving, "tiny", max_body_bytes=1000)
+
+    async def call():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return [await client.post("/v2/models/tiny/nothing", json={}),
+                    await client.post("/v2/models/tiny/generate", json={"text_input": "x" * 2000}),
+                    await client.post("/v2/models/tiny/generate", json={"text_input": "hi"},
+                                      headers={f"x-h{i}": "1" for i in range(200)}),
+                    await client.post("/v1/nothing", json={})]
+
+    try:
+        missing, large, headers, openai_missing = asyncio.run(call())
+    finally:
+        serving.shutdown()
+    for response, status in ((missing, 404), (large, 413), (headers, 431)):
+        body = response.json()
+        assert response.status_code == status and set(body) == {"error"} and isinstance(body["error"], str), body
+    assert openai_missing.status_code == 404 and openai_missing.json()["error"]["type"] == "not_found_error"

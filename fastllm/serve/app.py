@@ -67,9 +67,7 @@ def build_app(serving: ServingEngine, model_name: str, *, api_key: str | None = 
         start = time.perf_counter()
         if api_key is not None and request.url.path not in PUBLIC_ROUTES and not _authorized(request, api_key):
             message = "missing or wrong API key (send `Authorization: Bearer <key>`)"
-            # each protocol's error shape: Triton's clients show {"error": message}, OpenAI's read error.message
-            body = ({"error": message} if request.url.path.startswith("/v2") else
-                    error_body(message, "authentication_error", code="invalid_api_key"))
+            body = protocol_error(request.url.path, message, "authentication_error", code="invalid_api_key")
             response = JSONResponse(body, status_code=401)
         else:
             response = await call_next(request)
@@ -107,13 +105,19 @@ def _authorized(request: Request, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
+def protocol_error(path: str, message: str, kind: str, code: str | None = None) -> dict:
+    """An error body in the shape of the protocol `path` belongs to: Triton/KServe v2's clients show
+    {"error": message}, OpenAI's read error.message (v2 paths answered a 404, 413 or 431 in OpenAI's shape)."""
+    return {"error": message} if path.startswith("/v2") else error_body(message, kind, code=code)
+
+
 def _add_errors(app: FastAPI) -> None:
-    def respond(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(error_body(message, kind), status_code=status, headers=headers)
+    def respond(request: Request, status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(protocol_error(request.url.path, message, kind), status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
-        return respond(400, f"invalid request: {_describe(error.errors())}", "invalid_request_error")
+        return respond(request, 400, f"invalid request: {_describe(error.errors())}", "invalid_request_error")
 
     # Starlette's own HTTPException too: FastAPI raises it for an unknown route (404), a wrong method (405) and a body
     # it cannot decode (400), which would otherwise answer `{"detail": ...}` instead of OpenAI's shape.
@@ -123,24 +127,24 @@ def _add_errors(app: FastAPI) -> None:
         message = str(error.detail)
         if isinstance(error.__cause__, UnicodeDecodeError):
             message = f"the request body is not UTF-8 ({error.__cause__.reason} at byte {error.__cause__.start})"
-        return respond(error.status_code, message, kind, headers=getattr(error, "headers", None))
+        return respond(request, error.status_code, message, kind, headers=getattr(error, "headers", None))
 
     @app.exception_handler(ValueError)
     async def bad_value(request: Request, error: ValueError):
-        return respond(400, str(error), "invalid_request_error")
+        return respond(request, 400, str(error), "invalid_request_error")
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, error: Overloaded):
-        return respond(503, str(error), "overloaded_error", headers={"Retry-After": "1"})
+        return respond(request, 503, str(error), "overloaded_error", headers={"Retry-After": "1"})
 
     @app.exception_handler(EngineFault)
     async def fault(request: Request, error: EngineFault):
         logger.error("fastllm serve: %s %s: %s", request.method, request.url.path, error)
-        return respond(500, error.client_message(), "engine_error")
+        return respond(request, 500, error.client_message(), "engine_error")
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, error: ClientGone):
-        return respond(499, str(error), "client_closed_request")
+        return respond(request, 499, str(error), "client_closed_request")
 
     # Anything else is a bug of the server: still an answer in OpenAI's shape (Starlette's default is a bare text
     # "Internal Server Error"), and the traceback in the log (a route's exception handled here is not re-raised to
@@ -148,7 +152,8 @@ def _add_errors(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def bug(request: Request, error: Exception):
         logger.error("fastllm serve: %s %s failed", request.method, request.url.path, exc_info=error)
-        return respond(500, f"internal server error ({type(error).__name__}); the server goes on", "server_error")
+        return respond(request, 500, f"internal server error ({type(error).__name__}); the server goes on",
+                       "server_error")
 
 
 _VALIDATOR_IN_LOC = re.compile(r"function-\w+\[\w+\(\), (.+)\]")
@@ -184,12 +189,12 @@ class RequestLimits:
         headers = scope.get("headers") or []
         header_bytes = sum(len(name) + len(value) for name, value in headers)
         if len(headers) > MAX_HEADERS or header_bytes > MAX_HEADER_BYTES:
-            await _reply(send, 431, f"request headers too large: {len(headers)} fields, {header_bytes} bytes (at most "
-                                    f"{MAX_HEADERS} fields, {MAX_HEADER_BYTES} bytes)")
+            await _reply(scope, send, 431, f"request headers too large: {len(headers)} fields, {header_bytes} bytes "
+                                           f"(at most {MAX_HEADERS} fields, {MAX_HEADER_BYTES} bytes)")
             return
         declared = dict(headers).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await _reply(send, 413, f"request body larger than {self.max_bytes} bytes")
+            await _reply(scope, send, 413, f"request body larger than {self.max_bytes} bytes")
             return
         seen, started, refused = 0, False, False
 
@@ -205,7 +210,7 @@ class RequestLimits:
                 if seen > self.max_bytes:
                     refused = True
                     if not started:
-                        await _reply(send, 413, f"request body larger than {self.max_bytes} bytes")
+                        await _reply(scope, send, 413, f"request body larger than {self.max_bytes} bytes")
                     return {"type": "http.disconnect"}
             return message
 
@@ -218,8 +223,8 @@ class RequestLimits:
         await self.app(scope, limited, send_unless_refused)
 
 
-async def _reply(send: Send, status: int, message: str) -> None:
-    body = json.dumps(error_body(message, "invalid_request_error")).encode()
+async def _reply(scope: Scope, send: Send, status: int, message: str) -> None:
+    body = json.dumps(protocol_error(scope.get("path", ""), message, "invalid_request_error")).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
