@@ -429,6 +429,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # LLM would cap the context at what the cache holds: the server would quietly serve a shorter one
         raise UsageError(f"--max-model-len {args.max_model_len} does not fit --num-kv-tokens {args.num_kv_tokens} (one "
                          "sequence's KV cache); raise --num-kv-tokens or lower --max-model-len")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        # (fell back to MODEL's name silently: clients asking for the name given were refused as an unknown model)
+        raise UsageError(f"--served-model-name must be a non-empty name, got {args.served_model_name!r}")
     from fastllm.serve.app import check_api_key
 
     try:

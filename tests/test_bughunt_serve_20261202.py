@@ -139,3 +139,10 @@ def test_v2_paths_answer_errors_in_the_v2_shape(tmp_path):
         body = response.json()
         assert response.status_code == status and set(body) == {"error"} and isinstance(body["error"], str), body
     assert openai_missing.status_code == 404 and openai_missing.json()["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_serve_refuses_an_empty_served_model_name(no_engine, capsys, name):
+    # Symptom: --served-model-name "" fell back to MODEL's name silently
+    assert main(["serve", "--port", "8000", "--served-model-name", name]) == 2
+    _one_line_error(capsys, "--served-model-name", "non-empty")
