@@ -14,8 +14,9 @@ from fastllm.capture import capture, graph_cache
 from tests._models import VOCAB, build, optimize
 
 # Plain SDPA models, hand-written attention (bloom: ALiBi and [B*H, S, D] reshapes; gpt2: Conv1D), a soft-capped
-# sliding-window model (gemma2) and an MoE (mixtral).
-FAMILIES = ["llama", "qwen2", "bloom", "gpt2", "gemma2", "mixtral"]
+# sliding-window model (gemma2), an MoE (mixtral), and Falcon's fused QKV split by list indexing (falcon, falcon_mq:
+# their index constants were made on the meta device from the cache, and gave NaN logits).
+FAMILIES = ["llama", "qwen2", "bloom", "gpt2", "gemma2", "mixtral", "falcon", "falcon_mq"]
 
 
 @pytest.fixture

@@ -267,25 +267,31 @@ class Binder:
 
 
 def record_metadata(gm: fx.GraphModule, inputs: list[object]) -> None:
-    """Run `gm` on `inputs` and store each node's result shape and dtype as `meta["example_value"]` (a tensor
-    on the meta device: the passes read shapes and dtypes, never data), as dynamo's trace would have."""
+    """Run `gm` on `inputs` and store each node's result shape, dtype and device as `meta["example_value"]` (a fake
+    tensor, as dynamo's trace leaves there: the passes read shapes, dtypes and devices, never data).
+
+    Fake, not meta-device, tensors: passes make their constants on an example value's device (list_index's index
+    tensors, ...), and a constant on the meta device indexed a Falcon's fused QKV into garbage, so every start of
+    a Falcon from the graph cache gave NaN logits."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def shape_only(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            return mode.from_tensor(value)
+        if isinstance(value, (tuple, list)):
+            return type(value)(shape_only(v) for v in value)
+        return value
 
     class _Recorder(fx.Interpreter):
         def run_node(self, node):
             result = super().run_node(node)
-            node.meta["example_value"] = _shape_only(result)
+            node.meta["example_value"] = shape_only(result)
             return result
 
     with torch.no_grad():
         _Recorder(gm).run(*inputs)
-
-
-def _shape_only(value: object) -> object:
-    if isinstance(value, torch.Tensor):
-        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-    if isinstance(value, (tuple, list)):
-        return type(value)(_shape_only(v) for v in value)
-    return value
 
 
 def placeholder_tensors(gm: fx.GraphModule, values: list[object]) -> dict[fx.Node, torch.Tensor]:
