@@ -12,13 +12,15 @@ Importing fastllm does not initialise CUDA.
 from fastllm._version import __version__
 from fastllm.config import ALL_PASSES, DEFAULT_PASSES, OptimizeConfig, QuantConfig
 from fastllm.entrypoints.async_llm import AsyncLLM
+from fastllm.entrypoints.forward import NO_KV_CACHE, NoKVCache
 from fastllm.entrypoints.llm import LLM
 from fastllm.explain import Report, explain
 from fastllm.optimize import optimize, release
 from fastllm.runtime.sampling_params import SamplingParams
 
 __all__ = [
-    "ALL_PASSES", "AsyncLLM", "DEFAULT_PASSES", "LLM", "OptimizeConfig", "QuantConfig", "Report", "SamplingParams",
+    "ALL_PASSES", "AsyncLLM", "DEFAULT_PASSES", "LLM", "NO_KV_CACHE", "NoKVCache", "OptimizeConfig", "QuantConfig",
+    "Report", "SamplingParams",
     "explain", "optimize", "release",
     "__version__",
 ]

@@ -15,8 +15,8 @@ def optimize(model, config: OptimizeConfig | None = None, **overrides):
     rewritten by the fusion passes onto fastllm's kernels (attention onto paged attention over a block-allocated KV
     cache), and run by the model's engine core (scheduler, KV cache, CUDA graphs). `model.generate(...)` keeps
     Hugging Face's arguments and results; `model(...)` computes plain logits on the same compiled step (other calls,
-    e.g. with `past_key_values`, run Hugging Face's forward). fastllm is for inference: it runs under
-    `torch.no_grad()`.
+    e.g. with `past_key_values`, run Hugging Face's forward). fastllm is for inference: the compiled step computes
+    no gradients (a backward through `model(ids)`'s logits raises, naming Hugging Face's forward as the way).
 
     Args:
         model: a `PreTrainedModel` that can generate (e.g. from `AutoModelForCausalLM.from_pretrained`).

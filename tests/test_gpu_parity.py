@@ -148,7 +148,7 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
             ours = model.generate(ids[order], attention_mask=mask[order], **kwargs)
             assert torch.equal(ours.sequences, reference.sequences)
             # Scores of each row while it runs (up to its EOS): HF keeps computing finished rows, whose scores mean
-            # nothing; fastllm stops them (and reports -inf).
+            # nothing; fastllm stops them (and scores 0 for the pad token, -inf for the others).
             live = _live_steps(reference.sequences[:, ids.shape[1]:], model.generation_config.eos_token_id)
             for step, (a, b) in enumerate(zip(ours.scores, reference.scores)):
                 rows = live[:, step]

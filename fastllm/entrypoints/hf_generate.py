@@ -2,10 +2,16 @@
 
 Same arguments (keywords or a `generation_config`), same output: a `[batch * num_return_sequences, L + n]` tensor of
 the (padded) prompts followed by the new tokens, rows that stop early padded with `pad_token_id`; or a
-`GenerateDecoderOnlyOutput` with `sequences` (and `scores` / `logits` when asked). Each row becomes one engine
-request whose `SamplingParams` say what HF's logits processors would do (the sampler applies them in HF's order).
-Anything it does not implement (beam search, custom logits processors, ...) goes to HF's own generate with a
-one-time warning naming it.
+`GenerateDecoderOnlyOutput` with `sequences` (and `scores` / `logits` when asked). Its `past_key_values` is None
+where HF's holds the cache: the KV lives in the engine's paged blocks, given back when the call ends. That is safe
+to pass on: HF continues from a cache plus the whole sequence, and `generate(sequences, past_key_values=None)`
+computes the same tokens from the sequence alone. A row that stopped early has, at each later step, scores (and
+logits) of 0 for its pad token and -inf for every other token (HF goes on computing it on pad tokens: values that
+mean nothing), so `compute_transition_scores` gives 0 there, as HF's does for a beam that finished.
+
+Each row becomes one engine request whose `SamplingParams` say what HF's logits processors would do (the sampler
+applies them in HF's order). Anything it does not implement (beam search, custom logits processors, ...) goes to
+HF's own generate with a one-time warning naming it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fastllm.entrypoints.forward import check_no_marker
 from fastllm.runtime.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -45,6 +52,8 @@ def install_generate(model, state: ModelState) -> None:
 
     @functools.wraps(hf_generate)
     def generate(inputs=None, generation_config=None, **kwargs):
+        # NO_KV_CACHE (model(ids)'s past_key_values) stands for no cache: HF's generate would read it as one
+        check_no_marker(kwargs.values())
         core = state.engine() if state.hf_path_reason() is None else None
         if core is None:  # a fallback, or Hugging Face's path on the CPU (state.hf_path_reason)
             return hf_generate(inputs, generation_config, **kwargs)
@@ -300,11 +309,17 @@ def _outputs(input_ids, completions, pad: int, gc):
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     def per_step(per_completion: list[list[torch.Tensor]]):
-        vocab = per_completion[0][0].shape[-1]
+        # A row that stopped runs no more steps (HF keeps computing it on pad tokens, scores that mean nothing). Its
+        # later steps score the pad token it gets 0 and every other token -inf: the pad is certain, log-probability 0,
+        # as HF's compute_transition_scores gives the steps of a finished beam. A row of -inf only made
+        # compute_transition_scores(normalize_logits=True) NaN there (log_softmax of -inf everywhere), and a sum over
+        # the steps, masked or not, NaN or -inf where HF's is finite.
+        done = torch.full_like(per_completion[0][0], -float("inf"))
+        if 0 <= pad < done.shape[-1]:
+            done[pad] = 0.0
         steps = []
         for t in range(new):
-            rows = [steps_of[t] if t < len(steps_of) else
-                    torch.full((vocab,), -float("inf")).to(per_completion[0][0]) for steps_of in per_completion]
+            rows = [steps_of[t] if t < len(steps_of) else done for steps_of in per_completion]
             steps.append(torch.stack(rows))
         return tuple(steps)
 
