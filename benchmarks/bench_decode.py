@@ -150,7 +150,8 @@ def _startup_s(model, **options) -> tuple[float, dict]:
     _timed_generate(model, _prompt(128, model.config.vocab_size), 1)
     seconds = time.perf_counter() - start
     state = model._fastllm_state
-    return seconds, {**state.startup_seconds, "graph_from_cache": state.compiled.from_graph_cache}
+    return seconds, {**state.startup_seconds, "graph_from_cache": state.compiled.from_graph_cache,
+                     "layers_stamped": state.compiled.layers_stamped}
 
 
 def _record_warm_startup(name: str, out_dir: str) -> None:

@@ -85,7 +85,8 @@ for stage in $STAGES; do
                          tests/test_gpu_pdl.py ;;
         tests-runtime) gpu_tests runtime 540 --continue-on-collection-errors tests/test_gpu_engine.py \
                            tests/test_gpu_memory.py tests/test_gpu_parity.py tests/test_gpu_startup.py \
-                           tests/test_graph_cache.py tests/test_engine_process.py tests/test_cli_bench.py ;;
+                           tests/test_graph_cache.py tests/test_engine_process.py tests/test_cli_bench.py \
+                           tests/test_layer_stamp.py ;;
         kernels) python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 || rc=1 ;;
         attention) python3 benchmarks/bench_attention.py ${ATTENTION_ARGS:-} --out "$OUT" > "$OUT/attention.log" 2>&1 || rc=1
                    tail -n 20 "$OUT/attention.log" ;;

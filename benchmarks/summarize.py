@@ -271,7 +271,20 @@ def _w1_replay_ab(result: dict) -> list[str]:
     return lines
 
 
-FORMATTERS = {"W5": _w5, "W1": _w1, "W5-fused-linear": _w5_fused_linear, "W2": _w2, "W2-serve": _w2_serve,
+def _w3(result: dict) -> list[str]:
+    """bench_startup.py: optimize() → first token, each start in its own process, in the order run."""
+    lines = ["| start | layers stamped | graph from cache | seconds | capture s | kv_cache s |",
+             "|---|---|---|---|---|---|"]
+    for name, r in result["fastllm"].items():
+        phases = r["phases"]
+        lines.append(f"| {name} | {r['layers_stamped']} | {r['graph_from_cache']} | {r['startup_s']:.2f} | "
+                     f"{phases.get('capture', 0.0):.2f} | {phases.get('kv_cache', 0.0):.2f} |")
+    equal = result["config"].get("greedy_tokens_equal")
+    return [*lines, "", f"Greedy tokens (32) of every start equal: {equal}. Model: {result['config']['model']}."]
+
+
+FORMATTERS = {"W5": _w5, "W3": _w3, "W1": _w1, "W5-fused-linear": _w5_fused_linear,
+              "W2": _w2, "W2-serve": _w2_serve,
               "W5-attention": _w5_attention, "W5-gemv": _w5_gemv, "W5-quant-gemv": _w5_quant_gemv,
               "W1-quant": _w1_quant, "W1-fp8": _w1_quant, "W1-int8": _w1_quant,
               "W1-int4": _w1_quant, "W2-fp8": _w2, "W2-int8": _w2, "W2-int4": _w2,

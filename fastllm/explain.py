@@ -28,7 +28,7 @@ class Report:
     status: str                      # "optimized", "fallback" or "not captured yet"
     fallback_reason: str | None = None
     graph: GraphReport | None = None  # the one captured graph (the compiled step)
-    # The runtime's start-up: seconds per phase (capture, kv_cache, cuda_graphs) and graph_from_cache.
+    # The runtime's start-up: seconds per phase (capture, kv_cache, cuda_graphs), graph_from_cache and layers_stamped.
     startup: dict = field(default_factory=dict)
     # model(...) calls by route: "compiled" (the compiled step) and "eager" (Hugging Face's forward).
     forward_calls: dict[str, int] = field(default_factory=dict)
@@ -70,7 +70,10 @@ class Report:
                   for name, count in g.matches.items()]
         lines.append("")
         if g.quantized_layers:
-            schemes = collections.Counter(g.quantized_layers.values())
+            # Layers left in the model's dtype count together (each says why below): their reasons, one key each,
+            # made the summary as long as the list
+            schemes = collections.Counter("not quantized" if v.startswith("not quantized") else v
+                                          for v in g.quantized_layers.values())
             lines.append("  quantized layers: " + _counts(dict(schemes)))
             width = max(map(len, g.quantized_layers))
             lines += [f"    {layer:<{width}}  {scheme}" for layer, scheme in g.quantized_layers.items()]
@@ -95,7 +98,9 @@ class Report:
                 lines.append(f"  KV cache scales per layer: k {min(k_scales):g}..{max(k_scales):g}, "
                              f"v {min(v_scales):g}..{max(v_scales):g}")
         if self.startup:
-            source = "loaded from the graph cache" if self.startup.get("graph_from_cache") else "traced"
+            source = ("loaded from the graph cache" if self.startup.get("graph_from_cache") else
+                      "traced with two layers, the others stamped out" if self.startup.get("layers_stamped") else
+                      "traced")
             phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in self.startup.items()
                                if isinstance(seconds, float))
             lines.append(f"  start-up (graph {source}): {phases}")
@@ -124,6 +129,7 @@ def explain(model) -> Report:
     startup = dict(state.startup_seconds)
     if compiled is not None:
         startup["graph_from_cache"] = compiled.from_graph_cache
+        startup["layers_stamped"] = compiled.layers_stamped
     kv_cache = state.core.runner.kv_cache_info() if state.core is not None and not state.core.closed else {}
     return Report(state.model_name, state.status, state.fallback_reason, compiled.report if compiled else None,
                   startup, dict(state.forward_routes), state.eager_forward_reason, kv_cache, state.hf_path_reason(),

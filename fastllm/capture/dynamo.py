@@ -19,6 +19,7 @@ from torch import fx
 from torch._dynamo import eval_frame
 
 from fastllm.capture import graph_cache
+from fastllm.capture.layer_stamp import LayerStamp, StampRefused, stamp_layers
 
 # What a failed capture raises: dynamo's own errors (unsupported Python, graph breaks under fullgraph,
 # errors in the backend) and the recompile limit.
@@ -36,7 +37,7 @@ GraphTransform = Callable[[fx.GraphModule, dict[fx.Node, torch.Tensor]], fx.Grap
 
 
 def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None,
-            cache_key: str | None = None, direct: bool = False) -> Callable:
+            cache_key: str | None = None, direct: bool = False, layers: LayerStamp | None = None) -> Callable:
     """`fn` compiled so that every captured graph goes through `transform` first.
 
     transform(gm, tensors) gets the graph and, for each placeholder, the real tensor behind it.
@@ -49,6 +50,9 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
         function's closure (a model) alive for the life of the process. Only for a caller whose calls all have
         one structure (the runtime's step: same ranks and dtypes, sizes symbolic); falls back to dynamo's own
         calls if the trace cannot be bound (a placeholder without a source, several outputs).
+    layers: trace the model with two of its decoder layers and stamp out the rest (capture/layer_stamp.py); the
+        widened graph runs as a graph from the cache does (and is saved under cache_key). Where the stamp is
+        refused, the model is traced in full. Only with cache_key or direct (the graph is bound by sources).
     """
 
     def entry(*args, **kwargs):
@@ -59,6 +63,60 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
     cached = graph_cache.load(cache_key) if cache_key is not None else None
     if cached is not None:
         return _positional(fn, _from_cache(unique, transform, cached))
+    traced = _traced(unique, code, transform, dynamic, cache_key, direct)
+    if layers is None:
+        return _positional(fn, traced) if cache_key is not None or direct else traced
+    chosen: list[Callable] = []
+
+    def call_stamped_or_traced(*args, **kwargs):
+        if not chosen:
+            stamped = _stamped(unique, code, dynamic, layers, args, kwargs)
+            if stamped is None:
+                chosen.append(traced)
+            else:
+                if cache_key is not None:
+                    graph_cache.save(cache_key, *stamped)
+                chosen.append(_from_cache(unique, transform, graph_cache.CachedGraph.of(*stamped)))
+                layers.stamped = True
+        return chosen[0](*args, **kwargs)
+
+    return _positional(fn, call_stamped_or_traced)
+
+
+def _stamped(unique: Callable, code: types.CodeType, dynamic: bool | None, layers: LayerStamp, args: tuple,
+             kwargs: dict) -> tuple[fx.GraphModule, list[str]] | None:
+    """The whole model's graph and placeholder sources, traced with two layers and stamped out; None (the reason
+    in `layers.why_not`) where that is refused."""
+    graphs: list[tuple[fx.GraphModule, list[str] | None]] = []
+
+    def backend(gm: fx.GraphModule, example_inputs: list, **_kwargs) -> Callable:
+        graphs.append((gm, graph_cache.placeholder_sources(gm)))
+        return gm.forward  # dynamo runs it once on the two-layer model: cheap, and the result is dropped
+
+    registered = set(eval_frame.cached_backends)
+    try:
+        with layers.two_layers(), torch._dynamo.config.patch(specialize_float=True):
+            torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - any failure here (a forward indexing layers by the config's count) is retried in full
+        layers.why_not = f"the two-layer trace failed ({type(error).__name__}: {str(error)[:200]})"
+        return None
+    finally:  # forget the two-layer trace: the full trace (if refused) must not meet its guards or cache entry
+        eval_frame.reset_code(code)
+        for key in set(eval_frame.cached_backends) - registered:
+            eval_frame.cached_backends.pop(key, None)
+    if len(graphs) != 1 or graphs[0][1] is None:
+        layers.why_not = "the two-layer trace gave no single graph with sources"
+        return None
+    try:
+        return stamp_layers(*graphs[0], layers.stack)
+    except StampRefused as error:
+        layers.why_not = str(error)
+        return None
+
+
+def _traced(unique: Callable, code: types.CodeType, transform: GraphTransform, dynamic: bool | None,
+            cache_key: str | None, direct: bool) -> Callable:
+    """The call that traces `unique` with dynamo on its first call (and, with direct, then calls the graph)."""
     traces: list[tuple[fx.GraphModule, list[str] | None]] = []  # (fused graph, placeholder sources) per trace
 
     def backend(gm: fx.GraphModule, example_inputs: list, **_kwargs) -> Callable:
@@ -72,15 +130,18 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
         traces.append((fused, sources))
         return fused.forward
 
-    registered = set(eval_frame.cached_backends)
-    compiled = torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)
-    ours = set(eval_frame.cached_backends) - registered  # dynamo keeps backends for its reset(); they hold `fn`
+    compiled: Callable | None = None
+    ours: set = set()  # dynamo keeps backends for its reset(); they hold `fn`
     switched: list[Callable] = []
 
     def call(*args, **kwargs):
-        nonlocal compiled
+        nonlocal compiled, ours
         if switched:
             return switched[0](*args, **kwargs)
+        if compiled is None:  # made at the first call: a capture that stamps its layers never registers it
+            registered = set(eval_frame.cached_backends)
+            compiled = torch.compile(unique, backend=backend, fullgraph=True, dynamic=dynamic)
+            ours = set(eval_frame.cached_backends) - registered
         # Symbolic sizes, but constant floats: under dynamic=True dynamo would otherwise turn module float
         # attributes (norm eps, scaling) into graph inputs, and the passes match eps as a constant.
         with torch._dynamo.config.patch(specialize_float=True):
@@ -96,7 +157,7 @@ def capture(fn: Callable, transform: GraphTransform, dynamic: bool | None = None
                 eval_frame.cached_backends.pop(key, None)
         return result
 
-    return _positional(fn, call) if cache_key is not None or direct else call
+    return call
 
 
 def _bound_call(binder: graph_cache.Binder, gm: fx.GraphModule) -> Callable:

@@ -14,6 +14,7 @@ step.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from torch import fx
 
 from fastllm.capture import graph_cache
 from fastllm.capture.dynamo import capture
+from fastllm.capture.layer_stamp import LayerStamp, find_layer_stack
 from fastllm.kernels.step_attention import StepContext
 from fastllm.models.experts import graph_safe_experts
 from fastllm.passes import op_histogram, run_passes
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 # Tokens of the profiling forward: long enough to be a prefill (not a size dynamo specializes), short enough to
 # cost nothing.
 PROFILE_TOKENS = 256
+# FASTLLM_LAYER_STAMP=0 traces every layer (capture/layer_stamp.py): for A/B measurement of start-up, and a way out
+# should a model be stamped wrongly.
+STAMP_LAYERS = os.environ.get("FASTLLM_LAYER_STAMP", "1") != "0"
 
 
 class UnpageableModel(NotImplementedError):
@@ -67,6 +72,7 @@ class CompiledStep:
     report: GraphReport
     from_graph_cache: bool
     seconds: float                                   # capture, passes and the profiling forward
+    layers_stamped: bool = False                     # traced with two layers, the others stamped out
     merger: WeightMerger = field(default_factory=WeightMerger)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -123,14 +129,17 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
         return out.logits
 
     key = graph_cache.cache_key(step, model, hf_forward) if use_graph_cache else None
-    fn = capture(step, transform, dynamic=True, cache_key=key, direct=True)
+    stack = find_layer_stack(model)[0] if STAMP_LAYERS else None
+    layers = LayerStamp(model, stack) if stack is not None else None
+    fn = capture(step, transform, dynamic=True, cache_key=key, direct=True, layers=layers)
     kv_shapes = _profile(fn, context, inputs)
     if not kv_shapes:
         raise UnpageableModel(f"{type(model).__name__}'s attention could not be paged: neither an SDPA call nor "
                               "hand-written attention that fastllm recognises (or a score bias that is neither a mask "
                               "nor ALiBi declared by the config)")
     return CompiledStep(fn, context, kv_shapes, reports[-1], getattr(fn, "from_graph_cache", False),
-                        time.perf_counter() - start, merger)
+                        time.perf_counter() - start, layers_stamped=layers is not None and layers.stamped,
+                        merger=merger)
 
 
 def _profile_inputs(device: torch.device,
