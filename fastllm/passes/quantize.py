@@ -6,7 +6,9 @@ tensors become constants of the graph). Layers are named by their modules (`mode
 merged weight by its parts, joined with "+"); a merged weight is quantized only if none of its parts is excluded,
 and an `exclude` entry that names none of the graph's linears is warned about (it excludes nothing).
 A layer the scheme cannot take (int4 with in-features not a multiple of the group size) stays in the model's dtype
-and is reported so. Without `quantization` this pass changes nothing.
+and is reported so. A MoE family's routers (declared in `models/experts.py`) stay in the model's dtype whatever
+`exclude` says, and are reported so; its experts (3-D weights, one matrix per expert) are no linears of this pass and
+are reported as not quantized. Without `quantization` this pass changes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastllm import kernels
+from fastllm.models import experts as moe
 from fastllm.passes._context import PassContext
 from fastllm.passes._graph import arg, is_op
 from fastllm.quant import fp8, int_weight
@@ -56,16 +59,20 @@ def apply(ctx: PassContext) -> int:
     if config is None or config.weights is None:  # not quantized, or only the KV cache (the runner's business)
         return 0
     count = 0
-    left = _as_linears(ctx, config)
+    layout = moe.moe_layout(ctx.model_config)
+    left = _as_linears(ctx, config, layout)
     counters = _split_counters(ctx) if config.weights == "int4" else None
     _warn_unmatched_excludes(ctx, config, left)
     for node, weight in ctx.linears():
         if not weight.is_floating_point():
             continue
         names = ctx.module_names(weight)
+        layer = "+".join(names)
+        if any(moe.is_router(layout, n) for n in names):
+            ctx.quantized_layers[layer] = _router_reason(weight)
+            continue
         if not names or any(config.excludes(n) for n in names):
             continue
-        layer = "+".join(names)
         if ctx.prequantized is not None:  # a quantized checkpoint: its tensors, as they are
             found = _from_checkpoint(ctx, layer, names, weight)
             if found is None:
@@ -88,7 +95,48 @@ def apply(ctx: PassContext) -> int:
         _record_rows(ctx, names, weight, config.weights, ctx.merger.quantized[key])
         ctx.quantized_layers[layer] = config.label
         count += 1
+    _report_experts(ctx, layout)
     return count
+
+
+def _router_reason(weight: torch.Tensor) -> str:
+    dtype = str(weight.dtype).removeprefix("torch.")
+    return (f"not quantized: MoE router, kept in {dtype} (its outputs choose and weigh each token's experts, and "
+            f"rounding them can send tokens to other experts; its {weight.shape[0]}x{weight.shape[1]} weights are too "
+            f"few to save memory on)")
+
+
+def _report_experts(ctx: PassContext, layout: moe.MoeLayout | None) -> None:
+    """List a MoE model's experts as not quantized: transformers 5 keeps them as 3-D parameters (one matrix per
+    expert) that no linear of this pass reads, so they run in the model's dtype; unlisted, explain() showed a model
+    whose every listed layer was quantized while most of its weights were not. A model with such weights whose family
+    `models/experts.py` does not describe is warned about: its routers were quantized like any linear."""
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in ctx.parameters.items():
+        module, _, leaf = name.rpartition(".")
+        # Fused experts are bare parameters of their module (gate_up_proj, down_proj); a convolution's 3-D kernel
+        # (Mamba's conv1d) is a `.weight`
+        if param.dim() >= 3 and param.is_floating_point() and leaf != "weight":
+            by_module.setdefault(module, {})[leaf] = param
+    if not by_module:
+        return
+    if layout is None:
+        model_type = getattr(ctx.model_config, "model_type", None)
+        example = next(iter(by_module))
+        warnings.warn(f"fastllm: {model_type!r} is a mixture-of-experts model (its {example} holds 3-D expert weights) "
+                      f"that fastllm/models/experts.py does not describe: its routers are quantized like any linear "
+                      f"(their rounding can send tokens to other experts) and its experts are not quantized; name its "
+                      f"routers in QuantConfig(exclude=...) to keep them in the model's dtype",
+                      RuntimeWarning, stacklevel=2)
+        return
+    for module, params in by_module.items():
+        if not moe.is_experts(layout, module):
+            continue
+        shapes = ", ".join(f"{leaf} {list(p.shape)}" for leaf, p in sorted(params.items()))
+        num_experts = next(iter(params.values())).shape[0]
+        dtype = str(next(iter(params.values())).dtype).removeprefix("torch.")
+        ctx.quantized_layers[module] = (f"not quantized: {num_experts} experts' weights ({shapes}: 3-D, one matrix per "
+                                        f"expert) run in {dtype}; fastllm quantizes 2-D linear weights only")
 
 
 def _weight_matmul(ctx: PassContext, node) -> tuple | None:
@@ -118,7 +166,7 @@ def _weight_matmul(ctx: PassContext, node) -> tuple | None:
     return None
 
 
-def _as_linears(ctx: PassContext, config) -> set[str]:
+def _as_linears(ctx: PassContext, config, layout: moe.MoeLayout | None = None) -> set[str]:
     """Model weights multiplied without F.linear (GPT-2's Conv1D, Falcon's FalconLinear: `x @ W.T`) were quantized by
     nobody: `quantization=` left every layer of those models in their dtype, silently, and explain() listed none.
     The layers this pass will take become F.linear calls on their [N, K] weight (a Conv1D's a transposed view of its
@@ -132,7 +180,7 @@ def _as_linears(ctx: PassContext, config) -> set[str]:
         x, weight_node, transposed, bias = found
         weight = transposed if transposed is not None else ctx.weight(weight_node)
         names = ctx.module_names(weight)
-        if any(config.excludes(n) for n in names) or (
+        if any(config.excludes(n) or moe.is_router(layout, n) for n in names) or (
                 ctx.prequantized is not None and not all(n in ctx.prequantized.layers for n in names)):
             left.update(names)
             continue

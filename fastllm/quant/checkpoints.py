@@ -22,6 +22,8 @@ Supported, each mapping exactly onto a fastllm scheme:
   ceil(K / bk)], the multiplier of each block -> "fp8" with block scales, run weight-only: steps of up to 16 rows
   (decode) read the block-scaled weights in the skinny GEMM; larger ones (prefill) on CUDA dequantize each weight on
   every call (slower than the model's dtype there; a warning says so).
+GPTQ and AWQ quantize GPT-2's Conv1D (weight [K, N]) as the Linear it is, so its tensors are laid out as above for
+the transposed weight; the Conv1D gets its dequantized weight back in its own layout.
 Other layouts (static activation scales, AWQ GEMV) are refused with what is supported.
 
 The model's own weights are the dequantized ones, in `dtype` (Hugging Face's forward runs on them until the model is
@@ -41,6 +43,7 @@ import torch
 
 from fastllm.quant.fp8 import FP8, dequantize_blocks
 from fastllm.quant.int_weight import dequantize_int4
+from fastllm.quant.resident import is_conv1d
 
 
 @dataclass
@@ -280,6 +283,18 @@ def _float_weight(int4: tuple[torch.Tensor, ...], order: torch.Tensor | None, dt
     return natural
 
 
+def _in_module_layout(model: torch.nn.Module, layer: str, weight: torch.Tensor) -> torch.Tensor:
+    """A GPTQ / AWQ layer's dequantized weight [N, K] as its module holds it. GPTQ and AWQ quantize GPT-2's Conv1D as
+    the linear it is (AutoGPTQ packs `weight.t()`: in-features weight.shape[0], out-features weight.shape[1]), so
+    their tensors are those of a Linear; the Conv1D holds [K, N]. By the module's type, not the shapes: a square
+    layer (GPT-2's attn.c_proj) fits either way, and judged by its shape would load transposed, silently."""
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:  # no such module: load_state_dict names its weight as unexpected
+        return weight
+    return weight.t().contiguous() if is_conv1d(module) else weight
+
+
 def _state_dict(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -329,7 +344,7 @@ def load_prequantized(path: str, dtype: torch.dtype = torch.bfloat16, device=Non
             prequantized.layers[layer] = int4
             if order is not None:
                 prequantized.input_orders[layer] = order
-            state[layer + ".weight"] = _float_weight(int4, order, dtype)
+            state[layer + ".weight"] = _in_module_layout(model, layer, _float_weight(int4, order, dtype))
             continue
         if name.endswith(".weight") and tensor.dtype == FP8 and method == "fp8":  # block-wise
             layer = name.removesuffix(".weight")

@@ -10,7 +10,9 @@ Schemes (weights converted once, at optimize() time):
 - "int4": weight-only, in groups of `group_size` input channels, two weights a byte: symmetric, or with a zero point
   per group (`zero_point=True`: a group's [min, max] spans the 16 codes; AWQ's and most GPTQ checkpoints' form).
 Layers named in `exclude` (default: the LM head, whose errors every token's distribution feels) keep the model's
-dtype.
+dtype. So do a MoE model's routers, whatever `exclude` says (their logits pick each token's experts; each family's are
+named in `fastllm/models/experts.py`); its experts, 3-D weights in transformers 5, are not quantized (explain() lists
+both).
 - KV cache "fp8" (`quantization="fp8_kv"`, or `QuantConfig(kv_cache="fp8")` beside any weight scheme): K and V stored
   as float8 e4m3, half the bytes of a bf16 cache; the attention kernels widen them as they read. Unscaled (values
   past 448 saturate), or with a checkpoint's per-layer k_scale / v_scale (compressed-tensors' kv_cache_scheme:

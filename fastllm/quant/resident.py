@@ -53,16 +53,19 @@ def quantized_module_names(model: torch.nn.Module) -> list[str]:
             and vars(module)["forward"].func is _quantized_forward]
 
 
-def _is_linear(module: torch.nn.Module) -> bool:
-    """A module whose forward is x @ W^T + bias over its quantized rows: nn.Linear, or GPT-2's Conv1D (x @ W + bias
-    with W [K, N], quantized as its transpose: the quantize pass takes its addmm)."""
-    if isinstance(module, torch.nn.Linear):
-        return True
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """GPT-2's Conv1D: x @ W + bias with W [K, N], the transpose of a Linear's weight."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(module, Conv1D)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    """A module whose forward is x @ W^T + bias over its quantized rows: nn.Linear, or GPT-2's Conv1D (quantized as
+    its transpose: the quantize pass takes its addmm)."""
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)
 
 
 def release_float_weights(model: torch.nn.Module, quantized: dict[str, QuantizedRows],
