@@ -189,3 +189,34 @@ def test_a_client_dropped_without_shutdown_stops_its_engine(model_dir):
     while process.is_alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not process.is_alive()
+
+
+def test_a_stream_never_sends_a_stop_string_and_its_deltas_make_the_final_text(tmp_path):
+    """The child sends the core's text as it comes; the client holds back what may begin a stop string
+    (StreamText, as AsyncLLM does), so a direct EngineClient user gets deltas that concatenate to the final text,
+    which is cut before the stop string."""
+    from tests._models import build_over_demo_tokenizer
+
+    tokenizer, path = build_over_demo_tokenizer(tmp_path / "model")
+    tokenizer.save_pretrained(path)
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    with LLM(str(path)) as llm:
+        free = llm.generate([prompt], SamplingParams(max_tokens=24, **GREEDY), use_tqdm=False)[0].outputs[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 3]  # a stop string the greedy text reaches half-way
+    assert len(stop) == 3
+    client = EngineClient(functools.partial(_engine_builders.tiny_llm, str(path), tokenizer=str(path)))
+    try:
+        async def run():
+            pieces, last = [], None
+            async for update in client.generate(prompt, SamplingParams(max_tokens=24, stop=[stop], **GREEDY)):
+                pieces.append(update.new_text.get(0, ""))
+                last = update
+            return pieces, last
+
+        pieces, last = asyncio.run(run())
+    finally:
+        client.shutdown()
+    final = last.output.outputs[0]
+    assert final.finish_reason == "stop" and final.text == free[:free.index(stop)]
+    assert "".join(pieces) == final.text
+    assert not any(stop in "".join(pieces[:i + 1]) for i in range(len(pieces)))

@@ -10,6 +10,10 @@ adds every waiting one between two steps: adding from the event loop would take 
 loop (and every stream it writes) for up to a step per request. Each request's listener hands its step updates to
 the event loop with `call_soon_threadsafe`. A stream whose consumer stops reading (cancelled, closed,
 or garbage-collected: a client that went away) aborts its request, which frees its KV blocks.
+
+A stream's `new_text` concatenates to each completion's final `text` (`StreamText`): text that may begin a stop string
+is held back until it is resolved, a stop string is never sent, and the final update carries what remains (a last
+character the tokens left incomplete, which the final text spells U+FFFD, as `LLM` returns it).
 """
 
 from __future__ import annotations
@@ -37,8 +41,89 @@ class StreamOutput:
     new_text: dict[int, str] = field(default_factory=dict)  # completion index -> new text (with a tokenizer)
 
 
+@dataclass
+class _Held:
+    """One completion's text in a stream: what was sent, what is held back, and its tokens so far."""
+
+    sent: str = ""
+    pending: str = ""
+    num_tokens: int = 0
+    stopped: bool = False  # a stop string is in the text: nothing more is sent until the request ends
+
+
+class StreamText:
+    """Turns a request's raw per-step text (the core's detokenizer: whole characters, stop strings included) into
+    stream deltas that concatenate to each completion's final `text` (vLLM's streams do the same).
+
+    Mid-stream, the end of the text that may be the beginning of a stop string is held back until later text settles
+    it, and from a stop string on nothing is sent: with n > 1 a completion that stopped ends in an update that is not
+    the request's last, and its cut text comes only with the request's end. The final update sends the final text past
+    what was sent: the cut before the stop string, or a last multi-byte character the tokens left incomplete (the
+    detokenizer holds it back; the final text spells it U+FFFD).
+
+    Args:
+        params: the request's SamplingParams (its `stop` strings and `min_tokens`).
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or ())
+        self.min_tokens = params.min_tokens
+        self._held: dict[int, _Held] = {}
+
+    def step(self, update) -> dict[int, str]:
+        """The text to send for `update` (a `StreamOutput` or `RequestUpdate`; its `output` is needed when it is
+        finished), by completion index."""
+        for index, tokens in update.new_token_ids.items():
+            self._held.setdefault(index, _Held()).num_tokens += len(tokens)
+        if not update.finished or update.output is None:
+            return {index: self._release(self._held.setdefault(index, _Held()), piece)
+                    for index, piece in update.new_text.items()}
+        text = {}
+        for completion in update.output.outputs:
+            state = self._held.setdefault(completion.index, _Held())
+            # The incremental text is a prefix of the final one (both decode the same tokens) unless a tokenizer
+            # decodes a window differently from the whole; then nothing more is sent rather than a wrong tail.
+            rest = completion.text[len(state.sent):] if completion.text.startswith(state.sent) else ""
+            state.sent, state.pending = completion.text, ""
+            if rest or completion.index in update.new_text:
+                text[completion.index] = rest
+        return text
+
+    def _release(self, state: _Held, piece: str) -> str:
+        text = state.pending + piece
+        if state.stopped or not self.stops:
+            cut = 0 if state.stopped else len(text)
+        else:
+            cut = len(text) - self._stop_prefix_length(text)
+            # Before min_tokens the core lets stop strings pass. After it, an occurrence ends the completion, and with
+            # n > 1 the request runs on: nothing from it on goes out before the request's end, whose final text is
+            # cut (an occurrence that min_tokens let pass in a merged update is so sent late, never wrongly).
+            if state.num_tokens >= self.min_tokens:
+                found = [i for s in self.stops if (i := text.find(s)) != -1]
+                if found:
+                    state.stopped, cut = True, min(cut, *found)  # nor a longer stop string's beginning before it
+        state.pending, text = text[cut:], text[:cut]
+        state.sent += text
+        return text
+
+    def _stop_prefix_length(self, text: str) -> int:
+        """The length of the longest end of `text` that is a proper beginning of a stop string (0 if none): what
+        must wait for the next text. Only the places where a stop string holds `text`'s last character are tried,
+        so a long stop string costs a few `endswith`, not one per character."""
+        longest, last = 0, text[-1:] if text else ""
+        for stop in self.stops:
+            j = stop.find(last, 0, len(stop) - 1) if last else -1
+            while j != -1:
+                if j + 1 > longest and text.endswith(stop[:j + 1]):
+                    longest = j + 1
+                j = stop.find(last, j + 1, len(stop) - 1)
+        return longest
+
+
 class AsyncLLM:
     """Streams requests through an `LLM`'s engine core, stepped on a background thread."""
+
+    holds_back_text = True  # its streams' `new_text` is already `StreamText`'s: the server must not hold it back twice
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
@@ -100,13 +185,14 @@ class AsyncLLM:
             return
         self._wake.set()
         finished = False
+        text = StreamText(request.params)  # the core's validated params (a dict given here became SamplingParams)
         try:
             while not finished:
                 update = merged_updates(await queue.get(), queue)
                 finished = update.finished
                 if finished and request.fault is not None:
                     raise RuntimeError(request.output.error) from request.fault
-                yield StreamOutput(update.request_id, update.new_token_ids, finished, update.output, update.new_text)
+                yield StreamOutput(update.request_id, update.new_token_ids, finished, update.output, text.step(update))
         finally:
             self._requests.discard(request.request_id)
             if not finished:  # the consumer went away: the step thread aborts it (never block the event loop)

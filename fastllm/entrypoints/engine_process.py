@@ -33,7 +33,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from fastllm.entrypoints.async_llm import StreamOutput, merged_updates
+from fastllm.entrypoints.async_llm import StreamOutput, StreamText, merged_updates
 from fastllm.runtime.outputs import RequestOutput, RequestUpdate
 from fastllm.runtime.sampling_params import SamplingParams
 
@@ -85,6 +85,8 @@ class EngineClient:
         whatever building the engine raised in the child (re-raised here), or RuntimeError if the child died or
         took longer than `startup_timeout_s`.
     """
+
+    holds_back_text = True  # its streams' `new_text` is StreamText's (SamplingParams given): the server's is not needed
 
     def __init__(self, build_llm: Callable, *, startup_timeout_s: float = 3600.0) -> None:
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; a fresh interpreter holds no locks
@@ -159,7 +161,11 @@ class EngineClient:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already streaming")
             self._streams[request_id] = (asyncio.get_running_loop(), updates)
-        self._outgoing.put(("add", request_id, prompt, sampling_params or SamplingParams()))
+        params = sampling_params or SamplingParams()
+        self._outgoing.put(("add", request_id, prompt, params))
+        # The child sends the core's text as it comes (stop strings and all); held back here, as AsyncLLM does, so
+        # the deltas concatenate to the final text. (Params given as a dict are the child's to validate: raw text.)
+        held = StreamText(params) if isinstance(params, SamplingParams) else None
         finished = False
         try:
             while not finished:
@@ -170,7 +176,8 @@ class EngineClient:
                 finished = update.finished
                 if finished and update.fault is not None:
                     raise RuntimeError(update.fault)
-                yield StreamOutput(request_id, update.new_token_ids, finished, update.output, update.new_text)
+                text = update.new_text if held is None else held.step(update)
+                yield StreamOutput(request_id, update.new_token_ids, finished, update.output, text)
         finally:
             with self._streams_lock:
                 self._streams.pop(request_id, None)

@@ -6,9 +6,9 @@ that asks for more completions than the server ever admits is refused as invalid
 
 Text is tokenized off the event loop (a prompt of megabytes takes seconds to tokenize, during which no other request
 would be answered), and a text too long to fit the context whatever its tokens is refused before it is tokenized.
-A request's stream holds back the last `len(longest stop string) - 1` characters until the request ends, so no stop
-string is ever sent half-way (the final text is cut before it, as `LLM` cuts it), and everything from a stop string
-on once one is in the text (a completion of n > 1 that stopped while the others run on).
+A request's deltas concatenate to its final text and never hold a stop string, not even half of one: `StreamText`
+holds back what may begin a stop string (AsyncLLM's and EngineClient's streams come so; an engine whose streams
+bring the core's raw text is held back here).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from fastllm.entrypoints.async_llm import AsyncLLM
+from fastllm.entrypoints.async_llm import AsyncLLM, StreamText
 from fastllm.entrypoints.engine_process import EngineClient
 from fastllm.entrypoints.llm import LLM
 from fastllm.runtime.outputs import RequestOutput
@@ -45,16 +45,6 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
-
-
-@dataclass
-class _Held:
-    """Per completion: the text sent so far, and the text held back (it may begin a stop string)."""
-
-    sent: str = ""
-    pending: str = ""
-    tokens: list[int] = field(default_factory=list)
-    stopped: bool = False  # a stop string is in the text: nothing more is sent until the request ends
 
 
 class Admission:
@@ -144,7 +134,16 @@ class ServingEngine:
         if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
             raise ValueError("this model's tokenizer has no chat template: use /v1/completions")
         self._check_text_length(sum(len(m["content"]) for m in messages))
-        return await asyncio.to_thread(self._render_chat, messages)
+        return await asyncio.to_thread(self._render_chat, self._template_roles(messages))
+
+    def _template_roles(self, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        """`messages` with OpenAI's "developer" role as "system", unless the chat template names "developer" itself
+        (gpt-oss's does). transformers passes roles through as they are, and a template that knows only "system"
+        rendered the developer's instructions as a turn of an unknown role (SmolLM2's: "<|im_start|>developer"),
+        with its default system prompt put before them."""
+        if "developer" in str(self.tokenizer.chat_template):
+            return messages
+        return [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
 
     def _render_chat(self, messages: list[dict[str, str]]) -> list[int]:
         from jinja2 import TemplateError  # transformers renders chat templates with jinja2
@@ -171,8 +170,9 @@ class ServingEngine:
         """Run one request; yields (deltas of the completions that moved, the request's output so far) until it
         ends. Raises ValueError for a request the engine refuses (its message says why), EngineFault if a model
         step failed under it. Closing the iterator aborts the request."""
-        holdback = max((len(s) for s in params.stop or ()), default=1) - 1
-        held: dict[int, _Held] = {}
+        # AsyncLLM and EngineClient hold their streams' text back themselves; an engine that sends the core's text as it
+        # comes (stop strings and all) is held back here, by the same code.
+        held = None if getattr(self.engine, "holds_back_text", False) else StreamText(params)
         try:
             async for update in self.engine.generate(prompt, params, request_id=request_id):
                 output = update.output
@@ -180,40 +180,18 @@ class ServingEngine:
                 if update.finished and output.error is not None and not output.outputs[0].token_ids \
                         and output.prompt_token_ids is None:
                     raise ValueError(output.error.split(": ", 1)[-1])  # refused before it ran
+                text = update.new_text if held is None else held.step(update)
                 deltas = []
-                for index in sorted(set(update.new_text) | set(update.new_token_ids)
+                for index in sorted(set(text) | set(update.new_token_ids)
                                     | (set(range(len(output.outputs))) if update.finished else set())):
-                    deltas.append(self._delta(held.setdefault(index, _Held()), index, update, params, holdback))
+                    reason = output.outputs[index].finish_reason if update.finished else None
+                    deltas.append(Delta(index, text.get(index, ""), update.new_token_ids.get(index, []), reason))
                 if update.finished:
                     for listener in self.finished_listeners:
                         listener(output)
                 yield [d for d in deltas if d.text or d.token_ids or d.finish_reason], output
         except RuntimeError as error:  # a model step failed under this request (AsyncLLM raises it at the end)
             raise EngineFault(str(error)) from error
-
-    @staticmethod
-    def _delta(state: _Held, index: int, update, params: SamplingParams, holdback: int) -> Delta:
-        tokens = update.new_token_ids.get(index, [])
-        state.tokens += tokens
-        if not update.finished:
-            text = state.pending + update.new_text.get(index, "")
-            cut = 0 if state.stopped else max(0, len(text) - holdback)
-            if not state.stopped and params.stop and len(state.tokens) >= params.min_tokens:
-                # With n > 1, a completion that reaches a stop string ends in an update that is not the request's
-                # last: its text holds the stop string, and the cut text comes only with the request's end. So
-                # nothing from the occurrence on is sent before then (the final delta sends the cut text past what
-                # was sent; an occurrence that min_tokens let pass is sent late, never wrongly).
-                found = [i for s in params.stop if (i := text.find(s)) != -1]
-                if found:
-                    state.stopped, cut = True, min(cut, *found)  # nor a longer stop string's beginning
-            state.pending, text = text[cut:], text[:cut]
-            state.sent += text
-            return Delta(index, text, tokens)
-        completion = update.output.outputs[index]
-        final = completion.text
-        text = final[len(state.sent):] if final.startswith(state.sent) else ""
-        state.sent = final
-        return Delta(index, text, tokens, completion.finish_reason)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from fastllm.runtime.sampling_params import SamplingParams
 
@@ -102,12 +102,26 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text | list[dict[str, Any]]
+    # "developer" is what newer OpenAI clients send in place of "system" (o1 and later); the chat template gets it as
+    # "system" unless it knows the role (ServingEngine.tokenize_chat).
+    role: Literal["system", "developer", "user", "assistant"]
+    # OpenAI answers `"content": null` for an assistant turn of tool calls, and clients send their history back as
+    # they got it: an assistant's null (or missing) content is its empty text. Any other role must have content.
+    content: Text | list[dict[str, Any]] | None = None
     name: Text | None = None
 
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of text parts); only an "
+                             f"assistant message may have null content")
+        return self
+
     def text(self) -> str:
-        """The message's text: a string, or the text parts of a content list (other part types are refused)."""
+        """The message's text: a string, or the text parts of a content list (other part types are refused); ""
+        for an assistant message without content."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
