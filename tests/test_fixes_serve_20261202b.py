@@ -305,3 +305,24 @@ def test_other_messages_without_text_are_still_refused(app, message, words):
     assert response.status_code == 400, response.text
     text = response.json()["error"]["message"]
     assert all(w in text for w in words), text
+
+
+def test_an_assistant_message_sent_back_as_openai_returned_it_is_taken(app, serving):
+    # openai-python's message objects carry refusal / tool_calls / function_call / audio / annotations, null when
+    # unused; a client that appends them to its history sent fields this server refused as unknown (400).
+    returned = {"role": "assistant", "content": "Paris.", "refusal": None, "tool_calls": None, "function_call": None,
+                "audio": None, "annotations": None}
+    messages = [{"role": "user", "content": "hi"}, returned, {"role": "user", "content": "and?"}]
+    response = _chat(app, messages)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == _prompt_tokens(
+        serving, [messages[0], {"role": "assistant", "content": "Paris."}, messages[2]])
+
+
+def test_a_tool_call_or_refusal_with_a_value_is_refused_by_name(app):
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    response = _chat(app, [{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": None, "tool_calls": calls}])
+    assert response.status_code == 400, response.text
+    text = response.json()["error"]["message"]
+    assert "tool_calls" in text and "not supported" in text, text

@@ -163,3 +163,22 @@ def test_on_a_gpu_a_stamped_model_equals_eager_with_cuda_graphs(family):
     sequences, logits = _greedy(optimized, ids)
     assert torch.equal(sequences, expected[0])
     torch.testing.assert_close(logits, expected[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_stamped_model_computes_what_the_full_trace_does(scheme, monkeypatch):
+    """The quantize pass names and swaps each layer's weights by the tensors bound to the stamped placeholders:
+    the same logits, bit for bit, and the same layers quantized as with every layer traced."""
+    config = _config("llama", 5)
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(9))
+    results = []
+    for stamp in (True, False):
+        monkeypatch.setattr("fastllm.capture.step.STAMP_LAYERS", stamp)
+        optimized = optimize(_model(config), graph_cache=False, quantization=scheme)
+        compiled = optimized._fastllm_state.compiled
+        assert compiled.layers_stamped is stamp
+        with torch.no_grad():
+            results.append((optimized(ids).logits, compiled.report.quantized_layers))
+    (stamped, stamped_layers), (full, full_layers) = results
+    assert stamped_layers == full_layers and len(full_layers) >= 5 * 4
+    assert torch.equal(stamped, full)

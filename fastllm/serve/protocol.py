@@ -109,6 +109,25 @@ class ChatMessage(_Strict):
     # they got it: an assistant's null (or missing) content is its empty text. Any other role must have content.
     content: Text | list[dict[str, Any]] | None = None
     name: Text | None = None
+    # What OpenAI's responses put on an assistant message beside its content, null when unused: a client that sends
+    # its history back as it got it (openai-python's message objects) sends them. Null is taken as absent; a value
+    # is refused (no tools, no audio here).
+    refusal: None = None
+    tool_calls: None = None
+    function_call: None = None
+    audio: None = None
+    annotations: None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported_fields_null(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            used = sorted(k for k in ("refusal", "tool_calls", "function_call", "audio", "annotations")
+                          if data.get(k) is not None)
+            if used:
+                raise ValueError(f"message field(s) {', '.join(used)} are not supported (no tools, audio or "
+                                 f"refusals here); send them as null or leave them out")
+        return data
 
     @model_validator(mode="after")
     def _content_unless_assistant(self) -> ChatMessage:
