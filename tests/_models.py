@@ -88,6 +88,25 @@ def build_over_demo_tokenizer(path):
     return tokenizer, path
 
 
+def chain_model(path, chain: dict[int, int]):
+    """The model saved at `path` with every layer's output projections zeroed (the residual stream is the token's
+    embedding) and embeddings / LM head set so that greedy decoding after token s picks `chain[s]`."""
+    model = T.AutoModelForCausalLM.from_pretrained(path).eval()
+    sources = sorted(chain)
+    assert len(sources) <= model.config.hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        embed.zero_()
+        head.zero_()
+        for i, source in enumerate(sources):
+            embed[source, i] = 1.0
+            head[chain[source], i] += 10.0
+    return model
+
+
 def break_capture(model):
     """Make the first decoder layer do something dynamo cannot put in one graph (a capture that fails)."""
     layer = model.model.layers[0]

@@ -13,31 +13,12 @@ import torch
 import transformers as T
 
 from fastllm import LLM, SamplingParams
-from tests._models import build, build_over_demo_tokenizer
+from tests._models import build, build_over_demo_tokenizer, chain_model
 
 
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
     return build_over_demo_tokenizer(tmp_path_factory.mktemp("llama_tok"))
-
-
-def _chain_model(path, chain: dict[int, int]):
-    """The model saved at `path` with every layer's output projections zeroed (the residual stream is the token's
-    embedding) and embeddings / LM head set so that greedy decoding after token s picks `chain[s]`."""
-    model = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    sources = sorted(chain)
-    assert len(sources) <= model.config.hidden_size
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        embed.zero_()
-        head.zero_()
-        for i, source in enumerate(sources):
-            embed[source, i] = 1.0
-            head[chain[source], i] += 10.0
-    return model
 
 
 def _chain_through(tokenizer, first: int, text: str) -> tuple[dict[int, int], list[int]]:
@@ -65,7 +46,7 @@ def test_a_stop_string_the_last_allowed_token_completes_cuts_the_text(tok_path, 
     tokenizer, path = tok_path
     first = tokenizer("x", add_special_tokens=False).input_ids[0]
     chain, ids = _chain_through(tokenizer, first, " Paris is nice")
-    model = _chain_model(path, chain)
+    model = chain_model(path, chain)
     _check_chain(model, first, ids + [ids[-1]])
     stop_at = next(k for k in range(1, len(ids) + 1) if tokenizer.decode(ids[:k]).endswith(" is"))
     with LLM(model, tokenizer=tokenizer, async_scheduling=async_scheduling) as llm:
@@ -89,7 +70,7 @@ def test_a_stop_string_spelled_by_more_tokens_than_characters_is_found(tok_path,
     assert len(ids) > len(stop) + 2 and len(set(ids[:-1])) == len(ids) - 1 and ids[-1] == ids[-2]
     # The character's tokens end in a repeated byte token: chain first -> ids[0] -> ids[1] -> ids[2] -> ids[2] ...
     chain = {first: ids[0], ids[0]: ids[1], ids[1]: ids[2], ids[2]: ids[2]}
-    model = _chain_model(path, chain)
+    model = chain_model(path, chain)
     _check_chain(model, first, ids + [ids[-1]])
     with LLM(model, tokenizer=tokenizer, async_scheduling=async_scheduling) as llm:
         out = llm.generate([[first]], SamplingParams(temperature=0, max_tokens=8, stop=[stop]),

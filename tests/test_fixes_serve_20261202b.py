@@ -18,12 +18,11 @@ import json
 
 import pytest
 import torch
-import transformers as T
 
 from fastllm import LLM, AsyncLLM, SamplingParams
 from fastllm.entrypoints.async_llm import StreamOutput, StreamText
 from fastllm.serve.engine import ServingEngine
-from tests._models import build_over_demo_tokenizer
+from tests._models import build_over_demo_tokenizer, chain_model
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -39,25 +38,6 @@ def tok_path(tmp_path_factory):
     return build_over_demo_tokenizer(tmp_path_factory.mktemp("llama_tok"))
 
 
-def _chain_model(path, chain: dict[int, int]):
-    """The model at `path` with every layer's output projections zeroed (the residual stream is the token's
-    embedding) and embeddings / LM head set so that greedy decoding after token s picks `chain[s]`."""
-    model = T.AutoModelForCausalLM.from_pretrained(path).eval()
-    sources = sorted(chain)
-    assert len(sources) <= model.config.hidden_size
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        embed.zero_()
-        head.zero_()
-        for i, source in enumerate(sources):
-            embed[source, i] = 1.0
-            head[chain[source], i] += 10.0
-    return model
-
-
 def _chained(tok_path, ids: list[int]):
     """(model, first): greedy decoding from [first] generates `ids`, then repeats its last token."""
     tokenizer, path = tok_path
@@ -66,7 +46,7 @@ def _chained(tok_path, ids: list[int]):
     for a, b in zip([first, *ids], [*ids, ids[-1]]):
         assert chain.get(a, b) == b, "the tokens must not repeat (but for the last)"
         chain[a] = b
-    model = _chain_model(path, chain)
+    model = chain_model(path, chain)
     hf = model.generate(torch.tensor([[first]]), max_new_tokens=len(ids) + 1, do_sample=False, eos_token_id=None,
                         pad_token_id=0)
     assert hf[0, 1:].tolist() == ids + [ids[-1]]
