@@ -40,9 +40,11 @@ seconds = time.perf_counter() - start
 tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
                         pad_token_id=0)[0, 128:].tolist()
 state = model._fastllm_state
+from fastllm.kernels import compile_ahead
 print(json.dumps({{"startup_s": seconds, "phases": state.startup_seconds,
                    "graph_from_cache": state.compiled.from_graph_cache,
-                   "layers_stamped": state.compiled.layers_stamped, "tokens": tokens}}))
+                   "layers_stamped": state.compiled.layers_stamped, "compiled_ahead": compile_ahead.stats,
+                   "tokens": tokens}}))
 """
 
 RUNS = (  # (name, layer stamping, keep the graph cache of the run before)
@@ -52,8 +54,10 @@ RUNS = (  # (name, layer stamping, keep the graph cache of the run before)
     ("stamped_warm", True, True),
 )
 # --runs stamped_triton_cold stamped_warm: W3 as the goal reads it, a cold start with the default (stamping) on a
-# machine whose Triton cache is empty, then the warm start of a second process.
-EXTRA_RUNS = {"stamped_triton_cold": True}
+# machine whose Triton cache is empty, then the warm start of a second process. stamped_triton_cold_serial: the same
+# cold start with FASTLLM_COMPILE_AHEAD=0 (each kernel compiled when the forward reaches it; kernels/compile_ahead.py).
+EXTRA_RUNS = {"stamped_triton_cold": True, "stamped_triton_cold_serial": True}
+# A start whose name has "triton_cold" gets an empty Triton cache of its own, which the starts after it then share.
 
 
 def main(argv=None) -> int:
@@ -72,19 +76,23 @@ def main(argv=None) -> int:
     scratch = pathlib.Path(tempfile.mkdtemp(prefix="fastllm-startup-"))
     bench = str(pathlib.Path(__file__).resolve().parent)
     results: dict[str, dict] = {}
-    graphs = scratch / "graphs-0"
+    graphs, triton = scratch / "graphs-0", scratch / "triton"
     for i, (name, stamp, keep_graphs) in enumerate(runs):
         if not keep_graphs:
             graphs = scratch / f"graphs-{i}"
+        if "triton_cold" in name:
+            triton = scratch / f"triton-{i}"
         env = {**os.environ, "FASTLLM_LAYER_STAMP": "1" if stamp else "0", "FASTLLM_GRAPH_CACHE_DIR": str(graphs),
-               "TRITON_CACHE_DIR": str(scratch / "triton")}
+               "TRITON_CACHE_DIR": str(triton), "FASTLLM_COMPILE_AHEAD": "0" if name.endswith("_serial") else "1"}
         done = subprocess.run([sys.executable, "-c", START.format(bench=bench, model=args.model)], env=env,
                               capture_output=True, text=True, timeout=900)
         if done.returncode != 0:
             print(done.stderr[-4000:], file=sys.stderr)
             return 1
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{name}: {results[name]['startup_s']:.2f} s {results[name]['phases']}", flush=True)
+        key = name if name not in results else f"{name}#{i + 1}"  # a start asked for twice (A/B/A/B)
+        results[key] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{key}: {results[key]['startup_s']:.2f} s {results[key]['phases']} {results[key]['compiled_ahead']}",
+              flush=True)
     tokens = {name: r.pop("tokens") for name, r in results.items()}
     same = len({tuple(t) for t in tokens.values()}) == 1
     path = write_result("W3", torch.cuda.get_device_name(),

@@ -38,7 +38,8 @@ def test_results_md_is_generated_from_the_result_files():
 @pytest.mark.parametrize("script", ["bench_decode.py", "bench_throughput.py", "bench_kernels.py",
                                     "bench_attention.py", "bench_gemv.py", "bench_serve.py", "bench_quant.py",
                                     "bench_quant_gemv.py", "bench_fused_linear.py",
-                                    "profile_step.py", "profile_startup.py", "profile_throughput.py", "replay_ab.py"])
+                                    "profile_step.py", "profile_startup.py", "profile_first_start.py",
+                                    "profile_throughput.py", "replay_ab.py", "bench_startup.py"])
 def test_gpu_scripts_parse_their_arguments(script):
     env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
     help_run = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,

@@ -26,6 +26,7 @@ from torch import fx
 from fastllm.capture import graph_cache
 from fastllm.capture.dynamo import capture
 from fastllm.capture.layer_stamp import LayerStamp, find_layer_stack
+from fastllm.kernels.compile_ahead import launches_for_real, prebuild_launcher_support, run_compiling_ahead
 from fastllm.kernels.step_attention import StepContext
 from fastllm.models.experts import graph_safe_experts
 from fastllm.passes import op_histogram, run_passes
@@ -110,15 +111,17 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
     reports: list[GraphReport] = []
 
     device = next(model.parameters()).device
+    prebuild_launcher_support(device)  # Triton's gcc-built driver module, while dynamo traces
     inputs = _profile_inputs(device, max_positions)
 
     def transform(gm: fx.GraphModule, tensors: dict) -> fx.GraphModule:
         before = len(gm.graph.nodes)
         quantized: dict[str, str] = {}
-        matches = run_passes(gm, tensors, merger, passes, model.config, step_context=context.id,
-                             quantization=quantization, quantized_layers=quantized, prequantized=prequantized,
-                             parameters=dict(model.named_parameters(remove_duplicate=False)),
-                             step_inputs=_input_placeholders(tensors, inputs), max_positions=max_positions)
+        with launches_for_real():  # the passes' work on weights outlives the (perhaps dry) first forward
+            matches = run_passes(gm, tensors, merger, passes, model.config, step_context=context.id,
+                                 quantization=quantization, quantized_layers=quantized, prequantized=prequantized,
+                                 parameters=dict(model.named_parameters(remove_duplicate=False)),
+                                 step_inputs=_input_placeholders(tensors, inputs), max_positions=max_positions)
         fused, unfused = op_histogram(gm)
         reports.append(GraphReport(matches, dict(fused), dict(unfused), before, len(gm.graph.nodes), quantized))
         return gm
@@ -173,7 +176,8 @@ def _profile(fn: Callable, context: StepContext,
     ids, positions, rows = inputs
     shapes: dict[int, tuple[int, int]] = {}
     with context.step(None, None, shapes):
-        fn(ids, positions, rows)
+        # The first call traces and fuses; its kernels then compile side by side (kernels/compile_ahead.py).
+        run_compiling_ahead(fn, ids, positions, rows, device=ids.device)
     if len(set(shapes.values())) > 1:
         raise UnpageableModel("layers with different KV shapes are not supported yet")
     return [shapes[i] for i in sorted(shapes)]

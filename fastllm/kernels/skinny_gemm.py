@@ -42,6 +42,7 @@ from fastllm.kernels._registry import (
     use_triton,
 )
 from fastllm.kernels._tuning_cache import TuningCache
+from fastllm.kernels.compile_ahead import launches_for_real
 from fastllm.kernels.rms_norm import add_rms_norm_rows
 
 # The last program of a linear with norm_after (kernels/linear_add_norm.py) holds rows of up to NORM_AFTER_WHOLE_ROW
@@ -748,7 +749,8 @@ def _maybe_autotune(x, weight, bias, m, n, k) -> None:
         return
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return  # the heuristic serves until an eager call tunes the shape
-    autotune(x, weight, bias)
+    with launches_for_real():  # timings of kernels that ran (not skipped by a start-up dry run)
+        autotune(x, weight, bias)
 
 
 __all__ = ["MAX_SKINNY_M", "autotune", "skinny_linear", "skinny_linear_ref", "workspace_numel"]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fastllm.kernels._registry import FP8_KV_DTYPE
+from fastllm.kernels.compile_ahead import run_compiling_ahead
 from fastllm.runtime.kv_cache import (
     BlockPool,
     KVCacheConfig,
@@ -273,7 +274,8 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.execute_input(step, capture=False)
+        # Its kernels compiled side by side (kernels/compile_ahead.py): a dry run's output goes before the real run.
+        run_compiling_ahead(self.execute_input, step, capture=False, device=self.device)
         torch.cuda.synchronize(self.device)
         peak = max(0, torch.cuda.max_memory_allocated(self.device) - base)
         torch.cuda.empty_cache()  # what the step allocated goes back: a generate() user holds only what it needs
@@ -400,7 +402,7 @@ class ModelRunner:
         b.fill(StepInput([], [], [], [], [], [], []))  # all dummies: valid metadata for the warm-up and capture
         # Warm-up outside the graph: anything still to compile or allocate does it here, not in capture.
         b.scatter()
-        warm = self._forward(b)
+        warm = run_compiling_ahead(self._forward, b, device=self.device)
         if self._logits_buffer is None:
             rows = max(self.max_num_seqs, MIN_BATCH) + 1  # the most rows any bucket samples
             self._logits_buffer = torch.empty(1, rows, warm.shape[-1], dtype=warm.dtype, device=self.device)
