@@ -3,10 +3,12 @@
     logits = run_compiling_ahead(forward, *inputs)   # start-up forwards: the profiling step, a graph's warm-up
 
 A cold start (Triton's cache empty) compiled each kernel specialization the moment the forward first launched it:
-eleven compiles of ~0.1-1.2 s each, and a C launcher built with gcc for each, one after another on the host (W3 on
-an H200, Llama-3.1-8B shape, 2026-12-02: ~7.4 s of a 15.4 s cold start; profile-compiles-llama31_8b-20261202.json).
-Triton compiles on threads (ptxas and gcc are subprocesses; 8 threads compiled the same eleven in 1.14 s against
-2.45 s serially), but a forward can only ask for the next kernel after the last one ran.
+~0.1-1.2 s each, and a C launcher built with gcc for each, one after another on the host
+(profile-compiles-llama31_8b-20261202.json). Triton compiles on threads (ptxas and gcc are subprocesses; 8 threads
+compiled the same eleven kernels in 1.14 s against 2.45 s serially), but a forward can only ask for the next kernel
+after the last one ran. Measured with this module against without, each start a new process with empty caches (W3,
+H200, Llama-3.1-8B shape, 2026-12-02, W3-nvidia-h200-20261202-compile-ahead-ab.json, alternating): 10.3, 10.1 and
+9.9 s against 12.5, 12.3 and 11.1 s.
 
 So `run_compiling_ahead` runs the forward twice where it must. First a dry run: each launch of a kernel that is
 not compiled yet is skipped, and its compile (and its launcher's build) goes to a thread pool; kernels already
