@@ -31,6 +31,7 @@ class FakeKernel:
         self.compiled: set[str] = set()
         self.preloads: list[str] = []
         self.device_caches = {0: ({},)}
+        self.compile_seconds = 0.06  # as the compiler takes (QUICK_COMPILE_S: a disk cache's answer)
 
     def launch(self, key: str, out: list) -> None:
         if key not in self.compiled:
@@ -48,14 +49,16 @@ def fake_triton(monkeypatch):
     pool threads overlap) instead of reaching Triton."""
     monkeypatch.setattr(compile_ahead, "_usable", lambda device: True)
     monkeypatch.setattr(compile_ahead, "_install_hook", lambda: True)
+    monkeypatch.setitem(compile_ahead._last_dry_run, "on_disk", False)
+    kernel = FakeKernel()
 
     def compile_(jit_function, specialization, constants, device):
-        time.sleep(0.01)
+        time.sleep(kernel.compile_seconds)
         jit_function.preloads.append(specialization)
         jit_function.compiled.add(specialization)
 
     monkeypatch.setattr(compile_ahead, "_compile", compile_)
-    return FakeKernel()
+    return kernel
 
 
 def test_a_forward_with_nothing_to_compile_runs_once(fake_triton):
@@ -92,6 +95,23 @@ def test_new_kernels_compile_once_each_in_the_dry_run_then_the_forward_runs_for_
     calls.clear()
     assert compile_ahead.run_compiling_ahead(forward, device=torch.device("cuda")) == result
     assert len(calls) == 1 and compile_ahead.stats["dry_runs"] == dry_runs + 1
+
+
+def test_after_a_dry_run_whose_compiles_came_from_disk_forwards_run_once(fake_triton):
+    """Kernels that Triton's disk cache holds compile in milliseconds: a dry run would cost a forward for nothing."""
+    fake_triton.compile_seconds = 0.001
+    calls = []
+
+    def forward(key):
+        out = []
+        calls.append(key)
+        fake_triton.launch(key, out)
+        return out
+
+    assert compile_ahead.run_compiling_ahead(forward, "first", device=torch.device("cuda")) == ["first"]
+    assert calls == ["first", "first"] and compile_ahead._last_dry_run["on_disk"]
+    assert compile_ahead.run_compiling_ahead(forward, "second", device=torch.device("cuda")) == ["second"]
+    assert calls[2:] == ["second"] and "second" not in fake_triton.preloads  # compiled in place, in one run
 
 
 def test_a_failing_dry_run_falls_back_to_the_real_run_and_a_real_error_is_raised(fake_triton):
@@ -207,9 +227,10 @@ except ImportError:
 
 
 @pytest.mark.gpu
-def test_gpu_kernels_compiled_ahead_give_the_plain_launch_result():
+def test_gpu_kernels_compiled_ahead_give_the_plain_launch_result(monkeypatch):
     """A kernel not compiled yet in this process (two specializations: BLOCK 128 and 256, n odd), a torch op between
     them reading the first's output: a dry run, then the real run, equal to the same ops launched plainly."""
+    monkeypatch.setitem(compile_ahead._last_dry_run, "on_disk", False)  # whatever this worker's earlier tests left
     x = torch.randn(1001, device="cuda")
 
     def forward(x):

@@ -340,7 +340,9 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     command = [sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()", "run",
                f"{server.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "50",
                "--phases", "examples,coverage,fuzzing", "--seed", "20260101", "--generation-database", "none",
-               "--request-timeout", "30", "--no-color", "--suppress-health-check", "all",
+               # 90 s, not 30: a long generation it asks for, on a CPU that the rest of the suite also loads, took
+               # more than 30 s once (a timeout counts as a failure, not as a server error found).
+               "--request-timeout", "90", "--no-color", "--suppress-health-check", "all",
                "-H", f"Authorization: Bearer {API_KEY}", "--report-dir", str(tmp_path)]
     run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr

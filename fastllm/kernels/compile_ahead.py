@@ -32,7 +32,9 @@ import contextlib
 import contextvars
 import logging
 import os
+import statistics
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -55,6 +57,13 @@ _hook_lock = threading.Lock()
 _support_thread: threading.Thread | None = None
 # What this process did (for start-up profiles and tests): dry runs made, kernel compiles sent to the pool.
 stats = {"dry_runs": 0, "compiles": 0}
+# A compile that Triton's disk cache answers takes milliseconds; one that runs the compiler, a tenth of a second or
+# more. Where the last dry run's compiles took so little (the median: a process's first compile also sets Triton up),
+# the kernels are on disk: a dry run would save nothing and cost a forward (in a warm start, the activation
+# measurement's 16k-token step: its phase took 0.99-1.00 s with its dry run against 0.53 s before, W3 on an H200,
+# 2026-12-02), so later forwards of the process run once, compiling in place.
+QUICK_COMPILE_S = 0.05
+_last_dry_run = {"on_disk": False}
 
 
 class _DryRun:
@@ -63,12 +72,18 @@ class _DryRun:
     def __init__(self, executor: ThreadPoolExecutor):
         self.executor = executor
         self.futures: dict[tuple[int, str], Future] = {}
+        self.seconds: list[float] = []  # each finished compile's (list.append: safe from the pool's threads)
 
     def submit(self, jit_function, key: str, specialization: str, constants: dict, device: int) -> None:
         slot = (id(jit_function), key)
         if slot not in self.futures:  # the same kernel met again (the next layer) while it compiles
-            self.futures[slot] = self.executor.submit(_compile, jit_function, specialization, constants, device)
+            self.futures[slot] = self.executor.submit(self._timed, jit_function, specialization, constants, device)
             stats["compiles"] += 1
+
+    def _timed(self, *args) -> None:
+        start = time.perf_counter()
+        _compile(*args)
+        self.seconds.append(time.perf_counter() - start)
 
 
 def _compile(jit_function, specialization: str, constants: dict, device: int | None) -> None:
@@ -138,7 +153,7 @@ def _usable(device: torch.device | None) -> bool:
 def run_compiling_ahead(fn: Callable, *args, device: torch.device | None = None, **kwargs):
     """`fn(*args, **kwargs)`, its new Triton kernels compiled side by side first (a dry run, see the module's
     docstring). `device`: where the forward runs; anything but a CUDA device runs `fn` once, as it is."""
-    if not _usable(device) or not _install_hook():
+    if not _usable(device) or _last_dry_run["on_disk"] or not _install_hook():
         return fn(*args, **kwargs)
     _join_support_thread()
     dry = _DryRun(ThreadPoolExecutor(max_workers=min(_MAX_THREADS, os.cpu_count() or 1),
@@ -157,6 +172,7 @@ def run_compiling_ahead(fn: Callable, *args, device: torch.device | None = None,
     if not dry.futures and not failed:
         return result  # nothing was skipped: that was the real run
     stats["dry_runs"] += 1
+    _last_dry_run["on_disk"] = bool(dry.seconds) and statistics.median(dry.seconds) < QUICK_COMPILE_S
     del result
     for future in dry.futures.values():
         if future.exception() is not None:  # the real run compiles that kernel in place and raises its real error
