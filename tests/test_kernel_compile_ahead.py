@@ -6,6 +6,7 @@ the real hook never fires there); on a GPU, real kernels: a fresh kernel compile
 launch, and a whole model started with an empty Triton cache decodes as HF eager does, as it does without it.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -209,6 +210,28 @@ def test_a_kernel_compiled_with_other_constants_than_asked_is_forgotten():
     jit = SimpleNamespace(preload=lambda spec: kept, device_caches={0: (cache,)})
     compile_ahead._compile(jit, "spec", {(3,): SimpleNamespace(value=64)}, None)  # tl.constexpr(64) as launched
     assert cache == {"key": kept}
+
+
+def test_prepare_triton_runs_every_step_on_a_thread_and_a_failing_one_is_left_to_triton(monkeypatch):
+    done = []
+
+    def failing():
+        done.append("key")
+        raise OSError("libtriton.so unreadable")
+
+    monkeypatch.setattr(compile_ahead, "_support_thread", None)
+    monkeypatch.setattr(compile_ahead, "COMPILE_AHEAD", True)
+    monkeypatch.setattr(compile_ahead, "HAS_TRITON", True)
+    monkeypatch.setattr(compile_ahead, "_triton_key", failing)
+    monkeypatch.setattr(compile_ahead, "_driver_module", lambda: done.append(("driver", threading.current_thread())))
+    monkeypatch.setattr(compile_ahead, "_backend_hash", lambda: done.append("backend"))
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    compile_ahead.prepare_triton(torch.device("cpu"))  # not a CUDA device: nothing to prepare
+    assert compile_ahead._support_thread is None
+    compile_ahead.prepare_triton(torch.device("cuda", 0))
+    compile_ahead._join_support_thread()
+    assert done[0] == "key" and done[2] == "backend"
+    assert done[1][0] == "driver" and done[1][1] is not threading.main_thread()
 
 
 # GPU ------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import fx
 from fastllm.capture import graph_cache
 from fastllm.capture.dynamo import capture
 from fastllm.capture.layer_stamp import LayerStamp, find_layer_stack
-from fastllm.kernels.compile_ahead import launches_for_real, prebuild_launcher_support, run_compiling_ahead
+from fastllm.kernels.compile_ahead import launches_for_real, prepare_triton, run_compiling_ahead
 from fastllm.kernels.step_attention import StepContext
 from fastllm.models.experts import graph_safe_experts
 from fastllm.passes import op_histogram, run_passes
@@ -111,7 +111,7 @@ def compile_step(model: torch.nn.Module, passes: tuple[str, ...], *, hf_forward:
     reports: list[GraphReport] = []
 
     device = next(model.parameters()).device
-    prebuild_launcher_support(device)  # Triton's gcc-built driver module, while dynamo traces
+    prepare_triton(device)  # Triton's once-a-process set-up, on a thread while dynamo traces
     inputs = _profile_inputs(device, max_positions)
 
     def transform(gm: fx.GraphModule, tensors: dict) -> fx.GraphModule:

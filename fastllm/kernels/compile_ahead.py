@@ -42,7 +42,7 @@ import torch
 
 from fastllm.kernels._registry import HAS_TRITON
 
-__all__ = ["COMPILE_AHEAD", "launches_for_real", "prebuild_launcher_support", "run_compiling_ahead", "stats"]
+__all__ = ["COMPILE_AHEAD", "launches_for_real", "prepare_triton", "run_compiling_ahead", "stats"]
 
 _log = logging.getLogger(__name__)
 
@@ -191,26 +191,54 @@ def launches_for_real() -> Iterator[None]:
         _dry_run.reset(token)
 
 
-def prebuild_launcher_support(device: torch.device) -> None:
-    """Build Triton's CUDA driver module (gcc, on the first use in a fresh cache) on a background thread now, while
-    the caller's tracing keeps this one busy, instead of at the first launch."""
+def prepare_triton(device: torch.device) -> None:
+    """Do Triton's once-a-process set-up on a background thread now, while the caller's tracing keeps this one busy,
+    instead of in the first compile or launch: its cache key's hash of the Triton installation (`triton_key`: a
+    SHA-256 of the 0.4-0.5 GB libtriton.so: 0.3-0.75 s alone on this project's CPU machine, 1.4 s when 8 threads
+    raced to it there, as a dry run's pool threads did), the backend's (ptxas --version, libdevice's hash) and the
+    gcc-built driver module (on a fresh cache). Each step is a cache Triton itself fills on first use: one that fails
+    here is done there, as without this. (The hashes' share of a start on the H200 is not measured yet.)"""
     global _support_thread
     if not (COMPILE_AHEAD and HAS_TRITON and device.type == "cuda") or _support_thread is not None:
         return
+    index = device.index if device.index is not None else torch.cuda.current_device()
 
-    def build() -> None:
-        try:
-            from triton.runtime.driver import driver
+    def prepare() -> None:
+        steps = (("the installation's hash", _triton_key), ("the driver module", _driver_module),
+                 ("the backend's hash", _backend_hash))
+        for name, step in steps:
+            try:
+                with torch.cuda.device(index):
+                    step()
+            except Exception as error:  # noqa: BLE001 - Triton does it in the first compile, as without this
+                _log.debug("compile ahead: %s not prepared (%s)", name, error)
 
-            driver.active.utils  # noqa: B018 - the attribute access builds (or loads) the module
-        except Exception as error:  # noqa: BLE001 - the first launch builds it, as without this
-            _log.debug("compile ahead: Triton's driver module not prebuilt (%s)", error)
-
-    _support_thread = threading.Thread(target=build, name="fastllm-triton-driver", daemon=True)
+    _support_thread = threading.Thread(target=prepare, name="fastllm-triton-setup", daemon=True)
     _support_thread.start()
 
 
+def _triton_key() -> None:
+    from triton.runtime.cache import triton_key
+
+    triton_key()
+
+
+def _driver_module() -> None:
+    from triton.runtime.driver import driver
+
+    driver.active.utils  # noqa: B018 - the attribute access builds (or loads) the module
+
+
+def _backend_hash() -> None:
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.driver import driver
+
+    backend = make_backend(driver.active.get_current_target())
+    backend.hash()
+    backend.parse_options({}).hash()
+
+
 def _join_support_thread() -> None:
-    # Before the first launch: two threads initialising Triton's driver at once would each build its module.
+    # Before the first compile: threads racing to Triton's set-up would each do it (its caches take no lock).
     if _support_thread is not None:
         _support_thread.join()
