@@ -20,27 +20,43 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 from _common import missing_gpu, write_result
 
-START = """
-import json, sys, time, torch
-sys.path.insert(0, {bench!r})
-from bench_decode import _build, _prompt
-import fastllm
 
-model = _build({model!r})
-prompt = _prompt(128, model.config.vocab_size)
-torch.cuda.synchronize()
-start = time.perf_counter()
-fastllm.optimize(model, max_num_seqs=8)
-model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False, pad_token_id=0)
-torch.cuda.synchronize()
-seconds = time.perf_counter() - start
-tokens = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False,
+def timed_start(model_name: str, profile=None):
+    """In a start's own process: build `model_name` (random weights), then time `optimize()` → the first token of a
+    128-token prompt. `profile`: a cProfile.Profile enabled over just that span. Returns (seconds, model, prompt)."""
+    import torch
+    from bench_decode import _build, _prompt
+
+    import fastllm
+
+    model = _build(model_name)
+    prompt = _prompt(128, model.config.vocab_size)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    if profile is not None:
+        profile.enable()
+    fastllm.optimize(model, max_num_seqs=8)
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    if profile is not None:
+        profile.disable()
+    return time.perf_counter() - start, model, prompt
+
+
+START = """
+import json, sys
+sys.path.insert(0, {bench!r})
+from bench_startup import timed_start
+from fastllm.kernels import compile_ahead
+
+seconds, model, prompt = timed_start({model!r})
+tokens = model.generate(prompt, attention_mask=prompt.new_ones(prompt.shape), max_new_tokens=32, do_sample=False,
                         pad_token_id=0)[0, 128:].tolist()
 state = model._fastllm_state
-from fastllm.kernels import compile_ahead
 print(json.dumps({{"startup_s": seconds, "phases": state.startup_seconds,
                    "graph_from_cache": state.compiled.from_graph_cache,
                    "layers_stamped": state.compiled.layers_stamped, "compiled_ahead": compile_ahead.stats,

@@ -24,22 +24,12 @@ import time
 from _common import missing_gpu
 
 START = """
-import cProfile, json, pstats, sys, time, torch
+import cProfile, json, pstats, sys
 sys.path.insert(0, {bench!r})
-from bench_decode import _build, _prompt
-import fastllm
+from bench_startup import timed_start
 
-model = _build({model!r})
-prompt = _prompt(128, model.config.vocab_size)
-torch.cuda.synchronize()
 profile = cProfile.Profile()
-start = time.perf_counter()
-profile.enable()
-fastllm.optimize(model, max_num_seqs=8)
-model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1, do_sample=False, pad_token_id=0)
-torch.cuda.synchronize()
-profile.disable()
-seconds = time.perf_counter() - start
+seconds, model, _ = timed_start({model!r}, profile)
 stats = pstats.Stats(profile).stats
 rows = {{f"{{path.rsplit('/site-packages/', 1)[-1]}}:{{line}}({{name}})": [calls, total, cumulative]
         for (path, line, name), (_, calls, total, cumulative, _) in stats.items() if cumulative > 0.05}}
