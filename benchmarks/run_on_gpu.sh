@@ -44,6 +44,9 @@
 # in ~9.5 min and were cut there at 91%): tests/test_kernel_*.py; test_gpu_quantization, test_int4_gated_linear,
 # test_gpu_pdl; every other file with gpu tests (engine, memory, parity, start-up, graph cache, engine process, CLI).
 # Each stops at 540 s (what ran is in its log).
+# keys-before-wait: the decode attention loading its first key tile before its PDL wait
+# (paged_attention._DECODE_KEYS_BEFORE_WAIT, on with PDL): the attention GPU tests, then the bf16 decode graph's
+# replay A/B against it off for both shapes (~5 min, estimated).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -164,6 +167,15 @@ for stage in $STAGES; do
                   python3 benchmarks/bench_quant_gemv.py --schemes fp8 --prefill --out "$OUT" \
                       > "$OUT/quant-gemv-blockfp8.log" 2>&1 || rc=1
                   grep -E "_m(128|512|2048)_(fp8|cublas)" "$OUT/quant-gemv-blockfp8.log" ;;
+        keys-before-wait) gpu_tests keys-before-wait 300 "${workers[@]}" tests/test_kernel_decode_keys_before_wait.py \
+                              tests/test_kernel_paged_attention.py tests/test_kernel_decode_rotary.py \
+                              tests/test_kernel_decode_min_tiles.py
+                          for model in llama2_7b llama31_8b; do
+                              python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 --rounds 3 \
+                                  --setting off=fastllm.kernels.paged_attention._DECODE_KEYS_BEFORE_WAIT=False \
+                                  --out "$OUT" > "$OUT/replay-keys-before-wait-$model.log" 2>&1 || rc=1
+                              tail -n 3 "$OUT/replay-keys-before-wait-$model.log"
+                          done ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

@@ -164,7 +164,8 @@ def sm_count(device: torch.device) -> int:
 # `griddepcontrol.launch_dependents`. Inside a CUDA graph a decode step is ~370 short kernels whose boundaries
 # (drain, launch, fill: a few microseconds each) cost as much as some of the kernels: with PDL the next kernel's
 # programs are resident and set up when the previous one ends. Every kernel that takes USE_PDL calls `pdl_wait` before
-# it reads or writes any tensor (so the chain of waits orders it after every earlier kernel, not just the last one).
+# it writes any tensor and before it reads anything the kernel right before it may write (so the chain of waits orders
+# it after every earlier kernel, not just the last one; the decode attention reads older keys before its wait).
 # Where: FASTLLM_PDL=1 every launch, FASTLLM_PDL=0 none; unset, launches of at most PDL_MAX_ROWS rows (tokens): the
 # steps of batch-1 and small-batch decode, whose kernels last microseconds, so their boundaries are a real share of
 # the step. The GEMM that reads SiLU(gate) * up inside its loads (decode_act_fusion, bf16's default) launches without

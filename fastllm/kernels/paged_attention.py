@@ -80,6 +80,11 @@ _MIN_TILES_PER_SPLIT = 1
 _DECODE_BLOCK_N = None
 _DECODE_NUM_WARPS = None
 _DECODE_NUM_STAGES = None
+# Whether a decode program loads its split's first key tile (all but the new token's row) and the step's metadata
+# before its PDL wait, while the kernel before it (the rotary and KV write) still runs, so that after the wait only q
+# and the new token's row are read before the tile's math: True always, False never, None where the launch uses PDL.
+# Why it is safe: _decode_kernel's comments. Measured: see the A/B below once run.
+_DECODE_KEYS_BEFORE_WAIT: bool | None = None
 # Whether decode merges its splits inside the decode kernel where the caller passes split_counters (runtime steps
 # do); False: the combine kernel always (benchmarks compare the two in one process). On an H200 (2026-12-02, batch 1
 # in a CUDA graph, bench_attention) the merge taking 16 splits a load (_merge_splits) runs 1k / 4k / 32k contexts at
@@ -103,6 +108,42 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _kv_offsets(bt_row, head_off, k_pos, k_valid, stride_cb, stride_cr, d, PAGE_SIZE: tl.constexpr):
+    """Offsets [BLOCK_N, BLOCK_D] of the cache rows of key positions k_pos (through the block table; invalid
+    positions read block 0, and their loads are masked)."""
+    block = tl.load(bt_row + k_pos // PAGE_SIZE, mask=k_valid, other=0).to(tl.int64)
+    return (block * stride_cb + (k_pos % PAGE_SIZE) * stride_cr + head_off)[:, None] + d[None, :]
+
+
+@triton.jit
+def _tile_scores(
+    m_i, l_i, q, k, k_pos, k_valid, q_pos, slopes, qk_scale, softcap_log2, window,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax's first half for one key tile k [BLOCK_N, BLOCK_D] (q's dtype): the tile's probabilities p
+    [M, BLOCK_N], the new row max, the old accumulators' rescale alpha and the new row sum."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, BLOCK_N] fp32
+    if USE_SOFTCAP:
+        s = softcap_log2 * _tanh(s * qk_scale)
+    else:
+        s = s * qk_scale
+    if USE_ALIBI:
+        s += slopes[:, None] * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+    keep = k_valid[None, :]
+    if MASKED:
+        if CAUSAL:
+            keep = keep & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            keep = keep & (q_pos[:, None] - k_pos[None, :] < window)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, m_new, alpha, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -133,29 +174,12 @@ def _attend_tile(
     """One BLOCK_N-key tile of online softmax: gather K/V rows through the block table, update (acc, m, l)."""
     k_pos = k_start + tl.arange(0, BLOCK_N)
     k_valid = k_pos < k_end
-    block = tl.load(bt_row + k_pos // PAGE_SIZE, mask=k_valid, other=0).to(tl.int64)
-    kv_off = (block * stride_cb + (k_pos % PAGE_SIZE) * stride_cr + head_off)[:, None] + d[None, :]
+    kv_off = _kv_offsets(bt_row, head_off, k_pos, k_valid, stride_cb, stride_cr, d, PAGE_SIZE)
     kv_mask = k_valid[:, None] & d_mask[None, :]
     # An FP8 KV cache holds float8 e4m3: widened to q's dtype as it is read (a no-op for a cache of q's dtype).
     k = tl.load(K_CACHE + kv_off, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, BLOCK_N] fp32
-    if USE_SOFTCAP:
-        s = softcap_log2 * _tanh(s * qk_scale)
-    else:
-        s = s * qk_scale
-    if USE_ALIBI:
-        s += slopes[:, None] * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
-    keep = k_valid[None, :]
-    if MASKED:
-        if CAUSAL:
-            keep = keep & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            keep = keep & (q_pos[:, None] - k_pos[None, :] < window)
-    s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, m_new, alpha, l_i = _tile_scores(m_i, l_i, q, k, k_pos, k_valid, q_pos, slopes, qk_scale, softcap_log2, window,
+                                        MASKED, CAUSAL, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_PRECISION)
     v = tl.load(V_CACHE + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -321,6 +345,7 @@ def _decode_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KEYS_BEFORE_WAIT: tl.constexpr = False,  # the split's first key tile loaded before the PDL wait
     USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (seq, kv head, split): the GROUP query heads of the sequence's one query token against the split's
@@ -331,13 +356,17 @@ def _decode_kernel(
     as the rotary kernel's output is), and the program whose chunk ends at the new token (p, the last split with
     keys) first writes that token's rotated key and value to the cache, then, after a barrier of its threads, reads
     the cache as usual: no other program reads position p."""
-    pdl_wait(USE_PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    # Before the PDL wait (KEYS_BEFORE_WAIT), while the kernel right before this one may still run, it reads only what
+    # that kernel cannot be writing: the step's metadata (written before the step's graph) and the keys and values of
+    # positions before p (earlier steps'; the kernel before, or this one with ROTARY, writes position p, and q comes
+    # after the wait). Every earlier kernel has completed by then: each calls pdl_wait (wait, then release its
+    # successor) first, so this kernel starts only after the one before it passed its own wait. Every program still
+    # waits before it returns, so the chain stays unbroken for the kernels after this one.
     q_start = tl.load(CU_SEQLENS_Q + seq)
-    if tl.load(CU_SEQLENS_Q + seq + 1) == q_start:  # no query for this sequence (padding of a graph batch)
-        return
+    has_query = tl.load(CU_SEQLENS_Q + seq + 1) != q_start  # else padding of a graph batch: nothing to do
     ctx = tl.load(SEQ_LENS + seq)
     k_lo = ctx * 0
     if USE_WINDOW:
@@ -349,14 +378,33 @@ def _decode_kernel(
     # Splits that hold keys (the rest of a short context's grid holds none): at least split 0, which writes even
     # an empty context's output. Merged in this kernel, the others have nothing to write and are not counted.
     splits_with_keys = tl.maximum(tl.cdiv(tiles, tl.maximum(tiles_per_split, 1)), 1)
+
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+    bt_row = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
+    head_off = kvh * stride_ch
+    if KEYS_BEFORE_WAIT:
+        # The split's first tile without position p, and where p's row lives (its block is an earlier step's).
+        # (Scalar conditions fold into bounds: the interpreter's `&` of a mask and a scalar bool is no mask.)
+        first_pos = k_begin + tl.arange(0, BLOCK_N)
+        first_old = first_pos < tl.where(has_query, tl.minimum(k_end, ctx - 1), 0)
+        first_off = _kv_offsets(bt_row, head_off, first_pos, first_old, stride_cb, stride_cr, d, PAGE_SIZE)
+        first_mask = first_old[:, None] & d_mask[None, :]
+        first_k = tl.load(K_CACHE + first_off, mask=first_mask, other=0.0)
+        first_v = tl.load(V_CACHE + first_off, mask=first_mask, other=0.0)
+        p_in_first = has_query & (ctx > 0) & (k_begin < k_end) & (ctx - 1 < k_begin + BLOCK_N)
+        p_mask = d < tl.where(p_in_first, head_dim, 0)
+        p_block = tl.load(bt_row + (ctx - 1) // PAGE_SIZE + d * 0, mask=p_mask, other=0).to(tl.int64)
+        p_off = p_block * stride_cb + ((ctx - 1) % PAGE_SIZE) * stride_cr + head_off + d
+    pdl_wait(USE_PDL)
+    if not has_query:
+        return
     if COMBINE and split >= splits_with_keys:
         return
 
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUP
     head = kvh * GROUP + g
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < head_dim
     q_rows = q_start.to(tl.int64) * stride_qt + head * stride_qh
     if ROTARY:
         cs_row = q_start.to(tl.int64) * stride_ct
@@ -380,12 +428,23 @@ def _decode_kernel(
     if USE_ALIBI:
         slopes = tl.load(SLOPES + head, mask=g_mask, other=0.0) * 1.4426950408889634
 
-    bt_row = BLOCK_TABLES + seq.to(tl.int64) * stride_bt
-    head_off = kvh * stride_ch
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for k_start in range(k_begin, k_end, BLOCK_N):
+    k_next = k_begin
+    if KEYS_BEFORE_WAIT:
+        # Position p's key and value (written by the kernel before, or above with ROTARY) join the loaded tile.
+        at_p = (first_pos == ctx - 1)[:, None]
+        p_key = tl.load(K_CACHE + p_off, mask=p_mask, other=0.0).to(q.dtype)
+        p_value = tl.load(V_CACHE + p_off, mask=p_mask, other=0.0).to(q.dtype)
+        first_k = tl.where(at_p, p_key[None, :], first_k.to(q.dtype))
+        first_v = tl.where(at_p, p_value[None, :], first_v.to(q.dtype))
+        p, m_i, alpha, l_i = _tile_scores(m_i, l_i, q, first_k, first_pos, first_pos < k_end, q_pos, slopes,
+                                          qk_scale, softcap_log2, window, False, False, False, USE_ALIBI,
+                                          USE_SOFTCAP, DOT_PRECISION)  # fmt: skip
+        acc = tl.dot(p.to(first_v.dtype), first_v, input_precision=DOT_PRECISION)  # acc was 0: no rescale
+        k_next = k_begin + BLOCK_N
+    for k_start in range(k_next, k_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, K_CACHE, V_CACHE, bt_row, head_off, k_start, k_end, q_pos, slopes,
             qk_scale, softcap_log2, window, stride_cb, stride_cr, d, d_mask,
@@ -735,13 +794,16 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             new_kv = (k_new, v_new, cos, sin, slots)
             new_strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos.stride(0))
             rot_half, inv_scales = cos.shape[1] // 2, (1.0 / k_scale, 1.0 / v_scale)
+        keys_before_wait = _DECODE_KEYS_BEFORE_WAIT
+        if keys_before_wait is None:
+            keys_before_wait = common.get("USE_PDL", False)
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, slopes, out, part_acc, part_m, part_l,
             split_counters if combine else seq_lens, *new_kv,
             *strides, *new_strides, rot_half, *inv_scales,
             num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, v_scale, num_splits,
             GROUP=group, SPLIT=num_splits > 1, COMBINE=combine, ROTARY=rotary is not None, INTERLEAVED=interleaved,
-            MIN_TILES=_MIN_TILES_PER_SPLIT, **common, **d,
+            MIN_TILES=_MIN_TILES_PER_SPLIT, KEYS_BEFORE_WAIT=keys_before_wait, **common, **d,
         )  # fmt: skip
         if num_splits > 1 and not combine:
             _combine_kernel[(num_seqs, num_q_heads)](
