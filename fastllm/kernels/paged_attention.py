@@ -83,7 +83,10 @@ _DECODE_NUM_STAGES = None
 # Whether a decode program loads its split's first key tile (all but the new token's row) and the step's metadata
 # before its PDL wait, while the kernel before it (the rotary and KV write) still runs, so that after the wait only q
 # and the new token's row are read before the tile's math: True always, False never, None where the launch uses PDL.
-# Why it is safe: _decode_kernel's comments. Measured: see the A/B below once run.
+# Why it is safe: _decode_kernel's comments. Measured on an H200 (2026-12-02, replay_ab.py of W1's bf16 decode graph
+# after a 256-token prompt, three alternating rounds): Llama-2-7B 3756.1 us against 3766.5 with it off, Llama-3.1-8B
+# 4073.6 against 4085.9 (-0.3% each, every round; W1-replay-ab-nvidia-h200-20261202-keys-before-wait-*.json): ~0.35
+# us a layer, so the K/V loads were not what the kernel's ~6 us after the rotary kernel is mostly spent on.
 _DECODE_KEYS_BEFORE_WAIT: bool | None = None
 # Whether decode merges its splits inside the decode kernel where the caller passes split_counters (runtime steps
 # do); False: the combine kernel always (benchmarks compare the two in one process). On an H200 (2026-12-02, batch 1
