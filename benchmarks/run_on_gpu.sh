@@ -47,6 +47,10 @@
 # keys-before-wait: the decode attention loading its first key tile before its PDL wait
 # (paged_attention._DECODE_KEYS_BEFORE_WAIT, on with PDL): the attention GPU tests, then the bf16 decode graph's
 # replay A/B against it off for both shapes (~5 min, estimated).
+# deferred-norm: the skinny GEMM's deferred RMSNorm (fused_linear prologue "rms_norm_deferred"): its GPU tests and the
+# GEMM files', bench_deferred_norm (a layer's decode GEMMs with the norms deferred against the default chain, both
+# shapes), then the decode graph's replay A/B with rotary and the KV write inside decode attention
+# (paged_attention.FUSE_ROTARY_INTO_DECODE) beside the default, both shapes (~6 min, estimated).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -176,6 +180,16 @@ for stage in $STAGES; do
                                   --out "$OUT" > "$OUT/replay-keys-before-wait-$model.log" 2>&1 || rc=1
                               tail -n 3 "$OUT/replay-keys-before-wait-$model.log"
                           done ;;
+        deferred-norm) gpu_tests deferred-norm 300 "${workers[@]}" tests/test_kernel_deferred_norm.py \
+                           tests/test_kernel_fused_linear.py tests/test_kernel_skinny_gemm.py
+                       python3 benchmarks/bench_deferred_norm.py --out "$OUT" > "$OUT/deferred-norm.log" 2>&1 || rc=1
+                       tail -n 5 "$OUT/deferred-norm.log"
+                       for model in llama2_7b llama31_8b; do
+                           python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 --rounds 3 \
+                               --setting rotary_in_decode=fastllm.kernels.paged_attention.FUSE_ROTARY_INTO_DECODE=True \
+                               --out "$OUT" > "$OUT/replay-rotary-in-decode-$model.log" 2>&1 || rc=1
+                           tail -n 3 "$OUT/replay-rotary-in-decode-$model.log"
+                       done ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

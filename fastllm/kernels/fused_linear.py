@@ -48,7 +48,8 @@ from fastllm.kernels.silu_and_mul import silu_and_mul, silu_and_mul_ref
 from fastllm.kernels.skinny_gemm import skinny_linear
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
-PROLOGUES = ("rms_norm", *ACTIVATIONS)
+NORMS = ("rms_norm", "rms_norm_deferred")
+PROLOGUES = (*NORMS, *ACTIVATIONS)
 # A prologue runs inside the GEMM for a single row only. Every program recomputes the prologue for its rows of W, which
 # pays only at 1 row (H200, 2026-11-30, W5-fused-linear, a Llama-3.1-8B layer's decode GEMMs: SiLU * up inside
 # down_proj 29.4 us against 36.6 unfused at 1 row, 64-68 against 37.9 at 2 rows; at 8 rows, the tl.dot form, the
@@ -60,7 +61,7 @@ QUANTIZED_LINEARS = {torch.float8_e4m3fn: (fp8_linear, fp8_linear_ref), torch.in
 
 def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, reference: bool) -> torch.Tensor:
     """What the unfused graph computes before the linear: the kernels (or, with `reference`, their references)."""
-    if prologue == "rms_norm":
+    if prologue in NORMS:  # the deferred norm's unfused form is the norm kernel's (rounded as Hugging Face rounds)
         norm = rms_norm_ref if reference else rms_norm
         return norm(x, norm_weight, norm_eps, weight_offset=norm_offset, cast_before_weight=norm_cast)
     if prologue == "silu":
@@ -125,9 +126,14 @@ def _fused_linear_op(
     m = x.shape[0]
     n, k = weight.shape
     if _fusable(x, weight_scale, m, prologue):
+        deferred = prologue == "rms_norm_deferred"
+        # The deferred norm adds little to a chunk (a product and a square a column): the plain GEMV's tiles, one
+        # K split (each program's sum of x^2 must cover the row)
         cfg = skinny_gemm._config(m, n, k, x.dtype, x.device, weight_bytes=weight.element_size(),
-                                  prologue=prologue is not None)
-        norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue == "rms_norm" else None
+                                  prologue=prologue is not None and not deferred)
+        if deferred:
+            cfg["split_k"] = 1
+        norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue in NORMS else None
         skinny_gemm._launch(x, weight, bias, out, None, cfg, weight_scale=weight_scale, residual=residual,
                             prologue=prologue, norm=norm)
     else:
@@ -171,9 +177,9 @@ def _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offs
     k = weight.shape[1]
     if prologue in ACTIVATIONS and x.shape[-1] != 2 * k:
         raise ValueError(f"a gated activation reads x = [gate | up]: x's last dim must be 2 * {k}, got {x.shape[-1]}")
-    if prologue == "rms_norm":
+    if prologue in NORMS:
         if norm_weight is None:
-            raise ValueError("prologue 'rms_norm' needs norm_weight")
+            raise ValueError(f"prologue {prologue!r} needs norm_weight")
         check_row_param("norm_weight", norm_weight, x)
         out_dtype = torch.promote_types(x.dtype, norm_weight.dtype) if norm_cast else x.dtype
         if out_dtype != x.dtype:
@@ -208,11 +214,14 @@ def fused_linear(
     """`linear(prologue(x), weight, bias) (+ residual)`, fused into the skinny GEMM for up to 16 rows.
 
     Args:
-        x: [..., K] (prologue None or "rms_norm") or [..., 2K] (a gated activation: [gate | up]), 16- or 32-bit
+        x: [..., K] (prologue None or a norm) or [..., 2K] (a gated activation: [gate | up]), 16- or 32-bit
             float, last dim contiguous.
         weight: [N, K] of x's dtype, or float8 e4m3 / int8 with `weight_scale`; bias: optional [N] of x's dtype.
         residual: optional [..., N] of x's dtype, added to the rounded output (the residual stream).
-        prologue: None, "rms_norm", or a gated activation: "silu", "gelu", "gelu_tanh".
+        prologue: None, "rms_norm", "rms_norm_deferred", or a gated activation: "silu", "gelu", "gelu_tanh".
+            "rms_norm_deferred" (one row, Triton): the product reads x * norm weight in fp32 and the rows' 1 / rms
+            scales it after the loop (no pass over x before it, nothing rounded before the output); elsewhere it is
+            "rms_norm".
         norm_weight, norm_eps, norm_offset, norm_cast_before_weight: the RMSNorm's (kernels.rms_norm's weight, eps,
             weight_offset, cast_before_weight); its output dtype must be x's.
         weight_scale: for a quantized weight, [N] fp32 (y = linear(x, weight * weight_scale[:, None]) as
@@ -240,4 +249,4 @@ def fused_linear(
     return out
 
 
-__all__ = ["ACTIVATIONS", "PROLOGUES", "QUANTIZED_LINEARS", "fused_linear", "fused_linear_ref"]
+__all__ = ["ACTIVATIONS", "NORMS", "PROLOGUES", "QUANTIZED_LINEARS", "fused_linear", "fused_linear_ref"]

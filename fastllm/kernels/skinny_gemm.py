@@ -157,9 +157,22 @@ def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, H
 
 
 # What the kernel does to x as it loads it (PROLOGUE): nothing ("none"); RMSNorm ("rms_norm": x is the norm's input,
-# the norm's weight and eps come with it); or a gated activation ("silu", "gelu", "gelu_tanh": x is [M, 2K] =
-# [gate | up], the product reads act(gate) * up).
-PROLOGUES = ("none", "rms_norm", "silu", "gelu", "gelu_tanh")
+# the norm's weight and eps come with it); RMSNorm deferred ("rms_norm_deferred": the product reads x times the norm's
+# weight, in fp32, and sums x^2 on the way; the rows' 1 / rms scales the finished product: no pass over the row before
+# the loop, no split K); or a gated activation ("silu", "gelu", "gelu_tanh": x is [M, 2K] = [gate | up], the product
+# reads act(gate) * up).
+PROLOGUES = ("none", "rms_norm", "rms_norm_deferred", "silu", "gelu", "gelu_tanh")
+# Whether a launch with the deferred RMSNorm uses PDL where plain launches do (benchmarks compare both).
+PDL_WITH_DEFERRED_NORM = True
+
+
+@triton.jit
+def _load_x_deferred(ptrs, k0, k, k_end, NW, norm_offset, EVEN_K: tl.constexpr):
+    """The deferred RMSNorm's view of x's tile at column k0: (x * (norm_offset + w), x^2), both fp32 (nothing rounded:
+    the 1 / rms comes after the product)."""
+    x = _load_k(ptrs, k0, k, k_end, EVEN_K).to(tl.float32)
+    w = _load_k(NW + k, k0, k, k_end, EVEN_K).to(tl.float32)
+    return x * (norm_offset + w), x * x
 
 
 @triton.jit
@@ -272,14 +285,22 @@ def _skinny_gemm_kernel(
         if PROLOGUE == "rms_norm":
             rstd = _rows_rstd(X, tl.minimum(m, M - 1), stride_xm, K, eps, BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # the deferred RMSNorm's sums of x^2
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
             w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K)  # fp8 weights: widened
             if WS_BLOCK_K > 0:
                 w = w.to(tl.float32) * _block_scales(WS, n, k0, N, stride_wsn, WS_BLOCK_N, WS_BLOCK_K)[:, None]
             w = w.to(X.dtype.element_ty)
-            x = _load_x(x_ptrs, k0, k[None, :], k_end, K, NW, rstd[:, None], norm_offset, EVEN_K, PROLOGUE,
-                        NORM_CAST)
+            if PROLOGUE == "rms_norm_deferred":
+                x, sq = _load_x_deferred(x_ptrs, k0, k[None, :], k_end, NW, norm_offset, EVEN_K)
+                squares += sq
+                x = x.to(X.dtype.element_ty)
+            else:
+                x = _load_x(x_ptrs, k0, k[None, :], k_end, K, NW, rstd[:, None], norm_offset, EVEN_K, PROLOGUE,
+                            NORM_CAST)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+        if PROLOGUE == "rms_norm_deferred":
+            acc = acc * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
         _epilogue(acc, m, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, HAS_BIAS, SPLIT, HAS_WSCALE,
                   HAS_RESIDUAL)
     else:
@@ -300,32 +321,63 @@ def _skinny_gemm_kernel(
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # rows >= BLOCK_M stay unused (compiled away)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # The deferred RMSNorm's sums of x^2, one a row, over the K chunk's columns (summed after the loop)
+        sq0 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        sq1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        sq2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+        sq3 = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in tl.range(k_begin, k_end, BLOCK_K, num_stages=NUM_STAGES):
             w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(tl.float32)
             if WS_BLOCK_K > 0:
                 w = w * _block_scales(WS, n, k0, N, stride_wsn, WS_BLOCK_N, WS_BLOCK_K)[:, None]
-            acc0 += w * _load_x(x_ptrs, k0, k, k_end, K, NW, rstd0, norm_offset, EVEN_K, PROLOGUE,
-                                NORM_CAST).to(tl.float32)[None, :]
-            if BLOCK_M > 1:
-                acc1 += w * _load_x(x_ptrs + 1 * stride_xm, k0, k, k_end, K, NW, rstd1, norm_offset, EVEN_K,
-                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
-            if BLOCK_M > 2:
-                acc2 += w * _load_x(x_ptrs + 2 * stride_xm, k0, k, k_end, K, NW, rstd2, norm_offset, EVEN_K,
-                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
-            if BLOCK_M > 3:
-                acc3 += w * _load_x(x_ptrs + 3 * stride_xm, k0, k, k_end, K, NW, rstd3, norm_offset, EVEN_K,
-                                    PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
+            if PROLOGUE == "rms_norm_deferred":
+                x0, s0 = _load_x_deferred(x_ptrs, k0, k, k_end, NW, norm_offset, EVEN_K)
+                acc0 += w * x0[None, :]
+                sq0 += s0
+                if BLOCK_M > 1:
+                    x1, s1 = _load_x_deferred(x_ptrs + 1 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K)
+                    acc1 += w * x1[None, :]
+                    sq1 += s1
+                if BLOCK_M > 2:
+                    x2, s2 = _load_x_deferred(x_ptrs + 2 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K)
+                    acc2 += w * x2[None, :]
+                    sq2 += s2
+                if BLOCK_M > 3:
+                    x3, s3 = _load_x_deferred(x_ptrs + 3 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K)
+                    acc3 += w * x3[None, :]
+                    sq3 += s3
+            else:
+                acc0 += w * _load_x(x_ptrs, k0, k, k_end, K, NW, rstd0, norm_offset, EVEN_K, PROLOGUE,
+                                    NORM_CAST).to(tl.float32)[None, :]
+                if BLOCK_M > 1:
+                    acc1 += w * _load_x(x_ptrs + 1 * stride_xm, k0, k, k_end, K, NW, rstd1, norm_offset, EVEN_K,
+                                        PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
+                if BLOCK_M > 2:
+                    acc2 += w * _load_x(x_ptrs + 2 * stride_xm, k0, k, k_end, K, NW, rstd2, norm_offset, EVEN_K,
+                                        PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
+                if BLOCK_M > 3:
+                    acc3 += w * _load_x(x_ptrs + 3 * stride_xm, k0, k, k_end, K, NW, rstd3, norm_offset, EVEN_K,
+                                        PROLOGUE, NORM_CAST).to(tl.float32)[None, :]
+        y0 = tl.sum(acc0, axis=1)
+        y1 = tl.sum(acc1, axis=1)
+        y2 = tl.sum(acc2, axis=1)
+        y3 = tl.sum(acc3, axis=1)
+        if PROLOGUE == "rms_norm_deferred":
+            y0 = y0 * tl.rsqrt(tl.sum(sq0, axis=0) / K + eps)
+            y1 = y1 * tl.rsqrt(tl.sum(sq1, axis=0) / K + eps)
+            y2 = y2 * tl.rsqrt(tl.sum(sq2, axis=0) / K + eps)
+            y3 = y3 * tl.rsqrt(tl.sum(sq3, axis=0) / K + eps)
         row = tl.zeros([1], dtype=tl.int32)
-        _epilogue(tl.sum(acc0, axis=1)[None, :], row, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
+        _epilogue(y0[None, :], row, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
                   HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
         if BLOCK_M > 1:
-            _epilogue(tl.sum(acc1, axis=1)[None, :], row + 1, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
+            _epilogue(y1[None, :], row + 1, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
                       HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
         if BLOCK_M > 2:
-            _epilogue(tl.sum(acc2, axis=1)[None, :], row + 2, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
+            _epilogue(y2[None, :], row + 2, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
                       HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
         if BLOCK_M > 3:
-            _epilogue(tl.sum(acc3, axis=1)[None, :], row + 3, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
+            _epilogue(y3[None, :], row + 3, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm,
                       HAS_BIAS, SPLIT, HAS_WSCALE, HAS_RESIDUAL)
     if NORM_AFTER:
         # Every thread's stores of Y before the arrival (the barrier); the arrival's release/acquire makes them, and
@@ -544,7 +596,10 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
     if blocks and ws_block_k % block_k:
         raise ValueError(f"block-scaled weights need BLOCK_K ({block_k}) to divide the scale block's {ws_block_k} "
                          "columns: take the launch settings from block_scaled_config")
-    pdl = pdl_options(x) if prologue is None else {}  # with a prologue PDL measured slower (see _registry)
+    # With a prologue PDL measured slower (see _registry); the deferred RMSNorm's launch is measured both ways
+    pdl = pdl_options(x) if prologue is None or (prologue == "rms_norm_deferred" and PDL_WITH_DEFERRED_NORM) else {}
+    if prologue == "rms_norm_deferred" and split:
+        raise ValueError("the deferred RMSNorm needs one K split (each program's sum of x^2 covers the whole row)")
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
             x, weight, b, out, parts, weight_scale if weight_scale is not None else out, r, norm_weight,

@@ -1,0 +1,126 @@
+"""W5-deferred-norm: a Llama layer's batch-1 decode GEMMs with the RMSNorms deferred into the GEMMs that read them
+(`fused_linear(..., prologue="rms_norm_deferred")`, the residual adds in the producing GEMMs' epilogues) against what
+the default passes run now (a norm kernel with the residual add before the QKV and gate-up GEMMs, SiLU * up read by
+the down projection), on one CUDA GPU, inside CUDA graphs.
+
+Per layer, default: fused_add_rms_norm, skinny_linear(qkv), skinny_linear(o), fused_add_rms_norm,
+skinny_linear(gate_up), fused_linear(down, SiLU prologue). Deferred: fused_linear(qkv, deferred norm),
+fused_linear(o, residual), fused_linear(gate_up, deferred norm), fused_linear(down, SiLU prologue, residual): two
+kernels a layer fewer. The deferred chain runs with PDL on its norm GEMMs and without (skinny_gemm.
+PDL_WITH_DEFERRED_NORM). Both chains run over two layers' distinct weights (far past the L2) and are timed with
+`triton.testing.do_bench_cudagraph` (the kernel boundaries a decode step pays are in the time); the chains' outputs
+are compared first (bf16 roundings apart, not more).
+
+    PYTHONPATH=. python benchmarks/bench_deferred_norm.py [--models llama31_8b llama2_7b] [--out DIR]
+
+Writes DIR/W5-deferred-norm-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
+"""
+
+import argparse
+import sys
+
+import torch
+from _common import missing_gpu, write_result
+from bench_fused_linear import _ms
+
+from fastllm.kernels import fused_add_rms_norm, fused_linear, skinny_gemm, skinny_linear
+
+SHAPES = {"llama31_8b": (4096, 14336, 6144), "llama2_7b": (4096, 11008, 12288)}  # hidden, intermediate, QKV rows
+EPS = 1e-5
+LAYERS = 2
+
+
+def _layers(shape, dtype):
+    hidden, inter, qkv = shape
+    g = torch.Generator("cuda").manual_seed(0)
+
+    def w(n, k):
+        return (torch.randn(n, k, generator=g, device="cuda") * k**-0.5).to(dtype)
+
+    def norm():
+        return (1 + 0.1 * torch.randn(hidden, generator=g, device="cuda")).to(dtype)
+
+    return [dict(qkv=w(qkv, hidden), o=w(hidden, hidden), gate_up=w(2 * inter, hidden), down=w(hidden, inter),
+                 norm1=norm(), norm2=norm()) for _ in range(LAYERS)]
+
+
+def default_chain(h, residual, attn, layers):
+    """What the default passes run: h is the previous layer's MLP output, residual its residual stream."""
+    for p in layers:
+        n, residual = fused_add_rms_norm(h, residual, p["norm1"], EPS)
+        qkv = skinny_linear(n, p["qkv"])
+        o = skinny_linear(attn, p["o"])
+        n, residual = fused_add_rms_norm(o, residual, p["norm2"], EPS)
+        h = fused_linear(skinny_linear(n, p["gate_up"]), p["down"], prologue="silu")
+    return h + residual, qkv
+
+
+def deferred_chain(s, attn, layers):
+    """The norms deferred into their consumers, the residual adds into the producers: s is h + residual."""
+    for p in layers:
+        qkv = fused_linear(s, p["qkv"], prologue="rms_norm_deferred", norm_weight=p["norm1"], norm_eps=EPS)
+        s = fused_linear(attn, p["o"], residual=s)
+        gate_up = fused_linear(s, p["gate_up"], prologue="rms_norm_deferred", norm_weight=p["norm2"], norm_eps=EPS)
+        s = fused_linear(gate_up, p["down"], prologue="silu", residual=s)
+    return s, qkv
+
+
+def run(model: str, dtype) -> dict:
+    layers = _layers(SHAPES[model], dtype)
+    hidden = SHAPES[model][0]
+    g = torch.Generator("cuda").manual_seed(1)
+    h, residual, attn = (torch.randn(1, hidden, generator=g, device="cuda").to(dtype) for _ in range(3))
+    expected, expected_qkv = default_chain(h, residual, attn, layers)
+    s = h + residual
+    got, got_qkv = deferred_chain(s, attn, layers)
+    for name, a, b in (("residual stream", got, expected), ("qkv", got_qkv, expected_qkv)):
+        rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        if not rel < 2e-2:  # bf16 roundings of two layers' chains; a wrong kernel is O(1) off
+            sys.exit(f"{model}: the deferred chain's {name} is off from the default one (relative {rel:.2e})")
+    result = {}
+    for round_ in range(3):  # alternating, so drift between the measurements shows
+        result.setdefault("default_chain_us", []).append(_ms(lambda: default_chain(h, residual, attn, layers))
+                                                          / LAYERS * 1e3)
+        for pdl in (True, False):
+            skinny_gemm.PDL_WITH_DEFERRED_NORM = pdl
+            key = "deferred_chain_us" if pdl else "deferred_chain_no_pdl_us"
+            result.setdefault(key, []).append(_ms(lambda: deferred_chain(s, attn, layers)) / LAYERS * 1e3)
+        skinny_gemm.PDL_WITH_DEFERRED_NORM = True
+    p = layers[0]
+    ops = {
+        "qkv_default": lambda: skinny_linear(fused_add_rms_norm(h, residual, p["norm1"], EPS)[0], p["qkv"]),
+        "qkv_deferred": lambda: fused_linear(s, p["qkv"], prologue="rms_norm_deferred", norm_weight=p["norm1"],
+                                             norm_eps=EPS),
+        "qkv_plain": lambda: skinny_linear(s, p["qkv"]),
+        "o_plain": lambda: skinny_linear(attn, p["o"]),
+        "o_residual": lambda: fused_linear(attn, p["o"], residual=s),
+    }
+    for name, fn in ops.items():
+        result[f"{name}_us"] = _ms(fn) * 1e3
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if missing_gpu(__file__):
+        return 2
+    results = {model: run(model, torch.bfloat16) for model in args.models}
+    config = {"rows": 1, "dtype": "bfloat16", "layers_a_chain": LAYERS, "shapes": {m: SHAPES[m] for m in args.models},
+              "timing": "triton.testing.do_bench_cudagraph median, us a layer; chains in 3 alternating rounds"}
+    path = write_result("W5-deferred-norm", torch.cuda.get_device_name(), config, results, {}, args.out)
+    print(f"wrote {path}")
+    print("| model | default chain us | deferred | deferred, no PDL | qkv default / deferred / plain | o / +res |")
+    print("|---|---|---|---|---|---|")
+    for model, r in results.items():
+        chains = [min(r[k]) for k in ("default_chain_us", "deferred_chain_us", "deferred_chain_no_pdl_us")]
+        print(f"| {model} | {chains[0]:.1f} | {chains[1]:.1f} | {chains[2]:.1f} | {r['qkv_default_us']:.1f} / "
+              f"{r['qkv_deferred_us']:.1f} / {r['qkv_plain_us']:.1f} | {r['o_plain_us']:.1f} / "
+              f"{r['o_residual_us']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

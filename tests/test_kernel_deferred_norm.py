@@ -1,0 +1,148 @@
+"""The skinny GEMM's deferred RMSNorm (`fused_linear(..., prologue="rms_norm_deferred")`): the product reads
+x * (offset + norm weight) in fp32 and sums x^2 on the way; the rows' 1 / rms scales the finished product.
+
+    y = (x * (offset + w)) @ W^T * rsqrt(mean(x^2) + eps) + bias      rounded once to x's dtype (+ residual, again)
+
+Checked against that formula computed exactly (fp64) from the same inputs. Nothing is rounded before the output, so
+the tolerance is one rounding of the output (and one of the residual add), the kernel's fp32 sums being ~1e-7 off.
+Against the unfused kernels (the norm kernel, which rounds the normalised x as Hugging Face does, then the GEMM) the
+difference is that rounding of each normalised element: within two roundings of the output's dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from test_kernel_fused_linear import TOLERANCES, _assert_close, _expected
+
+from fastllm.kernels import fused_linear, triton_on_cpu
+from fastllm.kernels import skinny_gemm as sg
+
+fl = importlib.import_module("fastllm.kernels.fused_linear")
+
+
+def _inputs(m, n, k, dtype, *, device="cpu", bias=False, residual=True, norm_offset=0.0, seed=0):
+    g = torch.Generator(device).manual_seed(seed + m * 7919 + n * 31 + k)
+    x = (torch.randn(m, k, generator=g, device=device) * 3).to(dtype)
+    weight = (torch.randn(n, k, generator=g, device=device) * k**-0.5).to(dtype)
+    kwargs = {"prologue": "rms_norm_deferred", "norm_eps": 1e-5, "norm_offset": norm_offset,
+              "norm_weight": (1 + 0.2 * torch.randn(k, generator=g, device=device)).to(dtype)}  # fmt: skip
+    if bias:
+        kwargs["bias"] = torch.randn(n, generator=g, device=device).to(dtype)
+    if residual:
+        kwargs["residual"] = torch.randn(m, n, generator=g, device=device).to(dtype)
+    return x, weight, kwargs
+
+
+def _deferred_expected(x, weight, kwargs, weight_scale=None):
+    """The formula in fp64 from the same inputs: the output rounded to x's dtype, then the residual added."""
+    xd = x.double()
+    w = kwargs["norm_offset"] + kwargs["norm_weight"].double()
+    weight = weight.double() if weight_scale is None else weight.double() * weight_scale.double()[:, None]
+    y = (xd * w) @ weight.T * torch.rsqrt(xd.square().mean(-1, keepdim=True) + kwargs["norm_eps"])
+    if kwargs.get("bias") is not None:
+        y = y + kwargs["bias"].double()
+    y = y.to(x.dtype).double()
+    residual = kwargs.get("residual")
+    return y if residual is None else y + residual.double()
+
+
+def _launch_rows(x, weight, kwargs):
+    """The kernel itself on all of x's rows (fused_linear asks it for one row: PROLOGUE_MAX_ROWS), with the plain
+    GEMV's settings for that many rows and one K split, as fused_linear launches it."""
+    m, (n, k) = x.shape[0], weight.shape
+    cfg = {**sg._config(m, n, k, x.dtype, x.device), "split_k": 1}
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    norm = (kwargs["norm_weight"], kwargs["norm_eps"], kwargs["norm_offset"], True)
+    sg._launch(x, weight, kwargs.get("bias"), out, None, cfg, residual=kwargs.get("residual"),
+               prologue="rms_norm_deferred", norm=norm)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("n,k", [(96, 1000), (33, 1536), (80, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias,offset", [(False, 0.0), (True, 1.0)])
+def test_one_row_against_the_formula_cpu(n, k, dtype, bias, offset):
+    """One row (what fused_linear fuses): ragged K chunks, N past the last block, a bias and Gemma's 1 + w."""
+    x, weight, kwargs = _inputs(1, n, k, dtype, bias=bias, norm_offset=offset)
+    with triton_on_cpu():
+        y = fused_linear(x, weight, **kwargs)
+    _assert_close(y, _deferred_expected(x, weight, kwargs), dtype, roundings=2)
+    # Against the unfused kernels' values (the normalised x rounded): within the same two roundings
+    _assert_close(y, _expected(x, weight, {**kwargs, "prologue": "rms_norm"}), dtype, roundings=2)
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 6, 16])
+def test_several_rows_and_the_dot_form_cpu(m):
+    """Rows 2-4 (the broadcast form's other accumulators) and 6 / 16 (the tl.dot form, which rounds x * w to x's
+    dtype for the MMA: one more rounding)."""
+    dtype = torch.float16
+    x, weight, kwargs = _inputs(m, 72, 520, dtype)
+    with triton_on_cpu():
+        y = _launch_rows(x, weight, kwargs)
+    _assert_close(y, _deferred_expected(x, weight, kwargs), dtype, roundings=3)
+
+
+def test_more_rows_and_the_cpu_take_the_unfused_norm():
+    """Past one row, and on the CPU without Triton, the deferred norm is the norm kernel (or its reference) then the
+    linear: the rms_norm prologue's values exactly."""
+    x, weight, kwargs = _inputs(3, 40, 256, torch.float32)
+    deferred = fused_linear(x, weight, **kwargs)
+    assert torch.equal(deferred, fused_linear(x, weight, **{**kwargs, "prologue": "rms_norm"}))
+    with triton_on_cpu():
+        several = fused_linear(x, weight, **kwargs)
+        assert torch.equal(several, fused_linear(x, weight, **{**kwargs, "prologue": "rms_norm"}))
+
+
+def test_a_split_k_launch_is_refused():
+    x, weight, kwargs = _inputs(1, 8, 2048, torch.float32)
+    cfg = {**sg._config(1, 8, 2048, x.dtype, x.device), "split_k": 4}
+    out = torch.empty(1, 8)
+    with triton_on_cpu(), pytest.raises(ValueError, match="one K split"):
+        sg._launch(x, weight, None, out, None, cfg, prologue="rms_norm_deferred",
+                   norm=(kwargs["norm_weight"], 1e-5, 0.0, True))  # fmt: skip
+
+
+def test_bad_inputs_name_the_prologue():
+    x, weight, kwargs = _inputs(1, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="'rms_norm_deferred' needs norm_weight"):
+        fused_linear(x, weight, prologue="rms_norm_deferred")
+    with pytest.raises(ValueError, match="norm_eps must be a finite number"):
+        fused_linear(x, weight, **{**kwargs, "norm_eps": float("nan")})
+    with pytest.raises(ValueError, match="prologue must be None or one of"):
+        fused_linear(x, weight, prologue="rms_norm_later")
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096), (12288, 4096), (96, 1000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_llama_shapes_gpu(n, k, dtype):
+    """Llama-3.1-8B's QKV and gate-up, Llama-2-7B's QKV, and a ragged shape, at one row, with and without PDL."""
+    x, weight, kwargs = _inputs(1, n, k, dtype, device="cuda")
+    expected = _deferred_expected(x, weight, kwargs)
+    for pdl in (True, False):
+        sg.PDL_WITH_DEFERRED_NORM = pdl
+        try:
+            y = fused_linear(x, weight, **kwargs)
+        finally:
+            sg.PDL_WITH_DEFERRED_NORM = True
+        _assert_close(y, expected, dtype, roundings=2)
+
+
+@pytest.mark.gpu
+def test_fp8_weights_gpu():
+    """One-byte weights with per-channel scales (quantization="fp8") take the deferred norm as float ones do."""
+    from fastllm.quant import fp8
+
+    x, weight, kwargs = _inputs(1, 6144, 4096, torch.bfloat16, device="cuda")
+    qweight, scale = fp8.quantize_weight(weight.float())
+    y = fused_linear(x, qweight, weight_scale=scale, **kwargs)
+    _assert_close(y, _deferred_expected(x, qweight, kwargs, weight_scale=scale), torch.bfloat16, roundings=2)
+
+
+assert set(TOLERANCES) >= {torch.float32, torch.float16, torch.bfloat16}
