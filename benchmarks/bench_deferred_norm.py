@@ -7,9 +7,9 @@ Per layer, default: fused_add_rms_norm, skinny_linear(qkv), skinny_linear(o), fu
 skinny_linear(gate_up), fused_linear(down, SiLU prologue). Deferred: fused_linear(qkv, deferred norm),
 fused_linear(o, residual), fused_linear(gate_up, deferred norm), fused_linear(down, SiLU prologue, residual): two
 kernels a layer fewer. The deferred chain runs with PDL on its norm GEMMs and without (skinny_gemm.
-PDL_WITH_DEFERRED_NORM). Both chains run over two layers' distinct weights (far past the L2) and are timed with
-`triton.testing.do_bench_cudagraph` (the kernel boundaries a decode step pays are in the time); the chains' outputs
-are compared first (bf16 roundings apart, not more).
+PDL_WITH_DEFERRED_NORM), and with 8 and 16 rows of W a program (fused_linear.DEFERRED_NORM_BLOCK_N). Both chains run
+over two layers' distinct weights (far past the L2) and are timed with `triton.testing.do_bench_cudagraph` (the kernel
+boundaries a decode step pays are in the time); the chains' outputs are compared first (bf16 roundings apart, not more).
 
     PYTHONPATH=. python benchmarks/bench_deferred_norm.py [--models llama31_8b llama2_7b] [--out DIR]
 
@@ -17,6 +17,7 @@ Writes DIR/W5-deferred-norm-<gpu>-<yyyymmdd>.json; exits 2 without a GPU.
 """
 
 import argparse
+import importlib
 import sys
 
 import torch
@@ -28,6 +29,8 @@ from fastllm.kernels import fused_add_rms_norm, fused_linear, skinny_gemm, skinn
 SHAPES = {"llama31_8b": (4096, 14336, 6144), "llama2_7b": (4096, 11008, 12288)}  # hidden, intermediate, QKV rows
 EPS = 1e-5
 LAYERS = 2
+SWEEP_BLOCK_N = (8, 16)
+fused_linear_module = importlib.import_module("fastllm.kernels.fused_linear")  # the package exports the function
 
 
 def _layers(shape, dtype):
@@ -86,6 +89,11 @@ def run(model: str, dtype) -> dict:
             key = "deferred_chain_us" if pdl else "deferred_chain_no_pdl_us"
             result.setdefault(key, []).append(_ms(lambda: deferred_chain(s, attn, layers)) / LAYERS * 1e3)
         skinny_gemm.PDL_WITH_DEFERRED_NORM = True
+        for block_n in SWEEP_BLOCK_N:  # more rows of W a program: the norm's work a chunk shared by more rows
+            fused_linear_module.DEFERRED_NORM_BLOCK_N = block_n
+            result.setdefault(f"deferred_chain_block_n{block_n}_us", []).append(
+                _ms(lambda: deferred_chain(s, attn, layers)) / LAYERS * 1e3)
+        fused_linear_module.DEFERRED_NORM_BLOCK_N = None
     p = layers[0]
     ops = {
         "qkv_default": lambda: skinny_linear(fused_add_rms_norm(h, residual, p["norm1"], EPS)[0], p["qkv"]),
@@ -116,6 +124,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for model, r in results.items():
         chains = [min(r[k]) for k in ("default_chain_us", "deferred_chain_us", "deferred_chain_no_pdl_us")]
+        sweep = ", ".join(f"{n} rows {min(r[f'deferred_chain_block_n{n}_us']):.1f}" for n in SWEEP_BLOCK_N)
+        print(f"{model}: deferred chain with {sweep} us")
         print(f"| {model} | {chains[0]:.1f} | {chains[1]:.1f} | {chains[2]:.1f} | {r['qkv_default_us']:.1f} / "
               f"{r['qkv_deferred_us']:.1f} / {r['qkv_plain_us']:.1f} | {r['o_plain_us']:.1f} / "
               f"{r['o_residual_us']:.1f} |")

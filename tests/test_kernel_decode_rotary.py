@@ -233,6 +233,32 @@ def test_runtime_decode_step_with_the_fusion_on_cpu(monkeypatch):
     assert torch.equal(caches0[0], caches1[0]) and torch.equal(caches0[1], caches1[1])
 
 
+def test_by_default_the_fusion_follows_pdl(monkeypatch):
+    """FUSE_ROTARY_INTO_DECODE unset (None): decode steps take the fused kernel where their launches use PDL (steps of
+    up to 16 tokens on compute capability 9.0+, where it was measured faster), the two kernels elsewhere (the CPU)."""
+    from fastllm.kernels.step_attention import AttentionMetadata, StepContext, step_attention_direct
+
+    step_attention_module = sys.modules["fastllm.kernels.step_attention"]  # the package exports the op by that name
+    kernels_module = sys.modules["fastllm.kernels.paged_attention"]
+    assert kernels_module.FUSE_ROTARY_INTO_DECODE is None
+    step, caches = _decode_step([40, 7], 4, 2, 32, 32, torch.float32, seed=9)
+    metadata = AttentionMetadata(slot_mapping=step["slot_mapping"], block_tables=step["block_tables"],
+                                 seq_lens=step["seq_lens"], cu_seqlens_q=step["cu_seqlens_q"], max_seqlen_q=1)
+    q, k, v = (step[name].transpose(0, 1).unsqueeze(0) for name in ("q", "k", "v"))
+    cos, sin = step["cos"][None, :, None, :], step["sin"][None, :, None, :]
+    calls = []
+    fused_launcher = kernels_module.decode_attention_with_rotary
+    monkeypatch.setattr(kernels_module, "decode_attention_with_rotary",
+                        lambda *args, **kwargs: calls.append(1) or fused_launcher(*args, **kwargs))
+    context = StepContext()
+    for pdl in (False, True):
+        if pdl:  # what pdl_options answers for a small step on an H100/H200
+            monkeypatch.setattr(step_attention_module, "pdl_options", lambda t: {"USE_PDL": True, "launch_pdl": True})
+        with context.step(metadata, [_clone(caches)]), triton_on_cpu():
+            step_attention_direct(q, k, v, context.id, 0, 0.125, cos=cos, sin=sin)
+        assert len(calls) == int(pdl)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("family,dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
                                           ("phi3", torch.bfloat16), ("gptj", torch.float16)])

@@ -74,6 +74,16 @@ def test_one_row_against_the_formula_cpu(n, k, dtype, bias, offset):
     _assert_close(y, _expected(x, weight, {**kwargs, "prologue": "rms_norm"}), dtype, roundings=2)
 
 
+@pytest.mark.parametrize("block_n", [8, 16])
+def test_more_rows_of_w_a_program_cpu(monkeypatch, block_n):
+    """fused_linear.DEFERRED_NORM_BLOCK_N (benchmarks sweep it): more rows of W a program, shorter chunks."""
+    monkeypatch.setattr(fl, "DEFERRED_NORM_BLOCK_N", block_n)
+    x, weight, kwargs = _inputs(1, 70, 1000, torch.float32, bias=True)
+    with triton_on_cpu():
+        y = fused_linear(x, weight, **kwargs)
+    _assert_close(y, _deferred_expected(x, weight, kwargs), torch.float32, roundings=2)
+
+
 @pytest.mark.parametrize("m", [2, 3, 4, 6, 16])
 def test_several_rows_and_the_dot_form_cpu(m):
     """Rows 2-4 (the broadcast form's other accumulators) and 6 / 16 (the tl.dot form, which rounds x * w to x's

@@ -55,6 +55,8 @@ PROLOGUES = (*NORMS, *ACTIVATIONS)
 # down_proj 29.4 us against 36.6 unfused at 1 row, 64-68 against 37.9 at 2 rows; at 8 rows, the tl.dot form, the
 # layer took 236 us fused against 139). Past it the prologue's own kernel runs first and then the skinny GEMM.
 PROLOGUE_MAX_ROWS = 1
+# Rows of W a program takes with the deferred RMSNorm (None: the plain GEMV's), benchmarks sweep it
+DEFERRED_NORM_BLOCK_N: int | None = None
 # One-byte weights with a scale per output channel: their dtype -> (launcher, reference) of the unfused linear.
 QUANTIZED_LINEARS = {torch.float8_e4m3fn: (fp8_linear, fp8_linear_ref), torch.int8: (int8_linear, int8_linear_ref)}
 
@@ -133,6 +135,9 @@ def _fused_linear_op(
                                   prologue=prologue is not None and not deferred)
         if deferred:
             cfg["split_k"] = 1
+            if DEFERRED_NORM_BLOCK_N and not cfg["USE_DOT"]:  # more rows of W a program, the same bytes a chunk
+                cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] * cfg["BLOCK_N"] // DEFERRED_NORM_BLOCK_N)
+                cfg["BLOCK_N"] = DEFERRED_NORM_BLOCK_N
         norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue in NORMS else None
         skinny_gemm._launch(x, weight, bias, out, None, cfg, weight_scale=weight_scale, residual=residual,
                             prologue=prologue, norm=norm)

@@ -96,13 +96,16 @@ _DECODE_KEYS_BEFORE_WAIT: bool | None = None
 # (W5-attention-...-20261202-chunked-merge.json, W1-...-20261202-chunked-merge.json).
 COMBINE_IN_DECODE_KERNEL = True
 # Whether runtime decode steps run `decode_attention_with_rotary` (rotary, KV write and attention in one launch) in
-# place of the rotary-and-write kernel then the decode kernel. Off: no faster. Its GPU tests pass
-# (tests/test_kernel_decode_rotary.py); on an H200 (2026-11-30, W1 beside the default in one call, the bench_decode
-# provider fastllm_fused_decode_rotary: W1-nvidia-h200-20261130-fused-rotary.json) Llama-3.1-8B 237.8 tok/s against
-# 239.1, Llama-2-7B 259.6 against 258.8. With PDL the decode kernel's programs are already resident when the rotary
-# kernel ends (an int4 step's timeline, 2026-12-02: profile-llama31_8b-int4-timeline-20261202.json), so the launch it
-# saves was mostly hidden.
-FUSE_ROTARY_INTO_DECODE = False
+# place of the rotary-and-write kernel then the decode kernel: True every decode step, False none, None (the default)
+# the steps whose launches use PDL (at most 16 tokens on compute capability 9.0+: _registry.pdl_options), where it was
+# measured. On an H200 (2026-12-02, replay_ab.py of W1's bf16 decode graph, three alternating rounds, with the decode
+# kernel's keys loaded before its wait): Llama-2-7B 3721.2 us against 3750.9 unfused, Llama-3.1-8B 4033.3 against
+# 4073.1 (-0.8% / -1.0%, every round: W1-replay-ab-nvidia-h200-20261202-rotary-in-decode-*.json). Before the keys
+# came before the wait it measured no faster (2026-11-30, W1 in one call: 237.8 tok/s against 239.1 on the 8B shape,
+# 259.6 against 258.8 on Llama-2-7B: W1-nvidia-h200-20261130-fused-rotary.json): with the rotary kernel gone, the
+# decode kernel follows the QKV GEMM, whose tail is long enough to hide the key loads. Large decode batches (no PDL)
+# keep the two kernels: not measured there. GPU tests: tests/test_kernel_decode_rotary.py.
+FUSE_ROTARY_INTO_DECODE: bool | None = None
 
 
 @triton.jit

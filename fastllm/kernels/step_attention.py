@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastllm.kernels._registry import LIBRARY, use_triton
+from fastllm.kernels._registry import LIBRARY, pdl_options, use_triton
 from fastllm.kernels.kv_cache_write import (
     rotary_and_write_kv,
     rotary_and_write_kv_ref,
@@ -159,8 +159,10 @@ def step_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: S
     slopes = None if alibi is None else ctx.alibi_tensor(tuple(alibi), q.device)
     if cos is not None:
         cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, cos.shape[-1])
-    if (kernels and md.max_seqlen_q == 1 and cos is not None and cos.dtype == q_tokens.dtype
-            and paged_attention_kernels.FUSE_ROTARY_INTO_DECODE):
+    fuse_rotary = paged_attention_kernels.FUSE_ROTARY_INTO_DECODE
+    if fuse_rotary is None:  # where the step's launches use PDL (paged_attention says why)
+        fuse_rotary = kernels and bool(pdl_options(q_tokens))
+    if kernels and md.max_seqlen_q == 1 and cos is not None and cos.dtype == q_tokens.dtype and fuse_rotary:
         # decode: rotary, the KV write and attention (its splits merged) in one launch
         out = paged_attention_kernels.decode_attention_with_rotary(
             q_tokens, k_tokens, v_tokens, cos, sin, k_cache, v_cache, md.slot_mapping, md.block_tables, md.seq_lens,
