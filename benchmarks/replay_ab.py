@@ -5,12 +5,13 @@ tok/s (±1% between runs) cannot.
     PYTHONPATH=. python benchmarks/replay_ab.py [--model llama31_8b] [--without rope_table] [--rounds 3] [--out DIR]
     PYTHONPATH=. python benchmarks/replay_ab.py --without '' --setting \
         tiles4=fastllm.kernels.paged_attention._MIN_TILES_PER_SPLIT=4 [--setting NAME=MODULE.ATTR=VALUE,...] \
-        [--prompt 256]
+        [--setting NAME=+decode_fusion,MODULE.ATTR=VALUE] [--prompt 256]
 
 Each round optimizes the same model with the default passes, then without the one named, then once per --setting
 variant with its module attributes set (several joined by commas; values are Python literals; set before optimize()
-captures, restored after release), and times 5 x 40 replays of the decode graph (median) after a prompt of --prompt
-tokens and 8 generated. Writes DIR/W1-replay-ab-<gpu>-<yyyymmdd>.json.
+captures, restored after release; a '+PASS' item adds an opt-in pass to that variant), and times 5 x 40 replays of
+the decode graph (median) after a prompt of --prompt tokens and 8 generated.
+Writes DIR/W1-replay-ab-<gpu>-<yyyymmdd>.json.
 """
 
 from __future__ import annotations
@@ -41,19 +42,23 @@ def _replay_ms(graph, replays: int = 40, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def parse_setting(text: str) -> tuple[str, list[tuple[str, str, object]]]:
-    """'NAME=mod.ATTR=VALUE[,mod.ATTR=VALUE...]' -> (NAME, [(module, attribute, value)])."""
+def parse_setting(text: str) -> tuple[str, list[tuple[str, str, object]], tuple[str, ...]]:
+    """'NAME=mod.ATTR=VALUE[,mod.ATTR=VALUE...][,+PASS...]' -> (NAME, [(module, attribute, value)], (PASS, ...)): a
+    '+PASS' item adds an opt-in pass to the variant's passes."""
     name, _, assignments = text.partition("=")
     if not name or not assignments:
         raise ValueError(f"--setting wants NAME=module.ATTR=VALUE[,...], got {text!r}")
-    parsed = []
+    parsed, passes = [], []
     for assignment in assignments.split(","):
+        if assignment.startswith("+"):
+            passes.append(assignment[1:])
+            continue
         target, _, value = assignment.partition("=")
         module, _, attribute = target.rpartition(".")
         if not module or not value:
             raise ValueError(f"--setting {name}: {assignment!r} is not module.ATTR=VALUE")
         parsed.append((module, attribute, ast.literal_eval(value)))
-    return name, parsed
+    return name, parsed, tuple(passes)
 
 
 @contextlib.contextmanager
@@ -95,8 +100,8 @@ def main() -> int:
     if args.without:
         variants[f"without_{args.without}"] = (tuple(p for p in fastllm.DEFAULT_PASSES if p != args.without), [])
     for text in args.setting:
-        name, assignments = parse_setting(text)
-        variants[name] = (fastllm.DEFAULT_PASSES, assignments)
+        name, assignments, extra_passes = parse_setting(text)
+        variants[name] = ((*fastllm.DEFAULT_PASSES, *extra_passes), assignments)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, (passes, assignments) in variants.items():
@@ -110,7 +115,8 @@ def main() -> int:
     result = {name: {"replay_ms": statistics.median(t), "replay_ms_rounds": t} for name, t in times.items()}
     config = {"model": args.model, "without": args.without, "rounds": args.rounds, "prompt": args.prompt,
               "settings": {name: [f"{m}.{a}={v!r}" for m, a, v in assignments]
-                           for name, (_, assignments) in variants.items() if assignments},
+                           + [f"+{p}" for p in passes if p not in fastllm.DEFAULT_PASSES]
+                           for name, (passes, assignments) in variants.items() if name != "default"},
               "timing": "median of 5 x 40 replays of the batch-1 decode graph, per round; rounds alternate"}
     path = write_result("W1-replay-ab", torch.cuda.get_device_name(), config, {args.model: result}, {}, args.out)
     for name, r in result.items():

@@ -52,8 +52,10 @@
 # shapes), then the decode graph's replay A/B with rotary and the KV write inside decode attention
 # (paged_attention.FUSE_ROTARY_INTO_DECODE) beside the default, both shapes (~6 min, estimated).
 # decode-tails: bench_deferred_norm (with its rows-a-program sweep), then the bf16 decode graph's replay A/B, both
-# shapes, of the one-row GEMVs fitting one wave (skinny_gemm._ONE_WAVE_FIT, with and without the extra stage) and of
-# 32-key decode tiles (~5 min, estimated).
+# shapes, of 32-key decode tiles (~3 min).
+# deferred-pass: decode_fusion with the deferred norm (decode_fusion.NORM_PROLOGUE "rms_norm_deferred", 4 / 8 / 16 rows
+# of W a program): its GPU tests (kernel, runtime parity with CUDA graphs), then the bf16 decode graph's replay A/B
+# beside the defaults, both shapes (~4 min, estimated).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -196,13 +198,23 @@ for stage in $STAGES; do
         decode-tails) python3 benchmarks/bench_deferred_norm.py --out "$OUT" > "$OUT/deferred-norm.log" 2>&1 || rc=1
                       tail -n 6 "$OUT/deferred-norm.log"
                       for model in llama2_7b llama31_8b; do
+                          # (2026-12-02 it also ran wave15=skinny_gemm._ONE_WAVE_FIT=1.5, with and without
+                          # _ONE_WAVE_EXTRA_STAGES=0: slower, removed)
                           python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 --rounds 3 \
-                              --setting wave15=fastllm.kernels.skinny_gemm._ONE_WAVE_FIT=1.5 \
-                              --setting wave15_s0=fastllm.kernels.skinny_gemm._ONE_WAVE_FIT=1.5,fastllm.kernels.skinny_gemm._ONE_WAVE_EXTRA_STAGES=0 \
                               --setting decode32=fastllm.kernels.paged_attention._DECODE_BLOCK_N=32 \
                               --out "$OUT" > "$OUT/replay-decode-tails-$model.log" 2>&1 || rc=1
                           tail -n 5 "$OUT/replay-decode-tails-$model.log"
                       done ;;
+        deferred-pass) gpu_tests deferred-pass 200 tests/test_kernel_deferred_norm.py tests/test_gpu_parity.py \
+                           -k "deferred or llama_shapes or fp8_weights"
+                       for model in llama2_7b llama31_8b; do
+                           python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 --rounds 3 \
+                               --setting deferred=+decode_fusion,fastllm.passes.decode_fusion.NORM_PROLOGUE=\'rms_norm_deferred\' \
+                               --setting deferred8=+decode_fusion,fastllm.passes.decode_fusion.NORM_PROLOGUE=\'rms_norm_deferred\',fastllm.kernels.fused_linear.DEFERRED_NORM_BLOCK_N=8 \
+                               --setting deferred16=+decode_fusion,fastllm.passes.decode_fusion.NORM_PROLOGUE=\'rms_norm_deferred\',fastllm.kernels.fused_linear.DEFERRED_NORM_BLOCK_N=16 \
+                               --out "$OUT" > "$OUT/replay-deferred-$model.log" 2>&1 || rc=1
+                           tail -n 5 "$OUT/replay-deferred-$model.log"
+                       done ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

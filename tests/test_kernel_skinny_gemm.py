@@ -154,25 +154,6 @@ def test_heuristic_table():
     assert sg._split(700, 128, 16) == (6, 128)  # never an empty split
 
 
-def test_one_wave_fit(monkeypatch):
-    """skinny_gemm._ONE_WAVE_FIT (being measured): a one-row grid a little over one wave of resident programs takes
-    twice the rows of W a program (half the columns a chunk, one more chunk in flight); others keep the plain tile.
-    The kernel at such settings against the exact product (interpreter)."""
-    cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    assert sg._heuristic(1, 4096, 4096, bf16, cpu)["BLOCK_N"] == 4  # off by default
-    monkeypatch.setattr(sg, "_ONE_WAVE_FIT", 1.5)
-    fit = sg._heuristic(1, 4096, 4096, bf16, cpu)  # 1024 programs of 4 rows > 924 slots (7 x 132 SMs)
-    assert (fit["BLOCK_N"], fit["BLOCK_K"], fit["NUM_STAGES"], fit["split_k"]) == (8, 512, 4, 1)
-    for n in (6144, 28672, 2048):  # 1.66 waves, many, under one: unchanged
-        assert sg._heuristic(1, n, 4096, bf16, cpu)["BLOCK_N"] == 4
-    assert sg._heuristic(2, 4096, 4096, bf16, cpu)["BLOCK_N"] == 4  # one row only
-    x, weight, b = _inputs(1, 70, 1100, torch.float32)
-    out = torch.empty(1, 70)
-    with triton_on_cpu():
-        sg._launch(x, weight, b, out, None, {**sg._tile(1, 1100, torch.float32, 8, 512, 4, 4), "split_k": 1})
-    _assert_gemm_close(out, _exact(x, weight, b), torch.float32)
-
-
 def test_bad_inputs():
     x, weight, b = _inputs(3, 8, 16, torch.float32)
     with pytest.raises(ValueError, match=r"weight has shape \(8, 15\), but x's last dim is 16"):

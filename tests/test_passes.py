@@ -894,11 +894,15 @@ def test_a_registry_of_fake_passes_resolves_like_the_real_one():
 
 # --- decode_fusion on a whole model ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("norm_prologue", ["rms_norm", "rms_norm_deferred"])
 @pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode_gemms(tmp_path, family):
+def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode_gemms(tmp_path, family,
+                                                                                    norm_prologue, monkeypatch):
     """A 16-bit model's compiled step: every layer's two norms, its gated activation and its two residual adds go
     into fused_linear calls (the last layer's MLP add stays with the final norm, which feeds no linear directly);
-    on the CPU, where the references run, the logits and the greedy tokens are the unfused step's, bit for bit."""
+    on the CPU, where the references run, the logits and the greedy tokens are the unfused step's, bit for bit (the
+    deferred norm, decode_fusion.NORM_PROLOGUE, is the norm kernel's reference there too)."""
+    monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", norm_prologue)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     results = {}
     for passes in ((*DEFAULT_PASSES, "decode_fusion"), DEFAULT_PASSES):

@@ -15,7 +15,10 @@ MODULE = "fastllm.kernels.paged_attention"
 
 def test_parse_setting():
     assert replay_ab.parse_setting(f"t4={MODULE}._MIN_TILES_PER_SPLIT=4,{MODULE}._DECODE_BLOCK_N=128") == (
-        "t4", [(MODULE, "_MIN_TILES_PER_SPLIT", 4), (MODULE, "_DECODE_BLOCK_N", 128)])
+        "t4", [(MODULE, "_MIN_TILES_PER_SPLIT", 4), (MODULE, "_DECODE_BLOCK_N", 128)], ())
+    # '+PASS' items add opt-in passes to the variant
+    assert replay_ab.parse_setting("fused=+decode_fusion,fastllm.passes.decode_fusion.NORM_PROLOGUE='x'") == (
+        "fused", [("fastllm.passes.decode_fusion", "NORM_PROLOGUE", "x")], ("decode_fusion",))
     assert replay_ab.parse_setting(f"off={MODULE}.COMBINE_IN_DECODE_KERNEL=False")[1][0][2] is False
     for bad in ["t4", "t4=", f"t4={MODULE}._MIN_TILES_PER_SPLIT", "t4=_MIN_TILES_PER_SPLIT=4"]:
         with pytest.raises(ValueError, match="module.ATTR=VALUE"):

@@ -77,6 +77,11 @@ _MIN_TILES_PER_SPLIT = 1
 # bench_attention --sweep on an H200 (2026-12-02, the kernel alone in a CUDA graph): the default within 0.9% of the
 # best of 36 settings at W2's batch 512 x 192 keys, 3.7% at 256 x 256, 4.6% at batch 1 x 1024
 # (W5-attention-nvidia-h200-20261202-serial-merge-sweep.json).
+# After the keys came before the wait and rotary into the decode kernel (2026-12-02, replay_ab, three rounds:
+# W1-replay-ab-nvidia-h200-20261202-decode-tails-*.json) 32-key tiles replayed W1's graph faster: Llama-2-7B 3648.5 us
+# against 3694.1 (-1.2%), Llama-3.1-8B 3994.9 against 4006.2 (-0.3%): at W1's 128-384 keys twice the splits. Not the
+# default: alone at batch 1 x 1024 keys they ran 9.28 us against 7.88 (the sweep above), so longer contexts lose what
+# short ones gain; a tile chosen by the context at run time is what would take both.
 _DECODE_BLOCK_N = None
 _DECODE_NUM_WARPS = None
 _DECODE_NUM_STAGES = None

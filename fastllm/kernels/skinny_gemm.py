@@ -92,16 +92,11 @@ _PROGRAMS_PER_SM = 2
 # 4170 us with 1 KB of each row, 4466 us with 8 KB.
 _MIN_SPLIT_COLUMNS = 512
 _MAX_SPLIT_K = 16
-# The tail of a GEMV a little over one wave: at one row the plain tile (4 rows of W a program) fits 7 programs an SM
-# (72 registers a thread at 4 warps), 924 on an H200; N = 4096 (o_proj, down_proj of Llama) makes 1024 programs, and
-# the last ~100 start as the first finish, then stream alone with 2 chunks in flight each while most SMs idle (the
-# N = 4096 GEMVs ran at 3.3-3.45 TB/s in a CUDA graph against 4.0-4.3 for the larger N: W5-gemv-nvidia-h200-20261201-
-# qkv-o-sweep.json). With _ONE_WAVE_FIT > 1, grids of more than one wave and at most _ONE_WAVE_FIT waves take twice the
-# rows of W a program (half the columns a chunk, the same bytes) and _ONE_WAVE_EXTRA_STAGES more chunks in flight: one
-# wave of half as many programs. 0: off (being measured).
-_BROADCAST_PROGRAMS_PER_SM = 7
-_ONE_WAVE_FIT = 0.0
-_ONE_WAVE_EXTRA_STAGES = 1
+# Measured slower, not kept: a one-row grid a little over one wave of resident programs (N = 4096: 1024 programs of 4
+# rows against 924 slots, 7 an SM, on an H200) taking 8 rows a program (512 programs, 512-column chunks), meant to
+# end the GEMV without a tail of ~100 programs streaming alone. Decode graph replay, H200, 2026-12-02, three rounds
+# (W1-replay-ab-nvidia-h200-20261202-decode-tails-*.json): Llama-2-7B 3716.0 us with a fourth chunk in flight, 3707.6
+# without, against 3694.1; Llama-3.1-8B 4021.9 / 3993.7 against 4006.2.
 _REDUCE_BLOCK = 1024
 
 # Optional autotuning (FASTLLM_SKINNY_AUTOTUNE=1): the first eager CUDA call of a shape times every candidate below
@@ -484,10 +479,6 @@ def _heuristic(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device,
         # 1-byte (fp8/int8) weights: twice the rows of W a chunk keeps its bytes; measured on an H200 (W5-quant-gemv,
         # 2026-11-30) at M = 1: 3.3-3.7 TB/s with 8 rows of 1024 columns against 2.1-3.5 with 4.
         block_n *= 2
-    elif m == 1 and weight_bytes == 2 and _ONE_WAVE_FIT > 1:
-        slots = _BROADCAST_PROGRAMS_PER_SM * sm_count(device)
-        if slots < _cdiv(n, block_n) <= _ONE_WAVE_FIT * slots:
-            block_n, block_k, num_stages = block_n * 2, block_k // 2, num_stages + _ONE_WAVE_EXTRA_STAGES
     cfg = _tile(m, k, dtype, block_n, block_k, num_warps, num_stages)
     cfg["split_k"] = _split_k(n, k, block_n, device)
     return cfg

@@ -55,6 +55,12 @@ DEFAULT = False
 # 33.9-43.0 on int8 (W5-quant-gemv-*-sweep-tinygemm.json): none beats the two kernels. The next attempt needs another
 # kernel shape (SiLU * up computed once a step into shared memory by a persistent kernel), not other tiles.
 FUSE_QUANTIZED = False
+# The prologue a folded norm becomes: "rms_norm" (each program reads the whole row for its 1 / rms first, then
+# normalises x as the norm kernel rounds it) or "rms_norm_deferred" (x * weight read in fp32, x^2 summed in the loop,
+# 1 / rms applied to the product: kernels/skinny_gemm.py). The deferred form is being measured (benchmarks/
+# bench_deferred_norm.py: a layer's chain of decode GEMMs 1-3% faster than the default one at the best rows of W a
+# program, slower at others: W5-deferred-norm-nvidia-h200-20261202-rows-sweep.json).
+NORM_PROLOGUE = "rms_norm"
 
 # A gated activation node -> its name in the fused kernels ("silu", "gelu", "gelu_tanh"; also fp8_input_quant's).
 ACTIVATION_OF = {kernels.silu_and_mul: lambda node: "silu",
@@ -135,7 +141,7 @@ def _norm_consumers(normed: fx.Node) -> list[fx.Node] | None:
 
 def _norm_options(norm: fx.Node) -> dict:
     weight, eps = norm.args[-2], norm.args[-1]
-    return {"prologue": "rms_norm", "norm_weight": weight, "norm_eps": eps,
+    return {"prologue": NORM_PROLOGUE, "norm_weight": weight, "norm_eps": eps,
             "norm_offset": norm.kwargs.get("weight_offset", 0.0),
             "norm_cast_before_weight": norm.kwargs.get("cast_before_weight", True)}
 
