@@ -57,9 +57,14 @@ DEFAULT = False
 FUSE_QUANTIZED = False
 # The prologue a folded norm becomes: "rms_norm" (each program reads the whole row for its 1 / rms first, then
 # normalises x as the norm kernel rounds it) or "rms_norm_deferred" (x * weight read in fp32, x^2 summed in the loop,
-# 1 / rms applied to the product: kernels/skinny_gemm.py). The deferred form is being measured (benchmarks/
-# bench_deferred_norm.py: a layer's chain of decode GEMMs 1-3% faster than the default one at the best rows of W a
-# program, slower at others: W5-deferred-norm-nvidia-h200-20261202-rows-sweep.json).
+# 1 / rms applied to the product: kernels/skinny_gemm.py). Measured on an H200 (2026-12-02), this pass with the
+# deferred form against the default passes (without it), the bf16 decode graph's replay (replay_ab.py, two rounds:
+# W1-replay-ab-nvidia-h200-20261202-deferred-norm-*.json): Llama-3.1-8B 3960.0 us with 16 rows of W a program
+# (fused_linear.DEFERRED_NORM_BLOCK_N) against 4037.5 (-1.9%), 4052.1 with 8; Llama-2-7B 3749.5 / 3743.8 / 3869.1 with
+# 4 / 8 / 16 rows against 3725.4 (+0.6% at best). A layer's GEMM chain alone agreed in sign (bench_deferred_norm.py,
+# W5-deferred-norm-nvidia-h200-20261202-rows-sweep.json). Not a default: it loses on one of the two shapes at every
+# setting tried; what makes 16 rows pay on the 8B shape's GEMVs and not on Llama-2-7B's is not found (per-GEMV timings
+# are the next measurement). Its GPU parity test: tests/test_gpu_parity.py ("deferred norm").
 NORM_PROLOGUE = "rms_norm"
 
 # A gated activation node -> its name in the fused kernels ("silu", "gelu", "gelu_tanh"; also fp8_input_quant's).
