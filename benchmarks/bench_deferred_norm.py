@@ -22,29 +22,13 @@ import sys
 
 import torch
 from _common import missing_gpu, write_result
-from bench_fused_linear import _ms
+from bench_fused_linear import EPS, LAYERS, _layers, _ms
 
 from fastllm.kernels import fused_add_rms_norm, fused_linear, skinny_gemm, skinny_linear
 
 SHAPES = {"llama31_8b": (4096, 14336, 6144), "llama2_7b": (4096, 11008, 12288)}  # hidden, intermediate, QKV rows
-EPS = 1e-5
-LAYERS = 2
 SWEEP_BLOCK_N = (8, 16)
 fused_linear_module = importlib.import_module("fastllm.kernels.fused_linear")  # the package exports the function
-
-
-def _layers(shape, dtype):
-    hidden, inter, qkv = shape
-    g = torch.Generator("cuda").manual_seed(0)
-
-    def w(n, k):
-        return (torch.randn(n, k, generator=g, device="cuda") * k**-0.5).to(dtype)
-
-    def norm():
-        return (1 + 0.1 * torch.randn(hidden, generator=g, device="cuda")).to(dtype)
-
-    return [dict(qkv=w(qkv, hidden), o=w(hidden, hidden), gate_up=w(2 * inter, hidden), down=w(hidden, inter),
-                 norm1=norm(), norm2=norm()) for _ in range(LAYERS)]
 
 
 def default_chain(h, residual, attn, layers):
@@ -69,7 +53,7 @@ def deferred_chain(s, attn, layers):
 
 
 def run(model: str, dtype) -> dict:
-    layers = _layers(SHAPES[model], dtype)
+    layers = _layers(dtype, SHAPES[model])
     hidden = SHAPES[model][0]
     g = torch.Generator("cuda").manual_seed(1)
     h, residual, attn = (torch.randn(1, hidden, generator=g, device="cuda").to(dtype) for _ in range(3))

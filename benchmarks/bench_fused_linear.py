@@ -28,16 +28,18 @@ LAYERS = 2
 BLOCK_NS = (4, 8, 16, 32)
 
 
-def _layers(dtype):
+def _layers(dtype, shape=(HIDDEN, INTER, QKV)):
+    """LAYERS layers' decode weights of a Llama shape (hidden, intermediate, QKV rows), random, on CUDA."""
+    hidden, inter, qkv = shape
     g = torch.Generator("cuda").manual_seed(0)
 
     def w(n, k):
         return (torch.randn(n, k, generator=g, device="cuda") * k**-0.5).to(dtype)
 
     def norm():
-        return (1 + 0.1 * torch.randn(HIDDEN, generator=g, device="cuda")).to(dtype)
+        return (1 + 0.1 * torch.randn(hidden, generator=g, device="cuda")).to(dtype)
 
-    return [dict(qkv=w(QKV, HIDDEN), o=w(HIDDEN, HIDDEN), gate_up=w(2 * INTER, HIDDEN), down=w(HIDDEN, INTER),
+    return [dict(qkv=w(qkv, hidden), o=w(hidden, hidden), gate_up=w(2 * inter, hidden), down=w(hidden, inter),
                  norm1=norm(), norm2=norm()) for _ in range(LAYERS)]
 
 
