@@ -56,6 +56,9 @@
 # deferred-pass: decode_fusion with the deferred norm (decode_fusion.NORM_PROLOGUE "rms_norm_deferred", 4 / 8 / 16 rows
 # of W a program): its GPU tests (kernel, runtime parity with CUDA graphs), then the bf16 decode graph's replay A/B
 # beside the defaults, both shapes (~4 min, estimated).
+# fine-splits: decode splits of half a tile for contexts under 8 tiles (paged_attention._DECODE_FINE_SPLITS_BELOW_TILES,
+# off: written 2026-12-02, interpreter-tested only): its GPU tests and the decode files', then the bf16 decode graph's
+# replay A/B beside the default and 32-key tiles, both shapes (~4 min, estimated). Longer contexts run as before.
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -215,6 +218,15 @@ for stage in $STAGES; do
                                --out "$OUT" > "$OUT/replay-deferred-$model.log" 2>&1 || rc=1
                            tail -n 5 "$OUT/replay-deferred-$model.log"
                        done ;;
+        fine-splits) gpu_tests fine-splits 200 "${workers[@]}" tests/test_kernel_decode_min_tiles.py \
+                         tests/test_kernel_decode_keys_before_wait.py tests/test_kernel_decode_rotary.py
+                     for model in llama2_7b llama31_8b; do
+                         python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 --rounds 3 \
+                             --setting fine8=fastllm.kernels.paged_attention._DECODE_FINE_SPLITS_BELOW_TILES=8 \
+                             --setting decode32=fastllm.kernels.paged_attention._DECODE_BLOCK_N=32 \
+                             --out "$OUT" > "$OUT/replay-fine-splits-$model.log" 2>&1 || rc=1
+                         tail -n 4 "$OUT/replay-fine-splits-$model.log"
+                     done ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;
