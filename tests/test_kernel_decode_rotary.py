@@ -203,6 +203,26 @@ def test_against_the_kernels_it_replaces_gpu(dtype, hq, hkv, head_dim, rot, inte
     assert torch.equal(again, out.expand_as(again)) and torch.count_nonzero(counters).item() == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.37, 0.011)])
+def test_fp8_cache_gpu(scales):
+    """Decode steps of up to 16 tokens on Hopper run the fused kernel by default, FP8 KV caches (quantization=
+    "fp8_kv") among them: bf16 queries over an e4m3 cache with a checkpoint's multipliers, merged in the kernel. The
+    cache gets the bytes the rotary write kernel stores; the output is the unfused kernels' within bf16's tolerance
+    (the rotation may contract into FMAs differently)."""
+    k_scale, v_scale = scales
+    step, caches = _decode_step([90, 33, 200, 1, 4000], 32, 8, 128, 128, torch.bfloat16, cache_dtype=FP8,
+                                device="cuda", seed=5)  # fmt: skip
+    expected_caches = _clone(caches)
+    counters = torch.zeros(5 * 8, dtype=torch.int32, device="cuda")
+    kwargs = {"k_scale": k_scale, "v_scale": v_scale, "split_counters": counters}
+    expected = _unfused(step, expected_caches, scale=128**-0.5, **kwargs)
+    out = _fused(step, caches, scale=128**-0.5 * k_scale, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(_bytes(caches), _bytes(expected_caches)))
+    torch.testing.assert_close(out.float(), expected.float(), **TOLERANCES[torch.bfloat16])
+    assert torch.count_nonzero(counters).item() == 0
+
+
 def test_runtime_decode_step_with_the_fusion_on_cpu(monkeypatch):
     """step_attention (the op a model's attention becomes) in a decode step with rotary: FUSE_ROTARY_INTO_DECODE on
     gives the same output and caches, bit for bit, as the two kernels it replaces."""
