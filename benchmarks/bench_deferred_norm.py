@@ -10,6 +10,8 @@ kernels a layer fewer. The deferred chain runs with PDL on its norm GEMMs and wi
 PDL_WITH_DEFERRED_NORM), and with 8 and 16 rows of W a program (fused_linear.DEFERRED_NORM_BLOCK_N). Both chains run
 over two layers' distinct weights (far past the L2) and are timed with `triton.testing.do_bench_cudagraph` (the kernel
 boundaries a decode step pays are in the time); the chains' outputs are compared first (bf16 roundings apart, not more).
+Then each of the norm's consumers (QKV, gate-up) alone beside the norm kernel + GEMV it replaces, at 4 / 8 / 16 rows
+of W a program, and o_proj with and without the residual add, each over both layers' weights in turn.
 
     PYTHONPATH=. python benchmarks/bench_deferred_norm.py [--models llama31_8b llama2_7b] [--out DIR]
 
@@ -78,17 +80,30 @@ def run(model: str, dtype) -> dict:
             result.setdefault(f"deferred_chain_block_n{block_n}_us", []).append(
                 _ms(lambda: deferred_chain(s, attn, layers)) / LAYERS * 1e3)
         fused_linear_module.DEFERRED_NORM_BLOCK_N = None
-    p = layers[0]
+    # Each op over both layers' weights in turn (past the L2, as in a step), per launch
+    def each_layer(op):
+        return lambda: [op(p) for p in layers]
+
     ops = {
-        "qkv_default": lambda: skinny_linear(fused_add_rms_norm(h, residual, p["norm1"], EPS)[0], p["qkv"]),
-        "qkv_deferred": lambda: fused_linear(s, p["qkv"], prologue="rms_norm_deferred", norm_weight=p["norm1"],
-                                             norm_eps=EPS),
-        "qkv_plain": lambda: skinny_linear(s, p["qkv"]),
-        "o_plain": lambda: skinny_linear(attn, p["o"]),
-        "o_residual": lambda: fused_linear(attn, p["o"], residual=s),
+        "qkv_plain": each_layer(lambda p: skinny_linear(s, p["qkv"])),
+        "o_plain": each_layer(lambda p: skinny_linear(attn, p["o"])),
+        "o_residual": each_layer(lambda p: fused_linear(attn, p["o"], residual=s)),
     }
+    # The norm's two consumers, each beside the norm kernel + GEMV it replaces, at every rows-a-program setting
+    for weight, norm in (("qkv", "norm1"), ("gate_up", "norm2")):
+        ops[f"{weight}_default"] = each_layer(
+            lambda p, weight=weight, norm=norm: skinny_linear(fused_add_rms_norm(h, residual, p[norm], EPS)[0],
+                                                              p[weight]))
+        ops[f"{weight}_deferred"] = each_layer(
+            lambda p, weight=weight, norm=norm: fused_linear(s, p[weight], prologue="rms_norm_deferred",
+                                                             norm_weight=p[norm], norm_eps=EPS))
     for name, fn in ops.items():
-        result[f"{name}_us"] = _ms(fn) * 1e3
+        result[f"{name}_us"] = _ms(fn) * 1e3 / LAYERS
+    for block_n in SWEEP_BLOCK_N:
+        fused_linear_module.DEFERRED_NORM_BLOCK_N = block_n
+        for weight in ("qkv", "gate_up"):
+            result[f"{weight}_deferred_block_n{block_n}_us"] = _ms(ops[f"{weight}_deferred"]) * 1e3 / LAYERS
+    fused_linear_module.DEFERRED_NORM_BLOCK_N = None
     return result
 
 
@@ -110,6 +125,10 @@ def main(argv=None) -> int:
         chains = [min(r[k]) for k in ("default_chain_us", "deferred_chain_us", "deferred_chain_no_pdl_us")]
         sweep = ", ".join(f"{n} rows {min(r[f'deferred_chain_block_n{n}_us']):.1f}" for n in SWEEP_BLOCK_N)
         print(f"{model}: deferred chain with {sweep} us")
+        for weight in ("qkv", "gate_up"):
+            rows = ", ".join(f"{n} rows {r[f'{weight}_deferred_block_n{n}_us']:.1f}" for n in SWEEP_BLOCK_N)
+            print(f"{model}: {weight} norm kernel + GEMV {r[f'{weight}_default_us']:.1f} us, deferred "
+                  f"{r[f'{weight}_deferred_us']:.1f} (4 rows), {rows}")
         print(f"| {model} | {chains[0]:.1f} | {chains[1]:.1f} | {chains[2]:.1f} | {r['qkv_default_us']:.1f} / "
               f"{r['qkv_deferred_us']:.1f} / {r['qkv_plain_us']:.1f} | {r['o_plain_us']:.1f} / "
               f"{r['o_residual_us']:.1f} |")

@@ -59,6 +59,8 @@
 # fine-splits: decode splits of half a tile for contexts under 8 tiles (paged_attention._DECODE_FINE_SPLITS_BELOW_TILES,
 # off: written 2026-12-02, interpreter-tested only): its GPU tests and the decode files', then the bf16 decode graph's
 # replay A/B beside the default and 32-key tiles, both shapes (~4 min, estimated). Longer contexts run as before.
+# deferred-rows: bench_deferred_norm with its per-GEMV timings (QKV and gate-up with the deferred norm at 4 / 8 / 16
+# rows of W a program beside the norm kernel + GEMV, both shapes): why 16 rows paid on the 8B shape only (~1.5 min).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -227,6 +229,8 @@ for stage in $STAGES; do
                              --out "$OUT" > "$OUT/replay-fine-splits-$model.log" 2>&1 || rc=1
                          tail -n 4 "$OUT/replay-fine-splits-$model.log"
                      done ;;
+        deferred-rows) python3 benchmarks/bench_deferred_norm.py --out "$OUT" > "$OUT/deferred-rows.log" 2>&1 || rc=1
+                       tail -n 10 "$OUT/deferred-rows.log" ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;
