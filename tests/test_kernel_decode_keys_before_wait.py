@@ -19,7 +19,7 @@ import pytest
 import test_kernel_decode_rotary as rotary_tests
 import test_kernel_paged_attention as attention_tests
 import torch
-from test_kernel_paged_attention import FEATURES, _alibi, _assert_close, _paged_batch, _run
+from test_kernel_paged_attention import FEATURES, _alibi, _assert_close, _paged_batch, _run, record_decode_launches
 
 from fastllm.kernels import paged_attention, paged_attention_ref, rotary_and_write_kv, triton_on_cpu
 
@@ -36,18 +36,7 @@ def keys_before_wait(monkeypatch):
 
 def test_the_setting_reaches_the_kernel(monkeypatch):
     """Forced on (or off), the decode launch passes it; unset, it follows the launch's PDL (none on the CPU)."""
-    seen = []
-    kernel = paged_attention_module._decode_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["KEYS_BEFORE_WAIT"])
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(paged_attention_module, "_decode_kernel", Spy())
+    seen = record_decode_launches(monkeypatch, "KEYS_BEFORE_WAIT")
     args = _paged_batch(CONTEXTS[:2], 4, 2, 64, torch.float32)
     for setting in (True, False, None):
         monkeypatch.setattr(paged_attention_module, "_DECODE_KEYS_BEFORE_WAIT", setting)

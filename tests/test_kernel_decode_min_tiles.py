@@ -11,7 +11,7 @@ import importlib
 
 import pytest
 import torch
-from test_kernel_paged_attention import _assert_close, _paged_batch, _run
+from test_kernel_paged_attention import _assert_close, _paged_batch, _run, record_decode_launches
 
 from fastllm.kernels import paged_attention
 
@@ -133,18 +133,7 @@ def test_fine_splits_gpu(fine_splits, hq, hkv):
 
 def test_the_fine_split_setting_reaches_the_kernel(fine_splits, min_tiles, monkeypatch):
     """Set, the decode launch passes it; with more than one tile a split (MIN_TILES) it passes 0 (off)."""
-    seen = []
-    kernel = paged_attention_module._decode_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["FINE_BELOW_TILES"])
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(paged_attention_module, "_decode_kernel", Spy())
+    seen = record_decode_launches(monkeypatch, "FINE_BELOW_TILES")
     args = _paged_batch(FINE_CONTEXTS[:2], 4, 2, 64, torch.float32)
     for tiles in (1, 2):
         min_tiles(tiles)

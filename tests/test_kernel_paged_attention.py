@@ -79,6 +79,25 @@ def _assert_close(actual, expected, dtype):
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype])
 
 
+def record_decode_launches(monkeypatch, keyword: str) -> list:
+    """The value of `keyword` each decode-kernel launch passes from now on (the launches still run)."""
+    import importlib
+
+    module = importlib.import_module("fastllm.kernels.paged_attention")  # the package exports the function by name
+    kernel, seen = module._decode_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs[keyword])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, "_decode_kernel", Spy())
+    return seen
+
+
 # --- the reference against torch ---------------------------------------------------------------------------------
 
 
