@@ -53,6 +53,9 @@
 # (paged_attention.FUSE_ROTARY_INTO_DECODE) beside the default, both shapes (~6 min, estimated).
 # decode-tails: bench_deferred_norm (with its rows-a-program sweep), then the bf16 decode graph's replay A/B, both
 # shapes, of 32-key decode tiles (~3 min).
+# act-down: the down projection reading SiLU(gate) * up under other launch settings (fused_linear.ACT_PROLOGUE_*,
+# skinny_gemm.PDL_WITH_GATED_PROLOGUE): its GPU tests, bench_act_down (the gate-up + down pair per layer, both shapes),
+# then the bf16 decode graph's replay A/B with each shape's fastest variant beside the default (~4 min, estimated).
 # deferred-pass: decode_fusion with the deferred norm (decode_fusion.NORM_PROLOGUE "rms_norm_deferred", 4 / 8 / 16 rows
 # of W a program): its GPU tests (kernel, runtime parity with CUDA graphs), then the bf16 decode graph's replay A/B
 # beside the defaults, both shapes (~4 min, estimated).
@@ -231,6 +234,16 @@ for stage in $STAGES; do
                      done ;;
         deferred-rows) python3 benchmarks/bench_deferred_norm.py --out "$OUT" > "$OUT/deferred-rows.log" 2>&1 || rc=1
                        tail -n 10 "$OUT/deferred-rows.log" ;;
+        act-down) gpu_tests act-down 200 "${workers[@]}" tests/test_kernel_fused_linear.py -k "act_prologue or silu"
+                  python3 benchmarks/bench_act_down.py --out "$OUT" > "$OUT/act-down.log" 2>&1 || rc=1
+                  tail -n 16 "$OUT/act-down.log"
+                  for model in llama2_7b llama31_8b; do
+                      best=$(cat "$OUT/best-act-down-$model.txt" 2>/dev/null)
+                      [ -n "$best" ] || continue
+                      python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 --rounds 3 \
+                          --setting "best=$best" --out "$OUT" > "$OUT/replay-act-down-$model.log" 2>&1 || rc=1
+                      tail -n 3 "$OUT/replay-act-down-$model.log"
+                  done ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

@@ -38,6 +38,7 @@ def test_results_md_is_generated_from_the_result_files():
 @pytest.mark.parametrize("script", ["bench_decode.py", "bench_throughput.py", "bench_kernels.py",
                                     "bench_attention.py", "bench_gemv.py", "bench_serve.py", "bench_quant.py",
                                     "bench_quant_gemv.py", "bench_fused_linear.py", "bench_deferred_norm.py",
+                                    "bench_act_down.py",
                                     "profile_step.py", "profile_startup.py", "profile_first_start.py",
                                     "profile_throughput.py", "replay_ab.py", "bench_startup.py"])
 def test_gpu_scripts_parse_their_arguments(script):

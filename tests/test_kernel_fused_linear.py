@@ -301,3 +301,88 @@ def test_a_gemm_with_a_prologue_launches_without_pdl(monkeypatch):
     sg._launch(x[:, :32], w, None, out, None, cfg)
     sg._launch(x, w, None, out, None, cfg, prologue="silu")
     assert launches[0].get("USE_PDL") is True and "USE_PDL" not in launches[1]
+
+
+# Launch settings of the activation prologue other than the heuristic's (fused_linear.ACT_PROLOGUE_*: rows of W a
+# program, columns a chunk, NUM_STAGES, K splits), as benchmarks/bench_act_down.py sweeps them
+ACT_PROLOGUE_VARIANTS = [(4, 1024, 3, 1), (4, 512, 4, 1), (16, 256, 3, 1), (2, 1024, 3, 1), (8, 512, 3, 2),
+                         (4, 1024, 3, 2)]  # fmt: skip
+
+
+def _set_act_prologue(monkeypatch, variant):
+    for knob, value in zip(("ACT_PROLOGUE_BLOCK_N", "ACT_PROLOGUE_BLOCK_K", "ACT_PROLOGUE_STAGES",
+                            "ACT_PROLOGUE_SPLIT_K"), variant):  # fmt: skip
+        monkeypatch.setattr(fl, knob, value)
+
+
+@pytest.mark.parametrize("variant", ACT_PROLOGUE_VARIANTS)
+def test_act_prologue_settings_on_the_interpreter(variant, monkeypatch):
+    """Each setting the sweep tries computes the same product (ragged K chunks, N past the last block); with one K
+    split it equals the unfused kernels under the same settings element for element."""
+    _set_act_prologue(monkeypatch, variant)
+    m, n, k, dtype = 1, 40, 1500, torch.float16
+    x, weight, kwargs = _inputs(m, n, k, dtype, "silu")
+    with triton_on_cpu():
+        y = fused_linear(x, weight, **kwargs)
+        if variant[3] == 1:
+            cfg = {**sg._config(m, n, k, dtype, x.device, prologue=True), "BLOCK_N": variant[0],
+                   "BLOCK_K": variant[1], "NUM_STAGES": variant[2], "split_k": 1}
+            unfused = torch.empty(m, n, dtype=dtype)
+            sg._launch(_prologue(x, "silu", None, 0.0, 0.0, True, reference=False), weight, None, unfused, None, cfg)
+    _assert_close(y, _expected(x, weight, kwargs), dtype, roundings=2)
+    if variant[3] == 1:
+        assert torch.equal(y, unfused + kwargs["residual"])
+
+
+def test_act_prologue_settings_and_pdl_reach_the_launch(monkeypatch):
+    """The ACT_PROLOGUE_* settings are what the kernel is launched with (a split adds the reduce kernel), and
+    PDL_WITH_GATED_PROLOGUE gives the activation prologue's launch PDL where a plain launch has it; the norm
+    prologue's launch is unchanged (the kernels replaced by recorders of their launch keywords)."""
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, grid, kwargs))
+
+    monkeypatch.setattr(sg, "_skinny_gemm_kernel", Recorder("gemm"))
+    monkeypatch.setattr(sg, "_split_k_reduce_kernel", Recorder("reduce"))
+    monkeypatch.setattr(sg, "pdl_options", lambda t: {"USE_PDL": True, "launch_pdl": True})
+    _set_act_prologue(monkeypatch, (16, 256, 4, 2))
+    monkeypatch.setattr(sg, "PDL_WITH_GATED_PROLOGUE", True)
+    x, weight, kwargs = _inputs(1, 64, 1024, torch.float32, "silu", residual=False)
+    with triton_on_cpu():
+        fused_linear(x, weight, **kwargs)
+    (name, grid, gemm), (reduce_name, _, reduce) = launches
+    assert (name, reduce_name) == ("gemm", "reduce") and grid == (4, 2)  # 64 rows / 16, 1024 columns in 2 splits
+    assert (gemm["BLOCK_N"], gemm["BLOCK_K"], gemm["NUM_STAGES"], gemm["SPLIT"]) == (16, 256, 4, True)
+    assert gemm.get("USE_PDL") is True and reduce.get("USE_PDL") is True
+    launches.clear()
+    monkeypatch.setattr(sg, "PDL_WITH_GATED_PROLOGUE", False)
+    with triton_on_cpu():
+        fused_linear(x, weight, **kwargs)
+    assert "USE_PDL" not in launches[0][2]
+    launches.clear()
+    x, weight, kwargs = _inputs(1, 64, 1024, torch.float32, "rms_norm", residual=False)
+    monkeypatch.setattr(sg, "PDL_WITH_GATED_PROLOGUE", True)
+    with triton_on_cpu():
+        fused_linear(x, weight, **kwargs)
+    gemm = launches[0][2]
+    assert gemm["BLOCK_N"] == sg.PROLOGUE_BLOCK_N and "USE_PDL" not in gemm  # the norm prologue: its own settings
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ACT_PROLOGUE_VARIANTS)
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("n,k", [(4096, 11008), (4096, 14336), (33, 1500)])
+def test_gpu_act_prologue_settings(variant, pdl, n, k, monkeypatch):
+    """The down projections of Llama-2-7B and Llama-3.1-8B (and an odd shape) at one row under each setting the sweep
+    tries, with and without PDL, against the exact product."""
+    _set_act_prologue(monkeypatch, variant)
+    monkeypatch.setattr(sg, "PDL_WITH_GATED_PROLOGUE", pdl)
+    x, weight, kwargs = _inputs(1, n, k, torch.bfloat16, "silu", device="cuda")
+    y = fused_linear(x, weight, **kwargs)
+    torch.cuda.synchronize()
+    _assert_close(y, _expected(x, weight, kwargs), torch.bfloat16, roundings=2)

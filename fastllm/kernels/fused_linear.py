@@ -57,8 +57,24 @@ PROLOGUES = (*NORMS, *ACTIVATIONS)
 PROLOGUE_MAX_ROWS = 1
 # Rows of W a program takes with the deferred RMSNorm (None: the plain GEMV's), benchmarks sweep it
 DEFERRED_NORM_BLOCK_N: int | None = None
+# The gated activation's launch settings at one row where they differ from skinny_gemm's prologue heuristic (None: its
+# choice): rows of W a program, columns a chunk, chunks in flight + 1, K splits. benchmarks/bench_act_down.py sweeps
+# them (the down projection after the gate-up GEMV, inside CUDA graphs).
+ACT_PROLOGUE_BLOCK_N: int | None = None
+ACT_PROLOGUE_BLOCK_K: int | None = None
+ACT_PROLOGUE_STAGES: int | None = None
+ACT_PROLOGUE_SPLIT_K: int | None = None
 # One-byte weights with a scale per output channel: their dtype -> (launcher, reference) of the unfused linear.
 QUANTIZED_LINEARS = {torch.float8_e4m3fn: (fp8_linear, fp8_linear_ref), torch.int8: (int8_linear, int8_linear_ref)}
+
+
+def _act_prologue_settings(cfg: dict) -> dict:
+    """`cfg` (the broadcast form's) with the ACT_PROLOGUE_* settings that are set."""
+    for key, value in (("BLOCK_N", ACT_PROLOGUE_BLOCK_N), ("BLOCK_K", ACT_PROLOGUE_BLOCK_K),
+                       ("NUM_STAGES", ACT_PROLOGUE_STAGES), ("split_k", ACT_PROLOGUE_SPLIT_K)):
+        if value is not None:
+            cfg[key] = value
+    return cfg
 
 
 def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, reference: bool) -> torch.Tensor:
@@ -138,6 +154,8 @@ def _fused_linear_op(
             if DEFERRED_NORM_BLOCK_N and not cfg["USE_DOT"]:  # more rows of W a program, the same bytes a chunk
                 cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] * cfg["BLOCK_N"] // DEFERRED_NORM_BLOCK_N)
                 cfg["BLOCK_N"] = DEFERRED_NORM_BLOCK_N
+        elif prologue in ACTIVATIONS and not cfg["USE_DOT"]:
+            cfg = _act_prologue_settings(cfg)
         norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue in NORMS else None
         skinny_gemm._launch(x, weight, bias, out, None, cfg, weight_scale=weight_scale, residual=residual,
                             prologue=prologue, norm=norm)

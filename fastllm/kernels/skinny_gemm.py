@@ -169,6 +169,10 @@ def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, H
 PROLOGUES = ("none", "rms_norm", "rms_norm_deferred", "silu", "gelu", "gelu_tanh")
 # Whether a launch with the deferred RMSNorm uses PDL where plain launches do (benchmarks compare both).
 PDL_WITH_DEFERRED_NORM = True
+# A gated activation's prologue (SiLU(gate) * up read by the down projection) launches without PDL (the bf16 step lost
+# 6% with it, 2026-11-30: _registry's notes); benchmarks/bench_act_down.py measures it both ways.
+GATED_PROLOGUES = ("silu", "gelu", "gelu_tanh")
+PDL_WITH_GATED_PROLOGUE = False
 
 
 @triton.jit
@@ -602,7 +606,8 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
         raise ValueError(f"block-scaled weights need BLOCK_K ({block_k}) to divide the scale block's {ws_block_k} "
                          "columns: take the launch settings from block_scaled_config")
     # With a prologue PDL measured slower (see _registry); the deferred RMSNorm's launch is measured both ways
-    pdl = pdl_options(x) if prologue is None or (prologue == "rms_norm_deferred" and PDL_WITH_DEFERRED_NORM) else {}
+    pdl = pdl_options(x) if (prologue is None or (prologue == "rms_norm_deferred" and PDL_WITH_DEFERRED_NORM)
+                             or (prologue in GATED_PROLOGUES and PDL_WITH_GATED_PROLOGUE)) else {}
     if prologue == "rms_norm_deferred" and split:
         raise ValueError("the deferred RMSNorm needs one K split (each program's sum of x^2 covers the whole row)")
     with device_guard(x):
