@@ -59,9 +59,6 @@
 # deferred-pass: decode_fusion with the deferred norm (decode_fusion.NORM_PROLOGUE "rms_norm_deferred", 4 / 8 / 16 rows
 # of W a program): its GPU tests (kernel, runtime parity with CUDA graphs), then the bf16 decode graph's replay A/B
 # beside the defaults, both shapes (~4 min, estimated).
-# fine-splits: decode splits of half a tile for contexts under 8 tiles (paged_attention._DECODE_FINE_SPLITS_BELOW_TILES,
-# off: written 2026-12-02, interpreter-tested only): its GPU tests and the decode files', then the bf16 decode graph's
-# replay A/B beside the default and 32-key tiles, both shapes (~4 min, estimated). Longer contexts run as before.
 # deferred-rows: bench_deferred_norm with its per-GEMV timings (QKV and gate-up with the deferred norm at 4 / 8 / 16
 # rows of W a program beside the norm kernel + GEMV, both shapes): why 16 rows paid on the 8B shape only (~1.5 min).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
@@ -223,15 +220,6 @@ for stage in $STAGES; do
                                --out "$OUT" > "$OUT/replay-deferred-$model.log" 2>&1 || rc=1
                            tail -n 5 "$OUT/replay-deferred-$model.log"
                        done ;;
-        fine-splits) gpu_tests fine-splits 200 "${workers[@]}" tests/test_kernel_decode_min_tiles.py \
-                         tests/test_kernel_decode_keys_before_wait.py tests/test_kernel_decode_rotary.py
-                     for model in llama2_7b llama31_8b; do
-                         python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 --rounds 3 \
-                             --setting fine8=fastllm.kernels.paged_attention._DECODE_FINE_SPLITS_BELOW_TILES=8 \
-                             --setting decode32=fastllm.kernels.paged_attention._DECODE_BLOCK_N=32 \
-                             --out "$OUT" > "$OUT/replay-fine-splits-$model.log" 2>&1 || rc=1
-                         tail -n 4 "$OUT/replay-fine-splits-$model.log"
-                     done ;;
         deferred-rows) python3 benchmarks/bench_deferred_norm.py --out "$OUT" > "$OUT/deferred-rows.log" 2>&1 || rc=1
                        tail -n 10 "$OUT/deferred-rows.log" ;;
         act-down) gpu_tests act-down 200 "${workers[@]}" tests/test_kernel_fused_linear.py -k "act_prologue or silu"

@@ -271,6 +271,44 @@ def _w1_replay_ab(result: dict) -> list[str]:
     return lines
 
 
+def _median(values) -> float:
+    values = sorted(values) if isinstance(values, list) else [values]
+    return values[len(values) // 2]
+
+
+def _w5_deferred_norm(result: dict) -> list[str]:
+    """bench_deferred_norm.py: a layer's decode GEMMs with the norms deferred into their consumers against the default
+    chain, microseconds a layer (medians of the rounds), and the consumers alone at 4 / 8 / 16 rows of W a program."""
+    lines = ["| model | default chain | deferred (4 / 8 / 16 rows) | qkv: norm + GEMV, deferred 4 / 8 / 16, GEMV alone "
+             "| gate-up: norm + GEMV, deferred 4 / 8 / 16 | o, o + residual |", "|---|---|---|---|---|---|"]
+    for model, r in result["fastllm"].items():
+        if "qkv_default_us" not in r:
+            continue  # an earlier file's layout (its log has the numbers)
+
+        def us(key):
+            return f"{_median(r[key]):.1f}" if key in r else "–"
+
+        lines.append(
+            f"| {model} | {us('default_chain_us')} | {us('deferred_chain_us')} / {us('deferred_chain_block_n8_us')} / "
+            f"{us('deferred_chain_block_n16_us')} | {us('qkv_default_us')}, {us('qkv_deferred_us')} / "
+            f"{us('qkv_deferred_block_n8_us')} / {us('qkv_deferred_block_n16_us')}, {us('qkv_plain_us')} | "
+            f"{us('gate_up_default_us')}, {us('gate_up_deferred_us')} / {us('gate_up_deferred_block_n8_us')} / "
+            f"{us('gate_up_deferred_block_n16_us')} | {us('o_plain_us')}, {us('o_residual_us')} |")
+    return [*lines, "", "Microseconds a layer, CUDA-graph replays (kernel boundaries included)."]
+
+
+def _w5_act_down(result: dict) -> list[str]:
+    """bench_act_down.py: the gate-up GEMV + down projection (SiLU * up in its loads) under each launch setting."""
+    lines = ["| model | variant | pair us (median) | rounds us |", "|---|---|---|---|"]
+    for model, r in result["fastllm"].items():
+        for name, value in sorted(r["pair_us"].items(), key=lambda item: item[1]):
+            rounds = ", ".join(f"{t:.1f}" for t in r["rounds_us"][name])
+            marker = " (default)" if name == r["default"] else ""
+            lines.append(f"| {model} | {name}{marker} | {value:.1f} | {rounds} |")
+    return [*lines, "", "Microseconds a layer, CUDA-graph replays over two layers' weights; `unfused`: the activation "
+            "kernel between the GEMVs."]
+
+
 def _w3(result: dict) -> list[str]:
     """bench_startup.py: optimize() → first token, each start in its own process, in the order run."""
     lines = ["| start | layers stamped | graph from cache | seconds | capture s | kv_cache s |",
@@ -288,7 +326,8 @@ FORMATTERS = {"W5": _w5, "W3": _w3, "W1": _w1, "W5-fused-linear": _w5_fused_line
               "W5-attention": _w5_attention, "W5-gemv": _w5_gemv, "W5-quant-gemv": _w5_quant_gemv,
               "W1-quant": _w1_quant, "W1-fp8": _w1_quant, "W1-int8": _w1_quant,
               "W1-int4": _w1_quant, "W2-fp8": _w2, "W2-int8": _w2, "W2-int4": _w2,
-              "W2-fp8_kv": _w2, "host-step": _host_step, "W1-replay-ab": _w1_replay_ab}
+              "W2-fp8_kv": _w2, "host-step": _host_step, "W1-replay-ab": _w1_replay_ab,
+              "W5-deferred-norm": _w5_deferred_norm, "W5-act-down": _w5_act_down}
 
 
 def summarize(results_dir: pathlib.Path = HERE / "results") -> str:

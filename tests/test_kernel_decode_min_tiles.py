@@ -11,7 +11,7 @@ import importlib
 
 import pytest
 import torch
-from test_kernel_paged_attention import _assert_close, _paged_batch, _run, record_decode_launches
+from test_kernel_paged_attention import _assert_close, _paged_batch, _run
 
 from fastllm.kernels import paged_attention
 
@@ -67,75 +67,3 @@ def test_min_tiles_gpu(min_tiles, tiles, hq, hkv):
     assert torch.equal(outs, first.expand_as(outs))
     assert torch.count_nonzero(counters).item() == 0
 
-
-# --- splits of half a tile for short contexts (paged_attention._DECODE_FINE_SPLITS_BELOW_TILES) ------------------
-
-# Contexts of 1 to 8 tiles of 64 keys (33: one split of a half tile and one of a single key; 600: 10 tiles, whole)
-FINE_CONTEXTS = [(1, 1), (1, 17), (1, 33), (1, 64), (1, 65), (1, 130), (1, 300), (1, 600)]
-
-
-@pytest.fixture
-def fine_splits(monkeypatch):
-    monkeypatch.setattr(paged_attention_module, "_DECODE_FINE_SPLITS_BELOW_TILES", 8)
-
-
-@pytest.mark.parametrize("keys_before_wait", [False, True])
-@pytest.mark.parametrize("merge", ["combine_kernel", "in_decode_kernel"])
-@pytest.mark.parametrize("num_splits", [3, 40])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fine_splits_match_reference_cpu(fine_splits, monkeypatch, keys_before_wait, merge, num_splits, dtype):
-    monkeypatch.setattr(paged_attention_module, "_DECODE_KEYS_BEFORE_WAIT", keys_before_wait)
-    args = _paged_batch(FINE_CONTEXTS, 6, 2, 64, dtype)
-    kwargs = {"scale": 0.125, "num_splits": num_splits}
-    if merge == "in_decode_kernel":
-        kwargs["split_counters"] = counters = _counters(FINE_CONTEXTS, 2)
-    _assert_close(*_run(args, kwargs, dtype), dtype)
-    if merge == "in_decode_kernel":
-        assert torch.count_nonzero(counters) == 0
-
-
-def test_fine_splits_with_a_window_and_min_tiles_cpu(fine_splits, min_tiles):
-    """A sliding window starts the keys mid-tile; MIN_TILES above 1 turns the half-tile splits off (whole tiles)."""
-    args = _paged_batch(FINE_CONTEXTS, 4, 4, 64, torch.float16, block_size=8)
-    counters = _counters(FINE_CONTEXTS, 4)
-    kwargs = {"scale": 0.125, "num_splits": 9, "split_counters": counters, "sliding_window": 100}
-    _assert_close(*_run(args, kwargs, torch.float16), torch.float16)
-    min_tiles(2)
-    _assert_close(*_run(args, kwargs, torch.float16), torch.float16)
-
-
-@pytest.mark.parametrize("num_splits", [1, 5, 40])
-def test_fine_splits_with_the_fused_rotary_cpu(fine_splits, monkeypatch, num_splits):
-    """The program of the last split with keys writes the new token's K/V (rotary inside decode attention): the same
-    bits as the two kernels it replaces, with keys read before the wait too."""
-    import test_kernel_decode_rotary as rotary_tests
-
-    monkeypatch.setattr(paged_attention_module, "_DECODE_KEYS_BEFORE_WAIT", True)
-    rotary_tests.test_bit_identical_to_the_kernels_it_replaces_cpu(num_splits, True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("hq,hkv", [(32, 8), (32, 32)])
-def test_fine_splits_gpu(fine_splits, hq, hkv):
-    """Llama-3.1-8B's and Llama-2-7B's heads in bf16 with PDL (keys before the wait), merged in the kernel, against
-    the reference; repeated launches give the first one's bits."""
-    seqs = FINE_CONTEXTS + [(1, 4000)]
-    args = _paged_batch(seqs, hq, hkv, 128, torch.bfloat16, device="cuda", seed=4)
-    counters = _counters(seqs, hkv, "cuda")
-    kwargs = {"scale": 128**-0.5, "split_counters": counters}
-    _assert_close(*_run(args, kwargs, torch.bfloat16, on_cpu=False), torch.bfloat16)
-    first = paged_attention(*args, **kwargs)
-    outs = torch.stack([paged_attention(*args, **kwargs) for _ in range(50)])
-    torch.cuda.synchronize()
-    assert torch.equal(outs, first.expand_as(outs))
-    assert torch.count_nonzero(counters).item() == 0
-
-
-def test_the_fine_split_setting_reaches_the_kernel(fine_splits, min_tiles, monkeypatch):
-    """Set, the decode launch passes it; with more than one tile a split (MIN_TILES) it passes 0 (off)."""
-    seen = record_decode_launches(monkeypatch, "FINE_BELOW_TILES")
-    args = _paged_batch(FINE_CONTEXTS[:2], 4, 2, 64, torch.float32)
-    for tiles in (1, 2):
-        min_tiles(tiles)
-        _run(args, {"scale": 0.125, "num_splits": 4}, torch.float32)
-    assert seen == [8, 0]

@@ -81,12 +81,12 @@ _MIN_TILES_PER_SPLIT = 1
 # W1-replay-ab-nvidia-h200-20261202-decode-tails-*.json) 32-key tiles replayed W1's graph faster: Llama-2-7B 3648.5 us
 # against 3694.1 (-1.2%), Llama-3.1-8B 3994.9 against 4006.2 (-0.3%): at W1's 128-384 keys twice the splits. Not the
 # default: alone at batch 1 x 1024 keys they ran 9.28 us against 7.88 (the sweep above), so longer contexts lose what
-# short ones gain; a tile chosen by the context at run time is what would take both.
+# short ones gain; a tile chosen by the context at run time is what would take both. Measured no faster, removed:
+# the run-time form that split contexts under 8 tiles in half tiles (32 keys of a 64-key tile, the second half masked),
+# which replayed W1's graph in 3728.6 us against 3728.6 (Llama-2-7B) and 4038.5 against 4033.7 (Llama-3.1-8B), where
+# 32-key tiles took 3693.2 / 4021.5 in the same call (H200, 2026-12-03, three rounds,
+# W1-replay-ab-nvidia-h200-20261203-fine-splits-*.json): twice the splits is not what 32-key tiles gain by.
 _DECODE_BLOCK_N = None
-# The run-time form of that (written 2026-12-02, interpreter-tested, not measured on a GPU yet, so off): contexts of
-# fewer than this many tiles split in half tiles (32 keys of a 64-key tile, its second half masked), longer ones in
-# whole tiles; 0: whole tiles always. 8 would take W1's 128-384 keys and leave 1k alone.
-_DECODE_FINE_SPLITS_BELOW_TILES = 0
 _DECODE_NUM_WARPS = None
 _DECODE_NUM_STAGES = None
 # Whether a decode program loads its split's first key tile (all but the new token's row) and the step's metadata
@@ -361,7 +361,6 @@ def _decode_kernel(
     USE_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     KEYS_BEFORE_WAIT: tl.constexpr = False,  # the split's first key tile loaded before the PDL wait
-    FINE_BELOW_TILES: tl.constexpr = 0,  # > 0 (with MIN_TILES 1): shorter contexts split in half tiles
     USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Program (seq, kv head, split): the GROUP query heads of the sequence's one query token against the split's
@@ -388,23 +387,12 @@ def _decode_kernel(
     if USE_WINDOW:
         k_lo = tl.maximum(ctx - window, 0)
     tiles = tl.cdiv(ctx - k_lo, BLOCK_N)
-    if FINE_BELOW_TILES > 0:
-        # A context of fewer than FINE_BELOW_TILES tiles is cut in splits of half a tile (the tile's second half
-        # masked: the same loads as a tile of half the keys), twice the programs where a short context has few.
-        fine = tiles < FINE_BELOW_TILES
-        grain = tl.where(fine, BLOCK_N // 2, BLOCK_N)
-        units = tl.cdiv(ctx - k_lo, grain)
-        units_per_split = tl.maximum(tl.cdiv(units, num_splits), tl.where(fine, 1, MIN_TILES))
-        span = units_per_split * grain
-    else:
-        units = tiles
-        units_per_split = tl.maximum(tl.cdiv(tiles, num_splits), MIN_TILES)
-        span = units_per_split * BLOCK_N
-    k_begin = k_lo + split * span
-    k_end = tl.minimum(k_begin + span, ctx)
+    tiles_per_split = tl.maximum(tl.cdiv(tiles, num_splits), MIN_TILES)
+    k_begin = k_lo + split * tiles_per_split * BLOCK_N
+    k_end = tl.minimum(k_begin + tiles_per_split * BLOCK_N, ctx)
     # Splits that hold keys (the rest of a short context's grid holds none): at least split 0, which writes even
     # an empty context's output. Merged in this kernel, the others have nothing to write and are not counted.
-    splits_with_keys = tl.maximum(tl.cdiv(units, tl.maximum(units_per_split, 1)), 1)
+    splits_with_keys = tl.maximum(tl.cdiv(tiles, tl.maximum(tiles_per_split, 1)), 1)
 
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
@@ -419,7 +407,7 @@ def _decode_kernel(
         first_mask = first_old[:, None] & d_mask[None, :]
         first_k = tl.load(K_CACHE + first_off, mask=first_mask, other=0.0)
         first_v = tl.load(V_CACHE + first_off, mask=first_mask, other=0.0)
-        p_in_first = has_query & (ctx > 0) & (k_begin < k_end) & (ctx - 1 < tl.minimum(k_end, k_begin + BLOCK_N))
+        p_in_first = has_query & (ctx > 0) & (k_begin < k_end) & (ctx - 1 < k_begin + BLOCK_N)
         p_mask = d < tl.where(p_in_first, head_dim, 0)
         p_block = tl.load(bt_row + (ctx - 1) // PAGE_SIZE + d * 0, mask=p_mask, other=0).to(tl.int64)
         p_off = p_block * stride_cb + ((ctx - 1) % PAGE_SIZE) * stride_cr + head_off + d
@@ -830,8 +818,7 @@ def _launch(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, alibi_slo
             *strides, *new_strides, rot_half, *inv_scales,
             num_q_heads, head_dim, qk_scale, softcap * LOG2E, sliding_window, v_scale, num_splits,
             GROUP=group, SPLIT=num_splits > 1, COMBINE=combine, ROTARY=rotary is not None, INTERLEAVED=interleaved,
-            MIN_TILES=_MIN_TILES_PER_SPLIT, KEYS_BEFORE_WAIT=keys_before_wait,
-            FINE_BELOW_TILES=_DECODE_FINE_SPLITS_BELOW_TILES if _MIN_TILES_PER_SPLIT == 1 else 0, **common, **d,
+            MIN_TILES=_MIN_TILES_PER_SPLIT, KEYS_BEFORE_WAIT=keys_before_wait, **common, **d,
         )  # fmt: skip
         if num_splits > 1 and not combine:
             _combine_kernel[(num_seqs, num_q_heads)](
