@@ -11,7 +11,9 @@ PDL_WITH_DEFERRED_NORM), and with 8 and 16 rows of W a program (fused_linear.DEF
 over two layers' distinct weights (far past the L2) and are timed with `triton.testing.do_bench_cudagraph` (the kernel
 boundaries a decode step pays are in the time); the chains' outputs are compared first (bf16 roundings apart, not more).
 Then each of the norm's consumers (QKV, gate-up) alone beside the norm kernel + GEMV it replaces, at 4 / 8 / 16 rows
-of W a program, and o_proj with and without the residual add, each over both layers' weights in turn.
+of W a program, and o_proj with and without the residual add, each over both layers' weights in turn. And the same
+with each norm's weight folded into its consumer's W ("rms_scale_deferred": the product reads x itself, no weight
+loads a chunk): the folded chain and its consumers alone.
 
     PYTHONPATH=. python benchmarks/bench_deferred_norm.py [--models llama31_8b llama2_7b] [--out DIR]
 
@@ -54,15 +56,30 @@ def deferred_chain(s, attn, layers):
     return s, qkv
 
 
+def folded_chain(s, attn, layers):
+    """The deferred chain with each norm's weight folded into its consumer's W ("rms_scale_deferred")."""
+    for p in layers:
+        qkv = fused_linear(s, p["qkv_folded"], prologue="rms_scale_deferred", norm_eps=EPS)
+        s = fused_linear(attn, p["o"], residual=s)
+        gate_up = fused_linear(s, p["gate_up_folded"], prologue="rms_scale_deferred", norm_eps=EPS)
+        s = fused_linear(gate_up, p["down"], prologue="silu", residual=s)
+    return s, qkv
+
+
 def run(model: str, dtype) -> dict:
     layers = _layers(dtype, SHAPES[model])
+    for p in layers:  # the norm weights folded into their consumers' columns, as a folding pass would store them
+        p["qkv_folded"] = (p["qkv"].float() * p["norm1"].float()).to(dtype)
+        p["gate_up_folded"] = (p["gate_up"].float() * p["norm2"].float()).to(dtype)
     hidden = SHAPES[model][0]
     g = torch.Generator("cuda").manual_seed(1)
     h, residual, attn = (torch.randn(1, hidden, generator=g, device="cuda").to(dtype) for _ in range(3))
     expected, expected_qkv = default_chain(h, residual, attn, layers)
     s = h + residual
     got, got_qkv = deferred_chain(s, attn, layers)
-    for name, a, b in (("residual stream", got, expected), ("qkv", got_qkv, expected_qkv)):
+    folded, folded_qkv = folded_chain(s, attn, layers)
+    for name, a, b in (("residual stream", got, expected), ("qkv", got_qkv, expected_qkv),
+                       ("folded residual stream", folded, expected), ("folded qkv", folded_qkv, expected_qkv)):
         rel = ((a.float() - b.float()).norm() / b.float().norm()).item()
         if not rel < 2e-2:  # bf16 roundings of two layers' chains; a wrong kernel is O(1) off
             sys.exit(f"{model}: the deferred chain's {name} is off from the default one (relative {rel:.2e})")
@@ -79,7 +96,10 @@ def run(model: str, dtype) -> dict:
             fused_linear_module.DEFERRED_NORM_BLOCK_N = block_n
             result.setdefault(f"deferred_chain_block_n{block_n}_us", []).append(
                 _ms(lambda: deferred_chain(s, attn, layers)) / LAYERS * 1e3)
+            result.setdefault(f"folded_chain_block_n{block_n}_us", []).append(
+                _ms(lambda: folded_chain(s, attn, layers)) / LAYERS * 1e3)
         fused_linear_module.DEFERRED_NORM_BLOCK_N = None
+        result.setdefault("folded_chain_us", []).append(_ms(lambda: folded_chain(s, attn, layers)) / LAYERS * 1e3)
     # Each op over both layers' weights in turn (past the L2, as in a step), per launch
     def each_layer(op):
         return lambda: [op(p) for p in layers]
@@ -97,12 +117,16 @@ def run(model: str, dtype) -> dict:
         ops[f"{weight}_deferred"] = each_layer(
             lambda p, weight=weight, norm=norm: fused_linear(s, p[weight], prologue="rms_norm_deferred",
                                                              norm_weight=p[norm], norm_eps=EPS))
+        ops[f"{weight}_folded"] = each_layer(
+            lambda p, weight=weight: fused_linear(s, p[f"{weight}_folded"], prologue="rms_scale_deferred",
+                                                  norm_eps=EPS))
     for name, fn in ops.items():
         result[f"{name}_us"] = _ms(fn) * 1e3 / LAYERS
     for block_n in SWEEP_BLOCK_N:
         fused_linear_module.DEFERRED_NORM_BLOCK_N = block_n
         for weight in ("qkv", "gate_up"):
             result[f"{weight}_deferred_block_n{block_n}_us"] = _ms(ops[f"{weight}_deferred"]) * 1e3 / LAYERS
+            result[f"{weight}_folded_block_n{block_n}_us"] = _ms(ops[f"{weight}_folded"]) * 1e3 / LAYERS
     fused_linear_module.DEFERRED_NORM_BLOCK_N = None
     return result
 
@@ -125,6 +149,11 @@ def main(argv=None) -> int:
         chains = [min(r[k]) for k in ("default_chain_us", "deferred_chain_us", "deferred_chain_no_pdl_us")]
         sweep = ", ".join(f"{n} rows {min(r[f'deferred_chain_block_n{n}_us']):.1f}" for n in SWEEP_BLOCK_N)
         print(f"{model}: deferred chain with {sweep} us")
+        folded = ", ".join(f"{n} rows {min(r[f'folded_chain_block_n{n}_us']):.1f}" for n in SWEEP_BLOCK_N)
+        print(f"{model}: folded chain {min(r['folded_chain_us']):.1f} us (4 rows), {folded}")
+        for weight in ("qkv", "gate_up"):
+            rows = ", ".join(f"{n} rows {r[f'{weight}_folded_block_n{n}_us']:.1f}" for n in SWEEP_BLOCK_N)
+            print(f"{model}: {weight} folded {r[f'{weight}_folded_us']:.1f} (4 rows), {rows}")
         for weight in ("qkv", "gate_up"):
             rows = ", ".join(f"{n} rows {r[f'{weight}_deferred_block_n{n}_us']:.1f}" for n in SWEEP_BLOCK_N)
             print(f"{model}: {weight} norm kernel + GEMV {r[f'{weight}_default_us']:.1f} us, deferred "

@@ -56,6 +56,9 @@
 # act-down: the down projection reading SiLU(gate) * up under other launch settings (fused_linear.ACT_PROLOGUE_*,
 # skinny_gemm.PDL_WITH_GATED_PROLOGUE): its GPU tests, bench_act_down (the gate-up + down pair per layer, both shapes),
 # then the bf16 decode graph's replay A/B with each shape's fastest variant beside the default (~4 min, estimated).
+# folded-norm: the deferred RMSNorm with its weight folded into the consumer's W (fused_linear prologue
+# "rms_scale_deferred"): its GPU tests and the deferred norm's, then bench_deferred_norm with the folded chain and
+# consumers beside the default and deferred ones, both shapes (~3 min, estimated).
 # deferred-pass: decode_fusion with the deferred norm (decode_fusion.NORM_PROLOGUE "rms_norm_deferred", 4 / 8 / 16 rows
 # of W a program): its GPU tests (kernel, runtime parity with CUDA graphs), then the bf16 decode graph's replay A/B
 # beside the defaults, both shapes (~4 min, estimated).
@@ -232,6 +235,9 @@ for stage in $STAGES; do
                           --setting "best=$best" --out "$OUT" > "$OUT/replay-act-down-$model.log" 2>&1 || rc=1
                       tail -n 3 "$OUT/replay-act-down-$model.log"
                   done ;;
+        folded-norm) gpu_tests folded-norm 200 "${workers[@]}" tests/test_kernel_deferred_norm.py
+                     python3 benchmarks/bench_deferred_norm.py --out "$OUT" > "$OUT/folded-norm.log" 2>&1 || rc=1
+                     tail -n 16 "$OUT/folded-norm.log" ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

@@ -281,6 +281,7 @@ def _w5_deferred_norm(result: dict) -> list[str]:
     chain, microseconds a layer (medians of the rounds), and the consumers alone at 4 / 8 / 16 rows of W a program."""
     lines = ["| model | default chain | deferred (4 / 8 / 16 rows) | qkv: norm + GEMV, deferred 4 / 8 / 16, GEMV alone "
              "| gate-up: norm + GEMV, deferred 4 / 8 / 16 | o, o + residual |", "|---|---|---|---|---|---|"]
+    folded = []
     for model, r in result["fastllm"].items():
         if "qkv_default_us" not in r:
             continue  # an earlier file's layout (its log has the numbers)
@@ -294,6 +295,15 @@ def _w5_deferred_norm(result: dict) -> list[str]:
             f"{us('qkv_deferred_block_n8_us')} / {us('qkv_deferred_block_n16_us')}, {us('qkv_plain_us')} | "
             f"{us('gate_up_default_us')}, {us('gate_up_deferred_us')} / {us('gate_up_deferred_block_n8_us')} / "
             f"{us('gate_up_deferred_block_n16_us')} | {us('o_plain_us')}, {us('o_residual_us')} |")
+        if "folded_chain_us" in r:
+            folded.append(
+                f"| {model} | {us('folded_chain_us')} / {us('folded_chain_block_n8_us')} / "
+                f"{us('folded_chain_block_n16_us')} | {us('qkv_folded_us')} / {us('qkv_folded_block_n8_us')} / "
+                f"{us('qkv_folded_block_n16_us')} | {us('gate_up_folded_us')} / {us('gate_up_folded_block_n8_us')} / "
+                f"{us('gate_up_folded_block_n16_us')} |")
+    if folded:
+        lines += ["", "Norm weights folded into W (`rms_scale_deferred`), 4 / 8 / 16 rows of W a program:", "",
+                  "| model | folded chain | qkv | gate-up |", "|---|---|---|---|", *folded]
     return [*lines, "", "Microseconds a layer, CUDA-graph replays (kernel boundaries included)."]
 
 

@@ -155,4 +155,81 @@ def test_fp8_weights_gpu():
     _assert_close(y, _deferred_expected(x, qweight, kwargs, weight_scale=scale), torch.bfloat16, roundings=2)
 
 
+# --- the norm's weight folded into W ("rms_scale_deferred") -----------------------------------------------------
+
+
+def _folded(weight, kwargs):
+    """(W * (offset + w) rounded to W's dtype, the scale prologue's keywords): what a caller folding the norm passes."""
+    folded = (weight.double() * (kwargs["norm_offset"] + kwargs["norm_weight"].double())).to(weight.dtype)
+    scale_kwargs = {key: value for key, value in kwargs.items() if key not in ("norm_weight", "norm_offset")}
+    return folded, {**scale_kwargs, "prologue": "rms_scale_deferred"}
+
+
+def _scale_expected(x, folded, kwargs):
+    ones = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    return _deferred_expected(x, folded, {**kwargs, "norm_weight": ones, "norm_offset": 0.0})
+
+
+@pytest.mark.parametrize("n,k", [(96, 1000), (33, 1536)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias,offset", [(False, 0.0), (True, 1.0)])
+def test_folded_weight_against_the_formula_cpu(n, k, dtype, bias, offset):
+    """The product of x and the folded W, scaled by the rows' 1 / rms: one rounding of the output (and one of the
+    residual add) from the formula; from the unfolded deferred norm, the folded W's own rounding more."""
+    x, weight, kwargs = _inputs(1, n, k, dtype, bias=bias, norm_offset=offset)
+    folded, scale_kwargs = _folded(weight, kwargs)
+    with triton_on_cpu():
+        y = fused_linear(x, folded, **scale_kwargs)
+    _assert_close(y, _scale_expected(x, folded, scale_kwargs), dtype, roundings=2)
+    _assert_close(y, _deferred_expected(x, weight, kwargs), dtype, roundings=3)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_folded_weight_on_several_rows_of_the_kernel_cpu(m):
+    """The broadcast form's other accumulators (fused_linear asks for one row; the kernel takes up to 4)."""
+    x, weight, kwargs = _inputs(m, 40, 700, torch.float16)
+    folded, scale_kwargs = _folded(weight, kwargs)
+    cfg = {**sg._config(m, 40, 700, x.dtype, x.device), "split_k": 1}
+    out = torch.empty(m, 40, dtype=x.dtype)
+    with triton_on_cpu():
+        sg._launch(x, folded, None, out, None, cfg, residual=kwargs["residual"], prologue="rms_scale_deferred",
+                   norm=(x, kwargs["norm_eps"], 0.0, True))  # fmt: skip
+    _assert_close(out, _scale_expected(x, folded, scale_kwargs), torch.float16, roundings=2)
+
+
+def test_folded_weight_past_one_row_is_the_norm_with_a_weight_of_ones():
+    x, weight, kwargs = _inputs(3, 40, 256, torch.float32)
+    folded, scale_kwargs = _folded(weight, kwargs)
+    ones = torch.ones(256)
+    unfused = fused_linear(x, folded, **{**scale_kwargs, "prologue": "rms_norm", "norm_weight": ones})
+    assert torch.equal(fused_linear(x, folded, **scale_kwargs), unfused)
+    with triton_on_cpu():
+        assert torch.equal(fused_linear(x, folded, **scale_kwargs),
+                           fused_linear(x, folded, **{**scale_kwargs, "prologue": "rms_norm", "norm_weight": ones}))
+
+
+def test_folded_weight_refuses_a_norm_weight():
+    x, weight, kwargs = _inputs(1, 8, 64, torch.float32)
+    with pytest.raises(ValueError, match="takes no norm_weight"):
+        fused_linear(x, weight, prologue="rms_scale_deferred", norm_weight=kwargs["norm_weight"])
+    with pytest.raises(ValueError, match="norm_eps must be a finite number"):
+        fused_linear(x, weight, prologue="rms_scale_deferred", norm_eps=float("inf"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (28672, 4096), (12288, 4096), (22016, 4096), (96, 1000)])
+def test_folded_weight_llama_shapes_gpu(n, k):
+    """Both shapes' QKV and gate-up at one row in bf16, with and without PDL."""
+    x, weight, kwargs = _inputs(1, n, k, torch.bfloat16, device="cuda")
+    folded, scale_kwargs = _folded(weight, kwargs)
+    expected = _scale_expected(x, folded, scale_kwargs)
+    for pdl in (True, False):
+        sg.PDL_WITH_DEFERRED_NORM = pdl
+        try:
+            y = fused_linear(x, folded, **scale_kwargs)
+        finally:
+            sg.PDL_WITH_DEFERRED_NORM = True
+        _assert_close(y, expected, torch.bfloat16, roundings=2)
+
+
 assert set(TOLERANCES) >= {torch.float32, torch.float16, torch.bfloat16}

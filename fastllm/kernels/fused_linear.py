@@ -49,7 +49,10 @@ from fastllm.kernels.skinny_gemm import skinny_linear
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 NORMS = ("rms_norm", "rms_norm_deferred")
-PROLOGUES = (*NORMS, *ACTIVATIONS)
+# The deferred RMSNorm without its weight: the caller folded the norm's weight into W's columns (W * w), so the
+# product reads x itself (skinny_gemm's prologue of that name); its unfused form is the RMSNorm with a weight of ones.
+SCALES = ("rms_scale_deferred",)
+PROLOGUES = (*NORMS, *SCALES, *ACTIVATIONS)
 # A prologue runs inside the GEMM for a single row only. Every program recomputes the prologue for its rows of W, which
 # pays only at 1 row (H200, 2026-11-30, W5-fused-linear, a Llama-3.1-8B layer's decode GEMMs: SiLU * up inside
 # down_proj 29.4 us against 36.6 unfused at 1 row, 64-68 against 37.9 at 2 rows; at 8 rows, the tl.dot form, the
@@ -79,8 +82,10 @@ def _act_prologue_settings(cfg: dict) -> dict:
 
 def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, reference: bool) -> torch.Tensor:
     """What the unfused graph computes before the linear: the kernels (or, with `reference`, their references)."""
-    if prologue in NORMS:  # the deferred norm's unfused form is the norm kernel's (rounded as Hugging Face rounds)
-        norm = rms_norm_ref if reference else rms_norm
+    if prologue in NORMS or prologue in SCALES:  # the deferred norm's unfused form is the norm kernel's (rounded as
+        norm = rms_norm_ref if reference else rms_norm  # Hugging Face rounds)
+        if prologue in SCALES:
+            norm_weight, norm_offset = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device), 0.0
         return norm(x, norm_weight, norm_eps, weight_offset=norm_offset, cast_before_weight=norm_cast)
     if prologue == "silu":
         return silu_and_mul_ref(x) if reference else silu_and_mul(x)
@@ -144,7 +149,7 @@ def _fused_linear_op(
     m = x.shape[0]
     n, k = weight.shape
     if _fusable(x, weight_scale, m, prologue):
-        deferred = prologue == "rms_norm_deferred"
+        deferred = prologue in skinny_gemm.DEFERRED_PROLOGUES
         # The deferred norm adds little to a chunk (a product and a square a column): the plain GEMV's tiles, one
         # K split (each program's sum of x^2 must cover the row)
         cfg = skinny_gemm._config(m, n, k, x.dtype, x.device, weight_bytes=weight.element_size(),
@@ -157,6 +162,8 @@ def _fused_linear_op(
         elif prologue in ACTIVATIONS and not cfg["USE_DOT"]:
             cfg = _act_prologue_settings(cfg)
         norm = (norm_weight, norm_eps, norm_offset, norm_cast) if prologue in NORMS else None
+        if prologue in SCALES:
+            norm = (x, norm_eps, 0.0, True)  # only eps is read
         skinny_gemm._launch(x, weight, bias, out, None, cfg, weight_scale=weight_scale, residual=residual,
                             prologue=prologue, norm=norm)
     else:
@@ -200,13 +207,17 @@ def _check(x, weight, bias, residual, prologue, norm_weight, norm_eps, norm_offs
     k = weight.shape[1]
     if prologue in ACTIVATIONS and x.shape[-1] != 2 * k:
         raise ValueError(f"a gated activation reads x = [gate | up]: x's last dim must be 2 * {k}, got {x.shape[-1]}")
-    if prologue in NORMS:
-        if norm_weight is None:
-            raise ValueError(f"prologue {prologue!r} needs norm_weight")
-        check_row_param("norm_weight", norm_weight, x)
-        out_dtype = torch.promote_types(x.dtype, norm_weight.dtype) if norm_cast else x.dtype
-        if out_dtype != x.dtype:
-            raise TypeError(f"the norm's output ({out_dtype}) must have x's dtype {x.dtype} to feed the linear")
+    if prologue in SCALES and norm_weight is not None:
+        raise ValueError(f"prologue {prologue!r} takes no norm_weight (it is folded into weight); use "
+                         "'rms_norm_deferred' to pass it")
+    if prologue in NORMS or prologue in SCALES:
+        if prologue in NORMS:
+            if norm_weight is None:
+                raise ValueError(f"prologue {prologue!r} needs norm_weight")
+            check_row_param("norm_weight", norm_weight, x)
+            out_dtype = torch.promote_types(x.dtype, norm_weight.dtype) if norm_cast else x.dtype
+            if out_dtype != x.dtype:
+                raise TypeError(f"the norm's output ({out_dtype}) must have x's dtype {x.dtype} to feed the linear")
         for name, value in (("norm_eps", norm_eps), ("norm_offset", norm_offset)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -241,10 +252,11 @@ def fused_linear(
             float, last dim contiguous.
         weight: [N, K] of x's dtype, or float8 e4m3 / int8 with `weight_scale`; bias: optional [N] of x's dtype.
         residual: optional [..., N] of x's dtype, added to the rounded output (the residual stream).
-        prologue: None, "rms_norm", "rms_norm_deferred", or a gated activation: "silu", "gelu", "gelu_tanh".
-            "rms_norm_deferred" (one row, Triton): the product reads x * norm weight in fp32 and the rows' 1 / rms
-            scales it after the loop (no pass over x before it, nothing rounded before the output); elsewhere it is
-            "rms_norm".
+        prologue: None, "rms_norm", "rms_norm_deferred", "rms_scale_deferred", or a gated activation: "silu",
+            "gelu", "gelu_tanh". "rms_norm_deferred" (one row, Triton): the product reads x * norm weight in fp32 and
+            the rows' 1 / rms scales it after the loop (no pass over x before it, nothing rounded before the output);
+            elsewhere it is "rms_norm". "rms_scale_deferred": the same without norm_weight (None), which the caller
+            folded into `weight` (weight * norm_weight[None, :]); elsewhere "rms_norm" with a weight of ones.
         norm_weight, norm_eps, norm_offset, norm_cast_before_weight: the RMSNorm's (kernels.rms_norm's weight, eps,
             weight_offset, cast_before_weight); its output dtype must be x's.
         weight_scale: for a quantized weight, [N] fp32 (y = linear(x, weight * weight_scale[:, None]) as
@@ -272,4 +284,4 @@ def fused_linear(
     return out
 
 
-__all__ = ["ACTIVATIONS", "NORMS", "PROLOGUES", "QUANTIZED_LINEARS", "fused_linear", "fused_linear_ref"]
+__all__ = ["ACTIVATIONS", "NORMS", "PROLOGUES", "SCALES", "QUANTIZED_LINEARS", "fused_linear", "fused_linear_ref"]

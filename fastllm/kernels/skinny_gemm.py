@@ -166,7 +166,10 @@ def _epilogue(acc, rows, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, H
 # weight, in fp32, and sums x^2 on the way; the rows' 1 / rms scales the finished product: no pass over the row before
 # the loop, no split K); or a gated activation ("silu", "gelu", "gelu_tanh": x is [M, 2K] = [gate | up], the product
 # reads act(gate) * up).
-PROLOGUES = ("none", "rms_norm", "rms_norm_deferred", "silu", "gelu", "gelu_tanh")
+# "rms_scale_deferred": the deferred RMSNorm without its weight, which the caller folded into W's columns (W * w):
+# the product reads x itself, so a chunk adds only x^2 to the plain GEMV's work.
+PROLOGUES = ("none", "rms_norm", "rms_norm_deferred", "rms_scale_deferred", "silu", "gelu", "gelu_tanh")
+DEFERRED_PROLOGUES = ("rms_norm_deferred", "rms_scale_deferred")
 # Whether a launch with the deferred RMSNorm uses PDL where plain launches do (benchmarks compare both).
 PDL_WITH_DEFERRED_NORM = True
 # A gated activation's prologue (SiLU(gate) * up read by the down projection) launches without PDL (the bf16 step lost
@@ -176,12 +179,14 @@ PDL_WITH_GATED_PROLOGUE = False
 
 
 @triton.jit
-def _load_x_deferred(ptrs, k0, k, k_end, NW, norm_offset, EVEN_K: tl.constexpr):
+def _load_x_deferred(ptrs, k0, k, k_end, NW, norm_offset, EVEN_K: tl.constexpr, HAS_WEIGHT: tl.constexpr):
     """The deferred RMSNorm's view of x's tile at column k0: (x * (norm_offset + w), x^2), both fp32 (nothing rounded:
-    the 1 / rms comes after the product)."""
+    the 1 / rms comes after the product); without HAS_WEIGHT (folded into W) x itself."""
     x = _load_k(ptrs, k0, k, k_end, EVEN_K).to(tl.float32)
-    w = _load_k(NW + k, k0, k, k_end, EVEN_K).to(tl.float32)
-    return x * (norm_offset + w), x * x
+    if HAS_WEIGHT:
+        w = _load_k(NW + k, k0, k, k_end, EVEN_K).to(tl.float32)
+        return x * (norm_offset + w), x * x
+    return x, x * x
 
 
 @triton.jit
@@ -278,6 +283,8 @@ def _skinny_gemm_kernel(
     Broadcast form: one [BLOCK_N, BLOCK_K] fp32 accumulator a row of x, summed over K once after the loop, so the
     loop body is loads and FMAs (no cross-thread reduction) and every tile keeps the 2-D layout whose shared-memory
     reads are 16 bytes wide (a [M, N, K] product tile would be read element by element)."""
+    DEFERRED: tl.constexpr = PROLOGUE == "rms_norm_deferred" or PROLOGUE == "rms_scale_deferred"
+    HAS_NW: tl.constexpr = PROLOGUE == "rms_norm_deferred"
     pdl_wait(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -300,15 +307,15 @@ def _skinny_gemm_kernel(
             if WS_BLOCK_K > 0:
                 w = w.to(tl.float32) * _block_scales(WS, n, k0, N, stride_wsn, WS_BLOCK_N, WS_BLOCK_K)[:, None]
             w = w.to(X.dtype.element_ty)
-            if PROLOGUE == "rms_norm_deferred":
-                x, sq = _load_x_deferred(x_ptrs, k0, k[None, :], k_end, NW, norm_offset, EVEN_K)
+            if DEFERRED:
+                x, sq = _load_x_deferred(x_ptrs, k0, k[None, :], k_end, NW, norm_offset, EVEN_K, HAS_NW)
                 squares += sq
                 x = x.to(X.dtype.element_ty)
             else:
                 x = _load_x(x_ptrs, k0, k[None, :], k_end, K, NW, rstd[:, None], norm_offset, EVEN_K, PROLOGUE,
                             NORM_CAST)
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-        if PROLOGUE == "rms_norm_deferred":
+        if DEFERRED:
             acc = acc * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
         _epilogue(acc, m, n, pid_k, M, N, B, Y, P, WS, R, stride_ym, stride_rm, HAS_BIAS, SPLIT, HAS_WSCALE,
                   HAS_RESIDUAL)
@@ -339,20 +346,23 @@ def _skinny_gemm_kernel(
             w = _load_k(w_ptrs, k0, k[None, :], k_end, EVEN_K).to(tl.float32)
             if WS_BLOCK_K > 0:
                 w = w * _block_scales(WS, n, k0, N, stride_wsn, WS_BLOCK_N, WS_BLOCK_K)[:, None]
-            if PROLOGUE == "rms_norm_deferred":
-                x0, s0 = _load_x_deferred(x_ptrs, k0, k, k_end, NW, norm_offset, EVEN_K)
+            if DEFERRED:
+                x0, s0 = _load_x_deferred(x_ptrs, k0, k, k_end, NW, norm_offset, EVEN_K, HAS_NW)
                 acc0 += w * x0[None, :]
                 sq0 += s0
                 if BLOCK_M > 1:
-                    x1, s1 = _load_x_deferred(x_ptrs + 1 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K)
+                    x1, s1 = _load_x_deferred(x_ptrs + 1 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K,
+                                              HAS_NW)
                     acc1 += w * x1[None, :]
                     sq1 += s1
                 if BLOCK_M > 2:
-                    x2, s2 = _load_x_deferred(x_ptrs + 2 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K)
+                    x2, s2 = _load_x_deferred(x_ptrs + 2 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K,
+                                              HAS_NW)
                     acc2 += w * x2[None, :]
                     sq2 += s2
                 if BLOCK_M > 3:
-                    x3, s3 = _load_x_deferred(x_ptrs + 3 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K)
+                    x3, s3 = _load_x_deferred(x_ptrs + 3 * stride_xm, k0, k, k_end, NW, norm_offset, EVEN_K,
+                                              HAS_NW)
                     acc3 += w * x3[None, :]
                     sq3 += s3
             else:
@@ -371,7 +381,7 @@ def _skinny_gemm_kernel(
         y1 = tl.sum(acc1, axis=1)
         y2 = tl.sum(acc2, axis=1)
         y3 = tl.sum(acc3, axis=1)
-        if PROLOGUE == "rms_norm_deferred":
+        if DEFERRED:
             y0 = y0 * tl.rsqrt(tl.sum(sq0, axis=0) / K + eps)
             y1 = y1 * tl.rsqrt(tl.sum(sq1, axis=0) / K + eps)
             y2 = y2 * tl.rsqrt(tl.sum(sq2, axis=0) / K + eps)
@@ -606,9 +616,9 @@ def _launch(x, weight, bias, out, workspace, cfg, weight_scale=None, residual=No
         raise ValueError(f"block-scaled weights need BLOCK_K ({block_k}) to divide the scale block's {ws_block_k} "
                          "columns: take the launch settings from block_scaled_config")
     # With a prologue PDL measured slower (see _registry); the deferred RMSNorm's launch is measured both ways
-    pdl = pdl_options(x) if (prologue is None or (prologue == "rms_norm_deferred" and PDL_WITH_DEFERRED_NORM)
+    pdl = pdl_options(x) if (prologue is None or (prologue in DEFERRED_PROLOGUES and PDL_WITH_DEFERRED_NORM)
                              or (prologue in GATED_PROLOGUES and PDL_WITH_GATED_PROLOGUE)) else {}
-    if prologue == "rms_norm_deferred" and split:
+    if prologue in DEFERRED_PROLOGUES and split:
         raise ValueError("the deferred RMSNorm needs one K split (each program's sum of x^2 covers the whole row)")
     with device_guard(x):
         _skinny_gemm_kernel[(triton.cdiv(n, block_n), num_splits)](
