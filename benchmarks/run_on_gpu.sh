@@ -59,6 +59,9 @@
 # folded-norm: the deferred RMSNorm with its weight folded into the consumer's W (fused_linear prologue
 # "rms_scale_deferred"): its GPU tests and the deferred norm's, then bench_deferred_norm with the folded chain and
 # consumers beside the default and deferred ones, both shapes (~3 min, estimated).
+# folded-pass: decode_fusion with the norms' weights folded into the GEMMs (decode_fusion.NORM_PROLOGUE
+# "rms_scale_deferred"): its GPU tests (kernel, runtime parity with CUDA graphs), then the bf16 decode graph's replay
+# A/B beside the defaults (4 and 16 rows of W a program), both shapes (~5 min, estimated).
 # deferred-pass: decode_fusion with the deferred norm (decode_fusion.NORM_PROLOGUE "rms_norm_deferred", 4 / 8 / 16 rows
 # of W a program): its GPU tests (kernel, runtime parity with CUDA graphs), then the bf16 decode graph's replay A/B
 # beside the defaults, both shapes (~4 min, estimated).
@@ -238,6 +241,15 @@ for stage in $STAGES; do
         folded-norm) gpu_tests folded-norm 200 "${workers[@]}" tests/test_kernel_deferred_norm.py
                      python3 benchmarks/bench_deferred_norm.py --out "$OUT" > "$OUT/folded-norm.log" 2>&1 || rc=1
                      tail -n 16 "$OUT/folded-norm.log" ;;
+        folded-pass) gpu_tests folded-pass 240 "${workers[@]}" tests/test_kernel_deferred_norm.py tests/test_gpu_parity.py \
+                         -k "folded or deferred_norm or (half_precision and default)"
+                     for model in llama2_7b llama31_8b; do
+                         python3 benchmarks/replay_ab.py --model $model --without '' --prompt 256 --rounds 3 \
+                             --setting folded=+decode_fusion,fastllm.passes.decode_fusion.NORM_PROLOGUE=\'rms_scale_deferred\' \
+                             --setting folded16=+decode_fusion,fastllm.passes.decode_fusion.NORM_PROLOGUE=\'rms_scale_deferred\',fastllm.kernels.fused_linear.DEFERRED_NORM_BLOCK_N=16 \
+                             --out "$OUT" > "$OUT/replay-folded-$model.log" 2>&1 || rc=1
+                         tail -n 4 "$OUT/replay-folded-$model.log"
+                     done ;;
         fp8pass) python3 benchmarks/bench_quant.py --schemes fp8 --pass-variants fp8_input_quant --out "$OUT" \
                      > "$OUT/quant-fp8pass.log" 2>&1 || rc=1
                  grep -E "tok/s" "$OUT/quant-fp8pass.log" ;;

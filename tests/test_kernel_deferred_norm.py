@@ -197,8 +197,20 @@ def test_folded_weight_on_several_rows_of_the_kernel_cpu(m):
     _assert_close(out, _scale_expected(x, folded, scale_kwargs), torch.float16, roundings=2)
 
 
-def test_folded_weight_past_one_row_is_the_norm_with_a_weight_of_ones():
-    x, weight, kwargs = _inputs(3, 40, 256, torch.float32)
+@pytest.mark.parametrize("m", [3, 6, 16])
+def test_folded_weight_fuses_up_to_16_rows_cpu(m):
+    """Unlike the other norm prologues (one row), the folded norm fuses wherever the skinny GEMM runs: it adds only
+    x^2 to a chunk. 3 rows: the broadcast form; 6 and 16: the tl.dot form (x read as it is, nothing rounded more)."""
+    x, weight, kwargs = _inputs(m, 48, 300, torch.float16)
+    folded, scale_kwargs = _folded(weight, kwargs)
+    with triton_on_cpu():
+        y = fused_linear(x, folded, **scale_kwargs)
+        assert fl._fusable(x, None, m, "rms_scale_deferred")
+    _assert_close(y, _scale_expected(x, folded, scale_kwargs), torch.float16, roundings=2)
+
+
+def test_folded_weight_past_16_rows_is_the_norm_with_a_weight_of_ones():
+    x, weight, kwargs = _inputs(17, 40, 256, torch.float32)
     folded, scale_kwargs = _folded(weight, kwargs)
     ones = torch.ones(256)
     unfused = fused_linear(x, folded, **{**scale_kwargs, "prologue": "rms_norm", "norm_weight": ones})

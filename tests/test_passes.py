@@ -927,6 +927,42 @@ def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode
     assert torch.equal(fused_tokens, tokens)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_decode_fusion_folds_the_norm_weights_into_the_gemms(tmp_path, family, monkeypatch):
+    """decode_fusion.NORM_PROLOGUE "rms_scale_deferred": each folded norm's weight goes into its consumers' W (the
+    norm's weight becomes offset + w = 1; Gemma's offset is 1), the same fused_linear calls as the other forms; the
+    step computes what the unfolded step computed (fp16 on the CPU, where skinny_linear runs: the fold rounds each
+    weight once more, 2^-11 relative, which moves these logits by ~1e-3) and the embedding is untouched. (A norm whose
+    weight is 1 - offset folds a scale of exactly 1: another compile of the same model changes nothing more.)"""
+    monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", "rms_scale_deferred")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    reference = build(family, tmp_path / "reference", dtype=torch.float16)
+    optimize(reference)  # the default passes: the norms stay kernels (their references here)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    model = build(family, tmp_path / "model", dtype=torch.float16)
+    embed = model.get_input_embeddings().weight.clone()
+    optimize(model, passes=(*DEFAULT_PASSES, "decode_fusion"))
+    with torch.no_grad():
+        logits = model(ids).logits
+    report = fastllm.explain(model)
+    n = model.config.num_hidden_layers
+    assert report.matches["decode_fusion"] == n + (n - 1) + 1
+    assert report.graph.fused_ops["fused_linear"] == 4 * n
+    offset = 1.0 if family == "gemma" else 0.0
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            assert torch.all(getattr(layer, norm).weight == 1.0 - offset)
+        scale = offset + ref_layer.input_layernorm.weight
+        torch.testing.assert_close(layer.self_attn.q_proj.weight, ref_layer.self_attn.q_proj.weight * scale,
+                                   rtol=2**-10, atol=0)  # rounded once, in fp32, to fp16
+        torch.testing.assert_close(layer.self_attn.o_proj.weight, ref_layer.self_attn.o_proj.weight)  # no norm before
+    assert torch.equal(model.get_input_embeddings().weight, embed)
+    torch.testing.assert_close(logits, expected, rtol=1e-2, atol=1e-2)
+    tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens, reference.generate(ids, max_new_tokens=6, do_sample=False))
+
+
 def test_decode_act_fusion_takes_only_the_activations_in(tmp_path):
     """decode_act_fusion (on by default): each layer's SiLU * up goes into its down projection and nothing else
     changes (the norms stay kernels of their own); the references give the unfused step's logits bit for bit."""

@@ -125,7 +125,10 @@ def _fusable(x: torch.Tensor, weight_scale: torch.Tensor | None, rows: int,
              prologue: str | None) -> bool:
     """Whether the skinny GEMM runs these rows with the prologue inside: Triton on x's device, few enough rows, and
     a float weight or a one-byte one with per-channel scales."""
-    if not use_triton(x) or rows > (skinny_gemm.MAX_SKINNY_M if prologue is None else PROLOGUE_MAX_ROWS):
+    # The folded norm adds only x^2 to a chunk (no pass over x first, nothing recomputed per rows of W): every row
+    # the skinny GEMM takes
+    if not use_triton(x) or rows > (skinny_gemm.MAX_SKINNY_M if prologue is None or prologue in SCALES
+                                    else PROLOGUE_MAX_ROWS):
         return False
     return weight_scale is None or weight_scale.dim() == 1
 

@@ -34,7 +34,7 @@ from torch import fx
 
 from fastllm import kernels
 from fastllm.passes._context import PassContext
-from fastllm.passes._graph import fake
+from fastllm.passes._graph import arg, fake, is_op
 
 NAME = "decode_fusion"
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "gated_mlp", "skinny_linear")
@@ -65,6 +65,13 @@ FUSE_QUANTIZED = False
 # W5-deferred-norm-nvidia-h200-20261202-rows-sweep.json). Not a default: it loses on one of the two shapes at every
 # setting tried; what makes 16 rows pay on the 8B shape's GEMVs and not on Llama-2-7B's is not found (per-GEMV timings
 # are the next measurement). Its GPU parity test: tests/test_gpu_parity.py ("deferred norm").
+# "rms_scale_deferred": the deferred form with the norm's weight folded into its consumers' W (each W's columns
+# multiplied by offset + w once, in place, and the norm's weight then set so that offset + w = 1: the Hugging Face
+# model keeps computing the same function, and a second compile folds nothing more), so the GEMV reads x as it is.
+# A layer's GEMM chain alone on an H200 (2026-12-03, bench_deferred_norm.py, W5-deferred-norm-nvidia-h200-20261203-
+# folded.json): Llama-2-7B 103.0 us against 106.5 for the default chain, Llama-3.1-8B 109.1 against 111.6 (QKV 25.1
+# us against 26.9 for the norm kernel + GEMV, the plain GEMV 25.0). Folding is refused for a weight that is also an
+# embedding (tied), quantized, or of another dtype than the norm's output.
 NORM_PROLOGUE = "rms_norm"
 
 # A gated activation node -> its name in the fused kernels ("silu", "gelu", "gelu_tanh"; also fp8_input_quant's).
@@ -146,9 +153,54 @@ def _norm_consumers(normed: fx.Node) -> list[fx.Node] | None:
 
 def _norm_options(norm: fx.Node) -> dict:
     weight, eps = norm.args[-2], norm.args[-1]
+    if NORM_PROLOGUE == "rms_scale_deferred":  # the weight is folded into the consumers (_fold_weights)
+        return {"prologue": NORM_PROLOGUE, "norm_eps": eps}
     return {"prologue": NORM_PROLOGUE, "norm_weight": weight, "norm_eps": eps,
             "norm_offset": norm.kwargs.get("weight_offset", 0.0),
             "norm_cast_before_weight": norm.kwargs.get("cast_before_weight", True)}
+
+
+def _embedding_storages(ctx: PassContext) -> set[int]:
+    """Storages of the graph's embedding tables: a linear weight tied to one must not change."""
+    storages = set()
+    for node in ctx.gm.graph.nodes:
+        if is_op(node, "embedding"):
+            table = ctx.weight(arg(node, 1, "weight"))
+            if table is not None:
+                storages.add(table.untyped_storage().data_ptr())
+    return storages
+
+
+def _foldable(ctx: PassContext, norm: fx.Node, normed: fx.Node, embeddings: set[int]) -> bool:
+    """Whether the norm's weight can be folded into every consumer's W: the weight a tensor read by this norm only;
+    each consumer a float linear (no weight_scale) of the norm output's dtype whose W is not an embedding table."""
+    weight_node = norm.args[-2]
+    norm_weight = ctx.weight(weight_node)
+    if norm_weight is None or not isinstance(weight_node, fx.Node) or len(weight_node.users) != 1:
+        return False
+    out = fake(normed)
+    for consumer in _norm_consumers(normed):
+        spec = _linear(consumer)
+        weight = ctx.weight(spec["weight"])
+        if weight is None or "weight_scale" in spec or out is None or weight.dtype != out.dtype \
+                or not weight.is_floating_point() or weight.untyped_storage().data_ptr() in embeddings:
+            return False
+    return True
+
+
+@torch.no_grad()
+def _fold_weights(ctx: PassContext, norm: fx.Node, normed: fx.Node) -> None:
+    """W[:, k] *= offset + w[k] for each consumer (in fp32, rounded once, a block of rows at a time so the fp32 copy
+    stays small), then w = 1 - offset: the model computes the same function with the norm's scale in W."""
+    norm_weight = ctx.weight(norm.args[-2])
+    offset = float(norm.kwargs.get("weight_offset", 0.0))
+    scale = offset + norm_weight.float()
+    for consumer in _norm_consumers(normed):
+        weight = ctx.weight(_linear(consumer)["weight"])
+        for start in range(0, weight.shape[0], 4096):
+            rows = weight[start:start + 4096]
+            rows.copy_(rows.float() * scale)
+    norm_weight.fill_(1.0 - offset)
 
 
 def _same_dtype(a: object, b: object) -> bool:
@@ -161,13 +213,17 @@ def _fold_norm(graph: fx.Graph, normed: fx.Node, source: fx.Node, options: dict)
         _replace(graph, consumer, {**_linear(consumer), "x": source, **options})
 
 
-def _fuse_plain_norms(graph: fx.Graph) -> int:
-    count = 0
+def _fuse_plain_norms(ctx: PassContext, embeddings: set[int]) -> int:
+    graph, count = ctx.gm.graph, 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not kernels.rms_norm or len(node.args) != 3:
             continue
         if _norm_consumers(node) is None or not _same_dtype(node, node.args[0]):
             continue
+        if NORM_PROLOGUE == "rms_scale_deferred":
+            if not _foldable(ctx, node, node, embeddings):
+                continue
+            _fold_weights(ctx, node, node)
         _fold_norm(graph, node, node.args[0], _norm_options(node))
         graph.erase_node(node)
         count += 1
@@ -184,8 +240,8 @@ def _getitems(node: fx.Node) -> dict[int, fx.Node] | None:
     return items
 
 
-def _fuse_residual_norms(graph: fx.Graph) -> int:
-    count = 0
+def _fuse_residual_norms(ctx: PassContext, embeddings: set[int]) -> int:
+    graph, count = ctx.gm.graph, 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not kernels.fused_add_rms_norm or len(node.args) != 4:
             continue
@@ -198,6 +254,10 @@ def _fuse_residual_norms(graph: fx.Graph) -> int:
         normed, summed = items.get(0), items.get(1)
         if normed is None or _norm_consumers(normed) is None or not _same_dtype(normed, producer):
             continue
+        if NORM_PROLOGUE == "rms_scale_deferred":
+            if not _foldable(ctx, node, normed, embeddings):
+                continue
+            _fold_weights(ctx, node, normed)
         fused = _replace(graph, producer, {**spec, "residual": residual}, before=node)
         _fold_norm(graph, normed, fused, _norm_options(node))
         if summed is not None:
@@ -216,4 +276,5 @@ def _single_use_linear(node: object, user: fx.Node) -> bool:
 def apply(ctx: PassContext) -> int:
     graph = ctx.gm.graph
     # Activations first: a down projection that takes SiLU * up in can still take the residual add after it.
-    return fuse_activations(graph) + _fuse_residual_norms(graph) + _fuse_plain_norms(graph)
+    embeddings = _embedding_storages(ctx) if NORM_PROLOGUE == "rms_scale_deferred" else set()
+    return fuse_activations(graph) + _fuse_residual_norms(ctx, embeddings) + _fuse_plain_norms(ctx, embeddings)
