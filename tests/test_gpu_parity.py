@@ -160,13 +160,14 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
 
 @pytest.mark.parametrize("passes", ["default", "without decode_act_fusion", "with linear_norm",
                                     "with decode_fusion", "with decode_fusion, deferred norm",
-                                    "with decode_fusion, folded norm"])
+                                    "with decode_fusion, norm prologue"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_paged_runtime_half_precision_scores(dtype, passes, tmp_path, monkeypatch):
     """16-bit generate on the runtime (skinny GEMMs and paged attention in CUDA-graph decode; fused_linear where a
     decode fusion runs, linear_add_rms_norm where the opt-in linear_norm does): each step's scores match HF eager's
     teacher-forced logits on the same tokens, to 16-bit rounding. The deferred norm (decode_fusion.NORM_PROLOGUE)
-    fuses at one row only: that case generates for one sequence; the folded one fuses at every decode batch size."""
+    fuses at one row only: that case generates for one sequence; the folded one (the pass's default) fuses at every
+    decode batch size."""
     from transformers import AutoModelForCausalLM
 
     from fastllm.passes import decode_fusion
@@ -174,8 +175,8 @@ def test_paged_runtime_half_precision_scores(dtype, passes, tmp_path, monkeypatc
     if passes.endswith("deferred norm"):
         monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", "rms_norm_deferred")
         passes = "with decode_fusion"
-    if passes.endswith("folded norm"):  # the norms' weights folded into the GEMMs (this model's copy only)
-        monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", "rms_scale_deferred")
+    if passes.endswith("norm prologue"):  # (the pass's default form folds the norms' weights into the GEMMs)
+        monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", "rms_norm")
         passes = "with decode_fusion"
     model = build("llama", tmp_path, dtype=dtype).cuda()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval()

@@ -934,7 +934,7 @@ def test_decode_fusion_folds_the_norm_weights_into_the_gemms(tmp_path, family, m
     step computes what the unfolded step computed (fp16 on the CPU, where skinny_linear runs: the fold rounds each
     weight once more, 2^-11 relative, which moves these logits by ~1e-3) and the embedding is untouched. (A norm whose
     weight is 1 - offset folds a scale of exactly 1: another compile of the same model changes nothing more.)"""
-    monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", "rms_scale_deferred")
+    assert decode_fusion.NORM_PROLOGUE == "rms_scale_deferred"  # the pass's default form
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     reference = build(family, tmp_path / "reference", dtype=torch.float16)
     optimize(reference)  # the default passes: the norms stay kernels (their references here)
