@@ -55,7 +55,7 @@ from fastllm.passes import (
     run_passes,
     skinny_linear,
 )
-from fastllm.passes._context import WeightMerger
+from fastllm.passes._context import PassContext, WeightMerger
 from fastllm.passes._graph import eliminate_dead_code
 from tests._models import build, optimize
 
@@ -961,6 +961,36 @@ def test_decode_fusion_folds_the_norm_weights_into_the_gemms(tmp_path, family, m
     torch.testing.assert_close(logits, expected, rtol=1e-2, atol=1e-2)
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(tokens, reference.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_decode_fusion_does_not_fold_a_norm_into_a_shared_or_tied_weight():
+    """A consumer's W that another linear also reads (a weight shared between layers would be folded twice) or that is
+    an embedding table (a tied LM head) keeps its values: the norm is left as it is."""
+    def graph_with(shared: bool, tied: bool):
+        graph = fx.Graph()
+        x, nw, w, ids, table = (graph.placeholder(name) for name in ("x", "nw", "w", "ids", "table"))
+        normed = graph.call_function(kernels.rms_norm, (x, nw, 1e-6))
+        out = graph.call_function(kernels.skinny_linear, (normed, w))
+        outputs = [out]
+        if shared:
+            outputs.append(graph.call_function(kernels.skinny_linear, (x, w)))
+        if tied:
+            outputs.append(graph.call_function(F.embedding, (ids, table)))  # its own placeholder, W's storage
+        graph.output(tuple(outputs))
+        for node in (x, normed):
+            node.meta["example_value"] = torch.empty(1, 8, dtype=torch.float16)
+        gm = fx.GraphModule(nn.Module(), graph)
+        weight = torch.randn(4, 8, dtype=torch.float16)
+        tensors = {x: torch.randn(1, 8, dtype=torch.float16), nw: torch.full((8,), 2.0, dtype=torch.float16),
+                   w: weight, ids: torch.zeros(1, dtype=torch.long), table: weight}
+        return PassContext(gm=gm, tensors=tensors, merger=WeightMerger()), weight
+
+    for shared, tied in ((False, False), (True, False), (False, True)):
+        ctx, weight = graph_with(shared, tied)
+        before = weight.clone()
+        matches = decode_fusion.apply(ctx)
+        assert matches == (0 if shared or tied else 1)
+        assert torch.equal(weight, before * 2) if matches else torch.equal(weight, before)
 
 
 def test_decode_act_fusion_takes_only_the_activations_in(tmp_path):

@@ -28,6 +28,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.silu: "silu", F.gelu: "gelu", torch._C._nn.gelu: "gelu",
     F.layer_norm: "layer_norm", torch.layer_norm: "layer_norm",
     F.dropout: "dropout", torch.dropout: "dropout",
+    F.embedding: "embedding", torch.embedding: "embedding",
     # Attention written out by hand (eager_attention.py).
     torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "bmm", torch.baddbmm: "baddbmm",
     F.softmax: "softmax", torch.softmax: "softmax", torch.tanh: "tanh", operator.truediv: "div", torch.div: "div",

@@ -178,7 +178,8 @@ def _embedding_storages(ctx: PassContext) -> set[int]:
 
 def _foldable(ctx: PassContext, norm: fx.Node, normed: fx.Node, embeddings: set[int]) -> bool:
     """Whether the norm's weight can be folded into every consumer's W: the weight a tensor read by this norm only;
-    each consumer a float linear (no weight_scale) of the norm output's dtype whose W is not an embedding table."""
+    each consumer a float linear (no weight_scale) of the norm output's dtype whose W no other node reads (a weight
+    shared between layers would be folded twice) and is not an embedding table."""
     weight_node = norm.args[-2]
     norm_weight = ctx.weight(weight_node)
     if norm_weight is None or not isinstance(weight_node, fx.Node) or len(weight_node.users) != 1:
@@ -188,7 +189,8 @@ def _foldable(ctx: PassContext, norm: fx.Node, normed: fx.Node, embeddings: set[
         spec = _linear(consumer)
         weight = ctx.weight(spec["weight"])
         if weight is None or "weight_scale" in spec or out is None or weight.dtype != out.dtype \
-                or not weight.is_floating_point() or weight.untyped_storage().data_ptr() in embeddings:
+                or not weight.is_floating_point() or weight.untyped_storage().data_ptr() in embeddings \
+                or not isinstance(spec["weight"], fx.Node) or len(spec["weight"].users) != 1:
             return False
     return True
 
