@@ -125,6 +125,18 @@ def test_bad_inputs_name_the_prologue():
         fused_linear(x, weight, prologue="rms_norm_later")
 
 
+def _with_and_without_pdl(call) -> list[torch.Tensor]:
+    """call()'s outputs with the deferred norm's launches taking PDL and not (skinny_gemm.PDL_WITH_DEFERRED_NORM)."""
+    outputs = []
+    for pdl in (True, False):
+        sg.PDL_WITH_DEFERRED_NORM = pdl
+        try:
+            outputs.append(call())
+        finally:
+            sg.PDL_WITH_DEFERRED_NORM = True
+    return outputs
+
+
 # --- GPU ---------------------------------------------------------------------------------------------------------
 
 
@@ -135,12 +147,7 @@ def test_llama_shapes_gpu(n, k, dtype):
     """Llama-3.1-8B's QKV and gate-up, Llama-2-7B's QKV, and a ragged shape, at one row, with and without PDL."""
     x, weight, kwargs = _inputs(1, n, k, dtype, device="cuda")
     expected = _deferred_expected(x, weight, kwargs)
-    for pdl in (True, False):
-        sg.PDL_WITH_DEFERRED_NORM = pdl
-        try:
-            y = fused_linear(x, weight, **kwargs)
-        finally:
-            sg.PDL_WITH_DEFERRED_NORM = True
+    for y in _with_and_without_pdl(lambda: fused_linear(x, weight, **kwargs)):
         _assert_close(y, expected, dtype, roundings=2)
 
 
@@ -235,12 +242,7 @@ def test_folded_weight_llama_shapes_gpu(n, k):
     x, weight, kwargs = _inputs(1, n, k, torch.bfloat16, device="cuda")
     folded, scale_kwargs = _folded(weight, kwargs)
     expected = _scale_expected(x, folded, scale_kwargs)
-    for pdl in (True, False):
-        sg.PDL_WITH_DEFERRED_NORM = pdl
-        try:
-            y = fused_linear(x, folded, **scale_kwargs)
-        finally:
-            sg.PDL_WITH_DEFERRED_NORM = True
+    for y in _with_and_without_pdl(lambda: fused_linear(x, folded, **scale_kwargs)):
         _assert_close(y, expected, torch.bfloat16, roundings=2)
 
 
