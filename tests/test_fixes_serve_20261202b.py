@@ -171,12 +171,16 @@ class _RawEngine:
         self.max_num_seqs, self.max_model_len, self.running = llm.scheduler.max_num_seqs, llm.core.max_model_len, True
 
     async def generate(self, prompt, params, *, request_id=None):
-        updates = []
-        request = self.llm.add_request(prompt, params, listener=updates.append, request_id=request_id)
-        while not request.finished:
+        # The core is shared with the fixture's AsyncLLM, whose step thread may step this request too (and finish it
+        # between two of these steps): the stream ends at the update that says finished, not when the request does,
+        # or that last update would be lost.
+        updates, finished = [], False
+        self.llm.add_request(prompt, params, listener=updates.append, request_id=request_id)
+        while not finished:
             self.llm.core.step()
             while updates:
                 u = updates.pop(0)
+                finished = u.finished
                 yield StreamOutput(u.request_id, u.new_token_ids, u.finished, u.output if u.finished else None,
                                    u.new_text)
             await asyncio.sleep(0)
