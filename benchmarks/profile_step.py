@@ -6,7 +6,8 @@ Decode: one step of `generate()` (tokens 2..N of a 128-token prompt, batch 1) ag
 step's CUDA graph: the difference is the host's share (scheduler, inputs, sampling, the per-step sync).
 Prefill: one prompt of --prefill-tokens (128), wall time against GPU busy time, and the TTFT of 7 such prompts one
 by one (their spread: W1's TTFT medians moved by tens of percent between calls). With --quantization, the model is
-optimized with that scheme (W1-fp8's step, kernel by kernel). Writes DIR/profile-<model>[-<scheme>].json (a later
+optimized with that scheme (W1-fp8's step, kernel by kernel); --opt-in adds an opt-in pass (decode_fusion's prefill
+beside the defaults'). Writes DIR/profile-<model>[-<scheme>][-<pass>].json (a later
 run on the same name takes the next free -n).
 """
 
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quantization", choices=["fp8", "int8", "int4"], default=None)
     parser.add_argument("--timeline", type=int, default=0,
                         help="record this many of the replays' last kernels in order (3x as many of generate's)")
+    parser.add_argument("--opt-in", action="append", default=[], metavar="PASS",
+                        help="add this opt-in pass to the defaults (e.g. decode_fusion); repeatable")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if missing_gpu(__file__):
@@ -52,7 +55,8 @@ def main(argv=None) -> int:
 
     model = _build(args.model)
     vocab = model.config.vocab_size
-    fastllm.optimize(model, max_num_seqs=8, quantization=args.quantization)
+    passes = (*fastllm.DEFAULT_PASSES, *args.opt_in)
+    fastllm.optimize(model, max_num_seqs=8, quantization=args.quantization, passes=passes)
     ids = _prompt(128, vocab)
     _timed_generate(model, ids, args.new_tokens)
     t1 = min(_timed_generate(model, ids, 1) for _ in range(3))
@@ -67,9 +71,9 @@ def main(argv=None) -> int:
     prefill_ids = _prompt(args.prefill_tokens, vocab)
     _timed_generate(model, prefill_ids, 1)
     ttft_each_ms = [1e3 * _timed_generate(model, prefill_ids, 1) for _ in range(7)]
-    prefill_profile = profile_gpu(lambda: _timed_generate(model, prefill_ids, 1))
+    prefill_profile = profile_gpu(lambda: _timed_generate(model, prefill_ids, 1), top=20)
     result = {
-        "model": args.model, "quantization": args.quantization, "gpu": torch.cuda.get_device_name(),
+        "model": args.model, "quantization": args.quantization, "opt_in_passes": args.opt_in, "gpu": torch.cuda.get_device_name(),
         "decode": {"generate_step_ms": step_ms, "graph_replay_ms": replay_ms,
                    "host_share_ms": step_ms - replay_ms, "tok_s": 1e3 / step_ms,
                    "replay_x5": decode_profile, "generate_33_tokens": generate_profile},
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"profile-{args.model}" + (f"-{args.quantization}" if args.quantization else "")
+    name = f"profile-{args.model}" + (f"-{args.quantization}" if args.quantization else "") + \
+        "".join(f"-{p}" for p in args.opt_in)
     unused_path(out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"decode: generate step {step_ms:.3f} ms, graph replay {replay_ms:.3f} ms "
           f"(host share {step_ms - replay_ms:.3f} ms); generate busy {generate_profile['busy_fraction']:.2f}")
@@ -87,7 +92,7 @@ def main(argv=None) -> int:
           f"({prefill_profile['num_kernels']} kernels)")
     for name, (ms, calls) in decode_profile["top_kernels"].items():
         print(f"  decode x5 {ms:8.3f} ms {calls:5d}  {name}")
-    for name, (ms, calls) in list(prefill_profile["top_kernels"].items())[:8]:
+    for name, (ms, calls) in list(prefill_profile["top_kernels"].items())[:20]:
         print(f"  prefill   {ms:8.3f} ms {calls:5d}  {name}")
     return 0
 
