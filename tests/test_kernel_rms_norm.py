@@ -52,6 +52,30 @@ def test_fused_add_rms_norm_triton_cpu(rows, hidden, dtype, cast_before_weight, 
     assert_close(actual, expected, rounded_twice=cast_before_weight)
 
 
+@pytest.mark.parametrize("rows,hidden", SHAPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("cast_before_weight", [True, False])
+def test_rms_norm_without_a_weight_is_the_norm_with_ones(rows, hidden, dtype, cast_before_weight):
+    # weight None (a folded norm's unfused form): the reference equals the reference with a weight of ones exactly
+    # (the product with 1 is exact), and the kernel is within the norm's tolerance of it.
+    x, _, _ = _inputs(rows, hidden, dtype, dtype)
+    ones = torch.ones(hidden, dtype=dtype)
+    expected = rms_norm_ref(x, None, EPS, cast_before_weight=cast_before_weight)
+    assert expected.dtype == dtype
+    assert torch.equal(expected, rms_norm_ref(x, ones, EPS, cast_before_weight=cast_before_weight))
+    with triton_on_cpu():
+        actual = rms_norm(x, None, EPS, cast_before_weight=cast_before_weight)
+    assert actual.dtype == dtype
+    assert_close(actual, expected, rounded_twice=False)  # one rounding: h to x's dtype
+    assert torch.equal(rms_norm(x, None, EPS, cast_before_weight=cast_before_weight), expected)  # the CPU dispatch
+
+
+def test_rms_norm_without_a_weight_refuses_an_offset():
+    x, _, _ = _inputs(3, 8, torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="takes no weight_offset"):
+        rms_norm(x, None, EPS, weight_offset=1.0)
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_out_buffers_and_strided_rows(dtype):
     # x and residual are row-strided slices of wider buffers; out/residual_out are given, one of them 3-D.
@@ -86,6 +110,7 @@ def test_opcheck():
     x, residual, weight = _inputs(3, 8, torch.float32, torch.float32)
     out, residual_out = torch.empty_like(x), torch.empty_like(x)
     torch.library.opcheck(torch.ops.fastllm.rms_norm.default, (x, weight, out, EPS, 1.0, False))
+    torch.library.opcheck(torch.ops.fastllm.rms_norm.default, (x, None, out, EPS, 0.0, True))
     torch.library.opcheck(
         torch.ops.fastllm.fused_add_rms_norm.default, (x, residual, weight, out, residual_out, EPS, 0.0, True)
     )
@@ -181,6 +206,9 @@ def test_rms_norm_gpu(rows, hidden, dtype, cast_before_weight, weight_offset):
     expected, expected_sum = fused_add_rms_norm_ref(x, residual, weight, EPS, **kwargs)
     assert torch.equal(actual_sum, expected_sum)  # the sum is rounded to bf16/fp16 before the norm, like HF
     assert_close(actual, expected, rounded_twice=twice)
+    if weight_offset == 0.0:  # without a weight (ones): h rounded to x's dtype, once
+        assert_close(rms_norm(x, None, EPS, cast_before_weight=cast_before_weight),
+                     rms_norm_ref(x, None, EPS, cast_before_weight=cast_before_weight), rounded_twice=False)
 
 
 class _CudaRows:

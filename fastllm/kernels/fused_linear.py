@@ -50,7 +50,7 @@ from fastllm.kernels.skinny_gemm import skinny_linear
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 NORMS = ("rms_norm", "rms_norm_deferred")
 # The deferred RMSNorm without its weight: the caller folded the norm's weight into W's columns (W * w), so the
-# product reads x itself (skinny_gemm's prologue of that name); its unfused form is the RMSNorm with a weight of ones.
+# product reads x itself (skinny_gemm's prologue of that name); its unfused form is the RMSNorm without a weight (ones).
 SCALES = ("rms_scale_deferred",)
 PROLOGUES = (*NORMS, *SCALES, *ACTIVATIONS)
 # A prologue runs inside the GEMM for a single row only. Every program recomputes the prologue for its rows of W, which
@@ -84,8 +84,8 @@ def _prologue(x, prologue, norm_weight, norm_eps, norm_offset, norm_cast, refere
     """What the unfused graph computes before the linear: the kernels (or, with `reference`, their references)."""
     if prologue in NORMS or prologue in SCALES:  # the deferred norm's unfused form is the norm kernel's (rounded as
         norm = rms_norm_ref if reference else rms_norm  # Hugging Face rounds)
-        if prologue in SCALES:
-            norm_weight, norm_offset = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device), 0.0
+        if prologue in SCALES:  # the norm without a weight (ones): h rounded to x's dtype, no weight to make
+            norm_weight, norm_offset = None, 0.0
         return norm(x, norm_weight, norm_eps, weight_offset=norm_offset, cast_before_weight=norm_cast)
     if prologue == "silu":
         return silu_and_mul_ref(x) if reference else silu_and_mul(x)
@@ -259,7 +259,7 @@ def fused_linear(
             "gelu", "gelu_tanh". "rms_norm_deferred" (one row, Triton): the product reads x * norm weight in fp32 and
             the rows' 1 / rms scales it after the loop (no pass over x before it, nothing rounded before the output);
             elsewhere it is "rms_norm". "rms_scale_deferred": the same without norm_weight (None), which the caller
-            folded into `weight` (weight * norm_weight[None, :]); elsewhere "rms_norm" with a weight of ones.
+            folded into `weight` (weight * norm_weight[None, :]); elsewhere "rms_norm" without a weight (ones).
         norm_weight, norm_eps, norm_offset, norm_cast_before_weight: the RMSNorm's (kernels.rms_norm's weight, eps,
             weight_offset, cast_before_weight); its output dtype must be x's.
         weight_scale: for a quantized weight, [N] fp32 (y = linear(x, weight * weight_scale[:, None]) as

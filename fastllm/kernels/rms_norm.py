@@ -6,6 +6,10 @@
 
 The fused form first adds the residual, s = x + residual, rounds s to its storage dtype (as Hugging Face stores
 it before the norm), returns s as the new residual and normalises s.
+
+`rms_norm` also takes no weight (None): a weight of ones, y = h rounded to x.dtype, without one to make and read. For
+a norm whose weight was folded into the GEMM reading it (passes/decode_fusion.py): its unfused form past the skinny
+GEMM's rows.
 """
 
 import torch
@@ -34,7 +38,7 @@ from fastllm.kernels._registry import (
 def _rms_norm_kernel(
     X,  # [M, N], row stride stride_x
     R,  # [M, N] residual (read only if HAS_RESIDUAL)
-    W,  # [N]
+    W,  # [N] (read only if HAS_WEIGHT)
     Y,  # [M, N] normalised output (with QUANT_FP8: its float8 e4m3 codes)
     S,  # [M, N] x + residual, rounded to x's dtype (written only if HAS_RESIDUAL)
     QS,  # [M] fp32: with QUANT_FP8, each row's scale (y = codes x scale)
@@ -51,6 +55,7 @@ def _rms_norm_kernel(
     QUANT_FP8: tl.constexpr = False,  # store y quantized per row (quantize_rows_fp8's math), not y
     ROUND_TO_X: tl.constexpr = False,  # with QUANT_FP8: y is first rounded to x's dtype (the norm's output dtype)
     USE_PDL: tl.constexpr = False,
+    HAS_WEIGHT: tl.constexpr = True,  # False: a weight of ones
 ):
     """One program per row; the row stays in registers between the sum of squares and the scaling."""
     pdl_wait(USE_PDL)
@@ -58,7 +63,7 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < N
     y = _normalised_row(X, R, S, W, row, stride_x, stride_r, stride_s, cols, mask, N, eps, weight_offset,
-                        HAS_RESIDUAL, "", CAST_BEFORE_WEIGHT)
+                        HAS_RESIDUAL, "", CAST_BEFORE_WEIGHT, HAS_WEIGHT)
     if QUANT_FP8:
         if ROUND_TO_X:  # what the unfused norm stores, and the quantize kernel reads
             y = y.to(X.dtype.element_ty).to(tl.float32)
@@ -71,18 +76,23 @@ def _rms_norm_kernel(
 
 @triton.jit
 def _normalised_row(X, R, S, W, row, stride_x, stride_r, stride_s, cols, mask, N, eps, weight_offset,
-                    HAS_RESIDUAL: tl.constexpr, CACHE_MODIFIER: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, CACHE_MODIFIER: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+                    HAS_WEIGHT: tl.constexpr):
     """A whole row (cols covers it): x (+ residual, the sum stored to S) RMS-normalised and times the weight, fp32
     (the caller rounds it). CACHE_MODIFIER: the row's loads' (".cg" where other programs wrote it)."""
     h = load_row_plus_residual(X, R, S, row, stride_x, stride_r, stride_s, cols, mask, HAS_RESIDUAL, CACHE_MODIFIER)
     h = h.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps)
-    return _weighted(h, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
+    return _weighted(h, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT, HAS_WEIGHT)
 
 
 @triton.jit
-def _weighted(h, W, cols, mask, weight_offset, X_TY: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr):
-    """The normalised row h (fp32) times the norm's weight, in fp32 (the caller rounds it to the output dtype)."""
+def _weighted(h, W, cols, mask, weight_offset, X_TY: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+              HAS_WEIGHT: tl.constexpr):
+    """The normalised row h (fp32) times the norm's weight, in fp32 (the caller rounds it to the output dtype).
+    Without a weight (ones) the output dtype is x's, so h is only rounded to it (by the caller)."""
+    if not HAS_WEIGHT:
+        return h
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if CAST_BEFORE_WEIGHT:
         # Llama: both factors are rounded to their storage dtypes before the product, as in eager PyTorch.
@@ -105,7 +115,7 @@ def add_rms_norm_rows(X, R, W, OUT, S, M, stride_x, stride_r, stride_o, stride_s
             cols = tl.arange(0, CHUNK)
             mask = cols < N
             y = _normalised_row(X, R, S, W, row, stride_x, stride_r, stride_s, cols, mask, N, eps, weight_offset,
-                                True, ".cg", CAST_BEFORE_WEIGHT)
+                                True, ".cg", CAST_BEFORE_WEIGHT, True)
             tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
         else:
             squares = tl.zeros([CHUNK], dtype=tl.float32)
@@ -121,21 +131,24 @@ def add_rms_norm_rows(X, R, W, OUT, S, M, stride_x, stride_r, stride_o, stride_s
                 cols = c0 + tl.arange(0, CHUNK)
                 mask = cols < N
                 h = tl.load(S + row * stride_s + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                y = _weighted(h * rstd, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT)
+                y = _weighted(h * rstd, W, cols, mask, weight_offset, X.dtype.element_ty, CAST_BEFORE_WEIGHT, True)
                 tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 def rms_norm_ref(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     eps: float,
     *,
     weight_offset: float = 0.0,
     cast_before_weight: bool = True,
 ) -> torch.Tensor:
-    """Plain-PyTorch RMSNorm, operation for operation as Hugging Face writes it (the spec of `rms_norm`)."""
+    """Plain-PyTorch RMSNorm, operation for operation as Hugging Face writes it (the spec of `rms_norm`); weight None:
+    a weight of ones in x's dtype (the product with 1 is exact, either way round)."""
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is None:
+        return h.to(x.dtype)
     if cast_before_weight:
         return (weight + weight_offset if weight_offset else weight) * h.to(x.dtype)
     return (h * (weight_offset + weight.float())).to(x.dtype)
@@ -175,18 +188,19 @@ def _launch(x, residual, weight, out, residual_out, eps, weight_offset, cast_bef
     quant = row_scales is not None
     with device_guard(x):
         _rms_norm_kernel[(num_rows,)](
-            x, r, weight, out, s, row_scales if quant else x,
+            x, r, x if weight is None else weight, out, s, row_scales if quant else x,
             x.stride(0), r.stride(0), out.stride(0), s.stride(0),
             n, eps, weight_offset,
             HAS_RESIDUAL=has_residual, CAST_BEFORE_WEIGHT=cast_before_weight, BLOCK_SIZE=block,
             QUANT_FP8=quant, ROUND_TO_X=quant and _out_dtype(x, weight, cast_before_weight) == x.dtype,
-            num_warps=num_warps, **pdl_options(x),
+            HAS_WEIGHT=weight is not None, num_warps=num_warps, **pdl_options(x),
         )  # fmt: skip
 
 
 @register_out_op("rms_norm", mutates_args=("out",))
 def _rms_norm_op(
-    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float, cast_before_weight: bool
+    x: torch.Tensor, weight: torch.Tensor | None, out: torch.Tensor, eps: float, weight_offset: float,
+    cast_before_weight: bool,
 ) -> None:
     if use_triton(x):
         _launch(x, None, weight, out, None, eps, weight_offset, cast_before_weight)
@@ -215,13 +229,15 @@ def _fused_add_rms_norm_op(
         out.copy_(y)
 
 
-def _out_dtype(x: torch.Tensor, weight: torch.Tensor, cast_before_weight: bool) -> torch.dtype:
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor | None, cast_before_weight: bool) -> torch.dtype:
+    if weight is None:
+        return x.dtype
     return torch.promote_types(x.dtype, weight.dtype) if cast_before_weight else x.dtype
 
 
 def rms_norm(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     eps: float,
     *,
     weight_offset: float = 0.0,
@@ -232,7 +248,8 @@ def rms_norm(
 
     Args:
         x: [..., N], float32/float16/bfloat16, last dim contiguous, N <= 65536.
-        weight: [N], float32/float16/bfloat16, on x's device.
+        weight: [N], float32/float16/bfloat16, on x's device; or None for a weight of ones (the output is h rounded
+            to x's dtype; weight_offset must then be 0).
         eps: added to the mean square.
         weight_offset: added to the weight (1.0 for Gemma's zero-centred weight).
         cast_before_weight: True for Llama (round the normalised x to x.dtype, then multiply by the weight),
@@ -242,7 +259,10 @@ def rms_norm(
         out, [..., N].
     """
     check_float("x", x)
-    check_row_param("weight", weight, x)
+    if weight is not None:
+        check_row_param("weight", weight, x)
+    elif weight_offset != 0:
+        raise ValueError(f"rms_norm without a weight (a weight of ones) takes no weight_offset, got {weight_offset}")
     check_number("eps", eps)
     if out is None and not use_triton(x):  # the CPU path: the reference itself, no buffer nor op dispatch
         norm_outputs(x, None, x.dtype, None, None, allocate=False)  # the checks only
