@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     ttft_each_ms = [1e3 * _timed_generate(model, prefill_ids, 1) for _ in range(7)]
     prefill_profile = profile_gpu(lambda: _timed_generate(model, prefill_ids, 1), top=20)
     result = {
-        "model": args.model, "quantization": args.quantization, "opt_in_passes": args.opt_in, "gpu": torch.cuda.get_device_name(),
+        "model": args.model, "quantization": args.quantization, "opt_in_passes": args.opt_in,
+        "gpu": torch.cuda.get_device_name(),
         "decode": {"generate_step_ms": step_ms, "graph_replay_ms": replay_ms,
                    "host_share_ms": step_ms - replay_ms, "tok_s": 1e3 / step_ms,
                    "replay_x5": decode_profile, "generate_33_tokens": generate_profile},
