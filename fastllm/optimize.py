@@ -46,7 +46,9 @@ def release(model):
     model. Dropping the last reference to an optimized model frees the same memory; `release` does it now, keeping
     the model. A quantized model stays quantized: the float weights of its quantized layers were let go when it was
     compiled, and those modules keep running the quantized weights (a warning says so; reload the checkpoint for the
-    float model, and do not save this one as if it were); `optimize()` refuses it (reload it to optimize again).
+    float model, and do not save this one as if it were); `optimize()` refuses it (reload it to optimize again). With
+    the opt-in pass decode_fusion, the RMSNorm weights it folded into the projections stay folded (a warning says so):
+    the same function up to one rounding of those weights, not the checkpoint's state_dict.
 
     Raises:
         ValueError: the model was not optimized by fastllm.
@@ -54,6 +56,13 @@ def release(model):
     state = getattr(model, "_fastllm_state", None)
     if state is None:
         raise ValueError(f"{type(model).__name__} was not optimized by fastllm; there is nothing to release")
+    folded = state.compiled.merger.folded_norms if state.compiled is not None else 0
+    if folded:
+        warnings.warn(f"fastllm.release: {type(model).__name__} keeps the weights decode_fusion folded ({folded} "
+                      "RMSNorm weights multiplied into the projections that read them, the norms' scales set to 1): it "
+                      "computes the same function up to one rounding of those weights, but its state_dict is not the "
+                      "checkpoint's. Reload the checkpoint for the original weights (and before save_pretrained())",
+                      RuntimeWarning, stacklevel=2)
     if state.float_bytes_released:
         warnings.warn(f"fastllm.release: {type(model).__name__} stays quantized (the float weights of its quantized "
                       "layers were let go when it was compiled; their modules keep the quantized weights). Reload the "

@@ -75,6 +75,18 @@ def build(family: str, path, dtype: torch.dtype = torch.float32, seed: int = 0):
     return T.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
+def with_random_norms(model, seed: int = 1):
+    """`model` with its RMSNorm weights drawn from [0.5, 1.5) (from_config makes them ones, or zeros for Gemma's offset
+    form: a fold of those would multiply by exactly 1 and a test of it could not fail); the same draws for the same
+    family and seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=g))
+    return model
+
+
 def build_over_demo_tokenizer(path):
     """(tokenizer, path): a tiny random Llama saved at `path` whose vocabulary is the demo model's real
     tokenizer (SmolLM2), for tests that need text: stop strings, streamers, string prompts."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastllm
-from tests._models import FAMILIES, VOCAB, build
+from tests._models import FAMILIES, VOCAB, build, with_random_norms
 
 pytestmark = pytest.mark.gpu
 
@@ -178,8 +178,9 @@ def test_paged_runtime_half_precision_scores(dtype, passes, tmp_path, monkeypatc
     if passes.endswith("norm prologue"):  # (the pass's default form folds the norms' weights into the GEMMs)
         monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", "rms_norm")
         passes = "with decode_fusion"
-    model = build("llama", tmp_path, dtype=dtype).cuda()
-    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval()
+    # Norm weights other than ones (from_config's): the folded form multiplies them into the GEMMs' W
+    model = with_random_norms(build("llama", tmp_path, dtype=dtype).cuda())
+    reference = with_random_norms(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval())
     ids = _ids(batch=1 if decode_fusion.NORM_PROLOGUE == "rms_norm_deferred" else 2, length=33)
     selected = {"default": fastllm.DEFAULT_PASSES, "with decode_fusion": (*fastllm.DEFAULT_PASSES, "decode_fusion"),
                 "with linear_norm": (*fastllm.DEFAULT_PASSES, "linear_norm"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 import types
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ from fastllm.passes import (
 )
 from fastllm.passes._context import PassContext, WeightMerger
 from fastllm.passes._graph import eliminate_dead_code
-from tests._models import build, optimize
+from tests._models import build, optimize, with_random_norms
 
 # Merged GEMMs vs separate ones: fp32 rounding only (module docstring). rtol 1e-5 is ~80 fp32 ulps: room for
 # a K-term sum regrouped (K ≤ 40 here), while every real mistake is off by O(1).
@@ -906,7 +907,7 @@ def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     results = {}
     for passes in ((*DEFAULT_PASSES, "decode_fusion"), DEFAULT_PASSES):
-        model = build(family, tmp_path / family, dtype=torch.float16)
+        model = with_random_norms(build(family, tmp_path / family, dtype=torch.float16))
         optimize(model, passes=passes)
         with torch.no_grad():
             logits = model(ids).logits
@@ -936,11 +937,11 @@ def test_decode_fusion_folds_the_norm_weights_into_the_gemms(tmp_path, family, m
     weight is 1 - offset folds a scale of exactly 1: another compile of the same model changes nothing more.)"""
     assert decode_fusion.NORM_PROLOGUE == "rms_scale_deferred"  # the pass's default form
     ids = torch.tensor([[5, 6, 7, 8, 9]])
-    reference = build(family, tmp_path / "reference", dtype=torch.float16)
+    reference = with_random_norms(build(family, tmp_path / "reference", dtype=torch.float16))
     optimize(reference)  # the default passes: the norms stay kernels (their references here)
     with torch.no_grad():
         expected = reference(ids).logits
-    model = build(family, tmp_path / "model", dtype=torch.float16)
+    model = with_random_norms(build(family, tmp_path / "model", dtype=torch.float16))
     embed = model.get_input_embeddings().weight.clone()
     optimize(model, passes=(*DEFAULT_PASSES, "decode_fusion"))
     with torch.no_grad():
@@ -953,14 +954,46 @@ def test_decode_fusion_folds_the_norm_weights_into_the_gemms(tmp_path, family, m
     for layer, ref_layer in zip(model.model.layers, reference.model.layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             assert torch.all(getattr(layer, norm).weight == 1.0 - offset)
-        scale = offset + ref_layer.input_layernorm.weight
-        torch.testing.assert_close(layer.self_attn.q_proj.weight, ref_layer.self_attn.q_proj.weight * scale,
-                                   rtol=2**-10, atol=0)  # rounded once, in fp32, to fp16
+        for folded, weight, norm in ((layer.self_attn.q_proj, ref_layer.self_attn.q_proj, "input_layernorm"),
+                                     (layer.mlp.up_proj, ref_layer.mlp.up_proj, "post_attention_layernorm")):
+            scale = offset + getattr(ref_layer, norm).weight.float()
+            assert torch.equal(folded.weight, (weight.weight.float() * scale).half())  # in fp32, rounded once
         torch.testing.assert_close(layer.self_attn.o_proj.weight, ref_layer.self_attn.o_proj.weight)  # no norm before
     assert torch.equal(model.get_input_embeddings().weight, embed)
     torch.testing.assert_close(logits, expected, rtol=1e-2, atol=1e-2)
     tokens = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.equal(tokens, reference.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_release_says_the_folded_weights_stay_folded(tmp_path):
+    """The fold changes the model's parameters in place (its state_dict is no longer the checkpoint's): release() warns
+    of it, once per release, and only where a norm was folded; a second optimize() of the released model folds
+    nothing more (its norms' weights are 1) and computes the same logits."""
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model = with_random_norms(build("llama", tmp_path / "llama", dtype=torch.float16))
+    optimize(model, passes=(*DEFAULT_PASSES, "decode_fusion"), cpu_runtime=True)  # model(ids) runs the compiled step
+    with torch.no_grad():
+        first = model(ids).logits
+    n = model.config.num_hidden_layers
+    assert fastllm.explain(model).matches["decode_fusion"] == 2 * n
+    with pytest.warns(RuntimeWarning, match=rf"keeps the weights decode_fusion folded \({2 * n} RMSNorm"):
+        fastllm.release(model)
+    optimize(model, passes=(*DEFAULT_PASSES, "decode_fusion"), cpu_runtime=True)
+    with torch.no_grad():
+        again = model(ids).logits
+    assert fastllm.explain(model).matches["decode_fusion"] == 2 * n  # fused as before, with scales of 1
+    assert torch.equal(again, first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing folded this time: no warning
+        fastllm.release(model)
+    plain = build("llama", tmp_path / "plain", dtype=torch.float16)
+    optimize(plain, cpu_runtime=True)
+    with torch.no_grad():
+        plain(ids)
+    assert fastllm.explain(plain).status == "optimized"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastllm.release(plain)
 
 
 def test_decode_fusion_does_not_fold_a_norm_into_a_shared_or_tied_weight():

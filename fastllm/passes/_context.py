@@ -31,6 +31,9 @@ class WeightMerger:
     quantized: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     # module name -> its rows of a quantized weight (quant/resident.py frees the float weights after compiling)
     quantized_rows: dict[str, object] = field(default_factory=dict)
+    # Norms whose weight a pass folded into the linears reading them (passes/decode_fusion.py): those parameters were
+    # changed in place (the model computes the same function up to one rounding of them), which release() says.
+    folded_norms: int = 0
 
     @staticmethod
     def _key(parts: list[torch.Tensor]) -> tuple:

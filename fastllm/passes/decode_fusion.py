@@ -68,7 +68,8 @@ FUSE_QUANTIZED = False
 # The default form, "rms_scale_deferred": the deferred form with the norm's weight folded into its consumers' W (each
 # W's columns multiplied by offset + w once, in place, and the norm's weight then set so that offset + w = 1: the
 # Hugging Face model keeps computing the same function, and a second compile folds nothing more), so the GEMV reads x
-# as it is.
+# as it is. The parameters change in place (one more rounding of each folded W; the state_dict is no longer the
+# checkpoint's): fastllm.release() says so (WeightMerger.folded_norms counts the folds).
 # A layer's GEMM chain alone on an H200 (2026-12-03, bench_deferred_norm.py, W5-deferred-norm-nvidia-h200-20261203-
 # folded.json): Llama-2-7B 103.0 us against 106.5 for the default chain, Llama-3.1-8B 109.1 against 111.6 (QKV 25.1
 # us against 26.9 for the norm kernel + GEMV, the plain GEMV 25.0). Folding is refused for a weight that is also an
@@ -202,6 +203,9 @@ def _fold_weights(ctx: PassContext, norm: fx.Node, normed: fx.Node) -> None:
     norm_weight = ctx.weight(norm.args[-2])
     offset = float(norm.kwargs.get("weight_offset", 0.0))
     scale = offset + norm_weight.float()
+    if torch.all(scale == 1.0):  # folded before (a second compile of this model): nothing changes
+        return
+    ctx.merger.folded_norms += 1
     for consumer in _norm_consumers(normed):
         weight = ctx.weight(_linear(consumer)["weight"])
         for start in range(0, weight.shape[0], 4096):
