@@ -4,8 +4,8 @@ nearly flat and amplify noise):
 
 - whole-model W8A8 (`quantization="fp8"`) logits against the bf16 model: SQNR >= 25 dB;
 - the FP8 KV cache (`quantization="fp8_kv"`) at 8192 tokens (SmolLM2's `max_position_embeddings`), prefilled in
-  chunks that attend to the earlier ones through the cache: teacher-forced top-1 agreement with the bf16 cache
-  >= 99%.
+  chunks that attend to the earlier ones through the cache: teacher-forced top-1 agreement with the unquantized
+  cache >= 99% (fp32 here, on bf16-rounded weights: see the test).
 
 `benchmarks/quant_quality.py` records the same measurements (and the fp32 model's SQNR) in its JSON.
 """
@@ -47,6 +47,11 @@ def _bf16_demo_model():
     return model.to(torch.bfloat16), tokenizer
 
 
+def _fp32_demo_model_of_bf16_weights():
+    model, tokenizer = demo.load_demo_model()
+    return model.to(torch.bfloat16).float(), tokenizer
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "measured on SmolLM2-135M (CPU, 279 tokens): 19.7 dB vs bf16 (fp32 model: 19.4 dB vs fp32); each linear alone "
     "keeps >= 26.9 dB (median 30.3), 30 layers compound it; top-1 agreement 92%, perplexity +1.1%. A plain-torch "
@@ -84,30 +89,33 @@ def _next_tokens(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_fp8_kv_cache_top1_agreement_at_8k(demo_cache):  # noqa: F811
-    """Teacher-forced next tokens with an FP8 cache against the bf16 cache (same bf16 weights, both on the runtime)
-    over 8192 tokens: the fixed text repeated (copying a token from thousands of positions back needs exact
-    attention, which a garbled cache breaks), prefilled in 4 chunks of 2048. 45-65 s on 2 cores (bf16 matmuls
-    on AMX: fp32 would take longer)."""
-    model, tokenizer = _bf16_demo_model()
+    """Teacher-forced next tokens with an FP8 cache against the unquantized cache (same bf16-valued weights, both on
+    the runtime) over 8192 tokens: the fixed text repeated (copying a token from thousands of positions back needs
+    exact attention, which a garbled cache breaks), prefilled in 4 chunks of 2048.
+
+    The model computes in fp32 on bf16-rounded weights, so the reference cache is fp32: stricter than the issue's bf16
+    cache (one rounding less to agree with), and ~8x faster on a CPU without bf16 arithmetic (CI's AVX2 cores: 906 s
+    with bf16 matmuls, 2026-12-03). benchmarks/quant_quality.py records the bf16 cache's agreement itself."""
+    model, tokenizer = _fp32_demo_model_of_bf16_weights()
     tokens = min(KV_TOKENS, model.config.max_position_embeddings)  # SmolLM2's is 8192
     text = _text_ids(tokenizer)
     ids = (text * -(-tokens // len(text)))[:tokens]
     next_tokens, seconds = {}, {}
-    for name in ("bf16", "fp8_kv"):
+    for name in ("fp32", "fp8_kv"):
         if name == "fp8_kv":
-            model, _ = _bf16_demo_model()
-        fastllm.optimize(model, quantization=None if name == "bf16" else "fp8_kv", cpu_runtime=True,
+            model, _ = _fp32_demo_model_of_bf16_weights()
+        fastllm.optimize(model, quantization=None if name == "fp32" else "fp8_kv", cpu_runtime=True,
                          max_num_batched_tokens=KV_CHUNK, on_capture_failure="raise")
         cache_dtype = model._fastllm_state.engine().runner.kv_caches[0][0].dtype
-        assert cache_dtype == (torch.bfloat16 if name == "bf16" else torch.float8_e4m3fn)
+        assert cache_dtype == (torch.float32 if name == "fp32" else torch.float8_e4m3fn)
         start = time.perf_counter()
         next_tokens[name] = _next_tokens(model, ids)
         seconds[name] = time.perf_counter() - start
-    reference = next_tokens["bf16"]
+    reference = next_tokens["fp32"]
     agreement = (reference == next_tokens["fp8_kv"]).float().mean().item()
-    # The bf16 model does copy the repeats (99.6% of them right): the positions measure long-range attention.
+    # The model does copy the repeats (99.6% of them right in bf16): the positions measure long-range attention.
     copied = (reference[len(text):-1] == torch.tensor(ids[len(text) + 1:])).float().mean().item()
-    print(f"\nfp8 KV cache at {tokens} tokens: top-1 agreement {agreement:.4f} (bf16 copies {copied:.3f} of the "
-          f"repeats); scoring {seconds['bf16']:.1f} s bf16, {seconds['fp8_kv']:.1f} s fp8")
+    print(f"\nfp8 KV cache at {tokens} tokens: top-1 agreement {agreement:.4f} (the fp32 cache copies {copied:.3f} of "
+          f"the repeats); scoring {seconds['fp32']:.1f} s fp32, {seconds['fp8_kv']:.1f} s fp8")
     assert copied > 0.95
     assert agreement >= AGREEMENT_GATE
