@@ -163,7 +163,9 @@ def test_conv1d_and_matmul_linears_are_quantized(tmp_path, family, scheme):
     with torch.no_grad():
         got = model(IDS).logits
         eager = model(IDS, use_cache=True).logits  # Hugging Face's forward, on the modules now run quantized
-    assert 12 < _sqnr(expected, got) < 60  # quantized: near the float model, but not it
+    # Quantized: near the float model, but not it. Here 38-60 dB (int8 on GPT-2 the most: its biases carry much of the
+    # logits); the float model optimized without quantization: inf (GPT-2) and 136 dB (Falcon-RW), fp32 rounding.
+    assert 12 < _sqnr(expected, got) < 80
     torch.testing.assert_close(eager, got, rtol=1e-5, atol=1e-5)
     assert model._fastllm_state.float_bytes_released > 0
     names = [part for layer in layers for part in layer.split("+")]
