@@ -94,8 +94,9 @@ def test_fp8_kv_cache_top1_agreement_at_8k(demo_cache):  # noqa: F811
     exact attention, which a garbled cache breaks), prefilled in 4 chunks of 2048.
 
     The model computes in fp32 on bf16-rounded weights, so the reference cache is fp32: stricter than the issue's bf16
-    cache (one rounding less to agree with), and ~8x faster on a CPU without bf16 arithmetic (CI's AVX2 cores: 906 s
-    with bf16 matmuls, 2026-12-03). benchmarks/quant_quality.py records the bf16 cache's agreement itself."""
+    cache (one rounding less to agree with), and ~3x faster on a CPU without bf16 arithmetic (CI's AVX2 cores: 906 s
+    with bf16 matmuls, 316 s this way, in the full suite on 2026-12-03). benchmarks/quant_quality.py records the bf16
+    cache's agreement itself."""
     model, tokenizer = _fp32_demo_model_of_bf16_weights()
     tokens = min(KV_TOKENS, model.config.max_position_embeddings)  # SmolLM2's is 8192
     text = _text_ids(tokenizer)
