@@ -29,7 +29,7 @@ class OptimizeConfig:
 
     Args:
         passes: names of the fusion passes to run (default: `DEFAULT_PASSES`, which is `ALL_PASSES` but the
-            opt-in ones: "fp8_input_quant", "int4_act_fusion", "linear_norm"; each pass's file says why). The order they are given in
+            opt-in "decode_fusion"; fastllm/passes/decode_fusion.py says why). The order they are given in
             does not matter: they always run in `ALL_PASSES`' order, which the passes' declared dependencies
             fix (gated_mlp before qkv, ...), and `passes` holds them in that order. The runtime's graph adds
             the passes it requires ("attention", "skinny_linear"), which cannot be selected. What no pass

@@ -46,8 +46,8 @@ def release(model):
     model. Dropping the last reference to an optimized model frees the same memory; `release` does it now, keeping
     the model. A quantized model stays quantized: the float weights of its quantized layers were let go when it was
     compiled, and those modules keep running the quantized weights (a warning says so; reload the checkpoint for the
-    float model, and do not save this one as if it were); `optimize()` refuses it (reload it to optimize again). The
-    RMSNorm weights the pass decode_fusion (a default one) folded into the projections stay folded (a warning says so):
+    float model, and do not save this one as if it were); `optimize()` refuses it (reload it to optimize again). With
+    the opt-in pass decode_fusion, the RMSNorm weights it folded into the projections stay folded (a warning says so):
     the same function up to one rounding of those weights, not the checkpoint's state_dict.
 
     Raises:

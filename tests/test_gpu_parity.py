@@ -159,38 +159,35 @@ def test_paged_runtime_with_cuda_graphs_fp32(family, tmp_path):
 
 
 @pytest.mark.parametrize("passes", ["default", "without decode_act_fusion", "with linear_norm",
-                                    "without decode_fusion", "deferred norm", "norm prologue"])
+                                    "with decode_fusion", "with decode_fusion, deferred norm",
+                                    "with decode_fusion, norm prologue"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_paged_runtime_half_precision_scores(dtype, passes, tmp_path, monkeypatch):
     """16-bit generate on the runtime (skinny GEMMs and paged attention in CUDA-graph decode; fused_linear where a
     decode fusion runs, linear_add_rms_norm where the opt-in linear_norm does): each step's scores match HF eager's
-    teacher-forced logits on the same tokens, to 16-bit rounding. decode_fusion (a default pass) folds the norms'
-    weights into the GEMMs by default; its other forms (decode_fusion.NORM_PROLOGUE) compute the norm in the GEMM's
-    prologue, and the deferred one fuses at one row only: that case generates for one sequence; the folded one
-    fuses at every decode batch size."""
+    teacher-forced logits on the same tokens, to 16-bit rounding. The deferred norm (decode_fusion.NORM_PROLOGUE)
+    fuses at one row only: that case generates for one sequence; the folded one (the pass's default) fuses at every
+    decode batch size."""
     from transformers import AutoModelForCausalLM
 
     from fastllm.passes import decode_fusion
 
-    if passes == "deferred norm":
+    if passes.endswith("deferred norm"):
         monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", "rms_norm_deferred")
-        passes = "default"
-    if passes == "norm prologue":  # (the pass's default form folds the norms' weights into the GEMMs)
+        passes = "with decode_fusion"
+    if passes.endswith("norm prologue"):  # (the pass's default form folds the norms' weights into the GEMMs)
         monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", "rms_norm")
-        passes = "default"
+        passes = "with decode_fusion"
     # Norm weights other than ones (from_config's): the folded form multiplies them into the GEMMs' W
     model = with_random_norms(build("llama", tmp_path, dtype=dtype).cuda())
     reference = with_random_norms(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval())
     ids = _ids(batch=1 if decode_fusion.NORM_PROLOGUE == "rms_norm_deferred" else 2, length=33)
-    selected = {"default": fastllm.DEFAULT_PASSES,
-                "without decode_fusion": tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_fusion"),
-                # (decode_fusion, which runs first, would take every norm linear_norm fuses)
-                "with linear_norm": (*(p for p in fastllm.DEFAULT_PASSES if p != "decode_fusion"), "linear_norm"),
+    selected = {"default": fastllm.DEFAULT_PASSES, "with decode_fusion": (*fastllm.DEFAULT_PASSES, "decode_fusion"),
+                "with linear_norm": (*fastllm.DEFAULT_PASSES, "linear_norm"),
                 "without decode_act_fusion": tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_act_fusion")}
     fastllm.optimize(model, passes=selected[passes], **SMALL_CACHE)
     report = fastllm.explain(model)
     assert (report.matches.get("decode_act_fusion", 0) > 0) == (passes != "without decode_act_fusion")
-    assert (report.matches.get("decode_fusion", 0) > 0) == (passes not in ("without decode_fusion", "with linear_norm"))
     # linear_norm: two a layer (o_proj and down_proj, each with the norm after it)
     layers = model.config.num_hidden_layers
     assert report.matches.get("linear_norm", 0) == (2 * layers if passes == "with linear_norm" else 0)

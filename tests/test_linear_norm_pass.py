@@ -21,11 +21,9 @@ def test_linear_norm_folds_each_norm_into_the_linear_before_it(tmp_path, monkeyp
     monkeypatch.setattr(linear_norm, "apply", recording)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     results = []
-    # decode_fusion (a default pass) runs first and would take the norms: both sides without it
-    without_decode_fusion = tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_fusion")
-    passes = (*without_decode_fusion, "linear_norm")
+    passes = (*fastllm.DEFAULT_PASSES, "linear_norm")
     # The second optimize() reads the graph the first one captured from the graph cache (before the passes)
-    for selection in (without_decode_fusion, passes):
+    for selection in (fastllm.DEFAULT_PASSES, passes):
         model = build("llama", tmp_path / "llama", dtype=torch.float16)
         optimize(model, passes=selection)
         with torch.no_grad():

@@ -759,9 +759,8 @@ def test_all_passes_is_one_list():
     assert ALL_PASSES == ("dropout", "rms_norm", "layer_norm", "rotary", "gated_mlp", "qkv", "decode_act_fusion",
                           "decode_fusion", "fp8_input_quant", "int4_act_fusion", "linear_norm", "rope_table")
     assert RUNTIME_REQUIRED == ("list_index", "attention", "quantize", "skinny_linear", "reference_ops")
-    # fp8_input_quant, int4_act_fusion and linear_norm are opt-in
-    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == (*ALL_PASSES[:-4], "rope_table")
-    assert "decode_fusion" in fastllm.DEFAULT_PASSES
+    # decode_fusion, fp8_input_quant, int4_act_fusion and linear_norm are opt-in
+    assert fastllm.DEFAULT_PASSES == registry.DEFAULT_PASSES == (*ALL_PASSES[:-5], "rope_table")
     assert fastllm.OptimizeConfig().passes == fastllm.DEFAULT_PASSES
 
 
@@ -896,9 +895,6 @@ def test_a_registry_of_fake_passes_resolves_like_the_real_one():
 
 # --- decode_fusion on a whole model ----------------------------------------------------------------------
 
-WITHOUT_DECODE_FUSION = tuple(p for p in DEFAULT_PASSES if p != "decode_fusion")
-
-
 @pytest.mark.parametrize("norm_prologue", ["rms_norm", "rms_norm_deferred"])
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode_gemms(tmp_path, family,
@@ -910,7 +906,7 @@ def test_decode_fusion_folds_norms_activations_and_residual_adds_into_the_decode
     monkeypatch.setattr(decode_fusion, "NORM_PROLOGUE", norm_prologue)
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     results = {}
-    for passes in (DEFAULT_PASSES, WITHOUT_DECODE_FUSION):
+    for passes in ((*DEFAULT_PASSES, "decode_fusion"), DEFAULT_PASSES):
         model = with_random_norms(build(family, tmp_path / family, dtype=torch.float16))
         optimize(model, passes=passes)
         with torch.no_grad():
@@ -942,12 +938,12 @@ def test_decode_fusion_folds_the_norm_weights_into_the_gemms(tmp_path, family, m
     assert decode_fusion.NORM_PROLOGUE == "rms_scale_deferred"  # the pass's default form
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     reference = with_random_norms(build(family, tmp_path / "reference", dtype=torch.float16))
-    optimize(reference, passes=WITHOUT_DECODE_FUSION)  # the norms stay kernels (their references here)
+    optimize(reference)  # the default passes: the norms stay kernels (their references here)
     with torch.no_grad():
         expected = reference(ids).logits
     model = with_random_norms(build(family, tmp_path / "model", dtype=torch.float16))
     embed = model.get_input_embeddings().weight.clone()
-    optimize(model)  # decode_fusion is a default pass
+    optimize(model, passes=(*DEFAULT_PASSES, "decode_fusion"))
     with torch.no_grad():
         logits = model(ids).logits
     report = fastllm.explain(model)
@@ -975,14 +971,14 @@ def test_release_says_the_folded_weights_stay_folded(tmp_path):
     nothing more (its norms' weights are 1) and computes the same logits."""
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     model = with_random_norms(build("llama", tmp_path / "llama", dtype=torch.float16))
-    optimize(model, cpu_runtime=True)  # model(ids) runs the compiled step; decode_fusion is a default pass
+    optimize(model, passes=(*DEFAULT_PASSES, "decode_fusion"), cpu_runtime=True)  # model(ids) runs the compiled step
     with torch.no_grad():
         first = model(ids).logits
     n = model.config.num_hidden_layers
     assert fastllm.explain(model).matches["decode_fusion"] == 2 * n
     with pytest.warns(RuntimeWarning, match=rf"keeps the weights decode_fusion folded \({2 * n} RMSNorm"):
         fastllm.release(model)
-    optimize(model, cpu_runtime=True)
+    optimize(model, passes=(*DEFAULT_PASSES, "decode_fusion"), cpu_runtime=True)
     with torch.no_grad():
         again = model(ids).logits
     assert fastllm.explain(model).matches["decode_fusion"] == 2 * n  # fused as before, with scales of 1
@@ -991,7 +987,7 @@ def test_release_says_the_folded_weights_stay_folded(tmp_path):
         warnings.simplefilter("error")  # nothing folded this time: no warning
         fastllm.release(model)
     plain = build("llama", tmp_path / "plain", dtype=torch.float16)
-    optimize(plain, passes=WITHOUT_DECODE_FUSION, cpu_runtime=True)
+    optimize(plain, cpu_runtime=True)
     with torch.no_grad():
         plain(ids)
     assert fastllm.explain(plain).status == "optimized"
@@ -1032,12 +1028,11 @@ def test_decode_fusion_does_not_fold_a_norm_into_a_shared_or_tied_weight():
 
 def test_decode_act_fusion_takes_only_the_activations_in(tmp_path):
     """decode_act_fusion (on by default): each layer's SiLU * up goes into its down projection and nothing else
-    changes (without decode_fusion the norms stay kernels of their own); the references give the unfused step's
-    logits bit for bit."""
+    changes (the norms stay kernels of their own); the references give the unfused step's logits bit for bit."""
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     logits = []
     assert "decode_act_fusion" in DEFAULT_PASSES
-    for passes in (tuple(p for p in WITHOUT_DECODE_FUSION if p != "decode_act_fusion"), WITHOUT_DECODE_FUSION):
+    for passes in (tuple(p for p in DEFAULT_PASSES if p != "decode_act_fusion"), DEFAULT_PASSES):
         model = build("llama", tmp_path / "llama", dtype=torch.float16)
         optimize(model, passes=passes)
         with torch.no_grad():

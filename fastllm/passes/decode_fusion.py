@@ -40,12 +40,13 @@ NAME = "decode_fusion"
 RUNS_AFTER: tuple[str, ...] = ("rms_norm", "gated_mlp", "skinny_linear")
 RUNS_BEFORE: tuple[str, ...] = ()  # reference_ops declares it runs after this one
 RUNTIME_REQUIRED = False
-# On by default since 2026-12-03 (with NORM_PROLOGUE "rms_scale_deferred", below; its measurements are there). The
-# first forms, measured on an H200 (2026-11-30, benchmarks/results/W5-fused-linear-*.json and W1-*-decode-fusion.json),
-# lost: a Llama-3.1-8B layer's decode GEMMs took 122 us unfused and 122-182 us fused at 1 row with the norm computed
-# in each program's prologue, and W1 fell from 201 to 113 tok/s (every program recomputed the prologue for its rows
-# of W). Only SiLU * up into the down projection measured faster then (decode_act_fusion, its own pass).
-DEFAULT = True
+# Opt-in (passes=(*fastllm.DEFAULT_PASSES, "decode_fusion")): on an H200 (2026-11-30, benchmarks/results/
+# W5-fused-linear-*.json and W1-*-decode-fusion.json) a Llama-3.1-8B layer's decode GEMMs took 122 us unfused and
+# 122-182 us fused at 1 row (by the prologue's rows of W a program), 139 vs 236 us at 8 rows (the tl.dot form), and
+# W1 (whose decode steps run 2 rows: the runner pads a lone row) fell from 201 to 113 tok/s. Only SiLU * up into
+# the down projection measured faster (29.5 vs 36.1 us at 1 row, 8 rows of W a program). Every program recomputes the
+# prologue for its rows of W: it pays only where a program covers many rows, and that costs the GEMV its bandwidth.
+DEFAULT = False
 # Off: on an H200 (2026-11-30, W5-quant-gemv-*-actfusion.json) a Llama-3.1-8B down projection at 1 row with SiLU * up
 # read inside took 22.8 us against 18.2 for the activation kernel and the GEMV on FP8 weights (int8: 33.5 against
 # 21.9), where bf16 gains (29.8 against 35.5), and W1 with FP8 fell from 338 to 323 tok/s. A one-byte weight halves
@@ -75,7 +76,8 @@ FUSE_QUANTIZED = False
 # embedding (tied), quantized, or of another dtype than the norm's output. This pass with it against the default passes,
 # the bf16 decode graph's replay (H200, 2026-12-03, three rounds, W1-replay-ab-nvidia-h200-20261203-folded-*.json):
 # Llama-2-7B 3644.5 us against 3724.5 (-2.1%), Llama-3.1-8B 3953.4 against 4035.3 (-2.0%); 16 rows of W a program
-# 3647.0 / 3965.0. The first form that wins on both shapes: the pass's default form, and the pass on by default.
+# 3647.0 / 3965.0. The first form that wins on both shapes; the pass stays opt-in (DEFAULT) until the runtime's GPU
+# tests have run with it on by default.
 NORM_PROLOGUE = "rms_scale_deferred"
 
 # A gated activation node -> its name in the fused kernels ("silu", "gelu", "gelu_tanh"; also fp8_input_quant's).

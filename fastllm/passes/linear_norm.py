@@ -34,9 +34,7 @@ RUNS_AFTER: tuple[str, ...] = ("rms_norm", "skinny_linear", "quantize", "decode_
                                "fp8_input_quant")  # those take the norms they fuse first
 RUNS_BEFORE: tuple[str, ...] = ()  # reference_ops declares it runs after this one
 RUNTIME_REQUIRED = False
-# Opt-in, and then without decode_fusion, a default pass that runs first and takes every norm but the final one into
-# the GEMMs after it (passes=(*(p for p in fastllm.DEFAULT_PASSES if p != "decode_fusion"), "linear_norm")).
-# Measured slower than the defaults of its day (before decode_fusion was one). H200, 2026-12-01, W1's batch-1 decode
+# Opt-in (passes=(*fastllm.DEFAULT_PASSES, "linear_norm")): measured slower. H200, 2026-12-01, W1's batch-1 decode
 # graph after a 256-token prompt (replay_ab.py, three alternating rounds, W1-replay-ab-...-linear-norm*.json): the
 # last program holding the row whole, 3838.9 us against 3780.0 without the pass (Llama-2-7B), 4196.9 against 4140.5
 # (Llama-3.1-8B): +1.4-1.6%; in 1024-column chunks (two passes, S read back) +5.5-6%. The norm kernel it replaces
