@@ -77,8 +77,8 @@ FUSE_QUANTIZED = False
 # the bf16 decode graph's replay (H200, 2026-12-03, three rounds, W1-replay-ab-nvidia-h200-20261203-folded-*.json):
 # Llama-2-7B 3644.5 us against 3724.5 (-2.1%), Llama-3.1-8B 3953.4 against 4035.3 (-2.0%); 16 rows of W a program
 # 3647.0 / 3965.0. The first form that wins on both shapes, and it stays opt-in: the fold costs accuracy. With the
-# pass on by default (H200, 2026-12-03, gpu-tests-runtime-20261203b-decode-fusion-default.log) every runtime GPU test passed but
-# test_gpu_parity's bf16 Llama against the fp32 model: teacher-forced top-1 agreement 0.9746 where HF eager bf16
+# pass on by default (H200, 2026-12-03, benchmarks/results/gpu-tests-runtime-20261203b-decode-fusion-default.log)
+# every runtime GPU test passed but test_gpu_parity's bf16 Llama against the fp32 model: teacher-forced top-1 agreement 0.9746 where HF eager bf16
 # reaches 0.9824 (the test allows 0.005 less), relative error 8.17e-3 against 7.83e-3. On the CPU the same comparison
 # gives 0.9766 / 8.07e-3 folded, 0.9805 / 7.78e-3 unfolded (fastllm's defaults), 0.9805 / 7.83e-3 HF: the rounding of
 # W * w to bf16 is one more rounding than HF's (whose norm rounds x / rms and then its product with w, where ours
