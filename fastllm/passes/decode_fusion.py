@@ -76,14 +76,14 @@ FUSE_QUANTIZED = False
 # embedding (tied), quantized, or of another dtype than the norm's output. This pass with it against the default passes,
 # the bf16 decode graph's replay (H200, 2026-12-03, three rounds, W1-replay-ab-nvidia-h200-20261203-folded-*.json):
 # Llama-2-7B 3644.5 us against 3724.5 (-2.1%), Llama-3.1-8B 3953.4 against 4035.3 (-2.0%); 16 rows of W a program
-# 3647.0 / 3965.0. The first form that wins on both shapes, and it stays opt-in: the fold costs accuracy. With the
-# pass on by default (H200, 2026-12-03, benchmarks/results/gpu-tests-runtime-20261203b-decode-fusion-default.log)
-# every runtime GPU test passed but test_gpu_parity's bf16 Llama against the fp32 model: teacher-forced top-1
-# agreement 0.9746 where HF eager bf16 reaches 0.9824 (the test allows 0.005 less), relative error 8.17e-3 against
-# 7.83e-3. On the CPU the same comparison gives 0.9766 / 8.07e-3 folded, 0.9805 / 7.78e-3 unfolded (fastllm's defaults), 0.9805 / 7.83e-3 HF: the rounding of
-# W * w to bf16 is one more rounding than HF's (whose norm rounds x / rms and then its product with w, where ours
-# rounds x / rms once past 16 rows and not at all within), and it is the same on every token, so it does not average
-# out. A default pass must stay as close to the fp32 model as Hugging Face's bf16 forward is.
+# 3647.0 / 3965.0. The first form that wins on both shapes, and it stays opt-in: the fold costs accuracy. With the pass
+# on by default (H200, 2026-12-03, benchmarks/results/gpu-tests-runtime-20261203b-decode-fusion-default.log) every
+# runtime GPU test passed but test_gpu_parity's bf16 Llama against the fp32 model: teacher-forced top-1 agreement 0.9746
+# where HF eager bf16 reaches 0.9824 (the test allows 0.005 less), relative error 8.17e-3 against 7.83e-3. On the CPU
+# the same comparison gives 0.9766 / 8.07e-3 folded, 0.9805 / 7.78e-3 unfolded (the defaults), 0.9805 / 7.83e-3 HF. W *
+# w rounded to bf16 takes the place of HF's rounding of the normalised row times w: as many roundings, but (likely why)
+# a weight's error is the same on every token where an activation's varies. A default pass must stay as close to the
+# fp32 model as Hugging Face's bf16 forward is.
 NORM_PROLOGUE = "rms_scale_deferred"
 
 # A gated activation node -> its name in the fused kernels ("silu", "gelu", "gelu_tanh"; also fp8_input_quant's).
