@@ -90,6 +90,35 @@ def test_quant_quality_script_parses_its_arguments():
     assert run.returncode == 0 and "perplexity" in run.stdout, run.stderr[-2000:]
 
 
+def test_fold_quality_script_parses_its_arguments_and_folds_as_the_pass_does(tmp_path, monkeypatch):
+    """benchmarks/fold_quality.py runs on the CPU (the demo model, ~1 min); here its command line, and its fold of a
+    plain model (what "folded first" measures): each q/k/v and gate/up W's columns times its norm's weight, in fp32,
+    rounded once; the norms' weights 1; the model's function kept (fp32: to rounding)."""
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "fold_quality.py"), "--help"], capture_output=True,
+                         text=True, env=env, cwd=BENCHMARKS, timeout=120)
+    assert run.returncode == 0 and "folding the RMSNorm weights" in run.stdout, run.stderr[-2000:]
+    from tests._models import build, with_random_norms
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fold_quality
+
+    model = with_random_norms(build("llama", tmp_path))
+    layer = model.model.layers[0]
+    q, gate = layer.self_attn.q_proj.weight.clone(), layer.mlp.gate_proj.weight.clone()
+    scale, scale2 = layer.input_layernorm.weight.clone(), layer.post_attention_layernorm.weight.clone()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = model(ids).logits
+        fold_quality.fold_norms(model)
+        after = model(ids).logits
+    assert torch.equal(layer.self_attn.q_proj.weight, q * scale)
+    assert torch.equal(layer.mlp.gate_proj.weight, gate * scale2)
+    assert all(torch.all(x.input_layernorm.weight == 1) and torch.all(x.post_attention_layernorm.weight == 1)
+               for x in model.model.layers)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
 def test_sass_count_compiles_a_kernel_for_sm90_on_the_cpu():
     """benchmarks/sass_count.py: registers and SASS of a kernel compiled for Hopper without a GPU (triton's bundled
     ptxas / cuobjdump / nvdisasm); with --pdl the griddepcontrol instructions appear."""

@@ -1,0 +1,102 @@
+"""What folding the RMSNorm weights into the projections after them (passes/decode_fusion.py, NORM_PROLOGUE
+"rms_scale_deferred") does to a real model's output: the demo model (SmolLM2-135M-Instruct, a Llama), CPU.
+
+    PYTHONPATH=. python benchmarks/fold_quality.py [--out DIR]
+
+Each variant's logits over the fixed text shipped with the tests (teacher-forced) against Hugging Face's fp32 forward:
+relative error ||x - fp32|| / ||fp32||, top-1 agreement, and perplexity over fp32's.
+- bf16: Hugging Face eager bf16; fastllm bf16 with the default passes; fastllm bf16 with decode_fusion (the fold, as
+  the pass does it: each W's columns times w in fp32, rounded to bf16 once; past 16 rows, as here, the norm then runs
+  without a weight and the GEMM reads the folded W).
+- fp8 / int8: `quantization=` as is, and with the norms' weights folded into the float weights first (what folding
+  before quantization would give: FP8 W8A8 quantizes each token's activations past 16 rows, here).
+Writes DIR/fold-quality-smollm2-cpu-<yyyymmdd>[-n].json (quality, not speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+
+import torch
+from _common import unused_path
+
+HERE = pathlib.Path(__file__).parent
+TEXT = HERE.parent / "tests" / "data" / "perplexity_text.txt"
+# fastllm's runtime (its passes and the kernels' reference ops), not Hugging Face's path, which the CPU defaults to
+RUNTIME = {"cpu_runtime": True, "on_capture_failure": "raise"}
+
+
+@torch.no_grad()
+def fold_norms(model) -> None:
+    """Each decoder layer's input norm into q/k/v, its post-attention norm into gate/up (a Llama's module names),
+    in fp32, rounded once to the weights' dtype; the norms' weights then 1."""
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for norm, linears in ((layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj)),
+                              (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+            scale = norm.weight.float()
+            for linear in linears:
+                linear.weight.copy_(linear.weight.float() * scale)
+            norm.weight.fill_(1.0)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args(argv)
+
+    import fastllm
+    from fastllm.models import demo
+
+    model, tokenizer = demo.load_demo_model()
+    ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids
+    with torch.no_grad():
+        truth = model(ids).logits.float()
+
+    def measure(model) -> dict:
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+        perplexity = torch.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
+        reference = torch.exp(torch.nn.functional.cross_entropy(truth[0, :-1], ids[0, 1:]))
+        return {"rel_err": float((logits - truth).norm() / truth.norm()),
+                "top1_agreement": float((logits.argmax(-1) == truth.argmax(-1)).float().mean()),
+                "perplexity_vs_fp32": float(perplexity / reference)}
+
+    without_fusion = tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_fusion")
+    with_fusion = (*without_fusion, "decode_fusion")
+    variants = {
+        "hf_bf16": lambda m: m.to(torch.bfloat16),
+        "fastllm_bf16": lambda m: fastllm.optimize(m.to(torch.bfloat16), passes=without_fusion, **RUNTIME),
+        "fastllm_bf16_decode_fusion": lambda m: fastllm.optimize(m.to(torch.bfloat16), passes=with_fusion,
+                                                                 **RUNTIME),
+    }
+    for scheme in ("fp8", "int8"):
+        variants[f"fastllm_{scheme}"] = lambda m, s=scheme: fastllm.optimize(m, quantization=s, **RUNTIME)
+        variants[f"fastllm_{scheme}_folded_first"] = lambda m, s=scheme: (
+            fold_norms(m), fastllm.optimize(m, quantization=s, **RUNTIME))[1]
+    results = {}
+    for name, make in variants.items():
+        model, _ = demo.load_demo_model()
+        results[name] = measure(make(model))
+        if name == "fastllm_bf16_decode_fusion":
+            results[name]["folded_norms"] = fastllm.explain(model).matches.get("decode_fusion", 0)
+        r = results[name]
+        print(f"{name:32} rel err {r['rel_err']:.4e}  top-1 {r['top1_agreement']:.4f}  "
+              f"perplexity {r['perplexity_vs_fp32']:.4f}x fp32's")
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = unused_path(out / f"fold-quality-smollm2-cpu-{datetime.date.today():%Y%m%d}.json")
+    path.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (demo wheel)", "torch": torch.__version__,
+                                "text": TEXT.name, "tokens": ids.shape[1],
+                                "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                "results": results}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
