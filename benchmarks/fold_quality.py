@@ -1,9 +1,10 @@
 """What folding the RMSNorm weights into the projections after them (passes/decode_fusion.py, NORM_PROLOGUE
 "rms_scale_deferred") does to a real model's output: the demo model (SmolLM2-135M-Instruct, a Llama), CPU.
 
-    PYTHONPATH=. python benchmarks/fold_quality.py [--out DIR]
+    PYTHONPATH=. python benchmarks/fold_quality.py [--text PATH] [--max-tokens N] [--bf16-only] [--out DIR]
 
-Each variant's logits over the fixed text shipped with the tests (teacher-forced) against Hugging Face's fp32 forward:
+Each variant's logits over a text (default: the fixed text shipped with the tests; --text another, e.g. this
+project's README.md, cut at --max-tokens) teacher-forced, against Hugging Face's fp32 forward:
 relative error ||x - fp32|| / ||fp32||, top-1 agreement, and perplexity over fp32's.
 - bf16: Hugging Face eager bf16; fastllm bf16 with the default passes; fastllm bf16 with decode_fusion (the fold, as
   the pass does it: each W's columns times w in fp32, rounded to bf16 once; past 16 rows, as here, the norm then runs
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import pathlib
 import sys
@@ -47,13 +49,19 @@ def fold_norms(model) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--text", default=str(TEXT), help="the text scored (default: tests/data/perplexity_text.txt)")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="its first tokens scored (default: 8192)")
+    parser.add_argument("--bf16-only", action="store_true", help="skip the quantized variants")
     args = parser.parse_args(argv)
+    if args.max_tokens < 2:
+        parser.error(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    text = pathlib.Path(args.text)
 
     import fastllm
     from fastllm.models import demo
 
     model, tokenizer = demo.load_demo_model()
-    ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids
+    ids = tokenizer(text.read_text(), return_tensors="pt").input_ids[:, :args.max_tokens]
     with torch.no_grad():
         truth = model(ids).logits.float()
 
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
         "fastllm_bf16_decode_fusion": lambda m: fastllm.optimize(m.to(torch.bfloat16), passes=with_fusion,
                                                                  **RUNTIME),
     }
-    for scheme in ("fp8", "int8"):
+    for scheme in () if args.bf16_only else ("fp8", "int8"):
         variants[f"fastllm_{scheme}"] = lambda m, s=scheme: fastllm.optimize(m, quantization=s, **RUNTIME)
         variants[f"fastllm_{scheme}_folded_first"] = lambda m, s=scheme: (
             fold_norms(m), fastllm.optimize(m, quantization=s, **RUNTIME))[1]
@@ -91,7 +99,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = unused_path(out / f"fold-quality-smollm2-cpu-{datetime.date.today():%Y%m%d}.json")
     path.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (demo wheel)", "torch": torch.__version__,
-                                "text": TEXT.name, "tokens": ids.shape[1],
+                                "text": text.name, "text_sha256": hashlib.sha256(text.read_bytes()).hexdigest(),
+                                "tokens": ids.shape[1],
                                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
                                 "results": results}, indent=2) + "\n")
     print(f"wrote {path}")
