@@ -65,11 +65,15 @@ def main(argv=None) -> int:
     with torch.no_grad():
         truth = model(ids).logits.float()
 
+    def perplexity_of(logits: torch.Tensor) -> torch.Tensor:
+        return torch.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
+
+    reference = perplexity_of(truth)
+
     def measure(model) -> dict:
         with torch.no_grad():
             logits = model(ids).logits.float()
-        perplexity = torch.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
-        reference = torch.exp(torch.nn.functional.cross_entropy(truth[0, :-1], ids[0, 1:]))
+        perplexity = perplexity_of(logits)
         return {"rel_err": float((logits - truth).norm() / truth.norm()),
                 "top1_agreement": float((logits.argmax(-1) == truth.argmax(-1)).float().mean()),
                 "perplexity_vs_fp32": float(perplexity / reference)}
