@@ -2,6 +2,7 @@
 "rms_scale_deferred") does to a real model's output: the demo model (SmolLM2-135M-Instruct, a Llama), CPU.
 
     PYTHONPATH=. python benchmarks/fold_quality.py [--text PATH] [--max-tokens N] [--bf16-only] [--out DIR]
+    PYTHONPATH=. python benchmarks/fold_quality.py --test-models N [--out DIR]
 
 Each variant's logits over a text (default: the fixed text shipped with the tests; --text another, e.g. this
 project's README.md, cut at --max-tokens) teacher-forced, against Hugging Face's fp32 forward:
@@ -12,6 +13,11 @@ relative error ||x - fp32|| / ||fp32||, top-1 agreement, and perplexity over fp3
 - fp8 / int8: `quantization=` as is, and with the norms' weights folded into the float weights first (what folding
   before quantization would give: FP8 W8A8 quantizes each token's activations past 16 rows, here).
 Writes DIR/fold-quality-smollm2-cpu-<yyyymmdd>[-n].json (quality, not speed).
+
+--test-models N: instead, the random-weight Llama of tests/test_gpu_parity.py's bf16 comparison with fp32
+(`tests._models.build("llama", seed=s)` for s < N), each over 4 x 8 x 128 random tokens (the test's 8 x 128 and three
+more draws): per model, for HF eager bf16, fastllm bf16 with the default passes and with decode_fusion, the positions
+whose top-1 differs from fp32's and the relative error. Writes DIR/fold-quality-test-llama-cpu-<yyyymmdd>[-n].json.
 """
 
 from __future__ import annotations
@@ -46,15 +52,90 @@ def fold_norms(model) -> None:
             norm.weight.fill_(1.0)
 
 
+TOKEN_SEEDS = (3, 11, 12, 13)  # 3: test_gpu_parity's _ids(batch=8, length=128)
+
+
+def _variant_passes() -> dict[str, tuple[str, ...]]:
+    import fastllm
+
+    without_fusion = tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_fusion")
+    return {"fastllm_bf16": without_fusion, "fastllm_bf16_decode_fusion": (*without_fusion, "decode_fusion")}
+
+
+def test_models(count: int) -> dict:
+    """Per seed of the test model: {variant: {"top1_differs": n, "positions": n, "rel_err": e}} (see the docstring)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    import fastllm
+    from tests._models import VOCAB, build
+
+    token_sets = [torch.randint(3, VOCAB, (8, 128), generator=torch.Generator().manual_seed(s)) for s in TOKEN_SEEDS]
+    per_model = []
+    for seed in range(count):
+        with tempfile.TemporaryDirectory() as path:
+            build("llama", path, seed=seed)
+
+            def load(dtype):
+                return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+            with torch.no_grad():
+                truth = [t.logits for t in map(load(torch.float32), token_sets)]
+
+            def measure(model) -> dict:
+                differs, error, norm = 0, 0.0, 0.0
+                with torch.no_grad():
+                    for ids, expected in zip(token_sets, truth):
+                        logits = model(ids).logits.float()
+                        differs += int((logits.argmax(-1) != expected.argmax(-1)).sum())
+                        error += float((logits - expected).norm()) ** 2
+                        norm += float(expected.norm()) ** 2
+                return {"top1_differs": differs, "positions": len(token_sets) * 8 * 128,
+                        "rel_err": (error / norm) ** 0.5}
+
+            row = {"seed": seed, "hf_bf16": measure(load(torch.bfloat16))}
+            for name, passes in _variant_passes().items():
+                model = fastllm.optimize(load(torch.bfloat16), passes=passes, **RUNTIME)
+                row[name] = measure(model)
+                row[name]["folded_norms"] = fastllm.explain(model).matches.get("decode_fusion", 0)
+                fastllm.release(model)
+        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        per_model.append(row)
+    totals = {name: {"top1_differs": sum(r[name]["top1_differs"] for r in per_model),
+                     "positions": sum(r[name]["positions"] for r in per_model),
+                     "rel_err_over_hf_mean": sum(r[name]["rel_err"] / r["hf_bf16"]["rel_err"] for r in per_model)
+                     / len(per_model)}
+              for name in ("hf_bf16", *_variant_passes())}
+    return {"model": "tests._models.build('llama', seed=s), bf16", "token_seeds": TOKEN_SEEDS,
+            "per_model": per_model, "totals": totals}
+
+
+def _write(out: str, stem: str, record: dict) -> None:
+    directory = pathlib.Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = unused_path(directory / f"{stem}-{datetime.date.today():%Y%m%d}.json")
+    record = {"torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"), **record}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--text", default=str(TEXT), help="the text scored (default: tests/data/perplexity_text.txt)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="its first tokens scored (default: 8192)")
     parser.add_argument("--bf16-only", action="store_true", help="skip the quantized variants")
+    parser.add_argument("--test-models", type=int, metavar="N",
+                        help="measure N seeds of the GPU parity test's random Llama instead (see above)")
     args = parser.parse_args(argv)
     if args.max_tokens < 2:
         parser.error(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    if args.test_models is not None:
+        if args.test_models < 1:
+            parser.error(f"--test-models must be at least 1, got {args.test_models}")
+        _write(args.out, "fold-quality-test-llama-cpu", test_models(args.test_models))
+        return 0
     text = pathlib.Path(args.text)
 
     import fastllm
@@ -78,14 +159,9 @@ def main(argv=None) -> int:
                 "top1_agreement": float((logits.argmax(-1) == truth.argmax(-1)).float().mean()),
                 "perplexity_vs_fp32": float(perplexity / reference)}
 
-    without_fusion = tuple(p for p in fastllm.DEFAULT_PASSES if p != "decode_fusion")
-    with_fusion = (*without_fusion, "decode_fusion")
-    variants = {
-        "hf_bf16": lambda m: m.to(torch.bfloat16),
-        "fastllm_bf16": lambda m: fastllm.optimize(m.to(torch.bfloat16), passes=without_fusion, **RUNTIME),
-        "fastllm_bf16_decode_fusion": lambda m: fastllm.optimize(m.to(torch.bfloat16), passes=with_fusion,
-                                                                 **RUNTIME),
-    }
+    variants = {"hf_bf16": lambda m: m.to(torch.bfloat16)}
+    for name, passes in _variant_passes().items():
+        variants[name] = lambda m, p=passes: fastllm.optimize(m.to(torch.bfloat16), passes=p, **RUNTIME)
     for scheme in () if args.bf16_only else ("fp8", "int8"):
         variants[f"fastllm_{scheme}"] = lambda m, s=scheme: fastllm.optimize(m, quantization=s, **RUNTIME)
         variants[f"fastllm_{scheme}_folded_first"] = lambda m, s=scheme: (
@@ -99,15 +175,10 @@ def main(argv=None) -> int:
         r = results[name]
         print(f"{name:32} rel err {r['rel_err']:.4e}  top-1 {r['top1_agreement']:.4f}  "
               f"perplexity {r['perplexity_vs_fp32']:.4f}x fp32's")
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = unused_path(out / f"fold-quality-smollm2-cpu-{datetime.date.today():%Y%m%d}.json")
-    path.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (demo wheel)", "torch": torch.__version__,
-                                "text": text.name, "text_sha256": hashlib.sha256(text.read_bytes()).hexdigest(),
-                                "tokens": ids.shape[1],
-                                "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                                "results": results}, indent=2) + "\n")
-    print(f"wrote {path}")
+    _write(args.out, "fold-quality-smollm2-cpu",
+           {"model": "SmolLM2-135M-Instruct (demo wheel)", "text": text.name,
+            "text_sha256": hashlib.sha256(text.read_bytes()).hexdigest(), "tokens": ids.shape[1],
+            "results": results})
     return 0
 
 

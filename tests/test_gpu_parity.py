@@ -63,18 +63,23 @@ def test_a_context_shorter_than_a_step_starts_and_matches_hf(family, tmp_path):
 
 def _against_fp32(family: str, dtype: torch.dtype, tmp_path) -> tuple:
     """(the optimized model, its relative error and top-1 agreement against the fp32 model, HF eager's in `dtype`):
-    teacher-forced logits of 8 x 128 random tokens.
+    teacher-forced logits of 4 x 8 x 128 random tokens.
 
     Two 16-bit runs of one model differ by rounding (our kernels keep fp32 where HF rounds to 16 bits, and the merged
     GEMMs sum in another order), and on a random 2-layer model many positions have near-tied top logits, so
     comparing the two 16-bit runs to each other measures noise. The fp32 model on the same weights is the truth both
     are compared with.
+
+    4096 positions, not 1024: a top-1 count is a count of near-ties that rounding tips over, and at 1024 positions the
+    tests' 0.5% slack was 5 of them. Equally accurate 16-bit runs differ by about that much (benchmarks/fold_quality.py
+    --test-models, CPU, this model at seeds 0-6: HF bf16 and fastllm's defaults, relative errors within 0.4% of each
+    other, differed by up to 6 positions in 4096 on one model, and by 1 in 28,672 over the seven).
     """
     from transformers import AutoModelForCausalLM
 
     model = build(family, tmp_path, dtype=dtype).cuda()
     truth_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
-    ids = _ids(batch=8, length=128)
+    ids = torch.cat([_ids(batch=8, length=128, seed=seed) for seed in (3, 11, 12, 13)])
     with torch.no_grad():
         truth = truth_model(ids).logits
         hf = model(ids).logits.float()
@@ -99,7 +104,7 @@ def test_half_precision_teacher_forced(family, dtype, tmp_path):
     model, (ours_err, ours_top1), (hf_err, hf_top1) = _against_fp32(family, dtype, tmp_path)
     # 10% slack on the error: both are a sum of many roundings and their ratio varies from seed to seed.
     assert ours_err <= 1.1 * hf_err, (ours_err, hf_err)
-    # 1024 positions: one position is 0.1%; allow 0.5% below HF's agreement with the fp32 model.
+    # 4096 positions: one is 0.025%; allow 0.5% below HF's agreement with the fp32 model (_against_fp32 says why).
     assert ours_top1 >= hf_top1 - 0.005, (ours_top1, hf_top1)
     assert ours_top1 >= 0.9
     report = fastllm.explain(model)
