@@ -124,21 +124,31 @@ def test_ref_matches_sdpa(hq, hkv, prefix):
         torch.testing.assert_close(out[cu[i] : cu[i + 1]], expected.transpose(0, 1), atol=1e-5, rtol=1e-5)
 
 
-def test_ref_features_match_dense_formula():
-    """Sliding window, ALiBi and softcap against one dense formula written independently (one sequence, MHA)."""
-    seqs = [(6, 20)]
+@pytest.mark.parametrize("features", [("sliding_window",), ("alibi_slopes",), ("softcap",),
+                                      ("sliding_window", "alibi_slopes", "softcap")])
+@pytest.mark.parametrize("q_len", [6, 20])
+def test_ref_features_match_dense_formula(features, q_len):
+    """Sliding window, ALiBi and softcap, alone and together, against one dense formula written independently (one
+    sequence of 20 positions, MHA): its last 6 as a chunk after 14 cached, or all 20 as a fresh prompt."""
+    ctx, window, cap = 20, 4, 2.0
+    seqs = [(q_len, ctx)]
     q, k_cache, v_cache, block_tables, seq_lens, cu, max_q = _paged_batch(seqs, 2, 2, 16, torch.float32, q_scale=3)
     slopes = torch.tensor([0.5, 0.125])
+    kwargs = {"sliding_window": window, "alibi_slopes": slopes, "softcap": cap}
     out = paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, cu, max_q, scale=0.25,
-                              sliding_window=4, alibi_slopes=slopes, softcap=2.0)  # fmt: skip
-    k = k_cache[block_tables[0, :2].long()].flatten(0, 1)[:20]
-    v = v_cache[block_tables[0, :2].long()].flatten(0, 1)[:20]
+                              **{name: kwargs[name] for name in features})  # fmt: skip
+    k = k_cache[block_tables[0, :2].long()].flatten(0, 1)[:ctx]
+    v = v_cache[block_tables[0, :2].long()].flatten(0, 1)[:ctx]
     for h in range(2):
-        for j in range(6):
-            p = 14 + j
-            s = 2.0 * torch.tanh(k[: p + 1, h] @ q[j, h] * 0.25 / 2.0)
-            s = s + slopes[h] * (torch.arange(p + 1) - p)
-            s[: p + 1 - 4] = float("-inf")
+        for j in range(q_len):
+            p = ctx - q_len + j
+            s = k[: p + 1, h] @ q[j, h] * 0.25
+            if "softcap" in features:
+                s = cap * torch.tanh(s / cap)
+            if "alibi_slopes" in features:
+                s = s + slopes[h] * (torch.arange(p + 1) - p)
+            if "sliding_window" in features:
+                s[: max(p + 1 - window, 0)] = float("-inf")
             torch.testing.assert_close(out[j, h], torch.softmax(s, 0) @ v[: p + 1, h], atol=1e-6, rtol=1e-5)
 
 

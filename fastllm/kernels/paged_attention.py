@@ -627,41 +627,66 @@ def paged_attention_ref(
         k = _gather(k_cache, blocks).reshape(-1, num_kv_heads, head_dim)[:ctx].float()  # [ctx, Hkv, D]
         v = _gather(v_cache, blocks).reshape(-1, num_kv_heads, head_dim)[:ctx].float()
         qi = q[cu[i] : cu[i + 1]].float()  # [L, Hq, D]
-        masked = (causal and q_len > 1) or (sliding_window is not None and ctx > sliding_window)
-        rel = None  # [L, ctx]: k_pos - q_pos, built only when a mask or ALiBi needs it
-        if masked or slopes is not None:
-            rel = (torch.arange(ctx, device=q.device)[None, :]
-                   - torch.arange(ctx - q_len, ctx, device=q.device)[:, None])
-        keep = None  # [L, ctx]: which keys each query sees (None: all of them)
-        if causal and q_len > 1:
-            keep = rel <= 0
-        if sliding_window is not None and ctx > sliding_window:
-            inside = -rel < sliding_window
-            keep = inside if keep is None else keep & inside
-        if softcap:
-            qg = qi.view(q_len, num_kv_heads, group, head_dim)
-            s = torch.einsum("qhgd,khd->hgqk", qg, k) * scale  # [Hkv, G, L, ctx]
-            s = softcap * torch.tanh(s / softcap)
-            if slopes is not None:
-                s = s + slopes.view(num_kv_heads, group, 1, 1) * rel
-            if keep is not None:
-                s = s.masked_fill(~keep, float("-inf"))
-            o = torch.einsum("hgqk,khd->qhgd", torch.softmax(s, dim=-1), v).reshape(q_len, num_q_heads, head_dim)
-        else:
-            mask = keep
-            if slopes is not None:  # ALiBi as an additive mask: slope[h] * (k_pos - q_pos), -inf where not kept
-                mask = slopes.view(num_q_heads, 1, 1) * rel
-                if keep is not None:
-                    mask = mask.masked_fill(~keep, float("-inf"))
+        windowed = sliding_window is not None and ctx > sliding_window
+        if not softcap and slopes is None and not windowed and causal and q_len == ctx > 1:
+            # A whole causal sequence (a first prefill step): SDPA's own causal mask, under which its fused CPU kernel
+            # skips the key tiles above the diagonal (half the work; on the CPU the same bits as the explicit mask).
             o = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                               v.transpose(0, 1)[None], attn_mask=mask, scale=scale,
+                                               v.transpose(0, 1)[None], is_causal=True, scale=scale,
                                                enable_gqa=group > 1)[0].transpose(0, 1)  # [L, Hq, D]
+        else:
+            o = _attend(qi, k, v, scale, group, softcap, slopes,
+                        _visible_keys(q_len, ctx, causal and q_len > 1, sliding_window if windowed else None,
+                                      q.device))
         if v_scale != 1.0:
             o = o * v_scale
         if whole:
             return o.to(q.dtype).contiguous()
         out[cu[i] : cu[i + 1]] = o.to(q.dtype)
     return out if out is not None else torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, group: int, softcap: float | None,
+            slopes: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+    """One sequence's attention in fp32: q [L, Hq, D] over its context's k, v [ctx, Hkv, D], the queries being the
+    context's last L positions; `keep` [L, ctx] the keys each sees (None: all) -> [L, Hq, D]."""
+    q_len, num_q_heads, head_dim = q.shape
+    ctx, num_kv_heads = k.shape[0], k.shape[1]
+    rel = None  # [L, ctx]: k_pos - q_pos, for ALiBi
+    if slopes is not None:
+        rel = (torch.arange(ctx, device=q.device)[None, :]
+               - torch.arange(ctx - q_len, ctx, device=q.device)[:, None])
+    if softcap:  # soft-capping needs the scores themselves
+        qg = q.view(q_len, num_kv_heads, group, head_dim)
+        s = torch.einsum("qhgd,khd->hgqk", qg, k) * scale  # [Hkv, G, L, ctx]
+        s = softcap * torch.tanh(s / softcap)
+        if slopes is not None:
+            s = s + slopes.view(num_kv_heads, group, 1, 1) * rel
+        if keep is not None:
+            s = s.masked_fill(~keep, float("-inf"))
+        return torch.einsum("hgqk,khd->qhgd", torch.softmax(s, dim=-1), v).reshape(q_len, num_q_heads, head_dim)
+    mask = keep
+    if slopes is not None:  # ALiBi as an additive mask: slope[h] * (k_pos - q_pos), -inf where not kept
+        mask = slopes.view(num_q_heads, 1, 1) * rel
+        if keep is not None:
+            mask = mask.masked_fill(~keep, float("-inf"))
+    return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          attn_mask=mask, scale=scale, enable_gqa=group > 1)[0].transpose(0, 1)
+
+
+def _visible_keys(q_len: int, ctx: int, causal: bool, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[q_len, ctx] bool: the keys each of the context's last q_len positions sees (causal: up to its own position;
+    window: its last `window` keys), None where every query sees every key. Made as a band of a ones matrix: no
+    [q_len, ctx] int64 positions (128 MB for a 2048-token step at 8k context, built again by every layer)."""
+    if not causal and window is None:
+        return None
+    offset = ctx - q_len  # query i sits at position offset + i
+    keep = torch.ones(q_len, ctx, dtype=torch.bool, device=device)
+    if causal:
+        keep = keep.tril(offset)  # key j <= offset + i
+    if window is not None:
+        keep = keep.triu(offset - window + 1)  # key j > offset + i - window
+    return keep
 
 
 def _decode_ref(q, k_cache, v_cache, block_tables, seq_lens, cu: list[int], lens: list[int], scale: float,
