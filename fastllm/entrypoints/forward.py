@@ -21,7 +21,8 @@ forward: `use_cache=True`, `labels=...`, or `fastllm.release(model)`); it was "e
 grad". The call stays on the compiled step: scoring without `no_grad` is common and keeps its speed and memory.
 
 Anything else — `past_key_values`, `inputs_embeds`, `labels`, `use_cache=True`, `output_hidden_states`, ... — runs
-Hugging Face's own forward, unfused (Hugging Face's generate fallback does this). `fastllm.explain(model)` counts
+Hugging Face's own forward, unfused (Hugging Face's generate fallback does this), as does every call while a model with
+dropout is in training mode (`ModelState.training_reason`). `fastllm.explain(model)` counts
 the calls of each kind and gives the latest reason for an eager one.
 """
 
@@ -97,7 +98,7 @@ def install_forward(model, state: ModelState) -> None:
         # popped them from bound.arguments, so the compiled step never saw them (return_dict=False was ignored)
         arguments = None if bound is None else _flat_arguments(bound.arguments)
         reason = "arguments that do not bind to the forward" if bound is None else _eager_reason(arguments)
-        reason = reason or state.hf_path_reason()
+        reason = reason or state.training_reason() or state.hf_path_reason()
         core = state.engine() if reason is None else None
         if core is None:
             state.quantized_modules()

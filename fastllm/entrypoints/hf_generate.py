@@ -54,6 +54,13 @@ def install_generate(model, state: ModelState) -> None:
     def generate(inputs=None, generation_config=None, **kwargs):
         # NO_KV_CACHE (model(ids)'s past_key_values) stands for no cache: HF's generate would read it as one
         check_no_marker(kwargs.values())
+        training = state.training_reason()
+        if training is not None:
+            if ("training",) not in state.warned_generate_args:
+                state.warned_generate_args.add(("training",))
+                warnings.warn(f"{training}; generate() runs Hugging Face's generate (unfused) while it is",
+                              RuntimeWarning, stacklevel=2)
+            return hf_generate(inputs, generation_config, **kwargs)
         core = state.engine() if state.hf_path_reason() is None else None
         if core is None:  # a fallback, or Hugging Face's path on the CPU (state.hf_path_reason)
             return hf_generate(inputs, generation_config, **kwargs)

@@ -71,6 +71,15 @@ class ModelState:
             return "fallback"
         return "optimized" if self.compiled is not None else "not captured yet"
 
+    def training_reason(self) -> str | None:
+        """Why a call runs Hugging Face's path in training mode, or None: after `model.train()` (optimize() put the
+        model in eval mode) a model with dropout computes something else in Hugging Face's forward and generate,
+        which apply the dropout, than on the compiled step, which is inference-only (passes/dropout.py removed it)."""
+        if not self.model.training or not has_dropout(self.model):
+            return None
+        return ("the model is in training mode (model.train()) and has dropout, which Hugging Face's forward applies "
+                "and fastllm's inference-only step does not; model.eval() returns to fastllm's step")
+
     def hf_path_reason(self) -> str | None:
         """Why model.generate() and model(...) run Hugging Face's own path although the model is optimized (on the CPU
         unless `cpu_runtime`), or None when they run on fastllm's runtime."""
@@ -215,6 +224,15 @@ def check_model(model) -> None:
         raise ValueError(f"{type(model).__name__} was quantized by an earlier optimize() and released: "
                          f"{len(quantized)} of its linear layers (e.g. {quantized[0]}) hold only their quantized "
                          f"weights now, their float weights freed; reload the model to optimize it again")
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether `model` drops anything in training mode: a dropout module with p > 0, or a config's dropout rate above 0
+    (e.g. Llama's attention_dropout, applied inside its attention function rather than by a module)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    rates = (value for key, value in model.config.to_dict().items() if "dropout" in key or "pdrop" in key)
+    return any(isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 for rate in rates)
 
 
 def optimize_in_place(model, config: OptimizeConfig) -> ModelState:
