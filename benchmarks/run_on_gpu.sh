@@ -67,6 +67,11 @@
 # beside the defaults, both shapes (~4 min, estimated).
 # deferred-rows: bench_deferred_norm with its per-GEMV timings (QKV and gate-up with the deferred norm at 4 / 8 / 16
 # rows of W a program beside the norm kernel + GEMV, both shapes): why 16 rows paid on the 8B shape only (~1.5 min).
+# tf-latest: test_gpu_parity.py (every family with CUDA graphs; 16-bit against fp32) under the transformers that CI
+# installs (newer than the device's): carry .whl-tf, that transformers' wheel and the ones it needs newer than the
+# device has (for the device's Python 3.12: `pip download --no-deps --python-version 3.12 --only-binary=:all:`
+# transformers, huggingface_hub, httpx2, httpcore2, kernels, tomlkit, truststore, hf_xet, click, regex, idna, anyio;
+# ~22 MB), installed into /tmp/tf-latest ahead of the device's packages for this stage only (~4 min, estimated).
 # ATTENTION_ARGS="--sweep" adds the decode kernel's launch-setting sweep to the attention stage (~3 min more).
 # Logs and JSON results go to $OUT (copy the JSON into benchmarks/results/ and run benchmarks/summarize.py).
 # Carry .whl (pytest, pluggy, iniconfig wheels) where the machine lacks pytest.
@@ -110,6 +115,14 @@ for stage in $STAGES; do
                            tests/test_gpu_memory.py tests/test_gpu_parity.py tests/test_gpu_startup.py \
                            tests/test_graph_cache.py tests/test_engine_process.py tests/test_cli_bench.py \
                            tests/test_layer_stamp.py ;;
+        tf-latest) if python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/tf-latest .whl-tf/*.whl \
+                         > "$OUT/tf-latest-install.log" 2>&1; then
+                       (export PYTHONPATH="/tmp/tf-latest:$PYTHONPATH"
+                        python3 -c "import transformers; print('transformers', transformers.__version__)"
+                        gpu_tests tf-latest 540 tests/test_gpu_parity.py; exit $rc) || rc=1
+                   else
+                       rc=1; tail -n 5 "$OUT/tf-latest-install.log"
+                   fi ;;
         kernels) python3 benchmarks/bench_kernels.py --out "$OUT" > "$OUT/kernels.log" 2>&1 || rc=1 ;;
         attention) python3 benchmarks/bench_attention.py ${ATTENTION_ARGS:-} --out "$OUT" > "$OUT/attention.log" 2>&1 || rc=1
                    tail -n 20 "$OUT/attention.log" ;;
