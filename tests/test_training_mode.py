@@ -60,3 +60,13 @@ def test_training_mode_without_dropout_stays_on_the_compiled_step(tmp_path):
         model(_ids())
     assert model._fastllm_state.forward_routes == {"compiled": 1}
     fastllm.release(model)
+
+
+def test_training_mode_on_hugging_faces_cpu_path_says_nothing(tmp_path):
+    """On the CPU without cpu_runtime generate() runs Hugging Face's path anyway: no warning for training mode."""
+    model = fastllm.optimize(build("gpt2", tmp_path))
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(_ids(), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    fastllm.release(model)

@@ -56,7 +56,8 @@ def install_generate(model, state: ModelState) -> None:
         check_no_marker(kwargs.values())
         training = state.training_reason()
         if training is not None:
-            if ("training",) not in state.warned_generate_args:
+            on_runtime = state.fallback_reason is None and state.hf_path_reason() is None  # else HF's path anyway
+            if on_runtime and ("training",) not in state.warned_generate_args:
                 state.warned_generate_args.add(("training",))
                 warnings.warn(f"{training}; generate() runs Hugging Face's generate (unfused) while it is",
                               RuntimeWarning, stacklevel=2)
