@@ -52,8 +52,11 @@ def test_training_mode_with_dropout_runs_hf_forward_and_generate(tmp_path):
     fastllm.release(model)
 
 
-def test_training_mode_without_dropout_stays_on_the_compiled_step(tmp_path):
-    model = build("llama", tmp_path)  # attention_dropout 0.0, no dropout modules
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_training_mode_without_dropout_stays_on_the_compiled_step(family, tmp_path):
+    """Llama: attention_dropout 0.0, no dropout modules. GPT-NeoX: its dropouts 0.0, but classifier_dropout 0.1 (the
+    rate of a classification head, which a causal LM does not have)."""
+    model = build(family, tmp_path)
     optimize(model)
     model.train()
     with torch.no_grad():

@@ -228,10 +228,12 @@ def check_model(model) -> None:
 
 def has_dropout(model: torch.nn.Module) -> bool:
     """Whether `model` drops anything in training mode: a dropout module with p > 0, or a config's dropout rate above 0
-    (e.g. Llama's attention_dropout, applied inside its attention function rather than by a module)."""
+    (e.g. Llama's attention_dropout, applied inside its attention function rather than by a module). The rates of
+    heads a causal LM does not have (GPT-NeoX's classifier_dropout 0.1, GPT-2's summary_first_dropout) do not count."""
     if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         return True
-    rates = (value for key, value in model.config.to_dict().items() if "dropout" in key or "pdrop" in key)
+    rates = (value for key, value in model.config.to_dict().items()
+             if ("dropout" in key or "pdrop" in key) and not key.startswith(("classifier", "summary")))
     return any(isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0 for rate in rates)
 
 
