@@ -47,15 +47,20 @@ def _dynamo_traces() -> int:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_second_start_uses_the_saved_graph_and_gives_the_same_output(family, tmp_path, cache_dir):
+def test_second_start_uses_the_saved_graph_and_gives_the_same_output(family, tmp_path, cache_dir, monkeypatch):
     build(family, tmp_path / "model")
     traced, traced_step = _start(tmp_path / "model")
     assert not traced_step.from_graph_cache
     assert len(list(cache_dir.glob("*.pkl"))) == 1
     expected = _generate(traced)
     traces = _dynamo_traces()
+    record = graph_cache._record
+    runs = []  # whether each metadata run of the loaded graph ran on fake inputs (no forward computed)
+    monkeypatch.setattr(graph_cache, "_record", lambda *a, fake_inputs: (runs.append(fake_inputs),
+                                                                          record(*a, fake_inputs=fake_inputs)))
     cached, step = _start(tmp_path / "model")
     assert step.from_graph_cache
+    assert runs == [True]
     sequences, logits = _generate(cached)
     assert _dynamo_traces() == traces, "the cached start must not trace"
     assert torch.equal(sequences, expected[0])
@@ -64,6 +69,17 @@ def test_second_start_uses_the_saved_graph_and_gives_the_same_output(family, tmp
     assert report.matches == reference.matches and report.matches["attention"] > 0
     assert report.startup["graph_from_cache"] and not reference.startup["graph_from_cache"]
     assert "graph loaded from the graph cache" in str(report) and "graph traced" in str(reference)
+
+
+def test_metadata_of_an_op_fake_tensors_cannot_run_comes_from_the_real_inputs():
+    """A loaded graph's metadata comes from a run on fake inputs; an op with a data-dependent shape (nonzero) stops
+    that run, and the real inputs give the shapes instead."""
+    gm = torch.fx.symbolic_trace(lambda x: torch.nonzero(x) * 2)
+    graph_cache.record_metadata(gm, [torch.tensor([0, 3, 0, 5, 7])])
+    shapes = {node.name: tuple(node.meta["example_value"].shape) for node in gm.graph.nodes if node.op != "output"}
+    assert shapes == {"x": (5,), "nonzero": (3, 1), "mul": (3, 1)}
+    assert all(isinstance(node.meta["example_value"], torch._subclasses.FakeTensor)
+               for node in gm.graph.nodes if node.op != "output")
 
 
 def test_a_different_config_is_a_miss(tmp_path, cache_dir):
