@@ -602,8 +602,8 @@ def paged_attention_ref(
     v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain-PyTorch spec of `paged_attention` (and the CPU path): per sequence, gather its K/V through the block
-    table and attend in fp32 with explicit masks. Tokens outside cu_seqlens_q's ranges get zeros. `v_scale` (an FP8
-    cache's V multiplier) scales each output once, in fp32.
+    table and attend in fp32 with explicit masks (SDPA's own causal one for a whole prompt). Tokens outside
+    cu_seqlens_q's ranges get zeros. `v_scale` (an FP8 cache's V multiplier) scales each output once, in fp32.
 
     Without soft-capping the attention itself is torch's SDPA (fp32, grouped-query heads, the masks and ALiBi as
     its mask): on the CPU it is the engine's decode path, where SDPA's kernel took 0.04 ms a layer against
