@@ -82,6 +82,25 @@ def test_metadata_of_an_op_fake_tensors_cannot_run_comes_from_the_real_inputs():
                for node in gm.graph.nodes if node.op != "output")
 
 
+def test_metadata_holds_no_real_tensor_of_the_model():
+    """In the fake run a get_attr constant (a module's buffer) comes back as the real tensor: its metadata is a fake
+    copy all the same, so the graph's metadata never keeps a model's tensor alive."""
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.full((4,), 3.0))
+
+        def forward(self, x):
+            return x * self.scale
+
+    gm = torch.fx.symbolic_trace(Scaled())
+    graph_cache.record_metadata(gm, [torch.ones(2, 4)])
+    values = {node.op: node.meta["example_value"] for node in gm.graph.nodes if node.op != "output"}
+    assert set(values) == {"placeholder", "get_attr", "call_function"}
+    assert all(isinstance(v, torch._subclasses.FakeTensor) for v in values.values())
+    assert tuple(values["call_function"].shape) == (2, 4)
+
+
 def test_a_different_config_is_a_miss(tmp_path, cache_dir):
     build("llama", tmp_path / "a")
     _start(tmp_path / "a")

@@ -297,9 +297,13 @@ def record_metadata(gm: fx.GraphModule, inputs: list[object]) -> None:
 
 
 def _record(gm: fx.GraphModule, inputs: list[object], mode, *, fake_inputs: bool) -> None:
+    from torch._subclasses.fake_tensor import FakeTensor
+
     def as_fake(value: object) -> object:
+        # A real tensor even in the fake run (a get_attr constant) is copied too: the metadata must not keep a
+        # model's tensor alive (quantization frees float weights after compiling)
         if isinstance(value, torch.Tensor):
-            return mode.from_tensor(value)
+            return value if isinstance(value, FakeTensor) else mode.from_tensor(value)
         if isinstance(value, (tuple, list)):
             return type(value)(as_fake(v) for v in value)
         return value
@@ -307,7 +311,7 @@ def _record(gm: fx.GraphModule, inputs: list[object], mode, *, fake_inputs: bool
     class _Recorder(fx.Interpreter):
         def run_node(self, node):
             result = super().run_node(node)
-            node.meta["example_value"] = result if fake_inputs else as_fake(result)
+            node.meta["example_value"] = as_fake(result)
             return result
 
     with torch.no_grad():
