@@ -250,7 +250,8 @@ def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: to
     try:
         for prompt in prompts:
             requests.append(core.add(prompt, params, tokenizer=tokenizer, return_scores=want_scores,
-                                     listener=listener if len(prompts) == 1 else None))
+                                     listener=listener if len(prompts) == 1 else None,
+                                     stop_on_special_tokens_text=True))
         core.run_until(lambda: all(r.finished for r in requests))
     finally:
         for r in requests:

@@ -235,7 +235,7 @@ class EngineCore:
     def add(self, prompt_token_ids: Sequence[int], params: SamplingParams, *, request_id: str | None = None,
             prompt: str | None = None, tokenizer=None, listener: Callable[[RequestUpdate], None] | None = None,
             return_scores: bool = False, arrival_time: float | None = None,
-            eos_token_ids: frozenset[int] | None = None) -> CoreRequest:
+            eos_token_ids: frozenset[int] | None = None, stop_on_special_tokens_text: bool = False) -> CoreRequest:
         """Queue a request of `params.n` completions. Raises ValueError (adding nothing) if it cannot run: invalid
         params, an empty prompt, token ids outside the vocabulary, a prompt longer than the context, stop strings
         or bad words without a tokenizer, a request id in use.
@@ -245,11 +245,14 @@ class EngineCore:
                 ends (on the thread that ran the step).
             return_scores: keep each step's processed scores and raw logits per completion (HF's output_scores).
             eos_token_ids: the ids that end it unless `params.ignore_eos` (default: the model's).
+            stop_on_special_tokens_text: match `params.stop` against the text with special tokens spelled out, as
+                Hugging Face's generate does, instead of the text returned (decoded with skip_special_tokens).
         """
         with self._lock:
             self._check_open()
             return self._add(list(prompt_token_ids), params, request_id, prompt, tokenizer, listener, return_scores,
-                             arrival_time, self.eos_token_ids if eos_token_ids is None else frozenset(eos_token_ids))
+                             arrival_time, self.eos_token_ids if eos_token_ids is None else frozenset(eos_token_ids),
+                             stop_on_special_tokens_text)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -257,7 +260,7 @@ class EngineCore:
                                "build an LLM again")
 
     def _add(self, prompt_ids, params, request_id, prompt, tokenizer, listener, return_scores, arrival_time,
-             eos_token_ids) -> CoreRequest:
+             eos_token_ids, stop_on_special_tokens_text) -> CoreRequest:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
@@ -271,7 +274,8 @@ class EngineCore:
         needs_text = [name for name in ("stop", "bad_words") if getattr(params, name)]
         if needs_text and tokenizer is None:
             raise ValueError(f"{' and '.join(needs_text)} need a tokenizer")
-        stop = StopStrings(params.stop, tokenizer) if params.stop else None
+        stop = (StopStrings(params.stop, tokenizer, skip_special_tokens=not stop_on_special_tokens_text)
+                if params.stop else None)
         bad_words = bad_words_token_ids(params.bad_words or [], tokenizer)
         stop_ids = (frozenset() if params.ignore_eos else eos_token_ids) | frozenset(params.stop_token_ids or ())
         arrival = time.perf_counter() if arrival_time is None else arrival_time

@@ -2,8 +2,10 @@
 
 `StopStrings.hit(tokens)` is True when the text of `tokens` holds an occurrence of a stop string that ends in the
 newest token's text (Hugging Face's `stop_strings` and vLLM's `stop` stop at the same token). Entry points differ
-only in what they return: `generate()` keeps every token (HF), `LLM` cuts the text before the stop string (`cut()`,
-vLLM), both keep the tokens.
+in which text is matched and in what they return. `LLM` matches the text it returns, decoded with
+`skip_special_tokens` (vLLM), so a special token between the pieces of a stop string does not hide it, and cuts that
+text before the stop string (`cut()`). `generate()` matches the text with special tokens spelled out (Hugging Face's
+StopStringCriteria reads the vocabulary's token strings, special ones included) and keeps every token.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 
 
 class StopStrings:
-    def __init__(self, stops: Sequence[str], tokenizer) -> None:
+    def __init__(self, stops: Sequence[str], tokenizer, skip_special_tokens: bool = True) -> None:
         if tokenizer is None:
             raise ValueError("stop strings need a tokenizer (to turn tokens into text)")
         self.stops = [stops] if isinstance(stops, str) else list(stops)
@@ -25,12 +27,22 @@ class StopStrings:
         # a window of characters missed such a stop string altogether. Every token decodes to at least one byte,
         # except some that decode to nothing: keep a margin.
         self.window = max(len(s.encode("utf-8", "surrogatepass")) for s in self.stops) + 2
+        # Special tokens decode to nothing in the matched text: they are left out of the window (which counts tokens
+        # that spell something), so any number of them between a stop string's pieces still lets it match.
+        self.skipped = frozenset(tokenizer.all_special_ids if skip_special_tokens else ())
 
     def hit(self, tokens: Sequence[int]) -> bool:
-        """Whether the newest token completes a stop string (decodes only the last `window` tokens)."""
-        if not tokens:
+        """Whether the newest token completes a stop string (decodes only the last `window` tokens that are not
+        skipped)."""
+        if not tokens or tokens[-1] in self.skipped:  # a skipped token adds no text: it completes nothing
             return False
-        tail = list(tokens[-self.window:])
+        tail = []
+        for token in reversed(tokens):
+            if token not in self.skipped:
+                tail.append(token)
+                if len(tail) == self.window:
+                    break
+        tail.reverse()
         text, before = self.tokenizer.decode(tail), self.tokenizer.decode(tail[:-1])
         # An occurrence must end in the newest token's text: an older one still in the window (one that min_tokens
         # let pass) must not hide it, as `s not in before` did.

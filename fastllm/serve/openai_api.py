@@ -138,8 +138,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise ValueError("top_logprobs needs logprobs=true and must be between 0 and 20")
     body.check_stream_fields(logprobs=body.logprobs)
     prompt = await serving.tokenize_chat(body.chat())
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = body.sampling_params(max_tokens_for(serving, requested, len(prompt)),
+    field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params = body.sampling_params(max_tokens_for(serving, getattr(body, field), len(prompt), field),
                                   (body.top_logprobs or 0) if body.logprobs else None)
     request_id = serving.new_id("chatcmpl")
     created = int(time.time())

@@ -7,7 +7,7 @@ Text must be valid Unicode: JSON can carry a lone surrogate ("\\ud800"), which n
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -54,6 +54,10 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """Fields the two OpenAI endpoints share."""
 
+    # Fields OpenAI types "... or null" whose null means the default (vLLM declares them Optional with these
+    # defaults): a client that sends every field, null for the unset ones, was refused with 400.
+    _NULL_IS_DEFAULT: ClassVar[tuple[str, ...]] = ("n", "stream")
+
     model: Text
     n: Int = 1
     temperature: Number | None = None
@@ -68,6 +72,13 @@ class _Sampling(_Strict):
     # vLLM's extensions to OpenAI's fields, for exact-length completions (benchmarks, evaluations)
     ignore_eos: bool = False
     min_tokens: Int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in cls._NULL_IS_DEFAULT)}
+        return data
 
     def check_stream_fields(self, logprobs: bool) -> None:
         """ValueError for streaming fields that cannot go together (OpenAI refuses stream_options without stream)."""
@@ -154,6 +165,8 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
+
+    _NULL_IS_DEFAULT: ClassVar[tuple[str, ...]] = (*_Sampling._NULL_IS_DEFAULT, "logprobs")
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: Int | None = None

@@ -114,8 +114,9 @@ async def started_streams(request: Request, admission: Admission, serving: Servi
     return streams
 
 
-def max_tokens_for(serving: ServingEngine, requested: int | None, prompt_tokens: int) -> int:
-    """A request's max_tokens checked against the context (OpenAI's messages): None fills what the context leaves."""
+def max_tokens_for(serving: ServingEngine, requested: int | None, prompt_tokens: int, name: str = "max_tokens") -> int:
+    """A request's max_tokens checked against the context (OpenAI's messages): None fills what the context leaves.
+    `name`: the field the request gave it in (a chat request's max_completion_tokens), for the messages."""
     room = serving.max_model_len - prompt_tokens
     if room < 1:
         raise ValueError(f"This model's maximum context length is {serving.max_model_len} tokens; the prompt has "
@@ -123,11 +124,11 @@ def max_tokens_for(serving: ServingEngine, requested: int | None, prompt_tokens:
     if requested is None:
         return room
     if isinstance(requested, bool) or requested < 1:
-        raise ValueError(f"max_tokens must be an integer >= 1, got {requested!r}")
+        raise ValueError(f"{name} must be an integer >= 1, got {requested!r}")
     if requested > room:
         raise ValueError(f"This model's maximum context length is {serving.max_model_len} tokens. However, you "
                          f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} "
-                         f"in the completion). Please reduce the prompt or max_tokens.")
+                         f"in the completion). Please reduce the prompt or {name}.")
     return requested
 
 

@@ -42,6 +42,7 @@ from fastllm._log import logger
 from fastllm._version import __version__
 from fastllm.runtime.sampling_params import SamplingParams
 from fastllm.serve.engine import EngineFault, Overloaded, ServingEngine
+from fastllm.serve.protocol import unicode_text
 from fastllm.serve.server_state import (
     ClientGone,
     ClosingStreamingResponse,
@@ -225,11 +226,20 @@ def _row_value(name: str, values: list):
 
 def _text(name: str, value) -> str:
     if isinstance(value, str):
-        return value
+        return _unicode(name, value)
     try:
         return bytes(value).decode()
     except UnicodeDecodeError:
         raise ValueError(f"input {name!r} must be UTF-8 text") from None
+
+
+def _unicode(name: str, text: str) -> str:
+    """`text` if it is valid Unicode; ValueError naming the input otherwise (JSON can carry a lone surrogate, which
+    the tokenizer raised a TypeError on: a 500)."""
+    try:
+        return unicode_text(text)
+    except ValueError as error:
+        raise ValueError(f"input {name!r}: {error}") from None
 
 
 async def _build_request(serving: ServingEngine, row: dict) -> _Request:
@@ -378,7 +388,7 @@ def _json_value(name: str, value):
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
             raise ValueError(f"input {name!r} must be a string or a list of strings, got {value!r}")
-        return [w for w in value if w]
+        return [_unicode(name, w) for w in value if w]
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     ok = {"text": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
@@ -387,7 +397,7 @@ def _json_value(name: str, value):
     if not ok(value):
         expected = {"text": "a string", "bool": "true or false", "int": "an integer", "float": "a number"}[kind]
         raise ValueError(f"input {name!r} must be {expected}, got {value!r}")
-    return value
+    return _unicode(name, value) if kind == "text" else value
 
 
 @router.post("/v2/models/{model}/generate")
