@@ -21,6 +21,9 @@ ON_CAPTURE_FAILURE = ("fallback", "raise")
 # The step's buffers hold sequence lengths, positions and token offsets as int32 (runtime/step_inputs.py): larger
 # counts would overflow them (10**20 failed inside torch.zeros with a TypeError and C++ frames).
 MAX_STEP_COUNT = 2**31 - 1
+# A block of more tokens than this is no use (a block is the unit the cache is shared and freed in; a sequence's last
+# block is mostly empty) and one of 10**9 failed in the allocator with a message that named nothing.
+MAX_BLOCK_SIZE = 1024
 
 
 @dataclass
@@ -104,6 +107,9 @@ class OptimizeConfig:
             setattr(self, name, value)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if name == "block_size" and value > MAX_BLOCK_SIZE:
+                raise ValueError(f"block_size must be a positive integer of at most {MAX_BLOCK_SIZE} (KV-cache tokens "
+                                 f"a block: 16 is the default, vLLM's too), got {value!r}")
             if name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len") and value > MAX_STEP_COUNT:
                 raise ValueError(f"{name} must be a positive integer of at most 2**31 - 1 (the step's buffers are "
                                  f"int32), got {value!r}")

@@ -97,7 +97,8 @@ def install_forward(model, state: ModelState) -> None:
         # The forward's **kwargs (return_dict, ...) flattened into its named arguments: _eager_reason read them, but
         # popped them from bound.arguments, so the compiled step never saw them (return_dict=False was ignored)
         arguments = None if bound is None else _flat_arguments(bound.arguments)
-        reason = "arguments that do not bind to the forward" if bound is None else _eager_reason(arguments)
+        reason = ("arguments that do not bind to the forward" if bound is None
+                  else _eager_reason(arguments, getattr(model.config, "use_cache", False)))
         reason = reason or state.training_reason() or state.hf_path_reason()
         core = state.engine() if reason is None else None
         if core is None:
@@ -118,8 +119,9 @@ def _flat_arguments(arguments: dict) -> dict:
     return {**arguments, **extra}
 
 
-def _eager_reason(arguments: dict) -> str | None:
-    """Why a call must run HF's forward, or None if the compiled step can take it."""
+def _eager_reason(arguments: dict, config_use_cache: bool = False) -> str | None:
+    """Why a call must run HF's forward, or None if the compiled step can take it (`config_use_cache`: the model
+    config's use_cache, what HF's forward takes for use_cache=None)."""
     used = sorted(name for name, value in arguments.items() if name not in _HANDLED and value is not None)
     if used:
         return f"called with {', '.join(used)}"
@@ -135,6 +137,15 @@ def _eager_reason(arguments: dict) -> str | None:
     keep = arguments.get("logits_to_keep")
     if keep is not None and not isinstance(keep, (int, torch.Tensor)):
         return "logits_to_keep is neither an int nor a tensor"
+    use_cache = arguments.get("use_cache")
+    positions = arguments.get("position_ids")
+    if (positions is not None and arguments.get("attention_mask") is None and not (config_use_cache if use_cache is
+                                                                                   None else use_cache)
+            and bool((positions.diff(dim=-1) != 1).any())):
+        # Packed sequences (padding-free batches): with no mask and no cache, Hugging Face's masks (transformers 5's
+        # masking_utils) keep each run of consecutive positions to itself; the compiled step scores a row as one
+        # sequence. Where a family's mask does not do so, its own forward is still what it computes.
+        return "position_ids restart within a row (packed sequences) with no attention_mask and no cache"
     return None
 
 
@@ -146,7 +157,7 @@ def _compiled_forward(model, core, arguments: dict):
     weight = _parameter_requiring_grad(model) if torch.is_grad_enabled() else None
     logits = compute() if weight is None else _NoGradients.apply(weight, compute)
     keep = arguments.get("logits_to_keep")
-    if isinstance(keep, int) and keep > 0:
+    if isinstance(keep, int) and keep != 0:  # HF's slice(-keep, None): a negative count drops the first -keep
         logits = logits[:, -keep:]
     elif isinstance(keep, torch.Tensor):
         logits = logits[:, keep.to(logits.device)]

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fastllm._numbers import as_python_number, token_id_list
 from fastllm.entrypoints.forward import check_no_marker
 from fastllm.runtime.sampling_params import SamplingParams
 
@@ -123,21 +124,25 @@ def _num_sequences(inputs, model_kwargs: dict, gc) -> int:
     return batch * (gc.num_return_sequences or 1)
 
 
-def _first(ids) -> int | None:
-    if ids is None:
-        return None
-    if isinstance(ids, torch.Tensor):  # eos_token_id=torch.tensor([a, b]): int() of it raised "only one element
-        ids = ids.flatten().tolist()   # tensors can be converted to Python scalars" when pad_token_id was unset
-    return ids[0] if isinstance(ids, (list, tuple)) else int(ids)
+def _pad_id(gc) -> int:
+    """The id rows that stop early are padded with: pad_token_id, else the first EOS id, else 0. A negative one
+    (LLaMA-1's configs say -1) is taken: Hugging Face uses it only once a row stops before the others, where it
+    fails (an embedding lookup); `_outputs` refuses it there."""
+    pad = _token_ids(gc.pad_token_id, "pad_token_id", allow_negative=True)
+    if len(pad) > 1:
+        raise ValueError(f"invalid generation argument: pad_token_id must be one token id, got {gc.pad_token_id!r}")
+    return (pad or _eos_ids(gc) or [0])[0]
 
 
 def _eos_ids(gc) -> list[int]:
-    eos = gc.eos_token_id
-    if eos is None:
-        return []
-    if isinstance(eos, torch.Tensor):
-        eos = eos.tolist()
-    return [eos] if isinstance(eos, int) else list(eos)
+    return _token_ids(gc.eos_token_id, "eos_token_id")
+
+
+def _token_ids(value, name: str, allow_negative: bool = False) -> list[int]:
+    try:
+        return token_id_list(value, name, allow_negative)
+    except ValueError as error:  # (worded as the other refused generate() arguments are)
+        raise ValueError(f"invalid generation argument: {error}") from None
 
 
 def _prompts(input_ids, attention_mask, gc, max_context: int) -> list[list[int]]:
@@ -161,7 +166,9 @@ def _prompts(input_ids, attention_mask, gc, max_context: int) -> list[list[int]]
             raise ValueError(f"row {row} of input_ids is empty (its attention_mask is all zeros)")
         if len(tokens) + gc.max_new_tokens > max_context:
             raise ValueError(f"row {row}: prompt of {len(tokens)} tokens + max_new_tokens={gc.max_new_tokens} exceeds "
-                             f"the model's context of {max_context} tokens")
+                             f"the context of {max_context} tokens a sequence can have here (the model's positions, "
+                             "or optimize()'s max_model_len, capped by what the KV cache can hold: num_kv_tokens / "
+                             "kv_cache_memory_fraction)")
         prompts.append(tokens)
     return prompts
 
@@ -192,10 +199,14 @@ def sampling_params(gc, eos: list[int]) -> SamplingParams:
                   ignore_eos=True, stop_token_ids=eos or None, n=gc.num_return_sequences or 1)
     if sampling:
         # HF refuses to sample at temperature 0 (the SamplingParams meaning, greedy, would change the call's).
-        if isinstance(gc.temperature, (int, float)) and gc.temperature <= 0:
-            raise ValueError(f"invalid generation argument: temperature (={gc.temperature}) must be > 0 with "
+        # numpy's numbers as Python's first: the checks below test int and float (np.int64(-1) passed them and
+        # sampled the whole vocabulary as vLLM's "off")
+        temperature = as_python_number(gc.temperature)
+        if isinstance(temperature, (int, float)) and temperature <= 0:
+            raise ValueError(f"invalid generation argument: temperature (={temperature}) must be > 0 with "
                              "do_sample=True; for greedy decoding set do_sample=False")
-        top_k, top_p = gc.top_k or 0, gc.top_p if gc.top_p is not None else 1.0
+        top_k = as_python_number(gc.top_k or 0)
+        top_p = as_python_number(gc.top_p) if gc.top_p is not None else 1.0
         if type(top_k) is int and top_k < 0:
             # HF's top-k filter refuses it; SamplingParams took -1 as vLLM's "off" and sampled the whole vocabulary
             raise ValueError(f"invalid generation argument: top_k must be a positive integer (0 = off), got {top_k}")
@@ -207,7 +218,7 @@ def sampling_params(gc, eos: list[int]) -> SamplingParams:
             # HF's top-p range is [0, 1]; at 0 its filter keeps the one most likely token (min_tokens_to_keep), which
             # is top_k=1 (SamplingParams takes top_p in (0, 1], vLLM's range)
             top_k, top_p = 1, 1.0
-        kwargs.update(temperature=gc.temperature if gc.temperature is not None else 1.0,
+        kwargs.update(temperature=temperature if temperature is not None else 1.0,
                       top_k=top_k, top_p=top_p, min_p=gc.min_p or 0.0)
     try:
         return SamplingParams(**kwargs)
@@ -236,6 +247,7 @@ def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: to
     if gc.min_new_tokens is None and gc.min_length:
         gc.min_new_tokens = max(0, gc.min_length - input_ids.shape[1])
     gc.validate()  # HF's own checks and messages (e.g. num_return_sequences > 1 needs sampling)
+    pad = _pad_id(gc)  # (checks pad_token_id and eos_token_id before any work)
     prompts = _prompts(input_ids, attention_mask, gc, core.max_model_len)
     eos = _eos_ids(gc)
     params = sampling_params(gc, eos)
@@ -260,12 +272,13 @@ def run_generate(model, core, input_ids: torch.Tensor | None, attention_mask: to
         if streamer is not None:
             streamer.end()
     for r in requests:
+        if r.listener_error is not None:  # the caller's streamer raised: its own exception, as HF lets it through
+            raise r.listener_error
         if r.fault is not None:
             raise RuntimeError(r.output.error) from r.fault
         if r.output.error is not None:
             raise RuntimeError(r.output.error)
-    pad = gc.pad_token_id if gc.pad_token_id is not None else _first(gc.eos_token_id)
-    return _outputs(input_ids, [c for r in requests for c in r.completions], 0 if pad is None else pad, gc)
+    return _outputs(input_ids, [c for r in requests for c in r.completions], pad, gc)
 
 
 def _check_lengths(kwargs: dict) -> None:
@@ -309,6 +322,9 @@ def _outputs(input_ids, completions, pad: int, gc):
     # int64 whatever the prompt's integer dtype: HF appends its int64 next tokens to the prompt (torch.cat promotes
     # int32 input_ids to int64); the int32 prompt's dtype was kept
     prompt = input_ids.repeat_interleave(n_return, dim=0).long()
+    if pad < 0 and any(len(t) < new for t in tokens):  # (the ids came back as they were: -5 in the sequences)
+        raise ValueError(f"pad_token_id={pad} is negative, and a row that stopped before the others is padded with "
+                         "it: give generate() a pad_token_id >= 0 (e.g. the tokenizer's eos_token_id)")
     generated = torch.full((len(completions), new), pad, dtype=torch.long, device=input_ids.device)
     for i, t in enumerate(tokens):
         generated[i, :len(t)] = torch.tensor(t, dtype=torch.long)

@@ -96,9 +96,10 @@ FUSE_QUANTIZED = False
 # defaults 0.999x): the extra rounding of W is real and small. The GPU test now scores 4096 positions (it says why),
 # and with the pass on by default it fails there too (H200, 2026-12-03, benchmarks/results/gpu-tests-parity-20261203d-
 # decode-fusion-default.log): top-1 0.9790 against HF bf16's 0.9841 (21 more positions of 4096 off fp32's), relative
-# error within the test's 1.1x; the defaults pass it (gpu-tests-runtime-20261203d.log). So the pass stays opt-in. Folding before quantization (for
-# FP8 / int8 linears to take the folded form) measured there too: FP8 W8A8 perplexity 1.042x fp32's against 1.002x
-# (per-token activation scales no longer see w's shaping), int8 weight-only 1.003x against 1.006x.
+# error within the test's 1.1x; the defaults pass it (gpu-tests-runtime-20261203d.log). So the pass stays opt-in.
+# Folding before quantization (for FP8 / int8 linears to take the folded form) measured there too: FP8 W8A8 perplexity
+# 1.042x fp32's against 1.002x (per-token activation scales no longer see w's shaping), int8 weight-only 1.003x
+# against 1.006x.
 NORM_PROLOGUE = "rms_scale_deferred"
 
 # A gated activation node -> its name in the fused kernels ("silu", "gelu", "gelu_tanh"; also fp8_input_quant's).

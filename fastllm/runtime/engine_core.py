@@ -34,7 +34,14 @@ from fastllm.runtime.kv_cache import BlockTable, OutOfBlocks
 from fastllm.runtime.model_runner import ModelRunner
 from fastllm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, RequestUpdate
 from fastllm.runtime.overlap import OverlappedSteps
-from fastllm.runtime.sampler import RowContext, needs_host_history, sample_tokens, token_logprobs
+from fastllm.runtime.sampler import (
+    NO_TOKEN,
+    NO_TOKEN_ERROR,
+    RowContext,
+    needs_host_history,
+    sample_tokens,
+    token_logprobs,
+)
 from fastllm.runtime.sampling_params import SamplingParams
 from fastllm.runtime.scheduler import NoRoomForRequest, Request, Scheduler, SchedulerOutput
 from fastllm.runtime.step_inputs import StepInput
@@ -129,6 +136,7 @@ class CoreRequest:
     return_scores: bool
     completions: list[_Completion] = field(default_factory=list)
     fault: BaseException | None = None     # the step failure that ended it, if one did
+    listener_error: BaseException | None = None  # what its listener raised (generate() re-raises a streamer's own)
     final_update_sent: bool = False
 
     @property
@@ -455,10 +463,15 @@ class EngineCore:
     def _after_tokens(self, sampled: list[_Completion], logprobs: list, now: float, touched: list) -> None:
         """Bookkeeping once `sampled` got their new tokens: counts, TTFT, logprobs, stop strings, completion.
         Completions ended before (aborted, or ended by the step before) are skipped."""
+        failed = []
         for c, entry in zip(sampled, logprobs):
             # By identity: the id of a completion aborted while its step was in flight may already name a new
             # request's completion (a caller reusing its request id), which this token must not touch.
             if self._completions.get(c.request.request_id) is not c:
+                continue
+            if c.request.output_token_ids and c.request.output_token_ids[-1] == NO_TOKEN:
+                c.request.output_token_ids.pop()  # no token was sampled: the request fails alone (below)
+                failed.append(c.owner)
                 continue
             self.num_generated_tokens += 1
             if c.first_token_time is None:
@@ -480,6 +493,12 @@ class EngineCore:
             if c.request.is_finished:
                 self._complete(c, now)
             touched.append(c.owner)
+        for req in dict.fromkeys(failed):
+            for c in req.completions:
+                if c.request.is_finished:  # (by length on the failed token: its blocks are free already)
+                    c.request.finish_reason = "abort"
+            self.abort(req.request_id, error=NO_TOKEN_ERROR)
+            touched.append(req)
 
     def _complete(self, c: _Completion, now: float) -> None:
         """Fill the completion's output from its finished request; the request's too once all are done."""
@@ -536,6 +555,7 @@ class EngineCore:
                 req.listener(RequestUpdate(req.request_id, new_ids, new_text, req.finished, req.output))
             except Exception as error:
                 req.listener = None
+                req.listener_error = error
                 if not req.finished:
                     self.abort(req.request_id, error=f"{type(error).__name__}: {error}")
 

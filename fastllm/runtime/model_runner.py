@@ -367,8 +367,10 @@ class ModelRunner:
 
     def set_feed(self, token_ids: torch.Tensor) -> None:
         """Make `token_ids` (a step's sampled tokens, on the device) the ids of the next step's pending tokens:
-        row i of the feed is token_ids[i]. Ordered on the stream after the sampling, before the next step."""
-        self.feed[:token_ids.shape[0]].copy_(token_ids)
+        row i of the feed is token_ids[i]. Ordered on the stream after the sampling, before the next step. A row
+        whose sampling failed (sampler.NO_TOKEN, -1) is fed token 0: never an index outside the embedding, and the
+        engine drops that row's next step."""
+        torch.clamp(token_ids, min=0, out=self.feed[:token_ids.shape[0]])
 
     # CUDA graphs ---------------------------------------------------------------------------------------------
 

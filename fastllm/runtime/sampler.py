@@ -243,16 +243,28 @@ def _exponential_noise(like: torch.Tensor, rows: list[RowContext]) -> torch.Tens
     return noise
 
 
+# The token a sampled row gets when its distribution is not a number (NaN scores, an fp16 overflow for instance, or
+# every token masked): argmax ranked NaN first and gave token 0 every step, where Hugging Face raises. The engine
+# fails that request alone (EngineCore._after_tokens); the device feed of the next step never reads it
+# (ModelRunner.set_feed clamps it to a valid id, for a row about to be dropped).
+NO_TOKEN = -1
+NO_TOKEN_ERROR = ("sampling failed: the next-token distribution is not a number (NaN scores, e.g. an fp16 overflow, or "
+                  "every token masked); Hugging Face raises \"probability tensor contains either inf, nan or element "
+                  "< 0\" here")
+
+
 def _draw(scores: torch.Tensor, rows: list[RowContext]) -> torch.Tensor:
     """One token per row [N] from softmax(scores [N, V]): argmax(probs / E) with E ~ Exp(1) per token, an
-    exact sample of the categorical distribution (token i wins with probability probs_i)."""
+    exact sample of the categorical distribution (token i wins with probability probs_i); NO_TOKEN for a row
+    whose probabilities are NaN."""
     noise = _exponential_noise(scores, rows)
     # A +inf score (a repetition penalty that is 0 in fp32, or one small enough to overflow s / p) would make the
     # row's softmax NaN, and argmax ranks NaN first (token 0 every step); at the largest float the +inf tokens share
     # the row's mass, the limit of the penalty. Finite scores are unchanged.
     probs = scores.clamp(max=torch.finfo(scores.dtype).max).softmax(-1)
     # E = 0 would turn a masked token's 0 / E into NaN, which argmax ranks first.
-    return argmax_rows(probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny))
+    tokens = argmax_rows(probs / noise.clamp_(min=torch.finfo(noise.dtype).tiny))
+    return tokens.masked_fill_(probs[:, 0].isnan(), NO_TOKEN)  # (softmax makes a row with a NaN all NaN)
 
 
 def sample_tokens(logits: torch.Tensor, rows: list[RowContext], *,
@@ -295,7 +307,7 @@ def sample_rows(logits: torch.Tensor, rows: list[RowContext]) -> SampleOutput:
 
 def token_logprobs(logits: torch.Tensor, rows: list[RowContext], token_ids: list[int]) -> list[dict[int, float] | None]:
     """Raw-distribution logprobs (log_softmax of the model's logits) of the top-k tokens and the sampled one."""
-    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None and token_ids[i] != NO_TOKEN]
     out: list[dict[int, float] | None] = [None] * len(rows)
     if not wanted:
         return out
