@@ -137,10 +137,9 @@ def _eager_reason(arguments: dict, config_use_cache: bool = False) -> str | None
     keep = arguments.get("logits_to_keep")
     if keep is not None and not isinstance(keep, (int, torch.Tensor)):
         return "logits_to_keep is neither an int nor a tensor"
-    use_cache = arguments.get("use_cache")
+    use_cache = config_use_cache if arguments.get("use_cache") is None else arguments["use_cache"]
     positions = arguments.get("position_ids")
-    if (positions is not None and arguments.get("attention_mask") is None and not (config_use_cache if use_cache is
-                                                                                   None else use_cache)
+    if (positions is not None and arguments.get("attention_mask") is None and not use_cache
             and bool((positions.diff(dim=-1) != 1).any())):
         # Packed sequences (padding-free batches): with no mask and no cache, Hugging Face's masks (transformers 5's
         # masking_utils) keep each run of consecutive positions to itself; the compiled step scores a row as one
