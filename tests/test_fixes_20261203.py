@@ -350,3 +350,10 @@ def test_a_length_past_the_kv_cache_names_what_caps_it(saved_llama):
     fastllm.optimize(model, cpu_runtime=True, num_kv_tokens=64)
     with pytest.raises(ValueError, match="exceeds the context of 64 tokens a sequence can have here .*num_kv_tokens"):
         model.generate(IDS, max_new_tokens=100, do_sample=False, pad_token_id=0)
+
+
+def test_a_tensor_added_after_optimize_is_named_as_added(saved_llama):
+    optimized, _ = _pair(saved_llama)
+    optimized.model.layers[0].register_buffer("adapter_scale", torch.ones(1))  # (e.g. an adapter attached later)
+    with pytest.raises(RuntimeError, match="its model.layers.0.adapter_scale was added after fastllm.optimize"):
+        optimized(IDS)

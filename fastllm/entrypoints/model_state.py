@@ -168,11 +168,11 @@ class ModelState:
                                "and optimize it again")
         now = weight_tensors(self.model)
         if now != self.weights:
-            before = {entry[0]: entry for entry in self.weights}
-            changed = next((entry[0] for entry in now if before.get(entry[0]) != entry), None)
-            what = (f"its {changed}" if changed is not None
-                    else f"its tensor {next(e[0] for e in self.weights if e not in now)!r} was removed and")
-            raise RuntimeError(f"{self.model_name}: {what} was replaced by another tensor after fastllm.optimize() "
+            before, after = {e[0]: e for e in self.weights}, {e[0]: e for e in now}
+            name = next(n for n in (*after, *before) if before.get(n) != after.get(n))
+            what = ("was replaced by another tensor" if name in before and name in after
+                    else "was added" if name in after else "was removed")
+            raise RuntimeError(f"{self.model_name}: its {name} {what} after fastllm.optimize() "
                                "compiled it (load_state_dict(assign=True), resize_token_embeddings, a new "
                                "nn.Parameter, a cast and back), which the compiled step would not see; call "
                                "fastllm.release(model) and optimize it again (updates in place, such as "
